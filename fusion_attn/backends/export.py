@@ -1,0 +1,65 @@
+"""ONNX export of the fusion model, and the check that TensorRT's ONNX parser can take the graph.
+
+Only the batch dimension is dynamic; every other shape is fixed by the token budgets.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from importlib.resources import files
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from ..model import FusionModel
+from ..tokenize import OUTPUT_NAMES, input_spec
+
+OPSET = 18  # what torch.export-based export emits natively; TensorRT 10.x parses it (8.6 parses up to 17)
+MAX_BATCH = 64
+
+
+def example_inputs(model: FusionModel, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs of the right names, shapes and dtypes (masks mostly True, τ = 1)."""
+    rng = np.random.default_rng(seed)
+    x = {}
+    for name, (shape, dtype) in input_spec(model.cfg).items():
+        full = (batch, *shape)
+        x[name] = rng.random(full) > 0.2 if dtype == np.bool_ else rng.normal(size=full).astype(np.float32)
+    x["tau"] = np.ones((batch, 4), np.float32)
+    return x
+
+
+def export_onnx(model: FusionModel, path: str | Path, opset: int = OPSET) -> Path:
+    """Export with named inputs/outputs (see tokenize.input_spec / OUTPUT_NAMES), weights embedded."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    args = tuple(torch.from_numpy(v) for v in example_inputs(model, batch=2).values())
+    names = list(input_spec(model.cfg))
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model, args, input_names=names, output_names=list(OUTPUT_NAMES),
+                                    opset_version=opset, dynamo=True, external_data=False, verbose=False,
+                                    dynamic_shapes={n: {0: batch} for n in names})
+    program.save(str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+    return path
+
+
+def tensorrt_supported_ops() -> set[str]:
+    """ONNX op types TensorRT's parser supports (10.x), from the allow-list kept beside this module."""
+    text = files(__package__).joinpath("tensorrt_onnx_ops.txt").read_text()
+    return {line.split("#", 1)[0].strip() for line in text.splitlines()} - {""}
+
+
+def unsupported_ops(onnx_path: str | Path) -> list[str]:
+    """Op types in the graph (any domain but the default counts as unsupported) not on the allow-list."""
+    graph = onnx.load(str(onnx_path)).graph
+    allowed = tensorrt_supported_ops()
+    used = {(n.domain or "ai.onnx", n.op_type) for n in graph.node}
+    return sorted(f"{d}:{op}" if d != "ai.onnx" else op for d, op in used if d != "ai.onnx" or op not in allowed)

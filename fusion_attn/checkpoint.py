@@ -1,0 +1,78 @@
+"""Checkpoints: one safetensors file with the FusionConfig JSON in its metadata.
+
+Loading never executes code (safetensors holds tensors and strings only), and every way a file can
+be wrong -- missing, truncated, not safetensors, another project's, built for another config --
+raises CheckpointError naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import FusionConfig
+from .errors import CheckpointError, ConfigError
+from .model import FusionModel
+
+FORMAT = "fusion_attn/1"
+
+
+def save_checkpoint(model: FusionModel, path: str | Path, info: dict | None = None) -> Path:
+    """Write the weights and config (plus optional JSON-able `info`, e.g. training provenance)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": FORMAT, "config": model.cfg.to_json(), "info": json.dumps(info or {}, sort_keys=True)}
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def read_checkpoint(path: str | Path) -> tuple[FusionConfig, dict[str, torch.Tensor], dict]:
+    """-> (config, state dict, info) without building a model."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors checkpoint (corrupt or truncated?): {exc}") from exc
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint (metadata format={meta.get('format')!r})")
+    try:
+        cfg = FusionConfig.from_json(meta["config"])
+        info = json.loads(meta.get("info", "{}"))
+    except (KeyError, ConfigError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: its config metadata is invalid: {exc}") from exc
+    return cfg, tensors, info
+
+
+def load_checkpoint(path: str | Path, expect: FusionConfig | None = None) -> FusionModel:
+    """Build the model a checkpoint describes and load its weights (eval mode, CPU)."""
+    cfg, tensors, _ = read_checkpoint(path)
+    if expect is not None and expect != cfg:
+        raise CheckpointError(f"{path} was made for another config: {_config_diff(expect, cfg)}")
+    model = FusionModel(cfg)
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, tensor in tensors.items():
+        if tensor.shape != own[name].shape:
+            raise CheckpointError(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, "
+                                  f"the model expects {tuple(own[name].shape)}")
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{path}: tensor {name} holds NaN or inf")
+    model.load_state_dict(tensors)
+    return model.eval()
+
+
+def _config_diff(a: FusionConfig, b: FusionConfig) -> str:
+    da, db = a.to_dict(), b.to_dict()
+    diffs = [f"{s}.{k}: {da[s][k]} != {db[s][k]}" for s in da for k in da[s] if da[s][k] != db[s][k]]
+    return ", ".join(diffs)

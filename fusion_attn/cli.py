@@ -1,0 +1,210 @@
+"""`fusion-attn`: the command-line front-end.
+
+    fusion-attn fuse --bag BAG [--at SECONDS]      one fusion at one instant of a recording
+    fusion-attn fuse --image IMG [--points PTS]    one fusion from files
+    fusion-attn export -o model.onnx               ONNX graph, checked against torch and TensorRT's op list
+    fusion-attn bench                              per-stage latency, torch vs ONNX Runtime
+
+A tool error (missing file, bad bag, corrupt checkpoint, invalid τ) exits with status 2 and one line
+naming the problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BagError, FusionAttnError
+from .frames import MODALITIES, NS_PER_S, FusedState
+
+log = logging.getLogger("fusion_attn")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fusion-attn", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress and skipped topics")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    fuse = verbs.add_parser("fuse", help="fuse one instant of a bag, or an image / point cloud file")
+    _model_args(fuse)
+    fuse.add_argument("--bag", nargs="+", type=Path, help="rosbag2 folder/file or ROS 1 bag (several: merged by time)")
+    fuse.add_argument("--at", type=float, help="seconds after the bag's start (default: its middle)")
+    fuse.add_argument("--image", type=Path, help="camera image file (png, jpg, ...)")
+    fuse.add_argument("--points", type=Path, help="point cloud: .npy (N,3|4) or KITTI .bin float32 (N,4)")
+    fuse.add_argument("--params", type=Path, help="ROS 2 parameter file (config/fusion.yaml); flags override it")
+    fuse.add_argument("--json", action="store_true", help="print the fused state as JSON")
+
+    export = verbs.add_parser("export", help="export the model to ONNX and check it")
+    _model_args(export, backend=False)
+    export.add_argument("-o", "--output", type=Path, required=True)
+
+    bench = verbs.add_parser("bench", help="per-stage latency on the standard configuration")
+    bench.add_argument("--checkpoint", type=Path)
+    bench.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    bench.add_argument("--repeats", type=int, default=300)
+    bench.add_argument("--json", type=Path, help="also write the raw report here")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return {"fuse": _fuse, "export": _export, "bench": _bench}[args.verb](args)
+    except FusionAttnError as exc:
+        print(f"fusion-attn {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _model_args(p: argparse.ArgumentParser, backend: bool = True) -> None:
+    p.add_argument("--checkpoint", type=Path, help="safetensors checkpoint (default: the packaged model)")
+    if backend:
+        p.add_argument("--backend", choices=["onnxruntime", "torch"], help="default: onnxruntime")
+        p.add_argument("--threads", type=int)
+        p.add_argument("--tau", type=float, nargs=4, metavar=("GLOBAL", "CAMERA", "LIDAR", "IMU"))
+
+
+def _fuse(args) -> int:
+    from .config import load_params
+    from .pipeline import FusionPipeline
+    from .sync import SensorSync, SyncConfig
+
+    params = load_params(args.params) if args.params else {}
+    tau = args.tau or [params.get(f"tau.{k}", 1.0) for k in ("global", "camera", "lidar", "imu")]
+    sync_cfg = SyncConfig(max_age_s=tuple(params.get(f"max_age_s.{m}", d) for m, d in zip(MODALITIES, SyncConfig.max_age_s)))
+    pipeline = FusionPipeline.create(args.checkpoint or params.get("checkpoint") or None,
+                                     backend=args.backend or params.get("backend", "onnxruntime"),
+                                     threads=args.threads or params.get("threads"), tau=tau)
+    sync = SensorSync(sync_cfg)
+    if args.bag:
+        now_ns, notes = _feed_bag(args.bag, args.at, sync)
+    elif args.image or args.points:
+        now_ns, notes = _feed_files(args.image, args.points, sync), []
+    else:
+        raise FusionAttnError("fuse needs --bag, or --image and/or --points")
+    state = pipeline.fuse(sync.snapshot(now_ns))
+    if args.json:
+        print(json.dumps(_state_dict(state, pipeline), indent=2))
+    else:
+        print(_summary(state, pipeline, notes))
+    return 0
+
+
+def _feed_bag(paths, at_s, sync) -> tuple[int, list[str]]:
+    from .bag import find_topics, open_reader, read_messages
+
+    with open_reader(paths) as reader:
+        topics = find_topics(reader)
+        if not topics.sensors:
+            raise BagError(f"no camera, lidar or IMU topic in {', '.join(map(str, paths))}; skipped: {topics.skipped}")
+        duration = reader.end_time - reader.start_time
+        at_ns = duration // 2 if at_s is None else int(at_s * NS_PER_S)
+        if not 0 <= at_ns <= duration:
+            raise BagError(f"--at {at_ns / NS_PER_S:.3f} s is outside the bag (0 .. {duration / NS_PER_S:.3f} s)")
+        notes = [f"{MODALITIES[m]}: {t}" for m, t in sorted(topics.sensors.items())]
+        notes += [f"skipped {t}: {why}" for t, why in topics.skipped.items()]
+        dropped = 0
+        for msg in read_messages(reader, topics, stop_ns=reader.start_time + at_ns + 1):
+            if msg.frame is None:
+                sync.drop(msg.modality, "malformed")
+                dropped += 1
+                log.warning("dropped %s message: %s", msg.topic, msg.error)
+            else:
+                sync.add(msg.frame)
+        if dropped:
+            notes.append(f"dropped {dropped} malformed message(s)")
+    now_ns = sync.newest_stamp_ns()
+    if now_ns is None:
+        raise BagError(f"no sensor message in the first {at_ns / NS_PER_S:.3f} s of the bag")
+    return now_ns, notes
+
+
+def _feed_files(image: Path | None, points: Path | None, sync) -> int:
+    import cv2
+
+    from .frames import CameraFrame, LidarFrame
+
+    if image is not None:
+        bgr = cv2.imread(str(image), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise FusionAttnError(f"cannot read image {image}")
+        sync.add(CameraFrame(0, "camera", cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), "rgb8"))
+    if points is not None:
+        sync.add(LidarFrame(0, "lidar", _load_points(points)))
+    return 0
+
+
+def _load_points(path: Path) -> np.ndarray:
+    try:
+        pts = np.load(path) if path.suffix == ".npy" else np.fromfile(path, np.float32).reshape(-1, 4)
+    except (OSError, ValueError) as exc:
+        raise FusionAttnError(f"cannot read points {path}: {exc}") from exc
+    if pts.ndim != 2 or pts.shape[1] not in (3, 4):
+        raise FusionAttnError(f"points {path}: expected (N, 3) or (N, 4), got {pts.shape}")
+    pts = np.pad(pts.astype(np.float32), ((0, 0), (0, 4 - pts.shape[1])))
+    return pts[np.isfinite(pts).all(axis=1)]
+
+
+def _state_dict(state: FusedState, pipeline) -> dict:
+    return {
+        "stamp_ns": state.stamp_ns, "frame_id": state.frame_id, "all_masked": state.all_masked,
+        "backend": pipeline.backend.name, "model": pipeline.model_source, "tau": state.tau.tolist(),
+        "modalities": {name: {"present": bool(state.present[i]),
+                              "age_s": None if np.isnan(state.ages_s[i]) else float(state.ages_s[i]),
+                              "attention_per_head": state.attention[i].round(6).tolist()}
+                       for i, name in enumerate(MODALITIES)},
+        "fused": state.pooled.round(6).tolist(), "timings_ms": state.timings_ms,
+    }
+
+
+def _summary(state: FusedState, pipeline, notes: list[str]) -> str:
+    b = pipeline.backend
+    lines = [f"fused state @ {state.stamp_ns / NS_PER_S:.6f} s  frame {state.frame_id}  "
+             f"backend {b.name} ({b.device}, {b.precision})  model: {pipeline.model_source}"]
+    lines += [f"  input  {n}" for n in notes]
+    lines.append("  tau    global {:.3g}  camera {:.3g}  lidar {:.3g}  imu {:.3g}".format(*state.tau))
+    lines.append(f"  {'modality':8} {'present':>7} {'age ms':>8} {'attention':>9}   per head")
+    for i, name in enumerate(MODALITIES):
+        age = "-" if np.isnan(state.ages_s[i]) else f"{state.ages_s[i] * 1e3:.1f}"
+        heads = " ".join(f"{a:.3f}" for a in state.attention[i])
+        lines.append(f"  {name:8} {'yes' if state.present[i] else 'no':>7} {age:>8} {state.modality_attention[i]:9.3f}   {heads}")
+    if state.all_masked:
+        lines.append("  ALL SENSORS MASKED: the fused state is the model's empty-input output")
+    v = state.pooled
+    lines.append(f"  fused  dim {v.size}  norm {np.linalg.norm(v):.3f}  first 6 {np.array2string(v[:6], precision=3)}")
+    lines.append("  time   " + "  ".join(f"{k} {t:.2f} ms" for k, t in state.timings_ms.items()))
+    return "\n".join(lines)
+
+
+def _export(args) -> int:
+    from .backends.export import example_inputs, export_onnx, unsupported_ops
+    from .pipeline import create_backend, load_model
+
+    model, source = load_model(args.checkpoint)
+    path = export_onnx(model, args.output)
+    x = example_inputs(model, batch=3)
+    ort_out = create_backend("onnxruntime", model, onnx_path=path).run(x)
+    torch_out = create_backend("torch", model).run(x)
+    diff = max(float(np.abs(ort_out[k].astype(np.float64) - torch_out[k]).max()) for k in ort_out)
+    bad = unsupported_ops(path)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB) from {source}")
+    print(f"  parity torch vs onnxruntime, batch 3: max abs diff {diff:.2e}")
+    print(f"  TensorRT ONNX parser allow-list: {'all ops supported' if not bad else 'UNSUPPORTED: ' + ', '.join(bad)}")
+    return 0 if not bad and diff < 1e-4 else 1
+
+
+def _bench(args) -> int:
+    from . import bench
+
+    report = bench.run(threads=tuple(args.threads), repeats=args.repeats, checkpoint=args.checkpoint)
+    print(f"machine: {report['machine']}\nmodel: {report['model']}, {report['repeats']} repeats per stage\n")
+    print(bench.to_markdown(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Model and tokenizer configuration: plain dataclasses, stored beside every checkpoint as JSON.
+
+What belongs here is what the weights depend on (token budgets, sizes). What may change at run time
+without touching the weights (τ, max sensor ages, backend, rates) is a runtime parameter instead
+(config/fusion.yaml, read by `load_params`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class CameraTokens:
+    height: int = 96  # the image is resized (not cropped) to height x width before patching
+    width: int = 128
+    patch: int = 16  # ViT-style square patches -> (height/patch) * (width/patch) tokens
+    max_depth_m: float = 10.0  # depth images are scaled by this into [0, 1]
+
+    @property
+    def tokens(self) -> int:
+        return (self.height // self.patch) * (self.width // self.patch)
+
+    @property
+    def features(self) -> int:
+        return self.patch * self.patch * 3
+
+
+@dataclass(frozen=True)
+class LidarTokens:
+    range_m: float = 51.2  # square bird's-eye-view grid of half-size range_m around the sensor
+    grid: int = 64  # cells per side (<= 256, so a cell id fits in uint16)
+    z_min_m: float = -3.0
+    z_max_m: float = 5.0
+    pillars: int = 64  # token budget: the most populated pillars
+    points_per_pillar: int = 16  # points sampled per pillar for the PointNet
+
+    @property
+    def tokens(self) -> int:
+        return self.pillars
+
+    @property
+    def features(self) -> int:
+        return 9  # per point: x, y, z, intensity, range; dx, dy, dz to the pillar; pillar log count
+
+
+@dataclass(frozen=True)
+class ImuTokens:
+    window_s: float = 0.25  # the last window_s seconds before the newest sample
+    chunks: int = 8  # tokens
+    samples_per_chunk: int = 8  # uniform resampling inside each chunk
+    accel_scale: float = 9.80665  # m/s^2 -> g
+    gyro_scale: float = 3.14159  # rad/s -> half turns per second
+    nominal_dt_s: float = 0.005  # scales the dt feature (200 Hz -> 1.0)
+
+    @property
+    def tokens(self) -> int:
+        return self.chunks
+
+    @property
+    def features(self) -> int:
+        return self.samples_per_chunk * 6 + 2  # accel, gyro per sample; mean dt and sample count
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    dim: int = 64
+    heads: int = 4
+    fusion_tokens: int = 8  # M learned queries
+    latent_blocks: int = 1  # self-attention blocks over the fusion tokens
+    mlp_ratio: int = 2
+    age_frequencies: int = 8  # Fourier features of a token's age
+    learned_head_temperature: bool = False  # a learned τ per head, multiplied with the input τ
+    qk_norm: bool = False  # L2-normalised q, k with a learned scale: an implicit temperature
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    camera: CameraTokens = field(default_factory=CameraTokens)
+    lidar: LidarTokens = field(default_factory=LidarTokens)
+    imu: ImuTokens = field(default_factory=ImuTokens)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def __post_init__(self):
+        c, m = self.camera, self.model
+        if c.height % c.patch or c.width % c.patch:
+            raise ConfigError(f"camera {c.height}x{c.width} is not a multiple of patch {c.patch}")
+        if m.dim % m.heads:
+            raise ConfigError(f"model.dim {m.dim} is not divisible by model.heads {m.heads}")
+        if not 1 <= self.lidar.grid <= 256:
+            raise ConfigError(f"lidar.grid {self.lidar.grid} must be in [1, 256]")
+        for name, value in (("lidar.pillars", self.lidar.pillars), ("imu.chunks", self.imu.chunks),
+                            ("model.fusion_tokens", m.fusion_tokens)):
+            if value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FusionConfig":
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = set(data) - set(sections)
+        if unknown:
+            raise ConfigError(f"unknown config section(s): {sorted(unknown)}; expected {sorted(sections)}")
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            section_cls = f.default_factory
+            values = data.get(f.name, {})
+            names = {g.name for g in dataclasses.fields(section_cls)}
+            bad = set(values) - names
+            if bad:
+                raise ConfigError(f"unknown key(s) in '{f.name}': {sorted(bad)}; expected {sorted(names)}")
+            kwargs[f.name] = section_cls(**values)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> "FusionConfig":
+        try:
+            return cls.from_dict(json.loads(text))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ConfigError(f"config JSON is invalid: {exc}") from exc
+
+
+def load_params(path: str | Path, node: str = "fusion_node") -> dict[str, Any]:
+    """Read a ROS 2 parameter file (`node: ros__parameters: ...`, or `/**:`) into a flat dict.
+
+    The node and the CLI read the same files, so a robot and a laptop run with the same settings.
+    Nested mappings become dotted names, as rclpy does.
+    """
+    try:
+        doc = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read parameter file {path}: {exc}") from exc
+    params: dict[str, Any] = {}
+    for key in ("/**", node, f"/{node}"):
+        section = doc.get(key, {})
+        if isinstance(section, dict):
+            params.update(_flatten(section.get("ros__parameters", {}) or {}))
+    return params
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat

@@ -1,0 +1,115 @@
+"""Typed sensor frames: the one data shape every front-end produces and the core consumes.
+
+Stamps are integer nanoseconds (ROS `sec * 1e9 + nanosec`) so that replay is exact and
+deterministic; ages and windows are float seconds. Arrays are numpy, native byte order.
+REP-103 conventions: metres, m/s^2, rad/s, x forward, y left, z up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import numpy as np
+
+NS_PER_S = 1_000_000_000
+
+
+class Modality(IntEnum):
+    """Order of the modalities everywhere: token blocks, attention mass, masks."""
+
+    CAMERA = 0
+    LIDAR = 1
+    IMU = 2
+
+
+MODALITIES: tuple[str, ...] = tuple(m.name.lower() for m in Modality)
+
+# Encodings a CameraFrame may carry after adaptation (colour is always converted to rgb8).
+CAMERA_ENCODINGS = ("rgb8", "mono8", "mono16", "16UC1", "32FC1")
+
+
+def stamp_to_ns(stamp) -> int:
+    """builtin_interfaces/Time (rclpy or rosbags) -> integer nanoseconds."""
+    return int(stamp.sec) * NS_PER_S + int(stamp.nanosec)
+
+
+@dataclass(frozen=True, slots=True)
+class CameraFrame:
+    stamp_ns: int
+    frame_id: str
+    image: np.ndarray  # (H, W, C): uint8 rgb8 (C=3) / mono8 (C=1), uint16 mono16 or 16UC1 depth [mm], float32 32FC1 depth [m]
+    encoding: str  # one of CAMERA_ENCODINGS
+
+    @property
+    def is_depth(self) -> bool:
+        return self.encoding in ("16UC1", "32FC1")
+
+
+@dataclass(frozen=True, slots=True)
+class LidarFrame:
+    stamp_ns: int
+    frame_id: str
+    points: np.ndarray  # (N, 4) float32: x, y, z [m], intensity (0 when the sensor gives none); all finite
+    ring: np.ndarray | None = None  # (N,) uint16 laser ring, when the cloud has one
+    time: np.ndarray | None = None  # (N,) float32 per-point time offset [s], when the cloud has one
+
+    def __len__(self) -> int:
+        return int(self.points.shape[0])
+
+
+@dataclass(frozen=True, slots=True)
+class ImuSample:
+    stamp_ns: int
+    frame_id: str
+    accel: np.ndarray  # (3,) float64 linear acceleration [m/s^2]
+    gyro: np.ndarray  # (3,) float64 angular velocity [rad/s]
+    orientation: np.ndarray | None = None  # (4,) x, y, z, w; None when the driver flags it unknown
+
+
+@dataclass(frozen=True, slots=True)
+class ImuWindow:
+    """Consecutive IMU samples, oldest first, as kept by the sensor sync."""
+
+    frame_id: str
+    stamps_ns: np.ndarray  # (T,) int64, strictly increasing
+    accel: np.ndarray  # (T, 3) float64
+    gyro: np.ndarray  # (T, 3) float64
+    orientation: np.ndarray | None = None  # (T, 4) when every sample knew it
+
+    def __len__(self) -> int:
+        return int(self.stamps_ns.shape[0])
+
+    @classmethod
+    def from_samples(cls, samples: list[ImuSample]) -> "ImuWindow":
+        if not samples:
+            return cls("", np.zeros(0, np.int64), np.zeros((0, 3)), np.zeros((0, 3)))
+        known = all(s.orientation is not None for s in samples)
+        return cls(
+            frame_id=samples[-1].frame_id,
+            stamps_ns=np.array([s.stamp_ns for s in samples], np.int64),
+            accel=np.stack([s.accel for s in samples]),
+            gyro=np.stack([s.gyro for s in samples]),
+            orientation=np.stack([s.orientation for s in samples]) if known else None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class FusedState:
+    """What the fusion produces for one instant; every front-end publishes or consumes this."""
+
+    stamp_ns: int  # the time the fusion refers to
+    frame_id: str
+    pooled: np.ndarray  # (D,) float32 fused state vector
+    latents: np.ndarray  # (M, D) float32 fusion tokens after the latent blocks
+    attention: np.ndarray  # (3, H) float32 attention mass per modality and head (columns sum to 1 unless all masked)
+    present: np.ndarray  # (3,) bool: modality had at least one valid token
+    ages_s: np.ndarray  # (3,) float32 age of each modality's newest data at stamp_ns (nan when absent)
+    tau: np.ndarray  # (4,) float32: global, camera, lidar, imu
+    all_masked: bool = False  # no sensor contributed: the state is the model's defined empty output
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def modality_attention(self) -> np.ndarray:
+        """(3,) attention mass per modality, averaged over heads."""
+        return self.attention.mean(axis=1)

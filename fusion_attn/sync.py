@@ -1,0 +1,147 @@
+"""Sensor sync: the latest frame per sensor with its age, an IMU history, and per-sensor health.
+
+It never waits for all sensors: `snapshot(t)` hands over whatever is fresh at fusion time t and
+masks (leaves out) a sensor whose newest data is older than its max age. Frames are fed in arrival
+order; a stamp that jumps backwards by more than `reset_on_jump_back_s` (a bag looping, a clock
+reset) clears every buffer, and smaller out-of-order stamps are dropped and counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .frames import MODALITIES, NS_PER_S, CameraFrame, ImuSample, ImuWindow, LidarFrame, Modality
+from .tokenize import SensorSnapshot
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    max_age_s: tuple[float, float, float] = (0.2, 0.3, 0.05)  # camera, lidar, imu
+    imu_window_s: float = 0.25  # IMU history handed to the tokenizer
+    imu_capacity: int = 4096  # samples kept (20 s at 200 Hz): bounds memory whatever the rate
+    reset_on_jump_back_s: float = 1.0
+
+
+@dataclass
+class SensorHealth:
+    received: int = 0
+    dropped: int = 0  # malformed, NaN, out of order: counted by whoever dropped it
+    last_stamp_ns: int | None = None
+    rate_hz: float = 0.0  # exponential average over inter-arrival stamps
+    drop_reasons: dict[str, int] = field(default_factory=dict)
+
+    def age_s(self, now_ns: int) -> float:
+        return float("nan") if self.last_stamp_ns is None else (now_ns - self.last_stamp_ns) / NS_PER_S
+
+
+class _ImuHistory:
+    """Preallocated arrays; appends are O(1) amortised by shifting half the buffer when full."""
+
+    def __init__(self, capacity: int):
+        self.stamps = np.zeros(capacity, np.int64)
+        self.accel = np.zeros((capacity, 3))
+        self.gyro = np.zeros((capacity, 3))
+        self.orient = np.full((capacity, 4), np.nan)
+        self.n = 0
+        self.frame_id = ""
+
+    def append(self, s: ImuSample) -> None:
+        if self.n == len(self.stamps):
+            keep = len(self.stamps) // 2
+            for a in (self.stamps, self.accel, self.gyro, self.orient):
+                a[:keep] = a[self.n - keep:self.n]
+            self.n = keep
+        i = self.n
+        self.stamps[i], self.accel[i], self.gyro[i] = s.stamp_ns, s.accel, s.gyro
+        self.orient[i] = np.nan if s.orientation is None else s.orientation
+        self.n += 1
+        self.frame_id = s.frame_id
+
+    def window(self, start_ns: int, end_ns: int) -> ImuWindow:
+        lo, hi = np.searchsorted(self.stamps[: self.n], [start_ns, end_ns], side="right")
+        orient = self.orient[lo:hi].copy()
+        return ImuWindow(self.frame_id, self.stamps[lo:hi].copy(), self.accel[lo:hi].copy(), self.gyro[lo:hi].copy(),
+                         None if np.isnan(orient).any() or hi == lo else orient)
+
+    def clear(self) -> None:
+        self.n = 0
+
+
+class SensorSync:
+    def __init__(self, cfg: SyncConfig | None = None):
+        self.cfg = cfg or SyncConfig()
+        self.health = {m: SensorHealth() for m in Modality}
+        self.resets = 0
+        self._camera: CameraFrame | None = None
+        self._lidar: LidarFrame | None = None
+        self._imu = _ImuHistory(self.cfg.imu_capacity)
+
+    def add(self, frame: CameraFrame | LidarFrame | ImuSample) -> bool:
+        """Take a frame; False when it was dropped (out of order), which is counted."""
+        modality = _MODALITY_OF[type(frame)]
+        h = self.health[modality]
+        if h.last_stamp_ns is not None and frame.stamp_ns <= h.last_stamp_ns:
+            if h.last_stamp_ns - frame.stamp_ns > self.cfg.reset_on_jump_back_s * NS_PER_S:
+                self.reset()
+            else:
+                self.drop(modality, "duplicate_stamp" if frame.stamp_ns == h.last_stamp_ns else "out_of_order")
+                return False
+        if h.last_stamp_ns is not None:
+            dt = (frame.stamp_ns - h.last_stamp_ns) / NS_PER_S
+            h.rate_hz = 1.0 / dt if h.rate_hz == 0.0 else 0.9 * h.rate_hz + 0.1 / dt
+        h.received += 1
+        h.last_stamp_ns = frame.stamp_ns
+        if modality is Modality.CAMERA:
+            self._camera = frame
+        elif modality is Modality.LIDAR:
+            self._lidar = frame
+        else:
+            self._imu.append(frame)
+        return True
+
+    def drop(self, modality: Modality, reason: str) -> None:
+        """Count a message dropped for `reason` (the adapters' malformed ones too)."""
+        h = self.health[modality]
+        h.dropped += 1
+        h.drop_reasons[reason] = h.drop_reasons.get(reason, 0) + 1
+
+    def reset(self) -> None:
+        """Forget all buffered data (time went backwards); counters survive, rates restart."""
+        self._camera = self._lidar = None
+        self._imu.clear()
+        for h in self.health.values():
+            h.last_stamp_ns, h.rate_hz = None, 0.0
+        self.resets += 1
+
+    def newest_stamp_ns(self) -> int | None:
+        stamps = [h.last_stamp_ns for h in self.health.values() if h.last_stamp_ns is not None]
+        return max(stamps) if stamps else None
+
+    def fresh(self, modality: Modality, now_ns: int) -> bool:
+        age = self.health[modality].age_s(now_ns)
+        return bool(age <= self.cfg.max_age_s[modality])  # False for nan (never seen)
+
+    def snapshot(self, now_ns: int) -> SensorSnapshot:
+        """The data to fuse at now_ns; a stale or never-seen sensor is None (masked)."""
+        camera = self._camera if self.fresh(Modality.CAMERA, now_ns) else None
+        lidar = self._lidar if self.fresh(Modality.LIDAR, now_ns) else None
+        imu = None
+        if self.fresh(Modality.IMU, now_ns):
+            end = min(now_ns, self.health[Modality.IMU].last_stamp_ns)
+            imu = self._imu.window(end - int(self.cfg.imu_window_s * NS_PER_S), end)
+        return SensorSnapshot(now_ns, camera, lidar, imu)
+
+    def ages_s(self, now_ns: int) -> np.ndarray:
+        return np.array([self.health[m].age_s(now_ns) for m in Modality], np.float32)
+
+    def summary(self, now_ns: int) -> dict[str, dict]:
+        """Per-sensor health as plain data (diagnostics, reports)."""
+        return {name: {"received": h.received, "dropped": h.dropped, "rate_hz": round(h.rate_hz, 3),
+                       "age_s": h.age_s(now_ns), "masked": not self.fresh(m, now_ns),
+                       "drop_reasons": dict(h.drop_reasons)}
+                for name, m, h in ((MODALITIES[m], m, self.health[m]) for m in Modality)}
+
+
+_MODALITY_OF = {CameraFrame: Modality.CAMERA, LidarFrame: Modality.LIDAR, ImuSample: Modality.IMU}

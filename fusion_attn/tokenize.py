@@ -1,0 +1,181 @@
+"""Host-side tokenizers: sensor frames -> fixed-size float32 arrays and masks (numpy only).
+
+Every modality has a fixed token budget, so the model sees static shapes (TensorRT needs them);
+absent data is masked, never dropped from the tensor. Each token also carries its age: fusion time
+minus the sensor time of the data in it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from .config import CameraTokens, FusionConfig, ImuTokens, LidarTokens
+from .frames import NS_PER_S, CameraFrame, ImuWindow, LidarFrame
+
+# ImageNet statistics: the usual normalisation for ViT-style patch embeddings.
+_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def input_spec(cfg: FusionConfig) -> dict[str, tuple[tuple[int, ...], type]]:
+    """Name -> (shape without the batch dimension, dtype) of every model input, in model order."""
+    c, li, i = cfg.camera, cfg.lidar, cfg.imu
+    return {
+        "camera_patches": ((c.tokens, c.features), np.float32),
+        "camera_mask": ((c.tokens,), np.bool_),
+        "camera_age": ((c.tokens,), np.float32),
+        "lidar_points": ((li.tokens, li.points_per_pillar, li.features), np.float32),
+        "lidar_mask": ((li.tokens, li.points_per_pillar), np.bool_),  # per point; a pillar is valid if any is
+        "lidar_age": ((li.tokens,), np.float32),
+        "imu_chunks": ((i.tokens, i.features), np.float32),
+        "imu_mask": ((i.tokens,), np.bool_),
+        "imu_age": ((i.tokens,), np.float32),
+        "tau": ((4,), np.float32),  # global, camera, lidar, imu
+    }
+
+
+OUTPUT_NAMES = ("fused", "latents", "attention", "all_masked")
+
+
+def tokenize_camera(frame: CameraFrame, cfg: CameraTokens) -> tuple[np.ndarray, np.ndarray]:
+    """-> patches (tokens, patch*patch*3) float32, normalised; mask (tokens,) all True."""
+    img = frame.image
+    if frame.is_depth:
+        depth = img[..., 0].astype(np.float32) * (1e-3 if frame.encoding == "16UC1" else 1.0)
+        depth = np.nan_to_num(depth, nan=0.0, posinf=0.0, neginf=0.0)
+        small = cv2.resize(depth, (cfg.width, cfg.height), interpolation=cv2.INTER_NEAREST)
+        rgb = np.repeat(np.clip(small / cfg.max_depth_m, 0.0, 1.0)[..., None], 3, axis=2)
+    else:
+        # INTER_AREA on the raw integers first: resizing 8 bits is far cheaper than float.
+        small = cv2.resize(img, (cfg.width, cfg.height), interpolation=cv2.INTER_AREA)
+        scale = 1.0 / (65535.0 if small.dtype == np.uint16 else 255.0)
+        small = small.reshape(cfg.height, cfg.width, -1)
+        rgb = small * np.float32(scale) if small.shape[2] == 3 else np.repeat(small * np.float32(scale), 3, axis=2)
+    rgb = (rgb.astype(np.float32, copy=False) - _MEAN) / _STD
+    p = cfg.patch
+    patches = rgb.reshape(cfg.height // p, p, cfg.width // p, p, 3).transpose(0, 2, 1, 3, 4)
+    return np.ascontiguousarray(patches.reshape(cfg.tokens, cfg.features)), np.ones(cfg.tokens, np.bool_)
+
+
+def tokenize_lidar(frame: LidarFrame, cfg: LidarTokens) -> tuple[np.ndarray, np.ndarray]:
+    """-> points (pillars, points_per_pillar, 9) float32 and point mask (pillars, points_per_pillar).
+
+    Bird's-eye-view pillars: points within range are binned on a grid; the `pillars` most populated
+    cells become tokens, each with up to `points_per_pillar` points spread evenly over the cell's
+    points (deterministic, no RNG). The model runs a small PointNet over them.
+    """
+    K, P = cfg.pillars, cfg.points_per_pillar
+    out = np.zeros((K, P, cfg.features), np.float32)
+    mask = np.zeros((K, P), np.bool_)
+    pts = frame.points
+    if len(pts) == 0:
+        return out, mask
+    x, y, z = pts[:, 0], pts[:, 1], pts[:, 2]
+    per_m = cfg.grid / (2.0 * cfg.range_m)
+    ix = np.floor((x + cfg.range_m) * per_m).astype(np.int32)
+    iy = np.floor((y + cfg.range_m) * per_m).astype(np.int32)
+    keep = (ix >= 0) & (ix < cfg.grid) & (iy >= 0) & (iy < cfg.grid) & (z >= cfg.z_min_m) & (z <= cfg.z_max_m)
+    # Out-of-range points go to one extra "dump" cell instead of being copied out: boolean
+    # indexing of a 120k cloud costs more than the whole rest of this function.
+    dump = cfg.grid * cfg.grid
+    cell = np.where(keep, ix * cfg.grid + iy, dump).astype(np.uint16)
+    counts = np.bincount(cell, minlength=dump + 1)
+    counts[dump] = 0
+    n_cells = min(K, int(np.count_nonzero(counts)))
+    if n_cells == 0:
+        return out, mask
+    order = np.argsort(cell, kind="stable")  # radix sort on uint16: groups the points of each cell
+    starts = np.cumsum(counts) - counts
+    top = np.argpartition(-counts, n_cells - 1)[:n_cells]
+    top = np.sort(top)  # cell order, so the token order does not depend on partition internals
+    cnt = counts[top][:, None]
+    k = np.arange(P)[None, :]
+    pick = np.where(cnt >= P, (k * cnt) // P, np.minimum(k, cnt - 1))
+    group = pts[order[starts[top][:, None] + pick]]  # (n_cells, P, 4)
+    valid = k < cnt
+
+    centre_x = (top // cfg.grid + 0.5) / per_m - cfg.range_m
+    centre_y = (top % cfg.grid + 0.5) / per_m - cfg.range_m
+    gx, gy, gz, gi = group[..., 0], group[..., 1], group[..., 2], group[..., 3]
+    mean_z = (gz * valid).sum(1, keepdims=True) / np.maximum(valid.sum(1, keepdims=True), 1)
+    f = out[:n_cells]
+    f[..., 0] = gx / cfg.range_m
+    f[..., 1] = gy / cfg.range_m
+    f[..., 2] = gz / cfg.z_max_m
+    f[..., 3] = np.log1p(np.maximum(gi, 0.0)) / np.log(256.0)  # 0..255 and 0..1 intensities alike
+    f[..., 4] = np.hypot(gx, gy) / cfg.range_m
+    f[..., 5] = (gx - centre_x[:, None].astype(np.float32)) * per_m
+    f[..., 6] = (gy - centre_y[:, None].astype(np.float32)) * per_m
+    f[..., 7] = gz - mean_z
+    f[..., 8] = np.log1p(cnt) / np.log1p(float(len(frame.points)))
+    f *= valid[..., None]
+    mask[:n_cells] = valid
+    return out, mask
+
+
+def tokenize_imu(window: ImuWindow, cfg: ImuTokens) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """-> chunks (chunks, S*6+2), mask (chunks,), end offset of each chunk before the newest sample [s].
+
+    The last window_s seconds are resampled uniformly (linear interpolation) so that the tokens do not
+    depend on the IMU rate; each chunk also carries its real mean sample spacing and sample count.
+    """
+    n, S = cfg.chunks, cfg.samples_per_chunk
+    chunk_s = cfg.window_s / n
+    chunk_end = -cfg.window_s + chunk_s * np.arange(1, n + 1)  # relative to the newest sample, <= 0
+    out = np.zeros((n, cfg.features), np.float32)
+    if len(window) == 0:
+        return out, np.zeros(n, np.bool_), -chunk_end
+    t = (window.stamps_ns - window.stamps_ns[-1]) / NS_PER_S
+    grid = (chunk_end[:, None] - chunk_s + chunk_s * (np.arange(S) + 0.5) / S).ravel()
+    samples = np.stack(
+        [np.interp(grid, t, window.accel[:, a]) / cfg.accel_scale for a in range(3)]
+        + [np.interp(grid, t, window.gyro[:, a]) / cfg.gyro_scale for a in range(3)], axis=1)
+    out[:, : S * 6] = samples.reshape(n, S * 6)
+    chunk_of = np.clip(np.floor((t + cfg.window_s) / chunk_s), -1, n - 1).astype(np.int64)
+    inside = chunk_of >= 0
+    count = np.bincount(chunk_of[inside], minlength=n)
+    gaps = np.diff(t, prepend=t[0])
+    dt_sum = np.bincount(chunk_of[inside], weights=gaps[inside], minlength=n)
+    out[:, -2] = dt_sum / np.maximum(count, 1) / cfg.nominal_dt_s
+    out[:, -1] = count / S
+    mask = chunk_end >= t[0]  # a chunk entirely before the first sample would be pure extrapolation
+    out *= mask[:, None]
+    return out, mask, -chunk_end
+
+
+@dataclass(frozen=True)
+class SensorSnapshot:
+    """What the sync hands to the tokenizers: the data to fuse at one instant (None = absent/stale)."""
+
+    stamp_ns: int
+    camera: CameraFrame | None = None
+    lidar: LidarFrame | None = None
+    imu: ImuWindow | None = None
+
+
+class Tokenizer:
+    """Snapshot -> the model's named input arrays (unbatched), per `input_spec`."""
+
+    def __init__(self, cfg: FusionConfig):
+        self.cfg = cfg
+        self.spec = input_spec(cfg)
+
+    def empty(self) -> dict[str, np.ndarray]:
+        return {name: np.zeros(shape, dtype) for name, (shape, dtype) in self.spec.items()}
+
+    def __call__(self, snap: SensorSnapshot, tau: np.ndarray) -> dict[str, np.ndarray]:
+        x = self.empty()
+        x["tau"][:] = tau
+        if snap.camera is not None:
+            x["camera_patches"], x["camera_mask"] = tokenize_camera(snap.camera, self.cfg.camera)
+            x["camera_age"][:] = (snap.stamp_ns - snap.camera.stamp_ns) / NS_PER_S
+        if snap.lidar is not None:
+            x["lidar_points"], x["lidar_mask"] = tokenize_lidar(snap.lidar, self.cfg.lidar)
+            x["lidar_age"][:] = (snap.stamp_ns - snap.lidar.stamp_ns) / NS_PER_S
+        if snap.imu is not None and len(snap.imu):
+            x["imu_chunks"], x["imu_mask"], before_newest = tokenize_imu(snap.imu, self.cfg.imu)
+            x["imu_age"][:] = (snap.stamp_ns - int(snap.imu.stamps_ns[-1])) / NS_PER_S + before_newest
+        return x

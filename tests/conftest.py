@@ -1,0 +1,18 @@
+"""Shared fixtures. Real recordings live in ../shared/data/real beside the checkout."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """The folder of real recordings; skip without it, but fail under CI where it must be present."""
+    if not REAL_DATA.is_dir():
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"real recordings missing under CI: {REAL_DATA}")
+        pytest.skip(f"real recordings not found at {REAL_DATA} (see README: tests with real data)")
+    return REAL_DATA

@@ -1,0 +1,94 @@
+"""Checkpoints: round trip, and every kind of bad file gives CheckpointError naming the problem."""
+
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fusion_attn.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from fusion_attn.config import FusionConfig, ModelConfig
+from fusion_attn.errors import CheckpointError
+from fusion_attn.model import FusionModel
+
+
+@pytest.fixture()
+def saved(tmp_path):
+    torch.manual_seed(1)
+    model = FusionModel(FusionConfig(model=ModelConfig(qk_norm=True))).eval()
+    return model, save_checkpoint(model, tmp_path / "m.safetensors", info={"steps": 3})
+
+
+def test_round_trip_keeps_config_weights_and_info(saved):
+    model, path = saved
+    loaded = load_checkpoint(path)
+    assert loaded.cfg == model.cfg and loaded.cfg.model.qk_norm
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert read_checkpoint(path)[2] == {"steps": 3}
+
+
+def test_truncated_file(saved, tmp_path):
+    _, path = saved
+    bad = tmp_path / "cut.safetensors"
+    bad.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_checkpoint(bad)
+
+
+def test_pickle_file_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    bad = tmp_path / "evil.safetensors"
+    bad.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        load_checkpoint(bad)
+    assert not marker.exists()
+
+
+def test_missing_file_and_foreign_safetensors(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nope.safetensors")
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    with pytest.raises(CheckpointError, match="not a fusion_attn/1 checkpoint"):
+        load_checkpoint(foreign)
+
+
+def test_mismatched_tensors_are_named(saved, tmp_path):
+    model, path = saved
+    tensors = {k: v.clone() for k, v in model.state_dict().items()}
+    meta = {"format": "fusion_attn/1", "config": model.cfg.to_json(), "info": "{}"}
+    tensors["cross.q.weight"] = torch.zeros(3, 3)
+    save_file(tensors, str(tmp_path / "shape.safetensors"), metadata=meta)
+    with pytest.raises(CheckpointError, match=r"cross\.q\.weight has shape \(3, 3\)"):
+        load_checkpoint(tmp_path / "shape.safetensors")
+    del tensors["cross.q.weight"]
+    save_file(tensors, str(tmp_path / "missing.safetensors"), metadata=meta)
+    with pytest.raises(CheckpointError, match=r"missing \['cross\.q\.weight'\]"):
+        load_checkpoint(tmp_path / "missing.safetensors")
+
+
+def test_nan_weights_and_bad_config(saved, tmp_path):
+    model, _ = saved
+    tensors = {k: v.clone() for k, v in model.state_dict().items()}
+    tensors["queries"][0, 0] = float("nan")
+    save_file(tensors, str(tmp_path / "nan.safetensors"), metadata={"format": "fusion_attn/1", "config": model.cfg.to_json()})
+    with pytest.raises(CheckpointError, match="queries holds NaN"):
+        load_checkpoint(tmp_path / "nan.safetensors")
+    cfg = json.loads(model.cfg.to_json())
+    cfg["model"]["width"] = 3
+    save_file(tensors, str(tmp_path / "cfg.safetensors"), metadata={"format": "fusion_attn/1", "config": json.dumps(cfg)})
+    with pytest.raises(CheckpointError, match=r"unknown key\(s\) in 'model': \['width'\]"):
+        load_checkpoint(tmp_path / "cfg.safetensors")
+
+
+def test_expected_config_mismatch_is_explained(saved):
+    _, path = saved
+    with pytest.raises(CheckpointError, match="model.qk_norm: False != True"):
+        load_checkpoint(path, expect=FusionConfig())

@@ -1,0 +1,81 @@
+"""`fusion-attn` verbs as a user runs them: output on success, status 2 and a named problem on bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fusion_attn.cli import main
+
+
+def test_help_lists_the_verbs():
+    out = subprocess.run([sys.executable, "-m", "fusion_attn.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    for verb in ("fuse", "export", "bench"):
+        assert verb in out
+
+
+def test_fuse_bag_instant_prints_summary(real_data, capsys):
+    assert main(["fuse", "--bag", str(real_data / "euroc_v1_01_cam_imu"), "--at", "1.0"]) == 0
+    out = capsys.readouterr().out
+    assert "backend onnxruntime" in out and "/cam0/image_raw" in out and "/imu0" in out
+    lidar_row = next(line for line in out.splitlines() if line.strip().startswith("lidar"))
+    assert lidar_row.split()[1:4] == ["no", "-", "0.000"]
+
+
+def test_fuse_json_with_params_file_and_tau_override(real_data, capsys, tmp_path):
+    params = tmp_path / "p.yaml"
+    params.write_text("/**:\n  ros__parameters:\n    backend: torch\n    tau: {global: 0.5, imu: 2.0}\n")
+    bag = str(real_data / "lidar_camera_frame")
+    assert main(["fuse", "--bag", bag, "--at", "0", "--params", str(params), "--json"]) == 0
+    state = json.loads(capsys.readouterr().out)
+    assert state["backend"] == "torch" and state["tau"] == [0.5, 1.0, 1.0, 2.0]
+    assert state["modalities"]["imu"] == {"present": False, "age_s": None, "attention_per_head": [0.0] * 4}
+    assert state["modalities"]["lidar"]["present"] and state["modalities"]["camera"]["present"]
+    assert main(["fuse", "--bag", bag, "--at", "0", "--tau", "1", "1", "0.1", "1", "--json"]) == 0
+    sharp = json.loads(capsys.readouterr().out)
+    assert sharp["modalities"]["lidar"]["attention_per_head"] != state["modalities"]["lidar"]["attention_per_head"]
+
+
+def test_fuse_from_files(tmp_path, capsys):
+    import cv2
+    import numpy as np
+
+    cv2.imwrite(str(tmp_path / "img.png"), np.full((120, 160, 3), 128, np.uint8))
+    np.save(tmp_path / "pts.npy", np.random.default_rng(0).uniform(-20, 20, (5000, 3)).astype(np.float32))
+    assert main(["fuse", "--image", str(tmp_path / "img.png"), "--points", str(tmp_path / "pts.npy"), "--json"]) == 0
+    state = json.loads(capsys.readouterr().out)
+    assert state["modalities"]["camera"]["present"] and state["modalities"]["lidar"]["present"]
+    assert not state["modalities"]["imu"]["present"]
+
+
+@pytest.mark.parametrize("argv,problem", [
+    (["fuse", "--bag", "/nonexistent.mcap"], "bag not found: /nonexistent.mcap"),
+    (["fuse", "--image", "/nonexistent.png"], "cannot read image"),
+    (["fuse", "--tau", "0", "1", "1", "1", "--image", "x.png"], "tau must be finite and > 0"),
+    (["fuse"], "fuse needs --bag"),
+])
+def test_bad_input_exits_2_naming_the_problem(argv, problem, capsys):
+    assert main(argv) == 2
+    assert problem in capsys.readouterr().err
+
+
+def test_bag_without_sensor_topics_and_out_of_range_instant(real_data, capsys):
+    assert main(["fuse", "--bag", str(real_data / "vlp16_raw_packets")]) == 2
+    assert "no camera, lidar or IMU topic" in capsys.readouterr().err
+    assert main(["fuse", "--bag", str(real_data / "euroc_v1_01_cam_imu"), "--at", "99"]) == 2
+    assert "outside the bag" in capsys.readouterr().err
+
+
+def test_corrupt_checkpoint_exits_2(tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 100)
+    assert main(["export", "--checkpoint", str(bad), "-o", str(tmp_path / "m.onnx")]) == 2
+    assert "bad.safetensors is not a readable safetensors checkpoint" in capsys.readouterr().err
+
+
+def test_export_checks_parity_and_operators(tmp_path, capsys):
+    assert main(["export", "-o", str(tmp_path / "m.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "m.onnx").is_file()
+    assert "all ops supported" in out and "max abs diff" in out

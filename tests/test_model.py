@@ -1,0 +1,183 @@
+"""Properties of the temperature-controlled cross-attention and of the whole fusion model."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fusion_attn.backends.export import example_inputs
+from fusion_attn.config import FusionConfig, ModelConfig
+from fusion_attn.frames import Modality
+from fusion_attn.model import CrossAttention, FusionModel, masked_softmax, softmax_lipschitz
+
+
+def _model(**model_kw) -> FusionModel:
+    torch.manual_seed(0)
+    return FusionModel(FusionConfig(model=ModelConfig(**model_kw))).eval()
+
+
+def _inputs(model, batch=1, seed=0, **overrides):
+    x = {k: torch.from_numpy(v) for k, v in example_inputs(model, batch, seed).items()}
+    x.update(overrides)
+    return x
+
+
+def _cross_weights(tau_value: float, mask=None, seed=0):
+    torch.manual_seed(seed)
+    cross = CrossAttention(ModelConfig()).eval()
+    queries, tokens = torch.randn(1, 8, 64), torch.randn(1, 40, 64)
+    mask = torch.ones(1, 40, dtype=torch.bool) if mask is None else mask
+    with torch.no_grad():
+        return cross(queries, tokens, mask, torch.full((1, 40), tau_value))[1]  # (1, H, M, N)
+
+
+def test_small_tau_is_pointer_like():
+    w = _cross_weights(1e-3)
+    assert torch.all(w.amax(dim=-1) > 0.999)  # every query/head puts all its mass on its best token
+    assert torch.equal(w.argmax(-1), _cross_weights(1.0).argmax(-1))  # the same tokens, just sharper
+
+
+def test_large_tau_tends_to_uniform_over_valid_tokens():
+    mask = torch.zeros(1, 40, dtype=torch.bool)
+    mask[0, ::3] = True
+    w = _cross_weights(1e4, mask)
+    valid = mask[0]
+    assert torch.allclose(w[..., valid], torch.full_like(w[..., valid], 1 / valid.sum()), atol=1e-4)
+    assert torch.all(w[..., ~valid] == 0)
+
+
+def test_entropy_grows_with_tau():
+    entropies = []
+    for tau in (0.05, 0.3, 1.0, 3.0, 30.0):
+        w = _cross_weights(tau)
+        entropies.append(float(-(w * torch.log(w.clamp_min(1e-12))).sum(-1).mean()))
+    assert entropies == sorted(entropies)
+    assert entropies[-1] <= math.log(40) + 1e-6
+
+
+def test_masked_tokens_get_exactly_zero_weight_and_rows_sum_to_one():
+    mask = torch.rand(1, 40, generator=torch.Generator().manual_seed(1)) > 0.5
+    w = _cross_weights(0.7, mask)
+    assert torch.all(w[..., ~mask[0]] == 0.0)
+    assert torch.allclose(w.sum(-1), torch.ones(()))
+
+
+def test_masked_softmax_all_masked_row_is_zero_not_nan():
+    w = masked_softmax(torch.randn(2, 5), torch.zeros(2, 5, dtype=torch.bool))
+    assert torch.equal(w, torch.zeros(2, 5))
+
+
+@pytest.mark.parametrize("modality", list(Modality))
+def test_masked_modality_gets_zero_attention(modality):
+    model = _model()
+    x = _inputs(model)
+    key = {Modality.CAMERA: "camera_mask", Modality.LIDAR: "lidar_mask", Modality.IMU: "imu_mask"}[modality]
+    x[key] = torch.zeros_like(x[key])
+    with torch.no_grad():
+        fused, latents, attention, all_masked = model(**x)
+    assert torch.all(attention[0, modality] == 0.0)
+    assert torch.allclose(attention[0].sum(0), torch.ones(4), atol=1e-6)  # per head, over modalities
+    assert not all_masked[0]
+    assert torch.isfinite(fused).all() and torch.isfinite(latents).all()
+
+
+def test_all_sensors_masked_gives_defined_output_and_flag():
+    model = _model()
+    x = _inputs(model)
+    for key in ("camera_mask", "lidar_mask", "imu_mask"):
+        x[key] = torch.zeros_like(x[key])
+    with torch.no_grad():
+        fused, latents, attention, all_masked = model(**x)
+        fused_other, *_ = model(**{**_inputs(model, seed=5), **{k: x[k] for k in ("camera_mask", "lidar_mask", "imu_mask")}})
+    assert all_masked[0]
+    assert torch.isfinite(fused).all() and torch.all(attention == 0)
+    # with nothing valid the output no longer depends on the (masked) data
+    assert torch.allclose(fused, fused_other, atol=1e-6)
+
+
+def test_permuting_tokens_within_a_modality_leaves_output_unchanged():
+    torch.manual_seed(0)
+    cross = CrossAttention(ModelConfig()).eval()
+    queries, tokens = torch.randn(2, 8, 64), torch.randn(2, 30, 64)
+    mask = torch.rand(2, 30) > 0.3
+    tau = torch.rand(2, 30) + 0.2
+    perm = torch.cat([torch.randperm(10), 10 + torch.randperm(12), 22 + torch.randperm(8)])
+    with torch.no_grad():
+        out, w = cross(queries, tokens, mask, tau)
+        out_p, w_p = cross(queries, tokens[:, perm], mask[:, perm], tau[:, perm])
+    assert torch.allclose(out, out_p, atol=1e-5)
+    assert torch.allclose(w[..., perm], w_p, atol=1e-6)
+
+
+def test_permuting_lidar_pillars_leaves_model_output_unchanged():
+    # pillar positions live in the point features, not in the token index, so order is irrelevant
+    model = _model()
+    x = _inputs(model)
+    perm = torch.randperm(x["lidar_points"].shape[1], generator=torch.Generator().manual_seed(3))
+    y = dict(x, lidar_points=x["lidar_points"][:, perm], lidar_mask=x["lidar_mask"][:, perm], lidar_age=x["lidar_age"][:, perm])
+    with torch.no_grad():
+        a, b = model(**x), model(**y)
+    assert torch.allclose(a[0], b[0], atol=1e-5) and torch.allclose(a[2], b[2], atol=1e-6)
+
+
+def test_per_modality_tau_moves_attention():
+    model = _model()
+    x = _inputs(model)
+    with torch.no_grad():
+        base = model(**x)[2][0].mean(-1)
+        x["tau"] = torch.tensor([[1.0, 1.0, 1.0, 1e4]])  # IMU logits flattened to ~0
+        hot = model(**x)[2][0].mean(-1)
+    assert not torch.allclose(base, hot, atol=1e-3)
+    assert torch.allclose(hot.sum(), torch.tensor(1.0), atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [{}, {"qk_norm": True}, {"learned_head_temperature": True},
+                                     {"qk_norm": True, "learned_head_temperature": True, "latent_blocks": 2}])
+def test_gradients_are_finite_for_every_variant(options):
+    model = _model(**options).train()
+    x = _inputs(model, batch=3)
+    x["camera_mask"][1] = False  # a batch row with a dead camera
+    for key in ("camera_mask", "lidar_mask", "imu_mask"):
+        x[key][2] = False  # and one with no sensor at all
+    x["tau"] = torch.tensor([[0.05, 1, 1, 1], [1, 0.5, 2, 1], [3, 1, 1, 1]], dtype=torch.float32)
+    fused, latents, attention, _ = model(**x)
+    (fused.square().sum() + latents.sum() + attention.sum()).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    if options.get("learned_head_temperature"):
+        assert model.cross.log_head_tau.grad.abs().sum() > 0
+
+
+def test_lipschitz_matches_autograd_jacobian():
+    logits = torch.randn(6, dtype=torch.float64)
+    for tau in (0.1, 1.0, 5.0):
+        jac = torch.autograd.functional.jacobian(lambda z: torch.softmax(z / tau, -1), logits)
+        expected = torch.linalg.matrix_norm(jac, ord=2)
+        assert torch.allclose(softmax_lipschitz(logits, tau), expected, rtol=1e-6)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.floats(-20, 20), min_size=2, max_size=12), st.floats(0.01, 100))
+def test_lipschitz_bounds(values, tau):
+    logits = torch.tensor(values, dtype=torch.float64)
+    lip = float(softmax_lipschitz(logits, tau))
+    assert 0.0 <= lip <= 1 / (2 * tau) + 1e-9  # the softmax Jacobian's spectral norm never exceeds 1/(2τ)
+
+
+def test_lipschitz_uniform_and_batched_and_masked():
+    n = 8
+    assert float(softmax_lipschitz(torch.zeros(n), 2.0)) == pytest.approx(1 / (n * 2.0))
+    batch = softmax_lipschitz(torch.randn(3, 4, 5), torch.tensor([0.5, 1.0, 2.0]).view(3, 1))
+    assert batch.shape == (3, 4)
+    mask = torch.tensor([True, True, False, False])
+    assert float(softmax_lipschitz(torch.zeros(4), 1.0, mask)) == pytest.approx(0.5)  # uniform over 2
+
+
+def test_lipschitz_grows_as_tau_shrinks():
+    logits = torch.tensor([1.0, 0.9, -0.5, 0.2])
+    lips = [float(softmax_lipschitz(logits, t)) for t in (10.0, 1.0, 0.3)]
+    assert lips == sorted(lips)
+    assert np.isfinite(lips).all()

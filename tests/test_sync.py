@@ -1,0 +1,85 @@
+"""Sensor sync: latest frames and ages, stale sensors masked, IMU windows, time jumps, bounded memory."""
+
+import numpy as np
+
+from fusion_attn.frames import NS_PER_S, CameraFrame, ImuSample, LidarFrame, Modality
+from fusion_attn.sync import SensorSync, SyncConfig
+
+MS = 1_000_000
+
+
+def _cam(t_ns):
+    return CameraFrame(t_ns, "cam", np.zeros((4, 4, 3), np.uint8), "rgb8")
+
+
+def _imu(t_ns, ax=0.0):
+    return ImuSample(t_ns, "imu", np.array([ax, 0.0, 9.8]), np.zeros(3))
+
+
+def test_snapshot_keeps_latest_frame_and_masks_stale_sensors():
+    sync = SensorSync(SyncConfig(max_age_s=(0.2, 0.3, 0.05)))
+    sync.add(_cam(1000 * MS))
+    sync.add(_cam(1100 * MS))
+    sync.add(LidarFrame(900 * MS, "lidar", np.zeros((0, 4), np.float32)))
+    for i in range(50):
+        sync.add(_imu(1000 * MS + i * 5 * MS))
+    snap = sync.snapshot(1250 * MS)
+    assert snap.camera.stamp_ns == 1100 * MS  # the latest, 150 ms old
+    assert snap.lidar is None  # 350 ms > 300 ms
+    assert snap.imu is not None and snap.imu.stamps_ns[-1] == 1245 * MS
+    np.testing.assert_allclose(sync.ages_s(1250 * MS), [0.15, 0.35, 0.005], atol=1e-9)
+    later = sync.snapshot(1400 * MS)
+    assert later.camera is None and later.imu is None  # a silent sensor is masked, never waited for
+
+
+def test_never_seen_sensor_is_masked_not_an_error():
+    sync = SensorSync()
+    sync.add(_cam(5 * MS))
+    snap = sync.snapshot(10 * MS)
+    assert snap.camera is not None and snap.lidar is None and snap.imu is None
+    assert np.isnan(sync.ages_s(10 * MS)[Modality.LIDAR])
+
+
+def test_imu_window_covers_only_the_configured_duration_up_to_fusion_time():
+    sync = SensorSync(SyncConfig(imu_window_s=0.1))
+    for i in range(400):  # 2 s at 200 Hz
+        sync.add(_imu(i * 5 * MS, ax=i))
+    snap = sync.snapshot(1000 * MS)
+    w = snap.imu
+    assert w.stamps_ns[-1] == 1000 * MS and w.stamps_ns[0] == 905 * MS  # (900 ms, 1000 ms]
+    assert np.all(np.diff(w.stamps_ns) > 0)
+    np.testing.assert_array_equal(w.accel[:, 0], np.arange(181, 201))
+
+
+def test_out_of_order_is_dropped_and_counted_and_jump_back_resets():
+    sync = SensorSync(SyncConfig(reset_on_jump_back_s=1.0))
+    assert sync.add(_imu(2 * NS_PER_S))
+    assert not sync.add(_imu(2 * NS_PER_S - 10 * MS))  # 10 ms back: a reordered message
+    assert not sync.add(_imu(2 * NS_PER_S))  # the same stamp again
+    assert sync.health[Modality.IMU].drop_reasons == {"out_of_order": 1, "duplicate_stamp": 1}
+    sync.add(_cam(2 * NS_PER_S))
+    assert sync.add(_imu(0))  # 2 s back: the bag looped
+    assert sync.resets == 1
+    snap = sync.snapshot(0)
+    assert snap.camera is None  # the camera frame from "the future" was forgotten
+    assert len(snap.imu) == 1
+
+
+def test_imu_history_memory_is_bounded():
+    sync = SensorSync(SyncConfig(imu_capacity=64, imu_window_s=10.0))
+    for i in range(1000):
+        sync.add(_imu(i * MS, ax=i))
+    w = sync.snapshot(999 * MS).imu
+    assert 32 <= len(w) <= 64 and w.accel[-1, 0] == 999
+    assert sync._imu.stamps.shape == (64,)
+
+
+def test_rate_and_summary():
+    sync = SensorSync()
+    for i in range(100):
+        sync.add(_imu(i * 5 * MS))
+    sync.drop(Modality.CAMERA, "malformed")
+    s = sync.summary(500 * MS)
+    assert abs(s["imu"]["rate_hz"] - 200.0) < 1e-6
+    assert s["camera"]["dropped"] == 1 and s["camera"]["masked"]
+    assert not s["imu"]["masked"]

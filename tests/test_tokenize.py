@@ -1,0 +1,148 @@
+"""Tokenizers: static shapes whatever the input, masks, ages, and the numbers inside the tokens."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fusion_attn.config import CameraTokens, FusionConfig, ImuTokens, LidarTokens
+from fusion_attn.frames import NS_PER_S, CameraFrame, ImuWindow, LidarFrame
+from fusion_attn.tokenize import SensorSnapshot, Tokenizer, input_spec, tokenize_camera, tokenize_imu, tokenize_lidar
+
+CFG = FusionConfig()
+
+
+def _cloud(n, seed=0, max_range=100.0):
+    rng = np.random.default_rng(seed)
+    r, a = rng.uniform(1, max_range, n), rng.uniform(-np.pi, np.pi, n)
+    return np.stack([r * np.cos(a), r * np.sin(a), rng.uniform(-2, 3, n), rng.uniform(0, 255, n)], 1).astype(np.float32)
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 1000, 130_000])
+def test_lidar_shapes_are_static_for_any_point_count(n):
+    points, mask = tokenize_lidar(LidarFrame(0, "l", _cloud(n)), CFG.lidar)
+    assert points.shape == (64, 16, 9) and points.dtype == np.float32
+    assert mask.shape == (64, 16) and mask.dtype == np.bool_
+    assert np.isfinite(points).all()
+    assert np.all(points[~mask] == 0)  # padding is zero, and masked
+
+
+def test_lidar_few_points_mask_the_unused_budget():
+    pts = np.array([[1.0, 1.0, 0.0, 10.0], [1.1, 1.05, 0.1, 20.0], [20.0, -5.0, 0.5, 5.0]], np.float32)
+    points, mask = tokenize_lidar(LidarFrame(0, "l", pts), CFG.lidar)
+    assert mask.any(axis=1).sum() == 2  # two occupied pillars, the other 62 tokens masked
+    assert mask.sum() == 3
+    # the features keep the geometry: x/R and y/R of the valid points
+    xy = points[mask][:, :2] * CFG.lidar.range_m
+    assert sorted(map(tuple, np.round(xy, 4))) == sorted(map(tuple, np.round(pts[:, :2], 4)))
+
+
+def test_lidar_is_range_limited():
+    far = np.array([[80.0, 0.0, 0.0, 1.0], [0.0, -60.0, 0.0, 1.0], [3.0, 3.0, 9.0, 1.0]], np.float32)  # out of grid / too high
+    points, mask = tokenize_lidar(LidarFrame(0, "l", far), CFG.lidar)
+    assert not mask.any() and not points.any()
+
+
+def test_lidar_budget_takes_the_most_populated_pillars_deterministically():
+    cfg = LidarTokens(pillars=2, points_per_pillar=4)
+    dense = np.tile([[5.0, 5.0, 0.0, 1.0]], (10, 1))
+    medium = np.tile([[-5.0, 5.0, 0.0, 1.0]], (6, 1))
+    sparse = np.tile([[5.0, -5.0, 0.0, 1.0]], (2, 1))
+    pts = np.concatenate([sparse, dense, medium]).astype(np.float32)
+    a = tokenize_lidar(LidarFrame(0, "l", pts), cfg)
+    b = tokenize_lidar(LidarFrame(0, "l", pts.copy()), cfg)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    chosen_y = np.sign(a[0][:, 0, 1])
+    assert sorted(chosen_y.tolist()) == [1.0, 1.0]  # both y=+5 pillars, not the sparse y=-5 one
+    assert a[1].all()
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 3000), st.integers(0, 2**31))
+def test_lidar_property_valid_points_come_from_the_cloud(n, seed):
+    pts = _cloud(n, seed, max_range=70)
+    points, mask = tokenize_lidar(LidarFrame(0, "l", pts), CFG.lidar)
+    assert np.isfinite(points).all()
+    if n:
+        xs = points[mask][:, 0] * CFG.lidar.range_m
+        assert np.isin(np.round(xs, 3), np.round(pts[:, 0], 3)).all()
+    else:
+        assert not mask.any()
+
+
+def test_camera_patches_layout_and_normalisation():
+    cfg = CameraTokens(height=32, width=48, patch=16)
+    img = np.zeros((64, 96, 3), np.uint8)
+    img[:32, 64:] = 255  # top-right sixth white -> patch (row 0, col 2) after resizing to 32x48
+    patches, mask = tokenize_camera(CameraFrame(0, "c", img, "rgb8"), cfg)
+    assert patches.shape == (6, 16 * 16 * 3) and mask.all()
+    white = (1.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    black = -np.array([0.485, 0.456, 0.406]) / np.array([0.229, 0.224, 0.225])
+    per_patch = patches.reshape(6, 16 * 16, 3).mean(1)
+    np.testing.assert_allclose(per_patch[2], white, atol=1e-5)  # row-major patch order
+    np.testing.assert_allclose(per_patch[[0, 1, 3, 4, 5]], [black] * 5, atol=1e-5)
+
+
+@pytest.mark.parametrize("encoding,dtype,channels", [("rgb8", np.uint8, 3), ("mono8", np.uint8, 1), ("mono16", np.uint16, 1),
+                                                     ("16UC1", np.uint16, 1), ("32FC1", np.float32, 1)])
+def test_camera_every_encoding_gives_finite_fixed_tokens(encoding, dtype, channels):
+    rng = np.random.default_rng(0)
+    img = (rng.random((480, 640, channels)) * (255 if dtype == np.uint8 else 5000)).astype(dtype)
+    if dtype == np.float32:
+        img[0, 0, 0] = np.nan  # depth holes are common
+    patches, mask = tokenize_camera(CameraFrame(0, "c", img, encoding), CFG.camera)
+    assert patches.shape == (48, 768) and np.isfinite(patches).all() and mask.all()
+
+
+def _imu(rate_hz, duration_s, accel_fn=lambda t: np.zeros_like(t), start_s=10.0):
+    t = start_s + np.arange(int(rate_hz * duration_s)) / rate_hz
+    stamps = np.round(t * NS_PER_S).astype(np.int64)
+    accel = np.stack([accel_fn(t - t[-1]), np.zeros_like(t), np.full_like(t, 9.80665)], 1)
+    return ImuWindow("imu", stamps, accel, np.zeros((len(t), 3)))
+
+
+def test_imu_resampling_is_rate_independent_and_exact_on_ramps():
+    cfg = CFG.imu
+    ramp = lambda rel: 2.0 * rel  # noqa: E731 - linear in time, so interpolation is exact
+    a, mask_a, _ = tokenize_imu(_imu(400, 0.5, ramp), cfg)
+    b, mask_b, _ = tokenize_imu(_imu(200, 0.5, ramp), cfg)
+    assert mask_a.all() and mask_b.all()
+    S = cfg.samples_per_chunk
+    np.testing.assert_allclose(a[:, : S * 6], b[:, : S * 6], atol=1e-5)  # same signal, different rates
+    z = a[:, : S * 6].reshape(8, S, 6)[..., 2]
+    np.testing.assert_allclose(z, 1.0, atol=1e-6)  # gravity in g
+    # dt feature: 400 Hz -> 0.0025 s / 0.005 s = 0.5 ; 200 Hz -> 1.0
+    np.testing.assert_allclose(a[:, -2], 0.5, atol=0.02)
+    np.testing.assert_allclose(b[:, -2], 1.0, atol=0.02)
+
+
+def test_imu_short_history_masks_the_early_chunks_and_empty_masks_all():
+    chunks, mask, before_newest = tokenize_imu(_imu(200, 0.1), CFG.imu)  # 0.1 s of a 0.25 s window
+    assert mask.tolist() == [False] * 4 + [True] * 4
+    assert np.all(chunks[~mask] == 0)
+    np.testing.assert_allclose(before_newest, 0.25 - 0.03125 * np.arange(1, 9), atol=1e-9)
+    empty = ImuWindow("imu", np.zeros(0, np.int64), np.zeros((0, 3)), np.zeros((0, 3)))
+    chunks, mask, _ = tokenize_imu(empty, CFG.imu)
+    assert not mask.any() and not chunks.any()
+
+
+def test_tokenizer_ages_and_absent_modalities():
+    tok = Tokenizer(CFG)
+    now = 10 * NS_PER_S + 400_000_000
+    window = _imu(200, 0.5)  # newest sample at 10.495 s
+    snap = SensorSnapshot(now, camera=CameraFrame(now - 50_000_000, "c", np.zeros((48, 64, 3), np.uint8), "rgb8"), imu=window)
+    x = tok(snap, np.array([1, 2, 3, 4], np.float32))
+    spec = input_spec(CFG)
+    assert set(x) == set(spec)
+    for name, (shape, dtype) in spec.items():
+        assert x[name].shape == shape and x[name].dtype == dtype, name
+    np.testing.assert_allclose(x["camera_age"], 0.05, atol=1e-6)
+    assert not x["lidar_mask"].any() and not x["lidar_age"].any()
+    newest_age = (now - window.stamps_ns[-1]) / NS_PER_S
+    assert x["imu_age"].min() == pytest.approx(newest_age, abs=1e-6)
+    assert np.all(np.diff(x["imu_age"]) < 0)  # later chunks are younger
+    assert x["tau"].tolist() == [1, 2, 3, 4]
+
+
+def test_imu_config_feature_count():
+    assert ImuTokens().features == 8 * 6 + 2
