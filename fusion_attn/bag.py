@@ -96,7 +96,7 @@ def read_messages(reader: AnyReader, topics: BagTopics, start_ns: int | None = N
             except MalformedMessageError as exc:
                 yield BagMessage(log_time, conn.topic, modality, None, str(exc))
                 continue
-            except Exception as exc:  # a message whose bytes do not decode as its declared type
+            except Exception as exc:  # noqa: BLE001 - bytes that do not decode as the declared type, any error
                 yield BagMessage(log_time, conn.topic, modality, None, f"undecodable {conn.msgtype}: {exc}")
                 continue
             yield BagMessage(log_time, conn.topic, modality, frame)

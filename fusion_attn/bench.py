@@ -11,6 +11,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
+from functools import partial
 
 import cv2
 import numpy as np
@@ -50,7 +51,7 @@ def standard_messages(seed: int = 0):
     r = rng.uniform(2, 100, n)
     xyzi = np.stack([r * np.cos(el) * np.cos(az), r * np.cos(el) * np.sin(az), r * np.sin(el),
                      rng.uniform(0, 255, n)], 1).astype(np.float32)
-    fields = [T["sensor_msgs/msg/PointField"](name, 4 * i, 7, 1) for i, name in enumerate("x y z intensity".split())]
+    fields = [T["sensor_msgs/msg/PointField"](name, 4 * i, 7, 1) for i, name in enumerate(("x", "y", "z", "intensity"))]
     cloud = T["sensor_msgs/msg/PointCloud2"](header(0, "lidar"), 1, n, fields, False, 16, 16 * n, xyzi.view(np.uint8).ravel(), True)
     vec = T["geometry_msgs/msg/Vector3"]
     quat = T["geometry_msgs/msg/Quaternion"](0.0, 0.0, 0.0, 1.0)
@@ -59,6 +60,10 @@ def standard_messages(seed: int = 0):
                                      vec(*rng.normal(0, 0.1, 3)), cov, vec(*rng.normal([0, 0, 9.8], 0.2)), cov)
             for i in range(int(IMU_HZ * IMU_WINDOW_S))]
     return image, cloud, imus
+
+
+def _adapt_all(convert, msgs):
+    return [convert(m) for m in msgs]
 
 
 def _time(fn: Callable[[], object], repeats: int, warmup: int = 5) -> dict[str, float]:
@@ -86,14 +91,14 @@ def run(threads: tuple[int, ...] = (1, 2), repeats: int = 300, checkpoint=None) 
         window = ImuWindow.from_samples([imu_to_sample(m) for m in imus])
         ort, tch = create_backend("onnxruntime", model, threads=n), create_backend("torch", model, threads=n)
         stages = {
-            "adapt camera (Image 640x480 bgr8)": lambda: image_to_frame(image),
-            "adapt lidar (PointCloud2 120k)": lambda: pointcloud2_to_frame(cloud),
-            "adapt imu (100 Imu msgs)": lambda: [imu_to_sample(m) for m in imus],
-            "tokenize camera": lambda: tokenize_camera(cam, cfg.camera),
-            "tokenize lidar": lambda: tokenize_lidar(pts, cfg.lidar),
-            "tokenize imu": lambda: tokenize_imu(window, cfg.imu),
-            "model torch eager": lambda: tch.run(inputs),
-            "model onnxruntime": lambda: ort.run(inputs),
+            "adapt camera (Image 640x480 bgr8)": partial(image_to_frame, image),
+            "adapt lidar (PointCloud2 120k)": partial(pointcloud2_to_frame, cloud),
+            "adapt imu (100 Imu msgs)": partial(_adapt_all, imu_to_sample, imus),
+            "tokenize camera": partial(tokenize_camera, cam, cfg.camera),
+            "tokenize lidar": partial(tokenize_lidar, pts, cfg.lidar),
+            "tokenize imu": partial(tokenize_imu, window, cfg.imu),
+            "model torch eager": partial(tch.run, inputs),
+            "model onnxruntime": partial(ort.run, inputs),
         }
         results[n] = {name: _time(fn, repeats) for name, fn in stages.items()}
     ratios = {n: r["model torch eager"]["p50_ms"] / r["model onnxruntime"]["p50_ms"] for n, r in results.items()}

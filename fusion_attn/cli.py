@@ -161,8 +161,8 @@ def _state_dict(state: FusedState, pipeline) -> dict:
 
 def _summary(state: FusedState, pipeline, notes: list[str]) -> str:
     b = pipeline.backend
-    lines = [f"fused state @ {state.stamp_ns / NS_PER_S:.6f} s  frame {state.frame_id}  "
-             f"backend {b.name} ({b.device}, {b.precision})  model: {pipeline.model_source}"]
+    lines = [(f"fused state @ {state.stamp_ns / NS_PER_S:.6f} s  frame {state.frame_id}  "
+              f"backend {b.name} ({b.device}, {b.precision})  model: {pipeline.model_source}")]
     lines += [f"  input  {n}" for n in notes]
     lines.append("  tau    global {:.3g}  camera {:.3g}  lidar {:.3g}  imu {:.3g}".format(*state.tau))
     lines.append(f"  {'modality':8} {'present':>7} {'age ms':>8} {'attention':>9}   per head")

@@ -109,7 +109,7 @@ class FusionConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "FusionConfig":
+    def from_dict(cls, data: dict[str, Any]) -> FusionConfig:
         sections = {f.name: f.type for f in dataclasses.fields(cls)}
         unknown = set(data) - set(sections)
         if unknown:
@@ -126,7 +126,7 @@ class FusionConfig:
         return cls(**kwargs)
 
     @classmethod
-    def from_json(cls, text: str) -> "FusionConfig":
+    def from_json(cls, text: str) -> FusionConfig:
         try:
             return cls.from_dict(json.loads(text))
         except (json.JSONDecodeError, TypeError) as exc:

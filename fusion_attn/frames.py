@@ -81,7 +81,7 @@ class ImuWindow:
         return int(self.stamps_ns.shape[0])
 
     @classmethod
-    def from_samples(cls, samples: list[ImuSample]) -> "ImuWindow":
+    def from_samples(cls, samples: list[ImuSample]) -> ImuWindow:
         if not samples:
             return cls("", np.zeros(0, np.int64), np.zeros((0, 3)), np.zeros((0, 3)))
         known = all(s.orientation is not None for s in samples)

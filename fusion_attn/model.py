@@ -175,9 +175,9 @@ class FusionModel(nn.Module):
 
     def forward(self, camera_patches, camera_mask, camera_age, lidar_points, lidar_mask, lidar_age,
                 imu_chunks, imu_mask, imu_age, tau):
-        x = dict(camera_patches=camera_patches, camera_mask=camera_mask, camera_age=camera_age,
-                 lidar_points=lidar_points, lidar_mask=lidar_mask, lidar_age=lidar_age,
-                 imu_chunks=imu_chunks, imu_mask=imu_mask, imu_age=imu_age)
+        x = {"camera_patches": camera_patches, "camera_mask": camera_mask, "camera_age": camera_age,
+             "lidar_points": lidar_points, "lidar_mask": lidar_mask, "lidar_age": lidar_age,
+             "imu_chunks": imu_chunks, "imu_mask": imu_mask, "imu_age": imu_age}
         tokens, mask = self.embed(x)  # (B, N, D), (B, N)
         token_tau = tau[:, :1] * (tau[:, 1:] @ self.membership.T)  # (B, N): τ_global * τ_modality
         B = tokens.shape[0]

@@ -94,7 +94,7 @@ class FusionPipeline:
 
     @classmethod
     def create(cls, checkpoint: str | Path | None = None, backend: str = "onnxruntime", threads: int | None = None,
-               device: str = "cpu", tau=(1.0, 1.0, 1.0, 1.0), frame_id: str = "base_link") -> "FusionPipeline":
+               device: str = "cpu", tau=(1.0, 1.0, 1.0, 1.0), frame_id: str = "base_link") -> FusionPipeline:
         model, source = load_model(checkpoint)
         pipeline = cls(model.cfg, create_backend(backend, model, threads=threads, device=device), tau, frame_id)
         pipeline.model_source = source

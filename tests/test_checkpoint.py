@@ -61,7 +61,7 @@ def test_missing_file_and_foreign_safetensors(tmp_path):
 
 
 def test_mismatched_tensors_are_named(saved, tmp_path):
-    model, path = saved
+    model, _ = saved
     tensors = {k: v.clone() for k, v in model.state_dict().items()}
     meta = {"format": "fusion_attn/1", "config": model.cfg.to_json(), "info": "{}"}
     tensors["cross.q.weight"] = torch.zeros(3, 3)

@@ -90,7 +90,7 @@ def test_all_sensors_masked_gives_defined_output_and_flag():
     for key in ("camera_mask", "lidar_mask", "imu_mask"):
         x[key] = torch.zeros_like(x[key])
     with torch.no_grad():
-        fused, latents, attention, all_masked = model(**x)
+        fused, _, attention, all_masked = model(**x)
         fused_other, *_ = model(**{**_inputs(model, seed=5), **{k: x[k] for k in ("camera_mask", "lidar_mask", "imu_mask")}})
     assert all_masked[0]
     assert torch.isfinite(fused).all() and torch.all(attention == 0)
@@ -154,7 +154,7 @@ def test_gradients_are_finite_for_every_variant(options):
 def test_lipschitz_matches_autograd_jacobian():
     logits = torch.randn(6, dtype=torch.float64)
     for tau in (0.1, 1.0, 5.0):
-        jac = torch.autograd.functional.jacobian(lambda z: torch.softmax(z / tau, -1), logits)
+        jac = torch.autograd.functional.jacobian(lambda z, tau=tau: torch.softmax(z / tau, -1), logits)
         expected = torch.linalg.matrix_norm(jac, ord=2)
         assert torch.allclose(softmax_lipschitz(logits, tau), expected, rtol=1e-6)
 

@@ -109,12 +109,10 @@ def test_truncated_bag_raises_bag_error(real_data, tmp_path):
     src = real_data / "sick_lms1xx_scan_cloud_radar.bag"
     cut = tmp_path / "cut.bag"
     cut.write_bytes(src.read_bytes()[: src.stat().st_size // 3])
-    with pytest.raises(BagError, match="cut.bag"):
-        with open_reader([cut]) as reader:
-            list(read_messages(reader, find_topics(reader)))
+    with pytest.raises(BagError, match="cut.bag"), open_reader([cut]) as reader:
+        list(read_messages(reader, find_topics(reader)))
 
 
 def test_missing_bag(tmp_path):
-    with pytest.raises(BagError, match="bag not found"):
-        with open_reader([tmp_path / "nope.mcap"]):
-            pass
+    with pytest.raises(BagError, match="bag not found"), open_reader([tmp_path / "nope.mcap"]):
+        pass
