@@ -1,0 +1,1 @@
+"""Reinforcement learning on the fused state (simulation, agent, policy node)."""

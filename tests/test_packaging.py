@@ -1,0 +1,142 @@
+"""Packaging checks: package.xml, setup.py and the installed distribution agree, and ship what they should.
+
+Fast and offline: setup.py is executed with setuptools.setup replaced by a recorder, nothing is built.
+(`make colcon-check` does the real colcon build and checks the install tree.)
+"""
+
+import fnmatch
+import importlib.metadata
+import re
+import runpy
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import setuptools
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = "fusion_attn"
+ROS_DEPS = {"rclpy", "sensor_msgs", "std_msgs", "geometry_msgs", "nav_msgs", "diagnostic_msgs"}
+
+
+def _files(folder: Path) -> list[str]:
+    """Files under a folder of the checkout, relative to ROOT, without Python caches."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p.relative_to(ROOT).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
+    )
+
+
+@pytest.fixture(scope="module")
+def manifest() -> ET.Element:
+    return ET.parse(ROOT / "package.xml").getroot()
+
+
+@pytest.fixture(scope="module")
+def setup_kwargs() -> dict:
+    """The keyword arguments setup.py passes to setuptools.setup, recorded without building anything."""
+    recorded: dict = {}
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setattr(setuptools, "setup", lambda **kwargs: recorded.update(kwargs))
+        mp.chdir(ROOT)  # setup.py's globs are relative, as colcon and pip run it from the package root
+        runpy.run_path(str(ROOT / "setup.py"), run_name="__main__")
+    finally:
+        mp.undo()
+    assert recorded, "setup.py did not call setuptools.setup()"
+    return recorded
+
+
+def test_package_xml_is_format_3_ament_python(manifest):
+    assert manifest.tag == "package"
+    assert manifest.get("format") == "3"
+    assert manifest.findtext("name") == PKG
+    for tag in ("version", "description", "maintainer", "license"):
+        assert (manifest.findtext(tag) or "").strip(), f"package.xml has no <{tag}>"
+    assert manifest.findtext("export/build_type") == "ament_python"
+
+
+def test_package_xml_lists_the_ros_dependencies(manifest):
+    deps = {e.text.strip() for tag in ("depend", "exec_depend") for e in manifest.iter(tag)}
+    missing = ROS_DEPS - deps
+    assert not missing, f"package.xml lacks <exec_depend> on {sorted(missing)}"
+
+
+def test_versions_agree(manifest, setup_kwargs):
+    import fusion_attn
+
+    xml_version = manifest.findtext("version")
+    assert re.fullmatch(r"\d+\.\d+\.\d+", xml_version or ""), f"package.xml version {xml_version!r}"
+    assert setup_kwargs["version"] == xml_version, "setup.py and package.xml versions differ"
+    assert fusion_attn.__version__ == xml_version, "fusion_attn.__version__ and package.xml differ"
+    installed = importlib.metadata.version(PKG)
+    assert installed == xml_version, (
+        f"installed metadata says {installed}, package.xml {xml_version}: reinstall (make test does)"
+    )
+
+
+def test_dependencies_keep_robots_on_their_own_ros_and_torch(setup_kwargs):
+    requires = setup_kwargs["install_requires"]
+    assert not [r for r in requires if r.startswith("ros-")], "ROS wheels belong in the ros-wheels extra only"
+    torch = [r for r in requires if re.match(r"torch\b", r)]
+    assert torch and "==" not in torch[0], (
+        "setup.py must require a torch range, the pin is in requirements-cpu.txt"
+    )
+    assert "ros-rclpy" in setup_kwargs["extras_require"]["ros-wheels"]
+    assert re.search(r"^torch==", (ROOT / "requirements-cpu.txt").read_text(), re.MULTILINE)
+
+
+def test_every_console_script_resolves_to_a_callable(setup_kwargs):
+    declared = {line.split("=", 1)[0].strip() for line in setup_kwargs["entry_points"]["console_scripts"]}
+    assert "fusion-attn" in declared
+    dist = importlib.metadata.distribution(PKG)
+    installed = {ep.name: ep for ep in dist.entry_points if ep.group == "console_scripts"}
+    assert set(installed) == declared, (
+        f"installed console scripts {sorted(installed)} differ from setup.py's {sorted(declared)}: reinstall"
+    )
+    for name, ep in sorted(installed.items()):
+        try:
+            target = ep.load()
+        except ImportError as exc:
+            pytest.fail(f"console script {name} = {ep.value} cannot be imported: {exc}")
+        assert callable(target), f"console script {name} = {ep.value} is not callable"
+
+
+def test_data_files_install_every_launch_and_config_file(setup_kwargs):
+    installed = {
+        f"{dest}/{Path(src).name}": src for dest, sources in setup_kwargs["data_files"] for src in sources
+    }
+    for src in installed.values():
+        assert not Path(src).is_absolute() and (ROOT / src).is_file(), (
+            f"data_files source {src} is not a file"
+        )
+    assert installed.get(f"share/ament_index/resource_index/packages/{PKG}") == f"resource/{PKG}"
+    assert installed.get(f"share/{PKG}/package.xml") == "package.xml"
+    shipped = set(installed.values())
+    for folder in ("launch", "config"):
+        not_installed = [f for f in _files(ROOT / folder) if f not in shipped]
+        assert not not_installed, f"{not_installed} would not be installed: widen setup.py's data_files globs"
+        for f in _files(ROOT / folder):
+            assert f"share/{PKG}/{f}" in installed, f"{f} is installed to the wrong place"
+
+
+def test_package_data_covers_every_non_python_file(setup_kwargs):
+    patterns = setup_kwargs["package_data"][PKG]
+    assert "backends/*.txt" in patterns
+    pkg_dir = ROOT / PKG
+    uncovered = [
+        f
+        for f in _files(pkg_dir)
+        if not f.endswith(".py")
+        and not any(fnmatch.fnmatch(Path(f).relative_to(PKG).as_posix(), p) for p in patterns)
+    ]
+    assert not uncovered, f"{uncovered} would not ship in the wheel: add them to setup.py's package_data"
+
+
+def test_packages_include_fusion_attn_and_rl_but_not_tests(setup_kwargs):
+    packages = set(setup_kwargs["packages"])
+    assert {PKG, "rl"} <= packages
+    assert not [p for p in packages if p == "tests" or p.startswith("tests.")]
