@@ -78,10 +78,12 @@ def test_real_lidar_and_camera_frame(real_data, pipelines):
     assert states[-1].present.tolist() == [True, True, False]
 
 
-def test_sick_laserscan_only(real_data, pipelines):
-    states, _ = _fuse_bag(pipelines["onnxruntime"], real_data / "sick_lms1xx_scan_cloud_radar.bag",
-                          topics={Modality.LIDAR: "/sick_lms_1xx/scan"})
+@pytest.mark.parametrize("topic", ["/sick_lms_1xx/scan", "/cloud"])
+def test_sick_laserscan_or_pointcloud_only(real_data, pipelines, topic):
+    states, sync = _fuse_bag(pipelines["onnxruntime"], real_data / "sick_lms1xx_scan_cloud_radar.bag",
+                             topics={Modality.LIDAR: topic})
     _check(states, [False, True, False])
+    assert sync.health[Modality.LIDAR].received == 89
 
 
 def test_husky_imu_only_ros1_bag(real_data, pipelines):
