@@ -58,6 +58,7 @@ setup(
     entry_points={
         "console_scripts": [
             "fusion-attn = fusion_attn.cli:main",
+            "fusion_node = fusion_attn.node:main",
         ],
     },
 )

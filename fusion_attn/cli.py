@@ -3,6 +3,7 @@
     fusion-attn fuse --bag BAG [--at SECONDS]      one fusion at one instant of a recording
     fusion-attn fuse --image IMG [--points PTS]    one fusion from files
     fusion-attn export -o model.onnx               ONNX graph, checked against torch and TensorRT's op list
+    fusion-attn launch [name:=value ...]           fusion_node with config/fusion.yaml (like ros2 launch)
     fusion-attn bench                              per-stage latency, torch vs ONNX Runtime
 
 A tool error (missing file, bad bag, corrupt checkpoint, invalid τ) exits with status 2 and one line
@@ -43,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     _model_args(export, backend=False)
     export.add_argument("-o", "--output", type=Path, required=True)
 
+    launch = verbs.add_parser("launch", help="start fusion_node with config/fusion.yaml, as fusion.launch.py does")
+    launch.add_argument("arguments", nargs="*", metavar="name:=value",
+                        help="launch arguments: params_file, checkpoint, backend, tau, camera_topic, lidar_topic, "
+                             "imu_topic, fused_state_topic")
+
     bench = verbs.add_parser("bench", help="per-stage latency on the standard configuration")
     bench.add_argument("--checkpoint", type=Path)
     bench.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -52,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"fuse": _fuse, "export": _export, "bench": _bench}[args.verb](args)
+        return {"fuse": _fuse, "export": _export, "launch": _launch, "bench": _bench}[args.verb](args)
     except FusionAttnError as exc:
         print(f"fusion-attn {args.verb}: error: {exc}", file=sys.stderr)
         return 2
@@ -193,6 +199,12 @@ def _export(args) -> int:
     print(f"  parity torch vs onnxruntime, batch 3: max abs diff {diff:.2e}")
     print(f"  TensorRT ONNX parser allow-list: {'all ops supported' if not bad else 'UNSUPPORTED: ' + ', '.join(bad)}")
     return 0 if not bad and diff < 1e-4 else 1
+
+
+def _launch(args) -> int:
+    from .launcher import run
+
+    return run(args.arguments)
 
 
 def _bench(args) -> int:

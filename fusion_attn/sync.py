@@ -19,6 +19,10 @@ from .tokenize import SensorSnapshot
 @dataclass(frozen=True)
 class SyncConfig:
     max_age_s: tuple[float, float, float] = (0.2, 0.3, 0.05)  # camera, lidar, imu
+    # A sensor is also stale once it has been silent for this many of its own (measured) periods,
+    # but never sooner than stale_min_s: a 400 Hz IMU's jitter must not flap its mask.
+    stale_after_periods: float = 1.5
+    stale_min_s: float = 0.05
     imu_window_s: float = 0.25  # IMU history handed to the tokenizer
     imu_capacity: int = 4096  # samples kept (20 s at 200 Hz): bounds memory whatever the rate
     reset_on_jump_back_s: float = 1.0
@@ -82,6 +86,9 @@ class SensorSync:
         """Take a frame; False when it was dropped (out of order), which is counted."""
         modality = _MODALITY_OF[type(frame)]
         h = self.health[modality]
+        if modality is Modality.LIDAR and len(frame) == 0:
+            self.drop(modality, "empty")  # no point survived: the lidar gives no data this sweep
+            return False
         if h.last_stamp_ns is not None and frame.stamp_ns <= h.last_stamp_ns:
             if h.last_stamp_ns - frame.stamp_ns > self.cfg.reset_on_jump_back_s * NS_PER_S:
                 self.reset()
@@ -119,9 +126,17 @@ class SensorSync:
         stamps = [h.last_stamp_ns for h in self.health.values() if h.last_stamp_ns is not None]
         return max(stamps) if stamps else None
 
+    def max_age_s(self, modality: Modality) -> float:
+        """The age beyond which a sensor is masked: max_age_s, or fewer of its periods once its rate is known."""
+        limit = self.cfg.max_age_s[modality]
+        rate = self.health[modality].rate_hz
+        if rate > 0 and self.cfg.stale_after_periods > 0:
+            limit = min(limit, max(self.cfg.stale_after_periods / rate, self.cfg.stale_min_s))
+        return limit
+
     def fresh(self, modality: Modality, now_ns: int) -> bool:
         age = self.health[modality].age_s(now_ns)
-        return bool(age <= self.cfg.max_age_s[modality])  # False for nan (never seen)
+        return bool(age <= self.max_age_s(modality))  # False for nan (never seen)
 
     def snapshot(self, now_ns: int) -> SensorSnapshot:
         """The data to fuse at now_ns; a stale or never-seen sensor is None (masked)."""

@@ -20,7 +20,7 @@ def test_snapshot_keeps_latest_frame_and_masks_stale_sensors():
     sync = SensorSync(SyncConfig(max_age_s=(0.2, 0.3, 0.05)))
     sync.add(_cam(1000 * MS))
     sync.add(_cam(1100 * MS))
-    sync.add(LidarFrame(900 * MS, "lidar", np.zeros((0, 4), np.float32)))
+    sync.add(LidarFrame(900 * MS, "lidar", np.ones((1, 4), np.float32)))
     for i in range(50):
         sync.add(_imu(1000 * MS + i * 5 * MS))
     snap = sync.snapshot(1250 * MS)
@@ -30,6 +30,18 @@ def test_snapshot_keeps_latest_frame_and_masks_stale_sensors():
     np.testing.assert_allclose(sync.ages_s(1250 * MS), [0.15, 0.35, 0.005], atol=1e-9)
     later = sync.snapshot(1400 * MS)
     assert later.camera is None and later.imu is None  # a silent sensor is masked, never waited for
+
+
+def test_silent_sensor_is_masked_after_a_few_of_its_periods():
+    sync = SensorSync(SyncConfig(max_age_s=(1.0, 1.0, 1.0), stale_after_periods=1.5, stale_min_s=0.02))  # 20 ms floor
+    for i in range(10):
+        sync.add(_cam(i * 50 * MS))  # 20 Hz
+    assert abs(sync.max_age_s(Modality.CAMERA) - 0.075) < 1e-9
+    assert sync.snapshot(450 * MS + 74 * MS).camera is not None
+    assert sync.snapshot(450 * MS + 76 * MS).camera is None  # 1.5 periods silent, long before max_age 1 s
+    for i in range(100):
+        sync.add(_imu(i * 2500_000))  # 400 Hz: 1.5 periods = 3.75 ms, floored at stale_min_s
+    assert sync.max_age_s(Modality.IMU) == 0.02
 
 
 def test_never_seen_sensor_is_masked_not_an_error():
@@ -72,6 +84,13 @@ def test_imu_history_memory_is_bounded():
     w = sync.snapshot(999 * MS).imu
     assert 32 <= len(w) <= 64 and w.accel[-1, 0] == 999
     assert sync._imu.stamps.shape == (64,)
+
+
+def test_empty_cloud_is_dropped_and_counted():
+    sync = SensorSync()
+    assert not sync.add(LidarFrame(1, "lidar", np.zeros((0, 4), np.float32)))
+    assert sync.health[Modality.LIDAR].drop_reasons == {"empty": 1}
+    assert sync.snapshot(1).lidar is None
 
 
 def test_rate_and_summary():

@@ -1,0 +1,98 @@
+"""The node graph, described once: `launch/fusion.launch.py` turns it into launch_ros Nodes on a robot,
+and `fusion-attn launch` starts the same processes here, where the `launch` package is not installed.
+
+Launch arguments (both ways): params_file, checkpoint, backend, tau, camera_topic, lidar_topic,
+imu_topic, fused_state_topic. An empty argument leaves the parameter file's value alone.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+PACKAGE = "fusion_attn"
+
+# launch argument -> (node parameter it sets, default, description); "" = keep the file's value
+ARGUMENTS = {
+    "checkpoint": ("checkpoint", "", "safetensors checkpoint"),
+    "backend": ("backend", "", "onnxruntime | torch"),
+    "tau": ("tau.global", "", "global softmax temperature (> 0)"),
+    "camera_topic": ("camera_topic", "", "camera topic"),
+    "lidar_topic": ("lidar_topic", "", "lidar topic"),
+    "imu_topic": ("imu_topic", "", "IMU topic"),
+}
+FLOAT_PARAMETERS = {"tau.global"}
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    package: str
+    executable: str  # a console script that setup.py installs into lib/<package>
+    name: str
+    params_file: str
+    parameters: dict[str, object] = field(default_factory=dict)
+    remappings: tuple[tuple[str, str], ...] = ()
+
+    def command(self) -> list[str]:
+        """The process a launch system would start, as argv (ROS 2 `--ros-args` syntax)."""
+        argv = [sys.executable, "-m", f"{self.package}.node", "--ros-args", "-r", f"__node:={self.name}",
+                "--params-file", self.params_file]
+        for name, value in self.parameters.items():
+            argv += ["-p", f"{name}:={value}"]
+        for old, new in self.remappings:
+            argv += ["-r", f"{old}:={new}"]
+        return argv
+
+
+def default_params_file() -> str:
+    """config/fusion.yaml from the installed share directory (colcon, pip) or from this checkout."""
+    candidates = []
+    try:
+        from ament_index_python.packages import get_package_share_directory
+
+        candidates.append(Path(get_package_share_directory(PACKAGE)) / "config" / "fusion.yaml")
+    except (ImportError, LookupError, OSError):  # no ament index here (a venv): look elsewhere
+        pass
+    candidates += [Path(sys.prefix) / "share" / PACKAGE / "config" / "fusion.yaml",
+                   Path(__file__).resolve().parents[1] / "config" / "fusion.yaml"]
+    return str(next((c for c in candidates if c.is_file()), candidates[-1]))
+
+
+def fusion_graph(args: dict[str, str]) -> list[NodeSpec]:
+    """Launch arguments -> the nodes to start (today: the fusion node)."""
+    unknown = set(args) - set(ARGUMENTS) - {"params_file", "fused_state_topic"}
+    if unknown:
+        raise ConfigError(f"unknown launch argument(s) {sorted(unknown)}; known: "
+                         f"{sorted([*ARGUMENTS, 'params_file', 'fused_state_topic'])}")
+    parameters: dict[str, object] = {}
+    for arg, (param, _, _) in ARGUMENTS.items():
+        value = args.get(arg, "")
+        if value != "":
+            parameters[param] = float(value) if param in FLOAT_PARAMETERS else value
+    remap = args.get("fused_state_topic", "")
+    return [NodeSpec(PACKAGE, "fusion_node", "fusion_node", args.get("params_file") or default_params_file(),
+                     parameters, (("fused_state", remap),) if remap else ())]
+
+
+def run(argv: list[str]) -> int:
+    """`fusion-attn launch name:=value ...`: start the graph, forward Ctrl-C, return the worst exit code."""
+    args = {}
+    for item in argv:
+        name, sep, value = item.partition(":=")
+        if not sep:
+            raise ConfigError(f"launch arguments are name:=value, got {item!r}")
+        args[name] = value
+    procs = [subprocess.Popen(spec.command()) for spec in fusion_graph(args)]
+
+    def forward(signum, _frame):
+        for p in procs:
+            p.send_signal(signum)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    return max(p.wait() for p in procs)

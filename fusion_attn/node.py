@@ -1,0 +1,268 @@
+"""fusion_node: live camera, lidar and IMU topics in; fused state and diagnostics out (rclpy lifecycle).
+
+configure = load the model onto its backend; activate = subscribe, publish, fuse on a timer (or on a
+trigger sensor); deactivate / cleanup release them. Every message goes through the core's adapters
+and sensor sync; a bad one is counted, logged (throttled) and dropped, never fatal.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+import rclpy
+import rclpy.executors
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
+from rclpy.event_handler import SubscriptionEventCallbacks
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from sensor_msgs.msg import CompressedImage, Image, Imu, LaserScan, PointCloud2
+
+from .adapters import to_frame
+from .errors import ConfigError, FusionAttnError, MalformedMessageError
+from .frames import MODALITIES, NS_PER_S, FusedState, Modality
+from .outputs import diagnostics, fused_state_rows
+from .pipeline import FusionPipeline, validate_tau
+from .sync import SensorSync, SyncConfig
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    default: object
+    description: str
+    range: tuple[float, float] | None = None
+    runtime: bool = False  # may change while active (else read-only after start)
+
+
+PARAMETERS = (
+    Param("checkpoint", "", "safetensors checkpoint; empty: the packaged default model"),
+    Param("backend", "onnxruntime", "inference backend: onnxruntime | torch"),
+    Param("threads", 1, "CPU threads of the backend", (1, 64)),
+    Param("frame_id", "base_link", "frame_id of the fused state"),
+    Param("fusion_rate_hz", 20.0, "fusion timer rate (trigger: timer)", (0.1, 1000.0)),
+    Param("trigger", "timer", "fuse on: timer | camera | lidar | imu (each message of that sensor)"),
+    Param("camera_type", "image", "camera message: image | compressed | none"),
+    Param("camera_topic", "camera/image_raw", "camera topic (or remap it)"),
+    Param("lidar_type", "pointcloud2", "lidar message: pointcloud2 | laserscan | none"),
+    Param("lidar_topic", "lidar/points", "lidar topic (or remap it)"),
+    Param("imu_type", "imu", "IMU: imu | none"),
+    Param("imu_topic", "imu/data", "IMU topic (or remap it)"),
+    Param("qos_reliability", "best_effort", "subscription reliability: best_effort (sensor data) | reliable"),
+    Param("qos_depth", 10, "subscription queue depth", (1, 1000)),
+    Param("tau.global", 1.0, "softmax temperature, all tokens (> 0; lower = sharper)", (1e-3, 1e3), runtime=True),
+    Param("tau.camera", 1.0, "temperature of camera tokens, times tau.global", (1e-3, 1e3), runtime=True),
+    Param("tau.lidar", 1.0, "temperature of lidar tokens, times tau.global", (1e-3, 1e3), runtime=True),
+    Param("tau.imu", 1.0, "temperature of IMU tokens, times tau.global", (1e-3, 1e3), runtime=True),
+    Param("max_age_s.camera", 0.2, "camera older than this at fusion time is masked", (1e-3, 60.0)),
+    Param("max_age_s.lidar", 0.3, "lidar older than this at fusion time is masked", (1e-3, 60.0)),
+    Param("max_age_s.imu", 0.05, "IMU older than this at fusion time is masked", (1e-3, 60.0)),
+    Param("stale_after_periods", 1.5, "also masked after this many of the sensor's periods of silence", (0.0, 100.0)),
+    Param("diagnostics_period_s", 1.0, "diagnostics publishing period", (0.05, 60.0)),
+    Param("autostart", True, "configure and activate on start (no lifecycle manager needed)"),
+)
+MESSAGE_TYPES = {("camera", "image"): Image, ("camera", "compressed"): CompressedImage,
+                 ("lidar", "pointcloud2"): PointCloud2, ("lidar", "laserscan"): LaserScan, ("imu", "imu"): Imu}
+TAU_NAMES = tuple(p.name for p in PARAMETERS if p.runtime)  # global, camera, lidar, imu
+
+
+class FusionNode(LifecycleNode):
+    def __init__(self, **kwargs):
+        super().__init__("fusion_node", **kwargs)
+        for p in PARAMETERS:
+            self.declare_parameter(p.name, p.default, _descriptor(p))
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self.pipeline: FusionPipeline | None = None
+        self._subs, self._timers = [], []
+        self._last_state: FusedState | None = None
+        self._processing_ms = self._latency_ms = 0.0
+        self._fuse_errors = 0
+        # one child logger per sensor: rclpy throttles per logger and call site, so a flood on one
+        # sensor must not silence the reports of another
+        self._sensor_log = {m: self.get_logger().get_child(MODALITIES[m]) for m in Modality}
+
+    def p(self, name: str):
+        return self.get_parameter(name).value
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            self.sensors = self._configured_sensors()
+            self.pipeline = FusionPipeline.create(self.p("checkpoint") or None, backend=self.p("backend"),
+                                                  threads=self.p("threads"), tau=[self.p(n) for n in TAU_NAMES],
+                                                  frame_id=self.p("frame_id"))
+        except FusionAttnError as exc:
+            self.get_logger().error(f"configure failed: {exc}")
+            return TransitionCallbackReturn.FAILURE
+        self.sync = SensorSync(SyncConfig(max_age_s=tuple(self.p(f"max_age_s.{m}") for m in MODALITIES),
+                                          stale_after_periods=self.p("stale_after_periods")))
+        self.fused_pub = self.create_lifecycle_publisher(Image, "fused_state", 10)
+        self.diag_pub = self.create_lifecycle_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.get_logger().info(f"configured: model {self.pipeline.model_source} on {self.pipeline.backend.name}, "
+                               f"sensors {', '.join(f'{m}={t}' for m, (t, _) in self.sensors.items())}")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        qos = QoSProfile(depth=self.p("qos_depth"), reliability=qos_profile_sensor_data.reliability
+                         if self.p("qos_reliability") == "best_effort" else ReliabilityPolicy.RELIABLE,
+                         durability=qos_profile_sensor_data.durability, history=qos_profile_sensor_data.history)
+        for name, (topic, msg_type) in self.sensors.items():
+            modality = Modality[name.upper()]
+            events = SubscriptionEventCallbacks(incompatible_qos=lambda info, t=topic: self._incompatible_qos(t, info),
+                                                incompatible_type=lambda info, t=topic: self._incompatible_type(t, info))
+            self._subs.append(self.create_subscription(msg_type, topic, lambda msg, m=modality: self._on_message(m, msg),
+                                                       qos, event_callbacks=events))
+        if self.p("trigger") == "timer":
+            self._timers.append(self.create_timer(1.0 / self.p("fusion_rate_hz"), self._fuse))
+        self._timers.append(self.create_timer(self.p("diagnostics_period_s"), self._publish_diagnostics))
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release_io()
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release_io()
+        self.destroy_lifecycle_publisher(self.fused_pub)
+        self.destroy_lifecycle_publisher(self.diag_pub)
+        self.pipeline = None
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release_io()
+        return TransitionCallbackReturn.SUCCESS
+
+    def _release_io(self) -> None:
+        for sub in self._subs:
+            self.destroy_subscription(sub)
+        for timer in self._timers:
+            self.destroy_timer(timer)
+        self._subs, self._timers = [], []
+
+    # --- data path -------------------------------------------------------------------------------
+
+    def _on_message(self, modality: Modality, msg) -> None:
+        try:
+            frame = to_frame(msg)
+        except MalformedMessageError as exc:
+            self.sync.drop(modality, "malformed")
+            self._sensor_log[modality].warning(f"dropped {MODALITIES[modality]} message: {exc}", throttle_duration_sec=5.0)
+            return
+        resets = self.sync.resets
+        if not self.sync.add(frame):
+            self._sensor_log[modality].warning(f"dropped {MODALITIES[modality]} message: stamp not after the previous one",
+                                               throttle_duration_sec=5.0)
+            return
+        if self.sync.resets != resets:
+            self.get_logger().warning(f"{MODALITIES[modality]} time jumped back: sensor buffers reset")
+        if self.p("trigger") == MODALITIES[modality]:
+            self._fuse(frame.stamp_ns)
+
+    def _fuse(self, now_ns: int | None = None) -> None:
+        start = time.perf_counter()
+        now_ns = self.get_clock().now().nanoseconds if now_ns is None else now_ns
+        try:
+            state = self.pipeline.fuse(self.sync.snapshot(now_ns))
+        except Exception as exc:  # noqa: BLE001 - keep the node alive, say what failed
+            self._fuse_errors += 1
+            self.get_logger().error(f"fusion failed ({self._fuse_errors} so far): {exc}", throttle_duration_sec=5.0)
+            return
+        msg = Image(encoding="32FC1", is_bigendian=0)
+        msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(state.stamp_ns, NS_PER_S)
+        msg.header.frame_id = state.frame_id
+        rows = fused_state_rows(state)
+        msg.height, msg.width = rows.shape
+        msg.step = rows.shape[1] * 4
+        msg.data = rows.astype("<f4").tobytes()
+        self.fused_pub.publish(msg)
+        newest = self.sync.newest_stamp_ns()
+        self._latency_ms = float("nan") if newest is None else (self.get_clock().now().nanoseconds - newest) / 1e6
+        self._processing_ms = (time.perf_counter() - start) * 1e3
+        self._last_state = state
+
+    def _publish_diagnostics(self) -> None:
+        now_ns = self.get_clock().now().nanoseconds
+        period = 1.0 / self.p("fusion_rate_hz")
+        statuses = diagnostics(self.sync.summary(now_ns), self._last_state, self.pipeline.backend.name,
+                               self.pipeline.backend.precision, self._processing_ms, self._latency_ms, period,
+                               tuple(self.sensors))
+        array = DiagnosticArray()
+        array.header.stamp = self.get_clock().now().to_msg()
+        array.status = [DiagnosticStatus(level=bytes([s.level]), name=s.name, message=s.message, hardware_id=self.get_name(),
+                                         values=[KeyValue(key=k, value=v) for k, v in s.values.items()]) for s in statuses]
+        self.diag_pub.publish(array)
+
+    # --- parameters and QoS ----------------------------------------------------------------------
+
+    def _on_set_parameters(self, params) -> SetParametersResult:
+        changed = {p.name: p.value for p in params}
+        fixed = [n for n in changed if n not in TAU_NAMES]
+        if fixed and self.pipeline is not None:
+            return SetParametersResult(successful=False, reason=f"{', '.join(fixed)}: read-only while configured; "
+                                       "clean up the node and configure it again")
+        if self.pipeline is not None and any(n in TAU_NAMES for n in changed):
+            try:
+                tau = validate_tau([changed.get(n, self.p(n)) for n in TAU_NAMES])
+            except ConfigError as exc:
+                return SetParametersResult(successful=False, reason=str(exc))
+            self.pipeline.set_tau(tau)  # the next fusion uses it: τ is a model input
+            self.get_logger().info(f"tau set to {tau.tolist()}")
+        return SetParametersResult(successful=True)
+
+    def _incompatible_qos(self, topic: str, info) -> None:
+        self.get_logger().error(
+            f"{topic}: a publisher offers QoS incompatible with this subscription (policy "
+            f"{info.last_policy_kind.name}, {info.total_count} so far): NO messages will arrive from it. "
+            f"Match its QoS, e.g. set qos_reliability (now {self.p('qos_reliability')}).")
+
+    def _incompatible_type(self, topic: str, info) -> None:
+        self.get_logger().error(f"{topic}: a publisher offers another message type ({info.total_count} so far): "
+                                "no messages will arrive from it")
+
+    def _configured_sensors(self) -> dict[str, tuple[str, type]]:
+        sensors = {}
+        for name in MODALITIES:
+            kind = self.p(f"{name}_type")
+            if kind == "none":
+                continue
+            if (name, kind) not in MESSAGE_TYPES:
+                choices = [k for m, k in MESSAGE_TYPES if m == name] + ["none"]
+                raise ConfigError(f"{name}_type {kind!r} is not one of {choices}")
+            sensors[name] = (self.p(f"{name}_topic"), MESSAGE_TYPES[(name, kind)])
+        if not sensors:
+            raise ConfigError("every sensor is configured as none")
+        if self.p("trigger") not in ("timer", *sensors):
+            raise ConfigError(f"trigger {self.p('trigger')!r} must be timer or a configured sensor {list(sensors)}")
+        return sensors
+
+
+def _descriptor(p: Param) -> ParameterDescriptor:
+    d = ParameterDescriptor(description=p.description, read_only=False)
+    if p.range is not None and isinstance(p.default, float):
+        d.floating_point_range = [FloatingPointRange(from_value=float(p.range[0]), to_value=float(p.range[1]))]
+    elif p.range is not None:
+        d.integer_range = [IntegerRange(from_value=int(p.range[0]), to_value=int(p.range[1]))]
+    return d
+
+
+def main(args: list[str] | None = None) -> int:
+    rclpy.init(args=args if args is not None else sys.argv)
+    node = FusionNode()
+    try:
+        if node.p("autostart"):
+            node.trigger_configure()
+            node.trigger_activate()
+        rclpy.spin(node)
+    except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
+        pass
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""What the fusion publishes, as plain data: the fused-state layout and the diagnostics.
+
+The node fills rclpy messages from these and the bag writer fills rosbags messages, so the layout
+and the thresholds exist once.
+
+Fused state on the wire: a sensor_msgs/Image, encoding 32FC1, width D, height 1 + M + 3, row-major,
+little-endian, header = (fusion stamp, frame_id). Standard tools decode it (`ros2 topic echo`,
+cv_bridge, `np.frombuffer(msg.data, np.float32).reshape(msg.height, msg.width)`):
+
+    row 0             the fused state vector (D)
+    rows 1 .. M       the M fusion tokens (latents)
+    rows M+1 .. M+3   attention mass of camera, lidar, imu per head in columns 0 .. H-1 (rest 0)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .frames import MODALITIES, FusedState
+
+OK, WARN, ERROR, STALE = 0, 1, 2, 3  # diagnostic_msgs/DiagnosticStatus levels
+
+
+def fused_state_rows(state: FusedState) -> np.ndarray:
+    """(1 + M + 3, D) float32 matrix of the wire layout above."""
+    m, d = state.latents.shape
+    rows = np.zeros((1 + m + 3, d), np.float32)
+    rows[0] = state.pooled
+    rows[1 : 1 + m] = state.latents
+    rows[1 + m :, : state.attention.shape[1]] = state.attention
+    return rows
+
+
+def parse_fused_state_rows(rows: np.ndarray, heads: int) -> dict[str, np.ndarray]:
+    """The inverse, for consumers: -> {"fused": (D,), "latents": (M, D), "attention": (3, heads)}."""
+    return {"fused": rows[0], "latents": rows[1:-3], "attention": rows[-3:, :heads]}
+
+
+@dataclass(frozen=True)
+class Status:
+    name: str
+    level: int
+    message: str
+    values: dict[str, str]
+
+
+def diagnostics(summary: dict[str, dict], state: FusedState | None, backend: str, precision: str,
+                processing_ms: float, latency_ms: float, fusion_period_s: float, configured: tuple[str, ...]) -> list[Status]:
+    """Per-sensor status (rate, age, drops, masked) and one for the fusion itself.
+
+    Thresholds are relative to each sensor's own period: WARN once its data is older than 2 periods
+    or it dropped messages since the start, ERROR when it is masked (stale or never seen). The fusion
+    is WARN when processing takes over half the fusion period, ERROR over the whole period.
+    """
+    out = []
+    for name in configured:
+        h = summary[name]
+        period = 1.0 / h["rate_hz"] if h["rate_hz"] > 0 else float("nan")
+        values = {"rate_hz": f"{h['rate_hz']:.2f}", "age_ms": f"{h['age_s'] * 1e3:.1f}",
+                  "received": str(h["received"]), "dropped": str(h["dropped"]), "masked": str(h["masked"]).lower()}
+        values.update({f"dropped_{reason}": str(n) for reason, n in sorted(h["drop_reasons"].items())})
+        if h["received"] == 0:
+            level, message = ERROR, "no data received"
+        elif h["masked"]:
+            level, message = ERROR, f"stale: no data for {h['age_s'] * 1e3:.0f} ms, masked"
+        elif h["age_s"] > 2 * period:
+            level, message = WARN, f"late: {h['age_s'] * 1e3:.0f} ms old, period {period * 1e3:.0f} ms"
+        elif h["dropped"]:
+            level, message = WARN, f"ok, {h['dropped']} message(s) dropped"
+        else:
+            level, message = OK, "ok"
+        out.append(Status(f"fusion_attn: {name}", level, message, values))
+
+    values = {"backend": backend, "precision": precision,
+              "processing_time_ms": f"{processing_ms:.2f}", "pipeline_latency_ms": f"{latency_ms:.2f}"}
+    if state is not None:
+        values.update({f"tau_{k}": f"{v:g}" for k, v in zip(("global", *MODALITIES), state.tau)})
+        values.update({f"attention_{m}": f"{a:.4f}" for m, a in zip(MODALITIES, state.modality_attention)})
+    if state is None:
+        level, message = WARN, "no fusion yet"
+    elif state.all_masked:
+        level, message = ERROR, "all sensors masked"
+    elif processing_ms > 1e3 * fusion_period_s:
+        level, message = ERROR, f"processing {processing_ms:.1f} ms exceeds the fusion period"
+    elif processing_ms > 0.5 * 1e3 * fusion_period_s:
+        level, message = WARN, f"processing {processing_ms:.1f} ms is over half the fusion period"
+    else:
+        level, message = OK, "ok"
+    out.append(Status("fusion_attn: fusion", level, message, values))
+    return out

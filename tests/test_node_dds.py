@@ -1,0 +1,226 @@
+"""fusion_node over real DDS: its own process (started by `fusion-attn launch`), real recordings played
+at their recorded rate, outputs received by a subscriber. No mocks."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+rclpy = pytest.importorskip("rclpy", reason="rclpy (ROS 2) is not installed")
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from rcl_interfaces.srv import SetParameters  # noqa: E402
+from rclpy.executors import SingleThreadedExecutor  # noqa: E402
+from rclpy.parameter import Parameter  # noqa: E402
+from rclpy.qos import qos_profile_sensor_data  # noqa: E402
+from sensor_msgs.msg import Image, Imu  # noqa: E402
+
+from fusion_attn.frames import NS_PER_S, stamp_to_ns  # noqa: E402
+from fusion_attn.outputs import parse_fused_state_rows  # noqa: E402
+from fusion_attn.play import play  # noqa: E402
+
+CAMERA, IMU = "/cam0/image_raw", "/imu0"
+HEADS = 4
+
+
+class RosProbe:
+    """A node in this process: records fused states, diagnostics and the camera stamps it played."""
+
+    def __init__(self):
+        self.node = rclpy.create_node("fusion_tester")
+        self.fused, self.diags, self.camera_stamps = [], [], []
+        self.node.create_subscription(Image, "/fused_state", self.fused.append, 50)
+        self.node.create_subscription(DiagnosticArray, "/diagnostics", self.diags.append, 50)
+        self.node.create_subscription(Image, CAMERA, lambda m: self.camera_stamps.append(stamp_to_ns(m.header.stamp)),
+                                      qos_profile_sensor_data)
+        self.executor = SingleThreadedExecutor()
+        self.executor.add_node(self.node)
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.thread.start()
+
+    def states(self, since: int = 0):
+        """-> [(stamp_ns, attention (3, H))] of fused states received after index `since`."""
+        out = []
+        for m in self.fused[since:]:
+            rows = np.frombuffer(bytes(m.data), np.float32).reshape(m.height, m.width)
+            out.append((stamp_to_ns(m.header.stamp), parse_fused_state_rows(rows, HEADS)["attention"]))
+        return out
+
+    def status(self, name: str):
+        for array in reversed(self.diags):
+            for s in array.status:
+                if s.name == f"fusion_attn: {name}":
+                    return s.level[0], s.message, {kv.key: kv.value for kv in s.values}
+        return None
+
+    def wait_for(self, predicate, timeout: float = 30.0) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if predicate():
+                return True
+            time.sleep(0.05)
+        return False
+
+
+@pytest.fixture(scope="module")
+def ros(tmp_path_factory):
+    os.environ["ROS_DOMAIN_ID"] = str(100 + os.getpid() % 100)  # keep parallel runs apart
+    rclpy.init()
+    tester = RosProbe()
+    yield tester
+    tester.executor.shutdown()
+    rclpy.shutdown()
+
+
+@pytest.fixture(scope="module")
+def fusion_node(ros, real_data, tmp_path_factory):
+    """fusion_node configured for the EuRoC topics and a lidar that never publishes."""
+    work = tmp_path_factory.mktemp("node")
+    params = yaml.safe_load(open("config/fusion.yaml"))
+    params["/**"]["ros__parameters"].update(camera_topic=CAMERA, imu_topic=IMU, lidar_topic="/lidar/points")
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    env = dict(os.environ, FUSION_ATTN_CACHE=str(tmp_path_factory.getbasetemp() / "onnx-cache"), PYTHONUNBUFFERED="1")
+    log = open(work / "node.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "fusion_attn.cli", "launch", f"params_file:={work / 'params.yaml'}"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    ready = ros.wait_for(lambda: ros.status("fusion") is not None, timeout=60)
+    assert ready, (work / "node.log").read_text()
+    yield proc, work / "node.log"
+    proc.terminate()
+    assert proc.wait(timeout=10) == 0, (work / "node.log").read_text()
+
+
+def _play(ros, real_data, **kw):
+    return play(ros.node, [real_data / "euroc_v1_01_cam_imu"], **kw)
+
+
+def test_fuses_a_real_recording_at_its_rate(ros, fusion_node, real_data):
+    start = len(ros.fused)
+    t0 = time.monotonic()
+    assert _play(ros, real_data) == 441
+    elapsed = time.monotonic() - t0
+    ros.wait_for(lambda: False, timeout=0.3)
+    states = ros.states(start)
+    stamps = np.array([s for s, _ in states])
+    assert np.all(np.diff(stamps) > 0)
+    rate = np.sum(stamps <= stamps[0] + int(elapsed * NS_PER_S)) / elapsed
+    assert 16 <= rate <= 24, rate  # the 20 Hz timer
+    during = [a for s, a in states if a[0].sum() > 0]  # the camera was present
+    assert len(during) >= 20
+    for attention in during:
+        assert np.all(attention[1] == 0.0)  # lidar configured but absent: masked, exactly zero mass
+        assert attention[0].min() > 0.0
+        np.testing.assert_allclose(attention.sum(0), 1.0, atol=1e-5)
+    # the 200 Hz IMU is fused nearly always; a late burst on a loaded 2-core machine may mask it briefly
+    assert sum(a[2].min() > 0 for a in during) >= 0.9 * len(during)
+    assert ros.wait_for(lambda: ros.status("lidar")[1] == "no data received", timeout=3)
+    level, _, lidar = ros.status("lidar")
+    assert level == 2 and lidar["received"] == "0" and lidar["masked"] == "true"
+    _, _, fusion = ros.status("fusion")
+    assert fusion["backend"] == "onnxruntime" and fusion["precision"] == "fp32"
+    assert {"tau_global", "tau_camera", "attention_camera", "attention_lidar", "processing_time_ms",
+            "pipeline_latency_ms"} <= set(fusion)
+    camera_rates = [float(v["rate_hz"]) for d in ros.diags for s in d.status if s.name == "fusion_attn: camera"
+                    for v in [{kv.key: kv.value for kv in s.values}] if v["masked"] == "false"]
+    assert camera_rates and abs(np.median(camera_rates) - 20.0) < 2.0
+
+
+def test_a_sensor_that_stops_is_masked_within_two_periods(ros, fusion_node, real_data):
+    start, cam_start = len(ros.fused), len(ros.camera_stamps)
+    _play(ros, real_data, keep=lambda topic, t: not (topic == CAMERA and t > 1.0))
+    ros.wait_for(lambda: False, timeout=0.3)
+    last_camera = ros.camera_stamps[-1]
+    assert len(ros.camera_stamps) - cam_start in (20, 21)
+    states = ros.states(start)
+    after = [(s, a) for s, a in states if s > last_camera]
+    first_masked = next(s for s, a in after if np.all(a[0] == 0))
+    period = NS_PER_S // 20
+    assert first_masked - last_camera <= 3 * period  # next frame due at +1 period, masked within 2 more
+    imu_only = [a for s, a in after if s > first_masked and a[2].sum() > 0]
+    assert len(imu_only) >= 10  # output continues on the IMU alone
+    for a in imu_only:
+        np.testing.assert_allclose(a[2], 1.0, atol=1e-6)
+    level, message, _ = ros.status("camera")
+    assert level == 2 and "stale" in message
+
+
+def test_garbage_flood_is_counted_and_survived(ros, fusion_node, real_data):
+    proc, log = fusion_node
+    bad_camera = ros.node.create_publisher(Image, CAMERA, qos_profile_sensor_data)
+    bad_imu = ros.node.create_publisher(Imu, IMU, qos_profile_sensor_data)
+    sent = {"camera": 0, "imu": 0}
+    stop = threading.Event()
+
+    def flood():  # 10x nominal: camera 200 Hz, IMU 2000 Hz, for the whole recording
+        t = time.monotonic()
+        while not stop.is_set():
+            now = ros.node.get_clock().now().to_msg()
+            nan_imu = Imu()
+            nan_imu.header.stamp = now
+            nan_imu.linear_acceleration.x = float("nan")
+            for _ in range(10):
+                bad_imu.publish(nan_imu)
+            sent["imu"] += 10
+            bad = Image(height=480, width=752, encoding="mono8", step=752, data=b"\x00" * 100)  # too short
+            bad.header.stamp = now
+            bad_camera.publish(bad)
+            sent["camera"] += 1
+            t += 0.005
+            time.sleep(max(0.0, t - time.monotonic()))
+
+    flooder = threading.Thread(target=flood)
+    start = len(ros.fused)
+    flooder.start()
+    _play(ros, real_data)
+    stop.set()
+    flooder.join()
+    # Best effort on 2 shared cores: part of a 2 kHz flood is lost in the middleware before the node's
+    # callback (it never sees those); every message that reaches the node is counted.
+    assert ros.wait_for(lambda: int(ros.status("imu")[2].get("dropped_malformed", 0)) >= 0.15 * sent["imu"], timeout=5), (
+        sent, ros.status("imu"))
+    assert proc.poll() is None, log.read_text()  # alive
+    _, _, camera = ros.status("camera")
+    assert int(camera.get("dropped_malformed", 0)) >= 0.15 * sent["camera"]
+    print("flood sent", sent, "imu diagnostics", ros.status("imu")[2], "camera diagnostics", camera)
+    states = ros.states(start)
+    assert sum(a[0].sum() > 0 for _, a in states) >= 20  # and the real data was still fused
+    assert "dropped imu message" in log.read_text()  # said what it dropped (throttled)
+
+
+def _set(ros, **values):
+    client = ros.node.create_client(SetParameters, "/fusion_node/set_parameters")
+    assert client.wait_for_service(timeout_sec=10)
+    request = SetParameters.Request(parameters=[Parameter(k.replace("_", "."), value=v).to_parameter_msg()
+                                                for k, v in values.items()])
+    future = client.call_async(request)
+    assert ros.wait_for(future.done, timeout=10)
+    ros.node.destroy_client(client)
+    return future.result().results
+
+
+def test_tau_through_the_parameter_service_changes_the_next_outputs(ros, fusion_node, real_data):
+    def mean_attention(since, until=None):
+        live = [a for _, a in ros.states(since)[: None if until is None else until - since]
+                if a[0].sum() > 0 and a[2].sum() > 0]
+        assert len(live) >= 10
+        return np.mean(live, axis=0).mean(-1)  # (3,) per modality
+
+    [rejected] = _set(ros, tau_imu=-1.0)
+    assert not rejected.successful and rejected.reason
+    start = len(ros.fused)
+    player = threading.Thread(target=_play, args=(ros, real_data))
+    player.start()
+    time.sleep(1.0)
+    mid = len(ros.fused)
+    [ok] = _set(ros, tau_imu=0.05)
+    assert ok.successful, ok.reason
+    player.join()
+    before, after = mean_attention(start, mid), mean_attention(mid + 2)
+    assert after[2] - before[2] > 0.1, (before, after)  # sharper IMU logits win more of the mass
+    assert ros.wait_for(lambda: ros.status("fusion")[2]["tau_imu"] == "0.05", timeout=3)
+    [ok] = _set(ros, tau_imu=1.0)
+    assert ok.successful
