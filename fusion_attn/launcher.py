@@ -72,8 +72,13 @@ def fusion_graph(args: dict[str, str]) -> list[NodeSpec]:
     parameters: dict[str, object] = {}
     for arg, (param, _, _) in ARGUMENTS.items():
         value = args.get(arg, "")
+        if value != "" and param in FLOAT_PARAMETERS:
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"launch argument {arg}:={value!r} is not a number") from None
         if value != "":
-            parameters[param] = float(value) if param in FLOAT_PARAMETERS else value
+            parameters[param] = value
     remap = args.get("fused_state_topic", "")
     return [NodeSpec(PACKAGE, "fusion_node", "fusion_node", args.get("params_file") or default_params_file(),
                      parameters, (("fused_state", remap),) if remap else ())]

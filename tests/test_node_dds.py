@@ -6,22 +6,23 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
 rclpy = pytest.importorskip("rclpy", reason="rclpy (ROS 2) is not installed")
-from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
-from rcl_interfaces.srv import SetParameters  # noqa: E402
-from rclpy.executors import SingleThreadedExecutor  # noqa: E402
-from rclpy.parameter import Parameter  # noqa: E402
-from rclpy.qos import qos_profile_sensor_data  # noqa: E402
-from sensor_msgs.msg import Image, Imu  # noqa: E402
+from diagnostic_msgs.msg import DiagnosticArray
+from rcl_interfaces.srv import SetParameters
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.parameter import Parameter
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import Image, Imu
 
-from fusion_attn.frames import NS_PER_S, stamp_to_ns  # noqa: E402
-from fusion_attn.outputs import parse_fused_state_rows  # noqa: E402
-from fusion_attn.play import play  # noqa: E402
+from fusion_attn.frames import NS_PER_S, stamp_to_ns
+from fusion_attn.outputs import parse_fused_state_rows
+from fusion_attn.play import play
 
 CAMERA, IMU = "/cam0/image_raw", "/imu0"
 HEADS = 4
@@ -80,18 +81,18 @@ def ros(tmp_path_factory):
 def fusion_node(ros, real_data, tmp_path_factory):
     """fusion_node configured for the EuRoC topics and a lidar that never publishes."""
     work = tmp_path_factory.mktemp("node")
-    params = yaml.safe_load(open("config/fusion.yaml"))
+    params = yaml.safe_load(Path("config/fusion.yaml").read_text())
     params["/**"]["ros__parameters"].update(camera_topic=CAMERA, imu_topic=IMU, lidar_topic="/lidar/points")
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     env = dict(os.environ, FUSION_ATTN_CACHE=str(tmp_path_factory.getbasetemp() / "onnx-cache"), PYTHONUNBUFFERED="1")
-    log = open(work / "node.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "fusion_attn.cli", "launch", f"params_file:={work / 'params.yaml'}"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
-    ready = ros.wait_for(lambda: ros.status("fusion") is not None, timeout=60)
-    assert ready, (work / "node.log").read_text()
-    yield proc, work / "node.log"
-    proc.terminate()
-    assert proc.wait(timeout=10) == 0, (work / "node.log").read_text()
+    with open(work / "node.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "fusion_attn.cli", "launch", f"params_file:={work / 'params.yaml'}"],
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+        ready = ros.wait_for(lambda: ros.status("fusion") is not None, timeout=60)
+        assert ready, (work / "node.log").read_text()
+        yield proc, work / "node.log"
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0, (work / "node.log").read_text()
 
 
 def _play(ros, real_data, **kw):

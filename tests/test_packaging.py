@@ -140,3 +140,42 @@ def test_packages_include_fusion_attn_and_rl_but_not_tests(setup_kwargs):
     packages = set(setup_kwargs["packages"])
     assert {PKG, "rl"} <= packages
     assert not [p for p in packages if p == "tests" or p.startswith("tests.")]
+
+
+def test_launch_graph_names_only_installed_executables_and_files(setup_kwargs):
+    """The launch file and `fusion-attn launch` start fusion_launcher's graph: every executable it names
+    is a console script (colcon installs it into lib/fusion_attn) and its parameter file is installed."""
+    import ast
+
+    from fusion_attn.launcher import ARGUMENTS, fusion_graph
+
+    scripts = dict(s.replace(" ", "").split("=") for s in setup_kwargs["entry_points"]["console_scripts"])
+    installed = {f"share/{PKG}/{Path(f).parent.name}/{Path(f).name}" for _, files in setup_kwargs["data_files"] for f in files}
+    everything = {a: "x" for a in ARGUMENTS} | {"tau": "0.5", "fused_state_topic": "/fused"}
+    for args in ({}, everything):
+        for spec in fusion_graph(args):
+            assert spec.executable in scripts, spec.executable
+            assert scripts[spec.executable] == f"{spec.package}.node:main"  # what `fusion-attn launch` runs
+            assert spec.command()[2] == f"{spec.package}.node"
+            params = Path(spec.params_file)
+            assert params.is_file() and f"share/{PKG}/config/{params.name}" in installed
+    for launch_file in (ROOT / "launch").glob("*.launch.py"):
+        tree = ast.parse(launch_file.read_text())
+        imports = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert "fusion_attn.launcher" in imports, f"{launch_file.name} must build its nodes from fusion_attn.launcher"
+        for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call)):
+            for kw in call.keywords:
+                if kw.arg == "executable" and isinstance(kw.value, ast.Constant):
+                    assert kw.value.value in scripts, f"{launch_file.name}: executable {kw.value.value} is not installed"
+        literals = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+        for name in literals:
+            if name.endswith((".yaml", ".launch.py")):
+                assert any(f.endswith(name) for f in installed), f"{launch_file.name}: {name} is not installed"
+
+
+def test_unknown_launch_argument_is_refused():
+    from fusion_attn.errors import ConfigError
+    from fusion_attn.launcher import fusion_graph
+
+    with pytest.raises(ConfigError, match="unknown launch argument"):
+        fusion_graph({"bakcend": "torch"})

@@ -59,3 +59,23 @@ if ! PYTHONPATH="$install/$site${PYTHONPATH:+:$PYTHONPATH}" "$install/lib/$pkg/f
     exit 1
 fi
 echo "colcon-check: OK: lib/$pkg/fusion-attn, package.xml, ament index marker, $(find launch config -type f ! -path '*/__pycache__/*' ! -name '*.pyc' 2>/dev/null | wc -l) launch/config file(s), package data"
+
+# The launch file starts fusion_attn.launcher's graph: with the install tree's ament index, every
+# executable it names must be in lib/fusion_attn and its parameter file under the installed share/.
+echo "colcon-check: launch graph -> installed executables and parameter files"
+if ! AMENT_PREFIX_PATH="$install" PYTHONPATH="$install/$site${PYTHONPATH:+:$PYTHONPATH}" "$venv/bin/python" - "$install" <<'PY'
+import sys
+from pathlib import Path
+from fusion_attn.launcher import fusion_graph
+install = Path(sys.argv[1]).resolve()
+for spec in fusion_graph({}):
+    exe, params = install / "lib" / spec.package / spec.executable, Path(spec.params_file).resolve()
+    assert exe.is_file(), f"launch names executable {spec.executable}, not installed at {exe}"
+    assert install in params.parents and params.is_file(), f"launch uses {params}, not the installed share/"
+    print(f"  {spec.name}: {exe.relative_to(install)} --params-file {params.relative_to(install)}")
+PY
+then
+    echo "colcon-check: FAILED: the launch graph names something colcon did not install" >&2
+    exit 1
+fi
+echo "colcon-check: OK"
