@@ -158,6 +158,8 @@ class FusionNode(LifecycleNode):
             return
         if self.sync.resets != resets:
             self.get_logger().warning(f"{MODALITIES[modality]} time jumped back: sensor buffers reset")
+        if modality is not Modality.IMU:
+            self.pipeline.tokenizer.prepare(frame)  # now, rather than at the next fusion
         if self.p("trigger") == MODALITIES[modality]:
             self._fuse(frame.stamp_ns)
 

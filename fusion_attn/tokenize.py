@@ -157,11 +157,29 @@ class SensorSnapshot:
 
 
 class Tokenizer:
-    """Snapshot -> the model's named input arrays (unbatched), per `input_spec`."""
+    """Snapshot -> the model's named input arrays (unbatched), per `input_spec`.
+
+    The tokens of the newest camera and lidar frame are cached: a frame is fused several times while
+    it stays the newest (only its age input changes), and a node can tokenize a frame as it arrives
+    (`prepare`), off the fusion's critical path.
+    """
 
     def __init__(self, cfg: FusionConfig):
         self.cfg = cfg
         self.spec = input_spec(cfg)
+        self._cached: dict[type, tuple[object, tuple[np.ndarray, np.ndarray]]] = {}
+
+    def prepare(self, frame: CameraFrame | LidarFrame) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens of a camera or lidar frame, computed once per frame object."""
+        hit = self._cached.get(type(frame))
+        if hit is not None and hit[0] is frame:
+            return hit[1]
+        if isinstance(frame, CameraFrame):
+            tokens = tokenize_camera(frame, self.cfg.camera)
+        else:
+            tokens = tokenize_lidar(frame, self.cfg.lidar)
+        self._cached[type(frame)] = (frame, tokens)
+        return tokens
 
     def empty(self) -> dict[str, np.ndarray]:
         return {name: np.zeros(shape, dtype) for name, (shape, dtype) in self.spec.items()}
@@ -170,10 +188,10 @@ class Tokenizer:
         x = self.empty()
         x["tau"][:] = tau
         if snap.camera is not None:
-            x["camera_patches"], x["camera_mask"] = tokenize_camera(snap.camera, self.cfg.camera)
+            x["camera_patches"], x["camera_mask"] = self.prepare(snap.camera)
             x["camera_age"][:] = (snap.stamp_ns - snap.camera.stamp_ns) / NS_PER_S
         if snap.lidar is not None:
-            x["lidar_points"], x["lidar_mask"] = tokenize_lidar(snap.lidar, self.cfg.lidar)
+            x["lidar_points"], x["lidar_mask"] = self.prepare(snap.lidar)
             x["lidar_age"][:] = (snap.stamp_ns - snap.lidar.stamp_ns) / NS_PER_S
         if snap.imu is not None and len(snap.imu):
             x["imu_chunks"], x["imu_mask"], before_newest = tokenize_imu(snap.imu, self.cfg.imu)

@@ -156,5 +156,16 @@ def test_tokenizer_ages_and_absent_modalities():
     assert x["tau"].tolist() == [1, 2, 3, 4]
 
 
+def test_tokens_of_a_frame_are_computed_once_and_follow_the_newest_frame():
+    tok = Tokenizer(CFG)
+    cloud = LidarFrame(0, "l", _cloud(2000))
+    first = tok.prepare(cloud)
+    assert tok.prepare(cloud) is first  # cached: the same arrays
+    other = LidarFrame(1, "l", _cloud(2000, seed=1))
+    assert not np.array_equal(tok.prepare(other)[0], first[0])
+    x = tok(SensorSnapshot(2, lidar=cloud), np.ones(4, np.float32))
+    np.testing.assert_array_equal(x["lidar_points"], tokenize_lidar(cloud, CFG.lidar)[0])
+
+
 def test_imu_config_feature_count():
     assert ImuTokens().features == 8 * 6 + 2
