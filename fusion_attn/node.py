@@ -20,7 +20,7 @@ from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackRet
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image, Imu, LaserScan, PointCloud2
 
-from .adapters import to_frame
+from .adapters import msgtype_of, to_frame
 from .errors import ConfigError, FusionAttnError, MalformedMessageError
 from .frames import MODALITIES, NS_PER_S, FusedState, Modality
 from .outputs import diagnostics, fused_state_rows
@@ -79,6 +79,7 @@ class FusionNode(LifecycleNode):
         self._last_state: FusedState | None = None
         self._processing_ms = self._latency_ms = 0.0
         self._fuse_errors = 0
+        self._type_warned: set[tuple[str, ...]] = set()
         # one child logger per sensor: rclpy throttles per logger and call site, so a flood on one
         # sensor must not silence the reports of another
         self._sensor_log = {m: self.get_logger().get_child(MODALITIES[m]) for m in Modality}
@@ -111,8 +112,7 @@ class FusionNode(LifecycleNode):
                          durability=qos_profile_sensor_data.durability, history=qos_profile_sensor_data.history)
         for name, (topic, msg_type) in self.sensors.items():
             modality = Modality[name.upper()]
-            events = SubscriptionEventCallbacks(incompatible_qos=lambda info, t=topic: self._incompatible_qos(t, info),
-                                                incompatible_type=lambda info, t=topic: self._incompatible_type(t, info))
+            events = SubscriptionEventCallbacks(incompatible_qos=lambda info, t=topic: self._incompatible_qos(t, info))
             self._subs.append(self.create_subscription(msg_type, topic, lambda msg, m=modality: self._on_message(m, msg),
                                                        qos, event_callbacks=events))
         if self.p("trigger") == "timer":
@@ -186,6 +186,7 @@ class FusionNode(LifecycleNode):
         self._last_state = state
 
     def _publish_diagnostics(self) -> None:
+        self._check_publisher_types()
         now_ns = self.get_clock().now().nanoseconds
         period = 1.0 / self.p("fusion_rate_hz")
         statuses = diagnostics(self.sync.summary(now_ns), self._last_state, self.pipeline.backend.name,
@@ -220,9 +221,18 @@ class FusionNode(LifecycleNode):
             f"{info.last_policy_kind.name}, {info.total_count} so far): NO messages will arrive from it. "
             f"Match its QoS, e.g. set qos_reliability (now {self.p('qos_reliability')}).")
 
-    def _incompatible_type(self, topic: str, info) -> None:
-        self.get_logger().error(f"{topic}: a publisher offers another message type ({info.total_count} so far): "
-                                "no messages will arrive from it")
+    def _check_publisher_types(self) -> None:
+        """Say once per publisher when one offers another message type on a subscribed topic (the graph
+        shows it with any middleware; not every one raises the incompatible-type event)."""
+        for sub in self._subs:
+            expected = msgtype_of(sub.msg_type())
+            for info in self.get_publishers_info_by_topic(sub.topic_name):
+                key = (sub.topic_name, info.node_namespace, info.node_name, info.topic_type)
+                if info.topic_type != expected and key not in self._type_warned:
+                    self._type_warned.add(key)
+                    self.get_logger().error(f"{sub.topic_name}: publisher {info.node_namespace.rstrip('/')}/{info.node_name} "
+                                            f"offers another message type ({info.topic_type}, expected {expected}): "
+                                            "no messages will arrive from it")
 
     def _configured_sensors(self) -> dict[str, tuple[str, type]]:
         sensors = {}

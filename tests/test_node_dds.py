@@ -225,3 +225,95 @@ def test_tau_through_the_parameter_service_changes_the_next_outputs(ros, fusion_
     assert ros.wait_for(lambda: ros.status("fusion")[2]["tau_imu"] == "0.05", timeout=3)
     [ok] = _set(ros, tau_imu=1.0)
     assert ok.successful
+
+
+@pytest.fixture(scope="module")
+def managed_node(ros, tmp_path_factory):
+    """A second fusion_node: lifecycle driven from here, reliable QoS, fusing on each camera frame."""
+    work = tmp_path_factory.mktemp("managed")
+    params = yaml.safe_load(Path("config/fusion.yaml").read_text())
+    params["/**"]["ros__parameters"].update(autostart=False, qos_reliability="reliable", trigger="camera",
+                                            camera_topic="/trig/image", lidar_type="none", imu_type="none")
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    env = dict(os.environ, FUSION_ATTN_CACHE=str(tmp_path_factory.getbasetemp() / "onnx-cache"), PYTHONUNBUFFERED="1")
+    with open(work / "node.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "fusion_attn.node", "--ros-args", "-r", "__node:=managed_fusion",
+                                 "-r", "fused_state:=/managed/fused_state", "--params-file", str(work / "params.yaml")],
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+        yield proc, work / "node.log"
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _change_state(ros, transition_id):
+    from lifecycle_msgs.srv import ChangeState
+
+    client = ros.node.create_client(ChangeState, "/managed_fusion/change_state")
+    assert client.wait_for_service(timeout_sec=30)
+    request = ChangeState.Request()
+    request.transition.id = transition_id
+    future = client.call_async(request)
+    assert ros.wait_for(future.done, timeout=60)
+    ros.node.destroy_client(client)
+    return future.result().success
+
+
+def _camera_frames(ros, count, qos):
+    pub = ros.node.create_publisher(Image, "/trig/image", qos)
+    time.sleep(1.0)  # discovery
+    stamps = []
+    for _ in range(count):
+        msg = Image(height=48, width=64, encoding="mono8", step=64, data=bytes(64 * 48))
+        msg.header.stamp = ros.node.get_clock().now().to_msg()
+        stamps.append(stamp_to_ns(msg.header.stamp))
+        pub.publish(msg)
+        time.sleep(0.05)
+    ros.node.destroy_publisher(pub)
+    return stamps
+
+
+WRONG_TYPE_PUBLISHER = """
+import time, rclpy
+from std_msgs.msg import String
+rclpy.init()
+node = rclpy.create_node("wrong_type_publisher")
+pub = node.create_publisher(String, "/trig/image", 10)
+for _ in range(200):
+    pub.publish(String(data="not an image"))
+    time.sleep(0.05)
+"""
+
+
+def test_lifecycle_trigger_mode_and_qos_warnings(ros, managed_node):
+    from lifecycle_msgs.msg import Transition
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+    proc, log = managed_node
+    outputs = []
+    ros.node.create_subscription(Image, "/managed/fused_state", outputs.append, 50)
+    reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+
+    assert _change_state(ros, Transition.TRANSITION_CONFIGURE)
+    _camera_frames(ros, 3, reliable)
+    assert outputs == []  # configured but inactive: no subscription, nothing published
+    assert _change_state(ros, Transition.TRANSITION_ACTIVATE)
+
+    stamps = _camera_frames(ros, 10, reliable)
+    assert ros.wait_for(lambda: len(outputs) >= 10, timeout=5)
+    assert [stamp_to_ns(m.header.stamp) for m in outputs] == stamps  # one fusion per trigger frame, at its stamp
+
+    # a best-effort camera publisher can never feed a reliable subscription: said loudly, not silently
+    _camera_frames(ros, 2, qos_profile_sensor_data)
+    # another message type on the topic (from its own process: one DDS participant holds one type per topic)
+    wrong_type = subprocess.Popen([sys.executable, "-c", WRONG_TYPE_PUBLISHER])
+    assert ros.wait_for(lambda: "incompatible with this subscription" in log.read_text()
+                        and "another message type" in log.read_text(), timeout=15), log.read_text()
+    wrong_type.terminate()
+    wrong_type.wait(timeout=10)
+    assert len(outputs) == 10
+
+    assert _change_state(ros, Transition.TRANSITION_DEACTIVATE)
+    _camera_frames(ros, 3, reliable)
+    assert len(outputs) == 10  # inactive again
+    assert _change_state(ros, Transition.TRANSITION_CLEANUP)
+    assert proc.poll() is None
