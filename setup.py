@@ -20,6 +20,7 @@ ROS_WHEELS = [
     "ros-nav-msgs",
     "ros-diagnostic-msgs",
     "ros-lifecycle-msgs",
+    "ros-rosgraph-msgs",
     "ros-rmw-fastrtps-cpp",
 ]
 
@@ -49,6 +50,8 @@ setup(
         "onnxruntime",
         "rosbags>=0.10",
         "opencv-python-headless",
+        "matplotlib",  # replay plots (Agg backend, no display)
+        "tqdm",  # replay progress
         "torch>=2.1",
     ],
     extras_require={

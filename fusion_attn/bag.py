@@ -64,12 +64,12 @@ def find_topics(reader: AnyReader, overrides: dict[Modality, str] | None = None)
     topics = BagTopics()
     best: dict[Modality, tuple[int, str]] = {}
     for conn in reader.connections:
+        if conn.msgtype not in reader.typestore.types:
+            topics.skipped[conn.topic] = f"unreadable: no message definition for {conn.msgtype} in the bag"
+            continue
         modality = modality_of(conn.msgtype)
         if modality is None:
             topics.skipped.setdefault(conn.topic, f"not a sensor type ({conn.msgtype})")
-            continue
-        if conn.msgtype not in reader.typestore.types:
-            topics.skipped[conn.topic] = f"no message definition for {conn.msgtype}"
             continue
         if conn.msgcount > best.get(modality, (-1, ""))[0]:
             best[modality] = (conn.msgcount, conn.topic)
@@ -88,6 +88,8 @@ def read_messages(reader: AnyReader, topics: BagTopics, start_ns: int | None = N
     """Sensor messages in recorded order, adapted to frames (malformed ones carry their error)."""
     by_topic = {t: m for m, t in topics.sensors.items()}
     conns = [c for c in reader.connections if c.topic in by_topic]
+    if not conns:  # rosbags reads every connection when given none
+        return
     try:
         for conn, log_time, raw in reader.messages(connections=conns, start=start_ns, stop=stop_ns):
             modality = by_topic[conn.topic]

@@ -2,6 +2,8 @@
 
     fusion-attn fuse --bag BAG [--at SECONDS]      one fusion at one instant of a recording
     fusion-attn fuse --image IMG [--points PTS]    one fusion from files
+    fusion-attn replay BAG... -o OUT               the node's output for a whole recording, reports, τ sweep
+    fusion-attn play BAG... [--rate R] [--loop]    a recording onto live ROS 2 topics (for the node)
     fusion-attn export -o model.onnx               ONNX graph, checked against torch and TensorRT's op list
     fusion-attn launch [name:=value ...]           fusion_node with config/fusion.yaml (like ros2 launch)
     fusion-attn bench                              per-stage latency, torch vs ONNX Runtime
@@ -40,6 +42,30 @@ def main(argv: list[str] | None = None) -> int:
     fuse.add_argument("--params", type=Path, help="ROS 2 parameter file (config/fusion.yaml); flags override it")
     fuse.add_argument("--json", action="store_true", help="print the fused state as JSON")
 
+    replay = verbs.add_parser("replay", help="fuse whole recordings as the node would; write a bag, a summary and plots")
+    _model_args(replay, tau=False)
+    replay.add_argument("bags", nargs="+", type=Path, help="rosbag2 folders/files or ROS 1 bags (merged by time)")
+    replay.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+    replay.add_argument("--params", type=Path, help="ROS 2 parameter file (config/fusion.yaml); flags override it")
+    replay.add_argument("--rate", type=float, help="fusion rate [Hz] (default: the parameter file's, else 20)")
+    replay.add_argument("--clock", choices=["header", "receive"], default="header",
+                        help="recorded time from header stamps (default) or the bag's receive times")
+    replay.add_argument("--start", type=float, help="seconds after the start of the recording")
+    replay.add_argument("--end", type=float, help="seconds after the start of the recording")
+    for name in MODALITIES:
+        replay.add_argument(f"--{name}-topic", help=f"{name} topic (default: found by message type)")
+    replay.add_argument("--tau", help="τ: one value (global), or a sweep 0.1,0.5,1,2; an entry may be "
+                                      "global:camera:lidar:imu")
+    replay.add_argument("--no-progress", action="store_true")
+
+    play = verbs.add_parser("play", help="publish a recording's sensor topics on ROS 2 at the recorded rate")
+    play.add_argument("bags", nargs="+", type=Path)
+    play.add_argument("--rate", type=float, default=1.0, help="speed factor (default 1.0)")
+    play.add_argument("--loop", action="store_true", help="start over at the end")
+    play.add_argument("--clock", action="store_true", help="publish /clock with the recorded time (use_sim_time) "
+                                                           "instead of restamping messages to now")
+    play.add_argument("--remap", nargs="*", default=[], metavar="FROM:=TO", help="publish a recorded topic under another name")
+
     export = verbs.add_parser("export", help="export the model to ONNX and check it")
     _model_args(export, backend=False)
     export.add_argument("-o", "--output", type=Path, required=True)
@@ -58,31 +84,44 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"fuse": _fuse, "export": _export, "launch": _launch, "bench": _bench}[args.verb](args)
+        verb = {"fuse": _fuse, "replay": _replay, "play": _play, "export": _export, "launch": _launch, "bench": _bench}
+        return verb[args.verb](args)
     except FusionAttnError as exc:
         print(f"fusion-attn {args.verb}: error: {exc}", file=sys.stderr)
         return 2
 
 
-def _model_args(p: argparse.ArgumentParser, backend: bool = True) -> None:
+def _model_args(p: argparse.ArgumentParser, backend: bool = True, tau: bool = True) -> None:
     p.add_argument("--checkpoint", type=Path, help="safetensors checkpoint (default: the packaged model)")
     if backend:
         p.add_argument("--backend", choices=["onnxruntime", "torch"], help="default: onnxruntime")
         p.add_argument("--threads", type=int)
+    if tau:
         p.add_argument("--tau", type=float, nargs=4, metavar=("GLOBAL", "CAMERA", "LIDAR", "IMU"))
 
 
-def _fuse(args) -> int:
+def _setup(args, tau=None):
+    """The pipeline and sync config from --params (the node's parameter file) and the flags."""
     from .config import load_params
     from .pipeline import FusionPipeline
-    from .sync import SensorSync, SyncConfig
+    from .sync import SyncConfig
 
     params = load_params(args.params) if args.params else {}
-    tau = args.tau or [params.get(f"tau.{k}", 1.0) for k in ("global", "camera", "lidar", "imu")]
-    sync_cfg = SyncConfig(max_age_s=tuple(params.get(f"max_age_s.{m}", d) for m, d in zip(MODALITIES, SyncConfig.max_age_s)))
+    tau = tau or [params.get(f"tau.{k}", 1.0) for k in ("global", *MODALITIES)]
+    defaults = SyncConfig()
+    sync_cfg = SyncConfig(max_age_s=tuple(params.get(f"max_age_s.{m}", d) for m, d in zip(MODALITIES, defaults.max_age_s)),
+                          stale_after_periods=params.get("stale_after_periods", defaults.stale_after_periods))
     pipeline = FusionPipeline.create(args.checkpoint or params.get("checkpoint") or None,
                                      backend=args.backend or params.get("backend", "onnxruntime"),
-                                     threads=args.threads or params.get("threads"), tau=tau)
+                                     threads=args.threads or params.get("threads", 1), tau=tau,
+                                     frame_id=params.get("frame_id", "base_link"))
+    return pipeline, sync_cfg, params
+
+
+def _fuse(args) -> int:
+    from .sync import SensorSync
+
+    pipeline, sync_cfg, _ = _setup(args, args.tau)
     sync = SensorSync(sync_cfg)
     if args.bag:
         now_ns, notes = _feed_bag(args.bag, args.at, sync)
@@ -95,6 +134,70 @@ def _fuse(args) -> int:
         print(json.dumps(_state_dict(state, pipeline), indent=2))
     else:
         print(_summary(state, pipeline, notes))
+    return 0
+
+
+def _replay(args) -> int:
+    from .frames import Modality
+    from .replay import ReplayOptions, replay
+
+    pipeline, sync_cfg, params = _setup(args)
+    base = pipeline.tau
+    taus = tuple(_tau_entry(entry, base) for entry in args.tau.split(",")) if args.tau else (tuple(base.tolist()),)
+    opts = ReplayOptions(
+        fusion_rate_hz=args.rate or params.get("fusion_rate_hz", 20.0), clock=args.clock, start_s=args.start,
+        end_s=args.end, taus=taus, progress=not args.no_progress,
+        topics={Modality[m.upper()]: t for m in MODALITIES if (t := getattr(args, f"{m}_topic"))})
+    summary = replay(args.bags, pipeline, args.output, opts, sync_cfg)
+    t = summary["timing"]
+    print(f"replayed {summary['messages']} messages -> {summary['fusions']} fused states at "
+          f"{summary['fused_rate_hz']:.2f} Hz; {t['recorded_s']:.1f} s recorded in {t['wall_s']:.1f} s "
+          f"({t['speed_x_real_time']:.1f}x real time)")
+    print("  topics: " + ", ".join(f"{m} {t}" for m, t in summary["topics"].items()))
+    for topic, why in summary["skipped_topics"].items():
+        print(f"  skipped {topic}: {why}")
+    print("  attention mean: " + "  ".join(f"{m} {a:.3f}" for m, a in summary["attention_mean"].items()))
+    if len(summary["tau_sweep"]) > 1:
+        print("  τ sweep (mean attention camera / lidar / imu):")
+        for row in summary["tau_sweep"]:
+            print(f"    τ {row['tau']}: " + " / ".join(f"{v:.3f}" for v in row["attention_mean"].values()))
+    for event in summary["events"][:10]:
+        print(f"  note: {event}")
+    print(f"  wrote {args.output}/fused (MCAP), summary.json, timing.json, *.png")
+    return 0
+
+
+def _tau_entry(entry: str, base) -> tuple[float, float, float, float]:
+    try:
+        values = [float(v) for v in entry.split(":")]
+    except ValueError:
+        raise FusionAttnError(f"--tau entry {entry!r} is not a number or global:camera:lidar:imu") from None
+    if len(values) == 1:
+        return (values[0], *(float(b) for b in base[1:]))
+    if len(values) == 4:
+        return tuple(values)
+    raise FusionAttnError(f"--tau entry {entry!r} needs 1 or 4 values, got {len(values)}")
+
+
+def _play(args) -> int:
+    import rclpy
+    from rclpy.signals import SignalHandlerOptions
+
+    from .play import play
+
+    remap = dict(item.split(":=", 1) for item in args.remap if ":=" in item)
+    # Ctrl-C as a plain KeyboardInterrupt: rclpy's own handler would invalidate the context before
+    # the publishers are flushed and destroyed
+    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
+    node = rclpy.create_node("fusion_attn_play")
+    try:
+        count = play(node, args.bags, remap=remap, rate=args.rate, clock=args.clock, loop=args.loop)
+        print(f"published {count} messages")
+    except KeyboardInterrupt:
+        print("stopped")
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()
     return 0
 
 

@@ -47,12 +47,14 @@ class Status:
 
 
 def diagnostics(summary: dict[str, dict], state: FusedState | None, backend: str, precision: str,
-                processing_ms: float, latency_ms: float, fusion_period_s: float, configured: tuple[str, ...]) -> list[Status]:
+                processing_ms: float | None, latency_ms: float, fusion_period_s: float,
+                configured: tuple[str, ...]) -> list[Status]:
     """Per-sensor status (rate, age, drops, masked) and one for the fusion itself.
 
     Thresholds are relative to each sensor's own period: WARN once its data is older than 2 periods
     or it dropped messages since the start, ERROR when it is masked (stale or never seen). The fusion
     is WARN when processing takes over half the fusion period, ERROR over the whole period.
+    processing_ms None: not measured (replay leaves wall-clock figures out of its deterministic output).
     """
     out = []
     for name in configured:
@@ -74,7 +76,9 @@ def diagnostics(summary: dict[str, dict], state: FusedState | None, backend: str
         out.append(Status(f"fusion_attn: {name}", level, message, values))
 
     values = {"backend": backend, "precision": precision,
-              "processing_time_ms": f"{processing_ms:.2f}", "pipeline_latency_ms": f"{latency_ms:.2f}"}
+              "processing_time_ms": "n/a" if processing_ms is None else f"{processing_ms:.2f}",
+              "pipeline_latency_ms": f"{latency_ms:.2f}"}
+    processing_ms = processing_ms or 0.0
     if state is not None:
         values.update({f"tau_{k}": f"{v:g}" for k, v in zip(("global", *MODALITIES), state.tau)})
         values.update({f"attention_{m}": f"{a:.4f}" for m, a in zip(MODALITIES, state.modality_attention)})

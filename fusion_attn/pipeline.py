@@ -105,18 +105,25 @@ class FusionPipeline:
         self.tau = validate_tau(tau)
 
     def fuse(self, snap: SensorSnapshot) -> FusedState:
+        return self.fuse_sweep(snap, self.tau[None])[0]
+
+    def fuse_sweep(self, snap: SensorSnapshot, taus: np.ndarray) -> list[FusedState]:
+        """One snapshot fused at each τ row of `taus` (K, 4): tokenized once, one batched model call."""
+        taus = np.stack([validate_tau(t) for t in taus])
         t0 = time.perf_counter()
-        inputs = self.tokenizer(snap, self.tau)
+        inputs = self.tokenizer(snap, taus[0])
         t1 = time.perf_counter()
-        out = self.backend.run({k: v[None] for k, v in inputs.items()})
+        batch = {k: np.broadcast_to(v, (len(taus), *v.shape)) for k, v in inputs.items()}
+        batch["tau"] = taus
+        out = self.backend.run({k: np.ascontiguousarray(v) for k, v in batch.items()})
         t2 = time.perf_counter()
         present = np.array([inputs["camera_mask"].any(), inputs["lidar_mask"].any(), inputs["imu_mask"].any()])
         ages = np.full(3, np.nan, np.float32)
         for m, key in ((Modality.CAMERA, "camera_age"), (Modality.LIDAR, "lidar_age"), (Modality.IMU, "imu_age")):
             if present[m]:
                 ages[m] = inputs[key].min()
-        return FusedState(
-            stamp_ns=snap.stamp_ns, frame_id=self.frame_id,
-            pooled=out["fused"][0], latents=out["latents"][0], attention=out["attention"][0],
-            present=present, ages_s=ages, tau=self.tau.copy(), all_masked=bool(out["all_masked"][0]),
-            timings_ms={"tokenize": (t1 - t0) * 1e3, "model": (t2 - t1) * 1e3})
+        timings = {"tokenize": (t1 - t0) * 1e3, "model": (t2 - t1) * 1e3}
+        return [FusedState(stamp_ns=snap.stamp_ns, frame_id=self.frame_id, pooled=out["fused"][i],
+                           latents=out["latents"][i], attention=out["attention"][i], present=present, ages_s=ages,
+                           tau=taus[i].copy(), all_masked=bool(out["all_masked"][i]), timings_ms=timings)
+                for i in range(len(taus))]

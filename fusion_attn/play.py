@@ -1,4 +1,4 @@
-"""Play recorded sensor topics onto live ROS 2 topics, at their recorded rate.
+"""Play recorded sensor topics onto live ROS 2 topics, at their recorded rate (`fusion-attn play`).
 
 Any bag `rosbags` reads (rosbag2 sqlite3/MCAP, ROS 1) is re-serialized to CDR and handed to rclpy,
 so one code path serves every format. With `restamp`, header stamps are shifted by the same offset
@@ -13,9 +13,11 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from rclpy.duration import Duration
 from rclpy.node import Node
-from rclpy.qos import qos_profile_sensor_data
+from rclpy.qos import QoSProfile, ReliabilityPolicy
 from rclpy.serialization import deserialize_message
+from rosgraph_msgs.msg import Clock
 
 from .bag import find_topics, open_reader
 from .frames import NS_PER_S, stamp_to_ns
@@ -28,11 +30,16 @@ def message_class(msgtype: str) -> type:
 
 
 def play(node: Node, bags: Sequence[str | Path], remap: dict[str, str] | None = None, rate: float = 1.0,
-         restamp: bool = True, keep: Callable[[str, float], bool] | None = None) -> int:
+         restamp: bool = True, clock: bool = False, loop: bool = False,
+         keep: Callable[[str, float], bool] | None = None, wait_s: float = 2.0) -> int:
     """Publish the bags' sensor topics from `node`; -> messages published.
 
-    remap: recorded topic -> published topic. keep(topic, seconds_into_bag) -> False skips a message
-    (a test can silence a sensor mid-stream this way).
+    restamp: shift header stamps onto now (live-sensor behaviour). clock: publish /clock with the
+    recorded time instead, for nodes with use_sim_time (stamps stay as recorded). loop: start over at
+    the end (with /clock, time then jumps back and a live node resets its buffers). remap: recorded
+    topic -> published topic. keep(topic, seconds_into_bag) -> False skips a message (a test can
+    silence a sensor mid-stream this way). Playing starts once every topic has a subscriber, or
+    after wait_s: the first messages are not lost to DDS discovery.
     """
     remap = remap or {}
     published = 0
@@ -40,25 +47,51 @@ def play(node: Node, bags: Sequence[str | Path], remap: dict[str, str] | None = 
         topics = find_topics(reader)
         wanted = {t: m for m, t in topics.sensors.items()}
         conns = [c for c in reader.connections if c.topic in wanted]
-        pubs = {c.topic: node.create_publisher(message_class(c.msgtype), remap.get(c.topic, c.topic), qos_profile_sensor_data)
-                for c in conns}
-        wall_start = time.monotonic()
-        # one constant shift maps the recording's clock onto now, keeping every relative offset
-        shift = node.get_clock().now().nanoseconds - reader.start_time
-        for conn, log_time, raw in reader.messages(connections=conns):
-            offset_s = (log_time - reader.start_time) / NS_PER_S
-            if keep is not None and not keep(conn.topic, offset_s):
-                continue
-            delay = wall_start + offset_s / rate - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            cdr = reader.typestore.serialize_cdr(reader.deserialize(raw, conn.msgtype), conn.msgtype)
-            msg = deserialize_message(bytes(cdr), message_class(conn.msgtype))
-            if restamp:
-                msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_to_ns(msg.header.stamp) + shift, NS_PER_S)
-            pubs[conn.topic].publish(msg)
-            published += 1
-        for pub in pubs.values():
-            node.destroy_publisher(pub)
+        # reliable: a reliable subscriber gets every message; best-effort ones (sensor QoS) still match
+        qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
+        pubs = {c.topic: node.create_publisher(message_class(c.msgtype), remap.get(c.topic, c.topic), qos) for c in conns}
+        clock_pub = node.create_publisher(Clock, "/clock", 10) if clock else None
+        _wait_for_subscribers(list(pubs.values()), wait_s)
+        try:
+            while True:
+                published += _play_once(node, reader, conns, pubs, clock_pub, rate, restamp and not clock, keep)
+                if not loop:
+                    break
+        finally:
+            for pub in [*pubs.values(), *([clock_pub] if clock_pub else [])]:
+                pub.wait_for_all_acked(Duration(seconds=2))  # the last messages leave before we exit
+                node.destroy_publisher(pub)
     return published
 
+
+def _wait_for_subscribers(pubs, wait_s: float) -> None:
+    end = time.monotonic() + wait_s
+    while time.monotonic() < end and any(p.get_subscription_count() == 0 for p in pubs):
+        time.sleep(0.02)
+    if all(p.get_subscription_count() for p in pubs):
+        time.sleep(0.2)  # the writer has matched; give the readers' side of the match a moment too
+
+
+def _play_once(node, reader, conns, pubs, clock_pub, rate, restamp, keep) -> int:
+    published = 0
+    wall_start = time.monotonic()
+    # one constant shift maps the recording's clock onto now, keeping every relative offset
+    shift = node.get_clock().now().nanoseconds - reader.start_time
+    for conn, log_time, raw in reader.messages(connections=conns):
+        offset_s = (log_time - reader.start_time) / NS_PER_S
+        if keep is not None and not keep(conn.topic, offset_s):
+            continue
+        delay = wall_start + offset_s / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        cdr = reader.typestore.serialize_cdr(reader.deserialize(raw, conn.msgtype), conn.msgtype)
+        msg = deserialize_message(bytes(cdr), message_class(conn.msgtype))
+        if restamp:
+            msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_to_ns(msg.header.stamp) + shift, NS_PER_S)
+        if clock_pub is not None:
+            now = Clock()
+            now.clock.sec, now.clock.nanosec = divmod(log_time, NS_PER_S)
+            clock_pub.publish(now)
+        pubs[conn.topic].publish(msg)
+        published += 1
+    return published

@@ -1,0 +1,73 @@
+"""PNG plots of a replay: attention per modality and sensor health over time, latency, τ sweep."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+import numpy as np
+
+from .frames import MODALITIES, NS_PER_S
+
+COLOURS = {"camera": "tab:blue", "lidar": "tab:orange", "imu": "tab:green"}
+PNG = {"metadata": {"Software": None}, "dpi": 110}  # no version string: same data, same file
+
+
+def replay_plots(out: Path, trace, configured: tuple[str, ...], taus: np.ndarray) -> None:
+    if not trace.stamps:
+        return
+    t = (np.array(trace.stamps) - trace.stamps[0]) / NS_PER_S
+    attention = np.array(trace.attention)[:, 0]  # (n, 3) at the first τ
+
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    ax.stackplot(t, attention.T, labels=MODALITIES, colors=[COLOURS[m] for m in MODALITIES], alpha=0.85)
+    ax.set(xlabel="recorded time [s]", ylabel="attention mass", ylim=(0, 1), title="attention per modality (τ global/camera/lidar/imu = " + "/".join(f"{v:g}" for v in taus[0]) + ")")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(out / "attention.png", **PNG)
+    plt.close(fig)
+
+    ages = np.array(trace.ages) * 1e3
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 5), sharex=True, height_ratios=[3, 1])
+    for i, m in enumerate(MODALITIES):
+        if m in configured:
+            top.plot(t, ages[:, i], color=COLOURS[m], label=m)
+    top.set(ylabel="age at fusion [ms]", title="sensor health")
+    top.legend(loc="upper right")
+    if trace.masked:
+        masked = np.array(trace.masked)
+        tm = (np.array(trace.masked_stamps) - trace.stamps[0]) / NS_PER_S
+        for j, m in enumerate(configured):
+            bottom.scatter(tm[masked[:, j]], np.full(masked[:, j].sum(), j), color=COLOURS[m], marker="|", s=200)
+        bottom.set_yticks(range(len(configured)), configured)
+    bottom.set(xlabel="recorded time [s]", ylabel="masked")
+    fig.tight_layout()
+    fig.savefig(out / "health.png", **PNG)
+    plt.close(fig)
+
+    lat = np.array(trace.latency_ms)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(lat[np.isfinite(lat)], bins=40, color="tab:gray")
+    ax.set(xlabel="fusion time - newest sensor stamp [ms]", ylabel="fusions", title="pipeline latency (recorded time)")
+    fig.tight_layout()
+    fig.savefig(out / "latency.png", **PNG)
+    plt.close(fig)
+
+    if len(taus) > 1:
+        mean = np.array(trace.attention).mean(axis=0)  # (K, 3)
+        rows = ["tau_global,tau_camera,tau_lidar,tau_imu," + ",".join(f"attention_{m}" for m in MODALITIES)]
+        rows += [",".join(f"{v:g}" for v in tau) + "," + ",".join(f"{a:.6f}" for a in mean[k]) for k, tau in enumerate(taus)]
+        (out / "sweep.csv").write_text("\n".join(rows) + "\n")
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        x = np.arange(len(taus))
+        for i, m in enumerate(MODALITIES):
+            ax.plot(x, mean[:, i], marker="o", color=COLOURS[m], label=m)
+        ax.set_xticks(x, ["/".join(f"{v:g}" for v in tau) if len(set(tau[1:])) > 1 else f"{tau[0]:g}" for tau in taus])
+        ax.set(xlabel="τ (global, or global/camera/lidar/imu)", ylabel="mean attention mass", title="τ sweep")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "sweep.png", **PNG)
+        plt.close(fig)

@@ -1,0 +1,235 @@
+"""`fusion-attn replay` and `play` on the real recordings, bad bags, determinism; play over real DDS."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rosbags.highlevel import AnyReader
+from rosbags.rosbag2 import StoragePlugin, Writer
+
+from fusion_attn.cli import main
+from fusion_attn.errors import BagError
+from fusion_attn.outputs import parse_fused_state_rows
+from fusion_attn.pipeline import FusionPipeline
+from fusion_attn.replay import ReplayOptions, replay
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    return FusionPipeline.create(None, backend="onnxruntime", threads=1)
+
+
+def _run(bags, out, *flags):
+    return main(["replay", *map(str, bags), "-o", str(out), "--no-progress", *flags])
+
+
+def _read_output(out: Path):
+    """-> ([attention (3, 4)] of /fused_state, number of /diagnostics messages) from the written MCAP."""
+    attention, diags = [], 0
+    with AnyReader([out / "fused"]) as reader:
+        for conn, _, raw in reader.messages():
+            msg = reader.deserialize(raw, conn.msgtype)
+            if conn.topic == "/fused_state":
+                assert msg.encoding == "32FC1" and msg.width == 64 and msg.height == 12
+                rows = msg.data.view("<f4").reshape(msg.height, msg.width)
+                attention.append(parse_fused_state_rows(rows, heads=4)["attention"])
+            else:
+                assert conn.msgtype == "diagnostic_msgs/msg/DiagnosticArray"
+                diags += 1
+    return attention, diags
+
+
+def test_euroc_replays_at_the_fusion_rate_with_lidar_masked(real_data, tmp_path, capsys):
+    assert _run([real_data / "euroc_v1_01_cam_imu"], tmp_path, "--rate", "20") == 0
+    assert "x real time" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["messages"] == 441 and summary["topics"] == {"camera": "/cam0/image_raw", "imu": "/imu0"}
+    assert summary["fused_rate_hz"] == pytest.approx(20.0, abs=0.01)
+    assert summary["fusions"] >= 39 and summary["present_fraction"]["lidar"] == 0.0
+    assert summary["sensors"]["camera"]["received"] == 40 and summary["sensors"]["imu"]["received"] == 401
+    attention, diags = _read_output(tmp_path)
+    assert len(attention) == summary["fusions"] and diags == summary["fusions"] // 20
+    assert all(np.all(a[1] == 0.0) for a in attention)
+    assert sum(bool(np.all(a[0] > 0)) for a in attention) >= 39  # the camera, until it goes stale after the end
+    for png in ("attention.png", "health.png", "latency.png"):
+        assert (tmp_path / png).stat().st_size > 5000
+    assert json.loads((tmp_path / "timing.json").read_text())["speed_x_real_time"] > 1
+
+
+@pytest.mark.parametrize("topic", ["/sick_lms_1xx/scan", "/cloud"])
+def test_sick_lidar_tokens_from_laserscan_and_pointcloud(real_data, tmp_path, topic):
+    assert _run([real_data / "sick_lms1xx_scan_cloud_radar.bag"], tmp_path, "--lidar-topic", topic) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["topics"] == {"lidar": topic}
+    assert summary["sensors"]["lidar"]["received"] == 89
+    assert summary["present_fraction"]["lidar"] > 0.9
+    assert summary["attention_mean"]["lidar"] > 0.9  # the only sensor
+
+
+def test_every_real_recording_replays_and_raw_packets_are_skipped(real_data, tmp_path, capsys):
+    assert _run([real_data / "lidar_camera_frame"], tmp_path / "frame") == 0
+    frame = json.loads((tmp_path / "frame" / "summary.json").read_text())
+    assert frame["fusions"] >= 1 and frame["present_fraction"]["lidar"] == 1.0  # lidar fresh for 0.3 s
+    assert frame["present_fraction"]["camera"] >= 0.5  # the camera's max age is 0.2 s
+    assert _run([real_data / "husky_imu_odom_gps.bag"], tmp_path / "husky", "--end", "20") == 0
+    husky = json.loads((tmp_path / "husky" / "summary.json").read_text())
+    assert husky["topics"] == {"imu": "/imu/data"} and "/fix" in husky["skipped_topics"]
+    assert husky["fusions"] == pytest.approx(20 * 20, abs=2)
+    capsys.readouterr()
+    assert _run([real_data / "vlp16_raw_packets"], tmp_path / "vlp") == 2  # nothing readable: non-zero
+    err = capsys.readouterr().err
+    assert "/velodyne_packets" in err and "no message definition for velodyne_msgs/msg/VelodyneScan" in err
+
+
+def test_same_inputs_give_byte_identical_outputs(real_data, pipeline, tmp_path):
+    opts = ReplayOptions(progress=False, taus=((1.0, 1.0, 1.0, 1.0), (0.2, 1.0, 1.0, 1.0)))
+    for run in ("a", "b"):
+        replay([real_data / "euroc_v1_01_cam_imu"], pipeline, tmp_path / run, opts)
+    for name in ("fused/fused.mcap", "fused/metadata.yaml", "summary.json", "sweep.csv", "attention.png"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_tau_sweep_table_and_plot(real_data, tmp_path, capsys):
+    assert _run([real_data / "euroc_v1_01_cam_imu"], tmp_path, "--tau", "0.1,0.5,1,1:1:1:0.05") == 0
+    rows = (tmp_path / "sweep.csv").read_text().splitlines()
+    assert rows[0].startswith("tau_global") and len(rows) == 5
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    imu = [row["attention_mean"]["imu"] for row in summary["tau_sweep"]]
+    assert len(set(imu)) == 4  # every τ gives its own distribution
+    assert summary["tau_sweep"][3]["tau"] == [1.0, 1.0, 1.0, 0.05]
+    assert (tmp_path / "sweep.png").is_file() and "τ sweep" in capsys.readouterr().out
+    assert _run([real_data / "euroc_v1_01_cam_imu"], tmp_path / "bad", "--tau", "1:2") == 2
+
+
+def test_start_end_filters(real_data, tmp_path):
+    assert _run([real_data / "euroc_v1_01_cam_imu"], tmp_path, "--start", "0.5", "--end", "1.5") == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["sensors"]["camera"]["received"] == 20
+    assert 195 <= summary["sensors"]["imu"]["received"] <= 201
+
+
+def test_truncated_bag_is_processed_up_to_the_fault(real_data, tmp_path, capsys):
+    src = real_data / "sick_lms1xx_scan_cloud_radar.bag"
+    cut = tmp_path / "cut.bag"
+    cut.write_bytes(src.read_bytes()[: int(src.stat().st_size * 0.6)])
+    code = _run([cut], tmp_path / "out", "--lidar-topic", "/cloud")
+    out = capsys.readouterr()
+    if code == 0:  # ROS 1 bags index at the end: rosbags may still read the chunks before the cut
+        summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+        assert 0 < summary["sensors"]["lidar"]["received"] < 89 or any("read stopped" in e for e in summary["events"])
+        attention, _ = _read_output(tmp_path / "out")  # the written bag is valid up to the fault
+        assert len(attention) == summary["fusions"]
+    else:
+        assert code == 2 and "cut.bag" in out.err
+
+
+def test_truncated_mcap_is_processed_up_to_the_fault(real_data, tmp_path):
+    src = next((real_data / "euroc_v1_01_cam_imu").glob("*.mcap"))
+    cut_dir = tmp_path / "cut"
+    cut_dir.mkdir()
+    (cut_dir / src.name).write_bytes(src.read_bytes()[: int(src.stat().st_size * 0.5)])
+    code = _run([cut_dir / src.name], tmp_path / "out")
+    if code == 0:
+        summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+        assert 0 < summary["messages"] < 441 and any("read stopped" in e for e in summary["events"])
+        attention, _ = _read_output(tmp_path / "out")
+        assert len(attention) == summary["fusions"] > 0
+    else:
+        assert code == 2
+
+
+def _write_bag(path: Path, messages):
+    """A rosbag2 MCAP of (topic, msgtype, log_time, raw cdr) rows, with connections made as needed."""
+    from rosbags.typesys import Stores, get_typestore
+
+    store = get_typestore(Stores.ROS2_KILTED)
+    with Writer(path, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
+        conns = {}
+        for topic, msgtype, log_time, raw in messages:
+            if topic not in conns:
+                conns[topic] = writer.add_connection(topic, msgtype, typestore=store)
+            writer.write(conns[topic], log_time, raw)
+
+
+def test_empty_bag_exits_non_zero(tmp_path, capsys):
+    _write_bag(tmp_path / "empty", [])
+    assert _run([tmp_path / "empty"], tmp_path / "out") == 2
+    assert "nothing could be read" in capsys.readouterr().err
+
+
+def test_time_going_backwards_resets_and_goes_on(real_data, tmp_path):
+    with AnyReader([real_data / "euroc_v1_01_cam_imu"]) as reader:
+        rows = [(c.topic, c.msgtype, t, bytes(raw)) for c, t, raw in reader.messages()]
+    looped = rows + [(topic, msgtype, t + 3_000_000_000, raw) for topic, msgtype, t, raw in rows]  # same stamps again
+    _write_bag(tmp_path / "looped", looped)
+    assert _run([tmp_path / "looped"], tmp_path / "out") == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["resets"] == 1 and any("time jumped back" in e for e in summary["events"])
+    assert summary["sensors"]["imu"]["received"] == 802 and summary["fusions"] >= 78
+
+
+def test_play_delivers_the_recorded_count_over_dds(real_data):
+    pytest.importorskip("rclpy", reason="rclpy (ROS 2) is not installed")
+    env = dict(os.environ, ROS_DOMAIN_ID=str(50 + os.getpid() % 50))
+    listener = subprocess.Popen([sys.executable, "-c", LISTENER], env=env, stdout=subprocess.PIPE, text=True)
+    time.sleep(3.0)  # the listener is up and discovered
+    player = subprocess.run([sys.executable, "-m", "fusion_attn.cli", "play", str(real_data / "euroc_v1_01_cam_imu"),
+                             "--clock"], env=env, capture_output=True, text=True, timeout=60)
+    assert player.returncode == 0, player.stderr
+    assert "published 441 messages" in player.stdout
+    counts = json.loads(listener.communicate(timeout=30)[0].strip().splitlines()[-1])
+    assert counts["/cam0/image_raw"] == 40 and counts["/imu0"] == 401, counts
+    assert counts["/clock"] == 441 and counts["clock_max"] > 1_400_000_000 * 10**9  # the recorded time (2014)
+
+
+LISTENER = """
+import json, time, rclpy
+from rosgraph_msgs.msg import Clock
+from sensor_msgs.msg import Image, Imu
+rclpy.init()
+node = rclpy.create_node("play_listener")
+counts = {"/cam0/image_raw": 0, "/imu0": 0, "/clock": 0, "clock_max": 0}
+def seen(topic):
+    def count(msg):
+        counts[topic] += 1
+        if topic == "/clock":
+            counts["clock_max"] = max(counts["clock_max"], msg.clock.sec * 10**9 + msg.clock.nanosec)
+    return count
+node.create_subscription(Image, "/cam0/image_raw", seen("/cam0/image_raw"), 100)  # reliable
+node.create_subscription(Imu, "/imu0", seen("/imu0"), 100)
+node.create_subscription(Clock, "/clock", seen("/clock"), 100)
+last, end = 0, time.monotonic() + 40
+while time.monotonic() < end:
+    rclpy.spin_once(node, timeout_sec=0.1)
+    total = counts["/cam0/image_raw"] + counts["/imu0"]
+    if total and total == last and time.monotonic() > quiet_until:
+        break
+    if total != last:
+        last, quiet_until = total, time.monotonic() + 2.0
+print(json.dumps(counts))
+"""
+
+
+def test_replay_api_raises_when_nothing_is_readable(real_data, pipeline, tmp_path):
+    with pytest.raises(BagError, match="nothing could be read"):
+        replay([real_data / "vlp16_raw_packets"], pipeline, tmp_path, ReplayOptions(progress=False))
+
+
+def test_play_loops_until_ctrl_c_and_stops_cleanly(real_data):
+    import signal
+
+    pytest.importorskip("rclpy", reason="rclpy (ROS 2) is not installed")
+    env = dict(os.environ, ROS_DOMAIN_ID=str(50 + os.getpid() % 50 + 1))
+    player = subprocess.Popen([sys.executable, "-m", "fusion_attn.cli", "play", str(real_data / "euroc_v1_01_cam_imu"),
+                               "--loop", "--rate", "4"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(6.0)  # start-up, and more than one pass at 4x (0.5 s each)
+    assert player.poll() is None  # still looping
+    player.send_signal(signal.SIGINT)
+    out, err = player.communicate(timeout=20)
+    assert player.returncode == 0, err
+    assert "stopped" in out and "Traceback" not in err
