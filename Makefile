@@ -10,9 +10,11 @@ DEV_STAMP := $(VENV)/.installed-dev
 
 .PHONY: run test colcon-check venv clean
 
-# The main job on the embedded default: CPU, ONNX Runtime, no robot, the packaged default model.
+# The main job on the embedded default: CPU, ONNX Runtime, no robot, the packaged default model:
+# replay a recording as the node would fuse it; fused-state bag, summary and plots in $(OUT).
+OUT    ?= replay_out
 run: $(STAMP)
-	$(VENV)/bin/fusion-attn fuse --bag $(BAG) --backend onnxruntime
+	$(VENV)/bin/fusion-attn replay $(BAG) -o $(OUT) --backend onnxruntime
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

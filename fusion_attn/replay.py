@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -101,6 +102,10 @@ def replay(bags: Sequence[str | Path], pipeline: FusionPipeline, out_dir: str | 
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if (out / "fused").exists():  # a previous replay's output is replaced; anything else is left alone
+        if not (out / "summary.json").is_file():
+            raise BagError(f"{out / 'fused'} exists and is not the output of an earlier replay; choose another -o")
+        shutil.rmtree(out / "fused")
     taus = np.array(opts.taus, np.float32)
     pipeline.set_tau(taus[0])
     sync = SensorSync(sync_cfg or SyncConfig())

@@ -106,6 +106,16 @@ def test_tau_sweep_table_and_plot(real_data, tmp_path, capsys):
     assert _run([real_data / "euroc_v1_01_cam_imu"], tmp_path / "bad", "--tau", "1:2") == 2
 
 
+def test_replaying_into_the_same_folder_replaces_the_earlier_output(real_data, tmp_path, capsys):
+    bag = real_data / "euroc_v1_01_cam_imu"
+    assert _run([bag], tmp_path, "--end", "0.5") == 0
+    assert _run([bag], tmp_path) == 0
+    assert json.loads((tmp_path / "summary.json").read_text())["messages"] == 441
+    (tmp_path / "other" / "fused").mkdir(parents=True)
+    assert _run([bag], tmp_path / "other") == 2
+    assert "not the output of an earlier replay" in capsys.readouterr().err
+
+
 def test_start_end_filters(real_data, tmp_path):
     assert _run([real_data / "euroc_v1_01_cam_imu"], tmp_path, "--start", "0.5", "--end", "1.5") == 0
     summary = json.loads((tmp_path / "summary.json").read_text())

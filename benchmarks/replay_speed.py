@@ -1,0 +1,80 @@
+"""Replay speed on the standard configuration (issue #4), as a multiple of real time.
+
+    python benchmarks/replay_speed.py [--seconds 10] [--out benchmarks/results/replay_speed.json]
+
+Writes a rosbag2 MCAP of `--seconds` of the standard sensor set (640x480 bgr8 Image at 30 Hz,
+120,000-point PointCloud2 at 10 Hz, Imu at 400 Hz; the core benchmark's payloads) into a temporary
+folder, replays it with the default options (20 Hz fusion, ONNX Runtime, 1 thread) and reports
+recorded seconds per wall second (from replay's own timing: reading, fusing and writing; start-up
+and plots excluded), then profiles a second run to show where the time goes.
+"""
+
+import argparse
+import cProfile
+import datetime
+import json
+import pstats
+import tempfile
+import time
+from pathlib import Path
+
+from rosbags.rosbag2 import StoragePlugin, Writer
+from rosbags.typesys import Stores, get_typestore
+
+from fusion_attn.bench import machine, standard_messages
+from fusion_attn.frames import NS_PER_S
+from fusion_attn.pipeline import FusionPipeline
+from fusion_attn.replay import ReplayOptions, replay
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+parser.add_argument("--seconds", type=float, default=10.0)
+parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "replay_speed.json")
+args = parser.parse_args()
+
+store = get_typestore(Stores.ROS2_KILTED)
+image, cloud, imus = standard_messages()
+imu = imus[0]
+streams = [("/camera/image_raw", "sensor_msgs/msg/Image", image, 30), ("/lidar/points", "sensor_msgs/msg/PointCloud2", cloud, 10),
+           ("/imu/data", "sensor_msgs/msg/Imu", imu, 400)]
+T0 = 1_700_000_000 * NS_PER_S
+
+with tempfile.TemporaryDirectory() as tmp:
+    bag = Path(tmp) / "standard"
+    start = time.perf_counter()
+    events = sorted((T0 + round(i * NS_PER_S / hz), k) for k, (_, _, _, hz) in enumerate(streams)
+                    for i in range(int(args.seconds * hz)))
+    with Writer(bag, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
+        conns = [writer.add_connection(topic, msgtype, typestore=store) for topic, msgtype, _, _ in streams]
+        for stamp, k in events:
+            _, msgtype, msg, _ = streams[k]
+            msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp, NS_PER_S)
+            writer.write(conns[k], stamp, store.serialize_cdr(msg, msgtype))
+    size_mb = sum(f.stat().st_size for f in bag.iterdir()) / 1e6
+    print(f"wrote {len(events)} messages, {size_mb:.0f} MB, in {time.perf_counter() - start:.1f} s")
+
+    pipeline = FusionPipeline.create(None, backend="onnxruntime", threads=1)
+    summary = replay([bag], pipeline, Path(tmp) / "out", ReplayOptions(progress=False))  # the measured run
+    profile = cProfile.Profile()  # a second run, profiled, for the breakdown only
+    profile.enable()
+    replay([bag], pipeline, Path(tmp) / "profiled", ReplayOptions(progress=False))
+    profile.disable()
+
+stats = pstats.Stats(profile)
+stages = {"read + deserialize (rosbags)": ("anyreader.py", "deserialize"), "adapters": ("adapters.py", "guarded"),
+          "sync.add": ("sync.py", "add"), "tokenize": ("tokenize.py", "__call__"), "model (onnxruntime)": ("onnxruntime_backend.py", "run"),
+          "write output bag": ("replay.py", "write_state"), "plots": ("plots.py", "replay_plots")}
+cumulative = {name: 0.0 for name in stages}
+for (file, _, func), (_, _, _, cum, _) in stats.stats.items():
+    for name, (f, fn) in stages.items():
+        if file.endswith(f) and func == fn:
+            cumulative[name] += cum
+t = summary["timing"]
+report = {"date": datetime.date.today().isoformat(), "machine": machine(), "recorded_s": t["recorded_s"],
+          "bag_mb": size_mb, "messages": summary["messages"], "fusions": summary["fusions"], "wall_s": t["wall_s"],
+          "speed_x_real_time": t["speed_x_real_time"],
+          "profile_s": {k: round(v, 3) for k, v in cumulative.items()},
+          "profile_note": "cumulative seconds per stage in a second, cProfile-instrumented run (slower than the measured one)"}
+args.out.parent.mkdir(parents=True, exist_ok=True)
+args.out.write_text(json.dumps(report, indent=2))
+print(json.dumps(report, indent=2))
+print(f"{'met' if t['speed_x_real_time'] >= 50 else 'MISSED'}: at least 50x real time")
