@@ -49,6 +49,8 @@ setup(
         "onnxscript",
         "onnxruntime",
         "rosbags>=0.10",
+        "zstandard",  # rosbags: zstd-compressed rosbag2 files and messages
+        "lz4",  # rosbags: lz4-compressed ROS 1 bag chunks
         "opencv-python-headless",
         "matplotlib",  # replay plots (Agg backend, no display)
         "tqdm",  # replay progress

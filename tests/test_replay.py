@@ -243,3 +243,43 @@ def test_play_loops_until_ctrl_c_and_stops_cleanly(real_data):
     out, err = player.communicate(timeout=20)
     assert player.returncode == 0, err
     assert "stopped" in out and "Traceback" not in err
+
+
+def _euroc_rows(real_data):
+    with AnyReader([real_data / "euroc_v1_01_cam_imu"]) as reader:
+        return [(c.topic, c.msgtype, t, bytes(raw)) for c, t, raw in reader.messages()]
+
+
+def test_sqlite3_with_zstd_compression_gives_the_same_fusion(real_data, pipeline, tmp_path):
+    from rosbags.rosbag2.writer import CompressionFormat, CompressionMode
+    from rosbags.typesys import Stores, get_typestore
+
+    store = get_typestore(Stores.ROS2_KILTED)
+    writer = Writer(tmp_path / "sqlite", version=9, storage_plugin=StoragePlugin.SQLITE3)
+    writer.set_compression(CompressionMode.MESSAGE, CompressionFormat.ZSTD)
+    with writer:
+        conns = {}
+        for topic, msgtype, t, raw in _euroc_rows(real_data):
+            if topic not in conns:
+                conns[topic] = writer.add_connection(topic, msgtype, typestore=store)
+            writer.write(conns[topic], t, raw)
+    opts = ReplayOptions(progress=False)
+    a = replay([real_data / "euroc_v1_01_cam_imu"], pipeline, tmp_path / "mcap_out", opts)
+    b = replay([tmp_path / "sqlite"], pipeline, tmp_path / "sqlite_out", opts)
+    assert a["fusions"] == b["fusions"] and a["attention_mean"] == b["attention_mean"]
+    assert ((tmp_path / "mcap_out" / "fused" / "fused.mcap").read_bytes()
+            == (tmp_path / "sqlite_out" / "fused" / "fused.mcap").read_bytes())
+
+
+def test_several_bags_are_merged_by_time_and_receive_clock(real_data, pipeline, tmp_path):
+    rows = _euroc_rows(real_data)
+    _write_bag(tmp_path / "camera_only", [r for r in rows if r[0] == "/cam0/image_raw"])
+    _write_bag(tmp_path / "imu_only", [r for r in rows if r[0] == "/imu0"])
+    opts = ReplayOptions(progress=False)
+    whole = replay([real_data / "euroc_v1_01_cam_imu"], pipeline, tmp_path / "whole", opts)
+    merged = replay([tmp_path / "camera_only", tmp_path / "imu_only"], pipeline, tmp_path / "merged", opts)
+    assert merged["sensors"] == whole["sensors"] and merged["attention_mean"] == whole["attention_mean"]
+    received = replay([real_data / "euroc_v1_01_cam_imu"], pipeline, tmp_path / "receive",
+                      ReplayOptions(progress=False, clock="receive"))
+    assert received["options"]["clock"] == "receive" and received["fusions"] >= 40
+    assert received["sensors"]["imu"]["received"] == 401
