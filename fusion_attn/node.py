@@ -51,7 +51,7 @@ PARAMETERS = (
     Param("imu_type", "imu", "IMU: imu | none"),
     Param("imu_topic", "imu/data", "IMU topic (or remap it)"),
     Param("qos_reliability", "best_effort", "subscription reliability: best_effort (sensor data) | reliable"),
-    Param("qos_depth", 10, "subscription queue depth", (1, 1000)),
+    Param("qos_depth", 50, "subscription queue depth (per topic)", (1, 1000)),
     Param("tau.global", 1.0, "softmax temperature, all tokens (> 0; lower = sharper)", (1e-3, 1e3), runtime=True),
     Param("tau.camera", 1.0, "temperature of camera tokens, times tau.global", (1e-3, 1e3), runtime=True),
     Param("tau.lidar", 1.0, "temperature of lidar tokens, times tau.global", (1e-3, 1e3), runtime=True),
