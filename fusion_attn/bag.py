@@ -7,14 +7,21 @@ and skipped; a bag that cannot be opened or is truncated raises BagError naming 
 
 from __future__ import annotations
 
+import bz2
+import contextlib
+import io
 import logging
+import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import lz4.frame
+from mcap import records as mcap_records
+from mcap.stream_reader import StreamReader
 from rosbags.highlevel import AnyReader
-from rosbags.typesys import Stores, get_typestore
+from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 
 from .adapters import modality_of, to_frame
 from .errors import BagError, MalformedMessageError
@@ -52,11 +59,170 @@ def open_reader(paths: Sequence[str | Path]) -> Iterator[AnyReader]:
     try:
         reader.open()
     except Exception as exc:  # rosbags raises per-format reader errors; all mean "unreadable bag"
-        raise BagError(f"cannot open {', '.join(map(str, paths))}: {exc}") from exc
+        single = _single_file(paths)
+        if single is None:
+            raise BagError(f"cannot open {', '.join(map(str, paths))}: {exc}") from exc
+        log.warning("%s: %s; reading its records in sequence instead", single, exc)
+        # a bag cut short has no index, but its records up to the cut are fine
+        reader = StreamedMcap(single) if single.suffix == ".mcap" else StreamedRos1(single)
     try:
         yield reader
     finally:
         reader.close()
+
+
+def _single_file(paths: list[Path]) -> Path | None:
+    """The one .mcap or ROS 1 .bag behind `paths`, if that is what they are."""
+    if len(paths) != 1:
+        return None
+    p = paths[0]
+    files = [p] if p.suffix in (".mcap", ".bag") else sorted(p.glob("*.mcap")) if p.is_dir() else []
+    return files[0] if len(files) == 1 else None
+
+
+@dataclass(frozen=True)
+class _Connection:
+    topic: str
+    msgtype: str
+    msgcount: int
+
+
+class SequentialReader:
+    """The part of AnyReader's interface this package uses, over a bag read record by record.
+
+    For files whose index is missing (a recording cut short): every complete message before the
+    fault is read, then BagError says where it stopped. Subclasses yield the file's records.
+    """
+
+    def __init__(self, path: Path, store: Stores):
+        self.path = path
+        self.typestore = get_typestore(store)
+        self.fault: str | None = None
+        topics: dict[object, tuple[str, str]] = {}
+        counts: dict[object, int] = {}
+        times = []
+        for kind, key, a, b in self._guarded():
+            if kind == "connection":
+                topics.setdefault(key, (a, b))
+            else:
+                counts[key] = counts.get(key, 0) + 1
+                times.append(a)
+        if not times:
+            raise BagError(f"{path}: no complete message ({self.fault or 'empty'})")
+        self._by_key = {k: _Connection(topic, msgtype, counts.get(k, 0)) for k, (topic, msgtype) in topics.items()}
+        self.connections = list({c.topic: c for c in self._by_key.values()}.values())
+        self.start_time, self.end_time = min(times), max(times) + 1
+
+    def _records(self):
+        """Yield ("connection", key, topic, msgtype) and ("message", key, log_time_ns, raw)."""
+        raise NotImplementedError
+
+    def _guarded(self):
+        try:
+            yield from self._records()
+        except Exception as exc:  # noqa: BLE001 - the end of a cut file shows up as any of several errors
+            self.fault = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+    def messages(self, connections=(), start: int | None = None, stop: int | None = None):
+        wanted = {c.topic for c in connections}
+        for kind, key, log_time, raw in self._guarded():
+            conn = self._by_key.get(key) if kind == "message" else None
+            if conn is None or (wanted and conn.topic not in wanted):
+                continue
+            if (start is None or log_time >= start) and (stop is None or log_time < stop):
+                yield conn, log_time, raw
+        if self.fault:
+            raise BagError(f"{self.path}: the file ends part-way ({self.fault}); read up to there")
+
+    def close(self) -> None:
+        pass
+
+
+class StreamedMcap(SequentialReader):
+    def __init__(self, path: Path):
+        super().__init__(path, Stores.ROS2_KILTED)
+
+    def _records(self):
+        schemas = {}
+        with open(self.path, "rb") as f:
+            for record in StreamReader(f).records:
+                if isinstance(record, mcap_records.Schema):
+                    schemas[record.id] = record.name
+                elif isinstance(record, mcap_records.Channel):
+                    yield "connection", record.id, record.topic, schemas.get(record.schema_id, "")
+                elif isinstance(record, mcap_records.Message):
+                    yield "message", record.channel_id, record.log_time, record.data
+
+    def deserialize(self, raw: bytes, msgtype: str):
+        return self.typestore.deserialize_cdr(raw, msgtype)
+
+
+class StreamedRos1(SequentialReader):
+    """ROS 1 bag format 2.0: records of (header fields, data); chunks hold connections and messages."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, Stores.ROS1_NOETIC)
+
+    def _records(self):
+        with open(self.path, "rb") as f:
+            if f.read(13) != b"#ROSBAG V2.0\n":
+                raise BagError(f"{self.path} is not a ROS 1 bag (format 2.0)")
+            for fields, data in _ros1_records(f):
+                if fields.get("op") == b"\x05":  # chunk
+                    yield from self._chunk(fields, data)
+
+    def _chunk(self, fields, data):
+        compression = fields.get("compression", b"none")
+        if compression == b"bz2":
+            data = bz2.decompress(data)
+        elif compression == b"lz4":
+            data = lz4.frame.decompress(data)
+        for inner, payload in _ros1_records(io.BytesIO(data)):
+            op = inner.get("op")
+            conn = struct.unpack("<I", inner["conn"])[0] if "conn" in inner else None
+            if op == b"\x07":  # connection: its data is more header fields (type, definition)
+                info = dict(_ros1_fields(payload))
+                msgtype = _ros2_name(info["type"].decode())
+                if msgtype not in self.typestore.types:
+                    with contextlib.suppress(Exception):  # unknown types stay unreadable, and are reported so
+                        self.typestore.register(get_types_from_msg(info["message_definition"].decode(), msgtype))
+                yield "connection", conn, inner["topic"].decode(), msgtype
+            elif op == b"\x02":  # message data
+                sec, nsec = struct.unpack("<II", inner["time"])
+                yield "message", conn, sec * 1_000_000_000 + nsec, payload
+
+    def deserialize(self, raw: bytes, msgtype: str):
+        return self.typestore.deserialize_ros1(raw, msgtype)
+
+
+def _ros1_records(f):
+    """(header fields, data) of each record; EOFError where the file is cut."""
+    while len(size := f.read(4)) == 4:
+        header = f.read(struct.unpack("<I", size)[0])
+        data_size = f.read(4)
+        if len(data_size) < 4:
+            raise EOFError("record cut short")
+        n = struct.unpack("<I", data_size)[0]
+        data = f.read(n)
+        if len(data) < n:
+            raise EOFError("record data cut short")
+        yield dict(_ros1_fields(header)), data
+    if size:
+        raise EOFError("record length cut short")
+
+
+def _ros1_fields(buf: bytes):
+    i = 0
+    while i + 4 <= len(buf):
+        n = struct.unpack_from("<I", buf, i)[0]
+        name, _, value = buf[i + 4:i + 4 + n].partition(b"=")
+        yield name.decode(), value
+        i += 4 + n
+
+
+def _ros2_name(ros1_type: str) -> str:
+    package, _, name = ros1_type.partition("/")
+    return f"{package}/msg/{name}"
 
 
 def find_topics(reader: AnyReader, overrides: dict[Modality, str] | None = None) -> BagTopics:
@@ -83,24 +249,38 @@ def find_topics(reader: AnyReader, overrides: dict[Modality, str] | None = None)
     return topics
 
 
-def read_messages(reader: AnyReader, topics: BagTopics, start_ns: int | None = None,
-                  stop_ns: int | None = None) -> Iterator[BagMessage]:
-    """Sensor messages in recorded order, adapted to frames (malformed ones carry their error)."""
-    by_topic = {t: m for m, t in topics.sensors.items()}
-    conns = [c for c in reader.connections if c.topic in by_topic]
+def read_decoded(reader: AnyReader, topics: BagTopics, start_ns: int | None = None,
+                 stop_ns: int | None = None) -> Iterator[tuple[object, int, object, str | None]]:
+    """(connection, log time, decoded message or None, error) of the sensor topics, in recorded order.
+
+    A message whose bytes do not decode as its type yields None and the error; a read that breaks off
+    (truncated chunk, bad index) raises BagError after everything before the fault.
+    """
+    conns = [c for c in reader.connections if c.topic in topics.sensors.values()]
     if not conns:  # rosbags reads every connection when given none
         return
     try:
         for conn, log_time, raw in reader.messages(connections=conns, start=start_ns, stop=stop_ns):
-            modality = by_topic[conn.topic]
             try:
-                frame = to_frame(reader.deserialize(raw, conn.msgtype))
-            except MalformedMessageError as exc:
-                yield BagMessage(log_time, conn.topic, modality, None, str(exc))
-                continue
+                yield conn, log_time, reader.deserialize(raw, conn.msgtype), None
             except Exception as exc:  # noqa: BLE001 - bytes that do not decode as the declared type, any error
-                yield BagMessage(log_time, conn.topic, modality, None, f"undecodable {conn.msgtype}: {exc}")
-                continue
-            yield BagMessage(log_time, conn.topic, modality, frame)
-    except Exception as exc:  # truncated chunk, bad index, ...
+                yield conn, log_time, None, f"undecodable {conn.msgtype}: {exc}"
+    except BagError:
+        raise
+    except Exception as exc:
         raise BagError(f"bag read failed (truncated or corrupt?): {exc}") from exc
+
+
+def read_messages(reader: AnyReader, topics: BagTopics, start_ns: int | None = None,
+                  stop_ns: int | None = None) -> Iterator[BagMessage]:
+    """Sensor messages in recorded order, adapted to frames (malformed ones carry their error)."""
+    by_topic = {t: m for m, t in topics.sensors.items()}
+    for conn, log_time, msg, error in read_decoded(reader, topics, start_ns, stop_ns):
+        modality = by_topic[conn.topic]
+        if msg is None:
+            yield BagMessage(log_time, conn.topic, modality, None, error)
+            continue
+        try:
+            yield BagMessage(log_time, conn.topic, modality, to_frame(msg))
+        except MalformedMessageError as exc:
+            yield BagMessage(log_time, conn.topic, modality, None, str(exc))

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     launch = verbs.add_parser("launch", help="start fusion_node with config/fusion.yaml, as fusion.launch.py does")
     launch.add_argument("arguments", nargs="*", metavar="name:=value",
                         help="launch arguments: params_file, checkpoint, backend, tau, camera_topic, lidar_topic, "
-                             "imu_topic, fused_state_topic")
+                             "imu_topic, use_sim_time, fused_state_topic")
 
     bench = verbs.add_parser("bench", help="per-stage latency on the standard configuration")
     bench.add_argument("--checkpoint", type=Path)
@@ -101,35 +101,44 @@ def _model_args(p: argparse.ArgumentParser, backend: bool = True, tau: bool = Tr
 
 
 def _setup(args, tau=None):
-    """The pipeline and sync config from --params (the node's parameter file) and the flags."""
+    """The pipeline, sync config and parameters from --params (the node's file) and the flags."""
     from .config import load_params
     from .pipeline import FusionPipeline
     from .sync import SyncConfig
 
     params = load_params(args.params) if args.params else {}
     tau = tau or [params.get(f"tau.{k}", 1.0) for k in ("global", *MODALITIES)]
-    defaults = SyncConfig()
-    sync_cfg = SyncConfig(max_age_s=tuple(params.get(f"max_age_s.{m}", d) for m, d in zip(MODALITIES, defaults.max_age_s)),
-                          stale_after_periods=params.get("stale_after_periods", defaults.stale_after_periods))
     pipeline = FusionPipeline.create(args.checkpoint or params.get("checkpoint") or None,
                                      backend=args.backend or params.get("backend", "onnxruntime"),
                                      threads=args.threads or params.get("threads", 1), tau=tau,
                                      frame_id=params.get("frame_id", "base_link"))
-    return pipeline, sync_cfg, params
+    return pipeline, SyncConfig.from_params(params, pipeline.cfg.imu.window_s), params
+
+
+def _replay_options(args, params, **overrides):
+    """Replay options from the node's parameters (so replay does what the node would), then the flags."""
+    from .frames import Modality
+    from .replay import ReplayOptions
+
+    topics = {Modality[m.upper()]: t for m in MODALITIES if (t := getattr(args, f"{m}_topic", None))}
+    return ReplayOptions(
+        fusion_rate_hz=args.rate if getattr(args, "rate", None) is not None else params.get("fusion_rate_hz", 20.0),
+        trigger=params.get("trigger", "timer"), diagnostics_period_s=params.get("diagnostics_period_s", 1.0),
+        sensors=tuple(m for m in MODALITIES if params.get(f"{m}_type", "") != "none"), topics=topics, **overrides)
 
 
 def _fuse(args) -> int:
     from .sync import SensorSync
 
-    pipeline, sync_cfg, _ = _setup(args, args.tau)
+    pipeline, sync_cfg, params = _setup(args, args.tau)
     sync = SensorSync(sync_cfg)
     if args.bag:
-        now_ns, notes = _feed_bag(args.bag, args.at, sync)
+        state, notes = _fuse_bag(args, pipeline, sync, params)
     elif args.image or args.points:
-        now_ns, notes = _feed_files(args.image, args.points, sync), []
+        _feed_files(args.image, args.points, sync)
+        state, notes = pipeline.fuse(sync.snapshot(0)), []
     else:
         raise FusionAttnError("fuse needs --bag, or --image and/or --points")
-    state = pipeline.fuse(sync.snapshot(now_ns))
     if args.json:
         print(json.dumps(_state_dict(state, pipeline), indent=2))
     else:
@@ -137,17 +146,63 @@ def _fuse(args) -> int:
     return 0
 
 
+def _fuse_bag(args, pipeline, sync, params):
+    """The fused state at the instant --at: the bag is fed up to there exactly as replay feeds it (same
+    sync, drops and resets), then fused once at the newest recorded stamp."""
+    from .bag import open_reader
+    from .replay import Recording, fuse_recording
+
+    with open_reader(args.bag) as reader:
+        duration = reader.end_time - reader.start_time
+        at_ns = duration // 2 if args.at is None else int(args.at * NS_PER_S)
+        if not 0 <= at_ns <= duration:
+            raise BagError(f"--at {at_ns / NS_PER_S:.3f} s is outside the bag (0 .. {duration / NS_PER_S:.3f} s)")
+        rec = Recording()
+        opts = _replay_options(args, params, end_s=at_ns / NS_PER_S + 1e-9, progress=False)
+        try:
+            for _ in fuse_recording(reader, pipeline, sync, opts, pipeline.tau[None], rec, trailing=False):
+                pass
+        except BagError as exc:
+            rec.events.append(f"read stopped: {exc}")
+    if not rec.topics.sensors:
+        raise BagError(f"no camera, lidar or IMU topic in {', '.join(map(str, args.bag))}; skipped: {rec.topics.skipped}")
+    now_ns = sync.newest_stamp_ns()
+    if now_ns is None:
+        raise BagError(f"no sensor message in the first {at_ns / NS_PER_S:.3f} s of the bag (try a later --at)")
+    state = pipeline.fuse(sync.snapshot(now_ns))
+    notes = [f"{m}: {t}" for m, t in sorted((MODALITIES[m], t) for m, t in rec.topics.sensors.items())]
+    notes += [f"skipped {t}: {why}" for t, why in rec.topics.skipped.items()] + rec.events[:5]
+    return state, notes
+
+
+def _feed_files(image: Path | None, points: Path | None, sync) -> None:
+    """An image file goes through the CompressedImage adapter (the node's converter); points are (N, 3|4)."""
+    from rosbags.typesys import Stores, get_typestore
+
+    from .adapters import compressed_image_to_frame
+    from .frames import LidarFrame
+
+    if image is not None:
+        try:
+            data = image.read_bytes()
+        except OSError as exc:
+            raise FusionAttnError(f"cannot read image {image}: {exc}") from exc
+        T = get_typestore(Stores.ROS2_KILTED).types
+        header = T["std_msgs/msg/Header"](T["builtin_interfaces/msg/Time"](0, 0), "camera")
+        msg = T["sensor_msgs/msg/CompressedImage"](header, image.suffix.lstrip(".").lower(), np.frombuffer(data, np.uint8))
+        sync.add(compressed_image_to_frame(msg))
+    if points is not None:
+        sync.add(LidarFrame(0, "lidar", _load_points(points)))
+
+
 def _replay(args) -> int:
-    from .frames import Modality
-    from .replay import ReplayOptions, replay
+    from .replay import replay
 
     pipeline, sync_cfg, params = _setup(args)
     base = pipeline.tau
     taus = tuple(_tau_entry(entry, base) for entry in args.tau.split(",")) if args.tau else (tuple(base.tolist()),)
-    opts = ReplayOptions(
-        fusion_rate_hz=args.rate or params.get("fusion_rate_hz", 20.0), clock=args.clock, start_s=args.start,
-        end_s=args.end, taus=taus, progress=not args.no_progress,
-        topics={Modality[m.upper()]: t for m in MODALITIES if (t := getattr(args, f"{m}_topic"))})
+    opts = _replay_options(args, params, clock=args.clock, start_s=args.start, end_s=args.end, taus=taus,
+                           progress=not args.no_progress)
     summary = replay(args.bags, pipeline, args.output, opts, sync_cfg)
     t = summary["timing"]
     print(f"replayed {summary['messages']} messages -> {summary['fusions']} fused states at "
@@ -185,7 +240,10 @@ def _play(args) -> int:
 
     from .play import play
 
-    remap = dict(item.split(":=", 1) for item in args.remap if ":=" in item)
+    bad = [item for item in args.remap if ":=" not in item]
+    if bad:
+        raise FusionAttnError(f"--remap takes FROM:=TO, got {bad}")
+    remap = dict(item.split(":=", 1) for item in args.remap)
     # Ctrl-C as a plain KeyboardInterrupt: rclpy's own handler would invalidate the context before
     # the publishers are flushed and destroyed
     rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
@@ -198,50 +256,6 @@ def _play(args) -> int:
     finally:
         node.destroy_node()
         rclpy.try_shutdown()
-    return 0
-
-
-def _feed_bag(paths, at_s, sync) -> tuple[int, list[str]]:
-    from .bag import find_topics, open_reader, read_messages
-
-    with open_reader(paths) as reader:
-        topics = find_topics(reader)
-        if not topics.sensors:
-            raise BagError(f"no camera, lidar or IMU topic in {', '.join(map(str, paths))}; skipped: {topics.skipped}")
-        duration = reader.end_time - reader.start_time
-        at_ns = duration // 2 if at_s is None else int(at_s * NS_PER_S)
-        if not 0 <= at_ns <= duration:
-            raise BagError(f"--at {at_ns / NS_PER_S:.3f} s is outside the bag (0 .. {duration / NS_PER_S:.3f} s)")
-        notes = [f"{MODALITIES[m]}: {t}" for m, t in sorted(topics.sensors.items())]
-        notes += [f"skipped {t}: {why}" for t, why in topics.skipped.items()]
-        dropped = 0
-        for msg in read_messages(reader, topics, stop_ns=reader.start_time + at_ns + 1):
-            if msg.frame is None:
-                sync.drop(msg.modality, "malformed")
-                dropped += 1
-                log.warning("dropped %s message: %s", msg.topic, msg.error)
-            else:
-                sync.add(msg.frame)
-        if dropped:
-            notes.append(f"dropped {dropped} malformed message(s)")
-    now_ns = sync.newest_stamp_ns()
-    if now_ns is None:
-        raise BagError(f"no sensor message in the first {at_ns / NS_PER_S:.3f} s of the bag")
-    return now_ns, notes
-
-
-def _feed_files(image: Path | None, points: Path | None, sync) -> int:
-    import cv2
-
-    from .frames import CameraFrame, LidarFrame
-
-    if image is not None:
-        bgr = cv2.imread(str(image), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise FusionAttnError(f"cannot read image {image}")
-        sync.add(CameraFrame(0, "camera", cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), "rgb8"))
-    if points is not None:
-        sync.add(LidarFrame(0, "lidar", _load_points(points)))
     return 0
 
 

@@ -37,7 +37,7 @@ class CameraTokens:
 @dataclass(frozen=True)
 class LidarTokens:
     range_m: float = 51.2  # square bird's-eye-view grid of half-size range_m around the sensor
-    grid: int = 64  # cells per side (<= 256, so a cell id fits in uint16)
+    grid: int = 64  # cells per side (<= 255: cell ids and the out-of-range cell fit in uint16)
     z_min_m: float = -3.0
     z_max_m: float = 5.0
     pillars: int = 64  # token budget: the most populated pillars
@@ -90,17 +90,25 @@ class FusionConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self):
-        c, m = self.camera, self.model
+        c, m, li = self.camera, self.model, self.lidar
+        sizes = {"camera.height": c.height, "camera.width": c.width, "camera.patch": c.patch,
+                 "lidar.pillars": li.pillars, "lidar.points_per_pillar": li.points_per_pillar,
+                 "imu.chunks": self.imu.chunks, "imu.samples_per_chunk": self.imu.samples_per_chunk,
+                 "model.dim": m.dim, "model.heads": m.heads, "model.fusion_tokens": m.fusion_tokens,
+                 "model.mlp_ratio": m.mlp_ratio, "model.age_frequencies": m.age_frequencies}
+        for name, value in sizes.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(m.latent_blocks, int) or m.latent_blocks < 0:
+            raise ConfigError(f"model.latent_blocks must be an integer >= 0, got {m.latent_blocks!r}")
         if c.height % c.patch or c.width % c.patch:
             raise ConfigError(f"camera {c.height}x{c.width} is not a multiple of patch {c.patch}")
         if m.dim % m.heads:
             raise ConfigError(f"model.dim {m.dim} is not divisible by model.heads {m.heads}")
-        if not 1 <= self.lidar.grid <= 256:
-            raise ConfigError(f"lidar.grid {self.lidar.grid} must be in [1, 256]")
-        for name, value in (("lidar.pillars", self.lidar.pillars), ("imu.chunks", self.imu.chunks),
-                            ("model.fusion_tokens", m.fusion_tokens)):
-            if value < 1:
-                raise ConfigError(f"{name} must be >= 1, got {value}")
+        if not 1 <= li.grid <= 255:  # cell ids and the out-of-range cell must fit in uint16
+            raise ConfigError(f"lidar.grid {li.grid} must be in [1, 255]")
+        if not (li.range_m > 0 and self.imu.window_s > 0 and li.z_max_m > li.z_min_m):
+            raise ConfigError("lidar.range_m and imu.window_s must be > 0, and lidar.z_max_m > lidar.z_min_m")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

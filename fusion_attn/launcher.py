@@ -2,7 +2,7 @@
 and `fusion-attn launch` starts the same processes here, where the `launch` package is not installed.
 
 Launch arguments (both ways): params_file, checkpoint, backend, tau, camera_topic, lidar_topic,
-imu_topic, fused_state_topic. An empty argument leaves the parameter file's value alone.
+imu_topic, use_sim_time, fused_state_topic. An empty argument leaves the parameter file's value alone.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ ARGUMENTS = {
     "camera_topic": ("camera_topic", "", "camera topic"),
     "lidar_topic": ("lidar_topic", "", "lidar topic"),
     "imu_topic": ("imu_topic", "", "IMU topic"),
+    "use_sim_time": ("use_sim_time", "", "true: follow /clock (fusion-attn play --clock)"),
 }
 FLOAT_PARAMETERS = {"tau.global"}
+BOOL_PARAMETERS = {"use_sim_time"}
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,10 @@ def fusion_graph(args: dict[str, str]) -> list[NodeSpec]:
     parameters: dict[str, object] = {}
     for arg, (param, _, _) in ARGUMENTS.items():
         value = args.get(arg, "")
+        if value != "" and param in BOOL_PARAMETERS:
+            if value.lower() not in ("true", "false"):
+                raise ConfigError(f"launch argument {arg}:={value!r} must be true or false")
+            value = value.lower() == "true"
         if value != "" and param in FLOAT_PARAMETERS:
             try:
                 value = float(value)

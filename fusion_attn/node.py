@@ -98,8 +98,11 @@ class FusionNode(LifecycleNode):
         except FusionAttnError as exc:
             self.get_logger().error(f"configure failed: {exc}")
             return TransitionCallbackReturn.FAILURE
-        self.sync = SensorSync(SyncConfig(max_age_s=tuple(self.p(f"max_age_s.{m}") for m in MODALITIES),
-                                          stale_after_periods=self.p("stale_after_periods")))
+        except Exception as exc:  # noqa: BLE001 - rclpy would swallow it silently; say what failed
+            self.get_logger().error(f"configure failed: {type(exc).__name__}: {exc}")
+            return TransitionCallbackReturn.FAILURE
+        params = {p.name: self.p(p.name) for p in PARAMETERS}
+        self.sync = SensorSync(SyncConfig.from_params(params, self.pipeline.cfg.imu.window_s))
         self.fused_pub = self.create_lifecycle_publisher(Image, "fused_state", 10)
         self.diag_pub = self.create_lifecycle_publisher(DiagnosticArray, "/diagnostics", 10)
         self.get_logger().info(f"configured: model {self.pipeline.model_source} on {self.pipeline.backend.name}, "
@@ -152,8 +155,9 @@ class FusionNode(LifecycleNode):
             self._sensor_log[modality].warning(f"dropped {MODALITIES[modality]} message: {exc}", throttle_duration_sec=5.0)
             return
         resets = self.sync.resets
-        if not self.sync.add(frame):
-            self._sensor_log[modality].warning(f"dropped {MODALITIES[modality]} message: stamp not after the previous one",
+        rejected = self.sync.add(frame)
+        if rejected:
+            self._sensor_log[modality].warning(f"dropped {MODALITIES[modality]} message: {rejected}",
                                                throttle_duration_sec=5.0)
             return
         if self.sync.resets != resets:
@@ -265,7 +269,9 @@ def main(args: list[str] | None = None) -> int:
     node = FusionNode()
     try:
         if node.p("autostart"):
-            node.trigger_configure()
+            if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+                node.get_logger().fatal("autostart: configure failed (see above); exiting")
+                return 1
             node.trigger_activate()
         rclpy.spin(node)
     except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):

@@ -51,8 +51,9 @@ def diagnostics(summary: dict[str, dict], state: FusedState | None, backend: str
                 configured: tuple[str, ...]) -> list[Status]:
     """Per-sensor status (rate, age, drops, masked) and one for the fusion itself.
 
-    Thresholds are relative to each sensor's own period: WARN once its data is older than 2 periods
-    or it dropped messages since the start, ERROR when it is masked (stale or never seen). The fusion
+    Thresholds are relative to each sensor's own period: WARN once its next message is overdue (data
+    older than one period) or it dropped messages since the start, ERROR when it is masked (silent for
+    1.5 periods or past its max age, or never seen). The fusion
     is WARN when processing takes over half the fusion period, ERROR over the whole period.
     processing_ms None: not measured (replay leaves wall-clock figures out of its deterministic output).
     """
@@ -67,7 +68,7 @@ def diagnostics(summary: dict[str, dict], state: FusedState | None, backend: str
             level, message = ERROR, "no data received"
         elif h["masked"]:
             level, message = ERROR, f"stale: no data for {h['age_s'] * 1e3:.0f} ms, masked"
-        elif h["age_s"] > 2 * period:
+        elif h["age_s"] > period:
             level, message = WARN, f"late: {h['age_s'] * 1e3:.0f} ms old, period {period * 1e3:.0f} ms"
         elif h["dropped"]:
             level, message = WARN, f"ok, {h['dropped']} message(s) dropped"

@@ -18,7 +18,7 @@ import torch
 from .backends import BACKENDS, Backend
 from .checkpoint import load_checkpoint
 from .config import FusionConfig
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .frames import FusedState, Modality
 from .model import FusionModel
 from .tokenize import SensorSnapshot, Tokenizer
@@ -66,8 +66,12 @@ def onnx_for(model: FusionModel, cache_dir: str | Path | None = None) -> Path:
     if not path.is_file():
         log.info("exporting ONNX graph to %s", path)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        export_onnx(model, tmp)
-        tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+        try:
+            export_onnx(model, tmp)
+            tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+        except OSError as exc:
+            raise CheckpointError(f"cannot write the ONNX cache {path} ({exc}); set FUSION_ATTN_CACHE to a "
+                                  "writable folder") from exc
     return path
 
 

@@ -9,6 +9,8 @@ from real sensors.
 from __future__ import annotations
 
 import importlib
+import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,8 +21,11 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy
 from rclpy.serialization import deserialize_message
 from rosgraph_msgs.msg import Clock
 
-from .bag import find_topics, open_reader
+from .bag import find_topics, open_reader, read_decoded
+from .errors import BagError, ConfigError
 from .frames import NS_PER_S, stamp_to_ns
+
+log = logging.getLogger(__name__)
 
 
 def message_class(msgtype: str) -> type:
@@ -41,12 +46,16 @@ def play(node: Node, bags: Sequence[str | Path], remap: dict[str, str] | None = 
     silence a sensor mid-stream this way). Playing starts once every topic has a subscriber, or
     after wait_s: the first messages are not lost to DDS discovery.
     """
+    if not (math.isfinite(rate) and rate > 0):
+        raise ConfigError(f"play rate must be > 0, got {rate}")
     remap = remap or {}
     published = 0
     with open_reader(bags) as reader:
         topics = find_topics(reader)
-        wanted = {t: m for m, t in topics.sensors.items()}
-        conns = [c for c in reader.connections if c.topic in wanted]
+        if not topics.sensors:
+            raise BagError(f"no camera, lidar or IMU topic to play in {', '.join(map(str, bags))}; "
+                           f"skipped: {topics.skipped}")
+        conns = [c for c in reader.connections if c.topic in topics.sensors.values()]
         # reliable: a reliable subscriber gets every message; best-effort ones (sensor QoS) still match
         qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
         pubs = {c.topic: node.create_publisher(message_class(c.msgtype), remap.get(c.topic, c.topic), qos) for c in conns}
@@ -54,7 +63,7 @@ def play(node: Node, bags: Sequence[str | Path], remap: dict[str, str] | None = 
         _wait_for_subscribers(list(pubs.values()), wait_s)
         try:
             while True:
-                published += _play_once(node, reader, conns, pubs, clock_pub, rate, restamp and not clock, keep)
+                published += _play_once(node, reader, topics, pubs, clock_pub, rate, restamp and not clock, keep)
                 if not loop:
                     break
         finally:
@@ -72,20 +81,22 @@ def _wait_for_subscribers(pubs, wait_s: float) -> None:
         time.sleep(0.2)  # the writer has matched; give the readers' side of the match a moment too
 
 
-def _play_once(node, reader, conns, pubs, clock_pub, rate, restamp, keep) -> int:
+def _play_once(node, reader, topics, pubs, clock_pub, rate, restamp, keep) -> int:
     published = 0
     wall_start = time.monotonic()
     # one constant shift maps the recording's clock onto now, keeping every relative offset
     shift = node.get_clock().now().nanoseconds - reader.start_time
-    for conn, log_time, raw in reader.messages(connections=conns):
+    for conn, log_time, decoded, error in read_decoded(reader, topics):
         offset_s = (log_time - reader.start_time) / NS_PER_S
+        if decoded is None:
+            log.warning("skipped a message of %s: %s", conn.topic, error)
+            continue
         if keep is not None and not keep(conn.topic, offset_s):
             continue
         delay = wall_start + offset_s / rate - time.monotonic()
         if delay > 0:
             time.sleep(delay)
-        cdr = reader.typestore.serialize_cdr(reader.deserialize(raw, conn.msgtype), conn.msgtype)
-        msg = deserialize_message(bytes(cdr), message_class(conn.msgtype))
+        msg = deserialize_message(bytes(reader.typestore.serialize_cdr(decoded, conn.msgtype)), message_class(conn.msgtype))
         if restamp:
             msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_to_ns(msg.header.stamp) + shift, NS_PER_S)
         if clock_pub is not None:

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
 from .bag import find_topics, open_reader, read_messages
-from .errors import BagError
+from .errors import BagError, ConfigError
 from .frames import MODALITIES, NS_PER_S, FusedState, Modality
 from .outputs import diagnostics, fused_state_rows
 from .pipeline import FusionPipeline
@@ -43,6 +44,8 @@ class ReplayOptions:
     end_s: float | None = None
     topics: dict[Modality, str] = field(default_factory=dict)  # overrides of the detected topics
     taus: tuple[tuple[float, float, float, float], ...] = ((1.0, 1.0, 1.0, 1.0),)  # first: written; all: sweep
+    trigger: str = "timer"  # or camera | lidar | imu: fuse at each message of that sensor, as the node can
+    sensors: tuple[str, ...] = MODALITIES  # the node's *_type: none leaves a sensor out
     diagnostics_period_s: float = 1.0
     progress: bool = True
 
@@ -93,6 +96,90 @@ def _header(stamp_ns: int, frame_id: str):
     return _TYPES.types["std_msgs/msg/Header"](_TYPES.types["builtin_interfaces/msg/Time"](sec, nsec), frame_id)
 
 
+@dataclass
+class Recording:
+    """What `fuse_recording` learned about the bags while it went (filled in as it runs)."""
+
+    topics: object = None  # bag.BagTopics
+    configured: tuple[str, ...] = ()
+    span_s: float = 0.0
+    messages: int = 0
+    events: list[str] = field(default_factory=list)
+
+
+def fuse_recording(reader, pipeline: FusionPipeline, sync: SensorSync, opts: ReplayOptions, taus: np.ndarray,
+                   rec: Recording, progress=None, trailing: bool = True) -> Iterator[list[FusedState]]:
+    """The node's behaviour on recorded time: feed messages in order, fuse on the timer (or trigger).
+
+    Yields the fused states of each fusion instant (one per τ row). Ends with the trailing fusions a
+    live node's timer would still make while some sensor is fresh (at most its max age), and raises
+    BagError only where reading broke off (after everything before the fault).
+    """
+    _check(opts)
+    rec.topics = topics = find_topics(reader, opts.topics)
+    for m in [m for m in topics.sensors if MODALITIES[m] not in opts.sensors]:
+        topics.skipped[topics.sensors.pop(m)] = f"{MODALITIES[m]} is configured as none"
+    rec.configured = tuple(MODALITIES[m] for m in sorted(topics.sensors))
+    start = reader.start_time + int(opts.start_s * NS_PER_S) if opts.start_s is not None else None
+    stop = reader.start_time + int(opts.end_s * NS_PER_S) if opts.end_s is not None else None
+    rec.span_s = max(0.0, ((stop or reader.end_time) - (start or reader.start_time)) / NS_PER_S)
+    period_ns = round(NS_PER_S / opts.fusion_rate_hz)
+    trigger = Modality[opts.trigger.upper()] if opts.trigger != "timer" else None
+    next_tick = first_log = None
+    for msg in read_messages(reader, topics, start, stop):
+        rec.messages += 1
+        first_log = msg.log_time_ns if first_log is None else first_log
+        if progress is not None:
+            progress.update(max(0.0, (msg.log_time_ns - first_log) / NS_PER_S - progress.n))
+        if msg.frame is None:
+            sync.drop(msg.modality, "malformed")
+            rec.events.append(f"{msg.topic}: dropped: {msg.error}")
+            continue
+        frame = msg.frame if opts.clock == "header" else dataclasses.replace(msg.frame, stamp_ns=msg.log_time_ns)
+        t = frame.stamp_ns
+        if trigger is None and next_tick is not None:
+            if t - next_tick > 10 * NS_PER_S:  # a gap in the recording: no fusions for the silent part
+                rec.events.append(f"gap of {(t - next_tick) / NS_PER_S:.1f} s before {msg.topic}")
+                next_tick = t - (t - next_tick) % period_ns
+            while t > next_tick:  # data stamped exactly at a tick belongs to it
+                yield pipeline.fuse_sweep(sync.snapshot(next_tick), taus)
+                next_tick += period_ns
+        resets = sync.resets
+        rejected = sync.add(frame)
+        if rejected:
+            rec.events.append(f"{msg.topic}: dropped ({rejected}) at stamp {t}")
+        elif sync.resets != resets:  # the sync's jump-back rule: restart the timer on the new time
+            rec.events.append(f"{msg.topic}: time jumped back: buffers reset")
+            next_tick = None
+        if trigger is msg.modality and not rejected:
+            yield pipeline.fuse_sweep(sync.snapshot(t), taus)
+        elif next_tick is None:
+            next_tick = t + period_ns
+    # the node's timer goes on after the last message while some sensor is still fresh (bounded by
+    # the largest max age, whatever the stamps say)
+    newest = sync.newest_stamp_ns()
+    if trailing and trigger is None and next_tick is not None and newest is not None:
+        end = newest + int(max(sync.cfg.max_age_s) * NS_PER_S)
+        while next_tick <= end and any(sync.fresh(m, next_tick) for m in topics.sensors):
+            yield pipeline.fuse_sweep(sync.snapshot(next_tick), taus)
+            next_tick += period_ns
+
+
+def _check(opts: ReplayOptions) -> None:
+    if not (math.isfinite(opts.fusion_rate_hz) and opts.fusion_rate_hz > 0):
+        raise ConfigError(f"fusion rate must be > 0 Hz, got {opts.fusion_rate_hz}")
+    if opts.clock not in ("header", "receive"):
+        raise ConfigError(f"clock must be header or receive, got {opts.clock!r}")
+    if opts.trigger not in ("timer", *MODALITIES):
+        raise ConfigError(f"trigger must be timer or one of {MODALITIES}, got {opts.trigger!r}")
+    if opts.start_s is not None and opts.end_s is not None and opts.end_s <= opts.start_s:
+        raise ConfigError(f"--end {opts.end_s} must be after --start {opts.start_s}")
+
+
+OUTPUTS = ("fused", "summary.json", "timing.json", "attention.png", "health.png", "latency.png", "sweep.png", "sweep.csv")
+MARKER = ".fusion_attn_replay"  # written first: this folder holds replay output that a new run may replace
+
+
 def replay(bags: Sequence[str | Path], pipeline: FusionPipeline, out_dir: str | Path,
            opts: ReplayOptions = ReplayOptions(), sync_cfg: SyncConfig | None = None) -> dict:
     """Replay `bags` into `out_dir`; -> the summary (also written as summary.json).
@@ -100,98 +187,82 @@ def replay(bags: Sequence[str | Path], pipeline: FusionPipeline, out_dir: str | 
     A bag that breaks off part-way (truncated, corrupt) is processed up to the fault; the outputs are
     closed properly and the summary names the error. BagError only when nothing could be read.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / "fused").exists():  # a previous replay's output is replaced; anything else is left alone
-        if not (out / "summary.json").is_file():
-            raise BagError(f"{out / 'fused'} exists and is not the output of an earlier replay; choose another -o")
-        shutil.rmtree(out / "fused")
+    _check(opts)
+    out = _prepare_output(Path(out_dir))
     taus = np.array(opts.taus, np.float32)
-    pipeline.set_tau(taus[0])
-    sync = SensorSync(sync_cfg or SyncConfig())
-    period_ns = round(NS_PER_S / opts.fusion_rate_hz)
+    sync = SensorSync(sync_cfg or SyncConfig(imu_window_s=pipeline.cfg.imu.window_s))
     diag_every = max(1, round(opts.diagnostics_period_s * opts.fusion_rate_hz))
-    trace, events = _Trace(), []
-    counts = {"messages": 0, "fusions": 0}
+    trace, rec = _Trace(), Recording()
     wall_start = time.perf_counter()
     processing_s = 0.0
-
     with open_reader(bags) as reader:
-        topics = find_topics(reader, opts.topics)
-        configured = tuple(MODALITIES[m] for m in sorted(topics.sensors))
-        start = reader.start_time + int(opts.start_s * NS_PER_S) if opts.start_s is not None else None
-        stop = reader.start_time + int(opts.end_s * NS_PER_S) if opts.end_s is not None else None
-        span_s = ((stop or reader.end_time) - (start or reader.start_time)) / NS_PER_S
-        progress = _progress(span_s, opts.progress)
-        fused_bag = _FusedBag(out / "fused") if topics.sensors else None
-        next_tick = first_log = None
-
-        def tick(stamp_ns: int) -> float:
-            """Fuse at stamp_ns, write and record it; -> seconds spent fusing."""
-            tick_start = time.perf_counter()
-            states = pipeline.fuse_sweep(sync.snapshot(stamp_ns), taus)
-            spent = time.perf_counter() - tick_start
-            _record(trace, states, sync, stamp_ns)
-            fused_bag.write_state(states[0])
-            counts["fusions"] += 1
-            if counts["fusions"] % diag_every == 0:
-                health = sync.summary(stamp_ns)
-                trace.masked.append(np.array([health[m]["masked"] for m in configured]))
-                trace.masked_stamps.append(stamp_ns)
-                fused_bag.write_diagnostics(stamp_ns, diagnostics(
-                    health, states[0], pipeline.backend.name, pipeline.backend.precision, None,
-                    trace.latency_ms[-1], 1.0 / opts.fusion_rate_hz, configured))
-            return spent
-
+        progress = _progress((reader.end_time - reader.start_time) / NS_PER_S, opts.progress)
+        fused_bag = None
         try:
-            for msg in read_messages(reader, topics, start, stop):
-                counts["messages"] += 1
-                first_log = msg.log_time_ns if first_log is None else first_log
-                progress.update((msg.log_time_ns - first_log) / NS_PER_S - progress.n)
-                if msg.frame is None:
-                    sync.drop(msg.modality, "malformed")
-                    events.append(f"{msg.topic}: dropped: {msg.error}")
-                    continue
-                frame = msg.frame if opts.clock == "header" else dataclasses.replace(msg.frame, stamp_ns=msg.log_time_ns)
-                t = frame.stamp_ns
-                if next_tick is None or t < next_tick - period_ns - int(sync.cfg.reset_on_jump_back_s * NS_PER_S):
-                    if next_tick is not None:
-                        events.append(f"time jumped back by {(next_tick - t) / NS_PER_S:.3f} s at {msg.topic}: buffers reset")
-                    next_tick = t + period_ns
-                if t - next_tick > 10 * NS_PER_S:  # a gap in the recording: no fusions for the silent part
-                    events.append(f"gap of {(t - next_tick) / NS_PER_S:.1f} s before {msg.topic}")
-                    next_tick = t - (t - next_tick) % period_ns
-                while t > next_tick:  # data stamped exactly at a tick belongs to it
-                    processing_s += tick(next_tick)
-                    next_tick += period_ns
-                if not sync.add(frame):
-                    events.append(f"{msg.topic}: dropped: stamp {frame.stamp_ns} not after the previous one")
-            # the node's timer goes on after the last message, while some sensor is still fresh
-            while next_tick is not None and any(sync.fresh(m, next_tick) for m in topics.sensors):
-                processing_s += tick(next_tick)
-                next_tick += period_ns
+            states_iter = fuse_recording(reader, pipeline, sync, opts, taus, rec, progress)
+            while True:
+                tick_start = time.perf_counter()
+                states = next(states_iter, None)
+                if states is None:
+                    break
+                processing_s += time.perf_counter() - tick_start
+                fused_bag = fused_bag or _FusedBag(out / "fused")
+                stamp = states[0].stamp_ns
+                _record(trace, states, sync, stamp)
+                fused_bag.write_state(states[0])
+                if len(trace.stamps) % diag_every == 0:
+                    health = sync.summary(stamp)
+                    trace.masked.append(np.array([health[m]["masked"] for m in rec.configured]))
+                    trace.masked_stamps.append(stamp)
+                    fused_bag.write_diagnostics(stamp, diagnostics(
+                        health, states[0], pipeline.backend.name, pipeline.backend.precision, None,
+                        trace.latency_ms[-1], 1.0 / opts.fusion_rate_hz, rec.configured))
         except BagError as exc:
-            events.append(f"read stopped: {exc}")
+            rec.events.append(f"read stopped: {exc}")
         finally:
             progress.close()
             if fused_bag is not None:
                 fused_bag.close()
         wall_s = time.perf_counter() - wall_start
 
-    if counts["messages"] == 0:
-        reason = "; ".join(events) or (f"no readable camera, lidar or IMU message (skipped: {topics.skipped})")
+    if rec.messages == 0:
+        skipped = rec.topics.skipped if rec.topics is not None else {}
+        reason = "; ".join(rec.events) or f"no readable camera, lidar or IMU message (skipped: {skipped})"
         raise BagError(f"nothing could be read from {', '.join(map(str, bags))}: {reason}")
-    summary = _summary(bags, topics, configured, counts, trace, taus, sync, events, opts)
+    summary = _summary(bags, rec, trace, taus, sync, opts)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    recorded_s = (trace.stamps[-1] - trace.stamps[0]) / NS_PER_S if len(trace.stamps) > 1 else 0.0
+    recorded_s = _span_s(trace.stamps)
     timing = {"wall_s": wall_s, "recorded_s": recorded_s, "speed_x_real_time": recorded_s / wall_s if wall_s else None,
-              "fusion_ms_mean": 1e3 * processing_s / max(counts["fusions"], 1)}
+              "fusion_ms_mean": 1e3 * processing_s / max(len(trace.stamps), 1)}
     (out / "timing.json").write_text(json.dumps(timing, indent=2) + "\n")
     from .plots import replay_plots
 
-    replay_plots(out, trace, configured, taus)
+    replay_plots(out, trace, rec.configured, taus)
     summary["timing"] = timing
     return summary
+
+
+def _prepare_output(out: Path) -> Path:
+    """Create the folder, or clear a previous replay's outputs from it; refuse anything else."""
+    if out.exists() and not out.is_dir():
+        raise BagError(f"output {out} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "fused").exists() and not (out / MARKER).exists():
+        raise BagError(f"{out / 'fused'} exists and is not the output of an earlier replay; choose another -o")
+    (out / MARKER).touch()
+    for name in OUTPUTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    return out
+
+
+def _span_s(stamps: list[int]) -> float:
+    """Recorded time covered by the fusions, counting forward steps only (time may have jumped back)."""
+    steps = np.diff(np.array(stamps, np.int64))
+    return float(steps[steps > 0].sum()) / NS_PER_S if len(stamps) > 1 else 0.0
 
 
 def _record(trace: _Trace, states: list[FusedState], sync: SensorSync, tick: int) -> None:
@@ -204,7 +275,7 @@ def _record(trace: _Trace, states: list[FusedState], sync: SensorSync, tick: int
     trace.latency_ms.append(float("nan") if newest is None else (tick - newest) / 1e6)
 
 
-def _summary(bags, topics, configured, counts, trace, taus, sync, events, opts) -> dict:
+def _summary(bags, rec: Recording, trace: _Trace, taus, sync, opts) -> dict:
     attention = np.array(trace.attention) if trace.attention else np.zeros((0, len(taus), 3))
     present = np.array(trace.present) if trace.present else np.zeros((0, 3), bool)
     lat = np.array(trace.latency_ms, np.float64)
@@ -215,16 +286,15 @@ def _summary(bags, topics, configured, counts, trace, taus, sync, events, opts) 
 
     return {
         "bags": [str(b) for b in bags],
-        "topics": {MODALITIES[m]: t for m, t in sorted(topics.sensors.items())},
-        "skipped_topics": topics.skipped,
-        "options": {"fusion_rate_hz": opts.fusion_rate_hz, "clock": opts.clock, "start_s": opts.start_s, "end_s": opts.end_s,
-                    "max_age_s": list(sync.cfg.max_age_s)},
-        "messages": counts["messages"],
-        "fusions": counts["fusions"],
-        "fused_rate_hz": r((counts["fusions"] - 1) / ((trace.stamps[-1] - trace.stamps[0]) / NS_PER_S))
-        if len(trace.stamps) > 1 else 0.0,
+        "topics": {MODALITIES[m]: t for m, t in sorted(rec.topics.sensors.items())},
+        "skipped_topics": rec.topics.skipped,
+        "options": {"fusion_rate_hz": opts.fusion_rate_hz, "trigger": opts.trigger, "clock": opts.clock,
+                    "start_s": opts.start_s, "end_s": opts.end_s, "max_age_s": list(sync.cfg.max_age_s)},
+        "messages": rec.messages,
+        "fusions": len(trace.stamps),
+        "fused_rate_hz": r((len(trace.stamps) - 1) / span) if (span := _span_s(trace.stamps)) > 0 else 0.0,
         "sensors": {name: {k: v for k, v in h.items() if k != "age_s" and k != "masked"}
-                    for name, h in sync.summary(trace.stamps[-1] if trace.stamps else 0).items() if name in configured},
+                    for name, h in sync.summary(trace.stamps[-1] if trace.stamps else 0).items() if name in rec.configured},
         "present_fraction": {m: r(present[:, i].mean()) if len(present) else 0.0 for i, m in enumerate(MODALITIES)},
         "attention_mean": {m: r(attention[:, 0, i].mean()) if len(attention) else 0.0 for i, m in enumerate(MODALITIES)},
         "tau_sweep": [{"tau": [r(v) for v in tau],
@@ -232,8 +302,8 @@ def _summary(bags, topics, configured, counts, trace, taus, sync, events, opts) 
                                           for i, m in enumerate(MODALITIES)}} for k, tau in enumerate(taus)],
         "pipeline_latency_ms": {"p50": r(np.percentile(lat, 50)), "p99": r(np.percentile(lat, 99))} if len(lat) else None,
         "resets": sync.resets,
-        "events": events[:100],
-        "events_total": len(events),
+        "events": rec.events[:100],
+        "events_total": len(rec.events),
     }
 
 

@@ -23,9 +23,18 @@ class SyncConfig:
     # but never sooner than stale_min_s: a 400 Hz IMU's jitter must not flap its mask.
     stale_after_periods: float = 1.5
     stale_min_s: float = 0.05
-    imu_window_s: float = 0.25  # IMU history handed to the tokenizer
+    imu_window_s: float = 0.25  # IMU history handed to the tokenizer: the model's imu.window_s
     imu_capacity: int = 4096  # samples kept (20 s at 200 Hz): bounds memory whatever the rate
     reset_on_jump_back_s: float = 1.0
+    future_tolerance_s: float = 0.5  # data stamped further ahead of the fusion time is not trusted (masked)
+
+    @classmethod
+    def from_params(cls, params: dict, imu_window_s: float) -> SyncConfig:
+        """From the node's parameters (config/fusion.yaml names): the one mapping node, CLI and replay share."""
+        d = cls()
+        return cls(max_age_s=tuple(float(params.get(f"max_age_s.{m}", a)) for m, a in zip(MODALITIES, d.max_age_s)),
+                   stale_after_periods=float(params.get("stale_after_periods", d.stale_after_periods)),
+                   imu_window_s=imu_window_s)
 
 
 @dataclass
@@ -33,8 +42,12 @@ class SensorHealth:
     received: int = 0
     dropped: int = 0  # malformed, NaN, out of order: counted by whoever dropped it
     last_stamp_ns: int | None = None
-    rate_hz: float = 0.0  # exponential average over inter-arrival stamps
-    drop_reasons: dict[str, int] = field(default_factory=dict)
+    mean_dt_s: float = 0.0  # exponential average of the stamp interval (averaging dt, not 1/dt: one
+    drop_reasons: dict[str, int] = field(default_factory=dict)  # near-duplicate stamp cannot blow it up)
+
+    @property
+    def rate_hz(self) -> float:
+        return 1.0 / self.mean_dt_s if self.mean_dt_s > 0 else 0.0
 
     def age_s(self, now_ns: int) -> float:
         return float("nan") if self.last_stamp_ns is None else (now_ns - self.last_stamp_ns) / NS_PER_S
@@ -83,21 +96,24 @@ class SensorSync:
         self._imu = _ImuHistory(self.cfg.imu_capacity)
 
     def add(self, frame: CameraFrame | LidarFrame | ImuSample) -> bool:
-        """Take a frame; False when it was dropped (out of order), which is counted."""
+        """Take a frame; -> None when taken, else why it was dropped (which is counted).
+
+        A sensor's stamp more than reset_on_jump_back_s behind its previous one means time went
+        backwards (a bag looping, a clock reset): every buffer is cleared first (see `resets`).
+        Per sensor, so sensors whose clocks are offset from each other never trigger it.
+        """
         modality = _MODALITY_OF[type(frame)]
         h = self.health[modality]
         if modality is Modality.LIDAR and len(frame) == 0:
-            self.drop(modality, "empty")  # no point survived: the lidar gives no data this sweep
-            return False
+            return self.drop(modality, "empty")  # no point survived: the lidar gives no data this sweep
         if h.last_stamp_ns is not None and frame.stamp_ns <= h.last_stamp_ns:
             if h.last_stamp_ns - frame.stamp_ns > self.cfg.reset_on_jump_back_s * NS_PER_S:
                 self.reset()
             else:
-                self.drop(modality, "duplicate_stamp" if frame.stamp_ns == h.last_stamp_ns else "out_of_order")
-                return False
+                return self.drop(modality, "duplicate_stamp" if frame.stamp_ns == h.last_stamp_ns else "out_of_order")
         if h.last_stamp_ns is not None:
             dt = (frame.stamp_ns - h.last_stamp_ns) / NS_PER_S
-            h.rate_hz = 1.0 / dt if h.rate_hz == 0.0 else 0.9 * h.rate_hz + 0.1 / dt
+            h.mean_dt_s = dt if h.mean_dt_s == 0.0 else 0.9 * h.mean_dt_s + 0.1 * dt
         h.received += 1
         h.last_stamp_ns = frame.stamp_ns
         if modality is Modality.CAMERA:
@@ -106,20 +122,21 @@ class SensorSync:
             self._lidar = frame
         else:
             self._imu.append(frame)
-        return True
+        return None
 
-    def drop(self, modality: Modality, reason: str) -> None:
-        """Count a message dropped for `reason` (the adapters' malformed ones too)."""
+    def drop(self, modality: Modality, reason: str) -> str:
+        """Count a message dropped for `reason` (the adapters' malformed ones too); -> reason."""
         h = self.health[modality]
         h.dropped += 1
         h.drop_reasons[reason] = h.drop_reasons.get(reason, 0) + 1
+        return reason
 
     def reset(self) -> None:
         """Forget all buffered data (time went backwards); counters survive, rates restart."""
         self._camera = self._lidar = None
         self._imu.clear()
         for h in self.health.values():
-            h.last_stamp_ns, h.rate_hz = None, 0.0
+            h.last_stamp_ns, h.mean_dt_s = None, 0.0
         self.resets += 1
 
     def newest_stamp_ns(self) -> int | None:
@@ -135,8 +152,9 @@ class SensorSync:
         return limit
 
     def fresh(self, modality: Modality, now_ns: int) -> bool:
+        """Recent enough to fuse: not older than max_age_s, not stamped implausibly far in the future."""
         age = self.health[modality].age_s(now_ns)
-        return bool(age <= self.max_age_s(modality))  # False for nan (never seen)
+        return bool(-self.cfg.future_tolerance_s <= age <= self.max_age_s(modality))  # False for nan (never seen)
 
     def snapshot(self, now_ns: int) -> SensorSnapshot:
         """The data to fuse at now_ns; a stale or never-seen sensor is None (masked)."""

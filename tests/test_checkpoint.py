@@ -92,3 +92,15 @@ def test_expected_config_mismatch_is_explained(saved):
     _, path = saved
     with pytest.raises(CheckpointError, match="model.qk_norm: False != True"):
         load_checkpoint(path, expect=FusionConfig())
+
+
+@pytest.mark.parametrize("section,key,value", [("model", "heads", 0), ("model", "dim", -8), ("lidar", "grid", 256),
+                                               ("camera", "patch", "16")])
+def test_invalid_config_in_a_checkpoint_is_named(saved, tmp_path, section, key, value):
+    model, _ = saved
+    cfg = json.loads(model.cfg.to_json())
+    cfg[section][key] = value
+    tensors = {k: v.clone() for k, v in model.state_dict().items()}
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={"format": "fusion_attn/1", "config": json.dumps(cfg)})
+    with pytest.raises(CheckpointError, match=f"{section}.{key}"):
+        load_checkpoint(tmp_path / "bad.safetensors")

@@ -317,3 +317,13 @@ def test_lifecycle_trigger_mode_and_qos_warnings(ros, managed_node):
     assert len(outputs) == 10  # inactive again
     assert _change_state(ros, Transition.TRANSITION_CLEANUP)
     assert proc.poll() is None
+
+
+def test_node_with_a_corrupt_checkpoint_says_so_and_exits(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    run = subprocess.run([sys.executable, "-m", "fusion_attn.node", "--ros-args", "-r", "__node:=broken_fusion",
+                          "-p", f"checkpoint:={bad}"], capture_output=True, text=True, timeout=60, check=False,
+                         env=dict(os.environ, ROS_DOMAIN_ID=str(120 + os.getpid() % 50)))
+    assert run.returncode == 1
+    assert "configure failed" in run.stderr and "bad.safetensors is not a readable safetensors checkpoint" in run.stderr

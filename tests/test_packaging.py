@@ -151,7 +151,7 @@ def test_launch_graph_names_only_installed_executables_and_files(setup_kwargs):
 
     scripts = dict(s.replace(" ", "").split("=") for s in setup_kwargs["entry_points"]["console_scripts"])
     installed = {f"share/{PKG}/{Path(f).parent.name}/{Path(f).name}" for _, files in setup_kwargs["data_files"] for f in files}
-    everything = {a: "x" for a in ARGUMENTS} | {"tau": "0.5", "fused_state_topic": "/fused"}
+    everything = {a: "x" for a in ARGUMENTS} | {"tau": "0.5", "use_sim_time": "true", "fused_state_topic": "/fused"}
     for args in ({}, everything):
         for spec in fusion_graph(args):
             assert spec.executable in scripts, spec.executable

@@ -123,34 +123,52 @@ def test_start_end_filters(real_data, tmp_path):
     assert 195 <= summary["sensors"]["imu"]["received"] <= 201
 
 
-def test_truncated_bag_is_processed_up_to_the_fault(real_data, tmp_path, capsys):
-    src = real_data / "sick_lms1xx_scan_cloud_radar.bag"
-    cut = tmp_path / "cut.bag"
-    cut.write_bytes(src.read_bytes()[: int(src.stat().st_size * 0.6)])
-    code = _run([cut], tmp_path / "out", "--lidar-topic", "/cloud")
-    out = capsys.readouterr()
-    if code == 0:  # ROS 1 bags index at the end: rosbags may still read the chunks before the cut
-        summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-        assert 0 < summary["sensors"]["lidar"]["received"] < 89 or any("read stopped" in e for e in summary["events"])
-        attention, _ = _read_output(tmp_path / "out")  # the written bag is valid up to the fault
-        assert len(attention) == summary["fusions"]
-    else:
-        assert code == 2 and "cut.bag" in out.err
+@pytest.mark.parametrize("bag,cut,flags", [
+    ("sick_lms1xx_scan_cloud_radar.bag", 0.6, ["--lidar-topic", "/cloud"]),  # ROS 1: index at the end, lost
+    ("euroc_v1_01_cam_imu/euroc_v1_01_cam_imu.mcap", 0.5, []),  # MCAP: summary and footer lost
+])
+def test_truncated_bag_is_processed_up_to_the_fault(real_data, tmp_path, bag, cut, flags):
+    src = real_data / bag
+    truncated = tmp_path / src.name
+    truncated.write_bytes(src.read_bytes()[: int(src.stat().st_size * cut)])
+    assert _run([truncated], tmp_path / "out", *flags) == 0  # something was read: not an error exit
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert any("the file ends part-way" in e for e in summary["events"]), summary["events"]
+    assert summary["messages"] > 10 and summary["fusions"] > 5
+    full = {"sick_lms1xx_scan_cloud_radar.bag": 89, "euroc_v1_01_cam_imu.mcap": 441}[src.name]
+    assert summary["messages"] < full
+    attention, _ = _read_output(tmp_path / "out")  # the written bag is closed and valid up to the fault
+    assert len(attention) == summary["fusions"]
 
 
-def test_truncated_mcap_is_processed_up_to_the_fault(real_data, tmp_path):
-    src = next((real_data / "euroc_v1_01_cam_imu").glob("*.mcap"))
-    cut_dir = tmp_path / "cut"
-    cut_dir.mkdir()
-    (cut_dir / src.name).write_bytes(src.read_bytes()[: int(src.stat().st_size * 0.5)])
-    code = _run([cut_dir / src.name], tmp_path / "out")
-    if code == 0:
-        summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-        assert 0 < summary["messages"] < 441 and any("read stopped" in e for e in summary["events"])
-        attention, _ = _read_output(tmp_path / "out")
-        assert len(attention) == summary["fusions"] > 0
-    else:
-        assert code == 2
+@pytest.mark.parametrize("flags,problem", [
+    (["--rate", "-20"], "fusion rate must be > 0"), (["--rate", "0"], "fusion rate must be > 0"),
+    (["--rate", "nan"], "fusion rate must be > 0"), (["--start", "1.5", "--end", "0.5"], "must be after --start"),
+])
+def test_bad_options_exit_2_naming_the_problem(real_data, tmp_path, capsys, flags, problem):
+    assert _run([real_data / "euroc_v1_01_cam_imu"], tmp_path, *flags) == 2
+    assert problem in capsys.readouterr().err
+
+
+def test_output_path_that_is_a_file_and_an_interrupted_earlier_replay(real_data, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert _run([real_data / "euroc_v1_01_cam_imu"], tmp_path / "file") == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    interrupted = tmp_path / "interrupted"
+    (interrupted / "fused").mkdir(parents=True)  # a replay stopped with Ctrl-C: no summary yet
+    (interrupted / ".fusion_attn_replay").touch()
+    (interrupted / "sweep.csv").write_text("stale")
+    assert _run([real_data / "euroc_v1_01_cam_imu"], interrupted) == 0
+    assert not (interrupted / "sweep.csv").exists()  # an earlier run's extra outputs do not linger
+
+
+def test_trigger_mode_and_sensors_configured_none_follow_the_node_parameters(real_data, tmp_path):
+    params = tmp_path / "p.yaml"
+    params.write_text("/**:\n  ros__parameters:\n    trigger: camera\n    imu_type: none\n")
+    assert _run([real_data / "euroc_v1_01_cam_imu"], tmp_path / "out", "--params", str(params)) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["fusions"] == 40  # one per camera frame
+    assert summary["topics"] == {"camera": "/cam0/image_raw"} and "none" in summary["skipped_topics"]["/imu0"]
 
 
 def _write_bag(path: Path, messages):
@@ -181,6 +199,7 @@ def test_time_going_backwards_resets_and_goes_on(real_data, tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["resets"] == 1 and any("time jumped back" in e for e in summary["events"])
     assert summary["sensors"]["imu"]["received"] == 802 and summary["fusions"] >= 78
+    assert summary["fused_rate_hz"] == pytest.approx(20.0, abs=0.5)  # the jump back does not count as time
 
 
 def test_play_delivers_the_recorded_count_over_dds(real_data):
@@ -223,6 +242,13 @@ while time.monotonic() < end:
         last, quiet_until = total, time.monotonic() + 2.0
 print(json.dumps(counts))
 """
+
+
+def test_play_refuses_a_bag_without_sensor_topics_and_a_bad_rate(real_data, capsys):
+    assert main(["play", str(real_data / "vlp16_raw_packets")]) == 2
+    assert "no camera, lidar or IMU topic to play" in capsys.readouterr().err
+    assert main(["play", str(real_data / "euroc_v1_01_cam_imu"), "--rate", "0"]) == 2
+    assert "play rate must be > 0" in capsys.readouterr().err
 
 
 def test_replay_api_raises_when_nothing_is_readable(real_data, pipeline, tmp_path):

@@ -54,7 +54,7 @@ def test_never_seen_sensor_is_masked_not_an_error():
 
 def test_imu_window_covers_only_the_configured_duration_up_to_fusion_time():
     sync = SensorSync(SyncConfig(imu_window_s=0.1))
-    for i in range(400):  # 2 s at 200 Hz
+    for i in range(220):  # 1.1 s at 200 Hz: the buffer also holds samples after the fusion time
         sync.add(_imu(i * 5 * MS, ax=i))
     snap = sync.snapshot(1000 * MS)
     w = snap.imu
@@ -65,12 +65,12 @@ def test_imu_window_covers_only_the_configured_duration_up_to_fusion_time():
 
 def test_out_of_order_is_dropped_and_counted_and_jump_back_resets():
     sync = SensorSync(SyncConfig(reset_on_jump_back_s=1.0))
-    assert sync.add(_imu(2 * NS_PER_S))
-    assert not sync.add(_imu(2 * NS_PER_S - 10 * MS))  # 10 ms back: a reordered message
-    assert not sync.add(_imu(2 * NS_PER_S))  # the same stamp again
+    assert sync.add(_imu(2 * NS_PER_S)) is None
+    assert sync.add(_imu(2 * NS_PER_S - 10 * MS)) == "out_of_order"  # 10 ms back: a reordered message
+    assert sync.add(_imu(2 * NS_PER_S)) == "duplicate_stamp"  # the same stamp again
     assert sync.health[Modality.IMU].drop_reasons == {"out_of_order": 1, "duplicate_stamp": 1}
     sync.add(_cam(2 * NS_PER_S))
-    assert sync.add(_imu(0))  # 2 s back: the bag looped
+    assert sync.add(_imu(0)) is None  # 2 s back: the bag looped
     assert sync.resets == 1
     snap = sync.snapshot(0)
     assert snap.camera is None  # the camera frame from "the future" was forgotten
@@ -88,9 +88,27 @@ def test_imu_history_memory_is_bounded():
 
 def test_empty_cloud_is_dropped_and_counted():
     sync = SensorSync()
-    assert not sync.add(LidarFrame(1, "lidar", np.zeros((0, 4), np.float32)))
+    assert sync.add(LidarFrame(1, "lidar", np.zeros((0, 4), np.float32))) == "empty"
     assert sync.health[Modality.LIDAR].drop_reasons == {"empty": 1}
     assert sync.snapshot(1).lidar is None
+
+
+def test_rate_averages_intervals_so_one_near_duplicate_stamp_does_not_mask_a_healthy_sensor():
+    sync = SensorSync()
+    for i in range(20):
+        sync.add(_cam(i * 50 * MS))
+    sync.add(_cam(19 * 50 * MS + 1000))  # 1 µs after the previous frame
+    assert 15 < sync.health[Modality.CAMERA].rate_hz < 25
+    for i in range(20, 25):
+        sync.add(_cam(i * 50 * MS))
+    assert sync.snapshot(24 * 50 * MS + 60 * MS).camera is not None  # 60 ms old at 20 Hz: still fresh
+
+
+def test_data_stamped_far_in_the_future_is_not_fresh():
+    sync = SensorSync(SyncConfig(future_tolerance_s=0.5))
+    sync.add(_cam(10 * NS_PER_S))
+    assert sync.snapshot(10 * NS_PER_S - 400 * MS).camera is not None  # a little ahead: clock skew
+    assert sync.snapshot(10 * NS_PER_S - 600 * MS).camera is None  # far ahead: masked, not "fresh for ever"
 
 
 def test_rate_and_summary():
