@@ -51,6 +51,7 @@ setup(
         "rosbags>=0.10",
         "zstandard",  # rosbags: zstd-compressed rosbag2 files and messages
         "lz4",  # rosbags: lz4-compressed ROS 1 bag chunks
+        "mcap",  # reading MCAP files cut short (no index), record by record
         "opencv-python-headless",
         "matplotlib",  # replay plots (Agg backend, no display)
         "tqdm",  # replay progress
