@@ -102,7 +102,6 @@ class Recording:
 
     topics: object = None  # bag.BagTopics
     configured: tuple[str, ...] = ()
-    span_s: float = 0.0
     messages: int = 0
     events: list[str] = field(default_factory=list)
 
@@ -122,7 +121,6 @@ def fuse_recording(reader, pipeline: FusionPipeline, sync: SensorSync, opts: Rep
     rec.configured = tuple(MODALITIES[m] for m in sorted(topics.sensors))
     start = reader.start_time + int(opts.start_s * NS_PER_S) if opts.start_s is not None else None
     stop = reader.start_time + int(opts.end_s * NS_PER_S) if opts.end_s is not None else None
-    rec.span_s = max(0.0, ((stop or reader.end_time) - (start or reader.start_time)) / NS_PER_S)
     period_ns = round(NS_PER_S / opts.fusion_rate_hz)
     trigger = Modality[opts.trigger.upper()] if opts.trigger != "timer" else None
     next_tick = first_log = None
