@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import rclpy
 import rclpy.executors
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
@@ -22,8 +22,9 @@ from sensor_msgs.msg import CompressedImage, Image, Imu, LaserScan, PointCloud2
 
 from .adapters import msgtype_of, to_frame
 from .errors import ConfigError, FusionAttnError, MalformedMessageError
-from .frames import MODALITIES, NS_PER_S, FusedState, Modality
-from .outputs import diagnostics, fused_state_rows
+from .frames import MODALITIES, FusedState, Modality
+from .messages import diagnostics_msg, fused_state_msg, to_rclpy
+from .outputs import diagnostics
 from .pipeline import FusionPipeline, validate_tau
 from .sync import SensorSync, SyncConfig
 
@@ -176,14 +177,7 @@ class FusionNode(LifecycleNode):
             self._fuse_errors += 1
             self.get_logger().error(f"fusion failed ({self._fuse_errors} so far): {exc}", throttle_duration_sec=5.0)
             return
-        msg = Image(encoding="32FC1", is_bigendian=0)
-        msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(state.stamp_ns, NS_PER_S)
-        msg.header.frame_id = state.frame_id
-        rows = fused_state_rows(state)
-        msg.height, msg.width = rows.shape
-        msg.step = rows.shape[1] * 4
-        msg.data = rows.astype("<f4").tobytes()
-        self.fused_pub.publish(msg)
+        self.fused_pub.publish(to_rclpy(fused_state_msg(state)))
         newest = self.sync.newest_stamp_ns()
         self._latency_ms = float("nan") if newest is None else (self.get_clock().now().nanoseconds - newest) / 1e6
         self._processing_ms = (time.perf_counter() - start) * 1e3
@@ -196,11 +190,7 @@ class FusionNode(LifecycleNode):
         statuses = diagnostics(self.sync.summary(now_ns), self._last_state, self.pipeline.backend.name,
                                self.pipeline.backend.precision, self._processing_ms, self._latency_ms, period,
                                tuple(self.sensors))
-        array = DiagnosticArray()
-        array.header.stamp = self.get_clock().now().to_msg()
-        array.status = [DiagnosticStatus(level=bytes([s.level]), name=s.name, message=s.message, hardware_id=self.get_name(),
-                                         values=[KeyValue(key=k, value=v) for k, v in s.values.items()]) for s in statuses]
-        self.diag_pub.publish(array)
+        self.diag_pub.publish(to_rclpy(diagnostics_msg(now_ns, statuses, self.get_name())))
 
     # --- parameters and QoS ----------------------------------------------------------------------
 

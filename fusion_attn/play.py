@@ -8,7 +8,6 @@ from real sensors.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 import time
@@ -24,14 +23,9 @@ from rosgraph_msgs.msg import Clock
 from .bag import find_topics, open_reader, read_decoded
 from .errors import BagError, ConfigError
 from .frames import NS_PER_S, stamp_to_ns
+from .messages import TYPES, rclpy_class
 
 log = logging.getLogger(__name__)
-
-
-def message_class(msgtype: str) -> type:
-    """'sensor_msgs/msg/Image' -> the rclpy message class."""
-    package, kind, name = msgtype.split("/")
-    return getattr(importlib.import_module(f"{package}.{kind}"), name)
 
 
 def play(node: Node, bags: Sequence[str | Path], remap: dict[str, str] | None = None, rate: float = 1.0,
@@ -58,7 +52,7 @@ def play(node: Node, bags: Sequence[str | Path], remap: dict[str, str] | None = 
         conns = [c for c in reader.connections if c.topic in topics.sensors.values()]
         # reliable: a reliable subscriber gets every message; best-effort ones (sensor QoS) still match
         qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
-        pubs = {c.topic: node.create_publisher(message_class(c.msgtype), remap.get(c.topic, c.topic), qos) for c in conns}
+        pubs = {c.topic: node.create_publisher(rclpy_class(c.msgtype), remap.get(c.topic, c.topic), qos) for c in conns}
         clock_pub = node.create_publisher(Clock, "/clock", 10) if clock else None
         _wait_for_subscribers(list(pubs.values()), wait_s)
         try:
@@ -96,7 +90,8 @@ def _play_once(node, reader, topics, pubs, clock_pub, rate, restamp, keep) -> in
         delay = wall_start + offset_s / rate - time.monotonic()
         if delay > 0:
             time.sleep(delay)
-        msg = deserialize_message(bytes(reader.typestore.serialize_cdr(decoded, conn.msgtype)), message_class(conn.msgtype))
+        # through the standard ROS 2 types: a ROS 1 bag's own types differ (Header.seq)
+        msg = deserialize_message(bytes(TYPES.serialize_cdr(decoded, conn.msgtype)), rclpy_class(conn.msgtype))
         if restamp:
             msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_to_ns(msg.header.stamp) + shift, NS_PER_S)
         if clock_pub is not None:

@@ -24,16 +24,14 @@ from pathlib import Path
 
 import numpy as np
 from rosbags.rosbag2 import StoragePlugin, Writer
-from rosbags.typesys import Stores, get_typestore
 
 from .bag import find_topics, open_reader, read_messages
 from .errors import BagError, ConfigError
 from .frames import MODALITIES, NS_PER_S, FusedState, Modality
-from .outputs import diagnostics, fused_state_rows
+from .messages import TYPES, cdr, diagnostics_msg, fused_state_msg
+from .outputs import diagnostics
 from .pipeline import FusionPipeline
 from .sync import SensorSync, SyncConfig
-
-_TYPES = get_typestore(Stores.ROS2_KILTED)
 
 
 @dataclass(frozen=True)
@@ -64,36 +62,22 @@ class _Trace:
 
 
 class _FusedBag:
-    """rosbag2 MCAP of /fused_state and /diagnostics, the node's message layout."""
+    """rosbag2 MCAP of /fused_state and /diagnostics, the node's messages."""
 
     def __init__(self, path: Path):
         self.writer = Writer(path, version=9, storage_plugin=StoragePlugin.MCAP)
         self.writer.open()
-        self.fused = self.writer.add_connection("/fused_state", "sensor_msgs/msg/Image", typestore=_TYPES)
-        self.diag = self.writer.add_connection("/diagnostics", "diagnostic_msgs/msg/DiagnosticArray", typestore=_TYPES)
+        self.fused = self.writer.add_connection("/fused_state", "sensor_msgs/msg/Image", typestore=TYPES)
+        self.diag = self.writer.add_connection("/diagnostics", "diagnostic_msgs/msg/DiagnosticArray", typestore=TYPES)
 
     def write_state(self, state: FusedState) -> None:
-        T = _TYPES.types
-        rows = fused_state_rows(state)
-        msg = T["sensor_msgs/msg/Image"](_header(state.stamp_ns, state.frame_id), rows.shape[0], rows.shape[1], "32FC1",
-                                         0, rows.shape[1] * 4, rows.astype("<f4").view(np.uint8).ravel())
-        self.writer.write(self.fused, state.stamp_ns, _TYPES.serialize_cdr(msg, "sensor_msgs/msg/Image"))
+        self.writer.write(self.fused, state.stamp_ns, cdr(fused_state_msg(state)))
 
     def write_diagnostics(self, stamp_ns: int, statuses) -> None:
-        T = _TYPES.types
-        status = [T["diagnostic_msgs/msg/DiagnosticStatus"](s.level, s.name, s.message, "replay",
-                                                             [T["diagnostic_msgs/msg/KeyValue"](k, v) for k, v in s.values.items()])
-                  for s in statuses]
-        msg = T["diagnostic_msgs/msg/DiagnosticArray"](_header(stamp_ns, ""), status)
-        self.writer.write(self.diag, stamp_ns, _TYPES.serialize_cdr(msg, "diagnostic_msgs/msg/DiagnosticArray"))
+        self.writer.write(self.diag, stamp_ns, cdr(diagnostics_msg(stamp_ns, statuses, "replay")))
 
     def close(self) -> None:
         self.writer.close()
-
-
-def _header(stamp_ns: int, frame_id: str):
-    sec, nsec = divmod(stamp_ns, NS_PER_S)
-    return _TYPES.types["std_msgs/msg/Header"](_TYPES.types["builtin_interfaces/msg/Time"](sec, nsec), frame_id)
 
 
 @dataclass
