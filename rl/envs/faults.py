@@ -1,0 +1,172 @@
+"""Sensor faults: one dataclass config, drawn into a per-episode schedule, applied to clean frames.
+
+Each fault is a `FaultSpec`: the chance it happens in an episode, when (start and duration drawn
+uniformly from ranges, in seconds of episode time) and how strongly (`magnitude`, per fault):
+
+    camera_blackout   the image is all black                               -
+    camera_freeze     the image repeats the last one before the fault      -
+    camera_noise      gaussian pixel noise                                 std [8-bit levels]
+    camera_dropout    no frame                                             -
+    lidar_dropout     no frame                                             -
+    lidar_sparse      a random subset of the points is kept                fraction kept
+    lidar_spurious    extra points at random directions and ranges         points per frame
+    imu_dropout       no sample                                            -
+    imu_bias_jump     a constant offset, drawn once per episode            std [m/s^2] per accel axis
+    imu_noise_burst   extra white noise                                    std [m/s^2]
+    {sensor}_delay    frames are delivered late; stamps stay capture time  delay [s]
+
+IMU faults hit the gyro with GYRO_PER_ACCEL rad/s per m/s^2 of magnitude. A frame is affected when
+it is captured inside the fault's window [start, start + duration); faults apply in the order above.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fusion_attn.frames import NS_PER_S, CameraFrame, ImuSample, LidarFrame
+
+from .sensors import SensorConfig
+
+GYRO_PER_ACCEL = 0.1  # rad/s of gyro fault per m/s^2 of IMU fault magnitude
+NEVER_NS = 2**62  # the end of a window that lasts the whole episode
+
+
+@dataclass(frozen=True)
+class FaultSpec:
+    prob: float = 0.0  # chance that the fault happens in an episode
+    start_s: tuple[float, float] = (0.0, 0.0)  # uniform range of its start [s]
+    duration_s: tuple[float, float] = (math.inf, math.inf)  # uniform range of its length [s]
+    magnitude: float = 1.0
+
+    @classmethod
+    def window(cls, start_s: float = 0.0, duration_s: float = math.inf, magnitude: float = 1.0) -> FaultSpec:
+        """A fault that always happens, at a fixed time."""
+        return cls(1.0, (start_s, start_s), (duration_s, duration_s), magnitude)
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    camera_blackout: FaultSpec = field(default_factory=FaultSpec)
+    camera_freeze: FaultSpec = field(default_factory=FaultSpec)
+    camera_noise: FaultSpec = field(default_factory=FaultSpec)
+    camera_dropout: FaultSpec = field(default_factory=FaultSpec)
+    lidar_dropout: FaultSpec = field(default_factory=FaultSpec)
+    lidar_sparse: FaultSpec = field(default_factory=FaultSpec)
+    lidar_spurious: FaultSpec = field(default_factory=FaultSpec)
+    imu_dropout: FaultSpec = field(default_factory=FaultSpec)
+    imu_bias_jump: FaultSpec = field(default_factory=FaultSpec)
+    imu_noise_burst: FaultSpec = field(default_factory=FaultSpec)
+    camera_delay: FaultSpec = field(default_factory=FaultSpec)
+    lidar_delay: FaultSpec = field(default_factory=FaultSpec)
+    imu_delay: FaultSpec = field(default_factory=FaultSpec)
+
+    def updated(self, overrides: FaultConfig | dict[str, FaultSpec] | None) -> FaultConfig:
+        """This config with some faults replaced (a whole FaultConfig, or {name: FaultSpec})."""
+        if overrides is None:
+            return self
+        if isinstance(overrides, FaultConfig):
+            return overrides
+        return dataclasses.replace(self, **overrides)
+
+
+@dataclass(frozen=True)
+class FaultWindow:
+    start_ns: int
+    end_ns: int
+    magnitude: float
+
+
+def _uniform(rng: np.random.Generator, bounds: tuple[float, float]) -> float:
+    lo, hi = bounds
+    u = rng.random()  # always drawn, so one fault's settings never shift another's draws
+    return lo if lo == hi else lo + (hi - lo) * u
+
+
+def _to_ns(seconds: float) -> int:
+    return NEVER_NS if math.isinf(seconds) else round(seconds * NS_PER_S)
+
+
+class FaultInjector:
+    """One episode's faults: the drawn schedule and the frame transformations."""
+
+    def __init__(self, cfg: FaultConfig, sensors: SensorConfig, rng: np.random.Generator):
+        self._sensors, self._rng = sensors, rng
+        self.schedule: dict[str, FaultWindow] = {}
+        for f in dataclasses.fields(cfg):
+            spec: FaultSpec = getattr(cfg, f.name)
+            happens = rng.random() < spec.prob
+            start, duration = _uniform(rng, spec.start_s), _uniform(rng, spec.duration_s)
+            if happens:
+                start_ns = _to_ns(start)
+                end_ns = min(start_ns + _to_ns(duration), NEVER_NS)
+                self.schedule[f.name] = FaultWindow(start_ns, end_ns, spec.magnitude)
+        jump = rng.normal(0.0, 1.0, 6)
+        m = self.schedule["imu_bias_jump"].magnitude if "imu_bias_jump" in self.schedule else 0.0
+        self._accel_jump, self._gyro_jump = m * jump[:3], m * GYRO_PER_ACCEL * jump[3:]
+        self._last_image: np.ndarray | None = None
+        self._held: np.ndarray | None = None  # the image a freeze repeats
+
+    def magnitude(self, name: str, t_ns: int) -> float | None:
+        """The fault's magnitude when it is active at t_ns, else None."""
+        w = self.schedule.get(name)
+        return w.magnitude if w is not None and w.start_ns <= t_ns < w.end_ns else None
+
+    def active(self, t0_ns: int, t1_ns: int) -> dict[str, float]:
+        """{name: magnitude} of the faults active at some time in [t0, t1)."""
+        return {n: w.magnitude for n, w in self.schedule.items() if w.start_ns < t1_ns and t0_ns < w.end_ns}
+
+    def delay_ns(self, sensor: str, t_ns: int) -> int:
+        delay = self.magnitude(f"{sensor}_delay", t_ns)
+        return 0 if delay is None else round(delay * NS_PER_S)
+
+    def camera(self, frame: CameraFrame) -> CameraFrame | None:
+        t, image = frame.stamp_ns, frame.image
+        if self.magnitude("camera_blackout", t) is not None:
+            image = np.zeros_like(image)
+        if self.magnitude("camera_freeze", t) is not None:
+            if self._held is None:
+                self._held = self._last_image if self._last_image is not None else image
+            image = self._held
+        else:
+            self._held = None
+        if (std := self.magnitude("camera_noise", t)) is not None:
+            image = np.clip(image + self._rng.normal(0.0, std, image.shape), 0, 255).astype(np.uint8)
+        self._last_image = image
+        if self.magnitude("camera_dropout", t) is not None:
+            return None
+        return frame if image is frame.image else dataclasses.replace(frame, image=image)
+
+    def lidar(self, frame: LidarFrame) -> LidarFrame | None:
+        t = frame.stamp_ns
+        if self.magnitude("lidar_dropout", t) is not None:
+            return None
+        points, ring = frame.points, frame.ring
+        if (keep := self.magnitude("lidar_sparse", t)) is not None:
+            idx = np.flatnonzero(self._rng.random(len(points)) < keep)
+            points, ring = points[idx], ring[idx]
+        if (count := self.magnitude("lidar_spurious", t)) is not None:
+            n, cfg = int(count), self._sensors
+            extra_ring = self._rng.integers(len(cfg.lidar_elevations_deg), size=n).astype(np.uint16)
+            el = np.radians(np.asarray(cfg.lidar_elevations_deg))[extra_ring]
+            az = self._rng.uniform(-np.pi, np.pi, n)
+            r = self._rng.uniform(0.1, cfg.lidar_max_range_m, n)
+            extra = np.stack([r * np.cos(el) * np.cos(az), r * np.cos(el) * np.sin(az), r * np.sin(el),
+                              self._rng.uniform(0.0, 255.0, n)], axis=1).astype(np.float32)
+            points, ring = np.concatenate([points, extra]), np.concatenate([ring, extra_ring])
+        return frame if points is frame.points else dataclasses.replace(frame, points=points, ring=ring)
+
+    def imu(self, sample: ImuSample) -> ImuSample | None:
+        t = sample.stamp_ns
+        if self.magnitude("imu_dropout", t) is not None:
+            return None
+        accel, gyro = sample.accel, sample.gyro
+        if self.magnitude("imu_bias_jump", t) is not None:
+            accel, gyro = accel + self._accel_jump, gyro + self._gyro_jump
+        if (std := self.magnitude("imu_noise_burst", t)) is not None:
+            noise = self._rng.normal(0.0, std, 6)
+            accel, gyro = accel + noise[:3], gyro + GYRO_PER_ACCEL * noise[3:]
+        return sample if accel is sample.accel else dataclasses.replace(sample, accel=accel, gyro=gyro)

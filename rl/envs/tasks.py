@@ -1,0 +1,177 @@
+"""The tasks: an episode's arena, the task part of the observation, the reward and success.
+
+Every episode ends with `truncated` once `episode_s` of simulated time has passed. Poses are
+(x, y, yaw) in the arena (world) frame; T is episode_s, t the episode time.
+
+FusionAttn/Memory-v0 (`MemoryTask`, 6 x 6 m, T = 30 s)
+    The robot starts near one wall facing it; in front of it stands a coloured pillar, the cue, which
+    vanishes after `cue_s` (2 s). Behind the robot, along the opposite wall, lie `n_goals` (3) goal
+    zones, red, green and blue in a random order, each a floor patch with a panel of its colour on
+    the wall behind it; a few obstacles stand between. The cue's colour names the goal.
+    Reward: +1 for entering the zone of the cue's colour (success; the episode ends), -1 for
+    entering another zone (ends), and -0.5/T per second (-0.5 over a whole episode).
+    obs["task"] = (x, y, cos yaw, sin yaw, t/T): odometry and the clock, no hint of the colour.
+
+FusionAttn/Navigate-v0 (`NavigateTask`, 10 x 10 m, 14 obstacles, T = 40 s)
+    Reach a target on the far side of a cluttered arena. By default the camera blacks out once per
+    episode, for 5-10 s starting 2-6 s in (the `camera_blackout` fault; override with `faults=`).
+FusionAttn/Control-v0 (`ControlTask`, 6 x 6 m, 3 obstacles, T = 15 s)
+    Reach a target at least 1.5 m away: the sanity check, nothing needs remembering.
+    Both: reward = progress towards the target [m] per step - 0.2/T per second, and +10 for coming
+    within 0.4 m of it (success; the episode ends). The target is a green floor patch.
+    obs["task"] = (target x, target y in the robot frame [m], distance [m], t/T).
+
+`info` gets "is_success" (bool) from every task; Memory adds "cue" and "reached" (colour names).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from .faults import FaultConfig, FaultSpec
+from .scene import TASK_COLOURS, Geom, Layout, scatter_obstacles
+
+PATCH_HALF_HEIGHT = 0.003  # floor patches: flat discs, seen by the camera only
+
+
+def _patch(name: str, x: float, y: float, radius: float, rgb: tuple[float, float, float]) -> Geom:
+    return Geom(name, "cylinder", (x, y, PATCH_HALF_HEIGHT), (radius, PATCH_HALF_HEIGHT), rgb, collide=False)
+
+
+class Task(ABC):
+    """One kind of episode. An instance keeps the current episode's state: one instance per env."""
+
+    episode_s: float
+    obs_dim: int
+
+    def default_faults(self) -> FaultConfig:
+        return FaultConfig()
+
+    @abstractmethod
+    def new_episode(self, rng: np.random.Generator) -> Layout:
+        """Draw the next episode's world and reset the task's state."""
+
+    @abstractmethod
+    def observe(self, pose: np.ndarray, t_s: float) -> np.ndarray:
+        """The task part of the observation: float32 (obs_dim,)."""
+
+    @abstractmethod
+    def evaluate(self, pose: np.ndarray, t_s: float) -> tuple[float, bool, dict]:
+        """After a control step: (reward, terminated, info)."""
+
+
+class MemoryTask(Task):
+    half = 3.0
+    goal_radius = 0.45
+    obs_dim = 5
+
+    def __init__(self, n_goals: int = 3, cue_s: float = 2.0, episode_s: float = 30.0, obstacles: int = 4):
+        if not 2 <= n_goals <= len(TASK_COLOURS):
+            raise ValueError(f"n_goals must be 2..{len(TASK_COLOURS)}, got {n_goals}")
+        self.n_goals, self.cue_s, self.episode_s, self.obstacles = n_goals, cue_s, episode_s, obstacles
+        self._prev_t = 0.0
+
+    def new_episode(self, rng: np.random.Generator) -> Layout:
+        names = list(TASK_COLOURS)
+        self.goal_colours = [names[i] for i in rng.permutation(len(names))[: self.n_goals]]
+        self.cue = self.goal_colours[rng.integers(self.n_goals)]
+        gx = self.half - 0.7
+        self.goals = [(gx, float(y)) for y in np.linspace(-1.8, 1.8, self.n_goals)]
+        self._prev_t = 0.0
+        start = (-1.6, float(rng.uniform(-0.3, 0.3)), float(np.pi + rng.uniform(-0.2, 0.2)))
+        geoms = [Geom("cue", "cylinder", (-self.half + 0.5, 0.0, 0.4), (0.15, 0.4), TASK_COLOURS[self.cue],
+                      collide=False, hide_at_s=self.cue_s)]
+        for i, ((x, y), colour) in enumerate(zip(self.goals, self.goal_colours)):
+            geoms.append(_patch(f"goal{i}", x, y, self.goal_radius, TASK_COLOURS[colour]))
+            geoms.append(Geom(f"panel{i}", "box", (self.half - 0.01, y, 0.3), (0.01, 0.35, 0.25),
+                              TASK_COLOURS[colour], collide=False))
+        clear = [(x, y, self.goal_radius + 0.3) for x, y in self.goals] + [(start[0], start[1], 0.6)]
+        geoms += scatter_obstacles(rng, self.obstacles, (-0.8, 1.4, -self.half, self.half), clear)
+        return Layout(self.half, start, tuple(geoms))
+
+    def observe(self, pose: np.ndarray, t_s: float) -> np.ndarray:
+        x, y, yaw = pose
+        return np.array([x, y, np.cos(yaw), np.sin(yaw), t_s / self.episode_s], np.float32)
+
+    def evaluate(self, pose: np.ndarray, t_s: float) -> tuple[float, bool, dict]:
+        reward = -0.5 * (t_s - self._prev_t) / self.episode_s
+        self._prev_t = t_s
+        reached = next((c for (x, y), c in zip(self.goals, self.goal_colours)
+                        if np.hypot(pose[0] - x, pose[1] - y) < self.goal_radius), None)
+        if reached is not None:
+            reward += 1.0 if reached == self.cue else -1.0
+        info = {"is_success": reached == self.cue, "cue": self.cue, "reached": reached}
+        return reward, reached is not None, info
+
+
+class ReachTask(Task):
+    """Drive to a target whose position, relative to the robot, is part of the observation."""
+
+    success_radius = 0.4
+    success_bonus = 10.0
+    obs_dim = 4
+
+    def __init__(self, half: float, obstacles: int, episode_s: float):
+        self.half, self.obstacles, self.episode_s = half, obstacles, episode_s
+        self.target = (0.0, 0.0)
+        self._prev = (0.0, 0.0)  # (time, distance) after the previous step
+
+    @abstractmethod
+    def endpoints(self, rng: np.random.Generator) -> tuple[tuple[float, float, float], tuple[float, float]]:
+        """-> the start pose (x, y, yaw) and the target (x, y)."""
+
+    def new_episode(self, rng: np.random.Generator) -> Layout:
+        start, self.target = self.endpoints(rng)
+        self._prev = (0.0, float(np.hypot(self.target[0] - start[0], self.target[1] - start[1])))
+        clear = [(start[0], start[1], 0.5), (*self.target, self.success_radius + 0.2)]
+        h = self.half
+        geoms = [_patch("target", *self.target, self.success_radius, TASK_COLOURS["green"])]
+        geoms += scatter_obstacles(rng, self.obstacles, (-h, h, -h, h), clear)
+        return Layout(h, start, tuple(geoms))
+
+    def observe(self, pose: np.ndarray, t_s: float) -> np.ndarray:
+        x, y, yaw = pose
+        dx, dy = self.target[0] - x, self.target[1] - y
+        c, s = np.cos(yaw), np.sin(yaw)
+        ahead, left = c * dx + s * dy, -s * dx + c * dy
+        return np.array([ahead, left, np.hypot(dx, dy), t_s / self.episode_s], np.float32)
+
+    def evaluate(self, pose: np.ndarray, t_s: float) -> tuple[float, bool, dict]:
+        dist = float(np.hypot(self.target[0] - pose[0], self.target[1] - pose[1]))
+        prev_t, prev_dist = self._prev
+        self._prev = (t_s, dist)
+        reward = prev_dist - dist - 0.2 * (t_s - prev_t) / self.episode_s
+        done = dist < self.success_radius
+        return reward + (self.success_bonus if done else 0.0), done, {"is_success": done}
+
+
+class NavigateTask(ReachTask):
+    def __init__(self, episode_s: float = 40.0, obstacles: int = 14):
+        super().__init__(half=5.0, obstacles=obstacles, episode_s=episode_s)
+
+    def default_faults(self) -> FaultConfig:
+        return FaultConfig(camera_blackout=FaultSpec(prob=1.0, start_s=(2.0, 6.0), duration_s=(5.0, 10.0)))
+
+    def endpoints(self, rng: np.random.Generator) -> tuple[tuple[float, float, float], tuple[float, float]]:
+        e = self.half - 0.8
+        start = rng.uniform(-e, -e + 1.0), rng.uniform(-e, e), rng.uniform(-np.pi, np.pi)
+        target = rng.uniform(e - 1.0, e), rng.uniform(-e, e)
+        return tuple(map(float, start)), tuple(map(float, target))
+
+
+class ControlTask(ReachTask):
+    def __init__(self, episode_s: float = 15.0, obstacles: int = 3):
+        super().__init__(half=3.0, obstacles=obstacles, episode_s=episode_s)
+
+    def endpoints(self, rng: np.random.Generator) -> tuple[tuple[float, float, float], tuple[float, float]]:
+        e = self.half - 0.6
+        start = (float(rng.uniform(-e, e)), float(rng.uniform(-e, e)), float(rng.uniform(-np.pi, np.pi)))
+        while True:  # a target at least 1.5 m away: at most a few draws
+            target = (float(rng.uniform(-e, e)), float(rng.uniform(-e, e)))
+            if np.hypot(target[0] - start[0], target[1] - start[1]) >= 1.5:
+                return start, target
+
+
+TASKS: dict[str, type[Task]] = {"memory": MemoryTask, "navigate": NavigateTask, "control": ControlTask}

@@ -1,0 +1,315 @@
+"""The MuJoCo simulator (rl/envs): Gymnasium API, determinism, sensor frames, rates, faults, fusion."""
+
+import math
+from functools import partial
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+import rl.envs  # noqa: F401  (registers the ids)
+from fusion_attn.frames import NS_PER_S, CameraFrame, ImuSample, LidarFrame, Modality
+from rl.envs.faults import FaultConfig, FaultSpec
+from rl.envs.robot import DRIVE_ACCEL, FrameList, RobotEnv
+from rl.envs.scene import TASK_COLOURS, Geom, Layout
+from rl.envs.sensors import SensorConfig
+from rl.envs.tasks import Task
+
+IDS = [f"FusionAttn/{task}-{kind}v0" for task in ("Memory", "Navigate", "Control")
+       for kind in ("", "Discrete-")]
+EXACT = SensorConfig(lidar_noise_m=0.0, accel_noise=0.0, gyro_noise=0.0, accel_bias=0.0, gyro_bias=0.0)
+G = 9.81  # MuJoCo's default gravity
+
+
+class Fixed(Task):
+    """An empty 6 x 6 m arena (walls at +-3 m) with given objects and start pose."""
+
+    obs_dim = 1
+    episode_s = 10.0
+
+    def __init__(self, start=(0.0, 0.0, 0.0), geoms=()):
+        self.start, self.geoms = start, tuple(geoms)
+
+    def new_episode(self, rng):
+        return Layout(3.0, self.start, self.geoms)
+
+    def observe(self, pose, t_s):
+        return np.zeros(1, np.float32)
+
+    def evaluate(self, pose, t_s):
+        return 0.0, False, {"is_success": False}
+
+
+def run(env, seconds, action, seed=0, options=None):
+    """-> per step (including reset) the list of delivered frames, the info and the observation."""
+    obs, info = env.reset(seed=seed, options=options)
+    steps = [(list(info["frames"]), info, obs)]
+    for _ in range(round(seconds * 50)):
+        obs, _, _, _, info = env.step(np.asarray(action, np.float32))
+        steps.append((list(info["frames"]), info, obs))
+    return steps
+
+
+def frames_of(steps, kind):
+    return [f for frames, _, _ in steps for f in frames if isinstance(f, kind)]
+
+
+@pytest.mark.filterwarnings("ignore:.*(symmetric and normalized|infinity):UserWarning")  # physical units
+@pytest.mark.parametrize("env_id", IDS)
+def test_check_env(env_id):
+    env = gym.make(env_id, sensors=SensorConfig(camera_size=(32, 32)))
+    check_env(env.unwrapped, skip_render_check=True)
+    obs, info = env.reset(seed=1)
+    assert env.observation_space.contains(obs)
+    assert [type(f) for f in info["frames"]] == [CameraFrame, LidarFrame, ImuSample]
+    env.close()
+
+
+def test_same_seed_same_episode():
+    faults = FaultConfig(camera_noise=FaultSpec(0.5, (0.0, 0.5), (0.2, 0.5), 20.0),
+                         lidar_sparse=FaultSpec(0.5, (0.0, 0.5), (0.2, 0.5), 0.5))
+    runs = []
+    for _ in range(2):
+        env = gym.make("FusionAttn/Navigate-v0", faults=faults)
+        env.action_space.seed(3)
+        obs, info = env.reset(seed=7)
+        trace = [(obs, info["frames"])]
+        for _ in range(60):
+            obs, reward, _, _, info = env.step(env.action_space.sample())
+            trace.append((obs, info["frames"], reward, info["faults"]))
+        runs.append(trace)
+        env.close()
+    for a, b in zip(*runs):
+        assert all(np.array_equal(a[0][k], b[0][k]) for k in a[0])
+        assert a[1] == b[1] and a[2:] == b[2:]
+    other = gym.make("FusionAttn/Navigate-v0")
+    obs, _ = other.reset(seed=8)
+    assert not np.array_equal(obs["image"], runs[0][0][0]["image"])
+
+
+def test_camera_frame_is_rgb8_forward():
+    red = Geom("red", "box", (1.5, 0.0, 0.5), (0.1, 1.0, 0.5), TASK_COLOURS["red"])
+    env = RobotEnv(Fixed(geoms=[red]), sensors=SensorConfig(camera_size=(48, 64)))
+    _, info = env.reset(seed=0)
+    cam = info["frames"][0]
+    assert isinstance(cam, CameraFrame)
+    assert (cam.frame_id, cam.encoding, cam.stamp_ns) == ("camera", "rgb8", 0)
+    assert cam.image.shape == (48, 64, 3) and cam.image.dtype == np.uint8
+    r, g, b = cam.image[24, 32].astype(int)  # the red box straight ahead fills the centre: RGB order
+    assert r > 100 and r > 2 * g and r > 2 * b
+    env.close()
+
+
+def test_lidar_points_in_lidar_frame():
+    # Facing +y from (1, 0.5): the wall ahead (y = 3) is 2.5 m away, the one on the left (x = -3) 4 m.
+    env = RobotEnv(Fixed(start=(1.0, 0.5, math.pi / 2)), sensors=EXACT)
+    _, info = env.reset(seed=0)
+    lidar = info["frames"][1]
+    assert isinstance(lidar, LidarFrame) and lidar.frame_id == "lidar"
+    pts = lidar.points
+    assert pts.dtype == np.float32 and pts.shape[1] == 4 and np.isfinite(pts).all()
+    assert np.linalg.norm(pts[:, :3], axis=1).max() <= EXACT.lidar_max_range_m
+    flat = lidar.ring == 0
+    ahead = pts[flat][np.argmin(np.abs(np.arctan2(pts[flat, 1], pts[flat, 0])))]
+    np.testing.assert_allclose(ahead[:3], [2.5, 0.0, 0.0], atol=1e-3)
+    left = pts[flat][np.argmin(np.abs(np.arctan2(pts[flat, 1], pts[flat, 0]) - math.pi / 2))]
+    np.testing.assert_allclose(left[:3], [0.0, 4.0, 0.0], atol=1e-3)
+    assert 0 < ahead[3] <= 255  # intensity: the wall's luminance
+    # The observation's range image agrees, and rays beyond the max range are dropped.
+    obs, _ = env.reset(seed=0)
+    np.testing.assert_allclose(obs["lidar"][0, [0, 45]], [2.5, 4.0], atol=1e-3)  # beams 0 and 90 degrees
+    short = RobotEnv(Fixed(start=(1.0, 0.5, math.pi / 2)), sensors=SensorConfig(lidar_max_range_m=3.0))
+    _, info = short.reset(seed=0)
+    assert np.linalg.norm(info["frames"][1].points[:, :3], axis=1).max() <= 3.0
+    assert len(info["frames"][1]) < len(lidar)
+    env.close()
+    short.close()
+
+
+def test_imu_units_and_frame():
+    env = RobotEnv(Fixed(start=(0.0, 0.0, math.pi / 2)), sensors=EXACT)
+    rest = frames_of(run(env, 0.2, [0.0, 0.0]), ImuSample)
+    assert rest[0].frame_id == "imu"
+    np.testing.assert_allclose(np.stack([s.accel for s in rest]) - [0, 0, G], 0.0, atol=1e-6)  # m/s^2
+    np.testing.assert_allclose(np.stack([s.gyro for s in rest]), 0.0, atol=1e-9)
+    q = rest[0].orientation  # x, y, z, w of a yaw of +90 degrees
+    np.testing.assert_allclose(q, [0, 0, math.sin(math.pi / 4), math.cos(math.pi / 4)], atol=1e-9)
+
+    # Driving forward while facing +y accelerates along the body's x (at the drive's limit), not the world's.
+    drive = frames_of(run(env, 0.2, [1.0, 0.0]), ImuSample)
+    np.testing.assert_allclose(drive[-1].accel, [DRIVE_ACCEL[0], 0, G], atol=0.1)
+
+    turn = run(env, 1.0, [0.0, 1.0])
+    gyro = np.stack([s.gyro for s in frames_of(turn[-10:], ImuSample)])
+    np.testing.assert_allclose(gyro, np.tile([0, 0, 1.0], (len(gyro), 1)), atol=0.02)  # rad/s
+    yaw = turn[-1][1]["pose"][2]
+    last = frames_of(turn, ImuSample)[-1].orientation
+    assert 2 * math.atan2(last[2], last[3]) == pytest.approx(yaw, abs=0.02)  # one step of turning behind
+    env.close()
+
+
+def test_noise_and_bias_are_per_episode():
+    env = RobotEnv(Fixed(), sensors=SensorConfig(accel_noise=0.05, accel_bias=0.1))
+    accel = np.stack([s.accel for s in frames_of(run(env, 1.0, [0, 0]), ImuSample)])
+    bias = accel.mean(axis=0) - [0, 0, G]
+    assert accel.std(axis=0) == pytest.approx([0.05] * 3, rel=0.2)
+    assert np.abs(bias).max() < 0.5 and np.abs(bias).max() > 0.005
+    other = np.stack([s.accel for s in frames_of(run(env, 1.0, [0, 0], seed=1), ImuSample)])
+    assert not np.allclose(bias, other.mean(axis=0) - [0, 0, G], atol=0.005)
+    env.close()
+
+
+@pytest.mark.parametrize("rates", [(10.0, 10.0, 200.0), (20.0, 5.0, 100.0)])
+def test_sensor_rates(rates):
+    camera_hz, lidar_hz, imu_hz = rates
+    env = RobotEnv(Fixed(), sensors=SensorConfig(camera_hz=camera_hz, lidar_hz=lidar_hz, imu_hz=imu_hz,
+                                                 camera_size=(16, 16)))
+    steps = run(env, 2.0, [0.3, 0.5])
+    for kind, hz in ((CameraFrame, camera_hz), (LidarFrame, lidar_hz), (ImuSample, imu_hz)):
+        stamps = np.array([f.stamp_ns for f in frames_of(steps, kind) if f.stamp_ns < 2 * NS_PER_S])
+        assert len(stamps) == round(2 * hz)
+        np.testing.assert_array_equal(np.diff(stamps), round(NS_PER_S / hz))
+    for frames, info, _ in steps:  # delivered in stamp order, none from the future
+        stamps = [f.stamp_ns for f in frames]
+        assert stamps == sorted(stamps) and all(s <= info["time_ns"] for s in stamps)
+    env.close()
+
+
+WINDOW = (0.2, 0.2)  # start, duration [s]
+FAULTS = {
+    "camera_blackout": 1.0, "camera_freeze": 1.0, "camera_noise": 30.0, "camera_dropout": 1.0,
+    "lidar_dropout": 1.0, "lidar_sparse": 0.5, "lidar_spurious": 25.0, "imu_dropout": 1.0,
+    "imu_bias_jump": 1.0, "imu_noise_burst": 0.5, "camera_delay": 0.25,
+}
+
+
+@pytest.mark.parametrize("name", list(FAULTS))
+def test_fault_shows_in_info_and_frames(name):
+    box = Geom("box", "box", (1.5, 0.0, 0.3), (0.2, 0.2, 0.3), TASK_COLOURS["blue"])
+    env = RobotEnv(Fixed(geoms=[box]), sensors=SensorConfig(camera_size=(32, 32)))
+    clean = run(env, 0.6, [0.2, 1.5])
+    faulty = run(env, 0.6, [0.2, 1.5], options={"faults": {name: FaultSpec.window(*WINDOW, FAULTS[name])}})
+    lo, hi = (round(s * NS_PER_S) for s in (WINDOW[0], WINDOW[0] + WINDOW[1]))
+    for (_, info, _), (_, clean_info, _) in zip(faulty, clean):
+        t1 = info["time_ns"]
+        assert info["faults"] == ({name: FAULTS[name]} if lo < t1 and t1 - 20_000_000 < hi else {})
+        assert clean_info["faults"] == {}
+    kind = {"camera": CameraFrame, "lidar": LidarFrame, "imu": ImuSample}[name.split("_")[0]]
+    inside = [f for f in frames_of(faulty, kind) if lo <= f.stamp_ns < hi]
+    ref = {f.stamp_ns: f for f in frames_of(clean, kind)}
+    before = [f for f in frames_of(faulty, kind) if f.stamp_ns < lo]
+    assert before and all(_same(f, ref[f.stamp_ns]) for f in before)
+    if name.endswith("dropout"):
+        assert not inside
+        return
+    assert len(inside) == len([s for s in ref if lo <= s < hi]) > 0
+    for f in inside:
+        r = ref[f.stamp_ns]
+        if name == "camera_blackout":
+            assert not f.image.any() and r.image.any()
+        elif name == "camera_freeze":
+            assert np.array_equal(f.image, before[-1].image) and not np.array_equal(r.image, before[-1].image)
+        elif name == "camera_noise":
+            assert 10 < np.abs(f.image.astype(int) - r.image).mean() < 40
+        elif name == "lidar_sparse":
+            assert 0.3 * len(r) < len(f) < 0.7 * len(r)
+        elif name == "lidar_spurious":
+            assert len(f) == len(r) + 25 and np.array_equal(f.points[: len(r)], r.points)
+        elif name == "imu_bias_jump":
+            jump = f.accel - r.accel
+            assert np.abs(jump).max() > 0.01
+            np.testing.assert_allclose(jump, inside[0].accel - ref[inside[0].stamp_ns].accel, atol=1e-9)
+        elif name == "imu_noise_burst":
+            assert not np.allclose(f.accel, r.accel, atol=1e-3)
+        else:  # camera_delay: the same image, stamped at capture, delivered 0.25 s late
+            assert _same(f, r)
+    if name == "camera_delay":
+        for frames, info, _ in faulty:
+            for f in frames:
+                if isinstance(f, CameraFrame) and lo <= f.stamp_ns < hi:
+                    assert 0 <= info["time_ns"] - (f.stamp_ns + 250_000_000) < 20_000_000
+    env.close()
+
+
+def _same(a, b):
+    return FrameList([a]) == FrameList([b])
+
+
+def test_random_faults_vary_by_episode_and_reproduce():
+    env = RobotEnv(Fixed(), faults=FaultConfig(lidar_dropout=FaultSpec(0.5, (0.0, 1.0), (0.5, 2.0))),
+                   sensors=SensorConfig(camera_size=(16, 16)))
+    drawn = []
+    for seed in range(12):
+        env.reset(seed=seed)
+        drawn.append(env.injector.schedule.get("lidar_dropout"))
+    assert 0 < sum(w is not None for w in drawn) < len(drawn)
+    assert all(0 <= w.start_ns <= NS_PER_S and 0.5 * NS_PER_S <= w.end_ns - w.start_ns <= 2 * NS_PER_S
+               for w in drawn if w is not None)
+    env.reset(seed=3)
+    assert env.injector.schedule.get("lidar_dropout") == drawn[3]
+    env.close()
+
+
+def test_navigate_blacks_out_by_default():
+    env = gym.make("FusionAttn/Navigate-v0", sensors=SensorConfig(camera_size=(16, 16)))
+    for seed in range(3):
+        env.reset(seed=seed)
+        window = env.unwrapped.injector.schedule["camera_blackout"]
+        assert 2 * NS_PER_S <= window.start_ns <= 6 * NS_PER_S
+        assert 5 * NS_PER_S <= window.end_ns - window.start_ns <= 10 * NS_PER_S
+    env.close()
+
+
+def test_memory_cue_vanishes():
+    memory = gym.make("FusionAttn/Memory-v0")
+    obs, info = memory.reset(seed=0)
+    channel = int(np.argmax(TASK_COLOURS[memory.unwrapped.task.cue]))
+
+    def cue_pixels(image):  # saturated pixels of the cue's colour
+        others = np.delete(image, channel, axis=2)
+        return int(((image[..., channel] > 100) & (others.max(axis=2) < 70)).sum())
+
+    assert cue_pixels(obs["image"]) > 0.05 * 64 * 64  # in view at the start
+    for _ in range(110):  # 2.2 s, standing still: the cue is gone
+        obs, reward, terminated, _, info = memory.step(np.zeros(2, np.float32))
+    assert cue_pixels(obs["image"]) == 0
+    assert reward < 0 and not terminated and not info["is_success"] and info["cue"] in TASK_COLOURS
+    memory.close()
+
+
+def test_fused_observation_masks_faulted_sensors():
+    from rl.envs.wrappers import FusedObservation
+
+    env = FusedObservation(gym.make("FusionAttn/Control-v0"), with_attention=True)
+    assert env.observation_space.shape == (67,)
+    obs, _ = env.reset(seed=0)
+    for _ in range(10):
+        obs, *_, info = env.step(np.array([0.3, 0.2], np.float32))
+        assert obs.shape == (67,) and obs.dtype == np.float32 and np.isfinite(obs).all()
+        assert (obs[64:] > 0).all() and info["fused"].present.all()
+    for name, modality in (("lidar_dropout", Modality.LIDAR), ("camera_dropout", Modality.CAMERA)):
+        obs, _ = env.reset(seed=0, options={"faults": {name: FaultSpec.window()}})
+        for _ in range(5):
+            obs, *_, info = env.step(np.array([0.3, 0.2], np.float32))
+            assert np.isfinite(obs).all() and obs[64 + modality] == 0.0
+            assert not info["fused"].present[modality]
+            assert obs[64:].sum() == pytest.approx(1.0, abs=1e-5)
+    env.close()
+
+
+@pytest.mark.filterwarnings("ignore:.*ERROR.*:UserWarning")  # the forked worker's error, from Gymnasium
+def test_async_vector_env_spawned_and_forked_after_rendering():
+    make = partial(gym.make, "rl.envs:FusionAttn/Control-v0", sensors=SensorConfig(camera_size=(16, 16)))
+    envs = gym.vector.AsyncVectorEnv([make] * 2, context="spawn")
+    obs, info = envs.reset(seed=0)
+    obs, *_, info = envs.step(envs.action_space.sample())
+    assert obs["image"].shape == (2, 16, 16, 3) and len(info["frames"]) == 2
+    envs.close()
+    rendered = make()
+    rendered.reset(seed=0)  # this process now holds a GL context, which a forked worker cannot use
+    envs = gym.vector.AsyncVectorEnv([make], context="fork")
+    with pytest.raises(RuntimeError, match="spawn"):
+        envs.reset(seed=0)
+    envs.close()
+    rendered.close()
