@@ -4,6 +4,7 @@
     fusion-attn fuse --image IMG [--points PTS]    one fusion from files
     fusion-attn replay BAG... -o OUT               the node's output for a whole recording, reports, τ sweep
     fusion-attn play BAG... [--rate R] [--loop]    a recording onto live ROS 2 topics (for the node)
+    fusion-attn sim-record ENV_ID -o BAG           simulated episodes as a rosbag2 MCAP
     fusion-attn export -o model.onnx               ONNX graph, checked against torch and TensorRT's op list
     fusion-attn launch [name:=value ...]           fusion_node with config/fusion.yaml (like ros2 launch)
     fusion-attn bench                              per-stage latency, torch vs ONNX Runtime
@@ -66,6 +67,13 @@ def main(argv: list[str] | None = None) -> int:
                                                            "instead of restamping messages to now")
     play.add_argument("--remap", nargs="*", default=[], metavar="FROM:=TO", help="publish a recorded topic under another name")
 
+    sim = verbs.add_parser("sim-record", help="record simulated episodes (random actions) as a rosbag2 MCAP")
+    sim.add_argument("env_id", help="a Gymnasium id, e.g. FusionAttn/Navigate-v0")
+    sim.add_argument("-o", "--output", type=Path, required=True, help="the new bag folder")
+    sim.add_argument("--episodes", type=int, default=1)
+    sim.add_argument("--seconds", type=float, help="stop each episode after this much simulated time")
+    sim.add_argument("--seed", type=int, default=0)
+
     export = verbs.add_parser("export", help="export the model to ONNX and check it")
     _model_args(export, backend=False)
     export.add_argument("-o", "--output", type=Path, required=True)
@@ -84,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        verb = {"fuse": _fuse, "replay": _replay, "play": _play, "export": _export, "launch": _launch, "bench": _bench}
+        verb = {"fuse": _fuse, "replay": _replay, "play": _play, "sim-record": _sim_record, "export": _export,
+                "launch": _launch, "bench": _bench}
         return verb[args.verb](args)
     except FusionAttnError as exc:
         print(f"fusion-attn {args.verb}: error: {exc}", file=sys.stderr)
@@ -173,6 +182,23 @@ def _fuse_bag(args, pipeline, sync, params):
     notes = [f"{m}: {t}" for m, t in sorted((MODALITIES[m], t) for m, t in rec.topics.sensors.items())]
     notes += [f"skipped {t}: {why}" for t, why in rec.topics.skipped.items()] + rec.events[:5]
     return state, notes
+
+
+def _sim_record(args) -> int:
+    try:
+        import gymnasium
+
+        from rl.record import record
+    except ImportError as exc:
+        raise FusionAttnError(f"the simulator is not installed ({exc}); pip install -e '.[sim]'") from exc
+    try:
+        counts = record(args.env_id, args.output, args.episodes, args.seconds, args.seed)
+    except FileExistsError as exc:
+        raise FusionAttnError(str(exc)) from exc
+    except gymnasium.error.Error as exc:
+        raise FusionAttnError(f"{args.env_id}: {exc}") from exc
+    print(f"wrote {args.output}: " + ", ".join(f"{t} {n}" for t, n in sorted(counts.items())))
+    return 0
 
 
 def _feed_files(image: Path | None, points: Path | None, sync) -> None:
