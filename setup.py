@@ -68,6 +68,7 @@ setup(
         "console_scripts": [
             "fusion-attn = fusion_attn.cli:main",
             "fusion_node = fusion_attn.node:main",
+            "sim_bridge = rl.bridge:main",
         ],
     },
 )

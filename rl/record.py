@@ -57,7 +57,8 @@ def record(env_id: str, out: str | Path, episodes: int = 1, seconds: float | Non
                 for frame in info["frames"]:
                     _write_frame(write, frame, offset_ns)
                 t = info["time_ns"]
-                _write_odometry(write, offset_ns + t, info["pose"], last_pose, (t - last_t) / NS_PER_S)
+                write("/odom", offset_ns + t, odometry_msg(offset_ns + t, info["pose"], last_pose, (t - last_t) / NS_PER_S))
+                write("/tf", offset_ns + t, tf_msg(offset_ns + t, info["pose"]))
                 last_pose, last_t = info["pose"], t
             offset_ns += info["time_ns"] + NS_PER_S
     env.close()
@@ -70,18 +71,28 @@ def _write_frame(write, frame, offset_ns: int) -> None:
     write(topic, stamp, to_msg(dataclasses.replace(frame, stamp_ns=stamp)))
 
 
-def _write_odometry(write, stamp_ns: int, pose, last_pose, dt_s: float) -> None:
+def odometry_msg(stamp_ns: int, pose, last_pose, dt_s: float):
+    """nav_msgs/Odometry of base_link in odom: ground-truth pose, and the twist (in base_link, REP-103)
+    from the pose change over dt_s."""
     x, y, yaw = map(float, pose)
     dyaw = math.atan2(math.sin(yaw - last_pose[2]), math.cos(yaw - last_pose[2]))
     vx_world, vy_world = (x - last_pose[0]) / dt_s, (y - last_pose[1]) / dt_s
-    v_forward = math.cos(yaw) * vx_world + math.sin(yaw) * vy_world  # REP-103: twist in base_link
+    v_forward = math.cos(yaw) * vx_world + math.sin(yaw) * vy_world
     v_left = -math.sin(yaw) * vx_world + math.cos(yaw) * vy_world
-    q = _T["geometry_msgs/msg/Quaternion"](0.0, 0.0, math.sin(yaw / 2), math.cos(yaw / 2))
     vec, cov = _T["geometry_msgs/msg/Vector3"], np.zeros(36)
-    pose_msg = _T["geometry_msgs/msg/PoseWithCovariance"](_T["geometry_msgs/msg/Pose"](_T["geometry_msgs/msg/Point"](x, y, 0.0), q), cov)
-    twist = _T["geometry_msgs/msg/TwistWithCovariance"](_T["geometry_msgs/msg/Twist"](vec(v_forward, v_left, 0.0),
-                                                                                   vec(0.0, 0.0, dyaw / dt_s)), cov)
-    write("/odom", stamp_ns, _T["nav_msgs/msg/Odometry"](header(stamp_ns, "odom"), "base_link", pose_msg, twist))
-    transform = _T["geometry_msgs/msg/Transform"](vec(x, y, 0.0), q)
-    tf = _T["geometry_msgs/msg/TransformStamped"](header(stamp_ns, "odom"), "base_link", transform)
-    write("/tf", stamp_ns, _T["tf2_msgs/msg/TFMessage"]([tf]))
+    pose_msg = _T["geometry_msgs/msg/PoseWithCovariance"](
+        _T["geometry_msgs/msg/Pose"](_T["geometry_msgs/msg/Point"](x, y, 0.0), _yaw_quaternion(yaw)), cov)
+    twist = _T["geometry_msgs/msg/TwistWithCovariance"](
+        _T["geometry_msgs/msg/Twist"](vec(v_forward, v_left, 0.0), vec(0.0, 0.0, dyaw / dt_s)), cov)
+    return _T["nav_msgs/msg/Odometry"](header(stamp_ns, "odom"), "base_link", pose_msg, twist)
+
+
+def tf_msg(stamp_ns: int, pose):
+    """tf2_msgs/TFMessage with the odom -> base_link transform."""
+    x, y, yaw = map(float, pose)
+    transform = _T["geometry_msgs/msg/Transform"](_T["geometry_msgs/msg/Vector3"](x, y, 0.0), _yaw_quaternion(yaw))
+    return _T["tf2_msgs/msg/TFMessage"]([_T["geometry_msgs/msg/TransformStamped"](header(stamp_ns, "odom"), "base_link", transform)])
+
+
+def _yaw_quaternion(yaw: float):
+    return _T["geometry_msgs/msg/Quaternion"](0.0, 0.0, math.sin(yaw / 2), math.cos(yaw / 2))
