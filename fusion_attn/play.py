@@ -17,13 +17,12 @@ from pathlib import Path
 from rclpy.duration import Duration
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
-from rclpy.serialization import deserialize_message
 from rosgraph_msgs.msg import Clock
 
 from .bag import find_topics, open_reader, read_decoded
 from .errors import BagError, ConfigError
 from .frames import NS_PER_S, stamp_to_ns
-from .messages import TYPES, rclpy_class
+from .messages import rclpy_class, to_rclpy
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +89,7 @@ def _play_once(node, reader, topics, pubs, clock_pub, rate, restamp, keep) -> in
         delay = wall_start + offset_s / rate - time.monotonic()
         if delay > 0:
             time.sleep(delay)
-        # through the standard ROS 2 types: a ROS 1 bag's own types differ (Header.seq)
-        msg = deserialize_message(bytes(TYPES.serialize_cdr(decoded, conn.msgtype)), rclpy_class(conn.msgtype))
+        msg = to_rclpy(decoded)  # through the standard ROS 2 types: a ROS 1 bag's own ones differ (Header.seq)
         if restamp:
             msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_to_ns(msg.header.stamp) + shift, NS_PER_S)
         if clock_pub is not None:

@@ -6,7 +6,7 @@ from rosbags.highlevel import AnyReader
 
 from fusion_attn.adapters import to_frame
 from fusion_attn.frames import CameraFrame, ImuSample, LidarFrame
-from fusion_attn.messages import TYPES, image_msg, imu_msg, pointcloud2_msg, to_rclpy
+from fusion_attn.messages import image_msg, imu_msg, pointcloud2_msg, to_rclpy
 
 rng = np.random.default_rng(0)
 
@@ -40,14 +40,12 @@ def test_imu_round_trip(orientation):
 
 
 def test_ros1_bag_messages_convert_through_the_ros2_types(real_data):
-    """A ROS 1 bag's types carry Header.seq; play converts them through the standard ROS 2 types."""
-    from rclpy.serialization import deserialize_message
-    from sensor_msgs.msg import Imu
-
+    """A ROS 1 bag's types carry Header.seq; play converts them (to_rclpy) through the standard ROS 2 types."""
     with AnyReader([real_data / "husky_imu_odom_gps.bag"]) as reader:
         conn = next(c for c in reader.connections if c.topic == "/imu/data")
         _, _, raw = next(reader.messages([conn]))
         ros1 = reader.deserialize(raw, conn.msgtype)
-    msg = deserialize_message(bytes(TYPES.serialize_cdr(ros1, conn.msgtype)), Imu)
+    msg = to_rclpy(ros1)
+    assert type(msg).__name__ == "Imu" and type(msg).__module__.startswith("sensor_msgs.msg")
     assert msg.header.frame_id == ros1.header.frame_id and msg.header.stamp.sec == ros1.header.stamp.sec
     assert msg.linear_acceleration.y == ros1.linear_acceleration.y
