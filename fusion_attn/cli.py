@@ -6,6 +6,7 @@
     fusion-attn play BAG... [--rate R] [--loop]    a recording onto live ROS 2 topics (for the node)
     fusion-attn sim-record ENV_ID -o BAG           simulated episodes as a rosbag2 MCAP
     fusion-attn export -o model.onnx               ONNX graph, checked against torch and TensorRT's op list
+    fusion-attn build-engine [MODEL.onnx]          TensorRT engine, built and cached ahead of time
     fusion-attn launch [name:=value ...]           fusion_node with config/fusion.yaml (like ros2 launch)
     fusion-attn bench                              per-stage latency, torch vs ONNX Runtime
 
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .backends import BACKENDS
 from .errors import BagError, FusionAttnError
 from .frames import MODALITIES, NS_PER_S, FusedState
 
@@ -77,6 +79,28 @@ def main(argv: list[str] | None = None) -> int:
     export = verbs.add_parser("export", help="export the model to ONNX and check it")
     _model_args(export, backend=False)
     export.add_argument("-o", "--output", type=Path, required=True)
+    export.add_argument("--opset", type=int, default=18, choices=[17, 18],
+                        help="18 (default; TensorRT 10.x) or 17 (TensorRT 8.6, JetPack 5)")
+
+    engine = verbs.add_parser("build-engine", help="build (or validate) the cached TensorRT engine ahead of time")
+    engine.add_argument("onnx", nargs="?", type=Path, help="ONNX graph (default: the model of --checkpoint, "
+                                                            "exported at the opset the installed TensorRT parses)")
+    engine.add_argument("--checkpoint", type=Path, help="safetensors checkpoint (default: the packaged model)")
+    engine.add_argument("--params", type=Path, help="the node's parameter file: its tensorrt.* settings; flags override")
+    engine.add_argument("--precision", choices=["fp32", "tf32", "fp16", "int8"])
+    engine.add_argument("--workspace-mib", type=int)
+    engine.add_argument("--max-batch", type=int)
+    engine.add_argument("--opt-batch", type=int)
+    engine.add_argument("--dla-core", type=int, help="Jetson DLA core (GPU fallback on); default -1: GPU only")
+    engine.add_argument("--cache-dir", type=Path, help="default: $FUSION_ATTN_CACHE/engines or ~/.cache/fusion_attn/engines")
+    engine.add_argument("--device", default="cuda:0")
+    engine.add_argument("--calibrate", nargs="+", type=Path, metavar="BAG",
+                        help="int8: recordings whose fused instants calibrate the engine")
+    engine.add_argument("--calibration-cache", type=Path, help="int8: where the calibration cache is read/written")
+    engine.add_argument("--calibration-batches", type=int, default=64, help="int8: at most this many batches of 8")
+    engine.add_argument("-o", "--output", type=Path, help="also copy the engine (and its .json sidecar) here")
+    engine.add_argument("--trtexec", action="store_true", help="print the matching trtexec command and exit "
+                                                               "(needs no TensorRT)")
 
     launch = verbs.add_parser("launch", help="start fusion_node with config/fusion.yaml, as fusion.launch.py does")
     launch.add_argument("arguments", nargs="*", metavar="name:=value",
@@ -93,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         verb = {"fuse": _fuse, "replay": _replay, "play": _play, "sim-record": _sim_record, "export": _export,
-                "launch": _launch, "bench": _bench}
+                "build-engine": _build_engine, "launch": _launch, "bench": _bench}
         return verb[args.verb](args)
     except FusionAttnError as exc:
         print(f"fusion-attn {args.verb}: error: {exc}", file=sys.stderr)
@@ -103,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
 def _model_args(p: argparse.ArgumentParser, backend: bool = True, tau: bool = True) -> None:
     p.add_argument("--checkpoint", type=Path, help="safetensors checkpoint (default: the packaged model)")
     if backend:
-        p.add_argument("--backend", choices=["onnxruntime", "torch"], help="default: onnxruntime")
+        p.add_argument("--backend", choices=BACKENDS, help="default: onnxruntime (a GPU backend that cannot run "
+                                                            "here falls back to it, see backend_fallback)")
         p.add_argument("--threads", type=int)
     if tau:
         p.add_argument("--tau", type=float, nargs=4, metavar=("GLOBAL", "CAMERA", "LIDAR", "IMU"))
@@ -115,12 +140,11 @@ def _setup(args, tau=None):
     from .pipeline import FusionPipeline
     from .sync import SyncConfig
 
-    params = load_params(args.params) if args.params else {}
-    tau = tau or [params.get(f"tau.{k}", 1.0) for k in ("global", *MODALITIES)]
-    pipeline = FusionPipeline.create(args.checkpoint or params.get("checkpoint") or None,
-                                     backend=args.backend or params.get("backend", "onnxruntime"),
-                                     threads=args.threads or params.get("threads", 1), tau=tau,
-                                     frame_id=params.get("frame_id", "base_link"))
+    params = load_params(args.params) if getattr(args, "params", None) else {}
+    flags = {"checkpoint": args.checkpoint, "backend": args.backend, "threads": args.threads}
+    params.update({k: v for k, v in flags.items() if v})
+    params.update({f"tau.{k}": v for k, v in zip(("global", *MODALITIES), tau or ())})
+    pipeline = FusionPipeline.from_params(params)
     return pipeline, SyncConfig.from_params(params, pipeline.cfg.imu.window_s), params
 
 
@@ -299,7 +323,7 @@ def _load_points(path: Path) -> np.ndarray:
 def _state_dict(state: FusedState, pipeline) -> dict:
     return {
         "stamp_ns": state.stamp_ns, "frame_id": state.frame_id, "all_masked": state.all_masked,
-        "backend": pipeline.backend.name, "model": pipeline.model_source, "tau": state.tau.tolist(),
+        "backend": pipeline.backend_info(), "model": pipeline.model_source, "tau": state.tau.tolist(),
         "modalities": {name: {"present": bool(state.present[i]),
                               "age_s": None if np.isnan(state.ages_s[i]) else float(state.ages_s[i]),
                               "attention_per_head": state.attention[i].round(6).tolist()}
@@ -312,6 +336,8 @@ def _summary(state: FusedState, pipeline, notes: list[str]) -> str:
     b = pipeline.backend
     lines = [(f"fused state @ {state.stamp_ns / NS_PER_S:.6f} s  frame {state.frame_id}  "
               f"backend {b.name} ({b.device}, {b.precision})  model: {pipeline.model_source}")]
+    if pipeline.backend_fallback:
+        lines.append(f"  fallback: {pipeline.backend_fallback}")
     lines += [f"  input  {n}" for n in notes]
     lines.append("  tau    global {:.3g}  camera {:.3g}  lidar {:.3g}  imu {:.3g}".format(*state.tau))
     lines.append(f"  {'modality':8} {'present':>7} {'age ms':>8} {'attention':>9}   per head")
@@ -332,7 +358,7 @@ def _export(args) -> int:
     from .pipeline import create_backend, load_model
 
     model, source = load_model(args.checkpoint)
-    path = export_onnx(model, args.output)
+    path = export_onnx(model, args.output, opset=args.opset)
     x = example_inputs(model, batch=3)
     ort_out = create_backend("onnxruntime", model, onnx_path=path).run(x)
     torch_out = create_backend("torch", model).run(x)
@@ -342,6 +368,75 @@ def _export(args) -> int:
     print(f"  parity torch vs onnxruntime, batch 3: max abs diff {diff:.2e}")
     print(f"  TensorRT ONNX parser allow-list: {'all ops supported' if not bad else 'UNSUPPORTED: ' + ', '.join(bad)}")
     return 0 if not bad and diff < 1e-4 else 1
+
+
+def _build_engine(args) -> int:
+    import shutil
+
+    from .backends.engine_cache import TensorRTOptions, file_sha256, trtexec_command
+    from .backends.export import OPSET, TENSORRT8_OPSET
+    from .config import load_params
+    from .errors import BackendUnavailable
+    from .pipeline import load_model, onnx_for
+
+    try:
+        from .backends import tensorrt_backend as trt_backend
+    except (ImportError, OSError) as exc:
+        if not args.trtexec:
+            raise BackendUnavailable(f"TensorRT is not installed here ({type(exc).__name__}: {exc}); build engines on "
+                                     "the robot or GPU machine that runs them (docs/TENSORRT.md)") from exc
+        trt_backend = None
+    params = load_params(args.params) if args.params else {}
+    for name in ("precision", "workspace_mib", "max_batch", "opt_batch", "dla_core", "cache_dir", "calibration_cache"):
+        if getattr(args, name) is not None:
+            params[f"tensorrt.{name}"] = getattr(args, name)
+    model, source = load_model(args.checkpoint or params.get("checkpoint") or None)
+    opset = trt_backend.ONNX_OPSET if trt_backend else OPSET
+    onnx = args.onnx or onnx_for(model, opset=opset)
+    if not Path(onnx).is_file():
+        raise BackendUnavailable(f"ONNX graph not found: {onnx}")
+    if args.trtexec:
+        if params.get("tensorrt.precision") == "int8" and not params.get("tensorrt.calibration_cache"):
+            params["tensorrt.calibration_cache"] = "calibration.cache"
+        print(f"# TensorRT 10.x; for 8.6 export opset {TENSORRT8_OPSET}: fusion-attn export --opset {TENSORRT8_OPSET}" if
+              opset == OPSET else f"# TensorRT {trt_backend.TRT_VERSION}")
+        print(trtexec_command(onnx, TensorRTOptions.from_params(params)))
+        return 0
+    calibration = None
+    if params.get("tensorrt.precision") == "int8":
+        if args.calibrate is None and not params.get("tensorrt.calibration_cache"):
+            raise BackendUnavailable("--precision int8 needs --calibrate BAG... (or an existing --calibration-cache)")
+        if not params.get("tensorrt.calibration_cache"):
+            engine_dir = TensorRTOptions(cache_dir=params.get("tensorrt.cache_dir") or None).engine_dir
+            params["tensorrt.calibration_cache"] = engine_dir / f"calibration-{file_sha256(onnx)[:16]}.cache"
+        if args.calibrate:
+            calibration = _calibration_batches(args.calibrate, model.cfg, params, args.calibration_batches)
+    opts = TensorRTOptions.from_params(params)
+    backend = trt_backend.TensorRTBackend(onnx, opts, device=args.device, calibration=calibration)
+    print(f"engine {backend.engine_path}\n  sidecar {backend.engine_path.with_suffix('.json')}\n"
+          f"  from {onnx} ({source})\n  runs {backend.precision} on {backend.device}")
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(backend.engine_path, args.output)
+        shutil.copyfile(backend.engine_path.with_suffix(".json"), args.output.with_suffix(".json"))
+        print(f"  copied to {args.output}")
+    return 0
+
+
+def _calibration_batches(bags, cfg, params, max_batches: int, batch: int = 8):
+    """Batches of 8 model inputs from the fused instants of recordings (the INT8 calibration set)."""
+    from .replay import ReplayOptions, recorded_inputs
+    from .sync import SyncConfig
+
+    opts = ReplayOptions(fusion_rate_hz=params.get("fusion_rate_hz", 20.0), progress=False)
+    pending = []
+    for _, x in recorded_inputs(bags, cfg, opts, SyncConfig.from_params(params, cfg.imu.window_s)):
+        pending.append(x)
+        if len(pending) == batch:
+            yield {k: np.stack([p[k] for p in pending]) for k in pending[0]}
+            pending, max_batches = [], max_batches - 1
+            if max_batches == 0:
+                return
 
 
 def _launch(args) -> int:

@@ -19,3 +19,7 @@ class ConfigError(FusionAttnError, ValueError):
 
 class BagError(FusionAttnError):
     """A recording that cannot be read (missing, truncated, no usable topic)."""
+
+
+class BackendUnavailable(FusionAttnError):
+    """An inference backend that cannot run here (no TensorRT, no GPU, an engine that cannot be built)."""

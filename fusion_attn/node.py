@@ -40,8 +40,18 @@ class Param:
 
 PARAMETERS = (
     Param("checkpoint", "", "safetensors checkpoint; empty: the packaged default model"),
-    Param("backend", "onnxruntime", "inference backend: onnxruntime | torch"),
+    Param("backend", "onnxruntime", "inference backend: onnxruntime | torch | torch-cudagraph | tensorrt"),
+    Param("backend_fallback", "onnxruntime", "if the backend cannot run here: onnxruntime (log why) | fail"),
+    Param("device", "", "torch/GPU device, e.g. cuda:0; empty: cpu for onnxruntime/torch, cuda:0 for GPU backends"),
     Param("threads", 1, "CPU threads of the backend", (1, 64)),
+    Param("tensorrt.precision", "fp16", "engine precision: fp32 | tf32 | fp16 | int8"),
+    Param("tensorrt.workspace_mib", 1024, "builder workspace limit [MiB]", (1, 1 << 20)),
+    Param("tensorrt.max_batch", 8, "engine profile: batch 1..max_batch", (1, 64)),
+    Param("tensorrt.opt_batch", 1, "engine profile: the batch size tuned for", (1, 64)),
+    Param("tensorrt.dla_core", -1, "DLA core (-1: GPU only); layers DLA cannot run fall back to the GPU", (-1, 7)),
+    Param("tensorrt.cache_dir", "", "engine cache; empty: $FUSION_ATTN_CACHE/engines or ~/.cache/fusion_attn/engines"),
+    Param("tensorrt.calibration_cache", "", "int8: calibration cache made by `fusion-attn build-engine --calibrate`"),
+    Param("build_only", False, "configure (build or load the engine), then exit: engines built ahead of time"),
     Param("frame_id", "base_link", "frame_id of the fused state"),
     Param("fusion_rate_hz", 20.0, "fusion timer rate (trigger: timer)", (0.1, 1000.0)),
     Param("trigger", "timer", "fuse on: timer | camera | lidar | imu (each message of that sensor)"),
@@ -93,9 +103,7 @@ class FusionNode(LifecycleNode):
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         try:
             self.sensors = self._configured_sensors()
-            self.pipeline = FusionPipeline.create(self.p("checkpoint") or None, backend=self.p("backend"),
-                                                  threads=self.p("threads"), tau=[self.p(n) for n in TAU_NAMES],
-                                                  frame_id=self.p("frame_id"))
+            self.pipeline = FusionPipeline.from_params({p.name: self.p(p.name) for p in PARAMETERS})
         except FusionAttnError as exc:
             self.get_logger().error(f"configure failed: {exc}")
             return TransitionCallbackReturn.FAILURE
@@ -187,8 +195,8 @@ class FusionNode(LifecycleNode):
         self._check_publisher_types()
         now_ns = self.get_clock().now().nanoseconds
         period = 1.0 / self.p("fusion_rate_hz")
-        statuses = diagnostics(self.sync.summary(now_ns), self._last_state, self.pipeline.backend.name,
-                               self.pipeline.backend.precision, self._processing_ms, self._latency_ms, period,
+        statuses = diagnostics(self.sync.summary(now_ns), self._last_state, self.pipeline.backend_info(),
+                               self._processing_ms, self._latency_ms, period,
                                tuple(self.sensors))
         self.diag_pub.publish(to_rclpy(diagnostics_msg(now_ns, statuses, self.get_name())))
 
@@ -254,10 +262,26 @@ def _descriptor(p: Param) -> ParameterDescriptor:
     return d
 
 
+def _build_only(node: FusionNode) -> int:
+    """build_only: configure builds the engine (or finds it valid in the cache); say so and exit."""
+    if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+        node.get_logger().fatal("build_only: configure failed (see above)")
+        return 1
+    info = node.pipeline.backend_info()
+    if "backend_fallback" in info or info["backend"] != node.p("backend"):
+        node.get_logger().fatal(f"build_only: no {node.p('backend')} engine: {info.get('backend_fallback')}")
+        return 1
+    engine = getattr(node.pipeline.backend, "engine_path", None)
+    node.get_logger().info(f"build_only: {info['backend']} ready ({engine or 'nothing to build'}); exiting")
+    return 0
+
+
 def main(args: list[str] | None = None) -> int:
     rclpy.init(args=args if args is not None else sys.argv)
     node = FusionNode()
     try:
+        if node.p("build_only"):
+            return _build_only(node)
         if node.p("autostart"):
             if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
                 node.get_logger().fatal("autostart: configure failed (see above); exiting")

@@ -46,7 +46,7 @@ class Status:
     values: dict[str, str]
 
 
-def diagnostics(summary: dict[str, dict], state: FusedState | None, backend: str, precision: str,
+def diagnostics(summary: dict[str, dict], state: FusedState | None, backend: dict[str, str],
                 processing_ms: float | None, latency_ms: float, fusion_period_s: float,
                 configured: tuple[str, ...]) -> list[Status]:
     """Per-sensor status (rate, age, drops, masked) and one for the fusion itself.
@@ -55,7 +55,7 @@ def diagnostics(summary: dict[str, dict], state: FusedState | None, backend: str
     older than one period) or it dropped messages since the start, ERROR when it is masked (silent for
     1.5 periods or past its max age, or never seen). The fusion
     is WARN when processing takes over half the fusion period, ERROR over the whole period.
-    processing_ms None: not measured (replay leaves wall-clock figures out of its deterministic output).
+    backend: FusionPipeline.backend_info(). processing_ms None: not measured (replay leaves wall-clock figures out of its deterministic output).
     """
     out = []
     for name in configured:
@@ -76,7 +76,7 @@ def diagnostics(summary: dict[str, dict], state: FusedState | None, backend: str
             level, message = OK, "ok"
         out.append(Status(f"fusion_attn: {name}", level, message, values))
 
-    values = {"backend": backend, "precision": precision,
+    values = {**backend,  # FusionPipeline.backend_info(): backend, device, precision, any fallback
               "processing_time_ms": "n/a" if processing_ms is None else f"{processing_ms:.2f}",
               "pipeline_latency_ms": f"{latency_ms:.2f}"}
     processing_ms = processing_ms or 0.0
@@ -91,6 +91,8 @@ def diagnostics(summary: dict[str, dict], state: FusedState | None, backend: str
         level, message = ERROR, f"processing {processing_ms:.1f} ms exceeds the fusion period"
     elif processing_ms > 0.5 * 1e3 * fusion_period_s:
         level, message = WARN, f"processing {processing_ms:.1f} ms is over half the fusion period"
+    elif "backend_fallback" in backend:
+        level, message = WARN, f"running on {backend['backend']}: {backend['backend_fallback']}"
     else:
         level, message = OK, "ok"
     out.append(Status("fusion_attn: fusion", level, message, values))

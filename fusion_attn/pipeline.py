@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backends import BACKENDS, Backend
+from .backends import BACKENDS, FALLBACKS, Backend
+from .backends.engine_cache import TensorRTOptions
 from .checkpoint import load_checkpoint
 from .config import FusionConfig
-from .errors import CheckpointError, ConfigError
+from .errors import BackendUnavailable, CheckpointError, ConfigError
 from .frames import FusedState, Modality
 from .model import FusionModel
 from .tokenize import SensorSnapshot, Tokenizer
@@ -57,17 +58,18 @@ def weights_digest(model: FusionModel) -> str:
     return h.hexdigest()[:16]
 
 
-def onnx_for(model: FusionModel, cache_dir: str | Path | None = None) -> Path:
+def onnx_for(model: FusionModel, cache_dir: str | Path | None = None, opset: int | None = None) -> Path:
     """The model's ONNX graph, exported once and cached under a digest of its weights and config."""
+    from .backends.engine_cache import default_cache_dir
     from .backends.export import OPSET, export_onnx
 
-    cache = Path(cache_dir or os.environ.get("FUSION_ATTN_CACHE", Path.home() / ".cache" / "fusion_attn"))
-    path = cache / f"fusion-{weights_digest(model)}-opset{OPSET}.onnx"
+    opset = opset or OPSET
+    path = Path(cache_dir or default_cache_dir()) / f"fusion-{weights_digest(model)}-opset{opset}.onnx"
     if not path.is_file():
         log.info("exporting ONNX graph to %s", path)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         try:
-            export_onnx(model, tmp)
+            export_onnx(model, tmp, opset)
             tmp.replace(path)  # atomic: a concurrent reader never sees half a file
         except OSError as exc:
             raise CheckpointError(f"cannot write the ONNX cache {path} ({exc}); set FUSION_ATTN_CACHE to a "
@@ -75,16 +77,28 @@ def onnx_for(model: FusionModel, cache_dir: str | Path | None = None) -> Path:
     return path
 
 
-def create_backend(name: str, model: FusionModel, threads: int | None = None, device: str = "cpu",
-                   onnx_path: str | Path | None = None) -> Backend:
+def create_backend(name: str, model: FusionModel, threads: int | None = None, device: str | None = None,
+                   onnx_path: str | Path | None = None, tensorrt: TensorRTOptions | None = None) -> Backend:
+    """The named backend for `model`; BackendUnavailable where a GPU backend cannot run here."""
     if name == "torch":
         from .backends.torch_backend import TorchBackend
 
-        return TorchBackend(model, device=device, threads=threads)
+        return TorchBackend(model, device=device or "cpu", threads=threads)
     if name == "onnxruntime":
         from .backends.onnxruntime_backend import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(onnx_path or onnx_for(model), threads=threads)
+    if name == "torch-cudagraph":
+        from .backends.cuda_graph_backend import CudaGraphBackend
+
+        return CudaGraphBackend(model, device=device or "cuda:0")
+    if name == "tensorrt":
+        try:
+            from .backends import tensorrt_backend
+        except (ImportError, OSError) as exc:  # OSError: the package is there, libnvinfer is not
+            raise BackendUnavailable(f"TensorRT is not installed ({type(exc).__name__}: {exc})") from exc
+        onnx = onnx_path or onnx_for(model, opset=tensorrt_backend.ONNX_OPSET)
+        return tensorrt_backend.TensorRTBackend(onnx, tensorrt or TensorRTOptions(), device=device or "cuda:0")
     raise ConfigError(f"unknown backend {name!r}; choose one of {list(BACKENDS)}")
 
 
@@ -92,17 +106,49 @@ class FusionPipeline:
     def __init__(self, cfg: FusionConfig, backend: Backend, tau=(1.0, 1.0, 1.0, 1.0), frame_id: str = "base_link"):
         self.cfg = cfg
         self.backend = backend
+        self.model_source, self.backend_fallback = "", None
         self.tokenizer = Tokenizer(cfg)
         self.tau = validate_tau(tau)
         self.frame_id = frame_id
 
     @classmethod
     def create(cls, checkpoint: str | Path | None = None, backend: str = "onnxruntime", threads: int | None = None,
-               device: str = "cpu", tau=(1.0, 1.0, 1.0, 1.0), frame_id: str = "base_link") -> FusionPipeline:
+               device: str | None = None, tau=(1.0, 1.0, 1.0, 1.0), frame_id: str = "base_link",
+               tensorrt: TensorRTOptions | None = None, fallback: str = "onnxruntime") -> FusionPipeline:
+        """fallback: when `backend` cannot run here, "onnxruntime" (say why in one line, go on on the
+        CPU) or "fail" (raise BackendUnavailable)."""
+        if fallback not in FALLBACKS:
+            raise ConfigError(f"backend fallback {fallback!r}: choose one of {list(FALLBACKS)}")
         model, source = load_model(checkpoint)
-        pipeline = cls(model.cfg, create_backend(backend, model, threads=threads, device=device), tau, frame_id)
-        pipeline.model_source = source
+        try:
+            engine, reason = create_backend(backend, model, threads, device, tensorrt=tensorrt), None
+        except BackendUnavailable as exc:
+            if fallback == "fail":
+                raise
+            reason = f"{backend} unavailable: {exc}"
+            log.warning("%s; falling back to onnxruntime on the CPU (backend_fallback: fail stops instead)", reason)
+            engine = create_backend("onnxruntime", model, threads)
+        pipeline = cls(model.cfg, engine, tau, frame_id)
+        pipeline.model_source, pipeline.backend_fallback = source, reason
         return pipeline
+
+    @classmethod
+    def from_params(cls, params: dict) -> FusionPipeline:
+        """From the node's parameters (config/fusion.yaml, flattened): what the node, replay and the
+        CLI all build, so a parameter file means the same everywhere."""
+        return cls.create(params.get("checkpoint") or None, backend=params.get("backend", "onnxruntime"),
+                          threads=params.get("threads", 1), device=params.get("device") or None,
+                          tau=[params.get(f"tau.{k}", 1.0) for k in ("global", "camera", "lidar", "imu")],
+                          frame_id=params.get("frame_id", "base_link"), tensorrt=TensorRTOptions.from_params(params),
+                          fallback=params.get("backend_fallback", "onnxruntime"))
+
+    def backend_info(self) -> dict[str, str]:
+        """What runs the model, for diagnostics and summaries: backend, device, precision, fallback."""
+        b = self.backend
+        info = {"backend": b.name, "device": b.device, "precision": b.precision}
+        if self.backend_fallback:
+            info["backend_fallback"] = self.backend_fallback
+        return info
 
     def set_tau(self, tau) -> None:
         """Takes effect at the next fuse(); τ is a model input, nothing is re-exported."""

@@ -26,12 +26,14 @@ import numpy as np
 from rosbags.rosbag2 import StoragePlugin, Writer
 
 from .bag import find_topics, open_reader, read_messages
+from .config import FusionConfig
 from .errors import BagError, ConfigError
 from .frames import MODALITIES, NS_PER_S, FusedState, Modality
 from .messages import TYPES, cdr, diagnostics_msg, fused_state_msg
 from .outputs import diagnostics
 from .pipeline import FusionPipeline
 from .sync import SensorSync, SyncConfig
+from .tokenize import SensorSnapshot, Tokenizer
 
 
 @dataclass(frozen=True)
@@ -94,9 +96,20 @@ def fuse_recording(reader, pipeline: FusionPipeline, sync: SensorSync, opts: Rep
                    rec: Recording, progress=None, trailing: bool = True) -> Iterator[list[FusedState]]:
     """The node's behaviour on recorded time: feed messages in order, fuse on the timer (or trigger).
 
-    Yields the fused states of each fusion instant (one per τ row). Ends with the trailing fusions a
-    live node's timer would still make while some sensor is fresh (at most its max age), and raises
-    BagError only where reading broke off (after everything before the fault).
+    Yields the fused states of each fusion instant (one per τ row); see `recorded_snapshots`.
+    """
+    for snap in recorded_snapshots(reader, sync, opts, rec, progress, trailing):
+        yield pipeline.fuse_sweep(snap, taus)
+
+
+def recorded_snapshots(reader, sync: SensorSync, opts: ReplayOptions, rec: Recording, progress=None,
+                       trailing: bool = True) -> Iterator[SensorSnapshot]:
+    """What the node would fuse, instant by instant: messages fed in recorded order into `sync`, a
+    snapshot at each timer tick (or trigger message). Replay fuses them; training tokenizes them.
+
+    Ends with the trailing ticks a live node's timer would still make while some sensor is fresh (at
+    most its max age), and raises BagError only where reading broke off (after everything before the
+    fault).
     """
     _check(opts)
     rec.topics = topics = find_topics(reader, opts.topics)
@@ -124,7 +137,7 @@ def fuse_recording(reader, pipeline: FusionPipeline, sync: SensorSync, opts: Rep
                 rec.events.append(f"gap of {(t - next_tick) / NS_PER_S:.1f} s before {msg.topic}")
                 next_tick = t - (t - next_tick) % period_ns
             while t > next_tick:  # data stamped exactly at a tick belongs to it
-                yield pipeline.fuse_sweep(sync.snapshot(next_tick), taus)
+                yield sync.snapshot(next_tick)
                 next_tick += period_ns
         resets = sync.resets
         rejected = sync.add(frame)
@@ -134,7 +147,7 @@ def fuse_recording(reader, pipeline: FusionPipeline, sync: SensorSync, opts: Rep
             rec.events.append(f"{msg.topic}: time jumped back: buffers reset")
             next_tick = None
         if trigger is msg.modality and not rejected:
-            yield pipeline.fuse_sweep(sync.snapshot(t), taus)
+            yield sync.snapshot(t)
         elif next_tick is None:
             next_tick = t + period_ns
     # the node's timer goes on after the last message while some sensor is still fresh (bounded by
@@ -143,8 +156,23 @@ def fuse_recording(reader, pipeline: FusionPipeline, sync: SensorSync, opts: Rep
     if trailing and trigger is None and next_tick is not None and newest is not None:
         end = newest + int(max(sync.cfg.max_age_s) * NS_PER_S)
         while next_tick <= end and any(sync.fresh(m, next_tick) for m in topics.sensors):
-            yield pipeline.fuse_sweep(sync.snapshot(next_tick), taus)
+            yield sync.snapshot(next_tick)
             next_tick += period_ns
+
+
+def recorded_inputs(bags: Sequence[str | Path], cfg: FusionConfig, opts: ReplayOptions = ReplayOptions(progress=False),
+                    sync_cfg: SyncConfig | None = None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """(stamp, model inputs at τ = 1) at each instant the node would fuse a recording: for training
+    on recordings and for INT8 calibration. A recording cut short ends at the fault, as replay does."""
+    tokenizer = Tokenizer(cfg)
+    sync = SensorSync(sync_cfg or SyncConfig(imu_window_s=cfg.imu.window_s))
+    ones = np.ones(4, np.float32)
+    with open_reader(bags) as reader:
+        try:
+            for snap in recorded_snapshots(reader, sync, opts, Recording()):
+                yield snap.stamp_ns, tokenizer(snap, ones)
+        except BagError:
+            pass
 
 
 def _check(opts: ReplayOptions) -> None:
@@ -197,7 +225,7 @@ def replay(bags: Sequence[str | Path], pipeline: FusionPipeline, out_dir: str | 
                     trace.masked.append(np.array([health[m]["masked"] for m in rec.configured]))
                     trace.masked_stamps.append(stamp)
                     fused_bag.write_diagnostics(stamp, diagnostics(
-                        health, states[0], pipeline.backend.name, pipeline.backend.precision, None,
+                        health, states[0], pipeline.backend_info(), None,
                         trace.latency_ms[-1], 1.0 / opts.fusion_rate_hz, rec.configured))
         except BagError as exc:
             rec.events.append(f"read stopped: {exc}")
@@ -212,6 +240,7 @@ def replay(bags: Sequence[str | Path], pipeline: FusionPipeline, out_dir: str | 
         reason = "; ".join(rec.events) or f"no readable camera, lidar or IMU message (skipped: {skipped})"
         raise BagError(f"nothing could be read from {', '.join(map(str, bags))}: {reason}")
     summary = _summary(bags, rec, trace, taus, sync, opts)
+    summary["backend"] = pipeline.backend_info()
     (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     recorded_s = _span_s(trace.stamps)
     timing = {"wall_s": wall_s, "recorded_s": recorded_s, "speed_x_real_time": recorded_s / wall_s if wall_s else None,

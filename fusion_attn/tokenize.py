@@ -37,7 +37,14 @@ def input_spec(cfg: FusionConfig) -> dict[str, tuple[tuple[int, ...], type]]:
     }
 
 
-OUTPUT_NAMES = ("fused", "latents", "attention", "all_masked")
+def output_spec(cfg: FusionConfig) -> dict[str, tuple[tuple[int, ...], type]]:
+    """Name -> (shape without the batch dimension, dtype) of every model output (see model.FusionModel)."""
+    m = cfg.model
+    return {"fused": ((m.dim,), np.float32), "latents": ((m.fusion_tokens, m.dim), np.float32),
+            "attention": ((3, m.heads), np.float32), "all_masked": ((), np.bool_)}
+
+
+OUTPUT_NAMES = tuple(output_spec(FusionConfig()))  # the same for every config
 
 
 def tokenize_camera(frame: CameraFrame, cfg: CameraTokens) -> tuple[np.ndarray, np.ndarray]:

@@ -29,7 +29,7 @@ def test_fuse_json_with_params_file_and_tau_override(real_data, capsys, tmp_path
     bag = str(real_data / "lidar_camera_frame")
     assert main(["fuse", "--bag", bag, "--at", "0", "--params", str(params), "--json"]) == 0
     state = json.loads(capsys.readouterr().out)
-    assert state["backend"] == "torch" and state["tau"] == [0.5, 1.0, 1.0, 2.0]
+    assert state["backend"]["backend"] == "torch" and state["tau"] == [0.5, 1.0, 1.0, 2.0]
     assert state["modalities"]["imu"] == {"present": False, "age_s": None, "attention_per_head": [0.0] * 4}
     assert state["modalities"]["lidar"]["present"] and state["modalities"]["camera"]["present"]
     assert main(["fuse", "--bag", bag, "--at", "0", "--tau", "1", "1", "0.1", "1", "--json"]) == 0

@@ -1,7 +1,12 @@
 """Inference backends behind one interface: named numpy inputs in, named numpy outputs out.
 
-torch (CPU/CUDA) runs the PyTorch model; onnxruntime (the CPU default) runs the exported graph;
-tensorrt plugs in behind the same interface for embedded GPUs.
+    onnxruntime       the exported graph on the CPU: the embedded default
+    torch             the PyTorch model, eager, on the CPU or a GPU
+    torch-cudagraph   the PyTorch model on a GPU, replayed as CUDA graphs
+    tensorrt          a TensorRT engine built from the exported graph (Jetson, x86 GPUs)
+
+A GPU backend that cannot run here (no TensorRT, no GPU, an engine that cannot be built) raises
+BackendUnavailable; FusionPipeline then falls back to onnxruntime, or fails if so configured.
 """
 
 from __future__ import annotations
@@ -10,14 +15,15 @@ from typing import Protocol
 
 import numpy as np
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("onnxruntime", "torch", "torch-cudagraph", "tensorrt")
+FALLBACKS = ("onnxruntime", "fail")  # what to do when the configured backend is unavailable
 
 
 class Backend(Protocol):
-    name: str  # "torch", "onnxruntime", ...
-    device: str  # "cpu", "cuda:0", ...
-    precision: str  # "fp32", "fp16"
+    name: str  # one of BACKENDS
+    device: str  # "cpu", "cuda:0 (Orin)", ...
+    precision: str  # "fp32", or what a TensorRT engine reports, e.g. "fp16 (40 layers) + fp32 (6)"
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Batched named inputs (tokenize.input_spec + batch dim) -> named outputs (tokenize.OUTPUT_NAMES)."""
+        """Batched named inputs (tokenize.input_spec + batch dim) -> named outputs (tokenize.output_spec)."""
         ...

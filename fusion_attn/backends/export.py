@@ -17,7 +17,8 @@ import torch
 from ..model import FusionModel
 from ..tokenize import OUTPUT_NAMES, input_spec
 
-OPSET = 18  # what torch.export-based export emits natively; TensorRT 10.x parses it (8.6 parses up to 17)
+OPSET = 18  # what torch.export-based export emits natively; TensorRT 10.x parses it
+TENSORRT8_OPSET = 17  # TensorRT 8.6 (JetPack 5) parses up to opset 17
 MAX_BATCH = 64
 
 
@@ -33,20 +34,32 @@ def example_inputs(model: FusionModel, batch: int = 1, seed: int = 0) -> dict[st
 
 
 def export_onnx(model: FusionModel, path: str | Path, opset: int = OPSET) -> Path:
-    """Export with named inputs/outputs (see tokenize.input_spec / OUTPUT_NAMES), weights embedded."""
+    """Export with named inputs/outputs (see tokenize.input_spec / OUTPUT_NAMES), weights embedded.
+
+    Opset 18 and later: the torch.export-based exporter. Opset 17 (for TensorRT 8.6): the TorchScript
+    exporter, because converting the opset-18 graph down fails on the Reduce ops (axes moved from
+    attribute to input in 18).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     args = tuple(torch.from_numpy(v) for v in example_inputs(model, batch=2).values())
     names = list(input_spec(model.cfg))
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(model, args, input_names=names, output_names=list(OUTPUT_NAMES),
-                                    opset_version=opset, dynamo=True, external_data=False, verbose=False,
-                                    dynamic_shapes={n: {0: batch} for n in names})
-    program.save(str(path))
+        if opset >= 18:
+            batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+            program = torch.onnx.export(model, args, input_names=names, output_names=list(OUTPUT_NAMES),
+                                        opset_version=opset, dynamo=True, external_data=False, verbose=False,
+                                        dynamic_shapes={n: {0: batch} for n in names})
+            program.save(str(path))
+        else:
+            torch.onnx.export(model, args, str(path), input_names=names, output_names=list(OUTPUT_NAMES),
+                              opset_version=opset, dynamo=False,
+                              dynamic_axes={n: {0: "batch"} for n in (*names, *OUTPUT_NAMES)})
+            # this exporter leaves the output shapes symbolic; infer them, so the graph states its I/O
+            onnx.save(onnx.shape_inference.infer_shapes(onnx.load(str(path)), strict_mode=True), str(path))
     onnx.checker.check_model(str(path), full_check=True)
     return path
 
