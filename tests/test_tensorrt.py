@@ -132,6 +132,12 @@ def test_cache_refuses_entries_it_cannot_vouch_for(tmp_path, onnx_graphs, caplog
     assert not engine.exists() and not sidecar.exists()
 
 
+def test_dla_engines_have_a_fixed_batch(onnx_graphs):
+    assert TensorRTOptions(opt_batch=2, max_batch=8).batch_profile == (1, 2, 8)
+    dla = TensorRTOptions(dla_core=0, opt_batch=2, max_batch=8)
+    assert dla.batch_profile == (2, 2, 2) and _key(onnx_graphs["a"]).batch_profile == (1, 1, 8)
+
+
 def test_engine_dir_follows_the_cache_variable(monkeypatch, tmp_path):
     monkeypatch.setenv("FUSION_ATTN_CACHE", str(tmp_path))
     assert TensorRTOptions().engine_dir == tmp_path / "engines"
@@ -202,6 +208,9 @@ def test_layer_precisions_from_inspector_json():
                       "N/A due to dynamic shapes", "Thirty-two wide channel vectorized row major Int8 format.")
     assert layer_precisions(info) == {"fp16": 2, "fp32": 2, "int8": 2}
     assert layer_precisions(json.dumps({"Layers": ["a", "b"]})) == {}  # not DETAILED: names only
+    cast = {"Name": "cast", "Inputs": [{"Format/Datatype": "Half"}], "Outputs": [{"Format/Datatype": "Float"}]}
+    myelin = {"Name": "{ForeignNode[/cross/MatMul.../out_norm]}", "Outputs": [{"Format/Datatype": "Float"}]}
+    assert layer_precisions(json.dumps({"Layers": [cast, myelin]})) == {"fp16": 1, "fp32": 1, "fused": 1}
 
 
 def test_precision_report_catches_silent_fp32():
@@ -210,19 +219,23 @@ def test_precision_report_catches_silent_fp32():
     text, warning = describe_precision("fp16", {"fp32": 46})
     assert "fp16 was requested but no layer runs in it" in warning and "fp32 (46 layers)" in text
     assert describe_precision("fp32", {})[0].startswith("fp32 (requested")
+    assert describe_precision("fp16", {"fused": 1, "fp32": 2})[1] is None  # may run FP16 inside the fused node
 
 
 def test_trtexec_command_matches_the_build_options(onnx_graphs, tmp_path):
     opts = TensorRTOptions(precision="int8", calibration_cache=tmp_path / "c.cache", max_batch=4, dla_core=1,
                            workspace_mib=512, cache_dir=tmp_path)
-    cmd = trtexec_command(onnx_graphs["a"], opts).replace(" \\\n    ", " ").split()
+    cmd = trtexec_command(onnx_graphs["a"], opts, timing_cache=tmp_path / "t.cache").replace(" \\\n    ", " ").split()
     assert cmd[0] == "trtexec" and f"--onnx={onnx_graphs['a']}" in cmd
     assert {"--fp16", "--int8", f"--calib={tmp_path / 'c.cache'}", "--useDLACore=1", "--allowGPUFallback",
-            "--memPoolSize=workspace:512M", f"--timingCacheFile={tmp_path / 'timing.cache'}"} <= set(cmd)
-    shapes = dict(a.split("=", 1) for a in cmd if a.startswith(("--minShapes", "--maxShapes")))
-    assert "camera_patches:1x48x768" in shapes["--minShapes"] and "lidar_points:4x64x16x9" in shapes["--maxShapes"]
+            "--memPoolSize=workspace:512M", f"--timingCacheFile={tmp_path / 't.cache'}"} <= set(cmd)
+    shapes = dict(a.split("=", 1) for a in cmd if "Shapes" in a)
+    # DLA has no dynamic shapes: min = opt = max = opt_batch; calibration runs at its own batch
+    assert "camera_patches:1x48x768" in shapes["--minShapes"] and "lidar_points:1x64x16x9" in shapes["--maxShapes"]
+    assert "lidar_points:8x64x16x9" in shapes["--optShapesCalib"]
     assert len(shapes["--maxShapes"].split(",")) == len(input_spec(FusionConfig()))
-    assert "--noTF32" in trtexec_command(onnx_graphs["a"], TensorRTOptions(precision="fp32"))
+    gpu = trtexec_command(onnx_graphs["a"], TensorRTOptions(precision="fp32", max_batch=4))
+    assert "--noTF32" in gpu and "lidar_points:4x64x16x9" in gpu and "--useDLACore" not in gpu
 
 
 def test_build_engine_prints_trtexec_without_tensorrt(onnx_graphs, capsys):

@@ -23,6 +23,7 @@ class CudaGraphBackend:
             raise BackendUnavailable("no CUDA GPU is visible to torch")
         self.torch_device = torch.device(device)
         self.device = f"{self.torch_device} ({torch.cuda.get_device_name(self.torch_device)})"
+        torch.cuda.set_device(self.torch_device)
         self.model = model.eval().to(self.torch_device)
         self.warmup = warmup
         # input shapes -> (graph, static inputs, static outputs); replays read and write these tensors
@@ -30,6 +31,7 @@ class CudaGraphBackend:
 
     @torch.no_grad()
     def _capture(self, inputs: dict[str, np.ndarray]):
+        torch.cuda.set_device(self.torch_device)  # graphs capture and replay on the current device
         static = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.torch_device) for k, v in inputs.items()}
         side = torch.cuda.Stream(self.torch_device)
         side.wait_stream(torch.cuda.current_stream(self.torch_device))

@@ -7,7 +7,7 @@ it repeats the key in clear, with the engine's I/O and how it was built:
 
     <cache>/engines/fusion-<digest>.engine
     <cache>/engines/fusion-<digest>.json
-    <cache>/engines/timing.cache          TensorRT timing cache, shared by every build on this machine
+    <cache>/engines/timing-<version>-sm<cc>.cache   TensorRT timing cache, per TensorRT version and GPU
 
 A cache entry whose sidecar is missing, unreadable or names another key is not used (and is rebuilt);
 so is an engine that TensorRT cannot deserialize or whose I/O differs (see tensorrt_backend).
@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,13 @@ class TensorRTOptions:
         if self.precision == "int8" and self.calibration_cache is None:
             raise ConfigError("int8 needs a calibration cache: make one with `fusion-attn build-engine "
                               "--precision int8 --calibrate BAG ...` (docs/TENSORRT.md)")
+
+    @property
+    def batch_profile(self) -> tuple[int, int, int]:
+        """(min, opt, max) batch. DLA has no dynamic shapes: there all three are opt_batch."""
+        if self.dla_core >= 0:
+            return (self.opt_batch,) * 3
+        return (1, self.opt_batch, self.max_batch)
 
     @property
     def engine_dir(self) -> Path:
@@ -111,7 +119,7 @@ class EngineKey:
         calibration = (file_sha256(opts.calibration_cache) if opts.precision == "int8"
                        and Path(opts.calibration_cache).is_file() else "")
         return cls(file_sha256(onnx_path), tensorrt_version, gpu_name, compute_capability, opts.precision,
-                   opts.workspace_mib, budgets, (1, opts.opt_batch, opts.max_batch), opts.dla_core, calibration)
+                   opts.workspace_mib, budgets, opts.batch_profile, opts.dla_core, calibration)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -226,14 +234,19 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def layer_precisions(engine_information: str) -> dict[str, int]:
-    """Count the engine's layers by the data type of their outputs, from the engine inspector's
-    JSON (ProfilingVerbosity.DETAILED): e.g. {"fp16": 40, "fp32": 6}. Formats that name no type
-    (shape layers, "N/A due to dynamic shapes") are left out."""
+    """Count the engine's layers by the data types of their tensors, from the engine inspector's
+    JSON (ProfilingVerbosity.DETAILED): e.g. {"fp16": 40, "fp32": 6}; a layer with FP16 inputs and
+    FP32 outputs counts for both. Formats that name no type (shape layers, "N/A due to dynamic
+    shapes") are left out; fused Myelin subgraphs ({ForeignNode[...]}) count as "fused"."""
     counts: dict[str, int] = {}
     for layer in json.loads(engine_information).get("Layers", []):
         if not isinstance(layer, dict):  # a build without DETAILED verbosity lists layer names only
             continue
-        kinds = {_precision_of(str(t.get("Format/Datatype", ""))) for t in layer.get("Outputs", [])} - {None}
+        if "ForeignNode" in str(layer.get("Name", "")):  # a fused (Myelin) subgraph: its tensors do not
+            counts["fused"] = counts.get("fused", 0) + 1  # tell the precision inside
+            continue
+        tensors = [*layer.get("Inputs", []), *layer.get("Outputs", [])]
+        kinds = {_precision_of(str(t.get("Format/Datatype", ""))) for t in tensors if isinstance(t, dict)} - {None}
         for kind in kinds:
             counts[kind] = counts.get(kind, 0) + 1
     return dict(sorted(counts.items()))
@@ -254,14 +267,14 @@ def describe_precision(requested: str, counts: dict[str, int]) -> tuple[str, str
     The warning catches the silent cases: FP16/INT8 asked for but no layer runs in it (a GPU without
     fast FP16, or TensorRT found FP32 kernels faster).
     """
-    compute = {k: v for k, v in counts.items() if k in ("fp32", "fp16", "bf16", "int8")}
+    compute = {k: v for k, v in counts.items() if k in ("fp32", "fp16", "bf16", "int8", "fused")}
     if not compute:
         return f"{requested} (requested; the engine does not report layer precisions)", None
     ordered = sorted(compute.items(), key=lambda kv: -kv[1])
     text = " + ".join(f"{k} ({v} layers)" if i == 0 else f"{k} ({v})" for i, (k, v) in enumerate(ordered))
     wanted = {"fp32": "fp32", "tf32": "fp32", "fp16": "fp16", "int8": "int8"}[requested]
     warning = None
-    if wanted not in compute:
+    if wanted not in compute and "fused" not in compute:  # inside a fused subgraph it may well run
         warning = (f"TensorRT precision {requested} was requested but no layer runs in it: the engine runs "
                    f"{text}")
     if requested == "tf32":
@@ -269,7 +282,8 @@ def describe_precision(requested: str, counts: dict[str, int]) -> tuple[str, str
     return text, warning
 
 
-def trtexec_command(onnx_path: str | Path, opts: TensorRTOptions, engine: str | Path = "fusion.engine") -> str:
+def trtexec_command(onnx_path: str | Path, opts: TensorRTOptions, engine: str | Path = "fusion.engine",
+                    timing_cache: str | Path = "timing.cache", calibration_batch: int = 8) -> str:
     """The trtexec command line that builds the engine `build-engine` builds with these options
     (to profile it or cross-check a build with NVIDIA's own tool)."""
     io = onnx_io(onnx_path)
@@ -278,11 +292,15 @@ def trtexec_command(onnx_path: str | Path, opts: TensorRTOptions, engine: str | 
     def shapes(batch: int) -> str:
         return ",".join(f"{n}:{'x'.join(map(str, (batch, *rest)))}" for n, rest in inputs)
 
-    args = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine}", f"--memPoolSize=workspace:{opts.workspace_mib}M",
-            f"--minShapes={shapes(1)}", f"--optShapes={shapes(opts.opt_batch)}", f"--maxShapes={shapes(opts.max_batch)}",
-            f"--timingCacheFile={opts.engine_dir / 'timing.cache'}", "--profilingVerbosity=detailed"]
+    low, opt, high = opts.batch_profile
+    q = shlex.quote
+    args = ["trtexec", f"--onnx={q(str(onnx_path))}", f"--saveEngine={q(str(engine))}",
+            f"--memPoolSize=workspace:{opts.workspace_mib}M", f"--minShapes={shapes(low)}",
+            f"--optShapes={shapes(opt)}", f"--maxShapes={shapes(high)}", f"--timingCacheFile={q(str(timing_cache))}",
+            "--profilingVerbosity=detailed"]
     args += {"fp32": ["--noTF32"], "tf32": [], "fp16": ["--fp16"],
-             "int8": ["--fp16", "--int8", f"--calib={opts.calibration_cache}"]}[opts.precision]
+             "int8": ["--fp16", "--int8", f"--calib={q(str(opts.calibration_cache))}",
+                      f"--optShapesCalib={shapes(calibration_batch)}"]}[opts.precision]
     if opts.dla_core >= 0:
         args += [f"--useDLACore={opts.dla_core}", "--allowGPUFallback"]
     return " \\\n    ".join(args)

@@ -116,7 +116,7 @@ class _Heartbeat:
         self.stop.set()
 
 
-class _Calibrator(trt.IInt8EntropyCalibrator2):
+class _Calibrator(getattr(trt, "IInt8EntropyCalibrator2", object)):  # deprecated since 10.1: may go
     """INT8 calibration from recorded model inputs; with a calibration cache present, TensorRT reads
     that instead and asks for no batch."""
 
@@ -134,6 +134,8 @@ class _Calibrator(trt.IInt8EntropyCalibrator2):
         batch = next(self.batches, None) if self.batches is not None else None
         if batch is None:
             return None
+        if any(len(batch[n]) != self.batch_size for n in names):
+            raise ValueError(f"calibration batches must hold {self.batch_size} samples (the calibration profile)")
         self.held = {n: torch.from_numpy(np.ascontiguousarray(batch[n])).to(self.device) for n in names}
         self.count += 1
         if self.count % 10 == 0:
@@ -180,9 +182,11 @@ def build_engine(onnx_path: Path, opts: TensorRTOptions, timing_cache: Path,
     profile = builder.create_optimization_profile()
     for tensor in inputs:
         rest = tuple(tensor.shape)[1:]
-        profile.set_shape(tensor.name, (1, *rest), (opts.opt_batch, *rest), (opts.max_batch, *rest))
+        profile.set_shape(tensor.name, *((batch, *rest) for batch in opts.batch_profile))
     config.add_optimization_profile(profile)
     if opts.precision == "int8":
+        if not hasattr(trt, "IInt8EntropyCalibrator2"):
+            raise BackendUnavailable(f"TensorRT {TRT_VERSION} has no implicit INT8 calibration: use fp16")
         calib_profile = builder.create_optimization_profile()
         for tensor in inputs:  # calibration runs at one fixed shape
             shape = (calibration_batch, *tuple(tensor.shape)[1:])
@@ -193,11 +197,13 @@ def build_engine(onnx_path: Path, opts: TensorRTOptions, timing_cache: Path,
                                              device or torch.device("cuda"))
 
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
-    config.set_timing_cache(cache, False)  # False: refuse a timing cache made on another device
+    if not config.set_timing_cache(cache, False):  # False: refuse a cache made by another version or GPU
+        log.warning("timing cache %s not usable: starting a new one", timing_cache)
+        config.set_timing_cache(config.create_timing_cache(b""), False)
     if V10:
         config.progress_monitor = _Progress()
-    log.warning("building a TensorRT %s engine from %s (%s, workspace %d MiB, batch 1..%d, DLA %s) ...",
-                TRT_VERSION, onnx_path.name, opts.precision, opts.workspace_mib, opts.max_batch,
+    log.warning("building a TensorRT %s engine from %s (%s, workspace %d MiB, batch %s, DLA %s) ...",
+                TRT_VERSION, onnx_path.name, opts.precision, opts.workspace_mib, opts.batch_profile,
                 opts.dla_core if opts.dla_core >= 0 else "off")
     start = time.monotonic()
     if V10:
@@ -208,8 +214,9 @@ def build_engine(onnx_path: Path, opts: TensorRTOptions, timing_cache: Path,
     if serialized is None:
         raise BackendUnavailable(f"TensorRT {TRT_VERSION} failed to build an engine from {onnx_path} (its log above says why)")
     seconds = time.monotonic() - start
-    timing_cache.parent.mkdir(parents=True, exist_ok=True)
-    timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+    if (used := config.get_timing_cache()) is not None:
+        timing_cache.parent.mkdir(parents=True, exist_ok=True)
+        timing_cache.write_bytes(bytes(used.serialize()))
     log.warning("engine built in %.1f s", seconds)
     return bytes(serialized), {"build_seconds": round(seconds, 1), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                "onnx": str(onnx_path), "tensorrt_api": "10" if V10 else "8"}
@@ -245,7 +252,8 @@ def load_or_build(onnx_path: Path, opts: TensorRTOptions, device: torch.device, 
         if engine is not None:
             return engine, cache.paths(key)[0], cache.read_sidecar(key)
         cache.discard(key, problem)
-    data, details = build_engine(onnx_path, opts, opts.engine_dir / "timing.cache", device=device, **build_kwargs)
+    timing_cache = opts.engine_dir / f"timing-{key.tensorrt_version}-sm{key.compute_capability}.cache"  # per version, GPU
+    data, details = build_engine(onnx_path, opts, timing_cache, device=device, **build_kwargs)
     engine, problem = _deserialize(runtime, data, expected)
     if engine is None:
         raise BackendUnavailable(f"the engine just built is unusable: {problem}")
@@ -273,10 +281,10 @@ class TensorRTBackend:
         self.io = engine_io(self.engine)
         self.inputs = [n for n, t in self.io.items() if t.mode == "input"]
         self.outputs = [n for n, t in self.io.items() if t.mode == "output"]
-        self.max_batch = opts.max_batch
+        self.batches = opts.batch_profile[0], opts.batch_profile[2]
         self.stream = torch.cuda.Stream(self.torch_device)
         self.buffers: dict[int, dict[str, torch.Tensor]] = {}  # batch size -> device tensor per I/O name
-        self._set_shapes(1)
+        self._set_shapes(self.batches[0])
         self.precision, warning = describe_precision(opts.precision, self._layer_precisions())
         if warning:
             log.warning(warning)
@@ -301,9 +309,9 @@ class TensorRTBackend:
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         batch = len(next(iter(inputs.values())))
-        if not 1 <= batch <= self.max_batch:
-            raise BackendUnavailable(f"batch {batch} is outside the engine's profile 1..{self.max_batch} "
-                                     "(build it with a larger max_batch)")
+        if not self.batches[0] <= batch <= self.batches[1]:
+            raise BackendUnavailable(f"batch {batch} is outside the engine's profile {self.batches[0]}.."
+                                     f"{self.batches[1]} (build it with another max_batch / opt_batch)")
         buffers = self._set_shapes(batch)
         with torch.cuda.stream(self.stream):
             for name in self.inputs:
