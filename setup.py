@@ -21,6 +21,7 @@ ROS_WHEELS = [
     "ros-diagnostic-msgs",
     "ros-lifecycle-msgs",
     "ros-rosgraph-msgs",
+    "ros-std-srvs",
     "ros-rmw-fastrtps-cpp",
 ]
 
@@ -63,12 +64,16 @@ setup(
         # The simulator (rl/envs), tested with MuJoCo 4.0 (older 3.x releases call mj_multiRay without
         # its `normal` argument); headless rendering needs the system's EGL (Mesa) library.
         "sim": ["mujoco>=4.0", "gymnasium>=1.0"],
+        # attention-memory RL (rl/): TorchRL's advantage estimator; the LSTM baseline and the
+        # throughput comparison use sb3-contrib's RecurrentPPO
+        "rl": ["torchrl>=0.14", "sb3-contrib>=2.3", "tensorboard"],
     },
     entry_points={
         "console_scripts": [
             "fusion-attn = fusion_attn.cli:main",
             "fusion_node = fusion_attn.node:main",
             "sim_bridge = rl.bridge:main",
+            "policy_node = rl.policy_node:main",
         ],
     },
 )

@@ -7,7 +7,8 @@
     fusion-attn sim-record ENV_ID -o BAG           simulated episodes as a rosbag2 MCAP
     fusion-attn export -o model.onnx               ONNX graph, checked against torch and TensorRT's op list
     fusion-attn build-engine [MODEL.onnx]          TensorRT engine, built and cached ahead of time
-    fusion-attn launch [name:=value ...]           fusion_node with config/fusion.yaml (like ros2 launch)
+    fusion-attn launch [robot] [name:=value ...]   fusion_node (+ policy_node) with config/*.yaml (like ros2 launch)
+    fusion-attn rl train|evaluate|export           attention-memory RL agents (docs/RL.md)
     fusion-attn bench                              per-stage latency, torch vs ONNX Runtime
 
 A tool error (missing file, bad bag, corrupt checkpoint, invalid τ) exits with status 2 and one line
@@ -102,9 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     engine.add_argument("--trtexec", action="store_true", help="print the matching trtexec command and exit "
                                                                "(needs no TensorRT)")
 
-    launch = verbs.add_parser("launch", help="start fusion_node with config/fusion.yaml, as fusion.launch.py does")
+    launch = verbs.add_parser("launch", help="start fusion_node with config/fusion.yaml, as fusion.launch.py does; "
+                                             "`launch robot policy:=P.onnx` also starts policy_node (robot.launch.py)")
     launch.add_argument("arguments", nargs="*", metavar="name:=value",
-                        help="launch arguments: params_file, checkpoint, backend, tau, camera_topic, lidar_topic, "
+                        help="[robot] then launch arguments: params_file, checkpoint, backend, tau, camera_topic, lidar_topic, "
                              "imu_topic, use_sim_time, fused_state_topic")
 
     bench = verbs.add_parser("bench", help="per-stage latency on the standard configuration")
@@ -113,11 +115,16 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--repeats", type=int, default=300)
     bench.add_argument("--json", type=Path, help="also write the raw report here")
 
+    from rl.__main__ import add_verbs as rl_verbs
+
+    rl_verbs(verbs.add_parser("rl", help="attention-memory RL agents: train, evaluate, export").add_subparsers(
+        dest="rl_verb", required=True))
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         verb = {"fuse": _fuse, "replay": _replay, "play": _play, "sim-record": _sim_record, "export": _export,
-                "build-engine": _build_engine, "launch": _launch, "bench": _bench}
+                "build-engine": _build_engine, "launch": _launch, "bench": _bench, "rl": _rl}
         return verb[args.verb](args)
     except FusionAttnError as exc:
         print(f"fusion-attn {args.verb}: error: {exc}", file=sys.stderr)
@@ -437,6 +444,12 @@ def _calibration_batches(bags, cfg, params, max_batches: int, batch: int = 8):
             pending, max_batches = [], max_batches - 1
             if max_batches == 0:
                 return
+
+
+def _rl(args) -> int:
+    from rl.__main__ import run
+
+    return run(argparse.Namespace(**{**vars(args), "verb": args.rl_verb}))
 
 
 def _launch(args) -> int:

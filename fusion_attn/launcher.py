@@ -1,8 +1,13 @@
-"""The node graph, described once: `launch/fusion.launch.py` turns it into launch_ros Nodes on a robot,
-and `fusion-attn launch` starts the same processes here, where the `launch` package is not installed.
+"""The node graphs, described once: `launch/fusion.launch.py` and `launch/robot.launch.py` turn them
+into launch_ros Nodes on a robot, and `fusion-attn launch [robot]` starts the same processes here,
+where the `launch` package is not installed.
+
+    fusion   fusion_node
+    robot    fusion_node + policy_node (rl/policy_node.py): the fused state drives cmd_vel
 
 Launch arguments (both ways): params_file, checkpoint, backend, tau, camera_topic, lidar_topic,
-imu_topic, use_sim_time, fused_state_topic. An empty argument leaves the parameter file's value alone.
+imu_topic, use_sim_time, fused_state_topic; robot also policy, policy_params_file. An empty argument
+leaves the parameter file's value alone.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ BOOL_PARAMETERS = {"use_sim_time"}
 class NodeSpec:
     package: str
     executable: str  # a console script that setup.py installs into lib/<package>
+    module: str  # the module whose main() that script runs
     name: str
     params_file: str
     parameters: dict[str, object] = field(default_factory=dict)
@@ -42,7 +48,7 @@ class NodeSpec:
 
     def command(self) -> list[str]:
         """The process a launch system would start, as argv (ROS 2 `--ros-args` syntax)."""
-        argv = [sys.executable, "-m", f"{self.package}.node", "--ros-args", "-r", f"__node:={self.name}",
+        argv = [sys.executable, "-m", self.module, "--ros-args", "-r", f"__node:={self.name}",
                 "--params-file", self.params_file]
         for name, value in self.parameters.items():
             argv += ["-p", f"{name}:={value}"]
@@ -51,26 +57,29 @@ class NodeSpec:
         return argv
 
 
-def default_params_file() -> str:
-    """config/fusion.yaml from the installed share directory (colcon, pip) or from this checkout."""
+def default_params_file(name: str = "fusion.yaml") -> str:
+    """config/<name> from the installed share directory (colcon, pip) or from this checkout."""
     candidates = []
     try:
         from ament_index_python.packages import get_package_share_directory
 
-        candidates.append(Path(get_package_share_directory(PACKAGE)) / "config" / "fusion.yaml")
+        candidates.append(Path(get_package_share_directory(PACKAGE)) / "config" / name)
     except (ImportError, LookupError, OSError):  # no ament index here (a venv): look elsewhere
         pass
-    candidates += [Path(sys.prefix) / "share" / PACKAGE / "config" / "fusion.yaml",
-                   Path(__file__).resolve().parents[1] / "config" / "fusion.yaml"]
+    candidates += [Path(sys.prefix) / "share" / PACKAGE / "config" / name,
+                   Path(__file__).resolve().parents[1] / "config" / name]
     return str(next((c for c in candidates if c.is_file()), candidates[-1]))
 
 
-def fusion_graph(args: dict[str, str]) -> list[NodeSpec]:
-    """Launch arguments -> the nodes to start (today: the fusion node)."""
-    unknown = set(args) - set(ARGUMENTS) - {"params_file", "fused_state_topic"}
+ROBOT_ARGUMENTS = ("policy", "policy_params_file")
+
+
+def fusion_graph(args: dict[str, str], extra: tuple[str, ...] = ()) -> list[NodeSpec]:
+    """Launch arguments -> the nodes to start: the fusion node."""
+    known = {*ARGUMENTS, "params_file", "fused_state_topic", *extra}
+    unknown = set(args) - known
     if unknown:
-        raise ConfigError(f"unknown launch argument(s) {sorted(unknown)}; known: "
-                         f"{sorted([*ARGUMENTS, 'params_file', 'fused_state_topic'])}")
+        raise ConfigError(f"unknown launch argument(s) {sorted(unknown)}; known: {sorted(known)}")
     parameters: dict[str, object] = {}
     for arg, (param, _, _) in ARGUMENTS.items():
         value = args.get(arg, "")
@@ -86,19 +95,45 @@ def fusion_graph(args: dict[str, str]) -> list[NodeSpec]:
         if value != "":
             parameters[param] = value
     remap = args.get("fused_state_topic", "")
-    return [NodeSpec(PACKAGE, "fusion_node", "fusion_node", args.get("params_file") or default_params_file(),
-                     parameters, (("fused_state", remap),) if remap else ())]
+    return [NodeSpec(PACKAGE, "fusion_node", "fusion_attn.node", "fusion_node",
+                     args.get("params_file") or default_params_file(), parameters,
+                     (("fused_state", remap),) if remap else ())]
+
+
+def robot_graph(args: dict[str, str]) -> list[NodeSpec]:
+    """fusion_node + policy_node: the policy reads fusion_node's fused_state, publishes cmd_vel."""
+    if not args.get("policy"):
+        raise ConfigError("robot graph: set policy:=path/to/policy.onnx (from `fusion-attn rl export`)")
+    nodes = fusion_graph(args, ROBOT_ARGUMENTS)
+    parameters: dict[str, object] = {"policy": args["policy"]}
+    if "use_sim_time" in nodes[0].parameters:
+        parameters["use_sim_time"] = nodes[0].parameters["use_sim_time"]
+    remap = args.get("fused_state_topic", "")
+    nodes.append(NodeSpec(PACKAGE, "policy_node", "rl.policy_node", "policy_node",
+                          args.get("policy_params_file") or default_params_file("policy.yaml"), parameters,
+                          (("fused_state", remap),) if remap else ()))
+    return nodes
+
+
+GRAPHS = {"fusion": fusion_graph, "robot": robot_graph}
 
 
 def run(argv: list[str]) -> int:
-    """`fusion-attn launch name:=value ...`: start the graph, forward Ctrl-C, return the worst exit code."""
+    """`fusion-attn launch [robot] name:=value ...`: start the graph, forward Ctrl-C, return the worst
+    exit code."""
+    graph = fusion_graph
+    if argv and ":=" not in argv[0]:
+        name = argv[0].removesuffix(".launch.py")
+        if name not in GRAPHS:
+            raise ConfigError(f"unknown graph {argv[0]!r}; known: {sorted(GRAPHS)}")
+        graph, argv = GRAPHS[name], argv[1:]
     args = {}
     for item in argv:
         name, sep, value = item.partition(":=")
         if not sep:
             raise ConfigError(f"launch arguments are name:=value, got {item!r}")
         args[name] = value
-    procs = [subprocess.Popen(spec.command()) for spec in fusion_graph(args)]
+    procs = [subprocess.Popen(spec.command()) for spec in graph(args)]
 
     def forward(signum, _frame):
         for p in procs:

@@ -1,1 +1,7 @@
 """Reinforcement learning on the fused state (simulation, agent, policy node)."""
+
+import os
+
+# MuJoCo picks its GL backend when first imported, and TorchRL (rl/ppo.py) imports it: headless EGL
+# must be chosen before any of that (rl/envs explains).
+os.environ.setdefault("MUJOCO_GL", "egl")

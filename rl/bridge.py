@@ -1,9 +1,12 @@
 """sim_bridge: the simulator on ROS 2 topics, for closed-loop tests of the live nodes over DDS.
 
 Publishes camera/image_raw (Image), lidar/points (PointCloud2), imu/data (Imu), odom (Odometry,
-ground truth) and /clock (simulated time; run the other nodes with use_sim_time:=true), and drives
+ground truth), task_obs (Float32MultiArray: the task's observation, what a mission layer would give
+a policy) and /clock (simulated time; run the other nodes with use_sim_time:=true), and drives
 the robot with the latest geometry_msgs/Twist on cmd_vel (linear.x [m/s], angular.z [rad/s]; zero
-when none has arrived for half a second). Episodes restart when they end, on the same clock.
+when none has arrived for half a second). Episodes restart when they end, on the same clock; at each
+start the bridge calls reset_service (std_srvs/Trigger, default /policy_node/reset_memory) when it
+is there, and logs each episode's end and success.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from geometry_msgs.msg import Twist
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from rosgraph_msgs.msg import Clock
+from std_msgs.msg import Float32MultiArray
+from std_srvs.srv import Trigger
 
 from fusion_attn.frames import NS_PER_S
 from fusion_attn.messages import rclpy_class, to_rclpy
@@ -33,6 +38,7 @@ class SimBridge(Node):
         self.declare_parameter("env_id", "FusionAttn/Navigate-v0")
         self.declare_parameter("seed", 0)
         self.declare_parameter("real_time_factor", 1.0)
+        self.declare_parameter("reset_service", "/policy_node/reset_memory")
         self.env = gym.make(self.get_parameter("env_id").value)
         self.seed = self.get_parameter("seed").value
         qos = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)  # best-effort subscribers match too
@@ -40,6 +46,9 @@ class SimBridge(Node):
                      for cls, (topic, msgtype, _) in TOPICS.items()}
         self.odom_pub = self.create_publisher(rclpy_class("nav_msgs/msg/Odometry"), "odom", 10)
         self.clock_pub = self.create_publisher(Clock, "/clock", 10)
+        self.task_pub = self.create_publisher(Float32MultiArray, "task_obs", 10)
+        self.reset_client = self.create_client(Trigger, self.get_parameter("reset_service").value)
+        self.episodes: list[dict] = []
         self.create_subscription(Twist, "cmd_vel", self._on_cmd_vel, 10)
         self.command, self.command_ns = (0.0, 0.0), None
         self.offset_ns = 0
@@ -52,23 +61,28 @@ class SimBridge(Node):
         self.command, self.command_ns = (msg.linear.x, msg.angular.z), self.sim_ns
 
     def _reset(self) -> None:
-        _, info = self.env.reset(seed=self.seed)
+        obs, info = self.env.reset(seed=self.seed)
         self.seed += 1
+        if self.reset_client.service_is_ready():
+            self.reset_client.call_async(Trigger.Request())
         self.last_pose, self.last_t = info["pose"], info["time_ns"]
-        self._publish(info)
+        self._publish(obs, info)
 
     def _step(self) -> None:
         fresh = self.command_ns is not None and self.sim_ns - self.command_ns < CMD_TIMEOUT_NS
         v, omega = self.command if fresh else (0.0, 0.0)
         space = self.env.action_space
         action = np.clip(np.array([v, omega], np.float32), space.low, space.high)
-        _, _, terminated, truncated, info = self.env.step(action)
-        self._publish(info)
+        obs, _, terminated, truncated, info = self.env.step(action)
+        self._publish(obs, info)
         if terminated or truncated:
+            self.episodes.append({"success": bool(info.get("is_success")), "time_s": info["time_ns"] / NS_PER_S})
+            self.get_logger().info(f"episode {len(self.episodes)} ended after {info['time_ns'] / NS_PER_S:.1f} s, "
+                                   f"success {bool(info.get('is_success'))}")
             self.offset_ns += info["time_ns"] + NS_PER_S // 10
             self._reset()
 
-    def _publish(self, info) -> None:
+    def _publish(self, obs, info) -> None:
         self.sim_ns = self.offset_ns + info["time_ns"]
         clock = Clock()
         clock.clock.sec, clock.clock.nanosec = divmod(self.sim_ns, NS_PER_S)
@@ -76,6 +90,7 @@ class SimBridge(Node):
         for frame in info["frames"]:
             _, _, to_msg = TOPICS[type(frame)]
             self.pubs[type(frame)].publish(to_rclpy(to_msg(replace(frame, stamp_ns=frame.stamp_ns + self.offset_ns))))
+        self.task_pub.publish(Float32MultiArray(data=[float(v) for v in obs["task"]]))
         dt = (info["time_ns"] - self.last_t) / NS_PER_S
         if dt > 0:
             self.odom_pub.publish(to_rclpy(odometry_msg(self.sim_ns, info["pose"], self.last_pose, dt)))

@@ -147,18 +147,20 @@ def test_launch_graph_names_only_installed_executables_and_files(setup_kwargs):
     is a console script (colcon installs it into lib/fusion_attn) and its parameter file is installed."""
     import ast
 
-    from fusion_attn.launcher import ARGUMENTS, fusion_graph
+    from fusion_attn.launcher import ARGUMENTS, fusion_graph, robot_graph
 
     scripts = dict(s.replace(" ", "").split("=") for s in setup_kwargs["entry_points"]["console_scripts"])
     installed = {f"share/{PKG}/{Path(f).parent.name}/{Path(f).name}" for _, files in setup_kwargs["data_files"] for f in files}
     everything = {a: "x" for a in ARGUMENTS} | {"tau": "0.5", "use_sim_time": "true", "fused_state_topic": "/fused"}
-    for args in ({}, everything):
-        for spec in fusion_graph(args):
-            assert spec.executable in scripts, spec.executable
-            assert scripts[spec.executable] == f"{spec.package}.node:main"  # what `fusion-attn launch` runs
-            assert spec.command()[2] == f"{spec.package}.node"
-            params = Path(spec.params_file)
-            assert params.is_file() and f"share/{PKG}/config/{params.name}" in installed
+    specs = [s for args in ({}, everything) for s in fusion_graph(args)]
+    specs += robot_graph({"policy": "p.onnx"}) + robot_graph(everything | {"policy": "p.onnx"})
+    assert {s.executable for s in specs} == {"fusion_node", "policy_node"}
+    for spec in specs:
+        assert spec.executable in scripts, spec.executable
+        assert scripts[spec.executable] == f"{spec.module}:main"  # what `fusion-attn launch` runs
+        assert spec.command()[2] == spec.module
+        params = Path(spec.params_file)
+        assert params.is_file() and f"share/{PKG}/config/{params.name}" in installed
     for launch_file in (ROOT / "launch").glob("*.launch.py"):
         tree = ast.parse(launch_file.read_text())
         imports = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}

@@ -1,0 +1,86 @@
+"""`python -m rl` (also `fusion-attn rl`): train, evaluate and export attention-memory agents.
+
+    python -m rl train ENV_ID -o RUN [--agent gtrxl|mlp] [--steps N] [--envs N] [--seed S] [--resume]
+    python -m rl evaluate RUN/agent.safetensors [--episodes N] [--faults] [-o OUT]
+    python -m rl export RUN/agent.safetensors -o policy.onnx
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from fusion_attn.errors import FusionAttnError
+
+
+def add_verbs(verbs) -> None:
+    """The rl verbs on an argparse subparsers object (here, and under `fusion-attn rl`)."""
+    from .agent import AgentConfig
+    from .ppo import PPOConfig
+
+    ppo, agent = PPOConfig(), AgentConfig()
+    train = verbs.add_parser("train", help="train an agent with PPO")
+    train.add_argument("env_id", help="a Gymnasium id, e.g. FusionAttn/Memory-Discrete-v0 or CartPole-v1")
+    train.add_argument("-o", "--output", type=Path, required=True, help="run folder")
+    train.add_argument("--agent", choices=["gtrxl", "mlp"], default=agent.kind)
+    train.add_argument("--memory", type=int, default=agent.memory, help="K: past steps the agent attends over")
+    train.add_argument("--layers", type=int, default=agent.layers)
+    train.add_argument("--steps", type=int, default=ppo.steps)
+    train.add_argument("--envs", type=int, default=ppo.envs)
+    train.add_argument("--rollout", type=int, default=ppo.rollout)
+    train.add_argument("--lr", type=float, default=ppo.lr)
+    train.add_argument("--ent-coef", type=float, default=ppo.ent_coef)
+    train.add_argument("--action-repeat", type=int, default=ppo.action_repeat)
+    train.add_argument("--seed", type=int, default=ppo.seed)
+    train.add_argument("--threads", type=int, default=ppo.threads)
+    train.add_argument("--resume", action="store_true", help="continue RUN/train_state.pt (same flags)")
+    train.add_argument("--no-progress", action="store_true")
+    ev = verbs.add_parser("evaluate", help="success and return over episodes; attention plot, image strip")
+    ev.add_argument("agent", type=Path)
+    ev.add_argument("--episodes", type=int, default=20)
+    ev.add_argument("--faults", action="store_true", help="one sensor fault per episode (rl/evaluate.py)")
+    ev.add_argument("-o", "--output", type=Path)
+    ex = verbs.add_parser("export", help="policy to ONNX, memory as explicit inputs/outputs")
+    ex.add_argument("agent", type=Path)
+    ex.add_argument("-o", "--output", type=Path, required=True)
+
+
+def run(args) -> int:
+    if args.verb == "train":
+        from .agent import AgentConfig
+        from .ppo import PPOConfig, train
+
+        cfg = PPOConfig(env_id=args.env_id, steps=args.steps, envs=args.envs, rollout=args.rollout, lr=args.lr,
+                        ent_coef=args.ent_coef, action_repeat=args.action_repeat, seed=args.seed, threads=args.threads,
+                        agent=AgentConfig(kind=args.agent, memory=args.memory, layers=args.layers))
+        row = train(cfg, args.output, resume=args.resume, progress=not args.no_progress)
+        print(json.dumps({"run": str(args.output), "config": dataclasses.asdict(cfg), "last": row}, indent=1))
+    elif args.verb == "evaluate":
+        from .evaluate import evaluate
+
+        print(json.dumps(evaluate(args.agent, args.episodes, args.faults, args.output), indent=1))
+    else:
+        from .export import export_policy
+
+        path, diff = export_policy(args.agent, args.output)
+        print(f"wrote {path}; ONNX Runtime vs PyTorch over two steps: max abs diff {diff:.2e}")
+        return 0 if diff < 1e-4 else 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rl", description=__doc__.split("\n\n")[0])
+    add_verbs(parser.add_subparsers(dest="verb", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except FusionAttnError as exc:
+        print(f"rl {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

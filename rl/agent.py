@@ -1,0 +1,159 @@
+"""Actor-critic agents for PPO (rl/ppo.py): attention memory over the agent's own history, or none.
+
+GTrXLAgent: a gated transformer-XL. Each layer attends from the current step over the inputs that
+layer saw at the last K steps (its memory) and at the current step; pre-norm, and GRU-type gates
+whose update bias starts at +2, so every block starts as nearly the identity and the agent first
+learns like a memoryless MLP, then learns to use its past. Memory slots from before an episode's
+start are masked. Acting caches the memory: one step costs one token of attention per slot.
+
+MLPAgent: the memoryless baseline, same heads and sizes.
+
+Shapes: N environments (or samples), L layers, K memory slots, D model width, A action dims.
+The memory is explicit data, not hidden module state: `step(obs, memory, memory_mask)` returns the
+next memory, so PPO can store it per step, ONNX export can expose it, and a ROS node can keep it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributions import Categorical, Normal
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    kind: str = "gtrxl"  # gtrxl | mlp
+    dim: int = 64
+    layers: int = 2
+    heads: int = 4
+    memory: int = 32  # K: past steps each layer attends over
+    gate_bias: float = 2.0  # initial update-gate bias: sigmoid(-2) = 0.12 of the new value passes
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class GRUGate(nn.Module):
+    """g(x, y) = (1 - z) * x + z * h, GRU-style, with z = sigmoid(W_z y + U_z x - b): near x at init."""
+
+    def __init__(self, dim: int, bias: float):
+        super().__init__()
+        self.w = nn.Linear(dim, 3 * dim, bias=False)
+        self.u = nn.Linear(dim, 2 * dim, bias=False)
+        self.u_h = nn.Linear(dim, dim, bias=False)
+        self.bias = nn.Parameter(torch.full((dim,), bias))
+
+    def forward(self, x, y):
+        wr, wz, wh = self.w(y).chunk(3, dim=-1)
+        ur, uz = self.u(x).chunk(2, dim=-1)
+        r = torch.sigmoid(wr + ur)
+        z = torch.sigmoid(wz + uz - self.bias)
+        h = torch.tanh(wh + self.u_h(r * x))
+        return (1 - z) * x + z * h
+
+
+class GatedBlock(nn.Module):
+    def __init__(self, cfg: AgentConfig):
+        super().__init__()
+        d = cfg.dim
+        self.heads = cfg.heads
+        self.norm_q, self.norm_kv, self.norm_mlp = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.kv, self.out = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)
+        self.age = nn.Parameter(torch.randn(cfg.memory + 1, d) * 0.02)  # slot K = the current step
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.gate_att, self.gate_mlp = GRUGate(d, cfg.gate_bias), GRUGate(d, cfg.gate_bias)
+
+    def forward(self, x, memory, mask):
+        # x (N, D) current input, memory (N, K, D) this layer's past inputs (oldest first), mask (N, K)
+        N, K, D = memory.shape
+        H, hd = self.heads, D // self.heads
+        context = self.norm_kv(torch.cat([memory, x[:, None]], dim=1) + self.age)  # (N, K+1, D)
+        valid = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # the current step is always valid
+        q = self.q(self.norm_q(x)).view(N, H, 1, hd)
+        k, v = self.kv(context).view(N, K + 1, 2, H, hd).permute(2, 0, 3, 1, 4)  # (N, H, K+1, hd)
+        logits = (q @ k.transpose(-2, -1)) / hd**0.5  # (N, H, 1, K+1)
+        weights = torch.softmax(logits.masked_fill(~valid[:, None, None, :], float("-inf")), dim=-1)
+        attended = self.out((weights @ v).reshape(N, D))
+        x = self.gate_att(x, F.relu(attended))
+        x = self.gate_mlp(x, F.relu(self.mlp(self.norm_mlp(x))))
+        return x, weights.mean(dim=1)[:, 0]  # (N, D), attention over [memory..., current] (N, K+1)
+
+
+class ActorCritic(nn.Module):
+    """Shared trunk -> policy head (Categorical or diagonal Normal) and value head."""
+
+    def __init__(self, obs_dim: int, action_space: gym.Space, cfg: AgentConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.discrete = isinstance(action_space, gym.spaces.Discrete)
+        n_out = int(action_space.n) if self.discrete else int(np.prod(action_space.shape))
+        self.embed = nn.Sequential(nn.Linear(obs_dim, cfg.dim), nn.LayerNorm(cfg.dim))
+        self.blocks = nn.ModuleList(GatedBlock(cfg) for _ in range(cfg.layers)) if cfg.kind == "gtrxl" else None
+        self.trunk = nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.Tanh()) if cfg.kind == "mlp" else None
+        if cfg.kind not in ("gtrxl", "mlp"):
+            raise ValueError(f"agent kind {cfg.kind!r}: gtrxl | mlp")
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.policy = nn.Linear(cfg.dim, n_out)
+        self.value = nn.Linear(cfg.dim, 1)
+        nn.init.orthogonal_(self.policy.weight, 0.01)  # near-uniform / near-zero-mean first policy
+        nn.init.zeros_(self.policy.bias)
+        self.log_std = None if self.discrete else nn.Parameter(torch.full((n_out,), -0.5))
+
+    def memory_shape(self, n: int) -> tuple[int, ...]:
+        layers = self.cfg.layers if self.blocks is not None else 0
+        return (n, layers, self.cfg.memory, self.cfg.dim)
+
+    def initial_memory(self, n: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """All-empty memory: (N, L, K, D) zeros and (N, K) mask of False."""
+        return torch.zeros(self.memory_shape(n), device=device), torch.zeros(n, self.cfg.memory, dtype=torch.bool, device=device)
+
+    def step(self, obs, memory, mask):
+        """obs (N, obs_dim), memory (N, L, K, D), mask (N, K) -> head output (N, A), value (N,),
+        next memory, next mask, attention of the last layer over [memory, current] (N, K+1)."""
+        x = self.embed(obs)
+        attention = torch.ones(obs.shape[0], 1, device=obs.device)
+        if self.blocks is None:
+            x = self.trunk(x)
+            return self.policy(x), self.value(x)[:, 0], memory, mask, attention
+        inputs = []
+        for layer, block in enumerate(self.blocks):
+            inputs.append(x)  # what this layer saw now: the newest slot of its memory next step
+            x, attention = block(x, memory[:, layer], mask)
+        x = self.norm(x)
+        next_memory = torch.cat([memory[:, :, 1:], torch.stack(inputs, dim=1)[:, :, None]], dim=2)
+        next_mask = torch.cat([mask[:, 1:], torch.ones_like(mask[:, :1])], dim=1)
+        return self.policy(x), self.value(x)[:, 0], next_memory, next_mask, attention
+
+    def distribution(self, head):
+        if self.discrete:
+            return Categorical(logits=head)
+        return Normal(head, self.log_std.exp().expand_as(head))
+
+    def log_prob(self, dist, action):
+        return dist.log_prob(action) if self.discrete else dist.log_prob(action).sum(-1)
+
+    def entropy(self, dist):
+        return dist.entropy() if self.discrete else dist.entropy().sum(-1)
+
+
+def reset_memory(mask: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """Mask out every memory slot of the environments whose episode starts now (starts (N,) bool)."""
+    return mask & ~starts[:, None]
+
+
+class ExportedPolicy(nn.Module):
+    """The deterministic policy with its memory as explicit inputs and outputs (for ONNX)."""
+
+    def __init__(self, agent: ActorCritic):
+        super().__init__()
+        self.agent = agent
+
+    def forward(self, obs, memory, memory_mask):
+        head, value, memory, memory_mask, attention = self.agent.step(obs, memory, memory_mask)
+        action = head.argmax(-1) if self.agent.discrete else head
+        return action, value, memory, memory_mask, attention

@@ -1,0 +1,131 @@
+"""Evaluate a trained agent: success and return over episodes (clean, or with sensor faults), an image
+strip of an episode, and where its memory attention went while it acted.
+
+    fusion-attn rl evaluate runs/mem/agent.safetensors --episodes 50 [--faults] -o runs/mem/eval
+
+Outputs: eval.json (per-episode results and summary), strip.png (the camera every second of the
+first episode, FusionAttn envs), attention.png (last layer's attention over the memory slots at
+every step of the first episode, with its entropy), attention.csv.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .agent import ActorCritic, reset_memory
+from .ppo import PPOConfig, load_agent, make_env
+
+# one sensor fault per faulted episode, after the memory task's 2 s cue (so remembering it matters)
+EVAL_FAULTS = ("camera_blackout", "lidar_dropout", "imu_noise_burst", "camera_freeze")
+
+
+def fault_options(name: str | None, rng: np.random.Generator) -> dict | None:
+    if name is None:
+        return None
+    from rl.envs.faults import FaultSpec
+
+    start = float(rng.uniform(3.0, 8.0))
+    return {"faults": {name: FaultSpec.window(start, float(rng.uniform(5.0, 15.0)), magnitude=2.0)}}
+
+
+def run_episode(agent: ActorCritic, env, seed: int, faults: dict | None, record: bool = False) -> dict:
+    """One deterministic episode (argmax / mean action), the memory carried step to step."""
+    obs, info = env.reset(seed=seed, options=faults)
+    memory, mask = agent.initial_memory(1)
+    mask = reset_memory(mask, torch.ones(1, dtype=torch.bool))
+    total, steps, attention, images = 0.0, 0, [], []
+    while True:
+        with torch.no_grad():
+            head, _, memory, mask, att = agent.step(torch.as_tensor(obs, dtype=torch.float32)[None], memory, mask)
+        action = head.argmax(-1) if agent.discrete else head
+        a = action[0].numpy()
+        if not agent.discrete:
+            a = np.clip(a, env.action_space.low, env.action_space.high)
+        if record:
+            attention.append(att[0].numpy())
+            images += [f.image for f in info.get("frames", ()) if hasattr(f, "image")][-1:]
+        obs, reward, terminated, truncated, info = env.step(a)
+        total += float(reward)
+        steps += 1
+        if terminated or truncated:
+            break
+    out = {"seed": seed, "return": total, "steps": steps, "success": bool(info.get("is_success", False))}
+    if record:
+        out["attention"], out["images"] = np.array(attention), images
+    return out
+
+
+def evaluate(agent_path: str | Path, episodes: int = 20, faults: bool = False, out: str | Path | None = None,
+             seed: int = 10_000) -> dict:
+    agent, meta = load_agent(agent_path)
+    cfg = PPOConfig.from_dict(meta["config"])
+    env = make_env(cfg)
+    rng = np.random.default_rng(seed)
+    results = []
+    try:
+        for i in range(episodes):
+            fault = EVAL_FAULTS[i % len(EVAL_FAULTS)] if faults else None
+            r = run_episode(agent, env, seed + i, fault_options(fault, rng), record=(i == 0 and out is not None))
+            r["fault"] = fault
+            results.append(r)
+    finally:
+        env.close()
+    first = results[0]
+    summary = {"agent": str(agent_path), "env_id": cfg.env_id, "episodes": episodes, "faults": faults,
+               "success_rate": float(np.mean([r["success"] for r in results])),
+               "return_mean": float(np.mean([r["return"] for r in results])),
+               "steps_mean": float(np.mean([r["steps"] for r in results])), "trained_steps": meta.get("global_step")}
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        if "attention" in first:
+            summary["attention_entropy_mean"] = _plots(out, first["attention"], first["images"], cfg)
+        rows = [{k: v for k, v in r.items() if k not in ("attention", "images")} for r in results]
+        (out / "eval.json").write_text(json.dumps({"summary": summary, "episodes": rows}, indent=2) + "\n")
+    return summary
+
+
+def attention_entropy(attention: np.ndarray) -> np.ndarray:
+    """Entropy [nats] of each step's attention over [memory..., current] (T, K+1) -> (T,)."""
+    p = np.clip(attention, 1e-12, 1.0)
+    return -(p * np.log(p)).sum(-1)
+
+
+def _plots(out: Path, attention: np.ndarray, images: list, cfg: PPOConfig) -> float:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entropy = attention_entropy(attention)
+    np.savetxt(out / "attention.csv", attention, delimiter=",", fmt="%.5f",
+               header="attention weight per slot: oldest memory slot ... newest, current step (last column)")
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(10, 6), sharex=True, height_ratios=(3, 1))
+    k = attention.shape[1] - 1
+    ax.imshow(attention.T[::-1], aspect="auto", cmap="viridis", extent=(0, len(attention), -0.5, k + 0.5))
+    ax.set_ylabel("steps ago (0 = now)")
+    ax.set_title(f"where the agent's memory attention went ({cfg.env_id}, last layer, mean over heads)")
+    ax2.plot(entropy, label="entropy")
+    ax2.axhline(np.log(k + 1), ls="--", c="grey", label="uniform over full memory")
+    ax2.set_xlabel(f"decision step ({cfg.action_repeat} control steps each)")
+    ax2.set_ylabel("nats")
+    ax2.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(out / "attention.png", dpi=100)
+    plt.close(fig)
+    if images:
+        every = max(1, len(images) // 12)
+        strip = images[::every][:12]
+        fig, axes = plt.subplots(1, len(strip), figsize=(2 * len(strip), 2))
+        for i, (a, img) in enumerate(zip(np.atleast_1d(axes), strip)):
+            a.imshow(img)
+            a.set_title(f"frame {i * every}", fontsize=8)
+            a.axis("off")
+        fig.tight_layout()
+        fig.savefig(out / "strip.png", dpi=80)
+        plt.close(fig)
+    return float(entropy.mean())

@@ -1,0 +1,329 @@
+"""PPO for the memory agents (rl/agent.py), in one file that reads top to bottom (CleanRL style).
+
+    fusion-attn rl train FusionAttn/Memory-Discrete-v0 -o runs/mem --agent gtrxl --steps 500000
+
+Any Gymnasium env with Box or Dict observations and Discrete or Box actions works; the FusionAttn
+envs are observed through the fusion pipeline (FusedObservation: fused state, attention per
+modality, and the task's own observation). Rollouts come from a vector env with same-step
+autoreset, so an observation that starts an episode is flagged and the agent's memory is masked
+there. A truncated episode is bootstrapped with the value of its final observation, computed with
+the memory it had. Advantages: TorchRL's GAE; the clipped surrogate, value loss and entropy bonus
+are a few lines below. The memory is an input of each stored step, so minibatches are single steps.
+
+Outputs in the run folder: agent.safetensors (weights + config as metadata), train_state.pt
+(optimizer, counters, RNG; loaded with weights_only=True), tb/ (TensorBoard), metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torchrl.objectives.value.functional import generalized_advantage_estimate
+
+from fusion_attn.errors import CheckpointError, ConfigError
+
+from .agent import ActorCritic, AgentConfig, reset_memory
+
+log = logging.getLogger(__name__)
+FORMAT = "fusion_attn.rl/1"
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    env_id: str = "FusionAttn/Memory-Discrete-v0"
+    env_kwargs: dict = field(default_factory=dict)
+    action_repeat: int = 5  # FusionAttn envs: decide at 10 Hz, the drive runs at 50 Hz
+    steps: int = 200_000  # total env steps (decisions) over all envs
+    envs: int = 8
+    rollout: int = 128  # steps per env per update
+    epochs: int = 4
+    minibatches: int = 8
+    lr: float = 3e-4
+    gamma: float = 0.99
+    lam: float = 0.95
+    clip: float = 0.2
+    vf_coef: float = 0.5
+    ent_coef: float = 0.01
+    max_grad_norm: float = 0.5
+    seed: int = 0
+    threads: int = 1
+    agent: AgentConfig = field(default_factory=AgentConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PPOConfig:
+        d = dict(d)
+        d["agent"] = AgentConfig(**d.get("agent", {}))
+        return cls(**d)
+
+
+# --- environments --------------------------------------------------------------------------------
+
+class ActionRepeat(gym.Wrapper):
+    """Repeat each action n control steps; rewards add up, info["frames"] (if any) concatenate."""
+
+    def __init__(self, env: gym.Env, n: int):
+        super().__init__(env)
+        self.n = n
+
+    def step(self, action):
+        total, frames = 0.0, []
+        for _ in range(self.n):
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            total += float(reward)
+            frames.extend(info.get("frames", ()))
+            if terminated or truncated:
+                break
+        if "frames" in info:
+            info = {**info, "frames": frames}
+        return obs, total, terminated, truncated, info
+
+
+def make_env(cfg: PPOConfig, training: bool = False) -> gym.Env:
+    """One env as the agent sees it. FusionAttn envs: ActionRepeat, then the fused state. Training
+    scales rewards by a running std of the discounted return: value and policy share a trunk, and
+    large value errors would otherwise dominate the clipped gradient (episode statistics stay raw)."""
+    fusion_env = cfg.env_id.startswith("FusionAttn/")
+    if fusion_env:
+        import rl.envs  # noqa: F401 - registers the ids (and picks headless GL before mujoco loads)
+    env = gym.make(cfg.env_id, **cfg.env_kwargs)
+    if fusion_env:
+        from rl.envs.wrappers import FusedObservation
+
+        env = FusedObservation(ActionRepeat(env, cfg.action_repeat), with_attention=True, with_task=True)
+    elif isinstance(env.observation_space, gym.spaces.Dict):
+        env = gym.wrappers.FlattenObservation(env)
+    if not isinstance(env.observation_space, gym.spaces.Box) or len(env.observation_space.shape) != 1:
+        raise ConfigError(f"{cfg.env_id}: observations must be a flat Box (or a Dict of them), got {env.observation_space}")
+    if not isinstance(env.action_space, (gym.spaces.Discrete, gym.spaces.Box)):
+        raise ConfigError(f"{cfg.env_id}: actions must be Discrete or Box, got {env.action_space}")
+    env = gym.wrappers.RecordEpisodeStatistics(env)
+    return gym.wrappers.NormalizeReward(env, gamma=cfg.gamma) if training else env
+
+
+def vector_env(cfg: PPOConfig) -> gym.vector.VectorEnv:
+    return gym.vector.SyncVectorEnv([lambda: make_env(cfg, training=True) for _ in range(cfg.envs)],
+                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+
+
+def deployment_meta(env: gym.Env, cfg: PPOConfig) -> dict:
+    """What policy_node needs to rebuild the observation and keep the pace (FusionAttn envs only):
+    the fused state's width and heads, the task observation's width, the decision period."""
+    if not cfg.env_id.startswith("FusionAttn/"):
+        return {}
+    model = env.get_wrapper_attr("pipeline").cfg.model
+    sim = env.unwrapped
+    task_dim = env.observation_space.shape[0] - model.dim - 3
+    return {"observation": {"fused_dim": model.dim, "fusion_heads": model.heads, "task_dim": task_dim},
+            "decision_period_s": sim.dt_ns * sim.substeps * cfg.action_repeat / 1e9}
+
+
+def env_action(space: gym.Space, action: torch.Tensor) -> np.ndarray:
+    a = action.cpu().numpy()
+    return a if isinstance(space, gym.spaces.Discrete) else np.clip(a, space.low, space.high)
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+def save_agent(agent: ActorCritic, path: Path, meta: dict) -> None:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in agent.state_dict().items()}
+    save_file(tensors, str(path), metadata={"format": FORMAT, "meta": json.dumps(meta, sort_keys=True)})
+
+
+def load_agent(path: str | Path) -> tuple[ActorCritic, dict]:
+    """-> (agent in eval mode, its metadata: config, obs_dim, action space, env, steps)."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("meta", "null"))
+            if (f.metadata() or {}).get("format") != FORMAT or not isinstance(meta, dict):
+                raise CheckpointError(f"{path} is not a {FORMAT} agent checkpoint")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not a readable agent checkpoint (missing, corrupt or truncated?): {exc}") from exc
+    cfg = PPOConfig.from_dict(meta["config"])
+    agent = ActorCritic(meta["obs_dim"], _space(meta["action_space"]), cfg.agent)
+    try:
+        agent.load_state_dict(tensors)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path} does not match its own config: {exc}") from exc
+    return agent.eval(), meta
+
+
+def _space_dict(space: gym.Space) -> dict:
+    if isinstance(space, gym.spaces.Discrete):
+        return {"type": "discrete", "n": int(space.n)}
+    return {"type": "box", "low": space.low.tolist(), "high": space.high.tolist()}
+
+
+def _space(d: dict) -> gym.Space:
+    if d["type"] == "discrete":
+        return gym.spaces.Discrete(d["n"])
+    return gym.spaces.Box(np.array(d["low"], np.float32), np.array(d["high"], np.float32))
+
+
+# --- training ------------------------------------------------------------------------------------
+
+def train(cfg: PPOConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    """Train; -> final metrics. With resume, continue from out/train_state.pt (same config)."""
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    envs = vector_env(cfg)
+    obs_dim = envs.single_observation_space.shape[0]
+    agent = ActorCritic(obs_dim, envs.single_action_space, cfg.agent)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=cfg.lr, eps=1e-5)
+    iterations = max(1, cfg.steps // (cfg.envs * cfg.rollout))
+    start_iteration, global_step = 0, 0
+    state_path = out / "train_state.pt"
+    if resume:
+        state = _load_state(state_path, cfg)
+        agent.load_state_dict(state["agent"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_iteration, global_step = state["iteration"], state["global_step"]
+        torch.set_rng_state(state["torch_rng"])
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True))
+    meta = {"config": dataclasses.asdict(cfg), "obs_dim": obs_dim, "action_space": _space_dict(envs.single_action_space),
+            **deployment_meta(envs.envs[0], cfg)}
+    writer = SummaryWriter(str(out / "tb"))
+    metrics_file = (out / "metrics.jsonl").open("a")
+
+    T, N = cfg.rollout, cfg.envs
+    obs_buf = torch.zeros(T, N, obs_dim)
+    mem_buf = torch.zeros(T, *agent.memory_shape(N))
+    mask_buf = torch.zeros(T, N, cfg.agent.memory, dtype=torch.bool)
+    act_buf = torch.zeros((T, N) + envs.single_action_space.shape, dtype=torch.long if agent.discrete else torch.float32)
+    logp_buf, rew_buf, val_buf, done_buf = (torch.zeros(T, N) for _ in range(4))
+
+    obs, _ = envs.reset(seed=cfg.seed + 1000 * start_iteration)
+    obs = torch.as_tensor(obs, dtype=torch.float32)
+    memory, mask = agent.initial_memory(N)
+    starts = torch.ones(N, dtype=torch.bool)
+    recent = {"return": [], "length": [], "success": []}
+    bar = tqdm(total=iterations * T * N, initial=global_step, disable=not progress, unit="step", dynamic_ncols=True)
+    t_start = time.perf_counter()
+    steps_at_start = global_step
+    for iteration in range(start_iteration, iterations):
+        for g in optimizer.param_groups:  # linear annealing
+            g["lr"] = cfg.lr * (1.0 - iteration / iterations)
+        agent.eval()
+        for t in range(T):
+            mask = reset_memory(mask, starts)
+            obs_buf[t], mem_buf[t], mask_buf[t] = obs, memory, mask
+            with torch.no_grad():
+                head, value, memory, mask, _ = agent.step(obs, memory, mask)
+                dist = agent.distribution(head)
+                action = dist.sample()
+                logp_buf[t], val_buf[t], act_buf[t] = agent.log_prob(dist, action), value, action
+            next_obs, reward, terminated, truncated, info = envs.step(env_action(envs.single_action_space, action))
+            reward = torch.as_tensor(reward, dtype=torch.float32)
+            if truncated.any():  # bootstrap the cut-off episode from its final observation, with its memory
+                idx = np.flatnonzero(truncated & ~terminated)
+                if len(idx):
+                    final = torch.as_tensor(np.stack([info["final_obs"][i] for i in idx]), dtype=torch.float32)
+                    with torch.no_grad():
+                        _, final_value, *_ = agent.step(final, memory[idx], mask[idx])
+                    reward[idx] += cfg.gamma * final_value
+            rew_buf[t] = reward
+            done = torch.as_tensor(terminated | truncated)
+            done_buf[t] = done.float()
+            _episode_stats(info, recent)
+            obs, starts = torch.as_tensor(next_obs, dtype=torch.float32), done
+            global_step += N
+            bar.update(N)
+        with torch.no_grad():
+            _, next_value, *_ = agent.step(obs, memory, reset_memory(mask, starts))
+        # TorchRL's GAE over time: tensors (N, T, 1); an episode end stops the bootstrap
+        values = val_buf.T[..., None]
+        next_values = torch.cat([val_buf[1:], next_value[None]]).T[..., None]
+        dones = done_buf.T[..., None].bool()
+        advantages, returns = generalized_advantage_estimate(cfg.gamma, cfg.lam, values, next_values,
+                                                             rew_buf.T[..., None], dones, dones)
+        advantages, returns = advantages[..., 0].T, returns[..., 0].T  # (T, N)
+
+        agent.train()
+        b = {"obs": obs_buf.flatten(0, 1), "mem": mem_buf.flatten(0, 1), "mask": mask_buf.flatten(0, 1),
+             "act": act_buf.flatten(0, 1), "logp": logp_buf.flatten(), "adv": advantages.flatten(),
+             "ret": returns.flatten(), "val": val_buf.flatten()}
+        size = T * N
+        mb = size // cfg.minibatches
+        stats = {"policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0, "approx_kl": 0.0, "clip_fraction": 0.0}
+        for _ in range(cfg.epochs):
+            for idx in torch.randperm(size).split(mb):
+                head, value, *_ = agent.step(b["obs"][idx], b["mem"][idx], b["mask"][idx])
+                dist = agent.distribution(head)
+                logp = agent.log_prob(dist, b["act"][idx])
+                ratio = (logp - b["logp"][idx]).exp()
+                adv = b["adv"][idx]
+                adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+                policy_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.clip, 1 + cfg.clip)).mean()
+                value_loss = 0.5 * (value - b["ret"][idx]).pow(2).mean()
+                entropy = agent.entropy(dist).mean()
+                loss = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy
+                optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                with torch.no_grad():
+                    for k, v in (("policy_loss", policy_loss), ("value_loss", value_loss), ("entropy", entropy),
+                                 ("approx_kl", ((ratio - 1) - ratio.log()).mean()),
+                                 ("clip_fraction", ((ratio - 1).abs() > cfg.clip).float().mean())):
+                        stats[k] += float(v) / (cfg.epochs * math.ceil(size / mb))
+
+        sps = (global_step - steps_at_start) / (time.perf_counter() - t_start)
+        row = {"iteration": iteration + 1, "global_step": global_step, "steps_per_s": sps, **stats,
+               **{f"episode_{k}": float(np.mean(v)) for k, v in recent.items() if v}}
+        for k, v in row.items():
+            if k not in ("iteration", "global_step"):
+                writer.add_scalar(f"train/{k}", v, global_step)
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+        bar.set_postfix({k: f"{row[k]:.2f}" for k in ("episode_return", "episode_success") if k in row})
+        recent = {k: v[-50:] for k, v in recent.items()}
+        save_agent(agent, out / "agent.safetensors", {**meta, "global_step": global_step})
+        torch.save({"agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration + 1,
+                    "global_step": global_step, "torch_rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg)},
+                   state_path)
+    bar.close()
+    writer.close()
+    metrics_file.close()
+    envs.close()
+    return row if iterations > start_iteration else {}
+
+
+def _episode_stats(info: dict, recent: dict) -> None:
+    final = info.get("final_info", {})
+    if "episode" not in final:
+        return
+    ended = final["_episode"]
+    recent["return"] += final["episode"]["r"][ended].tolist()
+    recent["length"] += final["episode"]["l"][ended].tolist()
+    if "is_success" in final:
+        recent["success"] += final["is_success"][ended].astype(float).tolist()
+
+
+def _load_state(path: Path, cfg: PPOConfig) -> dict:
+    try:
+        state = torch.load(path, weights_only=True)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"nothing to resume: {path} does not exist") from exc
+    except Exception as exc:  # torch raises many types for a corrupt file
+        raise CheckpointError(f"cannot resume from {path} (corrupt or truncated?): {exc}") from exc
+    if state.get("config") != dataclasses.asdict(cfg):
+        raise ConfigError(f"{path} was saved with another configuration; resume with the same flags")
+    return state

@@ -1,0 +1,174 @@
+"""The attention-memory agent and its PPO harness: memory semantics, training, resume, export, evaluation."""
+
+import json
+
+import gymnasium as gym
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from fusion_attn.errors import CheckpointError
+from rl.__main__ import main as rl_main
+from rl.agent import ActorCritic, AgentConfig, GRUGate, reset_memory
+from rl.evaluate import attention_entropy
+from rl.export import export_policy
+from rl.ppo import PPOConfig, load_agent, train
+
+SPACE = gym.spaces.Discrete(3)
+
+
+def _agent(**kw) -> ActorCritic:
+    torch.manual_seed(0)
+    return ActorCritic(5, SPACE, AgentConfig(dim=16, heads=2, memory=4, **kw)).eval()
+
+
+def test_gates_start_near_identity():
+    gate = GRUGate(16, bias=2.0)
+    x, y = torch.randn(8, 16), torch.randn(8, 16)
+    moved = (gate(x, y) - x).norm() / x.norm()
+    assert moved < 0.35  # ~12% of the new value passes at init
+    assert (GRUGate(16, bias=-2.0)(x, y) - x).norm() / x.norm() > moved  # and the bias is what does it
+
+
+def test_memory_shifts_in_the_layer_inputs_and_fills_the_mask():
+    agent = _agent()
+    memory, mask = agent.initial_memory(2)
+    assert memory.shape == (2, 2, 4, 16) and not mask.any()
+    obs = torch.randn(3, 2, 5)
+    for t in range(3):
+        _, _, new_memory, new_mask, att = agent.step(obs[t], memory, mask)
+        assert torch.equal(new_memory[:, :, :-1], memory[:, :, 1:])  # oldest slot dropped
+        assert torch.equal(new_memory[:, 0, -1], agent.embed(obs[t]))  # layer 0 saw the embedded obs
+        memory, mask = new_memory, new_mask
+    assert mask.tolist() == [[False, True, True, True]] * 2
+    assert torch.allclose(att.sum(-1), torch.ones(2)) and att.shape == (2, 5)
+
+
+def test_episode_start_masks_the_past_exactly():
+    """An env whose episode starts acts exactly as with a fresh memory, whatever it remembered."""
+    agent = _agent()
+    memory, mask = agent.initial_memory(2)
+    for _ in range(4):
+        _, _, memory, mask, _ = agent.step(torch.randn(2, 5), memory, mask)
+    mask = reset_memory(mask, torch.tensor([True, False]))
+    obs = torch.randn(2, 5)
+    head, value, *_, att = agent.step(obs, memory, mask)
+    fresh = agent.step(obs[:1], *agent.initial_memory(1))
+    assert torch.allclose(head[0], fresh[0][0], atol=1e-6) and torch.allclose(value[0], fresh[1][0], atol=1e-6)
+    assert att[0, :-1].sum() == 0 and att[1, :-1].sum() > 0  # only the continuing env looks back
+
+
+def test_mlp_agent_has_no_memory():
+    agent = _agent(kind="mlp")
+    memory, mask = agent.initial_memory(3)
+    assert memory.shape == (3, 0, 4, 16)
+    head, value, *_ = agent.step(torch.randn(3, 5), memory, mask)
+    assert head.shape == (3, 3) and value.shape == (3,)
+
+
+class DictObservation(gym.ObservationWrapper):
+    """Pendulum's observation split into a Dict, to train on a Dict-observation, Box-action env."""
+
+    def __init__(self, env):
+        super().__init__(env)
+        low, high = env.observation_space.low, env.observation_space.high
+        self.observation_space = gym.spaces.Dict({"angle": gym.spaces.Box(low[:2], high[:2]),
+                                                  "speed": gym.spaces.Box(low[2:], high[2:])})
+
+    def observation(self, obs):
+        return {"angle": obs[:2], "speed": obs[2:]}
+
+
+gym.register("test/DictPendulum-v0", entry_point=lambda: DictObservation(gym.make("Pendulum-v1")), max_episode_steps=200)
+
+
+def test_continuous_actions_and_dict_observations(tmp_path):
+    """Any Box/Dict-observation, Discrete/Box-action env: a Box-action task with a Dict observation."""
+    cfg = PPOConfig(env_id="test/DictPendulum-v0", steps=256, envs=2, rollout=64,
+                    agent=AgentConfig(dim=16, heads=2, memory=4))
+    row = train(cfg, tmp_path / "pend", progress=False)
+    assert row["global_step"] == 256 and np.isfinite(row["value_loss"])
+    agent, meta = load_agent(tmp_path / "pend" / "agent.safetensors")
+    assert meta["action_space"]["type"] == "box" and agent.log_std is not None
+
+
+@pytest.fixture(scope="module")
+def cartpole_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rl") / "cartpole"
+    cfg = PPOConfig(env_id="CartPole-v1", steps=8192, envs=4, rollout=128, seed=3,
+                    agent=AgentConfig(dim=32, heads=2, memory=8))
+    row = train(cfg, out, progress=False)
+    return cfg, out, row
+
+
+def test_training_learns_and_logs(cartpole_run):
+    _, out, row = cartpole_run
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 and rows[-1] == row and row["global_step"] == 8192
+    assert rows[-1]["episode_return"] > 1.5 * rows[0]["episode_return"]  # random CartPole lasts ~22 steps
+    assert any(p.name.startswith("events.out.tfevents") for p in (out / "tb").iterdir())
+
+
+def test_resume_continues_where_it_stopped(cartpole_run, tmp_path):
+    cfg, _, _ = cartpole_run
+    half = tmp_path / "half"
+    train(PPOConfig(**{**cfg.__dict__, "steps": 2048}), half, progress=False)
+    state = torch.load(half / "train_state.pt", weights_only=True)
+    assert state["iteration"] == 4 and state["global_step"] == 2048
+    with pytest.raises(Exception, match="another configuration"):  # steps differ: a different run
+        train(cfg, half, resume=True, progress=False)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "train_state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot resume"):
+        train(cfg, tmp_path / "bad", resume=True, progress=False)
+
+
+def test_corrupt_agent_checkpoint_is_refused(tmp_path, cartpole_run):
+    _, out, _ = cartpole_run
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes((out / "agent.safetensors").read_bytes()[:500])
+    with pytest.raises(CheckpointError, match="not a readable agent checkpoint"):
+        load_agent(cut)
+
+
+def test_export_keeps_memory_explicit_and_matches_torch(cartpole_run, tmp_path):
+    _, out, _ = cartpole_run
+    path, diff = export_policy(out / "agent.safetensors", tmp_path / "policy.onnx")
+    assert diff < 1e-4
+    session = ort.InferenceSession(str(path))
+    assert [i.name for i in session.get_inputs()] == ["obs", "memory", "memory_mask"]
+    meta = json.loads(session.get_modelmeta().custom_metadata_map["fusion_attn.rl"])
+    assert meta["config"]["env_id"] == "CartPole-v1"
+
+
+def test_cli_evaluate_writes_results_and_attention_plot(cartpole_run, tmp_path, capsys):
+    _, out, _ = cartpole_run
+    assert rl_main(["evaluate", str(out / "agent.safetensors"), "--episodes", "3", "-o", str(tmp_path / "ev")]) == 0
+    summary = json.loads((tmp_path / "ev" / "eval.json").read_text())["summary"]
+    assert summary["episodes"] == 3 and summary["return_mean"] > 20
+    assert (tmp_path / "ev" / "attention.png").stat().st_size > 1000
+    assert rl_main(["evaluate", str(tmp_path / "missing.safetensors")]) == 2
+
+
+def test_attention_entropy_bounds():
+    k = 9
+    assert np.allclose(attention_entropy(np.full((2, k), 1 / k)), np.log(k))
+    assert np.allclose(attention_entropy(np.eye(k)[:2]), 0.0, atol=1e-9)
+
+
+def test_fused_observation_carries_the_task(tmp_path):
+    """The FusionAttn envs are observed through the fusion pipeline plus the task's own observation."""
+    from rl.ppo import deployment_meta, make_env
+
+    cfg = PPOConfig(env_id="FusionAttn/Control-Discrete-v0")
+    env = make_env(cfg)
+    try:
+        obs, _ = env.reset(seed=0)
+        meta = deployment_meta(env, cfg)
+        assert obs.shape == (64 + 3 + 4,) and meta["observation"] == {"fused_dim": 64, "fusion_heads": 4, "task_dim": 4}
+        assert meta["decision_period_s"] == pytest.approx(0.1)
+        obs, *_ = env.step(1)
+        assert np.all(np.isfinite(obs)) and abs(obs[64:67].sum() - 1.0) < 1e-4  # attention mass sums to 1
+    finally:
+        env.close()
