@@ -1,0 +1,139 @@
+"""Learning curves and final success on the simulated memory task (issue #8): attention memory (GTrXL)
+vs memoryless MLP (both our PPO) vs LSTM (sb3-contrib RecurrentPPO), same env, env steps and seeds.
+
+    python benchmarks/rl_memory_task.py --steps 100000 --seeds 0 1 2 [--agents gtrxl mlp lstm]
+
+Each run trains on FusionAttn/Memory-Discrete-v0 as `fusion-attn rl train` does (fused state +
+attention + task observation, decisions at 10 Hz, 8 envs, rollouts of 128), logging the success of
+finished training episodes; then every agent is evaluated the same way: 40 deterministic episodes,
+clean and with one sensor fault each (rl/evaluate.py). Writes benchmarks/results/rl_memory_task.json
+and docs/figures/rl_memory_task.png (success vs env steps, mean and range over seeds).
+"""
+
+import argparse
+import datetime
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fusion_attn.bench import machine
+from rl.agent import AgentConfig
+from rl.evaluate import EVAL_FAULTS, fault_options
+from rl.ppo import PPOConfig, make_env, train
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+parser.add_argument("--env", default="FusionAttn/Memory-Discrete-v0")
+parser.add_argument("--steps", type=int, default=100_000)
+parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+parser.add_argument("--agents", nargs="+", default=["gtrxl", "mlp", "lstm"])
+parser.add_argument("--episodes", type=int, default=40)
+parser.add_argument("--runs", type=Path, default=Path("runs/rl_memory_task"))
+parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "rl_memory_task.json")
+args = parser.parse_args()
+torch.set_num_threads(1)
+
+
+def ours(kind: str, seed: int, run: Path):
+    from rl.evaluate import evaluate
+
+    cfg = PPOConfig(env_id=args.env, steps=args.steps, envs=8, rollout=128, seed=seed, agent=AgentConfig(kind=kind))
+    start = time.perf_counter()
+    train(cfg, run, progress=False)
+    seconds = time.perf_counter() - start
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    curve = [(r["global_step"], r.get("episode_success", float("nan"))) for r in rows]
+    clean = evaluate(run / "agent.safetensors", args.episodes, faults=False, out=run / "eval")
+    faulted = evaluate(run / "agent.safetensors", args.episodes, faults=True)
+    return curve, clean["success_rate"], faulted["success_rate"], seconds
+
+
+def lstm(seed: int, run: Path):
+    import gymnasium as gym
+    from sb3_contrib import RecurrentPPO
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    cfg = PPOConfig(env_id=args.env, seed=seed)
+    curve = []
+
+    class Successes(BaseCallback):
+        def _on_rollout_end(self):
+            done = [e["is_success"] for e in self.model.ep_info_buffer if "is_success" in e]
+            curve.append((self.num_timesteps, float(np.mean(done[-50:])) if done else float("nan")))
+
+        def _on_step(self):
+            return True
+
+    def env():
+        from stable_baselines3.common.monitor import Monitor
+
+        return gym.wrappers.NormalizeReward(Monitor(make_env(cfg), info_keywords=("is_success",)), gamma=cfg.gamma)
+
+    vec = DummyVecEnv([env for _ in range(8)])
+    model = RecurrentPPO("MlpLstmPolicy", vec, n_steps=128, batch_size=128, n_epochs=4, learning_rate=cfg.lr,
+                         gamma=cfg.gamma, gae_lambda=cfg.lam, ent_coef=cfg.ent_coef, seed=seed, device="cpu")
+    start = time.perf_counter()
+    model.learn(total_timesteps=args.steps, callback=Successes())
+    seconds = time.perf_counter() - start
+    vec.close()
+    run.mkdir(parents=True, exist_ok=True)
+    model.save(run / "recurrent_ppo")
+
+    def success(faults: bool) -> float:
+        e, rng, wins = make_env(cfg), np.random.default_rng(10_000), []
+        for i in range(args.episodes):
+            options = fault_options(EVAL_FAULTS[i % len(EVAL_FAULTS)], rng) if faults else None
+            obs, _ = e.reset(seed=10_000 + i, options=options)
+            state, start_flag, info = None, np.ones(1, bool), {}
+            while True:
+                action, state = model.predict(obs[None], state=state, episode_start=start_flag, deterministic=True)
+                obs, _, terminated, truncated, info = e.step(int(action[0]))
+                start_flag = np.zeros(1, bool)
+                if terminated or truncated:
+                    break
+            wins.append(bool(info.get("is_success")))
+        e.close()
+        return float(np.mean(wins))
+
+    return curve, success(False), success(True), seconds
+
+
+results = {}
+for agent in args.agents:
+    for seed in args.seeds:
+        run = args.runs / f"{agent}-{seed}"
+        curve, clean, faulted, seconds = lstm(seed, run) if agent == "lstm" else ours(agent, seed, run)
+        results.setdefault(agent, []).append({"seed": seed, "curve": curve, "success_clean": clean,
+                                              "success_faults": faulted, "train_seconds": seconds})
+        print(f"{agent} seed {seed}: success clean {clean:.2f}, with faults {faulted:.2f}, {seconds:.0f} s", flush=True)
+
+report = {"date": datetime.date.today().isoformat(), "machine": machine(), "env": args.env, "steps": args.steps,
+          "seeds": args.seeds, "eval_episodes": args.episodes, "results": results}
+args.out.parent.mkdir(parents=True, exist_ok=True)
+args.out.write_text(json.dumps(report, indent=1))
+
+import matplotlib  # plotting only after training
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+fig, ax = plt.subplots(figsize=(7, 4))
+for agent, runs in results.items():
+    steps = np.array([s for s, _ in runs[0]["curve"]])
+    n = min(len(r["curve"]) for r in runs)
+    ys = np.array([[v for _, v in r["curve"][:n]] for r in runs], float)
+    ax.plot(steps[:n], np.nanmean(ys, 0), label=f"{agent} ({len(runs)} seed{'s' * (len(runs) > 1)})")
+    ax.fill_between(steps[:n], np.nanmin(ys, 0), np.nanmax(ys, 0), alpha=0.2)
+ax.set_xlabel("env steps (decisions)")
+ax.set_ylabel("training episode success")
+ax.set_title(args.env)
+ax.legend()
+fig.tight_layout()
+figure = Path("docs/figures/rl_memory_task.png")
+figure.parent.mkdir(parents=True, exist_ok=True)
+fig.savefig(figure, dpi=100)
+for agent, runs in results.items():
+    print(f"| {agent} | {np.mean([r['success_clean'] for r in runs]):.2f} | {np.mean([r['success_faults'] for r in runs]):.2f} |")
