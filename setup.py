@@ -64,6 +64,8 @@ setup(
         # The simulator (rl/envs), tested with MuJoCo 4.0 (older 3.x releases call mj_multiRay without
         # its `normal` argument); headless rendering needs the system's EGL (Mesa) library.
         "sim": ["mujoco>=4.0", "gymnasium>=1.0"],
+        # `fusion-attn train`: TensorBoard logs (simulated training data also needs `sim`)
+        "train": ["tensorboard"],
         # attention-memory RL (rl/): TorchRL's advantage estimator; the LSTM baseline and the
         # throughput comparison use sb3-contrib's RecurrentPPO
         "rl": ["torchrl>=0.14", "sb3-contrib>=2.3", "tensorboard"],

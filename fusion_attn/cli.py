@@ -10,6 +10,8 @@
     fusion-attn launch [robot] [name:=value ...]   fusion_node (+ policy_node) with config/*.yaml (like ros2 launch)
     fusion-attn rl train|evaluate|export           attention-memory RL agents (docs/RL.md)
     fusion-attn bench                              per-stage latency, torch vs ONNX Runtime
+    fusion-attn train -o OUT [--bag BAG...]        train on simulated episodes (and your bags); docs/TRAINING.md
+    fusion-attn eval-robustness NAME=RUN... -o OUT sensor faults x τ for trained runs; docs/RESULTS.md
 
 A tool error (missing file, bad bag, corrupt checkpoint, invalid τ) exits with status 2 and one line
 naming the problem.
@@ -120,11 +122,22 @@ def main(argv: list[str] | None = None) -> int:
     rl_verbs(verbs.add_parser("rl", help="attention-memory RL agents: train, evaluate, export").add_subparsers(
         dest="rl_verb", required=True))
 
+    _train_args(verbs)
+    robust = verbs.add_parser("eval-robustness", help="compare trained runs under every single-sensor fault and a τ sweep")
+    robust.add_argument("runs", nargs="+", metavar="NAME=RUN", help="name=folder of a `fusion-attn train` run")
+    robust.add_argument("-o", "--output", type=Path, required=True, help="folder for robustness.json and the plots")
+    robust.add_argument("--tau", default="0.1,0.25,0.5,1,2", help="global τ sweep for attention runs trained with random τ")
+    robust.add_argument("--episodes", type=int, default=16, help="held-out simulated episodes")
+    robust.add_argument("--bag", nargs="*", type=Path, default=[], help="real recordings: self-supervised loss and attention")
+    robust.add_argument("--cache", type=Path, help="tokenized dataset cache (default $FUSION_ATTN_CACHE/train)")
+    robust.add_argument("--threads", type=int, default=1)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         verb = {"fuse": _fuse, "replay": _replay, "play": _play, "sim-record": _sim_record, "export": _export,
-                "build-engine": _build_engine, "launch": _launch, "bench": _bench, "rl": _rl}
+                "build-engine": _build_engine, "launch": _launch, "bench": _bench, "rl": _rl, "train": _train,
+                "eval-robustness": _eval_robustness}
         return verb[args.verb](args)
     except FusionAttnError as exc:
         print(f"fusion-attn {args.verb}: error: {exc}", file=sys.stderr)
@@ -466,6 +479,96 @@ def _bench(args) -> int:
     print(bench.to_markdown(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def _train_args(verbs) -> None:
+    # defaults live in train.TrainConfig (docs/TRAINING.md lists them); unset flags keep them, and
+    # building the parser does not import torch
+    train = verbs.add_parser("train", help="train the model and its heads on simulated episodes and recordings",
+                             argument_default=argparse.SUPPRESS)
+    train.add_argument("-o", "--output", type=Path, required=True,
+                       help="run folder: model.safetensors, model.heads.safetensors, tb/, metrics.json, train_state.pt")
+    train.add_argument("--bag", dest="bags", nargs="+", type=Path, help="recordings to add (unlabelled: "
+                                                                         "self-supervised objectives only)")
+    train.add_argument("--steps", type=int, help="optimizer steps (default 3000)")
+    train.add_argument("--batch", type=int, help="samples per step (default 64)")
+    train.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
+    train.add_argument("--seed", type=int, help="seeds the episodes, the initial weights and the data stream (default 0)")
+    train.add_argument("--sim-episodes", type=int, help="simulated training episodes (default 48; 0: bags only)")
+    train.add_argument("--val-episodes", type=int, help="held-out simulated episodes (default 8; 0: no validation)")
+    train.add_argument("--sim-seconds", type=float, help="simulated time per episode (default 15)")
+    train.add_argument("--fusion", choices=["attention", "concat", "mean"],
+                       help="attention (default: FusionModel) or a baseline without attention (eval-robustness)")
+    train.add_argument("--fixed-tau", dest="tau_random_prob", action="store_const", const=0.0,
+                       help="train at τ = 1 only (a baseline; default: random τ for half the samples)")
+    train.add_argument("--eval-every", type=int, help="validation every this many steps (default 500; also at the end)")
+    train.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:1, ...")
+    train.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    train.add_argument("--cache", type=Path, default=None, help="tokenized dataset cache "
+                                                                 "(default $FUSION_ATTN_CACHE/train)")
+    train.add_argument("--resume", action="store_true", default=False, help="continue from OUT/train_state.pt")
+    train.add_argument("--stop-after", type=int, default=None, help="save and stop after this step (a time-boxed job); "
+                                                                     "--resume continues exactly")
+    train.add_argument("--no-progress", action="store_true", default=False)
+
+
+def _train(args) -> int:
+    import dataclasses
+
+    from .errors import ConfigError
+    from .train import TrainConfig, train
+
+    fields = ("seed", "steps", "batch", "lr", "sim_episodes", "val_episodes", "sim_seconds", "bags", "fusion",
+              "tau_random_prob", "eval_every")
+    given = {k: getattr(args, k) for k in fields if hasattr(args, k)}
+    if "bags" in given:
+        given["bags"] = tuple(str(b) for b in given["bags"])
+    tc = dataclasses.replace(TrainConfig(), **given)
+    if min(tc.sim_episodes, tc.val_episodes) < 0 or min(tc.steps, tc.batch, args.threads) < 1:
+        raise ConfigError("--steps, --batch and --threads must be >= 1, --sim-episodes and --val-episodes >= 0")
+    if tc.sim_episodes == 0 and not tc.bags:
+        raise ConfigError("no training data: give --sim-episodes > 0 or --bag")
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+
+        if tc.sim_episodes or tc.val_episodes:
+            import rl.envs  # noqa: F401
+    except ImportError as exc:
+        raise FusionAttnError(f"training needs the train and sim extras ({exc}); pip install -e '.[sim,train]'") from exc
+    # the command as run (recorded in the checkpoint), with every setting spelled out
+    flags = [f"--{k.replace('_', '-')} {v}" for k, v in given.items() if k not in ("bags", "tau_random_prob")]
+    flags += ["--fixed-tau"] if "tau_random_prob" in given else []
+    command = " ".join(["fusion-attn train -o", str(args.output), *flags, *(["--bag", *tc.bags] if tc.bags else []),
+                        f"--threads {args.threads}", *(["--resume"] if args.resume else [])])
+    m = train(tc, args.output, resume=args.resume, device=args.device, threads=args.threads, cache=args.cache,
+              progress=not args.no_progress, command=command, stop_after=args.stop_after)
+    clean = m["val"].get("clean", {})
+    print(f"trained {m['steps']} steps in {m['train_s']:.0f} s on {m['device']} ({m['data']['train_samples']} training "
+          f"samples, {m['data']['train_bag_samples']} from bags; dataset {m['data']['dataset_s']:.0f} s)")
+    if clean:
+        print("  validation, clean: " + "  ".join(f"{k} {v:.3g}" for k, v in clean.items()))
+    model = "model.safetensors, " if tc.fusion == "attention" else ""  # a baseline's weights: train_state.pt only
+    print(f"  wrote {args.output}/{model}model.heads.safetensors, metrics.json, tb/, train_state.pt")
+    return 0
+
+def _eval_robustness(args) -> int:
+    from .robustness import run_evaluation
+    from .train import default_cache
+
+    runs = dict(r.split("=", 1) for r in args.runs if "=" in r)
+    if len(runs) != len(args.runs):
+        raise FusionAttnError(f"runs are NAME=FOLDER, got {args.runs}")
+    try:
+        taus = [float(t) for t in args.tau.split(",")]
+    except ValueError:
+        raise FusionAttnError(f"--tau takes comma-separated numbers, got {args.tau!r}") from None
+    report = run_evaluation({n: Path(f) for n, f in runs.items()}, args.output, taus, args.episodes,
+                            args.cache or default_cache(), args.bag, args.threads)
+    print(f"{report['test_samples']} held-out samples from {args.episodes} episodes; wrote {args.output}/robustness.json")
+    for name, rows in report["summary"].items():
+        worst = max((r for c, r in rows.items() if c != "clean"), key=lambda r: r["rise"])
+        print(f"  {name}: clean head error {rows['clean']['head_error']:.3f}, worst rise {100 * worst['rise']:.0f}%")
     return 0
 
 

@@ -16,8 +16,8 @@ from .config import CameraTokens, FusionConfig, ImuTokens, LidarTokens
 from .frames import NS_PER_S, CameraFrame, ImuWindow, LidarFrame
 
 # ImageNet statistics: the usual normalisation for ViT-style patch embeddings.
-_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-_STD = np.array([0.229, 0.224, 0.225], np.float32)
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 def input_spec(cfg: FusionConfig) -> dict[str, tuple[tuple[int, ...], type]]:
@@ -61,7 +61,7 @@ def tokenize_camera(frame: CameraFrame, cfg: CameraTokens) -> tuple[np.ndarray, 
         scale = 1.0 / (65535.0 if small.dtype == np.uint16 else 255.0)
         small = small.reshape(cfg.height, cfg.width, -1)
         rgb = small * np.float32(scale) if small.shape[2] == 3 else np.repeat(small * np.float32(scale), 3, axis=2)
-    rgb = (rgb.astype(np.float32, copy=False) - _MEAN) / _STD
+    rgb = (rgb.astype(np.float32, copy=False) - IMAGENET_MEAN) / IMAGENET_STD
     p = cfg.patch
     patches = rgb.reshape(cfg.height // p, p, cfg.width // p, p, 3).transpose(0, 2, 1, 3, 4)
     return np.ascontiguousarray(patches.reshape(cfg.tokens, cfg.features)), np.ones(cfg.tokens, np.bool_)

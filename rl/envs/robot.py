@@ -41,7 +41,7 @@ from fusion_attn.frames import NS_PER_S, CameraFrame, ImuSample, LidarFrame
 
 from .faults import FaultConfig, FaultInjector
 from .scene import HIDDEN_POS, Layout, build_mjcf
-from .sensors import Camera, Imu, Lidar, SensorConfig, lidar_ranges
+from .sensors import VISUAL_GROUP, Camera, Imu, Lidar, SensorConfig, lidar_ranges
 from .tasks import TASKS, Task
 
 V_RANGE = (-0.5, 1.0)  # m/s
@@ -248,6 +248,36 @@ class RobotEnv(gym.Env):
         for f in frames:
             self._newest_ns[f.frame_id] = max(self._newest_ns.get(f.frame_id, 0), f.stamp_ns)
         return FrameList(frames)
+
+    def ground_truth(self, sectors: int = 16, rays_per_sector: int = 4) -> dict[str, np.ndarray]:
+        """The true state now, never through the sensors or their faults (training labels, evaluation):
+
+            velocity  (2,) forward speed [m/s], yaw rate [rad/s] of the robot
+            obstacles (sectors,) free distance [m] per horizontal sector around the lidar site, sector 0
+                      centred straight ahead, counter-clockwise; the lidar's max range where nothing is hit
+            goal      (2,) distance [m] and bearing [rad] (left positive) of the task's goal (nan: none)
+        """
+        m, d = self.model, self.data
+        yaw = float(d.qpos[2])
+        vx, vy, omega = d.qvel[:3]
+        velocity = np.array([math.cos(yaw) * vx + math.sin(yaw) * vy, omega])
+        site = mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_SITE, "lidar")
+        n = sectors * rays_per_sector
+        az = 2.0 * np.pi * (np.arange(n) + 0.5) / n - np.pi / sectors  # rays spread evenly over each sector
+        rot = d.site_xmat[site].reshape(3, 3)
+        vec = np.stack([np.cos(az), np.sin(az), np.zeros(n)], axis=1) @ rot.T
+        dist, geomid = np.zeros(n), np.zeros(n, np.int32)
+        groups = np.array([g != VISUAL_GROUP for g in range(mujoco.mjNGROUP)], np.uint8)
+        max_range = self.sensors.lidar_max_range_m
+        mujoco.mj_multiRay(m, d, d.site_xpos[site], vec.ravel(), groups, 1, int(m.site_bodyid[site]), geomid, dist,
+                           None, n, max_range)
+        dist = np.where((dist >= 0) & (dist <= max_range), dist, max_range)
+        goal = np.full(2, np.nan)
+        if (target := self.task.goal()) is not None:
+            dx, dy = target[0] - d.qpos[0], target[1] - d.qpos[1]
+            bearing = math.atan2(dy, dx) - yaw
+            goal[:] = math.hypot(dx, dy), math.atan2(math.sin(bearing), math.cos(bearing))
+        return {"velocity": velocity, "obstacles": dist.reshape(sectors, rays_per_sector).min(axis=1), "goal": goal}
 
     def _pose(self) -> np.ndarray:
         x, y, yaw = self.data.qpos[:3]

@@ -61,6 +61,11 @@ class Task(ABC):
     def evaluate(self, pose: np.ndarray, t_s: float) -> tuple[float, bool, dict]:
         """After a control step: (reward, terminated, info)."""
 
+    def goal(self) -> tuple[float, float] | None:
+        """The episode's goal (x, y) in the arena frame (ground truth for training and evaluation); None
+        for a task without one."""
+        return None
+
 
 class MemoryTask(Task):
     half = 3.0
@@ -105,6 +110,9 @@ class MemoryTask(Task):
         info = {"is_success": reached == self.cue, "cue": self.cue, "reached": reached}
         return reward, reached is not None, info
 
+    def goal(self) -> tuple[float, float]:
+        return self.goals[self.goal_colours.index(self.cue)]
+
 
 class ReachTask(Task):
     """Drive to a target whose position, relative to the robot, is part of the observation."""
@@ -145,6 +153,9 @@ class ReachTask(Task):
         reward = prev_dist - dist - 0.2 * (t_s - prev_t) / self.episode_s
         done = dist < self.success_radius
         return reward + (self.success_bonus if done else 0.0), done, {"is_success": done}
+
+    def goal(self) -> tuple[float, float]:
+        return self.target
 
 
 class NavigateTask(ReachTask):

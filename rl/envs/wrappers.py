@@ -18,8 +18,8 @@ class FusedObservation(gym.Wrapper):
     would give its policy besides the sensors. The whole FusedState is in info["fused"]. A new
     SensorSync starts with every episode.
 
-    pipeline: default `FusionPipeline.create(None, backend="onnxruntime", threads=1)` (the packaged
-    model, or untrained seed-0 weights until one ships).
+    pipeline: default `FusionPipeline.create(None, backend="onnxruntime", threads=1)`: the packaged,
+    trained model (docs/TRAINING.md).
     """
 
     def __init__(self, env: gym.Env, pipeline: FusionPipeline | None = None,
