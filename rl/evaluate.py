@@ -106,7 +106,7 @@ def _plots(out: Path, attention: np.ndarray, images: list, cfg: PPOConfig) -> fl
                header="attention weight per slot: oldest memory slot ... newest, current step (last column)")
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(10, 6), sharex=True, height_ratios=(3, 1))
     k = attention.shape[1] - 1
-    ax.imshow(attention.T[::-1], aspect="auto", cmap="viridis", extent=(0, len(attention), -0.5, k + 0.5))
+    ax.imshow(attention.T, aspect="auto", cmap="viridis", extent=(0, len(attention), -0.5, k + 0.5))
     ax.set_ylabel("steps ago (0 = now)")
     ax.set_title(f"where the agent's memory attention went ({cfg.env_id}, last layer, mean over heads)")
     ax2.plot(entropy, label="entropy")
