@@ -31,19 +31,27 @@ def save_checkpoint(model: FusionModel, path: str | Path, info: dict | None = No
     return path
 
 
-def read_checkpoint(path: str | Path) -> tuple[FusionConfig, dict[str, torch.Tensor], dict]:
-    """-> (config, state dict, info) without building a model."""
+def read_safetensors(path: str | Path, expect_format: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """-> (metadata, tensors) of a safetensors file whose metadata "format" is `expect_format`; the
+    one place this project opens safetensors files (model, heads, RL agent). CheckpointError on a
+    missing, truncated, corrupt or foreign file."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"{expect_format} checkpoint not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path} is not a readable safetensors checkpoint (corrupt or truncated?): {exc}") from exc
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint (metadata format={meta.get('format')!r})")
+    if meta.get("format") != expect_format:
+        raise CheckpointError(f"{path} is not a {expect_format} checkpoint (metadata format={meta.get('format')!r})")
+    return meta, tensors
+
+
+def read_checkpoint(path: str | Path) -> tuple[FusionConfig, dict[str, torch.Tensor], dict]:
+    """-> (config, state dict, info) without building a model."""
+    meta, tensors = read_safetensors(path, FORMAT)
     try:
         cfg = FusionConfig.from_json(meta["config"])
         info = json.loads(meta.get("info", "{}"))

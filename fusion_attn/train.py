@@ -36,11 +36,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint import save_checkpoint
+from .checkpoint import read_safetensors, save_checkpoint
 from .config import FusionConfig
 from .errors import CheckpointError, ConfigError
 from .frames import MODALITIES, NS_PER_S, CameraFrame
@@ -534,18 +533,11 @@ def save_heads(heads: Heads, path: str | Path, info: dict | None = None) -> Path
 
 def load_heads(path: str | Path) -> Heads:
     """The heads saved beside a model (`heads_path`); CheckpointError on anything wrong."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"heads file not found: {path}")
+    meta, tensors = read_safetensors(path, HEADS_FORMAT)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
-        if meta.get("format") != HEADS_FORMAT:
-            raise CheckpointError(f"{path} is not a {HEADS_FORMAT} file")
         heads = Heads(int(meta["in_dim"]), json.loads(meta["sizes"]), int(meta["hidden"]))
         heads.load_state_dict(tensors)
-    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as exc:
+    except (ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{path} is not a readable heads file: {exc}") from exc
     return heads.eval()
 

@@ -27,10 +27,10 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torchrl.objectives.value.functional import generalized_advantage_estimate
 
+from fusion_attn.checkpoint import read_safetensors
 from fusion_attn.errors import CheckpointError, ConfigError
 
 from .agent import ActorCritic, AgentConfig, reset_memory
@@ -142,16 +142,12 @@ def save_agent(agent: ActorCritic, path: Path, meta: dict) -> None:
 
 def load_agent(path: str | Path) -> tuple[ActorCritic, dict]:
     """-> (agent in eval mode, its metadata: config, obs_dim, action space, env, steps)."""
-    path = Path(path)
+    header, tensors = read_safetensors(path, FORMAT)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("meta", "null"))
-            if (f.metadata() or {}).get("format") != FORMAT or not isinstance(meta, dict):
-                raise CheckpointError(f"{path} is not a {FORMAT} agent checkpoint")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
-    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not a readable agent checkpoint (missing, corrupt or truncated?): {exc}") from exc
-    cfg = PPOConfig.from_dict(meta["config"])
+        meta = json.loads(header["meta"])
+        cfg = PPOConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: its agent metadata is invalid: {exc}") from exc
     agent = ActorCritic(meta["obs_dim"], _space(meta["action_space"]), cfg.agent)
     try:
         agent.load_state_dict(tensors)

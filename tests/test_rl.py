@@ -128,7 +128,7 @@ def test_corrupt_agent_checkpoint_is_refused(tmp_path, cartpole_run):
     _, out, _ = cartpole_run
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes((out / "agent.safetensors").read_bytes()[:500])
-    with pytest.raises(CheckpointError, match="not a readable agent checkpoint"):
+    with pytest.raises(CheckpointError, match="not a readable safetensors checkpoint"):
         load_agent(cut)
 
 
