@@ -118,6 +118,14 @@ def robot_graph(args: dict[str, str]) -> list[NodeSpec]:
 GRAPHS = {"fusion": fusion_graph, "robot": robot_graph}
 
 
+def launch_nodes(node_class, specs: list[NodeSpec]) -> list:
+    """NodeSpecs -> launch_ros `Node` actions (node_class is launch_ros.actions.Node, which only a robot has)."""
+    return [node_class(package=spec.package, executable=spec.executable, name=spec.name, output="screen",
+                       parameters=[spec.params_file, spec.parameters] if spec.parameters else [spec.params_file],
+                       remappings=list(spec.remappings))
+            for spec in specs]
+
+
 def run(argv: list[str]) -> int:
     """`fusion-attn launch [robot] name:=value ...`: start the graph, forward Ctrl-C, return the worst
     exit code."""

@@ -7,17 +7,14 @@ described once in fusion_attn/launcher.py, which `fusion-attn launch` also uses 
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch_ros.actions import Node
 
-from fusion_attn.launcher import ARGUMENTS, default_params_file, fusion_graph
+from fusion_attn.launcher import ARGUMENTS, default_params_file, fusion_graph, launch_nodes
 from launch import LaunchDescription
 
 
 def _nodes(context):
     args = {name: value for name, value in context.launch_configurations.items()
             if name in ARGUMENTS or name in ("params_file", "fused_state_topic")}
-    return [Node(package=spec.package, executable=spec.executable, name=spec.name, output="screen",
-                 parameters=[spec.params_file, spec.parameters] if spec.parameters else [spec.params_file],
-                 remappings=list(spec.remappings))
-            for spec in fusion_graph(args)]
+    return launch_nodes(Node, fusion_graph(args))
 
 
 def generate_launch_description():

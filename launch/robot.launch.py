@@ -8,17 +8,14 @@ cmd_vel. The graph and its arguments are described once in fusion_attn/launcher.
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch_ros.actions import Node
 
-from fusion_attn.launcher import ARGUMENTS, ROBOT_ARGUMENTS, default_params_file, robot_graph
+from fusion_attn.launcher import ARGUMENTS, ROBOT_ARGUMENTS, default_params_file, launch_nodes, robot_graph
 from launch import LaunchDescription
 
 
 def _nodes(context):
     known = (*ARGUMENTS, *ROBOT_ARGUMENTS, "params_file", "fused_state_topic")
     args = {name: value for name, value in context.launch_configurations.items() if name in known}
-    return [Node(package=spec.package, executable=spec.executable, name=spec.name, output="screen",
-                 parameters=[spec.params_file, spec.parameters] if spec.parameters else [spec.params_file],
-                 remappings=list(spec.remappings))
-            for spec in robot_graph(args)]
+    return launch_nodes(Node, robot_graph(args))
 
 
 def generate_launch_description():

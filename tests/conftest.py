@@ -1,6 +1,7 @@
 """Shared fixtures. Real recordings live in ../shared/data/real beside the checkout."""
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -16,3 +17,11 @@ def real_data() -> Path:
             pytest.fail(f"real recordings missing under CI: {REAL_DATA}")
         pytest.skip(f"real recordings not found at {REAL_DATA} (see README: tests with real data)")
     return REAL_DATA
+
+
+def wait_until(predicate, timeout: float) -> bool:
+    """Poll `predicate` every 50 ms for up to `timeout` seconds (DDS tests: wait for traffic)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and not predicate():
+        time.sleep(0.05)
+    return predicate()

@@ -181,3 +181,16 @@ def test_unknown_launch_argument_is_refused():
 
     with pytest.raises(ConfigError, match="unknown launch argument"):
         fusion_graph({"bakcend": "torch"})
+
+
+def test_launch_files_get_every_field_of_the_graph():
+    """launch_nodes turns the graph into launch_ros Node arguments (dict stands in for the class: it
+    records the keyword arguments launch_ros.actions.Node would receive)."""
+    from fusion_attn.launcher import launch_nodes, robot_graph
+
+    specs = robot_graph({"policy": "p.onnx", "use_sim_time": "true", "fused_state_topic": "/fused"})
+    nodes = launch_nodes(dict, specs)
+    assert [n["executable"] for n in nodes] == ["fusion_node", "policy_node"]
+    for node, spec in zip(nodes, specs):
+        assert node["parameters"] == [spec.params_file, spec.parameters] and node["remappings"] == [("fused_state", "/fused")]
+    assert nodes[1]["parameters"][1] == {"policy": "p.onnx", "use_sim_time": True}

@@ -5,10 +5,10 @@ import os
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
+from conftest import wait_until
 
 rclpy = pytest.importorskip("rclpy", reason="rclpy (ROS 2) is not installed")
 from geometry_msgs.msg import Twist
@@ -50,13 +50,6 @@ def ros(tmp_path_factory):
     rclpy.shutdown()
 
 
-def _wait(predicate, timeout):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end and not predicate():
-        time.sleep(0.05)
-    return predicate()
-
-
 def test_stops_without_fused_state_and_resets_memory_on_request(ros, policy, tmp_path):
     node, seen, env = ros
     log = tmp_path / "policy.log"
@@ -65,15 +58,15 @@ def test_stops_without_fused_state_and_resets_memory_on_request(ros, policy, tmp
                                 env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         start = len(seen["cmd"])
-        assert _wait(lambda: len(seen["cmd"]) - start >= 5, 30), log.read_text()
+        assert wait_until(lambda: len(seen["cmd"]) - start >= 5, 30), log.read_text()
         assert all(c == (0.0, 0.0) for c in seen["cmd"][start:])  # nothing fused yet: it stands still
         bad = node.create_publisher(Image, "fused_state", 10)
         bad.publish(Image(height=12, width=64, encoding="mono8", step=64, data=bytes(768)))
-        assert _wait(lambda: "fused_state dropped: mono8" in log.read_text(), 10), log.read_text()
+        assert wait_until(lambda: "fused_state dropped: mono8" in log.read_text(), 10), log.read_text()
         client = node.create_client(Trigger, "/policy_node/reset_memory")
         assert client.wait_for_service(timeout_sec=10)
         future = client.call_async(Trigger.Request())
-        assert _wait(future.done, 10) and future.result().success
+        assert wait_until(future.done, 10) and future.result().success
         assert "stopped: no fused state" in log.read_text() and proc.poll() is None
     finally:
         proc.terminate()
@@ -101,11 +94,11 @@ def test_closed_loop_episode_completes(ros, policy, tmp_path):
     try:
         start = len(seen["cmd"])
         # the nodes start in parallel: wait until the policy drives (fused state and task flowing) ...
-        driving = _wait(lambda: any(c != (0.0, 0.0) for c in seen["cmd"][start:]), 120)
+        driving = wait_until(lambda: any(c != (0.0, 0.0) for c in seen["cmd"][start:]), 120)
         assert driving, logs["robot"].read_text()[-3000:]
         start, before = len(seen["cmd"]), episodes_ended()
         # ... then through a whole episode it drove from start to end (the current one began before)
-        ended = _wait(lambda: episodes_ended() > before + 1, 300)
+        ended = wait_until(lambda: episodes_ended() > before + 1, 300)
         assert ended, logs["bridge"].read_text()[-2000:] + logs["robot"].read_text()[-2000:]
         cmds = np.array(seen["cmd"][start:])
         moving = np.abs(cmds).sum(1) > 0

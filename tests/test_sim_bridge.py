@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import wait_until
 
 rclpy = pytest.importorskip("rclpy", reason="rclpy (ROS 2) is not installed")
 from geometry_msgs.msg import Twist
@@ -56,16 +57,9 @@ def graph(tmp_path_factory):
     rclpy.shutdown()
 
 
-def _wait(predicate, timeout):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end and not predicate():
-        time.sleep(0.05)
-    return predicate()
-
-
 def test_bridge_publishes_sensors_and_clock_and_moves_on_cmd_vel(graph):
     node, seen, logs = graph
-    assert _wait(lambda: len(seen["odom"]) > 20 and seen["lidar"] > 2, 60), (logs / "bridge.log").read_text()
+    assert wait_until(lambda: len(seen["odom"]) > 20 and seen["lidar"] > 2, 60), (logs / "bridge.log").read_text()
     assert seen["camera"] > 0 and seen["imu"] > 10
     clock = np.array(seen["clock"])
     assert np.all(np.diff(clock) >= 0) and clock[-1] > clock[0]
@@ -88,7 +82,7 @@ def test_bridge_publishes_sensors_and_clock_and_moves_on_cmd_vel(graph):
 
 def test_fusion_node_fuses_the_simulated_sensors_in_closed_loop(graph):
     _, seen, logs = graph
-    assert _wait(lambda: len(seen["fused"]) > 20, 60), (logs / "node.log").read_text()
+    assert wait_until(lambda: len(seen["fused"]) > 20, 60), (logs / "node.log").read_text()
     attention = []
     for m in seen["fused"][-10:]:
         rows = np.frombuffer(bytes(m.data), np.float32).reshape(m.height, m.width)
