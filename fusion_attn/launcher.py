@@ -15,6 +15,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,6 +73,7 @@ def default_params_file(name: str = "fusion.yaml") -> str:
 
 
 ROBOT_ARGUMENTS = ("policy", "policy_params_file")
+STOP_TIMEOUT_S = 10.0  # after Ctrl-C / SIGTERM, a node that has not exited by then is killed
 
 
 def fusion_graph(args: dict[str, str], extra: tuple[str, ...] = ()) -> list[NodeSpec]:
@@ -142,11 +144,21 @@ def run(argv: list[str]) -> int:
             raise ConfigError(f"launch arguments are name:=value, got {item!r}")
         args[name] = value
     procs = [subprocess.Popen(spec.command()) for spec in graph(args)]
+    stopping = []
 
     def forward(signum, _frame):
+        stopping.append(time.monotonic())
         for p in procs:
             p.send_signal(signum)
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
+    while any(p.poll() is None for p in procs):
+        if stopping and time.monotonic() - stopping[0] > STOP_TIMEOUT_S:  # as ros2 launch: then SIGKILL
+            for p in procs:
+                if p.poll() is None:
+                    print(f"launch: {p.args[2]} still running {STOP_TIMEOUT_S:.0f} s after the signal: killed",
+                          file=sys.stderr)
+                    p.kill()
+        time.sleep(0.1)
     return max(p.wait() for p in procs)

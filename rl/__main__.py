@@ -18,8 +18,7 @@ from fusion_attn.errors import FusionAttnError
 
 def add_verbs(verbs) -> None:
     """The rl verbs on an argparse subparsers object (here, and under `fusion-attn rl`)."""
-    from .agent import AgentConfig
-    from .ppo import PPOConfig
+    from .config import AgentConfig, PPOConfig  # no torch: keeps `fusion-attn --help` fast
 
     ppo, agent = PPOConfig(), AgentConfig()
     train = verbs.add_parser("train", help="train an agent with PPO")
@@ -50,8 +49,8 @@ def add_verbs(verbs) -> None:
 
 def run(args) -> int:
     if args.verb == "train":
-        from .agent import AgentConfig
-        from .ppo import PPOConfig, train
+        from .config import AgentConfig, PPOConfig
+        from .ppo import train
 
         cfg = PPOConfig(env_id=args.env_id, steps=args.steps, envs=args.envs, rollout=args.rollout, lr=args.lr,
                         ent_coef=args.ent_coef, action_repeat=args.action_repeat, seed=args.seed, threads=args.threads,

@@ -15,8 +15,6 @@ next memory, so PPO can store it per step, ONNX export can expose it, and a ROS 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import gymnasium as gym
 import numpy as np
 import torch
@@ -24,18 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Categorical, Normal
 
-
-@dataclass(frozen=True)
-class AgentConfig:
-    kind: str = "gtrxl"  # gtrxl | mlp
-    dim: int = 64
-    layers: int = 2
-    heads: int = 4
-    memory: int = 32  # K: past steps each layer attends over
-    gate_bias: float = 2.0  # initial update-gate bias: sigmoid(-2) = 0.12 of the new value passes
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from .config import AgentConfig
 
 
 class GRUGate(nn.Module):

@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import gymnasium as gym
@@ -33,38 +32,11 @@ from torchrl.objectives.value.functional import generalized_advantage_estimate
 from fusion_attn.checkpoint import read_safetensors
 from fusion_attn.errors import CheckpointError, ConfigError
 
-from .agent import ActorCritic, AgentConfig, reset_memory
+from .agent import ActorCritic, reset_memory
+from .config import PPOConfig
 
 log = logging.getLogger(__name__)
 FORMAT = "fusion_attn.rl/1"
-
-
-@dataclass(frozen=True)
-class PPOConfig:
-    env_id: str = "FusionAttn/Memory-Discrete-v0"
-    env_kwargs: dict = field(default_factory=dict)
-    action_repeat: int = 5  # FusionAttn envs: decide at 10 Hz, the drive runs at 50 Hz
-    steps: int = 200_000  # total env steps (decisions) over all envs
-    envs: int = 8
-    rollout: int = 128  # steps per env per update
-    epochs: int = 4
-    minibatches: int = 8
-    lr: float = 3e-4
-    gamma: float = 0.99
-    lam: float = 0.95
-    clip: float = 0.2
-    vf_coef: float = 0.5
-    ent_coef: float = 0.01
-    max_grad_norm: float = 0.5
-    seed: int = 0
-    threads: int = 1
-    agent: AgentConfig = field(default_factory=AgentConfig)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> PPOConfig:
-        d = dict(d)
-        d["agent"] = AgentConfig(**d.get("agent", {}))
-        return cls(**d)
 
 
 # --- environments --------------------------------------------------------------------------------

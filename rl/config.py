@@ -1,0 +1,47 @@
+"""Configurations of the RL agents and their training: plain dataclasses, importable without torch
+(the command line builds its options from these defaults without loading the training stack)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    kind: str = "gtrxl"  # gtrxl | mlp
+    dim: int = 64
+    layers: int = 2
+    heads: int = 4
+    memory: int = 32  # K: past steps each layer attends over
+    gate_bias: float = 2.0  # initial update-gate bias: sigmoid(-2) = 0.12 of the new value passes
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    env_id: str = "FusionAttn/Memory-Discrete-v0"
+    env_kwargs: dict = field(default_factory=dict)
+    action_repeat: int = 5  # FusionAttn envs: decide at 10 Hz, the drive runs at 50 Hz
+    steps: int = 200_000  # total env steps (decisions) over all envs
+    envs: int = 8
+    rollout: int = 128  # steps per env per update
+    epochs: int = 4
+    minibatches: int = 8
+    lr: float = 3e-4
+    gamma: float = 0.99
+    lam: float = 0.95
+    clip: float = 0.2
+    vf_coef: float = 0.5
+    ent_coef: float = 0.01
+    max_grad_norm: float = 0.5
+    seed: int = 0
+    threads: int = 1
+    agent: AgentConfig = field(default_factory=AgentConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PPOConfig:
+        d = dict(d)
+        d["agent"] = AgentConfig(**d.get("agent", {}))
+        return cls(**d)
