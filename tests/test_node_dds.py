@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import wait_until
 
 rclpy = pytest.importorskip("rclpy", reason="rclpy (ROS 2) is not installed")
 from diagnostic_msgs.msg import DiagnosticArray
@@ -59,12 +60,7 @@ class RosProbe:
         return None
 
     def wait_for(self, predicate, timeout: float = 30.0) -> bool:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if predicate():
-                return True
-            time.sleep(0.05)
-        return False
+        return wait_until(predicate, timeout)
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +149,8 @@ def test_garbage_flood_is_counted_and_survived(ros, fusion_node, real_data):
     proc, log = fusion_node
     bad_camera = ros.node.create_publisher(Image, CAMERA, qos_profile_sensor_data)
     bad_imu = ros.node.create_publisher(Imu, IMU, qos_profile_sensor_data)
+    assert ros.wait_for(lambda: bad_camera.get_subscription_count() > 0 and bad_imu.get_subscription_count() > 0,
+                        timeout=10)  # what is sent before discovery is lost, and would count as sent
     sent = {"camera": 0, "imu": 0}
     stop = threading.Event()
 
@@ -260,7 +258,7 @@ def _change_state(ros, transition_id):
 
 def _camera_frames(ros, count, qos):
     pub = ros.node.create_publisher(Image, "/trig/image", qos)
-    time.sleep(1.0)  # discovery
+    ros.wait_for(lambda: pub.get_subscription_count() > 0, timeout=3.0)  # discovery (none while inactive)
     stamps = []
     for _ in range(count):
         msg = Image(height=48, width=64, encoding="mono8", step=64, data=bytes(64 * 48))

@@ -61,6 +61,7 @@ def test_stops_without_fused_state_and_resets_memory_on_request(ros, policy, tmp
         assert wait_until(lambda: len(seen["cmd"]) - start >= 5, 30), log.read_text()
         assert all(c == (0.0, 0.0) for c in seen["cmd"][start:])  # nothing fused yet: it stands still
         bad = node.create_publisher(Image, "fused_state", 10)
+        assert wait_until(lambda: bad.get_subscription_count() > 0, 10)  # a message before discovery is lost
         bad.publish(Image(height=12, width=64, encoding="mono8", step=64, data=bytes(768)))
         assert wait_until(lambda: "fused_state dropped: mono8" in log.read_text(), 10), log.read_text()
         client = node.create_client(Trigger, "/policy_node/reset_memory")
@@ -109,4 +110,4 @@ def test_closed_loop_episode_completes(ros, policy, tmp_path):
         for p in procs:
             p.terminate()
         for p in procs:
-            p.wait(timeout=20)
+            p.wait(timeout=30)

@@ -52,7 +52,7 @@ def graph(tmp_path_factory):
     yield node, seen, logs
     for p in procs:
         p.terminate()
-        p.wait(timeout=10)
+        p.wait(timeout=30)  # the launcher gives its nodes 10 s before it kills them
     executor.shutdown()
     rclpy.shutdown()
 
@@ -68,6 +68,7 @@ def test_bridge_publishes_sensors_and_clock_and_moves_on_cmd_vel(graph):
     assert abs(seen["odom"][-1].pose.pose.position.x - still.x) < 0.01  # no command: it stays
 
     cmd = node.create_publisher(Twist, "cmd_vel", 10)
+    assert wait_until(lambda: cmd.get_subscription_count() > 0, 10)  # a command before discovery is lost
     start = seen["odom"][-1].pose.pose.position
     forward = Twist()
     forward.linear.x = 0.5
