@@ -70,6 +70,7 @@ class TrainConfig:
     corrupt_prob: float = 0.6  # chance that a sample gets one faulted sensor
     tau_random_prob: float = 0.5  # chance that a sample gets a random τ instead of all ones (0: fixed τ = 1)
     fusion: str = "attention"  # or the baselines without attention: concat, mean (see PooledFusion)
+    avoid_weight: float = 1.0  # weight of the attention-avoidance objective (fault_attention; 0: off)
     log_every: int = 25
     eval_every: int = 500
     save_every: int = 500
@@ -487,6 +488,18 @@ def fused_feature(model: nn.Module, x: dict[str, torch.Tensor], tau: torch.Tenso
     return latents.flatten(1), attention
 
 
+def fault_attention(attention: torch.Tensor, plan: FaultPlan) -> torch.Tensor:
+    """Attention-avoidance objective: the mean attention mass (B, 3, H) the fusion tokens give a sensor
+    whose content is visibly broken (black image, zero IMU, noise: weighted by its strength). The fault
+    is known while training, so this asks directly for what the augmentation should teach: look away.
+    A frozen or late sensor is left out: one sample of it looks valid."""
+    rows = plan.sensor >= 0
+    zero, noise = plan.fault == FAULTS.index("zero"), plan.fault == FAULTS.index("noise")
+    weight = torch.where(rows & zero, 1.0, torch.where(rows & noise, plan.strength, 0.0)).to(attention.device)
+    mass = attention.mean(-1).gather(1, plan.sensor.clamp_min(0).to(attention.device)[:, None])[:, 0]
+    return (weight * mass).sum() / weight.sum().clamp_min(1.0)
+
+
 def losses(heads: Heads, pred: dict[str, torch.Tensor], tgt: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Masked mean squared error per objective on standardised targets (0 where no sample has it)."""
     out = {}
@@ -723,8 +736,10 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
         x = corrupt(data, idx, plan, cfg, tc.fusion_hz, gen)
         tau = random_tau(tc.batch, tc.tau_random_prob, gen)
         tgt = _to_tgt(targets(data, idx, gather(data, idx), cfg), dev)
-        feature, _ = fused_feature(model, _to(x, dev), tau.to(dev))
+        feature, attention = fused_feature(model, _to(x, dev), tau.to(dev))
         parts = losses(heads, heads(feature), tgt)
+        if attention is not None and tc.avoid_weight > 0:
+            parts["avoid"] = tc.avoid_weight * fault_attention(attention, plan)
         loss = sum(parts.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()

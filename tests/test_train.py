@@ -153,6 +153,18 @@ def test_frozen_and_delayed_sensors_show_old_content(data):
     assert torch.equal(x["lidar_points"], clean["lidar_points"])
 
 
+def test_attention_avoidance_weighs_visibly_broken_sensors():
+    attention = torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.6, 0.2], [0.1, 0.1, 0.8], [0.3, 0.3, 0.4]])
+    attention = attention[:, :, None].expand(-1, -1, 4)  # (B, 3, H): the same on every head
+    plan = T.FaultPlan(sensor=torch.tensor([0, 1, 2, -1]),
+                       fault=torch.tensor([T.FAULTS.index(f) for f in ("zero", "noise", "freeze", "zero")]),
+                       lag=torch.zeros(4, dtype=torch.long), strength=torch.tensor([1.0, 0.5, 1.0, 1.0]))
+    # black camera (weight 1, mass 0.5) and half-strength lidar noise (0.5, 0.6); not the frozen IMU or
+    # the sample without a fault
+    assert T.fault_attention(attention, plan).item() == pytest.approx((0.5 + 0.5 * 0.6) / 1.5)
+    assert T.fault_attention(attention, T.FaultPlan.fixed(4, 2, "freeze")).item() == 0.0
+
+
 def test_training_writes_checkpoint_heads_and_tensorboard(tmp_path, cache):
     out = tmp_path / "run"
     m = T.train(TINY, out, cache=cache, progress=False, command="test")
@@ -169,7 +181,7 @@ def test_training_writes_checkpoint_heads_and_tensorboard(tmp_path, cache):
     acc = EventAccumulator(str(events[0]))
     acc.Reload()
     tags = acc.Tags()["scalars"]
-    assert {"train/total", "train/camera", "train/velocity", "val_clean/loss_goal"} <= set(tags)
+    assert {"train/total", "train/camera", "train/velocity", "train/avoid", "val_clean/loss_goal"} <= set(tags)
     assert [e.step for e in acc.Scalars("train/total")] == [2, 4, 6]
     assert json.loads((out / "metrics.json").read_text())["steps"] == 6
 
