@@ -262,7 +262,7 @@ def test_navigate_blacks_out_by_default():
     env.close()
 
 
-def test_memory_cue_vanishes():
+def test_memory_cue_shows_while_the_robot_is_held_then_vanishes():
     memory = gym.make("FusionAttn/Memory-v0")
     obs, info = memory.reset(seed=0)
     channel = int(np.argmax(TASK_COLOURS[memory.unwrapped.task.cue]))
@@ -272,11 +272,35 @@ def test_memory_cue_vanishes():
         return int(((image[..., channel] > 100) & (others.max(axis=2) < 70)).sum())
 
     assert cue_pixels(obs["image"]) > 0.05 * 64 * 64  # in view at the start
-    for _ in range(110):  # 2.2 s, standing still: the cue is gone
-        obs, reward, terminated, _, info = memory.step(np.zeros(2, np.float32))
-    assert cue_pixels(obs["image"]) == 0
+    start = info["pose"]
+    for _ in range(75):  # 1.5 s of "full ahead": held while the cue shows
+        obs, reward, terminated, _, info = memory.step(np.array([1.0, 0.0], np.float32))
+    np.testing.assert_allclose(info["pose"], start, atol=1e-6)
     assert reward < 0 and not terminated and not info["is_success"] and info["cue"] in TASK_COLOURS
+    for _ in range(5):  # then it drives, and the cue is gone
+        obs, *_, info = memory.step(np.array([1.0, 0.0], np.float32))
+    assert cue_pixels(obs["image"]) == 0 and np.hypot(*(info["pose"][:2] - start[:2])) > 0.005
     memory.close()
+
+
+def test_memory_rewards_only_the_cued_zone():
+    from rl.envs.tasks import MemoryTask
+
+    task = MemoryTask()
+    task.new_episode(np.random.default_rng(0))
+    assert task.goal_colours == ["red", "green", "blue"]  # fixed order unless shuffle_goals
+    for (x, y), colour in zip(task.goals, task.goal_colours):
+        task.new_episode(np.random.default_rng(0))
+        reward, done, info = task.evaluate(np.array([x, y, 0.0]), 1.0)
+        progress = task.progress_reward * (x - (-0.8))
+        assert done and info["reached"] == colour and info["is_success"] == (colour == task.cue)
+        assert reward == pytest.approx(progress - 0.5 / task.episode_s + (colour == task.cue))
+    shuffled = MemoryTask(shuffle_goals=True)
+    orders = set()
+    for seed in range(10):
+        shuffled.new_episode(np.random.default_rng(seed))
+        orders.add(tuple(shuffled.goal_colours))
+    assert len(orders) > 1
 
 
 def test_fused_observation_masks_faulted_sensors():

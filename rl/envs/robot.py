@@ -7,7 +7,8 @@ and are delivered (late, under a delay fault) in `info["frames"]`, which a front
 `SensorSync.add` exactly like frames adapted from ROS messages (see wrappers.FusedObservation).
 
 Actions: Box (v [m/s], omega [rad/s]) within V_RANGE x OMEGA_RANGE, or with discrete=True an index
-into DISCRETE_ACTIONS; the drive ramps to the command within its limits (DRIVE_ACCEL).
+into DISCRETE_ACTIONS; the drive ramps to the command within its limits (DRIVE_ACCEL). Until the
+task's hold_s the robot is held: commands are ignored.
 Observation: a Dict of fixed-size arrays made from the delivered frames:
 
     image  (H, W, 3) uint8    the newest camera image (zeros before the first)
@@ -195,6 +196,8 @@ class RobotEnv(gym.Env):
         dt = self.dt_ns / NS_PER_S
         v, omega = self._drive
         t0 = self.time_ns
+        if t0 < self.task.hold_s * NS_PER_S:
+            v_cmd = omega_cmd = 0.0
         m, d = self.model, self.data
         for mocap, at_ns in self._to_hide:
             if t0 >= at_ns:

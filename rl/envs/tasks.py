@@ -3,13 +3,16 @@
 Every episode ends with `truncated` once `episode_s` of simulated time has passed. Poses are
 (x, y, yaw) in the arena (world) frame; T is episode_s, t the episode time.
 
-FusionAttn/Memory-v0 (`MemoryTask`, 6 x 6 m, T = 30 s)
-    The robot starts near one wall facing it; in front of it stands a coloured pillar, the cue, which
-    vanishes after `cue_s` (2 s). Behind the robot, along the opposite wall, lie `n_goals` (3) goal
-    zones, red, green and blue in a random order, each a floor patch with a panel of its colour on
-    the wall behind it; a few obstacles stand between. The cue's colour names the goal.
-    Reward: +1 for entering the zone of the cue's colour (success; the episode ends), -1 for
-    entering another zone (ends), and -0.5/T per second (-0.5 over a whole episode).
+FusionAttn/Memory-v0 (`MemoryTask`, 6 x 6 m, T = 15 s): a T-maze in the camera's terms
+    The robot starts facing a coloured pillar 1.4 m ahead, the cue, and is held still while it shows
+    (`cue_s`, 1.5 s: it cannot store the colour in its own pose); then the cue vanishes and the robot
+    is free. Behind it, along the far wall, lie `n_goals` (3) goal zones: floor patches with a panel of
+    their colour on the wall, red on the left, green in the middle, blue on the right as seen from the
+    start (`shuffle_goals=True` draws the order, so the panels must be read too). The cue's colour names
+    the goal; a memoryless policy can do no better than guess (1/n_goals).
+    Reward: +1 for entering the zone of the cue's colour (success), 0 for another zone; either ends the
+    episode. Shaping: 0.3 per metre of progress towards the goal wall (a potential, the same for every
+    zone, so it says nothing about which), and -0.5/T per second.
     obs["task"] = (x, y, cos yaw, sin yaw, t/T): odometry and the clock, no hint of the colour.
 
 FusionAttn/Navigate-v0 (`NavigateTask`, 10 x 10 m, 14 obstacles, T = 40 s)
@@ -45,6 +48,7 @@ class Task(ABC):
 
     episode_s: float
     obs_dim: int
+    hold_s: float = 0.0  # the robot is held still (drive commands ignored) until this episode time
 
     def default_faults(self) -> FaultConfig:
         return FaultConfig()
@@ -69,31 +73,36 @@ class Task(ABC):
 
 class MemoryTask(Task):
     half = 3.0
-    goal_radius = 0.45
+    goal_radius = 0.5
+    goal_x = 2.0
+    progress_reward = 0.3  # per metre towards the goal wall
     obs_dim = 5
 
-    def __init__(self, n_goals: int = 3, cue_s: float = 2.0, episode_s: float = 30.0, obstacles: int = 4):
+    def __init__(self, n_goals: int = 3, cue_s: float = 1.5, episode_s: float = 15.0, obstacles: int = 0,
+                 shuffle_goals: bool = False):
         if not 2 <= n_goals <= len(TASK_COLOURS):
             raise ValueError(f"n_goals must be 2..{len(TASK_COLOURS)}, got {n_goals}")
         self.n_goals, self.cue_s, self.episode_s, self.obstacles = n_goals, cue_s, episode_s, obstacles
-        self._prev_t = 0.0
+        self.shuffle_goals = shuffle_goals
+        self.hold_s = cue_s
+        self._prev = (0.0, 0.0)  # (time, x) after the previous step
 
     def new_episode(self, rng: np.random.Generator) -> Layout:
-        names = list(TASK_COLOURS)
-        self.goal_colours = [names[i] for i in rng.permutation(len(names))[: self.n_goals]]
+        names = list(TASK_COLOURS)[: self.n_goals]
+        self.goal_colours = [names[i] for i in rng.permutation(self.n_goals)] if self.shuffle_goals else names
         self.cue = self.goal_colours[rng.integers(self.n_goals)]
-        gx = self.half - 0.7
-        self.goals = [(gx, float(y)) for y in np.linspace(-1.8, 1.8, self.n_goals)]
-        self._prev_t = 0.0
-        start = (-1.6, float(rng.uniform(-0.3, 0.3)), float(np.pi + rng.uniform(-0.2, 0.2)))
-        geoms = [Geom("cue", "cylinder", (-self.half + 0.5, 0.0, 0.4), (0.15, 0.4), TASK_COLOURS[self.cue],
+        # the robot faces -x: its left is -y, so the first colour (red) lies at -y
+        self.goals = [(self.goal_x, float(y)) for y in np.linspace(-1.6, 1.6, self.n_goals)]
+        start = (-0.8, float(rng.uniform(-0.2, 0.2)), float(np.pi + rng.uniform(-0.15, 0.15)))
+        self._prev = (0.0, start[0])
+        geoms = [Geom("cue", "cylinder", (-2.2, 0.0, 0.4), (0.15, 0.4), TASK_COLOURS[self.cue],
                       collide=False, hide_at_s=self.cue_s)]
         for i, ((x, y), colour) in enumerate(zip(self.goals, self.goal_colours)):
             geoms.append(_patch(f"goal{i}", x, y, self.goal_radius, TASK_COLOURS[colour]))
             geoms.append(Geom(f"panel{i}", "box", (self.half - 0.01, y, 0.3), (0.01, 0.35, 0.25),
                               TASK_COLOURS[colour], collide=False))
         clear = [(x, y, self.goal_radius + 0.3) for x, y in self.goals] + [(start[0], start[1], 0.6)]
-        geoms += scatter_obstacles(rng, self.obstacles, (-0.8, 1.4, -self.half, self.half), clear)
+        geoms += scatter_obstacles(rng, self.obstacles, (-0.2, 1.2, -self.half, self.half), clear)
         return Layout(self.half, start, tuple(geoms))
 
     def observe(self, pose: np.ndarray, t_s: float) -> np.ndarray:
@@ -101,14 +110,15 @@ class MemoryTask(Task):
         return np.array([x, y, np.cos(yaw), np.sin(yaw), t_s / self.episode_s], np.float32)
 
     def evaluate(self, pose: np.ndarray, t_s: float) -> tuple[float, bool, dict]:
-        reward = -0.5 * (t_s - self._prev_t) / self.episode_s
-        self._prev_t = t_s
+        prev_t, prev_x = self._prev
+        self._prev = (t_s, float(pose[0]))
+        reward = self.progress_reward * (pose[0] - prev_x) - 0.5 * (t_s - prev_t) / self.episode_s
         reached = next((c for (x, y), c in zip(self.goals, self.goal_colours)
                         if np.hypot(pose[0] - x, pose[1] - y) < self.goal_radius), None)
-        if reached is not None:
-            reward += 1.0 if reached == self.cue else -1.0
+        if reached == self.cue:
+            reward += 1.0
         info = {"is_success": reached == self.cue, "cue": self.cue, "reached": reached}
-        return reward, reached is not None, info
+        return float(reward), reached is not None, info
 
     def goal(self) -> tuple[float, float]:
         return self.goals[self.goal_colours.index(self.cue)]
