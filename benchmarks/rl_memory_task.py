@@ -1,10 +1,11 @@
 """Learning curves and final success on the simulated memory task (issue #8): attention memory (GTrXL)
 vs memoryless MLP (both our PPO) vs LSTM (sb3-contrib RecurrentPPO), same env, env steps and seeds.
 
-    python benchmarks/rl_memory_task.py --steps 100000 --seeds 0 1 2 [--agents gtrxl mlp lstm]
+    python benchmarks/rl_memory_task.py --steps 60000 --seeds 0 1 2 [--agents gtrxl mlp lstm]
 
 Each run trains on FusionAttn/Memory-Discrete-v0 as `fusion-attn rl train` does (fused state +
-attention + task observation, decisions at 10 Hz, 8 envs, rollouts of 128), logging the success of
+attention + task observation, decisions at 5 Hz, 8 envs, rollouts of 128, learning rate 1e-3; the
+same settings for RecurrentPPO's LSTM), logging the success of
 finished training episodes; then every agent is evaluated the same way: 40 deterministic episodes,
 clean and with one sensor fault each (rl/evaluate.py). Writes benchmarks/results/rl_memory_task.json
 and docs/figures/rl_memory_task.png (success vs env steps, mean and range over seeds).
@@ -26,7 +27,10 @@ from rl.ppo import PPOConfig, make_env, train
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--env", default="FusionAttn/Memory-Discrete-v0")
-parser.add_argument("--steps", type=int, default=100_000)
+parser.add_argument("--steps", type=int, default=60_000)
+parser.add_argument("--action-repeat", type=int, default=10, help="control steps per decision (10: 5 Hz)")
+parser.add_argument("--lr", type=float, default=1e-3)
+parser.add_argument("--memory", type=int, default=32, help="GTrXL memory K")
 parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
 parser.add_argument("--agents", nargs="+", default=["gtrxl", "mlp", "lstm"])
 parser.add_argument("--episodes", type=int, default=40)
@@ -36,10 +40,15 @@ args = parser.parse_args()
 torch.set_num_threads(1)
 
 
+def config(seed: int, kind: str = "gtrxl") -> PPOConfig:
+    return PPOConfig(env_id=args.env, steps=args.steps, envs=8, rollout=128, seed=seed, lr=args.lr,
+                     action_repeat=args.action_repeat, agent=AgentConfig(kind=kind, memory=args.memory))
+
+
 def ours(kind: str, seed: int, run: Path):
     from rl.evaluate import evaluate
 
-    cfg = PPOConfig(env_id=args.env, steps=args.steps, envs=8, rollout=128, seed=seed, agent=AgentConfig(kind=kind))
+    cfg = config(seed, kind)
     start = time.perf_counter()
     train(cfg, run, progress=False)
     seconds = time.perf_counter() - start
@@ -56,7 +65,7 @@ def lstm(seed: int, run: Path):
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.vec_env import DummyVecEnv
 
-    cfg = PPOConfig(env_id=args.env, seed=seed)
+    cfg = config(seed)
     curve = []
 
     class Successes(BaseCallback):
@@ -101,14 +110,21 @@ def lstm(seed: int, run: Path):
     return curve, success(False), success(True), seconds
 
 
+# Each run keeps its result in RUN/result.json and is skipped when that exists: several processes can
+# share the runs (e.g. one per agent, on separate cores) and a last call gathers them into the report.
 results = {}
 for agent in args.agents:
     for seed in args.seeds:
         run = args.runs / f"{agent}-{seed}"
-        curve, clean, faulted, seconds = lstm(seed, run) if agent == "lstm" else ours(agent, seed, run)
-        results.setdefault(agent, []).append({"seed": seed, "curve": curve, "success_clean": clean,
-                                              "success_faults": faulted, "train_seconds": seconds})
-        print(f"{agent} seed {seed}: success clean {clean:.2f}, with faults {faulted:.2f}, {seconds:.0f} s", flush=True)
+        done = run / "result.json"
+        if not done.exists():
+            curve, clean, faulted, seconds = lstm(seed, run) if agent == "lstm" else ours(agent, seed, run)
+            done.write_text(json.dumps({"seed": seed, "curve": curve, "success_clean": clean,
+                                        "success_faults": faulted, "train_seconds": seconds}))
+        r = json.loads(done.read_text())
+        results.setdefault(agent, []).append(r)
+        print(f"{agent} seed {seed}: success clean {r['success_clean']:.2f}, with faults {r['success_faults']:.2f}, "
+              f"{r['train_seconds']:.0f} s", flush=True)
 
 report = {"date": datetime.date.today().isoformat(), "machine": machine(), "env": args.env, "steps": args.steps,
           "seeds": args.seeds, "eval_episodes": args.episodes, "results": results}

@@ -19,8 +19,8 @@ import torch
 from .agent import ActorCritic, reset_memory
 from .ppo import PPOConfig, load_agent, make_env
 
-# one sensor fault per faulted episode, starting 2-5 s in: after the memory task's 1.5 s cue (so remembering
-# it matters), while the robot drives to its goal (about 6 s in)
+# one sensor fault per faulted episode, starting 2-4 s in: after the memory task's cue and delay (so
+# remembering it matters), while the robot drives to its goal
 EVAL_FAULTS = ("camera_blackout", "lidar_dropout", "imu_noise_burst", "camera_freeze")
 
 
@@ -29,7 +29,7 @@ def fault_options(name: str | None, rng: np.random.Generator) -> dict | None:
         return None
     from rl.envs.faults import FaultSpec
 
-    start = float(rng.uniform(2.0, 5.0))
+    start = float(rng.uniform(2.0, 4.0))
     return {"faults": {name: FaultSpec.window(start, float(rng.uniform(5.0, 15.0)), magnitude=2.0)}}
 
 

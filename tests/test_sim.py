@@ -273,7 +273,7 @@ def test_memory_cue_shows_while_the_robot_is_held_then_vanishes():
 
     assert cue_pixels(obs["image"]) > 0.05 * 64 * 64  # in view at the start
     start = info["pose"]
-    for _ in range(75):  # 1.5 s of "full ahead": held while the cue shows
+    for _ in range(100):  # 2 s of "full ahead": held while the cue shows and for the delay after
         obs, reward, terminated, _, info = memory.step(np.array([1.0, 0.0], np.float32))
     np.testing.assert_allclose(info["pose"], start, atol=1e-6)
     assert reward < 0 and not terminated and not info["is_success"] and info["cue"] in TASK_COLOURS
@@ -288,13 +288,15 @@ def test_memory_rewards_only_the_cued_zone():
 
     task = MemoryTask()
     task.new_episode(np.random.default_rng(0))
-    assert task.goal_colours == ["red", "green", "blue"]  # fixed order unless shuffle_goals
+    assert task.goal_colours == ["red", "green", "blue"]  # fixed places unless shuffle_goals
+    assert [np.hypot(*g) for g in task.goals] == pytest.approx([task.goal_distance] * 3)
     for (x, y), colour in zip(task.goals, task.goal_colours):
-        task.new_episode(np.random.default_rng(0))
-        reward, done, info = task.evaluate(np.array([x, y, 0.0]), 1.0)
-        progress = task.progress_reward * (x - (-0.8))
+        layout = task.new_episode(np.random.default_rng(0))
+        start_dist = min(np.hypot(layout.start[0] - gx, layout.start[1] - gy) for gx, gy in task.goals)
+        reward, done, info = task.evaluate(np.array([x, y, 0.0]), 3.0)
         assert done and info["reached"] == colour and info["is_success"] == (colour == task.cue)
-        assert reward == pytest.approx(progress - 0.5 / task.episode_s + (colour == task.cue))
+        expected = task.progress_reward * start_dist - 0.5 * 3.0 / task.episode_s + (colour == task.cue)
+        assert reward == pytest.approx(expected)
     shuffled = MemoryTask(shuffle_goals=True)
     orders = set()
     for seed in range(10):

@@ -3,16 +3,16 @@
 Every episode ends with `truncated` once `episode_s` of simulated time has passed. Poses are
 (x, y, yaw) in the arena (world) frame; T is episode_s, t the episode time.
 
-FusionAttn/Memory-v0 (`MemoryTask`, 6 x 6 m, T = 15 s): a T-maze in the camera's terms
-    The robot starts facing a coloured pillar 1.4 m ahead, the cue, and is held still while it shows
-    (`cue_s`, 1.5 s: it cannot store the colour in its own pose); then the cue vanishes and the robot
-    is free. Behind it, along the far wall, lie `n_goals` (3) goal zones: floor patches with a panel of
-    their colour on the wall, red on the left, green in the middle, blue on the right as seen from the
-    start (`shuffle_goals=True` draws the order, so the panels must be read too). The cue's colour names
-    the goal; a memoryless policy can do no better than guess (1/n_goals).
+FusionAttn/Memory-v0 (`MemoryTask`, 6 x 6 m, T = 10 s): a delayed choice in the camera's terms
+    The robot starts in the middle facing a coloured pillar 1.4 m ahead, the cue. It is held still
+    while the cue shows (`cue_s`, 1 s) and for a delay after it has vanished (`delay_s`, 1 s), so it
+    cannot keep the colour in its own pose; then it is free. Around it, 1.7 m away, lie `n_goals` (3)
+    goal zones, floor patches with a panel of their colour on the wall behind: red on its left, green
+    behind it, blue on its right (2 goals: left and right; `shuffle_goals=True` draws the order, so the
+    panels must be read too). The cue's colour names the goal; without memory a policy can only guess.
     Reward: +1 for entering the zone of the cue's colour (success), 0 for another zone; either ends the
-    episode. Shaping: 0.3 per metre of progress towards the goal wall (a potential, the same for every
-    zone, so it says nothing about which), and -0.5/T per second.
+    episode. Shaping: 0.3 per metre of approach to the nearest zone (the same for every zone, so it
+    says nothing about which), and -0.5/T per second.
     obs["task"] = (x, y, cos yaw, sin yaw, t/T): odometry and the clock, no hint of the colour.
 
 FusionAttn/Navigate-v0 (`NavigateTask`, 10 x 10 m, 14 obstacles, T = 40 s)
@@ -71,48 +71,55 @@ class Task(ABC):
         return None
 
 
+# the memory task's goal directions from its start pose (the robot faces -x, so its left is -y)
+MEMORY_DIRECTIONS = {2: ((0.0, -1.0), (0.0, 1.0)), 3: ((0.0, -1.0), (1.0, 0.0), (0.0, 1.0))}
+
+
 class MemoryTask(Task):
     half = 3.0
     goal_radius = 0.5
-    goal_x = 2.0
-    progress_reward = 0.3  # per metre towards the goal wall
+    goal_distance = 1.7
+    progress_reward = 0.3  # per metre of approach to the nearest zone
     obs_dim = 5
 
-    def __init__(self, n_goals: int = 3, cue_s: float = 1.5, episode_s: float = 15.0, obstacles: int = 0,
+    def __init__(self, n_goals: int = 3, cue_s: float = 1.0, delay_s: float = 1.0, episode_s: float = 10.0,
                  shuffle_goals: bool = False):
-        if not 2 <= n_goals <= len(TASK_COLOURS):
-            raise ValueError(f"n_goals must be 2..{len(TASK_COLOURS)}, got {n_goals}")
-        self.n_goals, self.cue_s, self.episode_s, self.obstacles = n_goals, cue_s, episode_s, obstacles
-        self.shuffle_goals = shuffle_goals
-        self.hold_s = cue_s
-        self._prev = (0.0, 0.0)  # (time, x) after the previous step
+        if n_goals not in MEMORY_DIRECTIONS:
+            raise ValueError(f"n_goals must be 2 or 3, got {n_goals}")
+        self.n_goals, self.cue_s, self.episode_s, self.shuffle_goals = n_goals, cue_s, episode_s, shuffle_goals
+        self.hold_s = cue_s + delay_s
+        self._prev = (0.0, 0.0)  # (time, distance to the nearest zone) after the previous step
 
     def new_episode(self, rng: np.random.Generator) -> Layout:
         names = list(TASK_COLOURS)[: self.n_goals]
         self.goal_colours = [names[i] for i in rng.permutation(self.n_goals)] if self.shuffle_goals else names
         self.cue = self.goal_colours[rng.integers(self.n_goals)]
-        # the robot faces -x: its left is -y, so the first colour (red) lies at -y
-        self.goals = [(self.goal_x, float(y)) for y in np.linspace(-1.6, 1.6, self.n_goals)]
-        start = (-0.8, float(rng.uniform(-0.2, 0.2)), float(np.pi + rng.uniform(-0.15, 0.15)))
-        self._prev = (0.0, start[0])
-        geoms = [Geom("cue", "cylinder", (-2.2, 0.0, 0.4), (0.15, 0.4), TASK_COLOURS[self.cue],
+        directions = MEMORY_DIRECTIONS[self.n_goals]
+        self.goals = [(self.goal_distance * dx, self.goal_distance * dy) for dx, dy in directions]
+        start = (0.0, float(rng.uniform(-0.1, 0.1)), float(np.pi + rng.uniform(-0.1, 0.1)))
+        self._prev = (0.0, self._nearest(start))
+        geoms = [Geom("cue", "cylinder", (-1.4, 0.0, 0.4), (0.15, 0.4), TASK_COLOURS[self.cue],
                       collide=False, hide_at_s=self.cue_s)]
-        for i, ((x, y), colour) in enumerate(zip(self.goals, self.goal_colours)):
-            geoms.append(_patch(f"goal{i}", x, y, self.goal_radius, TASK_COLOURS[colour]))
-            geoms.append(Geom(f"panel{i}", "box", (self.half - 0.01, y, 0.3), (0.01, 0.35, 0.25),
-                              TASK_COLOURS[colour], collide=False))
-        clear = [(x, y, self.goal_radius + 0.3) for x, y in self.goals] + [(start[0], start[1], 0.6)]
-        geoms += scatter_obstacles(rng, self.obstacles, (-0.2, 1.2, -self.half, self.half), clear)
+        for i, ((dx, dy), (x, y), colour) in enumerate(zip(directions, self.goals, self.goal_colours)):
+            rgb = TASK_COLOURS[colour]
+            geoms.append(_patch(f"goal{i}", x, y, self.goal_radius, rgb))
+            wall = self.half - 0.01
+            geoms.append(Geom(f"panel{i}", "box", (dx * wall, dy * wall, 0.3), (0.01, 0.35, 0.25), rgb,
+                              yaw=float(np.arctan2(dy, dx)), collide=False))
         return Layout(self.half, start, tuple(geoms))
+
+    def _nearest(self, pose) -> float:
+        return min(float(np.hypot(pose[0] - x, pose[1] - y)) for x, y in self.goals)
 
     def observe(self, pose: np.ndarray, t_s: float) -> np.ndarray:
         x, y, yaw = pose
         return np.array([x, y, np.cos(yaw), np.sin(yaw), t_s / self.episode_s], np.float32)
 
     def evaluate(self, pose: np.ndarray, t_s: float) -> tuple[float, bool, dict]:
-        prev_t, prev_x = self._prev
-        self._prev = (t_s, float(pose[0]))
-        reward = self.progress_reward * (pose[0] - prev_x) - 0.5 * (t_s - prev_t) / self.episode_s
+        prev_t, prev_dist = self._prev
+        dist = self._nearest(pose)
+        self._prev = (t_s, dist)
+        reward = self.progress_reward * (prev_dist - dist) - 0.5 * (t_s - prev_t) / self.episode_s
         reached = next((c for (x, y), c in zip(self.goals, self.goal_colours)
                         if np.hypot(pose[0] - x, pose[1] - y) < self.goal_radius), None)
         if reached == self.cue:
