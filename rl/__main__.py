@@ -24,6 +24,8 @@ def add_verbs(verbs) -> None:
     train = verbs.add_parser("train", help="train an agent with PPO")
     train.add_argument("env_id", help="a Gymnasium id, e.g. FusionAttn/Memory-Discrete-v0 or CartPole-v1")
     train.add_argument("-o", "--output", type=Path, required=True, help="run folder")
+    train.add_argument("--env-kwargs", type=json.loads, default={}, metavar="JSON",
+                       help='gym.make keyword arguments, e.g. \'{"task_options": {"n_goals": 2}}\'')
     train.add_argument("--agent", choices=["gtrxl", "mlp"], default=agent.kind)
     train.add_argument("--memory", type=int, default=agent.memory, help="K: past steps the agent attends over")
     train.add_argument("--layers", type=int, default=agent.layers)
@@ -52,7 +54,7 @@ def run(args) -> int:
         from .config import AgentConfig, PPOConfig
         from .ppo import train
 
-        cfg = PPOConfig(env_id=args.env_id, steps=args.steps, envs=args.envs, rollout=args.rollout, lr=args.lr,
+        cfg = PPOConfig(env_id=args.env_id, env_kwargs=args.env_kwargs, steps=args.steps, envs=args.envs, rollout=args.rollout, lr=args.lr,
                         ent_coef=args.ent_coef, action_repeat=args.action_repeat, seed=args.seed, threads=args.threads,
                         agent=AgentConfig(kind=args.agent, memory=args.memory, layers=args.layers))
         row = train(cfg, args.output, resume=args.resume, progress=not args.no_progress)

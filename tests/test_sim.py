@@ -303,6 +303,9 @@ def test_memory_rewards_only_the_cued_zone():
         shuffled.new_episode(np.random.default_rng(seed))
         orders.add(tuple(shuffled.goal_colours))
     assert len(orders) > 1
+    two = gym.make("FusionAttn/Memory-Discrete-v0", task_options={"n_goals": 2}).unwrapped.task  # as --env-kwargs gives it
+    two.new_episode(np.random.default_rng(0))
+    assert two.goal_colours == ["red", "green"] and two.goals == [(0.0, -two.goal_distance), (0.0, two.goal_distance)]
 
 
 def test_fused_observation_masks_faulted_sensors():

@@ -109,8 +109,10 @@ def _period_ns(hz: float) -> int:
 class RobotEnv(gym.Env):
     def __init__(self, task: str | Task = "control", sensors: SensorConfig | None = None,
                  faults: FaultConfig | None = None, discrete: bool = False, control_hz: float = 50.0,
-                 physics_hz: float = 200.0):
-        self.task = TASKS[task]() if isinstance(task, str) else task
+                 physics_hz: float = 200.0, task_options: dict | None = None):
+        """task_options: keyword arguments of a task named by string, e.g. {"n_goals": 2} for memory
+        (JSON-able, so a run's config.json rebuilds the same env)."""
+        self.task = TASKS[task](**(task_options or {})) if isinstance(task, str) else task
         self.sensors = sensors or SensorConfig()
         self.faults = faults or self.task.default_faults()
         self.dt_ns = _period_ns(physics_hz)
