@@ -214,9 +214,70 @@ def plots(report: dict, summary: dict, out: Path) -> list[Path]:
     return paths
 
 
+UNITS = (("speed_mae_mps", "speed m/s", 3), ("yaw_rate_mae_radps", "yaw rate rad/s", 3),
+         ("obstacle_mae_m", "obstacle distance m", 3), ("goal_distance_mae_m", "goal distance m", 3),
+         ("goal_bearing_mae_deg", "goal bearing °", 1))
+
+
+def tables(report: dict) -> str:
+    """The report's tables in Markdown (OUT/robustness.md; docs/RESULTS.md quotes them)."""
+    sim, summary = report["sim"], report["summary"]
+    names, conds = list(summary), [c for c, _, _ in conditions()]
+    sweep_name = next((n for n, r in sim.items() if len(r) > 1), names[0])
+    taus = sorted(sim[sweep_name], key=float)
+
+    def row(cells) -> str:
+        return "| " + " | ".join(map(str, cells)) + " |"
+
+    def label(cond: str) -> str:
+        return cond.replace("_", " ").replace("imu", "IMU")
+
+    lines = ["### Head error with one sensor faulted", "",
+             f"Error (rise over clean); each run at its best τ per condition (`{sweep_name}`'s in the last column).", "",
+             row(["condition", *names, "best τ"]), row(["---"] * (len(names) + 2))]
+    for c in conds:
+        lines.append(row([label(c), *(f"{summary[n][c]['head_error']:.3f} ({100 * summary[n][c]['rise']:+.0f}%)"
+                                      for n in names), f"{summary[sweep_name][c]['best_tau']:g}"]))
+    lines += ["", "### In physical units", "",
+              f"Mean absolute error; `{sweep_name}` at its best τ per condition, the others at τ = 1.", "",
+              row(["run, condition", *(u for _, u, _ in UNITS)]), row(["---"] * (len(UNITS) + 1))]
+    for n in names:
+        for c in ("clean", "camera_zero", "lidar_drop", "imu_drop"):
+            m = sim[n][str(summary[n][c]["best_tau"]) if n == sweep_name else "1.0"][c]
+            lines.append(row([f"{n}, {label(c)}", *(f"{m[k]:.{d}f}" for k, _, d in UNITS)]))
+    lines += ["", f"### The τ sweep (`{sweep_name}`)", "",
+              "Head error / attention mass on the faulted sensor / softmax Lipschitz diagnostic, per global τ:", "",
+              row(["condition", *(f"τ = {float(t):g}" for t in taus)]), row(["---"] * (len(taus) + 1))]
+    for c in conds:
+        cells = []
+        for t in taus:
+            m = sim[sweep_name][t][c]
+            att = "-" if c == "clean" else f"{m['attention_faulted']:.3f}"
+            cells.append(f"{m['head_error']:.3f} / {att} / {m['lipschitz']:.3f}")
+        lines.append(row([label(c), *cells]))
+    if report.get("real"):
+        order = ", ".join(next(iter(report["real"].values())))
+        lines += ["", "### Real recordings (no labels)", "",
+                  f"Self-supervised loss and attention mass at τ = 1 per attention run (`a / b`: {order}):", "",
+                  row(["recording", "condition", "SSL loss", "attention camera / lidar / IMU", "on the faulted sensor"]),
+                  row(["---"] * 5)]
+        for bag, by_run in report["real"].items():
+            present = [m for m in MODALITIES if by_run[next(iter(by_run))]["1.0"]["clean"][f"attention_{m}"] > 0]
+            for c in conds:
+                if c != "clean" and (c.split("_")[0] not in present or c.endswith(("_freeze", "_delay"))):
+                    continue
+                ms = [r["1.0"][c] for r in by_run.values()]
+                ssl = " / ".join(f"{m['ssl_loss']:.3f}" for m in ms)
+                mass = " / ".join(f"{ms[0][f'attention_{m}']:.3f}" for m in MODALITIES) if c == "clean" else ""
+                faulted = "" if c == "clean" else " / ".join(f"{m['attention_faulted']:.3f}" for m in ms)
+                lines.append(row([bag if c == "clean" else "", label(c), ssl, mass, faulted]))
+    return "\n".join(lines) + "\n"
+
+
 def run_evaluation(run_dirs: dict[str, Path], out: Path, taus: list[float], episodes: int, cache: Path,
                    bags: list[Path], threads: int = 1) -> dict:
-    """Everything `fusion-attn eval-robustness` writes: OUT/robustness.json and the plots."""
+    """Everything `fusion-attn eval-robustness` writes: OUT/robustness.json, its tables in
+    OUT/robustness.md, and the plots."""
     torch.set_num_threads(threads)
     runs = [load_run(n, d) for n, d in run_dirs.items()]
     cfg = FusionConfig()
@@ -237,5 +298,6 @@ def run_evaluation(run_dirs: dict[str, Path], out: Path, taus: list[float], epis
                                           for r in attention_runs}
     out.mkdir(parents=True, exist_ok=True)
     (out / "robustness.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+    (out / "robustness.md").write_text(tables(report))
     report["plots"] = [str(p) for p in plots(report["sim"], report["summary"], out)]
     return report

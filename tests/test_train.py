@@ -286,3 +286,6 @@ def test_eval_robustness_compares_runs(tmp_path, cache):
     assert report["summary"]["concat"]["clean"]["rise"] == 0.0
     assert all(Path(p).is_file() for p in report["plots"])
     assert json.loads((tmp_path / "out" / "robustness.json").read_text())["summary"].keys() == {"attention", "concat"}
+    tables = (tmp_path / "out" / "robustness.md").read_text()  # the tables docs/RESULTS.md quotes
+    clean = report["summary"]["attention"]["clean"]["head_error"]
+    assert f"| clean | {clean:.3f} (+0%) |" in tables and tables.count("| lidar noise |") == 2
