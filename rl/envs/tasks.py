@@ -3,17 +3,18 @@
 Every episode ends with `truncated` once `episode_s` of simulated time has passed. Poses are
 (x, y, yaw) in the arena (world) frame; T is episode_s, t the episode time.
 
-FusionAttn/Memory-v0 (`MemoryTask`, 6 x 6 m, T = 10 s): a delayed choice in the camera's terms
-    The robot starts in the middle facing a coloured pillar 1.4 m ahead, the cue. It is held still
-    while the cue shows (`cue_s`, 1 s) and for a delay after it has vanished (`delay_s`, 1 s), so it
-    cannot keep the colour in its own pose; then it is free. Around it, 1.7 m away, lie `n_goals` (3)
-    goal zones, floor patches with a panel of their colour on the wall behind: red on its left, green
-    behind it, blue on its right (2 goals: left and right; `shuffle_goals=True` draws the order, so the
-    panels must be read too). The cue's colour names the goal; without memory a policy can only guess.
-    Reward: +1 for entering the zone of the cue's colour (success), 0 for another zone; either ends the
-    episode. Shaping: 0.3 per metre of approach to the nearest zone (the same for every zone, so it
-    says nothing about which), and -0.5/T per second.
-    obs["task"] = (x, y, cos yaw, sin yaw, t/T): odometry and the clock, no hint of the colour.
+FusionAttn/Memory-v0 (`MemoryTask`, 6 x 6 m, T = 10 s): a delayed choice in the sensors' terms
+    The robot starts in the middle. Around it, 1.7 m away, lie `n_goals` (3) goal zones: red on its
+    left, green behind it, blue on its right (2 goals: left and right), floor patches with a panel of
+    their colour on the wall behind. The cue is a pillar of the goal's colour 1.3 m ahead, shifted
+    0.6 m towards the goal's side (left-ahead, straight ahead, right-ahead): the camera and the lidar
+    both see where it stands. The robot is held still while the cue shows (`cue_s`, 1 s) and for a
+    delay after it has sunk into the floor (`delay_s`, 1 s), so it cannot keep the answer in its own
+    pose; then it is free, and without memory a policy can only guess.
+    Reward: +1 for entering the cued zone (success), 0 for another zone; either ends the episode.
+    Shaping: 0.3 per metre of approach to the nearest zone (the same for every zone, so it says
+    nothing about which), and -0.5/T per second.
+    obs["task"] = (x, y, cos yaw, sin yaw, t/T): odometry and the clock, no hint of the cue.
 
 FusionAttn/Navigate-v0 (`NavigateTask`, 10 x 10 m, 14 obstacles, T = 40 s)
     Reach a target on the far side of a cluttered arena. By default the camera blacks out once per
@@ -79,27 +80,27 @@ class MemoryTask(Task):
     half = 3.0
     goal_radius = 0.5
     goal_distance = 1.7
+    cue_ahead, cue_side = 1.3, 0.6  # [m] from the start, towards the goal's side
     progress_reward = 0.3  # per metre of approach to the nearest zone
     obs_dim = 5
 
-    def __init__(self, n_goals: int = 3, cue_s: float = 1.0, delay_s: float = 1.0, episode_s: float = 10.0,
-                 shuffle_goals: bool = False):
+    def __init__(self, n_goals: int = 3, cue_s: float = 1.0, delay_s: float = 1.0, episode_s: float = 10.0):
         if n_goals not in MEMORY_DIRECTIONS:
             raise ValueError(f"n_goals must be 2 or 3, got {n_goals}")
-        self.n_goals, self.cue_s, self.episode_s, self.shuffle_goals = n_goals, cue_s, episode_s, shuffle_goals
+        self.n_goals, self.cue_s, self.episode_s = n_goals, cue_s, episode_s
         self.hold_s = cue_s + delay_s
+        self.goal_colours = list(TASK_COLOURS)[: self.n_goals]
         self._prev = (0.0, 0.0)  # (time, distance to the nearest zone) after the previous step
 
     def new_episode(self, rng: np.random.Generator) -> Layout:
-        names = list(TASK_COLOURS)[: self.n_goals]
-        self.goal_colours = [names[i] for i in rng.permutation(self.n_goals)] if self.shuffle_goals else names
-        self.cue = self.goal_colours[rng.integers(self.n_goals)]
         directions = MEMORY_DIRECTIONS[self.n_goals]
+        cued = int(rng.integers(self.n_goals))
+        self.cue = self.goal_colours[cued]
         self.goals = [(self.goal_distance * dx, self.goal_distance * dy) for dx, dy in directions]
         start = (0.0, float(rng.uniform(-0.1, 0.1)), float(np.pi + rng.uniform(-0.1, 0.1)))
         self._prev = (0.0, self._nearest(start))
-        geoms = [Geom("cue", "cylinder", (-1.4, 0.0, 0.4), (0.15, 0.4), TASK_COLOURS[self.cue],
-                      collide=False, hide_at_s=self.cue_s)]
+        cue_at = (-self.cue_ahead, self.cue_side * directions[cued][1], 0.4)  # the robot faces -x
+        geoms = [Geom("cue", "cylinder", cue_at, (0.15, 0.4), TASK_COLOURS[self.cue], hide_at_s=self.cue_s)]
         for i, ((dx, dy), (x, y), colour) in enumerate(zip(directions, self.goals, self.goal_colours)):
             rgb = TASK_COLOURS[colour]
             geoms.append(_patch(f"goal{i}", x, y, self.goal_radius, rgb))
