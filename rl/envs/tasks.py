@@ -3,14 +3,12 @@
 Every episode ends with `truncated` once `episode_s` of simulated time has passed. Poses are
 (x, y, yaw) in the arena (world) frame; T is episode_s, t the episode time.
 
-FusionAttn/Memory-v0 (`MemoryTask`, 6 x 6 m, T = 10 s): a delayed choice in the sensors' terms
-    The robot starts in the middle. Around it, 1.7 m away, lie `n_goals` (3) goal zones: red on its
-    left, green behind it, blue on its right (2 goals: left and right), floor patches with a panel of
-    their colour on the wall behind. The cue is a pillar of the goal's colour 1.3 m ahead, shifted
-    0.6 m towards the goal's side (left-ahead, straight ahead, right-ahead): the camera and the lidar
-    both see where it stands. The robot is held still while the cue shows (`cue_s`, 1 s) and for a
-    delay after it has sunk into the floor (`delay_s`, 1 s), so it cannot keep the answer in its own
-    pose; then it is free, and without memory a policy can only guess.
+FusionAttn/Memory-v0 (`MemoryTask`, 6 x 6 m, T = 10 s): a delayed choice of where to go
+    The robot starts in the middle, facing three goal zones 2 m ahead: floor patches, red 30° to its
+    left, green straight ahead, blue 30° to its right (`n_goals=2`: left and right). A pillar stands in
+    one of them, the cue: the camera and the lidar both see it. The robot is held still while the cue
+    shows (`cue_s`, 1 s) and for a delay after it has sunk into the floor (`delay_s`, 1 s); then it is
+    free. The zones look alike but for their colour, so without memory a policy can only guess.
     Reward: +1 for entering the cued zone (success), 0 for another zone; either ends the episode.
     Shaping: 0.3 per metre of approach to the nearest zone (the same for every zone, so it says
     nothing about which), and -0.5/T per second.
@@ -72,41 +70,37 @@ class Task(ABC):
         return None
 
 
-# the memory task's goal directions from its start pose (the robot faces -x, so its left is -y)
-MEMORY_DIRECTIONS = {2: ((0.0, -1.0), (0.0, 1.0)), 3: ((0.0, -1.0), (1.0, 0.0), (0.0, 1.0))}
+# the memory task's goal bearings from the start heading, left positive (REP-103)
+MEMORY_BEARINGS_DEG = {2: (30.0, -30.0), 3: (30.0, 0.0, -30.0)}
 
 
 class MemoryTask(Task):
     half = 3.0
-    goal_radius = 0.5
-    goal_distance = 1.7
-    cue_ahead, cue_side = 1.3, 0.6  # [m] from the start, towards the goal's side
+    goal_radius = 0.45
+    goal_distance = 2.0  # 30° apart at 2 m, the zones are 1.04 m apart: they do not touch
+    heading = np.pi  # the start heading (facing -x)
     progress_reward = 0.3  # per metre of approach to the nearest zone
     obs_dim = 5
 
     def __init__(self, n_goals: int = 3, cue_s: float = 1.0, delay_s: float = 1.0, episode_s: float = 10.0):
-        if n_goals not in MEMORY_DIRECTIONS:
+        if n_goals not in MEMORY_BEARINGS_DEG:
             raise ValueError(f"n_goals must be 2 or 3, got {n_goals}")
         self.n_goals, self.cue_s, self.episode_s = n_goals, cue_s, episode_s
         self.hold_s = cue_s + delay_s
         self.goal_colours = list(TASK_COLOURS)[: self.n_goals]
+        angles = self.heading + np.radians(MEMORY_BEARINGS_DEG[n_goals])
+        self.goals = [(float(self.goal_distance * np.cos(a)), float(self.goal_distance * np.sin(a))) for a in angles]
         self._prev = (0.0, 0.0)  # (time, distance to the nearest zone) after the previous step
 
     def new_episode(self, rng: np.random.Generator) -> Layout:
-        directions = MEMORY_DIRECTIONS[self.n_goals]
         cued = int(rng.integers(self.n_goals))
         self.cue = self.goal_colours[cued]
-        self.goals = [(self.goal_distance * dx, self.goal_distance * dy) for dx, dy in directions]
-        start = (0.0, float(rng.uniform(-0.1, 0.1)), float(np.pi + rng.uniform(-0.1, 0.1)))
+        start = (0.0, float(rng.uniform(-0.1, 0.1)), float(self.heading + rng.uniform(-0.1, 0.1)))
         self._prev = (0.0, self._nearest(start))
-        cue_at = (-self.cue_ahead, self.cue_side * directions[cued][1], 0.4)  # the robot faces -x
-        geoms = [Geom("cue", "cylinder", cue_at, (0.15, 0.4), TASK_COLOURS[self.cue], hide_at_s=self.cue_s)]
-        for i, ((dx, dy), (x, y), colour) in enumerate(zip(directions, self.goals, self.goal_colours)):
-            rgb = TASK_COLOURS[colour]
-            geoms.append(_patch(f"goal{i}", x, y, self.goal_radius, rgb))
-            wall = self.half - 0.01
-            geoms.append(Geom(f"panel{i}", "box", (dx * wall, dy * wall, 0.3), (0.01, 0.35, 0.25), rgb,
-                              yaw=float(np.arctan2(dy, dx)), collide=False))
+        geoms = [Geom("cue", "cylinder", (*self.goals[cued], 0.4), (0.15, 0.4), TASK_COLOURS[self.cue],
+                      hide_at_s=self.cue_s)]
+        geoms += [_patch(f"goal{i}", x, y, self.goal_radius, TASK_COLOURS[colour])
+                  for i, ((x, y), colour) in enumerate(zip(self.goals, self.goal_colours))]
         return Layout(self.half, start, tuple(geoms))
 
     def _nearest(self, pose) -> float:
