@@ -1,9 +1,10 @@
 """Learning curves and final success on the simulated memory task (issue #8): attention memory (GTrXL)
 vs memoryless MLP (both our PPO) vs LSTM (sb3-contrib RecurrentPPO), same env, env steps and seeds.
 
-    python benchmarks/rl_memory_task.py --steps 60000 --seeds 0 1 2 [--agents gtrxl mlp lstm]
+    python benchmarks/rl_memory_task.py --steps 60000 --seeds 0 1 2 [--agents gtrxl mlp lstm] [--goals 2]
 
-Each run trains on FusionAttn/Memory-Discrete-v0 as `fusion-attn rl train` does (fused state +
+Each run trains on FusionAttn/Memory-Discrete-v0 with two goal zones (`--goals`; chance is 1/2) as
+`fusion-attn rl train` does (fused state +
 attention + task observation, decisions at 5 Hz, 8 envs, rollouts of 128, learning rate 1e-3; the
 same settings for RecurrentPPO's LSTM), logging the success of
 finished training episodes; then every agent is evaluated the same way: 40 deterministic episodes,
@@ -27,6 +28,7 @@ from rl.ppo import PPOConfig, make_env, train
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--env", default="FusionAttn/Memory-Discrete-v0")
+parser.add_argument("--goals", type=int, default=2, help="the memory task's n_goals (2: left or right; 3)")
 parser.add_argument("--steps", type=int, default=60_000)
 parser.add_argument("--action-repeat", type=int, default=10, help="control steps per decision (10: 5 Hz)")
 parser.add_argument("--lr", type=float, default=1e-3)
@@ -41,7 +43,7 @@ torch.set_num_threads(1)
 
 
 def config(seed: int, kind: str = "gtrxl") -> PPOConfig:
-    return PPOConfig(env_id=args.env, steps=args.steps, envs=8, rollout=128, seed=seed, lr=args.lr,
+    return PPOConfig(env_id=args.env, env_kwargs={"task_options": {"n_goals": args.goals}}, steps=args.steps, envs=8, rollout=128, seed=seed, lr=args.lr,
                      action_repeat=args.action_repeat, agent=AgentConfig(kind=kind, memory=args.memory))
 
 
@@ -126,8 +128,28 @@ for agent in args.agents:
         print(f"{agent} seed {seed}: success clean {r['success_clean']:.2f}, with faults {r['success_faults']:.2f}, "
               f"{r['train_seconds']:.0f} s", flush=True)
 
-report = {"date": datetime.date.today().isoformat(), "machine": machine(), "env": args.env, "steps": args.steps,
-          "seeds": args.seeds, "eval_episodes": args.episodes, "results": results}
+
+
+def mean_curve(runs: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    n = min(len(r["curve"]) for r in runs)
+    return (np.array([s for s, _ in runs[0]["curve"][:n]]),
+            np.nanmean(np.array([[v for _, v in r["curve"][:n]] for r in runs], float), 0))
+
+
+targets = {agent: {"success_clean": float(np.mean([r["success_clean"] for r in runs])),
+                   "success_faults": float(np.mean([r["success_faults"] for r in runs]))} for agent, runs in results.items()}
+for t in targets.values():
+    t["fault_drop_points"] = 100 * (t["success_clean"] - t["success_faults"])
+if "gtrxl" in results and "lstm" in results:  # env steps GTrXL needs to reach the LSTM's final training success
+    lstm_steps, lstm_curve = mean_curve(results["lstm"])
+    steps, curve = mean_curve(results["gtrxl"])
+    level = float(lstm_curve[-1])
+    reached = steps[np.flatnonzero(curve >= level)]
+    targets["gtrxl"]["steps_to_lstm_final"] = int(reached[0]) if len(reached) else None
+    targets["gtrxl"]["steps_ratio_to_lstm"] = float(reached[0] / lstm_steps[-1]) if len(reached) else None
+report = {"date": datetime.date.today().isoformat(), "machine": machine(), "env": args.env, "goals": args.goals,
+          "steps": args.steps, "seeds": args.seeds, "eval_episodes": args.episodes, "targets": targets,
+          "results": results}
 args.out.parent.mkdir(parents=True, exist_ok=True)
 args.out.write_text(json.dumps(report, indent=1))
 
@@ -138,11 +160,10 @@ import matplotlib.pyplot as plt
 
 fig, ax = plt.subplots(figsize=(7, 4))
 for agent, runs in results.items():
-    steps = np.array([s for s, _ in runs[0]["curve"]])
-    n = min(len(r["curve"]) for r in runs)
-    ys = np.array([[v for _, v in r["curve"][:n]] for r in runs], float)
-    ax.plot(steps[:n], np.nanmean(ys, 0), label=f"{agent} ({len(runs)} seed{'s' * (len(runs) > 1)})")
-    ax.fill_between(steps[:n], np.nanmin(ys, 0), np.nanmax(ys, 0), alpha=0.2)
+    steps, mean = mean_curve(runs)
+    ys = np.array([[v for _, v in r["curve"][:len(steps)]] for r in runs], float)
+    ax.plot(steps, mean, label=f"{agent} ({len(runs)} seed{'s' * (len(runs) > 1)})")
+    ax.fill_between(steps, np.nanmin(ys, 0), np.nanmax(ys, 0), alpha=0.2)
 ax.set_xlabel("env steps (decisions)")
 ax.set_ylabel("training episode success")
 ax.set_title(args.env)
@@ -151,5 +172,4 @@ fig.tight_layout()
 figure = Path("docs/figures/rl_memory_task.png")
 figure.parent.mkdir(parents=True, exist_ok=True)
 fig.savefig(figure, dpi=100)
-for agent, runs in results.items():
-    print(f"| {agent} | {np.mean([r['success_clean'] for r in runs]):.2f} | {np.mean([r['success_faults'] for r in runs]):.2f} |")
+print(json.dumps(targets, indent=1))
