@@ -7,6 +7,10 @@ Writes a rosbag2 MCAP of `--seconds` of the standard sensor set (640x480 bgr8 Im
 folder, replays it with the default options (20 Hz fusion, ONNX Runtime, 1 thread) and reports
 recorded seconds per wall second (from replay's own timing: reading, fusing and writing; start-up
 and plots excluded), then profiles a second run to show where the time goes.
+
+Floors, each measured alone on the same recording: reading every message's bytes from the bag
+(no decoding), and tokenizing its clouds and the camera frames a 20 Hz fusion uses. Each one's
+speed is the most a replay that did that part and nothing else could reach.
 """
 
 import argparse
@@ -21,10 +25,13 @@ from pathlib import Path
 from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
+from fusion_attn.adapters import to_frame
+from fusion_attn.bag import open_reader
 from fusion_attn.bench import machine, standard_messages
 from fusion_attn.frames import NS_PER_S
 from fusion_attn.pipeline import FusionPipeline
 from fusion_attn.replay import ReplayOptions, replay
+from fusion_attn.tokenize import tokenize_camera, tokenize_lidar
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--seconds", type=float, default=10.0)
@@ -53,6 +60,19 @@ with tempfile.TemporaryDirectory() as tmp:
     print(f"wrote {len(events)} messages, {size_mb:.0f} MB, in {time.perf_counter() - start:.1f} s")
 
     pipeline = FusionPipeline.create(None, backend="onnxruntime", threads=1)
+    start = time.perf_counter()
+    with open_reader([bag]) as reader:
+        raw_bytes = sum(len(raw) for _, _, raw in reader.messages())
+    floors = {"read message bytes only": time.perf_counter() - start}
+    cloud_frame, image_frame = to_frame(cloud), to_frame(image)
+    start = time.perf_counter()
+    for _ in range(int(args.seconds * 10)):
+        tokenize_lidar(cloud_frame, pipeline.cfg.lidar)
+    floors["tokenize the clouds only (10 Hz)"] = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(int(args.seconds * 20)):
+        tokenize_camera(image_frame, pipeline.cfg.camera)
+    floors["tokenize the fused camera frames only (20 Hz)"] = time.perf_counter() - start
     summary = replay([bag], pipeline, Path(tmp) / "out", ReplayOptions(progress=False))  # the measured run
     profile = cProfile.Profile()  # a second run, profiled, for the breakdown only
     profile.enable()
@@ -70,8 +90,10 @@ for (file, _, func), (_, _, _, cum, _) in stats.stats.items():
             cumulative[name] += cum
 t = summary["timing"]
 report = {"date": datetime.date.today().isoformat(), "machine": machine(), "recorded_s": t["recorded_s"],
-          "bag_mb": size_mb, "messages": summary["messages"], "fusions": summary["fusions"], "wall_s": t["wall_s"],
+          "bag_mb": size_mb, "message_mb": raw_bytes / 1e6, "messages": summary["messages"], "fusions": summary["fusions"], "wall_s": t["wall_s"],
           "speed_x_real_time": t["speed_x_real_time"],
+          "floors_s": {k: round(v, 3) for k, v in floors.items()},
+          "floors_x_real_time": {k: round(args.seconds / v, 1) for k, v in floors.items()},
           "profile_s": {k: round(v, 3) for k, v in cumulative.items()},
           "profile_note": "cumulative seconds per stage in a second, cProfile-instrumented run (slower than the measured one)"}
 args.out.parent.mkdir(parents=True, exist_ok=True)
