@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass
 
 import rclpy
-import rclpy.executors
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.event_handler import SubscriptionEventCallbacks
@@ -26,6 +25,7 @@ from .frames import MODALITIES, FusedState, Modality
 from .messages import diagnostics_msg, fused_state_msg, to_rclpy
 from .outputs import diagnostics
 from .pipeline import FusionPipeline, validate_tau
+from .spin import spin
 from .sync import SensorSync, SyncConfig
 
 
@@ -287,9 +287,7 @@ def main(args: list[str] | None = None) -> int:
                 node.get_logger().fatal("autostart: configure failed (see above); exiting")
                 return 1
             node.trigger_activate()
-        rclpy.spin(node)
-    except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
-        pass
+        spin(node)
     finally:
         node.destroy_node()
         rclpy.try_shutdown()

@@ -17,7 +17,6 @@ from dataclasses import replace
 import gymnasium as gym
 import numpy as np
 import rclpy
-import rclpy.executors
 from geometry_msgs.msg import Twist
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
@@ -27,6 +26,7 @@ from std_srvs.srv import Trigger
 
 from fusion_attn.frames import NS_PER_S
 from fusion_attn.messages import rclpy_class, to_rclpy
+from fusion_attn.spin import spin
 from rl.record import TOPICS, odometry_msg
 
 CMD_TIMEOUT_NS = NS_PER_S // 2
@@ -101,9 +101,7 @@ def main(args: list[str] | None = None) -> int:
     rclpy.init(args=args if args is not None else sys.argv)
     node = SimBridge()
     try:
-        rclpy.spin(node)
-    except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
-        pass
+        spin(node)
     finally:
         node.env.close()
         node.destroy_node()

@@ -18,7 +18,6 @@ import sys
 import numpy as np
 import onnxruntime as ort
 import rclpy
-import rclpy.executors
 from geometry_msgs.msg import Twist
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
@@ -28,6 +27,7 @@ from std_srvs.srv import Trigger
 
 from fusion_attn.frames import NS_PER_S, stamp_to_ns
 from fusion_attn.outputs import parse_fused_state_rows
+from fusion_attn.spin import spin
 
 
 def discrete_actions() -> np.ndarray:
@@ -132,9 +132,7 @@ def main(args: list[str] | None = None) -> int:
         rclpy.try_shutdown()
         return 1
     try:
-        rclpy.spin(node)
-    except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
-        pass
+        spin(node)
     finally:
         if rclpy.ok():  # after Ctrl-C/SIGTERM the context is gone: bases stop on their cmd_vel timeout
             node.cmd_pub.publish(Twist())  # leave the robot stopped
