@@ -2,11 +2,15 @@
 RecurrentPPO (LSTM), side by side in one run, same env, same number of envs and env steps.
 
     python benchmarks/rl_throughput.py [--env FusionAttn/Memory-Discrete-v0] [--steps 4096] [--envs 4]
+                                       [--action-repeat 10] [--goals 2]
 
 Both learn from the same observations (rl.ppo.make_env: for FusionAttn envs the fused state, attention
-and task observation, 5 control steps per decision) with rollouts of 128 steps per env, 4 epochs.
-Reported: env steps per second over the whole training call (env stepping, fusion, inference and
-updates), and the ratio. Writes benchmarks/results/rl_throughput_<env>.json.
+and task observation; the memory task as docs/RESULTS.md trains it: 10 control steps per decision,
+two zones) with rollouts of 128 steps per env, 4 epochs. Reported: env steps per second over the
+whole training call (env stepping, fusion, inference and updates), and the ratio. Also the same
+vector env stepped alone with random actions: no trainer can be faster than that, so env-only
+steps/s over RecurrentPPO's bounds the ratio any trainer could reach on this env and machine.
+Writes benchmarks/results/rl_throughput_<env>.json.
 """
 
 import argparse
@@ -22,18 +26,29 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 
 from fusion_attn.bench import machine
 from rl.agent import AgentConfig
-from rl.ppo import PPOConfig, make_env, train
+from rl.ppo import PPOConfig, make_env, train, vector_env
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--env", default="FusionAttn/Memory-Discrete-v0")
 parser.add_argument("--steps", type=int, default=4096)
 parser.add_argument("--envs", type=int, default=4)
+parser.add_argument("--action-repeat", type=int, default=10, help="FusionAttn envs: control steps per decision")
+parser.add_argument("--goals", type=int, default=2, help="the memory task's n_goals")
 parser.add_argument("--out", type=Path)
 args = parser.parse_args()
 torch.set_num_threads(1)
-cfg = PPOConfig(env_id=args.env, steps=args.steps, envs=args.envs, rollout=128, epochs=4, minibatches=8,
-                agent=AgentConfig())
+env_kwargs = {"task_options": {"n_goals": args.goals}} if args.env.startswith("FusionAttn/Memory") else {}
+cfg = PPOConfig(env_id=args.env, env_kwargs=env_kwargs, steps=args.steps, envs=args.envs, rollout=128, epochs=4,
+                minibatches=8, action_repeat=args.action_repeat, agent=AgentConfig())
 results = {}
+
+envs = vector_env(cfg)  # the env alone: what every trainer pays
+envs.reset(seed=0)
+start = time.perf_counter()
+for _ in range(args.steps // args.envs):
+    envs.step(envs.action_space.sample())
+env_only = args.steps / (time.perf_counter() - start)
+envs.close()
 
 start = time.perf_counter()
 train(cfg, Path("/tmp/rl_throughput_ours"), progress=False)
@@ -53,8 +68,10 @@ results["sb3-contrib RecurrentPPO (MlpLstmPolicy)"] = args.steps / (time.perf_co
 vec.close()
 
 ours, theirs = results.values()
-report = {"date": datetime.date.today().isoformat(), "machine": machine(), "env": args.env, "steps": args.steps,
-          "envs": args.envs, "steps_per_s": results, "ratio_ours_over_recurrent_ppo": ours / theirs}
+report = {"date": datetime.date.today().isoformat(), "machine": machine(), "env": args.env, "env_kwargs": env_kwargs,
+          "action_repeat": args.action_repeat, "steps": args.steps, "envs": args.envs, "steps_per_s": results,
+          "env_only_steps_per_s": env_only, "ratio_ours_over_recurrent_ppo": ours / theirs,
+          "ratio_bound_env_only_over_recurrent_ppo": env_only / theirs}
 out = args.out or Path(__file__).parent / "results" / f"rl_throughput_{args.env.replace('/', '_')}.json"
 out.parent.mkdir(parents=True, exist_ok=True)
 out.write_text(json.dumps(report, indent=2))
@@ -62,4 +79,6 @@ print(f"date: {report['date']}\nmachine: {report['machine']}\nenv: {args.env}, {
 print("| trainer | env steps/s |\n|---|---|")
 for name, sps in results.items():
     print(f"| {name} | {sps:.0f} |")
-print(f"\nratio (ours / RecurrentPPO): {report['ratio_ours_over_recurrent_ppo']:.2f}x")
+print(f"| the env alone, random actions (no trainer) | {env_only:.0f} |")
+print(f"\nratio (ours / RecurrentPPO): {report['ratio_ours_over_recurrent_ppo']:.2f}x; "
+      f"bound (env alone / RecurrentPPO): {report['ratio_bound_env_only_over_recurrent_ppo']:.2f}x")
