@@ -42,7 +42,7 @@ from torch import nn
 from .checkpoint import read_safetensors, save_checkpoint
 from .config import FusionConfig
 from .errors import CheckpointError, ConfigError
-from .frames import MODALITIES, NS_PER_S, CameraFrame
+from .frames import MODALITIES, NS_PER_S, CameraFrame, Modality
 from .model import MLP, FusionModel, SensorEmbedding
 from .tokenize import IMAGENET_MEAN, IMAGENET_STD, Tokenizer, tokenize_camera
 
@@ -490,12 +490,12 @@ def fused_feature(model: nn.Module, x: dict[str, torch.Tensor], tau: torch.Tenso
 
 def fault_attention(attention: torch.Tensor, plan: FaultPlan) -> torch.Tensor:
     """Attention-avoidance objective: the mean attention mass (B, 3, H) the fusion tokens give a sensor
-    whose content is visibly broken (black image, zero IMU, noise: weighted by its strength). The fault
-    is known while training, so this asks directly for what the augmentation should teach: look away.
-    A frozen or late sensor is left out: one sample of it looks valid."""
-    rows = plan.sensor >= 0
-    zero, noise = plan.fault == FAULTS.index("zero"), plan.fault == FAULTS.index("noise")
-    weight = torch.where(rows & zero, 1.0, torch.where(rows & noise, plan.strength, 0.0)).to(attention.device)
+    whose content is gone (a black image, a zero IMU). The fault is known while training, so this asks
+    directly for what the augmentation should teach: look away. A noisy sensor still carries
+    information, and a frozen or late one looks valid in one sample: they are left out; so is a lidar
+    without points, which is masked and gets no attention anyway."""
+    zero = (plan.fault == FAULTS.index("zero")) & (plan.sensor >= 0) & (plan.sensor != Modality.LIDAR)
+    weight = zero.float().to(attention.device)
     mass = attention.mean(-1).gather(1, plan.sensor.clamp_min(0).to(attention.device)[:, None])[:, 0]
     return (weight * mass).sum() / weight.sum().clamp_min(1.0)
 

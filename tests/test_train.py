@@ -153,15 +153,18 @@ def test_frozen_and_delayed_sensors_show_old_content(data):
     assert torch.equal(x["lidar_points"], clean["lidar_points"])
 
 
-def test_attention_avoidance_weighs_visibly_broken_sensors():
+def test_attention_avoidance_weighs_sensors_whose_content_is_gone():
     attention = torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.6, 0.2], [0.1, 0.1, 0.8], [0.3, 0.3, 0.4]])
     attention = attention[:, :, None].expand(-1, -1, 4)  # (B, 3, H): the same on every head
     plan = T.FaultPlan(sensor=torch.tensor([0, 1, 2, -1]),
-                       fault=torch.tensor([T.FAULTS.index(f) for f in ("zero", "noise", "freeze", "zero")]),
+                       fault=torch.tensor([T.FAULTS.index(f) for f in ("zero", "noise", "zero", "zero")]),
                        lag=torch.zeros(4, dtype=torch.long), strength=torch.tensor([1.0, 0.5, 1.0, 1.0]))
-    # black camera (weight 1, mass 0.5) and half-strength lidar noise (0.5, 0.6); not the frozen IMU or
-    # the sample without a fault
-    assert T.fault_attention(attention, plan).item() == pytest.approx((0.5 + 0.5 * 0.6) / 1.5)
+    # the black camera (mass 0.5) and the zero IMU (0.8); not the noisy lidar (it still informs) or the
+    # sample without a fault
+    assert T.fault_attention(attention, plan).item() == pytest.approx((0.5 + 0.8) / 2)
+    no_points = T.FaultPlan(sensor=torch.tensor([1, 1, 1, 1]), fault=torch.full((4,), T.FAULTS.index("zero")),
+                            lag=torch.zeros(4, dtype=torch.long), strength=torch.ones(4))
+    assert T.fault_attention(attention, no_points).item() == 0.0  # masked: nothing to avoid
     assert T.fault_attention(attention, T.FaultPlan.fixed(4, 2, "freeze")).item() == 0.0
 
 
