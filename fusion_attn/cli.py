@@ -503,7 +503,7 @@ def _train_args(verbs) -> None:
     train.add_argument("--fixed-tau", dest="tau_random_prob", action="store_const", const=0.0,
                        help="train at τ = 1 only (a baseline; default: random τ for half the samples)")
     train.add_argument("--avoid-weight", type=float, help="weight of the attention-avoidance objective: attention mass "
-                                                          "on a visibly broken sensor (default 1; 0: off)")
+                                                          "on a sensor whose content is gone (default 1; 0: off)")
     train.add_argument("--eval-every", type=int, help="validation every this many steps (default 500; also at the end)")
     train.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:1, ...")
     train.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
