@@ -4,7 +4,8 @@ Trained runs (folders of `fusion-attn train`) are compared on the same held-out 
 (seeds no training or validation episode uses), each with every single-sensor fault of
 `train.corrupt` -- the faults as the node would tokenize them -- and, for attention models, a sweep of
 the global τ. Per run, τ and condition: the supervised heads' error (mean standardised squared error
-over ego velocity, obstacle distances and goal, and each in its own units), the attention mass the
+over ego velocity, obstacle distances and goal, and each in its own units, obstacles ahead in the
+camera's view apart from the rest: what survives a failed lidar), the attention mass the
 faulted sensor receives, and the softmax Lipschitz diagnostic of the cross-attention
 (`model.softmax_lipschitz`). The real recordings, which have no labels, get the self-supervised losses
 and the attention mass, clean and with each fault.
@@ -217,6 +218,11 @@ def plots(report: dict, summary: dict, out: Path) -> list[Path]:
 UNITS = (("speed_mae_mps", "speed m/s", 3), ("yaw_rate_mae_radps", "yaw rate rad/s", 3),
          ("obstacle_mae_m", "obstacle distance m", 3), ("goal_distance_mae_m", "goal distance m", 3),
          ("goal_bearing_mae_deg", "goal bearing °", 1))
+# per quantity: which sensors observe it in the simulator (a single snapshot of each)
+OBSERVED_BY = (("speed_mae_mps", "speed"), ("yaw_rate_mae_radps", "yaw rate (gyro only)"),
+               ("obstacle_in_view_mae_m", "obstacles ahead (camera and lidar)"),
+               ("obstacle_out_of_view_mae_m", "obstacles beside and behind (lidar only)"),
+               ("goal_distance_mae_m", "goal distance"), ("goal_bearing_mae_deg", "goal bearing"))
 
 
 def tables(report: dict) -> str:
@@ -232,6 +238,9 @@ def tables(report: dict) -> str:
     def label(cond: str) -> str:
         return cond.replace("_", " ").replace("imu", "IMU")
 
+    def at_best_tau(n: str, c: str) -> dict:
+        return sim[n][str(summary[n][c]["best_tau"]) if n == sweep_name else "1.0"][c]
+
     lines = ["### Head error with one sensor faulted", "",
              f"Error (rise over clean); each run at its best τ per condition (`{sweep_name}`'s in the last column).", "",
              row(["condition", *names, "best τ"]), row(["---"] * (len(names) + 2))]
@@ -243,8 +252,17 @@ def tables(report: dict) -> str:
               row(["run, condition", *(u for _, u, _ in UNITS)]), row(["---"] * (len(UNITS) + 1))]
     for n in names:
         for c in ("clean", "camera_zero", "lidar_drop", "imu_drop"):
-            m = sim[n][str(summary[n][c]["best_tau"]) if n == sweep_name else "1.0"][c]
+            m = at_best_tau(n, c)
             lines.append(row([f"{n}, {label(c)}", *(f"{m[k]:.{d}f}" for k, _, d in UNITS)]))
+    lines += ["", "### What survives a dropped sensor", "",
+              ("Rise of each quantity's mean absolute error over clean (τ as above). A quantity another sensor "
+              "also observes can survive the failure; one only the failed sensor observes cannot, in any fusion."), "",
+              row(["run, condition", *(u for _, u in OBSERVED_BY)]), row(["---"] * (len(OBSERVED_BY) + 1))]
+    for n in names:
+        clean = at_best_tau(n, "clean")
+        for c in ("camera_drop", "lidar_drop", "imu_drop"):
+            m = at_best_tau(n, c)
+            lines.append(row([f"{n}, {label(c)}", *(f"{100 * (m[k] / clean[k] - 1):+.0f}%" for k, _ in OBSERVED_BY)]))
     lines += ["", f"### The τ sweep (`{sweep_name}`)", "",
               "Head error / attention mass on the faulted sensor / softmax Lipschitz diagnostic, per global τ:", "",
               row(["condition", *(f"τ = {float(t):g}" for t in taus)]), row(["---"] * (len(taus) + 1))]

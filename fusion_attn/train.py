@@ -48,6 +48,24 @@ from .tokenize import IMAGENET_MEAN, IMAGENET_STD, Tokenizer, tokenize_camera
 
 DATA_VERSION = "1"  # bump when what a shard holds changes: old cache entries are then ignored
 SECTORS = 16  # obstacle sectors, for the ground truth and the lidar's self-supervised target
+
+
+def sectors_in_view(hfov_deg: float) -> list[int]:
+    """The obstacle sectors (sector 0 centred straight ahead) that lie wholly inside a forward-looking
+    horizontal field of view: what a camera can tell about obstacles besides the lidar."""
+    width = 360.0 / SECTORS
+    if hfov_deg >= 360.0:
+        return list(range(SECTORS))
+    return [s for s in range(SECTORS) if abs((s * width + 180.0) % 360.0 - 180.0) + width / 2 <= hfov_deg / 2]
+
+
+def sim_camera_sectors() -> list[int]:
+    from rl.envs.sensors import SensorConfig
+
+    sensors = SensorConfig()
+    h, w = sensors.camera_size
+    hfov = 2 * math.degrees(math.atan(math.tan(math.radians(sensors.camera_fovy_deg) / 2) * w / h))
+    return sectors_in_view(hfov)
 ONES = np.ones(4, np.float32)
 
 
@@ -654,7 +672,8 @@ def _to_tgt(tgt, device):
 
 
 def physical_errors(heads: Heads, pred: dict[str, torch.Tensor], tgt) -> dict[str, torch.Tensor]:
-    """Mean absolute errors of the supervised heads in their units (labelled samples only)."""
+    """Mean absolute errors of the supervised heads in their units (labelled samples only); obstacle
+    distances also split into the sectors inside the simulated camera's view and the rest."""
     valid = tgt["velocity"][1]
     if not valid.any():
         return {}
@@ -663,9 +682,13 @@ def physical_errors(heads: Heads, pred: dict[str, torch.Tensor], tgt) -> dict[st
     has_goal = tgt["goal"][1]
     g_pred, g_true = heads.denormalise("goal", pred["goal"])[has_goal], tgt["goal"][0][has_goal]
     bearing_err = torch.atan2(g_pred[:, 2], g_pred[:, 1]) - torch.atan2(g_true[:, 2], g_true[:, 1])
+    in_view = sim_camera_sectors()  # obstacles the simulated camera sees too, and those only the lidar sees
+    out_of_view = [k for k in range(SECTORS) if k not in in_view]
     return {"speed_mae_mps": (v_pred[:, 0] - v_true[:, 0]).abs().mean(),
             "yaw_rate_mae_radps": (v_pred[:, 1] - v_true[:, 1]).abs().mean(),
             "obstacle_mae_m": (o_pred - o_true).abs().mean(),
+            "obstacle_in_view_mae_m": (o_pred - o_true)[:, in_view].abs().mean(),
+            "obstacle_out_of_view_mae_m": (o_pred - o_true)[:, out_of_view].abs().mean(),
             "goal_distance_mae_m": (g_pred[:, 0] - g_true[:, 0]).abs().mean(),
             "goal_bearing_mae_deg": torch.rad2deg(torch.atan2(bearing_err.sin(), bearing_err.cos()).abs()).mean()}
 

@@ -292,3 +292,14 @@ def test_eval_robustness_compares_runs(tmp_path, cache):
     tables = (tmp_path / "out" / "robustness.md").read_text()  # the tables docs/RESULTS.md quotes
     clean = report["summary"]["attention"]["clean"]["head_error"]
     assert f"| clean | {clean:.3f} (+0%) |" in tables and tables.count("| lidar noise |") == 2
+    concat = report["sim"]["concat"]["1.0"]  # a dropped lidar: the error ahead, where the camera sees too
+    rise = concat["lidar_drop"]["obstacle_in_view_mae_m"] / concat["clean"]["obstacle_in_view_mae_m"] - 1
+    survives = tables.split("### What survives a dropped sensor")[1]
+    assert f"{100 * rise:+.0f}%" in survives.split("| concat, lidar drop |")[1].splitlines()[0]
+
+
+def test_obstacle_sectors_in_a_camera_view():
+    assert T.sectors_in_view(360) == list(range(T.SECTORS))
+    assert T.sectors_in_view(90) == [0, 1, 15]  # sectors are 22.5° wide, sector 0 centred straight ahead
+    assert T.sectors_in_view(22.5) == [0] and T.sectors_in_view(20) == []
+    assert T.sim_camera_sectors() == [0, 1, 15]  # the simulated 75° square camera
