@@ -222,7 +222,8 @@ UNITS = (("speed_mae_mps", "speed m/s", 3), ("yaw_rate_mae_radps", "yaw rate rad
 OBSERVED_BY = (("speed_mae_mps", "speed"), ("yaw_rate_mae_radps", "yaw rate (gyro only)"),
                ("obstacle_in_view_mae_m", "obstacles ahead (camera and lidar)"),
                ("obstacle_out_of_view_mae_m", "obstacles beside and behind (lidar only)"),
-               ("goal_distance_mae_m", "goal distance"), ("goal_bearing_mae_deg", "goal bearing"))
+               ("goal_distance_mae_m", "goal distance (its floor patch: camera only)"),
+               ("goal_bearing_mae_deg", "goal bearing"))
 
 
 def tables(report: dict) -> str:
