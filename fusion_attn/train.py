@@ -48,6 +48,7 @@ from .tokenize import IMAGENET_MEAN, IMAGENET_STD, Tokenizer, tokenize_camera
 
 DATA_VERSION = "1"  # bump when what a shard holds changes: old cache entries are then ignored
 SECTORS = 16  # obstacle sectors, for the ground truth and the lidar's self-supervised target
+ONES = np.ones(4, np.float32)
 
 
 def sectors_in_view(hfov_deg: float) -> list[int]:
@@ -66,7 +67,6 @@ def sim_camera_sectors() -> list[int]:
     h, w = sensors.camera_size
     hfov = 2 * math.degrees(math.atan(math.tan(math.radians(sensors.camera_fovy_deg) / 2) * w / h))
     return sectors_in_view(hfov)
-ONES = np.ones(4, np.float32)
 
 
 @dataclass(frozen=True)
