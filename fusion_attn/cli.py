@@ -305,6 +305,9 @@ def _tau_entry(entry: str, base) -> tuple[float, float, float, float]:
 
 
 def _play(args) -> int:
+    import signal
+    import threading
+
     import rclpy
     from rclpy.signals import SignalHandlerOptions
 
@@ -314,15 +317,15 @@ def _play(args) -> int:
     if bad:
         raise FusionAttnError(f"--remap takes FROM:=TO, got {bad}")
     remap = dict(item.split(":=", 1) for item in args.remap)
-    # Ctrl-C as a plain KeyboardInterrupt: rclpy's own handler would invalidate the context before
-    # the publishers are flushed and destroyed
+    # Ctrl-C only sets `stop`: rclpy's own handler would invalidate the context before the
+    # publishers are flushed, and an interrupt raised inside rclpy's C++ code is not a KeyboardInterrupt
     rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     node = rclpy.create_node("fusion_attn_play")
     try:
-        count = play(node, args.bags, remap=remap, rate=args.rate, clock=args.clock, loop=args.loop)
-        print(f"published {count} messages")
-    except KeyboardInterrupt:
-        print("stopped")
+        count = play(node, args.bags, remap=remap, rate=args.rate, clock=args.clock, loop=args.loop, stop=stop)
+        print(f"{'stopped after' if stop.is_set() else 'published'} {count} messages")
     finally:
         node.destroy_node()
         rclpy.try_shutdown()

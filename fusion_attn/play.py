@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,7 +30,8 @@ log = logging.getLogger(__name__)
 
 def play(node: Node, bags: Sequence[str | Path], remap: dict[str, str] | None = None, rate: float = 1.0,
          restamp: bool = True, clock: bool = False, loop: bool = False,
-         keep: Callable[[str, float], bool] | None = None, wait_s: float = 2.0) -> int:
+         keep: Callable[[str, float], bool] | None = None, wait_s: float = 2.0,
+         stop: threading.Event | None = None) -> int:
     """Publish the bags' sensor topics from `node`; -> messages published.
 
     restamp: shift header stamps onto now (live-sensor behaviour). clock: publish /clock with the
@@ -37,11 +39,14 @@ def play(node: Node, bags: Sequence[str | Path], remap: dict[str, str] | None = 
     the end (with /clock, time then jumps back and a live node resets its buffers). remap: recorded
     topic -> published topic. keep(topic, seconds_into_bag) -> False skips a message (a test can
     silence a sensor mid-stream this way). Playing starts once every topic has a subscriber, or
-    after wait_s: the first messages are not lost to DDS discovery.
+    after wait_s: the first messages are not lost to DDS discovery. stop: once set, playing ends
+    after the message in flight (Ctrl-C sets it; an interrupt raised inside rclpy's C++ code would
+    surface as a TypeError instead of a KeyboardInterrupt).
     """
     if not (math.isfinite(rate) and rate > 0):
         raise ConfigError(f"play rate must be > 0, got {rate}")
     remap = remap or {}
+    stop = stop or threading.Event()
     published = 0
     with open_reader(bags) as reader:
         topics = find_topics(reader)
@@ -53,10 +58,10 @@ def play(node: Node, bags: Sequence[str | Path], remap: dict[str, str] | None = 
         qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
         pubs = {c.topic: node.create_publisher(rclpy_class(c.msgtype), remap.get(c.topic, c.topic), qos) for c in conns}
         clock_pub = node.create_publisher(Clock, "/clock", 10) if clock else None
-        _wait_for_subscribers(list(pubs.values()), wait_s)
+        _wait_for_subscribers(list(pubs.values()), wait_s, stop)
         try:
-            while True:
-                published += _play_once(node, reader, topics, pubs, clock_pub, rate, restamp and not clock, keep)
+            while not stop.is_set():
+                published += _play_once(node, reader, topics, pubs, clock_pub, rate, restamp and not clock, keep, stop)
                 if not loop:
                     break
         finally:
@@ -66,15 +71,16 @@ def play(node: Node, bags: Sequence[str | Path], remap: dict[str, str] | None = 
     return published
 
 
-def _wait_for_subscribers(pubs, wait_s: float) -> None:
+def _wait_for_subscribers(pubs, wait_s: float, stop: threading.Event) -> None:
     end = time.monotonic() + wait_s
     while time.monotonic() < end and any(p.get_subscription_count() == 0 for p in pubs):
-        time.sleep(0.02)
+        if stop.wait(0.02):
+            return
     if all(p.get_subscription_count() for p in pubs):
         time.sleep(0.2)  # the writer has matched; give the readers' side of the match a moment too
 
 
-def _play_once(node, reader, topics, pubs, clock_pub, rate, restamp, keep) -> int:
+def _play_once(node, reader, topics, pubs, clock_pub, rate, restamp, keep, stop) -> int:
     published = 0
     wall_start = time.monotonic()
     # one constant shift maps the recording's clock onto now, keeping every relative offset
@@ -87,8 +93,8 @@ def _play_once(node, reader, topics, pubs, clock_pub, rate, restamp, keep) -> in
         if keep is not None and not keep(conn.topic, offset_s):
             continue
         delay = wall_start + offset_s / rate - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
+        if stop.wait(max(delay, 0.0)):
+            break
         msg = to_rclpy(decoded)  # through the standard ROS 2 types: a ROS 1 bag's own ones differ (Header.seq)
         if restamp:
             msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_to_ns(msg.header.stamp) + shift, NS_PER_S)
