@@ -264,7 +264,7 @@ def test_play_loops_until_ctrl_c_and_stops_cleanly(real_data):
     env = dict(os.environ, ROS_DOMAIN_ID=str(50 + os.getpid() % 50 + 1))
     player = subprocess.Popen([sys.executable, "-m", "fusion_attn.cli", "play", str(real_data / "euroc_v1_01_cam_imu"),
                                "--loop", "--rate", "4"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(6.0)  # start-up, and more than one pass at 4x (0.5 s each)
+    time.sleep(10.0)  # start-up (~2 s), the 2 s wait for subscribers, then passes of 0.5 s at 4x
     assert player.poll() is None  # still looping
     player.send_signal(signal.SIGINT)
     out, err = player.communicate(timeout=20)
