@@ -222,7 +222,8 @@ UNITS = (("speed_mae_mps", "speed m/s", 3), ("yaw_rate_mae_radps", "yaw rate rad
 OBSERVED_BY = (("speed_mae_mps", "speed"), ("yaw_rate_mae_radps", "yaw rate (gyro only)"),
                ("obstacle_in_view_mae_m", "obstacles ahead (camera and lidar)"),
                ("obstacle_out_of_view_mae_m", "obstacles beside and behind (lidar only)"),
-               ("goal_distance_mae_m", "goal distance (its floor patch: camera only)"),
+               ("goal_distance_in_view_mae_m", "goal distance, its patch in the camera's view"),
+               ("goal_distance_out_of_view_mae_m", "goal distance, out of view"),
                ("goal_bearing_mae_deg", "goal bearing"))
 
 
@@ -257,7 +258,9 @@ def tables(report: dict) -> str:
             lines.append(row([f"{n}, {label(c)}", *(f"{m[k]:.{d}f}" for k, _, d in UNITS)]))
     lines += ["", "### What survives a dropped sensor", "",
               ("Rise of each quantity's mean absolute error over clean (τ as above). A quantity another sensor "
-              "also observes can survive the failure; one only the failed sensor observes cannot, in any fusion."), "",
+              "also observes can survive the failure; one only the failed sensor observes cannot, in any fusion. "
+              f"The goal's bearing lies within the camera's view in "
+              f"{100 * at_best_tau(sweep_name, 'clean')['goal_in_view_share']:.0f} % of the test samples."), "",
               row(["run, condition", *(u for _, u in OBSERVED_BY)]), row(["---"] * (len(OBSERVED_BY) + 1))]
     for n in names:
         clean = at_best_tau(n, "clean")

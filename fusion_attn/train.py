@@ -60,13 +60,13 @@ def sectors_in_view(hfov_deg: float) -> list[int]:
     return [s for s in range(SECTORS) if abs((s * width + 180.0) % 360.0 - 180.0) + width / 2 <= hfov_deg / 2]
 
 
-def sim_camera_sectors() -> list[int]:
+def sim_camera_hfov_deg() -> float:
+    """The simulated camera's horizontal field of view (75° for the default 64x64, fovy 75°)."""
     from rl.envs.sensors import SensorConfig
 
     sensors = SensorConfig()
     h, w = sensors.camera_size
-    hfov = 2 * math.degrees(math.atan(math.tan(math.radians(sensors.camera_fovy_deg) / 2) * w / h))
-    return sectors_in_view(hfov)
+    return 2 * math.degrees(math.atan(math.tan(math.radians(sensors.camera_fovy_deg) / 2) * w / h))
 
 
 @dataclass(frozen=True)
@@ -673,7 +673,7 @@ def _to_tgt(tgt, device):
 
 def physical_errors(heads: Heads, pred: dict[str, torch.Tensor], tgt) -> dict[str, torch.Tensor]:
     """Mean absolute errors of the supervised heads in their units (labelled samples only); obstacle
-    distances also split into the sectors inside the simulated camera's view and the rest."""
+    and goal distances also split into inside the simulated camera's view and outside it."""
     valid = tgt["velocity"][1]
     if not valid.any():
         return {}
@@ -681,15 +681,22 @@ def physical_errors(heads: Heads, pred: dict[str, torch.Tensor], tgt) -> dict[st
     o_pred, o_true = heads.denormalise("obstacles", pred["obstacles"])[valid], tgt["obstacles"][0][valid]
     has_goal = tgt["goal"][1]
     g_pred, g_true = heads.denormalise("goal", pred["goal"])[has_goal], tgt["goal"][0][has_goal]
-    bearing_err = torch.atan2(g_pred[:, 2], g_pred[:, 1]) - torch.atan2(g_true[:, 2], g_true[:, 1])
-    in_view = sim_camera_sectors()  # obstacles the simulated camera sees too, and those only the lidar sees
+    g_bearing = torch.atan2(g_true[:, 2], g_true[:, 1])
+    bearing_err = torch.atan2(g_pred[:, 2], g_pred[:, 1]) - g_bearing
+    hfov = sim_camera_hfov_deg()
+    in_view = sectors_in_view(hfov)  # obstacles the simulated camera sees too, and those only the lidar sees
     out_of_view = [k for k in range(SECTORS) if k not in in_view]
+    goal_in_view = torch.rad2deg(g_bearing).abs() <= hfov / 2  # its patch can be in the image (if not hidden)
+    goal_dist_err = (g_pred[:, 0] - g_true[:, 0]).abs()
     return {"speed_mae_mps": (v_pred[:, 0] - v_true[:, 0]).abs().mean(),
             "yaw_rate_mae_radps": (v_pred[:, 1] - v_true[:, 1]).abs().mean(),
             "obstacle_mae_m": (o_pred - o_true).abs().mean(),
             "obstacle_in_view_mae_m": (o_pred - o_true)[:, in_view].abs().mean(),
             "obstacle_out_of_view_mae_m": (o_pred - o_true)[:, out_of_view].abs().mean(),
-            "goal_distance_mae_m": (g_pred[:, 0] - g_true[:, 0]).abs().mean(),
+            "goal_distance_mae_m": goal_dist_err.mean(),
+            "goal_distance_in_view_mae_m": goal_dist_err[goal_in_view].mean(),
+            "goal_distance_out_of_view_mae_m": goal_dist_err[~goal_in_view].mean(),
+            "goal_in_view_share": goal_in_view.float().mean(),
             "goal_bearing_mae_deg": torch.rad2deg(torch.atan2(bearing_err.sin(), bearing_err.cos()).abs()).mean()}
 
 

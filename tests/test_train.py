@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -302,4 +303,19 @@ def test_obstacle_sectors_in_a_camera_view():
     assert T.sectors_in_view(360) == list(range(T.SECTORS))
     assert T.sectors_in_view(90) == [0, 1, 15]  # sectors are 22.5° wide, sector 0 centred straight ahead
     assert T.sectors_in_view(22.5) == [0] and T.sectors_in_view(20) == []
-    assert T.sim_camera_sectors() == [0, 1, 15]  # the simulated 75° square camera
+    assert T.sectors_in_view(T.sim_camera_hfov_deg()) == [0, 1, 15]  # the simulated 75° square camera
+
+
+def test_goal_error_split_by_the_camera_view():
+    heads = T.Heads(8, {"velocity": 2, "obstacles": T.SECTORS, "goal": 3})  # identity (de)normalisation
+    bearings = torch.tensor([0.0, math.radians(30), math.radians(90), math.pi])  # two inside the 75° view
+    true_goal = torch.stack([torch.full((4,), 3.0), bearings.cos(), bearings.sin()], -1)
+    pred_goal = true_goal + torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [2.0, 0, 0], [4.0, 0, 0]])
+    ok = torch.ones(4, dtype=torch.bool)
+    tgt = {"velocity": (torch.zeros(4, 2), ok), "obstacles": (torch.zeros(4, T.SECTORS), ok),
+           "goal": (true_goal, ok)}
+    pred = {"velocity": torch.zeros(4, 2), "obstacles": torch.zeros(4, T.SECTORS), "goal": pred_goal}
+    errors = {k: float(v) for k, v in T.physical_errors(heads, pred, tgt).items()}
+    assert errors["goal_in_view_share"] == 0.5
+    assert errors["goal_distance_in_view_mae_m"] == 1.0 and errors["goal_distance_out_of_view_mae_m"] == 3.0
+    assert errors["goal_distance_mae_m"] == 2.0 and errors["goal_bearing_mae_deg"] < 1e-4
