@@ -306,27 +306,29 @@ def _tau_entry(entry: str, base) -> tuple[float, float, float, float]:
 
 def _play(args) -> int:
     import signal
-    import threading
 
     import rclpy
     from rclpy.signals import SignalHandlerOptions
 
-    from .play import play
+    from .play import StopRequest, play
 
     bad = [item for item in args.remap if ":=" not in item]
     if bad:
         raise FusionAttnError(f"--remap takes FROM:=TO, got {bad}")
     remap = dict(item.split(":=", 1) for item in args.remap)
-    # Ctrl-C only sets `stop`: rclpy's own handler would invalidate the context before the
-    # publishers are flushed, and an interrupt raised inside rclpy's C++ code is not a KeyboardInterrupt
+    # our own handler, not rclpy's: that one invalidates the context before the publishers are flushed
     rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop, handled = StopRequest(), (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in handled}
     node = rclpy.create_node("fusion_attn_play")
     try:
+        for sig in handled:
+            signal.signal(sig, stop)
         count = play(node, args.bags, remap=remap, rate=args.rate, clock=args.clock, loop=args.loop, stop=stop)
-        print(f"{'stopped after' if stop.is_set() else 'published'} {count} messages")
+        print(f"{'stopped after' if stop.requested else 'published'} {count} messages")
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         node.destroy_node()
         rclpy.try_shutdown()
     return 0

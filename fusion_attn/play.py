@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,10 +27,32 @@ from .messages import rclpy_class, to_rclpy
 log = logging.getLogger(__name__)
 
 
+class StopRequest:
+    """A stop flag to install as the SIGINT/SIGTERM handler. Lock-free on purpose: a threading.Event
+    set from a handler deadlocks when the signal lands while the main thread holds the event's lock,
+    and a KeyboardInterrupt raised inside rclpy's C++ code surfaces as a TypeError. A second signal
+    raises KeyboardInterrupt, for a user who will not wait for the flush."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, *_signal) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def sleep(self, seconds: float) -> bool:
+        """Sleep, in slices short enough to answer a stop promptly; -> whether a stop was requested."""
+        end = time.monotonic() + seconds
+        while not self.requested and (left := end - time.monotonic()) > 0:
+            time.sleep(min(left, 0.05))
+        return self.requested
+
+
 def play(node: Node, bags: Sequence[str | Path], remap: dict[str, str] | None = None, rate: float = 1.0,
          restamp: bool = True, clock: bool = False, loop: bool = False,
          keep: Callable[[str, float], bool] | None = None, wait_s: float = 2.0,
-         stop: threading.Event | None = None) -> int:
+         stop: StopRequest | None = None) -> int:
     """Publish the bags' sensor topics from `node`; -> messages published.
 
     restamp: shift header stamps onto now (live-sensor behaviour). clock: publish /clock with the
@@ -39,14 +60,13 @@ def play(node: Node, bags: Sequence[str | Path], remap: dict[str, str] | None = 
     the end (with /clock, time then jumps back and a live node resets its buffers). remap: recorded
     topic -> published topic. keep(topic, seconds_into_bag) -> False skips a message (a test can
     silence a sensor mid-stream this way). Playing starts once every topic has a subscriber, or
-    after wait_s: the first messages are not lost to DDS discovery. stop: once set, playing ends
-    after the message in flight (Ctrl-C sets it; an interrupt raised inside rclpy's C++ code would
-    surface as a TypeError instead of a KeyboardInterrupt).
+    after wait_s: the first messages are not lost to DDS discovery. stop: once requested (the CLI
+    installs it for Ctrl-C and SIGTERM), playing ends after the message in flight.
     """
     if not (math.isfinite(rate) and rate > 0):
         raise ConfigError(f"play rate must be > 0, got {rate}")
     remap = remap or {}
-    stop = stop or threading.Event()
+    stop = stop if stop is not None else StopRequest()
     published = 0
     with open_reader(bags) as reader:
         topics = find_topics(reader)
@@ -60,7 +80,7 @@ def play(node: Node, bags: Sequence[str | Path], remap: dict[str, str] | None = 
         clock_pub = node.create_publisher(Clock, "/clock", 10) if clock else None
         _wait_for_subscribers(list(pubs.values()), wait_s, stop)
         try:
-            while not stop.is_set():
+            while not stop.requested:
                 published += _play_once(node, reader, topics, pubs, clock_pub, rate, restamp and not clock, keep, stop)
                 if not loop:
                     break
@@ -71,10 +91,10 @@ def play(node: Node, bags: Sequence[str | Path], remap: dict[str, str] | None = 
     return published
 
 
-def _wait_for_subscribers(pubs, wait_s: float, stop: threading.Event) -> None:
+def _wait_for_subscribers(pubs, wait_s: float, stop: StopRequest) -> None:
     end = time.monotonic() + wait_s
     while time.monotonic() < end and any(p.get_subscription_count() == 0 for p in pubs):
-        if stop.wait(0.02):
+        if stop.sleep(0.02):
             return
     if all(p.get_subscription_count() for p in pubs):
         time.sleep(0.2)  # the writer has matched; give the readers' side of the match a moment too
@@ -93,7 +113,7 @@ def _play_once(node, reader, topics, pubs, clock_pub, rate, restamp, keep, stop)
         if keep is not None and not keep(conn.topic, offset_s):
             continue
         delay = wall_start + offset_s / rate - time.monotonic()
-        if stop.wait(max(delay, 0.0)):
+        if stop.sleep(delay):
             break
         msg = to_rclpy(decoded)  # through the standard ROS 2 types: a ROS 1 bag's own ones differ (Header.seq)
         if restamp:

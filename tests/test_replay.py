@@ -257,7 +257,8 @@ def test_replay_api_raises_when_nothing_is_readable(real_data, pipeline, tmp_pat
         replay([real_data / "vlp16_raw_packets"], pipeline, tmp_path, ReplayOptions(progress=False))
 
 
-def test_play_loops_until_ctrl_c_and_stops_cleanly(real_data):
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])  # Ctrl-C, and a launcher or service manager
+def test_play_loops_until_stopped_and_stops_cleanly(real_data, sig):
     import signal
 
     pytest.importorskip("rclpy", reason="rclpy (ROS 2) is not installed")
@@ -266,12 +267,28 @@ def test_play_loops_until_ctrl_c_and_stops_cleanly(real_data):
                                "--loop", "--rate", "4"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(10.0)  # start-up (~2 s), the 2 s wait for subscribers, then passes of 0.5 s at 4x
     assert player.poll() is None  # still looping
-    player.send_signal(signal.SIGINT)
-    out, err = player.communicate(timeout=20)
+    player.send_signal(getattr(signal, sig))
+    try:
+        out, err = player.communicate(timeout=20)
+    finally:
+        player.kill()  # no-op once it has exited; a hung player must not outlive the test
     assert player.returncode == 0, err
     assert "Traceback" not in err
     stopped = re.search(r"stopped after (\d+) messages", out)
     assert stopped and int(stopped.group(1)) > 441, out  # more than one pass of the 441-message bag
+
+
+def test_a_stop_request_is_a_lock_free_flag_and_a_second_signal_forces_out():
+    from fusion_attn.play import StopRequest
+
+    stop = StopRequest()
+    t0 = time.monotonic()
+    assert stop.sleep(0.1) is False and time.monotonic() - t0 >= 0.1
+    stop()  # as the signal handler is called
+    t0 = time.monotonic()
+    assert stop.sleep(10.0) is True and time.monotonic() - t0 < 0.05  # answers at once
+    with pytest.raises(KeyboardInterrupt):
+        stop()
 
 
 def _euroc_rows(real_data):
