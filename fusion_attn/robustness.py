@@ -87,7 +87,7 @@ def measure(run: TrainedRun, data: T.Dataset, tau: float, seed: int = 7, batch: 
     out = {}
     for name, sensor, fault in conditions():
         gen = torch.Generator().manual_seed(seed)  # the same noise for every run and τ
-        sums: dict[str, float] = {}
+        running = T.RunningMeans()
         weights_seen: list[torch.Tensor] = []
         for start in range(0, len(data), batch):
             idx = torch.arange(start, min(start + batch, len(data)))
@@ -109,9 +109,8 @@ def measure(run: TrainedRun, data: T.Dataset, tau: float, seed: int = 7, batch: 
             if attention is not None:
                 for i, mod in enumerate(MODALITIES):
                     m[f"attention_{mod}"] = attention[:, i].mean()
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * len(idx)
-        metrics = {k: v / len(data) for k, v in sums.items()}
+            running.add(m, len(idx))
+        metrics = running.means()
         if sensor >= 0 and run.has_attention:
             metrics["attention_faulted"] = metrics[f"attention_{MODALITIES[sensor]}"]
         if weights_seen:
@@ -222,8 +221,8 @@ UNITS = (("speed_mae_mps", "speed m/s", 3), ("yaw_rate_mae_radps", "yaw rate rad
 OBSERVED_BY = (("speed_mae_mps", "speed"), ("yaw_rate_mae_radps", "yaw rate (gyro only)"),
                ("obstacle_in_view_mae_m", "obstacles ahead (camera and lidar)"),
                ("obstacle_out_of_view_mae_m", "obstacles beside and behind (lidar only)"),
-               ("goal_distance_in_view_mae_m", "goal distance, its patch in the camera's view"),
-               ("goal_distance_out_of_view_mae_m", "goal distance, out of view"),
+               ("goal_distance_in_view_mae_m", "goal distance, its centre in the camera's view"),
+               ("goal_distance_out_of_view_mae_m", "goal distance, centre out of view"),
                ("goal_bearing_mae_deg", "goal bearing"))
 
 
@@ -256,17 +255,19 @@ def tables(report: dict) -> str:
         for c in ("clean", "camera_zero", "lidar_drop", "imu_drop"):
             m = at_best_tau(n, c)
             lines.append(row([f"{n}, {label(c)}", *(f"{m[k]:.{d}f}" for k, _, d in UNITS)]))
+    share = at_best_tau(sweep_name, "clean").get("goal_in_view_share")
     lines += ["", "### What survives a dropped sensor", "",
               ("Rise of each quantity's mean absolute error over clean (τ as above). A quantity another sensor "
-              "also observes can survive the failure; one only the failed sensor observes cannot, in any fusion. "
-              f"The goal's bearing lies within the camera's view in "
-              f"{100 * at_best_tau(sweep_name, 'clean')['goal_in_view_share']:.0f} % of the test samples."), "",
+               "also observes can survive the failure; one only the failed sensor observes cannot, in any fusion."
+               + (f" The goal's centre lies within the camera's view in {100 * share:.0f} % of the test samples "
+                  "with a goal." if share is not None else "")), "",
               row(["run, condition", *(u for _, u in OBSERVED_BY)]), row(["---"] * (len(OBSERVED_BY) + 1))]
     for n in names:
         clean = at_best_tau(n, "clean")
         for c in ("camera_drop", "lidar_drop", "imu_drop"):
             m = at_best_tau(n, c)
-            lines.append(row([f"{n}, {label(c)}", *(f"{100 * (m[k] / clean[k] - 1):+.0f}%" for k, _ in OBSERVED_BY)]))
+            lines.append(row([f"{n}, {label(c)}", *(f"{100 * (m[k] / clean[k] - 1):+.0f}%" if k in m and k in clean
+                                                    else "-" for k, _ in OBSERVED_BY)]))
     lines += ["", f"### The τ sweep (`{sweep_name}`)", "",
               "Head error / attention mass on the faulted sensor / softmax Lipschitz diagnostic, per global τ:", "",
               row(["condition", *(f"τ = {float(t):g}" for t in taus)]), row(["---"] * (len(taus) + 1))]

@@ -23,6 +23,7 @@ Reads top to bottom:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -60,6 +61,7 @@ def sectors_in_view(hfov_deg: float) -> list[int]:
     return [s for s in range(SECTORS) if abs((s * width + 180.0) % 360.0 - 180.0) + width / 2 <= hfov_deg / 2]
 
 
+@functools.cache
 def sim_camera_hfov_deg() -> float:
     """The simulated camera's horizontal field of view (75° for the default 64x64, fovy 75°)."""
     from rl.envs.sensors import SensorConfig
@@ -645,8 +647,7 @@ def evaluate(model: nn.Module, heads: Heads, val: Dataset, cfg: FusionConfig, tc
     gen = torch.Generator().manual_seed(tc.seed + 7)  # the same noise in every evaluation
     report = {}
     for name, sensor, fault in conditions:
-        sums: dict[str, float] = {}
-        count = 0
+        running = RunningMeans()
         for start in range(0, len(val), batch):
             idx = torch.arange(start, min(start + batch, len(val)))
             plan = FaultPlan.fixed(len(idx), sensor, fault)
@@ -658,10 +659,8 @@ def evaluate(model: nn.Module, heads: Heads, val: Dataset, cfg: FusionConfig, tc
             metrics.update(physical_errors(heads, pred, _to_tgt(tgt, device)))
             if sensor >= 0 and attention is not None:
                 metrics["attention_faulted"] = attention[:, sensor].mean()
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * len(idx)
-            count += len(idx)
-        report[name] = {k: v / count for k, v in sums.items()}
+            running.add(metrics, len(idx))
+        report[name] = running.means()
     model.train()
     heads.train()
     return report
@@ -672,11 +671,10 @@ def _to_tgt(tgt, device):
 
 
 def physical_errors(heads: Heads, pred: dict[str, torch.Tensor], tgt) -> dict[str, torch.Tensor]:
-    """Mean absolute errors of the supervised heads in their units (labelled samples only); obstacle
-    and goal distances also split into inside the simulated camera's view and outside it."""
+    """Absolute errors of the supervised heads in their units, one per sample each covers (labelled
+    samples; the goal's only where a goal exists); obstacle and goal distances also split by whether
+    the simulated camera's view holds them. Per sample, so that `RunningMeans` weighs subsets right."""
     valid = tgt["velocity"][1]
-    if not valid.any():
-        return {}
     v_pred, v_true = heads.denormalise("velocity", pred["velocity"])[valid], tgt["velocity"][0][valid]
     o_pred, o_true = heads.denormalise("obstacles", pred["obstacles"])[valid], tgt["obstacles"][0][valid]
     has_goal = tgt["goal"][1]
@@ -686,18 +684,38 @@ def physical_errors(heads: Heads, pred: dict[str, torch.Tensor], tgt) -> dict[st
     hfov = sim_camera_hfov_deg()
     in_view = sectors_in_view(hfov)  # obstacles the simulated camera sees too, and those only the lidar sees
     out_of_view = [k for k in range(SECTORS) if k not in in_view]
-    goal_in_view = torch.rad2deg(g_bearing).abs() <= hfov / 2  # its patch can be in the image (if not hidden)
-    goal_dist_err = (g_pred[:, 0] - g_true[:, 0]).abs()
-    return {"speed_mae_mps": (v_pred[:, 0] - v_true[:, 0]).abs().mean(),
-            "yaw_rate_mae_radps": (v_pred[:, 1] - v_true[:, 1]).abs().mean(),
-            "obstacle_mae_m": (o_pred - o_true).abs().mean(),
-            "obstacle_in_view_mae_m": (o_pred - o_true)[:, in_view].abs().mean(),
-            "obstacle_out_of_view_mae_m": (o_pred - o_true)[:, out_of_view].abs().mean(),
-            "goal_distance_mae_m": goal_dist_err.mean(),
-            "goal_distance_in_view_mae_m": goal_dist_err[goal_in_view].mean(),
-            "goal_distance_out_of_view_mae_m": goal_dist_err[~goal_in_view].mean(),
-            "goal_in_view_share": goal_in_view.float().mean(),
-            "goal_bearing_mae_deg": torch.rad2deg(torch.atan2(bearing_err.sin(), bearing_err.cos()).abs()).mean()}
+    goal_in_view = torch.rad2deg(g_bearing).abs() <= hfov / 2  # the goal's centre, not its whole patch
+    obstacle_err, goal_dist_err = (o_pred - o_true).abs(), (g_pred[:, 0] - g_true[:, 0]).abs()
+    return {"speed_mae_mps": (v_pred[:, 0] - v_true[:, 0]).abs(),
+            "yaw_rate_mae_radps": (v_pred[:, 1] - v_true[:, 1]).abs(),
+            "obstacle_mae_m": obstacle_err.mean(1),
+            "obstacle_in_view_mae_m": obstacle_err[:, in_view].mean(1),
+            "obstacle_out_of_view_mae_m": obstacle_err[:, out_of_view].mean(1),
+            "goal_distance_mae_m": goal_dist_err,
+            "goal_distance_in_view_mae_m": goal_dist_err[goal_in_view],
+            "goal_distance_out_of_view_mae_m": goal_dist_err[~goal_in_view],
+            "goal_in_view_share": goal_in_view.float(),
+            "goal_bearing_mae_deg": torch.rad2deg(torch.atan2(bearing_err.sin(), bearing_err.cos()).abs())}
+
+
+class RunningMeans:
+    """Means over a whole evaluation set, fed batch by batch: a scalar is its batch's mean (weighed by
+    the batch's size), a vector holds one value per sample it covers (how many varies by batch). A
+    metric no sample covered has no mean, rather than a NaN."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, metrics: dict[str, torch.Tensor], batch_size: int) -> None:
+        for k, v in metrics.items():
+            n = v.numel() if v.dim() else batch_size
+            if n:
+                self.sums[k] = self.sums.get(k, 0.0) + (float(v.sum()) if v.dim() else float(v) * batch_size)
+                self.counts[k] = self.counts.get(k, 0) + n
+
+    def means(self) -> dict[str, float]:
+        return {k: total / self.counts[k] for k, total in self.sums.items()}
 
 
 def git_commit() -> str:

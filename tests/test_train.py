@@ -315,7 +315,18 @@ def test_goal_error_split_by_the_camera_view():
     tgt = {"velocity": (torch.zeros(4, 2), ok), "obstacles": (torch.zeros(4, T.SECTORS), ok),
            "goal": (true_goal, ok)}
     pred = {"velocity": torch.zeros(4, 2), "obstacles": torch.zeros(4, T.SECTORS), "goal": pred_goal}
-    errors = {k: float(v) for k, v in T.physical_errors(heads, pred, tgt).items()}
-    assert errors["goal_in_view_share"] == 0.5
-    assert errors["goal_distance_in_view_mae_m"] == 1.0 and errors["goal_distance_out_of_view_mae_m"] == 3.0
-    assert errors["goal_distance_mae_m"] == 2.0 and errors["goal_bearing_mae_deg"] < 1e-4
+    errors = T.physical_errors(heads, pred, tgt)
+    assert errors["goal_in_view_share"].tolist() == [1, 1, 0, 0]
+    assert errors["goal_distance_in_view_mae_m"].tolist() == [1, 1]
+    assert errors["goal_distance_out_of_view_mae_m"].tolist() == [2, 4]
+    assert float(errors["goal_bearing_mae_deg"].max()) < 1e-4
+
+
+def test_running_means_weigh_each_sample_once_and_skip_what_no_sample_covers():
+    running = T.RunningMeans()
+    running.add({"loss": torch.tensor(1.0), "in_view": torch.tensor([1.0]), "none": torch.zeros(0)}, batch_size=4)
+    running.add({"loss": torch.tensor(3.0), "in_view": torch.tensor([3.0, 3.0, 3.0])}, batch_size=2)
+    means = running.means()
+    assert means["loss"] == pytest.approx(5 / 3)  # (4 * 1 + 2 * 3) / 6 samples
+    assert means["in_view"] == 2.5  # (1 + 9) / 4 samples, not the mean of the two batch means (2.0)
+    assert "none" not in means
