@@ -4,8 +4,8 @@ Trained runs (folders of `fusion-attn train`) are compared on the same held-out 
 (seeds no training or validation episode uses), each with every single-sensor fault of
 `train.corrupt` -- the faults as the node would tokenize them -- and, for attention models, a sweep of
 the global τ. Per run, τ and condition: the supervised heads' error (mean standardised squared error
-over ego velocity, obstacle distances and goal, and each in its own units, obstacles ahead in the
-camera's view apart from the rest: what survives a failed lidar), the attention mass the
+over ego velocity, obstacle distances and goal, and each in its own units, obstacles and goal in the
+simulated camera's view apart from the rest: what survives a failed lidar), the attention mass the
 faulted sensor receives, and the softmax Lipschitz diagnostic of the cross-attention
 (`model.softmax_lipschitz`). The real recordings, which have no labels, get the self-supervised losses
 and the attention mass, clean and with each fault.
