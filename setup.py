@@ -61,7 +61,7 @@ setup(
     extras_require={
         "ros-wheels": ROS_WHEELS,
         "test": ["pytest", "hypothesis", "psutil"],
-        # The simulator (rl/envs), tested with MuJoCo 4.0 (older 3.x releases call mj_multiRay without
+        # The simulator (fusion_attn/sim), tested with MuJoCo 4.0 (older 3.x releases call mj_multiRay without
         # its `normal` argument); headless rendering needs the system's EGL (Mesa) library.
         "sim": ["mujoco>=4.0", "gymnasium>=1.0"],
         # `fusion-attn train`: TensorBoard logs (simulated training data also needs `sim`)
@@ -74,7 +74,7 @@ setup(
         "console_scripts": [
             "fusion-attn = fusion_attn.cli:main",
             "fusion_node = fusion_attn.node:main",
-            "sim_bridge = rl.bridge:main",
+            "sim_bridge = fusion_attn.sim.bridge:main",
             "policy_node = rl.policy_node:main",
         ],
     },

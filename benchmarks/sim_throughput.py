@@ -22,12 +22,12 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 
-import rl.envs  # noqa: F401  (registers the ids and selects headless rendering before mujoco loads)
+import fusion_attn.sim  # noqa: F401  (registers the ids and selects headless rendering before mujoco loads)
 from fusion_attn.bench import machine
-from rl.envs.faults import FaultConfig
-from rl.envs.sensors import Camera, Imu, Lidar, SensorConfig
+from fusion_attn.sim.faults import FaultConfig
+from fusion_attn.sim.sensors import Camera, Imu, Lidar, SensorConfig
 
-ENV_ID = "rl.envs:FusionAttn/Navigate-v0"  # "module:id": a spawned worker imports rl.envs first
+ENV_ID = "fusion_attn.sim:FusionAttn/Navigate-v0"  # "module:id": a spawned worker imports fusion_attn.sim first
 TARGET_STEPS_PER_S = 500.0
 SENSORS = ("camera", "lidar", "imu")
 
@@ -102,7 +102,7 @@ def gl_renderer() -> str:
 
 
 def fused_steps_per_s(steps: int) -> float:
-    from rl.envs.wrappers import FusedObservation
+    from fusion_attn.sim.wrappers import FusedObservation
 
     return steps_per_s(FusedObservation(make()), steps)
 

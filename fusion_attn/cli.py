@@ -232,7 +232,7 @@ def _sim_record(args) -> int:
     try:
         import gymnasium
 
-        from rl.record import record
+        from fusion_attn.sim.record import record
     except ImportError as exc:
         raise FusionAttnError(f"the simulator is not installed ({exc}); pip install -e '.[sim]'") from exc
     try:
@@ -540,7 +540,7 @@ def _train(args) -> int:
         import torch.utils.tensorboard  # noqa: F401
 
         if tc.sim_episodes or tc.val_episodes:
-            import rl.envs  # noqa: F401
+            import fusion_attn.sim  # noqa: F401
     except ImportError as exc:
         raise FusionAttnError(f"training needs the train and sim extras ({exc}); pip install -e '.[sim,train]'") from exc
     # the command as run (recorded in the checkpoint), with every setting spelled out

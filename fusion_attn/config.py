@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,13 @@ class FusionConfig:
             return cls.from_dict(json.loads(text))
         except (json.JSONDecodeError, TypeError) as exc:
             raise ConfigError(f"config JSON is invalid: {exc}") from exc
+
+
+def cache_dir(kind: str = "") -> Path:
+    """Where fusion_attn caches what it can rebuild (ONNX exports, engines, training shards):
+    $FUSION_ATTN_CACHE, default ~/.cache/fusion_attn; `kind` names a subfolder."""
+    root = Path(os.environ.get("FUSION_ATTN_CACHE", Path.home() / ".cache" / "fusion_attn"))
+    return root / kind if kind else root
 
 
 def load_params(path: str | Path, node: str = "fusion_node") -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Reads top to bottom:
 
-1. **Data.** Simulated episodes (`rl.envs.RobotEnv`, no faults) and recordings go through exactly the
+1. **Data.** Simulated episodes (`fusion_attn.sim.RobotEnv`, no faults) and recordings go through exactly the
    node's path -- frames -> `SensorSync` -> `Tokenizer` -- at `fusion_hz` (bags through
    `replay.recorded_snapshots`, the replay tool's loop). Each episode or bag becomes one cached .npz
    shard of tokenized inputs (keyed by the model config and the data settings), so epochs never touch
@@ -64,7 +64,7 @@ def sectors_in_view(hfov_deg: float) -> list[int]:
 @functools.cache
 def sim_camera_hfov_deg() -> float:
     """The simulated camera's horizontal field of view (75° for the default 64x64, fovy 75°)."""
-    from rl.envs.sensors import SensorConfig
+    from fusion_attn.sim.sensors import SensorConfig
 
     sensors = SensorConfig()
     h, w = sensors.camera_size
@@ -127,9 +127,9 @@ def sim_episode(task: str, seed: int, seconds: float, fusion_hz: float, cfg: Fus
     The robot drives a smooth random policy (each command held 0.4-1.6 s), so the data covers
     turning, driving and stopping near obstacles rather than 50 Hz jitter.
     """
-    import rl.envs  # noqa: F401 - picks the headless GL backend before mujoco loads
-    from rl.envs.faults import FaultConfig
-    from rl.envs.robot import RobotEnv
+    import fusion_attn.sim  # noqa: F401 - picks the headless GL backend before mujoco loads
+    from fusion_attn.sim.faults import FaultConfig
+    from fusion_attn.sim.robot import RobotEnv
 
     from .sync import SensorSync, SyncConfig
 

@@ -27,7 +27,7 @@ EVAL_FAULTS = ("camera_blackout", "lidar_dropout", "imu_noise_burst", "camera_fr
 def fault_options(name: str | None, rng: np.random.Generator) -> dict | None:
     if name is None:
         return None
-    from rl.envs.faults import FaultSpec
+    from fusion_attn.sim.faults import FaultSpec
 
     start = float(rng.uniform(2.0, 4.0))
     return {"faults": {name: FaultSpec.window(start, float(rng.uniform(5.0, 15.0)), magnitude=2.0)}}

@@ -31,7 +31,7 @@ from fusion_attn.spin import spin
 
 
 def discrete_actions() -> np.ndarray:
-    from rl.envs.robot import DISCRETE_ACTIONS
+    from fusion_attn.sim.robot import DISCRETE_ACTIONS
 
     return DISCRETE_ACTIONS
 

@@ -67,10 +67,10 @@ def make_env(cfg: PPOConfig, training: bool = False) -> gym.Env:
     large value errors would otherwise dominate the clipped gradient (episode statistics stay raw)."""
     fusion_env = cfg.env_id.startswith("FusionAttn/")
     if fusion_env:
-        import rl.envs  # noqa: F401 - registers the ids (and picks headless GL before mujoco loads)
+        import fusion_attn.sim  # noqa: F401 - registers the ids (and picks headless GL before mujoco loads)
     env = gym.make(cfg.env_id, **cfg.env_kwargs)
     if fusion_env:
-        from rl.envs.wrappers import FusedObservation
+        from fusion_attn.sim.wrappers import FusedObservation
 
         env = FusedObservation(ActionRepeat(env, cfg.action_repeat), with_attention=True, with_task=True)
     elif isinstance(env.observation_space, gym.spaces.Dict):

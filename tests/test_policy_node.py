@@ -85,7 +85,7 @@ def test_closed_loop_episode_completes(ros, policy, tmp_path):
     """bridge (simulated sensors, /clock) -> fusion_node -> policy_node -> cmd_vel -> bridge."""
     _, seen, env = ros
     logs = {name: tmp_path / f"{name}.log" for name in ("bridge", "robot")}
-    commands = [[sys.executable, "-m", "rl.bridge", "--ros-args", "-p", "env_id:=FusionAttn/Control-v0"],
+    commands = [[sys.executable, "-m", "fusion_attn.sim.bridge", "--ros-args", "-p", "env_id:=FusionAttn/Control-v0"],
                 [sys.executable, "-m", "fusion_attn.cli", "launch", "robot", f"policy:={policy}", "use_sim_time:=true"]]
     procs = [subprocess.Popen(cmd, env=env, stdout=open(logs[name], "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
              for name, cmd in zip(logs, commands)]

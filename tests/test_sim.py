@@ -1,4 +1,4 @@
-"""The MuJoCo simulator (rl/envs): Gymnasium API, determinism, sensor frames, rates, faults, fusion."""
+"""The MuJoCo simulator (fusion_attn/sim): Gymnasium API, determinism, sensor frames, rates, faults, fusion."""
 
 import json
 import math
@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-import rl.envs  # noqa: F401  (registers the ids)
+import fusion_attn.sim  # noqa: F401  (registers the ids)
 from fusion_attn.frames import NS_PER_S, CameraFrame, ImuSample, LidarFrame, Modality
-from rl.envs.faults import FaultConfig, FaultSpec
-from rl.envs.robot import DRIVE_ACCEL, FrameList, RobotEnv
-from rl.envs.scene import TASK_COLOURS, Geom, Layout
-from rl.envs.sensors import SensorConfig
-from rl.envs.tasks import Task
+from fusion_attn.sim.faults import FaultConfig, FaultSpec
+from fusion_attn.sim.robot import DRIVE_ACCEL, FrameList, RobotEnv
+from fusion_attn.sim.scene import TASK_COLOURS, Geom, Layout
+from fusion_attn.sim.sensors import SensorConfig
+from fusion_attn.sim.tasks import Task
 
 IDS = [f"FusionAttn/{task}-{kind}v0" for task in ("Memory", "Navigate", "Control")
        for kind in ("", "Discrete-")]
@@ -287,7 +287,7 @@ def test_memory_cue_shows_while_the_robot_is_held_then_vanishes():
 
 
 def test_memory_rewards_only_the_cued_zone():
-    from rl.envs.tasks import MemoryTask
+    from fusion_attn.sim.tasks import MemoryTask
 
     task = MemoryTask()
     cued = set()
@@ -314,7 +314,7 @@ def test_memory_rewards_only_the_cued_zone():
 
 
 def test_fused_observation_masks_faulted_sensors():
-    from rl.envs.wrappers import FusedObservation
+    from fusion_attn.sim.wrappers import FusedObservation
 
     env = FusedObservation(gym.make("FusionAttn/Control-v0"), with_attention=True)
     assert env.observation_space.shape == (67,)
@@ -335,7 +335,7 @@ def test_fused_observation_masks_faulted_sensors():
 
 @pytest.mark.filterwarnings("ignore:.*ERROR.*:UserWarning")  # the forked worker's error, from Gymnasium
 def test_async_vector_env_spawned_and_forked_after_rendering():
-    make = partial(gym.make, "rl.envs:FusionAttn/Control-v0", sensors=SensorConfig(camera_size=(16, 16)))
+    make = partial(gym.make, "fusion_attn.sim:FusionAttn/Control-v0", sensors=SensorConfig(camera_size=(16, 16)))
     envs = gym.vector.AsyncVectorEnv([make] * 2, context="spawn")
     obs, info = envs.reset(seed=0)
     obs, *_, info = envs.step(envs.action_space.sample())

@@ -29,7 +29,7 @@ def graph(tmp_path_factory):
                FUSION_ATTN_CACHE=str(tmp_path_factory.getbasetemp() / "onnx-cache"))
     os.environ["ROS_DOMAIN_ID"] = domain
     logs = tmp_path_factory.mktemp("logs")
-    procs = [subprocess.Popen([sys.executable, "-m", "rl.bridge", "--ros-args", "-p", "env_id:=FusionAttn/Control-v0"],
+    procs = [subprocess.Popen([sys.executable, "-m", "fusion_attn.sim.bridge", "--ros-args", "-p", "env_id:=FusionAttn/Control-v0"],
                               env=env, stdout=open(logs / "bridge.log", "w"), stderr=subprocess.STDOUT),  # noqa: SIM115
              subprocess.Popen([sys.executable, "-m", "fusion_attn.cli", "launch", "use_sim_time:=true"],
                               env=env, stdout=open(logs / "node.log", "w"), stderr=subprocess.STDOUT)]  # noqa: SIM115

@@ -10,7 +10,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import rl.envs  # noqa: F401 - headless GL before mujoco loads
+import fusion_attn.sim  # noqa: F401 - headless GL before mujoco loads
 from fusion_attn import train as T
 from fusion_attn.checkpoint import load_checkpoint, read_checkpoint
 from fusion_attn.cli import main
@@ -55,8 +55,8 @@ def test_dataset_comes_from_the_simulator_with_ground_truth(data):
 
 
 def test_ground_truth_is_the_true_state():
-    from rl.envs.faults import FaultConfig, FaultSpec
-    from rl.envs.robot import RobotEnv
+    from fusion_attn.sim.faults import FaultConfig, FaultSpec
+    from fusion_attn.sim.robot import RobotEnv
 
     # a lidar dropout and a camera blackout for the whole episode change no label
     faults = FaultConfig(lidar_dropout=FaultSpec.window(), camera_blackout=FaultSpec.window())

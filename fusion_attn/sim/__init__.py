@@ -18,6 +18,6 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 from gymnasium.envs.registration import register
 
 for _name in ("Memory", "Navigate", "Control"):
-    register(f"FusionAttn/{_name}-v0", "rl.envs.robot:RobotEnv", kwargs={"task": _name.lower()})
-    register(f"FusionAttn/{_name}-Discrete-v0", "rl.envs.robot:RobotEnv",
+    register(f"FusionAttn/{_name}-v0", "fusion_attn.sim.robot:RobotEnv", kwargs={"task": _name.lower()})
+    register(f"FusionAttn/{_name}-Discrete-v0", "fusion_attn.sim.robot:RobotEnv",
              kwargs={"task": _name.lower(), "discrete": True})

@@ -16,7 +16,7 @@ import gymnasium as gym
 import numpy as np
 from rosbags.rosbag2 import StoragePlugin, Writer
 
-import rl.envs  # noqa: F401 - registers the ids (and picks the headless GL backend)
+import fusion_attn.sim  # noqa: F401 - registers the ids (and picks the headless GL backend)
 from fusion_attn.frames import NS_PER_S, CameraFrame, ImuSample, LidarFrame
 from fusion_attn.messages import TYPES, cdr, header, image_msg, imu_msg, pointcloud2_msg
 
