@@ -77,5 +77,7 @@ setup(
             "sim_bridge = fusion_attn.sim.bridge:main",
             "policy_node = rl.policy_node:main",
         ],
+        # extra `fusion-attn` verbs (fusion_attn/cli/__init__.py): fusion_attn itself never imports rl
+        "fusion_attn.cli": ["rl = rl.__main__:cli_verb"],
     },
 )

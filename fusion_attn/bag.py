@@ -22,10 +22,12 @@ from mcap import records as mcap_records
 from mcap.stream_reader import StreamReader
 from rosbags.highlevel import AnyReader
 from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+from rosbags.typesys.store import Typestore
 
 from .adapters import modality_of, to_frame
 from .errors import BagError, MalformedMessageError
 from .frames import CameraFrame, ImuSample, LidarFrame, Modality
+from .messages import TYPES
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ def open_reader(paths: Sequence[str | Path]) -> Iterator[AnyReader]:
         if not p.exists():
             raise BagError(f"bag not found: {p}")
     # Bags without stored definitions (e.g. some rosbag2 sqlite3 files) decode with the standard types.
-    reader = AnyReader(paths, default_typestore=get_typestore(Stores.ROS2_KILTED))
+    reader = AnyReader(paths, default_typestore=TYPES)  # read, never changed: AnyReader builds its own
     try:
         reader.open()
     except Exception as exc:  # rosbags raises per-format reader errors; all mean "unreadable bag"
@@ -94,9 +96,9 @@ class SequentialReader:
     fault is read, then BagError says where it stopped. Subclasses yield the file's records.
     """
 
-    def __init__(self, path: Path, store: Stores):
+    def __init__(self, path: Path, typestore: Typestore):
         self.path = path
-        self.typestore = get_typestore(store)
+        self.typestore = typestore
         self.fault: str | None = None
         topics: dict[object, tuple[str, str]] = {}
         counts: dict[object, int] = {}
@@ -140,7 +142,7 @@ class SequentialReader:
 
 class StreamedMcap(SequentialReader):
     def __init__(self, path: Path):
-        super().__init__(path, Stores.ROS2_KILTED)
+        super().__init__(path, TYPES)
 
     def _records(self):
         schemas = {}
@@ -161,7 +163,8 @@ class StreamedRos1(SequentialReader):
     """ROS 1 bag format 2.0: records of (header fields, data); chunks hold connections and messages."""
 
     def __init__(self, path: Path):
-        super().__init__(path, Stores.ROS1_NOETIC)
+        # a store of its own, not messages.TYPES: ROS 1 types, and _chunk registers the bag's definitions in it
+        super().__init__(path, get_typestore(Stores.ROS1_NOETIC))
 
     def _records(self):
         with open(self.path, "rb") as f:

@@ -21,6 +21,7 @@ from .adapters import image_to_frame, imu_to_sample, pointcloud2_to_frame
 from .backends.export import example_inputs
 from .config import FusionConfig
 from .frames import NS_PER_S, ImuWindow
+from .messages import TYPES
 from .pipeline import create_backend, load_model
 from .tokenize import tokenize_camera, tokenize_imu, tokenize_lidar
 
@@ -32,10 +33,7 @@ IMU_WINDOW_S = 0.25
 
 def standard_messages(seed: int = 0):
     """-> (Image, PointCloud2, [Imu] * 100) for the standard configuration."""
-    from rosbags.typesys import Stores, get_typestore
-
-    ts = get_typestore(Stores.ROS2_KILTED)
-    T = ts.types
+    T = TYPES.types
     rng = np.random.default_rng(seed)
 
     def header(stamp_ns: int, frame: str):

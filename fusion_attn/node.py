@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
@@ -24,59 +23,13 @@ from .errors import ConfigError, FusionAttnError, MalformedMessageError
 from .frames import MODALITIES, FusedState, Modality
 from .messages import diagnostics_msg, fused_state_msg, to_rclpy
 from .outputs import diagnostics
+from .params import PARAMETERS, TAU_NAMES, Param
 from .pipeline import FusionPipeline, validate_tau
 from .spin import spin
 from .sync import SensorSync, SyncConfig
 
-
-@dataclass(frozen=True)
-class Param:
-    name: str
-    default: object
-    description: str
-    range: tuple[float, float] | None = None
-    runtime: bool = False  # may change while active (else read-only after start)
-
-
-PARAMETERS = (
-    Param("checkpoint", "", "safetensors checkpoint; empty: the packaged default model"),
-    Param("backend", "onnxruntime", "inference backend: onnxruntime | torch | torch-cudagraph | tensorrt"),
-    Param("backend_fallback", "onnxruntime", "if the backend cannot run here: onnxruntime (log why) | fail"),
-    Param("device", "", "torch/GPU device, e.g. cuda:0; empty: cpu for onnxruntime/torch, cuda:0 for GPU backends"),
-    Param("threads", 1, "CPU threads of the backend", (1, 64)),
-    Param("tensorrt.precision", "fp16", "engine precision: fp32 | tf32 | fp16 | int8"),
-    Param("tensorrt.workspace_mib", 1024, "builder workspace limit [MiB]", (1, 1 << 20)),
-    Param("tensorrt.max_batch", 8, "engine profile: batch 1..max_batch", (1, 64)),
-    Param("tensorrt.opt_batch", 1, "engine profile: the batch size tuned for", (1, 64)),
-    Param("tensorrt.dla_core", -1, "DLA core (-1: GPU only); layers DLA cannot run fall back to the GPU", (-1, 7)),
-    Param("tensorrt.cache_dir", "", "engine cache; empty: $FUSION_ATTN_CACHE/engines or ~/.cache/fusion_attn/engines"),
-    Param("tensorrt.calibration_cache", "", "int8: calibration cache made by `fusion-attn build-engine --calibrate`"),
-    Param("build_only", False, "configure (build or load the engine), then exit: engines built ahead of time"),
-    Param("frame_id", "base_link", "frame_id of the fused state"),
-    Param("fusion_rate_hz", 20.0, "fusion timer rate (trigger: timer)", (0.1, 1000.0)),
-    Param("trigger", "timer", "fuse on: timer | camera | lidar | imu (each message of that sensor)"),
-    Param("camera_type", "image", "camera message: image | compressed | none"),
-    Param("camera_topic", "camera/image_raw", "camera topic (or remap it)"),
-    Param("lidar_type", "pointcloud2", "lidar message: pointcloud2 | laserscan | none"),
-    Param("lidar_topic", "lidar/points", "lidar topic (or remap it)"),
-    Param("imu_type", "imu", "IMU: imu | none"),
-    Param("imu_topic", "imu/data", "IMU topic (or remap it)"),
-    Param("qos_reliability", "best_effort", "subscription reliability: best_effort (sensor data) | reliable"),
-    Param("qos_depth", 50, "subscription queue depth (per topic)", (1, 1000)),
-    Param("tau.global", 1.0, "softmax temperature, all tokens (> 0; lower = sharper)", (1e-3, 1e3), runtime=True),
-    Param("tau.camera", 1.0, "temperature of camera tokens, times tau.global", (1e-3, 1e3), runtime=True),
-    Param("tau.lidar", 1.0, "temperature of lidar tokens, times tau.global", (1e-3, 1e3), runtime=True),
-    Param("tau.imu", 1.0, "temperature of IMU tokens, times tau.global", (1e-3, 1e3), runtime=True),
-    Param("max_age_s.camera", 0.2, "camera older than this at fusion time is masked", (1e-3, 60.0)),
-    Param("max_age_s.lidar", 0.3, "lidar older than this at fusion time is masked", (1e-3, 60.0)),
-    Param("max_age_s.imu", 0.05, "IMU older than this at fusion time is masked", (1e-3, 60.0)),
-    Param("stale_after_periods", 1.5, "also masked after this many of the sensor's periods of silence", (0.0, 100.0)),
-    Param("diagnostics_period_s", 1.0, "diagnostics publishing period", (0.05, 60.0)),
-    Param("autostart", True, "configure and activate on start (no lifecycle manager needed)"),
-)
 MESSAGE_TYPES = {("camera", "image"): Image, ("camera", "compressed"): CompressedImage,
                  ("lidar", "pointcloud2"): PointCloud2, ("lidar", "laserscan"): LaserScan, ("imu", "imu"): Imu}
-TAU_NAMES = tuple(p.name for p in PARAMETERS if p.runtime)  # global, camera, lidar, imu
 
 
 class FusionNode(LifecycleNode):
@@ -195,9 +148,10 @@ class FusionNode(LifecycleNode):
         self._check_publisher_types()
         now_ns = self.get_clock().now().nanoseconds
         period = 1.0 / self.p("fusion_rate_hz")
-        statuses = diagnostics(self.sync.summary(now_ns), self._last_state, self.pipeline.backend_info(),
-                               self._processing_ms, self._latency_ms, period,
-                               tuple(self.sensors))
+        # the fusion's side of the policy contract goes with it: policy_node checks it live
+        values = {**self.pipeline.backend_info(), **self.pipeline.fusion_terms(self.sync.cfg, self.p("fusion_rate_hz"))}
+        statuses = diagnostics(self.sync.summary(now_ns), self._last_state, values,
+                               self._processing_ms, self._latency_ms, period, tuple(self.sensors))
         self.diag_pub.publish(to_rclpy(diagnostics_msg(now_ns, statuses, self.get_name())))
 
     # --- parameters and QoS ----------------------------------------------------------------------

@@ -13,15 +13,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .frames import MODALITIES, NS_PER_S, CameraFrame, ImuSample, ImuWindow, LidarFrame, Modality
+from .params import PARAM_DEFAULTS, param
 from .tokenize import SensorSnapshot
 
 
 @dataclass(frozen=True)
 class SyncConfig:
-    max_age_s: tuple[float, float, float] = (0.2, 0.3, 0.05)  # camera, lidar, imu
+    max_age_s: tuple[float, float, float] = tuple(PARAM_DEFAULTS[f"max_age_s.{m}"] for m in MODALITIES)
     # A sensor is also stale once it has been silent for this many of its own (measured) periods,
     # but never sooner than stale_min_s: a 400 Hz IMU's jitter must not flap its mask.
-    stale_after_periods: float = 1.5
+    stale_after_periods: float = PARAM_DEFAULTS["stale_after_periods"]
     stale_min_s: float = 0.05
     imu_window_s: float = 0.25  # IMU history handed to the tokenizer: the model's imu.window_s
     imu_capacity: int = 4096  # samples kept (20 s at 200 Hz): bounds memory whatever the rate
@@ -31,10 +32,8 @@ class SyncConfig:
     @classmethod
     def from_params(cls, params: dict, imu_window_s: float) -> SyncConfig:
         """From the node's parameters (config/fusion.yaml names): the one mapping node, CLI and replay share."""
-        d = cls()
-        return cls(max_age_s=tuple(float(params.get(f"max_age_s.{m}", a)) for m, a in zip(MODALITIES, d.max_age_s)),
-                   stale_after_periods=float(params.get("stale_after_periods", d.stale_after_periods)),
-                   imu_window_s=imu_window_s)
+        return cls(max_age_s=tuple(float(param(params, f"max_age_s.{m}")) for m in MODALITIES),
+                   stale_after_periods=float(param(params, "stale_after_periods")), imu_window_s=imu_window_s)
 
 
 @dataclass

@@ -26,6 +26,9 @@ def add_verbs(verbs) -> None:
     train.add_argument("-o", "--output", type=Path, required=True, help="run folder")
     train.add_argument("--env-kwargs", type=json.loads, default={}, metavar="JSON",
                        help='gym.make keyword arguments, e.g. \'{"task_options": {"n_goals": 2}}\'')
+    train.add_argument("--fusion-checkpoint", default="", metavar="SAFETENSORS",
+                       help="FusionAttn envs: the fusion model to observe through (default: the packaged one); "
+                            "the policy's contract records it")
     train.add_argument("--agent", choices=["gtrxl", "mlp"], default=agent.kind)
     train.add_argument("--memory", type=int, default=agent.memory, help="K: past steps the agent attends over")
     train.add_argument("--layers", type=int, default=agent.layers)
@@ -54,8 +57,8 @@ def run(args) -> int:
         from .config import AgentConfig, PPOConfig
         from .ppo import train
 
-        cfg = PPOConfig(env_id=args.env_id, env_kwargs=args.env_kwargs, steps=args.steps, envs=args.envs, rollout=args.rollout, lr=args.lr,
-                        ent_coef=args.ent_coef, action_repeat=args.action_repeat, seed=args.seed, threads=args.threads,
+        cfg = PPOConfig(env_id=args.env_id, env_kwargs=args.env_kwargs, fusion_checkpoint=args.fusion_checkpoint,
+                        steps=args.steps, envs=args.envs, rollout=args.rollout, lr=args.lr, ent_coef=args.ent_coef, action_repeat=args.action_repeat, seed=args.seed, threads=args.threads,
                         agent=AgentConfig(kind=args.agent, memory=args.memory, layers=args.layers))
         row = train(cfg, args.output, resume=args.resume, progress=not args.no_progress)
         print(json.dumps({"run": str(args.output), "config": dataclasses.asdict(cfg), "last": row}, indent=1))
@@ -70,6 +73,19 @@ def run(args) -> int:
         print(f"wrote {path}; ONNX Runtime vs PyTorch over two steps: max abs diff {diff:.2e}")
         return 0 if diff < 1e-4 else 1
     return 0
+
+
+def cli_verb(verbs):
+    """`fusion-attn rl`: adds the rl verbs under an `rl` subparser; -> the function that runs them. Found by
+    fusion-attn through the entry-point group fusion_attn.cli (setup.py), so fusion_attn never imports rl."""
+    add_verbs(verbs.add_parser("rl", help="attention-memory RL agents: train, evaluate, export").add_subparsers(
+        dest="rl_verb", required=True))
+    return _run_cli_verb
+
+
+def _run_cli_verb(args) -> int:
+    # run() dispatches on args.verb, which under fusion-attn is "rl" (kept there for its error messages)
+    return run(argparse.Namespace(**{**vars(args), "verb": args.rl_verb}))
 
 
 def main(argv: list[str] | None = None) -> int:

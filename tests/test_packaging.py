@@ -194,3 +194,31 @@ def test_launch_files_get_every_field_of_the_graph():
     for node, spec in zip(nodes, specs):
         assert node["parameters"] == [spec.params_file, spec.parameters] and node["remappings"] == [("fused_state", "/fused")]
     assert nodes[1]["parameters"][1] == {"policy": "p.onnx", "use_sim_time": True}
+
+
+def test_fusion_yaml_spells_out_the_parameter_table():
+    """config/fusion.yaml and fusion_attn.params.PARAMETERS (what the node declares, and the defaults
+    of replay, sync and the CLI) name the same parameters with the same defaults."""
+    from fusion_attn.config import load_params
+    from fusion_attn.params import PARAM_DEFAULTS
+
+    yaml_values = load_params(ROOT / "config" / "fusion.yaml")
+    unknown = sorted(set(yaml_values) - set(PARAM_DEFAULTS))
+    assert not unknown, f"config/fusion.yaml sets {unknown}, which fusion_attn/params.py does not declare"
+    for name, default in PARAM_DEFAULTS.items():
+        assert name in yaml_values, f"config/fusion.yaml leaves out {name} (default {default!r})"
+        value = yaml_values[name]
+        # the type too: rclpy refuses a file's 20 for a parameter declared as 20.0
+        assert type(value) is type(default) and value == default, (
+            f"{name}: config/fusion.yaml says {value!r}, fusion_attn/params.py {default!r}"
+        )
+
+
+def test_fusion_attn_rl_comes_from_the_entry_point_group(setup_kwargs):
+    """fusion_attn never imports rl (tests/test_layers.py); `fusion-attn rl` is an extra verb that rl
+    registers in the fusion_attn.cli entry-point group, installed with the package."""
+    assert "rl = rl.__main__:cli_verb" in setup_kwargs["entry_points"]["fusion_attn.cli"]
+    from fusion_attn.cli import build_parser
+
+    args = build_parser().parse_args(["rl", "export", "agent.safetensors", "-o", "policy.onnx"])
+    assert (args.verb, args.rl_verb) == ("rl", "export") and callable(args.run)

@@ -28,7 +28,8 @@ from fusion_attn.backends.engine_cache import (
     trtexec_command,
 )
 from fusion_attn.backends.export import TENSORRT8_OPSET, example_inputs, export_onnx
-from fusion_attn.cli import _calibration_batches, main
+from fusion_attn.cli import main
+from fusion_attn.cli.build_engine import calibration_batches
 from fusion_attn.config import FusionConfig, load_params
 from fusion_attn.errors import BackendUnavailable, ConfigError
 from fusion_attn.model import FusionModel
@@ -310,7 +311,7 @@ def test_node_build_only_exits_non_zero_without_an_engine(tmp_path):
 
 def test_calibration_batches_from_a_recording(real_data):
     cfg = FusionConfig()
-    batches = list(_calibration_batches([real_data / "euroc_v1_01_cam_imu"], cfg, {}, max_batches=3))
+    batches = list(calibration_batches([real_data / "euroc_v1_01_cam_imu"], cfg, {}, max_batches=3))
     assert len(batches) == 3
     for batch in batches:
         for name, (shape, dtype) in input_spec(cfg).items():

@@ -27,7 +27,9 @@ from typing import Any
 
 import onnx
 
+from ..config import cache_dir as config_cache_dir
 from ..errors import ConfigError
+from ..params import PARAM_DEFAULTS
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +37,13 @@ PRECISIONS = ("fp32", "tf32", "fp16", "int8")  # fp32: TF32 off, so FP32 means F
 SIDECAR_FORMAT = "fusion_attn.engine/1"
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("FUSION_ATTN_CACHE", Path.home() / ".cache" / "fusion_attn"))
-
-
 @dataclass(frozen=True)
 class TensorRTOptions:
-    precision: str = "fp16"
-    workspace_mib: int = 1024  # builder scratch memory limit; Jetsons share it with the CPU
-    max_batch: int = 8  # optimization profile: batch 1 (min) .. max_batch; opt_batch is what is tuned for
-    opt_batch: int = 1
-    dla_core: int = -1  # >= 0: run on that DLA core, layers DLA cannot run fall back to the GPU
+    precision: str = PARAM_DEFAULTS["tensorrt.precision"]
+    workspace_mib: int = PARAM_DEFAULTS["tensorrt.workspace_mib"]  # builder scratch, shared with a Jetson's CPU
+    max_batch: int = PARAM_DEFAULTS["tensorrt.max_batch"]  # optimization profile: batch 1 (min) .. max_batch
+    opt_batch: int = PARAM_DEFAULTS["tensorrt.opt_batch"]  # the batch size the profile is tuned for
+    dla_core: int = PARAM_DEFAULTS["tensorrt.dla_core"]  # >= 0: that DLA core; what it cannot run: the GPU
     cache_dir: Path | None = None  # default: $FUSION_ATTN_CACHE/engines or ~/.cache/fusion_attn/engines
     calibration_cache: Path | None = None  # int8: TensorRT calibration cache (made from recordings)
 
@@ -72,7 +70,7 @@ class TensorRTOptions:
 
     @property
     def engine_dir(self) -> Path:
-        return Path(self.cache_dir) if self.cache_dir else default_cache_dir() / "engines"
+        return Path(self.cache_dir) if self.cache_dir else config_cache_dir("engines")
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> TensorRTOptions:

@@ -1,0 +1,135 @@
+"""`fusion-attn fuse`: one fusion, at one instant of a recording or from an image and/or point cloud file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BagError, FusionAttnError
+from ..frames import MODALITIES, NS_PER_S, FusedState
+from .common import fusion_setup, model_args, replay_options
+
+
+def add_parser(verbs):
+    fuse = verbs.add_parser("fuse", help="fuse one instant of a bag, or an image / point cloud file")
+    model_args(fuse)
+    fuse.add_argument("--bag", nargs="+", type=Path, help="rosbag2 folder/file or ROS 1 bag (several: merged by time)")
+    fuse.add_argument("--at", type=float, help="seconds after the bag's start (default: its middle)")
+    fuse.add_argument("--image", type=Path, help="camera image file (png, jpg, ...)")
+    fuse.add_argument("--points", type=Path, help="point cloud: .npy (N,3|4) or KITTI .bin float32 (N,4)")
+    fuse.add_argument("--params", type=Path, help="ROS 2 parameter file (config/fusion.yaml); flags override it")
+    fuse.add_argument("--json", action="store_true", help="print the fused state as JSON")
+    return fuse
+
+
+def run(args) -> int:
+    from ..sync import SensorSync
+
+    pipeline, sync_cfg, params = fusion_setup(args, args.tau)
+    sync = SensorSync(sync_cfg)
+    if args.bag:
+        state, notes = _fuse_bag(args, pipeline, sync, params)
+    elif args.image or args.points:
+        _feed_files(args.image, args.points, sync)
+        state, notes = pipeline.fuse(sync.snapshot(0)), []
+    else:
+        raise FusionAttnError("fuse needs --bag, or --image and/or --points")
+    if args.json:
+        print(json.dumps(_state_dict(state, pipeline), indent=2))
+    else:
+        print(_summary(state, pipeline, notes))
+    return 0
+
+
+def _fuse_bag(args, pipeline, sync, params):
+    """The fused state at the instant --at: the bag is fed up to there exactly as replay feeds it (same
+    sync, drops and resets), then fused once at the newest recorded stamp."""
+    from ..bag import open_reader
+    from ..replay import Recording, fuse_recording
+
+    with open_reader(args.bag) as reader:
+        duration = reader.end_time - reader.start_time
+        at_ns = duration // 2 if args.at is None else int(args.at * NS_PER_S)
+        if not 0 <= at_ns <= duration:
+            raise BagError(f"--at {at_ns / NS_PER_S:.3f} s is outside the bag (0 .. {duration / NS_PER_S:.3f} s)")
+        rec = Recording()
+        opts = replay_options(args, params, end_s=at_ns / NS_PER_S + 1e-9, progress=False)
+        try:
+            for _ in fuse_recording(reader, pipeline, sync, opts, pipeline.tau[None], rec, trailing=False):
+                pass
+        except BagError as exc:
+            rec.events.append(f"read stopped: {exc}")
+    if not rec.topics.sensors:
+        raise BagError(f"no camera, lidar or IMU topic in {', '.join(map(str, args.bag))}; skipped: {rec.topics.skipped}")
+    now_ns = sync.newest_stamp_ns()
+    if now_ns is None:
+        raise BagError(f"no sensor message in the first {at_ns / NS_PER_S:.3f} s of the bag (try a later --at)")
+    state = pipeline.fuse(sync.snapshot(now_ns))
+    notes = [f"{m}: {t}" for m, t in sorted((MODALITIES[m], t) for m, t in rec.topics.sensors.items())]
+    notes += [f"skipped {t}: {why}" for t, why in rec.topics.skipped.items()] + rec.events[:5]
+    return state, notes
+
+
+def _feed_files(image: Path | None, points: Path | None, sync) -> None:
+    """An image file goes through the CompressedImage adapter (the node's converter); points are (N, 3|4)."""
+    from ..adapters import compressed_image_to_frame
+    from ..frames import LidarFrame
+    from ..messages import TYPES
+
+    if image is not None:
+        try:
+            data = image.read_bytes()
+        except OSError as exc:
+            raise FusionAttnError(f"cannot read image {image}: {exc}") from exc
+        T = TYPES.types
+        header = T["std_msgs/msg/Header"](T["builtin_interfaces/msg/Time"](0, 0), "camera")
+        msg = T["sensor_msgs/msg/CompressedImage"](header, image.suffix.lstrip(".").lower(), np.frombuffer(data, np.uint8))
+        sync.add(compressed_image_to_frame(msg))
+    if points is not None:
+        sync.add(LidarFrame(0, "lidar", _load_points(points)))
+
+
+def _load_points(path: Path) -> np.ndarray:
+    try:
+        pts = np.load(path) if path.suffix == ".npy" else np.fromfile(path, np.float32).reshape(-1, 4)
+    except (OSError, ValueError) as exc:
+        raise FusionAttnError(f"cannot read points {path}: {exc}") from exc
+    if pts.ndim != 2 or pts.shape[1] not in (3, 4):
+        raise FusionAttnError(f"points {path}: expected (N, 3) or (N, 4), got {pts.shape}")
+    pts = np.pad(pts.astype(np.float32), ((0, 0), (0, 4 - pts.shape[1])))
+    return pts[np.isfinite(pts).all(axis=1)]
+
+
+def _state_dict(state: FusedState, pipeline) -> dict:
+    return {
+        "stamp_ns": state.stamp_ns, "frame_id": state.frame_id, "all_masked": state.all_masked,
+        "backend": pipeline.backend_info(), "model": pipeline.model_source, "tau": state.tau.tolist(),
+        "modalities": {name: {"present": bool(state.present[i]),
+                              "age_s": None if np.isnan(state.ages_s[i]) else float(state.ages_s[i]),
+                              "attention_per_head": state.attention[i].round(6).tolist()}
+                       for i, name in enumerate(MODALITIES)},
+        "fused": state.pooled.round(6).tolist(), "timings_ms": state.timings_ms,
+    }
+
+
+def _summary(state: FusedState, pipeline, notes: list[str]) -> str:
+    b = pipeline.backend
+    lines = [(f"fused state @ {state.stamp_ns / NS_PER_S:.6f} s  frame {state.frame_id}  "
+              f"backend {b.name} ({b.device}, {b.precision})  model: {pipeline.model_source}")]
+    if pipeline.backend_fallback:
+        lines.append(f"  fallback: {pipeline.backend_fallback}")
+    lines += [f"  input  {n}" for n in notes]
+    lines.append("  tau    global {:.3g}  camera {:.3g}  lidar {:.3g}  imu {:.3g}".format(*state.tau))
+    lines.append(f"  {'modality':8} {'present':>7} {'age ms':>8} {'attention':>9}   per head")
+    for i, name in enumerate(MODALITIES):
+        age = "-" if np.isnan(state.ages_s[i]) else f"{state.ages_s[i] * 1e3:.1f}"
+        heads = " ".join(f"{a:.3f}" for a in state.attention[i])
+        lines.append(f"  {name:8} {'yes' if state.present[i] else 'no':>7} {age:>8} {state.modality_attention[i]:9.3f}   {heads}")
+    if state.all_masked:
+        lines.append("  ALL SENSORS MASKED: the fused state is the model's empty-input output")
+    v = state.pooled
+    lines.append(f"  fused  dim {v.size}  norm {np.linalg.norm(v):.3f}  first 6 {np.array2string(v[:6], precision=3)}")
+    lines.append("  time   " + "  ".join(f"{k} {t:.2f} ms" for k, t in state.timings_ms.items()))
+    return "\n".join(lines)

@@ -1,0 +1,70 @@
+"""`fusion-attn replay`: whole recordings fused as the node would; a bag of the output, a summary, plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import FusionAttnError
+from ..frames import MODALITIES
+from ..params import PARAM_DEFAULTS
+from .common import fusion_setup, model_args, replay_options
+
+
+def add_parser(verbs):
+    replay = verbs.add_parser("replay", help="fuse whole recordings as the node would; write a bag, a summary and plots")
+    model_args(replay, tau=False)
+    replay.add_argument("bags", nargs="+", type=Path, help="rosbag2 folders/files or ROS 1 bags (merged by time)")
+    replay.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+    replay.add_argument("--params", type=Path, help="ROS 2 parameter file (config/fusion.yaml); flags override it")
+    replay.add_argument("--rate", type=float, help="fusion rate [Hz] (default: the parameter file's, else "
+                                                   f"{PARAM_DEFAULTS['fusion_rate_hz']:g})")
+    replay.add_argument("--clock", choices=["header", "receive"], default="header",
+                        help="recorded time from header stamps (default) or the bag's receive times")
+    replay.add_argument("--start", type=float, help="seconds after the start of the recording")
+    replay.add_argument("--end", type=float, help="seconds after the start of the recording")
+    for name in MODALITIES:
+        replay.add_argument(f"--{name}-topic", help=f"{name} topic (default: found by message type)")
+    replay.add_argument("--tau", help="τ: one value (global), or a sweep 0.1,0.5,1,2; an entry may be "
+                                      "global:camera:lidar:imu")
+    replay.add_argument("--no-progress", action="store_true")
+    return replay
+
+
+def run(args) -> int:
+    from ..replay import replay
+
+    pipeline, sync_cfg, params = fusion_setup(args)
+    base = pipeline.tau
+    taus = tuple(_tau_entry(entry, base) for entry in args.tau.split(",")) if args.tau else (tuple(base.tolist()),)
+    opts = replay_options(args, params, clock=args.clock, start_s=args.start, end_s=args.end, taus=taus,
+                          progress=not args.no_progress)
+    summary = replay(args.bags, pipeline, args.output, opts, sync_cfg)
+    t = summary["timing"]
+    print(f"replayed {summary['messages']} messages -> {summary['fusions']} fused states at "
+          f"{summary['fused_rate_hz']:.2f} Hz; {t['recorded_s']:.1f} s recorded in {t['wall_s']:.1f} s "
+          f"({t['speed_x_real_time']:.1f}x real time)")
+    print("  topics: " + ", ".join(f"{m} {t}" for m, t in summary["topics"].items()))
+    for topic, why in summary["skipped_topics"].items():
+        print(f"  skipped {topic}: {why}")
+    print("  attention mean: " + "  ".join(f"{m} {a:.3f}" for m, a in summary["attention_mean"].items()))
+    if len(summary["tau_sweep"]) > 1:
+        print("  τ sweep (mean attention camera / lidar / imu):")
+        for row in summary["tau_sweep"]:
+            print(f"    τ {row['tau']}: " + " / ".join(f"{v:.3f}" for v in row["attention_mean"].values()))
+    for event in summary["events"][:10]:
+        print(f"  note: {event}")
+    print(f"  wrote {args.output}/fused (MCAP), summary.json, timing.json, *.png")
+    return 0
+
+
+def _tau_entry(entry: str, base) -> tuple[float, float, float, float]:
+    """One --tau entry: a global τ (the others from `base`), or all four global:camera:lidar:imu."""
+    try:
+        values = [float(v) for v in entry.split(":")]
+    except ValueError:
+        raise FusionAttnError(f"--tau entry {entry!r} is not a number or global:camera:lidar:imu") from None
+    if len(values) == 1:
+        return (values[0], *(float(b) for b in base[1:]))
+    if len(values) == 4:
+        return tuple(values)
+    raise FusionAttnError(f"--tau entry {entry!r} needs 1 or 4 values, got {len(values)}")

@@ -1,0 +1,89 @@
+"""`fusion-attn train`: the model and its heads trained on simulated episodes and recordings (docs/TRAINING.md)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import FusionAttnError
+
+
+def add_parser(verbs):
+    # defaults live in learn.loop.TrainConfig (docs/TRAINING.md lists them); unset flags keep them, and
+    # building the parser does not import torch
+    train = verbs.add_parser("train", help="train the model and its heads on simulated episodes and recordings",
+                             argument_default=argparse.SUPPRESS)
+    train.add_argument("-o", "--output", type=Path, required=True,
+                       help="run folder: model.safetensors, model.heads.safetensors, tb/, metrics.json, train_state.pt")
+    train.add_argument("--bag", dest="bags", nargs="+", type=Path, help="recordings to add (unlabelled: "
+                                                                         "self-supervised objectives only)")
+    train.add_argument("--steps", type=int, help="optimizer steps (default 3000)")
+    train.add_argument("--batch", type=int, help="samples per step (default 64)")
+    train.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
+    train.add_argument("--seed", type=int, help="seeds the episodes, the initial weights and the data stream (default 0)")
+    train.add_argument("--sim-episodes", type=int, help="simulated training episodes (default 48; 0: bags only)")
+    train.add_argument("--val-episodes", type=int, help="held-out simulated episodes (default 8; 0: no validation)")
+    train.add_argument("--sim-seconds", type=float, help="simulated time per episode (default 15)")
+    train.add_argument("--fusion", choices=["attention", "concat", "mean"],
+                       help="attention (default: FusionModel) or a baseline without attention (eval-robustness)")
+    train.add_argument("--fixed-tau", dest="tau_random_prob", action="store_const", const=0.0,
+                       help="train at τ = 1 only (a baseline; default: random τ for half the samples)")
+    train.add_argument("--avoid-weight", type=float, help="weight of the attention-avoidance objective: attention mass "
+                                                          "on a sensor whose content is gone (default 1; 0: off)")
+    train.add_argument("--latent-blocks", type=int, help="self-attention blocks over the fusion tokens (default 1)")
+    train.add_argument("--qk-norm", action="store_const", const=True,
+                       help="cosine attention logits with a learned scale per head (an implicit temperature)")
+    train.add_argument("--learned-head-temperature", action="store_const", const=True,
+                       help="a learned τ per head, multiplied with the input τ")
+    train.add_argument("--eval-every", type=int, help="validation every this many steps (default 500; also at the end)")
+    train.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:1, ...")
+    train.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    train.add_argument("--cache", type=Path, default=None, help="tokenized dataset cache "
+                                                                 "(default $FUSION_ATTN_CACHE/train)")
+    train.add_argument("--resume", action="store_true", default=False, help="continue from OUT/train_state.pt")
+    train.add_argument("--stop-after", type=int, default=None, help="save and stop after this step (a time-boxed job); "
+                                                                     "--resume continues exactly")
+    train.add_argument("--no-progress", action="store_true", default=False)
+    return train
+
+
+def run(args) -> int:
+    import dataclasses
+
+    from ..errors import ConfigError
+    from ..learn.loop import TrainConfig, train
+
+    fields = ("seed", "steps", "batch", "lr", "sim_episodes", "val_episodes", "sim_seconds", "bags", "fusion",
+              "tau_random_prob", "avoid_weight", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature")
+    given = {k: getattr(args, k) for k in fields if hasattr(args, k)}
+    if "bags" in given:
+        given["bags"] = tuple(str(b) for b in given["bags"])
+    tc = dataclasses.replace(TrainConfig(), **given)
+    if min(tc.sim_episodes, tc.val_episodes, tc.latent_blocks) < 0 or min(tc.steps, tc.batch, args.threads) < 1:
+        raise ConfigError("--steps, --batch and --threads must be >= 1, --sim-episodes, --val-episodes and "
+                          "--latent-blocks >= 0")
+    if tc.sim_episodes == 0 and not tc.bags:
+        raise ConfigError("no training data: give --sim-episodes > 0 or --bag")
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+
+        if tc.sim_episodes or tc.val_episodes:
+            import fusion_attn.sim  # noqa: F401
+    except ImportError as exc:
+        raise FusionAttnError(f"training needs the train and sim extras ({exc}); pip install -e '.[sim,train]'") from exc
+    # the command as run (recorded in the checkpoint), with every setting spelled out
+    flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in given.items()
+             if k not in ("bags", "tau_random_prob")]
+    flags += ["--fixed-tau"] if "tau_random_prob" in given else []
+    command = " ".join(["fusion-attn train -o", str(args.output), *flags, *(["--bag", *tc.bags] if tc.bags else []),
+                        f"--threads {args.threads}", *(["--resume"] if args.resume else [])])
+    m = train(tc, args.output, resume=args.resume, device=args.device, threads=args.threads, cache=args.cache,
+              progress=not args.no_progress, command=command, stop_after=args.stop_after)
+    clean = m["val"].get("clean", {})
+    print(f"trained {m['steps']} steps in {m['train_s']:.0f} s on {m['device']} ({m['data']['train_samples']} training "
+          f"samples, {m['data']['train_bag_samples']} from bags; dataset {m['data']['dataset_s']:.0f} s)")
+    if clean:
+        print("  validation, clean: " + "  ".join(f"{k} {v:.3g}" for k, v in clean.items()))
+    model = "model.safetensors, " if tc.fusion == "attention" else ""  # a baseline's weights: train_state.pt only
+    print(f"  wrote {args.output}/{model}model.heads.safetensors, metrics.json, tb/, train_state.pt")
+    return 0

@@ -1,0 +1,72 @@
+"""The fusion node's runtime parameters: one table of names, defaults, descriptions and ranges.
+
+fusion_node declares them from here; replay, the sensor sync, the pipeline and the CLI take their
+defaults from here, so a setting left out of a parameter file means the same everywhere.
+config/fusion.yaml spells out the same defaults (tests/test_packaging.py checks that they agree).
+No rclpy: the core and the CLI import this without ROS 2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Param:
+    """One node parameter: its dotted name (as flattened from the YAML), default and description."""
+
+    name: str
+    default: object
+    description: str
+    range: tuple[float, float] | None = None
+    runtime: bool = False  # may change while active (else read-only after start)
+
+
+PARAMETERS = (
+    Param("checkpoint", "", "safetensors checkpoint; empty: the packaged default model"),
+    Param("backend", "onnxruntime", "inference backend: onnxruntime | torch | torch-cudagraph | tensorrt"),
+    Param("backend_fallback", "onnxruntime", "if the backend cannot run here: onnxruntime (log why) | fail"),
+    Param("device", "", "torch/GPU device, e.g. cuda:0; empty: cpu for onnxruntime/torch, cuda:0 for GPU backends"),
+    Param("threads", 1, "CPU threads of the backend", (1, 64)),
+    Param("tensorrt.precision", "fp16", "engine precision: fp32 | tf32 | fp16 | int8"),
+    Param("tensorrt.workspace_mib", 1024, "builder workspace limit [MiB]", (1, 1 << 20)),
+    Param("tensorrt.max_batch", 8, "engine profile: batch 1..max_batch", (1, 64)),
+    Param("tensorrt.opt_batch", 1, "engine profile: the batch size tuned for", (1, 64)),
+    Param("tensorrt.dla_core", -1, "DLA core (-1: GPU only); layers DLA cannot run fall back to the GPU", (-1, 7)),
+    Param("tensorrt.cache_dir", "", "engine cache; empty: $FUSION_ATTN_CACHE/engines or ~/.cache/fusion_attn/engines"),
+    Param("tensorrt.calibration_cache", "", "int8: calibration cache made by `fusion-attn build-engine --calibrate`"),
+    Param("build_only", False, "configure (build or load the engine), then exit: engines built ahead of time"),
+    Param("frame_id", "base_link", "frame_id of the fused state"),
+    Param("fusion_rate_hz", 20.0, "fusion timer rate (trigger: timer)", (0.1, 1000.0)),
+    Param("trigger", "timer", "fuse on: timer | camera | lidar | imu (each message of that sensor)"),
+    Param("camera_type", "image", "camera message: image | compressed | none"),
+    Param("camera_topic", "camera/image_raw", "camera topic (or remap it)"),
+    Param("lidar_type", "pointcloud2", "lidar message: pointcloud2 | laserscan | none"),
+    Param("lidar_topic", "lidar/points", "lidar topic (or remap it)"),
+    Param("imu_type", "imu", "IMU: imu | none"),
+    Param("imu_topic", "imu/data", "IMU topic (or remap it)"),
+    Param("qos_reliability", "best_effort", "subscription reliability: best_effort (sensor data) | reliable"),
+    Param("qos_depth", 50, "subscription queue depth (per topic)", (1, 1000)),
+    Param("tau.global", 1.0, "softmax temperature, all tokens (> 0; lower = sharper)", (1e-3, 1e3), runtime=True),
+    Param("tau.camera", 1.0, "temperature of camera tokens, times tau.global", (1e-3, 1e3), runtime=True),
+    Param("tau.lidar", 1.0, "temperature of lidar tokens, times tau.global", (1e-3, 1e3), runtime=True),
+    Param("tau.imu", 1.0, "temperature of IMU tokens, times tau.global", (1e-3, 1e3), runtime=True),
+    Param("max_age_s.camera", 0.2, "camera older than this at fusion time is masked", (1e-3, 60.0)),
+    Param("max_age_s.lidar", 0.3, "lidar older than this at fusion time is masked", (1e-3, 60.0)),
+    Param("max_age_s.imu", 0.05, "IMU older than this at fusion time is masked", (1e-3, 60.0)),
+    Param("stale_after_periods", 1.5, "also masked after this many of the sensor's periods of silence", (0.0, 100.0)),
+    Param("diagnostics_period_s", 1.0, "diagnostics publishing period", (0.05, 60.0)),
+    Param("autostart", True, "configure and activate on start (no lifecycle manager needed)"),
+)
+PARAM_DEFAULTS: Mapping[str, Any] = MappingProxyType({p.name: p.default for p in PARAMETERS})
+TAU_NAMES = tuple(p.name for p in PARAMETERS if p.runtime)  # global, camera, lidar, imu
+
+
+def param(params: Mapping[str, Any], name: str) -> Any:
+    """`name` from a flat parameter dict (as load_params reads it), else the table's default.
+
+    A name the table lacks is a KeyError, whether or not `params` has it: a misspelt name fails loudly."""
+    return params.get(name, PARAM_DEFAULTS[name])
