@@ -19,6 +19,46 @@ from .frames import NS_PER_S, CameraFrame, ImuWindow, LidarFrame
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
+# What each lidar point of a pillar carries, in order: its coordinates (x, y over range_m, z over
+# z_max_m), log intensity, planar range (over range_m), its offset from the pillar (dx, dy in cells
+# from the cell's centre, dz in metres from the points' mean height) and the pillar's log point count.
+LIDAR_FEATURES = ("x", "y", "z", "log_intensity", "range", "dx", "dy", "dz", "log_count")
+LIDAR_INDEX = {name: i for i, name in enumerate(LIDAR_FEATURES)}  # feature name -> index
+
+# What each resampled IMU sample carries (accel in g, gyro in half turns per second); a chunk is
+# samples_per_chunk such samples, then its mean sample spacing (IMU_DT) and sample count (IMU_COUNT).
+IMU_AXES = ("accel_x", "accel_y", "accel_z", "gyro_x", "gyro_y", "gyro_z")
+IMU_DT, IMU_COUNT = -2, -1
+
+
+def normalise_pixels(rgb):
+    """RGB in [0, 1] (..., 3) -> ImageNet-normalised, as the camera tokens hold them (numpy or torch)."""
+    mean, std = _imagenet_like(rgb)
+    return (rgb - mean) / std
+
+
+def denormalise_pixels(normalised):
+    """ImageNet-normalised (..., 3) -> RGB in [0, 1]: the inverse of `normalise_pixels`."""
+    mean, std = _imagenet_like(normalised)
+    return normalised * std + mean
+
+
+def _imagenet_like(x):
+    if isinstance(x, np.ndarray):
+        return IMAGENET_MEAN, IMAGENET_STD
+    return x.new_tensor(IMAGENET_MEAN), x.new_tensor(IMAGENET_STD)  # a torch tensor: its dtype and device
+
+
+def imu_samples(chunks, cfg: ImuTokens):
+    """IMU chunks (..., S*6+2) -> their resampled samples (..., S, 6), per `IMU_AXES` (numpy or torch)."""
+    S, axes = cfg.samples_per_chunk, len(IMU_AXES)
+    return chunks[..., : S * axes].reshape(*chunks.shape[:-1], S, axes)
+
+
+def put_imu_samples(chunks, samples, cfg: ImuTokens) -> None:
+    """Write samples (..., S, 6) into IMU chunks (..., S*6+2), in place: the inverse of `imu_samples`."""
+    chunks[..., : cfg.samples_per_chunk * len(IMU_AXES)] = samples.reshape(*samples.shape[:-2], -1)
+
 
 def input_spec(cfg: FusionConfig) -> dict[str, tuple[tuple[int, ...], type]]:
     """Name -> (shape without the batch dimension, dtype) of every model input, in model order."""
@@ -61,14 +101,15 @@ def tokenize_camera(frame: CameraFrame, cfg: CameraTokens) -> tuple[np.ndarray, 
         scale = 1.0 / (65535.0 if small.dtype == np.uint16 else 255.0)
         small = small.reshape(cfg.height, cfg.width, -1)
         rgb = small * np.float32(scale) if small.shape[2] == 3 else np.repeat(small * np.float32(scale), 3, axis=2)
-    rgb = (rgb.astype(np.float32, copy=False) - IMAGENET_MEAN) / IMAGENET_STD
+    rgb = normalise_pixels(rgb.astype(np.float32, copy=False))
     p = cfg.patch
     patches = rgb.reshape(cfg.height // p, p, cfg.width // p, p, 3).transpose(0, 2, 1, 3, 4)
     return np.ascontiguousarray(patches.reshape(cfg.tokens, cfg.features)), np.ones(cfg.tokens, np.bool_)
 
 
 def tokenize_lidar(frame: LidarFrame, cfg: LidarTokens) -> tuple[np.ndarray, np.ndarray]:
-    """-> points (pillars, points_per_pillar, 9) float32 and point mask (pillars, points_per_pillar).
+    """-> points (pillars, points_per_pillar, features) float32, per `LIDAR_FEATURES`, and point mask
+    (pillars, points_per_pillar).
 
     Bird's-eye-view pillars: points within range are binned on a grid; the `pillars` most populated
     cells become tokens, each with up to `points_per_pillar` points spread evenly over the cell's
@@ -108,16 +149,20 @@ def tokenize_lidar(frame: LidarFrame, cfg: LidarTokens) -> tuple[np.ndarray, np.
     centre_y = (top % cfg.grid + 0.5) / per_m - cfg.range_m
     gx, gy, gz, gi = group[..., 0], group[..., 1], group[..., 2], group[..., 3]
     mean_z = (gz * valid).sum(1, keepdims=True) / np.maximum(valid.sum(1, keepdims=True), 1)
+    features = {
+        "x": gx / cfg.range_m,
+        "y": gy / cfg.range_m,
+        "z": gz / cfg.z_max_m,
+        "log_intensity": np.log1p(np.maximum(gi, 0.0)) / np.log(256.0),  # 0..255 and 0..1 intensities alike
+        "range": np.hypot(gx, gy) / cfg.range_m,
+        "dx": (gx - centre_x[:, None].astype(np.float32)) * per_m,
+        "dy": (gy - centre_y[:, None].astype(np.float32)) * per_m,
+        "dz": gz - mean_z,
+        "log_count": np.log1p(cnt) / np.log1p(float(len(frame.points))),
+    }
     f = out[:n_cells]
-    f[..., 0] = gx / cfg.range_m
-    f[..., 1] = gy / cfg.range_m
-    f[..., 2] = gz / cfg.z_max_m
-    f[..., 3] = np.log1p(np.maximum(gi, 0.0)) / np.log(256.0)  # 0..255 and 0..1 intensities alike
-    f[..., 4] = np.hypot(gx, gy) / cfg.range_m
-    f[..., 5] = (gx - centre_x[:, None].astype(np.float32)) * per_m
-    f[..., 6] = (gy - centre_y[:, None].astype(np.float32)) * per_m
-    f[..., 7] = gz - mean_z
-    f[..., 8] = np.log1p(cnt) / np.log1p(float(len(frame.points)))
+    for name, i in LIDAR_INDEX.items():
+        f[..., i] = features[name]
     f *= valid[..., None]
     mask[:n_cells] = valid
     return out, mask
@@ -139,15 +184,15 @@ def tokenize_imu(window: ImuWindow, cfg: ImuTokens) -> tuple[np.ndarray, np.ndar
     grid = (chunk_end[:, None] - chunk_s + chunk_s * (np.arange(S) + 0.5) / S).ravel()
     samples = np.stack(
         [np.interp(grid, t, window.accel[:, a]) / cfg.accel_scale for a in range(3)]
-        + [np.interp(grid, t, window.gyro[:, a]) / cfg.gyro_scale for a in range(3)], axis=1)
-    out[:, : S * 6] = samples.reshape(n, S * 6)
+        + [np.interp(grid, t, window.gyro[:, a]) / cfg.gyro_scale for a in range(3)], axis=1)  # per IMU_AXES
+    put_imu_samples(out, samples.reshape(n, S, len(IMU_AXES)), cfg)
     chunk_of = np.clip(np.floor((t + cfg.window_s) / chunk_s), -1, n - 1).astype(np.int64)
     inside = chunk_of >= 0
     count = np.bincount(chunk_of[inside], minlength=n)
     gaps = np.diff(t, prepend=t[0])
     dt_sum = np.bincount(chunk_of[inside], weights=gaps[inside], minlength=n)
-    out[:, -2] = dt_sum / np.maximum(count, 1) / cfg.nominal_dt_s
-    out[:, -1] = count / S
+    out[:, IMU_DT] = dt_sum / np.maximum(count, 1) / cfg.nominal_dt_s
+    out[:, IMU_COUNT] = count / S
     mask = chunk_end >= t[0]  # a chunk entirely before the first sample would be pure extrapolation
     out *= mask[:, None]
     return out, mask, -chunk_end

@@ -3,6 +3,10 @@
 import dataclasses
 import json
 import math
+import os
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -11,18 +15,25 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import fusion_attn.sim  # noqa: F401 - headless GL before mujoco loads
-from fusion_attn import train as T
 from fusion_attn.checkpoint import load_checkpoint, read_checkpoint
 from fusion_attn.cli import main
 from fusion_attn.config import FusionConfig
 from fusion_attn.errors import CheckpointError
 from fusion_attn.frames import CameraFrame, Modality
+from fusion_attn.learn.augment import DELAY_LAG, FAULTS, FREEZE_LAG, FaultPlan, corrupt, gather
+from fusion_attn.learn.data import SECTORS, bag_sequence, build_datasets, decode_camera, encode_sample
+from fusion_attn.learn.evaluation import RunningMeans, physical_errors, sectors_in_view, sim_camera_hfov_deg
+from fusion_attn.learn.loop import STATE_FILE, TrainConfig, train
+from fusion_attn.learn.objectives import Heads, fault_attention, heads_path, load_heads, target_sizes
+from fusion_attn.learn.robustness import load_run, run_evaluation, summarise
 from fusion_attn.pipeline import DEFAULT_CHECKPOINT
-from fusion_attn.tokenize import SensorSnapshot, Tokenizer
+from fusion_attn.tokenize import (IMU_COUNT, IMU_DT, LIDAR_FEATURES, LIDAR_INDEX, SensorSnapshot, Tokenizer,
+                                  imu_samples)
 
 CFG = FusionConfig()
-TINY = T.TrainConfig(steps=6, batch=8, sim_episodes=2, val_episodes=1, sim_seconds=3.0, log_every=2, eval_every=4,
-                     save_every=3)
+TINY = TrainConfig(steps=6, batch=8, sim_episodes=2, val_episodes=1, sim_seconds=3.0, log_every=2, eval_every=4,
+                   save_every=3)
+GIT_SHA = re.compile(r"[0-9a-f]{40}(\+uncommitted)?")
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +43,12 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data(cache):
-    return T.build_datasets(TINY, CFG, cache, progress=False)[0]
+    return build_datasets(TINY, CFG, cache, progress=False)[0]
 
 
 def _state(out):
     model = load_checkpoint(out / "model.safetensors")
-    heads = T.load_heads(T.heads_path(out / "model.safetensors"))
+    heads = load_heads(heads_path(out / "model.safetensors"))
     return {**{f"m.{k}": v for k, v in model.state_dict().items()}, **{f"h.{k}": v for k, v in heads.state_dict().items()}}
 
 
@@ -87,16 +98,16 @@ def test_camera_codec_is_the_tokenizer_output():
     frame = CameraFrame(0, "camera", rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), "rgb8")
     tok = Tokenizer(CFG)
     x = tok(SensorSnapshot(0, camera=frame), np.ones(4, np.float32))
-    enc = T.encode_sample(x)
-    dec = T.decode_camera(torch.from_numpy(enc["camera_u8"])[None], torch.from_numpy(enc["camera_mask"])[None])[0]
+    enc = encode_sample(x)
+    dec = decode_camera(torch.from_numpy(enc["camera_u8"])[None], torch.from_numpy(enc["camera_mask"])[None])[0]
     np.testing.assert_allclose(dec.numpy(), x["camera_patches"], atol=1e-5)
 
 
 def _faulted(data, sensor, fault, idx=(5, 25, 45)):
     t = data.tensors()
     idx = torch.tensor(idx)
-    plan = T.FaultPlan.fixed(len(idx), int(sensor), fault)
-    return t, idx, T.gather(t, idx), T.corrupt(t, idx, plan, CFG, TINY.fusion_hz, torch.Generator().manual_seed(0))
+    plan = FaultPlan.fixed(len(idx), int(sensor), fault)
+    return t, idx, gather(t, idx), corrupt(t, idx, plan, CFG, TINY.fusion_hz, torch.Generator().manual_seed(0))
 
 
 def _unchanged(clean, x, but):
@@ -121,9 +132,8 @@ def test_zeroed_sensors_look_as_the_node_would_tokenize_them(data):
     assert x["camera_mask"].all()  # a black image is still an image
     _unchanged(clean, x, "camera_patches")
     _, _, clean, x = _faulted(data, Modality.IMU, "zero")
-    S6 = CFG.imu.samples_per_chunk * 6
-    assert (x["imu_chunks"][..., :S6] == 0).all() and clean["imu_chunks"][..., :S6].abs().sum() > 0
-    assert torch.equal(x["imu_chunks"][..., S6:], clean["imu_chunks"][..., S6:])  # rate and count as before
+    assert (imu_samples(x["imu_chunks"], CFG.imu) == 0).all() and clean["imu_chunks"].abs().sum() > 0
+    assert torch.equal(x["imu_chunks"][..., [IMU_DT, IMU_COUNT]], clean["imu_chunks"][..., [IMU_DT, IMU_COUNT]])
     _, _, clean, x = _faulted(data, Modality.LIDAR, "zero")
     assert not x["lidar_mask"].any()  # no points: the sync drops the sweep
 
@@ -137,17 +147,26 @@ def test_noise_perturbs_only_valid_tokens_of_one_sensor(data):
     invalid = ~x["lidar_mask"]
     assert (x["lidar_points"][invalid] == 0).all() and not torch.equal(x["lidar_points"], clean["lidar_points"])
     _unchanged(clean, x, "lidar_points")
+    # the points move: their coordinates, range and offsets in the pillar; not intensity or point count
+    valid = x["lidar_mask"]
+    moved = (x["lidar_points"] != clean["lidar_points"])[valid].any(0)
+    assert [f for f, m in zip(LIDAR_FEATURES, moved) if m] == ["x", "y", "z", "range", "dx", "dy", "dz"]
+    p = x["lidar_points"][valid]
+    torch.testing.assert_close(p[:, LIDAR_INDEX["range"]], torch.hypot(p[:, LIDAR_INDEX["x"]], p[:, LIDAR_INDEX["y"]]))
+    _, _, clean, x = _faulted(data, Modality.IMU, "noise")
+    assert not torch.equal(imu_samples(x["imu_chunks"], CFG.imu), imu_samples(clean["imu_chunks"], CFG.imu))
+    assert torch.equal(x["imu_chunks"][..., [IMU_DT, IMU_COUNT]], clean["imu_chunks"][..., [IMU_DT, IMU_COUNT]])
 
 
 def test_frozen_and_delayed_sensors_show_old_content(data):
     t, idx, clean, x = _faulted(data, Modality.CAMERA, "freeze")
-    older = torch.maximum(idx - T.FREEZE_LAG[1], t["seq_start"][idx])
-    assert torch.equal(x["camera_patches"], T.gather(t, older)["camera_patches"])
+    older = torch.maximum(idx - FREEZE_LAG[1], t["seq_start"][idx])
+    assert torch.equal(x["camera_patches"], gather(t, older)["camera_patches"])
     assert not torch.equal(x["camera_patches"], clean["camera_patches"])
     assert torch.equal(x["camera_age"], clean["camera_age"])  # re-sent with fresh stamps
     t, idx, clean, x = _faulted(data, Modality.LIDAR, "delay")
-    assert torch.equal(x["lidar_points"], T.gather(t, idx - T.DELAY_LAG)["lidar_points"])
-    assert torch.allclose(x["lidar_age"], clean["lidar_age"] + T.DELAY_LAG / TINY.fusion_hz)
+    assert torch.equal(x["lidar_points"], gather(t, idx - DELAY_LAG)["lidar_points"])
+    assert torch.allclose(x["lidar_age"], clean["lidar_age"] + DELAY_LAG / TINY.fusion_hz)
     _unchanged(clean, x, "lidar")
     # at an episode's first sample there is nothing older: its own content, still aged
     t, idx, clean, x = _faulted(data, Modality.LIDAR, "delay", idx=(30,))
@@ -157,28 +176,28 @@ def test_frozen_and_delayed_sensors_show_old_content(data):
 def test_attention_avoidance_weighs_sensors_whose_content_is_gone():
     attention = torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.6, 0.2], [0.1, 0.1, 0.8], [0.3, 0.3, 0.4]])
     attention = attention[:, :, None].expand(-1, -1, 4)  # (B, 3, H): the same on every head
-    plan = T.FaultPlan(sensor=torch.tensor([0, 1, 2, -1]),
-                       fault=torch.tensor([T.FAULTS.index(f) for f in ("zero", "noise", "zero", "zero")]),
+    plan = FaultPlan(sensor=torch.tensor([0, 1, 2, -1]),
+                       fault=torch.tensor([FAULTS.index(f) for f in ("zero", "noise", "zero", "zero")]),
                        lag=torch.zeros(4, dtype=torch.long), strength=torch.tensor([1.0, 0.5, 1.0, 1.0]))
     # the black camera (mass 0.5) and the zero IMU (0.8); not the noisy lidar (it still informs) or the
     # sample without a fault
-    assert T.fault_attention(attention, plan).item() == pytest.approx((0.5 + 0.8) / 2)
-    no_points = T.FaultPlan(sensor=torch.tensor([1, 1, 1, 1]), fault=torch.full((4,), T.FAULTS.index("zero")),
+    assert fault_attention(attention, plan).item() == pytest.approx((0.5 + 0.8) / 2)
+    no_points = FaultPlan(sensor=torch.tensor([1, 1, 1, 1]), fault=torch.full((4,), FAULTS.index("zero")),
                             lag=torch.zeros(4, dtype=torch.long), strength=torch.ones(4))
-    assert T.fault_attention(attention, no_points).item() == 0.0  # masked: nothing to avoid
-    assert T.fault_attention(attention, T.FaultPlan.fixed(4, 2, "freeze")).item() == 0.0
+    assert fault_attention(attention, no_points).item() == 0.0  # masked: nothing to avoid
+    assert fault_attention(attention, FaultPlan.fixed(4, 2, "freeze")).item() == 0.0
 
 
 def test_training_writes_checkpoint_heads_and_tensorboard(tmp_path, cache):
     out = tmp_path / "run"
-    m = T.train(TINY, out, cache=cache, progress=False, command="test")
+    m = train(TINY, out, cache=cache, progress=False, command="test")
     model = load_checkpoint(out / "model.safetensors")  # the node's loader: strict about keys
     _, _, info = read_checkpoint(out / "model.safetensors")
     assert info["seed"] == 0 and info["command"] == "test" and info["data"]["train_samples"] == 60
-    heads = T.load_heads(T.heads_path(out / "model.safetensors"))
-    assert heads.sizes == T.target_sizes(model.cfg)
+    heads = load_heads(heads_path(out / "model.safetensors"))
+    assert heads.sizes == target_sizes(model.cfg)
     assert m["steps"] == 6 and all(np.isfinite(v) for v in m["final_train_losses_ema"].values())
-    assert set(m["val"]) == {"clean"} | {f"{s}_{f}" for s in ("camera", "lidar", "imu") for f in T.FAULTS}
+    assert set(m["val"]) == {"clean"} | {f"{s}_{f}" for s in ("camera", "lidar", "imu") for f in FAULTS}
     assert m["val"]["camera_drop"]["attention_faulted"] == 0.0  # a masked sensor gets no attention
     events = list((out / "tb").glob("events.out.tfevents.*"))
     assert len(events) == 1
@@ -188,17 +207,31 @@ def test_training_writes_checkpoint_heads_and_tensorboard(tmp_path, cache):
     assert {"train/total", "train/camera", "train/velocity", "train/avoid", "val_clean/loss_goal"} <= set(tags)
     assert [e.step for e in acc.Scalars("train/total")] == [2, 4, 6]
     assert json.loads((out / "metrics.json").read_text())["steps"] == 6
+    assert info["git_commit"] == m["git_commit"] == _expected_commit()
+
+
+def _expected_commit() -> str:
+    """What provenance must record here: HEAD's sha (a run from a checkout), "unknown" only outside git."""
+    root = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True) if shutil.which("git") else None
+    if head is None or head.returncode:
+        return "unknown"
+    commit = head.stdout.strip()
+    assert GIT_SHA.fullmatch(commit)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                           text=True, check=True).stdout.strip()
+    return commit + ("+uncommitted" if dirty else "")
 
 
 def test_resume_gives_the_uninterrupted_result(tmp_path, cache):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    T.train(TINY, straight, cache=cache, progress=False)
-    m = T.train(TINY, resumed, cache=cache, progress=False, stop_after=3)
+    train(TINY, straight, cache=cache, progress=False)
+    m = train(TINY, resumed, cache=cache, progress=False, stop_after=3)
     assert m["steps"] == 3
-    state = torch.load(resumed / T.STATE_FILE, weights_only=True)
+    state = torch.load(resumed / STATE_FILE, weights_only=True)
     assert state["step"] == 3
     first = _state(resumed)
-    m = T.train(TINY, resumed, cache=cache, progress=False, resume=True)
+    m = train(TINY, resumed, cache=cache, progress=False, resume=True)
     assert m["steps"] == 6 and m["resumed_from"] == 3
     a, b = _state(straight), _state(resumed)
     assert a.keys() == b.keys()
@@ -206,15 +239,15 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, cache):
     assert not all(torch.equal(first[k], b[k]) for k in a)  # the resumed run did train on
     # other settings than the saved ones are refused
     with pytest.raises(CheckpointError, match="other settings"):
-        T.train(dataclasses.replace(TINY, lr=1e-4), resumed, cache=cache, progress=False, resume=True)
+        train(dataclasses.replace(TINY, lr=1e-4), resumed, cache=cache, progress=False, resume=True)
 
 
 def test_corrupt_resume_state_is_a_clear_error(tmp_path, cache, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    (out / T.STATE_FILE).write_bytes(b"PK\x03\x04 not really a zip")
+    (out / STATE_FILE).write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(CheckpointError, match="not a readable training state"):
-        T.train(TINY, out, cache=cache, progress=False, resume=True)
+        train(TINY, out, cache=cache, progress=False, resume=True)
     code = main(["train", "-o", str(out), "--steps", "2", "--sim-episodes", "2", "--val-episodes", "1",
                  "--sim-seconds", "3", "--cache", str(cache), "--resume", "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -227,7 +260,7 @@ def test_bag_data_goes_through_the_replay_path(real_data):
     from fusion_attn.sync import SensorSync, SyncConfig
 
     bag = real_data / "euroc_v1_01_cam_imu"
-    seq = T.bag_sequence([bag], 10.0, CFG)
+    seq = bag_sequence([bag], 10.0, CFG)
     n = len(seq["labelled"])
     assert 18 <= n <= 25 and not seq["labelled"].any()  # 2 s at 10 Hz, no labels
     assert seq["camera_mask"].any(1).mean() > 0.9 and seq["imu_mask"].any(1).mean() > 0.9
@@ -240,13 +273,13 @@ def test_bag_data_goes_through_the_replay_path(real_data):
     assert [s.stamp_ns for s in snaps] == seq["stamp_ns"].tolist()
     x = tok(snaps[n // 2], np.ones(4, np.float32))
     np.testing.assert_array_equal(seq["imu_chunks"][n // 2], x["imu_chunks"])
-    cam = T.decode_camera(torch.from_numpy(seq["camera_u8"][n // 2])[None], torch.from_numpy(seq["camera_mask"][n // 2])[None])
+    cam = decode_camera(torch.from_numpy(seq["camera_u8"][n // 2])[None], torch.from_numpy(seq["camera_mask"][n // 2])[None])
     np.testing.assert_allclose(cam[0].numpy(), x["camera_patches"], atol=1e-5)  # mono8: exact in the 8-bit codec
 
 
 def test_bag_only_training_runs_without_labels(tmp_path, real_data, cache):
     tc = dataclasses.replace(TINY, sim_episodes=0, val_episodes=0, steps=2, bags=(str(real_data / "euroc_v1_01_cam_imu"),))
-    m = T.train(tc, tmp_path / "run", cache=cache, progress=False)
+    m = train(tc, tmp_path / "run", cache=cache, progress=False)
     assert m["data"]["train_bag_samples"] == m["data"]["train_samples"] > 0 and m["val"] == {}
     load_checkpoint(tmp_path / "run" / "model.safetensors")
     losses = m["final_train_losses_ema"]
@@ -257,26 +290,34 @@ def test_the_shipped_default_is_trained_and_documented():
     assert DEFAULT_CHECKPOINT.is_file() and DEFAULT_CHECKPOINT.stat().st_size < 2e6
     model = load_checkpoint(DEFAULT_CHECKPOINT)
     _, _, info = read_checkpoint(DEFAULT_CHECKPOINT)
-    assert info["command"].startswith("fusion-attn train") and info["seed"] == 0 and info["git_commit"]
+    assert info["command"].startswith("fusion-attn train") and info["seed"] == 0
+    assert GIT_SHA.fullmatch(info["git_commit"])  # trained from a checkout, its commit on record
     assert info["data"]["train_samples"] > 1000 and info["steps"] >= 1000
-    heads = T.load_heads(T.heads_path(DEFAULT_CHECKPOINT))
-    assert heads.sizes == T.target_sizes(model.cfg)
+    heads = load_heads(heads_path(DEFAULT_CHECKPOINT))
+    assert heads.sizes == target_sizes(model.cfg)
     # trained, not seed-0 weights: the held-out obstacle error beats predicting the mean distance
     val = info["val_clean"]
     std_obstacles = float(heads.std_obstacles.mean())
     assert val["obstacle_mae_m"] < 0.6 * std_obstacles
 
 
-def test_eval_robustness_compares_runs(tmp_path, cache):
-    from fusion_attn.robustness import run_evaluation
-
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cache):
+    """Two short runs: attention with every model option set (so its model is not `FusionConfig()`'s),
+    and the concat baseline at fixed τ."""
+    root = tmp_path_factory.mktemp("runs")
     short = dataclasses.replace(TINY, steps=2, eval_every=100)
-    T.train(short, tmp_path / "att", cache=cache, progress=False)
-    T.train(dataclasses.replace(short, fusion="concat", tau_random_prob=0.0), tmp_path / "cat", cache=cache,
-            progress=False)
-    assert not (tmp_path / "cat" / "model.safetensors").exists()  # a baseline is no FusionModel checkpoint
-    report = run_evaluation({"attention": tmp_path / "att", "concat": tmp_path / "cat"}, tmp_path / "out",
-                            [0.25, 1.0], 1, cache, [])
+    # the model options through the command line: every FusionConfig option is reachable from it
+    assert main(["train", "-o", str(root / "att"), "--steps", "2", "--batch", "8", "--sim-episodes", "2",
+                 "--val-episodes", "1", "--sim-seconds", "3", "--eval-every", "100", "--cache", str(cache),
+                 "--latent-blocks", "2", "--qk-norm", "--learned-head-temperature", "--no-progress"]) == 0
+    train(dataclasses.replace(short, fusion="concat", tau_random_prob=0.0), root / "cat", cache=cache, progress=False)
+    return {"attention": root / "att", "concat": root / "cat"}
+
+
+def test_eval_robustness_compares_runs(tmp_path, cache, runs):
+    assert not (runs["concat"] / "model.safetensors").exists()  # a baseline is no FusionModel checkpoint
+    report = run_evaluation(runs, tmp_path / "out", [0.25, 1.0], 1, cache, [])
     sim = report["sim"]
     assert report["test_samples"] == 30 and set(sim["attention"]) == {"0.25", "1.0"} and set(sim["concat"]) == {"1.0"}
     for tau, rows in sim["attention"].items():
@@ -285,9 +326,6 @@ def test_eval_robustness_compares_runs(tmp_path, cache):
         assert rows["clean"]["attention_camera"] + rows["clean"]["attention_lidar"] + rows["clean"]["attention_imu"] \
             == pytest.approx(1.0, abs=1e-4)
     assert "attention_faulted" not in sim["concat"]["1.0"]["camera_drop"]
-    assert min(r["rise"] for r in report["summary"]["attention"].values()) <= 0.0 <= \
-        max(r["rise"] for r in report["summary"]["attention"].values())
-    assert report["summary"]["concat"]["clean"]["rise"] == 0.0
     assert all(Path(p).is_file() for p in report["plots"])
     assert json.loads((tmp_path / "out" / "robustness.json").read_text())["summary"].keys() == {"attention", "concat"}
     tables = (tmp_path / "out" / "robustness.md").read_text()  # the tables docs/RESULTS.md quotes
@@ -299,23 +337,81 @@ def test_eval_robustness_compares_runs(tmp_path, cache):
     assert f"{100 * rise:+.0f}%" in survives.split("| concat, lidar drop |")[1].splitlines()[0]
 
 
+def test_summary_takes_each_condition_at_its_best_tau():
+    report = {
+        "attention": {
+            "2.0": {"clean": {"head_error": 1.0}, "lidar_drop": {"head_error": 1.5, "attention_faulted": 0.0},
+                    "imu_zero": {"head_error": 3.0, "attention_faulted": 0.3}},
+            "10.0": {"clean": {"head_error": 0.8}, "lidar_drop": {"head_error": 2.0, "attention_faulted": 0.0},
+                     "imu_zero": {"head_error": 1.2, "attention_faulted": 0.1}},
+        },
+        "concat": {"1.0": {"clean": {"head_error": 0.5}, "lidar_drop": {"head_error": 0.4},
+                           "imu_zero": {"head_error": 1.0}}},
+    }
+    summary = summarise(report)
+    att = summary["attention"]
+    assert att["clean"] == {"best_tau": 10.0, "head_error": 0.8, "rise": 0.0, "attention_faulted_low_tau": None}
+    # each fault at its own best τ, its rise over the best clean error (0.8, at τ = 10)
+    assert att["lidar_drop"]["best_tau"] == 2.0 and att["lidar_drop"]["rise"] == pytest.approx(1.5 / 0.8 - 1)
+    assert att["imu_zero"]["best_tau"] == 10.0 and att["imu_zero"]["rise"] == pytest.approx(1.2 / 0.8 - 1)
+    assert att["imu_zero"]["attention_faulted_low_tau"] == 0.3  # τ = 2, the lowest, though "10.0" sorts first as text
+    assert summary["concat"]["lidar_drop"]["rise"] == pytest.approx(-0.2)  # a fault may also lower the error
+    assert summary["concat"]["imu_zero"] == {"best_tau": 1.0, "head_error": 1.0, "rise": 1.0,
+                                              "attention_faulted_low_tau": None}
+
+
+def test_eval_robustness_builds_models_from_the_training_state(tmp_path, runs):
+    run = load_run("attention", runs["attention"])
+    assert (run.cfg.model.latent_blocks, run.cfg.model.qk_norm, run.cfg.model.learned_head_temperature) == (2, True, True)
+    assert run.cfg == run.tc.fusion_config() == load_checkpoint(runs["attention"] / "model.safetensors").cfg
+    # a state from before the config was stored (nor the model options): FusionConfig()'s defaults
+    state = torch.load(runs["concat"] / STATE_FILE, weights_only=True)
+    del state["fusion_config"]
+    saved = json.loads(state["train_config"])
+    state["train_config"] = json.dumps({k: v for k, v in saved.items()
+                                        if k not in ("latent_blocks", "qk_norm", "learned_head_temperature")})
+    (tmp_path / "old").mkdir()
+    torch.save(state, tmp_path / "old" / STATE_FILE)
+    old = load_run("old", tmp_path / "old")
+    assert old.cfg == FusionConfig() and old.tc.fusion == "concat" and not old.has_attention
+
+
+def test_eval_robustness_reuses_the_training_shard_of_a_recording(tmp_path, real_data, cache, runs):
+    bag = tmp_path / "euroc"
+    shutil.copytree(real_data / "euroc_v1_01_cam_imu", bag)
+    before = set(cache.glob("bag-*.npz"))
+    build_datasets(dataclasses.replace(TINY, sim_episodes=0, val_episodes=0, bags=(str(bag),)), CFG, cache,
+                   progress=False)
+    trained = set(cache.glob("bag-*.npz")) - before
+    assert len(trained) == 1
+    attention_only = {"attention": runs["attention"]}
+    report = run_evaluation(attention_only, tmp_path / "out", [1.0], 1, cache, [bag])
+    assert set(cache.glob("bag-*.npz")) - before == trained  # the training shard, not a second tokenization
+    assert report["real"]["euroc"]["attention"]["1.0"]["clean"]["attention_lidar"] == 0.0  # no lidar in it
+    # the recording changes at the same path: its old shard is stale, a new one is made
+    mcap = next(bag.glob("*.mcap"))
+    os.utime(mcap, ns=(mcap.stat().st_atime_ns, mcap.stat().st_mtime_ns + 10**9))
+    run_evaluation(attention_only, tmp_path / "out", [1.0], 1, cache, [bag])
+    assert len(set(cache.glob("bag-*.npz")) - before - trained) == 1
+
+
 def test_obstacle_sectors_in_a_camera_view():
-    assert T.sectors_in_view(360) == list(range(T.SECTORS))
-    assert T.sectors_in_view(90) == [0, 1, 15]  # sectors are 22.5° wide, sector 0 centred straight ahead
-    assert T.sectors_in_view(22.5) == [0] and T.sectors_in_view(20) == []
-    assert T.sectors_in_view(T.sim_camera_hfov_deg()) == [0, 1, 15]  # the simulated 75° square camera
+    assert sectors_in_view(360) == list(range(SECTORS))
+    assert sectors_in_view(90) == [0, 1, 15]  # sectors are 22.5° wide, sector 0 centred straight ahead
+    assert sectors_in_view(22.5) == [0] and sectors_in_view(20) == []
+    assert sectors_in_view(sim_camera_hfov_deg()) == [0, 1, 15]  # the simulated 75° square camera
 
 
 def test_goal_error_split_by_the_camera_view():
-    heads = T.Heads(8, {"velocity": 2, "obstacles": T.SECTORS, "goal": 3})  # identity (de)normalisation
+    heads = Heads(8, {"velocity": 2, "obstacles": SECTORS, "goal": 3})  # identity (de)normalisation
     bearings = torch.tensor([0.0, math.radians(30), math.radians(90), math.pi])  # two inside the 75° view
     true_goal = torch.stack([torch.full((4,), 3.0), bearings.cos(), bearings.sin()], -1)
     pred_goal = true_goal + torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [2.0, 0, 0], [4.0, 0, 0]])
     ok = torch.ones(4, dtype=torch.bool)
-    tgt = {"velocity": (torch.zeros(4, 2), ok), "obstacles": (torch.zeros(4, T.SECTORS), ok),
+    tgt = {"velocity": (torch.zeros(4, 2), ok), "obstacles": (torch.zeros(4, SECTORS), ok),
            "goal": (true_goal, ok)}
-    pred = {"velocity": torch.zeros(4, 2), "obstacles": torch.zeros(4, T.SECTORS), "goal": pred_goal}
-    errors = T.physical_errors(heads, pred, tgt)
+    pred = {"velocity": torch.zeros(4, 2), "obstacles": torch.zeros(4, SECTORS), "goal": pred_goal}
+    errors = physical_errors(heads, pred, tgt)
     assert errors["goal_in_view_share"].tolist() == [1, 1, 0, 0]
     assert errors["goal_distance_in_view_mae_m"].tolist() == [1, 1]
     assert errors["goal_distance_out_of_view_mae_m"].tolist() == [2, 4]
@@ -323,7 +419,7 @@ def test_goal_error_split_by_the_camera_view():
 
 
 def test_running_means_weigh_each_sample_once_and_skip_what_no_sample_covers():
-    running = T.RunningMeans()
+    running = RunningMeans()
     running.add({"loss": torch.tensor(1.0), "in_view": torch.tensor([1.0]), "none": torch.zeros(0)}, batch_size=4)
     running.add({"loss": torch.tensor(3.0), "in_view": torch.tensor([3.0, 3.0, 3.0])}, batch_size=2)
     means = running.means()

@@ -1,18 +1,21 @@
 """Robustness evaluation (`fusion-attn eval-robustness`): what one failed sensor costs each fusion.
 
-Trained runs (folders of `fusion-attn train`) are compared on the same held-out simulated episodes
-(seeds no training or validation episode uses), each with every single-sensor fault of
-`train.corrupt` -- the faults as the node would tokenize them -- and, for attention models, a sweep of
-the global τ. Per run, τ and condition: the supervised heads' error (mean standardised squared error
-over ego velocity, obstacle distances and goal, and each in its own units, obstacles and goal in the
-simulated camera's view apart from the rest: what survives a failed lidar), the attention mass the
-faulted sensor receives, and the softmax Lipschitz diagnostic of the cross-attention
-(`model.softmax_lipschitz`). The real recordings, which have no labels, get the self-supervised losses
-and the attention mass, clean and with each fault.
+Trained runs (folders of `fusion-attn train`, each model built from the config its training state
+holds) are compared on the same held-out simulated episodes (`data.held_out_set`: seeds no training
+or validation episode uses), each with every single-sensor fault of `augment.corrupt` -- the faults
+as the node would tokenize them -- and, for attention models, a sweep of the global τ. Per run, τ
+and condition (`evaluation.evaluate`, as in training's validation): the supervised heads' error (mean
+standardised squared error over ego velocity, obstacle distances and goal, and each in its own units,
+obstacles and goal in the simulated camera's view apart from the rest: what survives a failed
+lidar), the attention mass the faulted sensor receives, and the softmax Lipschitz diagnostic of the
+cross-attention (`model.softmax_lipschitz`). The real recordings, which have no labels, get the
+self-supervised losses and the attention mass, clean and with each fault; they are read from the
+same cached shards as training's.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,24 +23,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import train as T
-from .config import FusionConfig
-from .errors import CheckpointError
-from .frames import MODALITIES
-from .model import FusionModel, softmax_lipschitz
-
-SUPERVISED = ("velocity", "obstacles", "goal")
-SELF_SUPERVISED = ("camera", "lidar", "imu", "imu_next")
-TEST_SEED_OFFSET = 200_000  # training episodes use 0.., validation 100_000..
-LIPSCHITZ_SAMPLES = 16  # the diagnostic needs an eigen-decomposition per head, query and sample
+from ..config import FusionConfig
+from ..errors import CheckpointError
+from ..frames import MODALITIES
+from ..model import FusionModel
+from .augment import FAULTS
+from .data import Dataset, bag_set, held_out_set
+from .evaluation import conditions, evaluate
+from .loop import STATE_FILE, TrainConfig, read_state
+from .objectives import Heads, build_heads, build_model
 
 
 @dataclass
 class TrainedRun:
     name: str
-    tc: T.TrainConfig
+    tc: TrainConfig
+    cfg: FusionConfig
     model: torch.nn.Module
-    heads: T.Heads
+    heads: Heads
 
     @property
     def has_attention(self) -> bool:
@@ -45,112 +48,27 @@ class TrainedRun:
 
 
 def load_run(name: str, folder: str | Path) -> TrainedRun:
-    """A finished training run from its saved state (safetensors model files exist only for attention)."""
-    path = Path(folder) / T.STATE_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{folder}: no {T.STATE_FILE}; is it a `fusion-attn train` output folder?")
+    """A finished training run from its saved state (safetensors model files exist only for attention),
+    its model and heads built from the config the state holds."""
+    path = Path(folder) / STATE_FILE
+    state, tc, cfg = read_state(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        saved = json.loads(state["train_config"])
-        tc = T.TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
-        cfg = FusionConfig()
-        model = T.build_model(cfg, tc.fusion)
+        model = build_model(cfg, tc.fusion)
         model.load_state_dict(state["model"])
-        heads = T.Heads(cfg.model.fusion_tokens * cfg.model.dim, T.target_sizes(cfg))
+        heads = build_heads(cfg)
         heads.load_state_dict(state["heads"])
-    except Exception as exc:  # a damaged or foreign file surfaces as any of several errors
-        raise CheckpointError(f"{path} is not a readable training state: {type(exc).__name__}: {exc}") from exc
-    return TrainedRun(name, tc, model.eval(), heads.eval())
+    except (KeyError, RuntimeError) as exc:
+        msg = f"{path}: its weights do not fit its own config: {type(exc).__name__}: {exc}"
+        raise CheckpointError(msg) from exc
+    return TrainedRun(name, tc, cfg, model.eval(), heads.eval())
 
 
-def held_out_set(tc: T.TrainConfig, cfg: FusionConfig, cache: Path, episodes: int) -> T.Dataset:
-    """Held-out simulated episodes, tasks alternating as in training."""
-    parts = []
-    for k in range(episodes):
-        task, seed = tc.sim_tasks[k % len(tc.sim_tasks)], tc.seed * 1_000_000 + TEST_SEED_OFFSET + k
-        key = {"version": T.DATA_VERSION, "model": cfg.to_dict(), "hz": tc.fusion_hz, "kind": f"sim-{task}",
-               "seed": seed, "seconds": tc.sim_seconds}
-        parts.append((T._cached(cache, key, lambda t=task, s=seed: T.sim_episode(t, s, tc.sim_seconds, tc.fusion_hz, cfg)), 0))
-    return T.Dataset.join(parts)
-
-
-def conditions() -> list[tuple[str, int, str]]:
-    return [("clean", -1, "drop")] + [(f"{MODALITIES[m]}_{f}", m, f) for m in range(3) for f in T.FAULTS]
-
-
-@torch.no_grad()
-def measure(run: TrainedRun, data: T.Dataset, tau: float, seed: int = 7, batch: int = 256) -> dict[str, dict]:
-    """condition -> metrics of one run at global τ (modality τ = 1) on `data`."""
-    cfg = FusionConfig()
-    t = data.tensors()
-    labelled = bool(data.arrays["labelled"].any())
-    out = {}
-    for name, sensor, fault in conditions():
-        gen = torch.Generator().manual_seed(seed)  # the same noise for every run and τ
-        running = T.RunningMeans()
-        weights_seen: list[torch.Tensor] = []
-        for start in range(0, len(data), batch):
-            idx = torch.arange(start, min(start + batch, len(data)))
-            x = T.corrupt(t, idx, T.FaultPlan.fixed(len(idx), sensor, fault), cfg, run.tc.fusion_hz, gen)
-            tgt = T.targets(t, idx, T.gather(t, idx), cfg)
-            taus = torch.full((len(idx), 4), 1.0)
-            taus[:, 0] = tau
-            weights = _capture_weights(run.model) if run.has_attention and start == 0 else None
-            feature, attention = T.fused_feature(run.model, x, taus)
-            if weights is not None:
-                weights_seen.append(weights.pop()[:LIPSCHITZ_SAMPLES])
-            pred = run.heads(feature)
-            loss = T.losses(run.heads, pred, tgt)
-            m = {f"loss_{k}": v for k, v in loss.items()}
-            if labelled:
-                m["head_error"] = sum(loss[k] for k in SUPERVISED) / len(SUPERVISED)
-                m.update(T.physical_errors(run.heads, pred, tgt))
-            m["ssl_loss"] = sum(loss[k] for k in SELF_SUPERVISED) / len(SELF_SUPERVISED)
-            if attention is not None:
-                for i, mod in enumerate(MODALITIES):
-                    m[f"attention_{mod}"] = attention[:, i].mean()
-            running.add(m, len(idx))
-        metrics = running.means()
-        if sensor >= 0 and run.has_attention:
-            metrics["attention_faulted"] = metrics[f"attention_{MODALITIES[sensor]}"]
-        if weights_seen:
-            metrics["lipschitz"] = lipschitz(weights_seen[0], tau)
-        out[name] = metrics
-    return out
-
-
-def _capture_weights(model: FusionModel) -> list:
-    """The cross-attention weights (B, H, M, N) of the next forward pass, via a one-shot hook."""
-    seen: list[torch.Tensor] = []
-
-    def hook(module, args, output):
-        seen.append(output[1])
-        handle.remove()
-
-    handle = model.cross.register_forward_hook(hook)
-    return seen
-
-
-def lipschitz(weights: torch.Tensor, tau: float) -> float:
-    """Mean over samples, heads and fusion tokens of the softmax's local Lipschitz constant.
-
-    It depends on the logits only through the attention p they give, so it is evaluated at logits
-    τ·log p, which give back p exactly (masked tokens keep zero weight)."""
-    mask = weights > 0
-    logits = torch.log(weights.clamp_min(1e-30)) * tau
-    valid = mask.any(-1)
-    if not valid.any():
-        return 0.0
-    return float(softmax_lipschitz(logits[valid], tau, mask[valid]).mean())
-
-
-def evaluate_runs(runs: list[TrainedRun], data: T.Dataset, taus: list[float]) -> dict:
-    """{run: {tau: {condition: metrics}}}; a run without attention, or trained at fixed τ, is measured at τ = 1."""
-    return {run.name: {str(tau): measure(run, data, tau) for tau in _sweep(run, taus)} for run in runs}
-
-
-def _sweep(run: TrainedRun, taus: list[float]) -> list[float]:
-    return taus if run.has_attention and run.tc.tau_random_prob > 0 else [1.0]
+def sweep(run: TrainedRun, data: Dataset, taus: list[float], fusion_hz: float) -> dict[str, dict]:
+    """{tau: {condition: metrics}} of one run on `data` (sampled at fusion_hz); a run without attention,
+    or trained at fixed τ, is measured at τ = 1 only."""
+    taus = taus if run.has_attention and run.tc.tau_random_prob > 0 else [1.0]
+    return {str(tau): evaluate(run.model, run.heads, data, run.cfg, fusion_hz, tau, lipschitz=True)
+            for tau in taus}
 
 
 def summarise(report: dict, key: str = "head_error") -> dict:
@@ -197,7 +115,7 @@ def plots(report: dict, summary: dict, out: Path) -> list[Path]:
         taus = sorted(by_tau, key=float)
         fig, axes = plt.subplots(1, 3, figsize=(12, 3.5), sharey=True)
         for m, ax in enumerate(axes):
-            for f in T.FAULTS:
+            for f in FAULTS:
                 ax.plot([float(t) for t in taus], [by_tau[t][f"{MODALITIES[m]}_{f}"]["attention_faulted"] for t in taus],
                         marker="o", label=f)
             ax.plot([float(t) for t in taus], [by_tau[t]["clean"][f"attention_{MODALITIES[m]}"] for t in taus],
@@ -303,22 +221,16 @@ def run_evaluation(run_dirs: dict[str, Path], out: Path, taus: list[float], epis
     OUT/robustness.md, and the plots."""
     torch.set_num_threads(threads)
     runs = [load_run(n, d) for n, d in run_dirs.items()]
-    cfg = FusionConfig()
-    data = held_out_set(runs[0].tc, cfg, cache, episodes)
-    report = {"test_samples": len(data), "test_episodes": episodes, "taus": taus,
+    data_tc = runs[0].tc  # every run sees the episodes and rate of the first run's data settings
+    hz = data_tc.fusion_hz
+    test_set = functools.cache(lambda cfg: held_out_set(data_tc, cfg, cache, episodes))  # loaded once per config
+    report = {"test_samples": len(test_set(runs[0].cfg)), "test_episodes": episodes, "taus": taus,
               "runs": {r.name: {"folder": str(run_dirs[r.name]), "fusion": r.tc.fusion,
                                 "tau_random_prob": r.tc.tau_random_prob} for r in runs},
-              "sim": evaluate_runs(runs, data, taus)}
+              "sim": {r.name: sweep(r, test_set(r.cfg), taus, hz) for r in runs}}
     report["summary"] = summarise(report["sim"])
-    report["real"] = {}
-    attention_runs = [r for r in runs if r.has_attention]
-    for bag in bags:
-        seq = T._cached(cache, {"version": T.DATA_VERSION, "model": cfg.to_dict(), "hz": runs[0].tc.fusion_hz,
-                                "kind": "bag", "path": str(Path(bag).resolve())},
-                        lambda b=bag: T.bag_sequence([b], runs[0].tc.fusion_hz, cfg))
-        real = T.Dataset.join([(seq, 1)])
-        report["real"][Path(bag).name] = {r.name: {str(tau): measure(r, real, tau) for tau in _sweep(r, taus)}
-                                          for r in attention_runs}
+    report["real"] = {Path(bag).name: {r.name: sweep(r, bag_set(bag, hz, r.cfg, cache), taus, hz)
+                                       for r in runs if r.has_attention} for bag in bags}
     out.mkdir(parents=True, exist_ok=True)
     (out / "robustness.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
     (out / "robustness.md").write_text(tables(report))

@@ -1,0 +1,245 @@
+"""Training and evaluation data: simulated episodes and recordings through the node's own data path.
+
+Simulated episodes (`fusion_attn.sim.RobotEnv`, no faults) and recordings go through exactly the
+node's path -- frames -> `SensorSync` -> `Tokenizer` -- at `fusion_hz` (bags through
+`replay.recorded_inputs`, the replay tool's loop). Each episode or bag becomes one cached .npz shard
+of tokenized inputs, keyed by what it depends on (`shard_key`), so epochs never touch the simulator
+again. Simulated samples also carry ground truth from the simulator's true state
+(`RobotEnv.ground_truth`): ego velocity, obstacle distance per sector, goal distance and bearing.
+
+Episode seeds keep the splits apart: training, validation and the held-out test set of
+`eval-robustness` never share an episode (`SPLIT_SEEDS`).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ..config import FusionConfig
+from ..errors import ConfigError
+from ..frames import NS_PER_S
+from ..tokenize import Tokenizer, denormalise_pixels, normalise_pixels
+
+if TYPE_CHECKING:
+    from .loop import TrainConfig
+
+DATA_VERSION = "1"  # bump when what a shard holds changes: old cache entries are then ignored
+SECTORS = 16  # obstacle sectors (0 centred straight ahead): the ground truth's and the lidar target's
+SPLIT_SEEDS = {"train": 0, "val": 100_000, "test": 200_000}  # each split's first episode seed (+ seed * 1e6)
+ONES = np.ones(4, np.float32)
+
+INPUT_KEYS = ("camera_patches", "camera_mask", "camera_age", "lidar_points", "lidar_mask", "lidar_age",
+              "imu_chunks", "imu_mask", "imu_age")
+TRUTH_KEYS = ("velocity", "obstacles", "goal")
+
+
+# --- the sample codec ----------------------------------------------------------------------------
+
+
+def encode_sample(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Tokenizer output -> compact storage. Camera patches go back to the 8-bit pixels they came from
+    (exact for 8-bit cameras, 1/255 steps for 16-bit and depth): a quarter of the float32 size, which
+    keeps a dataset of thousands of samples in memory. Lidar point features fit float16."""
+    out = {k: x[k] for k in INPUT_KEYS if k not in ("camera_patches", "lidar_points")}
+    pixels = denormalise_pixels(x["camera_patches"].reshape(*x["camera_patches"].shape[:-1], -1, 3))
+    out["camera_u8"] = np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8)
+    out["lidar_points"] = x["lidar_points"].astype(np.float16)
+    return out
+
+
+def decode_camera(u8: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, N, P, 3) uint8 -> (B, N, P*3) normalised patches, zero where masked (as the tokenizer gives)."""
+    return normalise_pixels(u8.float() / 255.0).flatten(-2) * mask[..., None]
+
+
+# --- sequences: a simulated episode, a recording -------------------------------------------------
+
+
+def sim_episode(task: str, seed: int, seconds: float, fusion_hz: float, cfg: FusionConfig) -> dict[str, np.ndarray]:
+    """One clean simulated episode, tokenized as the node would see it, with ground truth per sample.
+
+    The robot drives a smooth random policy (each command held 0.4-1.6 s), so the data covers
+    turning, driving and stopping near obstacles rather than 50 Hz jitter.
+    """
+    import fusion_attn.sim  # noqa: F401 - picks the headless GL backend before mujoco loads
+    from fusion_attn.sim.faults import FaultConfig
+    from fusion_attn.sim.robot import RobotEnv
+
+    from ..clock import FusionClock
+    from ..sync import SensorSync, SyncConfig
+
+    env = RobotEnv(task, faults=FaultConfig())
+    rng = np.random.default_rng(seed)
+    tokenizer = Tokenizer(cfg)
+    # the node's fusion timer on simulated time, first tick one period in; at 10 Hz every tick ends a
+    # 50 Hz control step, so the ground truth taken at the step's end is the tick's
+    clock = FusionClock(SensorSync(SyncConfig(imu_window_s=cfg.imu.window_s)), fusion_hz,
+                        start_ns=round(NS_PER_S / fusion_hz))
+    samples, truth, stamps = [], [], []
+    try:
+        _, info = env.reset(seed=seed)
+        action, hold = None, 0
+        while True:
+            t = info["time_ns"]
+            ticks = [snap for frame in info["frames"] for snap in clock.add(frame)] + list(clock.advance(t))
+            for snap in ticks:
+                samples.append(encode_sample(tokenizer(snap, ONES)))
+                truth.append(env.ground_truth(SECTORS))
+                stamps.append(snap.stamp_ns)
+            if t >= seconds * NS_PER_S:
+                break
+            if hold <= 0:
+                action = rng.uniform(env.action_space.low, env.action_space.high).astype(np.float32)
+                hold = int(rng.integers(20, 80))  # control steps at 50 Hz
+            hold -= 1
+            _, _, terminated, truncated, info = env.step(action)
+            if terminated or truncated:
+                break
+    finally:
+        env.close()
+    out = _stack(samples)
+    out.update({k: np.stack([g[k] for g in truth]).astype(np.float32) for k in TRUTH_KEYS})
+    out["labelled"] = np.ones(len(samples), np.bool_)
+    out["stamp_ns"] = np.array(stamps, np.int64)
+    return out
+
+
+def bag_sequence(paths: Sequence[str | Path], fusion_hz: float, cfg: FusionConfig) -> dict[str, np.ndarray]:
+    """A recording, fused-instant by fused-instant as `fusion-attn replay` would see it; no labels.
+    A recording cut short gives what was read before the fault, as replay does."""
+    from ..replay import ReplayOptions, recorded_inputs
+
+    samples, stamps = [], []
+    for stamp, x in recorded_inputs(paths, cfg, ReplayOptions(fusion_rate_hz=fusion_hz, progress=False)):
+        samples.append(encode_sample(x))
+        stamps.append(stamp)
+    if not samples:
+        raise ConfigError(f"no sensor data in {', '.join(map(str, paths))}")
+    out = _stack(samples)
+    n = len(samples)
+    out.update({"velocity": np.zeros((n, 2), np.float32), "obstacles": np.zeros((n, SECTORS), np.float32),
+                "goal": np.zeros((n, 2), np.float32), "labelled": np.zeros(n, np.bool_),
+                "stamp_ns": np.array(stamps, np.int64)})
+    return out
+
+
+def _stack(samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+# --- the shard cache -----------------------------------------------------------------------------
+
+
+def shard_key(cfg: FusionConfig, fusion_hz: float, kind: str, **source) -> dict:
+    """Everything a shard's content depends on: the tokenizers' config (not the model's: runs that
+    differ only in the model share their data), the fusion rate, and what the sequence is."""
+    tokens = {k: v for k, v in cfg.to_dict().items() if k != "model"}
+    return {"version": DATA_VERSION, "tokens": tokens, "hz": fusion_hz, "kind": kind, **source}
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One sequence's tokenized samples: its cache key and how to make it when the cache lacks it."""
+
+    key: dict
+    make: Callable[[], dict[str, np.ndarray]]
+
+    def load(self, cache: Path) -> dict[str, np.ndarray]:
+        """The shard from the cache, or made, written (atomically) and returned."""
+        digest = hashlib.sha256(json.dumps(self.key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        path = cache / f"{self.key['kind']}-{digest}.npz"
+        if path.is_file():
+            with np.load(path) as z:
+                return {k: z[k] for k in z.files}
+        arrays = self.make()
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
+        np.savez_compressed(tmp, **arrays)
+        tmp.replace(path)
+        return arrays
+
+
+def episode_shards(tc: TrainConfig, cfg: FusionConfig, split: str, count: int) -> list[Shard]:
+    """The simulated episodes of a split ("train", "val", "test"): tasks alternating, seeds from
+    `SPLIT_SEEDS`."""
+    shards = []
+    for k in range(count):
+        task, seed = tc.sim_tasks[k % len(tc.sim_tasks)], tc.seed * 1_000_000 + SPLIT_SEEDS[split] + k
+        key = shard_key(cfg, tc.fusion_hz, f"sim-{task}", seed=seed, seconds=tc.sim_seconds)
+        make = functools.partial(sim_episode, task, seed, tc.sim_seconds, tc.fusion_hz, cfg)
+        shards.append(Shard(key, make))
+    return shards
+
+
+def bag_shard(bag: str | Path, fusion_hz: float, cfg: FusionConfig) -> Shard:
+    """A recording (file or folder); its key holds each file's size and modification time, so a
+    recording changed at the same path is tokenized anew."""
+    p = Path(bag)
+    files = sorted(p.rglob("*")) if p.is_dir() else [p]
+    stat = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+    key = shard_key(cfg, fusion_hz, "bag", path=str(p.resolve()), files=stat)
+    return Shard(key, functools.partial(bag_sequence, [p], fusion_hz, cfg))
+
+
+# --- datasets ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Dataset:
+    """Samples of many sequences (episodes, bags) in flat arrays; `seq_start`/`next` link each sample to
+    its sequence's first and its successor (-1 at the end), for frozen/delayed faults and the next IMU."""
+
+    arrays: dict[str, np.ndarray]
+    source: np.ndarray  # (N,) 0 simulated, 1 bag
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    @classmethod
+    def join(cls, parts: list[tuple[dict[str, np.ndarray], int]]) -> Dataset:
+        arrays = {k: np.concatenate([p[k] for p, _ in parts]) for k in parts[0][0]}
+        starts, nxt, source, offset = [], [], [], 0
+        for p, src in parts:
+            n = len(p["labelled"])
+            starts.append(np.full(n, offset))
+            nxt.append(np.r_[np.arange(offset + 1, offset + n), -1])
+            source.append(np.full(n, src, np.int8))
+            offset += n
+        arrays["seq_start"], arrays["next"] = np.concatenate(starts), np.concatenate(nxt)
+        return cls(arrays, np.concatenate(source))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(v) for k, v in self.arrays.items()}
+
+
+def build_datasets(tc: TrainConfig, cfg: FusionConfig, cache: Path, progress: bool = True) -> tuple[Dataset, Dataset | None]:
+    """-> (train, validation). Validation: held-out simulated episodes (other seeds), clean; None without."""
+    from tqdm import tqdm
+
+    jobs = [("train", s, 0) for s in episode_shards(tc, cfg, "train", tc.sim_episodes)]
+    jobs += [("val", s, 0) for s in episode_shards(tc, cfg, "val", tc.val_episodes)]
+    jobs += [("train", bag_shard(bag, tc.fusion_hz, cfg), 1) for bag in tc.bags]
+    parts: dict[str, list] = {"train": [], "val": []}
+    for split, shard, source in tqdm(jobs, desc="dataset", unit="seq", disable=not progress, dynamic_ncols=True):
+        parts[split].append((shard.load(cache), source))
+    return Dataset.join(parts["train"]), Dataset.join(parts["val"]) if parts["val"] else None
+
+
+def held_out_set(tc: TrainConfig, cfg: FusionConfig, cache: Path, episodes: int) -> Dataset:
+    """The test set of `eval-robustness`: simulated episodes no training or validation uses."""
+    return Dataset.join([(shard.load(cache), 0) for shard in episode_shards(tc, cfg, "test", episodes)])
+
+
+def bag_set(bag: str | Path, fusion_hz: float, cfg: FusionConfig, cache: Path) -> Dataset:
+    """One recording as a dataset, from the same shard training made of it."""
+    return Dataset.join([(bag_shard(bag, fusion_hz, cfg).load(cache), 1)])

@@ -1,0 +1,180 @@
+"""Evaluation: what a trained model and its heads get right, clean and with each sensor fault.
+
+One routine, `evaluate`, serves the training loop's validation and `eval-robustness` alike: per
+condition (clean, then each fault of `augment.FAULTS` on each sensor) at a given global τ, the mean
+loss per objective, the supervised heads' errors in physical units, and the attention mass per
+modality (and on the faulted sensor). Means are taken per sample a metric covers (`RunningMeans`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import nn
+
+from ..config import FusionConfig
+from ..frames import MODALITIES
+from ..model import FusionModel, softmax_lipschitz
+from .augment import FAULTS, FaultPlan, corrupt
+from .data import SECTORS, Dataset
+from .objectives import Heads, losses, predict
+
+SUPERVISED = ("velocity", "obstacles", "goal")
+SELF_SUPERVISED = ("camera", "lidar", "imu", "imu_next")
+LIPSCHITZ_SAMPLES = 16  # the diagnostic needs an eigen-decomposition per head, query and sample
+
+
+def conditions() -> list[tuple[str, int, str]]:
+    """(name, faulted sensor or -1, fault): clean, then each fault on each sensor."""
+    return [("clean", -1, "drop")] + [(f"{MODALITIES[m]}_{f}", m, f) for m in range(3) for f in FAULTS]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, heads: Heads, data: Dataset, cfg: FusionConfig, fusion_hz: float, tau: float = 1.0,
+             seed: int = 7, device: torch.device | str = "cpu", batch: int = 256,
+             lipschitz: bool = False) -> dict[str, dict[str, float]]:
+    """condition -> metrics at global τ (modality τ = 1) on `data`:
+
+        loss_<objective>    mean standardised squared error of each head
+        ssl_loss            their mean over the self-supervised objectives
+        head_error          ... over the supervised ones, and `physical_errors` (labelled data only)
+        attention_<sensor>  attention mass per modality, and attention_faulted (attention models only)
+        lipschitz           the softmax Lipschitz diagnostic on the first samples (if asked; attention only)
+
+    Every condition draws the same noise (`seed`), so runs and τ are compared on equal terms."""
+    modes = model.training, heads.training
+    model.eval()
+    heads.eval()
+    t = data.tensors()
+    labelled = bool(data.arrays["labelled"].any())
+    attends = isinstance(model, FusionModel)
+    report = {}
+    for name, sensor, fault in conditions():
+        gen = torch.Generator().manual_seed(seed)
+        running = RunningMeans()
+        weights = None
+        for start in range(0, len(data), batch):
+            idx = torch.arange(start, min(start + batch, len(data)))
+            x = corrupt(t, idx, FaultPlan.fixed(len(idx), sensor, fault), cfg, fusion_hz, gen)
+            taus = torch.ones(len(idx), 4, device=device)
+            taus[:, 0] = tau
+            captured = _capture_weights(model) if lipschitz and attends and start == 0 else None
+            pred, tgt, attention = predict(model, heads, t, idx, x, taus, cfg)
+            if captured is not None:
+                weights = captured.pop()[:LIPSCHITZ_SAMPLES]
+            loss = losses(heads, pred, tgt)
+            m = {f"loss_{k}": v for k, v in loss.items()}
+            m["ssl_loss"] = sum(loss[k] for k in SELF_SUPERVISED) / len(SELF_SUPERVISED)
+            if labelled:
+                m["head_error"] = sum(loss[k] for k in SUPERVISED) / len(SUPERVISED)
+                m.update(physical_errors(heads, pred, tgt))
+            if attention is not None:
+                for i, mod in enumerate(MODALITIES):
+                    m[f"attention_{mod}"] = attention[:, i].mean()
+            running.add(m, len(idx))
+        metrics = running.means()
+        if sensor >= 0 and attends:
+            metrics["attention_faulted"] = metrics[f"attention_{MODALITIES[sensor]}"]
+        if weights is not None:
+            metrics["lipschitz"] = softmax_lipschitz_mean(weights.cpu(), tau)
+        report[name] = metrics
+    model.train(modes[0])
+    heads.train(modes[1])
+    return report
+
+
+def _capture_weights(model: FusionModel) -> list:
+    """The cross-attention weights (B, H, M, N) of the next forward pass, via a one-shot hook."""
+    seen: list[torch.Tensor] = []
+
+    def hook(module, args, output):
+        seen.append(output[1])
+        handle.remove()
+
+    handle = model.cross.register_forward_hook(hook)
+    return seen
+
+
+def softmax_lipschitz_mean(weights: torch.Tensor, tau: float) -> float:
+    """Mean over samples, heads and fusion tokens of the softmax's local Lipschitz constant.
+
+    It depends on the logits only through the attention p they give, so it is evaluated at logits
+    τ·log p, which give back p exactly (masked tokens keep zero weight)."""
+    mask = weights > 0
+    logits = torch.log(weights.clamp_min(1e-30)) * tau
+    valid = mask.any(-1)
+    if not valid.any():
+        return 0.0
+    return float(softmax_lipschitz(logits[valid], tau, mask[valid]).mean())
+
+
+class RunningMeans:
+    """Means over a whole evaluation set, fed batch by batch: a scalar is its batch's mean (weighed by
+    the batch's size), a vector holds one value per sample it covers (how many varies by batch). A
+    metric no sample covered has no mean, rather than a NaN."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, metrics: dict[str, torch.Tensor], batch_size: int) -> None:
+        for k, v in metrics.items():
+            n = v.numel() if v.dim() else batch_size
+            if n:
+                self.sums[k] = self.sums.get(k, 0.0) + (float(v.sum()) if v.dim() else float(v) * batch_size)
+                self.counts[k] = self.counts.get(k, 0) + n
+
+    def means(self) -> dict[str, float]:
+        return {k: total / self.counts[k] for k, total in self.sums.items()}
+
+
+# --- errors in physical units, and what the camera sees ------------------------------------------
+
+
+def physical_errors(heads: Heads, pred: dict[str, torch.Tensor], tgt) -> dict[str, torch.Tensor]:
+    """Absolute errors of the supervised heads in their units, one per sample each covers (labelled
+    samples; the goal's only where a goal exists); obstacle and goal distances also split by whether
+    the simulated camera's view holds them. Per sample, so that `RunningMeans` weighs subsets right."""
+    valid = tgt["velocity"][1]
+    v_pred, v_true = heads.denormalise("velocity", pred["velocity"])[valid], tgt["velocity"][0][valid]
+    o_pred, o_true = heads.denormalise("obstacles", pred["obstacles"])[valid], tgt["obstacles"][0][valid]
+    has_goal = tgt["goal"][1]
+    g_pred, g_true = heads.denormalise("goal", pred["goal"])[has_goal], tgt["goal"][0][has_goal]
+    g_bearing = torch.atan2(g_true[:, 2], g_true[:, 1])
+    bearing_err = torch.atan2(g_pred[:, 2], g_pred[:, 1]) - g_bearing
+    hfov = sim_camera_hfov_deg()
+    in_view = sectors_in_view(hfov)  # obstacles the simulated camera sees too, and those only the lidar sees
+    out_of_view = [k for k in range(SECTORS) if k not in in_view]
+    goal_in_view = torch.rad2deg(g_bearing).abs() <= hfov / 2  # the goal's centre, not its whole patch
+    obstacle_err, goal_dist_err = (o_pred - o_true).abs(), (g_pred[:, 0] - g_true[:, 0]).abs()
+    return {"speed_mae_mps": (v_pred[:, 0] - v_true[:, 0]).abs(),
+            "yaw_rate_mae_radps": (v_pred[:, 1] - v_true[:, 1]).abs(),
+            "obstacle_mae_m": obstacle_err.mean(1),
+            "obstacle_in_view_mae_m": obstacle_err[:, in_view].mean(1),
+            "obstacle_out_of_view_mae_m": obstacle_err[:, out_of_view].mean(1),
+            "goal_distance_mae_m": goal_dist_err,
+            "goal_distance_in_view_mae_m": goal_dist_err[goal_in_view],
+            "goal_distance_out_of_view_mae_m": goal_dist_err[~goal_in_view],
+            "goal_in_view_share": goal_in_view.float(),
+            "goal_bearing_mae_deg": torch.rad2deg(torch.atan2(bearing_err.sin(), bearing_err.cos()).abs())}
+
+
+def sectors_in_view(hfov_deg: float) -> list[int]:
+    """The obstacle sectors (sector 0 centred straight ahead) that lie wholly inside a forward-looking
+    horizontal field of view: what a camera can tell about obstacles besides the lidar."""
+    width = 360.0 / SECTORS
+    if hfov_deg >= 360.0:
+        return list(range(SECTORS))
+    return [s for s in range(SECTORS) if abs((s * width + 180.0) % 360.0 - 180.0) + width / 2 <= hfov_deg / 2]
+
+
+@functools.cache
+def sim_camera_hfov_deg() -> float:
+    """The simulated camera's horizontal field of view (75° for the default 64x64, fovy 75°)."""
+    from fusion_attn.sim.sensors import SensorConfig
+
+    sensors = SensorConfig()
+    h, w = sensors.camera_size
+    return 2 * math.degrees(math.atan(math.tan(math.radians(sensors.camera_fovy_deg) / 2) * w / h))

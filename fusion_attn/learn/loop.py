@@ -1,0 +1,268 @@
+"""The training loop (`fusion-attn train`): settings, schedule, resumable state, provenance, `train`.
+
+AdamW, warm-up + cosine, fixed seeds, TensorBoard, tqdm; a resumable training state
+(`torch.load(weights_only=True)`: never unpickles code) that also holds the model's FusionConfig, and
+safetensors outputs: OUT/model.safetensors (loads with `checkpoint.load_checkpoint`) and
+OUT/model.heads.safetensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint import save_checkpoint
+from ..config import FusionConfig, ModelConfig, cache_dir
+from ..errors import CheckpointError
+from ..model import FusionModel
+from .augment import FaultPlan, corrupt, random_tau
+from .data import Dataset, build_datasets
+from .evaluation import evaluate
+from .objectives import (build_heads, build_model, fault_attention, fit_normalisation, heads_path, losses, predict,
+                         save_heads)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The settings of a training run: `fusion-attn train`'s flags, saved in the training state."""
+
+    seed: int = 0
+    steps: int = 3000
+    batch: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    # simulated data: episodes alternate over the tasks; validation episodes use other seeds
+    sim_tasks: tuple[str, ...] = ("control", "navigate")
+    sim_episodes: int = 48
+    val_episodes: int = 8
+    sim_seconds: float = 15.0
+    fusion_hz: float = 10.0  # samples per second of episode or recording (the node fuses at 20 Hz)
+    bags: tuple[str, ...] = ()  # unlabelled recordings: self-supervised objectives only
+    bag_fraction: float = 0.2  # share of each batch drawn from the bags (when there are any)
+    corrupt_prob: float = 0.6  # chance that a sample gets one faulted sensor
+    tau_random_prob: float = 0.5  # chance that a sample gets a random τ instead of all ones (0: fixed τ = 1)
+    fusion: str = "attention"  # or the baselines without attention: concat, mean (see PooledFusion)
+    avoid_weight: float = 1.0  # weight of the attention-avoidance objective (fault_attention; 0: off)
+    log_every: int = 25
+    eval_every: int = 500
+    save_every: int = 500
+    # model options (config.ModelConfig); the rest of the FusionConfig keeps its defaults
+    latent_blocks: int = 1
+    qk_norm: bool = False
+    learned_head_temperature: bool = False
+
+    def fusion_config(self) -> FusionConfig:
+        """The config of the model this run trains."""
+        return FusionConfig(model=ModelConfig(latent_blocks=self.latent_blocks, qk_norm=self.qk_norm,
+                                              learned_head_temperature=self.learned_head_temperature))
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> TrainConfig:
+        """A config saved as JSON (lists back to tuples); settings it predates keep their defaults."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+
+
+def lr_at(step: int, tc: TrainConfig) -> float:
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    progress = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
+    return tc.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _sampler_weights(train: Dataset, tc: TrainConfig) -> torch.Tensor:
+    bag = torch.from_numpy(train.source == 1)
+    n_bag = int(bag.sum())
+    if n_bag == 0 or n_bag == len(train):
+        return torch.ones(len(train))
+    return torch.where(bag, tc.bag_fraction / n_bag, (1.0 - tc.bag_fraction) / (len(train) - n_bag))
+
+
+# --- the training state --------------------------------------------------------------------------
+
+STATE_FILE = "train_state.pt"
+
+
+def save_state(path: Path, step: int, tc: TrainConfig, cfg: FusionConfig, model: nn.Module, heads: nn.Module,
+               opt: torch.optim.Optimizer, gen: torch.Generator) -> None:
+    state = {"step": step, "train_config": json.dumps(dataclasses.asdict(tc), sort_keys=True),
+             "fusion_config": cfg.to_json(), "model": model.state_dict(), "heads": heads.state_dict(),
+             "optimizer": opt.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state()}
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(state, tmp)
+    tmp.replace(path)  # a crash while saving never leaves half a state behind
+
+
+def read_state(path: Path) -> tuple[dict, TrainConfig, FusionConfig]:
+    """-> (the state, its TrainConfig, its model's FusionConfig: the defaults for a state that predates
+    storing it). CheckpointError on a missing or unreadable file."""
+    if not path.is_file():
+        raise CheckpointError(f"no training state at {path}; is it a `fusion-attn train` output folder?")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
+        tc = TrainConfig.from_dict(json.loads(state["train_config"]))
+        cfg = FusionConfig.from_json(state["fusion_config"]) if "fusion_config" in state else FusionConfig()
+        state["step"] = int(state["step"])
+    except Exception as exc:  # a damaged or foreign file surfaces as any of several errors
+        raise CheckpointError(f"{path} is not a readable training state (corrupt or truncated?): "
+                              f"{type(exc).__name__}: {exc}") from exc
+    return state, tc, cfg
+
+
+def _resumable_state(path: Path, tc: TrainConfig, cfg: FusionConfig) -> dict:
+    """The saved state, if it can go on to become this run: the same settings (but steps), the same model."""
+    try:
+        state, saved, saved_cfg = read_state(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"--resume: {exc}") from exc
+    now = dataclasses.asdict(tc)
+    diff = {k: (v, now[k]) for k, v in dataclasses.asdict(saved).items() if k != "steps" and v != now[k]}
+    if diff:
+        raise CheckpointError(f"--resume: {path} was trained with other settings (saved, now): {diff}")
+    if saved_cfg != cfg:
+        raise CheckpointError(f"--resume: {path} holds another model config: {saved_cfg.to_json()}")
+    if state["step"] > tc.steps:
+        raise CheckpointError(f"--resume: {path} is at step {state['step']}, beyond --steps {tc.steps}")
+    return state
+
+
+# --- provenance ----------------------------------------------------------------------------------
+
+
+def git_commit() -> str:
+    """The checkout's commit, with "+uncommitted" when tracked files differ from it; "unknown" outside git."""
+    try:
+        here = Path(__file__).resolve().parent
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return sha + ("+uncommitted" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+
+def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = "auto", threads: int = 1,
+          cache: str | Path | None = None, progress: bool = True, command: str = "",
+          stop_after: int | None = None) -> dict:
+    """Train, write OUT/{model,model.heads}.safetensors, OUT/tb, OUT/metrics.json; -> the metrics.
+
+    stop_after: save the training state after this step and return (a time-boxed job; `resume` goes on
+    exactly as if it had not stopped)."""
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(threads)
+    dev = pick_device(device)
+    cfg = tc.fusion_config()
+    state = _resumable_state(out / STATE_FILE, tc, cfg) if resume else None
+
+    t0 = time.perf_counter()
+    train_set, val_set = build_datasets(tc, cfg, Path(cache) if cache else cache_dir("train"), progress)
+    data_s = time.perf_counter() - t0
+
+    torch.manual_seed(tc.seed)  # initial weights
+    model = build_model(cfg, tc.fusion).to(dev).train()
+    heads = build_heads(cfg).to(dev).train()
+    data = train_set.tensors()
+    fit_normalisation(heads, data, cfg, len(train_set))
+    opt = torch.optim.AdamW([*model.parameters(), *heads.parameters()], lr=tc.lr, weight_decay=tc.weight_decay)
+    gen = torch.Generator().manual_seed(tc.seed)  # batches, faults, τ: the whole data stream
+    step = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        heads.load_state_dict(state["heads"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        step = int(state["step"])
+    weights = _sampler_weights(train_set, tc)
+
+    def validate() -> dict[str, dict[str, float]]:
+        if val_set is None:
+            return {}
+        return evaluate(model, heads, val_set, cfg, tc.fusion_hz, seed=tc.seed + 7, device=dev)
+
+    writer = SummaryWriter(str(out / "tb"), purge_step=step if step else None)
+    bar = tqdm(total=tc.steps, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    first_losses, recent = None, {}
+    t_train = time.perf_counter()
+    stop = min(tc.steps, stop_after) if stop_after is not None else tc.steps
+    while step < stop:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, tc)
+        idx = torch.multinomial(weights, tc.batch, replacement=True, generator=gen)
+        plan = FaultPlan.draw(tc.batch, tc.corrupt_prob, gen)
+        x = corrupt(data, idx, plan, cfg, tc.fusion_hz, gen)
+        tau = random_tau(tc.batch, tc.tau_random_prob, gen)
+        pred, tgt, attention = predict(model, heads, data, idx, x, tau.to(dev), cfg)
+        parts = losses(heads, pred, tgt)
+        if attention is not None and tc.avoid_weight > 0:
+            parts["avoid"] = tc.avoid_weight * fault_attention(attention, plan)
+        loss = sum(parts.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        values = {k: v.item() for k, v in parts.items()} | {"total": loss.item()}
+        first_losses = first_losses or values
+        recent = {k: 0.9 * recent.get(k, v) + 0.1 * v for k, v in values.items()}
+        if step % tc.log_every == 0 or step == tc.steps:
+            for k, v in values.items():
+                writer.add_scalar(f"train/{k}", v, step)
+            writer.add_scalar("train/lr", lr_at(step - 1, tc), step)
+            bar.set_postfix(loss=f"{recent['total']:.3f}")
+        if step % tc.eval_every == 0 and step < tc.steps:
+            _log_eval(writer, validate(), step)
+        if step % tc.save_every == 0 or step == stop:
+            save_state(out / STATE_FILE, step, tc, cfg, model, heads, opt, gen)
+        bar.update(1)
+    bar.close()
+    train_s = time.perf_counter() - t_train
+
+    report = validate()
+    _log_eval(writer, report, step)
+    writer.close()
+    metrics = {
+        "command": command, "seed": tc.seed, "git_commit": git_commit(), "torch": torch.__version__,
+        "device": str(dev), "threads": threads, "steps": step, "resumed_from": int(state["step"]) if state else 0,
+        "train_config": dataclasses.asdict(tc),
+        "data": {"train_samples": len(train_set), "train_bag_samples": int((train_set.source == 1).sum()),
+                 "val_samples": len(val_set) if val_set is not None else 0, "dataset_s": round(data_s, 1)},
+        "train_s": round(train_s, 1),
+        "first_step_losses": {k: round(v, 4) for k, v in first_losses.items()} if first_losses else {},
+        "final_train_losses_ema": {k: round(v, 4) for k, v in recent.items()},
+        "val": {cond: {k: round(v, 4) for k, v in m.items()} for cond, m in report.items()},
+    }
+    info = {k: metrics[k] for k in ("command", "seed", "git_commit", "steps", "data", "train_s")}
+    info["val_clean"] = metrics["val"].get("clean", {})
+    if isinstance(model, FusionModel):  # a baseline's weights stay in the training state only
+        save_checkpoint(model.cpu(), out / "model.safetensors", info=info)
+    save_heads(heads.cpu(), heads_path(out / "model.safetensors"), info={"command": command, "seed": tc.seed})
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def _log_eval(writer, report: dict[str, dict[str, float]], step: int) -> None:
+    for cond, m in report.items():
+        for k, v in m.items():
+            writer.add_scalar(f"val_{cond}/{k}", v, step)

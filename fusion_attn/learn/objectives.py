@@ -1,0 +1,223 @@
+"""Objectives: what the fusion latents are trained to tell, the heads that tell it, and the models.
+
+Small heads sit on the fusion latents (`Heads`, kept out of `FusionModel` so the exported model's
+contract never changes). Self-supervised targets that any bag has -- each modality's summary
+(per-patch colour, per-sector nearest lidar range, IMU chunk means) and the next IMU window -- are
+always computed from the *clean* sample, so a faulted or hidden sensor has to be filled in from the
+others; supervised targets (ego velocity, obstacle distances, goal) come where the simulator gives
+them. `PooledFusion` is the baseline without attention, on the same embeddings and heads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+from ..checkpoint import read_safetensors
+from ..config import FusionConfig
+from ..errors import CheckpointError, ConfigError
+from ..frames import Modality
+from ..model import MLP, FusionModel, SensorEmbedding
+from ..tokenize import IMU_AXES, LIDAR_INDEX, imu_samples
+from .augment import FAULTS, FaultPlan, gather
+from .data import SECTORS
+
+NEXT_CHUNKS = 3  # the newest chunks of the next sample's IMU window lie after the current one
+
+
+# --- targets -------------------------------------------------------------------------------------
+
+
+def target_sizes(cfg: FusionConfig) -> dict[str, int]:
+    """Self-supervised (any sample): camera, lidar, imu, imu_next; supervised (simulated samples only):
+    velocity, obstacles, goal (distance, cos and sin of the bearing)."""
+    axes = len(IMU_AXES)
+    return {"camera": cfg.camera.tokens * 3, "lidar": SECTORS, "imu": cfg.imu.chunks * axes,
+            "imu_next": NEXT_CHUNKS * axes, "velocity": 2, "obstacles": SECTORS, "goal": 3}
+
+
+def targets(data: dict[str, torch.Tensor], idx: torch.Tensor, clean: dict[str, torch.Tensor],
+            cfg: FusionConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """name -> (value (B, size), valid (B,)), from the clean sample and the simulator's truth."""
+    B, L = len(idx), LIDAR_INDEX
+    out = {}
+    cam = clean["camera_patches"].reshape(B, cfg.camera.tokens, -1, 3).mean(2)  # mean colour per patch
+    out["camera"] = (cam.reshape(B, -1), clean["camera_mask"].any(1))
+    # nearest lidar return per sector (range / range_m; 1 where the sector has none)
+    pts, mask = clean["lidar_points"].flatten(1, 2), clean["lidar_mask"].flatten(1, 2)
+    angle = torch.atan2(pts[..., L["y"]], pts[..., L["x"]])
+    sector = torch.remainder(torch.round(angle / (2 * math.pi / SECTORS)), SECTORS).long()
+    rng = torch.where(mask, pts[..., L["range"]], 1.0)
+    lidar = torch.ones(B, SECTORS).scatter_reduce(1, sector, rng, "amin")
+    out["lidar"] = (lidar, mask.any(1))
+    out["imu"] = (imu_samples(clean["imu_chunks"], cfg.imu).mean(-2).reshape(B, -1), clean["imu_mask"].any(1))
+    nxt = data["next"][idx]
+    has_next = nxt >= 0
+    n = torch.where(has_next, nxt, idx)
+    next_means = imu_samples(data["imu_chunks"][n][:, -NEXT_CHUNKS:], cfg.imu).mean(-2).reshape(B, -1)
+    out["imu_next"] = (next_means, has_next & data["imu_mask"][n][:, -NEXT_CHUNKS:].all(1))
+    labelled = data["labelled"][idx]
+    out["velocity"] = (data["velocity"][idx], labelled)
+    out["obstacles"] = (data["obstacles"][idx], labelled)
+    dist, bearing = data["goal"][idx].unbind(-1)
+    goal = torch.stack([dist, bearing.cos(), bearing.sin()], -1)
+    has_goal = labelled & goal.isfinite().all(-1)  # a task without a goal gives nan
+    out["goal"] = (torch.nan_to_num(goal), has_goal)
+    return out
+
+
+# --- heads and models ----------------------------------------------------------------------------
+
+
+class Heads(nn.Module):
+    """Decoders of every target from a fused feature vector (FusionModel: the flattened latents).
+
+    Targets are standardised with the training set's mean and std (kept as buffers), so each
+    objective's loss is a mean squared error in units of its own spread and they weigh alike."""
+
+    def __init__(self, in_dim: int, sizes: dict[str, int], hidden: int = 256):
+        super().__init__()
+        self.sizes = dict(sizes)
+        self.trunk = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.GELU())
+        self.out = nn.ModuleDict({k: nn.Linear(hidden, n) for k, n in sizes.items()})
+        for k, n in sizes.items():
+            self.register_buffer(f"mean_{k}", torch.zeros(n))
+            self.register_buffer(f"std_{k}", torch.ones(n))
+
+    def forward(self, feature: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.trunk(feature)
+        return {k: layer(h) for k, layer in self.out.items()}
+
+    def normalise(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        return (value - getattr(self, f"mean_{name}")) / getattr(self, f"std_{name}")
+
+    def denormalise(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        return value * getattr(self, f"std_{name}") + getattr(self, f"mean_{name}")
+
+
+class PooledFusion(nn.Module):
+    """Baselines for the robustness evaluation, on the same token embeddings as FusionModel but without
+    attention: `concat` -- each modality's masked mean token, concatenated (zeros for a missing one);
+    `mean` -- the masked mean of all tokens. An MLP turns that into a feature as wide as the flattened
+    latents, so the same heads sit on top."""
+
+    def __init__(self, cfg: FusionConfig, kind: str):
+        super().__init__()
+        if kind not in ("concat", "mean"):
+            raise ConfigError(f"unknown fusion {kind!r}: attention, concat or mean")
+        self.kind, d = kind, cfg.model.dim
+        self.embed = SensorEmbedding(cfg)
+        self.mlp = MLP(3 * d if kind == "concat" else d, 4 * d, cfg.model.fusion_tokens * d)
+        self.register_buffer("membership", F.one_hot(self.embed.modality_id, 3).float(), persistent=False)
+
+    def forward(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
+        tokens, mask = self.embed(x)  # (B, N, D), (B, N)
+        if self.kind == "mean":
+            w = mask.float().unsqueeze(-1)
+            return self.mlp((tokens * w).sum(1) / w.sum(1).clamp_min(1.0))
+        w = self.membership * mask.float().unsqueeze(-1)  # (B, N, 3)
+        pooled = torch.einsum("bnm,bnd->bmd", w, tokens) / w.sum(1).clamp_min(1.0).unsqueeze(-1)
+        return self.mlp(pooled.flatten(1))
+
+
+def build_model(cfg: FusionConfig, fusion: str) -> nn.Module:
+    return FusionModel(cfg) if fusion == "attention" else PooledFusion(cfg, fusion)
+
+
+def build_heads(cfg: FusionConfig) -> Heads:
+    return Heads(cfg.model.fusion_tokens * cfg.model.dim, target_sizes(cfg))
+
+
+def fused_feature(model: nn.Module, x: dict[str, torch.Tensor], tau: torch.Tensor):
+    """-> (feature (B, M*D) for the heads, attention (B, 3, H), or None for a baseline without it)."""
+    if isinstance(model, PooledFusion):
+        return model(x), None
+    _, latents, attention, _ = model(**x, tau=tau)
+    return latents.flatten(1), attention
+
+
+def predict(model: nn.Module, heads: Heads, data: dict[str, torch.Tensor], idx: torch.Tensor,
+            x: dict[str, torch.Tensor], tau: torch.Tensor, cfg: FusionConfig):
+    """One pass on the (faulted) inputs x of samples idx, on tau's device: -> (predictions, the clean
+    samples' targets, attention or None)."""
+    device = tau.device
+    tgt = targets(data, idx, gather(data, idx), cfg)
+    tgt = {k: (value.to(device), valid.to(device)) for k, (value, valid) in tgt.items()}
+    feature, attention = fused_feature(model, {k: v.to(device) for k, v in x.items()}, tau)
+    return heads(feature), tgt, attention
+
+
+# --- losses --------------------------------------------------------------------------------------
+
+
+def losses(heads: Heads, pred: dict[str, torch.Tensor], tgt: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Masked mean squared error per objective on standardised targets (0 where no sample has it)."""
+    out = {}
+    for k, (value, valid) in tgt.items():
+        err = (pred[k] - heads.normalise(k, value)).pow(2).mean(-1)
+        out[k] = (err * valid).sum() / valid.sum().clamp_min(1)
+    return out
+
+
+def fault_attention(attention: torch.Tensor, plan: FaultPlan) -> torch.Tensor:
+    """Attention-avoidance objective: the mean attention mass (B, 3, H) the fusion tokens give a sensor
+    whose content is gone (a black image, a zero IMU). The fault is known while training, so this asks
+    directly for what the augmentation should teach: look away. A noisy sensor still carries
+    information, and a frozen or late one looks valid in one sample: they are left out; so is a lidar
+    without points, which is masked and gets no attention anyway."""
+    zero = (plan.fault == FAULTS.index("zero")) & (plan.sensor >= 0) & (plan.sensor != Modality.LIDAR)
+    weight = zero.float().to(attention.device)
+    mass = attention.mean(-1).gather(1, plan.sensor.clamp_min(0).to(attention.device)[:, None])[:, 0]
+    return (weight * mass).sum() / weight.sum().clamp_min(1.0)
+
+
+def fit_normalisation(heads: Heads, data: dict[str, torch.Tensor], cfg: FusionConfig, n: int) -> None:
+    """Mean and std of every target over the training samples that have it."""
+    idx = torch.arange(n)
+    tgt = targets(data, idx, gather(data, idx), cfg)
+    for k, (value, valid) in tgt.items():
+        if valid.sum() < 2:
+            continue  # no such target in the data (e.g. only bags: no labels): stays 0 and 1
+        v = value[valid]
+        std = v.std(0, unbiased=False)
+        # a floor at a tenth of the target's typical spread: a (nearly) constant dimension, such as a
+        # camera patch that never changes, must not blow its errors up
+        getattr(heads, f"mean_{k}").copy_(v.mean(0))
+        getattr(heads, f"std_{k}").copy_(std.clamp_min(max(0.1 * float(std.mean()), 1e-6)))
+
+
+# --- the heads file ------------------------------------------------------------------------------
+
+HEADS_FORMAT = "fusion_attn/heads/1"
+
+
+def heads_path(model_path: str | Path) -> Path:
+    """The heads file beside a model checkpoint: model.safetensors -> model.heads.safetensors."""
+    p = Path(model_path)
+    return p.with_name(p.name.removesuffix(".safetensors") + ".heads.safetensors")
+
+
+def save_heads(heads: Heads, path: str | Path, info: dict | None = None) -> Path:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}
+    in_dim = heads.trunk[1].in_features
+    meta = {"format": HEADS_FORMAT, "sizes": json.dumps(heads.sizes), "in_dim": str(in_dim),
+            "hidden": str(heads.trunk[1].out_features), "info": json.dumps(info or {}, sort_keys=True)}
+    save_file(tensors, str(path), metadata=meta)
+    return Path(path)
+
+
+def load_heads(path: str | Path) -> Heads:
+    """The heads saved beside a model (`heads_path`); CheckpointError on anything wrong."""
+    meta, tensors = read_safetensors(path, HEADS_FORMAT)
+    try:
+        heads = Heads(int(meta["in_dim"]), json.loads(meta["sizes"]), int(meta["hidden"]))
+        heads.load_state_dict(tensors)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} is not a readable heads file: {exc}") from exc
+    return heads.eval()
