@@ -26,11 +26,13 @@ import numpy as np
 from rosbags.rosbag2 import StoragePlugin, Writer
 
 from .bag import find_topics, open_reader, read_messages
+from .clock import FusionClock
 from .config import FusionConfig
 from .errors import BagError, ConfigError
 from .frames import MODALITIES, NS_PER_S, FusedState, Modality
 from .messages import TYPES, cdr, diagnostics_msg, fused_state_msg
 from .outputs import diagnostics
+from .params import PARAM_DEFAULTS, TAU_NAMES
 from .pipeline import FusionPipeline
 from .sync import SensorSync, SyncConfig
 from .tokenize import SensorSnapshot, Tokenizer
@@ -38,15 +40,17 @@ from .tokenize import SensorSnapshot, Tokenizer
 
 @dataclass(frozen=True)
 class ReplayOptions:
-    fusion_rate_hz: float = 20.0
+    fusion_rate_hz: float = PARAM_DEFAULTS["fusion_rate_hz"]
     clock: str = "header"  # header: frames keep their header stamps; receive: stamped with the bag's receive time
     start_s: float | None = None  # seconds after the first bag's start
     end_s: float | None = None
     topics: dict[Modality, str] = field(default_factory=dict)  # overrides of the detected topics
-    taus: tuple[tuple[float, float, float, float], ...] = ((1.0, 1.0, 1.0, 1.0),)  # first: written; all: sweep
-    trigger: str = "timer"  # or camera | lidar | imu: fuse at each message of that sensor, as the node can
+    # the first τ is written to the bag; all of them make the τ sweep
+    taus: tuple[tuple[float, float, float, float], ...] = (tuple(PARAM_DEFAULTS[n] for n in TAU_NAMES),)
+    # timer, or camera | lidar | imu: fuse at each message of that sensor, as the node can
+    trigger: str = PARAM_DEFAULTS["trigger"]
     sensors: tuple[str, ...] = MODALITIES  # the node's *_type: none leaves a sensor out
-    diagnostics_period_s: float = 1.0
+    diagnostics_period_s: float = PARAM_DEFAULTS["diagnostics_period_s"]
     progress: bool = True
 
 
@@ -118,9 +122,10 @@ def recorded_snapshots(reader, sync: SensorSync, opts: ReplayOptions, rec: Recor
     rec.configured = tuple(MODALITIES[m] for m in sorted(topics.sensors))
     start = reader.start_time + int(opts.start_s * NS_PER_S) if opts.start_s is not None else None
     stop = reader.start_time + int(opts.end_s * NS_PER_S) if opts.end_s is not None else None
-    period_ns = round(NS_PER_S / opts.fusion_rate_hz)
     trigger = Modality[opts.trigger.upper()] if opts.trigger != "timer" else None
-    next_tick = first_log = None
+    clock = FusionClock(sync, opts.fusion_rate_hz, trigger)
+    clock.events = rec.events  # the clock's drops, resets and gaps go into the recording's events
+    first_log = None
     for msg in read_messages(reader, topics, start, stop):
         rec.messages += 1
         first_log = msg.log_time_ns if first_log is None else first_log
@@ -131,33 +136,9 @@ def recorded_snapshots(reader, sync: SensorSync, opts: ReplayOptions, rec: Recor
             rec.events.append(f"{msg.topic}: dropped: {msg.error}")
             continue
         frame = msg.frame if opts.clock == "header" else dataclasses.replace(msg.frame, stamp_ns=msg.log_time_ns)
-        t = frame.stamp_ns
-        if trigger is None and next_tick is not None:
-            if t - next_tick > 10 * NS_PER_S:  # a gap in the recording: no fusions for the silent part
-                rec.events.append(f"gap of {(t - next_tick) / NS_PER_S:.1f} s before {msg.topic}")
-                next_tick = t - (t - next_tick) % period_ns
-            while t > next_tick:  # data stamped exactly at a tick belongs to it
-                yield sync.snapshot(next_tick)
-                next_tick += period_ns
-        resets = sync.resets
-        rejected = sync.add(frame)
-        if rejected:
-            rec.events.append(f"{msg.topic}: dropped ({rejected}) at stamp {t}")
-        elif sync.resets != resets:  # the sync's jump-back rule: restart the timer on the new time
-            rec.events.append(f"{msg.topic}: time jumped back: buffers reset")
-            next_tick = None
-        if trigger is msg.modality and not rejected:
-            yield sync.snapshot(t)
-        elif next_tick is None:
-            next_tick = t + period_ns
-    # the node's timer goes on after the last message while some sensor is still fresh (bounded by
-    # the largest max age, whatever the stamps say)
-    newest = sync.newest_stamp_ns()
-    if trailing and trigger is None and next_tick is not None and newest is not None:
-        end = newest + int(max(sync.cfg.max_age_s) * NS_PER_S)
-        while next_tick <= end and any(sync.fresh(m, next_tick) for m in topics.sensors):
-            yield sync.snapshot(next_tick)
-            next_tick += period_ns
+        yield from clock.add(frame, msg.topic)
+    if trailing:
+        yield from clock.drain()
 
 
 def recorded_inputs(bags: Sequence[str | Path], cfg: FusionConfig, opts: ReplayOptions = ReplayOptions(progress=False),

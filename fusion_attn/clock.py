@@ -1,0 +1,97 @@
+"""The fusion clock: a time-ordered stream of frames in, the snapshots to fuse out, at a fixed rate.
+
+Every front-end that fuses on its own data's time uses this one loop -- replay (recorded time), the
+simulated training data and the simulator's fused observation (simulated time) -- so they tick,
+drop and reset by the same rules as each other and as the live node's timer:
+
+- a tick at T fuses what `SensorSync` holds once every frame stamped <= T has been added (data
+  stamped exactly at a tick belongs to it);
+- a frame the sync rejects (out of order, duplicate stamp, empty cloud) is counted there and named
+  in `events`;
+- time jumping back past the sync's reset threshold clears the sync and restarts the ticks from the
+  new time; a gap of more than `MAX_GAP_S` skips the silent part instead of fusing nothing for it.
+
+    clock = FusionClock(SensorSync(cfg), rate_hz=20.0)
+    for frame in frames:                      # arrival order
+        for snap in clock.add(frame):         # iterate to the end: the frame is taken after its ticks
+            state = pipeline.fuse(snap)
+    for snap in clock.drain():                # the timer's last ticks while a sensor is fresh
+        ...
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+from .errors import ConfigError
+from .frames import NS_PER_S, CameraFrame, ImuSample, LidarFrame, Modality
+from .sync import SensorSync
+from .tokenize import SensorSnapshot
+
+MAX_GAP_S = 10.0  # a longer silence in the data is a gap in the recording, not a time to fuse through
+
+
+class FusionClock:
+    """Ticks every 1/rate_hz of data time. The first tick is at `start_ns` when given, else one period
+    after the first frame (a live node's timer has no earlier data). trigger: instead of the timer,
+    fuse at the stamp of each frame of that sensor the sync takes (the node's `trigger` parameter)."""
+
+    def __init__(self, sync: SensorSync, rate_hz: float, trigger: Modality | None = None,
+                 start_ns: int | None = None):
+        if not (math.isfinite(rate_hz) and rate_hz > 0):
+            raise ConfigError(f"fusion rate must be > 0 Hz, got {rate_hz}")
+        self.sync, self.trigger = sync, trigger
+        self.period_ns = round(NS_PER_S / rate_hz)
+        self.next_tick = start_ns
+        self.events: list[str] = []  # what was dropped or reset, and why, in order
+
+    def add(self, frame: CameraFrame | LidarFrame | ImuSample, source: str = "") -> Iterator[SensorSnapshot]:
+        """Feed one frame: yields the snapshots due, timer ticks before its stamp, then (trigger) its own.
+
+        A generator, so that whoever handles a tick sees the sync as it was at that tick (its health,
+        its newest stamp); the frame is taken once the ticks before it are consumed: iterate to the end.
+        """
+        t = frame.stamp_ns
+        source = source or type(frame).__name__
+        if self.trigger is None and self.next_tick is not None:
+            if t - self.next_tick > MAX_GAP_S * NS_PER_S:
+                self.events.append(f"gap of {(t - self.next_tick) / NS_PER_S:.1f} s before {source}")
+                self.next_tick = t - (t - self.next_tick) % self.period_ns
+            yield from self._ticks_before(t)
+        resets = self.sync.resets
+        rejected = self.sync.add(frame)
+        if rejected:
+            self.events.append(f"{source}: dropped ({rejected}) at stamp {t}")
+        elif self.sync.resets != resets:
+            self.events.append(f"{source}: time jumped back: buffers reset")
+            self.next_tick = None
+        if self.trigger is not None:
+            if not rejected and _MODALITY[type(frame)] is self.trigger:
+                yield self.sync.snapshot(t)
+        elif self.next_tick is None:
+            self.next_tick = t + self.period_ns
+
+    def advance(self, now_ns: int) -> Iterator[SensorSnapshot]:
+        """The ticks up to and including now_ns: time passed without a frame (a simulator's step end)."""
+        if self.trigger is None and self.next_tick is not None:
+            yield from self._ticks_before(now_ns + 1)
+
+    def drain(self) -> Iterator[SensorSnapshot]:
+        """After the last frame: the ticks a live timer would still make while some sensor is fresh
+        (bounded by the largest max age, whatever the stamps say)."""
+        newest = self.sync.newest_stamp_ns()
+        if self.trigger is not None or self.next_tick is None or newest is None:
+            return
+        end = newest + int(max(self.sync.cfg.max_age_s) * NS_PER_S)
+        while self.next_tick <= end and any(self.sync.fresh(m, self.next_tick) for m in Modality):
+            yield self.sync.snapshot(self.next_tick)
+            self.next_tick += self.period_ns
+
+    def _ticks_before(self, t: int) -> Iterator[SensorSnapshot]:
+        while t > self.next_tick:
+            yield self.sync.snapshot(self.next_tick)
+            self.next_tick += self.period_ns
+
+
+_MODALITY = {CameraFrame: Modality.CAMERA, LidarFrame: Modality.LIDAR, ImuSample: Modality.IMU}
