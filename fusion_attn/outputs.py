@@ -55,7 +55,8 @@ def diagnostics(summary: dict[str, dict], state: FusedState | None, backend: dic
     older than one period) or it dropped messages since the start, ERROR when it is masked (silent for
     1.5 periods or past its max age, or never seen). The fusion
     is WARN when processing takes over half the fusion period, ERROR over the whole period.
-    backend: FusionPipeline.backend_info(). processing_ms None: not measured (replay leaves wall-clock figures out of its deterministic output).
+    backend: FusionPipeline.backend_info(), and from the node its fusion_terms (the policy contract's
+    terms: weights digest, τ, sync settings). processing_ms None: not measured (replay leaves wall-clock figures out of its deterministic output).
     """
     out = []
     for name in configured:
@@ -76,7 +77,7 @@ def diagnostics(summary: dict[str, dict], state: FusedState | None, backend: dic
             level, message = OK, "ok"
         out.append(Status(f"fusion_attn: {name}", level, message, values))
 
-    values = {**backend,  # FusionPipeline.backend_info(): backend, device, precision, any fallback
+    values = {**backend,  # backend, device, precision, any fallback (+ the node's contract terms)
               "processing_time_ms": "n/a" if processing_ms is None else f"{processing_ms:.2f}",
               "pipeline_latency_ms": f"{latency_ms:.2f}"}
     processing_ms = processing_ms or 0.0

@@ -19,9 +19,13 @@ from .backends import BACKENDS, FALLBACKS, Backend
 from .backends.engine_cache import TensorRTOptions
 from .checkpoint import load_checkpoint
 from .config import FusionConfig
+from .config import cache_dir as config_cache_dir
+from .contract import fusion_terms
 from .errors import BackendUnavailable, CheckpointError, ConfigError
 from .frames import FusedState, Modality
 from .model import FusionModel
+from .params import TAU_NAMES, param
+from .sync import SyncConfig
 from .tokenize import SensorSnapshot, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -60,11 +64,10 @@ def weights_digest(model: FusionModel) -> str:
 
 def onnx_for(model: FusionModel, cache_dir: str | Path | None = None, opset: int | None = None) -> Path:
     """The model's ONNX graph, exported once and cached under a digest of its weights and config."""
-    from .backends.engine_cache import default_cache_dir
     from .backends.export import OPSET, export_onnx
 
     opset = opset or OPSET
-    path = Path(cache_dir or default_cache_dir()) / f"fusion-{weights_digest(model)}-opset{opset}.onnx"
+    path = Path(cache_dir or config_cache_dir()) / f"fusion-{weights_digest(model)}-opset{opset}.onnx"
     if not path.is_file():
         log.info("exporting ONNX graph to %s", path)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -107,6 +110,7 @@ class FusionPipeline:
         self.cfg = cfg
         self.backend = backend
         self.model_source, self.backend_fallback = "", None
+        self.weights_digest = ""  # of the model's weights and config (create() sets it): the policy contract's key
         self.tokenizer = Tokenizer(cfg)
         self.tau = validate_tau(tau)
         self.frame_id = frame_id
@@ -130,17 +134,17 @@ class FusionPipeline:
             engine = create_backend("onnxruntime", model, threads)
         pipeline = cls(model.cfg, engine, tau, frame_id)
         pipeline.model_source, pipeline.backend_fallback = source, reason
+        pipeline.weights_digest = weights_digest(model)
         return pipeline
 
     @classmethod
     def from_params(cls, params: dict) -> FusionPipeline:
         """From the node's parameters (config/fusion.yaml, flattened): what the node, replay and the
         CLI all build, so a parameter file means the same everywhere."""
-        return cls.create(params.get("checkpoint") or None, backend=params.get("backend", "onnxruntime"),
-                          threads=params.get("threads", 1), device=params.get("device") or None,
-                          tau=[params.get(f"tau.{k}", 1.0) for k in ("global", "camera", "lidar", "imu")],
-                          frame_id=params.get("frame_id", "base_link"), tensorrt=TensorRTOptions.from_params(params),
-                          fallback=params.get("backend_fallback", "onnxruntime"))
+        return cls.create(param(params, "checkpoint") or None, backend=param(params, "backend"),
+                          threads=param(params, "threads"), device=param(params, "device") or None,
+                          tau=[param(params, n) for n in TAU_NAMES], frame_id=param(params, "frame_id"),
+                          tensorrt=TensorRTOptions.from_params(params), fallback=param(params, "backend_fallback"))
 
     def backend_info(self) -> dict[str, str]:
         """What runs the model, for diagnostics and summaries: backend, device, precision, fallback."""
@@ -149,6 +153,10 @@ class FusionPipeline:
         if self.backend_fallback:
             info["backend_fallback"] = self.backend_fallback
         return info
+
+    def fusion_terms(self, sync: SyncConfig, fusion_rate_hz: float) -> dict[str, str]:
+        """This fusion's side of a policy contract (contract.fusion_terms): weights, τ now, sync settings."""
+        return fusion_terms(self.weights_digest, self.tau, fusion_rate_hz, sync.max_age_s, sync.stale_after_periods)
 
     def set_tau(self, tau) -> None:
         """Takes effect at the next fuse(); τ is a model input, nothing is re-exported."""

@@ -23,6 +23,7 @@ class AgentConfig:
 class PPOConfig:
     env_id: str = "FusionAttn/Memory-Discrete-v0"
     env_kwargs: dict = field(default_factory=dict)
+    fusion_checkpoint: str = ""  # FusionAttn envs: the fusion model observed through ("": the packaged default)
     action_repeat: int = 5  # FusionAttn envs: decide at 10 Hz, the drive runs at 50 Hz
     steps: int = 200_000  # total env steps (decisions) over all envs
     envs: int = 8

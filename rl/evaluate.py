@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .agent import ActorCritic, reset_memory
-from .ppo import PPOConfig, load_agent, make_env
+from .ppo import PPOConfig, check_contract, load_agent, make_env
 
 # one sensor fault per faulted episode, starting 2-4 s in: after the memory task's cue and delay (so
 # remembering it matters), while the robot drives to its goal
@@ -65,6 +65,11 @@ def evaluate(agent_path: str | Path, episodes: int = 20, faults: bool = False, o
     agent, meta = load_agent(agent_path)
     cfg = PPOConfig.from_dict(meta["config"])
     env = make_env(cfg)
+    try:
+        check_contract(meta, env, cfg)  # never evaluate a policy on features it was not trained on
+    except Exception:
+        env.close()
+        raise
     rng = np.random.default_rng(seed)
     results = []
     try:

@@ -19,6 +19,8 @@ import numpy as np
 import onnx
 import torch
 
+from fusion_attn.contract import CONTRACT_KEY
+
 from .agent import ExportedPolicy
 from .ppo import load_agent
 
@@ -42,8 +44,11 @@ def export_policy(agent_path: str | Path, out: str | Path) -> tuple[Path, float]
         torch.onnx.export(policy, (obs, memory, mask), str(out), input_names=list(INPUTS), output_names=list(OUTPUTS),
                           opset_version=17, dynamo=False, dynamic_axes={n: {0: "batch"} for n in INPUTS + OUTPUTS})
     graph = onnx.load(str(out))
-    entry = graph.metadata_props.add()  # what policy_node needs besides the weights
+    entry = graph.metadata_props.add()  # how it was trained (config, spaces, steps)
     entry.key, entry.value = "fusion_attn.rl", json.dumps(meta, sort_keys=True)
+    if CONTRACT_KEY in meta:  # what policy_node checks and needs besides the weights
+        entry = graph.metadata_props.add()
+        entry.key, entry.value = CONTRACT_KEY, json.dumps(meta[CONTRACT_KEY], sort_keys=True)
     onnx.save(graph, str(out))
     onnx.checker.check_model(str(out), full_check=True)
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])

@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from torchrl.objectives.value.functional import generalized_advantage_estimate
 
 from fusion_attn.checkpoint import read_safetensors
+from fusion_attn.contract import CONTRACT_KEY, PolicyContract
 from fusion_attn.errors import CheckpointError, ConfigError
 
 from .agent import ActorCritic, reset_memory
@@ -62,17 +63,20 @@ class ActionRepeat(gym.Wrapper):
 
 
 def make_env(cfg: PPOConfig, training: bool = False) -> gym.Env:
-    """One env as the agent sees it. FusionAttn envs: ActionRepeat, then the fused state. Training
-    scales rewards by a running std of the discounted return: value and policy share a trunk, and
-    large value errors would otherwise dominate the clipped gradient (episode statistics stay raw)."""
+    """One env as the agent sees it. FusionAttn envs: ActionRepeat, then the fused state (on the fusion
+    model cfg.fusion_checkpoint, default the packaged one). Training scales rewards by a running std of
+    the discounted return: value and policy share a trunk, and large value errors would otherwise
+    dominate the clipped gradient (episode statistics stay raw)."""
     fusion_env = cfg.env_id.startswith("FusionAttn/")
     if fusion_env:
         import fusion_attn.sim  # noqa: F401 - registers the ids (and picks headless GL before mujoco loads)
     env = gym.make(cfg.env_id, **cfg.env_kwargs)
     if fusion_env:
+        from fusion_attn.pipeline import FusionPipeline
         from fusion_attn.sim.wrappers import FusedObservation
 
-        env = FusedObservation(ActionRepeat(env, cfg.action_repeat), with_attention=True, with_task=True)
+        pipeline = FusionPipeline.create(cfg.fusion_checkpoint or None, backend="onnxruntime", threads=1)
+        env = FusedObservation(ActionRepeat(env, cfg.action_repeat), pipeline, with_attention=True, with_task=True)
     elif isinstance(env.observation_space, gym.spaces.Dict):
         env = gym.wrappers.FlattenObservation(env)
     if not isinstance(env.observation_space, gym.spaces.Box) or len(env.observation_space.shape) != 1:
@@ -88,16 +92,27 @@ def vector_env(cfg: PPOConfig) -> gym.vector.VectorEnv:
                                     autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
 
 
-def deployment_meta(env: gym.Env, cfg: PPOConfig) -> dict:
-    """What policy_node needs to rebuild the observation and keep the pace (FusionAttn envs only):
-    the fused state's width and heads, the task observation's width, the decision period."""
+def policy_contract(env: gym.Env, cfg: PPOConfig) -> PolicyContract | None:
+    """The contract of a policy trained on `env` (FusionAttn envs; None for others): the fusion it
+    was trained on, the observation layout, the action table and the decision period."""
     if not cfg.env_id.startswith("FusionAttn/"):
-        return {}
-    model = env.get_wrapper_attr("pipeline").cfg.model
+        return None
     sim = env.unwrapped
-    task_dim = env.observation_space.shape[0] - model.dim - 3
-    return {"observation": {"fused_dim": model.dim, "fusion_heads": model.heads, "task_dim": task_dim},
-            "decision_period_s": sim.dt_ns * sim.substeps * cfg.action_repeat / 1e9}
+    table = sim.action_table
+    return env.get_wrapper_attr("contract")(None if table is None else np.round(table.astype(float), 6).tolist(),
+                                            sim.dt_ns * sim.substeps * cfg.action_repeat / 1e9)
+
+
+def check_contract(meta: dict, env: gym.Env, cfg: PPOConfig) -> None:
+    """ConfigError when the agent (its metadata) was trained on another fusion than `env` fuses with."""
+    if not cfg.env_id.startswith("FusionAttn/"):
+        return
+    if CONTRACT_KEY not in meta:
+        raise ConfigError("the agent records no fusion contract (trained before policies carried one): retrain it")
+    trained = PolicyContract.from_dict(meta[CONTRACT_KEY])
+    wrong = trained.mismatches(env.get_wrapper_attr("fusion_terms"))
+    if wrong:
+        raise ConfigError("the agent was trained on another fusion than this env fuses with: " + "; ".join(wrong))
 
 
 def env_action(space: gym.Space, action: torch.Tensor) -> np.ndarray:
@@ -166,8 +181,9 @@ def train(cfg: PPOConfig, out: str | Path, resume: bool = False, progress: bool 
         start_iteration, global_step = state["iteration"], state["global_step"]
         torch.set_rng_state(state["torch_rng"])
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True))
-    meta = {"config": dataclasses.asdict(cfg), "obs_dim": obs_dim, "action_space": _space_dict(envs.single_action_space),
-            **deployment_meta(envs.envs[0], cfg)}
+    meta = {"config": dataclasses.asdict(cfg), "obs_dim": obs_dim, "action_space": _space_dict(envs.single_action_space)}
+    if (contract := policy_contract(envs.envs[0], cfg)) is not None:
+        meta[CONTRACT_KEY] = contract.to_dict()
     writer = SummaryWriter(str(out / "tb"))
     metrics_file = (out / "metrics.jsonl").open("a")
 

@@ -8,10 +8,14 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 from conftest import wait_until
 
 rclpy = pytest.importorskip("rclpy", reason="rclpy (ROS 2) is not installed")
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from geometry_msgs.msg import Twist
+from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
+from rcl_interfaces.srv import SetParameters
 from rclpy.executors import SingleThreadedExecutor
 from sensor_msgs.msg import Image
 from std_srvs.srv import Trigger
@@ -38,8 +42,10 @@ def ros(tmp_path_factory):
     os.environ["ROS_DOMAIN_ID"] = domain
     rclpy.init()
     node = rclpy.create_node("policy_tester")
-    seen = {"cmd": []}
+    seen = {"cmd": [], "policy_status": []}
     node.create_subscription(Twist, "cmd_vel", lambda m: seen["cmd"].append((m.linear.x, m.angular.z)), 10)
+    node.create_subscription(DiagnosticArray, "/diagnostics", lambda m: seen["policy_status"].extend(
+        (s.level, s.message) for s in m.status if s.name == "fusion_attn: policy"), 10)
     executor = SingleThreadedExecutor()
     executor.add_node(node)
     threading.Thread(target=executor.spin, daemon=True).start()
@@ -68,10 +74,61 @@ def test_stops_without_fused_state_and_resets_memory_on_request(ros, policy, tmp
         assert client.wait_for_service(timeout_sec=10)
         future = client.call_async(Trigger.Request())
         assert wait_until(future.done, 10) and future.result().success
-        assert "stopped: no fused state" in log.read_text() and proc.poll() is None
+        # no fusion_node reports its fusion: the contract is unchecked, so it refuses first
+        assert "stopped: fusion contract: no /diagnostics from fusion_node yet" in log.read_text() and proc.poll() is None
     finally:
         proc.terminate()
         assert proc.wait(timeout=10) == 0, log.read_text()
+
+
+def test_a_policy_is_refused_by_a_retrained_fusion_and_a_live_tau_change(ros, policy, tmp_path):
+    """The real fusion_node and an exported policy over DDS: a fusion model retrained after the policy was
+    exported, and then τ changed at run time on the matching model: each time the policy stands still and
+    says why, in its log and as an ERROR on /diagnostics."""
+    from fusion_attn.checkpoint import save_checkpoint
+    from fusion_attn.pipeline import load_model
+
+    node, seen, env = ros
+    model, _ = load_model(None)
+    with torch.no_grad():
+        model.queries.add_(0.01)  # what a retrain does to the weights the policy was trained on
+    save_checkpoint(model, tmp_path / "retrained.safetensors")
+    logs = {name: tmp_path / f"{name}.log" for name in ("policy", "fusion_retrained", "fusion_default")}
+    policy_proc = subprocess.Popen([sys.executable, "-m", "rl.policy_node", "--ros-args", "-p", f"policy:={policy}"],
+                                   env=env, stdout=open(logs["policy"], "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
+
+    def fusion_node(log: str, *params: str):
+        args = [a for p in (*params, "diagnostics_period_s:=0.2") for a in ("-p", p)]
+        return subprocess.Popen([sys.executable, "-m", "fusion_attn.node", "--ros-args", *args], env=env,
+                                stdout=open(logs[log], "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
+
+    fusion = fusion_node("fusion_retrained", f"checkpoint:={tmp_path / 'retrained.safetensors'}")
+    try:
+        assert wait_until(lambda: "refusing to drive" in logs["policy"].read_text(), 60), logs["policy"].read_text()
+        assert "(the fusion model changed)" in logs["policy"].read_text()
+        assert wait_until(lambda: any(lvl == DiagnosticStatus.ERROR and "weights digest" in msg
+                                      for lvl, msg in seen["policy_status"]), 20), seen["policy_status"][-3:]
+        start = len(seen["cmd"])
+        assert wait_until(lambda: len(seen["cmd"]) - start >= 5, 10)
+        assert all(c == (0.0, 0.0) for c in seen["cmd"][start:])
+        fusion.terminate()
+        fusion.wait(timeout=20)
+        fusion = fusion_node("fusion_default")  # the packaged model it was trained on: the refusal lifts
+        assert wait_until(lambda: "fusion matches the policy's contract" in logs["policy"].read_text(), 60), \
+            logs["policy"].read_text()[-2000:]
+        client = node.create_client(SetParameters, "/fusion_node/set_parameters")
+        assert client.wait_for_service(timeout_sec=10)
+        value = ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=0.5)
+        future = client.call_async(SetParameters.Request(parameters=[Parameter(name="tau.global", value=value)]))
+        assert wait_until(future.done, 10) and future.result().results[0].successful
+        assert wait_until(lambda: "tau.global 0.5, the policy was trained with 1.0" in logs["policy"].read_text(), 20), \
+            logs["policy"].read_text()[-2000:]
+        assert policy_proc.poll() is None and fusion.poll() is None
+    finally:
+        for p in (fusion, policy_proc):
+            p.terminate()
+        for p in (fusion, policy_proc):
+            p.wait(timeout=20)
 
 
 def test_missing_policy_is_a_clear_error(ros, tmp_path):

@@ -8,12 +8,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from fusion_attn.contract import CONTRACT_KEY, ObservationLayout, PolicyContract
 from fusion_attn.errors import CheckpointError
 from rl.__main__ import main as rl_main
 from rl.agent import ActorCritic, AgentConfig, GRUGate, reset_memory
 from rl.evaluate import attention_entropy
 from rl.export import export_policy
-from rl.ppo import PPOConfig, load_agent, train
+from rl.ppo import PPOConfig, load_agent, save_agent, train
 
 SPACE = gym.spaces.Discrete(3)
 
@@ -157,21 +158,67 @@ def test_attention_entropy_bounds():
     assert np.allclose(attention_entropy(np.eye(k)[:2]), 0.0, atol=1e-9)
 
 
-def test_fused_observation_carries_the_task(tmp_path):
-    """The FusionAttn envs are observed through the fusion pipeline plus the task's own observation."""
-    from rl.ppo import deployment_meta, make_env
+def test_fused_observation_carries_the_task_and_its_contract(tmp_path):
+    """The FusionAttn envs are observed through the fusion pipeline plus the task's own observation, and
+    a policy trained on them records the fusion it saw."""
+    from rl.ppo import make_env, policy_contract
 
     cfg = PPOConfig(env_id="FusionAttn/Control-Discrete-v0")
     env = make_env(cfg)
     try:
         obs, _ = env.reset(seed=0)
-        meta = deployment_meta(env, cfg)
-        assert obs.shape == (64 + 3 + 4,) and meta["observation"] == {"fused_dim": 64, "fusion_heads": 4, "task_dim": 4}
-        assert meta["decision_period_s"] == pytest.approx(0.1)
+        contract = policy_contract(env, cfg)
+        assert obs.shape == (64 + 3 + 4,) and contract.observation == ObservationLayout(64, True, 4)
+        assert contract.fusion_heads == 4 and contract.decision_period_s == pytest.approx(0.1)
+        assert contract.actions[1] == (0.8, 0.0) and len(contract.actions) == env.action_space.n
+        assert contract.fusion["weights_digest"] == env.get_wrapper_attr("pipeline").weights_digest
+        assert PolicyContract.from_dict(json.loads(json.dumps(contract.to_dict()))) == contract  # survives JSON
         obs, *_ = env.step(1)
         assert np.all(np.isfinite(obs)) and abs(obs[64:67].sum() - 1.0) < 1e-4  # attention mass sums to 1
     finally:
         env.close()
+
+
+def test_policy_node_builds_the_observation_the_simulator_gave(tmp_path):
+    """The same fused state, once as the simulator wrapper's observation and once through the fused_state
+    message and policy_node's parsing: identical vectors (one observation function for both)."""
+    pytest.importorskip("rclpy", reason="rclpy (ROS 2) is not installed")
+    from fusion_attn.messages import fused_state_msg, to_rclpy
+    from rl.policy_node import fused_parts, observation
+    from rl.ppo import make_env, policy_contract
+
+    cfg = PPOConfig(env_id="FusionAttn/Navigate-Discrete-v0")
+    env = make_env(cfg)
+    try:
+        obs, info = env.reset(seed=3)
+        contract = policy_contract(env, cfg)
+        for action in (1, 2, 4):
+            task = env.unwrapped._observation(env.unwrapped._pose())["task"]
+            msg = to_rclpy(fused_state_msg(info["fused"]))
+            assert np.array_equal(observation(fused_parts(msg, contract), task, contract), obs)
+            obs, _, _, _, info = env.step(action)
+    finally:
+        env.close()
+
+
+def test_a_policy_on_another_fusion_is_refused_by_evaluate(tmp_path, capsys):
+    """`rl evaluate` of an agent trained on one fusion model, with another model configured: exit 2, naming it."""
+    from fusion_attn.checkpoint import save_checkpoint
+    from fusion_attn.pipeline import load_model
+
+    run = tmp_path / "run"
+    cfg = PPOConfig(env_id="FusionAttn/Control-Discrete-v0", steps=32, envs=1, rollout=16, agent=AgentConfig(memory=4))
+    train(cfg, run, progress=False)
+    model, _ = load_model(None)
+    with torch.no_grad():
+        model.queries.add_(0.01)  # a "retrained" fusion model
+    save_checkpoint(model, tmp_path / "retrained.safetensors")
+    agent, meta = load_agent(run / "agent.safetensors")
+    meta["config"]["fusion_checkpoint"] = str(tmp_path / "retrained.safetensors")  # evaluated on the new model
+    save_agent(agent, tmp_path / "moved.safetensors", meta)
+    assert rl_main(["evaluate", str(tmp_path / "moved.safetensors"), "--episodes", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "trained on another fusion" in err and "weights digest" in err and meta[CONTRACT_KEY]["fusion"]["weights_digest"] in err
 
 
 class CueRecall(gym.Env):

@@ -145,6 +145,11 @@ class RobotEnv(gym.Env):
         self.model: mujoco.MjModel | None = None
         self._camera: Camera | None = None
 
+    @property
+    def action_table(self) -> np.ndarray | None:
+        """(n, 2) (v, omega) of each discrete action; None for Box actions."""
+        return DISCRETE_ACTIONS if isinstance(self.action_space, spaces.Discrete) else None
+
     # --- episode -------------------------------------------------------------------------------
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):

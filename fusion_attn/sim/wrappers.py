@@ -1,4 +1,5 @@
-"""The simulator as a front-end of the core: its frames fused by the same sync and pipeline as the node's."""
+"""The simulator as a front-end of the core: its frames fused by the same clock, sync and pipeline as
+replay's, and the observation a deployed policy gets from policy_node."""
 
 from __future__ import annotations
 
@@ -6,46 +7,58 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from fusion_attn.pipeline import FusionPipeline
-from fusion_attn.sync import SensorSync, SyncConfig
+from ..clock import FusionClock
+from ..contract import ObservationLayout, PolicyContract, observation_vector
+from ..params import PARAM_DEFAULTS
+from ..pipeline import FusionPipeline
+from ..sync import SensorSync, SyncConfig
 
 
 class FusedObservation(gym.Wrapper):
-    """Observation = the fused state: each step's info["frames"] go into a SensorSync, and the
-    observation is `pipeline.fuse(sync.snapshot(info["time_ns"])).pooled`, float32 (D,) (D = 64 by
-    default), followed with_attention by the attention mass camera, lidar and IMU received (3,), and
-    with_task by the task's own observation (obs["task"], tasks.py): what a robot's mission layer
-    would give its policy besides the sensors. The whole FusedState is in info["fused"]. A new
-    SensorSync starts with every episode.
+    """Observation = the newest fused state, as fusion_node would have published it by the end of the
+    step: each step's info["frames"] go through a `FusionClock` at `fusion_rate_hz` (the node's default)
+    on simulated time
+    (first tick at 0), and the last snapshot it ticked is fused. The vector is
+    `contract.observation_vector`: the fused state (D = 64 by default), with_attention the attention
+    mass camera, lidar and IMU received (3), with_task the task's own observation (obs["task"],
+    tasks.py): what a robot's mission layer would give its policy besides the sensors. The whole
+    FusedState is in info["fused"]. A new sync and clock start with every episode.
 
     pipeline: default `FusionPipeline.create(None, backend="onnxruntime", threads=1)`: the packaged,
-    trained model (docs/TRAINING.md).
+    trained model (docs/TRAINING.md). `fusion_terms` is the fusion's side of the policy contract.
     """
 
-    def __init__(self, env: gym.Env, pipeline: FusionPipeline | None = None,
-                 sync_config: SyncConfig | None = None, with_attention: bool = False, with_task: bool = False):
+    def __init__(self, env: gym.Env, pipeline: FusionPipeline | None = None, sync_config: SyncConfig | None = None,
+                 fusion_rate_hz: float = PARAM_DEFAULTS["fusion_rate_hz"], with_attention: bool = False, with_task: bool = False):
         super().__init__(env)
         self.pipeline = pipeline or FusionPipeline.create(None, backend="onnxruntime", threads=1)
         self.sync_config = sync_config or SyncConfig(imu_window_s=self.pipeline.cfg.imu.window_s)
-        self.with_attention, self.with_task = with_attention, with_task
+        self.fusion_rate_hz = fusion_rate_hz
         task_dim = env.observation_space["task"].shape[0] if with_task else 0
-        dim = self.pipeline.cfg.model.dim + (3 if with_attention else 0) + task_dim
-        self.observation_space = spaces.Box(-np.inf, np.inf, (dim,), np.float32)
-        self.sync = SensorSync(self.sync_config)
+        self.layout = ObservationLayout(self.pipeline.cfg.model.dim, with_attention, task_dim)
+        self.observation_space = spaces.Box(-np.inf, np.inf, (self.layout.size,), np.float32)
+        self.fusion_terms = self.pipeline.fusion_terms(self.sync_config, fusion_rate_hz)
+        self.clock = self.state = None
+
+    def contract(self, actions, decision_period_s: float) -> PolicyContract:
+        """The contract of a policy trained on this observation (actions: the discrete table or None)."""
+        table = None if actions is None else tuple((float(v), float(w)) for v, w in actions)
+        return PolicyContract(self.fusion_terms, self.pipeline.cfg.model.heads, self.layout, table, decision_period_s)
 
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
-        self.sync = SensorSync(self.sync_config)
-        return self._fuse(obs, info), info
+        self.clock, self.state = FusionClock(SensorSync(self.sync_config), self.fusion_rate_hz, start_ns=0), None
+        return self._observe(obs, info), info
 
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
-        return self._fuse(obs, info), reward, terminated, truncated, info
+        return self._observe(obs, info), reward, terminated, truncated, info
 
-    def _fuse(self, obs: dict, info: dict) -> np.ndarray:
-        for frame in info["frames"]:
-            self.sync.add(frame)
-        state = self.pipeline.fuse(self.sync.snapshot(info["time_ns"]))
-        info["fused"] = state
-        parts = [state.pooled] + [state.modality_attention] * self.with_attention + [obs["task"]] * self.with_task
-        return np.concatenate(parts).astype(np.float32)
+    def _observe(self, obs: dict, info: dict) -> np.ndarray:
+        ticks = [snap for frame in info["frames"] for snap in self.clock.add(frame)]
+        ticks += self.clock.advance(info["time_ns"])
+        if ticks:  # else the newest state stays what it was: no tick fell in this step
+            self.state = self.pipeline.fuse(ticks[-1])
+        info["fused"] = self.state
+        return observation_vector(self.layout, self.state.pooled, self.state.modality_attention,
+                                  obs["task"] if self.layout.task_dim else None)
