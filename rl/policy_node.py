@@ -124,9 +124,10 @@ class PolicyNode(Node):
 
     def _on_task(self, msg: Float32MultiArray) -> None:
         data = np.asarray(msg.data, np.float32)
-        if data.shape != (self.task_dim,) or not np.all(np.isfinite(data)):
-            self.get_logger().warning(f"task_obs dropped: {data.shape[0]} values or non-finite, expected {self.task_dim}",
-                                   throttle_duration_sec=5.0)
+        task_dim = self.contract.observation.task_dim
+        if data.shape != (task_dim,) or not np.all(np.isfinite(data)):
+            self.get_logger().warning(f"task_obs dropped: {data.shape[0]} values or non-finite, expected {task_dim}",
+                                      throttle_duration_sec=5.0)
             return
         self.task = (self.get_clock().now().nanoseconds, data)
 
