@@ -13,6 +13,7 @@ bgr8 Image 0.05 ms. Decoding a 1920x1200 PNG CompressedImage takes ~70 ms (cv2.i
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, TypeVar
@@ -22,6 +23,8 @@ import numpy as np
 
 from .errors import MalformedMessageError
 from .frames import CameraFrame, ImuSample, LidarFrame, Modality, stamp_to_ns
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "SUPPORTED_TYPES",
@@ -297,8 +300,6 @@ def pointcloud2_to_frame(msg: Any) -> LidarFrame:
     intensity = next((name for name in _INTENSITY_NAMES if name in layout), None)
     time = next((name for name in _TIME_NAMES if name in layout), None)
     ring = "ring" if "ring" in layout else None
-    if ring and layout[ring][0].kind not in "iu":
-        raise MalformedMessageError(f"field 'ring' must be an integer type, got {layout[ring][0].name}")
     wanted = [name for name in ("x", "y", "z", intensity, ring, time) if name]
     point = np.dtype(
         {
@@ -319,7 +320,7 @@ def pointcloud2_to_frame(msg: Any) -> LidarFrame:
     # Row-wise all() over 4 bools is slow in numpy; read each row's 4 bools as one uint32 instead.
     finite = np.isfinite(points).view(np.uint32)[:, 0] == 0x01010101
     keep = slice(None) if finite.all() else finite
-    rings = cloud[ring][keep].astype(np.uint16) if ring else None
+    rings = _ring_ids(cloud[ring][keep]) if ring else None
     times = None
     if time:
         raw = cloud[time][keep]
@@ -330,6 +331,29 @@ def pointcloud2_to_frame(msg: Any) -> LidarFrame:
             ns = raw.astype(np.int64)
             times = ((ns - ns.min()) * 1e-9 if ns.size else ns).astype(np.float32)
     return LidarFrame(stamp_ns, frame_id, points[keep], rings, times)
+
+
+def _ring_ids(raw: np.ndarray) -> np.ndarray | None:
+    """Laser ring ids as uint16. Some drivers send them as floats: whole numbers convert exactly; other
+    values are no ring ids, so the field is left out (noted once) -- the tokenizer does not need it,
+    and a field it does not need must never cost the cloud."""
+    if raw.dtype.kind in "iu":
+        return raw.astype(np.uint16)
+    with np.errstate(invalid="ignore"):
+        whole = raw.dtype.kind == "f" and bool(np.all((raw == np.round(raw)) & (raw >= 0) & (raw <= 65535)))
+    if whole:
+        return raw.astype(np.uint16)
+    _note_once(f"PointCloud2 field 'ring' ({raw.dtype.name}) holds values that are no ring ids: ring left out")
+    return None
+
+
+_noted: set[str] = set()
+
+
+def _note_once(message: str) -> None:
+    if message not in _noted:
+        _noted.add(message)
+        log.warning(message)
 
 
 @_converter("sensor_msgs/msg/LaserScan")

@@ -21,6 +21,7 @@ from rosbags.typesys import Stores, get_typestore
 from sensor_msgs.msg import CompressedImage, Image, Imu, LaserScan, PointCloud2, PointField
 from std_msgs.msg import Header
 
+from fusion_attn import adapters
 from fusion_attn.adapters import (
     SUPPORTED_TYPES,
     compressed_image_to_frame,
@@ -576,6 +577,27 @@ def test_cloud_integer_time_is_ns_offset(make):
     assert frame.time.dtype == np.float32 and frame.ring is None
 
 
+@pytest.mark.parametrize("rings, expected", [([0.0, 15.0, 3.0], [0, 15, 3]), ([0.5, 1.0, float("nan")], None)])
+def test_cloud_float_ring_never_costs_the_cloud(make, rings, expected, caplog, monkeypatch):
+    """A float32 ring field (as a public driving dataset's lidar sends): whole numbers are ring ids, any
+    other values leave the ring out with one note; the points are kept either way."""
+    fields = [("x", 0, 7, 1), ("y", 4, 7, 1), ("z", 8, 7, 1), ("ring", 12, 7, 1)]
+    layout = {"names": ["x", "y", "z", "ring"], "formats": ["f4"] * 4, "offsets": [0, 4, 8, 12]}
+    values = np.array([[[1, 1, 1, rings[0]], [2, 2, 2, rings[1]], [3, 3, 3, rings[2]]]])
+    data, row_step = _pack(values, layout, 16)
+    msg = make.cloud(fields=fields, width=3, height=1, point_step=16, row_step=row_step, data=data)
+    monkeypatch.setattr(adapters, "_noted", set())  # notes already made by other tests
+    with caplog.at_level("WARNING", logger="fusion_attn.adapters"):
+        frames = [pointcloud2_to_frame(msg) for _ in range(2)]
+    assert len(frames[0]) == 3
+    if expected is None:
+        assert frames[0].ring is None
+        assert len([r for r in caplog.records if "ring left out" in r.message]) == 1  # noted once, not per cloud
+    else:
+        np.testing.assert_array_equal(frames[0].ring, expected)
+        assert frames[0].ring.dtype == np.uint16
+
+
 def test_cloud_errors(make):
     def cloud(fields=XYZI, width=2, height=1, point_step=16, row_step=32, data=bytes(32)):
         return make.cloud(
@@ -595,9 +617,6 @@ def test_cloud_errors(make):
     _raises(pointcloud2_to_frame, cloud(data=bytes(31)), "31 bytes", "needs 32")
     _raises(pointcloud2_to_frame, cloud(row_step=31), "row_step 31 < width 2 * point_step 16")
     _raises(pointcloud2_to_frame, cloud(fields=[*XYZI[:3], ("rgb", 12, 9, 1)]), "unknown datatype 9")
-    _raises(
-        pointcloud2_to_frame, cloud(fields=[*XYZI[:3], ("ring", 12, 7, 1)]), "'ring' must be an integer type"
-    )
 
 
 # --- LaserScan -----------------------------------------------------------------------------------
@@ -763,7 +782,7 @@ def reference_cloud(fields, width, height, point_step, row_step, data, is_bigend
         if datatype not in STRUCT or offset + struct.calcsize(STRUCT[datatype]) * max(count, 1) > point_step:
             return None
         layout.setdefault(name, (STRUCT[datatype], offset))
-    if not {"x", "y", "z"} <= layout.keys() or ("ring" in layout and layout["ring"][0] in "fd"):
+    if not {"x", "y", "z"} <= layout.keys():
         return None
     order = ">" if is_bigendian else "<"
     intensity = next((n for n in ("intensity", "i") if n in layout), None)
@@ -785,7 +804,13 @@ def reference_cloud(fields, width, height, point_step, row_step, data, is_bigend
     with np.errstate(over="ignore", invalid="ignore"):
         points = values[:, :4].astype(np.float32)
     keep = np.isfinite(points).all(axis=1)
-    ring = (values[keep, 4].astype(np.int64) % 65536).astype(np.uint16) if "ring" in layout else None
+    ring = None
+    if "ring" in layout and layout["ring"][0] not in "fd":
+        ring = (values[keep, 4].astype(np.int64) % 65536).astype(np.uint16)
+    elif "ring" in layout:  # float ring ids: kept when every one is a whole number in uint16's range
+        r = values[keep, 4]
+        with np.errstate(invalid="ignore"):
+            ring = r.astype(np.uint16) if np.all((r == np.round(r)) & (r >= 0) & (r <= 65535)) else None
     times = None
     if time and layout[time][0] in "fd":
         with np.errstate(over="ignore", invalid="ignore"):
