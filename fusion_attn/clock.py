@@ -35,16 +35,17 @@ MAX_GAP_S = 10.0  # a longer silence in the data is a gap in the recording, not 
 class FusionClock:
     """Ticks every 1/rate_hz of data time. The first tick is at `start_ns` when given, else one period
     after the first frame (a live node's timer has no earlier data). trigger: instead of the timer,
-    fuse at the stamp of each frame of that sensor the sync takes (the node's `trigger` parameter)."""
+    fuse at the stamp of each frame of that sensor the sync takes (the node's `trigger` parameter).
+    events: the list the clock appends its notes to (default a new one)."""
 
     def __init__(self, sync: SensorSync, rate_hz: float, trigger: Modality | None = None,
-                 start_ns: int | None = None):
+                 start_ns: int | None = None, events: list[str] | None = None):
         if not (math.isfinite(rate_hz) and rate_hz > 0):
             raise ConfigError(f"fusion rate must be > 0 Hz, got {rate_hz}")
         self.sync, self.trigger = sync, trigger
         self.period_ns = round(NS_PER_S / rate_hz)
         self.next_tick = start_ns
-        self.events: list[str] = []  # what was dropped or reset, and why, in order
+        self.events = [] if events is None else events  # what was dropped or reset, and why, in order
 
     def add(self, frame: CameraFrame | LidarFrame | ImuSample, source: str = "") -> Iterator[SensorSnapshot]:
         """Feed one frame: yields the snapshots due, timer ticks before its stamp, then (trigger) its own.

@@ -123,8 +123,7 @@ def recorded_snapshots(reader, sync: SensorSync, opts: ReplayOptions, rec: Recor
     start = reader.start_time + int(opts.start_s * NS_PER_S) if opts.start_s is not None else None
     stop = reader.start_time + int(opts.end_s * NS_PER_S) if opts.end_s is not None else None
     trigger = Modality[opts.trigger.upper()] if opts.trigger != "timer" else None
-    clock = FusionClock(sync, opts.fusion_rate_hz, trigger)
-    clock.events = rec.events  # the clock's drops, resets and gaps go into the recording's events
+    clock = FusionClock(sync, opts.fusion_rate_hz, trigger, events=rec.events)  # its notes join the recording's
     first_log = None
     for msg in read_messages(reader, topics, start, stop):
         rec.messages += 1

@@ -65,14 +65,10 @@ def evaluate(agent_path: str | Path, episodes: int = 20, faults: bool = False, o
     agent, meta = load_agent(agent_path)
     cfg = PPOConfig.from_dict(meta["config"])
     env = make_env(cfg)
-    try:
-        check_contract(meta, env, cfg)  # never evaluate a policy on features it was not trained on
-    except Exception:
-        env.close()
-        raise
     rng = np.random.default_rng(seed)
     results = []
     try:
+        check_contract(meta, env, cfg)  # never evaluate a policy on features it was not trained on
         for i in range(episodes):
             fault = EVAL_FAULTS[i % len(EVAL_FAULTS)] if faults else None
             r = run_episode(agent, env, seed + i, fault_options(fault, rng), record=(i == 0 and out is not None))

@@ -173,6 +173,8 @@ def test_fused_observation_carries_the_task_and_its_contract(tmp_path):
         assert contract.actions[1] == (0.8, 0.0) and len(contract.actions) == env.action_space.n
         assert contract.fusion["weights_digest"] == env.get_wrapper_attr("pipeline").weights_digest
         assert PolicyContract.from_dict(json.loads(json.dumps(contract.to_dict()))) == contract  # survives JSON
+        env.get_wrapper_attr("pipeline").set_tau([0.5, 1, 1, 1])  # the fusion's τ changed after training
+        assert contract.mismatches(env.get_wrapper_attr("fusion_terms")) == ["tau.global 0.5, the policy was trained with 1.0"]
         obs, *_ = env.step(1)
         assert np.all(np.isfinite(obs)) and abs(obs[64:67].sum() - 1.0) < 1e-4  # attention mass sums to 1
     finally:

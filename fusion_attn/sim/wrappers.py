@@ -37,8 +37,12 @@ class FusedObservation(gym.Wrapper):
         task_dim = env.observation_space["task"].shape[0] if with_task else 0
         self.layout = ObservationLayout(self.pipeline.cfg.model.dim, with_attention, task_dim)
         self.observation_space = spaces.Box(-np.inf, np.inf, (self.layout.size,), np.float32)
-        self.fusion_terms = self.pipeline.fusion_terms(self.sync_config, fusion_rate_hz)
         self.clock = self.state = None
+
+    @property
+    def fusion_terms(self) -> dict[str, str]:
+        """The fusion's side of the policy contract, as it is now (τ may have been set since)."""
+        return self.pipeline.fusion_terms(self.sync_config, self.fusion_rate_hz)
 
     def contract(self, actions, decision_period_s: float) -> PolicyContract:
         """The contract of a policy trained on this observation (actions: the discrete table or None)."""
