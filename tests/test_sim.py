@@ -1,5 +1,7 @@
 """The MuJoCo simulator (fusion_attn/sim): Gymnasium API, determinism, sensor frames, rates, faults, fusion."""
 
+import dataclasses
+import itertools
 import json
 import math
 from functools import partial
@@ -15,7 +17,7 @@ from fusion_attn.sim.faults import FaultConfig, FaultSpec
 from fusion_attn.sim.robot import DRIVE_ACCEL, FrameList, RobotEnv
 from fusion_attn.sim.scene import TASK_COLOURS, Geom, Layout
 from fusion_attn.sim.sensors import SensorConfig
-from fusion_attn.sim.tasks import Task
+from fusion_attn.sim.tasks import ControlTask, NavigateTask, Task
 
 IDS = [f"FusionAttn/{task}-{kind}v0" for task in ("Memory", "Navigate", "Control")
        for kind in ("", "Discrete-")]
@@ -24,16 +26,16 @@ G = 9.81  # MuJoCo's default gravity
 
 
 class Fixed(Task):
-    """An empty 6 x 6 m arena (walls at +-3 m) with given objects and start pose."""
+    """An empty arena, by default 6 x 6 m (walls at +-3 m), with given objects and start pose."""
 
     obs_dim = 1
     episode_s = 10.0
 
-    def __init__(self, start=(0.0, 0.0, 0.0), geoms=()):
-        self.start, self.geoms = start, tuple(geoms)
+    def __init__(self, start=(0.0, 0.0, 0.0), geoms=(), half=3.0):
+        self.start, self.geoms, self.half = start, tuple(geoms), half
 
     def new_episode(self, rng):
-        return Layout(3.0, self.start, self.geoms)
+        return Layout(self.half, self.start, self.geoms)
 
     def observe(self, pose, t_s):
         return np.zeros(1, np.float32)
@@ -89,9 +91,9 @@ def test_same_seed_same_episode():
     assert not np.array_equal(obs["image"], runs[0][0][0]["image"])
 
 
-def test_camera_frame_is_rgb8_forward():
+def test_single_camera_frame_is_rgb8_forward():
     red = Geom("red", "box", (1.5, 0.0, 0.5), (0.1, 1.0, 0.5), TASK_COLOURS["red"])
-    env = RobotEnv(Fixed(geoms=[red]), sensors=SensorConfig(camera_size=(48, 64)))
+    env = RobotEnv(Fixed(geoms=[red]), sensors=SensorConfig(camera_size=(48, 64), camera_views=1))
     _, info = env.reset(seed=0)
     cam = info["frames"][0]
     assert isinstance(cam, CameraFrame)
@@ -99,6 +101,99 @@ def test_camera_frame_is_rgb8_forward():
     assert cam.image.shape == (48, 64, 3) and cam.image.dtype == np.uint8
     r, g, b = cam.image[24, 32].astype(int)  # the red box straight ahead fills the centre: RGB order
     assert r > 100 and r > 2 * g and r > 2 * b
+    env.close()
+
+
+def _columns(image, rgb):
+    """The image columns where pixels of the colour rgb (a TASK_COLOURS entry) show."""
+    channel = int(np.argmax(rgb))
+    others = np.delete(image.astype(int), channel, axis=2).max(axis=2)
+    return np.flatnonzero(((image[..., channel] > 100) & (others < 70)).any(axis=0))
+
+
+def test_camera_rig_is_a_panorama_with_forward_in_the_middle():
+    # Facing +x: red straight ahead, green on the left (+y), blue behind, each a 0.7 m wide box 1.5 m away.
+    boxes = [Geom(name, "box", (1.5 * x, 1.5 * y, 0.3), (0.3 * abs(y) + 0.05, 0.3 * abs(x) + 0.05, 0.3),
+                  TASK_COLOURS[name]) for name, x, y in (("red", 1, 0), ("green", 0, 1), ("blue", -1, 0))]
+    env = RobotEnv(Fixed(geoms=boxes))
+    assert env.observation_space["image"].shape == (64, 256, 3) and env.sensors.camera_hfov_deg == 360.0
+    _, info = env.reset(seed=0)
+    image = info["frames"][0].image
+    assert image.shape == (64, 256, 3) and image.dtype == np.uint8
+    # columns run from azimuth +180 (left edge) to -180 (right edge): forward is the seam between the two
+    # middle views, +90 degrees the one a quarter in (each view is a pinhole image: a box on a seam spans
+    # more columns than its angle would on a cylinder, but symmetrically)
+    red, green, blue = (_columns(image, TASK_COLOURS[c]) for c in ("red", "green", "blue"))
+    assert len(red) >= 12 and (red.min() + red.max()) / 2 == pytest.approx(127.5, abs=1)
+    assert len(green) >= 12 and (green.min() + green.max()) / 2 == pytest.approx(63.5, abs=1)
+    assert blue.min() == 0 and blue.max() == 255 and len(blue) < 40  # behind: at both edges
+    env.close()
+    six = SensorConfig(camera_views=6)  # views evenly spaced, centred on straight ahead, left to right
+    assert six.camera_yaws_deg == pytest.approx((150, 90, 30, -30, -90, -150))
+    assert six.camera_image_shape == (64, 384, 3) and six.camera_view_fovy_deg == pytest.approx(60.0)
+    assert SensorConfig(camera_views=1).camera_hfov_deg == pytest.approx(75.0)
+    with pytest.raises(ValueError, match="camera_views"):
+        SensorConfig(camera_views=2)  # two views cannot cover 360 degrees
+
+
+def test_pixel_noise_makes_consecutive_static_frames_differ():
+    images = {}
+    for noise in (2.0, 0.0):
+        env = RobotEnv(Fixed(), sensors=SensorConfig(camera_noise_levels=noise, camera_size=(32, 32)))
+        images[noise] = [f.image.astype(int) for f in frames_of(run(env, 0.35, [0.0, 0.0]), CameraFrame)]
+        env.close()
+    noisy, clean = images[2.0], images[0.0]
+    assert len(noisy) == len(clean) == 4
+    assert all(np.array_equal(a, clean[0]) for a in clean)  # the scene is static: only the noise changes
+    unclipped = (clean[0] > 10) & (clean[0] < 245)  # the black sky clips half the noise away
+    assert unclipped.mean() > 0.3
+    for a, b in itertools.pairwise(noisy):
+        diff = (a - b)[unclipped]  # two draws of std 2: the difference has std 2.8
+        assert (diff != 0).mean() > 0.5 and diff.std() == pytest.approx(2.0 * math.sqrt(2), rel=0.1)
+    assert (noisy[0] - clean[0])[unclipped].std() == pytest.approx(2.0, rel=0.1)  # noise, not another picture
+
+
+def _goal_post():
+    return next(g for g in ControlTask().new_episode(np.random.default_rng(0)).geoms if g.retroreflective)
+
+
+@pytest.mark.parametrize("task", [ControlTask, NavigateTask])
+def test_goal_tasks_mark_the_goal_with_a_retroreflective_post(task):
+    t = task()
+    for seed in range(3):
+        layout = t.new_episode(np.random.default_rng(seed))
+        (post,) = [g for g in layout.geoms if g.retroreflective]
+        assert post.pos[:2] == t.goal() and not post.collide and post.kind == "cylinder"
+        # wide enough for the lidar's 2° beams to meet it within 8 m, taller than any obstacle (1 m)
+        assert 8.0 * math.sin(math.radians(1.0)) <= post.size[0] <= 0.2 and 2 * post.size[1] > 1.0
+
+
+def test_lidar_sees_the_goal_post_at_full_intensity_the_robot_drives_through_it():
+    # A 10 x 10 m arena; the post's centre 7.8 m away, near the lidar's 8 m range where the 3° ring is
+    # highest, at 1° to the left: midway between two beams, where it is hardest to hit.
+    post = _goal_post()
+    centre = (-4.0 + 7.8 * math.cos(math.radians(1.0)), 7.8 * math.sin(math.radians(1.0)))
+    far = dataclasses.replace(post, pos=(*centre, post.pos[2]))
+    env = RobotEnv(Fixed(start=(-4.0, 0.0, 0.0), geoms=[far], half=5.0), sensors=EXACT)
+    _, info = env.reset(seed=0)
+    lidar = info["frames"][1]
+    bright = lidar.points[:, 3] == 255
+    assert set(lidar.ring[bright]) == {0, 1}  # both rings hit it
+    on_post = np.hypot(lidar.points[bright, 0] - 4.0 - centre[0], lidar.points[bright, 1] - centre[1])
+    np.testing.assert_allclose(on_post, post.size[0], atol=1e-3)  # every bright point lies on its surface
+    assert lidar.points[~bright, 3].max() <= 200  # diffuse surfaces stay below a retroreflector
+    assert env.ground_truth()["obstacles"][0] == pytest.approx(8.0)  # the wall 9 m ahead is out of range
+    env.close()
+
+    # Driving at 1 m/s through a post 2 m ahead: no contact, no deflection, and free distance ignores it.
+    post = dataclasses.replace(post, pos=(1.0, 0.0, post.pos[2]))
+    env = RobotEnv(Fixed(start=(-1.0, 0.0, 0.0), geoms=[post]), sensors=EXACT)
+    env.reset(seed=0)
+    assert env.ground_truth()["obstacles"][0] == pytest.approx(4.0, abs=0.01)  # the wall, not the post
+    for _ in range(150):
+        *_, info = env.step(np.array([1.0, 0.0], np.float32))
+        assert env.data.ncon == 0
+    assert info["pose"][0] > 1.5 and abs(info["pose"][1]) < 1e-6 and abs(info["pose"][2]) < 1e-6
     env.close()
 
 
@@ -116,7 +211,7 @@ def test_lidar_points_in_lidar_frame():
     np.testing.assert_allclose(ahead[:3], [2.5, 0.0, 0.0], atol=1e-3)
     left = pts[flat][np.argmin(np.abs(np.arctan2(pts[flat, 1], pts[flat, 0]) - math.pi / 2))]
     np.testing.assert_allclose(left[:3], [0.0, 4.0, 0.0], atol=1e-3)
-    assert 0 < ahead[3] <= 255  # intensity: the wall's luminance
+    assert 0 < ahead[3] <= 200  # intensity: the wall's luminance, scaled below a retroreflector's
     # The observation's range image agrees, and rays beyond the max range are dropped.
     obs, _ = env.reset(seed=0)
     np.testing.assert_allclose(obs["lidar"][0, [0, 45]], [2.5, 4.0], atol=1e-3)  # beams 0 and 90 degrees
@@ -181,7 +276,7 @@ WINDOW = (0.2, 0.2)  # start, duration [s]
 FAULTS = {
     "camera_blackout": 1.0, "camera_freeze": 1.0, "camera_noise": 30.0, "camera_dropout": 1.0,
     "lidar_dropout": 1.0, "lidar_sparse": 0.5, "lidar_spurious": 25.0, "imu_dropout": 1.0,
-    "imu_bias_jump": 1.0, "imu_noise_burst": 0.5, "camera_delay": 0.25,
+    "imu_bias_jump": 1.0, "imu_noise_burst": 0.5, "camera_delay": 0.25, "lidar_freeze": 1.0, "imu_freeze": 1.0,
 }
 
 
@@ -211,6 +306,11 @@ def test_fault_shows_in_info_and_frames(name):
             assert not f.image.any() and r.image.any()
         elif name == "camera_freeze":
             assert np.array_equal(f.image, before[-1].image) and not np.array_equal(r.image, before[-1].image)
+        elif name == "lidar_freeze":  # the last sweep before the fault, re-sent with fresh stamps
+            assert np.array_equal(f.points, before[-1].points) and not np.array_equal(r.points, before[-1].points)
+        elif name == "imu_freeze":  # the last reading before the fault, held
+            assert np.array_equal(f.accel, before[-1].accel) and np.array_equal(f.gyro, before[-1].gyro)
+            assert not np.array_equal(r.gyro, before[-1].gyro)
         elif name == "camera_noise":
             assert 10 < np.abs(f.image.astype(int) - r.image).mean() < 40
         elif name == "lidar_sparse":
@@ -322,7 +422,9 @@ def test_fused_observation_masks_faulted_sensors():
     for _ in range(10):
         obs, *_, info = env.step(np.array([0.3, 0.2], np.float32))
         assert obs.shape == (67,) and obs.dtype == np.float32 and np.isfinite(obs).all()
-        assert (obs[64:] > 0).all() and info["fused"].present.all()
+        assert info["fused"].present.all() and obs[64:].sum() == pytest.approx(1.0, abs=1e-5)
+        if info["fused"].stamp_ns >= 150_000_000:  # before, the IMU window holds too few samples to trust
+            assert (obs[64:] > 0.2).all()
     for name, modality in (("lidar_dropout", Modality.LIDAR), ("camera_dropout", Modality.CAMERA)):
         obs, _ = env.reset(seed=0, options={"faults": {name: FaultSpec.window()}})
         for _ in range(5):
@@ -339,7 +441,7 @@ def test_async_vector_env_spawned_and_forked_after_rendering():
     envs = gym.vector.AsyncVectorEnv([make] * 2, context="spawn")
     obs, info = envs.reset(seed=0)
     obs, *_, info = envs.step(envs.action_space.sample())
-    assert obs["image"].shape == (2, 16, 16, 3) and len(info["frames"]) == 2
+    assert obs["image"].shape == (2, 16, 64, 3) and len(info["frames"]) == 2  # 4 views side by side
     envs.close()
     rendered = make()
     rendered.reset(seed=0)  # this process now holds a GL context, which a forked worker cannot use

@@ -8,9 +8,11 @@ uniformly from ranges, in seconds of episode time) and how strongly (`magnitude`
     camera_noise      gaussian pixel noise                                 std [8-bit levels]
     camera_dropout    no frame                                             -
     lidar_dropout     no frame                                             -
+    lidar_freeze      the sweep repeats the last one before the fault      -
     lidar_sparse      a random subset of the points is kept                fraction kept
     lidar_spurious    extra points at random directions and ranges         points per frame
     imu_dropout       no sample                                            -
+    imu_freeze        every sample repeats the reading before the fault    -
     imu_bias_jump     a constant offset, drawn once per episode            std [m/s^2] per accel axis
     imu_noise_burst   extra white noise                                    std [m/s^2]
     {sensor}_delay    frames are delivered late; stamps stay capture time  delay [s]
@@ -63,6 +65,9 @@ class FaultConfig:
     camera_delay: FaultSpec = field(default_factory=FaultSpec)
     lidar_delay: FaultSpec = field(default_factory=FaultSpec)
     imu_delay: FaultSpec = field(default_factory=FaultSpec)
+    # appended: the schedule draws of the faults above stay what they were for a seed
+    lidar_freeze: FaultSpec = field(default_factory=FaultSpec)
+    imu_freeze: FaultSpec = field(default_factory=FaultSpec)
 
     def updated(self, overrides: FaultConfig | dict[str, FaultSpec] | None) -> FaultConfig:
         """This config with some faults replaced (a whole FaultConfig, or {name: FaultSpec})."""
@@ -109,6 +114,12 @@ class FaultInjector:
         self._accel_jump, self._gyro_jump = m * jump[:3], m * GYRO_PER_ACCEL * jump[3:]
         self._last_image: np.ndarray | None = None
         self._held: np.ndarray | None = None  # the image a freeze repeats
+        # a frozen lidar or IMU driver re-sends its last data with fresh stamps: what it last sent, and
+        # what it holds while frozen
+        self._last_sweep: LidarFrame | None = None
+        self._held_sweep: LidarFrame | None = None
+        self._last_reading: ImuSample | None = None
+        self._held_reading: ImuSample | None = None
 
     def magnitude(self, name: str, t_ns: int) -> float | None:
         """The fault's magnitude when it is active at t_ns, else None."""
@@ -144,6 +155,12 @@ class FaultInjector:
         t = frame.stamp_ns
         if self.magnitude("lidar_dropout", t) is not None:
             return None
+        if self.magnitude("lidar_freeze", t) is not None:
+            if self._held_sweep is None:
+                self._held_sweep = self._last_sweep if self._last_sweep is not None else frame
+            frame = dataclasses.replace(frame, points=self._held_sweep.points, ring=self._held_sweep.ring)
+        else:
+            self._held_sweep = None
         points, ring = frame.points, frame.ring
         if (keep := self.magnitude("lidar_sparse", t)) is not None:
             idx = np.flatnonzero(self._rng.random(len(points)) < keep)
@@ -157,12 +174,21 @@ class FaultInjector:
             extra = np.stack([r * np.cos(el) * np.cos(az), r * np.cos(el) * np.sin(az), r * np.sin(el),
                               self._rng.uniform(0.0, 255.0, n)], axis=1).astype(np.float32)
             points, ring = np.concatenate([points, extra]), np.concatenate([ring, extra_ring])
-        return frame if points is frame.points else dataclasses.replace(frame, points=points, ring=ring)
+        out = frame if points is frame.points else dataclasses.replace(frame, points=points, ring=ring)
+        self._last_sweep = out
+        return out
 
     def imu(self, sample: ImuSample) -> ImuSample | None:
         t = sample.stamp_ns
         if self.magnitude("imu_dropout", t) is not None:
             return None
+        if self.magnitude("imu_freeze", t) is not None:
+            if self._held_reading is None:
+                self._held_reading = self._last_reading if self._last_reading is not None else sample
+            sample = dataclasses.replace(sample, accel=self._held_reading.accel, gyro=self._held_reading.gyro)
+        else:
+            self._held_reading = None
+        self._last_reading = sample
         accel, gyro = sample.accel, sample.gyro
         if self.magnitude("imu_bias_jump", t) is not None:
             accel, gyro = accel + self._accel_jump, gyro + self._gyro_jump

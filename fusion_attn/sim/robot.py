@@ -11,7 +11,8 @@ into DISCRETE_ACTIONS; the drive ramps to the command within its limits (DRIVE_A
 task's hold_s the robot is held: commands are ignored.
 Observation: a Dict of fixed-size arrays made from the delivered frames:
 
-    image  (H, W, 3) uint8    the newest camera image (zeros before the first)
+    image  (H, W, 3) uint8    the newest camera image (zeros before the first): with the default rig a
+                              360° panorama, straight ahead in the middle (SensorConfig.camera_views)
     lidar  (rings, beams) f32 the newest lidar sweep as ranges [m] (max range: no return)
     imu    (K, 6) f32         the newest K IMU samples, oldest first: accel [m/s^2], gyro [rad/s];
                               K = IMU samples per control step
@@ -42,7 +43,7 @@ from fusion_attn.frames import NS_PER_S, CameraFrame, ImuSample, LidarFrame
 
 from .faults import FaultConfig, FaultInjector
 from .scene import HIDDEN_POS, Layout, build_mjcf
-from .sensors import VISUAL_GROUP, Camera, Imu, Lidar, SensorConfig, lidar_ranges
+from .sensors import MARKER_GROUPS, Camera, Imu, Lidar, SensorConfig, geom_groups, lidar_ranges
 from .tasks import TASKS, Task
 
 V_RANGE = (-0.5, 1.0)  # m/s
@@ -130,10 +131,9 @@ class RobotEnv(gym.Env):
         self.imu_window = max(1, -(-round(self.sensors.imu_hz) // round(control_hz)))
 
         s = self.sensors
-        h, w = s.camera_size
         rings = len(s.lidar_elevations_deg)
         self.observation_space = spaces.Dict({
-            "image": spaces.Box(0, 255, (h, w, 3), np.uint8),
+            "image": spaces.Box(0, 255, s.camera_image_shape, np.uint8),
             "lidar": spaces.Box(0.0, s.lidar_max_range_m, (rings, s.lidar_beams), np.float32),
             "imu": spaces.Box(-np.inf, np.inf, (self.imu_window, 6), np.float32),
             "ages": spaces.Box(0.0, AGE_CAP_S, (3,), np.float32),
@@ -188,7 +188,7 @@ class RobotEnv(gym.Env):
         s = self.sensors
         if self._enabled["camera"]:
             self._camera = self._camera or Camera(s)
-            self._camera.bind(self.model)
+            self._camera.bind(self.model, rng)
         self._devices = {"camera": self._camera,
                          "lidar": Lidar(self.model, s, rng) if self._enabled["lidar"] else None,
                          "imu": Imu(self.model, s, rng) if self._enabled["imu"] else None}
@@ -264,7 +264,8 @@ class RobotEnv(gym.Env):
 
             velocity  (2,) forward speed [m/s], yaw rate [rad/s] of the robot
             obstacles (sectors,) free distance [m] per horizontal sector around the lidar site, sector 0
-                      centred straight ahead, counter-clockwise; the lidar's max range where nothing is hit
+                      centred straight ahead, counter-clockwise; the lidar's max range where nothing is hit;
+                      only what the robot can hit counts (no marker, though the lidar sees the goal post)
             goal      (2,) distance [m] and bearing [rad] (left positive) of the task's goal (nan: none)
         """
         m, d = self.model, self.data
@@ -277,7 +278,7 @@ class RobotEnv(gym.Env):
         rot = d.site_xmat[site].reshape(3, 3)
         vec = np.stack([np.cos(az), np.sin(az), np.zeros(n)], axis=1) @ rot.T
         dist, geomid = np.zeros(n), np.zeros(n, np.int32)
-        groups = np.array([g != VISUAL_GROUP for g in range(mujoco.mjNGROUP)], np.uint8)
+        groups = geom_groups(*MARKER_GROUPS)
         max_range = self.sensors.lidar_max_range_m
         mujoco.mj_multiRay(m, d, d.site_xpos[site], vec.ravel(), groups, 1, int(m.site_bodyid[site]), geomid, dist,
                            None, n, max_range)

@@ -8,7 +8,8 @@ robust, no wheel contacts): velocity actuators track the world velocity that a d
 would have for the command (v, omega), so it cannot move sideways except when pushed by a contact.
 Its low-friction shell (its friction wins: priority 1) slides along walls and turns against them.
 Its sensors sit on it in REP-103 axes (x forward, y left, z up): the IMU at the body origin, the
-lidar on top, the camera at the front edge looking forward.
+lidar on top, and the camera: a single one at the front edge looking forward, or a rig of views
+sharing one viewpoint on a mast above the lidar (RIG_HEIGHT), each looking out along its yaw.
 """
 
 from __future__ import annotations
@@ -18,13 +19,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .sensors import VISUAL_GROUP, SensorConfig
+from .sensors import LIDAR_MARKER_GROUP, VISUAL_GROUP, SensorConfig, camera_name
 
 ROBOT_RADIUS = 0.18  # m, a cylinder of 2 * ROBOT_HALF_HEIGHT
 ROBOT_HALF_HEIGHT = 0.1
 ROBOT_Z = 0.12  # body origin height: the cylinder clears the floor, so the floor never touches it
 LIDAR_HEIGHT = 0.2  # above the body origin
-CAMERA_POS = (ROBOT_RADIUS + 0.01, 0.0, 0.13)
+CAMERA_POS = (ROBOT_RADIUS + 0.01, 0.0, 0.13)  # the single forward camera's (camera_views=1)
+# A rig's views share one viewpoint, so neighbours meet without a blind strip at their seam (straight
+# ahead is one). From 0.2 m above the chassis top, its edge lies 48° down: below 4 square views (45°).
+RIG_HEIGHT = 0.3  # above the body origin
 WALL_HEIGHT = 0.6
 WALL_THICKNESS = 0.1
 HIDDEN_POS = (0.0, 0.0, -10.0)  # where a hidden object goes: under the floor, out of every view and ray
@@ -46,7 +50,8 @@ class Geom:
     size: tuple[float, ...]
     rgb: tuple[float, float, float]
     yaw: float = 0.0
-    collide: bool = True  # False: a visual marker (geom group VISUAL_GROUP): only the camera sees it
+    collide: bool = True  # False: a marker the robot drives through, for the camera only (VISUAL_GROUP)...
+    retroreflective: bool = False  # ...or the lidar too (LIDAR_MARKER_GROUP); the lidar's brightest return
     hide_at_s: float | None = None  # moved under the floor at this episode time (a mocap body)
 
     @property
@@ -103,7 +108,10 @@ def _geom_xml(g: Geom, at_origin: bool = False) -> str:
     attrs = (f'name="{g.name}" type="{g.kind}" pos="{_num(*pos)}" size="{_num(*g.size)}" '
              f'euler="0 0 {_num(g.yaw)}" rgba="{_num(*g.rgb, 1.0)}"')
     if not g.collide:
-        attrs += f' contype="0" conaffinity="0" group="{VISUAL_GROUP}"'
+        group = LIDAR_MARKER_GROUP if g.retroreflective else VISUAL_GROUP
+        attrs += f' contype="0" conaffinity="0" group="{group}"'
+    if g.retroreflective:
+        attrs += ' user="1"'  # sensors.Lidar reads geom user[0]
     return f"<geom {attrs}/>"
 
 
@@ -117,13 +125,25 @@ def _walls(half: float) -> list[str]:
     return out
 
 
+def _cameras(sensors: SensorConfig) -> list[str]:
+    pos = CAMERA_POS if sensors.camera_views == 1 else (0.0, 0.0, RIG_HEIGHT)
+    out = []
+    for i, yaw in enumerate(np.radians(sensors.camera_yaws_deg)):
+        c, s = np.cos(yaw), np.sin(yaw)
+        # an MJCF camera looks along its -z, with x to the image's right and y up
+        out.append(f'<camera name="{camera_name(i)}" pos="{_num(*pos)}" xyaxes="{_num(s, -c, 0, 0, 0, 1)}" '
+                   f'fovy="{_num(sensors.camera_view_fovy_deg)}"/>')
+    return out
+
+
 def build_mjcf(layout: Layout, sensors: SensorConfig, physics_dt_s: float) -> str:
-    h, w = sensors.camera_size
+    h, w, _ = sensors.camera_image_shape
     world = [_geom_xml(g) for g in layout.geoms if g.hide_at_s is None]
     world += [f'<body name="{g.name}" mocap="true" pos="{_num(*g.pos)}">{_geom_xml(g, at_origin=True)}</body>'
               for g in layout.geoms if g.hide_at_s is not None]
     return f"""<mujoco model="fusion_attn_arena">
   <option timestep="{_num(physics_dt_s)}"/>
+  <size nuser_geom="1"/>
   <visual>
     <global offwidth="{max(w, 1)}" offheight="{max(h, 1)}"/>
     <quality shadowsize="0" offsamples="0"/>
@@ -146,8 +166,7 @@ def build_mjcf(layout: Layout, sensors: SensorConfig, physics_dt_s: float) -> st
             rgba="0.2 0.2 0.22 1" priority="1" friction="0.1 0.005 0.0001"/>
       <site name="imu"/>
       <site name="lidar" pos="0 0 {_num(LIDAR_HEIGHT)}"/>
-      <camera name="camera" pos="{_num(*CAMERA_POS)}" xyaxes="0 -1 0 0 0 1"
-              fovy="{_num(sensors.camera_fovy_deg)}"/>
+      {chr(10).join("      " + c for c in _cameras(sensors)).strip()}
     </body>
   </worldbody>
   <actuator>

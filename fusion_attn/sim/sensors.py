@@ -3,11 +3,18 @@
 `capture(data, stamp_ns)` reads an MjData whose derived quantities (poses, sensordata) describe the
 instant stamp_ns. Frames follow REP-103 in the sensor's own frame (x forward, y left, z up; metres,
 m/s^2, rad/s). Frame ids: "camera", "lidar", "imu".
+
+Geom groups: 0 is everything the robot can hit; non-colliding markers are VISUAL_GROUP (the camera
+sees them, lidar rays pass through: floor patches) or LIDAR_MARKER_GROUP (camera and lidar see them:
+the goal post). A geom whose user[0] is 1 (scene.Geom.retroreflective) returns full lidar intensity.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import os
+import statistics
 from dataclasses import dataclass
 
 import mujoco
@@ -16,14 +23,22 @@ import numpy as np
 from fusion_attn.frames import CameraFrame, ImuSample, LidarFrame
 
 VISUAL_GROUP = 1  # geom group of visual markers: the camera sees them, lidar rays pass through
+LIDAR_MARKER_GROUP = 2  # non-colliding markers that lidar rays hit too (the camera renders groups 0-2)
+MARKER_GROUPS = (VISUAL_GROUP, LIDAR_MARKER_GROUP)  # non-colliding geoms: what the robot cannot hit
+RETROREFLECTIVE_INTENSITY = 255.0  # a retroreflector sends the beam back: the strongest return
+DIFFUSE_INTENSITY = 200.0  # a diffuse surface of luminance 1 returns this much, so retroreflectors stand out
 _GL_PID: int | None = None  # the process that made the first GL context
 
 
 @dataclass(frozen=True)
 class SensorConfig:
     camera_hz: float = 10.0  # 0 disables a sensor
-    camera_size: tuple[int, int] = (64, 64)  # height, width
-    camera_fovy_deg: float = 75.0
+    camera_size: tuple[int, int] = (64, 64)  # height, width of each view
+    # views around the robot, stitched side by side into one 360° panorama (each covers 360/views
+    # degrees; square views at 4 have fovy 90°); 1: a single forward camera of camera_fovy_deg
+    camera_views: int = 4
+    camera_fovy_deg: float = 75.0  # the single forward camera's (camera_views=1)
+    camera_noise_levels: float = 2.0  # gaussian pixel noise std [8-bit levels]: no two frames are identical
     lidar_hz: float = 10.0
     lidar_beams: int = 180  # per ring, evenly over 360 degrees, beam 0 straight ahead, counter-clockwise
     lidar_elevations_deg: tuple[float, ...] = (0.0, 3.0)  # one ring per elevation
@@ -35,13 +50,68 @@ class SensorConfig:
     accel_bias: float = 0.05  # std of the constant per-episode bias [m/s^2]
     gyro_bias: float = 0.002  # [rad/s]
 
+    def __post_init__(self) -> None:
+        if self.camera_views < 1 or self.camera_views == 2:
+            raise ValueError(f"camera_views must be 1 or at least 3 (a view covers 360/views degrees, less "
+                             f"than 180), got {self.camera_views}")
+
+    @property
+    def camera_image_shape(self) -> tuple[int, int, int]:
+        """(H, W, 3) of a camera frame: the views side by side."""
+        h, w = self.camera_size
+        return h, self.camera_views * w, 3
+
+    @property
+    def camera_yaws_deg(self) -> tuple[float, ...]:
+        """Each view's yaw from straight ahead (left positive), left to right in the panorama: its
+        columns run from azimuth +180° to -180°, straight ahead in the middle."""
+        n = self.camera_views
+        return tuple(180.0 - (i + 0.5) * 360.0 / n for i in range(n)) if n > 1 else (0.0,)
+
+    @property
+    def camera_view_fovy_deg(self) -> float:
+        """Each view's vertical field of view: a rig's views meet edge to edge."""
+        if self.camera_views == 1:
+            return self.camera_fovy_deg
+        h, w = self.camera_size
+        return 2.0 * math.degrees(math.atan(math.tan(math.pi / self.camera_views) * h / w))
+
+    @property
+    def camera_hfov_deg(self) -> float:
+        """The horizontal field of view of the whole image (360 for a rig)."""
+        if self.camera_views > 1:
+            return 360.0
+        h, w = self.camera_size
+        return 2.0 * math.degrees(math.atan(math.tan(math.radians(self.camera_fovy_deg) / 2) * w / h))
+
+
+def camera_name(view: int) -> str:
+    """The MJCF camera of a view (scene.build_mjcf makes one per view)."""
+    return f"camera{view}"
+
+
+@functools.cache
+def _noise_levels(std: float) -> np.ndarray:
+    """Gaussian noise of `std` rounded to whole levels, at 65536 evenly spaced quantiles: indexed by a
+    uniform 16-bit draw per pixel it costs a third of drawing normals (and since pixels are whole
+    levels, rounding the noise before adding it changes nothing)."""
+    dist = statistics.NormalDist(0.0, std)
+    return np.rint([dist.inv_cdf((k + 0.5) / 65536) for k in range(65536)]).astype(np.int16)
+
+
+def geom_groups(*excluded: int) -> np.ndarray:
+    """mj_ray's geomgroup filter: every geom group but `excluded`."""
+    return np.array([g not in excluded for g in range(mujoco.mjNGROUP)], np.uint8)
+
 
 class Camera:
-    """RGB images from the robot's forward camera: (H, W, 3) uint8 rgb8.
+    """RGB images from the robot's camera rig: (H, views * W, 3) uint8 rgb8, the views side by side
+    (SensorConfig.camera_yaws_deg), each a pinhole image, plus gaussian pixel noise.
 
     One OpenGL context serves every episode's model (`bind`): the first render context made in a
     fresh GL context compiles its shaders, about 0.1 s on Mesa's llvmpipe, which mujoco.Renderer
-    (a GL context per model) would add to every reset. It draws with mujoco.Renderer's calls.
+    (a GL context per model) would add to every reset. It draws with mujoco.Renderer's calls, each
+    view into its own viewport of one offscreen buffer, read back at once.
     """
 
     frame_id = "camera"
@@ -53,15 +123,19 @@ class Camera:
             raise RuntimeError("this process was forked from one that had rendered, and OpenGL (EGL) does "
                                "not survive a fork: start env workers with context='spawn' (AsyncVectorEnv)")
         _GL_PID = os.getpid()
+        self._cfg = cfg
         self._h, self._w = cfg.camera_size
-        self._gl = mujoco.GLContext(self._w, self._h)
+        self._noise = _noise_levels(cfg.camera_noise_levels) if cfg.camera_noise_levels > 0 else None
+        self._gl = mujoco.GLContext(cfg.camera_views * self._w, self._h)
 
-    def bind(self, model: mujoco.MjModel) -> None:
-        """Render `model` from now on (a new episode's arena)."""
+    def bind(self, model: mujoco.MjModel, rng: np.random.Generator | None = None) -> None:
+        """Render `model` from now on (a new episode's arena), with pixel noise from `rng` (the
+        episode's sensor stream; None: a fresh unseeded one)."""
         self._gl.make_current()
         if self._context is not None:
             self._context.free()
         self._model = model
+        self._rng = rng if rng is not None else np.random.default_rng()
         self._context = mujoco.MjrContext(model, mujoco.mjtFontScale.mjFONTSCALE_50.value)
         mujoco.mjr_setBuffer(mujoco.mjtFramebuffer.mjFB_OFFSCREEN.value, self._context)
         self._scene = mujoco.MjvScene(model, maxgeom=model.ngeom + 32)
@@ -70,18 +144,26 @@ class Camera:
         self._option = mujoco.MjvOption()
         self._camera = mujoco.MjvCamera()
         self._camera.type = mujoco.mjtCamera.mjCAMERA_FIXED
-        self._camera.fixedcamid = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, "camera")
-        self._rect = mujoco.MjrRect(0, 0, self._w, self._h)
+        views = self._cfg.camera_views
+        self._camids = [model.camera(camera_name(i)).id for i in range(views)]
+        self._viewports = [mujoco.MjrRect(i * self._w, 0, self._w, self._h) for i in range(views)]
+        self._rect = mujoco.MjrRect(0, 0, views * self._w, self._h)
 
     def capture(self, data: mujoco.MjData, stamp_ns: int) -> CameraFrame:
         self._gl.make_current()
-        mujoco.mjv_updateScene(self._model, data, self._option, None, self._camera,
-                               mujoco.mjtCatBit.mjCAT_ALL.value, self._scene)
-        mujoco.mjr_render(self._rect, self._scene, self._context)
-        image = np.empty((self._h, self._w, 3), np.uint8)
+        for camid, viewport in zip(self._camids, self._viewports):
+            self._camera.fixedcamid = camid
+            mujoco.mjv_updateScene(self._model, data, self._option, None, self._camera,
+                                   mujoco.mjtCatBit.mjCAT_ALL.value, self._scene)
+            mujoco.mjr_render(viewport, self._scene, self._context)
+        image = np.empty((self._h, self._rect.width, 3), np.uint8)
         mujoco.mjr_readPixels(image, None, self._rect, self._context)
-        image = np.ascontiguousarray(image[::-1])  # OpenGL's rows run bottom-up
-        return CameraFrame(stamp_ns, self.frame_id, image, "rgb8")
+        image = image[::-1]  # OpenGL's rows run bottom-up
+        if self._noise is not None:
+            noisy = self._noise[self._rng.integers(0, 65536, image.shape, np.uint16)]
+            noisy += image
+            image = np.clip(noisy, 0, 255, out=noisy).astype(np.uint8)
+        return CameraFrame(stamp_ns, self.frame_id, np.ascontiguousarray(image), "rgb8")
 
     def close(self) -> None:
         if self._gl is None:
@@ -101,8 +183,9 @@ class Lidar:
 
     Points (N, 4) float32 x, y, z, intensity in the lidar frame; rays without a return within the
     max range are dropped, and visual markers (VISUAL_GROUP) are transparent. Intensity (0..255) is
-    the luminance of the surface hit, a stand-in for reflectivity; `ring` holds each point's ring
-    (its index into lidar_elevations_deg).
+    RETROREFLECTIVE_INTENSITY from a retroreflective geom, else the luminance of the surface hit times
+    DIFFUSE_INTENSITY, a stand-in for reflectivity; `ring` holds each point's ring (its index into
+    lidar_elevations_deg).
     """
 
     frame_id = "lidar"
@@ -119,8 +202,10 @@ class Lidar:
         rgb = model.geom_rgba[:, :3].copy()
         textured = model.geom_matid >= 0  # a material's colour replaces the geom's
         rgb[textured] = model.mat_rgba[model.geom_matid[textured], :3]
-        self._intensity = (255.0 * rgb @ np.array([0.299, 0.587, 0.114])).astype(np.float32)
-        self._groups = np.array([g != VISUAL_GROUP for g in range(mujoco.mjNGROUP)], np.uint8)
+        retro = model.geom_user[:, 0] == 1 if model.nuser_geom else np.zeros(model.ngeom, bool)
+        diffuse = DIFFUSE_INTENSITY * rgb @ np.array([0.299, 0.587, 0.114])
+        self._intensity = np.where(retro, RETROREFLECTIVE_INTENSITY, diffuse).astype(np.float32)
+        self._groups = geom_groups(VISUAL_GROUP)
         self._geomid = np.zeros(len(self.directions), np.int32)
         self._dist = np.zeros(len(self.directions))
 

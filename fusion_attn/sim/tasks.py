@@ -20,7 +20,9 @@ FusionAttn/Navigate-v0 (`NavigateTask`, 10 x 10 m, 14 obstacles, T = 40 s)
 FusionAttn/Control-v0 (`ControlTask`, 6 x 6 m, 3 obstacles, T = 15 s)
     Reach a target at least 1.5 m away: the sanity check, nothing needs remembering.
     Both: reward = progress towards the target [m] per step - 0.2/T per second, and +10 for coming
-    within 0.4 m of it (success; the episode ends). The target is a green floor patch.
+    within 0.4 m of it (success; the episode ends). The target is a green floor patch with a slim green
+    retroreflective post at its centre that the robot drives through: the camera sees both, the lidar
+    the post (at full intensity), while obstacle ground truth ignores it.
     obs["task"] = (target x, target y in the robot frame [m], distance [m], t/T).
 
 `info` gets "is_success" (bool) from every task; Memory adds "cue" and "reached" (colour names).
@@ -36,10 +38,22 @@ from .faults import FaultConfig, FaultSpec
 from .scene import TASK_COLOURS, Geom, Layout, scatter_obstacles
 
 PATCH_HALF_HEIGHT = 0.003  # floor patches: flat discs, seen by the camera only
+# Goal posts: the lidar's beams lie 2° apart, so a post of radius 8 m x sin(1°) = 0.14 m meets one of
+# them anywhere within its 8 m range (a 5 cm pole would slip between beams beyond 2.9 m). 2 m tall, it
+# stands over every obstacle (at most 1 m), so the camera sees its top across a cluttered arena, and
+# both lidar rings meet it (from 0.32 m up, the 3° ring climbs 0.42 m over its range).
+POST_RADIUS = 0.15
+POST_HALF_HEIGHT = 1.0
 
 
 def _patch(name: str, x: float, y: float, radius: float, rgb: tuple[float, float, float]) -> Geom:
     return Geom(name, "cylinder", (x, y, PATCH_HALF_HEIGHT), (radius, PATCH_HALF_HEIGHT), rgb, collide=False)
+
+
+def _post(name: str, x: float, y: float, rgb: tuple[float, float, float]) -> Geom:
+    """A goal marker for camera and lidar alike: a slim retroreflective post the robot drives through."""
+    return Geom(name, "cylinder", (x, y, POST_HALF_HEIGHT), (POST_RADIUS, POST_HALF_HEIGHT), rgb,
+                collide=False, retroreflective=True)
 
 
 class Task(ABC):
@@ -147,7 +161,8 @@ class ReachTask(Task):
         self._prev = (0.0, float(np.hypot(self.target[0] - start[0], self.target[1] - start[1])))
         clear = [(start[0], start[1], 0.5), (*self.target, self.success_radius + 0.2)]
         h = self.half
-        geoms = [_patch("target", *self.target, self.success_radius, TASK_COLOURS["green"])]
+        geoms = [_patch("target", *self.target, self.success_radius, TASK_COLOURS["green"]),
+                 _post("target_post", *self.target, TASK_COLOURS["green"])]
         geoms += scatter_obstacles(rng, self.obstacles, (-h, h, -h, h), clear)
         return Layout(h, start, tuple(geoms))
 
