@@ -81,6 +81,9 @@ class ModelConfig:
     age_frequencies: int = 8  # Fourier features of a token's age
     learned_head_temperature: bool = False  # a learned τ per head, multiplied with the input τ
     qk_norm: bool = False  # L2-normalised q, k with a learned scale: an implicit temperature
+    # "sensor": a softmax per sensor's tokens, sensors weighted by a softmax of log(trust) at τ;
+    # "token": one softmax over all tokens at τ per token (the earlier design, kept as a baseline)
+    fusion: str = "sensor"
 
 
 @dataclass(frozen=True)
@@ -102,10 +105,14 @@ class FusionConfig:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
         if not isinstance(m.latent_blocks, int) or m.latent_blocks < 0:
             raise ConfigError(f"model.latent_blocks must be an integer >= 0, got {m.latent_blocks!r}")
+        if m.fusion not in ("sensor", "token"):
+            raise ConfigError(f"model.fusion must be 'sensor' or 'token', got {m.fusion!r}")
         if c.height % c.patch or c.width % c.patch:
             raise ConfigError(f"camera {c.height}x{c.width} is not a multiple of patch {c.patch}")
         if m.dim % m.heads:
             raise ConfigError(f"model.dim {m.dim} is not divisible by model.heads {m.heads}")
+        if m.dim == m.heads:  # the fused-state message carries the trust in the column after the heads
+            raise ConfigError(f"model.dim {m.dim} must exceed model.heads {m.heads}")
         if not 1 <= li.grid <= 255:  # cell ids and the out-of-range cell must fit in uint16
             raise ConfigError(f"lidar.grid {li.grid} must be in [1, 255]")
         if not (li.range_m > 0 and self.imu.window_s > 0 and li.z_max_m > li.z_min_m):

@@ -108,6 +108,9 @@ class FusedState:
     tau: np.ndarray  # (4,) float32: global, camera, lidar, imu
     all_masked: bool = False  # no sensor contributed: the state is the model's defined empty output
     timings_ms: dict[str, float] = field(default_factory=dict)
+    # (3,) float32 the model's trust in each sensor's content, in [0, 1]: near 1 healthy, near 0 failed
+    # (black, frozen, noisy, occluded); exactly 0 for an absent one. None: a model without a trust output
+    trust: np.ndarray | None = None
 
     @property
     def modality_attention(self) -> np.ndarray:

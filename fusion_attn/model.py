@@ -13,6 +13,7 @@ D model width, H heads, M fusion tokens.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -21,6 +22,7 @@ from torch import nn
 
 from .config import FusionConfig, ModelConfig
 from .frames import Modality
+from .tokenize import LIDAR_INDEX, imu_samples
 
 
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -74,39 +76,143 @@ class MLP(nn.Module):
 
 
 class SensorEmbedding(nn.Module):
-    """Named sensor inputs -> tokens (B, N, D), token mask (B, N) and modality id per token (N,)."""
+    """Named sensor inputs -> tokens (B, N, D), token mask (B, N) and per-sensor evidence (B, 3, E).
+
+    Each token also carries what changed since its sensor's previous frame: a camera patch its
+    difference from the same patch one frame back, every lidar pillar the change of the whole
+    sweep's PointNet descriptor. That is the model's evidence of motion, and of a frozen sensor (no
+    change at all). `evidence` adds a few statistics per sensor for the trust estimate (see _evidence).
+    """
 
     def __init__(self, cfg: FusionConfig):
         super().__init__()
         d = cfg.model.dim
+        self.cfg = cfg
         self.camera = nn.Linear(cfg.camera.features, d)
+        self.camera_change = nn.Linear(cfg.camera.features, d, bias=False)
         self.register_buffer("camera_pos", sincos_2d(cfg.camera.height // cfg.camera.patch,
                                                      cfg.camera.width // cfg.camera.patch, d), persistent=False)
         self.lidar = MLP(cfg.lidar.features, d, d)  # shared per-point MLP + masked max: a small PointNet
+        self.lidar_change = nn.Linear(d, d, bias=False)
         self.imu = MLP(cfg.imu.features, d, d)
         self.modality = nn.Parameter(torch.randn(3, d) * 0.02)
+        self.no_previous = nn.Parameter(torch.randn(2, d) * 0.02)  # camera, lidar: no previous frame to compare
         self.age = nn.Linear(2 * cfg.model.age_frequencies, d)
+        self.interval = nn.Linear(2 * cfg.model.age_frequencies, d, bias=False)  # time to the previous frame
         self.age_frequencies = cfg.model.age_frequencies
         self.norm = nn.LayerNorm(d)
         ids = [Modality.CAMERA] * cfg.camera.tokens + [Modality.LIDAR] * cfg.lidar.tokens + [Modality.IMU] * cfg.imu.tokens
         self.register_buffer("modality_id", torch.tensor([int(m) for m in ids]), persistent=False)
 
-    def forward(self, x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        cam = self.camera(x["camera_patches"]) + self.camera_pos  # (B, N_c, D)
-        point_mask = x["lidar_mask"]  # (B, N_l, P)
-        per_point = self.lidar(x["lidar_points"]).masked_fill(~point_mask.unsqueeze(-1), float("-inf"))
-        lidar_mask = point_mask.any(dim=-1)  # (B, N_l)
-        lidar = torch.where(lidar_mask.unsqueeze(-1), per_point.amax(dim=2), 0.0)  # (B, N_l, D)
+    def pillars(self, points, point_mask):
+        """(B, N_l, P, F), (B, N_l, P) -> pillar tokens (B, N_l, D), pillar mask (B, N_l)."""
+        per_point = self.lidar(points).masked_fill(~point_mask.unsqueeze(-1), float("-inf"))
+        mask = point_mask.any(dim=-1)
+        return torch.where(mask.unsqueeze(-1), per_point.amax(dim=2), 0.0), mask
+
+    def forward(self, x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        fourier = functools.partial(fourier_age, n=self.age_frequencies)
+        # camera (B, N_c, D): the patch, its change since the previous frame (or "no previous frame")
+        cam_mask, cam_prev = x["camera_mask"], x["camera_prev_mask"] & x["camera_mask"]
+        change = (x["camera_patches"] - x["camera_prev_patches"]) * cam_prev.unsqueeze(-1)
+        cam = self.camera(x["camera_patches"]) + self.camera_pos + torch.where(
+            cam_prev.unsqueeze(-1), self.camera_change(change) + self.interval(fourier(x["camera_prev_age"] - x["camera_age"])),
+            self.no_previous[0])
+        # lidar (B, N_l, D): pillars, plus the change of the sweep's descriptor (masked max over pillars)
+        lidar, lidar_mask = self.pillars(x["lidar_points"], x["lidar_mask"])
+        prev, prev_mask = self.pillars(x["lidar_prev_points"], x["lidar_prev_mask"])
+        has_prev = prev_mask.any(dim=1) & lidar_mask.any(dim=1)  # (B,)
+        sweep = _masked_max(lidar, lidar_mask)
+        sweep_change = torch.where(has_prev.unsqueeze(-1), sweep - _masked_max(prev, prev_mask), 0.0)  # (B, D)
+        lidar_interval = (x["lidar_prev_age"] - x["lidar_age"])[:, 0]  # (B,)
+        lidar = lidar + torch.where(has_prev[:, None, None],
+                                    (self.lidar_change(sweep_change) + self.interval(fourier(lidar_interval))).unsqueeze(1),
+                                    self.no_previous[1])
         imu = self.imu(x["imu_chunks"])  # (B, N_i, D)
         tokens = torch.cat([cam, lidar, imu], dim=1) + self.modality[self.modality_id]  # (B, N, D)
         age = torch.cat([x["camera_age"], x["lidar_age"], x["imu_age"]], dim=1)  # (B, N)
-        tokens = self.norm(tokens + self.age(fourier_age(age, self.age_frequencies)))
-        mask = torch.cat([x["camera_mask"], lidar_mask, x["imu_mask"]], dim=1)  # (B, N)
-        return tokens, mask
+        tokens = self.norm(tokens + self.age(fourier(age)))
+        mask = torch.cat([cam_mask, lidar_mask, x["imu_mask"]], dim=1)  # (B, N)
+        return tokens, mask, self._evidence(x, change, cam_prev, sweep_change, has_prev)
+
+    def _evidence(self, x, cam_change, cam_prev, sweep_change, lidar_has_prev) -> torch.Tensor:
+        """(B, 3, EVIDENCE) log-scale statistics a detector needs and a mean of tokens hides: how much
+        the camera and lidar changed since their previous frame (exactly nothing when frozen), the
+        camera's pixel spread and its spread across patches (black, noisy, half occluded), the share
+        of the lidar's octants with points (a blocked sector), the IMU's spread over its window per
+        axis group (a stuck or zeroed IMU has none). Zero where it does not apply."""
+        eps = 1e-6
+        B = cam_change.shape[0]
+        patches, cam_mask = x["camera_patches"], x["camera_mask"]
+        n_cam = cam_mask.sum(1).clamp_min(1)
+        n_prev = cam_prev.sum(1).clamp_min(1)
+        cam_delta = (cam_change.abs().mean(-1) * cam_prev).sum(1) / n_prev
+        patch_std = patches[..., ::4].std(-1)  # (B, N_c); every 4th value of a patch is plenty, and cheaper
+        mean_std = (patch_std * cam_mask).sum(1) / n_cam
+        patch_mean = patches.mean(-1)
+        mu = (patch_mean * cam_mask).sum(1, keepdim=True) / n_cam.unsqueeze(1)
+        across = (((patch_mean - mu) ** 2 * cam_mask).sum(1) / n_cam).sqrt()
+        camera = torch.stack([torch.log(cam_delta + eps) * cam_prev.any(1), torch.log(mean_std + eps),
+                              torch.log(across + eps), cam_prev.any(1).float()], dim=1)
+        # lidar: octants by sign and |x| vs |y|, so no atan2 (the exported graph stays plain)
+        pts, pmask = x["lidar_points"], x["lidar_mask"]
+        px, py = pts[..., LIDAR_INDEX["x"]], pts[..., LIDAR_INDEX["y"]]
+        octant = (px >= 0).long() * 4 + (py >= 0).long() * 2 + (px.abs() >= py.abs()).long()  # (B, N_l, P)
+        hits = F.one_hot(octant, 8).float() * pmask.unsqueeze(-1)
+        occupied = (hits.flatten(1, 2).sum(1) > 0).float().mean(1)  # (B,)
+        delta = sweep_change.abs().mean(-1)
+        lidar = torch.stack([torch.log(delta + eps) * lidar_has_prev, occupied,
+                             torch.log(pmask.any(-1).float().sum(1) + 1.0), lidar_has_prev.float()], dim=1)
+        # IMU: the spread of accel and gyro over the valid chunks' samples
+        samples = imu_samples(x["imu_chunks"], self.cfg.imu)  # (B, N_i, S, 6)
+        w = x["imu_mask"].float()[:, :, None, None]
+        n = (w.sum((1, 2)) * samples.shape[2]).clamp_min(1)  # (B, 1)
+        mean = (samples * w).sum((1, 2)) / n
+        var = (((samples - mean[:, None, None]) ** 2) * w).sum((1, 2)) / n  # (B, 6)
+        imu = torch.stack([torch.log(var[:, :3].mean(1).sqrt() + eps), torch.log(var[:, 3:].mean(1).sqrt() + eps),
+                           torch.log(mean[:, :3].norm(dim=1) + eps), x["imu_mask"].any(1).float()], dim=1)
+        return torch.stack([camera, lidar, imu], dim=1).reshape(B, 3, EVIDENCE)
+
+
+def _masked_max(tokens, mask):
+    """(B, N, D), (B, N) -> (B, D): the max over valid tokens, 0 with none."""
+    return torch.where(mask.any(1, keepdim=True), tokens.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1), 0.0)
+
+
+EVIDENCE = 4  # statistics per sensor in SensorEmbedding._evidence
+
+
+class SensorTrust(nn.Module):
+    """Per-sensor trust logits (B, 3) from each sensor's tokens (masked mean and max), its evidence
+    statistics and the other present sensors' summaries (disagreement between sensors is evidence
+    too). An absent sensor's logit is -inf: trust sigmoid(logit) = 0, and no weight in the fusion."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.dim
+        self.summary = MLP(2 * d + EVIDENCE, d, d)
+        self.modality = nn.Parameter(torch.randn(3, d) * 0.02)
+        self.logit = MLP(2 * d, d, 1)
+
+    def forward(self, tokens, mask, membership, evidence):
+        # tokens (B, N, D), mask (B, N), membership (N, 3), evidence (B, 3, E) -> logits (B, 3), present (B, 3)
+        w = mask.float().unsqueeze(-1) * membership  # (B, N, 3)
+        present = w.sum(1) > 0  # (B, 3)
+        mean = torch.einsum("bnm,bnd->bmd", w, tokens) / w.sum(1).clamp_min(1.0).unsqueeze(-1)
+        inside = (w > 0).permute(0, 2, 1).unsqueeze(-1)  # (B, 3, N, 1)
+        peak = torch.where(inside, tokens.unsqueeze(1), float("-inf")).amax(2)
+        peak = torch.where(present.unsqueeze(-1), peak, 0.0)  # (B, 3, D)
+        h = self.summary(torch.cat([mean, peak, evidence], dim=-1)) + self.modality  # (B, 3, D)
+        p = present.float().unsqueeze(-1)
+        others = ((h * p).sum(1, keepdim=True) - h * p) / (p.sum(1, keepdim=True) - p).clamp_min(1.0)
+        logits = self.logit(torch.cat([h, others], dim=-1)).squeeze(-1)  # (B, 3)
+        return logits.masked_fill(~present, float("-inf")), present
 
 
 class CrossAttention(nn.Module):
-    """Fusion tokens (queries) over sensor tokens with a per-token temperature."""
+    """Fusion tokens (queries) over sensor tokens. Token-level: each sensor's tokens get their own
+    softmax (`sensor_weights` given), or one softmax spans all tokens at a per-token temperature
+    (`sensor_weights` None: the token-level fusion, the baseline)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -117,8 +223,9 @@ class CrossAttention(nn.Module):
         self.log_qk_scale = nn.Parameter(torch.full((cfg.heads,), math.log(math.sqrt(self.head_dim)))) if cfg.qk_norm else None
         self.log_head_tau = nn.Parameter(torch.zeros(cfg.heads)) if cfg.learned_head_temperature else None
 
-    def forward(self, queries, tokens, mask, token_tau):
-        # queries (B, M, D), tokens (B, N, D), mask (B, N), token_tau (B, N) -> (B, M, D), weights (B, H, M, N)
+    def forward(self, queries, tokens, mask, token_tau, spans=None, sensor_weights=None):
+        # queries (B, M, D), tokens (B, N, D), mask (B, N), token_tau (B, N); spans: each sensor's token
+        # slice; sensor_weights (B, 3) -> (B, M, D), token weights (B, H, M, N)
         B, M, D = queries.shape
         N = tokens.shape[1]
         q = self.q(queries).view(B, M, self.heads, self.head_dim).transpose(1, 2)  # (B, H, M, hd)
@@ -131,7 +238,12 @@ class CrossAttention(nn.Module):
         tau = token_tau.unsqueeze(1)  # (B, 1, N)
         if self.log_head_tau is not None:
             tau = tau * self.log_head_tau.exp().view(1, -1, 1)  # (B, H, N)
-        weights = masked_softmax(logits / tau.unsqueeze(2), mask[:, None, None, :])
+        logits = logits / tau.unsqueeze(2)
+        if sensor_weights is None:
+            weights = masked_softmax(logits, mask[:, None, None, :])
+        else:  # a softmax per sensor, each scaled by its sensor weight: rows still sum to 1
+            weights = torch.cat([masked_softmax(logits[..., s], mask[:, None, None, s]) * sensor_weights[:, m, None, None, None]
+                                 for m, s in enumerate(spans)], dim=-1)
         fused = (weights @ v).transpose(1, 2).reshape(B, M, D)
         return self.out(fused), weights
 
@@ -155,14 +267,24 @@ class SelfAttentionBlock(nn.Module):
 
 
 class FusionModel(nn.Module):
-    """Named sensor inputs (see tokenize.input_spec) -> fused (B, D), latents (B, M, D),
-    attention (B, 3, H) mass per modality and head, all_masked (B,)."""
+    """Named sensor inputs (see tokenize.input_spec) -> fused (B, D), latents (B, M, D), attention
+    (B, 3, H) mass per modality and head, all_masked (B,), trust (B, 3).
+
+    Two levels (ModelConfig.fusion "sensor", the default): inside each sensor the fusion tokens attend
+    over its tokens (a softmax per sensor); across sensors, each sensor's share is the softmax over
+    present sensors of log(trust) / (τ_global * τ_sensor), i.e. proportional to trust^(1/τ): a low τ
+    keeps only the most trusted sensors, a high τ averages all present ones, doubtful or not. The
+    trust is a learned per-sensor output (SensorTrust), trained on known faults; the fusion uses it
+    without passing gradients back, so it stays a detector. "token": today's single softmax over all
+    tokens at τ_global * τ_modality per token (the baseline); its trust is reported, not used.
+    """
 
     def __init__(self, cfg: FusionConfig):
         super().__init__()
         self.cfg = cfg
         m = cfg.model
         self.embed = SensorEmbedding(cfg)
+        self.trust = SensorTrust(m)
         self.queries = nn.Parameter(torch.randn(m.fusion_tokens, m.dim) * 0.02)
         self.query_norm, self.token_norm = nn.LayerNorm(m.dim), nn.LayerNorm(m.dim)
         self.cross = CrossAttention(m)
@@ -172,21 +294,48 @@ class FusionModel(nn.Module):
         self.out_norm = nn.LayerNorm(m.dim)
         # one-hot modality membership of each token, to sum attention per modality with a matmul
         self.register_buffer("membership", F.one_hot(self.embed.modality_id, 3).float(), persistent=False)
+        ends = torch.cumsum(torch.tensor([cfg.camera.tokens, cfg.lidar.tokens, cfg.imu.tokens]), 0).tolist()
+        self.spans = [slice(a, b) for a, b in zip([0, *ends[:2]], ends)]
 
-    def forward(self, camera_patches, camera_mask, camera_age, lidar_points, lidar_mask, lidar_age,
+    def sensor_logits(self, log_trust: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        """(B, 3) log trust, (B, 4) τ -> the sensor-level softmax's logits log(trust) / (τ_global * τ_sensor)."""
+        return log_trust / (tau[:, :1] * tau[:, 1:])
+
+    def forward(self, camera_patches, camera_mask, camera_age, camera_prev_patches, camera_prev_mask, camera_prev_age,
+                lidar_points, lidar_mask, lidar_age, lidar_prev_points, lidar_prev_mask, lidar_prev_age,
                 imu_chunks, imu_mask, imu_age, tau):
         x = {"camera_patches": camera_patches, "camera_mask": camera_mask, "camera_age": camera_age,
-             "lidar_points": lidar_points, "lidar_mask": lidar_mask, "lidar_age": lidar_age,
-             "imu_chunks": imu_chunks, "imu_mask": imu_mask, "imu_age": imu_age}
-        tokens, mask = self.embed(x)  # (B, N, D), (B, N)
-        token_tau = tau[:, :1] * (tau[:, 1:] @ self.membership.T)  # (B, N): τ_global * τ_modality
+             "camera_prev_patches": camera_prev_patches, "camera_prev_mask": camera_prev_mask,
+             "camera_prev_age": camera_prev_age, "lidar_points": lidar_points, "lidar_mask": lidar_mask,
+             "lidar_age": lidar_age, "lidar_prev_points": lidar_prev_points, "lidar_prev_mask": lidar_prev_mask,
+             "lidar_prev_age": lidar_prev_age, "imu_chunks": imu_chunks, "imu_mask": imu_mask, "imu_age": imu_age}
+        out = self.run(x, tau)
+        return out["fused"], out["latents"], out["attention"], out["all_masked"], out["trust"]
+
+    def run(self, x: dict[str, torch.Tensor], tau: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named inputs -> the outputs of `forward` by name, plus what training and evaluation look at:
+        trust_logits (B, 3), sensor_weights (B, 3) and the cross-attention's token weights (B, H, M, N)."""
+        tokens, mask, evidence = self.embed(x)  # (B, N, D), (B, N), (B, 3, E)
+        trust_logits, present = self.trust(tokens, mask, self.membership, evidence)  # (B, 3)
+        log_trust = F.logsigmoid(trust_logits)  # -inf for an absent sensor
         B = tokens.shape[0]
         queries = self.queries.expand(B, -1, -1)
-        attended, weights = self.cross(self.query_norm(queries), self.token_norm(tokens), mask, token_tau)
+        if self.cfg.model.fusion == "sensor":
+            sensor_weights = masked_softmax(self.sensor_logits(log_trust.detach(), tau), present)  # (B, 3)
+            token_tau = torch.ones_like(mask, dtype=tokens.dtype)
+            attended, weights = self.cross(self.query_norm(queries), self.token_norm(tokens), mask, token_tau,
+                                           self.spans, sensor_weights)
+            attention = sensor_weights.unsqueeze(-1).repeat(1, 1, self.cfg.model.heads)  # (B, 3, H), static H on export
+        else:
+            token_tau = tau[:, :1] * (tau[:, 1:] @ self.membership.T)  # (B, N): τ_global * τ_modality
+            attended, weights = self.cross(self.query_norm(queries), self.token_norm(tokens), mask, token_tau)
+            attention = (weights.mean(dim=2) @ self.membership).transpose(1, 2)  # (B, 3, H)
+            sensor_weights = attention.mean(-1)
         latents = queries + attended
         latents = latents + self.cross_mlp(self.cross_mlp_norm(latents))
         for block in self.blocks:
             latents = block(latents)
         latents = self.out_norm(latents)  # (B, M, D)
-        attention = (weights.mean(dim=2) @ self.membership).transpose(1, 2)  # (B, 3, H)
-        return latents.mean(dim=1), latents, attention, ~mask.any(dim=1)
+        return {"fused": latents.mean(dim=1), "latents": latents, "attention": attention,
+                "all_masked": ~mask.any(dim=1), "trust": log_trust.exp(), "trust_logits": trust_logits,
+                "sensor_weights": sensor_weights, "token_weights": weights}

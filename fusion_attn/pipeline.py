@@ -183,5 +183,6 @@ class FusionPipeline:
         timings = {"tokenize": (t1 - t0) * 1e3, "model": (t2 - t1) * 1e3}
         return [FusedState(stamp_ns=snap.stamp_ns, frame_id=self.frame_id, pooled=out["fused"][i],
                            latents=out["latents"][i], attention=out["attention"][i], present=present, ages_s=ages,
-                           tau=taus[i].copy(), all_masked=bool(out["all_masked"][i]), timings_ms=timings)
+                           tau=taus[i].copy(), all_masked=bool(out["all_masked"][i]), timings_ms=timings,
+                           trust=out["trust"][i])
                 for i in range(len(taus))]

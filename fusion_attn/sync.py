@@ -92,6 +92,9 @@ class SensorSync:
         self.resets = 0
         self._camera: CameraFrame | None = None
         self._lidar: LidarFrame | None = None
+        # each one's previous frame: what changed since is the model's evidence of motion and of a frozen sensor
+        self._camera_prev: CameraFrame | None = None
+        self._lidar_prev: LidarFrame | None = None
         self._imu = _ImuHistory(self.cfg.imu_capacity)
 
     def add(self, frame: CameraFrame | LidarFrame | ImuSample) -> bool:
@@ -116,9 +119,9 @@ class SensorSync:
         h.received += 1
         h.last_stamp_ns = frame.stamp_ns
         if modality is Modality.CAMERA:
-            self._camera = frame
+            self._camera_prev, self._camera = self._camera, frame
         elif modality is Modality.LIDAR:
-            self._lidar = frame
+            self._lidar_prev, self._lidar = self._lidar, frame
         else:
             self._imu.append(frame)
         return None
@@ -132,7 +135,7 @@ class SensorSync:
 
     def reset(self) -> None:
         """Forget all buffered data (time went backwards); counters survive, rates restart."""
-        self._camera = self._lidar = None
+        self._camera = self._lidar = self._camera_prev = self._lidar_prev = None
         self._imu.clear()
         for h in self.health.values():
             h.last_stamp_ns, h.mean_dt_s = None, 0.0
@@ -156,14 +159,21 @@ class SensorSync:
         return bool(-self.cfg.future_tolerance_s <= age <= self.max_age_s(modality))  # False for nan (never seen)
 
     def snapshot(self, now_ns: int) -> SensorSnapshot:
-        """The data to fuse at now_ns; a stale or never-seen sensor is None (masked)."""
+        """The data to fuse at now_ns; a stale or never-seen sensor is None (masked). A previous frame
+        comes with its successor only when the two are at most the sensor's max age apart (consecutive)."""
         camera = self._camera if self.fresh(Modality.CAMERA, now_ns) else None
         lidar = self._lidar if self.fresh(Modality.LIDAR, now_ns) else None
         imu = None
         if self.fresh(Modality.IMU, now_ns):
             end = min(now_ns, self.health[Modality.IMU].last_stamp_ns)
             imu = self._imu.window(end - int(self.cfg.imu_window_s * NS_PER_S), end)
-        return SensorSnapshot(now_ns, camera, lidar, imu)
+        return SensorSnapshot(now_ns, camera, lidar, imu, self._consecutive(Modality.CAMERA, camera, self._camera_prev),
+                              self._consecutive(Modality.LIDAR, lidar, self._lidar_prev))
+
+    def _consecutive(self, modality: Modality, frame, prev):
+        if frame is None or prev is None or frame.stamp_ns - prev.stamp_ns > self.cfg.max_age_s[modality] * NS_PER_S:
+            return None
+        return prev
 
     def ages_s(self, now_ns: int) -> np.ndarray:
         return np.array([self.health[m].age_s(now_ns) for m in Modality], np.float32)

@@ -67,9 +67,16 @@ def input_spec(cfg: FusionConfig) -> dict[str, tuple[tuple[int, ...], type]]:
         "camera_patches": ((c.tokens, c.features), np.float32),
         "camera_mask": ((c.tokens,), np.bool_),
         "camera_age": ((c.tokens,), np.float32),
+        # the sensor's previous frame, tokenized alike (masked when there is none): temporal evidence
+        "camera_prev_patches": ((c.tokens, c.features), np.float32),
+        "camera_prev_mask": ((c.tokens,), np.bool_),
+        "camera_prev_age": ((c.tokens,), np.float32),
         "lidar_points": ((li.tokens, li.points_per_pillar, li.features), np.float32),
         "lidar_mask": ((li.tokens, li.points_per_pillar), np.bool_),  # per point; a pillar is valid if any is
         "lidar_age": ((li.tokens,), np.float32),
+        "lidar_prev_points": ((li.tokens, li.points_per_pillar, li.features), np.float32),
+        "lidar_prev_mask": ((li.tokens, li.points_per_pillar), np.bool_),
+        "lidar_prev_age": ((li.tokens,), np.float32),
         "imu_chunks": ((i.tokens, i.features), np.float32),
         "imu_mask": ((i.tokens,), np.bool_),
         "imu_age": ((i.tokens,), np.float32),
@@ -81,7 +88,7 @@ def output_spec(cfg: FusionConfig) -> dict[str, tuple[tuple[int, ...], type]]:
     """Name -> (shape without the batch dimension, dtype) of every model output (see model.FusionModel)."""
     m = cfg.model
     return {"fused": ((m.dim,), np.float32), "latents": ((m.fusion_tokens, m.dim), np.float32),
-            "attention": ((3, m.heads), np.float32), "all_masked": ((), np.bool_)}
+            "attention": ((3, m.heads), np.float32), "all_masked": ((), np.bool_), "trust": ((3,), np.float32)}
 
 
 OUTPUT_NAMES = tuple(output_spec(FusionConfig()))  # the same for every config
@@ -206,31 +213,34 @@ class SensorSnapshot:
     camera: CameraFrame | None = None
     lidar: LidarFrame | None = None
     imu: ImuWindow | None = None
+    camera_prev: CameraFrame | None = None  # the frame before `camera` (None: none, or not consecutive)
+    lidar_prev: LidarFrame | None = None
 
 
 class Tokenizer:
     """Snapshot -> the model's named input arrays (unbatched), per `input_spec`.
 
-    The tokens of the newest camera and lidar frame are cached: a frame is fused several times while
-    it stays the newest (only its age input changes), and a node can tokenize a frame as it arrives
-    (`prepare`), off the fusion's critical path.
+    The tokens of the two newest camera and lidar frames are cached: a frame is fused several times
+    while it stays the newest (only its age input changes), then once more as the previous frame, and
+    a node can tokenize a frame as it arrives (`prepare`), off the fusion's critical path.
     """
 
     def __init__(self, cfg: FusionConfig):
         self.cfg = cfg
         self.spec = input_spec(cfg)
-        self._cached: dict[type, tuple[object, tuple[np.ndarray, np.ndarray]]] = {}
+        self._cached: dict[type, list[tuple[object, tuple[np.ndarray, np.ndarray]]]] = {}
 
     def prepare(self, frame: CameraFrame | LidarFrame) -> tuple[np.ndarray, np.ndarray]:
         """Tokens of a camera or lidar frame, computed once per frame object."""
-        hit = self._cached.get(type(frame))
-        if hit is not None and hit[0] is frame:
-            return hit[1]
+        recent = self._cached.setdefault(type(frame), [])
+        for cached, tokens in recent:
+            if cached is frame:
+                return tokens
         if isinstance(frame, CameraFrame):
             tokens = tokenize_camera(frame, self.cfg.camera)
         else:
             tokens = tokenize_lidar(frame, self.cfg.lidar)
-        self._cached[type(frame)] = (frame, tokens)
+        recent[:] = [*recent[-1:], (frame, tokens)]  # this frame and the one before it
         return tokens
 
     def empty(self) -> dict[str, np.ndarray]:
@@ -239,12 +249,12 @@ class Tokenizer:
     def __call__(self, snap: SensorSnapshot, tau: np.ndarray) -> dict[str, np.ndarray]:
         x = self.empty()
         x["tau"][:] = tau
-        if snap.camera is not None:
-            x["camera_patches"], x["camera_mask"] = self.prepare(snap.camera)
-            x["camera_age"][:] = (snap.stamp_ns - snap.camera.stamp_ns) / NS_PER_S
-        if snap.lidar is not None:
-            x["lidar_points"], x["lidar_mask"] = self.prepare(snap.lidar)
-            x["lidar_age"][:] = (snap.stamp_ns - snap.lidar.stamp_ns) / NS_PER_S
+        for name, frame, prev in (("camera", snap.camera, snap.camera_prev), ("lidar", snap.lidar, snap.lidar_prev)):
+            content = "patches" if name == "camera" else "points"
+            for prefix, f in ((name, frame), (f"{name}_prev", prev if frame is not None else None)):
+                if f is not None:
+                    x[f"{prefix}_{content}"], x[f"{prefix}_mask"] = self.prepare(f)
+                    x[f"{prefix}_age"][:] = (snap.stamp_ns - f.stamp_ns) / NS_PER_S
         if snap.imu is not None and len(snap.imu):
             x["imu_chunks"], x["imu_mask"], before_newest = tokenize_imu(snap.imu, self.cfg.imu)
             x["imu_age"][:] = (snap.stamp_ns - int(snap.imu.stamps_ns[-1])) / NS_PER_S + before_newest

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from fusion_attn.backends.export import example_inputs
 from fusion_attn.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from fusion_attn.config import FusionConfig, ModelConfig
 from fusion_attn.errors import CheckpointError
@@ -95,7 +96,7 @@ def test_expected_config_mismatch_is_explained(saved):
 
 
 @pytest.mark.parametrize("section,key,value", [("model", "heads", 0), ("model", "dim", -8), ("lidar", "grid", 256),
-                                               ("camera", "patch", "16")])
+                                               ("camera", "patch", "16"), ("model", "fusion", "pooled")])
 def test_invalid_config_in_a_checkpoint_is_named(saved, tmp_path, section, key, value):
     model, _ = saved
     cfg = json.loads(model.cfg.to_json())
@@ -104,3 +105,28 @@ def test_invalid_config_in_a_checkpoint_is_named(saved, tmp_path, section, key, 
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={"format": "fusion_attn/1", "config": json.dumps(cfg)})
     with pytest.raises(CheckpointError, match=f"{section}.{key}"):
         load_checkpoint(tmp_path / "bad.safetensors")
+
+
+def test_token_fusion_round_trips_and_differs_from_the_default(tmp_path):
+    torch.manual_seed(2)
+    model = FusionModel(FusionConfig(model=ModelConfig(fusion="token"))).eval()
+    path = save_checkpoint(model, tmp_path / "token.safetensors")
+    loaded = load_checkpoint(path)
+    assert loaded.cfg.model.fusion == "token"
+    x = {k: torch.from_numpy(v) for k, v in example_inputs(model, batch=2, seed=1).items()}
+    with torch.no_grad():
+        for a, b in zip(model(**x), loaded(**x)):
+            assert torch.equal(a, b)
+    with pytest.raises(CheckpointError, match="model.fusion: sensor != token"):
+        load_checkpoint(path, expect=FusionConfig())
+
+
+def test_checkpoint_from_before_the_trust_output_names_what_it_lacks(saved, tmp_path):
+    # what an older checkpoint (such as a packaged default trained before the trust output) looks like
+    model, _ = saved
+    tensors = {k: v.clone() for k, v in model.state_dict().items()
+               if not k.startswith("trust.") and k not in ("embed.no_previous", "embed.camera_change.weight")}
+    meta = {"format": "fusion_attn/1", "config": model.cfg.to_json(), "info": "{}"}
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=meta)
+    with pytest.raises(CheckpointError, match=r"missing \[.*'embed\.camera_change\.weight'.*'trust\.logit\.fc1\.bias'"):
+        load_checkpoint(tmp_path / "old.safetensors")

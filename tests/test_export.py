@@ -14,7 +14,8 @@ from fusion_attn.model import FusionModel
 from fusion_attn.tokenize import OUTPUT_NAMES, input_spec
 
 
-@pytest.fixture(scope="module", params=[{}, {"qk_norm": True, "learned_head_temperature": True}], ids=["plain", "qknorm+headtau"])
+@pytest.fixture(scope="module", params=[{}, {"qk_norm": True, "learned_head_temperature": True}, {"fusion": "token"}],
+                ids=["plain", "qknorm+headtau", "token"])
 def exported(request, tmp_path_factory):
     torch.manual_seed(0)
     model = FusionModel(FusionConfig(model=ModelConfig(**request.param))).eval()
@@ -48,12 +49,15 @@ def test_parity_with_torch_on_random_inputs(exported, batch):
 
 def test_tau_is_an_input_not_a_constant(exported):
     model, path = exported
-    ort = OnnxRuntimeBackend(path)
+    ort, ref = OnnxRuntimeBackend(path), TorchBackend(model)
     x = example_inputs(model)
-    a = ort.run(x)["attention"]
+    a = ort.run(x)
     x["tau"] = np.array([[1.0, 0.05, 1.0, 1.0]], np.float32)
-    b = ort.run(x)["attention"]
-    assert np.abs(a - b).max() > 1e-3  # same graph, different τ, different attention
+    b = ort.run(x)
+    assert np.abs(a["attention"] - b["attention"]).max() > 1e-3  # same graph, different τ, different attention
+    assert np.abs(a["fused"] - b["fused"]).max() > 1e-3  # and a different fused state
+    np.testing.assert_allclose(b["attention"], ref.run(x)["attention"], atol=1e-5)  # the τ torch sees too
+    np.testing.assert_array_equal(a["trust"], b["trust"])  # τ steers the fusion, not the trust estimate
 
 
 def test_all_masked_is_defined_in_onnx_too(exported):
@@ -63,7 +67,37 @@ def test_all_masked_is_defined_in_onnx_too(exported):
         x[k][:] = False
     out = OnnxRuntimeBackend(path).run(x)
     assert out["all_masked"].tolist() == [True]
-    assert np.isfinite(out["fused"]).all() and not out["attention"].any()
+    assert np.isfinite(out["fused"]).all() and not out["attention"].any() and not out["trust"].any()
+
+
+@pytest.mark.parametrize("sensor,mask", [(0, "camera_mask"), (1, "lidar_mask"), (2, "imu_mask")])
+def test_an_absent_sensor_has_exactly_zero_trust_and_weight_in_onnx(exported, sensor, mask):
+    model, path = exported
+    x = example_inputs(model, batch=2, seed=11)
+    x[mask][1] = False  # the second sample lacks the sensor
+    x["tau"] = np.array([[0.5, 1.0, 1.0, 1.0], [0.5, 1.0, 1.0, 1.0]], np.float32)
+    out = OnnxRuntimeBackend(path).run(x)
+    assert out["trust"].shape == (2, 3) and out["trust"].dtype == np.float32
+    assert out["trust"][1, sensor] == 0.0 and not out["attention"][1, sensor].any()
+    present = np.ones((2, 3), bool)
+    present[1, sensor] = False
+    assert np.all((out["trust"][present] > 0) & (out["trust"][present] < 1))
+    np.testing.assert_allclose(out["trust"], TorchBackend(model).run(x)["trust"], atol=1e-5)
+
+
+def test_sensor_fusion_attention_is_the_sensor_weights_in_onnx(exported):
+    model, path = exported
+    if model.cfg.model.fusion != "sensor":
+        pytest.skip("the token fusion's attention is a mass per head, not one weight per sensor")
+    x = example_inputs(model, batch=2, seed=4)
+    x["tau"] = np.array([[0.2, 1.0, 1.0, 1.0], [0.2, 1.0, 3.0, 1.0]], np.float32)
+    out = OnnxRuntimeBackend(path).run(x)
+    att = out["attention"]  # (B, 3, H): the same weight on every head, summing to 1 over the sensors
+    np.testing.assert_array_equal(att, np.repeat(att[..., :1], att.shape[-1], axis=-1))
+    np.testing.assert_allclose(att.sum(1), 1.0, atol=1e-6)
+    # weights ∝ trust^(1 / (τ_global τ_sensor)), computed here from the graph's own trust output
+    power = out["trust"].astype(np.float64) ** (1.0 / (x["tau"][:, :1] * x["tau"][:, 1:]))
+    np.testing.assert_allclose(att[..., 0], power / power.sum(1, keepdims=True), atol=1e-5)
 
 
 def test_only_tensorrt_supported_operators(exported):

@@ -70,30 +70,38 @@ def test_masked_softmax_all_masked_row_is_zero_not_nan():
     assert torch.equal(w, torch.zeros(2, 5))
 
 
+FUSIONS = ["sensor", "token"]
+MASKS = {Modality.CAMERA: "camera_mask", Modality.LIDAR: "lidar_mask", Modality.IMU: "imu_mask"}
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
 @pytest.mark.parametrize("modality", list(Modality))
-def test_masked_modality_gets_zero_attention(modality):
-    model = _model()
+def test_masked_modality_gets_zero_attention_and_zero_trust(modality, fusion):
+    model = _model(fusion=fusion)
     x = _inputs(model)
-    key = {Modality.CAMERA: "camera_mask", Modality.LIDAR: "lidar_mask", Modality.IMU: "imu_mask"}[modality]
-    x[key] = torch.zeros_like(x[key])
+    x[MASKS[modality]] = torch.zeros_like(x[MASKS[modality]])
     with torch.no_grad():
-        fused, latents, attention, all_masked = model(**x)
+        fused, latents, attention, all_masked, trust = model(**x)
     assert torch.all(attention[0, modality] == 0.0)
     assert torch.allclose(attention[0].sum(0), torch.ones(4), atol=1e-6)  # per head, over modalities
     assert not all_masked[0]
     assert torch.isfinite(fused).all() and torch.isfinite(latents).all()
+    assert trust.shape == (1, 3) and trust[0, modality] == 0.0  # exactly: an absent sensor is not judged
+    others = [m for m in Modality if m != modality]
+    assert torch.all((trust[0, others] > 0) & (trust[0, others] < 1))
 
 
-def test_all_sensors_masked_gives_defined_output_and_flag():
-    model = _model()
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_all_sensors_masked_gives_defined_output_and_flag(fusion):
+    model = _model(fusion=fusion)
     x = _inputs(model)
-    for key in ("camera_mask", "lidar_mask", "imu_mask"):
+    for key in MASKS.values():
         x[key] = torch.zeros_like(x[key])
     with torch.no_grad():
-        fused, _, attention, all_masked = model(**x)
-        fused_other, *_ = model(**{**_inputs(model, seed=5), **{k: x[k] for k in ("camera_mask", "lidar_mask", "imu_mask")}})
+        fused, _, attention, all_masked, trust = model(**x)
+        fused_other, *_ = model(**{**_inputs(model, seed=5), **{k: x[k] for k in MASKS.values()}})
     assert all_masked[0]
-    assert torch.isfinite(fused).all() and torch.all(attention == 0)
+    assert torch.isfinite(fused).all() and torch.all(attention == 0) and torch.all(trust == 0)
     # with nothing valid the output no longer depends on the (masked) data
     assert torch.allclose(fused, fused_other, atol=1e-6)
 
@@ -112,19 +120,28 @@ def test_permuting_tokens_within_a_modality_leaves_output_unchanged():
     assert torch.allclose(w[..., perm], w_p, atol=1e-6)
 
 
-def test_permuting_lidar_pillars_leaves_model_output_unchanged():
-    # pillar positions live in the point features, not in the token index, so order is irrelevant
-    model = _model()
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_permuting_lidar_pillars_leaves_model_output_unchanged(fusion):
+    # pillar positions live in the point features, not in the token index, so order is irrelevant, in
+    # the current sweep and in the previous one alike (each permuted its own way)
+    model = _model(fusion=fusion)
     x = _inputs(model)
-    perm = torch.randperm(x["lidar_points"].shape[1], generator=torch.Generator().manual_seed(3))
-    y = dict(x, lidar_points=x["lidar_points"][:, perm], lidar_mask=x["lidar_mask"][:, perm], lidar_age=x["lidar_age"][:, perm])
+    x["lidar_age"][:] = 0.05  # one sweep, one age: as the tokenizer fills it
+    x["lidar_prev_age"][:] = 0.15
+    n = x["lidar_points"].shape[1]
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(3))
+    prev_perm = torch.randperm(n, generator=torch.Generator().manual_seed(4))
+    y = dict(x, lidar_points=x["lidar_points"][:, perm], lidar_mask=x["lidar_mask"][:, perm],
+             lidar_prev_points=x["lidar_prev_points"][:, prev_perm], lidar_prev_mask=x["lidar_prev_mask"][:, prev_perm])
     with torch.no_grad():
         a, b = model(**x), model(**y)
     assert torch.allclose(a[0], b[0], atol=1e-5) and torch.allclose(a[2], b[2], atol=1e-6)
+    assert torch.allclose(a[4], b[4], atol=1e-6)  # trust too
 
 
-def test_per_modality_tau_moves_attention():
-    model = _model()
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_per_modality_tau_moves_attention(fusion):
+    model = _model(fusion=fusion)
     x = _inputs(model)
     with torch.no_grad():
         base = model(**x)[2][0].mean(-1)
@@ -134,21 +151,36 @@ def test_per_modality_tau_moves_attention():
     assert torch.allclose(hot.sum(), torch.tensor(1.0), atol=1e-5)
 
 
+@pytest.mark.parametrize("fusion", FUSIONS)
 @pytest.mark.parametrize("options", [{}, {"qk_norm": True}, {"learned_head_temperature": True},
                                      {"qk_norm": True, "learned_head_temperature": True, "latent_blocks": 2}])
-def test_gradients_are_finite_for_every_variant(options):
-    model = _model(**options).train()
+def test_gradients_are_finite_for_every_variant(options, fusion):
+    model = _model(fusion=fusion, **options).train()
     x = _inputs(model, batch=3)
     x["camera_mask"][1] = False  # a batch row with a dead camera
-    for key in ("camera_mask", "lidar_mask", "imu_mask"):
+    for key in MASKS.values():
         x[key][2] = False  # and one with no sensor at all
     x["tau"] = torch.tensor([[0.05, 1, 1, 1], [1, 0.5, 2, 1], [3, 1, 1, 1]], dtype=torch.float32)
-    fused, latents, attention, _ = model(**x)
-    (fused.square().sum() + latents.sum() + attention.sum()).backward()
+    fused, latents, attention, _, trust = model(**x)
+    (fused.square().sum() + latents.sum() + attention.sum() + trust.sum()).backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert model.trust.logit.fc2.weight.grad.abs().sum() > 0  # the trust output trains its head
     if options.get("learned_head_temperature"):
         assert model.cross.log_head_tau.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_the_fusion_sends_no_gradient_into_the_trust_estimate(fusion):
+    # the trust is a detector trained on known faults; what the fusion does with it must not train it
+    model = _model(fusion=fusion).train()
+    x = _inputs(model, batch=2)
+    fused, latents, _, _, trust = model(**x)
+    (fused.square().sum() + latents.sum()).backward(retain_graph=True)
+    assert all(p.grad is None or not p.grad.any() for p in model.trust.parameters())
+    assert model.embed.camera.weight.grad.abs().sum() > 0  # while the rest of the model does learn
+    trust.sum().backward()
+    assert model.trust.logit.fc2.weight.grad.abs().sum() > 0
 
 
 def test_lipschitz_matches_autograd_jacobian():

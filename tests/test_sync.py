@@ -120,3 +120,78 @@ def test_rate_and_summary():
     assert abs(s["imu"]["rate_hz"] - 200.0) < 1e-6
     assert s["camera"]["dropped"] == 1 and s["camera"]["masked"]
     assert not s["imu"]["masked"]
+
+
+def _lidar(t_ns, seed=0):
+    rng = np.random.default_rng(seed)
+    return LidarFrame(t_ns, "lidar", rng.uniform(-5, 5, (50, 4)).astype(np.float32))
+
+
+def test_previous_frame_comes_only_with_its_consecutive_successor():
+    sync = SensorSync(SyncConfig(max_age_s=(0.2, 0.3, 0.05)))
+    first, second = _cam(1000 * MS), _cam(1100 * MS)
+    sync.add(first)
+    assert sync.snapshot(1050 * MS).camera_prev is None  # one frame: nothing to compare with
+    sync.add(second)
+    snap = sync.snapshot(1150 * MS)
+    assert snap.camera is second and snap.camera_prev is first
+    assert sync.snapshot(1350 * MS).camera is None and sync.snapshot(1350 * MS).camera_prev is None  # stale: neither
+    # lidar alike, with its own max age: 300 ms apart is still consecutive, 301 ms is not
+    sync.add(_lidar(1000 * MS))
+    sync.add(b := _lidar(1300 * MS, seed=1))
+    assert sync.snapshot(1310 * MS).lidar_prev.stamp_ns == 1000 * MS and sync.snapshot(1310 * MS).lidar is b
+    sync.add(c := _lidar(1601 * MS, seed=2))
+    snap = sync.snapshot(1610 * MS)
+    assert snap.lidar is c and snap.lidar_prev is None  # a gap: the frame before is no evidence of this one
+    # the camera's gap: 250 ms > its 200 ms
+    sync.add(third := _cam(1350 * MS))
+    snap = sync.snapshot(1360 * MS)
+    assert snap.camera is third and snap.camera_prev is None
+
+
+def test_dropped_frames_do_not_become_the_previous_frame():
+    sync = SensorSync(SyncConfig(max_age_s=(0.2, 0.3, 0.05)))
+    sync.add(a := _cam(1000 * MS))
+    sync.add(b := _cam(1100 * MS))
+    assert sync.add(_cam(1050 * MS)) == "out_of_order"
+    assert sync.add(_cam(1100 * MS)) == "duplicate_stamp"
+    snap = sync.snapshot(1120 * MS)
+    assert snap.camera is b and snap.camera_prev is a
+
+
+def test_reset_forgets_previous_frames():
+    sync = SensorSync(SyncConfig(max_age_s=(0.2, 0.3, 0.05), reset_on_jump_back_s=1.0))
+    sync.add(_cam(2 * NS_PER_S))
+    sync.add(_cam(2 * NS_PER_S + 100 * MS))
+    sync.add(_lidar(2 * NS_PER_S))
+    sync.add(_lidar(2 * NS_PER_S + 100 * MS))
+    sync.add(_cam(50 * MS))  # 2 s back: a looped bag
+    assert sync.resets == 1
+    sync.add(after := _lidar(60 * MS))
+    snap = sync.snapshot(70 * MS)
+    assert snap.camera.stamp_ns == 50 * MS and snap.camera_prev is None
+    assert snap.lidar is after and snap.lidar_prev is None
+
+
+def test_a_frozen_camera_gives_identical_current_and_previous_tokens():
+    from fusion_attn.config import FusionConfig
+    from fusion_attn.tokenize import Tokenizer
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    points = rng.uniform(-5, 5, (300, 4)).astype(np.float32)
+    sync, tok = SensorSync(SyncConfig(max_age_s=(0.2, 0.3, 0.05))), Tokenizer(FusionConfig())
+    for k in range(3):  # a stuck driver: the same buffer re-sent with fresh stamps
+        sync.add(CameraFrame(1000 * MS + k * 100 * MS, "cam", image.copy(), "rgb8"))
+        sync.add(LidarFrame(1000 * MS + k * 100 * MS, "lidar", points.copy()))
+    x = tok(sync.snapshot(1220 * MS), np.ones(4, np.float32))
+    assert x["camera_prev_mask"].all() and x["lidar_prev_mask"].any()
+    np.testing.assert_array_equal(x["camera_patches"], x["camera_prev_patches"])
+    np.testing.assert_array_equal(x["lidar_points"], x["lidar_prev_points"])
+    np.testing.assert_array_equal(x["lidar_mask"], x["lidar_prev_mask"])
+    np.testing.assert_allclose(x["camera_prev_age"] - x["camera_age"], 0.1, atol=1e-6)  # only the stamps move on
+    # a live camera's previous frame differs
+    sync.add(CameraFrame(1300 * MS, "cam", rng.integers(0, 256, (48, 64, 3), dtype=np.uint8), "rgb8"))
+    y = tok(sync.snapshot(1310 * MS), np.ones(4, np.float32))
+    assert not np.array_equal(y["camera_patches"], y["camera_prev_patches"])
+    np.testing.assert_array_equal(y["camera_prev_patches"], x["camera_patches"])

@@ -208,3 +208,69 @@ def test_imu_chunk_layout_by_name():
     np.testing.assert_allclose(chunks[:, IMU_DT], 1.0, atol=1e-6)  # 5 ms apart: the nominal 200 Hz
     # the window's last 0.25 s hold 51 of the samples (both ends included), each counted in one chunk
     assert round(float(chunks[:, IMU_COUNT].sum()) * cfg.samples_per_chunk) == 51
+
+
+def _frame(t_ns, seed):
+    return CameraFrame(t_ns, "c", np.random.default_rng(seed).integers(0, 256, (48, 64, 3), dtype=np.uint8), "rgb8")
+
+
+def test_tokenizer_fills_the_previous_frames_with_their_own_ages():
+    tok = Tokenizer(CFG)
+    now = 10 * NS_PER_S
+    cam, cam_prev = _frame(now - 30_000_000, 1), _frame(now - 130_000_000, 2)
+    cloud, cloud_prev = LidarFrame(now - 20_000_000, "l", _cloud(500, 1)), LidarFrame(now - 120_000_000, "l", _cloud(500, 2))
+    x = tok(SensorSnapshot(now, camera=cam, lidar=cloud, camera_prev=cam_prev, lidar_prev=cloud_prev), np.ones(4, np.float32))
+    spec = input_spec(CFG)
+    for name in ("camera_prev_patches", "camera_prev_mask", "camera_prev_age", "lidar_prev_points", "lidar_prev_mask",
+                 "lidar_prev_age"):
+        assert x[name].shape == spec[name][0] and x[name].dtype == spec[name][1], name
+    np.testing.assert_allclose(x["camera_prev_age"], 0.13, atol=1e-6)  # fusion time - the previous frame's stamp
+    np.testing.assert_allclose(x["lidar_prev_age"], 0.12, atol=1e-6)
+    np.testing.assert_allclose(x["camera_age"], 0.03, atol=1e-6)
+    np.testing.assert_array_equal(x["camera_prev_patches"], tokenize_camera(cam_prev, CFG.camera)[0])
+    np.testing.assert_array_equal(x["lidar_prev_points"], tokenize_lidar(cloud_prev, CFG.lidar)[0])
+    np.testing.assert_array_equal(x["lidar_prev_mask"], tokenize_lidar(cloud_prev, CFG.lidar)[1])
+    assert x["camera_prev_mask"].all()
+
+
+def test_no_previous_frame_or_no_current_frame_leaves_the_previous_inputs_masked():
+    tok = Tokenizer(CFG)
+    now = 10 * NS_PER_S
+    cam, cam_prev = _frame(now - 30_000_000, 1), _frame(now - 130_000_000, 2)
+    x = tok(SensorSnapshot(now, camera=cam), np.ones(4, np.float32))
+    assert x["camera_mask"].all() and not x["camera_prev_mask"].any()
+    assert not x["camera_prev_patches"].any() and not x["camera_prev_age"].any()
+    # a previous frame without its successor is never fed (the sync does not hand one over either)
+    y = tok(SensorSnapshot(now, camera_prev=cam_prev, lidar_prev=LidarFrame(now, "l", _cloud(100))), np.ones(4, np.float32))
+    for name in ("camera", "lidar"):
+        assert not y[f"{name}_mask"].any() and not y[f"{name}_prev_mask"].any() and not y[f"{name}_prev_age"].any()
+
+
+def test_the_previous_frame_is_a_cache_hit(monkeypatch):
+    from fusion_attn import tokenize
+
+    calls = []
+    real = tokenize.tokenize_camera
+
+    def counting(frame, cfg):
+        calls.append(frame.stamp_ns)
+        return real(frame, cfg)
+
+    monkeypatch.setattr(tokenize, "tokenize_camera", counting)
+    tok = Tokenizer(CFG)
+    frames = [_frame(k * 100_000_000, k) for k in range(1, 5)]
+    prev = None
+    for frame in frames:
+        tok.prepare(frame)  # the node tokenizes a frame as it arrives
+        for dt in (10_000_000, 50_000_000):  # and fuses it twice while it is the newest
+            x = tok(SensorSnapshot(frame.stamp_ns + dt, camera=frame, camera_prev=prev), np.ones(4, np.float32))
+            if prev is not None:
+                np.testing.assert_array_equal(x["camera_prev_patches"], real(prev, CFG.camera)[0])
+        prev = frame
+    assert calls == [f.stamp_ns for f in frames]  # each frame once: as the newest, then as the previous one
+    # without `prepare`, the previous frame is still the one tokenized when it was the newest
+    calls.clear()
+    tok = Tokenizer(CFG)
+    tok(SensorSnapshot(frames[1].stamp_ns, camera=frames[0]), np.ones(4, np.float32))
+    tok(SensorSnapshot(frames[1].stamp_ns + 1, camera=frames[1], camera_prev=frames[0]), np.ones(4, np.float32))
+    assert calls == [frames[0].stamp_ns, frames[1].stamp_ns]
