@@ -20,24 +20,36 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
 
 # The packaged default model (fusion_attn/data/fusion_default*.safetensors), reproduced: simulated
-# episodes plus the real recordings beside the checkout; ~15 min on one CPU core (docs/TRAINING.md).
+# episodes plus the real recordings beside the checkout; ~20 min on one CPU core (docs/TRAINING.md).
 REAL   ?= ../shared/data/real
 REAL_BAGS := $(REAL)/euroc_v1_01_cam_imu $(REAL)/husky_imu_odom_gps.bag $(REAL)/sick_lms1xx_scan_cloud_radar.bag \
 	$(REAL)/lidar_camera_frame
+TRAIN := $(VENV)/bin/fusion-attn train --no-progress --bag $(REAL_BAGS)
 default-model: $(STAMP)
-	$(VENV)/bin/fusion-attn train -o runs/default --bag $(REAL_BAGS)
+	$(TRAIN) -o runs/default
 	mkdir -p fusion_attn/data
 	cp runs/default/model.safetensors fusion_attn/data/fusion_default.safetensors
 	cp runs/default/model.heads.safetensors fusion_attn/data/fusion_default.heads.safetensors
 
 # docs/RESULTS.md: baselines trained the same way on the same data as runs/default (run
-# default-model first), then every single-sensor fault x τ on held-out episodes and the real recordings.
-robustness: $(STAMP)
-	$(VENV)/bin/fusion-attn train -o runs/concat --fusion concat --fixed-tau --eval-every 3000 --bag $(REAL_BAGS)
-	$(VENV)/bin/fusion-attn train -o runs/mean --fusion mean --fixed-tau --eval-every 3000 --bag $(REAL_BAGS)
-	$(VENV)/bin/fusion-attn train -o runs/fixed_tau --fixed-tau --eval-every 3000 --bag $(REAL_BAGS)
-	$(VENV)/bin/fusion-attn eval-robustness attention=runs/default fixed_tau=runs/fixed_tau concat=runs/concat \
-		mean=runs/mean -o docs/results --bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame \
+# default-model first; `make -j2 robustness` trains two at a time), the default design and concat
+# with three seeds each, then every single-sensor fault x τ on held-out episodes, and the real
+# recordings with corrupted copies.
+BASELINES := runs/sensor-s1 runs/sensor-s2 runs/concat-s0 runs/concat-s1 runs/concat-s2 runs/mean runs/token runs/fixed_tau
+runs/sensor-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/sensor-s$* --seed $* --eval-every 2000
+runs/concat-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/concat-s$* --seed $* --fusion concat --fixed-tau --eval-every 2000
+runs/mean/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/mean --fusion mean --fixed-tau --eval-every 2000
+runs/token/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/token --sensor-fusion token --avoid-weight 1 --eval-every 2000
+runs/fixed_tau/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/fixed_tau --fixed-tau --eval-every 2000
+robustness: $(STAMP) $(BASELINES:%=%/train_state.pt)
+	$(VENV)/bin/fusion-attn eval-robustness sensor=runs/default 'sensor#1=runs/sensor-s1' 'sensor#2=runs/sensor-s2' \
+		concat=runs/concat-s0 'concat#1=runs/concat-s1' 'concat#2=runs/concat-s2' mean=runs/mean token=runs/token \
+		fixed_tau=runs/fixed_tau -o docs/results --jobs 2 --bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame \
 		$(REAL)/sick_lms1xx_scan_cloud_radar.bag
 
 # Build with colcon (the robot's path) into a temp workspace and check the install tree.

@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import fusion_attn.sim  # noqa: F401 - headless GL before mujoco loads
 from fusion_attn.checkpoint import load_checkpoint, read_checkpoint
 from fusion_attn.cli import main
-from fusion_attn.config import FusionConfig
+from fusion_attn.config import FusionConfig, ModelConfig
 from fusion_attn.errors import CheckpointError
 from fusion_attn.frames import CameraFrame, Modality
 from fusion_attn.learn.augment import DELAY_LAG, FAULTS, FREEZE_LAG, FaultPlan, corrupt, gather
@@ -26,9 +26,18 @@ from fusion_attn.learn.evaluation import RunningMeans, physical_errors, sectors_
 from fusion_attn.learn.loop import STATE_FILE, TrainConfig, train
 from fusion_attn.learn.objectives import Heads, fault_attention, heads_path, load_heads, target_sizes
 from fusion_attn.learn.robustness import load_run, run_evaluation, summarise
+from fusion_attn.model import FusionModel
 from fusion_attn.pipeline import DEFAULT_CHECKPOINT
-from fusion_attn.tokenize import (IMU_COUNT, IMU_DT, LIDAR_FEATURES, LIDAR_INDEX, SensorSnapshot, Tokenizer,
-                                  imu_samples)
+from fusion_attn.tokenize import (
+    IMU_AXES,
+    IMU_COUNT,
+    IMU_DT,
+    LIDAR_FEATURES,
+    LIDAR_INDEX,
+    SensorSnapshot,
+    Tokenizer,
+    imu_samples,
+)
 
 CFG = FusionConfig()
 TINY = TrainConfig(steps=6, batch=8, sim_episodes=2, val_episodes=1, sim_seconds=3.0, log_every=2, eval_every=4,
@@ -111,6 +120,8 @@ def _faulted(data, sensor, fault, idx=(5, 25, 45)):
 
 
 def _unchanged(clean, x, but):
+    """Every input but those named starting with `but` (a prefix or a tuple of them) is as clean."""
+    assert clean.keys() == x.keys()
     for k in clean:
         if not k.startswith(but):
             assert torch.equal(clean[k], x[k]), k
@@ -121,7 +132,11 @@ def test_drop_masks_the_sensor_only(data):
         _, _, clean, x = _faulted(data, m, "drop")
         name = m.name.lower()
         assert not x[f"{name}_mask"].any() and clean[f"{name}_mask"].any()
-        _unchanged(clean, x, name + "_mask")
+        masks = (f"{name}_mask",)
+        if m is not Modality.IMU:  # its previous frame is gone too
+            assert not x[f"{name}_prev_mask"].any() and clean[f"{name}_prev_mask"].any()
+            masks += (f"{name}_prev_mask",)
+        _unchanged(clean, x, masks)
 
 
 def test_zeroed_sensors_look_as_the_node_would_tokenize_them(data):
@@ -129,24 +144,31 @@ def test_zeroed_sensors_look_as_the_node_would_tokenize_them(data):
     black = Tokenizer(CFG)(SensorSnapshot(0, camera=CameraFrame(0, "c", np.zeros((64, 64, 3), np.uint8), "rgb8")),
                            np.ones(4, np.float32))["camera_patches"]
     assert torch.allclose(x["camera_patches"], torch.from_numpy(black).expand(3, -1, -1))
-    assert x["camera_mask"].all()  # a black image is still an image
-    _unchanged(clean, x, "camera_patches")
+    assert torch.equal(x["camera_prev_patches"], x["camera_patches"])  # the fault lasts: black before too
+    assert x["camera_mask"].all() and x["camera_prev_mask"].all()  # a black image is still an image
+    _unchanged(clean, x, ("camera_patches", "camera_prev_patches"))
     _, _, clean, x = _faulted(data, Modality.IMU, "zero")
     assert (imu_samples(x["imu_chunks"], CFG.imu) == 0).all() and clean["imu_chunks"].abs().sum() > 0
     assert torch.equal(x["imu_chunks"][..., [IMU_DT, IMU_COUNT]], clean["imu_chunks"][..., [IMU_DT, IMU_COUNT]])
     _, _, clean, x = _faulted(data, Modality.LIDAR, "zero")
-    assert not x["lidar_mask"].any()  # no points: the sync drops the sweep
+    assert not x["lidar_mask"].any() and not x["lidar_prev_mask"].any()  # no points: the sync drops the sweep
 
 
 def test_noise_perturbs_only_valid_tokens_of_one_sensor(data):
     _, _, clean, x = _faulted(data, Modality.CAMERA, "noise")
     diff = (x["camera_patches"] - clean["camera_patches"]).std()
     assert 0.5 < float(diff) < 1.5  # 60 pixel levels / 255 / ImageNet std ~ 1
-    _unchanged(clean, x, "camera_patches")
+    # the previous frame is noisy too, with noise of its own (not the same pattern twice)
+    prev_noise = x["camera_prev_patches"] - clean["camera_prev_patches"]
+    assert 0.5 < float(prev_noise.std()) < 1.5
+    assert not torch.allclose(prev_noise, x["camera_patches"] - clean["camera_patches"], atol=0.1)
+    _unchanged(clean, x, ("camera_patches", "camera_prev_patches"))
     _, _, clean, x = _faulted(data, Modality.LIDAR, "noise")
     invalid = ~x["lidar_mask"]
     assert (x["lidar_points"][invalid] == 0).all() and not torch.equal(x["lidar_points"], clean["lidar_points"])
-    _unchanged(clean, x, "lidar_points")
+    assert not torch.equal(x["lidar_prev_points"], clean["lidar_prev_points"])
+    assert (x["lidar_prev_points"][~x["lidar_prev_mask"]] == 0).all()
+    _unchanged(clean, x, ("lidar_points", "lidar_prev_points"))
     # the points move: their coordinates, range and offsets in the pillar; not intensity or point count
     valid = x["lidar_mask"]
     moved = (x["lidar_points"] != clean["lidar_points"])[valid].any(0)
@@ -165,25 +187,169 @@ def test_frozen_and_delayed_sensors_show_old_content(data):
     assert not torch.equal(x["camera_patches"], clean["camera_patches"])
     assert torch.equal(x["camera_age"], clean["camera_age"])  # re-sent with fresh stamps
     t, idx, clean, x = _faulted(data, Modality.LIDAR, "delay")
-    assert torch.equal(x["lidar_points"], gather(t, idx - DELAY_LAG)["lidar_points"])
+    late = gather(t, idx - DELAY_LAG)
+    assert torch.equal(x["lidar_points"], late["lidar_points"])
+    assert torch.equal(x["lidar_prev_points"], late["lidar_prev_points"])  # the late sweep's own previous one
     assert torch.allclose(x["lidar_age"], clean["lidar_age"] + DELAY_LAG / TINY.fusion_hz)
+    assert torch.allclose(x["lidar_prev_age"], clean["lidar_prev_age"] + DELAY_LAG / TINY.fusion_hz)
     _unchanged(clean, x, "lidar")
     # at an episode's first sample there is nothing older: its own content, still aged
     t, idx, clean, x = _faulted(data, Modality.LIDAR, "delay", idx=(30,))
     assert torch.equal(x["lidar_points"], clean["lidar_points"])
 
 
+def test_a_frozen_sensor_repeats_one_frame_as_current_and_previous(data):
+    for m, name, content in ((Modality.CAMERA, "camera", "patches"), (Modality.LIDAR, "lidar", "points")):
+        t, idx, clean, x = _faulted(data, m, "freeze")
+        assert x[f"{name}_prev_mask"].any()
+        assert torch.equal(x[f"{name}_{content}"], x[f"{name}_prev_{content}"])  # nothing changed: exactly
+        assert torch.equal(x[f"{name}_mask"], x[f"{name}_prev_mask"])
+        assert not torch.equal(clean[f"{name}_{content}"], clean[f"{name}_prev_{content}"])  # a live one moves
+        # stamps go on as before: the previous frame as long before as the clean sample's
+        assert torch.equal(x[f"{name}_age"], clean[f"{name}_age"])
+        prev = x[f"{name}_prev_mask"] if name == "camera" else x[f"{name}_prev_mask"].any(-1)
+        torch.testing.assert_close(x[f"{name}_prev_age"][prev], clean[f"{name}_prev_age"][prev])
+        _unchanged(clean, x, name)
+    # the IMU holds one reading: every valid sample of the window alike, the older sample's newest one
+    t, idx, clean, x = _faulted(data, Modality.IMU, "freeze")
+    for row in range(len(idx)):
+        samples = imu_samples(x["imu_chunks"][row], CFG.imu)[x["imu_mask"][row]]  # (valid chunks, S, 6)
+        assert len(samples) and torch.equal(samples, samples[:1, :1].expand_as(samples))
+    older = torch.maximum(idx - FREEZE_LAG[1], t["seq_start"][idx])
+    held = imu_samples(gather(t, older)["imu_chunks"], CFG.imu)[:, -1, -1]
+    torch.testing.assert_close(imu_samples(x["imu_chunks"], CFG.imu)[:, -1, -1], held)
+    assert held.abs().sum() > 0 and not torch.equal(x["imu_chunks"], clean["imu_chunks"])
+    assert torch.equal(x["imu_age"], clean["imu_age"])  # fresh stamps
+    _unchanged(clean, x, "imu")
+
+
+def test_a_frozen_imu_keeps_its_live_window_timing(data):
+    # a driver re-sending its last reading with fresh stamps, at its rate: the window's chunks, their sample
+    # spacing and count are the live sample's; only the reading is stuck (at an episode's start, the older
+    # sample's shorter history would otherwise give the fault away by its mask)
+    _, _, clean, x = _faulted(data, Modality.IMU, "freeze")
+    assert torch.equal(x["imu_mask"], clean["imu_mask"])
+    assert torch.equal(x["imu_chunks"][..., [IMU_DT, IMU_COUNT]], clean["imu_chunks"][..., [IMU_DT, IMU_COUNT]])
+
+
+@pytest.mark.parametrize("where,left", [(0.25, True), (0.75, False)])
+def test_a_partly_occluded_camera_is_black_on_one_half(data, where, left):
+    t = data.tensors()
+    idx = torch.tensor((5, 25, 45))
+    clean = gather(t, idx)
+    x = corrupt(t, idx, FaultPlan.fixed(3, int(Modality.CAMERA), "partial", where=where), CFG, TINY.fusion_hz,
+                torch.Generator().manual_seed(0))
+    black = Tokenizer(CFG)(SensorSnapshot(0, camera=CameraFrame(0, "c", np.zeros((64, 64, 3), np.uint8), "rgb8")),
+                           np.ones(4, np.float32))["camera_patches"]
+    cols = CFG.camera.width // CFG.camera.patch
+    on_left = torch.arange(CFG.camera.tokens) % cols < cols // 2
+    hidden = on_left if left else ~on_left
+    for key in ("camera_patches", "camera_prev_patches"):
+        is_black = (x[key] == torch.from_numpy(black)).all(-1)  # (B, N_c)
+        assert (is_black.sum(1) == CFG.camera.tokens // 2).all()  # exactly half the patches
+        assert is_black[:, hidden].all() and torch.equal(x[key][:, ~hidden], clean[key][:, ~hidden])
+    assert x["camera_mask"].all() and x["camera_prev_mask"].all()  # still an image, all of it
+    _unchanged(clean, x, ("camera_patches", "camera_prev_patches"))
+
+
+@pytest.mark.parametrize("where", [0.0, 0.4, 0.9])
+def test_a_partly_blocked_lidar_loses_one_sector(data, where):
+    t = data.tensors()
+    idx = torch.tensor((5, 25, 45))
+    clean = gather(t, idx)
+    x = corrupt(t, idx, FaultPlan.fixed(3, int(Modality.LIDAR), "partial", where=where), CFG, TINY.fusion_hz,
+                torch.Generator().manual_seed(0))
+    start = 2 * math.pi * where
+    for key in ("lidar_points", "lidar_prev_points"):
+        mask = key.replace("points", "mask")
+
+        def in_sector(points):
+            angle = torch.atan2(points[..., LIDAR_INDEX["y"]], points[..., LIDAR_INDEX["x"]])
+            return torch.remainder(angle - start, 2 * math.pi) < 2 * math.pi / 3
+
+        blocked = in_sector(clean[key]) & clean[mask]
+        assert blocked.sum() > 10  # the sector held points
+        assert not (in_sector(x[key]) & x[mask]).any()  # none left in it
+        assert torch.equal(x[mask], clean[mask] & ~blocked)  # all the others kept, unmoved
+        assert torch.equal(x[key][x[mask]], clean[key][x[mask]]) and (x[key][~x[mask]] == 0).all()
+        # the rest of the sweep: about two thirds of the points around the sensor
+        assert 0.4 < float(x[mask].sum() / clean[mask].sum()) < 0.9
+    _unchanged(clean, x, "lidar")
+
+
+def test_a_partly_failed_imu_reads_no_rotation(data):
+    _, _, clean, x = _faulted(data, Modality.IMU, "partial")
+    gyro = torch.tensor([a.startswith("gyro") for a in IMU_AXES])
+    samples, before = imu_samples(x["imu_chunks"], CFG.imu), imu_samples(clean["imu_chunks"], CFG.imu)
+    assert (samples[..., gyro] == 0).all() and before[..., gyro].abs().sum() > 0
+    torch.testing.assert_close(samples[..., ~gyro], before[..., ~gyro])
+    _unchanged(clean, x, "imu_chunks")
+
+
+def test_faults_reach_the_previous_frames_and_the_trust_labels(data):
+    # every fault on every sensor: finite inputs, the labels the trust learns, nothing else touched
+    t = data.tensors()
+    idx = torch.tensor((1, 5, 25, 31, 45))
+    clean = gather(t, idx)
+    for m in Modality:
+        for fault in FAULTS:
+            plan = FaultPlan.fixed(len(idx), int(m), fault)
+            x = corrupt(t, idx, plan, CFG, TINY.fusion_hz, torch.Generator().manual_seed(1))
+            assert all(torch.isfinite(v).all() for v in x.values() if v.is_floating_point()), (m, fault)
+            others = [n for k, n in enumerate(("camera", "lidar", "imu")) if k != m]
+            _unchanged({k: v for k, v in clean.items() if k.startswith(tuple(others))},
+                       {k: v for k, v in x.items() if k.startswith(tuple(others))}, "none")
+            assert plan.content_faulted()[:, m].all() == (fault in ("zero", "noise", "freeze", "partial"))
+
+
+def test_previous_frames_follow_the_dataset_links(data):
+    t = data.tensors()
+    a = data.arrays
+    assert a["camera_prev"][0] == -1 and a["camera_prev"][30] == -1  # an episode's first sample has none
+    assert (a["camera_prev"][1:30] == np.arange(29)).all() and (a["lidar_prev"][31:60] == np.arange(30, 59)).all()
+    idx = torch.tensor((0, 7, 30, 44))
+    x = gather(t, idx)
+    assert not x["camera_prev_mask"][[0, 2]].any() and not x["lidar_prev_mask"][[0, 2]].any()
+    assert not x["camera_prev_age"][[0, 2]].any()
+    before = gather(t, torch.tensor((6, 43)))
+    torch.testing.assert_close(x["camera_prev_patches"][[1, 3]], before["camera_patches"])
+    torch.testing.assert_close(x["lidar_prev_points"][[1, 3]], before["lidar_points"])
+    # the previous frame is one sensor period older: 0.1 s at 10 Hz
+    torch.testing.assert_close(x["camera_prev_age"][[1, 3]] - x["camera_age"][[1, 3]], torch.full((2, 48), 0.1))
+    assert gather(t, idx, previous=False).keys() == {k for k in x if "_prev_" not in k}
+
+
+def test_attention_avoidance_trains_the_token_fusion_only(data):
+    t = data.tensors()
+    idx = torch.tensor((5, 25, 45))
+    x = corrupt(t, idx, FaultPlan.fixed(3, int(Modality.CAMERA), "zero"), CFG, TINY.fusion_hz,
+                torch.Generator().manual_seed(0))
+    plan = FaultPlan.fixed(3, int(Modality.CAMERA), "zero")
+    for fusion in ("token", "sensor"):
+        torch.manual_seed(0)
+        model = FusionModel(FusionConfig(model=ModelConfig(fusion=fusion))).train()
+        out = model.run(x, torch.ones(3, 4))
+        avoid = fault_attention(out["attention"], plan)
+        assert avoid.item() == pytest.approx(float(out["attention"][:, 0].mean().detach()), abs=1e-6)
+        if fusion == "token":  # the token softmax learns to look away from the black image
+            avoid.backward()
+            assert model.cross.q.weight.grad.abs().sum() > 0
+        else:  # the sensor fusion's weights are a function of the (detached) trust and τ: the trust loss steers them
+            assert not avoid.requires_grad
+
+
 def test_attention_avoidance_weighs_sensors_whose_content_is_gone():
     attention = torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.6, 0.2], [0.1, 0.1, 0.8], [0.3, 0.3, 0.4]])
     attention = attention[:, :, None].expand(-1, -1, 4)  # (B, 3, H): the same on every head
     plan = FaultPlan(sensor=torch.tensor([0, 1, 2, -1]),
-                       fault=torch.tensor([FAULTS.index(f) for f in ("zero", "noise", "zero", "zero")]),
-                       lag=torch.zeros(4, dtype=torch.long), strength=torch.tensor([1.0, 0.5, 1.0, 1.0]))
+                     fault=torch.tensor([FAULTS.index(f) for f in ("zero", "noise", "zero", "zero")]),
+                     lag=torch.zeros(4, dtype=torch.long), strength=torch.tensor([1.0, 0.5, 1.0, 1.0]),
+                     where=torch.zeros(4))
     # the black camera (mass 0.5) and the zero IMU (0.8); not the noisy lidar (it still informs) or the
     # sample without a fault
     assert fault_attention(attention, plan).item() == pytest.approx((0.5 + 0.8) / 2)
     no_points = FaultPlan(sensor=torch.tensor([1, 1, 1, 1]), fault=torch.full((4,), FAULTS.index("zero")),
-                            lag=torch.zeros(4, dtype=torch.long), strength=torch.ones(4))
+                          lag=torch.zeros(4, dtype=torch.long), strength=torch.ones(4), where=torch.zeros(4))
     assert fault_attention(attention, no_points).item() == 0.0  # masked: nothing to avoid
     assert fault_attention(attention, FaultPlan.fixed(4, 2, "freeze")).item() == 0.0
 
@@ -199,15 +365,63 @@ def test_training_writes_checkpoint_heads_and_tensorboard(tmp_path, cache):
     assert m["steps"] == 6 and all(np.isfinite(v) for v in m["final_train_losses_ema"].values())
     assert set(m["val"]) == {"clean"} | {f"{s}_{f}" for s in ("camera", "lidar", "imu") for f in FAULTS}
     assert m["val"]["camera_drop"]["attention_faulted"] == 0.0  # a masked sensor gets no attention
+    assert m["val"]["camera_drop"]["trust_faulted"] == 0.0  # nor any trust
+    assert "trust" in m["final_train_losses_ema"] and "avoid" not in m["final_train_losses_ema"]  # avoid: off by default
     events = list((out / "tb").glob("events.out.tfevents.*"))
     assert len(events) == 1
     acc = EventAccumulator(str(events[0]))
     acc.Reload()
     tags = acc.Tags()["scalars"]
-    assert {"train/total", "train/camera", "train/velocity", "train/avoid", "val_clean/loss_goal"} <= set(tags)
+    assert {"train/total", "train/camera", "train/velocity", "train/trust", "val_clean/loss_goal",
+            "val_clean/trust_camera", "val_imu_freeze/trust_auroc"} <= set(tags)
+    assert "train/avoid" not in tags
     assert [e.step for e in acc.Scalars("train/total")] == [2, 4, 6]
     assert json.loads((out / "metrics.json").read_text())["steps"] == 6
     assert info["git_commit"] == m["git_commit"] == _expected_commit()
+
+
+def _train_cli(out, cache, *flags):
+    return main(["train", "-o", str(out), "--batch", "8", "--sim-episodes", "2", "--val-episodes", "1",
+                 "--sim-seconds", "3", "--eval-every", "100", "--cache", str(cache), "--no-progress", *flags])
+
+
+def test_training_learns_the_trust_and_validation_reports_it(tmp_path, cache):
+    out = tmp_path / "run"
+    assert _train_cli(out, cache, "--steps", "20") == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 20
+    assert (m["train_config"]["sensor_fusion"], m["train_config"]["trust_weight"], m["train_config"]["avoid_weight"]) \
+        == ("sensor", 1.0, 0.0)
+    for losses in (m["first_step_losses"], m["final_train_losses_ema"]):
+        assert "trust" in losses and "avoid" not in losses and 0 < losses["trust"] < 5
+    assert load_checkpoint(out / "model.safetensors").cfg.model.fusion == "sensor"
+    val = m["val"]
+    clean = val["clean"]
+    assert "trust_auroc" not in clean and "trust_faulted" not in clean
+    for name in ("camera", "lidar", "imu"):
+        assert 0 < clean[f"trust_{name}"] < 1
+    assert clean["attention_camera"] + clean["attention_lidar"] + clean["attention_imu"] == pytest.approx(1, abs=1e-3)
+    for sensor in ("camera", "lidar", "imu"):
+        for fault in FAULTS:
+            row = val[f"{sensor}_{fault}"]
+            assert 0 <= row["trust_faulted"] <= 1 and 0 <= row["trust_auroc"] <= 1, (sensor, fault)
+    # an absent sensor is trusted not at all: below every clean sample's trust
+    for cond in ("camera_drop", "lidar_drop", "lidar_zero", "imu_drop"):
+        assert val[cond]["trust_faulted"] == 0.0 and val[cond]["trust_auroc"] == 1.0, cond
+        assert f"trust_{cond.split('_')[0]}" not in val[cond]  # no sample has it present
+
+
+def test_token_fusion_baseline_trains_with_attention_avoidance(tmp_path, cache):
+    out = tmp_path / "token"
+    assert _train_cli(out, cache, "--steps", "4", "--sensor-fusion", "token", "--trust-weight", "0",
+                      "--avoid-weight", "1") == 0
+    m = json.loads((out / "metrics.json").read_text())
+    losses = m["final_train_losses_ema"]
+    assert "avoid" in losses and "trust" not in losses
+    assert load_checkpoint(out / "model.safetensors").cfg.model.fusion == "token"
+    assert 0 <= m["val"]["imu_zero"]["trust_auroc"] <= 1  # its (untrained) trust is still reported
+    row = m["val"]["clean"]
+    assert row["attention_camera"] + row["attention_lidar"] + row["attention_imu"] == pytest.approx(1, abs=1e-3)
 
 
 def _expected_commit() -> str:
@@ -223,15 +437,17 @@ def _expected_commit() -> str:
     return commit + ("+uncommitted" if dirty else "")
 
 
-def test_resume_gives_the_uninterrupted_result(tmp_path, cache):
+@pytest.mark.parametrize("fusion", [{}, {"sensor_fusion": "token", "avoid_weight": 1.0}], ids=["sensor", "token"])
+def test_resume_gives_the_uninterrupted_result(tmp_path, cache, fusion):
+    tc = dataclasses.replace(TINY, **fusion)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train(TINY, straight, cache=cache, progress=False)
-    m = train(TINY, resumed, cache=cache, progress=False, stop_after=3)
+    train(tc, straight, cache=cache, progress=False)
+    m = train(tc, resumed, cache=cache, progress=False, stop_after=3)
     assert m["steps"] == 3
     state = torch.load(resumed / STATE_FILE, weights_only=True)
     assert state["step"] == 3
     first = _state(resumed)
-    m = train(TINY, resumed, cache=cache, progress=False, resume=True)
+    m = train(tc, resumed, cache=cache, progress=False, resume=True)
     assert m["steps"] == 6 and m["resumed_from"] == 3
     a, b = _state(straight), _state(resumed)
     assert a.keys() == b.keys()
@@ -239,7 +455,10 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, cache):
     assert not all(torch.equal(first[k], b[k]) for k in a)  # the resumed run did train on
     # other settings than the saved ones are refused
     with pytest.raises(CheckpointError, match="other settings"):
-        train(dataclasses.replace(TINY, lr=1e-4), resumed, cache=cache, progress=False, resume=True)
+        train(dataclasses.replace(tc, lr=1e-4), resumed, cache=cache, progress=False, resume=True)
+    other = {"sensor_fusion": "sensor" if tc.sensor_fusion == "token" else "token"}
+    with pytest.raises(CheckpointError, match="other settings"):  # nor the other fusion
+        train(dataclasses.replace(tc, **other), resumed, cache=cache, progress=False, resume=True)
 
 
 def test_corrupt_resume_state_is_a_clear_error(tmp_path, cache, capsys):
@@ -317,46 +536,57 @@ def runs(tmp_path_factory, cache):
 
 def test_eval_robustness_compares_runs(tmp_path, cache, runs):
     assert not (runs["concat"] / "model.safetensors").exists()  # a baseline is no FusionModel checkpoint
-    report = run_evaluation(runs, tmp_path / "out", [0.25, 1.0], 1, cache, [])
+    # the attention run twice, as two "seeds" of one design: its figures are averaged, its spread 0
+    named = {"attention": runs["attention"], "attention#1": runs["attention"], "concat": runs["concat"]}
+    report = run_evaluation(named, tmp_path / "out", [0.25, 1.0], 1, cache, [])
     sim = report["sim"]
     assert report["test_samples"] == 30 and set(sim["attention"]) == {"0.25", "1.0"} and set(sim["concat"]) == {"1.0"}
     for tau, rows in sim["attention"].items():
-        assert rows["camera_drop"]["attention_faulted"] == 0.0  # masked: no attention at all
+        assert rows["camera_drop"]["attention_faulted"] == 0.0  # masked: no weight at all
+        assert rows["camera_drop"]["trust_faulted"] == 0.0 and rows["camera_drop"]["untrusted_faulted"] == 1.0
         assert 0 < rows["clean"]["lipschitz"] <= 1 / (2 * float(tau)) + 1e-6
         assert rows["clean"]["attention_camera"] + rows["clean"]["attention_lidar"] + rows["clean"]["attention_imu"] \
             == pytest.approx(1.0, abs=1e-4)
     assert "attention_faulted" not in sim["concat"]["1.0"]["camera_drop"]
     assert all(Path(p).is_file() for p in report["plots"])
-    assert json.loads((tmp_path / "out" / "robustness.json").read_text())["summary"].keys() == {"attention", "concat"}
+    saved = json.loads((tmp_path / "out" / "robustness.json").read_text())
+    assert saved["summary"].keys() == set(named) and saved["groups"].keys() == {"attention", "concat"}
+    mean, std, n = report["groups"]["attention"]["lidar_noise"]["rise"]
+    assert n == 2 and std == pytest.approx(0.0, abs=1e-12) and mean == pytest.approx(report["summary"]["attention"]["lidar_noise"]["rise"])
+    assert report["targets"] and all(r["check"] in ("rise", "weight", "auroc") for r in report["targets"])
     tables = (tmp_path / "out" / "robustness.md").read_text()  # the tables docs/RESULTS.md quotes
     clean = report["summary"]["attention"]["clean"]["head_error"]
-    assert f"| clean | {clean:.3f} (+0%) |" in tables and tables.count("| lidar noise |") == 2
-    concat = report["sim"]["concat"]["1.0"]  # a dropped lidar: the error ahead, where the camera sees too
-    rise = concat["lidar_drop"]["obstacle_in_view_mae_m"] / concat["clean"]["obstacle_in_view_mae_m"] - 1
-    survives = tables.split("### What survives a dropped sensor")[1]
-    assert f"{100 * rise:+.0f}%" in survives.split("| concat, lidar drop |")[1].splitlines()[0]
+    assert f"| clean | {clean:.3f} ± 0.000 (+0 ± 0%) |" in tables
+    concat = report["sim"]["concat"]["1.0"]  # a dropped lidar: each quantity's rise over clean
+    rise = concat["lidar_drop"]["obstacle_mae_m"] / concat["clean"]["obstacle_mae_m"] - 1
+    rises = tables.split("### Each quantity's rise over clean")[1].split("| lidar drop |")[1].splitlines()[1]
+    assert rises.startswith("|  | concat |") and f"{100 * rise:+.0f}%" in rises
+    assert "### Targets (`attention` against `concat`)" in tables and "### Trust (`attention`)" in tables
 
 
 def test_summary_takes_each_condition_at_its_best_tau():
     report = {
         "attention": {
-            "2.0": {"clean": {"head_error": 1.0}, "lidar_drop": {"head_error": 1.5, "attention_faulted": 0.0},
-                    "imu_zero": {"head_error": 3.0, "attention_faulted": 0.3}},
-            "10.0": {"clean": {"head_error": 0.8}, "lidar_drop": {"head_error": 2.0, "attention_faulted": 0.0},
-                     "imu_zero": {"head_error": 1.2, "attention_faulted": 0.1}},
+            "2.0": {"clean": {"head_error": 1.0, "speed_mae_mps": 0.2}, "lidar_drop": {"head_error": 1.5, "attention_faulted": 0.0},
+                    "imu_zero": {"head_error": 3.0, "attention_faulted": 0.3, "trust_auroc": 0.9}},
+            "10.0": {"clean": {"head_error": 0.8, "speed_mae_mps": 0.1}, "lidar_drop": {"head_error": 2.0, "attention_faulted": 0.0},
+                     "imu_zero": {"head_error": 1.2, "attention_faulted": 0.1, "trust_auroc": 0.7, "speed_mae_mps": 0.3}},
         },
         "concat": {"1.0": {"clean": {"head_error": 0.5}, "lidar_drop": {"head_error": 0.4},
                            "imu_zero": {"head_error": 1.0}}},
     }
     summary = summarise(report)
     att = summary["attention"]
-    assert att["clean"] == {"best_tau": 10.0, "head_error": 0.8, "rise": 0.0, "attention_faulted_low_tau": None}
+    assert att["clean"] == {"best_tau": 10.0, "head_error": 0.8, "rise": 0.0, "attention_faulted_low_tau": None,
+                            "quantity_rise": {"speed_mae_mps": 0.0}}
     # each fault at its own best τ, its rise over the best clean error (0.8, at τ = 10)
     assert att["lidar_drop"]["best_tau"] == 2.0 and att["lidar_drop"]["rise"] == pytest.approx(1.5 / 0.8 - 1)
     assert att["imu_zero"]["best_tau"] == 10.0 and att["imu_zero"]["rise"] == pytest.approx(1.2 / 0.8 - 1)
+    assert att["imu_zero"]["quantity_rise"] == {"speed_mae_mps": pytest.approx(0.3 / 0.1 - 1)}  # at its best τ
     assert att["imu_zero"]["attention_faulted_low_tau"] == 0.3  # τ = 2, the lowest, though "10.0" sorts first as text
+    assert att["imu_zero"]["trust_auroc"] == 0.9  # likewise at the lowest τ
     assert summary["concat"]["lidar_drop"]["rise"] == pytest.approx(-0.2)  # a fault may also lower the error
-    assert summary["concat"]["imu_zero"] == {"best_tau": 1.0, "head_error": 1.0, "rise": 1.0,
+    assert summary["concat"]["imu_zero"] == {"best_tau": 1.0, "head_error": 1.0, "rise": 1.0, "quantity_rise": {},
                                               "attention_faulted_low_tau": None}
 
 
@@ -399,10 +629,27 @@ def test_obstacle_sectors_in_a_camera_view():
     assert sectors_in_view(360) == list(range(SECTORS))
     assert sectors_in_view(90) == [0, 1, 15]  # sectors are 22.5° wide, sector 0 centred straight ahead
     assert sectors_in_view(22.5) == [0] and sectors_in_view(20) == []
-    assert sectors_in_view(sim_camera_hfov_deg()) == [0, 1, 15]  # the simulated 75° square camera
 
 
-def test_goal_error_split_by_the_camera_view():
+
+def test_the_simulated_cameras_view_in_sectors(monkeypatch):
+    import functools
+
+    from fusion_attn.sim import sensors
+
+    rig = sensors.SensorConfig()
+    expected = list(range(SECTORS)) if getattr(rig, "camera_views", 1) > 1 else [0, 1, 15]
+    assert sectors_in_view(sim_camera_hfov_deg()) == expected  # a surround rig sees every sector
+    if hasattr(rig, "camera_views"):  # the single forward 75° square camera sees three
+        monkeypatch.setattr(sensors, "SensorConfig", functools.partial(sensors.SensorConfig, camera_views=1))
+        single = sim_camera_hfov_deg.__wrapped__()  # past the cache: the config as patched
+        assert single == pytest.approx(75.0) and sectors_in_view(single) == [0, 1, 15]
+
+
+def test_goal_error_split_by_the_camera_view(monkeypatch):
+    from fusion_attn.learn import evaluation
+
+    monkeypatch.setattr(evaluation, "sim_camera_hfov_deg", lambda: 75.0)  # a forward camera, whatever the sim's rig
     heads = Heads(8, {"velocity": 2, "obstacles": SECTORS, "goal": 3})  # identity (de)normalisation
     bearings = torch.tensor([0.0, math.radians(30), math.radians(90), math.pi])  # two inside the 75° view
     true_goal = torch.stack([torch.full((4,), 3.0), bearings.cos(), bearings.sin()], -1)

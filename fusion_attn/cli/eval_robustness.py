@@ -10,13 +10,17 @@ from ..errors import FusionAttnError
 
 def add_parser(verbs):
     robust = verbs.add_parser("eval-robustness", help="compare trained runs under every single-sensor fault and a τ sweep")
-    robust.add_argument("runs", nargs="+", metavar="NAME=RUN", help="name=folder of a `fusion-attn train` run")
+    robust.add_argument("runs", nargs="+", metavar="NAME=RUN", help="name=folder of a `fusion-attn train` run; "
+                                                                    "NAME#k: seed k of design NAME (averaged); the "
+                                                                    "first is the design the targets judge")
     robust.add_argument("-o", "--output", type=Path, required=True, help="folder for robustness.json and the plots")
-    robust.add_argument("--tau", default="0.1,0.25,0.5,1,2", help="global τ sweep for attention runs trained with random τ")
+    robust.add_argument("--tau", default="0.1,0.3,1,3,10", help="global τ sweep for attention runs trained with random τ")
     robust.add_argument("--episodes", type=int, default=16, help="held-out simulated episodes")
-    robust.add_argument("--bag", nargs="*", type=Path, default=[], help="real recordings: self-supervised loss and attention")
+    robust.add_argument("--bag", nargs="*", type=Path, default=[], help="real recordings: self-supervised loss and trust, "
+                                                                          "clean and corrupted")
     robust.add_argument("--cache", type=Path, help="tokenized dataset cache (default $FUSION_ATTN_CACHE/train)")
-    robust.add_argument("--threads", type=int, default=1)
+    robust.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    robust.add_argument("--jobs", type=int, default=1, help="runs evaluated at once, each in a process of its own")
     return robust
 
 
@@ -32,7 +36,7 @@ def run(args) -> int:
     except ValueError:
         raise FusionAttnError(f"--tau takes comma-separated numbers, got {args.tau!r}") from None
     report = run_evaluation({n: Path(f) for n, f in runs.items()}, args.output, taus, args.episodes,
-                            args.cache or cache_dir("train"), args.bag, args.threads)
+                            args.cache or cache_dir("train"), args.bag, args.threads, args.jobs)
     print(f"{report['test_samples']} held-out samples from {args.episodes} episodes; wrote {args.output}/robustness.json")
     for name, rows in report["summary"].items():
         worst = max((r for c, r in rows.items() if c != "clean"), key=lambda r: r["rise"])

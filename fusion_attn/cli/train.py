@@ -28,8 +28,13 @@ def add_parser(verbs):
                        help="attention (default: FusionModel) or a baseline without attention (eval-robustness)")
     train.add_argument("--fixed-tau", dest="tau_random_prob", action="store_const", const=0.0,
                        help="train at τ = 1 only (a baseline; default: random τ for half the samples)")
+    train.add_argument("--sensor-fusion", choices=["sensor", "token"],
+                       help="sensor (default): sensors weighted by a softmax of log trust at τ, a softmax per sensor's "
+                            "tokens; token: one softmax over all tokens at τ (the earlier design, a baseline)")
+    train.add_argument("--trust-weight", type=float, help="weight of the trust objective (default 1)")
     train.add_argument("--avoid-weight", type=float, help="weight of the attention-avoidance objective: attention mass "
-                                                          "on a sensor whose content is gone (default 1; 0: off)")
+                                                          "on a sensor whose content is gone (default 0; the token "
+                                                          "baseline's 1)")
     train.add_argument("--latent-blocks", type=int, help="self-attention blocks over the fusion tokens (default 1)")
     train.add_argument("--qk-norm", action="store_const", const=True,
                        help="cosine attention logits with a learned scale per head (an implicit temperature)")
@@ -54,7 +59,7 @@ def run(args) -> int:
     from ..learn.loop import TrainConfig, train
 
     fields = ("seed", "steps", "batch", "lr", "sim_episodes", "val_episodes", "sim_seconds", "bags", "fusion",
-              "tau_random_prob", "avoid_weight", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature")
+              "tau_random_prob", "sensor_fusion", "trust_weight", "avoid_weight", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature")
     given = {k: getattr(args, k) for k in fields if hasattr(args, k)}
     if "bags" in given:
         given["bags"] = tuple(str(b) for b in given["bags"])

@@ -33,7 +33,7 @@ from ..tokenize import Tokenizer, denormalise_pixels, normalise_pixels
 if TYPE_CHECKING:
     from .loop import TrainConfig
 
-DATA_VERSION = "1"  # bump when what a shard holds changes: old cache entries are then ignored
+DATA_VERSION = "2"  # bump when what a shard holds changes: old cache entries are then ignored
 SECTORS = 16  # obstacle sectors (0 centred straight ahead): the ground truth's and the lidar target's
 SPLIT_SEEDS = {"train": 0, "val": 100_000, "test": 200_000}  # each split's first episode seed (+ seed * 1e6)
 ONES = np.ones(4, np.float32)
@@ -194,10 +194,32 @@ def bag_shard(bag: str | Path, fusion_hz: float, cfg: FusionConfig) -> Shard:
 # --- datasets ------------------------------------------------------------------------------------
 
 
+def previous_frames(frame_s: np.ndarray, present: np.ndarray, max_gap_s: float) -> np.ndarray:
+    """(N,) per sample of one sequence: the sample holding its sensor's previous frame (the newest earlier
+    frame, told apart by its stamp frame_s), or -1 (none, or more than max_gap_s before: not consecutive,
+    as the sync decides). Several samples share a frame when the sensor is slower than the sampling."""
+    prev = np.full(len(frame_s), -1, np.int64)
+    newest = before = -1  # samples holding the newest frame and the frame before it
+    for i in np.flatnonzero(present):
+        if newest < 0 or frame_s[i] - frame_s[newest] > 1e-6:
+            before, newest = newest, i
+        if before >= 0 and frame_s[i] - frame_s[before] <= max_gap_s:
+            prev[i] = before
+    return prev
+
+
+def _frame_stamps(part: dict[str, np.ndarray], name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(frame stamp [s], present) per sample of one sequence: fusion time minus the sensor's age."""
+    mask = part[f"{name}_mask"].reshape(len(part["labelled"]), -1).any(1)
+    return part["stamp_ns"] / NS_PER_S - part[f"{name}_age"][:, 0].astype(np.float64), mask
+
+
 @dataclass
 class Dataset:
     """Samples of many sequences (episodes, bags) in flat arrays; `seq_start`/`next` link each sample to
-    its sequence's first and its successor (-1 at the end), for frozen/delayed faults and the next IMU."""
+    its sequence's first and its successor (-1 at the end), for frozen/delayed faults and the next IMU;
+    `camera_prev`/`lidar_prev` to the sample holding that sensor's previous frame (-1: none) and
+    `camera_frame_s`/`lidar_frame_s` give each sample's frame stamp, for the model's temporal inputs."""
 
     arrays: dict[str, np.ndarray]
     source: np.ndarray  # (N,) 0 simulated, 1 bag
@@ -207,15 +229,25 @@ class Dataset:
 
     @classmethod
     def join(cls, parts: list[tuple[dict[str, np.ndarray], int]]) -> Dataset:
+        from ..sync import SyncConfig
+
         arrays = {k: np.concatenate([p[k] for p, _ in parts]) for k in parts[0][0]}
+        max_gap = dict(zip(("camera", "lidar"), SyncConfig().max_age_s))
         starts, nxt, source, offset = [], [], [], 0
+        linked: dict[str, list[np.ndarray]] = {k: [] for k in ("camera_prev", "lidar_prev", "camera_frame_s", "lidar_frame_s")}
         for p, src in parts:
             n = len(p["labelled"])
             starts.append(np.full(n, offset))
             nxt.append(np.r_[np.arange(offset + 1, offset + n), -1])
             source.append(np.full(n, src, np.int8))
+            for name in ("camera", "lidar"):
+                frame_s, present = _frame_stamps(p, name)
+                prev = previous_frames(frame_s, present, max_gap[name])
+                linked[f"{name}_prev"].append(np.where(prev >= 0, prev + offset, -1))
+                linked[f"{name}_frame_s"].append(frame_s - (p["stamp_ns"][0] / NS_PER_S if n else 0.0))
             offset += n
         arrays["seq_start"], arrays["next"] = np.concatenate(starts), np.concatenate(nxt)
+        arrays.update({k: np.concatenate(v) for k, v in linked.items()})
         return cls(arrays, np.concatenate(source))
 
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -9,7 +9,6 @@ modality (and on the faulted sensor). Means are taken per sample a metric covers
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 from torch import nn
@@ -17,6 +16,7 @@ from torch import nn
 from ..config import FusionConfig
 from ..frames import MODALITIES
 from ..model import FusionModel, softmax_lipschitz
+from ..outputs import TRUST_THRESHOLD
 from .augment import FAULTS, FaultPlan, corrupt
 from .data import SECTORS, Dataset
 from .objectives import Heads, losses, predict
@@ -40,8 +40,14 @@ def evaluate(model: nn.Module, heads: Heads, data: Dataset, cfg: FusionConfig, f
         loss_<objective>    mean standardised squared error of each head
         ssl_loss            their mean over the self-supervised objectives
         head_error          ... over the supervised ones, and `physical_errors` (labelled data only)
-        attention_<sensor>  attention mass per modality, and attention_faulted (attention models only)
-        lipschitz           the softmax Lipschitz diagnostic on the first samples (if asked; attention only)
+        attention_<sensor>  the sensor's share of the fusion, and attention_faulted (attention models only)
+        trust_<sensor>      mean trust, over the samples where the sensor is present (untrusted_<sensor>:
+                            the share of them below outputs.TRUST_THRESHOLD); trust_faulted,
+                            untrusted_faulted (an absent sensor counts as untrusted) and trust_auroc: how
+                            well the faulted sensor's trust tells this condition from clean (1: every
+                            faulted sample's trust below every clean one's)
+        lipschitz           the softmax Lipschitz diagnostic where the fusion's τ acts (if asked): at the
+                            sensor level for the "sensor" fusion, over tokens for the "token" one
 
     Every condition draws the same noise (`seed`), so runs and τ are compared on equal terms."""
     modes = model.training, heads.training
@@ -50,58 +56,87 @@ def evaluate(model: nn.Module, heads: Heads, data: Dataset, cfg: FusionConfig, f
     t = data.tensors()
     labelled = bool(data.arrays["labelled"].any())
     attends = isinstance(model, FusionModel)
-    report = {}
+    report, clean_trust = {}, None
     for name, sensor, fault in conditions():
         gen = torch.Generator().manual_seed(seed)
         running = RunningMeans()
-        weights = None
+        lipschitz_value, trusts = None, []
         for start in range(0, len(data), batch):
             idx = torch.arange(start, min(start + batch, len(data)))
             x = corrupt(t, idx, FaultPlan.fixed(len(idx), sensor, fault), cfg, fusion_hz, gen)
             taus = torch.ones(len(idx), 4, device=device)
             taus[:, 0] = tau
-            captured = _capture_weights(model) if lipschitz and attends and start == 0 else None
-            pred, tgt, attention = predict(model, heads, t, idx, x, taus, cfg)
-            if captured is not None:
-                weights = captured.pop()[:LIPSCHITZ_SAMPLES]
+            pred, tgt, fusion = predict(model, heads, t, idx, x, taus, cfg)
             loss = losses(heads, pred, tgt)
             m = {f"loss_{k}": v for k, v in loss.items()}
             m["ssl_loss"] = sum(loss[k] for k in SELF_SUPERVISED) / len(SELF_SUPERVISED)
             if labelled:
                 m["head_error"] = sum(loss[k] for k in SUPERVISED) / len(SUPERVISED)
                 m.update(physical_errors(heads, pred, tgt))
-            if attention is not None:
+            if fusion:
+                trust = fusion["trust"].cpu()
+                trust = torch.where(fusion["trust_logits"].isfinite().cpu(), trust, torch.nan)  # nan: absent
+                trusts.append(trust)
                 for i, mod in enumerate(MODALITIES):
-                    m[f"attention_{mod}"] = attention[:, i].mean()
+                    m[f"attention_{mod}"] = fusion["attention"][:, i].mean()
+                    m[f"trust_{mod}"] = trust[:, i][trust[:, i].isfinite()]
+                    m[f"untrusted_{mod}"] = (trust[:, i][trust[:, i].isfinite()] < TRUST_THRESHOLD).float()
+                if lipschitz and start == 0:
+                    lipschitz_value = fusion_lipschitz(model, fusion, tau)
             running.add(m, len(idx))
         metrics = running.means()
+        if trusts:
+            trust = torch.cat(trusts)
+            if sensor < 0:
+                clean_trust = trust
+            else:
+                faulted = trust[:, sensor].nan_to_num(0.0)  # an absent sensor is trusted not at all
+                metrics["trust_faulted"] = float(faulted.mean())
+                metrics["untrusted_faulted"] = float((faulted < TRUST_THRESHOLD).float().mean())
+                if clean_trust is not None:
+                    metrics["trust_auroc"] = auroc(clean_trust[:, sensor], faulted)
         if sensor >= 0 and attends:
             metrics["attention_faulted"] = metrics[f"attention_{MODALITIES[sensor]}"]
-        if weights is not None:
-            metrics["lipschitz"] = softmax_lipschitz_mean(weights.cpu(), tau)
+        if lipschitz_value is not None:
+            metrics["lipschitz"] = lipschitz_value
         report[name] = metrics
     model.train(modes[0])
     heads.train(modes[1])
     return report
 
 
-def _capture_weights(model: FusionModel) -> list:
-    """The cross-attention weights (B, H, M, N) of the next forward pass, via a one-shot hook."""
-    seen: list[torch.Tensor] = []
+def auroc(healthy: torch.Tensor, faulted: torch.Tensor) -> float:
+    """P(a healthy sample's trust > a faulted one's), ties counting half (the Mann-Whitney U statistic);
+    healthy samples where the sensor is absent (nan) are left out."""
+    healthy = healthy[healthy.isfinite()]
+    if not len(healthy) or not len(faulted):
+        return float("nan")
+    values = torch.cat([healthy, faulted]).double()
+    ranks = torch.empty_like(values)
+    order = values.argsort()
+    ranks[order] = torch.arange(1, len(values) + 1, dtype=torch.float64)
+    for v in values.unique():  # ties share their mean rank
+        tied = values == v
+        if tied.sum() > 1:
+            ranks[tied] = ranks[tied].mean()
+    u = ranks[: len(healthy)].sum() - len(healthy) * (len(healthy) + 1) / 2
+    return float(u / (len(healthy) * len(faulted)))
 
-    def hook(module, args, output):
-        seen.append(output[1])
-        handle.remove()
 
-    handle = model.cross.register_forward_hook(hook)
-    return seen
+def fusion_lipschitz(model: FusionModel, fusion: dict[str, torch.Tensor], tau: float) -> float:
+    """The softmax Lipschitz diagnostic where τ acts, mean over the first LIPSCHITZ_SAMPLES samples:
+    the sensor-level softmax (over present sensors) of the "sensor" fusion, or the token-level softmax
+    (per head and fusion token) of the "token" one."""
+    if model.cfg.model.fusion == "sensor":
+        return softmax_lipschitz_mean(fusion["sensor_weights"][:LIPSCHITZ_SAMPLES].cpu(), tau)
+    return softmax_lipschitz_mean(fusion["token_weights"][:LIPSCHITZ_SAMPLES].cpu(), tau)
 
 
 def softmax_lipschitz_mean(weights: torch.Tensor, tau: float) -> float:
-    """Mean over samples, heads and fusion tokens of the softmax's local Lipschitz constant.
+    """Mean over samples (and heads and fusion tokens) of the softmax's local Lipschitz constant.
 
-    It depends on the logits only through the attention p they give, so it is evaluated at logits
-    τ·log p, which give back p exactly (masked tokens keep zero weight)."""
+    It depends on the logits only through the weights p they give, so it is evaluated at logits
+    τ·log p, which give back p exactly (masked entries keep zero weight)."""
     mask = weights > 0
     logits = torch.log(weights.clamp_min(1e-30)) * tau
     valid = mask.any(-1)
@@ -149,11 +184,12 @@ def physical_errors(heads: Heads, pred: dict[str, torch.Tensor], tgt) -> dict[st
     out_of_view = [k for k in range(SECTORS) if k not in in_view]
     goal_in_view = torch.rad2deg(g_bearing).abs() <= hfov / 2  # the goal's centre, not its whole patch
     obstacle_err, goal_dist_err = (o_pred - o_true).abs(), (g_pred[:, 0] - g_true[:, 0]).abs()
+    split = {"obstacle_in_view_mae_m": obstacle_err[:, in_view].mean(1)} if in_view else {}
+    if out_of_view:  # none with the surround camera rig
+        split["obstacle_out_of_view_mae_m"] = obstacle_err[:, out_of_view].mean(1)
     return {"speed_mae_mps": (v_pred[:, 0] - v_true[:, 0]).abs(),
             "yaw_rate_mae_radps": (v_pred[:, 1] - v_true[:, 1]).abs(),
-            "obstacle_mae_m": obstacle_err.mean(1),
-            "obstacle_in_view_mae_m": obstacle_err[:, in_view].mean(1),
-            "obstacle_out_of_view_mae_m": obstacle_err[:, out_of_view].mean(1),
+            "obstacle_mae_m": obstacle_err.mean(1), **split,
             "goal_distance_mae_m": goal_dist_err,
             "goal_distance_in_view_mae_m": goal_dist_err[goal_in_view],
             "goal_distance_out_of_view_mae_m": goal_dist_err[~goal_in_view],
@@ -172,9 +208,8 @@ def sectors_in_view(hfov_deg: float) -> list[int]:
 
 @functools.cache
 def sim_camera_hfov_deg() -> float:
-    """The simulated camera's horizontal field of view (75° for the default 64x64, fovy 75°)."""
+    """The simulated camera rig's horizontal field of view: 360° for the surround rig (several views),
+    else the one pinhole view's (75° for 64x64 at fovy 75°)."""
     from fusion_attn.sim.sensors import SensorConfig
 
-    sensors = SensorConfig()
-    h, w = sensors.camera_size
-    return 2 * math.degrees(math.atan(math.tan(math.radians(sensors.camera_fovy_deg) / 2) * w / h))
+    return SensorConfig().camera_hfov_deg

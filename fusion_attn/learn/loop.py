@@ -27,8 +27,17 @@ from ..model import FusionModel
 from .augment import FaultPlan, corrupt, random_tau
 from .data import Dataset, build_datasets
 from .evaluation import evaluate
-from .objectives import (build_heads, build_model, fault_attention, fit_normalisation, heads_path, losses, predict,
-                         save_heads)
+from .objectives import (
+    build_heads,
+    build_model,
+    fault_attention,
+    fit_normalisation,
+    heads_path,
+    losses,
+    predict,
+    save_heads,
+    trust_loss,
+)
 
 
 @dataclass(frozen=True)
@@ -36,7 +45,7 @@ class TrainConfig:
     """The settings of a training run: `fusion-attn train`'s flags, saved in the training state."""
 
     seed: int = 0
-    steps: int = 3000
+    steps: int = 2000
     batch: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.01
@@ -52,7 +61,11 @@ class TrainConfig:
     corrupt_prob: float = 0.6  # chance that a sample gets one faulted sensor
     tau_random_prob: float = 0.5  # chance that a sample gets a random τ instead of all ones (0: fixed τ = 1)
     fusion: str = "attention"  # or the baselines without attention: concat, mean (see PooledFusion)
-    avoid_weight: float = 1.0  # weight of the attention-avoidance objective (fault_attention; 0: off)
+    # the attention model's fusion across sensors: "sensor" (trust-weighted at τ) or "token" (one softmax
+    # over all tokens, the earlier design: a baseline); see model.FusionModel
+    sensor_fusion: str = "sensor"
+    trust_weight: float = 1.0  # weight of the trust objective (trust_loss)
+    avoid_weight: float = 0.0  # attention-avoidance objective (fault_attention; the "token" baseline's: 1)
     log_every: int = 25
     eval_every: int = 500
     save_every: int = 500
@@ -64,7 +77,8 @@ class TrainConfig:
     def fusion_config(self) -> FusionConfig:
         """The config of the model this run trains."""
         return FusionConfig(model=ModelConfig(latent_blocks=self.latent_blocks, qk_norm=self.qk_norm,
-                                              learned_head_temperature=self.learned_head_temperature))
+                                              learned_head_temperature=self.learned_head_temperature,
+                                              fusion=self.sensor_fusion))
 
     @classmethod
     def from_dict(cls, saved: dict) -> TrainConfig:
@@ -214,10 +228,12 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
         plan = FaultPlan.draw(tc.batch, tc.corrupt_prob, gen)
         x = corrupt(data, idx, plan, cfg, tc.fusion_hz, gen)
         tau = random_tau(tc.batch, tc.tau_random_prob, gen)
-        pred, tgt, attention = predict(model, heads, data, idx, x, tau.to(dev), cfg)
+        pred, tgt, fusion = predict(model, heads, data, idx, x, tau.to(dev), cfg)
         parts = losses(heads, pred, tgt)
-        if attention is not None and tc.avoid_weight > 0:
-            parts["avoid"] = tc.avoid_weight * fault_attention(attention, plan)
+        if fusion and tc.trust_weight > 0:
+            parts["trust"] = tc.trust_weight * trust_loss(fusion["trust_logits"], plan)
+        if fusion and tc.avoid_weight > 0:
+            parts["avoid"] = tc.avoid_weight * fault_attention(fusion["attention"], plan)
         loss = sum(parts.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -117,7 +117,7 @@ class PooledFusion(nn.Module):
         self.register_buffer("membership", F.one_hot(self.embed.modality_id, 3).float(), persistent=False)
 
     def forward(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
-        tokens, mask = self.embed(x)  # (B, N, D), (B, N)
+        tokens, mask, _ = self.embed(x)  # (B, N, D), (B, N)
         if self.kind == "mean":
             w = mask.float().unsqueeze(-1)
             return self.mlp((tokens * w).sum(1) / w.sum(1).clamp_min(1.0))
@@ -135,22 +135,22 @@ def build_heads(cfg: FusionConfig) -> Heads:
 
 
 def fused_feature(model: nn.Module, x: dict[str, torch.Tensor], tau: torch.Tensor):
-    """-> (feature (B, M*D) for the heads, attention (B, 3, H), or None for a baseline without it)."""
+    """-> (feature (B, M*D) for the heads, FusionModel.run's outputs, or {} for a baseline without them)."""
     if isinstance(model, PooledFusion):
-        return model(x), None
-    _, latents, attention, _ = model(**x, tau=tau)
-    return latents.flatten(1), attention
+        return model(x), {}
+    out = model.run(x, tau)
+    return out["latents"].flatten(1), out
 
 
 def predict(model: nn.Module, heads: Heads, data: dict[str, torch.Tensor], idx: torch.Tensor,
             x: dict[str, torch.Tensor], tau: torch.Tensor, cfg: FusionConfig):
     """One pass on the (faulted) inputs x of samples idx, on tau's device: -> (predictions, the clean
-    samples' targets, attention or None)."""
+    samples' targets, the fusion's outputs: attention, trust, sensor weights; {} for a baseline)."""
     device = tau.device
-    tgt = targets(data, idx, gather(data, idx), cfg)
+    tgt = targets(data, idx, gather(data, idx, previous=False), cfg)
     tgt = {k: (value.to(device), valid.to(device)) for k, (value, valid) in tgt.items()}
-    feature, attention = fused_feature(model, {k: v.to(device) for k, v in x.items()}, tau)
-    return heads(feature), tgt, attention
+    feature, fusion = fused_feature(model, {k: v.to(device) for k, v in x.items()}, tau)
+    return heads(feature), tgt, fusion
 
 
 # --- losses --------------------------------------------------------------------------------------
@@ -163,6 +163,16 @@ def losses(heads: Heads, pred: dict[str, torch.Tensor], tgt: dict[str, tuple[tor
         err = (pred[k] - heads.normalise(k, value)).pow(2).mean(-1)
         out[k] = (err * valid).sum() / valid.sum().clamp_min(1)
     return out
+
+
+def trust_loss(trust_logits: torch.Tensor, plan: FaultPlan) -> torch.Tensor:
+    """Binary cross-entropy of the trust logits (B, 3) against the known faults: 0 for a sensor whose
+    content the fault corrupts (black, noisy, frozen, partly blocked), 1 otherwise; over present
+    sensors only (an absent one has no content to judge)."""
+    present = trust_logits.isfinite()
+    target = (~plan.content_faulted()).float().to(trust_logits.device)
+    loss = F.binary_cross_entropy_with_logits(torch.where(present, trust_logits, 0.0), target, reduction="none")
+    return (loss * present).sum() / present.sum().clamp_min(1)
 
 
 def fault_attention(attention: torch.Tensor, plan: FaultPlan) -> torch.Tensor:
@@ -180,7 +190,7 @@ def fault_attention(attention: torch.Tensor, plan: FaultPlan) -> torch.Tensor:
 def fit_normalisation(heads: Heads, data: dict[str, torch.Tensor], cfg: FusionConfig, n: int) -> None:
     """Mean and std of every target over the training samples that have it."""
     idx = torch.arange(n)
-    tgt = targets(data, idx, gather(data, idx), cfg)
+    tgt = targets(data, idx, gather(data, idx, previous=False), cfg)
     for k, (value, valid) in tgt.items():
         if valid.sum() < 2:
             continue  # no such target in the data (e.g. only bags: no labels): stays 0 and 1

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import functools
 import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,21 +73,95 @@ def sweep(run: TrainedRun, data: Dataset, taus: list[float], fusion_hz: float) -
             for tau in taus}
 
 
+def group_of(name: str) -> str:
+    """Runs named "design#k" are seeds of one design: their figures are averaged (and spread given)."""
+    return name.split("#", 1)[0]
+
+
+# the supervised quantities in physical units, and the sensors that observe each in the simulator
+# (docs/OBSERVABILITY.md: the share of samples in which each does)
+QUANTITIES = (("speed_mae_mps", "speed", "m/s", 3), ("yaw_rate_mae_radps", "yaw rate", "rad/s", 3),
+              ("obstacle_mae_m", "obstacle distance", "m", 3), ("goal_distance_mae_m", "goal distance", "m", 3),
+              ("goal_bearing_mae_deg", "goal bearing", "°", 1))
+OBSERVERS = {"speed_mae_mps": ("camera", "lidar", "imu"), "yaw_rate_mae_radps": ("camera", "lidar", "imu"),
+             "obstacle_mae_m": ("camera", "lidar"), "goal_distance_mae_m": ("camera", "lidar"),
+             "goal_bearing_mae_deg": ("camera", "lidar")}
+TARGET_FAULTS = ("drop", "zero", "noise", "freeze")  # the issue's "any single sensor failed"
+MAX_RISE, CONCAT_RATIO, MAX_WEIGHT, AUROC_HARD, AUROC_SOFT = 0.25, 2.0, 0.10, 0.95, 0.90
+
+
 def summarise(report: dict, key: str = "head_error") -> dict:
-    """Per run and condition: the error at the best τ for that condition, its rise over clean at the best
-    clean τ, and the attention mass on the faulted sensor at the lowest τ."""
+    """Per run and condition: the error at the best τ for that condition, its rise over clean at the
+    best clean τ, each quantity's rise (at the same τ), the weight on the faulted sensor at the lowest τ,
+    and the trust's detection figures (trust does not depend on τ: taken at the first)."""
     out = {}
     for name, by_tau in report.items():
         taus = sorted(by_tau, key=float)
-        clean = min(by_tau[t]["clean"][key] for t in taus)
+        best_clean = min(taus, key=lambda t: by_tau[t]["clean"][key])
+        clean = by_tau[best_clean]["clean"]
         rows = {}
         for cond in by_tau[taus[0]]:
             best_tau = min(taus, key=lambda t: by_tau[t][cond][key])
-            err = by_tau[best_tau][cond][key]
-            rows[cond] = {"best_tau": float(best_tau), key: err, "rise": err / clean - 1.0,
-                          "attention_faulted_low_tau": by_tau[taus[0]][cond].get("attention_faulted")}
+            m = by_tau[best_tau][cond]
+            low = by_tau[taus[0]][cond]
+            rows[cond] = {"best_tau": float(best_tau), key: m[key], "rise": m[key] / clean[key] - 1.0,
+                          "quantity_rise": {q: m[q] / clean[q] - 1.0 for q, *_ in QUANTITIES if q in m and clean.get(q)},
+                          "attention_faulted_low_tau": low.get("attention_faulted"),
+                          **{k: low[k] for k in ("trust_auroc", "trust_faulted", "untrusted_faulted") if k in low}}
         out[name] = rows
     return out
+
+
+def grouped(summary: dict) -> dict:
+    """{design: {condition: {figure: (mean, std over its seeds)}}} of `summarise`'s per-run rows."""
+    groups: dict[str, list[dict]] = {}
+    for name, rows in summary.items():
+        groups.setdefault(group_of(name), []).append(rows)
+    out = {}
+    for g, runs in groups.items():
+        out[g] = {}
+        for cond in runs[0]:
+            figures = {}
+            for k, v in runs[0][cond].items():
+                if isinstance(v, dict):
+                    for q in v:
+                        vals = [r[cond][k][q] for r in runs if q in r[cond][k]]
+                        figures[f"{k}.{q}"] = (float(np.mean(vals)), float(np.std(vals)), len(vals))
+                elif v is not None:
+                    vals = [r[cond][k] for r in runs if r[cond].get(k) is not None]
+                    figures[k] = (float(np.mean(vals)), float(np.std(vals)), len(vals))
+            out[g][cond] = figures
+    return out
+
+
+def targets(groups: dict, design: str, baseline: str = "concat") -> list[dict]:
+    """The issue's targets, one row per check, for `design` against `baseline`: per quantity observed by
+    two or more sensors and any single sensor failed with TARGET_FAULTS, its rise and the baseline's;
+    the weight on the failed sensor at the lowest τ; the trust's AUROC per fault."""
+    rows = []
+    new, base = groups[design], groups.get(baseline)
+    for m, sensor in enumerate(MODALITIES):
+        for fault in TARGET_FAULTS:
+            cond = f"{sensor}_{fault}"
+            for q, label, *_ in QUANTITIES:
+                if len(OBSERVERS[q]) < 2 or f"quantity_rise.{q}" not in new[cond]:
+                    continue
+                rise = new[cond][f"quantity_rise.{q}"][0]
+                base_rise = base[cond][f"quantity_rise.{q}"][0] if base and f"quantity_rise.{q}" in base[cond] else None
+                # the ratio means something only where the failure costs the baseline (5 % or more)
+                ratio_ok = None if base_rise is None or base_rise < 0.05 else base_rise >= CONCAT_RATIO * max(rise, 0.0)
+                rows.append({"check": "rise", "condition": cond, "quantity": label, "rise": rise, "baseline_rise": base_rise,
+                             "ok": rise <= MAX_RISE and ratio_ok is not False, "ratio_ok": ratio_ok})
+            weight = new[cond].get("attention_faulted_low_tau")
+            if weight is not None:
+                rows.append({"check": "weight", "condition": cond, "value": weight[0], "ok": weight[0] <= MAX_WEIGHT})
+        for fault in ("drop", "zero", "freeze", "noise", "partial"):
+            cond = f"{sensor}_{fault}"
+            if "trust_auroc" in new[cond]:
+                need = AUROC_HARD if fault in ("drop", "zero", "freeze") else AUROC_SOFT
+                value = new[cond]["trust_auroc"][0]
+                rows.append({"check": "auroc", "condition": cond, "value": value, "need": need, "ok": value >= need})
+    return rows
 
 
 def plots(report: dict, summary: dict, out: Path) -> list[Path]:
@@ -97,11 +173,13 @@ def plots(report: dict, summary: dict, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     conds = [c for c, _, _ in conditions()]
-    fig, ax = plt.subplots(figsize=(11, 4))
-    width = 0.8 / len(summary)
-    for i, (name, rows) in enumerate(summary.items()):
-        ax.bar(np.arange(len(conds)) + i * width, [100 * rows[c]["rise"] for c in conds], width, label=name)
-    ax.axhline(25, color="k", lw=0.8, ls="--")
+    groups = grouped(summary)
+    fig, ax = plt.subplots(figsize=(12, 4))
+    width = 0.8 / len(groups)
+    for i, (name, rows) in enumerate(groups.items()):
+        ax.bar(np.arange(len(conds)) + i * width, [100 * rows[c]["rise"][0] for c in conds], width,
+               yerr=[100 * rows[c]["rise"][1] for c in conds], label=name)
+    ax.axhline(100 * MAX_RISE, color="k", lw=0.8, ls="--")
     ax.set_xticks(np.arange(len(conds)) + 0.4 - width / 2, conds, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("head error rise over clean [%]")
     ax.legend(fontsize=8)
@@ -113,42 +191,42 @@ def plots(report: dict, summary: dict, out: Path) -> list[Path]:
     if sweeps:
         name, by_tau = next(iter(sweeps.items()))
         taus = sorted(by_tau, key=float)
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3.5), sharey=True)
-        for m, ax in enumerate(axes):
+        fig, axes = plt.subplots(2, 3, figsize=(12, 6.5), sharex=True)
+        for m, (ax, ax_err) in enumerate(zip(axes[0], axes[1])):
             for f in FAULTS:
-                ax.plot([float(t) for t in taus], [by_tau[t][f"{MODALITIES[m]}_{f}"]["attention_faulted"] for t in taus],
-                        marker="o", label=f)
-            ax.plot([float(t) for t in taus], [by_tau[t]["clean"][f"attention_{MODALITIES[m]}"] for t in taus],
-                    "k--", label="clean")
+                c = f"{MODALITIES[m]}_{f}"
+                line, = ax.plot([float(t) for t in taus], [by_tau[t][c]["attention_faulted"] for t in taus], marker="o", label=f)
+                ax_err.plot([float(t) for t in taus], [by_tau[t][c]["head_error"] for t in taus], marker="o", color=line.get_color())
+            ax.plot([float(t) for t in taus], [by_tau[t]["clean"][f"attention_{MODALITIES[m]}"] for t in taus], "k--", label="clean")
+            ax_err.plot([float(t) for t in taus], [by_tau[t]["clean"]["head_error"] for t in taus], "k--")
             ax.set_xscale("log")
             ax.set_title(f"{MODALITIES[m]} faulted ({name})")
-            ax.set_xlabel("global τ")
-        axes[0].set_ylabel("attention mass on the faulted sensor")
-        axes[0].legend(fontsize=7)
+            ax_err.set_xlabel("global τ")
+        axes[0][0].set_ylabel("weight on the faulted sensor")
+        axes[1][0].set_ylabel("head error")
+        axes[0][0].legend(fontsize=7)
         fig.tight_layout()
-        paths.append(out / "robustness_attention_vs_tau.png")
+        paths.append(out / "robustness_weight_vs_tau.png")
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     return paths
 
 
-UNITS = (("speed_mae_mps", "speed m/s", 3), ("yaw_rate_mae_radps", "yaw rate rad/s", 3),
-         ("obstacle_mae_m", "obstacle distance m", 3), ("goal_distance_mae_m", "goal distance m", 3),
-         ("goal_bearing_mae_deg", "goal bearing °", 1))
-# per quantity: which sensors observe it in the simulator (a single snapshot of each)
-OBSERVED_BY = (("speed_mae_mps", "speed"), ("yaw_rate_mae_radps", "yaw rate (gyro only)"),
-               ("obstacle_in_view_mae_m", "obstacles ahead (camera and lidar)"),
-               ("obstacle_out_of_view_mae_m", "obstacles beside and behind (lidar only)"),
-               ("goal_distance_in_view_mae_m", "goal distance, its centre in the camera's view"),
-               ("goal_distance_out_of_view_mae_m", "goal distance, centre out of view"),
-               ("goal_bearing_mae_deg", "goal bearing"))
+def _fmt(fig: tuple[float, float, int] | None, scale: float = 1.0, digits: int = 3, signed: bool = False) -> str:
+    """mean (± std over seeds when there are several)."""
+    if fig is None:
+        return "-"
+    mean, std, n = fig
+    text = f"{scale * mean:+.{digits}f}" if signed else f"{scale * mean:.{digits}f}"
+    return text + (f" ± {scale * std:.{digits}f}" if n > 1 else "")
 
 
 def tables(report: dict) -> str:
     """The report's tables in Markdown (OUT/robustness.md; docs/RESULTS.md quotes them)."""
-    sim, summary = report["sim"], report["summary"]
-    names, conds = list(summary), [c for c, _, _ in conditions()]
-    sweep_name = next((n for n, r in sim.items() if len(r) > 1), names[0])
+    sim, groups = report["sim"], grouped(report["summary"])
+    names, conds = list(groups), [c for c, _, _ in conditions()]
+    design = names[0]
+    sweep_name = next((n for n, r in sim.items() if len(r) > 1), next(iter(sim)))
     taus = sorted(sim[sweep_name], key=float)
 
     def row(cells) -> str:
@@ -157,80 +235,148 @@ def tables(report: dict) -> str:
     def label(cond: str) -> str:
         return cond.replace("_", " ").replace("imu", "IMU")
 
-    def at_best_tau(n: str, c: str) -> dict:
-        return sim[n][str(summary[n][c]["best_tau"]) if n == sweep_name else "1.0"][c]
-
+    seeds = ", ".join(f"{g}: {groups[g]['clean']['head_error'][2]}" for g in names)
     lines = ["### Head error with one sensor faulted", "",
-             f"Error (rise over clean); each run at its best τ per condition (`{sweep_name}`'s in the last column).", "",
+             (f"Error (rise over clean), mean ± std over training seeds ({seeds}); each run at its best τ per "
+             f"condition (`{sweep_name}`'s in the last column)."), "",
              row(["condition", *names, "best τ"]), row(["---"] * (len(names) + 2))]
     for c in conds:
-        lines.append(row([label(c), *(f"{summary[n][c]['head_error']:.3f} ({100 * summary[n][c]['rise']:+.0f}%)"
-                                      for n in names), f"{summary[sweep_name][c]['best_tau']:g}"]))
-    lines += ["", "### In physical units", "",
-              f"Mean absolute error; `{sweep_name}` at its best τ per condition, the others at τ = 1.", "",
-              row(["run, condition", *(u for _, u, _ in UNITS)]), row(["---"] * (len(UNITS) + 1))]
+        lines.append(row([label(c), *(f"{_fmt(groups[n][c]['head_error'])} ({_fmt(groups[n][c]['rise'], 100, 0, True)}%)"
+                                      for n in names), f"{report['summary'][sweep_name][c]['best_tau']:g}"]))
+    lines += ["", "### Each quantity's rise over clean", "",
+              "Rise of each quantity's mean absolute error with one sensor failed (mean over seeds; each run at its "
+              "best τ per condition). Observers: " + "; ".join(f"{lab}: {', '.join(OBSERVERS[q])}"
+                                                               for q, lab, *_ in QUANTITIES) + ".", "",
+              row(["condition", "design", *(lab for _, lab, *_ in QUANTITIES)]), row(["---"] * (len(QUANTITIES) + 2))]
+    for c in conds[1:]:
+        for i, n in enumerate(names):
+            lines.append(row([label(c) if i == 0 else "", n,
+                              *(_fmt(groups[n][c].get(f"quantity_rise.{q}"), 100, 0, True) + "%" for q, *_ in QUANTITIES)]))
+    lines += ["", "### In physical units (clean)", "",
+              row(["design", *(f"{lab} {unit}" for _, lab, unit, _ in QUANTITIES)]), row(["---"] * (len(QUANTITIES) + 1))]
     for n in names:
-        for c in ("clean", "camera_zero", "lidar_drop", "imu_drop"):
-            m = at_best_tau(n, c)
-            lines.append(row([f"{n}, {label(c)}", *(f"{m[k]:.{d}f}" for k, _, d in UNITS)]))
-    share = at_best_tau(sweep_name, "clean").get("goal_in_view_share")
-    lines += ["", "### What survives a dropped sensor", "",
-              ("Rise of each quantity's mean absolute error over clean (τ as above). A quantity another sensor "
-               "also observes can survive the failure; one only the failed sensor observes cannot, in any fusion."
-               + (f" The goal's centre lies within the camera's view in {100 * share:.0f} % of the test samples "
-                  "with a goal." if share is not None else "")), "",
-              row(["run, condition", *(u for _, u in OBSERVED_BY)]), row(["---"] * (len(OBSERVED_BY) + 1))]
-    for n in names:
-        clean = at_best_tau(n, "clean")
-        for c in ("camera_drop", "lidar_drop", "imu_drop"):
-            m = at_best_tau(n, c)
-            lines.append(row([f"{n}, {label(c)}", *(f"{100 * (m[k] / clean[k] - 1):+.0f}%" if k in m and k in clean
-                                                    else "-" for k, _ in OBSERVED_BY)]))
+        runs = [r for r in sim if group_of(r) == n]
+        best = [sim[r][str(report["summary"][r]["clean"]["best_tau"]) if len(sim[r]) > 1 else "1.0"]["clean"] for r in runs]
+        lines.append(row([n, *(_fmt((float(np.mean([b[q] for b in best])), float(np.std([b[q] for b in best])), len(best)),
+                                    digits=d) for q, _, _, d in QUANTITIES)]))
+    if any("trust_auroc" in groups[design][c] for c in conds):
+        lines += ["", f"### Trust (`{design}`)", "",
+                  ("AUROC of the faulted sensor's trust, faulted against clean samples (1: every faulted sample below "
+                  "every clean one); mean trust of the faulted sensor; share of faulted samples below the threshold "
+                  "(outputs.TRUST_THRESHOLD), an absent sensor counting as below. Clean: each sensor's mean trust and "
+                  "the share of clean samples below the threshold (false alarms)."), "",
+                  row(["condition", "AUROC", "trust", "below threshold"]), row(["---"] * 4)]
+        clean_run = sim[next(r for r in sim if group_of(r) == design)]["1.0" if "1.0" in sim[sweep_name] else taus[0]]["clean"]
+        lines.append(row(["clean", "-", " / ".join(f"{clean_run.get(f'trust_{m}', float('nan')):.3f}" for m in MODALITIES),
+                          " / ".join(f"{100 * clean_run.get(f'untrusted_{m}', float('nan')):.1f}%" for m in MODALITIES)]))
+        for c in conds[1:]:
+            g = groups[design][c]
+            lines.append(row([label(c), _fmt(g.get("trust_auroc")), _fmt(g.get("trust_faulted")),
+                              _fmt(g.get("untrusted_faulted"), 100, 1) + "%"]))
     lines += ["", f"### The τ sweep (`{sweep_name}`)", "",
-              "Head error / attention mass on the faulted sensor / softmax Lipschitz diagnostic, per global τ:", "",
+              "Head error / weight on the faulted sensor / softmax Lipschitz diagnostic (where τ acts), per global τ:", "",
               row(["condition", *(f"τ = {float(t):g}" for t in taus)]), row(["---"] * (len(taus) + 1))]
     for c in conds:
         cells = []
         for t in taus:
             m = sim[sweep_name][t][c]
             att = "-" if c == "clean" else f"{m['attention_faulted']:.3f}"
-            cells.append(f"{m['head_error']:.3f} / {att} / {m['lipschitz']:.3f}")
+            cells.append(f"{m['head_error']:.3f} / {att} / {m.get('lipschitz', float('nan')):.3f}")
         lines.append(row([label(c), *cells]))
+    lines += ["", f"### Where τ matters (`{sweep_name}`)", "",
+              (f"Per condition, the quantity on which the lowest τ ({float(taus[0]):g}) beats the highest "
+              f"({float(taus[-1]):g}) most (error at the highest over the lowest, minus 1), and the same for clean: "
+              "what a low τ costs or buys."), "",
+              row(["condition", "quantity", "error low τ", "error high τ", "high over low"]), row(["---"] * 5)]
+    for c in conds:
+        lo, hi = sim[sweep_name][taus[0]][c], sim[sweep_name][taus[-1]][c]
+        gains = [(hi[q] / lo[q] - 1.0, q, lab) for q, lab, *_ in QUANTITIES if q in lo and lo[q] > 0]
+        if gains:
+            gain, q, lab = max(gains)
+            lines.append(row([label(c), lab, f"{lo[q]:.3f}", f"{hi[q]:.3f}", f"{100 * gain:+.0f}%"]))
+    if "concat" in groups:
+        checks = targets(groups, design)
+        failed = [r for r in checks if not r["ok"]]
+        lines += ["", f"### Targets (`{design}` against `concat`)", "",
+                  (f"{len(checks) - len(failed)} of {len(checks)} checks hold: a quantity two or more sensors observe rises at "
+                  f"most {100 * MAX_RISE:.0f} % with any single sensor failed ({', '.join(TARGET_FAULTS)}) and concat's rise "
+                  f"is at least {CONCAT_RATIO:g}x (where concat loses 5 % or more); the failed sensor's weight at the lowest τ "
+                  f"is at most {100 * MAX_WEIGHT:.0f} %; trust AUROC at least {AUROC_HARD} (drop, zero, freeze) or "
+                  f"{AUROC_SOFT} (noise, partial). Those that do not:"), "",
+                  row(["check", "condition", "quantity", "value", "concat", "needed"]), row(["---"] * 6)]
+        for r in failed:
+            if r["check"] == "rise":
+                base = "-" if r["baseline_rise"] is None else f"{100 * r['baseline_rise']:+.0f}%"
+                lines.append(row(["rise", label(r["condition"]), r["quantity"], f"{100 * r['rise']:+.0f}%", base,
+                                  f"<= {100 * MAX_RISE:.0f}%, concat >= {CONCAT_RATIO:g}x"]))
+            elif r["check"] == "weight":
+                lines.append(row(["weight", label(r["condition"]), "", f"{r['value']:.3f}", "", f"<= {MAX_WEIGHT}"]))
+            else:
+                lines.append(row(["AUROC", label(r["condition"]), "", f"{r['value']:.3f}", "", f">= {r['need']}"]))
     if report.get("real"):
-        order = ", ".join(next(iter(report["real"].values())))
-        lines += ["", "### Real recordings (no labels)", "",
-                  f"Self-supervised loss and attention mass at τ = 1 per attention run (`a / b`: {order}):", "",
-                  row(["recording", "condition", "SSL loss", "attention camera / lidar / IMU", "on the faulted sensor"]),
-                  row(["---"] * 5)]
+        lines += ["", "### Real recordings and their corrupted copies (no labels)", "",
+                  (f"`{design}` at τ = 1 (first seed): self-supervised loss, mean trust per sensor (present ones), and the "
+                  "share of fusions in which the corrupted sensor's trust is below the threshold (absent counting as "
+                  "below) and in which each clean present sensor's trust is at or above it."), "",
+                  row(["recording", "condition", "SSL loss", "trust camera / lidar / IMU", "corrupted below", "clean ones at or above"]),
+                  row(["---"] * 6)]
         for bag, by_run in report["real"].items():
-            present = [m for m in MODALITIES if by_run[next(iter(by_run))]["1.0"]["clean"][f"attention_{m}"] > 0]
-            for c in conds:
-                if c != "clean" and (c.split("_")[0] not in present or c.endswith(("_freeze", "_delay"))):
+            run = next((r for r in by_run if group_of(r) == design), next(iter(by_run)))
+            metrics = by_run[run]["1.0"] if "1.0" in by_run[run] else next(iter(by_run[run].values()))
+            present = [m for m in MODALITIES if metrics["clean"].get(f"trust_{m}") is not None]
+            for c in [c for c in conds if c == "clean" or c in REAL_CORRUPTIONS]:
+                sensor = c.split("_")[0]
+                if c != "clean" and sensor not in present:
                     continue
-                ms = [r["1.0"][c] for r in by_run.values()]
-                ssl = " / ".join(f"{m['ssl_loss']:.3f}" for m in ms)
-                mass = " / ".join(f"{ms[0][f'attention_{m}']:.3f}" for m in MODALITIES) if c == "clean" else ""
-                faulted = "" if c == "clean" else " / ".join(f"{m['attention_faulted']:.3f}" for m in ms)
-                lines.append(row([bag if c == "clean" else "", label(c), ssl, mass, faulted]))
+                m = metrics[c]
+                trust = " / ".join(f"{m[f'trust_{s}']:.3f}" if f"trust_{s}" in m else "-" for s in MODALITIES)
+                below = "" if c == "clean" else f"{100 * m['untrusted_faulted']:.0f}%"
+                others = ", ".join(f"{s} {100 * (1 - m[f'untrusted_{s}']):.0f}%" for s in present if s != sensor and f"untrusted_{s}" in m)
+                lines.append(row([bag if c == "clean" else "", label(c), f"{m['ssl_loss']:.3f}", trust, below, others]))
     return "\n".join(lines) + "\n"
 
 
+# the corrupted copies of the real recordings the evaluation reports (the issue's list)
+REAL_CORRUPTIONS = ("camera_zero", "camera_freeze", "camera_noise", "imu_freeze", "imu_zero", "lidar_noise", "lidar_drop")
+
+
+def _sweep_job(name: str, folder: Path, data_tc: TrainConfig, cache: Path, episodes: int, taus: list[float],
+               threads: int) -> dict:
+    """One run's sweep on the held-out set, in a worker process of its own."""
+    torch.set_num_threads(threads)
+    run = load_run(name, folder)
+    return sweep(run, held_out_set(data_tc, run.cfg, cache, episodes), taus, data_tc.fusion_hz)
+
+
 def run_evaluation(run_dirs: dict[str, Path], out: Path, taus: list[float], episodes: int, cache: Path,
-                   bags: list[Path], threads: int = 1) -> dict:
+                   bags: list[Path], threads: int = 1, jobs: int = 1) -> dict:
     """Everything `fusion-attn eval-robustness` writes: OUT/robustness.json, its tables in
-    OUT/robustness.md, and the plots."""
+    OUT/robustness.md, and the plots. jobs: runs evaluated at once, each in a process of its own
+    (with `threads` torch threads)."""
     torch.set_num_threads(threads)
     runs = [load_run(n, d) for n, d in run_dirs.items()]
     data_tc = runs[0].tc  # every run sees the episodes and rate of the first run's data settings
     hz = data_tc.fusion_hz
-    test_set = functools.cache(lambda cfg: held_out_set(data_tc, cfg, cache, episodes))  # loaded once per config
-    report = {"test_samples": len(test_set(runs[0].cfg)), "test_episodes": episodes, "taus": taus,
-              "runs": {r.name: {"folder": str(run_dirs[r.name]), "fusion": r.tc.fusion,
-                                "tau_random_prob": r.tc.tau_random_prob} for r in runs},
-              "sim": {r.name: sweep(r, test_set(r.cfg), taus, hz) for r in runs}}
+    test_samples = len(held_out_set(data_tc, runs[0].cfg, cache, episodes))  # also makes the shards, once
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {r.name: pool.submit(_sweep_job, r.name, Path(run_dirs[r.name]), data_tc, cache, episodes, taus,
+                                           threads) for r in runs}
+            sim = {name: f.result() for name, f in futures.items()}
+    else:
+        test_set = functools.cache(lambda cfg: held_out_set(data_tc, cfg, cache, episodes))  # loaded once per config
+        sim = {r.name: sweep(r, test_set(r.cfg), taus, hz) for r in runs}
+    report = {"test_samples": test_samples, "test_episodes": episodes, "taus": taus,
+              "runs": {r.name: {"folder": str(run_dirs[r.name]), "fusion": r.tc.fusion, "sensor_fusion": r.tc.sensor_fusion,
+                                "seed": r.tc.seed, "tau_random_prob": r.tc.tau_random_prob} for r in runs},
+              "sim": sim}
     report["summary"] = summarise(report["sim"])
-    report["real"] = {Path(bag).name: {r.name: sweep(r, bag_set(bag, hz, r.cfg, cache), taus, hz)
-                                       for r in runs if r.has_attention} for bag in bags}
+    report["groups"] = grouped(report["summary"])
+    report["targets"] = targets(report["groups"], group_of(runs[0].name)) if "concat" in report["groups"] else []
+    # the real recordings: each design's first seed, at τ = 1
+    firsts = {group_of(r.name): r for r in reversed(runs) if r.has_attention}
+    report["real"] = {Path(bag).name: {r.name: {"1.0": evaluate(r.model, r.heads, bag_set(bag, hz, r.cfg, cache), r.cfg, hz)}
+                                       for r in firsts.values()} for bag in bags}
     out.mkdir(parents=True, exist_ok=True)
     (out / "robustness.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
     (out / "robustness.md").write_text(tables(report))
