@@ -9,7 +9,9 @@ cv_bridge, `np.frombuffer(msg.data, np.float32).reshape(msg.height, msg.width)`)
 
     row 0             the fused state vector (D)
     rows 1 .. M       the M fusion tokens (latents)
-    rows M+1 .. M+3   attention mass of camera, lidar, imu per head in columns 0 .. H-1 (rest 0)
+    rows M+1 .. M+3   one row each for camera, lidar, imu: its attention mass (sensor weight) per head in
+                      columns 0 .. H-1, the model's trust in it in column H (NaN from a model without a
+                      trust output), the rest 0
 """
 
 from __future__ import annotations
@@ -22,20 +24,39 @@ from .frames import MODALITIES, FusedState
 
 OK, WARN, ERROR, STALE = 0, 1, 2, 3  # diagnostic_msgs/DiagnosticStatus levels
 
+# A present sensor whose trust is below this is reported as not trusted: the fusion diagnostics WARN
+# naming it, replay counts it in untrusted_share, `fusion-attn fuse` lists it.
+TRUST_THRESHOLD = 0.5
+
+
+def trust_values(state: FusedState) -> np.ndarray:
+    """(3,) float32 trust per modality; NaN from a model without a trust output (0 would read as "failed")."""
+    return np.full(3, np.nan, np.float32) if state.trust is None else np.asarray(state.trust, np.float32)
+
+
+def untrusted(state: FusedState) -> list[tuple[str, float]]:
+    """(modality, trust) of each present sensor trusted below TRUST_THRESHOLD; an absent one has trust 0
+    by definition and is reported as absent, not as untrusted."""
+    trust = trust_values(state)
+    return [(m, float(trust[i])) for i, m in enumerate(MODALITIES) if state.present[i] and trust[i] < TRUST_THRESHOLD]
+
 
 def fused_state_rows(state: FusedState) -> np.ndarray:
     """(1 + M + 3, D) float32 matrix of the wire layout above."""
     m, d = state.latents.shape
+    heads = state.attention.shape[1]
     rows = np.zeros((1 + m + 3, d), np.float32)
     rows[0] = state.pooled
     rows[1 : 1 + m] = state.latents
-    rows[1 + m :, : state.attention.shape[1]] = state.attention
+    rows[1 + m :, :heads] = state.attention
+    rows[1 + m :, heads] = trust_values(state)
     return rows
 
 
 def parse_fused_state_rows(rows: np.ndarray, heads: int) -> dict[str, np.ndarray]:
-    """The inverse, for consumers: -> {"fused": (D,), "latents": (M, D), "attention": (3, heads)}."""
-    return {"fused": rows[0], "latents": rows[1:-3], "attention": rows[-3:, :heads]}
+    """The inverse, for consumers: -> {"fused": (D,), "latents": (M, D), "attention": (3, heads),
+    "trust": (3,)} (trust NaN from a model without a trust output)."""
+    return {"fused": rows[0], "latents": rows[1:-3], "attention": rows[-3:, :heads], "trust": rows[-3:, heads]}
 
 
 @dataclass(frozen=True)
@@ -53,8 +74,10 @@ def diagnostics(summary: dict[str, dict], state: FusedState | None, backend: dic
 
     Thresholds are relative to each sensor's own period: WARN once its next message is overdue (data
     older than one period) or it dropped messages since the start, ERROR when it is masked (silent for
-    1.5 periods or past its max age, or never seen). The fusion
-    is WARN when processing takes over half the fusion period, ERROR over the whole period.
+    1.5 periods or past its max age, or never seen). With a state, each carries the model's `trust` in
+    it. The fusion is ERROR when every sensor is masked or processing takes over the whole fusion
+    period; WARN when a present sensor's trust is below TRUST_THRESHOLD (naming it), else when
+    processing takes over half the period or the backend fell back.
     backend: FusionPipeline.backend_info(), and from the node its fusion_terms (the policy contract's
     terms: weights digest, τ, sync settings). processing_ms None: not measured (replay leaves wall-clock figures out of its deterministic output).
     """
@@ -65,6 +88,8 @@ def diagnostics(summary: dict[str, dict], state: FusedState | None, backend: dic
         values = {"rate_hz": f"{h['rate_hz']:.2f}", "age_ms": f"{h['age_s'] * 1e3:.1f}",
                   "received": str(h["received"]), "dropped": str(h["dropped"]), "masked": str(h["masked"]).lower()}
         values.update({f"dropped_{reason}": str(n) for reason, n in sorted(h["drop_reasons"].items())})
+        if state is not None:
+            values["trust"] = _trust_text(state, MODALITIES.index(name))
         if h["received"] == 0:
             level, message = ERROR, "no data received"
         elif h["masked"]:
@@ -84,12 +109,15 @@ def diagnostics(summary: dict[str, dict], state: FusedState | None, backend: dic
     if state is not None:
         values.update({f"tau_{k}": f"{v:g}" for k, v in zip(("global", *MODALITIES), state.tau)})
         values.update({f"attention_{m}": f"{a:.4f}" for m, a in zip(MODALITIES, state.modality_attention)})
+        values.update({f"trust_{m}": _trust_text(state, i) for i, m in enumerate(MODALITIES)})
     if state is None:
         level, message = WARN, "no fusion yet"
     elif state.all_masked:
         level, message = ERROR, "all sensors masked"
     elif processing_ms > 1e3 * fusion_period_s:
         level, message = ERROR, f"processing {processing_ms:.1f} ms exceeds the fusion period"
+    elif low := untrusted(state):
+        level, message = WARN, "not trusting " + ", ".join(f"{m} (trust {t:.2f})" for m, t in low)
     elif processing_ms > 0.5 * 1e3 * fusion_period_s:
         level, message = WARN, f"processing {processing_ms:.1f} ms is over half the fusion period"
     elif "backend_fallback" in backend:
@@ -98,3 +126,7 @@ def diagnostics(summary: dict[str, dict], state: FusedState | None, backend: dic
         level, message = OK, "ok"
     out.append(Status("fusion_attn: fusion", level, message, values))
     return out
+
+
+def _trust_text(state: FusedState, i: int) -> str:
+    return "n/a" if state.trust is None else f"{state.trust[i]:.4f}"

@@ -1,4 +1,4 @@
-"""PNG plots of a replay: attention per modality and sensor health over time, latency, τ sweep."""
+"""PNG plots of a replay: attention, trust per modality and sensor health over time, latency, τ sweep."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from .frames import MODALITIES, NS_PER_S
+from .outputs import TRUST_THRESHOLD
 
 COLOURS = {"camera": "tab:blue", "lidar": "tab:orange", "imu": "tab:green"}
 PNG = {"metadata": {"Software": None}, "dpi": 110}  # no version string: same data, same file
@@ -29,6 +30,7 @@ def replay_plots(out: Path, trace, configured: tuple[str, ...], taus: np.ndarray
     fig.tight_layout()
     fig.savefig(out / "attention.png", **PNG)
     plt.close(fig)
+    _trust_plot(out, t, trace, configured)
 
     ages = np.array(trace.ages) * 1e3
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 5), sharex=True, height_ratios=[3, 1])
@@ -71,3 +73,19 @@ def replay_plots(out: Path, trace, configured: tuple[str, ...], taus: np.ndarray
         fig.tight_layout()
         fig.savefig(out / "sweep.png", **PNG)
         plt.close(fig)
+
+
+def _trust_plot(out: Path, t: np.ndarray, trace, configured: tuple[str, ...]) -> None:
+    """trust.png: the model's trust per sensor at the first τ, only while the sensor is present (an absent
+    one has trust 0 by definition, which would read as a failure)."""
+    trust = np.where(np.array(trace.present), np.array(trace.trust)[:, 0], np.nan)
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    for i, m in enumerate(MODALITIES):
+        if m in configured:
+            ax.plot(t, trust[:, i], color=COLOURS[m], label=m)
+    ax.axhline(TRUST_THRESHOLD, color="tab:red", linestyle="--", linewidth=1, label=f"threshold {TRUST_THRESHOLD:g}")
+    ax.set(xlabel="recorded time [s]", ylabel="trust", ylim=(0, 1.05), title="trust per sensor (while present)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: trust fills the top and the bottom
+    fig.tight_layout()
+    fig.savefig(out / "trust.png", **PNG)
+    plt.close(fig)

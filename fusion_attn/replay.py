@@ -5,8 +5,8 @@ timer ticks at `fusion_rate_hz` on the recorded clock (header stamps, or receive
 `clock="receive"`). Outputs, all deterministic for the same bags, checkpoint and options:
 
     OUT/fused/            rosbag2 MCAP: /fused_state (sensor_msgs/Image, the node's layout), /diagnostics
-    OUT/summary.json      what was read, skipped, dropped; attention and presence per modality; τ sweep
-    OUT/attention.png, health.png, latency.png (and sweep.png, sweep.csv for a τ sweep)
+    OUT/summary.json      what was read, skipped, dropped; attention, trust and presence per modality; τ sweep
+    OUT/attention.png, trust.png, health.png, latency.png (and sweep.png, sweep.csv for a τ sweep)
 
 Wall-clock figures (speed, processing time) are not deterministic and go to OUT/timing.json only.
 """
@@ -31,7 +31,7 @@ from .config import FusionConfig
 from .errors import BagError, ConfigError
 from .frames import MODALITIES, NS_PER_S, FusedState, Modality
 from .messages import TYPES, cdr, diagnostics_msg, fused_state_msg
-from .outputs import diagnostics
+from .outputs import TRUST_THRESHOLD, diagnostics, trust_values
 from .params import PARAM_DEFAULTS, TAU_NAMES
 from .pipeline import FusionPipeline
 from .sync import SensorSync, SyncConfig
@@ -60,6 +60,7 @@ class _Trace:
 
     stamps: list[int] = field(default_factory=list)
     attention: list[np.ndarray] = field(default_factory=list)  # (K taus, 3) mean over heads
+    trust: list[np.ndarray] = field(default_factory=list)  # (K taus, 3); NaN from a model without trust output
     present: list[np.ndarray] = field(default_factory=list)
     ages: list[np.ndarray] = field(default_factory=list)
     latency_ms: list[float] = field(default_factory=list)  # fusion time - newest sensor stamp
@@ -166,7 +167,8 @@ def _check(opts: ReplayOptions) -> None:
         raise ConfigError(f"--end {opts.end_s} must be after --start {opts.start_s}")
 
 
-OUTPUTS = ("fused", "summary.json", "timing.json", "attention.png", "health.png", "latency.png", "sweep.png", "sweep.csv")
+OUTPUTS = ("fused", "summary.json", "timing.json", "attention.png", "trust.png", "health.png", "latency.png", "sweep.png",
+           "sweep.csv")
 MARKER = ".fusion_attn_replay"  # written first: this folder holds replay output that a new run may replace
 
 
@@ -260,6 +262,7 @@ def _record(trace: _Trace, states: list[FusedState], sync: SensorSync, tick: int
     s = states[0]
     trace.stamps.append(tick)
     trace.attention.append(np.stack([st.modality_attention for st in states]))
+    trace.trust.append(np.stack([trust_values(st) for st in states]))
     trace.present.append(s.present)
     trace.ages.append(s.ages_s)
     newest = sync.newest_stamp_ns()
@@ -268,6 +271,7 @@ def _record(trace: _Trace, states: list[FusedState], sync: SensorSync, tick: int
 
 def _summary(bags, rec: Recording, trace: _Trace, taus, sync, opts) -> dict:
     attention = np.array(trace.attention) if trace.attention else np.zeros((0, len(taus), 3))
+    trust = np.array(trace.trust) if trace.trust else np.zeros((0, len(taus), 3))
     present = np.array(trace.present) if trace.present else np.zeros((0, 3), bool)
     lat = np.array(trace.latency_ms, np.float64)
     lat = lat[np.isfinite(lat)]
@@ -288,14 +292,31 @@ def _summary(bags, rec: Recording, trace: _Trace, taus, sync, opts) -> dict:
                     for name, h in sync.summary(trace.stamps[-1] if trace.stamps else 0).items() if name in rec.configured},
         "present_fraction": {m: r(present[:, i].mean()) if len(present) else 0.0 for i, m in enumerate(MODALITIES)},
         "attention_mean": {m: r(attention[:, 0, i].mean()) if len(attention) else 0.0 for i, m in enumerate(MODALITIES)},
+        **_trust_summary(trust[:, 0], present),
         "tau_sweep": [{"tau": [r(v) for v in tau],
                        "attention_mean": {m: r(attention[:, k, i].mean()) if len(attention) else 0.0
-                                          for i, m in enumerate(MODALITIES)}} for k, tau in enumerate(taus)],
+                                          for i, m in enumerate(MODALITIES)},
+                       **_trust_summary(trust[:, k], present)} for k, tau in enumerate(taus)],
         "pipeline_latency_ms": {"p50": r(np.percentile(lat, 50)), "p99": r(np.percentile(lat, 99))} if len(lat) else None,
         "resets": sync.resets,
         "events": rec.events[:100],
         "events_total": len(rec.events),
     }
+
+
+def _trust_summary(trust: np.ndarray, present: np.ndarray) -> dict[str, dict[str, float | None]]:
+    """trust (n, 3) at one τ, present (n, 3) -> per modality: trust_mean over the fusions it was present
+    in (an absent sensor's trust is 0 by definition, which present_fraction already tells; None: never
+    present) and untrusted_share, of all fusions, present and trusted below TRUST_THRESHOLD. Both None
+    from a model without trust output."""
+    n = max(len(trust), 1)
+    mean, share = {}, {}
+    for i, m in enumerate(MODALITIES):
+        seen = trust[present[:, i], i]
+        unknown = bool(np.isnan(trust[:, i]).any())
+        mean[m] = None if unknown or not len(seen) else round(float(seen.mean()), 6)
+        share[m] = None if unknown else round(float((seen < TRUST_THRESHOLD).sum()) / n, 6)
+    return {"trust_mean": mean, "untrusted_share": share}
 
 
 def _progress(total_s: float, enabled: bool):

@@ -20,7 +20,8 @@ def test_fuse_bag_instant_prints_summary(real_data, capsys):
     out = capsys.readouterr().out
     assert "backend onnxruntime" in out and "/cam0/image_raw" in out and "/imu0" in out
     lidar_row = next(line for line in out.splitlines() if line.strip().startswith("lidar"))
-    assert lidar_row.split()[1:4] == ["no", "-", "0.000"]
+    assert lidar_row.split()[1:5] == ["no", "-", "0.000", "0.000"]  # absent: no attention, trust 0
+    assert "trust" in next(line for line in out.splitlines() if line.strip().startswith("modality"))
 
 
 def test_fuse_json_with_params_file_and_tau_override(real_data, capsys, tmp_path):
@@ -30,8 +31,9 @@ def test_fuse_json_with_params_file_and_tau_override(real_data, capsys, tmp_path
     assert main(["fuse", "--bag", bag, "--at", "0", "--params", str(params), "--json"]) == 0
     state = json.loads(capsys.readouterr().out)
     assert state["backend"]["backend"] == "torch" and state["tau"] == [0.5, 1.0, 1.0, 2.0]
-    assert state["modalities"]["imu"] == {"present": False, "age_s": None, "attention_per_head": [0.0] * 4}
+    assert state["modalities"]["imu"] == {"present": False, "age_s": None, "attention_per_head": [0.0] * 4, "trust": 0.0}
     assert state["modalities"]["lidar"]["present"] and state["modalities"]["camera"]["present"]
+    assert all(0.0 <= state["modalities"][m]["trust"] <= 1.0 for m in ("camera", "lidar"))
     assert main(["fuse", "--bag", bag, "--at", "0", "--tau", "1", "1", "0.1", "1", "--json"]) == 0
     sharp = json.loads(capsys.readouterr().out)
     assert sharp["modalities"]["lidar"]["attention_per_head"] != state["modalities"]["lidar"]["attention_per_head"]
@@ -47,6 +49,35 @@ def test_fuse_from_files(tmp_path, capsys):
     state = json.loads(capsys.readouterr().out)
     assert state["modalities"]["camera"]["present"] and state["modalities"]["lidar"]["present"]
     assert not state["modalities"]["imu"]["present"]
+
+
+def _fuse_outputs(trust):
+    """`fuse`'s text table (rows by first word) and JSON for a constructed state: camera present, lidar
+    absent, imu present; trust a tuple, or None for a model without a trust output."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from fusion_attn.cli.fuse import _state_dict, _summary
+    from fusion_attn.frames import FusedState
+
+    state = FusedState(stamp_ns=0, frame_id="base_link", pooled=np.zeros(64, np.float32), latents=np.zeros((8, 64), np.float32),
+                       attention=np.array([[0.1] * 4, [0.0] * 4, [0.9] * 4], np.float32), present=np.array([True, False, True]),
+                       ages_s=np.array([0.01, np.nan, 0.002], np.float32), tau=np.ones(4, np.float32),
+                       trust=None if trust is None else np.array(trust, np.float32))
+    pipeline = SimpleNamespace(backend=SimpleNamespace(name="onnxruntime", device="cpu", precision="fp32"), backend_fallback=None,
+                               model_source="default", backend_info=lambda: {"backend": "onnxruntime"})
+    rows = {line.split()[0]: line.split() for line in _summary(state, pipeline, []).splitlines()}
+    return rows, json.loads(json.dumps(_state_dict(state, pipeline)))
+
+
+def test_fuse_shows_trust_per_modality_and_names_an_untrusted_sensor():
+    rows, state = _fuse_outputs((0.08, 0.0, 0.95))
+    assert "trust" in rows["modality"] and rows["camera"][4] == "0.080" and rows["lidar"][4] == "0.000"
+    assert rows["imu"][4] == "0.950" and rows["NOT"][-2:] == ["camera", "0.080"]  # the absent lidar is not named
+    assert [state["modalities"][m]["trust"] for m in ("camera", "lidar", "imu")] == [0.08, 0.0, 0.95]
+    rows, state = _fuse_outputs(None)
+    assert rows["camera"][4] == "-" and state["modalities"]["camera"]["trust"] is None and "NOT" not in rows
 
 
 @pytest.mark.parametrize("argv,problem", [

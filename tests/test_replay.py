@@ -52,12 +52,14 @@ def test_euroc_replays_at_the_fusion_rate_with_lidar_masked(real_data, tmp_path,
     assert summary["messages"] == 441 and summary["topics"] == {"camera": "/cam0/image_raw", "imu": "/imu0"}
     assert summary["fused_rate_hz"] == pytest.approx(20.0, abs=0.01)
     assert summary["fusions"] >= 39 and summary["present_fraction"]["lidar"] == 0.0
+    assert summary["trust_mean"]["lidar"] is None and summary["untrusted_share"]["lidar"] == 0.0  # never present
+    assert 0.0 <= summary["trust_mean"]["camera"] <= 1.0 and 0.0 <= summary["untrusted_share"]["camera"] <= 1.0
     assert summary["sensors"]["camera"]["received"] == 40 and summary["sensors"]["imu"]["received"] == 401
     attention, diags = _read_output(tmp_path)
     assert len(attention) == summary["fusions"] and diags == summary["fusions"] // 20
     assert all(np.all(a[1] == 0.0) for a in attention)
     assert sum(bool(np.all(a[0] > 0)) for a in attention) >= 39  # the camera, until it goes stale after the end
-    for png in ("attention.png", "health.png", "latency.png"):
+    for png in ("attention.png", "trust.png", "health.png", "latency.png"):
         assert (tmp_path / png).stat().st_size > 5000
     assert json.loads((tmp_path / "timing.json").read_text())["speed_x_real_time"] > 1
 

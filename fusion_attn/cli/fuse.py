@@ -9,6 +9,7 @@ import numpy as np
 
 from ..errors import BagError, FusionAttnError
 from ..frames import MODALITIES, NS_PER_S, FusedState
+from ..outputs import TRUST_THRESHOLD, untrusted
 from .common import fusion_setup, model_args, replay_options
 
 
@@ -108,7 +109,8 @@ def _state_dict(state: FusedState, pipeline) -> dict:
         "backend": pipeline.backend_info(), "model": pipeline.model_source, "tau": state.tau.tolist(),
         "modalities": {name: {"present": bool(state.present[i]),
                               "age_s": None if np.isnan(state.ages_s[i]) else float(state.ages_s[i]),
-                              "attention_per_head": state.attention[i].round(6).tolist()}
+                              "attention_per_head": state.attention[i].round(6).tolist(),
+                              "trust": None if state.trust is None else round(float(state.trust[i]), 6)}
                        for i, name in enumerate(MODALITIES)},
         "fused": state.pooled.round(6).tolist(), "timings_ms": state.timings_ms,
     }
@@ -122,13 +124,17 @@ def _summary(state: FusedState, pipeline, notes: list[str]) -> str:
         lines.append(f"  fallback: {pipeline.backend_fallback}")
     lines += [f"  input  {n}" for n in notes]
     lines.append("  tau    global {:.3g}  camera {:.3g}  lidar {:.3g}  imu {:.3g}".format(*state.tau))
-    lines.append(f"  {'modality':8} {'present':>7} {'age ms':>8} {'attention':>9}   per head")
+    lines.append(f"  {'modality':8} {'present':>7} {'age ms':>8} {'attention':>9} {'trust':>6}   attention per head")
     for i, name in enumerate(MODALITIES):
         age = "-" if np.isnan(state.ages_s[i]) else f"{state.ages_s[i] * 1e3:.1f}"
+        trust = "-" if state.trust is None else f"{state.trust[i]:.3f}"
         heads = " ".join(f"{a:.3f}" for a in state.attention[i])
-        lines.append(f"  {name:8} {'yes' if state.present[i] else 'no':>7} {age:>8} {state.modality_attention[i]:9.3f}   {heads}")
+        lines.append(f"  {name:8} {'yes' if state.present[i] else 'no':>7} {age:>8} {state.modality_attention[i]:9.3f} "
+                     f"{trust:>6}   {heads}")
     if state.all_masked:
         lines.append("  ALL SENSORS MASKED: the fused state is the model's empty-input output")
+    if low := untrusted(state):
+        lines.append(f"  NOT TRUSTED (trust < {TRUST_THRESHOLD:g}): " + ", ".join(f"{m} {t:.3f}" for m, t in low))
     v = state.pooled
     lines.append(f"  fused  dim {v.size}  norm {np.linalg.norm(v):.3f}  first 6 {np.array2string(v[:6], precision=3)}")
     lines.append("  time   " + "  ".join(f"{k} {t:.2f} ms" for k, t in state.timings_ms.items()))

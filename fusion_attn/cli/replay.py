@@ -47,6 +47,8 @@ def run(args) -> int:
     for topic, why in summary["skipped_topics"].items():
         print(f"  skipped {topic}: {why}")
     print("  attention mean: " + "  ".join(f"{m} {a:.3f}" for m, a in summary["attention_mean"].items()))
+    print("  trust mean while present: " + "  ".join(f"{m} {_num(t, '.3f')}" for m, t in summary["trust_mean"].items()))
+    print("  not trusted, share of fusions: " + "  ".join(f"{m} {_num(s, '.1%')}" for m, s in summary["untrusted_share"].items()))
     if len(summary["tau_sweep"]) > 1:
         print("  τ sweep (mean attention camera / lidar / imu):")
         for row in summary["tau_sweep"]:
@@ -68,3 +70,8 @@ def _tau_entry(entry: str, base) -> tuple[float, float, float, float]:
     if len(values) == 4:
         return tuple(values)
     raise FusionAttnError(f"--tau entry {entry!r} needs 1 or 4 values, got {len(values)}")
+
+
+def _num(value: float | None, spec: str) -> str:
+    """A summary figure; None (never present, or a model without trust output) as "-"."""
+    return "-" if value is None else format(value, spec)
