@@ -1,0 +1,73 @@
+"""Node and replay speed of this checkout against an earlier commit, measured side by side in one run.
+
+    python benchmarks/before_after.py --before 8e1f9ab [--rounds 2] [--out benchmarks/results/before_after.json]
+
+The earlier commit is checked out into a temporary git worktree (with its own packaged model) and
+both trees run the same two benchmarks, alternating round by round so that a machine's drift hits
+both alike: `core_latency.py` (per-stage latency of what the node does per fusion: tokenizers and the
+model on ONNX Runtime, 1 thread) and `replay_speed.py` (recorded seconds per wall second). Reports
+each figure's median over the rounds and the ratio after / before.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parents[1]
+NODE_STAGES = ("tokenize camera", "tokenize lidar", "tokenize imu", "model onnxruntime")
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+parser.add_argument("--before", required=True, help="the commit to compare with (e.g. the one before a change)")
+parser.add_argument("--rounds", type=int, default=2)
+parser.add_argument("--repeats", type=int, default=300, help="core_latency repeats per stage")
+parser.add_argument("--seconds", type=float, default=10.0, help="replay_speed recording length")
+parser.add_argument("--out", type=Path, default=HERE / "benchmarks" / "results" / "before_after.json")
+args = parser.parse_args()
+
+
+def measure(tree: Path, scratch: Path) -> dict:
+    """One round of both benchmarks in `tree` (its own fusion_attn first on the path)."""
+    env = dict(os.environ, PYTHONPATH=str(tree), FUSION_ATTN_CACHE=str(scratch / "cache"))
+    core, replay = scratch / "core.json", scratch / "replay.json"
+    for script, extra, out in (("core_latency.py", ["--repeats", str(args.repeats), "--threads", "1"], core),
+                               ("replay_speed.py", ["--seconds", str(args.seconds)], replay)):
+        # core_latency exits 1 when one of its own targets is missed: the figures are still what we compare
+        subprocess.run([sys.executable, str(tree / "benchmarks" / script), *extra, "--out", str(out)], cwd=tree,
+                       env=env, check=False, stdout=subprocess.DEVNULL)
+    stages = json.loads(core.read_text())["results"]["1"]
+    figures = {f"{s} p50 ms": stages[s]["p50_ms"] for s in NODE_STAGES}
+    figures["node path p50 ms (sum)"] = sum(stages[s]["p50_ms"] for s in NODE_STAGES)
+    figures["replay x real time"] = json.loads(replay.read_text())["speed_x_real_time"]
+    return figures
+
+
+with tempfile.TemporaryDirectory() as tmp:
+    before_tree = Path(tmp) / "before"
+    subprocess.run(["git", "worktree", "add", "--detach", str(before_tree), args.before], cwd=HERE, check=True,
+                   capture_output=True)
+    try:
+        rounds = {"before": [], "after": []}
+        for _ in range(args.rounds):
+            for name, tree in (("before", before_tree), ("after", HERE)):
+                scratch = Path(tmp) / name
+                scratch.mkdir(exist_ok=True)
+                rounds[name].append(measure(tree, scratch))
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(before_tree)], cwd=HERE, check=False)
+
+median = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in rounds.items()}
+after_sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                           check=True).stdout.strip()
+report = {"date": datetime.date.today().isoformat(), "before": args.before, "after": after_sha, "rounds": rounds,
+          "median": median, "ratio_after_over_before": {k: median["after"][k] / median["before"][k] for k in median["after"]}}
+args.out.parent.mkdir(parents=True, exist_ok=True)
+args.out.write_text(json.dumps(report, indent=2) + "\n")
+print(f"| figure | before ({args.before}) | after ({after_sha}) | after / before |\n| --- | --- | --- | --- |")
+for k, ratio in report["ratio_after_over_before"].items():
+    print(f"| {k} | {median['before'][k]:.3f} | {median['after'][k]:.3f} | {ratio:.2f} |")
