@@ -23,6 +23,7 @@ import fusion_attn.sim  # noqa: F401 - picks the headless GL backend before mujo
 from fusion_attn.bench import machine
 from fusion_attn.clock import FusionClock
 from fusion_attn.frames import MODALITIES, NS_PER_S
+from fusion_attn.learn.data import random_drive
 from fusion_attn.outputs import TRUST_THRESHOLD
 from fusion_attn.pipeline import FusionPipeline
 from fusion_attn.sim.faults import FaultConfig, FaultSpec
@@ -47,19 +48,10 @@ for m, sensor in enumerate(MODALITIES):
         clock = FusionClock(SensorSync(SyncConfig(imu_window_s=pipeline.cfg.imu.window_s)), 20.0)
         trust = []  # (t [s], trust (3,), present (3,))
         try:
-            _, info = env.reset(seed=seed)
-            action, hold = None, 0
-            while info["time_ns"] < args.seconds * NS_PER_S:
+            for info in random_drive(env, rng, seed, args.seconds):  # as training's episodes
                 for snap in [s for f in info["frames"] for s in clock.add(f)] + list(clock.advance(info["time_ns"])):
                     state = pipeline.fuse(snap)
                     trust.append((snap.stamp_ns / NS_PER_S, state.trust, state.present))
-                if hold <= 0:
-                    action = rng.uniform(env.action_space.low, env.action_space.high).astype(np.float32)
-                    hold = int(rng.integers(20, 80))  # control steps at 50 Hz, as training's episodes
-                hold -= 1
-                _, _, terminated, truncated, info = env.step(action)
-                if terminated or truncated:
-                    break
         finally:
             env.close()
         before = [(tr, p) for t, tr, p in trust if t < onset_s]

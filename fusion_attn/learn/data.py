@@ -87,24 +87,12 @@ def sim_episode(task: str, seed: int, seconds: float, fusion_hz: float, cfg: Fus
                         start_ns=round(NS_PER_S / fusion_hz))
     samples, truth, stamps = [], [], []
     try:
-        _, info = env.reset(seed=seed)
-        action, hold = None, 0
-        while True:
-            t = info["time_ns"]
-            ticks = [snap for frame in info["frames"] for snap in clock.add(frame)] + list(clock.advance(t))
+        for info in random_drive(env, rng, seed, seconds):
+            ticks = [snap for frame in info["frames"] for snap in clock.add(frame)] + list(clock.advance(info["time_ns"]))
             for snap in ticks:
                 samples.append(encode_sample(tokenizer(snap, ONES)))
                 truth.append(env.ground_truth(SECTORS))
                 stamps.append(snap.stamp_ns)
-            if t >= seconds * NS_PER_S:
-                break
-            if hold <= 0:
-                action = rng.uniform(env.action_space.low, env.action_space.high).astype(np.float32)
-                hold = int(rng.integers(20, 80))  # control steps at 50 Hz
-            hold -= 1
-            _, _, terminated, truncated, info = env.step(action)
-            if terminated or truncated:
-                break
     finally:
         env.close()
     out = _stack(samples)
@@ -112,6 +100,25 @@ def sim_episode(task: str, seed: int, seconds: float, fusion_hz: float, cfg: Fus
     out["labelled"] = np.ones(len(samples), np.bool_)
     out["stamp_ns"] = np.array(stamps, np.int64)
     return out
+
+
+def random_drive(env, rng: np.random.Generator, seed: int, seconds: float):
+    """Drive a simulated episode by the data's smooth random policy (each command held 0.4-1.6 s of
+    50 Hz control steps): yields reset's info, then each step's, until `seconds` of simulated time
+    have passed or the episode ends (its last step's info is not yielded)."""
+    _, info = env.reset(seed=seed)
+    action, hold = None, 0
+    while True:
+        yield info
+        if info["time_ns"] >= seconds * NS_PER_S:
+            return
+        if hold <= 0:
+            action = rng.uniform(env.action_space.low, env.action_space.high).astype(np.float32)
+            hold = int(rng.integers(20, 80))  # control steps at 50 Hz
+        hold -= 1
+        _, _, terminated, truncated, info = env.step(action)
+        if terminated or truncated:
+            return
 
 
 def bag_sequence(paths: Sequence[str | Path], fusion_hz: float, cfg: FusionConfig) -> dict[str, np.ndarray]:
