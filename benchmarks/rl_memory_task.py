@@ -23,8 +23,8 @@ import torch
 
 from fusion_attn.bench import machine
 from rl.agent import AgentConfig
-from rl.evaluate import EVAL_FAULTS, fault_options
-from rl.ppo import PPOConfig, make_env, train
+from rl.evaluate import EVAL_FAULTS
+from rl.ppo import PPOConfig, fault_options, make_env, train
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--env", default="FusionAttn/Memory-Discrete-v0")
@@ -35,6 +35,8 @@ parser.add_argument("--lr", type=float, default=1e-3)
 parser.add_argument("--memory", type=int, default=32, help="GTrXL memory K")
 parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
 parser.add_argument("--agents", nargs="+", default=["gtrxl", "mlp", "lstm"])
+parser.add_argument("--fault-rate", type=float, default=0.0,
+                    help="share of training episodes with one sensor fault (our PPO's agents; rl.ppo.TRAINING_FAULTS)")
 parser.add_argument("--episodes", type=int, default=40)
 parser.add_argument("--runs", type=Path, default=Path("runs/rl_memory_task"))
 parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "rl_memory_task.json")
@@ -44,7 +46,8 @@ torch.set_num_threads(1)
 
 
 def config(seed: int, kind: str = "gtrxl") -> PPOConfig:
-    return PPOConfig(env_id=args.env, env_kwargs={"task_options": {"n_goals": args.goals}}, steps=args.steps, envs=8, rollout=128, seed=seed, lr=args.lr,
+    return PPOConfig(env_id=args.env, env_kwargs={"task_options": {"n_goals": args.goals}}, steps=args.steps, envs=8, rollout=128,
+                     seed=seed, lr=args.lr, fault_rate=args.fault_rate,
                      action_repeat=args.action_repeat, agent=AgentConfig(kind=kind, memory=args.memory))
 
 

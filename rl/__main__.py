@@ -40,6 +40,9 @@ def add_verbs(verbs) -> None:
     train.add_argument("--action-repeat", type=int, default=ppo.action_repeat)
     train.add_argument("--seed", type=int, default=ppo.seed)
     train.add_argument("--threads", type=int, default=ppo.threads)
+    train.add_argument("--fault-rate", type=float, default=ppo.fault_rate,
+                       help="FusionAttn envs: share of training episodes with one sensor fault, so the policy "
+                            "learns to act when a sensor fails (rl.ppo.TRAINING_FAULTS)")
     train.add_argument("--resume", action="store_true", help="continue RUN/train_state.pt (same flags)")
     train.add_argument("--no-progress", action="store_true")
     ev = verbs.add_parser("evaluate", help="success and return over episodes; attention plot, image strip")
@@ -59,6 +62,7 @@ def run(args) -> int:
 
         cfg = PPOConfig(env_id=args.env_id, env_kwargs=args.env_kwargs, fusion_checkpoint=args.fusion_checkpoint,
                         steps=args.steps, envs=args.envs, rollout=args.rollout, lr=args.lr, ent_coef=args.ent_coef, action_repeat=args.action_repeat, seed=args.seed, threads=args.threads,
+                        fault_rate=args.fault_rate,
                         agent=AgentConfig(kind=args.agent, memory=args.memory, layers=args.layers))
         row = train(cfg, args.output, resume=args.resume, progress=not args.no_progress)
         print(json.dumps({"run": str(args.output), "config": dataclasses.asdict(cfg), "last": row}, indent=1))

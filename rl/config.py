@@ -39,6 +39,7 @@ class PPOConfig:
     max_grad_norm: float = 0.5
     seed: int = 0
     threads: int = 1
+    fault_rate: float = 0.0  # FusionAttn envs: share of training episodes with one sensor fault (rl.ppo.TRAINING_FAULTS)
     agent: AgentConfig = field(default_factory=AgentConfig)
 
     @classmethod

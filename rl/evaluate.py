@@ -17,20 +17,11 @@ import numpy as np
 import torch
 
 from .agent import ActorCritic, reset_memory
-from .ppo import PPOConfig, check_contract, load_agent, make_env
+from .ppo import PPOConfig, check_contract, fault_options, load_agent, make_env
 
-# one sensor fault per faulted episode, starting 2-4 s in: after the memory task's cue and delay (so
-# remembering it matters), while the robot drives to its goal
+# one sensor fault per faulted episode (rl.ppo.fault_options: starting 2-4 s in, after the memory
+# task's cue and delay, so remembering it matters, while the robot drives to its goal)
 EVAL_FAULTS = ("camera_blackout", "lidar_dropout", "imu_noise_burst", "camera_freeze")
-
-
-def fault_options(name: str | None, rng: np.random.Generator) -> dict | None:
-    if name is None:
-        return None
-    from fusion_attn.sim.faults import FaultSpec
-
-    start = float(rng.uniform(2.0, 4.0))
-    return {"faults": {name: FaultSpec.window(start, float(rng.uniform(5.0, 15.0)), magnitude=2.0)}}
 
 
 def run_episode(agent: ActorCritic, env, seed: int, faults: dict | None, record: bool = False) -> dict:
@@ -71,7 +62,7 @@ def evaluate(agent_path: str | Path, episodes: int = 20, faults: bool = False, o
         check_contract(meta, env, cfg)  # never evaluate a policy on features it was not trained on
         for i in range(episodes):
             fault = EVAL_FAULTS[i % len(EVAL_FAULTS)] if faults else None
-            r = run_episode(agent, env, seed + i, fault_options(fault, rng), record=(i == 0 and out is not None))
+            r = run_episode(agent, env, seed + i, fault_options(fault, rng) if fault else None, record=(i == 0 and out is not None))
             r["fault"] = fault
             results.append(r)
     finally:

@@ -62,11 +62,43 @@ class ActionRepeat(gym.Wrapper):
         return obs, total, terminated, truncated, info
 
 
-def make_env(cfg: PPOConfig, training: bool = False) -> gym.Env:
+# Single-sensor faults a policy meets in training (fault_rate > 0), with the magnitude of each (see
+# fusion_attn.sim.faults); the evaluation's kinds (rl.evaluate.EVAL_FAULTS) are among them.
+TRAINING_FAULTS = {"camera_blackout": 1.0, "camera_freeze": 1.0, "camera_noise": 40.0, "camera_dropout": 1.0,
+                   "lidar_dropout": 1.0, "lidar_freeze": 1.0, "lidar_sparse": 0.1,
+                   "imu_dropout": 1.0, "imu_freeze": 1.0, "imu_noise_burst": 2.0}
+
+
+def fault_options(name: str, rng: np.random.Generator, magnitude: float = 2.0) -> dict:
+    """Reset options with one fault, starting 2-4 s in (after the memory task's cue and delay, while
+    the robot drives) and lasting 5-15 s."""
+    from fusion_attn.sim.faults import FaultSpec
+
+    start = float(rng.uniform(2.0, 4.0))
+    return {"faults": {name: FaultSpec.window(start, float(rng.uniform(5.0, 15.0)), magnitude=magnitude)}}
+
+
+class TrainingFaults(gym.Wrapper):
+    """One random sensor fault (TRAINING_FAULTS) in a share `rate` of the episodes: a policy that
+    never saw a sensor fail acts on a fused state it never saw either."""
+
+    def __init__(self, env: gym.Env, rate: float, rng: np.random.Generator):
+        super().__init__(env)
+        self.rate, self.rng = rate, rng
+
+    def reset(self, *, seed=None, options=None):
+        if options is None and self.rng.random() < self.rate:
+            name = str(self.rng.choice(list(TRAINING_FAULTS)))
+            options = fault_options(name, self.rng, TRAINING_FAULTS[name])
+        return self.env.reset(seed=seed, options=options)
+
+
+def make_env(cfg: PPOConfig, training: bool = False, index: int = 0) -> gym.Env:
     """One env as the agent sees it. FusionAttn envs: ActionRepeat, then the fused state (on the fusion
     model cfg.fusion_checkpoint, default the packaged one). Training scales rewards by a running std of
     the discounted return: value and policy share a trunk, and large value errors would otherwise
-    dominate the clipped gradient (episode statistics stay raw)."""
+    dominate the clipped gradient (episode statistics stay raw), and cfg.fault_rate of its episodes
+    get a sensor fault (env `index` seeds which)."""
     fusion_env = cfg.env_id.startswith("FusionAttn/")
     if fusion_env:
         import fusion_attn.sim  # noqa: F401 - registers the ids (and picks headless GL before mujoco loads)
@@ -77,6 +109,8 @@ def make_env(cfg: PPOConfig, training: bool = False) -> gym.Env:
 
         pipeline = FusionPipeline.create(cfg.fusion_checkpoint or None, backend="onnxruntime", threads=1)
         env = FusedObservation(ActionRepeat(env, cfg.action_repeat), pipeline, with_attention=True, with_task=True)
+        if training and cfg.fault_rate > 0:
+            env = TrainingFaults(env, cfg.fault_rate, np.random.default_rng([cfg.seed, index]))
     elif isinstance(env.observation_space, gym.spaces.Dict):
         env = gym.wrappers.FlattenObservation(env)
     if not isinstance(env.observation_space, gym.spaces.Box) or len(env.observation_space.shape) != 1:
@@ -88,7 +122,7 @@ def make_env(cfg: PPOConfig, training: bool = False) -> gym.Env:
 
 
 def vector_env(cfg: PPOConfig) -> gym.vector.VectorEnv:
-    return gym.vector.SyncVectorEnv([lambda: make_env(cfg, training=True) for _ in range(cfg.envs)],
+    return gym.vector.SyncVectorEnv([lambda i=i: make_env(cfg, training=True, index=i) for i in range(cfg.envs)],
                                     autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
 
 

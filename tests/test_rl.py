@@ -1,5 +1,6 @@
 """The attention-memory agent and its PPO harness: memory semantics, training, resume, export, evaluation."""
 
+import dataclasses
 import json
 
 import gymnasium as gym
@@ -179,6 +180,38 @@ def test_fused_observation_carries_the_task_and_its_contract(tmp_path):
         assert np.all(np.isfinite(obs)) and abs(obs[64:67].sum() - 1.0) < 1e-4  # attention mass sums to 1
     finally:
         env.close()
+
+
+def test_training_faults_hit_the_configured_share_of_episodes():
+    """fault_rate: that share of training episodes gets one sensor fault, and the simulator applies it;
+    evaluation envs (training=False) and fault_rate 0 stay clean."""
+    from rl.ppo import TRAINING_FAULTS, TrainingFaults, make_env
+
+    cfg = PPOConfig(env_id="FusionAttn/Control-Discrete-v0", action_repeat=10, fault_rate=0.5)
+    assert not any(isinstance(w, TrainingFaults) for w in _wrappers(make_env(cfg)))
+    assert not any(isinstance(w, TrainingFaults) for w in _wrappers(make_env(dataclasses.replace(cfg, fault_rate=0.0), training=True)))
+    env = make_env(cfg, training=True, index=0)
+    try:
+        seen = []
+        for episode in range(12):
+            env.reset(seed=episode)
+            faults = set()
+            for _ in range(40):  # 8 s at 5 Hz: past every fault's start (2-4 s)
+                _, _, terminated, truncated, info = env.step(1)
+                faults |= set(info.get("faults", {}))
+                if terminated or truncated:
+                    break
+            assert len(faults) <= 1 and faults <= set(TRAINING_FAULTS)
+            seen.append(bool(faults))
+        assert 2 <= sum(seen) <= 10  # about half of 12
+    finally:
+        env.close()
+
+
+def _wrappers(env):
+    while isinstance(env, gym.Wrapper):
+        yield env
+        env = env.env
 
 
 def test_policy_node_builds_the_observation_the_simulator_gave(tmp_path):
