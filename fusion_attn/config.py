@@ -71,6 +71,10 @@ class ImuTokens:
         return self.samples_per_chunk * 6 + 2  # accel, gyro per sample; mean dt and sample count
 
 
+# field metadata of a setting added after models were shipped (see FusionConfig.to_dict)
+ADDED_LATER = {"added_later": True}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     dim: int = 64
@@ -84,6 +88,10 @@ class ModelConfig:
     # "sensor": a softmax per sensor's tokens, sensors weighted by a softmax of log(trust) at τ;
     # "token": one softmax over all tokens at τ per token (the earlier design, kept as a baseline)
     fusion: str = "sensor"
+    # "sensor": log trust is floored at log(trust_floor) in the sensor softmax, so a high τ tends to the
+    # plain average of the present sensors, however low their trust (0: no floor; a sensor trusted at
+    # 1e-30 then gets no weight at any τ)
+    trust_floor: float = field(default=0.0, metadata=ADDED_LATER)
 
 
 @dataclass(frozen=True)
@@ -119,7 +127,11 @@ class FusionConfig:
             raise ConfigError("lidar.range_m and imu.window_s must be > 0, and lidar.z_max_m > lidar.z_min_m")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every setting, except one ADDED_LATER at its default: the dict (and the weights digest of a
+        model, which hashes it) stays what it was for every model that predates the setting."""
+        return {f.name: {g.name: getattr(section, g.name) for g in dataclasses.fields(section)
+                         if not (g.metadata.get("added_later") and getattr(section, g.name) == g.default)}
+                for f in dataclasses.fields(self) for section in [getattr(self, f.name)]}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

@@ -298,7 +298,10 @@ class FusionModel(nn.Module):
         self.spans = [slice(a, b) for a, b in zip([0, *ends[:2]], ends)]
 
     def sensor_logits(self, log_trust: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-        """(B, 3) log trust, (B, 4) τ -> the sensor-level softmax's logits log(trust) / (τ_global * τ_sensor)."""
+        """(B, 3) log trust, (B, 4) τ -> the sensor-level softmax's logits log(trust) / (τ_global * τ_sensor),
+        log trust floored at log(trust_floor) when there is one (an absent sensor stays masked)."""
+        if self.cfg.model.trust_floor > 0:
+            log_trust = log_trust.clamp_min(math.log(self.cfg.model.trust_floor))
         return log_trust / (tau[:, :1] * tau[:, 1:])
 
     def forward(self, camera_patches, camera_mask, camera_age, camera_prev_patches, camera_prev_mask, camera_prev_age,

@@ -119,6 +119,37 @@ def test_per_sensor_tau_scales_that_sensors_logit_only():
     assert float(ratio) == pytest.approx(0.9 / 0.6, rel=1e-5)  # camera : lidar untouched by the IMU's τ
 
 
+def test_trust_floor_lets_a_high_tau_average_a_sensor_trusted_at_nothing(monkeypatch):
+    """Without a floor a sensor trusted at 1e-40 gets no weight at any τ; with trust_floor 0.01 a high τ
+    averages it in (0.01^(1/τ)), a low τ still ignores it, and trust above the floor is untouched."""
+    dead = [2.0, 0.5, -92.0]  # IMU trust sigmoid(-92) ~ 1e-40
+    plain, floored = _model(), _model(trust_floor=0.01)
+    for model in (plain, floored):
+        _force_trust(model, monkeypatch, dead)
+    x = _inputs(plain)
+    assert _run(plain, x, [10, 1, 1, 1])["sensor_weights"][0, 2] < 1e-3
+    trust = torch.sigmoid(torch.tensor(dead[:2])).double()
+    for tau in (0.1, 1.0, 3.0, 10.0):
+        w = _run(floored, x, [tau, 1, 1, 1])["sensor_weights"][0].double()
+        expected = torch.cat([trust, torch.tensor([0.01], dtype=torch.float64)]) ** (1 / tau)
+        torch.testing.assert_close(w, expected / expected.sum(), atol=1e-6, rtol=0)
+    assert _run(floored, x, [0.1, 1, 1, 1])["sensor_weights"][0, 2] < 1e-10
+    assert _run(floored, x, [10, 1, 1, 1])["sensor_weights"][0, 2] > 0.2
+    x["imu_mask"][:] = False  # absent stays exactly zero, floor or not
+    assert _run(floored, x, [10, 1, 1, 1])["sensor_weights"][0, 2] == 0.0
+
+
+def test_a_setting_added_later_keeps_the_identity_of_older_models():
+    """trust_floor at its default is not in the config JSON, so the weights digest of every model saved
+    before the setting existed (the policy contract's key) stays; set, it is saved and read back."""
+    from fusion_attn.pipeline import weights_digest
+
+    assert "trust_floor" not in FusionConfig().to_json()
+    floored = FusionConfig(model=ModelConfig(trust_floor=0.01))
+    assert FusionConfig.from_json(floored.to_json()) == floored
+    assert weights_digest(_model()) != weights_digest(_model(trust_floor=0.01))
+
+
 def test_token_weights_split_each_sensors_share_over_its_tokens(monkeypatch):
     model = _model()
     _force_trust(model, monkeypatch, LOGITS)

@@ -73,12 +73,13 @@ class TrainConfig:
     latent_blocks: int = 1
     qk_norm: bool = False
     learned_head_temperature: bool = False
+    trust_floor: float = 0.0
 
     def fusion_config(self) -> FusionConfig:
         """The config of the model this run trains."""
         return FusionConfig(model=ModelConfig(latent_blocks=self.latent_blocks, qk_norm=self.qk_norm,
                                               learned_head_temperature=self.learned_head_temperature,
-                                              fusion=self.sensor_fusion))
+                                              fusion=self.sensor_fusion, trust_floor=self.trust_floor))
 
     @classmethod
     def from_dict(cls, saved: dict) -> TrainConfig:

@@ -66,9 +66,9 @@ def load_run(name: str, folder: str | Path) -> TrainedRun:
 
 
 def sweep(run: TrainedRun, data: Dataset, taus: list[float], fusion_hz: float) -> dict[str, dict]:
-    """{tau: {condition: metrics}} of one run on `data` (sampled at fusion_hz); a run without attention,
-    or trained at fixed τ, is measured at τ = 1 only."""
-    taus = taus if run.has_attention and run.tc.tau_random_prob > 0 else [1.0]
+    """{tau: {condition: metrics}} of one run on `data` (sampled at fusion_hz); a run without attention
+    is measured at τ = 1 only (one trained at τ = 1 is swept: what τ does to it at run time)."""
+    taus = taus if run.has_attention else [1.0]
     return {str(tau): evaluate(run.model, run.heads, data, run.cfg, fusion_hz, tau, lipschitz=True)
             for tau in taus}
 
