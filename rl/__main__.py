@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,10 +23,14 @@ def add_verbs(verbs) -> None:
 
     ppo, agent = PPOConfig(), AgentConfig()
     train = verbs.add_parser("train", help="train an agent with PPO")
-    train.add_argument("env_id", help="a Gymnasium id, e.g. FusionAttn/Memory-Discrete-v0 or CartPole-v1")
+    train.add_argument("env_id", help="a Gymnasium id, e.g. FusionAttn/Memory-Discrete-v0 or CartPole-v1; a "
+                       "third-party env as MODULE:EnvId (imports MODULE, which registers it) or with --import")
     train.add_argument("-o", "--output", type=Path, required=True, help="run folder")
     train.add_argument("--env-kwargs", type=json.loads, default={}, metavar="JSON",
                        help='gym.make keyword arguments, e.g. \'{"task_options": {"n_goals": 2}}\'')
+    train.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                       help="import MODULE before making the env (it registers its ids); repeatable, saved with the "
+                            "run so evaluate imports it too. The working folder is importable, as with python -m")
     train.add_argument("--fusion-checkpoint", default="", metavar="SAFETENSORS",
                        help="FusionAttn envs: the fusion model to observe through (default: the packaged one); "
                             "the policy's contract records it")
@@ -56,11 +61,14 @@ def add_verbs(verbs) -> None:
 
 
 def run(args) -> int:
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # a user's env module in the working folder, as `python -m rl` finds it
     if args.verb == "train":
         from .config import AgentConfig, PPOConfig
         from .ppo import train
 
-        cfg = PPOConfig(env_id=args.env_id, env_kwargs=args.env_kwargs, fusion_checkpoint=args.fusion_checkpoint,
+        cfg = PPOConfig(env_id=args.env_id, env_kwargs=args.env_kwargs, imports=tuple(args.imports),
+                        fusion_checkpoint=args.fusion_checkpoint,
                         steps=args.steps, envs=args.envs, rollout=args.rollout, lr=args.lr, ent_coef=args.ent_coef, action_repeat=args.action_repeat, seed=args.seed, threads=args.threads,
                         fault_rate=args.fault_rate,
                         agent=AgentConfig(kind=args.agent, memory=args.memory, layers=args.layers))

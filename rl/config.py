@@ -23,6 +23,7 @@ class AgentConfig:
 class PPOConfig:
     env_id: str = "FusionAttn/Memory-Discrete-v0"
     env_kwargs: dict = field(default_factory=dict)
+    imports: tuple[str, ...] = ()  # modules imported before gym.make: they register third-party env ids
     fusion_checkpoint: str = ""  # FusionAttn envs: the fusion model observed through ("": the packaged default)
     action_repeat: int = 5  # FusionAttn envs: decide at 10 Hz, the drive runs at 50 Hz
     steps: int = 200_000  # total env steps (decisions) over all envs
@@ -46,4 +47,5 @@ class PPOConfig:
     def from_dict(cls, d: dict) -> PPOConfig:
         d = dict(d)
         d["agent"] = AgentConfig(**d.get("agent", {}))
+        d["imports"] = tuple(d.get("imports", ()))  # a list after JSON
         return cls(**d)

@@ -17,6 +17,7 @@ Outputs in the run folder: agent.safetensors (weights + config as metadata), tra
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
 import math
@@ -93,16 +94,76 @@ class TrainingFaults(gym.Wrapper):
         return self.env.reset(seed=seed, options=options)
 
 
+class FlatObservation(gym.ObservationWrapper):
+    """Any common observation space -> one float32 vector, so every agent takes every env: Box values
+    flattened (uint8 images scaled to [0, 1]), Discrete and MultiDiscrete one-hot, MultiBinary as 0/1,
+    Dict and Tuple entries concatenated in their order. Text entries are dropped with a log line; any
+    other space is a ConfigError that names the entry."""
+
+    def __init__(self, env: gym.Env, env_id: str):
+        super().__init__(env)
+        self.parts: list[tuple[tuple, callable]] = []  # (path to the entry, its encoder)
+        size = self._plan(env.observation_space, (), env_id)
+        if size == 0:
+            raise ConfigError(f"{env_id}: no observation entry the agents can take in {env.observation_space}")
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (size,), np.float32)
+
+    def _plan(self, space: gym.Space, path: tuple, env_id: str) -> int:
+        name = "/".join(map(str, path)) or "the observation"
+        if isinstance(space, (gym.spaces.Dict, gym.spaces.Tuple)):
+            items = space.spaces.items() if isinstance(space, gym.spaces.Dict) else enumerate(space.spaces)
+            return sum(self._plan(sub, (*path, key), env_id) for key, sub in items)
+        if isinstance(space, gym.spaces.Box):
+            scale = 1 / 255 if space.dtype == np.uint8 else 1.0
+            encode, size = (lambda v, s=scale: np.asarray(v, np.float32).reshape(-1) * s), int(np.prod(space.shape))
+        elif isinstance(space, gym.spaces.Discrete):
+            n, start = int(space.n), int(space.start)
+            encode, size = (lambda v, n=n, start=start: np.eye(n, dtype=np.float32)[int(v) - start]), n
+        elif isinstance(space, gym.spaces.MultiDiscrete):
+            nvec, start = space.nvec.reshape(-1), np.asarray(space.start).reshape(-1)
+            offsets = np.concatenate([[0], np.cumsum(nvec)[:-1]])
+            size = int(nvec.sum())
+
+            def encode(v, offsets=offsets, start=start, size=size):
+                out = np.zeros(size, np.float32)
+                out[offsets + np.asarray(v).reshape(-1) - start] = 1.0
+                return out
+        elif isinstance(space, gym.spaces.MultiBinary):
+            encode, size = (lambda v: np.asarray(v, np.float32).reshape(-1)), int(np.prod(space.shape))
+        elif isinstance(space, gym.spaces.Text):
+            log.warning("%s: observation entry %s (%s) is dropped: text is not encoded", env_id, name, space)
+            return 0
+        else:
+            raise ConfigError(f"{env_id}: observation entry {name} is a {type(space).__name__} ({space}), which the "
+                              "agents cannot take (Box, Discrete, MultiDiscrete, MultiBinary, Text, and Dict or Tuple of them)")
+        self.parts.append((path, encode))
+        return size
+
+    def observation(self, obs):
+        out = []
+        for path, encode in self.parts:
+            value = obs
+            for key in path:
+                value = value[key]
+            out.append(encode(value))
+        return np.concatenate(out)
+
+
 def make_env(cfg: PPOConfig, training: bool = False, index: int = 0) -> gym.Env:
     """One env as the agent sees it. FusionAttn envs: ActionRepeat, then the fused state (on the fusion
-    model cfg.fusion_checkpoint, default the packaged one). Training scales rewards by a running std of
-    the discounted return: value and policy share a trunk, and large value errors would otherwise
-    dominate the clipped gradient (episode statistics stay raw), and cfg.fault_rate of its episodes
-    get a sensor fault (env `index` seeds which)."""
+    model cfg.fusion_checkpoint, default the packaged one); cfg.fault_rate of the training episodes get
+    a sensor fault (env `index` seeds which). Other envs: observations of any common kind encoded as
+    one vector (FlatObservation). Training scales rewards by a running std of the discounted return:
+    value and policy share a trunk, and large value errors would otherwise dominate the clipped
+    gradient (episode statistics stay raw)."""
     fusion_env = cfg.env_id.startswith("FusionAttn/")
-    if fusion_env:
-        import fusion_attn.sim  # noqa: F401 - registers the ids (and picks headless GL before mujoco loads)
-    env = gym.make(cfg.env_id, **cfg.env_kwargs)
+    for module in ("fusion_attn.sim",) if fusion_env else cfg.imports:  # fusion_attn.sim registers its ids
+        importlib.import_module(module)
+    try:
+        env = gym.make(cfg.env_id, **cfg.env_kwargs)
+    except gym.error.Error as exc:
+        raise ConfigError(f"{cfg.env_id}: {exc}. A third-party env registers its ids when its module is imported: "
+                          "pass --import MODULE, or give the id as MODULE:EnvId") from exc
     if fusion_env:
         from fusion_attn.pipeline import FusionPipeline
         from fusion_attn.sim.wrappers import FusedObservation
@@ -111,10 +172,8 @@ def make_env(cfg: PPOConfig, training: bool = False, index: int = 0) -> gym.Env:
         env = FusedObservation(ActionRepeat(env, cfg.action_repeat), pipeline, with_attention=True, with_task=True)
         if training and cfg.fault_rate > 0:
             env = TrainingFaults(env, cfg.fault_rate, np.random.default_rng([cfg.seed, index]))
-    elif isinstance(env.observation_space, gym.spaces.Dict):
-        env = gym.wrappers.FlattenObservation(env)
-    if not isinstance(env.observation_space, gym.spaces.Box) or len(env.observation_space.shape) != 1:
-        raise ConfigError(f"{cfg.env_id}: observations must be a flat Box (or a Dict of them), got {env.observation_space}")
+    elif not (isinstance(env.observation_space, gym.spaces.Box) and len(env.observation_space.shape) == 1):
+        env = FlatObservation(env, cfg.env_id)
     if not isinstance(env.action_space, (gym.spaces.Discrete, gym.spaces.Box)):
         raise ConfigError(f"{cfg.env_id}: actions must be Discrete or Box, got {env.action_space}")
     env = gym.wrappers.RecordEpisodeStatistics(env)
@@ -342,6 +401,6 @@ def _load_state(path: Path, cfg: PPOConfig) -> dict:
         raise CheckpointError(f"nothing to resume: {path} does not exist") from exc
     except Exception as exc:  # torch raises many types for a corrupt file
         raise CheckpointError(f"cannot resume from {path} (corrupt or truncated?): {exc}") from exc
-    if state.get("config") != dataclasses.asdict(cfg):
+    if PPOConfig.from_dict(state.get("config", {})) != cfg:  # fields added since take their defaults
         raise ConfigError(f"{path} was saved with another configuration; resume with the same flags")
     return state

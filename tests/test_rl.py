@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import sys
 
 import gymnasium as gym
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from fusion_attn.contract import CONTRACT_KEY, ObservationLayout, PolicyContract
-from fusion_attn.errors import CheckpointError
+from fusion_attn.errors import CheckpointError, ConfigError
 from rl.__main__ import main as rl_main
 from rl.agent import ActorCritic, AgentConfig, GRUGate, reset_memory
 from rl.evaluate import attention_entropy
@@ -292,3 +293,79 @@ def test_memory_is_learned_through_ppo(tmp_path, kind, low, high):
     rows = [json.loads(line) for line in (tmp_path / kind / "metrics.jsonl").read_text().splitlines()]
     success = np.mean([r["episode_success"] for r in rows[-3:]])
     assert low <= success <= high, [round(r["episode_success"], 2) for r in rows]
+
+
+class GridDict(gym.Env):
+    """A grid-world-like observation: a 7x7x3 uint8 view, a direction and a mission string."""
+
+    observation_space = gym.spaces.Dict({"image": gym.spaces.Box(0, 255, (7, 7, 3), np.uint8),
+                                         "direction": gym.spaces.Discrete(4),
+                                         "mission": gym.spaces.Text(32, charset="abcdefghijklmnopqrstuvwxyz ")})
+    action_space = gym.spaces.Discrete(3)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return self._obs(), {}
+
+    def step(self, action):
+        self.t += 1
+        return self._obs(), float(action == self.t % 3), False, self.t >= 20, {}
+
+    def _obs(self):
+        return {"image": np.full((7, 7, 3), 51 * (self.t % 6), np.uint8), "direction": self.t % 4, "mission": "go to the ball"}
+
+
+gym.register("test/GridDict-v0", entry_point=GridDict)
+
+
+def test_observations_of_every_common_kind_are_encoded(tmp_path, caplog):
+    """Discrete, Tuple of Discrete, and a Dict of an image, a direction and a text: one float vector each
+    (one-hot, scaled image, text dropped with a note); a space no agent can take is named."""
+    from rl.ppo import make_env
+
+    lake = make_env(PPOConfig(env_id="FrozenLake-v1"))
+    obs, _ = lake.reset(seed=0)
+    assert obs.shape == (16,) and obs[0] == 1.0 and obs.sum() == 1.0  # one-hot of state 0
+    jack = make_env(PPOConfig(env_id="Blackjack-v1"))
+    obs, _ = jack.reset(seed=0)
+    assert obs.shape == (32 + 11 + 2,) and obs.sum() == 3.0
+    with caplog.at_level("WARNING"):
+        grid = make_env(PPOConfig(env_id="test/GridDict-v0"))
+    assert "mission" in caplog.text and "dropped" in caplog.text
+    obs, _ = grid.reset(seed=0)
+    obs, *_ = grid.step(0)
+    assert obs.shape == (4 + 147,) and obs[1] == 1.0 and np.allclose(obs[4:], 0.2)  # Dict keys in sorted order
+    row = train(PPOConfig(env_id="test/GridDict-v0", steps=128, envs=2, rollout=32, agent=AgentConfig(dim=16, heads=2, memory=4)),
+                tmp_path / "grid", progress=False)
+    assert row["global_step"] == 128 and np.isfinite(row["value_loss"])
+    gym.register("test/GraphObs-v0", entry_point=lambda: _with_space(GridDict(), gym.spaces.Dict(
+        {"direction": gym.spaces.Discrete(4), "links": gym.spaces.Graph(gym.spaces.Box(0, 1, (2,)), None)})))
+    with pytest.raises(ConfigError, match="observation entry links is a Graph"):
+        make_env(PPOConfig(env_id="test/GraphObs-v0"))
+
+
+def _with_space(env, space):
+    env.observation_space = space
+    return env
+
+
+def test_a_third_party_env_module_is_imported(tmp_path, monkeypatch, capsys):
+    """An env registered by the user's own module in the working folder: --import MODULE or the
+    MODULE:EnvId form; without either, a clear error (exit 2), not a traceback. Evaluate re-imports it."""
+    (tmp_path / "my_envs.py").write_text(
+        "import gymnasium as gym\n"
+        "gym.register('mine/Corridor-v0', entry_point='gymnasium.envs.classic_control:CartPoleEnv', max_episode_steps=50)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "my_envs", raising=False)
+    small = ["--steps", "64", "--envs", "2", "--rollout", "32", "--no-progress"]
+    assert rl_main(["train", "mine/Corridor-v0", "-o", "none", *small]) == 2
+    assert "--import MODULE" in capsys.readouterr().err
+    assert rl_main(["train", "mine/Corridor-v0", "--import", "my_envs", "-o", "a", *small]) == 0
+    assert rl_main(["train", "my_envs:mine/Corridor-v0", "-o", "b", *small]) == 0
+    monkeypatch.delitem(sys.modules, "my_envs")
+    gym.registry.pop("mine/Corridor-v0")
+    capsys.readouterr()
+    assert rl_main(["evaluate", "a/agent.safetensors", "--episodes", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["episodes"] == 2
