@@ -1,8 +1,10 @@
 """Recordings in: rosbag2 (sqlite3, MCAP) and ROS 1 bags through `rosbags`, as adapted frames.
 
-Sensor topics are found by message type. A topic whose messages cannot be decoded (no message
-definition stored, an unknown vendor type) is reported and skipped; a malformed message is counted
-and skipped; a bag that cannot be opened or is truncated raises BagError naming the file.
+Sensor topics are found by message type, the busiest of each; every other topic is reported with why
+it is left out (a sensor topic also with the option that chooses it). A topic whose messages cannot be
+decoded (no message definition stored, an unknown vendor type) is reported and skipped; a malformed
+message is counted and skipped; a bag that cannot be opened or is truncated raises BagError naming the
+file.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import contextlib
 import io
 import logging
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +26,9 @@ from rosbags.highlevel import AnyReader
 from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 from rosbags.typesys.store import Typestore
 
-from .adapters import modality_of, to_frame
-from .errors import BagError, MalformedMessageError
-from .frames import CameraFrame, ImuSample, LidarFrame, Modality
+from .adapters import SUPPORTED_TYPES, modality_of, to_frame
+from .errors import BagError, ConfigError, MalformedMessageError
+from .frames import MODALITIES, CameraFrame, ImuSample, LidarFrame, Modality
 from .messages import TYPES
 
 log = logging.getLogger(__name__)
@@ -228,28 +230,62 @@ def _ros2_name(ros1_type: str) -> str:
     return f"{package}/msg/{name}"
 
 
-def find_topics(reader: AnyReader, overrides: dict[Modality, str] | None = None) -> BagTopics:
-    """One topic per modality: the override if given, else the busiest topic of a sensor type."""
-    topics = BagTopics()
-    best: dict[Modality, tuple[int, str]] = {}
+def topic_flag(modality: Modality) -> str:
+    """The option of `replay` and `fuse` that chooses this modality's topic (named where a topic is left out)."""
+    return f"--{MODALITIES[modality]}-topic"
+
+
+def find_topics(reader: AnyReader, overrides: dict[Modality, str] | None = None,
+                leave_out: Collection[Modality] = ()) -> BagTopics:
+    """One topic per modality: the override if given, else the busiest topic of a sensor type.
+
+    Every other topic is in `skipped` with the reason; a sensor topic not chosen also names the option
+    that chooses it. leave_out: modalities configured as none (the node's *_type). ConfigError for an
+    override that is not in the bag, or not of its modality's types.
+    """
+    counts: dict[str, int] = {}  # messages per topic, over every bag that holds it
+    msgtypes: dict[str, str] = {}
     for conn in reader.connections:
-        if conn.msgtype not in reader.typestore.types:
-            topics.skipped[conn.topic] = f"unreadable: no message definition for {conn.msgtype} in the bag"
+        counts[conn.topic] = counts.get(conn.topic, 0) + conn.msgcount
+        msgtypes.setdefault(conn.topic, conn.msgtype)
+    topics = BagTopics()
+    candidates: dict[Modality, list[str]] = {}
+    for topic, msgtype in msgtypes.items():
+        if msgtype not in reader.typestore.types:
+            topics.skipped[topic] = f"unreadable: no message definition for {msgtype} in the bag"
+        elif (modality := modality_of(msgtype)) is None:
+            topics.skipped[topic] = f"not a sensor type ({msgtype})"
+        else:
+            candidates.setdefault(modality, []).append(topic)
+    overrides = overrides or {}
+    for modality, topic in overrides.items():
+        _check_override(modality, topic, msgtypes, topics.skipped)
+    for modality, names in candidates.items():
+        name, flag = MODALITIES[modality], topic_flag(modality)
+        if modality in leave_out:
+            topics.skipped.update((t, f"{name} is configured as none") for t in names)
             continue
-        modality = modality_of(conn.msgtype)
-        if modality is None:
-            topics.skipped.setdefault(conn.topic, f"not a sensor type ({conn.msgtype})")
-            continue
-        if conn.msgcount > best.get(modality, (-1, ""))[0]:
-            best[modality] = (conn.msgcount, conn.topic)
-    topics.sensors = {m: t for m, (_, t) in best.items()}
-    for modality, topic in (overrides or {}).items():
-        if topic not in {c.topic for c in reader.connections}:
-            raise BagError(f"topic {topic} is not in the bag (topics: {sorted({c.topic for c in reader.connections})})")
-        topics.sensors[modality] = topic
+        chosen = overrides.get(modality) or max(names, key=counts.__getitem__)  # the first of equally busy ones
+        topics.sensors[modality] = chosen
+        why = f"{flag} chose {chosen}" if modality in overrides else f"{chosen} is busier ({counts[chosen]} messages)"
+        topics.skipped.update((t, f"another {name} topic ({counts[t]} messages): {why}; choose this one with {flag} {t}")
+                              for t in names if t != chosen)
     for t, reason in topics.skipped.items():
         log.info("skipping topic %s: %s", t, reason)
     return topics
+
+
+def _check_override(modality: Modality, topic: str, msgtypes: dict[str, str], skipped: dict[str, str]) -> None:
+    """ConfigError unless `topic` is in the bag, readable and of a type that feeds `modality`."""
+    flag = topic_flag(modality)
+    if topic not in msgtypes:
+        raise ConfigError(f"{flag}: topic {topic} is not in the bag (topics: {sorted(msgtypes)})")
+    if modality_of(msgtypes[topic]) is not modality:
+        takes = " or ".join(t for t in SUPPORTED_TYPES if modality_of(t) is modality)
+        raise ConfigError(f"{flag} {topic}: its messages are {msgtypes[topic]}; the {MODALITIES[modality]} input "
+                          f"takes {takes}")
+    if topic in skipped:  # a sensor type, but the bag holds no definition to decode it with
+        raise ConfigError(f"{flag} {topic}: {skipped[topic]}")
 
 
 def read_decoded(reader: AnyReader, topics: BagTopics, start_ns: int | None = None,

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from rosbags.rosbag2 import StoragePlugin, Writer
 
-from .bag import find_topics, open_reader, read_messages
+from .bag import BagTopics, find_topics, open_reader, read_messages
 from .clock import FusionClock
 from .config import FusionConfig
 from .errors import BagError, ConfigError
@@ -91,20 +91,36 @@ class _FusedBag:
 class Recording:
     """What `fuse_recording` learned about the bags while it went (filled in as it runs)."""
 
-    topics: object = None  # bag.BagTopics
+    topics: BagTopics | None = None
     configured: tuple[str, ...] = ()
     messages: int = 0
-    events: list[str] = field(default_factory=list)
+    fault: str | None = None  # why reading broke off before the end, if it did
+    events: list[str] = field(default_factory=list)  # gaps, resets, in recorded order; not per-message drops
+    first_error: dict[Modality, str] = field(default_factory=dict)  # of each sensor's first malformed message
+
+    def notes(self, sync: SensorSync) -> list[str]:
+        """What happened, the read fault first, then per-message drops per sensor and reason (counted by
+        `sync`, not listed one by one: thousands of them must not hide the rest), then `events`."""
+        notes = [f"read stopped: {self.fault}"] if self.fault else []
+        for m, h in sync.health.items():
+            for reason, n in h.drop_reasons.items():
+                detail = f"; the first: {self.first_error[m]}" if reason == "malformed" and m in self.first_error else ""
+                notes.append(f"{MODALITIES[m]}: {n} of {h.received + h.dropped} dropped: {reason}{detail}")
+        return notes + self.events
 
 
 def fuse_recording(reader, pipeline: FusionPipeline, sync: SensorSync, opts: ReplayOptions, taus: np.ndarray,
                    rec: Recording, progress=None, trailing: bool = True) -> Iterator[list[FusedState]]:
     """The node's behaviour on recorded time: feed messages in order, fuse on the timer (or trigger).
 
-    Yields the fused states of each fusion instant (one per τ row); see `recorded_snapshots`.
+    Yields the fused states of each fusion instant (one per τ row); see `recorded_snapshots`. Where
+    reading breaks off (truncated, corrupt) the fusions end, with the fault in `rec.fault`.
     """
-    for snap in recorded_snapshots(reader, sync, opts, rec, progress, trailing):
-        yield pipeline.fuse_sweep(snap, taus)
+    try:
+        for snap in recorded_snapshots(reader, sync, opts, rec, progress, trailing):
+            yield pipeline.fuse_sweep(snap, taus)
+    except BagError as exc:
+        rec.fault = str(exc)
 
 
 def recorded_snapshots(reader, sync: SensorSync, opts: ReplayOptions, rec: Recording, progress=None,
@@ -117,9 +133,7 @@ def recorded_snapshots(reader, sync: SensorSync, opts: ReplayOptions, rec: Recor
     fault).
     """
     _check(opts)
-    rec.topics = topics = find_topics(reader, opts.topics)
-    for m in [m for m in topics.sensors if MODALITIES[m] not in opts.sensors]:
-        topics.skipped[topics.sensors.pop(m)] = f"{MODALITIES[m]} is configured as none"
+    rec.topics = topics = find_topics(reader, opts.topics, [m for m in Modality if MODALITIES[m] not in opts.sensors])
     rec.configured = tuple(MODALITIES[m] for m in sorted(topics.sensors))
     start = reader.start_time + int(opts.start_s * NS_PER_S) if opts.start_s is not None else None
     stop = reader.start_time + int(opts.end_s * NS_PER_S) if opts.end_s is not None else None
@@ -133,10 +147,13 @@ def recorded_snapshots(reader, sync: SensorSync, opts: ReplayOptions, rec: Recor
             progress.update(max(0.0, (msg.log_time_ns - first_log) / NS_PER_S - progress.n))
         if msg.frame is None:
             sync.drop(msg.modality, "malformed")
-            rec.events.append(f"{msg.topic}: dropped: {msg.error}")
+            rec.first_error.setdefault(msg.modality, f"{msg.topic}: {msg.error}")
             continue
         frame = msg.frame if opts.clock == "header" else dataclasses.replace(msg.frame, stamp_ns=msg.log_time_ns)
+        dropped = sync.health[msg.modality].dropped
         yield from clock.add(frame, msg.topic)
+        if sync.health[msg.modality].dropped != dropped:
+            rec.events.pop()  # the clock's one note on a refused frame, its last: `notes` sums drops per sensor
     if trailing:
         yield from clock.drain()
 
@@ -190,7 +207,7 @@ def replay(bags: Sequence[str | Path], pipeline: FusionPipeline, out_dir: str | 
     with open_reader(bags) as reader:
         progress = _progress((reader.end_time - reader.start_time) / NS_PER_S, opts.progress)
         fused_bag = None
-        try:
+        try:  # a read fault ends the loop, in rec.fault
             states_iter = fuse_recording(reader, pipeline, sync, opts, taus, rec, progress)
             while True:
                 tick_start = time.perf_counter()
@@ -209,8 +226,6 @@ def replay(bags: Sequence[str | Path], pipeline: FusionPipeline, out_dir: str | 
                     fused_bag.write_diagnostics(stamp, diagnostics(
                         health, states[0], pipeline.backend_info(), None,
                         trace.latency_ms[-1], 1.0 / opts.fusion_rate_hz, rec.configured))
-        except BagError as exc:
-            rec.events.append(f"read stopped: {exc}")
         finally:
             progress.close()
             if fused_bag is not None:
@@ -218,8 +233,8 @@ def replay(bags: Sequence[str | Path], pipeline: FusionPipeline, out_dir: str | 
         wall_s = time.perf_counter() - wall_start
 
     if rec.messages == 0:
-        skipped = rec.topics.skipped if rec.topics is not None else {}
-        reason = "; ".join(rec.events) or f"no readable camera, lidar or IMU message (skipped: {skipped})"
+        reason = (f"read stopped: {rec.fault}" if rec.fault
+                  else f"no readable camera, lidar or IMU message (skipped: {rec.topics.skipped})")
         raise BagError(f"nothing could be read from {', '.join(map(str, bags))}: {reason}")
     summary = _summary(bags, rec, trace, taus, sync, opts)
     summary["backend"] = pipeline.backend_info()
@@ -275,6 +290,7 @@ def _summary(bags, rec: Recording, trace: _Trace, taus, sync, opts) -> dict:
     present = np.array(trace.present) if trace.present else np.zeros((0, 3), bool)
     lat = np.array(trace.latency_ms, np.float64)
     lat = lat[np.isfinite(lat)]
+    notes = rec.notes(sync)
 
     def r(x):
         return round(float(x), 6)
@@ -299,8 +315,9 @@ def _summary(bags, rec: Recording, trace: _Trace, taus, sync, opts) -> dict:
                        **_trust_summary(trust[:, k], present)} for k, tau in enumerate(taus)],
         "pipeline_latency_ms": {"p50": r(np.percentile(lat, 50)), "p99": r(np.percentile(lat, 99))} if len(lat) else None,
         "resets": sync.resets,
-        "events": rec.events[:100],
-        "events_total": len(rec.events),
+        "read_fault": rec.fault,
+        "events": notes[:100],  # the fault and the drops come first: never cut off
+        "events_total": len(notes),
     }
 
 

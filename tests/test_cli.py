@@ -110,3 +110,58 @@ def test_export_checks_parity_and_operators(tmp_path, capsys):
     out = capsys.readouterr().out
     assert (tmp_path / "m.onnx").is_file()
     assert "all ops supported" in out and "max abs diff" in out
+
+
+def _break_chunk(src, dst, after_s: float):
+    """A copy of the rosbag2 MCAP folder `src` whose first chunk starting `after_s` or later into the recording
+    has a wrong checksum: the index is intact (the bag opens, with its full length), reading stops there."""
+    import shutil
+    import struct
+
+    from mcap.reader import make_reader
+
+    shutil.copytree(src, dst)  # the shared data are read-only, and so is the copy
+    dst.chmod(0o755)
+    mcap = next(dst.glob("*.mcap"))
+    mcap.chmod(0o644)
+    with open(mcap, "rb") as f:
+        summary = make_reader(f).get_summary()
+    start = summary.statistics.message_start_time
+    chunk = next(c for c in summary.chunk_indexes if c.message_start_time - start >= after_s * 1e9)
+    data = bytearray(mcap.read_bytes())
+    data[chunk.chunk_start_offset + 33:chunk.chunk_start_offset + 37] = struct.pack("<I", 1)  # opcode, length, 3 u64
+    mcap.write_bytes(data)
+    return dst
+
+
+def test_fuse_names_the_read_fault_rather_than_blaming_at(real_data, tmp_path, capsys):
+    bag = _break_chunk(real_data / "euroc_v1_01_cam_imu", tmp_path / "bag", 0.0)
+    assert main(["fuse", "--bag", str(bag)]) == 2
+    err = capsys.readouterr().err
+    assert "read stopped" in err and "Chunk checksum mismatch" in err and "the bag's middle (1.000 s)" in err
+    assert "try a later --at" not in err
+
+
+def test_fuse_earlier_than_asked_says_so_with_topics_and_notes_in_json(real_data, tmp_path, capsys):
+    bag = _break_chunk(real_data / "euroc_v1_01_cam_imu", tmp_path / "bag", 0.5)
+    assert main(["fuse", "--bag", str(bag), "--at", "1.5", "--json"]) == 0
+    state = json.loads(capsys.readouterr().out)
+    assert state["topics"] == {"camera": "/cam0/image_raw", "imu": "/imu0"} and state["skipped_topics"] == {}
+    assert "Chunk checksum mismatch" in state["read_fault"] and state["notes"][0].startswith("read stopped: ")
+    assert state["at_s"] == 1.5 and 0.4 < state["fused_at_s"] < 0.55
+    assert f"fused at {state['fused_at_s']:.3f} s, not at --at 1.500 s: the read stopped before it" in state["notes"]
+    assert main(["fuse", "--bag", str(bag)]) == 0  # the default instant, in text: times as --at takes them
+    out = capsys.readouterr().out
+    assert f"fused state @ {state['fused_at_s']:.3f} s into the bag" in out
+    assert "not at the bag's middle (1.000 s): the read stopped before it" in out and "read stopped: " in out
+
+
+def test_fuse_chooses_topics_as_replay_does(real_data, capsys):
+    bag = str(real_data / "sick_lms1xx_scan_cloud_radar.bag")
+    assert main(["fuse", "--bag", bag, "--lidar-topic", "/cloud", "--json"]) == 0
+    state = json.loads(capsys.readouterr().out)
+    assert state["topics"] == {"lidar": "/cloud"} and state["modalities"]["lidar"]["present"]
+    assert state["skipped_topics"]["/sick_lms_1xx/scan"].endswith("--lidar-topic chose /cloud; choose this one with "
+                                                                   "--lidar-topic /sick_lms_1xx/scan")
+    assert main(["fuse", "--bag", bag, "--imu-topic", "/cloud"]) == 2
+    assert "--imu-topic /cloud: its messages are sensor_msgs/msg/PointCloud2; the imu input takes" in capsys.readouterr().err

@@ -331,3 +331,56 @@ def test_several_bags_are_merged_by_time_and_receive_clock(real_data, pipeline, 
                       ReplayOptions(progress=False, clock="receive"))
     assert received["options"]["clock"] == "receive" and received["fusions"] >= 40
     assert received["sensors"]["imu"]["received"] == 401
+
+
+def test_every_sensor_topic_left_out_is_listed_with_the_option_that_chooses_it(real_data, tmp_path, capsys):
+    images = [r for r in _euroc_rows(real_data) if r[0] == "/cam0/image_raw"]
+    # six cameras of one type: /cam0 the busiest (6 frames), down to /cam5 (1)
+    rows = [(f"/cam{i}", msgtype, t, raw) for i in range(6) for _, msgtype, t, raw in images[:6 - i]]
+    _write_bag(tmp_path / "six", sorted(rows, key=lambda r: r[2]))
+    assert _run([tmp_path / "six"], tmp_path / "out") == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["topics"] == {"camera": "/cam0"}
+    assert summary["skipped_topics"] == {f"/cam{i}": f"another camera topic ({6 - i} messages): /cam0 is busier (6 "
+                                                     f"messages); choose this one with --camera-topic /cam{i}"
+                                         for i in range(1, 6)}
+    out = capsys.readouterr().out
+    assert all(f"skipped /cam{i}: another camera topic" in out for i in range(1, 6))
+    assert _run([tmp_path / "six"], tmp_path / "out", "--camera-topic", "/cam4") == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["topics"] == {"camera": "/cam4"} and summary["sensors"]["camera"]["received"] == 2
+    assert summary["skipped_topics"]["/cam0"] == ("another camera topic (6 messages): --camera-topic chose /cam4; "
+                                                  "choose this one with --camera-topic /cam0")
+    assert len(summary["skipped_topics"]) == 5
+
+
+def test_a_topic_option_of_the_wrong_type_or_a_mistyped_name_is_a_clear_error(real_data, tmp_path, capsys):
+    bag = real_data / "euroc_v1_01_cam_imu"
+    assert _run([bag], tmp_path / "a", "--imu-topic", "/cam0/image_raw") == 2  # not mixed into the camera stream
+    assert ("--imu-topic /cam0/image_raw: its messages are sensor_msgs/msg/Image; the imu input takes "
+            "sensor_msgs/msg/Imu") in capsys.readouterr().err
+    assert _run([bag], tmp_path / "b", "--imu-topic", "/imu") == 2
+    err = capsys.readouterr().err
+    assert "--imu-topic: topic /imu is not in the bag (topics: ['/cam0/image_raw', '/imu0'])" in err
+    assert "nothing could be read" not in err and "read stopped" not in err
+
+
+def test_a_read_fault_is_never_hidden_by_many_dropped_messages(real_data, tmp_path, capsys):
+    rows = _euroc_rows(real_data)
+    junk = b"\x00\x01\x00\x00\x01"  # a CDR header and one byte: not a PointCloud2
+    lidar = [("/points", "sensor_msgs/msg/PointCloud2", rows[0][2] + i * 10_000_000, junk) for i in range(200)]
+    _write_bag(tmp_path / "bag", sorted(rows + lidar, key=lambda r: r[2]))
+    src = tmp_path / "bag" / "bag.mcap"
+    cut = tmp_path / "cut.mcap"
+    cut.write_bytes(src.read_bytes()[: src.stat().st_size * 3 // 4])  # read up to ~1.5 s: > 100 lidar drops first
+    assert _run([cut], tmp_path / "out") == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    lidar = summary["sensors"]["lidar"]
+    assert lidar["dropped"] > 100 and lidar["received"] == 0
+    assert "the file ends part-way" in summary["read_fault"]
+    assert summary["events"][0] == f"read stopped: {summary['read_fault']}"
+    assert summary["events"][1].startswith(f"lidar: {lidar['dropped']} of {lidar['dropped']} dropped: malformed; the "
+                                           "first: /points: undecodable sensor_msgs/msg/PointCloud2")
+    assert summary["events_total"] == len(summary["events"]) < 10  # the drops summed, not listed one by one
+    out = capsys.readouterr().out
+    assert "note: read stopped: " in out and f"note: lidar: {lidar['dropped']} of" in out

@@ -11,6 +11,7 @@ from ..errors import BagError, FusionAttnError
 from ..frames import MODALITIES, NS_PER_S, FusedState
 from ..outputs import TRUST_THRESHOLD, untrusted
 from .common import fusion_setup, model_args, replay_options
+from .replay import topic_args
 
 
 def add_parser(verbs):
@@ -18,10 +19,12 @@ def add_parser(verbs):
     model_args(fuse)
     fuse.add_argument("--bag", nargs="+", type=Path, help="rosbag2 folder/file or ROS 1 bag (several: merged by time)")
     fuse.add_argument("--at", type=float, help="seconds after the bag's start (default: its middle)")
+    topic_args(fuse)
     fuse.add_argument("--image", type=Path, help="camera image file (png, jpg, ...)")
     fuse.add_argument("--points", type=Path, help="point cloud: .npy (N,3|4) or KITTI .bin float32 (N,4)")
     fuse.add_argument("--params", type=Path, help="ROS 2 parameter file (config/fusion.yaml); flags override it")
-    fuse.add_argument("--json", action="store_true", help="print the fused state as JSON")
+    fuse.add_argument("--json", action="store_true", help="print the fused state as JSON (with a bag: and the "
+                                                          "topics, the notes, the instant asked and fused)")
     return fuse
 
 
@@ -31,46 +34,55 @@ def run(args) -> int:
     pipeline, sync_cfg, params = fusion_setup(args, args.tau)
     sync = SensorSync(sync_cfg)
     if args.bag:
-        state, notes = _fuse_bag(args, pipeline, sync, params)
+        state, about = _fuse_bag(args, pipeline, sync, params)
     elif args.image or args.points:
         _feed_files(args.image, args.points, sync)
-        state, notes = pipeline.fuse(sync.snapshot(0)), []
+        state, about = pipeline.fuse(sync.snapshot(0)), {}
     else:
         raise FusionAttnError("fuse needs --bag, or --image and/or --points")
     if args.json:
-        print(json.dumps(_state_dict(state, pipeline), indent=2))
+        print(json.dumps({**_state_dict(state, pipeline), **about}, indent=2))
     else:
-        print(_summary(state, pipeline, notes))
+        notes = [*(f"{m}: {t}" for m, t in about.get("topics", {}).items()),
+                 *(f"skipped {t}: {why}" for t, why in about.get("skipped_topics", {}).items()), *about.get("notes", ())]
+        print(_summary(state, pipeline, notes, about.get("fused_at_s")))
     return 0
 
 
-def _fuse_bag(args, pipeline, sync, params):
+def _fuse_bag(args, pipeline, sync, params) -> tuple[FusedState, dict]:
     """The fused state at the instant --at: the bag is fed up to there exactly as replay feeds it (same
-    sync, drops and resets), then fused once at the newest recorded stamp."""
+    topics, sync, drops and resets), then fused once at the newest recorded stamp. -> (state, what a
+    user needs to judge it: topics, notes, the instant asked and the one fused, in seconds after the
+    bag's start as --at takes them)."""
     from ..bag import open_reader
     from ..replay import Recording, fuse_recording
 
     with open_reader(args.bag) as reader:
-        duration = reader.end_time - reader.start_time
+        start, duration = reader.start_time, reader.end_time - reader.start_time
         at_ns = duration // 2 if args.at is None else int(args.at * NS_PER_S)
         if not 0 <= at_ns <= duration:
             raise BagError(f"--at {at_ns / NS_PER_S:.3f} s is outside the bag (0 .. {duration / NS_PER_S:.3f} s)")
         rec = Recording()
         opts = replay_options(args, params, end_s=at_ns / NS_PER_S + 1e-9, progress=False)
-        try:
-            for _ in fuse_recording(reader, pipeline, sync, opts, pipeline.tau[None], rec, trailing=False):
-                pass
-        except BagError as exc:
-            rec.events.append(f"read stopped: {exc}")
+        for _ in fuse_recording(reader, pipeline, sync, opts, pipeline.tau[None], rec, trailing=False):
+            pass
     if not rec.topics.sensors:
         raise BagError(f"no camera, lidar or IMU topic in {', '.join(map(str, args.bag))}; skipped: {rec.topics.skipped}")
+    asked = f"--at {at_ns / NS_PER_S:.3f} s" if args.at is not None else f"the bag's middle ({at_ns / NS_PER_S:.3f} s)"
     now_ns = sync.newest_stamp_ns()
     if now_ns is None:
+        if rec.fault:
+            raise BagError(f"no sensor message could be read before {asked}: read stopped: {rec.fault}")
         raise BagError(f"no sensor message in the first {at_ns / NS_PER_S:.3f} s of the bag (try a later --at)")
     state = pipeline.fuse(sync.snapshot(now_ns))
-    notes = [f"{m}: {t}" for m, t in sorted((MODALITIES[m], t) for m, t in rec.topics.sensors.items())]
-    notes += [f"skipped {t}: {why}" for t, why in rec.topics.skipped.items()] + rec.events[:5]
-    return state, notes
+    notes = rec.notes(sync)  # the read fault first
+    fused_ns = now_ns - start
+    if at_ns - fused_ns > NS_PER_S / opts.fusion_rate_hz:  # further back than the node's timer would have fused
+        why = "the read stopped before it" if rec.fault else "no sensor message in between"
+        notes.append(f"fused at {fused_ns / NS_PER_S:.3f} s, not at {asked}: {why}")
+    return state, {"topics": {MODALITIES[m]: t for m, t in sorted(rec.topics.sensors.items())},
+                   "skipped_topics": rec.topics.skipped, "read_fault": rec.fault, "notes": notes,
+                   "at_s": at_ns / NS_PER_S, "fused_at_s": fused_ns / NS_PER_S}
 
 
 def _feed_files(image: Path | None, points: Path | None, sync) -> None:
@@ -116,9 +128,11 @@ def _state_dict(state: FusedState, pipeline) -> dict:
     }
 
 
-def _summary(state: FusedState, pipeline, notes: list[str]) -> str:
+def _summary(state: FusedState, pipeline, notes: list[str], fused_at_s: float | None = None) -> str:
+    """The text table; fused_at_s: the instant in seconds after the bag's start (fused from a bag)."""
     b = pipeline.backend
-    lines = [(f"fused state @ {state.stamp_ns / NS_PER_S:.6f} s  frame {state.frame_id}  "
+    when = f"{state.stamp_ns / NS_PER_S:.6f} s" if fused_at_s is None else f"{fused_at_s:.3f} s into the bag"
+    lines = [(f"fused state @ {when}  frame {state.frame_id}  "
               f"backend {b.name} ({b.device}, {b.precision})  model: {pipeline.model_source}")]
     if pipeline.backend_fallback:
         lines.append(f"  fallback: {pipeline.backend_fallback}")

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
+from ..adapters import SUPPORTED_TYPES, modality_of
+from ..bag import topic_flag
 from ..errors import FusionAttnError
-from ..frames import MODALITIES
+from ..frames import MODALITIES, Modality
 from ..params import PARAM_DEFAULTS
 from .common import fusion_setup, model_args, replay_options
+
+NOTES_SHOWN = 10  # on the console; summary.json holds 100
 
 
 def add_parser(verbs):
@@ -22,8 +27,7 @@ def add_parser(verbs):
                         help="recorded time from header stamps (default) or the bag's receive times")
     replay.add_argument("--start", type=float, help="seconds after the start of the recording")
     replay.add_argument("--end", type=float, help="seconds after the start of the recording")
-    for name in MODALITIES:
-        replay.add_argument(f"--{name}-topic", help=f"{name} topic (default: found by message type)")
+    topic_args(replay)
     replay.add_argument("--tau", help="τ: one value (global), or a sweep 0.1,0.5,1,2; an entry may be "
                                       "global:camera:lidar:imu")
     replay.add_argument("--no-progress", action="store_true")
@@ -53,10 +57,19 @@ def run(args) -> int:
         print("  τ sweep (mean attention camera / lidar / imu):")
         for row in summary["tau_sweep"]:
             print(f"    τ {row['tau']}: " + " / ".join(f"{v:.3f}" for v in row["attention_mean"].values()))
-    for event in summary["events"][:10]:
+    for event in summary["events"][:NOTES_SHOWN]:  # the read fault and the drops per sensor come first
         print(f"  note: {event}")
+    if summary["events_total"] > NOTES_SHOWN:
+        print(f"  ({summary['events_total'] - NOTES_SHOWN} more notes in summary.json)")
     print(f"  wrote {args.output}/fused (MCAP), summary.json, timing.json, *.png")
     return 0
+
+
+def topic_args(p: argparse.ArgumentParser) -> None:
+    """--camera-topic, --lidar-topic, --imu-topic: replay's and fuse's choice of topics (see bag.find_topics)."""
+    for m in Modality:
+        types = " or ".join(t for t in SUPPORTED_TYPES if modality_of(t) is m)
+        p.add_argument(topic_flag(m), metavar="TOPIC", help=f"the {MODALITIES[m]} topic (default: the busiest {types})")
 
 
 def _tau_entry(entry: str, base) -> tuple[float, float, float, float]:
