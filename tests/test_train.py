@@ -564,6 +564,31 @@ def test_eval_robustness_compares_runs(tmp_path, cache, runs):
     assert "### Targets (`attention` against `concat`)" in tables and "### Trust (`attention`)" in tables
 
 
+def test_eval_robustness_reuses_the_sweep_of_an_unchanged_run(tmp_path, cache, runs, monkeypatch):
+    """--reuse: a run whose training state the previous report measured (same episodes and τ) keeps its
+    sweep, under any name; another τ sweep, or a retrained run, is measured again."""
+    from fusion_attn.learn import robustness
+
+    out = tmp_path / "out"
+    first = run_evaluation({"attention": runs["attention"]}, out, [1.0], 1, cache, [])
+    assert first["runs"]["attention"]["reused"] is False
+
+    def no_sweep(*args, **kwargs):
+        raise AssertionError("a reusable sweep was run again")
+
+    monkeypatch.setattr(robustness, "sweep", no_sweep)
+    again = run_evaluation({"renamed": runs["attention"]}, out, [1.0], 1, cache, [], reuse=True)
+    assert again["runs"]["renamed"]["reused"] is True and again["sim"]["renamed"] == first["sim"]["attention"]
+    with pytest.raises(AssertionError, match="run again"):
+        run_evaluation({"attention": runs["attention"]}, out, [0.5], 1, cache, [], reuse=True)
+    monkeypatch.undo()
+    retrained = tmp_path / "retrained"
+    shutil.copytree(runs["attention"], retrained)
+    with (retrained / STATE_FILE).open("ab") as f:
+        f.write(b"\0")  # another state digest (torch.load ignores trailing bytes of a zip)
+    assert robustness.state_digest(retrained) != robustness.state_digest(runs["attention"])
+
+
 def test_summary_takes_each_condition_at_its_best_tau():
     report = {
         "attention": {

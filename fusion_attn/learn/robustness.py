@@ -16,6 +16,7 @@ same cached shards as training's.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
@@ -348,28 +349,49 @@ def _sweep_job(name: str, folder: Path, data_tc: TrainConfig, cache: Path, episo
     return sweep(run, held_out_set(data_tc, run.cfg, cache, episodes), taus, data_tc.fusion_hz)
 
 
+def state_digest(folder: Path) -> str:
+    """sha256 of a run's training state: what identifies the weights a sweep measured."""
+    return hashlib.sha256((Path(folder) / STATE_FILE).read_bytes()).hexdigest()[:16]
+
+
+def reusable_sweeps(previous: dict, episodes: int, taus: list[float]) -> dict[str, dict]:
+    """{state digest: sweep} of a previous report measured on the same held-out episodes and τ sweep."""
+    if previous.get("test_episodes") != episodes or previous.get("taus") != taus:
+        return {}
+    return {info["state"]: previous["sim"][name] for name, info in previous.get("runs", {}).items() if "state" in info}
+
+
 def run_evaluation(run_dirs: dict[str, Path], out: Path, taus: list[float], episodes: int, cache: Path,
-                   bags: list[Path], threads: int = 1, jobs: int = 1) -> dict:
+                   bags: list[Path], threads: int = 1, jobs: int = 1, reuse: bool = False) -> dict:
     """Everything `fusion-attn eval-robustness` writes: OUT/robustness.json, its tables in
     OUT/robustness.md, and the plots. jobs: runs evaluated at once, each in a process of its own
-    (with `threads` torch threads)."""
+    (with `threads` torch threads). reuse: a run whose training state OUT/robustness.json already
+    measured (same state digest, episodes and τ sweep) keeps that sweep instead of running it again."""
     torch.set_num_threads(threads)
     runs = [load_run(n, d) for n, d in run_dirs.items()]
+    digests = {r.name: state_digest(run_dirs[r.name]) for r in runs}
     data_tc = runs[0].tc  # every run sees the episodes and rate of the first run's data settings
     hz = data_tc.fusion_hz
     test_samples = len(held_out_set(data_tc, runs[0].cfg, cache, episodes))  # also makes the shards, once
+    previous = out / "robustness.json"
+    known = reusable_sweeps(json.loads(previous.read_text()), episodes, taus) if reuse and previous.exists() else {}
+    sim = {r.name: known[digests[r.name]] for r in runs if digests[r.name] in known}
+    reused = set(sim)
+    todo = [r for r in runs if r.name not in reused]
     if jobs > 1:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = {r.name: pool.submit(_sweep_job, r.name, Path(run_dirs[r.name]), data_tc, cache, episodes, taus,
-                                           threads) for r in runs}
-            sim = {name: f.result() for name, f in futures.items()}
+                                           threads) for r in todo}
+            sim |= {name: f.result() for name, f in futures.items()}
     else:
         test_set = functools.cache(lambda cfg: held_out_set(data_tc, cfg, cache, episodes))  # loaded once per config
-        sim = {r.name: sweep(r, test_set(r.cfg), taus, hz) for r in runs}
+        sim |= {r.name: sweep(r, test_set(r.cfg), taus, hz) for r in todo}
     report = {"test_samples": test_samples, "test_episodes": episodes, "taus": taus,
               "runs": {r.name: {"folder": str(run_dirs[r.name]), "fusion": r.tc.fusion, "sensor_fusion": r.tc.sensor_fusion,
-                                "seed": r.tc.seed, "tau_random_prob": r.tc.tau_random_prob} for r in runs},
-              "sim": sim}
+                                "seed": r.tc.seed, "tau_random_prob": r.tc.tau_random_prob,
+                                "trust_floor": r.cfg.model.trust_floor, "state": digests[r.name],
+                                "reused": r.name in reused} for r in runs},
+              "sim": {r.name: sim[r.name] for r in runs}}
     report["summary"] = summarise(report["sim"])
     report["groups"] = grouped(report["summary"])
     report["targets"] = targets(report["groups"], group_of(runs[0].name)) if "concat" in report["groups"] else []
