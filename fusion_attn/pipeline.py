@@ -82,7 +82,9 @@ def onnx_for(model: FusionModel, cache_dir: str | Path | None = None, opset: int
 
 def create_backend(name: str, model: FusionModel, threads: int | None = None, device: str | None = None,
                    onnx_path: str | Path | None = None, tensorrt: TensorRTOptions | None = None) -> Backend:
-    """The named backend for `model`; BackendUnavailable where a GPU backend cannot run here."""
+    """The named backend for `model`; BackendUnavailable where a GPU backend cannot run here. `model` is
+    left as it was (device, dtype, training flag): backends run copies or its exported graph, so one
+    model can feed several."""
     if name == "torch":
         from .backends.torch_backend import TorchBackend
 

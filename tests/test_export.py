@@ -124,3 +124,70 @@ def test_corrupt_onnx_file_gives_a_clear_error(tmp_path):
     bad.write_bytes(b"\x08\x07garbage")
     with pytest.raises(CheckpointError, match="ONNX Runtime cannot load"):
         OnnxRuntimeBackend(bad)
+
+
+# --- a backend never changes the model it is given (benchmarks/gpu_latency.py builds them all from one) ------
+
+
+@pytest.fixture(scope="module")
+def onnx_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("onnx-cache")
+
+
+def _small_model() -> FusionModel:
+    """A model mid-training: train mode, one parameter frozen; what a backend could change shows."""
+    torch.manual_seed(0)
+    model = FusionModel(FusionConfig.from_dict({"camera": {"height": 64, "width": 64}, "lidar": {"pillars": 32}}))
+    next(model.parameters()).requires_grad_(False)
+    return model.train()
+
+
+def _snapshot(model: FusionModel):
+    return (model.training, {n: p.requires_grad for n, p in model.named_parameters()},
+            {n: (t.device, t.dtype, t.detach().clone()) for n, t in model.state_dict().items()})
+
+
+def _assert_unchanged(model: FusionModel, before) -> None:
+    training, requires_grad, tensors = before
+    assert model.training == training
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == requires_grad
+    now = model.state_dict()
+    assert now.keys() == tensors.keys()
+    for name, (device, dtype, value) in tensors.items():
+        assert (now[name].device, now[name].dtype) == (device, dtype), name
+        assert torch.equal(now[name], value), name
+
+
+def test_no_backend_changes_the_model_it_is_given(onnx_cache, monkeypatch):
+    """Every backend, from one model: those that run here, and those that refuse (no GPU, no TensorRT)."""
+    from fusion_attn.backends import BACKENDS
+    from fusion_attn.errors import BackendUnavailable
+    from fusion_attn.pipeline import create_backend
+
+    monkeypatch.setenv("FUSION_ATTN_CACHE", str(onnx_cache))
+    model = _small_model()
+    before = _snapshot(model)
+    created = []
+    for name in BACKENDS:
+        try:
+            created.append(create_backend(name, model).name)
+        except BackendUnavailable:
+            pass
+        _assert_unchanged(model, before)
+    assert {"torch", "onnxruntime"} <= set(created)
+
+
+def test_a_torch_backend_on_another_device_leaves_the_model_exportable(onnx_cache, monkeypatch):
+    """gpu_latency.py's order: torch on the GPU, then ONNX Runtime exported from the same model (which
+    failed: the export found the weights on cuda:0). Without a GPU, "meta" is the other device."""
+    from fusion_attn.pipeline import create_backend
+
+    monkeypatch.setenv("FUSION_ATTN_CACHE", str(onnx_cache))
+    model = _small_model()
+    before = _snapshot(model)
+    other = create_backend("torch", model, device="cuda:0" if torch.cuda.is_available() else "meta")
+    assert next(other.model.parameters()).device.type != "cpu"
+    ort = create_backend("onnxruntime", model)
+    _assert_unchanged(model, before)
+    x = example_inputs(model, batch=2, seed=3)
+    assert _max_diff(ort.run(x), TorchBackend(model).run(x)) <= 1e-4

@@ -6,6 +6,8 @@ launching them; a replayed graph launches them all at once. The GPU path that ru
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
@@ -24,7 +26,7 @@ class CudaGraphBackend:
         self.torch_device = torch.device(device)
         self.device = f"{self.torch_device} ({torch.cuda.get_device_name(self.torch_device)})"
         torch.cuda.set_device(self.torch_device)
-        self.model = model.eval().to(self.torch_device)
+        self.model = copy.deepcopy(model).eval().to(self.torch_device)  # the caller's model stays as it is
         self.warmup = warmup
         # input shapes -> (graph, static inputs, static outputs); replays read and write these tensors
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], tuple[torch.Tensor, ...]]] = {}

@@ -5,6 +5,7 @@ Only the batch dimension is dynamic; every other shape is fixed by the token bud
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from importlib.resources import files
@@ -42,7 +43,9 @@ def export_onnx(model: FusionModel, path: str | Path, opset: int = OPSET) -> Pat
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = model.eval()
+    # a CPU copy in eval mode: the example inputs are CPU tensors, the caller's model may be on a GPU (a
+    # torch backend's), and exporting must not change it (training flag, device)
+    model = copy.deepcopy(model).cpu().eval()
     args = tuple(torch.from_numpy(v) for v in example_inputs(model, batch=2).values())
     names = list(input_spec(model.cfg))
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)

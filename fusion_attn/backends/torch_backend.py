@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
@@ -17,7 +19,9 @@ class TorchBackend:
         if threads:
             torch.set_num_threads(threads)
         self.device = device
-        self.model = model.eval().to(device)
+        # its own copy: the caller's model may feed other backends (the ONNX export runs on the CPU) and
+        # must keep its device, dtype and training flag
+        self.model = copy.deepcopy(model).eval().to(device)
 
     @torch.inference_mode()
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
