@@ -16,6 +16,7 @@ from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescri
 from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rclpy.qos_overriding_options import QoSOverridingOptions
 from sensor_msgs.msg import CompressedImage, Image, Imu, LaserScan, PointCloud2
 
 from .adapters import msgtype_of, to_frame
@@ -30,6 +31,9 @@ from .sync import SensorSync, SyncConfig
 
 MESSAGE_TYPES = {("camera", "image"): Image, ("camera", "compressed"): CompressedImage,
                  ("lidar", "pointcloud2"): PointCloud2, ("lidar", "laserscan"): LaserScan, ("imu", "imu"): Imu}
+# ROS 2's standard per-topic QoS parameters, qos_overrides.<topic>.<publisher|subscription>.<policy> for
+# history, depth and reliability: rclpy declares them (read-only) as it creates each publisher and subscription
+QOS_OVERRIDES = QoSOverridingOptions.with_default_policies()
 
 
 class FusionNode(LifecycleNode):
@@ -43,6 +47,7 @@ class FusionNode(LifecycleNode):
         self._last_state: FusedState | None = None
         self._processing_ms = self._latency_ms = 0.0
         self._fuse_errors = 0
+        self._qos_declared = False  # set at the first activation: see _on_set_parameters
         self._type_warned: set[tuple[str, ...]] = set()
         # one child logger per sensor: rclpy throttles per logger and call site, so a flood on one
         # sensor must not silence the reports of another
@@ -65,21 +70,28 @@ class FusionNode(LifecycleNode):
             return TransitionCallbackReturn.FAILURE
         params = {p.name: self.p(p.name) for p in PARAMETERS}
         self.sync = SensorSync(SyncConfig.from_params(params, self.pipeline.cfg.imu.window_s))
-        self.fused_pub = self.create_lifecycle_publisher(Image, "fused_state", 10)
-        self.diag_pub = self.create_lifecycle_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.fused_pub = self.create_lifecycle_publisher(Image, "fused_state", 10, qos_overriding_options=QOS_OVERRIDES)
+        self.diag_pub = self.create_lifecycle_publisher(DiagnosticArray, "/diagnostics", 10,
+                                                        qos_overriding_options=QOS_OVERRIDES)
         self.get_logger().info(f"configured: model {self.pipeline.model_source} on {self.pipeline.backend.name}, "
                                f"sensors {', '.join(f'{m}={t}' for m, (t, _) in self.sensors.items())}")
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        qos = QoSProfile(depth=self.p("qos_depth"), reliability=qos_profile_sensor_data.reliability
-                         if self.p("qos_reliability") == "best_effort" else ReliabilityPolicy.RELIABLE,
-                         durability=qos_profile_sensor_data.durability, history=qos_profile_sensor_data.history)
+        self._qos_declared = True
         for name, (topic, msg_type) in self.sensors.items():
             modality = Modality[name.upper()]
-            events = SubscriptionEventCallbacks(incompatible_qos=lambda info, t=topic: self._incompatible_qos(t, info))
-            self._subs.append(self.create_subscription(msg_type, topic, lambda msg, m=modality: self._on_message(m, msg),
-                                                       qos, event_callbacks=events))
+            # qos_reliability / qos_depth give every sensor's default; its qos_overrides.* parameters win. One
+            # profile per subscription: rclpy applies the overrides to it in place (it becomes sub.qos_profile)
+            qos = QoSProfile(depth=self.p("qos_depth"), reliability=qos_profile_sensor_data.reliability
+                             if self.p("qos_reliability") == "best_effort" else ReliabilityPolicy.RELIABLE,
+                             durability=qos_profile_sensor_data.durability, history=qos_profile_sensor_data.history)
+            resolved = self.resolve_topic_name(topic)
+            events = SubscriptionEventCallbacks(
+                incompatible_qos=lambda info, t=resolved, q=qos: self._incompatible_qos(t, q, info))
+            self._subs.append(self.create_subscription(
+                msg_type, topic, lambda msg, m=modality: self._on_message(m, msg), qos, event_callbacks=events,
+                qos_overriding_options=QOS_OVERRIDES))
         if self.p("trigger") == "timer":
             self._timers.append(self.create_timer(1.0 / self.p("fusion_rate_hz"), self._fuse))
         self._timers.append(self.create_timer(self.p("diagnostics_period_s"), self._publish_diagnostics))
@@ -116,14 +128,17 @@ class FusionNode(LifecycleNode):
             self.sync.drop(modality, "malformed")
             self._sensor_log[modality].warning(f"dropped {MODALITIES[modality]} message: {exc}", throttle_duration_sec=5.0)
             return
-        resets = self.sync.resets
-        rejected = self.sync.add(frame)
+        health = self.sync.health[modality]
+        resets = health.resets
+        # the clock reads 0 under sim time before the first /clock: no time to judge stamps by yet
+        rejected = self.sync.add(frame, self.get_clock().now().nanoseconds or None)
         if rejected:
             self._sensor_log[modality].warning(f"dropped {MODALITIES[modality]} message: {rejected}",
                                                throttle_duration_sec=5.0)
             return
-        if self.sync.resets != resets:
-            self.get_logger().warning(f"{MODALITIES[modality]} time jumped back: sensor buffers reset")
+        if health.resets != resets:
+            self._sensor_log[modality].warning(f"{MODALITIES[modality]} time jumped back: its buffers reset "
+                                               f"({health.resets} so far)", throttle_duration_sec=5.0)
         if modality is not Modality.IMU:
             self.pipeline.tokenizer.prepare(frame)  # now, rather than at the next fusion
         if self.p("trigger") == MODALITIES[modality]:
@@ -158,10 +173,18 @@ class FusionNode(LifecycleNode):
 
     def _on_set_parameters(self, params) -> SetParametersResult:
         changed = {p.name: p.value for p in params}
-        fixed = [n for n in changed if n not in TAU_NAMES]
+        # qos_overrides.*: rclpy declares them while configured (read-only: it refuses later changes itself)
+        fixed = [n for n in changed if n not in TAU_NAMES and not n.startswith("qos_overrides.")]
         if fixed and self.pipeline is not None:
             return SetParametersResult(successful=False, reason=f"{', '.join(fixed)}: read-only while configured; "
                                        "clean up the node and configure it again")
+        stale = [n for n in changed if n in ("qos_reliability", "qos_depth")]
+        if stale and self._qos_declared:
+            # the first activation declared the qos_overrides.* parameters with these values as defaults, and
+            # read-only parameters keep them: a new value would be silently ignored
+            return SetParametersResult(successful=False, reason=f"{', '.join(stale)}: fixed since the first "
+                                       "activation; restart the node, or set qos_overrides.<topic>.subscription.* "
+                                       "in its parameter file")
         if self.pipeline is not None and any(n in TAU_NAMES for n in changed):
             try:
                 tau = validate_tau([changed.get(n, self.p(n)) for n in TAU_NAMES])
@@ -171,11 +194,12 @@ class FusionNode(LifecycleNode):
             self.get_logger().info(f"tau set to {tau.tolist()}")
         return SetParametersResult(successful=True)
 
-    def _incompatible_qos(self, topic: str, info) -> None:
+    def _incompatible_qos(self, topic: str, qos: QoSProfile, info) -> None:
         self.get_logger().error(
             f"{topic}: a publisher offers QoS incompatible with this subscription (policy "
             f"{info.last_policy_kind.name}, {info.total_count} so far): NO messages will arrive from it. "
-            f"Match its QoS, e.g. set qos_reliability (now {self.p('qos_reliability')}).")
+            f"Match its QoS, e.g. set qos_overrides.{topic}.subscription.reliability "
+            f"(now {qos.reliability.name.lower()}).")
 
     def _check_publisher_types(self) -> None:
         """Say once per publisher when one offers another message type on a subscribed topic (the graph
@@ -208,7 +232,11 @@ class FusionNode(LifecycleNode):
 
 
 def _descriptor(p: Param) -> ParameterDescriptor:
-    d = ParameterDescriptor(description=p.description, read_only=False)
+    # read_only=True would lock a parameter from its declaration on, before configure too; the lock while
+    # configured is _on_set_parameters', and additional_constraints says so
+    d = ParameterDescriptor(description=p.description, read_only=False, additional_constraints=(
+        "may be set at run time: the next fusion uses it" if p.runtime else "read-only while configured: "
+        "set it while unconfigured (cleanup, then configure again) or in the parameter file"))
     if p.range is not None and isinstance(p.default, float):
         d.floating_point_range = [FloatingPointRange(from_value=float(p.range[0]), to_value=float(p.range[1]))]
     elif p.range is not None:

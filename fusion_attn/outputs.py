@@ -16,6 +16,7 @@ cv_bridge, `np.frombuffer(msg.data, np.float32).reshape(msg.height, msg.width)`)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,7 +71,7 @@ class Status:
 def diagnostics(summary: dict[str, dict], state: FusedState | None, backend: dict[str, str],
                 processing_ms: float | None, latency_ms: float, fusion_period_s: float,
                 configured: tuple[str, ...]) -> list[Status]:
-    """Per-sensor status (rate, age, drops, masked) and one for the fusion itself.
+    """Per-sensor status (rate, age, drops, resets, masked) and one for the fusion itself.
 
     Thresholds are relative to each sensor's own period: WARN once its next message is overdue (data
     older than one period) or it dropped messages since the start, ERROR when it is masked (silent for
@@ -85,17 +86,18 @@ def diagnostics(summary: dict[str, dict], state: FusedState | None, backend: dic
     for name in configured:
         h = summary[name]
         period = 1.0 / h["rate_hz"] if h["rate_hz"] > 0 else float("nan")
-        values = {"rate_hz": f"{h['rate_hz']:.2f}", "age_ms": f"{h['age_s'] * 1e3:.1f}",
-                  "received": str(h["received"]), "dropped": str(h["dropped"]), "masked": str(h["masked"]).lower()}
+        values = {"rate_hz": f"{h['rate_hz']:.2f}", "age_ms": _ms(h["age_s"] * 1e3, 1),
+                  "received": str(h["received"]), "dropped": str(h["dropped"]), "resets": str(h.get("resets", 0)),
+                  "masked": str(h["masked"]).lower()}
         values.update({f"dropped_{reason}": str(n) for reason, n in sorted(h["drop_reasons"].items())})
         if state is not None:
             values["trust"] = _trust_text(state, MODALITIES.index(name))
         if h["received"] == 0:
             level, message = ERROR, "no data received"
         elif h["masked"]:
-            level, message = ERROR, f"stale: no data for {h['age_s'] * 1e3:.0f} ms, masked"
+            level, message = ERROR, f"stale: no data for {_ms(h['age_s'] * 1e3, 0)} ms, masked"
         elif h["age_s"] > period:
-            level, message = WARN, f"late: {h['age_s'] * 1e3:.0f} ms old, period {period * 1e3:.0f} ms"
+            level, message = WARN, f"late: {_ms(h['age_s'] * 1e3, 0)} ms old, period {period * 1e3:.0f} ms"
         elif h["dropped"]:
             level, message = WARN, f"ok, {h['dropped']} message(s) dropped"
         else:
@@ -104,7 +106,7 @@ def diagnostics(summary: dict[str, dict], state: FusedState | None, backend: dic
 
     values = {**backend,  # backend, device, precision, any fallback (+ the node's contract terms)
               "processing_time_ms": "n/a" if processing_ms is None else f"{processing_ms:.2f}",
-              "pipeline_latency_ms": f"{latency_ms:.2f}"}
+              "pipeline_latency_ms": _ms(latency_ms, 2)}
     processing_ms = processing_ms or 0.0
     if state is not None:
         values.update({f"tau_{k}": f"{v:g}" for k, v in zip(("global", *MODALITIES), state.tau)})
@@ -126,6 +128,12 @@ def diagnostics(summary: dict[str, dict], state: FusedState | None, backend: dic
         level, message = OK, "ok"
     out.append(Status("fusion_attn: fusion", level, message, values))
     return out
+
+
+def _ms(age_ms: float, decimals: int) -> str:
+    """An age as diagnostics show it: never negative (data stamped a little ahead of us, within the sync's
+    future tolerance, is clock skew: age 0), n/a when there is none (no data)."""
+    return "n/a" if math.isnan(age_ms) else f"{max(age_ms, 0.0):.{decimals}f}"
 
 
 def _trust_text(state: FusedState, i: int) -> str:

@@ -58,6 +58,16 @@ PARAMETERS = (
     Param("max_age_s.lidar", 0.3, "lidar older than this at fusion time is masked", (1e-3, 60.0)),
     Param("max_age_s.imu", 0.05, "IMU older than this at fusion time is masked", (1e-3, 60.0)),
     Param("stale_after_periods", 1.5, "also masked after this many of the sensor's periods of silence", (0.0, 100.0)),
+    Param("future_tolerance_s", 0.5, "data stamped further ahead of the node's clock is dropped (dropped_future): "
+          "how far a sensor's clock may lead ours", (0.0, 60.0)),
+    # Physical limits: a message beyond them is corrupt, not data, and is dropped whole (dropped_out_of_limits).
+    # Generous, so that no real sensor reaches them: long-range lidars see 300-600 m, MEMS IMUs saturate at
+    # +-40 g (390 m/s^2) and +-4000 deg/s (69.8 rad/s) at most.
+    Param("limits.max_range_m", 1000.0, "a lidar point farther than this [m] drops its cloud", (1.0, 1e6)),
+    Param("limits.max_acceleration_mps2", 500.0, "an IMU acceleration axis beyond this [m/s^2] drops the sample",
+          (1.0, 1e6)),
+    Param("limits.max_angular_rate_rad_s", 70.0, "an IMU angular rate axis beyond this [rad/s] drops the sample",
+          (0.1, 1e6)),
     Param("diagnostics_period_s", 1.0, "diagnostics publishing period", (0.05, 60.0)),
     Param("autostart", True, "configure and activate on start (no lifecycle manager needed)"),
 )

@@ -2,8 +2,9 @@
 
 It never waits for all sensors: `snapshot(t)` hands over whatever is fresh at fusion time t and
 masks (leaves out) a sensor whose newest data is older than its max age. Frames are fed in arrival
-order; a stamp that jumps backwards by more than `reset_on_jump_back_s` (a bag looping, a clock
-reset) clears every buffer, and smaller out-of-order stamps are dropped and counted.
+order; a sensor whose time goes back by more than `reset_on_jump_back_s` (a bag looping, a clock
+reset) has its buffers cleared (see `SensorSync.add`), and other out-of-order stamps, stamps from the
+future and values beyond physical limits are dropped and counted.
 """
 
 from __future__ import annotations
@@ -27,19 +28,29 @@ class SyncConfig:
     imu_window_s: float = 0.25  # IMU history handed to the tokenizer: the model's imu.window_s
     imu_capacity: int = 4096  # samples kept (20 s at 200 Hz): bounds memory whatever the rate
     reset_on_jump_back_s: float = 1.0
-    future_tolerance_s: float = 0.5  # data stamped further ahead of the fusion time is not trusted (masked)
+    jump_back_confirm: int = 3  # frames in a row that stay back before a sensor is reset anyway (see `add`)
+    # data stamped further ahead of the receiver's clock is dropped, ahead of the fusion time masked
+    future_tolerance_s: float = PARAM_DEFAULTS["future_tolerance_s"]
+    max_range_m: float = PARAM_DEFAULTS["limits.max_range_m"]
+    max_acceleration_mps2: float = PARAM_DEFAULTS["limits.max_acceleration_mps2"]
+    max_angular_rate_rad_s: float = PARAM_DEFAULTS["limits.max_angular_rate_rad_s"]
 
     @classmethod
     def from_params(cls, params: dict, imu_window_s: float) -> SyncConfig:
         """From the node's parameters (config/fusion.yaml names): the one mapping node, CLI and replay share."""
         return cls(max_age_s=tuple(float(param(params, f"max_age_s.{m}")) for m in MODALITIES),
-                   stale_after_periods=float(param(params, "stale_after_periods")), imu_window_s=imu_window_s)
+                   stale_after_periods=float(param(params, "stale_after_periods")), imu_window_s=imu_window_s,
+                   future_tolerance_s=float(param(params, "future_tolerance_s")),
+                   max_range_m=float(param(params, "limits.max_range_m")),
+                   max_acceleration_mps2=float(param(params, "limits.max_acceleration_mps2")),
+                   max_angular_rate_rad_s=float(param(params, "limits.max_angular_rate_rad_s")))
 
 
 @dataclass
 class SensorHealth:
     received: int = 0
     dropped: int = 0  # malformed, NaN, out of order: counted by whoever dropped it
+    resets: int = 0  # times its buffers were cleared because its time went back
     last_stamp_ns: int | None = None
     mean_dt_s: float = 0.0  # exponential average of the stamp interval (averaging dt, not 1/dt: one
     drop_reasons: dict[str, int] = field(default_factory=dict)  # near-duplicate stamp cannot blow it up)
@@ -89,30 +100,46 @@ class SensorSync:
     def __init__(self, cfg: SyncConfig | None = None):
         self.cfg = cfg or SyncConfig()
         self.health = {m: SensorHealth() for m in Modality}
-        self.resets = 0
+        self.resets = 0  # times time went back: a bag loop resets every sensor, and counts once (see `_reset`)
         self._camera: CameraFrame | None = None
         self._lidar: LidarFrame | None = None
         # each one's previous frame: what changed since is the model's evidence of motion and of a frozen sensor
         self._camera_prev: CameraFrame | None = None
         self._lidar_prev: LidarFrame | None = None
         self._imu = _ImuHistory(self.cfg.imu_capacity)
+        self._behind = dict.fromkeys(Modality, 0)  # frames in a row stamped far behind the sensor's newest
 
-    def add(self, frame: CameraFrame | LidarFrame | ImuSample) -> bool:
+    def add(self, frame: CameraFrame | LidarFrame | ImuSample, now_ns: int | None = None) -> str | None:
         """Take a frame; -> None when taken, else why it was dropped (which is counted).
 
-        A sensor's stamp more than reset_on_jump_back_s behind its previous one means time went
-        backwards (a bag looping, a clock reset): every buffer is cleared first (see `resets`).
-        Per sensor, so sensors whose clocks are offset from each other never trigger it.
+        now_ns: the receiver's clock at arrival (the live node's; replay has none, its data's time is its
+        clock). A frame stamped more than future_tolerance_s after it is dropped as "future", one with a
+        value beyond the physical limits (a lidar point's range, an IMU axis) as "out_of_limits".
+
+        A stamp more than reset_on_jump_back_s behind the sensor's newest is time going back (a bag
+        looping, a clock reset) or one stray old message among good ones, which must cost nothing. So it
+        resets that sensor (only: each keeps its own time) and is taken when the receiver's clock went back
+        with it (recent by now_ns, or no now_ns), or once jump_back_confirm frames in a row stayed back (an
+        old recording looping under a live clock); until then it is dropped as out_of_order.
         """
         modality = _MODALITY_OF[type(frame)]
         h = self.health[modality]
         if modality is Modality.LIDAR and len(frame) == 0:
             return self.drop(modality, "empty")  # no point survived: the lidar gives no data this sweep
-        if h.last_stamp_ns is not None and frame.stamp_ns <= h.last_stamp_ns:
-            if h.last_stamp_ns - frame.stamp_ns > self.cfg.reset_on_jump_back_s * NS_PER_S:
-                self.reset()
-            else:
-                return self.drop(modality, "duplicate_stamp" if frame.stamp_ns == h.last_stamp_ns else "out_of_order")
+        if now_ns is not None and frame.stamp_ns - now_ns > self.cfg.future_tolerance_s * NS_PER_S:
+            return self.drop(modality, "future")
+        if not self._within_limits(frame):
+            return self.drop(modality, "out_of_limits")
+        jump_ns = self.cfg.reset_on_jump_back_s * NS_PER_S
+        behind = h.last_stamp_ns is not None and h.last_stamp_ns - frame.stamp_ns > jump_ns
+        self._behind[modality] = self._behind[modality] + 1 if behind else 0
+        if behind:
+            stray = now_ns is not None and now_ns - frame.stamp_ns > jump_ns
+            if stray and self._behind[modality] < self.cfg.jump_back_confirm:
+                return self.drop(modality, "out_of_order")
+            self._reset(modality, frame.stamp_ns)
+        elif h.last_stamp_ns is not None and frame.stamp_ns <= h.last_stamp_ns:
+            return self.drop(modality, "duplicate_stamp" if frame.stamp_ns == h.last_stamp_ns else "out_of_order")
         if h.last_stamp_ns is not None:
             dt = (frame.stamp_ns - h.last_stamp_ns) / NS_PER_S
             h.mean_dt_s = dt if h.mean_dt_s == 0.0 else 0.9 * h.mean_dt_s + 0.1 * dt
@@ -133,13 +160,35 @@ class SensorSync:
         h.drop_reasons[reason] = h.drop_reasons.get(reason, 0) + 1
         return reason
 
-    def reset(self) -> None:
-        """Forget all buffered data (time went backwards); counters survive, rates restart."""
-        self._camera = self._lidar = self._camera_prev = self._lidar_prev = None
-        self._imu.clear()
-        for h in self.health.values():
-            h.last_stamp_ns, h.mean_dt_s = None, 0.0
-        self.resets += 1
+    def _within_limits(self, frame: CameraFrame | LidarFrame | ImuSample) -> bool:
+        """No value beyond the physical limits: such a message is corrupt, whatever else it holds."""
+        c = self.cfg
+        if isinstance(frame, LidarFrame):
+            xyz = frame.points[:, :3]
+            with np.errstate(over="ignore"):  # an absurd coordinate's square overflows to inf: beyond, rightly
+                return bool(np.einsum("ij,ij->i", xyz, xyz).max() <= c.max_range_m**2)
+        if isinstance(frame, ImuSample):
+            return bool(np.abs(frame.accel).max() <= c.max_acceleration_mps2
+                        and np.abs(frame.gyro).max() <= c.max_angular_rate_rad_s)
+        return True
+
+    def _reset(self, modality: Modality, stamp_ns: int) -> None:
+        """Forget a sensor's buffered data (its time went back to stamp_ns); its counters survive, its rate
+        restarts. A bag loop resets each sensor at its first frame from the new time; `resets` counts it once,
+        at the first of them: the one no other sensor is near in time yet."""
+        if modality is Modality.CAMERA:
+            self._camera = self._camera_prev = None
+        elif modality is Modality.LIDAR:
+            self._lidar = self._lidar_prev = None
+        else:
+            self._imu.clear()
+        h = self.health[modality]
+        h.last_stamp_ns, h.mean_dt_s = None, 0.0
+        h.resets += 1
+        near_ns = self.cfg.reset_on_jump_back_s * NS_PER_S
+        if not any(o.last_stamp_ns is not None and abs(o.last_stamp_ns - stamp_ns) <= near_ns
+                   for o in self.health.values()):
+            self.resets += 1
 
     def newest_stamp_ns(self) -> int | None:
         stamps = [h.last_stamp_ns for h in self.health.values() if h.last_stamp_ns is not None]
@@ -180,8 +229,8 @@ class SensorSync:
 
     def summary(self, now_ns: int) -> dict[str, dict]:
         """Per-sensor health as plain data (diagnostics, reports)."""
-        return {name: {"received": h.received, "dropped": h.dropped, "rate_hz": round(h.rate_hz, 3),
-                       "age_s": h.age_s(now_ns), "masked": not self.fresh(m, now_ns),
+        return {name: {"received": h.received, "dropped": h.dropped, "resets": h.resets,
+                       "rate_hz": round(h.rate_hz, 3), "age_s": h.age_s(now_ns), "masked": not self.fresh(m, now_ns),
                        "drop_reasons": dict(h.drop_reasons)}
                 for name, m, h in ((MODALITIES[m], m, self.health[m]) for m in Modality)}
 

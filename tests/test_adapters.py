@@ -1100,3 +1100,24 @@ def test_real_sick_scan_and_clouds(real_data):
         assert all(len(f) > 0 and (f.points[:, 3] == 0).all() for f in frames)  # no intensity field
         assert np.linalg.norm(np.concatenate([f.points[:, :3] for f in frames]), axis=1).max() < 200
         assert frames[0].frame_id == "radar" and _increasing([f.stamp_ns for f in frames], strictly=False)
+
+
+def test_physically_impossible_messages_are_dropped_and_counted_before_the_tokenizer(make, recwarn):
+    """Finite but absurd values pass the adapters (they are well-formed messages) and stop at the sensor
+    sync, counted per reason: the tokenizer never sees them (it warned of an invalid cast on that cloud)."""
+    from fusion_attn.config import FusionConfig
+    from fusion_attn.sync import SensorSync
+    from fusion_attn.tokenize import Tokenizer
+
+    xyzi = np.array([[[1, 2, 3, 4], [3e38, -3e38, 1, 1]]], np.float32)
+    data, row_step = _pack(xyzi, F32, 16)
+    cloud = to_frame(make.cloud(fields=XYZI, width=2, height=1, point_step=16, row_step=row_step, data=data))
+    imu = to_frame(make.imu(accel=(0.0, 0.0, 1e30)))
+    spinning = to_frame(make.imu(gyro=(0.0, 0.0, 1e3)))
+    sync = SensorSync()
+    assert [sync.add(f) for f in (cloud, imu, spinning)] == ["out_of_limits"] * 3
+    health = sync.summary(0)
+    assert health["lidar"]["drop_reasons"] == {"out_of_limits": 1} and health["lidar"]["received"] == 0
+    assert health["imu"]["drop_reasons"] == {"out_of_limits": 2}
+    Tokenizer(FusionConfig())(sync.snapshot(cloud.stamp_ns), np.ones(4, np.float32))
+    assert not recwarn.list, [str(w.message) for w in recwarn.list]

@@ -19,9 +19,10 @@ from rcl_interfaces.srv import SetParameters
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data
-from sensor_msgs.msg import Image, Imu
+from sensor_msgs.msg import Image, Imu, PointCloud2
 
-from fusion_attn.frames import NS_PER_S, stamp_to_ns
+from fusion_attn.frames import NS_PER_S, ImuSample, LidarFrame, stamp_to_ns
+from fusion_attn.messages import imu_msg, pointcloud2_msg, to_rclpy
 from fusion_attn.outputs import parse_fused_state_rows
 from fusion_attn.play import play
 
@@ -335,3 +336,73 @@ def test_node_with_a_corrupt_checkpoint_says_so_and_exits(tmp_path):
                          env=dict(os.environ, ROS_DOMAIN_ID=str(120 + os.getpid() % 50)))
     assert run.returncode == 1
     assert "configure failed" in run.stderr and "bad.safetensors is not a readable safetensors checkpoint" in run.stderr
+
+
+def _describe(ros, names):
+    from rcl_interfaces.srv import DescribeParameters
+
+    client = ros.node.create_client(DescribeParameters, "/fusion_node/describe_parameters")
+    assert client.wait_for_service(timeout_sec=10)
+    future = client.call_async(DescribeParameters.Request(names=names))
+    assert ros.wait_for(future.done, timeout=10)
+    ros.node.destroy_client(client)
+    return {d.name: d for d in future.result().descriptors}
+
+
+def test_parameter_descriptors_say_which_are_locked_while_configured(ros, fusion_node):
+    d = _describe(ros, ["tau.imu", "backend", "limits.max_range_m"])
+    assert not d["backend"].read_only  # settable before configure: rclpy's read_only would forbid that too
+    assert d["backend"].additional_constraints.startswith("read-only while configured")
+    assert d["tau.imu"].additional_constraints.startswith("may be set at run time")
+    assert "read-only while configured" in d["limits.max_range_m"].additional_constraints
+    [refused] = _set(ros, backend="torch")
+    assert not refused.successful and "read-only while configured" in refused.reason
+
+
+def test_stray_future_and_impossible_messages_are_dropped_and_counted(ros, fusion_node):
+    """What an independent client sent: IMU samples stamped 10 s back among good ones, stamps 5.7 s ahead,
+    a 1e30 acceleration, a cloud of 3e38 coordinates. Each is dropped and counted by its reason, nothing
+    is reset, nothing reaches the tokenizer, and every age in the diagnostics stays a sane number."""
+    proc, log = fusion_node
+    imu_pub = ros.node.create_publisher(Imu, IMU, qos_profile_sensor_data)
+    lidar_pub = ros.node.create_publisher(PointCloud2, "/lidar/points", qos_profile_sensor_data)
+    assert ros.wait_for(lambda: imu_pub.get_subscription_count() > 0 and lidar_pub.get_subscription_count() > 0,
+                        timeout=10)
+
+    def imu(stamp_ns, accel_z=9.81):
+        return to_rclpy(imu_msg(ImuSample(stamp_ns, "imu", np.array([0.0, 0.0, accel_z]), np.zeros(3))))
+
+    absurd = np.array([[1.0, 2.0, 0.5, 1.0], [3e38, -3e38, 1.0, 1.0]], np.float32)
+    strays = 0
+    for k in range(200):  # 2 s of a 100 Hz IMU, a stray after every other sample
+        t = ros.node.get_clock().now().nanoseconds
+        imu_pub.publish(imu(t))
+        if k % 2:
+            imu_pub.publish(imu(t - 10 * NS_PER_S))
+            strays += 1
+        if k % 20 == 10:
+            imu_pub.publish(imu(t + 5676 * NS_PER_S // 1000))
+            imu_pub.publish(imu(t + 1, accel_z=1e30))
+            lidar_pub.publish(to_rclpy(pointcloud2_msg(LidarFrame(t, "lidar", absurd))))
+        time.sleep(0.01)
+
+    def counted(name, reason):
+        return int(ros.status(name)[2].get(f"dropped_{reason}", 0))
+
+    def all_counted():  # best effort on a loaded machine may lose a few; what arrives is counted by reason
+        return (counted("imu", "out_of_order") >= 0.5 * strays and counted("imu", "future") >= 1
+                and counted("imu", "out_of_limits") >= 1 and counted("lidar", "out_of_limits") >= 1)
+
+    assert ros.wait_for(all_counted, timeout=10), (strays, ros.status("imu"), ros.status("lidar"))
+    _, _, imu_values = ros.status("imu")
+    assert imu_values["resets"] == "0" and ros.status("lidar")[2]["received"] == "0"
+    for array in ros.diags[-3:]:
+        for s in array.status:
+            values = {kv.key: kv.value for kv in s.values}
+            for key in ("age_ms", "pipeline_latency_ms"):
+                if key in values:
+                    assert values[key] == "n/a" or float(values[key]) >= 0.0, (s.name, values)
+            assert "nan" not in s.message and "for -" not in s.message, s.message
+    text = log.read_text()
+    assert "time jumped back" not in text and "invalid value encountered" not in text
+    assert proc.poll() is None, text

@@ -91,3 +91,24 @@ def test_error_rules_come_before_the_trust_warning(kwargs, processing_ms, messag
 def test_the_trust_warning_comes_before_the_slow_processing_warning():
     st = statuses(state(trust=(0.08, 0.0, 0.9)), processing_ms=30.0)["fusion"]
     assert st.level == WARN and st.message.startswith("not trusting camera")
+
+
+def test_diagnostics_ages_are_never_negative_or_nan():
+    from fusion_attn.frames import NS_PER_S, ImuSample
+    from fusion_attn.sync import SensorSync
+
+    sync = SensorSync()
+    sync.add(ImuSample(20 * NS_PER_S + 5676_000_000, "imu", np.zeros(3), np.zeros(3)))  # ahead of the time below
+    sync.add(ImuSample(10 * NS_PER_S, "imu", np.zeros(3), np.zeros(3)))  # time went back: reset, counted
+    sync.add(ImuSample(20 * NS_PER_S + 300_000_000, "imu", np.zeros(3), np.zeros(3)))  # a little ahead
+    out = diagnostics(sync.summary(20 * NS_PER_S), None, {"backend": "onnxruntime"}, None, float("nan"), 0.05,
+                      ("camera", "imu"))
+    st = {s.name.removeprefix("fusion_attn: "): s for s in out}
+    assert st["imu"].values["age_ms"] == "0.0" and st["imu"].values["resets"] == "1"
+    assert st["camera"].values["age_ms"] == "n/a" and st["camera"].message == "no data received"
+    assert st["fusion"].values["pipeline_latency_ms"] == "n/a"
+    ahead = diagnostics(sync.summary(20 * NS_PER_S), None, {}, 1.0, -300.0, 0.05, ("imu",))
+    assert ahead[-1].values["pipeline_latency_ms"] == "0.00"
+    for s in out + ahead:
+        text = " ".join([s.message, *s.values.values()])
+        assert "nan" not in text and "-" not in text.replace("n/a", ""), (s.name, text)

@@ -222,3 +222,93 @@ def test_fusion_attn_rl_comes_from_the_entry_point_group(setup_kwargs):
 
     args = build_parser().parse_args(["rl", "export", "agent.safetensors", "-o", "policy.onnx"])
     assert (args.verb, args.rl_verb) == ("rl", "export") and callable(args.run)
+
+
+def test_launch_files_start_lifecycle_nodes_with_namespace_log_level_and_autostart():
+    """The launch files (which need `launch`, absent here: parsed, not run) turn the graph into launch_ros
+    LifecycleNode / Node actions and declare namespace, log_level and autostart from launcher.NODE_ARGUMENTS."""
+    import ast
+
+    from fusion_attn.launcher import NODE_ARGUMENTS
+
+    assert {"namespace", "log_level", "autostart"} <= set(NODE_ARGUMENTS)
+    for name in ("fusion.launch.py", "robot.launch.py"):
+        tree = ast.parse((ROOT / "launch" / name).read_text())
+        imported = {(n.module, a.name) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+        assert {("launch_ros.actions", "LifecycleNode"), ("launch_ros.actions", "Node")} <= imported, name
+        calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+        assert any(c.func.id == "launch_actions" and [ast.unparse(a) for a in c.args[1:]] == ["Node", "LifecycleNode"]
+                   for c in calls), f"{name}: the graph's nodes must become LifecycleNode / Node actions"
+        declared = {ast.unparse(g.iter) for c in ast.walk(tree) if isinstance(c, ast.ListComp)
+                    and isinstance(c.elt, ast.Call) and ast.unparse(c.elt.func) == "DeclareLaunchArgument"
+                    for g in c.generators}
+        assert "NODE_ARGUMENTS.items()" in declared, f"{name} does not declare namespace, log_level, autostart"
+
+
+def test_fusion_attn_launch_starts_what_the_launch_files_start():
+    """namespace, log_level and autostart reach the launch_ros actions (launch_nodes; dict stands in for
+    Node, a tagging lambda for LifecycleNode) and `fusion-attn launch`'s own processes (NodeSpec.command)
+    alike: the same names, namespaces, parameter files and parameters."""
+    from fusion_attn.errors import ConfigError
+    from fusion_attn.launcher import fusion_graph, launch_nodes, robot_graph
+
+    specs = robot_graph({"policy": "p.onnx", "namespace": "robot1/", "log_level": "DEBUG", "autostart": "false",
+                         "use_sim_time": "true"})
+    assert [(s.fqn, s.lifecycle, s.autostart, s.log_level) for s in specs] == [
+        ("/robot1/fusion_node", True, False, "debug"), ("/robot1/policy_node", False, False, "debug")]
+    assert specs[0].parameters["autostart"] is False  # the launch drives the lifecycle, not the node itself
+    nodes = launch_nodes(dict, specs, lambda **kw: {"lifecycle": True, **kw})
+    for node, spec in zip(nodes, specs):
+        assert node.get("lifecycle", False) == spec.lifecycle
+        assert (node["namespace"], node["name"], node["parameters"], node["ros_arguments"]) == (
+            "/robot1", spec.name, [spec.params_file, spec.parameters], ["--log-level", "debug"])
+        ros_args = spec.command()[spec.command().index("--ros-args") + 1:]
+        options = list(zip(ros_args[::2], ros_args[1::2]))
+        assert {("--log-level", "debug"), ("-r", f"__node:={spec.name}"), ("-r", "__ns:=/robot1"),
+                ("--params-file", spec.params_file)} <= set(options)
+        assert [v for k, v in options if k == "-p"] == [f"{k}:={v}" for k, v in spec.parameters.items()]
+
+    [default] = fusion_graph({})
+    assert (default.namespace, default.log_level, default.autostart) == ("", "info", True)
+    assert not any(a.startswith("__ns:=") for a in default.command())
+    for bad in ({"autostart": "yes"}, {"log_level": "loud"}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            fusion_graph(bad)
+
+
+def test_fusion_node_takes_qos_from_the_standard_qos_overrides(tmp_path):
+    """qos_overrides./<topic>.<subscription|publisher>.<policy> in the parameter file set that topic's QoS
+    (namespace included in the topic); topics without one keep qos_reliability / qos_depth."""
+    yaml = pytest.importorskip("yaml")
+    pytest.importorskip("rclpy", reason="rclpy (ROS 2) is not installed")
+    import os
+
+    import rclpy
+    from rclpy.qos import ReliabilityPolicy
+
+    from fusion_attn.node import FusionNode
+
+    params = yaml.safe_load((ROOT / "config" / "fusion.yaml").read_text())
+    params["/**"]["ros__parameters"].update(
+        autostart=False, backend="torch", lidar_type="none",  # torch: no ONNX export to wait for
+        qos_overrides={"/robot1/camera/image_raw": {"subscription": {"reliability": "reliable", "depth": 7}},
+                       "/robot1/fused_state": {"publisher": {"depth": 3}}})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    context = rclpy.Context()
+    rclpy.init(args=["--ros-args", "--params-file", str(tmp_path / "params.yaml")], context=context,
+               domain_id=150 + os.getpid() % 50)
+    node = FusionNode(namespace="robot1", context=context)
+    try:
+        assert node.trigger_configure().name == "SUCCESS" and node.trigger_activate().name == "SUCCESS"
+        qos = {s.topic_name: s.qos_profile for s in node._subs}
+        assert (qos["/robot1/camera/image_raw"].reliability, qos["/robot1/camera/image_raw"].depth) == (
+            ReliabilityPolicy.RELIABLE, 7)
+        assert (qos["/robot1/imu/data"].reliability, qos["/robot1/imu/data"].depth) == (ReliabilityPolicy.BEST_EFFORT, 50)
+        assert node.get_parameter("qos_overrides./robot1/fused_state.publisher.depth").value == 3
+        assert node.trigger_deactivate().name == "SUCCESS" and node.trigger_cleanup().name == "SUCCESS"
+        # the overrides declared at activation keep this default: a new one is refused, not silently ignored
+        refused = node.set_parameters([rclpy.parameter.Parameter("qos_depth", value=10)])[0]
+        assert not refused.successful and "first activation" in refused.reason
+    finally:
+        node.destroy_node()
+        context.try_shutdown()

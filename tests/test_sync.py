@@ -78,7 +78,8 @@ def test_out_of_order_is_dropped_and_counted_and_jump_back_resets():
 
 
 def test_imu_history_memory_is_bounded():
-    sync = SensorSync(SyncConfig(imu_capacity=64, imu_window_s=10.0))
+    # ax is the sample's index here, not a physical value: the limit is lifted out of its way
+    sync = SensorSync(SyncConfig(imu_capacity=64, imu_window_s=10.0, max_acceleration_mps2=1e4))
     for i in range(1000):
         sync.add(_imu(i * MS, ax=i))
     w = sync.snapshot(999 * MS).imu
@@ -195,3 +196,110 @@ def test_a_frozen_camera_gives_identical_current_and_previous_tokens():
     y = tok(sync.snapshot(1310 * MS), np.ones(4, np.float32))
     assert not np.array_equal(y["camera_patches"], y["camera_prev_patches"])
     np.testing.assert_array_equal(y["camera_prev_patches"], x["camera_patches"])
+
+
+def _good_stream_with_strays(sync: SensorSync, start_s: float, seconds: float, stray_back_s: float = 10.0):
+    """Camera 20 Hz, lidar 10 Hz, IMU 200 Hz on the receiver's clock, every 5th IMU sample followed by
+    one stamped stray_back_s back; -> the snapshots at 20 Hz."""
+    snaps = []
+    for k in range(int(seconds * 200)):
+        t = int(start_s * NS_PER_S) + k * 5 * MS
+        if k % 10 == 0:
+            sync.add(_cam(t), now_ns=t)
+        if k % 20 == 0:
+            sync.add(_lidar(t, seed=k), now_ns=t)
+        sync.add(_imu(t), now_ns=t)
+        if k % 5 == 0:
+            sync.add(_imu(t - int(stray_back_s * NS_PER_S)), now_ns=t)
+        if k % 10 == 9:
+            snaps.append(sync.snapshot(t))
+    return snaps
+
+
+def test_stray_old_messages_are_dropped_without_resetting_anything():
+    sync = SensorSync(SyncConfig(max_age_s=(0.2, 0.3, 0.05)))
+    snaps = _good_stream_with_strays(sync, 100.0, 3.0)
+    assert sync.resets == 0 and all(h.resets == 0 for h in sync.health.values())
+    assert sync.health[Modality.IMU].drop_reasons == {"out_of_order": 120}  # 3 s x 200 Hz / 5
+    assert all(s.camera is not None and s.lidar is not None for s in snaps)
+    assert min(len(s.imu) for s in snaps[5:]) == 50  # once filled, the IMU window stays whole: 0.25 s at 200 Hz
+
+
+def test_time_going_back_with_the_clock_resets_each_sensor_alone_and_counts_once():
+    sync = SensorSync(SyncConfig(max_age_s=(0.2, 0.3, 0.05)))
+    _good_stream_with_strays(sync, 100.0, 1.0)
+    # a bag loop under sim time: the clock goes back with the data, the IMU's first frame arrives first
+    assert sync.add(_imu(50 * NS_PER_S), now_ns=50 * NS_PER_S) is None
+    assert sync.health[Modality.IMU].resets == 1 and sync.resets == 1
+    assert sync.health[Modality.CAMERA].resets == 0 and sync._camera is not None  # not the IMU's business
+    assert sync.add(_cam(50 * NS_PER_S + MS), now_ns=50 * NS_PER_S + MS) is None
+    assert sync.health[Modality.CAMERA].resets == 1 and sync.resets == 1  # the same jump, counted once
+    assert sync.summary(50 * NS_PER_S)["imu"]["resets"] == 1
+
+
+def test_time_going_back_under_a_live_clock_resets_once_frames_stay_back():
+    """An old recording looping, played on a live clock: every stamp is far behind the clock, so only
+    jump_back_confirm frames in a row that stay back tell it from stray ones."""
+    sync = SensorSync(SyncConfig(jump_back_confirm=3))
+    now = 1000 * NS_PER_S
+    for t in (20, 21, 22):
+        assert sync.add(_cam(t * NS_PER_S), now_ns=now) is None
+    assert sync.add(_cam(5 * NS_PER_S), now_ns=now) == "out_of_order"
+    assert sync.add(_cam(23 * NS_PER_S), now_ns=now) is None  # a stray: the stream goes on
+    assert sync.add(_cam(5 * NS_PER_S), now_ns=now) == "out_of_order"
+    assert sync.add(_cam(5 * NS_PER_S + 50 * MS), now_ns=now) == "out_of_order"
+    assert sync.add(_cam(5 * NS_PER_S + 100 * MS), now_ns=now) is None  # the third in a row: time went back
+    assert sync.health[Modality.CAMERA].resets == 1 and sync.health[Modality.CAMERA].last_stamp_ns == 5_100 * MS
+
+
+def test_without_a_clock_a_jump_back_resets_that_sensor_only():
+    """Replay: the data's time is the only clock, a jump back is taken at once, by the sensor that made it."""
+    sync = SensorSync(SyncConfig(max_age_s=(0.2, 0.3, 0.05)))
+    sync.add(cam := _cam(2 * NS_PER_S))
+    sync.add(_imu(2 * NS_PER_S))
+    assert sync.add(_imu(2 * NS_PER_S - 1500 * MS)) is None
+    assert sync.health[Modality.IMU].resets == 1 and sync.health[Modality.CAMERA].resets == 0
+    assert sync.snapshot(2 * NS_PER_S + 10 * MS).camera is cam
+
+
+def test_frames_stamped_ahead_of_the_receiver_clock_are_dropped_as_future():
+    sync = SensorSync(SyncConfig(future_tolerance_s=0.5))
+    now = 10 * NS_PER_S
+    assert sync.add(_cam(now + 5676 * MS), now_ns=now) == "future"
+    assert sync.add(_imu(now + 600 * MS), now_ns=now) == "future"
+    assert sync.add(_imu(now + 400 * MS), now_ns=now) is None  # within the tolerance: clock skew
+    camera = sync.health[Modality.CAMERA]
+    assert camera.drop_reasons == {"future": 1} and camera.received == 0
+    assert sync.health[Modality.IMU].drop_reasons == {"future": 1}
+    assert np.isnan(sync.summary(now)["camera"]["age_s"])  # never took the future frame
+
+
+def test_values_beyond_physical_limits_are_dropped_and_counted():
+    params = {"limits.max_range_m": 100.0, "limits.max_acceleration_mps2": 50.0,
+              "limits.max_angular_rate_rad_s": 5.0}
+    cfg = SyncConfig.from_params(params, imu_window_s=0.25)
+    assert (cfg.max_range_m, cfg.max_acceleration_mps2, cfg.max_angular_rate_rad_s) == (100.0, 50.0, 5.0)
+    sync = SensorSync(cfg)
+    points = np.zeros((10, 4), np.float32)
+    points[:, 0] = 99.0
+    assert sync.add(LidarFrame(1, "lidar", points.copy())) is None
+    points[3] = (60.0, 60.0, 60.0, 1.0)  # every coordinate within 100 m, the range (104 m) is not
+    assert sync.add(LidarFrame(2, "lidar", points.copy())) == "out_of_limits"
+    points[3] = (3e38, -3e38, 1.0, 1.0)  # finite float32, squares overflow: no warning, dropped
+    with np.errstate(all="raise"):
+        assert sync.add(LidarFrame(3, "lidar", points)) == "out_of_limits"
+    assert sync.add(ImuSample(1, "imu", np.array([0.0, 0.0, 1e30]), np.zeros(3))) == "out_of_limits"
+    assert sync.add(ImuSample(2, "imu", np.array([49.0, 0.0, 9.8]), np.array([0.0, -6.0, 0.0]))) == "out_of_limits"
+    assert sync.add(ImuSample(3, "imu", np.array([-49.0, 0.0, 9.8]), np.array([0.0, -4.9, 0.0]))) is None
+    assert sync.health[Modality.LIDAR].drop_reasons == {"out_of_limits": 2}
+    assert sync.health[Modality.IMU].drop_reasons == {"out_of_limits": 2}
+    snap = sync.snapshot(3)
+    assert snap.lidar.stamp_ns == 1 and snap.imu.stamps_ns.tolist() == [3]  # only the good ones were kept
+
+
+def test_default_limits_pass_what_real_sensors_can_measure():
+    sync = SensorSync()
+    far = np.array([[600.0, 0.0, 0.0, 1.0]], np.float32)  # a long-range lidar's farthest return
+    assert sync.add(LidarFrame(1, "lidar", far)) is None
+    saturated = ImuSample(1, "imu", np.full(3, 40 * 9.80665), np.full(3, np.radians(4000)))  # +-40 g, +-4000 deg/s
+    assert sync.add(saturated) is None

@@ -8,7 +8,7 @@ def add_parser(verbs):
                                              "`launch robot policy:=P.onnx` also starts policy_node (robot.launch.py)")
     launch.add_argument("arguments", nargs="*", metavar="name:=value",
                         help="[robot] then launch arguments: params_file, checkpoint, backend, tau, camera_topic, lidar_topic, "
-                             "imu_topic, use_sim_time, fused_state_topic")
+                             "imu_topic, use_sim_time, fused_state_topic, namespace, log_level, autostart")
     return launch
 
 
