@@ -4,16 +4,18 @@ Sensor topics are found by message type, the busiest of each; every other topic 
 it is left out (a sensor topic also with the option that chooses it). A topic whose messages cannot be
 decoded (no message definition stored, an unknown vendor type) is reported and skipped; a malformed
 message is counted and skipped; a bag that cannot be opened or is truncated raises BagError naming the
-file.
+file. A single bag whose index is missing or damaged is read record by record instead, a ROS 1 bag's
+damaged chunks skipped; the reader's `notes` say so.
 """
 
 from __future__ import annotations
 
 import bz2
 import contextlib
-import io
 import logging
+import mmap
 import struct
+from collections import Counter
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -52,14 +54,13 @@ class BagMessage:
 
 
 @contextmanager
-def open_reader(paths: Sequence[str | Path]) -> Iterator[AnyReader]:
+def open_reader(paths: Sequence[str | Path]) -> Iterator[IndexedReader | SequentialReader]:
     """`with open_reader(paths) as reader`: one or more bags merged by time; BagError on any failure."""
     paths = [Path(p) for p in paths]
     for p in paths:
         if not p.exists():
             raise BagError(f"bag not found: {p}")
-    # Bags without stored definitions (e.g. some rosbag2 sqlite3 files) decode with the standard types.
-    reader = AnyReader(paths, default_typestore=TYPES)  # read, never changed: AnyReader builds its own
+    reader = IndexedReader(paths)
     try:
         reader.open()
     except Exception as exc:  # rosbags raises per-format reader errors; all mean "unreadable bag"
@@ -67,8 +68,9 @@ def open_reader(paths: Sequence[str | Path]) -> Iterator[AnyReader]:
         if single is None:
             raise BagError(f"cannot open {', '.join(map(str, paths))}: {exc}") from exc
         log.warning("%s: %s; reading its records in sequence instead", single, exc)
-        # a bag cut short has no index, but its records up to the cut are fine
+        # a bag cut short has no index and a damaged one misleads, but the records themselves are fine
         reader = StreamedMcap(single) if single.suffix == ".mcap" else StreamedRos1(single)
+        reader.notes.insert(0, f"no usable index ({exc}): the bag was read record by record")
     try:
         yield reader
     finally:
@@ -84,6 +86,64 @@ def _single_file(paths: list[Path]) -> Path | None:
     return files[0] if len(files) == 1 else None
 
 
+def _why(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class IndexedReader(AnyReader):
+    """rosbags' reader (bags merged by time through their indexes), with `notes` on what reading had to
+    work around. A single ROS 1 bag's index is checked when opened (BagError where it contradicts
+    itself), and where reading through it fails part-way (a damaged chunk, a bad entry) the rest of the
+    bag is read in sequence, damaged chunks skipped."""
+
+    def __init__(self, paths: list[Path]):
+        # Bags without stored definitions (e.g. some rosbag2 sqlite3 files) decode with the standard types.
+        super().__init__(paths, default_typestore=TYPES)  # read, never changed: AnyReader builds its own
+        self.notes: list[str] = []
+        single = _single_file(paths)
+        self.ros1 = single if single is not None and single.suffix == ".bag" else None
+
+    def open(self) -> None:
+        super().open()
+        if self.ros1 is not None and (problem := _index_problem(self.readers[0])):
+            self.close()
+            raise BagError(f"the index contradicts itself: {problem}")
+
+    def messages(self, connections: Collection = (), start: int | None = None, stop: int | None = None):
+        last = None  # the time of the last message yielded: read in time order, all before it are done
+        try:
+            for conn, log_time, raw in super().messages(connections, start, stop):
+                last = log_time
+                yield conn, log_time, raw
+            return
+        except Exception as exc:
+            if self.ros1 is None:
+                raise
+            why = _why(exc)
+        rest = StreamedRos1(self.ros1)
+        self.notes += [f"reading through the index failed part-way ({why}): the rest was read chunk by chunk",
+                       *rest.notes]
+        # messages stamped the same nanosecond as the last one yielded are not told apart, and left out
+        yield from rest.messages(connections, start if last is None else last + 1, stop)
+
+
+def _index_problem(bag) -> str | None:
+    """How a ROS 1 bag's index contradicts itself (damaged bytes read as numbers), if it does: an entry
+    outside its chunk's time span, or entries that do not add up to the chunks' message counts.
+    `bag`: a rosbags rosbag1 Reader, open."""
+    chunks = {c.pos: c for c in bag.chunk_infos}
+    counts: Counter[tuple[int, int]] = Counter()
+    for conn, entries in bag.indexes.items():
+        for entry in entries:
+            chunk = chunks[entry.chunk_pos]
+            if not chunk.start_time <= entry.time < chunk.end_time:
+                return f"a message of connection {conn} at {entry.time} ns lies outside its chunk's time span"
+            counts[entry.chunk_pos, conn] += 1
+    if counts != Counter({(c.pos, conn): n for c in bag.chunk_infos for conn, n in c.connection_counts.items()}):
+        return "its entries do not add up to the chunks' message counts"
+    return None
+
+
 @dataclass(frozen=True)
 class _Connection:
     topic: str
@@ -94,14 +154,16 @@ class _Connection:
 class SequentialReader:
     """The part of AnyReader's interface this package uses, over a bag read record by record.
 
-    For files whose index is missing (a recording cut short): every complete message before the
-    fault is read, then BagError says where it stopped. Subclasses yield the file's records.
+    For files whose index is missing (a recording cut short) or damaged: every complete message before
+    a fault is read, then BagError says where it stopped. Subclasses yield the file's records, and add
+    to `notes` what they skipped.
     """
 
     def __init__(self, path: Path, typestore: Typestore):
         self.path = path
         self.typestore = typestore
         self.fault: str | None = None
+        self.notes: list[str] = []
         topics: dict[object, tuple[str, str]] = {}
         counts: dict[object, int] = {}
         times = []
@@ -125,7 +187,7 @@ class SequentialReader:
         try:
             yield from self._records()
         except Exception as exc:  # noqa: BLE001 - the end of a cut file shows up as any of several errors
-            self.fault = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            self.fault = _why(exc)
 
     def messages(self, connections=(), start: int | None = None, stop: int | None = None):
         wanted = {c.topic for c in connections}
@@ -161,32 +223,65 @@ class StreamedMcap(SequentialReader):
         return self.typestore.deserialize_cdr(raw, msgtype)
 
 
+ROS1_MAGIC = b"#ROSBAG V2.0\n"
+BAG_HEADER, CHUNK = b"\x03", b"\x05"  # record ops
+CHUNK_OP_FIELD = b"\x04\x00\x00\x00op=\x05"  # a chunk record's op header field, with its length
+
+
 class StreamedRos1(SequentialReader):
-    """ROS 1 bag format 2.0: records of (header fields, data); chunks hold connections and messages."""
+    """ROS 1 bag format 2.0: records of (header fields, data). Chunk records, each followed by its index
+    data, hold the connections and messages; the index proper (connection and chunk info records) comes
+    after them, at the bag header's index_pos. A damaged chunk is skipped (noted) and reading goes on
+    at the next intact one, found by its header."""
 
     def __init__(self, path: Path):
+        self.damaged: dict[int, str] = {}  # byte offset -> why, of each part skipped
         # a store of its own, not messages.TYPES: ROS 1 types, and _chunk registers the bag's definitions in it
         super().__init__(path, get_typestore(Stores.ROS1_NOETIC))
+        if self.damaged:
+            at, why = next(iter(self.damaged.items()))
+            self.notes.append(f"{len(self.damaged)} damaged part(s) of the bag skipped, reading on at the next "
+                              f"intact chunk (the first at byte {at}: {why})")
 
     def _records(self):
         with open(self.path, "rb") as f:
-            if f.read(13) != b"#ROSBAG V2.0\n":
+            if f.read(len(ROS1_MAGIC)) != ROS1_MAGIC:
                 raise BagError(f"{self.path} is not a ROS 1 bag (format 2.0)")
-            for fields, data in _ros1_records(f):
-                if fields.get("op") == b"\x05":  # chunk
-                    yield from self._chunk(fields, data)
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                end = _index_pos(buf) or len(buf)  # only the index follows the chunks
+                pos = len(ROS1_MAGIC)
+                while pos < end:
+                    try:
+                        fields, data, after = _ros1_record(buf, pos)
+                    except (EOFError, ValueError) as exc:
+                        resume = _next_chunk(buf, pos + 1, end)
+                        if resume is None and isinstance(exc, EOFError) and end == len(buf):
+                            raise  # a cut file: nothing follows
+                        self.damaged.setdefault(pos, _why(exc))
+                        if resume is None:
+                            return
+                        pos = resume
+                        continue
+                    if fields.get("op") == CHUNK:
+                        try:
+                            yield from self._chunk(fields, data)
+                        except Exception as exc:  # noqa: BLE001 - damaged bytes fail to decompress or parse, any error
+                            self.damaged.setdefault(pos, _why(exc))
+                    pos = after
 
-    def _chunk(self, fields, data):
+    def _chunk(self, fields: dict[str, bytes], data: bytes):
         compression = fields.get("compression", b"none")
         if compression == b"bz2":
             data = bz2.decompress(data)
         elif compression == b"lz4":
             data = lz4.frame.decompress(data)
-        for inner, payload in _ros1_records(io.BytesIO(data)):
+        pos = 0
+        while pos < len(data):
+            inner, payload, pos = _ros1_record(data, pos)
             op = inner.get("op")
             conn = struct.unpack("<I", inner["conn"])[0] if "conn" in inner else None
             if op == b"\x07":  # connection: its data is more header fields (type, definition)
-                info = dict(_ros1_fields(payload))
+                info = _ros1_fields(payload)
                 msgtype = _ros2_name(info["type"].decode())
                 if msgtype not in self.typestore.types:
                     with contextlib.suppress(Exception):  # unknown types stay unreadable, and are reported so
@@ -200,29 +295,60 @@ class StreamedRos1(SequentialReader):
         return self.typestore.deserialize_ros1(raw, msgtype)
 
 
-def _ros1_records(f):
-    """(header fields, data) of each record; EOFError where the file is cut."""
-    while len(size := f.read(4)) == 4:
-        header = f.read(struct.unpack("<I", size)[0])
-        data_size = f.read(4)
-        if len(data_size) < 4:
-            raise EOFError("record cut short")
-        n = struct.unpack("<I", data_size)[0]
-        data = f.read(n)
-        if len(data) < n:
-            raise EOFError("record data cut short")
-        yield dict(_ros1_fields(header)), data
-    if size:
+def _ros1_record(buf, pos: int) -> tuple[dict[str, bytes], bytes, int]:
+    """The record at `pos` of `buf` (bytes, mmap): (header fields, data, where the next record starts).
+    EOFError where it runs past the end of `buf`, ValueError where its header does not parse."""
+    if pos + 4 > len(buf):
         raise EOFError("record length cut short")
+    data_at = pos + 8 + _u32(buf, pos)
+    if data_at > len(buf):
+        raise EOFError("record cut short")
+    fields = _ros1_fields(buf[pos + 4:data_at - 4])
+    after = data_at + _u32(buf, data_at - 4)
+    if after > len(buf):
+        raise EOFError("record data cut short")
+    return fields, buf[data_at:after], after
 
 
-def _ros1_fields(buf: bytes):
-    i = 0
-    while i + 4 <= len(buf):
-        n = struct.unpack_from("<I", buf, i)[0]
-        name, _, value = buf[i + 4:i + 4 + n].partition(b"=")
-        yield name.decode(), value
-        i += 4 + n
+def _ros1_fields(buf: bytes) -> dict[str, bytes]:
+    """A record header's name=value fields; ValueError unless they fill it exactly (damaged lengths do not)."""
+    fields, i = {}, 0
+    while i < len(buf):
+        end = i + 4 + (_u32(buf, i) if i + 4 <= len(buf) else len(buf))
+        name, eq, value = buf[i + 4:end].partition(b"=")
+        if end > len(buf) or not eq:
+            raise ValueError("record header damaged")
+        fields[name.decode("ascii")] = value
+        i = end
+    return fields
+
+
+def _u32(buf, pos: int) -> int:
+    return struct.unpack_from("<I", buf, pos)[0]
+
+
+def _index_pos(buf) -> int | None:
+    """Where the index starts, from the bag header; None for a bag cut short or never closed (no index
+    there), or a damaged header."""
+    with contextlib.suppress(EOFError, ValueError, struct.error):
+        fields, _, _ = _ros1_record(buf, len(ROS1_MAGIC))
+        (pos,) = struct.unpack("<Q", fields.get("index_pos", b""))
+        if fields.get("op") == BAG_HEADER and len(ROS1_MAGIC) < pos <= len(buf):
+            return pos
+    return None
+
+
+def _next_chunk(buf, start: int, end: int) -> int | None:
+    """Where the first intact chunk record in buf[start:end] begins, if any: found by its op field, and
+    taken only where a whole record parses around it (compressed bytes can hold the pattern by chance)."""
+    while (at := buf.find(CHUNK_OP_FIELD, start, end)) >= 0:
+        for pos in range(max(start, at - 64), at - 3):  # the header's other fields come first, in name order
+            with contextlib.suppress(EOFError, ValueError):
+                fields, _, after = _ros1_record(buf, pos)
+                if fields.get("op") == CHUNK and after <= end:
+                    return pos
+        start = at + 1
+    return None
 
 
 def _ros2_name(ros1_type: str) -> str:

@@ -40,11 +40,14 @@ def replay_plots(out: Path, trace, configured: tuple[str, ...], taus: np.ndarray
     top.set(ylabel="age at fusion [ms]", title="sensor health")
     top.legend(loc="upper right")
     if trace.masked:
+        # a fusion's mask holds until the next fusion: drawn as intervals, so that a single masked fusion shows
         masked = np.array(trace.masked)
-        tm = (np.array(trace.masked_stamps) - trace.stamps[0]) / NS_PER_S
+        ends = np.append(t[1:], t[-1] + (np.median(np.diff(t)) if len(t) > 1 else 0.0))
         for j, m in enumerate(configured):
-            bottom.scatter(tm[masked[:, j]], np.full(masked[:, j].sum(), j), color=COLOURS[m], marker="|", s=200)
-        bottom.set_yticks(range(len(configured)), configured)
+            first, last = _runs(masked[:, j])
+            bottom.broken_barh(list(zip(t[first], ends[last] - t[first])), (j - 0.4, 0.8), color=COLOURS[m],
+                               linewidth=1)  # an edge: a run shorter than a pixel still shows
+        bottom.set(yticks=range(len(configured)), yticklabels=configured, ylim=(-0.5, len(configured) - 0.5))
     bottom.set(xlabel="recorded time [s]", ylabel="masked")
     fig.tight_layout()
     fig.savefig(out / "health.png", **PNG)
@@ -73,6 +76,12 @@ def replay_plots(out: Path, trace, configured: tuple[str, ...], taus: np.ndarray
         fig.tight_layout()
         fig.savefig(out / "sweep.png", **PNG)
         plt.close(fig)
+
+
+def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Index of the first and of the last element of each run of True in `mask`."""
+    edges = np.diff(np.concatenate(([0], mask.astype(np.int8), [0])))
+    return np.flatnonzero(edges == 1), np.flatnonzero(edges == -1) - 1
 
 
 def _trust_plot(out: Path, t: np.ndarray, trace, configured: tuple[str, ...]) -> None:

@@ -37,6 +37,8 @@ from .pipeline import FusionPipeline
 from .sync import SensorSync, SyncConfig
 from .tokenize import SensorSnapshot, Tokenizer
 
+NS_PER_MS = 1_000_000
+
 
 @dataclass(frozen=True)
 class ReplayOptions:
@@ -64,8 +66,7 @@ class _Trace:
     present: list[np.ndarray] = field(default_factory=list)
     ages: list[np.ndarray] = field(default_factory=list)
     latency_ms: list[float] = field(default_factory=list)  # fusion time - newest sensor stamp
-    masked: list[np.ndarray] = field(default_factory=list)  # per configured modality at diagnostics times
-    masked_stamps: list[int] = field(default_factory=list)
+    masked: list[np.ndarray] = field(default_factory=list)  # per configured modality: sync's mask, not absence
 
 
 class _FusedBag:
@@ -88,6 +89,27 @@ class _FusedBag:
 
 
 @dataclass
+class StampRate:
+    """A sensor's rate over a recording, (messages - 1) / (last stamp - first stamp), counting only
+    messages stamped after every earlier one: time going back (a loop, a stray old stamp) adds none."""
+
+    first_ns: int | None = None
+    newest_ns: int = 0
+    steps: int = 0
+
+    def add(self, stamp_ns: int) -> None:
+        if self.first_ns is None:
+            self.first_ns = self.newest_ns = stamp_ns
+        elif stamp_ns > self.newest_ns:
+            self.steps += 1
+            self.newest_ns = stamp_ns
+
+    @property
+    def hz(self) -> float:
+        return self.steps * NS_PER_S / (self.newest_ns - self.first_ns) if self.steps else 0.0
+
+
+@dataclass
 class Recording:
     """What `fuse_recording` learned about the bags while it went (filled in as it runs)."""
 
@@ -95,18 +117,21 @@ class Recording:
     configured: tuple[str, ...] = ()
     messages: int = 0
     fault: str | None = None  # why reading broke off before the end, if it did
+    read_notes: list[str] = field(default_factory=list)  # what the reader worked around: a bad index, damaged chunks
     events: list[str] = field(default_factory=list)  # gaps, resets, in recorded order; not per-message drops
     first_error: dict[Modality, str] = field(default_factory=dict)  # of each sensor's first malformed message
+    rates: dict[Modality, StampRate] = field(default_factory=lambda: {m: StampRate() for m in Modality})
 
     def notes(self, sync: SensorSync) -> list[str]:
         """What happened, the read fault first, then per-message drops per sensor and reason (counted by
-        `sync`, not listed one by one: thousands of them must not hide the rest), then `events`."""
+        `sync`, not listed one by one: thousands of them must not hide the rest), then what the reader
+        worked around, then `events`."""
         notes = [f"read stopped: {self.fault}"] if self.fault else []
         for m, h in sync.health.items():
             for reason, n in h.drop_reasons.items():
                 detail = f"; the first: {self.first_error[m]}" if reason == "malformed" and m in self.first_error else ""
                 notes.append(f"{MODALITIES[m]}: {n} of {h.received + h.dropped} dropped: {reason}{detail}")
-        return notes + self.events
+        return notes + self.read_notes + self.events
 
 
 def fuse_recording(reader, pipeline: FusionPipeline, sync: SensorSync, opts: ReplayOptions, taus: np.ndarray,
@@ -135,25 +160,27 @@ def recorded_snapshots(reader, sync: SensorSync, opts: ReplayOptions, rec: Recor
     _check(opts)
     rec.topics = topics = find_topics(reader, opts.topics, [m for m in Modality if MODALITIES[m] not in opts.sensors])
     rec.configured = tuple(MODALITIES[m] for m in sorted(topics.sensors))
+    rec.read_notes = reader.notes  # the reader's own list: what it notes while reading shows too
     start = reader.start_time + int(opts.start_s * NS_PER_S) if opts.start_s is not None else None
     stop = reader.start_time + int(opts.end_s * NS_PER_S) if opts.end_s is not None else None
     trigger = Modality[opts.trigger.upper()] if opts.trigger != "timer" else None
     clock = FusionClock(sync, opts.fusion_rate_hz, trigger, events=rec.events)  # its notes join the recording's
-    first_log = None
     for msg in read_messages(reader, topics, start, stop):
         rec.messages += 1
-        first_log = msg.log_time_ns if first_log is None else first_log
         if progress is not None:
-            progress.update(max(0.0, (msg.log_time_ns - first_log) / NS_PER_S - progress.n))
+            _advance(progress, (msg.log_time_ns - (reader.start_time if start is None else start)) // NS_PER_MS)
         if msg.frame is None:
             sync.drop(msg.modality, "malformed")
             rec.first_error.setdefault(msg.modality, f"{msg.topic}: {msg.error}")
             continue
         frame = msg.frame if opts.clock == "header" else dataclasses.replace(msg.frame, stamp_ns=msg.log_time_ns)
+        rec.rates[msg.modality].add(frame.stamp_ns)
         dropped = sync.health[msg.modality].dropped
         yield from clock.add(frame, msg.topic)
         if sync.health[msg.modality].dropped != dropped:
             rec.events.pop()  # the clock's one note on a refused frame, its last: `notes` sums drops per sensor
+    if progress is not None:
+        _advance(progress, progress.total)  # read to the end: the last message need not be at the very end
     if trailing:
         yield from clock.drain()
 
@@ -205,7 +232,7 @@ def replay(bags: Sequence[str | Path], pipeline: FusionPipeline, out_dir: str | 
     wall_start = time.perf_counter()
     processing_s = 0.0
     with open_reader(bags) as reader:
-        progress = _progress((reader.end_time - reader.start_time) / NS_PER_S, opts.progress)
+        progress = _progress(_window_ms(reader, opts), opts.progress)
         fused_bag = None
         try:  # a read fault ends the loop, in rec.fault
             states_iter = fuse_recording(reader, pipeline, sync, opts, taus, rec, progress)
@@ -217,14 +244,11 @@ def replay(bags: Sequence[str | Path], pipeline: FusionPipeline, out_dir: str | 
                 processing_s += time.perf_counter() - tick_start
                 fused_bag = fused_bag or _FusedBag(out / "fused")
                 stamp = states[0].stamp_ns
-                _record(trace, states, sync, stamp)
+                _record(trace, states, sync, stamp, rec.configured)
                 fused_bag.write_state(states[0])
                 if len(trace.stamps) % diag_every == 0:
-                    health = sync.summary(stamp)
-                    trace.masked.append(np.array([health[m]["masked"] for m in rec.configured]))
-                    trace.masked_stamps.append(stamp)
                     fused_bag.write_diagnostics(stamp, diagnostics(
-                        health, states[0], pipeline.backend_info(), None,
+                        sync.summary(stamp), states[0], pipeline.backend_info(), None,
                         trace.latency_ms[-1], 1.0 / opts.fusion_rate_hz, rec.configured))
         finally:
             progress.close()
@@ -238,6 +262,7 @@ def replay(bags: Sequence[str | Path], pipeline: FusionPipeline, out_dir: str | 
         raise BagError(f"nothing could be read from {', '.join(map(str, bags))}: {reason}")
     summary = _summary(bags, rec, trace, taus, sync, opts)
     summary["backend"] = pipeline.backend_info()
+    summary["frame_id"] = pipeline.frame_id  # of the fused states written
     (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     recorded_s = _span_s(trace.stamps)
     timing = {"wall_s": wall_s, "recorded_s": recorded_s, "speed_x_real_time": recorded_s / wall_s if wall_s else None,
@@ -273,9 +298,10 @@ def _span_s(stamps: list[int]) -> float:
     return float(steps[steps > 0].sum()) / NS_PER_S if len(stamps) > 1 else 0.0
 
 
-def _record(trace: _Trace, states: list[FusedState], sync: SensorSync, tick: int) -> None:
+def _record(trace: _Trace, states: list[FusedState], sync: SensorSync, tick: int, configured: tuple[str, ...]) -> None:
     s = states[0]
     trace.stamps.append(tick)
+    trace.masked.append(np.array([not sync.fresh(Modality[m.upper()], tick) for m in configured]))
     trace.attention.append(np.stack([st.modality_attention for st in states]))
     trace.trust.append(np.stack([trust_values(st) for st in states]))
     trace.present.append(s.present)
@@ -295,6 +321,7 @@ def _summary(bags, rec: Recording, trace: _Trace, taus, sync, opts) -> dict:
     def r(x):
         return round(float(x), 6)
 
+    health = sync.summary(trace.stamps[-1] if trace.stamps else 0)
     return {
         "bags": [str(b) for b in bags],
         "topics": {MODALITIES[m]: t for m, t in sorted(rec.topics.sensors.items())},
@@ -304,8 +331,10 @@ def _summary(bags, rec: Recording, trace: _Trace, taus, sync, opts) -> dict:
         "messages": rec.messages,
         "fusions": len(trace.stamps),
         "fused_rate_hz": r((len(trace.stamps) - 1) / span) if (span := _span_s(trace.stamps)) > 0 else 0.0,
-        "sensors": {name: {k: v for k, v in h.items() if k != "age_s" and k != "masked"}
-                    for name, h in sync.summary(trace.stamps[-1] if trace.stamps else 0).items() if name in rec.configured},
+        # the rate over the whole recording, not sync's moving one (its value at the last message)
+        "sensors": {name: {**{k: v for k, v in health[name].items() if k not in ("age_s", "masked")},
+                           "rate_hz": round(rec.rates[m].hz, 3)}
+                    for m, name in zip(Modality, MODALITIES) if name in rec.configured},
         "present_fraction": {m: r(present[:, i].mean()) if len(present) else 0.0 for i, m in enumerate(MODALITIES)},
         "attention_mean": {m: r(attention[:, 0, i].mean()) if len(attention) else 0.0 for i, m in enumerate(MODALITIES)},
         **_trust_summary(trust[:, 0], present),
@@ -336,8 +365,22 @@ def _trust_summary(trust: np.ndarray, present: np.ndarray) -> dict[str, dict[str
     return {"trust_mean": mean, "untrusted_share": share}
 
 
-def _progress(total_s: float, enabled: bool):
+def _window_ms(reader, opts: ReplayOptions) -> int:
+    """The recorded time to be read, --start to --end within the bag, in whole milliseconds."""
+    begin = reader.start_time + int((opts.start_s or 0.0) * NS_PER_S)
+    end = reader.end_time if opts.end_s is None else reader.start_time + int(opts.end_s * NS_PER_S)
+    return max(0, (min(end, reader.end_time) - begin) // NS_PER_MS)
+
+
+def _progress(total_ms: int, enabled: bool):
+    """A bar of recorded time read; whole milliseconds, so that it ends at its total exactly (floats
+    summed step by step fall short of it or pass it)."""
     from tqdm import tqdm
 
-    return tqdm(total=round(total_s, 3), unit="s rec", disable=not enabled, dynamic_ncols=True,
+    return tqdm(total=total_ms, unit="s rec", unit_scale=1e-3, disable=not enabled, dynamic_ncols=True,
                 bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s recorded [{elapsed}<{remaining}, {rate_fmt}]")
+
+
+def _advance(progress, done_ms: int) -> None:
+    """Move the bar on to `done_ms`, never back (time may go back) and never past its total."""
+    progress.update(max(0, min(done_ms, progress.total) - progress.n))

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 from rosbags.highlevel import AnyReader
 from rosbags.rosbag2 import StoragePlugin, Writer
 
+from fusion_attn.bag import find_topics, open_reader, read_messages
 from fusion_attn.cli import main
 from fusion_attn.errors import BagError
 from fusion_attn.outputs import parse_fused_state_rows
@@ -384,3 +386,149 @@ def test_a_read_fault_is_never_hidden_by_many_dropped_messages(real_data, tmp_pa
     assert summary["events_total"] == len(summary["events"]) < 10  # the drops summed, not listed one by one
     out = capsys.readouterr().out
     assert "note: read stopped: " in out and f"note: lidar: {lidar['dropped']} of" in out
+
+
+HUSKY_MESSAGES = 11865  # /imu/data, the husky bag's one sensor topic
+
+
+def _ros1_records(data: bytes) -> list[tuple[dict[bytes, bytes], int, int, int]]:
+    """(header fields, record start, data start, data end) of each top-level record of a ROS 1 bag (2.0)."""
+    records, pos = [], len(b"#ROSBAG V2.0\n")
+    while pos < len(data):
+        start = pos + 8 + int.from_bytes(data[pos:pos + 4], "little")
+        fields, i = {}, pos + 4
+        while i < start - 4:
+            n = int.from_bytes(data[i:i + 4], "little")
+            name, _, value = data[i + 4:i + 4 + n].partition(b"=")
+            fields[name], i = value, i + 4 + n
+        end = start + int.from_bytes(data[start - 4:start], "little")
+        records.append((fields, pos, start, end))
+        pos = end
+    return records
+
+
+def _damaged_husky(real_data, path: Path, index: bool = False, entries: bool = False,
+                   chunk: str | None = None) -> Path:
+    """The husky bag (10 bz2 chunks, then its index) with bytes flipped: 200 across the index section
+    (connection and chunk info records, after index_pos), 200 among one chunk's index entries (the
+    records after the chunk), and/or 200 in the data of the middle chunk or 3 of its header length (which
+    frames the record: the next one is found by searching)."""
+    data = bytearray((real_data / "husky_imu_odom_gps.bag").read_bytes())
+    records = _ros1_records(bytes(data))
+    index_pos = int.from_bytes(records[0][0][b"index_pos"], "little")
+    chunks = [(k, pos, start, end) for k, (fields, pos, start, end) in enumerate(records) if fields[b"op"] == b"\x05"]
+    k, pos, start, end = chunks[len(chunks) // 2]
+    flip = []
+    if index:
+        flip += np.random.default_rng(0).choice(np.arange(index_pos, len(data)), 200, replace=False).tolist()
+    if entries:
+        _, _, entries_start, entries_end = records[k + 1]  # the chunk's first index data record
+        flip += range((entries_start + entries_end) // 2, (entries_start + entries_end) // 2 + 200)
+    if chunk == "data":
+        flip += range((start + end) // 2, (start + end) // 2 + 200)
+    elif chunk == "header":
+        flip += range(pos, pos + 3)
+    for i in flip:
+        data[i] ^= 0xFF
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("where", ["index", "entries"])
+def test_a_ros1_bag_with_a_damaged_index_is_read_chunk_by_chunk(real_data, tmp_path, where):
+    bag = _damaged_husky(real_data, tmp_path / "damaged.bag", **{where: True})
+    assert _run([bag], tmp_path / "out", "--rate", "1") == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["messages"] == HUSKY_MESSAGES and summary["read_fault"] is None  # every chunk is intact
+    assert any(e.startswith("no usable index (") and "read record by record" in e for e in summary["events"])
+
+
+def test_a_damaged_chunk_is_skipped_and_the_chunks_after_it_are_read(real_data, tmp_path, capsys):
+    bag = _damaged_husky(real_data, tmp_path / "damaged.bag", chunk="data")  # the index is intact
+    assert _run([bag], tmp_path / "out", "--rate", "1") == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert 0.85 * HUSKY_MESSAGES < summary["messages"] < HUSKY_MESSAGES  # one chunk of ten lost, not the second half
+    assert summary["read_fault"] is None
+    assert any("reading through the index failed part-way" in e for e in summary["events"])
+    assert any("1 damaged part(s) of the bag skipped" in e for e in summary["events"])
+    assert "damaged part(s) of the bag skipped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage", [dict(chunk="data", index=True), dict(chunk="header"),
+                                    dict(chunk="header", entries=True)])
+def test_reading_in_sequence_goes_on_after_a_damaged_chunk(real_data, tmp_path, damage):
+    def read(path):
+        with open_reader([path]) as reader:
+            return [m.log_time_ns for m in read_messages(reader, find_topics(reader))], reader.notes
+
+    full, _ = read(real_data / "husky_imu_odom_gps.bag")
+    got, notes = read(_damaged_husky(real_data, tmp_path / "damaged.bag", **damage))
+    assert 0.85 * len(full) < len(got) < len(full) and got[-1] == full[-1]  # read on to the end
+    kept = set(got)
+    lost = [i for i, t in enumerate(full) if t not in kept]
+    assert lost == list(range(lost[0], lost[0] + len(lost)))  # one run: the damaged chunk's messages
+    assert any("1 damaged part(s) of the bag skipped" in n for n in notes), notes
+
+
+@pytest.mark.parametrize("case", ["window", "span"])
+def test_the_progress_bar_ends_at_100_percent_exactly(real_data, pipeline, tmp_path, capsys, case):
+    from tqdm import TqdmWarning
+
+    if case == "window":  # --start/--end: the bar covers that second, not the whole bag
+        bag, opts, total = real_data / "euroc_v1_01_cam_imu", ReplayOptions(start_s=0.5, end_s=1.5), "1.0/1.0"
+    else:  # a span of 2.0004 s: seconds rounded for the total, and summed message by message, pass it
+        rows = _euroc_rows(real_data)
+        _write_bag(tmp_path / "bag", rows[:-1] + [(*rows[-1][:2], rows[0][2] + 2_000_400_000, rows[-1][3])])
+        bag, opts, total = tmp_path / "bag", ReplayOptions(), "2.0/2.0"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TqdmWarning)  # "clamping frac to range [0, 1]"
+        replay([bag], pipeline, tmp_path / "out", opts)
+    bars = re.findall(r"(\d+)%\|[^|]*\| ([\d.]+/[\d.]+) s recorded", capsys.readouterr().err)
+    assert bars and bars[-1] == ("100", total) and all(int(p) <= 100 for p, _ in bars)
+
+
+def test_summary_rate_is_the_recordings_not_the_last_moving_value(real_data, pipeline, tmp_path):
+    rows = _euroc_rows(real_data)
+    imu = [r for r in rows if r[0] == "/imu0"]
+    imu = imu[:200] + imu[200::4]  # 200 Hz for a second, then 50 Hz: the moving rate ends near 50
+    _write_bag(tmp_path / "bag", sorted([r for r in rows if r[0] != "/imu0"] + imu, key=lambda r: r[2]))
+    summary = replay([tmp_path / "bag"], pipeline, tmp_path / "out", ReplayOptions(progress=False, clock="receive"))
+    expected = (len(imu) - 1) / ((imu[-1][2] - imu[0][2]) / 1e9)
+    assert summary["sensors"]["imu"]["rate_hz"] == pytest.approx(expected, abs=1e-3)
+    assert summary["sensors"]["camera"]["rate_hz"] == pytest.approx(20.0, abs=1e-3)
+
+
+def test_a_short_mask_is_in_the_health_plot(real_data, pipeline, tmp_path, monkeypatch):
+    import fusion_attn.plots
+
+    rows = _euroc_rows(real_data)
+    t0 = rows[0][2]
+    # no camera frame from 1.0 to 1.3 s: masked about 0.2 s, between two once-a-second diagnostics
+    _write_bag(tmp_path / "bag", [r for r in rows if not (r[0] == "/cam0/image_raw" and 1.0e9 < r[2] - t0 < 1.3e9)])
+    traces, plots = [], fusion_attn.plots.replay_plots
+
+    def keep_trace(out, trace, *args):
+        traces.append(trace)
+        plots(out, trace, *args)
+
+    monkeypatch.setattr(fusion_attn.plots, "replay_plots", keep_trace)
+    replay([tmp_path / "bag"], pipeline, tmp_path / "out", ReplayOptions(progress=False, clock="receive"))
+    trace = traces[0]
+    assert len(trace.masked) == len(trace.stamps)  # a mask per fusion
+    masked_at = [(s - t0) / 1e9 for s, m in zip(trace.stamps, trace.masked) if m[0]]
+    assert any(1.05 < t < 1.3 for t in masked_at), masked_at
+
+
+def test_replay_and_fuse_print_the_frame_used_and_fuse_json_is_rounded(real_data, tmp_path, capsys):
+    params = tmp_path / "p.yaml"
+    params.write_text("/**:\n  ros__parameters:\n    frame_id: odom\n")
+    bag = real_data / "euroc_v1_01_cam_imu"
+    assert _run([bag], tmp_path / "out", "--params", str(params), "--end", "0.5") == 0
+    assert "fused states in frame odom at" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["frame_id"] == "odom"
+    assert main(["fuse", "--bag", str(bag), "--params", str(params)]) == 0
+    assert "  frame odom  " in capsys.readouterr().out
+    assert main(["fuse", "--bag", str(bag), "--json"]) == 0
+    state = json.loads(capsys.readouterr().out)
+    values = state["fused"] + [a for m in state["modalities"].values() for a in m["attention_per_head"]]
+    assert all(v == round(v, 6) for v in values)  # "rounded to 6 decimals" holds in the JSON

@@ -1,13 +1,16 @@
 """The replay summary and plots from constructed traces: trust per modality, per τ, and trust.png."""
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
 from fusion_attn.plots import replay_plots
-from fusion_attn.replay import OUTPUTS, Recording, ReplayOptions, _summary, _Trace
+from fusion_attn.replay import OUTPUTS, Recording, ReplayOptions, StampRate, _summary, _Trace
 from fusion_attn.sync import SensorSync, SyncConfig
 
 TAUS = np.array([[1, 1, 1, 1], [0.2, 1, 1, 1]], np.float32)
@@ -51,3 +54,30 @@ def test_a_model_without_trust_output_gives_no_trust_figures_rather_than_zeros()
 def test_trust_plot_is_written_and_is_a_replay_output(tmp_path):
     replay_plots(tmp_path, trace(), ("camera", "imu"), TAUS)
     assert (tmp_path / "trust.png").stat().st_size > 5000 and "trust.png" in OUTPUTS
+
+
+def test_a_fusion_long_mask_shows_in_the_health_plot(tmp_path):
+    n = 1200  # 60 s at 20 Hz; the camera masked at 4 fusions (0.2 s) around 30 s, the IMU never
+    masked = np.zeros((n, 2), bool)
+    masked[602:606, 0] = True
+    long = _Trace(stamps=[i * 50_000_000 for i in range(n)], attention=[np.full((1, 3), 1 / 3)] * n,
+                  trust=[np.full((1, 3), 0.9, np.float32)] * n, present=[np.array([True, False, True])] * n,
+                  ages=[np.array([0.01, np.nan, 0.01])] * n, latency_ms=[1.0] * n, masked=list(masked))
+    pngs = []
+    for name, trace in (("with", long), ("without", dataclasses.replace(long, masked=[np.zeros(2, bool)] * n))):
+        (tmp_path / name).mkdir()
+        replay_plots(tmp_path / name, trace, ("camera", "imu"), TAUS[:1])
+        pngs.append(plt.imread(tmp_path / name / "health.png")[..., :3])
+    changed = np.argwhere(np.any(pngs[0] != pngs[1], axis=-1))
+    assert len(changed), "the mask is not drawn"
+    blue = np.array(matplotlib.colors.to_rgb("tab:blue"))  # the camera's colour
+    assert np.abs(pngs[0][tuple(changed.T)] - blue).sum(axis=-1).min() < 0.05
+    assert np.ptp(changed[:, 1]) < 10  # one narrow mark, about 30 s in
+
+
+def test_stamp_rate_is_over_the_recording_and_time_going_back_adds_nothing():
+    rate = StampRate()
+    for t_ms in (0, 10, 20, 5, 30, 40, 0, 10, 20, 30, 40, 50):  # a stray old stamp, then a loop
+        rate.add(t_ms * 1_000_000)
+    assert rate.hz == pytest.approx(5 / 0.05)  # 5 steps forward over 50 ms
+    assert StampRate().hz == 0.0

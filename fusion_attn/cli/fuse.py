@@ -121,11 +121,16 @@ def _state_dict(state: FusedState, pipeline) -> dict:
         "backend": pipeline.backend_info(), "model": pipeline.model_source, "tau": state.tau.tolist(),
         "modalities": {name: {"present": bool(state.present[i]),
                               "age_s": None if np.isnan(state.ages_s[i]) else float(state.ages_s[i]),
-                              "attention_per_head": state.attention[i].round(6).tolist(),
+                              "attention_per_head": _rounded(state.attention[i]),
                               "trust": None if state.trust is None else round(float(state.trust[i]), 6)}
                        for i, name in enumerate(MODALITIES)},
-        "fused": state.pooled.round(6).tolist(), "timings_ms": state.timings_ms,
+        "fused": _rounded(state.pooled), "timings_ms": state.timings_ms,
     }
+
+
+def _rounded(values: np.ndarray) -> list[float]:
+    """To 6 decimals, in float64: float32 values rounded stay float32, 0.1234560012817383 in JSON."""
+    return values.astype(np.float64).round(6).tolist()
 
 
 def _summary(state: FusedState, pipeline, notes: list[str], fused_at_s: float | None = None) -> str:

@@ -44,7 +44,8 @@ def run(args) -> int:
                           progress=not args.no_progress)
     summary = replay(args.bags, pipeline, args.output, opts, sync_cfg)
     t = summary["timing"]
-    print(f"replayed {summary['messages']} messages -> {summary['fusions']} fused states at "
+    print(f"replayed {summary['messages']} messages -> {summary['fusions']} fused states in frame "
+          f"{summary['frame_id']} at "
           f"{summary['fused_rate_hz']:.2f} Hz; {t['recorded_s']:.1f} s recorded in {t['wall_s']:.1f} s "
           f"({t['speed_x_real_time']:.1f}x real time)")
     print("  topics: " + ", ".join(f"{m} {t}" for m, t in summary["topics"].items()))
