@@ -7,6 +7,7 @@ timer ticks at `fusion_rate_hz` on the recorded clock (header stamps, or receive
     OUT/fused/            rosbag2 MCAP: /fused_state (sensor_msgs/Image, the node's layout), /diagnostics
     OUT/summary.json      what was read, skipped, dropped; attention, trust and presence per modality; τ sweep
     OUT/attention.png, trust.png, health.png, latency.png (and sweep.png, sweep.csv for a τ sweep)
+    OUT/attention_<t>.png, attention.mp4   where the fusion looks, when asked (see _AttentionMaps)
 
 Wall-clock figures (speed, processing time) are not deterministic and go to OUT/timing.json only.
 """
@@ -22,18 +23,21 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 from rosbags.rosbag2 import StoragePlugin, Writer
 
+from .attention_maps import MASKS, attend, camera_rgb, occlusion, picture, picture_size
 from .bag import BagTopics, find_topics, open_reader, read_messages
 from .clock import FusionClock
 from .config import FusionConfig
 from .errors import BagError, ConfigError
 from .frames import MODALITIES, NS_PER_S, FusedState, Modality
 from .messages import TYPES, cdr, diagnostics_msg, fused_state_msg
+from .model import FusionModel
 from .outputs import TRUST_THRESHOLD, diagnostics, trust_values
 from .params import PARAM_DEFAULTS, TAU_NAMES
-from .pipeline import FusionPipeline
+from .pipeline import FusionPipeline, weights_digest
 from .sync import SensorSync, SyncConfig
 from .tokenize import SensorSnapshot, Tokenizer
 
@@ -54,6 +58,8 @@ class ReplayOptions:
     sensors: tuple[str, ...] = MODALITIES  # the node's *_type: none leaves a sensor out
     diagnostics_period_s: float = PARAM_DEFAULTS["diagnostics_period_s"]
     progress: bool = True
+    attention_at_s: tuple[float, ...] = ()  # attention_<t>.png at these instants, seconds after the bag's start
+    attention_video: bool = False  # attention.mp4 over the recording
 
 
 @dataclass
@@ -135,15 +141,16 @@ class Recording:
 
 
 def fuse_recording(reader, pipeline: FusionPipeline, sync: SensorSync, opts: ReplayOptions, taus: np.ndarray,
-                   rec: Recording, progress=None, trailing: bool = True) -> Iterator[list[FusedState]]:
+                   rec: Recording, progress=None,
+                   trailing: bool = True) -> Iterator[tuple[SensorSnapshot, list[FusedState]]]:
     """The node's behaviour on recorded time: feed messages in order, fuse on the timer (or trigger).
 
-    Yields the fused states of each fusion instant (one per τ row); see `recorded_snapshots`. Where
-    reading breaks off (truncated, corrupt) the fusions end, with the fault in `rec.fault`.
+    Yields each fusion instant's snapshot and fused states (one per τ row); see `recorded_snapshots`.
+    Where reading breaks off (truncated, corrupt) the fusions end, with the fault in `rec.fault`.
     """
     try:
         for snap in recorded_snapshots(reader, sync, opts, rec, progress, trailing):
-            yield pipeline.fuse_sweep(snap, taus)
+            yield snap, pipeline.fuse_sweep(snap, taus)
     except BagError as exc:
         rec.fault = str(exc)
 
@@ -209,21 +216,29 @@ def _check(opts: ReplayOptions) -> None:
         raise ConfigError(f"trigger must be timer or one of {MODALITIES}, got {opts.trigger!r}")
     if opts.start_s is not None and opts.end_s is not None and opts.end_s <= opts.start_s:
         raise ConfigError(f"--end {opts.end_s} must be after --start {opts.start_s}")
+    if not all(math.isfinite(t) and t >= 0 for t in opts.attention_at_s):
+        raise ConfigError(f"attention instants must be seconds >= 0 after the bag's start, "
+                          f"got {list(opts.attention_at_s)}")
 
 
 OUTPUTS = ("fused", "summary.json", "timing.json", "attention.png", "trust.png", "health.png", "latency.png", "sweep.png",
-           "sweep.csv")
+           "sweep.csv", "attention.mp4")
 MARKER = ".fusion_attn_replay"  # written first: this folder holds replay output that a new run may replace
 
 
 def replay(bags: Sequence[str | Path], pipeline: FusionPipeline, out_dir: str | Path,
-           opts: ReplayOptions = ReplayOptions(), sync_cfg: SyncConfig | None = None) -> dict:
+           opts: ReplayOptions = ReplayOptions(), sync_cfg: SyncConfig | None = None,
+           attention_model: FusionModel | None = None) -> dict:
     """Replay `bags` into `out_dir`; -> the summary (also written as summary.json).
 
     A bag that breaks off part-way (truncated, corrupt) is processed up to the fault; the outputs are
     closed properly and the summary names the error. BagError only when nothing could be read.
+    `attention_model`: the torch model the pipeline runs, for the attention maps (opts.attention_*).
     """
     _check(opts)
+    maps_asked = bool(opts.attention_at_s) or opts.attention_video
+    if maps_asked and (attention_model is None or weights_digest(attention_model) != pipeline.weights_digest):
+        raise ConfigError("attention maps need the torch model that the pipeline runs (attention_model)")
     out = _prepare_output(Path(out_dir))
     taus = np.array(opts.taus, np.float32)
     sync = SensorSync(sync_cfg or SyncConfig(imu_window_s=pipeline.cfg.imu.window_s))
@@ -234,14 +249,17 @@ def replay(bags: Sequence[str | Path], pipeline: FusionPipeline, out_dir: str | 
     with open_reader(bags) as reader:
         progress = _progress(_window_ms(reader, opts), opts.progress)
         fused_bag = None
+        maps = _AttentionMaps(out, attention_model, pipeline, opts, reader.start_time) if maps_asked else None
         try:  # a read fault ends the loop, in rec.fault
             states_iter = fuse_recording(reader, pipeline, sync, opts, taus, rec, progress)
             while True:
                 tick_start = time.perf_counter()
-                states = next(states_iter, None)
+                snap, states = next(states_iter, (None, None))
                 if states is None:
                     break
                 processing_s += time.perf_counter() - tick_start
+                if maps is not None:
+                    maps.add(snap)
                 fused_bag = fused_bag or _FusedBag(out / "fused")
                 stamp = states[0].stamp_ns
                 _record(trace, states, sync, stamp, rec.configured)
@@ -254,6 +272,8 @@ def replay(bags: Sequence[str | Path], pipeline: FusionPipeline, out_dir: str | 
             progress.close()
             if fused_bag is not None:
                 fused_bag.close()
+            if maps is not None:
+                maps.close()
         wall_s = time.perf_counter() - wall_start
 
     if rec.messages == 0:
@@ -263,6 +283,8 @@ def replay(bags: Sequence[str | Path], pipeline: FusionPipeline, out_dir: str | 
     summary = _summary(bags, rec, trace, taus, sync, opts)
     summary["backend"] = pipeline.backend_info()
     summary["frame_id"] = pipeline.frame_id  # of the fused states written
+    if maps is not None:
+        summary["attention_maps"] = maps.summary()
     (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     recorded_s = _span_s(trace.stamps)
     timing = {"wall_s": wall_s, "recorded_s": recorded_s, "speed_x_real_time": recorded_s / wall_s if wall_s else None,
@@ -275,6 +297,71 @@ def replay(bags: Sequence[str | Path], pipeline: FusionPipeline, out_dir: str | 
     return summary
 
 
+VIDEO_HZ = 2.0  # attention.mp4 frames per second of recorded time, played in real time: cheap, enough to follow
+OCCLUSION_K, OCCLUSION_DRAWS = 5, 16  # each picture's occlusion check: top 5 tokens against 16 random sets of 5
+
+
+class _AttentionMaps:
+    """attention_<t>.png at the first fusion at or after each asked instant, and attention.mp4 over the
+    recording at VIDEO_HZ (attention_maps.picture, at the first τ). The torch model gives the token weights,
+    which the backends do not output. Each picture's occlusion check goes to the summary: the fused state's
+    change when the OCCLUSION_K most-attended tokens of a sensor are masked, and when as many random ones are."""
+
+    def __init__(self, out: Path, model: FusionModel, pipeline: FusionPipeline, opts: ReplayOptions, start_ns: int):
+        self.out, self.model, self.tokenizer, self.start_ns = out, model, pipeline.tokenizer, start_ns
+        self.tau = np.array(opts.taus[0], np.float32)
+        self.pending = sorted(set(opts.attention_at_s))
+        self.instants: dict[str, dict] = {}
+        self.video, self.frames, self.last_frame_ns = None, 0, None
+        self.last_s: float | None = None  # the latest fusion, for the note on an instant never reached
+        if opts.attention_video:
+            self.video = cv2.VideoWriter(str(out / "attention.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), VIDEO_HZ,
+                                         picture_size(model.cfg))
+            if not self.video.isOpened():
+                raise ConfigError("cannot write attention.mp4: this OpenCV has no MP4 encoder")
+
+    def add(self, snap: SensorSnapshot) -> None:
+        t_s = self.last_s = (snap.stamp_ns - self.start_ns) / NS_PER_S
+        due = [t for t in self.pending if t <= t_s]
+        # abs: a frame on each jump back in recorded time too
+        frame_due = self.video is not None and (self.last_frame_ns is None
+                                                or abs(snap.stamp_ns - self.last_frame_ns) >= NS_PER_S / VIDEO_HZ)
+        if not (due or frame_due):
+            return
+        x = self.tokenizer(snap, self.tau)  # the pipeline's tokenizer: this snapshot's tokens are cached
+        att = attend(self.model, x)
+        caption = f"{t_s:.2f} s after the bag's start   tau " + "/".join(f"{v:g}" for v in self.tau)
+        bgr = np.ascontiguousarray(picture(x, att, self.model.cfg, camera_rgb(snap.camera), caption)[..., ::-1])
+        for t in due:
+            self.pending.remove(t)
+            name = f"attention_{t:g}.png"
+            cv2.imwrite(str(self.out / name), bgr)
+            self.instants[f"{t:g}"] = {"file": name, "fused_at_s": round(t_s, 6), "occlusion": self._occlusion(x)}
+        if frame_due:
+            self.video.write(bgr)
+            self.frames, self.last_frame_ns = self.frames + 1, snap.stamp_ns
+
+    def _occlusion(self, x: dict[str, np.ndarray]) -> dict:
+        """Per sensor: the fused state's L2 change with its top-k tokens masked, and with k random ones
+        (mean of the draws); None without 2k valid tokens. Seeded per picture: the summary is deterministic."""
+        rng = np.random.default_rng(0)
+        result: dict = {"k": OCCLUSION_K}
+        for sensor in MASKS:
+            top, rand = occlusion(self.model, x, sensor, OCCLUSION_K, OCCLUSION_DRAWS, rng)
+            result[sensor] = None if math.isnan(top) else {"top": round(top, 6), "random": round(rand, 6)}
+        return result
+
+    def close(self) -> None:
+        if self.video is not None:
+            self.video.release()
+
+    def summary(self) -> dict:
+        last = "none at all" if self.last_s is None else f"the last at {self.last_s:.3f} s"
+        missed = {f"{t:g}": {"file": None, "note": f"no fusion at or after it ({last})"} for t in self.pending}
+        video = {"file": "attention.mp4", "frames": self.frames, "hz": VIDEO_HZ} if self.video is not None else None
+        return {"instants": {**self.instants, **missed}, "video": video}
+
+
 def _prepare_output(out: Path) -> Path:
     """Create the folder, or clear a previous replay's outputs from it; refuse anything else."""
     if out.exists() and not out.is_dir():
@@ -283,7 +370,7 @@ def _prepare_output(out: Path) -> Path:
     if (out / "fused").exists() and not (out / MARKER).exists():
         raise BagError(f"{out / 'fused'} exists and is not the output of an earlier replay; choose another -o")
     (out / MARKER).touch()
-    for name in OUTPUTS:
+    for name in (*OUTPUTS, *(p.name for p in out.glob("attention_*.png"))):
         path = out / name
         if path.is_dir():
             shutil.rmtree(path)

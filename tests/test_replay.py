@@ -9,6 +9,7 @@ import time
 import warnings
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from rosbags.highlevel import AnyReader
@@ -16,7 +17,7 @@ from rosbags.rosbag2 import StoragePlugin, Writer
 
 from fusion_attn.bag import find_topics, open_reader, read_messages
 from fusion_attn.cli import main
-from fusion_attn.errors import BagError
+from fusion_attn.errors import BagError, ConfigError
 from fusion_attn.outputs import parse_fused_state_rows
 from fusion_attn.pipeline import FusionPipeline
 from fusion_attn.replay import ReplayOptions, replay
@@ -532,3 +533,44 @@ def test_replay_and_fuse_print_the_frame_used_and_fuse_json_is_rounded(real_data
     state = json.loads(capsys.readouterr().out)
     values = state["fused"] + [a for m in state["modalities"].values() for a in m["attention_per_head"]]
     assert all(v == round(v, 6) for v in values)  # "rounded to 6 decimals" holds in the JSON
+
+
+def test_attention_maps_at_chosen_instants_and_as_a_video(real_data, tmp_path, capsys):
+    bag = real_data / "euroc_v1_01_cam_imu"
+    assert _run([bag], tmp_path, "--attention-at", "0.5,1.25,9", "--attention-video") == 0
+    out = capsys.readouterr().out
+    maps = json.loads((tmp_path / "summary.json").read_text())["attention_maps"]
+    assert set(maps["instants"]) == {"0.5", "1.25", "9"}
+    for t in ("0.5", "1.25"):
+        m = maps["instants"][t]
+        assert m["file"] == f"attention_{t}.png" and f"attention at {t} s -> attention_{t}.png" in out
+        assert cv2.imread(str(tmp_path / m["file"])).shape == (464, 896, 3)
+        assert float(t) <= m["fused_at_s"] < float(t) + 0.05  # the first fusion at or after it (20 Hz)
+        assert m["occlusion"]["lidar"] is None  # no lidar in this recording
+        assert m["occlusion"]["camera"]["top"] > m["occlusion"]["camera"]["random"]
+    assert maps["instants"]["9"]["file"] is None and "no fusion at or after it" in maps["instants"]["9"]["note"]
+    video = cv2.VideoCapture(str(tmp_path / "attention.mp4"))
+    assert video.get(cv2.CAP_PROP_FRAME_COUNT) == maps["video"]["frames"] == 5  # 2 s at 2 Hz: 0, 0.5, .., 2 s
+    assert (video.get(cv2.CAP_PROP_FRAME_WIDTH), video.get(cv2.CAP_PROP_FRAME_HEIGHT)) == (896, 464)
+    video.release()
+    assert _run([bag], tmp_path, "--end", "0.5") == 0  # a replay into the same folder removes them
+    assert not list(tmp_path.glob("attention_*.png")) and not (tmp_path / "attention.mp4").exists()
+    assert "attention_maps" not in json.loads((tmp_path / "summary.json").read_text())
+
+
+def test_attention_map_of_a_camera_and_lidar_frame_has_both_panels(real_data, tmp_path):
+    assert _run([real_data / "lidar_camera_frame"], tmp_path, "--attention-at", "0") == 0
+    m = json.loads((tmp_path / "summary.json").read_text())["attention_maps"]["instants"]["0"]
+    assert m["occlusion"]["camera"] is not None and m["occlusion"]["lidar"] is not None
+    img = cv2.imread(str(tmp_path / "attention_0.png"))
+    assert img[:384, :512].std() > 20 and img[:384, 512:].std() > 10  # the image, and pillars in the lidar's view
+
+
+def test_attention_options_are_checked(real_data, pipeline, tmp_path, capsys):
+    bag = real_data / "euroc_v1_01_cam_imu"
+    assert _run([bag], tmp_path, "--attention-at", "1,x") == 2
+    assert "--attention-at '1,x'" in capsys.readouterr().err
+    assert _run([bag], tmp_path, "--attention-at=-1") == 2
+    assert "attention instants must be seconds >= 0" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="torch model"):  # the API needs the model for the token weights
+        replay([bag], pipeline, tmp_path, ReplayOptions(progress=False, attention_video=True))

@@ -9,7 +9,7 @@ from ..adapters import SUPPORTED_TYPES, modality_of
 from ..bag import topic_flag
 from ..errors import FusionAttnError
 from ..frames import MODALITIES, Modality
-from ..params import PARAM_DEFAULTS
+from ..params import PARAM_DEFAULTS, param
 from .common import fusion_setup, model_args, replay_options
 
 NOTES_SHOWN = 10  # on the console; summary.json holds 100
@@ -30,6 +30,11 @@ def add_parser(verbs):
     topic_args(replay)
     replay.add_argument("--tau", help="τ: one value (global), or a sweep 0.1,0.5,1,2; an entry may be "
                                       "global:camera:lidar:imu")
+    replay.add_argument("--attention-at", metavar="T1,T2,...",
+                        help="write attention_<t>.png, where the fusion looks, at these seconds after the start of "
+                             "the recording (docs/ATTENTION_MAPS.md)")
+    replay.add_argument("--attention-video", action="store_true",
+                        help="write attention.mp4: that picture over the recording, a few per second of recorded time")
     replay.add_argument("--no-progress", action="store_true")
     return replay
 
@@ -40,9 +45,15 @@ def run(args) -> int:
     pipeline, sync_cfg, params = fusion_setup(args)
     base = pipeline.tau
     taus = tuple(_tau_entry(entry, base) for entry in args.tau.split(",")) if args.tau else (tuple(base.tolist()),)
+    at = _instants(args.attention_at) if args.attention_at else ()
     opts = replay_options(args, params, clock=args.clock, start_s=args.start, end_s=args.end, taus=taus,
-                          progress=not args.no_progress)
-    summary = replay(args.bags, pipeline, args.output, opts, sync_cfg)
+                          progress=not args.no_progress, attention_at_s=at, attention_video=args.attention_video)
+    model = None
+    if at or args.attention_video:  # the token weights come from the torch model, the same weights the pipeline runs
+        from ..pipeline import load_model
+
+        model, _ = load_model(param(params, "checkpoint") or None)
+    summary = replay(args.bags, pipeline, args.output, opts, sync_cfg, attention_model=model)
     t = summary["timing"]
     print(f"replayed {summary['messages']} messages -> {summary['fusions']} fused states in frame "
           f"{summary['frame_id']} at "
@@ -58,11 +69,14 @@ def run(args) -> int:
         print("  τ sweep (mean attention camera / lidar / imu):")
         for row in summary["tau_sweep"]:
             print(f"    τ {row['tau']}: " + " / ".join(f"{v:.3f}" for v in row["attention_mean"].values()))
+    if maps := summary.get("attention_maps"):
+        _print_maps(maps)
     for event in summary["events"][:NOTES_SHOWN]:  # the read fault and the drops per sensor come first
         print(f"  note: {event}")
     if summary["events_total"] > NOTES_SHOWN:
         print(f"  ({summary['events_total'] - NOTES_SHOWN} more notes in summary.json)")
-    print(f"  wrote {args.output}/fused (MCAP), summary.json, timing.json, *.png")
+    print(f"  wrote {args.output}/fused (MCAP), summary.json, timing.json, *.png"
+          + (", attention.mp4" if args.attention_video else ""))
     return 0
 
 
@@ -84,6 +98,28 @@ def _tau_entry(entry: str, base) -> tuple[float, float, float, float]:
     if len(values) == 4:
         return tuple(values)
     raise FusionAttnError(f"--tau entry {entry!r} needs 1 or 4 values, got {len(values)}")
+
+
+def _instants(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise FusionAttnError(f"--attention-at {text!r}: expected seconds separated by commas, e.g. 3.5,10") from None
+
+
+def _print_maps(maps: dict) -> None:
+    """Where each picture went, and its occlusion check (the summary's attention_maps)."""
+    for t, m in maps["instants"].items():
+        if m["file"] is None:
+            print(f"  attention at {t} s: {m['note']}")
+            continue
+        k = m["occlusion"]["k"]
+        checks = "; ".join(f"{s} top {k} {o['top']:.3f} vs {k} random {o['random']:.3f}"
+                           for s, o in m["occlusion"].items() if s != "k" and o is not None)
+        print(f"  attention at {t} s -> {m['file']} (fused at {m['fused_at_s']:.3f} s); fused-state change when "
+              f"masking {checks or 'none: too few tokens'}")
+    if video := maps["video"]:
+        print(f"  attention video -> {video['file']} ({video['frames']} frames at {video['hz']:g} Hz)")
 
 
 def _num(value: float | None, spec: str) -> str:
