@@ -8,12 +8,13 @@ without a second converter.
 from __future__ import annotations
 
 import importlib
+import json
 
 import numpy as np
 from rosbags.typesys import Stores, get_typestore
 
 from .frames import NS_PER_S, CameraFrame, FusedState, ImuSample, LidarFrame
-from .outputs import Status, fused_state_rows
+from .outputs import Status, fused_state_layout, fused_state_rows
 
 TYPES = get_typestore(Stores.ROS2_KILTED)
 _T = TYPES.types
@@ -53,11 +54,25 @@ def imu_msg(sample: ImuSample):
                                      vec(*map(float, sample.gyro)), np.zeros(9), vec(*map(float, sample.accel)), np.zeros(9))
 
 
-def fused_state_msg(state: FusedState):
-    """The fused state's wire layout (see outputs.py) as a 32FC1 sensor_msgs/Image."""
+def fused_state_msg(state: FusedState, stamp_ns: int | None = None):
+    """The fused state's wire layout (see outputs.py) as a 32FC1 sensor_msgs/Image, stamped stamp_ns (the
+    node's data time) or else the fusion instant (replay's, on recorded time)."""
     rows = fused_state_rows(state).astype("<f4")
-    return _T["sensor_msgs/msg/Image"](header(state.stamp_ns, state.frame_id), rows.shape[0], rows.shape[1], "32FC1", 0,
+    stamp_ns = state.stamp_ns if stamp_ns is None else stamp_ns
+    return _T["sensor_msgs/msg/Image"](header(stamp_ns, state.frame_id), rows.shape[0], rows.shape[1], "32FC1", 0,
                                        rows.shape[1] * 4, rows.view(np.uint8).ravel())
+
+
+def sensor_values_msg(stamp_ns: int, frame_id: str, values):
+    """One value per sensor as geometry_msgs/Vector3Stamped, x, y, z = camera, lidar, imu: fixed fields
+    that Foxglove, PlotJuggler and rqt_plot plot as they are (attention, trust)."""
+    return _T["geometry_msgs/msg/Vector3Stamped"](header(stamp_ns, frame_id),
+                                                  _T["geometry_msgs/msg/Vector3"](*map(float, values)))
+
+
+def fused_state_layout_msg(dim: int, fusion_tokens: int, heads: int):
+    """std_msgs/String: outputs.fused_state_layout as JSON."""
+    return _T["std_msgs/msg/String"](json.dumps(fused_state_layout(dim, fusion_tokens, heads)))
 
 
 def diagnostics_msg(stamp_ns: int, statuses: list[Status], hardware_id: str):

@@ -12,18 +12,20 @@ import time
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
+from geometry_msgs.msg import Vector3Stamped
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
-from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rclpy.qos_overriding_options import QoSOverridingOptions
 from sensor_msgs.msg import CompressedImage, Image, Imu, LaserScan, PointCloud2
+from std_msgs.msg import String
 
 from .adapters import msgtype_of, to_frame
 from .errors import ConfigError, FusionAttnError, MalformedMessageError
 from .frames import MODALITIES, FusedState, Modality
-from .messages import diagnostics_msg, fused_state_msg, to_rclpy
-from .outputs import diagnostics
+from .messages import diagnostics_msg, fused_state_layout_msg, fused_state_msg, sensor_values_msg, to_rclpy
+from .outputs import diagnostics, trust_values
 from .params import PARAMETERS, TAU_NAMES, Param
 from .pipeline import FusionPipeline, validate_tau
 from .spin import spin
@@ -47,6 +49,8 @@ class FusionNode(LifecycleNode):
         self._last_state: FusedState | None = None
         self._processing_ms = self._latency_ms = 0.0
         self._fuse_errors = 0
+        self._withheld = 0  # fusions with every sensor masked: no state to publish
+        self._stamp_ns: int | None = None  # of the last state published
         self._qos_declared = False  # set at the first activation: see _on_set_parameters
         self._type_warned: set[tuple[str, ...]] = set()
         # one child logger per sensor: rclpy throttles per logger and call site, so a flood on one
@@ -71,6 +75,14 @@ class FusionNode(LifecycleNode):
         params = {p.name: self.p(p.name) for p in PARAMETERS}
         self.sync = SensorSync(SyncConfig.from_params(params, self.pipeline.cfg.imu.window_s))
         self.fused_pub = self.create_lifecycle_publisher(Image, "fused_state", 10, qos_overriding_options=QOS_OVERRIDES)
+        # beside the fused state, under its resolved name as image_transport places its topics (a remap of
+        # fused_state moves them too): per-sensor values any plotter reads, and the latched layout
+        fused = self.fused_pub.topic_name
+        self.attention_pub, self.trust_pub = (
+            self.create_lifecycle_publisher(Vector3Stamped, f"{fused}/{name}", 10, qos_overriding_options=QOS_OVERRIDES)
+            for name in ("attention", "trust"))
+        self.layout_pub = self.create_lifecycle_publisher(
+            String, f"{fused}/layout", QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
         self.diag_pub = self.create_lifecycle_publisher(DiagnosticArray, "/diagnostics", 10,
                                                         qos_overriding_options=QOS_OVERRIDES)
         self.get_logger().info(f"configured: model {self.pipeline.model_source} on {self.pipeline.backend.name}, "
@@ -95,7 +107,10 @@ class FusionNode(LifecycleNode):
         if self.p("trigger") == "timer":
             self._timers.append(self.create_timer(1.0 / self.p("fusion_rate_hz"), self._fuse))
         self._timers.append(self.create_timer(self.p("diagnostics_period_s"), self._publish_diagnostics))
-        return super().on_activate(state)
+        result = super().on_activate(state)
+        m = self.pipeline.cfg.model
+        self.layout_pub.publish(to_rclpy(fused_state_layout_msg(m.dim, m.fusion_tokens, m.heads)))  # once active
+        return result
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._release_io()
@@ -103,8 +118,8 @@ class FusionNode(LifecycleNode):
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._release_io()
-        self.destroy_lifecycle_publisher(self.fused_pub)
-        self.destroy_lifecycle_publisher(self.diag_pub)
+        for pub in (self.fused_pub, self.attention_pub, self.trust_pub, self.layout_pub, self.diag_pub):
+            self.destroy_lifecycle_publisher(pub)
         self.pipeline = None
         return TransitionCallbackReturn.SUCCESS
 
@@ -144,27 +159,40 @@ class FusionNode(LifecycleNode):
         if self.p("trigger") == MODALITIES[modality]:
             self._fuse(frame.stamp_ns)
 
-    def _fuse(self, now_ns: int | None = None) -> None:
+    def _fuse(self, trigger_ns: int | None = None) -> None:
         start = time.perf_counter()
-        now_ns = self.get_clock().now().nanoseconds if now_ns is None else now_ns
+        now_ns = self.get_clock().now().nanoseconds if trigger_ns is None else trigger_ns
         try:
             state = self.pipeline.fuse(self.sync.snapshot(now_ns))
         except Exception as exc:  # noqa: BLE001 - keep the node alive, say what failed
             self._fuse_errors += 1
             self.get_logger().error(f"fusion failed ({self._fuse_errors} so far): {exc}", throttle_duration_sec=5.0)
             return
-        self.fused_pub.publish(to_rclpy(fused_state_msg(state)))
-        newest = self.sync.newest_stamp_ns()
-        self._latency_ms = float("nan") if newest is None else (self.get_clock().now().nanoseconds - newest) / 1e6
-        self._processing_ms = (time.perf_counter() - start) * 1e3
         self._last_state = state
+        if state.all_masked:  # the model's defined output from nothing: not a state to act on (diagnostics ERROR)
+            self._withheld += 1
+            return
+        # stamped with the data's time, not this node's clock (which only judged what is fresh): the trigger
+        # message's stamp, or the newest sensor stamp received. A timer tick that received nothing newer than
+        # the last state would repeat its stamp: the state is already out
+        newest = self.sync.newest_stamp_ns()
+        stamp_ns = newest if trigger_ns is None else trigger_ns
+        if stamp_ns == self._stamp_ns:
+            return
+        self._stamp_ns = stamp_ns
+        self.fused_pub.publish(to_rclpy(fused_state_msg(state, stamp_ns)))
+        self.attention_pub.publish(to_rclpy(sensor_values_msg(stamp_ns, state.frame_id, state.modality_attention)))
+        self.trust_pub.publish(to_rclpy(sensor_values_msg(stamp_ns, state.frame_id, trust_values(state))))
+        self._latency_ms = (self.get_clock().now().nanoseconds - newest) / 1e6
+        self._processing_ms = (time.perf_counter() - start) * 1e3
 
     def _publish_diagnostics(self) -> None:
         self._check_publisher_types()
         now_ns = self.get_clock().now().nanoseconds
         period = 1.0 / self.p("fusion_rate_hz")
         # the fusion's side of the policy contract goes with it: policy_node checks it live
-        values = {**self.pipeline.backend_info(), **self.pipeline.fusion_terms(self.sync.cfg, self.p("fusion_rate_hz"))}
+        values = {**self.pipeline.backend_info(), **self.pipeline.fusion_terms(self.sync.cfg, self.p("fusion_rate_hz")),
+                  "withheld_all_masked": str(self._withheld)}
         statuses = diagnostics(self.sync.summary(now_ns), self._last_state, values,
                                self._processing_ms, self._latency_ms, period, tuple(self.sensors))
         self.diag_pub.publish(to_rclpy(diagnostics_msg(now_ns, statuses, self.get_name())))

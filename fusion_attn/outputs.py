@@ -4,8 +4,9 @@ The node fills rclpy messages from these and the bag writer fills rosbags messag
 and the thresholds exist once.
 
 Fused state on the wire: a sensor_msgs/Image, encoding 32FC1, width D, height 1 + M + 3, row-major,
-little-endian, header = (fusion stamp, frame_id). Standard tools decode it (`ros2 topic echo`,
-cv_bridge, `np.frombuffer(msg.data, np.float32).reshape(msg.height, msg.width)`):
+little-endian, header = (the fusion's time on the data's clock, frame_id). Standard tools decode it
+(`ros2 topic echo`, cv_bridge, `np.frombuffer(msg.data, np.float32).reshape(msg.height, msg.width)`);
+`fused_state_layout` states M and H, which the message alone does not:
 
     row 0             the fused state vector (D)
     rows 1 .. M       the M fusion tokens (latents)
@@ -52,6 +53,16 @@ def fused_state_rows(state: FusedState) -> np.ndarray:
     rows[1 + m :, :heads] = state.attention
     rows[1 + m :, heads] = trust_values(state)
     return rows
+
+
+def fused_state_layout(dim: int, fusion_tokens: int, heads: int) -> dict:
+    """The wire layout above as data (the node publishes it as JSON on the latched `fused_state/layout`):
+    every dimension, and [start, stop) row and column ranges, so a consumer needs no project code."""
+    m = fusion_tokens
+    return {"encoding": "32FC1", "width": dim, "height": 1 + m + 3, "fusion_tokens": m, "heads": heads,
+            "sensor_order": list(MODALITIES),
+            "rows": {"fused": [0, 1], "latents": [1, 1 + m], "sensors": [1 + m, 4 + m]},
+            "sensor_columns": {"attention": [0, heads], "trust": [heads, heads + 1]}}
 
 
 def parse_fused_state_rows(rows: np.ndarray, heads: int) -> dict[str, np.ndarray]:

@@ -248,7 +248,7 @@ def replay(bags: Sequence[str | Path], pipeline: FusionPipeline, out_dir: str | 
     processing_s = 0.0
     with open_reader(bags) as reader:
         progress = _progress(_window_ms(reader, opts), opts.progress)
-        fused_bag = None
+        fused_bag, withheld = None, 0
         maps = _AttentionMaps(out, attention_model, pipeline, opts, reader.start_time) if maps_asked else None
         try:  # a read fault ends the loop, in rec.fault
             states_iter = fuse_recording(reader, pipeline, sync, opts, taus, rec, progress)
@@ -263,7 +263,10 @@ def replay(bags: Sequence[str | Path], pipeline: FusionPipeline, out_dir: str | 
                 fused_bag = fused_bag or _FusedBag(out / "fused")
                 stamp = states[0].stamp_ns
                 _record(trace, states, sync, stamp, rec.configured)
-                fused_bag.write_state(states[0])
+                if states[0].all_masked:  # withheld, as the node does: the model's output from nothing
+                    withheld += 1
+                else:
+                    fused_bag.write_state(states[0])
                 if len(trace.stamps) % diag_every == 0:
                     fused_bag.write_diagnostics(stamp, diagnostics(
                         sync.summary(stamp), states[0], pipeline.backend_info(), None,
@@ -283,6 +286,7 @@ def replay(bags: Sequence[str | Path], pipeline: FusionPipeline, out_dir: str | 
     summary = _summary(bags, rec, trace, taus, sync, opts)
     summary["backend"] = pipeline.backend_info()
     summary["frame_id"] = pipeline.frame_id  # of the fused states written
+    summary["withheld_all_masked"] = withheld  # fusion ticks with every sensor masked: no state written
     if maps is not None:
         summary["attention_maps"] = maps.summary()
     (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")

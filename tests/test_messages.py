@@ -5,8 +5,8 @@ import pytest
 from rosbags.highlevel import AnyReader
 
 from fusion_attn.adapters import to_frame
-from fusion_attn.frames import CameraFrame, ImuSample, LidarFrame
-from fusion_attn.messages import image_msg, imu_msg, pointcloud2_msg, to_rclpy
+from fusion_attn.frames import CameraFrame, ImuSample, LidarFrame, stamp_to_ns
+from fusion_attn.messages import image_msg, imu_msg, pointcloud2_msg, sensor_values_msg, to_rclpy
 
 rng = np.random.default_rng(0)
 
@@ -49,3 +49,11 @@ def test_ros1_bag_messages_convert_through_the_ros2_types(real_data):
     assert type(msg).__name__ == "Imu" and type(msg).__module__.startswith("sensor_msgs.msg")
     assert msg.header.frame_id == ros1.header.frame_id and msg.header.stamp.sec == ros1.header.stamp.sec
     assert msg.linear_acceleration.y == ros1.linear_acceleration.y
+
+
+def test_per_sensor_values_are_a_standard_stamped_vector():
+    """fused_state/attention and /trust: geometry_msgs/Vector3Stamped, x, y, z = camera, lidar, imu."""
+    msg = to_rclpy(sensor_values_msg(1_500_000_123, "base_link", np.array([0.25, 0.0, 0.75], np.float32)))
+    assert type(msg).__name__ == "Vector3Stamped" and type(msg).__module__.startswith("geometry_msgs.msg")
+    assert (msg.vector.x, msg.vector.y, msg.vector.z) == (0.25, 0.0, 0.75)
+    assert stamp_to_ns(msg.header.stamp) == 1_500_000_123 and msg.header.frame_id == "base_link"

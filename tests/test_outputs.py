@@ -1,10 +1,12 @@
 """The fused-state wire layout and the diagnostics, on constructed fused states: trust included."""
 
+import json
+
 import numpy as np
 import pytest
 
 from fusion_attn.frames import FusedState
-from fusion_attn.messages import TYPES, cdr, fused_state_msg
+from fusion_attn.messages import TYPES, cdr, fused_state_layout_msg, fused_state_msg
 from fusion_attn.outputs import ERROR, OK, TRUST_THRESHOLD, WARN, diagnostics, parse_fused_state_rows
 
 M, D, H = 8, 64, 4
@@ -112,3 +114,18 @@ def test_diagnostics_ages_are_never_negative_or_nan():
     for s in out + ahead:
         text = " ".join([s.message, *s.values.values()])
         assert "nan" not in text and "-" not in text.replace("n/a", ""), (s.name, text)
+
+
+def test_the_layout_message_states_every_dimension_and_where_each_part_is():
+    """fused_state/layout's JSON alone locates every part of the message (no project code, no assumed M or H)."""
+    s = state()
+    msg = TYPES.deserialize_cdr(cdr(fused_state_msg(s)), "sensor_msgs/msg/Image")
+    layout = json.loads(fused_state_layout_msg(D, M, H).data)
+    assert (layout["width"], layout["height"], layout["encoding"]) == (msg.width, msg.height, msg.encoding)
+    assert (layout["fusion_tokens"], layout["heads"], layout["sensor_order"]) == (M, H, ["camera", "lidar", "imu"])
+    rows, columns = msg.data.view("<f4").reshape(msg.height, msg.width), layout["sensor_columns"]
+    sensors = rows[slice(*layout["rows"]["sensors"])]
+    assert np.array_equal(rows[slice(*layout["rows"]["fused"])][0], s.pooled)
+    assert np.array_equal(rows[slice(*layout["rows"]["latents"])], s.latents)
+    assert np.array_equal(sensors[:, slice(*columns["attention"])], s.attention)
+    assert np.array_equal(sensors[:, slice(*columns["trust"])][:, 0], s.trust)

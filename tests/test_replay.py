@@ -18,6 +18,7 @@ from rosbags.rosbag2 import StoragePlugin, Writer
 from fusion_attn.bag import find_topics, open_reader, read_messages
 from fusion_attn.cli import main
 from fusion_attn.errors import BagError, ConfigError
+from fusion_attn.frames import NS_PER_S
 from fusion_attn.outputs import parse_fused_state_rows
 from fusion_attn.pipeline import FusionPipeline
 from fusion_attn.replay import ReplayOptions, replay
@@ -59,7 +60,7 @@ def test_euroc_replays_at_the_fusion_rate_with_lidar_masked(real_data, tmp_path,
     assert 0.0 <= summary["trust_mean"]["camera"] <= 1.0 and 0.0 <= summary["untrusted_share"]["camera"] <= 1.0
     assert summary["sensors"]["camera"]["received"] == 40 and summary["sensors"]["imu"]["received"] == 401
     attention, diags = _read_output(tmp_path)
-    assert len(attention) == summary["fusions"] and diags == summary["fusions"] // 20
+    assert len(attention) == summary["fusions"] - summary["withheld_all_masked"] and diags == summary["fusions"] // 20
     assert all(np.all(a[1] == 0.0) for a in attention)
     assert sum(bool(np.all(a[0] > 0)) for a in attention) >= 39  # the camera, until it goes stale after the end
     for png in ("attention.png", "trust.png", "health.png", "latency.png"):
@@ -206,6 +207,43 @@ def test_time_going_backwards_resets_and_goes_on(real_data, tmp_path):
     assert summary["resets"] == 1 and any("time jumped back" in e for e in summary["events"])
     assert summary["sensors"]["imu"]["received"] == 802 and summary["fusions"] >= 78
     assert summary["fused_rate_hz"] == pytest.approx(20.0, abs=0.5)  # the jump back does not count as time
+
+
+def test_a_gap_with_every_sensor_masked_writes_no_state(real_data, tmp_path):
+    """As the node: a fusion tick with every sensor masked is withheld (counted), never written as a state."""
+    with AnyReader([real_data / "euroc_v1_01_cam_imu"]) as reader:
+        rows = [(c.topic, c.msgtype, t, bytes(raw)) for c, t, raw in reader.messages()]
+    stamps = _header_stamps(rows)
+    middle = (min(stamps) + max(stamps)) // 2
+    gapped = [(topic, msgtype, t, _restamped(raw, msgtype, s + 2 * NS_PER_S) if s > middle else raw)
+              for (topic, msgtype, t, raw), s in zip(rows, stamps)]
+    _write_bag(tmp_path / "gap", gapped)
+    assert _run([tmp_path / "gap"], tmp_path / "out") == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["withheld_all_masked"] >= 20  # about 2 s at 20 Hz with nothing fresh
+    attention, _ = _read_output(tmp_path / "out")
+    assert len(attention) == summary["fusions"] - summary["withheld_all_masked"]
+    assert all(a.sum() > 0 for a in attention)  # every state written had a sensor to attend to
+
+
+def _header_stamps(rows) -> list[int]:
+    from rosbags.typesys import Stores, get_typestore
+
+    store = get_typestore(Stores.ROS2_KILTED)
+    out = []
+    for _, msgtype, _, raw in rows:
+        stamp = store.deserialize_cdr(raw, msgtype).header.stamp
+        out.append(stamp.sec * NS_PER_S + stamp.nanosec)
+    return out
+
+
+def _restamped(raw: bytes, msgtype: str, stamp_ns: int) -> bytes:
+    from rosbags.typesys import Stores, get_typestore
+
+    store = get_typestore(Stores.ROS2_KILTED)
+    msg = store.deserialize_cdr(raw, msgtype)
+    msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_ns, NS_PER_S)
+    return bytes(store.serialize_cdr(msg, msgtype))
 
 
 def test_play_delivers_the_recorded_count_over_dds(real_data):
