@@ -1,7 +1,8 @@
 """Learning curves and final success on the simulated memory task (issue #8): attention memory (GTrXL)
-vs memoryless MLP (both our PPO) vs LSTM (sb3-contrib RecurrentPPO), same env, env steps and seeds.
+vs memoryless MLP vs LSTM / GRU (all our PPO; the recurrent ones trained through time) vs LSTM
+(sb3-contrib RecurrentPPO), same env, env steps and seeds.
 
-    python benchmarks/rl_memory_task.py --steps 60000 --seeds 0 1 2 [--agents gtrxl mlp lstm] [--goals 2]
+    python benchmarks/rl_memory_task.py --steps 60000 --seeds 0 1 2 [--agents gtrxl mlp ppo-lstm lstm] [--goals 2]
 
 Each run trains on FusionAttn/Memory-Discrete-v0 with two goal zones (`--goals`; chance is 1/2) as
 `fusion-attn rl train` does (fused state +
@@ -10,6 +11,10 @@ same settings for RecurrentPPO's LSTM), logging the success of
 finished training episodes; then every agent is evaluated the same way: 40 deterministic episodes,
 clean and with one sensor fault each (rl/evaluate.py). Writes benchmarks/results/rl_memory_task.json
 and docs/figures/rl_memory_task.png (success vs env steps, mean and range over seeds).
+
+Another env (--env) trains the same way, without the memory task's options (--goals) and action
+repeat; its curves are the training return, its success is null unless it reports one
+(info["is_success"]), and so is its success with faults (only FusionAttn envs have sensor faults).
 """
 
 import argparse
@@ -30,11 +35,14 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--env", default="FusionAttn/Memory-Discrete-v0")
 parser.add_argument("--goals", type=int, default=2, help="the memory task's n_goals (2: left or right; 3)")
 parser.add_argument("--steps", type=int, default=60_000)
-parser.add_argument("--action-repeat", type=int, default=10, help="control steps per decision (10: 5 Hz)")
+parser.add_argument("--action-repeat", type=int, default=10, help="FusionAttn envs: control steps per decision (10: 5 Hz)")
 parser.add_argument("--lr", type=float, default=1e-3)
 parser.add_argument("--memory", type=int, default=32, help="GTrXL memory K")
 parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-parser.add_argument("--agents", nargs="+", default=["gtrxl", "mlp", "lstm"])
+parser.add_argument("--agents", nargs="+", default=["gtrxl", "mlp", "lstm"],
+                    choices=["gtrxl", "mlp", "ppo-lstm", "ppo-gru", "lstm"],
+                    help="ppo-lstm, ppo-gru: our PPO's recurrent agents; lstm: sb3-contrib RecurrentPPO (the name "
+                         "earlier runs' results carry)")
 parser.add_argument("--fault-rate", type=float, default=0.0,
                     help="share of training episodes with one sensor fault (our PPO's agents; rl.ppo.TRAINING_FAULTS)")
 parser.add_argument("--episodes", type=int, default=40)
@@ -43,12 +51,13 @@ parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results
 parser.add_argument("--figure", type=Path, default=Path("docs/figures/rl_memory_task.png"))
 args = parser.parse_args()
 torch.set_num_threads(1)
+FUSION = args.env.startswith("FusionAttn/")  # the memory task's options, action repeat and sensor faults
 
 
 def config(seed: int, kind: str = "gtrxl") -> PPOConfig:
-    return PPOConfig(env_id=args.env, env_kwargs={"task_options": {"n_goals": args.goals}}, steps=args.steps, envs=8, rollout=128,
-                     seed=seed, lr=args.lr, fault_rate=args.fault_rate,
-                     action_repeat=args.action_repeat, agent=AgentConfig(kind=kind, memory=args.memory))
+    return PPOConfig(env_id=args.env, env_kwargs={"task_options": {"n_goals": args.goals}} if FUSION else {},
+                     steps=args.steps, envs=8, rollout=128, seed=seed, lr=args.lr, fault_rate=args.fault_rate,
+                     action_repeat=args.action_repeat if FUSION else None, agent=AgentConfig(kind=kind, memory=args.memory))
 
 
 def ours(kind: str, seed: int, run: Path):
@@ -56,13 +65,14 @@ def ours(kind: str, seed: int, run: Path):
 
     cfg = config(seed, kind)
     start = time.perf_counter()
-    train(cfg, run, progress=False)
+    train(cfg, run, overwrite=True, progress=False)  # a run without result.json did not finish: start it over
     seconds = time.perf_counter() - start
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    curve = [(r["global_step"], r.get("episode_success", float("nan"))) for r in rows]
+    key = "episode_success" if FUSION else "episode_return"
+    curve = [(r["global_step"], r.get(key, float("nan"))) for r in rows]
     clean = evaluate(run / "agent.safetensors", args.episodes, faults=False, out=run / "eval")
-    faulted = evaluate(run / "agent.safetensors", args.episodes, faults=True)
-    return curve, clean["success_rate"], faulted["success_rate"], seconds
+    faulted = evaluate(run / "agent.safetensors", args.episodes, faults=True).get("success_rate") if FUSION else None
+    return curve, clean.get("success_rate"), faulted, clean["return_mean"], seconds
 
 
 def lstm(seed: int, run: Path):
@@ -76,7 +86,7 @@ def lstm(seed: int, run: Path):
 
     class Successes(BaseCallback):
         def _on_rollout_end(self):
-            done = [e["is_success"] for e in self.model.ep_info_buffer if "is_success" in e]
+            done = [e["is_success" if FUSION else "r"] for e in self.model.ep_info_buffer if "r" in e]
             curve.append((self.num_timesteps, float(np.mean(done[-50:])) if done else float("nan")))
 
         def _on_step(self):
@@ -85,7 +95,8 @@ def lstm(seed: int, run: Path):
     def env():
         from stable_baselines3.common.monitor import Monitor
 
-        return gym.wrappers.NormalizeReward(Monitor(make_env(cfg), info_keywords=("is_success",)), gamma=cfg.gamma)
+        keys = ("is_success",) if FUSION else ()  # Monitor requires each key in every episode's last info
+        return gym.wrappers.NormalizeReward(Monitor(make_env(cfg), info_keywords=keys), gamma=cfg.gamma)
 
     vec = DummyVecEnv([env for _ in range(8)])
     model = RecurrentPPO("MlpLstmPolicy", vec, n_steps=128, batch_size=128, n_epochs=4, learning_rate=cfg.lr,
@@ -97,23 +108,26 @@ def lstm(seed: int, run: Path):
     run.mkdir(parents=True, exist_ok=True)
     model.save(run / "recurrent_ppo")
 
-    def success(faults: bool) -> float:
-        e, rng, wins = make_env(cfg), np.random.default_rng(10_000), []
+    def score(faults: bool) -> tuple[float | None, float]:
+        """-> (success rate, or None where the env reports none; mean return)."""
+        e, rng, wins, returns = make_env(cfg), np.random.default_rng(10_000), [], []
         for i in range(args.episodes):
             options = fault_options(EVAL_FAULTS[i % len(EVAL_FAULTS)], rng) if faults else None
             obs, _ = e.reset(seed=10_000 + i, options=options)
-            state, start_flag, info = None, np.ones(1, bool), {}
+            state, start_flag, info, total = None, np.ones(1, bool), {}, 0.0
             while True:
                 action, state = model.predict(obs[None], state=state, episode_start=start_flag, deterministic=True)
-                obs, _, terminated, truncated, info = e.step(int(action[0]))
-                start_flag = np.zeros(1, bool)
+                obs, reward, terminated, truncated, info = e.step(action[0])
+                start_flag, total = np.zeros(1, bool), total + float(reward)
                 if terminated or truncated:
                     break
-            wins.append(bool(info.get("is_success")))
+            wins.append(info.get("is_success"))
+            returns.append(total)
         e.close()
-        return float(np.mean(wins))
+        return (None if None in wins else float(np.mean(wins))), float(np.mean(returns))
 
-    return curve, success(False), success(True), seconds
+    (clean, clean_return), faulted = score(False), score(True)[0] if FUSION else None
+    return curve, clean, faulted, clean_return, seconds
 
 
 # Each run keeps its result in RUN/result.json and is skipped when that exists: several processes can
@@ -124,13 +138,15 @@ for agent in args.agents:
         run = args.runs / f"{agent}-{seed}"
         done = run / "result.json"
         if not done.exists():
-            curve, clean, faulted, seconds = lstm(seed, run) if agent == "lstm" else ours(agent, seed, run)
-            done.write_text(json.dumps({"seed": seed, "curve": curve, "success_clean": clean,
-                                        "success_faults": faulted, "train_seconds": seconds}))
+            curve, clean, faulted, clean_return, seconds = (lstm(seed, run) if agent == "lstm"
+                                                            else ours(agent.removeprefix("ppo-"), seed, run))
+            done.write_text(json.dumps({"seed": seed, "curve": curve, "success_clean": clean, "success_faults": faulted,
+                                        "return_clean": clean_return, "train_seconds": seconds}))
         r = json.loads(done.read_text())
         results.setdefault(agent, []).append(r)
-        print(f"{agent} seed {seed}: success clean {r['success_clean']:.2f}, with faults {r['success_faults']:.2f}, "
-              f"{r['train_seconds']:.0f} s", flush=True)
+        shown = {k: "-" if r.get(k) is None else f"{r[k]:.2f}" for k in ("success_clean", "success_faults", "return_clean")}
+        print(f"{agent} seed {seed}: success clean {shown['success_clean']}, with faults {shown['success_faults']}, "
+              f"return {shown['return_clean']}, {r['train_seconds']:.0f} s", flush=True)
 
 
 
@@ -140,10 +156,16 @@ def mean_curve(runs: list[dict]) -> tuple[np.ndarray, np.ndarray]:
             np.nanmean(np.array([[v for _, v in r["curve"][:n]] for r in runs], float), 0))
 
 
-targets = {agent: {"success_clean": float(np.mean([r["success_clean"] for r in runs])),
-                   "success_faults": float(np.mean([r["success_faults"] for r in runs]))} for agent, runs in results.items()}
+def mean(runs: list[dict], key: str) -> float | None:
+    values = [r.get(key) for r in runs]
+    return None if None in values else float(np.mean(values))
+
+
+targets = {agent: {key: mean(runs, key) for key in ("success_clean", "success_faults", "return_clean")}
+           for agent, runs in results.items()}
 for t in targets.values():
-    t["fault_drop_points"] = 100 * (t["success_clean"] - t["success_faults"])
+    if t["success_faults"] is not None:
+        t["fault_drop_points"] = 100 * (t["success_clean"] - t["success_faults"])
 if "gtrxl" in results and "lstm" in results:  # env steps GTrXL needs to reach the LSTM's final training success
     lstm_steps, lstm_curve = mean_curve(results["lstm"])
     steps, curve = mean_curve(results["gtrxl"])
@@ -169,7 +191,7 @@ for agent, runs in results.items():
     ax.plot(steps, mean, label=f"{agent} ({len(runs)} seed{'s' * (len(runs) > 1)})")
     ax.fill_between(steps, np.nanmin(ys, 0), np.nanmax(ys, 0), alpha=0.2)
 ax.set_xlabel("env steps (decisions)")
-ax.set_ylabel("training episode success")
+ax.set_ylabel("training episode success" if FUSION else "training episode return")
 ax.set_title(args.env)
 ax.legend()
 fig.tight_layout()

@@ -43,7 +43,8 @@ args = parser.parse_args()
 torch.set_num_threads(1)
 env_kwargs = {"task_options": {"n_goals": args.goals}} if args.env.startswith("FusionAttn/Memory") else {}
 cfg = PPOConfig(env_id=args.env, env_kwargs=env_kwargs, steps=args.steps, envs=args.envs, rollout=128, epochs=4,
-                minibatches=8, action_repeat=args.action_repeat, agent=AgentConfig())
+                minibatches=8, action_repeat=args.action_repeat if args.env.startswith("FusionAttn/") else None,
+                agent=AgentConfig())
 
 
 def env_alone() -> float:
@@ -59,7 +60,7 @@ def env_alone() -> float:
 
 def ours() -> float:
     start = time.perf_counter()
-    train(cfg, Path("/tmp/rl_throughput_ours"), progress=False)
+    train(cfg, Path("/tmp/rl_throughput_ours"), overwrite=True, progress=False)  # a fresh run each round
     return args.steps / (time.perf_counter() - start)
 
 

@@ -1,6 +1,6 @@
 """`python -m rl` (also `fusion-attn rl`): train, evaluate and export attention-memory agents.
 
-    python -m rl train ENV_ID -o RUN [--agent gtrxl|mlp] [--steps N] [--envs N] [--seed S] [--resume]
+    python -m rl train ENV_ID -o RUN [--agent gtrxl|mlp|lstm|gru] [--steps N] [--envs N] [--seed S] [--resume|--overwrite]
     python -m rl evaluate RUN/agent.safetensors [--episodes N] [--faults] [-o OUT]
     python -m rl export RUN/agent.safetensors -o policy.onnx
 """
@@ -34,21 +34,28 @@ def add_verbs(verbs) -> None:
     train.add_argument("--fusion-checkpoint", default="", metavar="SAFETENSORS",
                        help="FusionAttn envs: the fusion model to observe through (default: the packaged one); "
                             "the policy's contract records it")
-    train.add_argument("--agent", choices=["gtrxl", "mlp"], default=agent.kind)
-    train.add_argument("--memory", type=int, default=agent.memory, help="K: past steps the agent attends over")
-    train.add_argument("--layers", type=int, default=agent.layers)
+    train.add_argument("--agent", choices=["gtrxl", "mlp", "lstm", "gru"], default=agent.kind,
+                       help="gtrxl: attention memory; mlp: none; lstm, gru: recurrent baselines (same PPO, trained "
+                            "through time on whole rollouts)")
+    train.add_argument("--memory", type=int, default=agent.memory, help="gtrxl: K, past steps the agent attends over")
+    train.add_argument("--layers", type=int, default=agent.layers, help="gtrxl blocks or lstm / gru layers")
     train.add_argument("--steps", type=int, default=ppo.steps)
     train.add_argument("--envs", type=int, default=ppo.envs)
     train.add_argument("--rollout", type=int, default=ppo.rollout)
     train.add_argument("--lr", type=float, default=ppo.lr)
     train.add_argument("--ent-coef", type=float, default=ppo.ent_coef)
-    train.add_argument("--action-repeat", type=int, default=ppo.action_repeat)
+    train.add_argument("--action-repeat", type=int, help="FusionAttn envs: control steps per decision (default "
+                       "5: decisions at 10 Hz, the drive at 50 Hz); other envs step once per decision and refuse it")
     train.add_argument("--seed", type=int, default=ppo.seed)
     train.add_argument("--threads", type=int, default=ppo.threads)
     train.add_argument("--fault-rate", type=float, default=ppo.fault_rate,
                        help="FusionAttn envs: share of training episodes with one sensor fault, so the policy "
                             "learns to act when a sensor fails (rl.ppo.TRAINING_FAULTS)")
-    train.add_argument("--resume", action="store_true", help="continue RUN/train_state.pt (same flags)")
+    resume = train.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true", help="continue RUN/train_state.pt (same flags; a larger "
+                        "--steps extends a finished run)")
+    resume.add_argument("--overwrite", action="store_true", help="delete the run in RUN and start over (without "
+                        "this or --resume, a folder that holds a run is refused)")
     train.add_argument("--no-progress", action="store_true")
     ev = verbs.add_parser("evaluate", help="success and return over episodes; attention plot, image strip")
     ev.add_argument("agent", type=Path)
@@ -72,7 +79,7 @@ def run(args) -> int:
                         steps=args.steps, envs=args.envs, rollout=args.rollout, lr=args.lr, ent_coef=args.ent_coef, action_repeat=args.action_repeat, seed=args.seed, threads=args.threads,
                         fault_rate=args.fault_rate,
                         agent=AgentConfig(kind=args.agent, memory=args.memory, layers=args.layers))
-        row = train(cfg, args.output, resume=args.resume, progress=not args.no_progress)
+        row = train(cfg, args.output, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
         print(json.dumps({"run": str(args.output), "config": dataclasses.asdict(cfg), "last": row}, indent=1))
     elif args.verb == "evaluate":
         from .evaluate import evaluate

@@ -6,11 +6,15 @@ whose update bias starts at +2, so every block starts as nearly the identity and
 learns like a memoryless MLP, then learns to use its past. Memory slots from before an episode's
 start are masked. Acting caches the memory: one step costs one token of attention per slot.
 
-MLPAgent: the memoryless baseline, same heads and sizes.
+The baselines, same embedding, heads and sizes: "mlp" (memoryless) and the recurrent "lstm" and
+"gru" (L layers of width D), whose memory is their hidden (and cell) state. PPO trains these on
+whole sequences (`unroll`), so their gradient flows back through time.
 
 Shapes: N environments (or samples), L layers, K memory slots, D model width, A action dims.
 The memory is explicit data, not hidden module state: `step(obs, memory, memory_mask)` returns the
 next memory, so PPO can store it per step, ONNX export can expose it, and a ROS node can keep it.
+GTrXL: memory (N, L, K, D), mask (N, K) per slot. LSTM / GRU: memory (N, L, 2 (h, c) / 1 (h), D),
+mask (N, 1): False zeroes the state (an episode start), as a masked slot gets no attention.
 """
 
 from __future__ import annotations
@@ -82,8 +86,11 @@ class ActorCritic(nn.Module):
         self.embed = nn.Sequential(nn.Linear(obs_dim, cfg.dim), nn.LayerNorm(cfg.dim))
         self.blocks = nn.ModuleList(GatedBlock(cfg) for _ in range(cfg.layers)) if cfg.kind == "gtrxl" else None
         self.trunk = nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.Tanh()) if cfg.kind == "mlp" else None
-        if cfg.kind not in ("gtrxl", "mlp"):
-            raise ValueError(f"agent kind {cfg.kind!r}: gtrxl | mlp")
+        rnn = {"lstm": nn.LSTM, "gru": nn.GRU}.get(cfg.kind)
+        self.rnn = rnn(cfg.dim, cfg.dim, cfg.layers) if rnn else None
+        if cfg.kind not in ("gtrxl", "mlp", "lstm", "gru"):
+            raise ValueError(f"agent kind {cfg.kind!r}: gtrxl | mlp | lstm | gru")
+        self.recurrent = self.rnn is not None
         self.norm = nn.LayerNorm(cfg.dim)
         self.policy = nn.Linear(cfg.dim, n_out)
         self.value = nn.Linear(cfg.dim, 1)
@@ -92,21 +99,29 @@ class ActorCritic(nn.Module):
         self.log_std = None if self.discrete else nn.Parameter(torch.full((n_out,), -0.5))
 
     def memory_shape(self, n: int) -> tuple[int, ...]:
+        if self.recurrent:
+            return (n, self.cfg.layers, 2 if self.cfg.kind == "lstm" else 1, self.cfg.dim)
         layers = self.cfg.layers if self.blocks is not None else 0
         return (n, layers, self.cfg.memory, self.cfg.dim)
 
     def initial_memory(self, n: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """All-empty memory: (N, L, K, D) zeros and (N, K) mask of False."""
-        return torch.zeros(self.memory_shape(n), device=device), torch.zeros(n, self.cfg.memory, dtype=torch.bool, device=device)
+        """All-empty memory: zeros and a mask of False ((N, K); (N, 1) for the recurrent kinds)."""
+        slots = 1 if self.recurrent else self.cfg.memory
+        return torch.zeros(self.memory_shape(n), device=device), torch.zeros(n, slots, dtype=torch.bool, device=device)
 
     def step(self, obs, memory, mask):
         """obs (N, obs_dim), memory (N, L, K, D), mask (N, K) -> head output (N, A), value (N,),
-        next memory, next mask, attention of the last layer over [memory, current] (N, K+1)."""
+        next memory, next mask, attention of the last layer over [memory, current] (N, K+1); agents
+        without attention give (N, 1) ones."""
         x = self.embed(obs)
         attention = torch.ones(obs.shape[0], 1, device=obs.device)
-        if self.blocks is None:
+        if self.trunk is not None:
             x = self.trunk(x)
             return self.policy(x), self.value(x)[:, 0], memory, mask, attention
+        if self.recurrent:
+            y, state = self.rnn(x[None], self._state(memory, mask))
+            x = self.norm(y[0])
+            return self.policy(x), self.value(x)[:, 0], self._memory(state), torch.ones_like(mask), attention
         inputs = []
         for layer, block in enumerate(self.blocks):
             inputs.append(x)  # what this layer saw now: the newest slot of its memory next step
@@ -115,6 +130,32 @@ class ActorCritic(nn.Module):
         next_memory = torch.cat([memory[:, :, 1:], torch.stack(inputs, dim=1)[:, :, None]], dim=2)
         next_mask = torch.cat([mask[:, 1:], torch.ones_like(mask[:, :1])], dim=1)
         return self.policy(x), self.value(x)[:, 0], next_memory, next_mask, attention
+
+    def unroll(self, obs, memory, mask):
+        """The recurrent kinds over stored sequences, for training: obs (T, N, obs_dim), memory at the
+        first step, mask (T, N, 1), False where an episode starts -> heads (T * N, A), values (T * N,),
+        flat t * N + env: what `step` gives step by step. Each stretch without an episode start is one
+        call of the fused RNN (several times faster than a call per step)."""
+        x = self.embed(obs)
+        cuts = [0, *((~mask[1:, :, 0]).any(1).nonzero()[:, 0] + 1).tolist(), len(obs)]
+        out = []
+        for a, b in zip(cuts, cuts[1:]):
+            y, state = self.rnn(x[a:b], self._state(memory, mask[a]))
+            memory = self._memory(state)
+            out.append(y)
+        x = self.norm(torch.cat(out)).flatten(0, 1)
+        return self.policy(x), self.value(x)[:, 0]
+
+    def _state(self, memory, keep):
+        """memory (N, L, S, D), keep (N, 1) -> torch's RNN state, (L, N, D) each, zero where not kept."""
+        state = (memory * keep[:, :, None, None].to(memory.dtype)).transpose(0, 1)
+        h = state[:, :, 0].contiguous()
+        return (h, state[:, :, 1].contiguous()) if self.cfg.kind == "lstm" else h
+
+    @staticmethod
+    def _memory(state) -> torch.Tensor:
+        """torch's RNN state -> memory (N, L, S, D)."""
+        return torch.stack(state if isinstance(state, tuple) else (state,), dim=2).transpose(0, 1)
 
     def distribution(self, head):
         if self.discrete:

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from fusion_attn.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class AgentConfig:
-    kind: str = "gtrxl"  # gtrxl | mlp
+    kind: str = "gtrxl"  # gtrxl | mlp | lstm | gru
     dim: int = 64
-    layers: int = 2
-    heads: int = 4
+    layers: int = 2  # GTrXL blocks, or stacked LSTM / GRU cells
+    heads: int = 4  # GTrXL only, as memory and gate_bias
     memory: int = 32  # K: past steps each layer attends over
     gate_bias: float = 2.0  # initial update-gate bias: sigmoid(-2) = 0.12 of the new value passes
 
@@ -25,7 +27,9 @@ class PPOConfig:
     env_kwargs: dict = field(default_factory=dict)
     imports: tuple[str, ...] = ()  # modules imported before gym.make: they register third-party env ids
     fusion_checkpoint: str = ""  # FusionAttn envs: the fusion model observed through ("": the packaged default)
-    action_repeat: int = 5  # FusionAttn envs: decide at 10 Hz, the drive runs at 50 Hz
+    # control steps per decision. FusionAttn envs: None -> 5 (decide at 10 Hz, the drive runs at 50 Hz);
+    # other envs step once per decision: None -> 1, anything else is refused (it would not be applied)
+    action_repeat: int | None = None
     steps: int = 200_000  # total env steps (decisions) over all envs
     envs: int = 8
     rollout: int = 128  # steps per env per update
@@ -43,9 +47,22 @@ class PPOConfig:
     fault_rate: float = 0.0  # FusionAttn envs: share of training episodes with one sensor fault (rl.ppo.TRAINING_FAULTS)
     agent: AgentConfig = field(default_factory=AgentConfig)
 
+    def __post_init__(self):
+        if self.action_repeat is None:  # the config records the repeat used, so a saved run says it
+            object.__setattr__(self, "action_repeat", 5 if self.fusion_env else 1)
+        elif not self.fusion_env and self.action_repeat != 1:
+            raise ConfigError(f"action repeat {self.action_repeat}: only FusionAttn envs repeat actions (their drive "
+                              f"runs at 50 Hz); {self.env_id} steps once per decision (wrap the env to repeat)")
+
+    @property
+    def fusion_env(self) -> bool:
+        return self.env_id.startswith("FusionAttn/")
+
     @classmethod
     def from_dict(cls, d: dict) -> PPOConfig:
         d = dict(d)
         d["agent"] = AgentConfig(**d.get("agent", {}))
         d["imports"] = tuple(d.get("imports", ()))  # a list after JSON
+        if not str(d.get("env_id", cls.env_id)).startswith("FusionAttn/"):
+            d.pop("action_repeat", None)  # runs saved before recorded an unused 5 for every env
         return cls(**d)

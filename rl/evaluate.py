@@ -3,9 +3,11 @@ strip of an episode, and where its memory attention went while it acted.
 
     fusion-attn rl evaluate runs/mem/agent.safetensors --episodes 50 [--faults] -o runs/mem/eval
 
-Outputs: eval.json (per-episode results and summary), strip.png (the camera every second of the
-first episode, FusionAttn envs), attention.png (last layer's attention over the memory slots at
-every step of the first episode, with its entropy), attention.csv.
+Outputs: eval.json (per-episode results and summary; a success rate only where the env reports
+success, as an episode's last info["is_success"]), strip.png (the camera every second of the first
+episode, FusionAttn envs), attention.png (GTrXL agents: the last layer's attention over the memory
+slots at every step of the first episode, with its entropy), attention.csv. Sensor faults
+(--faults) exist in the FusionAttn envs only.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fusion_attn.errors import ConfigError
+
 from .agent import ActorCritic, reset_memory
 from .ppo import PPOConfig, check_contract, fault_options, load_agent, make_env
 
@@ -25,7 +29,8 @@ EVAL_FAULTS = ("camera_blackout", "lidar_dropout", "imu_noise_burst", "camera_fr
 
 
 def run_episode(agent: ActorCritic, env, seed: int, faults: dict | None, record: bool = False) -> dict:
-    """One deterministic episode (argmax / mean action), the memory carried step to step."""
+    """One deterministic episode (argmax / mean action), the memory carried step to step. Records the
+    attention only of an agent that has it (GTrXL)."""
     obs, info = env.reset(seed=seed, options=faults)
     memory, mask = agent.initial_memory(1)
     mask = reset_memory(mask, torch.ones(1, dtype=torch.bool))
@@ -37,7 +42,7 @@ def run_episode(agent: ActorCritic, env, seed: int, faults: dict | None, record:
         a = action[0].numpy()
         if not agent.discrete:
             a = np.clip(a, env.action_space.low, env.action_space.high)
-        if record:
+        if record and agent.cfg.kind == "gtrxl":  # the one kind with attention
             attention.append(att[0].numpy())
             images += [f.image for f in info.get("frames", ()) if hasattr(f, "image")][-1:]
         obs, reward, terminated, truncated, info = env.step(a)
@@ -45,7 +50,9 @@ def run_episode(agent: ActorCritic, env, seed: int, faults: dict | None, record:
         steps += 1
         if terminated or truncated:
             break
-    out = {"seed": seed, "return": total, "steps": steps, "success": bool(info.get("is_success", False))}
+    out = {"seed": seed, "return": total, "steps": steps}
+    if "is_success" in info:
+        out["success"] = bool(info["is_success"])
     if record:
         out["attention"], out["images"] = np.array(attention), images
     return out
@@ -55,6 +62,8 @@ def evaluate(agent_path: str | Path, episodes: int = 20, faults: bool = False, o
              seed: int = 10_000) -> dict:
     agent, meta = load_agent(agent_path)
     cfg = PPOConfig.from_dict(meta["config"])
+    if faults and not cfg.fusion_env:
+        raise ConfigError(f"{cfg.env_id} has no sensor faults to inject: faults apply to FusionAttn envs only")
     env = make_env(cfg)
     rng = np.random.default_rng(seed)
     results = []
@@ -68,15 +77,18 @@ def evaluate(agent_path: str | Path, episodes: int = 20, faults: bool = False, o
     finally:
         env.close()
     first = results[0]
-    summary = {"agent": str(agent_path), "env_id": cfg.env_id, "episodes": episodes, "faults": faults,
-               "success_rate": float(np.mean([r["success"] for r in results])),
-               "return_mean": float(np.mean([r["return"] for r in results])),
-               "steps_mean": float(np.mean([r["steps"] for r in results])), "trained_steps": meta.get("global_step")}
+    summary = {"agent": str(agent_path), "env_id": cfg.env_id, "episodes": episodes, "faults": faults}
+    if any("success" in r for r in results):  # an env without a success signal has no success rate
+        summary["success_rate"] = float(np.mean([r.get("success", False) for r in results]))
+    summary.update(return_mean=float(np.mean([r["return"] for r in results])),
+                   steps_mean=float(np.mean([r["steps"] for r in results])), trained_steps=meta.get("global_step"))
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        if "attention" in first:
-            summary["attention_entropy_mean"] = _plots(out, first["attention"], first["images"], cfg)
+        if len(first["attention"]):
+            summary["attention_entropy_mean"] = _attention_plot(out, first["attention"], cfg)
+        if first["images"]:
+            _strip(out, first["images"])
         rows = [{k: v for k, v in r.items() if k not in ("attention", "images")} for r in results]
         (out / "eval.json").write_text(json.dumps({"summary": summary, "episodes": rows}, indent=2) + "\n")
     return summary
@@ -88,7 +100,7 @@ def attention_entropy(attention: np.ndarray) -> np.ndarray:
     return -(p * np.log(p)).sum(-1)
 
 
-def _plots(out: Path, attention: np.ndarray, images: list, cfg: PPOConfig) -> float:
+def _attention_plot(out: Path, attention: np.ndarray, cfg: PPOConfig) -> float:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,24 +113,31 @@ def _plots(out: Path, attention: np.ndarray, images: list, cfg: PPOConfig) -> fl
     k = attention.shape[1] - 1
     ax.imshow(attention.T, aspect="auto", cmap="viridis", extent=(0, len(attention), -0.5, k + 0.5))
     ax.set_ylabel("steps ago (0 = now)")
-    ax.set_title(f"where the agent's memory attention went ({cfg.env_id}, last layer, mean over heads)")
+    ax.set_title(f"where the agent's memory attention went: {cfg.env_id}\n(last layer, mean over heads)")
     ax2.plot(entropy, label="entropy")
     ax2.axhline(np.log(k + 1), ls="--", c="grey", label="uniform over full memory")
-    ax2.set_xlabel(f"decision step ({cfg.action_repeat} control steps each)")
+    ax2.set_xlabel(f"decision step ({cfg.action_repeat} control steps each)" if cfg.fusion_env else "env step")
     ax2.set_ylabel("nats")
     ax2.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(out / "attention.png", dpi=100)
     plt.close(fig)
-    if images:
-        every = max(1, len(images) // 12)
-        strip = images[::every][:12]
-        fig, axes = plt.subplots(1, len(strip), figsize=(2 * len(strip), 2))
-        for i, (a, img) in enumerate(zip(np.atleast_1d(axes), strip)):
-            a.imshow(img)
-            a.set_title(f"frame {i * every}", fontsize=8)
-            a.axis("off")
-        fig.tight_layout()
-        fig.savefig(out / "strip.png", dpi=80)
-        plt.close(fig)
     return float(entropy.mean())
+
+
+def _strip(out: Path, images: list) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    every = max(1, len(images) // 12)
+    strip = images[::every][:12]
+    fig, axes = plt.subplots(1, len(strip), figsize=(2 * len(strip), 2))
+    for i, (a, img) in enumerate(zip(np.atleast_1d(axes), strip)):
+        a.imshow(img)
+        a.set_title(f"frame {i * every}", fontsize=8)
+        a.axis("off")
+    fig.tight_layout()
+    fig.savefig(out / "strip.png", dpi=80)
+    plt.close(fig)

@@ -1,6 +1,7 @@
 """Export a trained agent's policy to ONNX with its memory as explicit inputs and outputs.
 
     inputs   obs (N, obs_dim) float32, memory (N, L, K, D) float32, memory_mask (N, K) bool
+             (LSTM / GRU agents: their state, memory (N, L, 2 (h, c) / 1 (h), D), memory_mask (N, 1))
     outputs  action (N,) int64 or (N, A) float32 (argmax / mean: the deployed, deterministic policy),
              value (N,), next_memory, next_memory_mask, attention (N, K+1)
 

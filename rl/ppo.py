@@ -8,10 +8,15 @@ modality, and the task's own observation). Rollouts come from a vector env with 
 autoreset, so an observation that starts an episode is flagged and the agent's memory is masked
 there. A truncated episode is bootstrapped with the value of its final observation, computed with
 the memory it had. Advantages: TorchRL's GAE; the clipped surrogate, value loss and entropy bonus
-are a few lines below. The memory is an input of each stored step, so minibatches are single steps.
+are a few lines below. Minibatches: for GTrXL (and MLP) single steps, the stored memory an input of
+each; for LSTM / GRU whole rollouts of a subset of envs, unrolled from the state stored at their
+first step with the state zeroed at episode starts, so the loss backpropagates through time (a
+recurrent state only learns to hold what a gradient through it asked for).
 
 Outputs in the run folder: agent.safetensors (weights + config as metadata), train_state.pt
-(optimizer, counters, RNG; loaded with weights_only=True), tb/ (TensorBoard), metrics.jsonl.
+(optimizer, counters, RNG; loaded with weights_only=True), tb/ (TensorBoard), metrics.jsonl,
+curve.png (the learning curve). A folder that holds a run is not trained into again unless resumed
+or overwritten.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import dataclasses
 import importlib
 import json
 import logging
-import math
+import shutil
 import time
 from pathlib import Path
 
@@ -150,12 +155,12 @@ class FlatObservation(gym.ObservationWrapper):
 
 
 def make_env(cfg: PPOConfig, training: bool = False, index: int = 0) -> gym.Env:
-    """One env as the agent sees it. FusionAttn envs: ActionRepeat, then the fused state (on the fusion
-    model cfg.fusion_checkpoint, default the packaged one); cfg.fault_rate of the training episodes get
-    a sensor fault (env `index` seeds which). Other envs: observations of any common kind encoded as
-    one vector (FlatObservation). Training scales rewards by a running std of the discounted return:
-    value and policy share a trunk, and large value errors would otherwise dominate the clipped
-    gradient (episode statistics stay raw)."""
+    """One env as the agent sees it. FusionAttn envs: ActionRepeat (only these: cfg.action_repeat is 1
+    elsewhere), then the fused state (on the fusion model cfg.fusion_checkpoint, default the packaged
+    one); cfg.fault_rate of the training episodes get a sensor fault (env `index` seeds which). Other
+    envs: observations of any common kind encoded as one vector (FlatObservation). Training scales
+    rewards by a running std of the discounted return: value and policy share a trunk, and large value
+    errors would otherwise dominate the clipped gradient (episode statistics stay raw)."""
     fusion_env = cfg.env_id.startswith("FusionAttn/")
     for module in ("fusion_attn.sim",) if fusion_env else cfg.imports:  # fusion_attn.sim registers its ids
         importlib.import_module(module)
@@ -250,12 +255,20 @@ def _space(d: dict) -> gym.Space:
 
 # --- training ------------------------------------------------------------------------------------
 
-def train(cfg: PPOConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
-    """Train; -> final metrics. With resume, continue from out/train_state.pt (same config)."""
+RUN_FILES = ("agent.safetensors", "train_state.pt", "metrics.jsonl", "config.json", "curve.png", "tb")
+
+
+def train(cfg: PPOConfig, out: str | Path, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+    """Train; -> the last metrics row. With resume, continue from out/train_state.pt (same config; a
+    larger cfg.steps extends the run, the learning rate annealing over the new total). Without it, a
+    folder that already holds a run is refused, or cleared first with overwrite."""
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
     out = Path(out)
+    state_path = out / "train_state.pt"
+    if not resume:
+        _clear_run(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -266,34 +279,38 @@ def train(cfg: PPOConfig, out: str | Path, resume: bool = False, progress: bool 
     optimizer = torch.optim.Adam(agent.parameters(), lr=cfg.lr, eps=1e-5, fused=True)  # one kernel, not one per tensor
     iterations = max(1, cfg.steps // (cfg.envs * cfg.rollout))
     start_iteration, global_step = 0, 0
-    state_path = out / "train_state.pt"
+    metrics_path = out / "metrics.jsonl"
+    rows = []
     if resume:
         state = _load_state(state_path, cfg)
         agent.load_state_dict(state["agent"])
         optimizer.load_state_dict(state["optimizer"])
         start_iteration, global_step = state["iteration"], state["global_step"]
         torch.set_rng_state(state["torch_rng"])
+        # rows past the saved state (stopped between the two writes) are trained again: keep one curve
+        rows = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if r["global_step"] <= global_step]
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True))
     meta = {"config": dataclasses.asdict(cfg), "obs_dim": obs_dim, "action_space": _space_dict(envs.single_action_space)}
     if (contract := policy_contract(envs.envs[0], cfg)) is not None:
         meta[CONTRACT_KEY] = contract.to_dict()
     writer = SummaryWriter(str(out / "tb"))
-    metrics_file = (out / "metrics.jsonl").open("a")
+    metrics_file = metrics_path.open("a")
 
     T, N = cfg.rollout, cfg.envs
+    memory, mask = agent.initial_memory(N)
     obs_buf = torch.zeros(T, N, obs_dim)
-    mem_buf = torch.zeros(T, *agent.memory_shape(N))
-    mask_buf = torch.zeros(T, N, cfg.agent.memory, dtype=torch.bool)
+    mem_buf = torch.zeros(T, *memory.shape)
+    mask_buf = torch.zeros(T, *mask.shape, dtype=torch.bool)
     act_buf = torch.zeros((T, N) + envs.single_action_space.shape, dtype=torch.long if agent.discrete else torch.float32)
     logp_buf, rew_buf, val_buf, done_buf = (torch.zeros(T, N) for _ in range(4))
 
     obs, _ = envs.reset(seed=cfg.seed + 1000 * start_iteration)
     obs = torch.as_tensor(obs, dtype=torch.float32)
-    memory, mask = agent.initial_memory(N)
     starts = torch.ones(N, dtype=torch.bool)
     recent = {"return": [], "length": [], "success": []}
     bar = tqdm(total=iterations * T * N, initial=global_step, disable=not progress, unit="step", dynamic_ncols=True)
-    t_start = time.perf_counter()
+    t_start = t_plot = time.perf_counter()
     steps_at_start = global_step
     for iteration in range(start_iteration, iterations):
         for g in optimizer.param_groups:  # linear annealing
@@ -338,11 +355,18 @@ def train(cfg: PPOConfig, out: str | Path, resume: bool = False, progress: bool 
              "act": act_buf.flatten(0, 1), "logp": logp_buf.flatten(), "adv": advantages.flatten(),
              "ret": returns.flatten(), "val": val_buf.flatten()}
         size = T * N
-        mb = size // cfg.minibatches
         stats = {"policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0, "approx_kl": 0.0, "clip_fraction": 0.0}
         for _ in range(cfg.epochs):
-            for idx in torch.randperm(size).split(mb):
-                head, value, *_ = agent.step(b["obs"][idx], b["mem"][idx], b["mask"][idx])
+            # GTrXL / MLP: single steps; LSTM / GRU: envs, each with its whole rollout (the same sample count)
+            parts = (torch.randperm(N).split(max(1, N // cfg.minibatches)) if agent.recurrent
+                     else torch.randperm(size).split(size // cfg.minibatches))
+            for part in parts:
+                if agent.recurrent:
+                    head, value = agent.unroll(obs_buf[:, part], mem_buf[0, part], mask_buf[:, part])
+                    idx = (torch.arange(T)[:, None] * N + part).flatten()  # the same samples in b: index t * N + env
+                else:
+                    idx = part
+                    head, value, *_ = agent.step(b["obs"][idx], b["mem"][idx], b["mask"][idx])
                 dist = agent.distribution(head)
                 logp = agent.log_prob(dist, b["act"][idx])
                 ratio = (logp - b["logp"][idx]).exp()
@@ -360,7 +384,7 @@ def train(cfg: PPOConfig, out: str | Path, resume: bool = False, progress: bool 
                     for k, v in (("policy_loss", policy_loss), ("value_loss", value_loss), ("entropy", entropy),
                                  ("approx_kl", ((ratio - 1) - ratio.log()).mean()),
                                  ("clip_fraction", ((ratio - 1).abs() > cfg.clip).float().mean())):
-                        stats[k] += float(v) / (cfg.epochs * math.ceil(size / mb))
+                        stats[k] += float(v) / (cfg.epochs * len(parts))
 
         sps = (global_step - steps_at_start) / (time.perf_counter() - t_start)
         row = {"iteration": iteration + 1, "global_step": global_step, "steps_per_s": sps, **stats,
@@ -370,17 +394,49 @@ def train(cfg: PPOConfig, out: str | Path, resume: bool = False, progress: bool 
                 writer.add_scalar(f"train/{k}", v, global_step)
         metrics_file.write(json.dumps(row) + "\n")
         metrics_file.flush()
+        rows.append(row)
         bar.set_postfix({k: f"{row[k]:.2f}" for k in ("episode_return", "episode_success") if k in row})
         recent = {k: v[-50:] for k, v in recent.items()}
         save_agent(agent, out / "agent.safetensors", {**meta, "global_step": global_step})
         torch.save({"agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration + 1,
                     "global_step": global_step, "torch_rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg)},
                    state_path)
+        if time.perf_counter() - t_plot > 60 or iteration + 1 == iterations:  # a plot a minute at most: cheap
+            plot_curve(rows, out / "curve.png", cfg.env_id)
+            t_plot = time.perf_counter()
     bar.close()
     writer.close()
     metrics_file.close()
     envs.close()
-    return row if iterations > start_iteration else {}
+    return rows[-1] if rows else {}
+
+
+def plot_curve(rows: list[dict], path: Path, title: str) -> None:
+    """The learning curve (training episodes' return, and success where the env reports it) as a PNG."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend, nothing left open
+
+    keys = [k for k in ("episode_return", "episode_success") if any(k in r for r in rows)]
+    if not keys:
+        return
+    fig = Figure(figsize=(7, 2.2 * len(keys) + 0.6), layout="constrained")
+    for ax, key in zip(fig.subplots(len(keys), 1, sharex=True, squeeze=False)[:, 0], keys):
+        points = [(r["global_step"], r[key]) for r in rows if key in r]
+        ax.plot(*zip(*points))
+        ax.set_ylabel(key.removeprefix("episode_"))
+        ax.grid(alpha=0.3)
+    ax.set_xlabel("env steps (decisions)")
+    fig.suptitle(f"{title}: training episodes (running mean)")
+    fig.savefig(path, dpi=80)
+
+
+def _clear_run(out: Path, overwrite: bool) -> None:
+    """A second training into one folder would overwrite its agent and append a second curve to its metrics."""
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not overwrite:
+        raise ConfigError(f"{out} already holds a run ({', '.join(found)}): --resume to continue it, "
+                          "--overwrite to start over")
+    for name in found:
+        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
 
 
 def _episode_stats(info: dict, recent: dict) -> None:
@@ -401,6 +457,9 @@ def _load_state(path: Path, cfg: PPOConfig) -> dict:
         raise CheckpointError(f"nothing to resume: {path} does not exist") from exc
     except Exception as exc:  # torch raises many types for a corrupt file
         raise CheckpointError(f"cannot resume from {path} (corrupt or truncated?): {exc}") from exc
-    if PPOConfig.from_dict(state.get("config", {})) != cfg:  # fields added since take their defaults
-        raise ConfigError(f"{path} was saved with another configuration; resume with the same flags")
+    saved = PPOConfig.from_dict(state.get("config", {}))  # fields added since take their defaults
+    changed = [f"{f.name} {getattr(saved, f.name)!r}, now {getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
+               if f.name != "steps" and getattr(saved, f.name) != getattr(cfg, f.name)]  # more steps extend the run
+    if changed:
+        raise ConfigError(f"{path} was saved with another configuration ({'; '.join(changed)}); resume with the same flags")
     return state

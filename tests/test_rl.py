@@ -2,7 +2,9 @@
 
 import dataclasses
 import json
+import subprocess
 import sys
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -14,7 +16,7 @@ from fusion_attn.contract import CONTRACT_KEY, ObservationLayout, PolicyContract
 from fusion_attn.errors import CheckpointError, ConfigError
 from rl.__main__ import main as rl_main
 from rl.agent import ActorCritic, AgentConfig, GRUGate, reset_memory
-from rl.evaluate import attention_entropy
+from rl.evaluate import attention_entropy, evaluate
 from rl.export import export_policy
 from rl.ppo import PPOConfig, load_agent, save_agent, train
 
@@ -70,6 +72,30 @@ def test_mlp_agent_has_no_memory():
     assert head.shape == (3, 3) and value.shape == (3,)
 
 
+@pytest.mark.parametrize("kind, slots", [("lstm", 2), ("gru", 1)])
+def test_recurrent_agents_unroll_as_they_step_and_restart_at_episode_starts(kind, slots):
+    """PPO trains LSTM / GRU agents on whole sequences (`unroll`): exactly what `step` gives step by step,
+    with the state zeroed where an episode starts, so a new episode acts as with a fresh memory."""
+    agent = _agent(kind=kind)
+    memory, mask = agent.initial_memory(3)
+    assert memory.shape == (3, 2, slots, 16) and mask.shape == (3, 1) and not mask.any()
+    memory = torch.randn_like(memory)  # a state carried over from the previous rollout
+    T, obs = 10, torch.randn(10, 3, 5)
+    masks = torch.ones(T, 3, 1, dtype=torch.bool)
+    masks[0, 0] = masks[4, 1] = masks[7, 2] = False  # episode starts
+    heads, values = agent.unroll(obs, memory, masks)
+    stepped, state = [], memory
+    for t in range(T):
+        head, value, state, next_mask, attention = agent.step(obs[t], state, masks[t])
+        stepped.append((head, value))
+        assert next_mask.all() and attention.shape == (3, 1)
+    assert torch.allclose(heads, torch.cat([h for h, _ in stepped]), atol=1e-6)
+    assert torch.allclose(values, torch.cat([v for _, v in stepped]), atol=1e-6)
+    fresh = agent.step(obs[4, 1:2], *agent.initial_memory(1))  # env 1 restarted at step 4
+    assert torch.allclose(stepped[4][0][1], fresh[0][0], atol=1e-6)
+    assert not torch.allclose(stepped[3][0][1], agent.step(obs[3, 1:2], *agent.initial_memory(1))[0][0])
+
+
 class DictObservation(gym.ObservationWrapper):
     """Pendulum's observation split into a Dict, to train on a Dict-observation, Box-action env."""
 
@@ -111,6 +137,7 @@ def test_training_learns_and_logs(cartpole_run):
     assert len(rows) == 16 and rows[-1] == row and row["global_step"] == 8192
     assert rows[-1]["episode_return"] > 1.5 * rows[0]["episode_return"]  # random CartPole lasts ~22 steps
     assert any(p.name.startswith("events.out.tfevents") for p in (out / "tb").iterdir())
+    assert (out / "curve.png").read_bytes()[:4] == b"\x89PNG" and (out / "curve.png").stat().st_size > 5000
 
 
 def test_resume_continues_where_it_stopped(cartpole_run, tmp_path):
@@ -119,8 +146,8 @@ def test_resume_continues_where_it_stopped(cartpole_run, tmp_path):
     train(PPOConfig(**{**cfg.__dict__, "steps": 2048}), half, progress=False)
     state = torch.load(half / "train_state.pt", weights_only=True)
     assert state["iteration"] == 4 and state["global_step"] == 2048
-    with pytest.raises(Exception, match="another configuration"):  # steps differ: a different run
-        train(cfg, half, resume=True, progress=False)
+    with pytest.raises(ConfigError, match=r"another configuration \(lr 0.0003, now 0.001\)"):
+        train(dataclasses.replace(cfg, lr=1e-3), half, resume=True, progress=False)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "train_state.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot resume"):
@@ -145,6 +172,71 @@ def test_export_keeps_memory_explicit_and_matches_torch(cartpole_run, tmp_path):
     assert meta["config"]["env_id"] == "CartPole-v1"
 
 
+def test_a_run_folder_is_trained_into_once_unless_resumed_or_overwritten(tmp_path, capsys):
+    """Training again into a run's folder would overwrite its agent and append a second curve: refused
+    unless --overwrite (which starts over). --resume of a finished run reports its last row, and a
+    larger --steps extends it."""
+    run = tmp_path / "run"
+    small = ["train", "CartPole-v1", "-o", str(run), "--envs", "2", "--rollout", "32", "--no-progress"]
+
+    def steps():
+        return [json.loads(line)["global_step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert rl_main([*small, "--steps", "128"]) == 0
+    capsys.readouterr()
+    assert rl_main([*small, "--steps", "128"]) == 2
+    assert "already holds a run" in capsys.readouterr().err and steps() == [64, 128]
+    assert rl_main([*small, "--steps", "128", "--resume"]) == 0
+    assert json.loads(capsys.readouterr().out)["last"]["global_step"] == 128
+    assert rl_main([*small, "--steps", "256", "--resume"]) == 0
+    assert steps() == [64, 128, 192, 256] and json.loads((run / "config.json").read_text())["steps"] == 256
+    assert rl_main([*small, "--steps", "64", "--overwrite"]) == 0
+    assert steps() == [64] and load_agent(run / "agent.safetensors")[1]["global_step"] == 64
+
+
+def test_action_repeat_applies_to_fusion_envs_only(capsys):
+    """Only the FusionAttn envs repeat actions: elsewhere a repeat is refused, not silently ignored, and the
+    saved config records the 1 that was used (older runs recorded an unused 5)."""
+    assert PPOConfig().action_repeat == 5 and PPOConfig(env_id="CartPole-v1").action_repeat == 1
+    with pytest.raises(ConfigError, match="only FusionAttn envs repeat actions"):
+        PPOConfig(env_id="CartPole-v1", action_repeat=5)
+    assert PPOConfig.from_dict({"env_id": "CartPole-v1", "action_repeat": 5}).action_repeat == 1
+    assert rl_main(["train", "CartPole-v1", "-o", "unused", "--action-repeat", "3"]) == 2
+    assert "only FusionAttn envs repeat actions" in capsys.readouterr().err
+
+
+def test_cli_trains_exports_and_evaluates_a_recurrent_agent(tmp_path, capsys):
+    """`--agent lstm`: the same PPO, export (its hidden and cell state are the memory) and evaluation."""
+    run = tmp_path / "lstm"
+    assert rl_main(["train", "CartPole-v1", "-o", str(run), "--agent", "lstm", "--steps", "256", "--envs", "2",
+                    "--rollout", "64", "--no-progress"]) == 0
+    agent, meta = load_agent(run / "agent.safetensors")
+    assert meta["config"]["agent"]["kind"] == "lstm" and agent.recurrent
+    path, diff = export_policy(run / "agent.safetensors", tmp_path / "lstm.onnx")
+    assert diff < 1e-4
+    session = ort.InferenceSession(str(path))
+    assert [i.shape[1:] for i in session.get_inputs()] == [[4], [2, 2, 64], [1]]  # obs, (h, c) per layer, mask
+    capsys.readouterr()
+    assert rl_main(["evaluate", str(run / "agent.safetensors"), "--episodes", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["episodes"] == 2
+
+
+def test_memory_benchmark_compares_its_baselines_on_any_env(tmp_path):
+    """benchmarks/rl_memory_task.py on an env that is not the project's: RecurrentPPO's LSTM no longer gets
+    the memory task's options (it crashed), our GRU runs in the same harness, and what the env lacks
+    (success, sensor faults) is null."""
+    pytest.importorskip("sb3_contrib")
+    out = tmp_path / "report.json"
+    done = subprocess.run([sys.executable, "benchmarks/rl_memory_task.py", "--env", "CartPole-v1", "--steps", "1024",
+                           "--seeds", "0", "--agents", "ppo-gru", "lstm", "--episodes", "1", "--runs", str(tmp_path / "runs"),
+                           "--out", str(out), "--figure", str(tmp_path / "curves.png")],
+                          cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    targets = json.loads(out.read_text())["targets"]
+    assert set(targets) == {"ppo-gru", "lstm"}
+    assert all(t["success_faults"] is None and t["return_clean"] > 0 for t in targets.values())
+
+
 def test_cli_evaluate_writes_results_and_attention_plot(cartpole_run, tmp_path, capsys):
     _, out, _ = cartpole_run
     assert rl_main(["evaluate", str(out / "agent.safetensors"), "--episodes", "3", "-o", str(tmp_path / "ev")]) == 0
@@ -152,6 +244,22 @@ def test_cli_evaluate_writes_results_and_attention_plot(cartpole_run, tmp_path, 
     assert summary["episodes"] == 3 and summary["return_mean"] > 20
     assert (tmp_path / "ev" / "attention.png").stat().st_size > 1000
     assert rl_main(["evaluate", str(tmp_path / "missing.safetensors")]) == 2
+
+
+def test_evaluate_reports_only_what_the_env_and_the_agent_have(cartpole_run, tmp_path, capsys):
+    """CartPole has no success signal and no sensor faults: no success rate, and --faults is refused. An
+    env that reports success (CueRecall) gets its rate; an agent without attention no attention plot."""
+    _, out, _ = cartpole_run
+    assert rl_main(["evaluate", str(out / "agent.safetensors"), "--episodes", "2", "--faults"]) == 2
+    assert "no sensor faults" in capsys.readouterr().err
+    assert rl_main(["evaluate", str(out / "agent.safetensors"), "--episodes", "2"]) == 0
+    assert "success_rate" not in json.loads(capsys.readouterr().out)
+    run = tmp_path / "cue"
+    train(PPOConfig(env_id="test/CueRecall-v0", steps=64, envs=2, rollout=32, agent=AgentConfig(kind="mlp", dim=16)),
+          run, progress=False)
+    summary = evaluate(run / "agent.safetensors", 3, out=tmp_path / "ev")
+    assert 0 <= summary["success_rate"] <= 1 and "attention_entropy_mean" not in summary
+    assert [p.name for p in (tmp_path / "ev").iterdir()] == ["eval.json"]
 
 
 def test_attention_entropy_bounds():
@@ -283,10 +391,11 @@ class CueRecall(gym.Env):
 gym.register("test/CueRecall-v0", entry_point=CueRecall)
 
 
-@pytest.mark.parametrize("kind, low, high", [("gtrxl", 0.9, 1.0), ("mlp", 0.0, 0.5)])
+@pytest.mark.parametrize("kind, low, high", [("gtrxl", 0.9, 1.0), ("lstm", 0.75, 1.0), ("mlp", 0.0, 0.5)])
 def test_memory_is_learned_through_ppo(tmp_path, kind, low, high):
     """End to end through PPO (stored memory, masking at episode starts): the attention-memory agent
-    learns to recall the cue; the memoryless one cannot beat chance."""
+    learns to recall the cue, and so does the LSTM, trained through time on whole rollouts; the
+    memoryless one cannot beat chance."""
     cfg = PPOConfig(env_id="test/CueRecall-v0", steps=16384, envs=8, rollout=64, lr=1e-3, seed=0,
                     agent=AgentConfig(kind=kind, dim=32, heads=2, memory=8))
     train(cfg, tmp_path / kind, progress=False)
