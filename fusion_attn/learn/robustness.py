@@ -222,6 +222,42 @@ def _fmt(fig: tuple[float, float, int] | None, scale: float = 1.0, digits: int =
     return text + (f" ± {scale * std:.{digits}f}" if n > 1 else "")
 
 
+def _row(cells) -> str:
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
+def _label(cond: str) -> str:
+    return cond.replace("_", " ").replace("imu", "IMU")
+
+
+def _sweep_tables(runs: dict, name: str, conds: list[str]) -> list[str]:
+    """One run's τ sweep, {tau: {condition: metrics}}: error, failed-sensor weight and Lipschitz per τ, and
+    per condition the quantity on which the lowest τ beats the highest most."""
+    taus = sorted(runs, key=float)
+    lines = ["", f"### The τ sweep (`{name}`)", "",
+              "Head error / weight on the faulted sensor / softmax Lipschitz diagnostic (where τ acts), per global τ:", "",
+              _row(["condition", *(f"τ = {float(t):g}" for t in taus)]), _row(["---"] * (len(taus) + 1))]
+    for c in conds:
+        cells = []
+        for t in taus:
+            m = runs[t][c]
+            att = "-" if c == "clean" else f"{m['attention_faulted']:.3f}"
+            cells.append(f"{m['head_error']:.3f} / {att} / {m.get('lipschitz', float('nan')):.3f}")
+        lines.append(_row([_label(c), *cells]))
+    lines += ["", f"### Where τ matters (`{name}`)", "",
+              (f"Per condition, the quantity on which the lowest τ ({float(taus[0]):g}) beats the highest "
+              f"({float(taus[-1]):g}) most (error at the highest over the lowest, minus 1), and the same for clean: "
+              "what a low τ costs or buys."), "",
+              _row(["condition", "quantity", "error low τ", "error high τ", "high over low"]), _row(["---"] * 5)]
+    for c in conds:
+        lo, hi = runs[taus[0]][c], runs[taus[-1]][c]
+        gains = [(hi[q] / lo[q] - 1.0, q, lab) for q, lab, *_ in QUANTITIES if q in lo and lo[q] > 0]
+        if gains:
+            gain, q, lab = max(gains)
+            lines.append(_row([_label(c), lab, f"{lo[q]:.3f}", f"{hi[q]:.3f}", f"{100 * gain:+.0f}%"]))
+    return lines
+
+
 def tables(report: dict) -> str:
     """The report's tables in Markdown (OUT/robustness.md; docs/RESULTS.md quotes them)."""
     sim, groups = report["sim"], grouped(report["summary"])
@@ -230,35 +266,29 @@ def tables(report: dict) -> str:
     sweep_name = next((n for n, r in sim.items() if len(r) > 1), next(iter(sim)))
     taus = sorted(sim[sweep_name], key=float)
 
-    def row(cells) -> str:
-        return "| " + " | ".join(map(str, cells)) + " |"
-
-    def label(cond: str) -> str:
-        return cond.replace("_", " ").replace("imu", "IMU")
-
     seeds = ", ".join(f"{g}: {groups[g]['clean']['head_error'][2]}" for g in names)
     lines = ["### Head error with one sensor faulted", "",
              (f"Error (rise over clean), mean ± std over training seeds ({seeds}); each run at its best τ per "
              f"condition (`{sweep_name}`'s in the last column)."), "",
-             row(["condition", *names, "best τ"]), row(["---"] * (len(names) + 2))]
+             _row(["condition", *names, "best τ"]), _row(["---"] * (len(names) + 2))]
     for c in conds:
-        lines.append(row([label(c), *(f"{_fmt(groups[n][c]['head_error'])} ({_fmt(groups[n][c]['rise'], 100, 0, True)}%)"
+        lines.append(_row([_label(c), *(f"{_fmt(groups[n][c]['head_error'])} ({_fmt(groups[n][c]['rise'], 100, 0, True)}%)"
                                       for n in names), f"{report['summary'][sweep_name][c]['best_tau']:g}"]))
     lines += ["", "### Each quantity's rise over clean", "",
               "Rise of each quantity's mean absolute error with one sensor failed (mean over seeds; each run at its "
               "best τ per condition). Observers: " + "; ".join(f"{lab}: {', '.join(OBSERVERS[q])}"
                                                                for q, lab, *_ in QUANTITIES) + ".", "",
-              row(["condition", "design", *(lab for _, lab, *_ in QUANTITIES)]), row(["---"] * (len(QUANTITIES) + 2))]
+              _row(["condition", "design", *(lab for _, lab, *_ in QUANTITIES)]), _row(["---"] * (len(QUANTITIES) + 2))]
     for c in conds[1:]:
         for i, n in enumerate(names):
-            lines.append(row([label(c) if i == 0 else "", n,
+            lines.append(_row([_label(c) if i == 0 else "", n,
                               *(_fmt(groups[n][c].get(f"quantity_rise.{q}"), 100, 0, True) + "%" for q, *_ in QUANTITIES)]))
     lines += ["", "### In physical units (clean)", "",
-              row(["design", *(f"{lab} {unit}" for _, lab, unit, _ in QUANTITIES)]), row(["---"] * (len(QUANTITIES) + 1))]
+              _row(["design", *(f"{lab} {unit}" for _, lab, unit, _ in QUANTITIES)]), _row(["---"] * (len(QUANTITIES) + 1))]
     for n in names:
         runs = [r for r in sim if group_of(r) == n]
         best = [sim[r][str(report["summary"][r]["clean"]["best_tau"]) if len(sim[r]) > 1 else "1.0"]["clean"] for r in runs]
-        lines.append(row([n, *(_fmt((float(np.mean([b[q] for b in best])), float(np.std([b[q] for b in best])), len(best)),
+        lines.append(_row([n, *(_fmt((float(np.mean([b[q] for b in best])), float(np.std([b[q] for b in best])), len(best)),
                                     digits=d) for q, _, _, d in QUANTITIES)]))
     if any("trust_auroc" in groups[design][c] for c in conds):
         lines += ["", f"### Trust (`{design}`)", "",
@@ -266,35 +296,17 @@ def tables(report: dict) -> str:
                   "every clean one); mean trust of the faulted sensor; share of faulted samples below the threshold "
                   "(outputs.TRUST_THRESHOLD), an absent sensor counting as below. Clean: each sensor's mean trust and "
                   "the share of clean samples below the threshold (false alarms)."), "",
-                  row(["condition", "AUROC", "trust", "below threshold"]), row(["---"] * 4)]
+                  _row(["condition", "AUROC", "trust", "below threshold"]), _row(["---"] * 4)]
         clean_run = sim[next(r for r in sim if group_of(r) == design)]["1.0" if "1.0" in sim[sweep_name] else taus[0]]["clean"]
-        lines.append(row(["clean", "-", " / ".join(f"{clean_run.get(f'trust_{m}', float('nan')):.3f}" for m in MODALITIES),
+        lines.append(_row(["clean", "-", " / ".join(f"{clean_run.get(f'trust_{m}', float('nan')):.3f}" for m in MODALITIES),
                           " / ".join(f"{100 * clean_run.get(f'untrusted_{m}', float('nan')):.1f}%" for m in MODALITIES)]))
         for c in conds[1:]:
             g = groups[design][c]
-            lines.append(row([label(c), _fmt(g.get("trust_auroc")), _fmt(g.get("trust_faulted")),
+            lines.append(_row([_label(c), _fmt(g.get("trust_auroc")), _fmt(g.get("trust_faulted")),
                               _fmt(g.get("untrusted_faulted"), 100, 1) + "%"]))
-    lines += ["", f"### The τ sweep (`{sweep_name}`)", "",
-              "Head error / weight on the faulted sensor / softmax Lipschitz diagnostic (where τ acts), per global τ:", "",
-              row(["condition", *(f"τ = {float(t):g}" for t in taus)]), row(["---"] * (len(taus) + 1))]
-    for c in conds:
-        cells = []
-        for t in taus:
-            m = sim[sweep_name][t][c]
-            att = "-" if c == "clean" else f"{m['attention_faulted']:.3f}"
-            cells.append(f"{m['head_error']:.3f} / {att} / {m.get('lipschitz', float('nan')):.3f}")
-        lines.append(row([label(c), *cells]))
-    lines += ["", f"### Where τ matters (`{sweep_name}`)", "",
-              (f"Per condition, the quantity on which the lowest τ ({float(taus[0]):g}) beats the highest "
-              f"({float(taus[-1]):g}) most (error at the highest over the lowest, minus 1), and the same for clean: "
-              "what a low τ costs or buys."), "",
-              row(["condition", "quantity", "error low τ", "error high τ", "high over low"]), row(["---"] * 5)]
-    for c in conds:
-        lo, hi = sim[sweep_name][taus[0]][c], sim[sweep_name][taus[-1]][c]
-        gains = [(hi[q] / lo[q] - 1.0, q, lab) for q, lab, *_ in QUANTITIES if q in lo and lo[q] > 0]
-        if gains:
-            gain, q, lab = max(gains)
-            lines.append(row([label(c), lab, f"{lo[q]:.3f}", f"{hi[q]:.3f}", f"{100 * gain:+.0f}%"]))
+    swept = [next(r for r in sim if group_of(r) == g) for g in names]  # each design's first seed
+    for name in [r for r in swept if len(sim[r]) > 1]:
+        lines += _sweep_tables(sim[name], name, conds)
     if "concat" in groups:
         checks = targets(groups, design)
         failed = [r for r in checks if not r["ok"]]
@@ -304,23 +316,23 @@ def tables(report: dict) -> str:
                   f"is at least {CONCAT_RATIO:g}x (where concat loses 5 % or more); the failed sensor's weight at the lowest τ "
                   f"is at most {100 * MAX_WEIGHT:.0f} %; trust AUROC at least {AUROC_HARD} (drop, zero, freeze) or "
                   f"{AUROC_SOFT} (noise, partial). Those that do not:"), "",
-                  row(["check", "condition", "quantity", "value", "concat", "needed"]), row(["---"] * 6)]
+                  _row(["check", "condition", "quantity", "value", "concat", "needed"]), _row(["---"] * 6)]
         for r in failed:
             if r["check"] == "rise":
                 base = "-" if r["baseline_rise"] is None else f"{100 * r['baseline_rise']:+.0f}%"
-                lines.append(row(["rise", label(r["condition"]), r["quantity"], f"{100 * r['rise']:+.0f}%", base,
+                lines.append(_row(["rise", _label(r["condition"]), r["quantity"], f"{100 * r['rise']:+.0f}%", base,
                                   f"<= {100 * MAX_RISE:.0f}%, concat >= {CONCAT_RATIO:g}x"]))
             elif r["check"] == "weight":
-                lines.append(row(["weight", label(r["condition"]), "", f"{r['value']:.3f}", "", f"<= {MAX_WEIGHT}"]))
+                lines.append(_row(["weight", _label(r["condition"]), "", f"{r['value']:.3f}", "", f"<= {MAX_WEIGHT}"]))
             else:
-                lines.append(row(["AUROC", label(r["condition"]), "", f"{r['value']:.3f}", "", f">= {r['need']}"]))
+                lines.append(_row(["AUROC", _label(r["condition"]), "", f"{r['value']:.3f}", "", f">= {r['need']}"]))
     if report.get("real"):
         lines += ["", "### Real recordings and their corrupted copies (no labels)", "",
                   (f"`{design}` at τ = 1 (first seed): self-supervised loss, mean trust per sensor (present ones), and the "
                   "share of fusions in which the corrupted sensor's trust is below the threshold (absent counting as "
                   "below) and in which each clean present sensor's trust is at or above it."), "",
-                  row(["recording", "condition", "SSL loss", "trust camera / lidar / IMU", "corrupted below", "clean ones at or above"]),
-                  row(["---"] * 6)]
+                  _row(["recording", "condition", "SSL loss", "trust camera / lidar / IMU", "corrupted below", "clean ones at or above"]),
+                  _row(["---"] * 6)]
         for bag, by_run in report["real"].items():
             run = next((r for r in by_run if group_of(r) == design), next(iter(by_run)))
             metrics = by_run[run]["1.0"] if "1.0" in by_run[run] else next(iter(by_run[run].values()))
@@ -333,7 +345,7 @@ def tables(report: dict) -> str:
                 trust = " / ".join(f"{m[f'trust_{s}']:.3f}" if f"trust_{s}" in m else "-" for s in MODALITIES)
                 below = "" if c == "clean" else f"{100 * m['untrusted_faulted']:.0f}%"
                 others = ", ".join(f"{s} {100 * (1 - m[f'untrusted_{s}']):.0f}%" for s in present if s != sensor and f"untrusted_{s}" in m)
-                lines.append(row([bag if c == "clean" else "", label(c), f"{m['ssl_loss']:.3f}", trust, below, others]))
+                lines.append(_row([bag if c == "clean" else "", _label(c), f"{m['ssl_loss']:.3f}", trust, below, others]))
     return "\n".join(lines) + "\n"
 
 
