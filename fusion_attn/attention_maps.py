@@ -4,7 +4,8 @@ fusion tokens gave them, as one RGB picture, and the occlusion test that checks 
 Attention is correlation, not cause (docs/ATTENTION_MAPS.md): the picture shows which tokens the
 fusion tokens weighted; `occlusion` measures whether masking those tokens changes the fused state more
 than masking as many random tokens of the same sensor. The backends output each sensor's share only,
-so the token weights come from the torch model (offline: replay's pictures, tests).
+so the token weights come from a torch copy of the same weights (replay's pictures, the node's
+optional attention image, tests).
 
 Shapes: H heads, M fusion tokens, N = N_c + N_l + N_i sensor tokens, P points per pillar, D width.
 """

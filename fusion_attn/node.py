@@ -1,8 +1,9 @@
 """fusion_node: live camera, lidar and IMU topics in; fused state and diagnostics out (rclpy lifecycle).
 
 configure = load the model onto its backend; activate = subscribe, publish, fuse on a timer (or on a
-trigger sensor); deactivate / cleanup release them. Every message goes through the core's adapters
-and sensor sync; a bad one is counted, logged (throttled) and dropped, never fatal.
+trigger sensor); deactivate / cleanup release them. /diagnostics is published in every state (its
+lifecycle state and why it is idle). Every message goes through the core's adapters and sensor sync;
+a bad one is counted, logged (throttled) and dropped, never fatal.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import sys
 import time
 
+import numpy as np
 import rclpy
+import torch
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import Vector3Stamped
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
@@ -22,14 +25,18 @@ from sensor_msgs.msg import CompressedImage, Image, Imu, LaserScan, PointCloud2
 from std_msgs.msg import String
 
 from .adapters import msgtype_of, to_frame
+from .attention_maps import attend, camera_rgb, picture
 from .errors import ConfigError, FusionAttnError, MalformedMessageError
-from .frames import MODALITIES, FusedState, Modality
-from .messages import diagnostics_msg, fused_state_layout_msg, fused_state_msg, sensor_values_msg, to_rclpy
-from .outputs import diagnostics, trust_values
+from .frames import MODALITIES, NS_PER_S, CameraFrame, FusedState, Modality
+from .messages import (diagnostics_msg, fused_state_layout_msg, fused_state_msg, image_msg, sensor_values_msg,
+                       to_rclpy)
+from .model import FusionModel
+from .outputs import ERROR, OK, WARN, Status, diagnostics, trust_values
 from .params import PARAMETERS, TAU_NAMES, Param
-from .pipeline import FusionPipeline, validate_tau
+from .pipeline import FusionPipeline, load_model, validate_tau, weights_digest
 from .spin import spin
 from .sync import SensorSync, SyncConfig
+from .tokenize import SensorSnapshot, Tokenizer
 
 MESSAGE_TYPES = {("camera", "image"): Image, ("camera", "compressed"): CompressedImage,
                  ("lidar", "pointcloud2"): PointCloud2, ("lidar", "laserscan"): LaserScan, ("imu", "imu"): Imu}
@@ -50,12 +57,20 @@ class FusionNode(LifecycleNode):
         self._processing_ms = self._latency_ms = 0.0
         self._fuse_errors = 0
         self._withheld = 0  # fusions with every sensor masked: no state to publish
+        self._masked = np.zeros(len(Modality), np.int64)  # fusions that masked each sensor
         self._stamp_ns: int | None = None  # of the last state published
         self._qos_declared = False  # set at the first activation: see _on_set_parameters
         self._type_warned: set[tuple[str, ...]] = set()
         # one child logger per sensor: rclpy throttles per logger and call site, so a flood on one
         # sensor must not silence the reports of another
         self._sensor_log = {m: self.get_logger().get_child(MODALITIES[m]) for m in Modality}
+        self._attention_image: tuple[FusionModel, Tokenizer] | None = None  # configured with attention_image
+        self._published: tuple[int, SensorSnapshot] | None = None  # the newest state's stamp and data, unpictured
+        self._idle = (WARN, "not configured yet")  # level and reason reported while not active
+        # created with the node, not at configure: an unconfigured or inactive node reports why it is idle
+        self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10,
+                                              qos_overriding_options=QOS_OVERRIDES)
+        self._diag_timer = self.create_timer(self.p("diagnostics_period_s"), self._publish_diagnostics)
 
     def p(self, name: str):
         return self.get_parameter(name).value
@@ -66,12 +81,11 @@ class FusionNode(LifecycleNode):
         try:
             self.sensors = self._configured_sensors()
             self.pipeline = FusionPipeline.from_params({p.name: self.p(p.name) for p in PARAMETERS})
+            self._attention_image = self._attention_renderer() if self.p("attention_image.enabled") else None
         except FusionAttnError as exc:
-            self.get_logger().error(f"configure failed: {exc}")
-            return TransitionCallbackReturn.FAILURE
+            return self._configure_failed(str(exc))
         except Exception as exc:  # noqa: BLE001 - rclpy would swallow it silently; say what failed
-            self.get_logger().error(f"configure failed: {type(exc).__name__}: {exc}")
-            return TransitionCallbackReturn.FAILURE
+            return self._configure_failed(f"{type(exc).__name__}: {exc}")
         params = {p.name: self.p(p.name) for p in PARAMETERS}
         self.sync = SensorSync(SyncConfig.from_params(params, self.pipeline.cfg.imu.window_s))
         self.fused_pub = self.create_lifecycle_publisher(Image, "fused_state", 10, qos_overriding_options=QOS_OVERRIDES)
@@ -83,11 +97,30 @@ class FusionNode(LifecycleNode):
             for name in ("attention", "trust"))
         self.layout_pub = self.create_lifecycle_publisher(
             String, f"{fused}/layout", QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
-        self.diag_pub = self.create_lifecycle_publisher(DiagnosticArray, "/diagnostics", 10,
-                                                        qos_overriding_options=QOS_OVERRIDES)
+        self.attention_image_pub = None if self._attention_image is None else self.create_lifecycle_publisher(
+            Image, f"{fused}/attention_image", 1, qos_overriding_options=QOS_OVERRIDES)
+        self._idle = (WARN, "not activated")
         self.get_logger().info(f"configured: model {self.pipeline.model_source} on {self.pipeline.backend.name}, "
                                f"sensors {', '.join(f'{m}={t}' for m, (t, _) in self.sensors.items())}")
         return TransitionCallbackReturn.SUCCESS
+
+    def _configure_failed(self, reason: str) -> TransitionCallbackReturn:
+        self.get_logger().error(f"configure failed: {reason}")
+        self.pipeline = None  # unconfigured again: its parameters may be changed
+        self._idle = (ERROR, f"configure failed: {reason}")
+        return TransitionCallbackReturn.FAILURE
+
+    def _attention_renderer(self) -> tuple[FusionModel, Tokenizer]:
+        """For attention_image: the pipeline's weights as a CPU torch model (the backends output no token
+        weights) and a tokenizer of its own (the pipeline's caches the newest frames for the fusion)."""
+        model, _ = load_model(self.p("checkpoint") or None)
+        # torch's default, a thread per core, makes each picture fight everything else for the cores: on 2
+        # busy ones its model call took 0.2-1 s instead of 10-20 ms (the torch backend sets the same)
+        torch.set_num_threads(self.p("threads"))
+        if weights_digest(model) != self.pipeline.weights_digest:
+            raise ConfigError("attention_image: the checkpoint's torch model is not the one the pipeline "
+                              "runs (did the file change while loading?)")
+        return model, Tokenizer(model.cfg)
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._qos_declared = True
@@ -106,7 +139,9 @@ class FusionNode(LifecycleNode):
                 qos_overriding_options=QOS_OVERRIDES))
         if self.p("trigger") == "timer":
             self._timers.append(self.create_timer(1.0 / self.p("fusion_rate_hz"), self._fuse))
-        self._timers.append(self.create_timer(self.p("diagnostics_period_s"), self._publish_diagnostics))
+        if self._attention_image is not None:  # its own timer: rendering stays out of the fusion's callback
+            self._timers.append(self.create_timer(self.p("attention_image.period_s"),
+                                                  self._publish_attention_image))
         result = super().on_activate(state)
         m = self.pipeline.cfg.model
         self.layout_pub.publish(to_rclpy(fused_state_layout_msg(m.dim, m.fusion_tokens, m.heads)))  # once active
@@ -114,17 +149,22 @@ class FusionNode(LifecycleNode):
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._release_io()
+        self._idle = (WARN, "deactivated")
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._release_io()
-        for pub in (self.fused_pub, self.attention_pub, self.trust_pub, self.layout_pub, self.diag_pub):
-            self.destroy_lifecycle_publisher(pub)
-        self.pipeline = None
+        pubs = (self.fused_pub, self.attention_pub, self.trust_pub, self.layout_pub, self.attention_image_pub)
+        for pub in pubs:
+            if pub is not None:
+                self.destroy_lifecycle_publisher(pub)
+        self.pipeline, self._attention_image = None, None
+        self._idle = (WARN, "cleaned up")
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._release_io()
+        self._idle = (WARN, "shut down")
         return TransitionCallbackReturn.SUCCESS
 
     def _release_io(self) -> None:
@@ -162,13 +202,15 @@ class FusionNode(LifecycleNode):
     def _fuse(self, trigger_ns: int | None = None) -> None:
         start = time.perf_counter()
         now_ns = self.get_clock().now().nanoseconds if trigger_ns is None else trigger_ns
+        snap = self.sync.snapshot(now_ns)
         try:
-            state = self.pipeline.fuse(self.sync.snapshot(now_ns))
+            state = self.pipeline.fuse(snap)
         except Exception as exc:  # noqa: BLE001 - keep the node alive, say what failed
             self._fuse_errors += 1
             self.get_logger().error(f"fusion failed ({self._fuse_errors} so far): {exc}", throttle_duration_sec=5.0)
             return
         self._last_state = state
+        self._masked += ~state.present
         if state.all_masked:  # the model's defined output from nothing: not a state to act on (diagnostics ERROR)
             self._withheld += 1
             return
@@ -180,22 +222,49 @@ class FusionNode(LifecycleNode):
         if stamp_ns == self._stamp_ns:
             return
         self._stamp_ns = stamp_ns
+        self._published = (stamp_ns, snap)
         self.fused_pub.publish(to_rclpy(fused_state_msg(state, stamp_ns)))
         self.attention_pub.publish(to_rclpy(sensor_values_msg(stamp_ns, state.frame_id, state.modality_attention)))
         self.trust_pub.publish(to_rclpy(sensor_values_msg(stamp_ns, state.frame_id, trust_values(state))))
         self._latency_ms = (self.get_clock().now().nanoseconds - newest) / 1e6
         self._processing_ms = (time.perf_counter() - start) * 1e3
 
+    def _publish_attention_image(self) -> None:
+        """The newest published state as attention_maps' picture, stamped as that state; nothing when no state
+        was published since the last picture."""
+        if self._published is None:
+            return
+        (stamp_ns, snap), self._published = self._published, None
+        model, tokenizer = self._attention_image
+        try:
+            x = tokenizer(snap, self.pipeline.tau)
+            caption = f"stamp {stamp_ns / NS_PER_S:.3f} s   tau {'/'.join(f'{v:g}' for v in self.pipeline.tau)}"
+            rgb = picture(x, attend(model, x), model.cfg, camera_rgb(snap.camera), caption)
+        except Exception as exc:  # noqa: BLE001 - an optional picture must never stop the fusion
+            self.get_logger().error(f"attention image failed: {exc}", throttle_duration_sec=5.0)
+            return
+        frame = CameraFrame(stamp_ns, self.p("frame_id"), rgb, "rgb8")
+        self.attention_image_pub.publish(to_rclpy(image_msg(frame)))
+
     def _publish_diagnostics(self) -> None:
-        self._check_publisher_types()
         now_ns = self.get_clock().now().nanoseconds
+        state = self._state_machine.current_state[1]  # rclpy has no public getter (rclcpp: get_current_state)
+        level, why = (OK, "") if state == "active" else self._idle
+        message = f"{state}: {why}" if why else state
+        statuses = [Status("fusion_attn: lifecycle", level, message, {"state": state})]
+        if state == "active":
+            statuses += self._fusion_statuses(now_ns)
+        self.diag_pub.publish(to_rclpy(diagnostics_msg(now_ns, statuses, self.get_name())))
+
+    def _fusion_statuses(self, now_ns: int) -> list[Status]:
+        self._check_publisher_types()
         period = 1.0 / self.p("fusion_rate_hz")
         # the fusion's side of the policy contract goes with it: policy_node checks it live
         values = {**self.pipeline.backend_info(), **self.pipeline.fusion_terms(self.sync.cfg, self.p("fusion_rate_hz")),
-                  "withheld_all_masked": str(self._withheld)}
-        statuses = diagnostics(self.sync.summary(now_ns), self._last_state, values,
-                               self._processing_ms, self._latency_ms, period, tuple(self.sensors))
-        self.diag_pub.publish(to_rclpy(diagnostics_msg(now_ns, statuses, self.get_name())))
+                  "withheld_all_masked": str(self._withheld),
+                  **{f"masked_fusions_{name}": str(self._masked[MODALITIES.index(name)]) for name in self.sensors}}
+        return diagnostics(self.sync.summary(now_ns), self._last_state, values,
+                           self._processing_ms, self._latency_ms, period, tuple(self.sensors))
 
     # --- parameters and QoS ----------------------------------------------------------------------
 
@@ -220,6 +289,8 @@ class FusionNode(LifecycleNode):
                 return SetParametersResult(successful=False, reason=str(exc))
             self.pipeline.set_tau(tau)  # the next fusion uses it: τ is a model input
             self.get_logger().info(f"tau set to {tau.tolist()}")
+        if "diagnostics_period_s" in changed:  # settable while unconfigured (see fixed); its timer runs already
+            self._diag_timer.timer_period_ns = int(changed["diagnostics_period_s"] * NS_PER_S)
         return SetParametersResult(successful=True)
 
     def _incompatible_qos(self, topic: str, qos: QoSProfile, info) -> None:

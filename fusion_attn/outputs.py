@@ -84,19 +84,19 @@ def diagnostics(summary: dict[str, dict], state: FusedState | None, backend: dic
                 configured: tuple[str, ...]) -> list[Status]:
     """Per-sensor status (rate, age, drops, resets, masked) and one for the fusion itself.
 
-    Thresholds are relative to each sensor's own period: WARN once its next message is overdue (data
-    older than one period) or it dropped messages since the start, ERROR when it is masked (silent for
-    1.5 periods or past its max age, or never seen). With a state, each carries the model's `trust` in
-    it. The fusion is ERROR when every sensor is masked or processing takes over the whole fusion
-    period; WARN when a present sensor's trust is below TRUST_THRESHOLD (naming it), else when
-    processing takes over half the period or the backend fell back.
+    Thresholds are the sensor sync's, from each sensor's own period: WARN while it is late (older than a
+    healthy sensor's data gets: stale_after_periods of its periods plus jitter_margin_s) but still fused,
+    or it dropped messages since the start; ERROR when it is masked (late, but not before stale_min_s, or
+    past its max age, or never seen). With a state, each carries the model's `trust` in it. The fusion is
+    ERROR when every sensor is masked or processing takes over the whole fusion period; WARN when a
+    present sensor's trust is below TRUST_THRESHOLD (naming it), else when processing takes over half the
+    period or the backend fell back.
     backend: FusionPipeline.backend_info(), and from the node its fusion_terms (the policy contract's
     terms: weights digest, τ, sync settings). processing_ms None: not measured (replay leaves wall-clock figures out of its deterministic output).
     """
     out = []
     for name in configured:
         h = summary[name]
-        period = 1.0 / h["rate_hz"] if h["rate_hz"] > 0 else float("nan")
         values = {"rate_hz": f"{h['rate_hz']:.2f}", "age_ms": _ms(h["age_s"] * 1e3, 1),
                   "received": str(h["received"]), "dropped": str(h["dropped"]), "resets": str(h.get("resets", 0)),
                   "masked": str(h["masked"]).lower()}
@@ -107,8 +107,8 @@ def diagnostics(summary: dict[str, dict], state: FusedState | None, backend: dic
             level, message = ERROR, "no data received"
         elif h["masked"]:
             level, message = ERROR, f"stale: no data for {_ms(h['age_s'] * 1e3, 0)} ms, masked"
-        elif h["age_s"] > period:
-            level, message = WARN, f"late: {_ms(h['age_s'] * 1e3, 0)} ms old, period {period * 1e3:.0f} ms"
+        elif h["late"]:
+            level, message = WARN, f"late: {_ms(h['age_s'] * 1e3, 0)} ms old, period {1e3 / h['rate_hz']:.0f} ms"
         elif h["dropped"]:
             level, message = WARN, f"ok, {h['dropped']} message(s) dropped"
         else:

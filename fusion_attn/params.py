@@ -57,7 +57,10 @@ PARAMETERS = (
     Param("max_age_s.camera", 0.2, "camera older than this at fusion time is masked", (1e-3, 60.0)),
     Param("max_age_s.lidar", 0.3, "lidar older than this at fusion time is masked", (1e-3, 60.0)),
     Param("max_age_s.imu", 0.05, "IMU older than this at fusion time is masked", (1e-3, 60.0)),
-    Param("stale_after_periods", 1.5, "also masked after this many of the sensor's periods of silence", (0.0, 100.0)),
+    Param("stale_after_periods", 1.5, "also late (WARN) and masked after this many of the sensor's periods of "
+          "silence, or jitter_margin_s after its next message was due if longer (0: never)", (0.0, 100.0)),
+    Param("jitter_margin_s", 0.025, "how far a sensor's next message may be overdue before it is late and masked, "
+          "where stale_after_periods allows less: a fast sensor's delivery jitter (DDS, load)", (0.0, 1.0)),
     Param("future_tolerance_s", 0.5, "data stamped further ahead of the node's clock is dropped (dropped_future): "
           "how far a sensor's clock may lead ours", (0.0, 60.0)),
     # Physical limits: a message beyond them is corrupt, not data, and is dropped whole (dropped_out_of_limits).
@@ -68,7 +71,9 @@ PARAMETERS = (
           (1.0, 1e6)),
     Param("limits.max_angular_rate_rad_s", 70.0, "an IMU angular rate axis beyond this [rad/s] drops the sample",
           (0.1, 1e6)),
-    Param("diagnostics_period_s", 1.0, "diagnostics publishing period", (0.05, 60.0)),
+    Param("diagnostics_period_s", 1.0, "diagnostics publishing period (also while inactive)", (0.05, 60.0)),
+    Param("attention_image.enabled", False, "publish fused_state/attention_image: where the fusion looks (rgb8)"),
+    Param("attention_image.period_s", 1.0, "attention image period: at most one picture per period", (0.05, 60.0)),
     Param("autostart", True, "configure and activate on start (no lifecycle manager needed)"),
 )
 PARAM_DEFAULTS: Mapping[str, Any] = MappingProxyType({p.name: p.default for p in PARAMETERS})

@@ -423,7 +423,7 @@ def _summary(bags, rec: Recording, trace: _Trace, taus, sync, opts) -> dict:
         "fusions": len(trace.stamps),
         "fused_rate_hz": r((len(trace.stamps) - 1) / span) if (span := _span_s(trace.stamps)) > 0 else 0.0,
         # the rate over the whole recording, not sync's moving one (its value at the last message)
-        "sensors": {name: {**{k: v for k, v in health[name].items() if k not in ("age_s", "masked")},
+        "sensors": {name: {**{k: v for k, v in health[name].items() if k not in ("age_s", "masked", "late")},
                            "rate_hz": round(rec.rates[m].hz, 3)}
                     for m, name in zip(Modality, MODALITIES) if name in rec.configured},
         "present_fraction": {m: r(present[:, i].mean()) if len(present) else 0.0 for i, m in enumerate(MODALITIES)},

@@ -17,13 +17,18 @@ from .frames import MODALITIES, NS_PER_S, CameraFrame, ImuSample, ImuWindow, Lid
 from .params import PARAM_DEFAULTS, param
 from .tokenize import SensorSnapshot
 
+RATE_MEMORY = 10  # stamp intervals a sensor's measured period averages over (see SensorHealth.mean_dt_s)
+
 
 @dataclass(frozen=True)
 class SyncConfig:
     max_age_s: tuple[float, float, float] = tuple(PARAM_DEFAULTS[f"max_age_s.{m}"] for m in MODALITIES)
-    # A sensor is also stale once it has been silent for this many of its own (measured) periods,
-    # but never sooner than stale_min_s: a 400 Hz IMU's jitter must not flap its mask.
+    # A sensor's next message is due one of its (measured) periods after the last. It is late once overdue
+    # by more than its normal jitter: its publish jitter (stale_after_periods - 1 periods) or, where that is
+    # shorter (a fast sensor), its delivery jitter (DDS, a busy executor: jitter_margin_s). Late, it is also
+    # masked, but never sooner than stale_min_s: a fast IMU rides out a hiccup (reported late meanwhile).
     stale_after_periods: float = PARAM_DEFAULTS["stale_after_periods"]
+    jitter_margin_s: float = PARAM_DEFAULTS["jitter_margin_s"]
     stale_min_s: float = 0.05
     imu_window_s: float = 0.25  # IMU history handed to the tokenizer: the model's imu.window_s
     imu_capacity: int = 4096  # samples kept (20 s at 200 Hz): bounds memory whatever the rate
@@ -39,7 +44,8 @@ class SyncConfig:
     def from_params(cls, params: dict, imu_window_s: float) -> SyncConfig:
         """From the node's parameters (config/fusion.yaml names): the one mapping node, CLI and replay share."""
         return cls(max_age_s=tuple(float(param(params, f"max_age_s.{m}")) for m in MODALITIES),
-                   stale_after_periods=float(param(params, "stale_after_periods")), imu_window_s=imu_window_s,
+                   stale_after_periods=float(param(params, "stale_after_periods")),
+                   jitter_margin_s=float(param(params, "jitter_margin_s")), imu_window_s=imu_window_s,
                    future_tolerance_s=float(param(params, "future_tolerance_s")),
                    max_range_m=float(param(params, "limits.max_range_m")),
                    max_acceleration_mps2=float(param(params, "limits.max_acceleration_mps2")),
@@ -52,8 +58,12 @@ class SensorHealth:
     dropped: int = 0  # malformed, NaN, out of order: counted by whoever dropped it
     resets: int = 0  # times its buffers were cleared because its time went back
     last_stamp_ns: int | None = None
-    mean_dt_s: float = 0.0  # exponential average of the stamp interval (averaging dt, not 1/dt: one
-    drop_reasons: dict[str, int] = field(default_factory=dict)  # near-duplicate stamp cannot blow it up)
+    # mean stamp interval: over the intervals since the start or reset, exponential with a memory of
+    # RATE_MEMORY once there are more (a jittery first interval is soon averaged out); averaging dt, not 1/dt:
+    # one near-duplicate stamp cannot blow it up
+    mean_dt_s: float = 0.0
+    intervals: int = 0
+    drop_reasons: dict[str, int] = field(default_factory=dict)
 
     @property
     def rate_hz(self) -> float:
@@ -141,8 +151,9 @@ class SensorSync:
         elif h.last_stamp_ns is not None and frame.stamp_ns <= h.last_stamp_ns:
             return self.drop(modality, "duplicate_stamp" if frame.stamp_ns == h.last_stamp_ns else "out_of_order")
         if h.last_stamp_ns is not None:
+            h.intervals += 1
             dt = (frame.stamp_ns - h.last_stamp_ns) / NS_PER_S
-            h.mean_dt_s = dt if h.mean_dt_s == 0.0 else 0.9 * h.mean_dt_s + 0.1 * dt
+            h.mean_dt_s += (dt - h.mean_dt_s) / min(h.intervals, RATE_MEMORY)
         h.received += 1
         h.last_stamp_ns = frame.stamp_ns
         if modality is Modality.CAMERA:
@@ -183,7 +194,7 @@ class SensorSync:
         else:
             self._imu.clear()
         h = self.health[modality]
-        h.last_stamp_ns, h.mean_dt_s = None, 0.0
+        h.last_stamp_ns, h.mean_dt_s, h.intervals = None, 0.0, 0
         h.resets += 1
         near_ns = self.cfg.reset_on_jump_back_s * NS_PER_S
         if not any(o.last_stamp_ns is not None and abs(o.last_stamp_ns - stamp_ns) <= near_ns
@@ -194,13 +205,18 @@ class SensorSync:
         stamps = [h.last_stamp_ns for h in self.health.values() if h.last_stamp_ns is not None]
         return max(stamps) if stamps else None
 
+    def late_after_s(self, modality: Modality) -> float:
+        """The age a healthy sensor's newest data stays within: stale_after_periods of its periods, or one
+        period plus jitter_margin_s where that is longer; inf before its rate is known or with
+        stale_after_periods 0."""
+        dt = self.health[modality].mean_dt_s
+        if dt > 0 and self.cfg.stale_after_periods > 0:
+            return max(self.cfg.stale_after_periods * dt, dt + self.cfg.jitter_margin_s)
+        return float("inf")
+
     def max_age_s(self, modality: Modality) -> float:
-        """The age beyond which a sensor is masked: max_age_s, or fewer of its periods once its rate is known."""
-        limit = self.cfg.max_age_s[modality]
-        rate = self.health[modality].rate_hz
-        if rate > 0 and self.cfg.stale_after_periods > 0:
-            limit = min(limit, max(self.cfg.stale_after_periods / rate, self.cfg.stale_min_s))
-        return limit
+        """The age beyond which a sensor is masked: max_age_s, or sooner once late (never before stale_min_s)."""
+        return min(self.cfg.max_age_s[modality], max(self.late_after_s(modality), self.cfg.stale_min_s))
 
     def fresh(self, modality: Modality, now_ns: int) -> bool:
         """Recent enough to fuse: not older than max_age_s, not stamped implausibly far in the future."""
@@ -231,6 +247,7 @@ class SensorSync:
         """Per-sensor health as plain data (diagnostics, reports)."""
         return {name: {"received": h.received, "dropped": h.dropped, "resets": h.resets,
                        "rate_hz": round(h.rate_hz, 3), "age_s": h.age_s(now_ns), "masked": not self.fresh(m, now_ns),
+                       "late": h.age_s(now_ns) > self.late_after_s(m),
                        "drop_reasons": dict(h.drop_reasons)}
                 for name, m, h in ((MODALITIES[m], m, self.health[m]) for m in Modality)}
 

@@ -22,9 +22,11 @@ from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image, Imu, PointCloud2
 
+from fusion_attn.attention_maps import picture_size
 from fusion_attn.frames import NS_PER_S, ImuSample, LidarFrame, stamp_to_ns
 from fusion_attn.messages import imu_msg, pointcloud2_msg, to_rclpy
-from fusion_attn.outputs import parse_fused_state_rows
+from fusion_attn.outputs import ERROR, WARN, parse_fused_state_rows
+from fusion_attn.pipeline import load_model
 from fusion_attn.play import play
 
 CAMERA, IMU = "/cam0/image_raw", "/imu0"
@@ -195,8 +197,8 @@ def test_garbage_flood_is_counted_and_survived(ros, fusion_node, real_data):
     assert "dropped imu message" in log.read_text()  # said what it dropped (throttled)
 
 
-def _set(ros, **values):
-    client = ros.node.create_client(SetParameters, "/fusion_node/set_parameters")
+def _set(ros, node="fusion_node", **values):
+    client = ros.node.create_client(SetParameters, f"/{node}/set_parameters")
     assert client.wait_for_service(timeout_sec=10)
     request = SetParameters.Request(parameters=[Parameter(k.replace("_", "."), value=v).to_parameter_msg()
                                                 for k, v in values.items()])
@@ -255,10 +257,10 @@ def managed_node(ros, tmp_path_factory):
         proc.wait(timeout=10)
 
 
-def _change_state(ros, transition_id):
+def _change_state(ros, transition_id, node="managed_fusion"):
     from lifecycle_msgs.srv import ChangeState
 
-    client = ros.node.create_client(ChangeState, "/managed_fusion/change_state")
+    client = ros.node.create_client(ChangeState, f"/{node}/change_state")
     assert client.wait_for_service(timeout_sec=30)
     request = ChangeState.Request()
     request.transition.id = transition_id
@@ -327,6 +329,49 @@ def test_lifecycle_trigger_mode_and_qos_warnings(ros, managed_node):
     assert len(outputs) == 10  # inactive again
     assert _change_state(ros, Transition.TRANSITION_CLEANUP)
     assert proc.poll() is None
+
+
+def _lifecycle(ros, node: str) -> list[tuple[int, int, str]]:
+    """(stamp, level, message) of each lifecycle status `node` published, in order."""
+    return [(stamp_to_ns(a.header.stamp), s.level[0], s.message) for a in list(ros.diags) for s in a.status
+            if s.hardware_id == node and s.name == "fusion_attn: lifecycle"]
+
+
+def test_an_idle_node_says_on_diagnostics_why_it_is_idle(ros, tmp_path, tmp_path_factory):
+    """Unconfigured, after a failed configure, then configured but inactive: fusion_node publishes
+    /diagnostics at its period all along, with its lifecycle state and why it is idle."""
+    from lifecycle_msgs.msg import Transition
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    env = dict(os.environ, FUSION_ATTN_CACHE=str(tmp_path_factory.getbasetemp() / "onnx-cache"), PYTHONUNBUFFERED="1")
+    with open(tmp_path / "node.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "fusion_attn.node", "--ros-args", "-r", "__node:=idle_fusion",
+                                 "-p", "autostart:=false", "-p", "backend:=torch", "-p", f"checkpoint:={bad}",
+                                 "-p", "diagnostics_period_s:=0.2"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        assert ros.wait_for(lambda: len(_lifecycle(ros, "idle_fusion")) >= 6, timeout=60), \
+            (tmp_path / "node.log").read_text()
+        stamps, levels, messages = zip(*_lifecycle(ros, "idle_fusion"))
+        assert set(messages) == {"unconfigured: not configured yet"} and set(levels) == {WARN}
+        assert 0.15 <= np.median(np.diff(stamps)) / NS_PER_S <= 0.3  # at diagnostics_period_s
+
+        assert not _change_state(ros, Transition.TRANSITION_CONFIGURE, "idle_fusion")
+        assert ros.wait_for(lambda: "configure failed" in _lifecycle(ros, "idle_fusion")[-1][2], timeout=10)
+        _, level, message = _lifecycle(ros, "idle_fusion")[-1]
+        assert level == ERROR and message.startswith("unconfigured: configure failed: ")
+        assert "bad.safetensors is not a readable safetensors checkpoint" in message
+
+        [ok] = _set(ros, "idle_fusion", checkpoint="")  # unconfigured after the failure: settable again
+        assert ok.successful, ok.reason
+        assert _change_state(ros, Transition.TRANSITION_CONFIGURE, "idle_fusion")
+        assert ros.wait_for(lambda: _lifecycle(ros, "idle_fusion")[-1][1:] == (WARN, "inactive: not activated"),
+                            timeout=10)
+        others = {s.name for a in list(ros.diags) for s in a.status if s.hardware_id == "idle_fusion"}
+        assert others == {"fusion_attn: lifecycle"}  # no sensor or fusion status before it is active
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def test_node_with_a_corrupt_checkpoint_says_so_and_exits(tmp_path):
@@ -414,10 +459,12 @@ PLAIN = "/plain"  # a namespace: the node's relative topics, the plotting ones i
 
 @pytest.fixture(scope="module")
 def plain_node(ros, tmp_path_factory):
-    """A third fusion_node, in a namespace, timer-driven, camera and IMU from the test, no lidar."""
+    """A third fusion_node, in a namespace, timer-driven, camera and IMU from the test, no lidar; it publishes
+    the attention image every 0.5 s."""
     work = tmp_path_factory.mktemp("plain")
     params = yaml.safe_load(Path("config/fusion.yaml").read_text())
-    params["/**"]["ros__parameters"].update(lidar_type="none", diagnostics_period_s=0.2)
+    params["/**"]["ros__parameters"].update(lidar_type="none", diagnostics_period_s=0.2,
+                                            attention_image={"enabled": True, "period_s": 0.5})
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     env = dict(os.environ, FUSION_ATTN_CACHE=str(tmp_path_factory.getbasetemp() / "onnx-cache"), PYTHONUNBUFFERED="1")
     with open(work / "node.log", "w") as log:
@@ -475,6 +522,10 @@ def test_the_fused_state_carries_the_datas_time_and_none_comes_from_nothing(ros,
     withheld = _withheld(ros)
     assert ros.wait_for(lambda: _withheld(ros) >= withheld + 20, timeout=20)  # no data: every fusion all-masked
     assert fused == []
+    values = _plain_fusion(ros)  # each of those fusions masked each configured sensor, and counted it
+    assert int(values["masked_fusions_camera"]) >= int(values["withheld_all_masked"]) >= withheld + 20
+    assert int(values["masked_fusions_imu"]) >= int(values["withheld_all_masked"])
+    assert "masked_fusions_lidar" not in values  # not configured
     sent = _feed_plain(ros, 2.0)
     ros.wait_for(lambda: False, timeout=1.0)  # the last states arrive; then both sensors are masked
     stamps = [stamp_to_ns(m.header.stamp) for m in fused]
@@ -558,3 +609,29 @@ def test_attention_and_trust_reach_a_plain_ros_subscriber_as_plottable_messages(
         assert abs(sum(got["attention"][t]) - 1.0) < 1e-5
         assert got["trust"][t] == got["trust_column"][t]
         assert got["attention"][t][1] == 0.0 and got["trust"][t][1] == 0.0  # no lidar: masked, exactly 0
+
+
+def test_the_attention_image_arrives_at_its_period_when_enabled(ros, plain_node):
+    """attention_image.enabled: an rgb8 sensor_msgs/Image of attention_maps' picture on
+    fused_state/attention_image (in the node's namespace), at most one per period_s, stamped as a fused state."""
+    topic = f"{PLAIN}/fused_state/attention_image"
+    images = []
+    ros.node.create_subscription(Image, topic, images.append, 10)
+    assert ros.wait_for(lambda: ros.node.get_publishers_info_by_topic(topic), timeout=10)
+    ros.wait_for(lambda: False, timeout=1.0)  # discovery
+    sent = _feed_plain(ros, 3.0)
+    ros.wait_for(lambda: False, timeout=1.0)
+    width, height = picture_size(load_model()[0].cfg)
+    assert len(images) >= 3, len(images)
+    for m in images:
+        assert (m.encoding, m.width, m.height, m.step) == ("rgb8", width, height, 3 * width)
+        assert np.frombuffer(bytes(m.data), np.uint8).std() > 0
+    stamps = [stamp_to_ns(m.header.stamp) for m in images]
+    assert set(stamps) <= sent  # the data's time, as the fused state it pictures
+    gaps = np.diff(stamps) / NS_PER_S
+    assert gaps.min() >= 0.35 and 0.4 <= np.median(gaps) <= 0.8, gaps
+
+
+def test_the_attention_image_is_off_by_default(ros, fusion_node):
+    assert ros.wait_for(lambda: ros.node.get_publishers_info_by_topic("/fused_state"), timeout=10)
+    assert ros.node.get_publishers_info_by_topic("/fused_state/attention_image") == []

@@ -5,9 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from fusion_attn.frames import FusedState
+from fusion_attn.frames import NS_PER_S, CameraFrame, FusedState, ImuSample, LidarFrame
 from fusion_attn.messages import TYPES, cdr, fused_state_layout_msg, fused_state_msg
 from fusion_attn.outputs import ERROR, OK, TRUST_THRESHOLD, WARN, diagnostics, parse_fused_state_rows
+from fusion_attn.sync import RATE_MEMORY, SensorSync
 
 M, D, H = 8, 64, 4
 
@@ -24,7 +25,8 @@ def state(trust=(0.97, 0.0, 0.91), present=(True, False, True), all_masked=False
 
 
 def health(masked=False) -> dict:
-    return {"received": 10, "dropped": 0, "rate_hz": 20.0, "age_s": 0.01, "masked": masked, "drop_reasons": {}}
+    return {"received": 10, "dropped": 0, "rate_hz": 20.0, "age_s": 0.01, "masked": masked, "late": False,
+            "drop_reasons": {}}
 
 
 def statuses(s: FusedState | None, processing_ms=1.0, configured=("camera", "imu")) -> dict:
@@ -97,7 +99,7 @@ def test_the_trust_warning_comes_before_the_slow_processing_warning():
 
 def test_diagnostics_ages_are_never_negative_or_nan():
     from fusion_attn.frames import NS_PER_S, ImuSample
-    from fusion_attn.sync import SensorSync
+    from fusion_attn.sync import RATE_MEMORY, SensorSync
 
     sync = SensorSync()
     sync.add(ImuSample(20 * NS_PER_S + 5676_000_000, "imu", np.zeros(3), np.zeros(3)))  # ahead of the time below
@@ -129,3 +131,64 @@ def test_the_layout_message_states_every_dimension_and_where_each_part_is():
     assert np.array_equal(rows[slice(*layout["rows"]["latents"])], s.latents)
     assert np.array_equal(sensors[:, slice(*columns["attention"])], s.attention)
     assert np.array_equal(sensors[:, slice(*columns["trust"])][:, 0], s.trust)
+
+
+SENSORS = ("camera", "lidar", "imu")
+FRAMES = {"camera": lambda t: CameraFrame(t, "cam", np.zeros((4, 4, 3), np.uint8), "rgb8"),
+          "lidar": lambda t: LidarFrame(t, "lidar", np.ones((8, 4), np.float32)),
+          "imu": lambda t: ImuSample(t, "imu", np.array([0.0, 0.0, 9.8]), np.zeros(3))}
+
+
+def _healthy_stream(hz: float, seconds: float, max_gap_periods: float, max_delay_s: float, rng) -> tuple:
+    """(stamps, arrivals) ns of a healthy sensor: each stamp up to (max_gap_periods - 1) periods behind its
+    slot on the nominal grid (as a driver or a busy publisher is late, never early), so gaps reach
+    max_gap_periods, and every 7th time exactly; each delivered up to max_delay_s after its stamp (those
+    longest gaps with the longest delay), in order."""
+    n = int(seconds * hz)
+    behind = rng.uniform(0.0, max_gap_periods - 1.0, n)
+    behind[::7], behind[1::7] = 0.0, max_gap_periods - 1.0
+    delay = rng.uniform(0.0, max_delay_s, n)
+    delay[1::7] = max_delay_s
+    stamps = NS_PER_S + ((np.arange(n) + behind) * NS_PER_S / hz).astype(np.int64)
+    return stamps, np.maximum.accumulate(stamps + (delay * NS_PER_S).astype(np.int64))
+
+
+def _sensor_statuses(sync: SensorSync, now_ns: int) -> dict:
+    out = diagnostics(sync.summary(now_ns), None, {"backend": "onnxruntime"}, None, float("nan"), 0.05, SENSORS)
+    return {s.name.removeprefix("fusion_attn: "): s for s in out}
+
+
+# Healthy sensors: rate, longest publish gap [periods], longest delivery delay [s]. Each next message is at most
+# overdue by max(half a period, jitter_margin_s 25 ms), less the error of the measured period.
+HEALTHY = {"camera": (30.0, 1.35, 0.010),  # gaps up to 45 ms, as the camera of the node benchmark
+           "lidar": (10.0, 1.25, 0.015), "imu": (200.0, 1.5, 0.020)}
+
+
+def test_healthy_jittered_sensors_are_never_late_nor_masked_and_a_stopped_one_is():
+    """A 30 Hz camera, a 10 Hz lidar and a 200 Hz IMU with publish gaps up to 1.25-1.5 periods and delivery
+    delays up to 10-20 ms, fed in arrival order for 20 s: judged just before every arrival (where a sensor's
+    data is oldest) once their periods are measured, each is OK and fused. Then all stop: the camera is masked
+    at max(1.5 periods, 1 period + jitter_margin_s), the IMU is late 25 ms after its next sample was due,
+    masked after stale_min_s."""
+    rng = np.random.default_rng(0)
+    arrivals = []
+    for name, (hz, max_gap_periods, max_delay_s) in HEALTHY.items():
+        stamps, arrived = _healthy_stream(hz, 20.0, max_gap_periods, max_delay_s, rng)
+        arrivals += [(int(a), name, int(s)) for s, a in zip(stamps, arrived)]
+    arrivals.sort()
+    sync, judged = SensorSync(), 0
+    for arrival_ns, name, stamp_ns in arrivals:
+        if all(h.received > RATE_MEMORY for h in sync.health.values()):
+            statuses = _sensor_statuses(sync, arrival_ns - 1)
+            assert all(statuses[n].level == OK for n in SENSORS), (arrival_ns, [statuses[n] for n in SENSORS])
+            judged += 1
+        assert sync.add(FRAMES[name](stamp_ns), arrival_ns) is None
+    assert judged > 0.9 * len(arrivals)
+
+    last = {n: max(s for _, m, s in arrivals if m == n) for n in SENSORS}
+    assert _sensor_statuses(sync, last["camera"] + 55_000_000)["camera"].level == OK
+    camera = _sensor_statuses(sync, last["camera"] + 62_000_000)["camera"]  # 33.3 + 25 ms, measured period +-5 %
+    assert camera.level == ERROR and camera.message.startswith("stale"), camera
+    imu_late = _sensor_statuses(sync, last["imu"] + 40_000_000)["imu"]
+    assert imu_late.level == WARN and imu_late.message.startswith("late"), imu_late
+    assert _sensor_statuses(sync, last["imu"] + 51_000_000)["imu"].level == ERROR

@@ -33,15 +33,29 @@ def test_snapshot_keeps_latest_frame_and_masks_stale_sensors():
 
 
 def test_silent_sensor_is_masked_after_a_few_of_its_periods():
-    sync = SensorSync(SyncConfig(max_age_s=(1.0, 1.0, 1.0), stale_after_periods=1.5, stale_min_s=0.02))  # 20 ms floor
+    sync = SensorSync(SyncConfig(max_age_s=(1.0, 1.0, 1.0), stale_after_periods=1.5, jitter_margin_s=0.025))
     for i in range(10):
-        sync.add(_cam(i * 50 * MS))  # 20 Hz
+        sync.add(_cam(i * 50 * MS))  # 20 Hz: half a period of jitter allows more than the margin
     assert abs(sync.max_age_s(Modality.CAMERA) - 0.075) < 1e-9
     assert sync.snapshot(450 * MS + 74 * MS).camera is not None
     assert sync.snapshot(450 * MS + 76 * MS).camera is None  # 1.5 periods silent, long before max_age 1 s
     for i in range(100):
-        sync.add(_imu(i * 2500_000))  # 400 Hz: 1.5 periods = 3.75 ms, floored at stale_min_s
-    assert sync.max_age_s(Modality.IMU) == 0.02
+        sync.add(_imu(i * 2500_000))  # 400 Hz: 1.5 periods = 3.75 ms, but jitter_margin_s after it was due
+    assert abs(sync.late_after_s(Modality.IMU) - 0.0275) < 1e-9
+    assert sync.max_age_s(Modality.IMU) == 0.05  # and masked not before stale_min_s
+    last = 99 * 2500_000
+    assert not sync.summary(last + 27 * MS)["imu"]["late"] and sync.summary(last + 28 * MS)["imu"]["late"]
+    assert not sync.summary(last + 50 * MS)["imu"]["masked"] and sync.summary(last + 51 * MS)["imu"]["masked"]
+
+
+def test_the_period_is_the_mean_of_the_first_intervals_not_the_first_one():
+    """A jittery start (a 20 Hz camera whose first interval is 90 ms) does not set a wrong period for long."""
+    sync = SensorSync()
+    stamps = [0, 90, 110, 150, 200, 250, 300, 350, 400, 450, 500]
+    for t in stamps:
+        sync.add(_cam(t * MS))
+    assert abs(sync.health[Modality.CAMERA].mean_dt_s - 0.05) < 1e-9
+    assert abs(sync.health[Modality.CAMERA].rate_hz - 20.0) < 1e-6
 
 
 def test_never_seen_sensor_is_masked_not_an_error():
