@@ -151,8 +151,9 @@ def test_closed_loop_episode_completes(ros, policy, tmp_path):
 
     try:
         start = len(seen["cmd"])
-        # the nodes start in parallel: wait until the policy drives (fused state and task flowing) ...
-        driving = wait_until(lambda: any(c != (0.0, 0.0) for c in seen["cmd"][start:]), 120)
+        # the nodes start in parallel: wait until the policy drives (fused state and task flowing, the
+        # contract checked) and its decisions arrive ...
+        driving = wait_until(lambda: "contract: driving" in logs["robot"].read_text() and len(seen["cmd"]) > start + 5, 120)
         assert driving, logs["robot"].read_text()[-3000:]
         start, before = len(seen["cmd"]), episodes_ended()
         # ... then through a whole episode it drove from start to end (the current one began before)
