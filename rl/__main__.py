@@ -37,7 +37,11 @@ def add_verbs(verbs) -> None:
     train.add_argument("--agent", choices=["gtrxl", "mlp", "lstm", "gru"], default=agent.kind,
                        help="gtrxl: attention memory; mlp: none; lstm, gru: recurrent baselines (same PPO, trained "
                             "through time on whole rollouts)")
-    train.add_argument("--memory", type=int, default=agent.memory, help="gtrxl: K, past steps the agent attends over")
+    train.add_argument("--memory", type=int, default=agent.memory,
+                       help="gtrxl: K, past steps each layer attends over, and the recall horizon: a cue more than "
+                            "K decisions back is reached only if the layers below happen to carry it (no gradient "
+                            "trains them to), and never beyond layers x K. Give K at least the longest delay to "
+                            "recall (docs/RL.md)")
     train.add_argument("--layers", type=int, default=agent.layers, help="gtrxl blocks or lstm / gru layers")
     train.add_argument("--steps", type=int, default=ppo.steps)
     train.add_argument("--envs", type=int, default=ppo.envs)

@@ -14,6 +14,7 @@ import torch
 
 from fusion_attn.contract import CONTRACT_KEY, ObservationLayout, PolicyContract
 from fusion_attn.errors import CheckpointError, ConfigError
+import rl.envs  # noqa: F401  registers FusionAttnRL/CueRecall-v0
 from rl.__main__ import main as rl_main
 from rl.agent import ActorCritic, AgentConfig, GRUGate, reset_memory
 from rl.evaluate import attention_entropy, evaluate
@@ -21,6 +22,7 @@ from rl.export import export_policy
 from rl.ppo import PPOConfig, load_agent, save_agent, train
 
 SPACE = gym.spaces.Discrete(3)
+CUE = "FusionAttnRL/CueRecall-v0"  # rl/envs.py
 
 
 def _agent(**kw) -> ActorCritic:
@@ -255,7 +257,7 @@ def test_evaluate_reports_only_what_the_env_and_the_agent_have(cartpole_run, tmp
     assert rl_main(["evaluate", str(out / "agent.safetensors"), "--episodes", "2"]) == 0
     assert "success_rate" not in json.loads(capsys.readouterr().out)
     run = tmp_path / "cue"
-    train(PPOConfig(env_id="test/CueRecall-v0", steps=64, envs=2, rollout=32, agent=AgentConfig(kind="mlp", dim=16)),
+    train(PPOConfig(env_id=CUE, steps=64, envs=2, rollout=32, agent=AgentConfig(kind="mlp", dim=16)),
           run, progress=False)
     summary = evaluate(run / "agent.safetensors", 3, out=tmp_path / "ev")
     assert 0 <= summary["success_rate"] <= 1 and "attention_entropy_mean" not in summary
@@ -365,30 +367,37 @@ def test_a_policy_on_another_fusion_is_refused_by_evaluate(tmp_path, capsys):
     assert "trained on another fusion" in err and "weights digest" in err and meta[CONTRACT_KEY]["fusion"]["weights_digest"] in err
 
 
-class CueRecall(gym.Env):
-    """The smallest memory task: a cue (one of 3) is shown at the first step only; at the last of 8
-    steps the action must name it (+1). Without memory the best is chance, 1/3."""
-
-    length = 8
-    observation_space = gym.spaces.Box(0.0, 1.0, (4,), np.float32)  # cue one-hot, "answer now" flag
-    action_space = gym.spaces.Discrete(3)
-
-    def reset(self, seed=None, options=None):
-        super().reset(seed=seed)
-        self.t, self.cue = 0, int(self.np_random.integers(3))
-        return np.eye(4, dtype=np.float32)[self.cue], {}
-
-    def step(self, action):
-        self.t += 1
-        obs = np.zeros(4, np.float32)
-        obs[3] = self.t == self.length - 1
-        if self.t < self.length:
-            return obs, 0.0, False, False, {}
-        success = int(action) == self.cue
-        return obs, float(success), True, False, {"is_success": success}
+def test_cue_recall_asks_for_the_cue_delay_decisions_later():
+    env = gym.make(CUE, delay=3)
+    obs, _ = env.reset(seed=0)
+    cue = int(obs.argmax())
+    assert obs[3] == 0 and [env.step(0)[0][3] for _ in range(3)] == [0, 0, 1]  # the flag: answer now
+    _, reward, terminated, _, info = env.step(cue)
+    assert terminated and reward == 1.0 and info["is_success"]
+    with pytest.raises(ConfigError, match="delay 0"):
+        gym.make(CUE, delay=0)
 
 
-gym.register("test/CueRecall-v0", entry_point=CueRecall)
+@pytest.mark.parametrize("layers", [1, 2])
+def test_an_observation_reaches_the_output_for_layers_times_memory_steps(layers):
+    """The recall horizon (docs/RL.md): layer l > 0 remembers layer l - 1's outputs, each of which attended
+    K steps further back, so an observation moves the output for L x K steps after it, and then no more."""
+    agent = _agent(layers=layers)
+    reach = layers * agent.cfg.memory
+    obs = torch.randn(reach + 2, 1, 5)
+    changed = obs.clone()
+    changed[0] += 1.0
+
+    def heads(observations):
+        memory, mask = agent.initial_memory(1)
+        out = []
+        for o in observations:
+            head, _, memory, mask, _ = agent.step(o, memory, mask)
+            out.append(head)
+        return out
+
+    moved = [not torch.equal(a, b) for a, b in zip(heads(obs), heads(changed))]
+    assert moved == [True] * (reach + 1) + [False]
 
 
 @pytest.mark.parametrize("kind, low, high", [("gtrxl", 0.9, 1.0), ("lstm", 0.75, 1.0), ("mlp", 0.0, 0.5)])
@@ -396,7 +405,7 @@ def test_memory_is_learned_through_ppo(tmp_path, kind, low, high):
     """End to end through PPO (stored memory, masking at episode starts): the attention-memory agent
     learns to recall the cue, and so does the LSTM, trained through time on whole rollouts; the
     memoryless one cannot beat chance."""
-    cfg = PPOConfig(env_id="test/CueRecall-v0", steps=16384, envs=8, rollout=64, lr=1e-3, seed=0,
+    cfg = PPOConfig(env_id=CUE, env_kwargs={"delay": 7}, steps=16384, envs=8, rollout=64, lr=1e-3, seed=0,
                     agent=AgentConfig(kind=kind, dim=32, heads=2, memory=8))
     train(cfg, tmp_path / kind, progress=False)
     rows = [json.loads(line) for line in (tmp_path / kind / "metrics.jsonl").read_text().splitlines()]
@@ -457,6 +466,42 @@ def test_observations_of_every_common_kind_are_encoded(tmp_path, caplog):
 def _with_space(env, space):
     env.observation_space = space
     return env
+
+
+class Dials(gym.Env):
+    """Two dials read as MultiDiscrete([3, 4]); naming the first one's value pays."""
+
+    observation_space = gym.spaces.MultiDiscrete([3, 4])
+    action_space = gym.spaces.Discrete(3)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return self._obs(), {}
+
+    def step(self, action):
+        reward = float(action == self.t % 3)
+        self.t += 1
+        return self._obs(), reward, False, self.t >= 10, {}
+
+    def _obs(self):
+        return np.array([self.t % 3, self.t % 4], np.int64)
+
+
+gym.register("test/Dials-v0", entry_point=Dials)
+
+
+def test_multidiscrete_observations_are_one_hot_per_dimension(tmp_path):
+    from rl.ppo import make_env
+
+    env = make_env(PPOConfig(env_id="test/Dials-v0"))
+    env.reset(seed=0)
+    for _ in range(5):
+        obs, *_ = env.step(0)
+    assert obs.shape == (3 + 4,) and np.flatnonzero(obs).tolist() == [2, 3 + 1]  # dials (2, 1)
+    row = train(PPOConfig(env_id="test/Dials-v0", steps=128, envs=2, rollout=32, agent=AgentConfig(dim=16, heads=2, memory=4)),
+                tmp_path / "dials", progress=False)
+    assert row["global_step"] == 128 and np.isfinite(row["value_loss"])
 
 
 def test_a_third_party_env_module_is_imported(tmp_path, monkeypatch, capsys):
