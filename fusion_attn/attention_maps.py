@@ -191,7 +191,7 @@ def _bev_panel(inputs, att: Attention, cfg: FusionConfig) -> tuple[np.ndarray, l
     step = next(s for s in (1, 2, 5, 10, 20, 50) if view.half_m / s <= 5)
     middle = tuple(int(v) for v in view.pixel(np.zeros(2)))
     for r in np.arange(step, view.half_m * 1.5, step):  # range rings, to the panel's corners
-        cv2.circle(panel, middle, int(round(r * BEV_SIZE / (2 * view.half_m))), (60, 60, 60), 1, cv2.LINE_AA)
+        cv2.circle(panel, middle, round(r * BEV_SIZE / (2 * view.half_m)), (60, 60, 60), 1, cv2.LINE_AA)
     share = token_shares(att.token_weights, cfg, "lidar")
     top = share.max()
     colours = _heat(share / top if top > 0 else share)

@@ -28,8 +28,14 @@ from .adapters import msgtype_of, to_frame
 from .attention_maps import attend, camera_rgb, picture
 from .errors import ConfigError, FusionAttnError, MalformedMessageError
 from .frames import MODALITIES, NS_PER_S, CameraFrame, FusedState, Modality
-from .messages import (diagnostics_msg, fused_state_layout_msg, fused_state_msg, image_msg, sensor_values_msg,
-                       to_rclpy)
+from .messages import (
+    diagnostics_msg,
+    fused_state_layout_msg,
+    fused_state_msg,
+    image_msg,
+    sensor_values_msg,
+    to_rclpy,
+)
 from .model import FusionModel
 from .outputs import ERROR, OK, WARN, Status, diagnostics, trust_values
 from .params import PARAMETERS, TAU_NAMES, Param

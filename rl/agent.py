@@ -19,6 +19,8 @@ mask (N, 1): False zeroes the state (an episode start), as a masked slot gets no
 
 from __future__ import annotations
 
+import itertools
+
 import gymnasium as gym
 import numpy as np
 import torch
@@ -139,7 +141,7 @@ class ActorCritic(nn.Module):
         x = self.embed(obs)
         cuts = [0, *((~mask[1:, :, 0]).any(1).nonzero()[:, 0] + 1).tolist(), len(obs)]
         out = []
-        for a, b in zip(cuts, cuts[1:]):
+        for a, b in itertools.pairwise(cuts):
             y, state = self.rnn(x[a:b], self._state(memory, mask[a]))
             memory = self._memory(state)
             out.append(y)

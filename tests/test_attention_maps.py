@@ -6,8 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from fusion_attn.attention_maps import (Attention, BevView, attend, occlusion, picture, picture_size, pillar_centres,
-                                        token_shares, valid_tokens)
+from fusion_attn.attention_maps import (
+    Attention,
+    BevView,
+    attend,
+    occlusion,
+    picture,
+    picture_size,
+    pillar_centres,
+    token_shares,
+    valid_tokens,
+)
 from fusion_attn.checkpoint import load_checkpoint
 from fusion_attn.config import FusionConfig
 from fusion_attn.frames import NS_PER_S, LidarFrame
@@ -60,7 +69,7 @@ def _luminance(img: np.ndarray) -> np.ndarray:
 
 
 def test_token_shares_are_each_sensors_attention_averaged_over_heads_and_fusion_tokens():
-    x, att = _synthetic(peak_patch=9, peak_pillar=2)
+    _, att = _synthetic(peak_patch=9, peak_pillar=2)
     camera, lidar = token_shares(att.token_weights, CFG, "camera"), token_shares(att.token_weights, CFG, "lidar")
     assert camera.shape == (N_C,) and lidar.shape == (N_L,)
     assert camera.sum() == pytest.approx(1.0) and lidar.sum() == pytest.approx(1.0)

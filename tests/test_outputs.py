@@ -99,7 +99,7 @@ def test_the_trust_warning_comes_before_the_slow_processing_warning():
 
 def test_diagnostics_ages_are_never_negative_or_nan():
     from fusion_attn.frames import NS_PER_S, ImuSample
-    from fusion_attn.sync import RATE_MEMORY, SensorSync
+    from fusion_attn.sync import SensorSync
 
     sync = SensorSync()
     sync.add(ImuSample(20 * NS_PER_S + 5676_000_000, "imu", np.zeros(3), np.zeros(3)))  # ahead of the time below

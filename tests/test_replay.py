@@ -493,8 +493,8 @@ def test_a_damaged_chunk_is_skipped_and_the_chunks_after_it_are_read(real_data, 
     assert "damaged part(s) of the bag skipped" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("damage", [dict(chunk="data", index=True), dict(chunk="header"),
-                                    dict(chunk="header", entries=True)])
+@pytest.mark.parametrize("damage", [{"chunk": "data", "index": True}, {"chunk": "header"},
+                                    {"chunk": "header", "entries": True}])
 def test_reading_in_sequence_goes_on_after_a_damaged_chunk(real_data, tmp_path, damage):
     def read(path):
         with open_reader([path]) as reader:

@@ -12,9 +12,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
+import rl.envs  # noqa: F401  registers FusionAttnRL/CueRecall-v0
 from fusion_attn.contract import CONTRACT_KEY, ObservationLayout, PolicyContract
 from fusion_attn.errors import CheckpointError, ConfigError
-import rl.envs  # noqa: F401  registers FusionAttnRL/CueRecall-v0
 from rl.__main__ import main as rl_main
 from rl.agent import ActorCritic, AgentConfig, GRUGate, reset_memory
 from rl.evaluate import attention_entropy, evaluate
@@ -232,7 +232,7 @@ def test_memory_benchmark_compares_its_baselines_on_any_env(tmp_path):
     done = subprocess.run([sys.executable, "benchmarks/rl_memory_task.py", "--env", "CartPole-v1", "--steps", "1024",
                            "--seeds", "0", "--agents", "ppo-gru", "lstm", "--episodes", "1", "--runs", str(tmp_path / "runs"),
                            "--out", str(out), "--figure", str(tmp_path / "curves.png")],
-                          cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=600)
+                          cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     targets = json.loads(out.read_text())["targets"]
     assert set(targets) == {"ppo-gru", "lstm"}

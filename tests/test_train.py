@@ -427,7 +427,7 @@ def test_token_fusion_baseline_trains_with_attention_avoidance(tmp_path, cache):
 def _expected_commit() -> str:
     """What provenance must record here: HEAD's sha (a run from a checkout), "unknown" only outside git."""
     root = Path(__file__).resolve().parents[1]
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True) if shutil.which("git") else None
+    head = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=root, capture_output=True, text=True) if shutil.which("git") else None
     if head is None or head.returncode:
         return "unknown"
     commit = head.stdout.strip()

@@ -26,8 +26,8 @@ from std_srvs.srv import Trigger
 
 from fusion_attn.frames import NS_PER_S
 from fusion_attn.messages import rclpy_class, to_rclpy
-from fusion_attn.spin import spin
 from fusion_attn.sim.record import TOPICS, odometry_msg
+from fusion_attn.spin import spin
 
 CMD_TIMEOUT_NS = NS_PER_S // 2
 
