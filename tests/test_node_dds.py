@@ -630,8 +630,10 @@ def test_the_attention_image_arrives_at_its_period_when_enabled(ros, plain_node)
         assert np.frombuffer(bytes(m.data), np.uint8).std() > 0
     stamps = [stamp_to_ns(m.header.stamp) for m in images]
     assert set(stamps) <= sent  # the data's time, as the fused state it pictures
+    # throttled by the node's timer; the stamps are the pictured states' data times, which lag each tick
+    # by up to a fusion period, so bound the count and the typical gap rather than every gap
     gaps = np.diff(stamps) / NS_PER_S
-    assert gaps.min() >= 0.35 and 0.4 <= np.median(gaps) <= 0.8, gaps
+    assert len(images) <= 3.0 / 0.5 + 2 and 0.4 <= np.median(gaps) <= 0.8, gaps
 
 
 def test_the_attention_image_is_off_by_default(ros, fusion_node):
