@@ -55,6 +55,9 @@ def add_verbs(verbs) -> None:
     train.add_argument("--fault-rate", type=float, default=ppo.fault_rate,
                        help="FusionAttn envs: share of training episodes with one sensor fault, so the policy "
                             "learns to act when a sensor fails (rl.ppo.TRAINING_FAULTS)")
+    train.add_argument("--fault-after", type=float, default=ppo.fault_after,
+                       help="share of the steps trained without faults before --fault-rate applies (a curriculum: "
+                            "the task first, then its faults)")
     resume = train.add_mutually_exclusive_group()
     resume.add_argument("--resume", action="store_true", help="continue RUN/train_state.pt (same flags; a larger "
                         "--steps extends a finished run)")
@@ -81,7 +84,7 @@ def run(args) -> int:
         cfg = PPOConfig(env_id=args.env_id, env_kwargs=args.env_kwargs, imports=tuple(args.imports),
                         fusion_checkpoint=args.fusion_checkpoint,
                         steps=args.steps, envs=args.envs, rollout=args.rollout, lr=args.lr, ent_coef=args.ent_coef, action_repeat=args.action_repeat, seed=args.seed, threads=args.threads,
-                        fault_rate=args.fault_rate,
+                        fault_rate=args.fault_rate, fault_after=args.fault_after,
                         agent=AgentConfig(kind=args.agent, memory=args.memory, layers=args.layers))
         row = train(cfg, args.output, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
         print(json.dumps({"run": str(args.output), "config": dataclasses.asdict(cfg), "last": row}, indent=1))

@@ -45,9 +45,12 @@ class PPOConfig:
     seed: int = 0
     threads: int = 1
     fault_rate: float = 0.0  # FusionAttn envs: share of training episodes with one sensor fault (rl.ppo.TRAINING_FAULTS)
+    fault_after: float = 0.0  # share of the steps trained clean before faults start: learn the task, then its faults
     agent: AgentConfig = field(default_factory=AgentConfig)
 
     def __post_init__(self):
+        if not 0.0 <= self.fault_after < 1.0:
+            raise ConfigError(f"fault_after {self.fault_after}: a share of the training steps, in [0, 1)")
         if self.action_repeat is None:  # the config records the repeat used, so a saved run says it
             object.__setattr__(self, "action_repeat", 5 if self.fusion_env else 1)
         elif not self.fusion_env and self.action_repeat != 1:

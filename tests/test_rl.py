@@ -319,6 +319,16 @@ def test_training_faults_hit_the_configured_share_of_episodes():
         env.close()
 
 
+def test_fault_curriculum_starts_faults_after_the_clean_share():
+    from rl.ppo import scheduled_fault_rate
+
+    cfg = PPOConfig(fault_rate=0.5, fault_after=0.4)
+    assert [scheduled_fault_rate(cfg, i, 10) for i in range(10)] == [0.0] * 4 + [0.5] * 6
+    assert scheduled_fault_rate(dataclasses.replace(cfg, fault_after=0.0), 0, 10) == 0.5
+    with pytest.raises(ConfigError, match="fault_after"):
+        PPOConfig(fault_after=1.0)
+
+
 def _wrappers(env):
     while isinstance(env, gym.Wrapper):
         yield env
