@@ -38,7 +38,7 @@ class CameraTokens:
 @dataclass(frozen=True)
 class LidarTokens:
     range_m: float = 51.2  # square bird's-eye-view grid of half-size range_m around the sensor
-    grid: int = 64  # cells per side (<= 255: cell ids and the out-of-range cell fit in uint16)
+    grid: int = 64  # cells per side (<= 255: the tokenizer counts points in all grid² cells per sweep)
     z_min_m: float = -3.0
     z_max_m: float = 5.0
     pillars: int = 64  # token budget: the most populated pillars
@@ -121,7 +121,7 @@ class FusionConfig:
             raise ConfigError(f"model.dim {m.dim} is not divisible by model.heads {m.heads}")
         if m.dim == m.heads:  # the fused-state message carries the trust in the column after the heads
             raise ConfigError(f"model.dim {m.dim} must exceed model.heads {m.heads}")
-        if not 1 <= li.grid <= 255:  # cell ids and the out-of-range cell must fit in uint16
+        if not 1 <= li.grid <= 255:  # a count per cell per sweep: grid² stays small
             raise ConfigError(f"lidar.grid {li.grid} must be in [1, 255]")
         if not (li.range_m > 0 and self.imu.window_s > 0 and li.z_max_m > li.z_min_m):
             raise ConfigError("lidar.range_m and imu.window_s must be > 0, and lidar.z_max_m > lidar.z_min_m")

@@ -132,24 +132,36 @@ def tokenize_lidar(frame: LidarFrame, cfg: LidarTokens) -> tuple[np.ndarray, np.
     per_m = cfg.grid / (2.0 * cfg.range_m)
     ix = np.floor((x + cfg.range_m) * per_m).astype(np.int32)
     iy = np.floor((y + cfg.range_m) * per_m).astype(np.int32)
-    keep = (ix >= 0) & (ix < cfg.grid) & (iy >= 0) & (iy < cfg.grid) & (z >= cfg.z_min_m) & (z <= cfg.z_max_m)
+    # In place, one pass each: this is the per-point part of the node's costliest stage. Read as
+    # unsigned, a negative index is huge, so one comparison tests 0 <= i < grid.
+    keep = ix.view(np.uint32) < cfg.grid
+    keep &= iy.view(np.uint32) < cfg.grid
+    keep &= z >= cfg.z_min_m
+    keep &= z <= cfg.z_max_m
     # Out-of-range points go to one extra "dump" cell instead of being copied out: boolean
     # indexing of a 120k cloud costs more than the whole rest of this function.
     dump = cfg.grid * cfg.grid
-    cell = np.where(keep, ix * cfg.grid + iy, dump).astype(np.uint16)
+    ix *= cfg.grid
+    ix += iy
+    cell = np.where(keep, ix, dump)
     counts = np.bincount(cell, minlength=dump + 1)
     counts[dump] = 0
     n_cells = min(K, int(np.count_nonzero(counts)))
     if n_cells == 0:
         return out, mask
-    order = np.argsort(cell, kind="stable")  # radix sort on uint16: groups the points of each cell
-    starts = np.cumsum(counts) - counts
     top = np.argpartition(-counts, n_cells - 1)[:n_cells]
     top = np.sort(top)  # cell order, so the token order does not depend on partition internals
+    # Group only the chosen cells' points (a few % of a sweep), by cell and then by index: a stable
+    # sort of those alone, not of the whole cloud.
+    chosen = np.zeros(dump + 1, np.bool_)
+    chosen[top] = True
+    members = np.flatnonzero(chosen.take(cell))
+    order = members[np.argsort(cell[members], kind="stable")]
     cnt = counts[top][:, None]
+    starts = np.cumsum(cnt)[:, None] - cnt  # (n_cells, 1): each chosen cell's first entry in `order`
     k = np.arange(P)[None, :]
     pick = np.where(cnt >= P, (k * cnt) // P, np.minimum(k, cnt - 1))
-    group = pts[order[starts[top][:, None] + pick]]  # (n_cells, P, 4)
+    group = pts[order[starts + pick]]  # (n_cells, P, 4)
     valid = k < cnt
 
     centre_x = (top // cfg.grid + 0.5) / per_m - cfg.range_m
