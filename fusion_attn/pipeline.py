@@ -63,11 +63,13 @@ def weights_digest(model: FusionModel) -> str:
 
 
 def onnx_for(model: FusionModel, cache_dir: str | Path | None = None, opset: int | None = None) -> Path:
-    """The model's ONNX graph, exported once and cached under a digest of its weights and config."""
+    """The model's ONNX graph, exported once and cached under a digest of its weights and config, the
+    graph's revision and the opset."""
     from .backends.export import OPSET, export_onnx
+    from .model import GRAPH_REVISION
 
     opset = opset or OPSET
-    path = Path(cache_dir or config_cache_dir()) / f"fusion-{weights_digest(model)}-opset{opset}.onnx"
+    path = Path(cache_dir or config_cache_dir()) / f"fusion-{weights_digest(model)}-g{GRAPH_REVISION}-opset{opset}.onnx"
     if not path.is_file():
         log.info("exporting ONNX graph to %s", path)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
