@@ -44,7 +44,10 @@ def add_verbs(verbs) -> None:
                             "recall (docs/RL.md)")
     train.add_argument("--layers", type=int, default=agent.layers, help="gtrxl blocks or lstm / gru layers")
     train.add_argument("--steps", type=int, default=ppo.steps)
-    train.add_argument("--envs", type=int, default=ppo.envs)
+    train.add_argument("--envs", type=int, default=ppo.envs, help="envs over all workers")
+    train.add_argument("--workers", type=int, default=ppo.workers,
+                       help="env worker processes (0: every env in the learner's process); one core each")
+    train.add_argument("--envs-per-worker", type=int, help="K envs per worker: --envs becomes workers x K")
     train.add_argument("--rollout", type=int, default=ppo.rollout)
     train.add_argument("--lr", type=float, default=ppo.lr)
     train.add_argument("--ent-coef", type=float, default=ppo.ent_coef)
@@ -83,7 +86,8 @@ def run(args) -> int:
 
         cfg = PPOConfig(env_id=args.env_id, env_kwargs=args.env_kwargs, imports=tuple(args.imports),
                         fusion_checkpoint=args.fusion_checkpoint,
-                        steps=args.steps, envs=args.envs, rollout=args.rollout, lr=args.lr, ent_coef=args.ent_coef, action_repeat=args.action_repeat, seed=args.seed, threads=args.threads,
+                        steps=args.steps, envs=args.workers * args.envs_per_worker if args.envs_per_worker else args.envs,
+                        workers=args.workers, rollout=args.rollout, lr=args.lr, ent_coef=args.ent_coef, action_repeat=args.action_repeat, seed=args.seed, threads=args.threads,
                         fault_rate=args.fault_rate, fault_after=args.fault_after,
                         agent=AgentConfig(kind=args.agent, memory=args.memory, layers=args.layers))
         row = train(cfg, args.output, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)

@@ -31,7 +31,8 @@ class PPOConfig:
     # other envs step once per decision: None -> 1, anything else is refused (it would not be applied)
     action_repeat: int | None = None
     steps: int = 200_000  # total env steps (decisions) over all envs
-    envs: int = 8
+    envs: int = 8  # over all workers
+    workers: int = 0  # env processes, envs / workers each (0: every env in the learner's process)
     rollout: int = 128  # steps per env per update
     epochs: int = 4
     minibatches: int = 8
@@ -49,6 +50,8 @@ class PPOConfig:
     agent: AgentConfig = field(default_factory=AgentConfig)
 
     def __post_init__(self):
+        if self.workers < 0 or (self.workers and self.envs % self.workers):
+            raise ConfigError(f"{self.envs} envs cannot be split evenly over {self.workers} workers")
         if not 0.0 <= self.fault_after < 1.0:
             raise ConfigError(f"fault_after {self.fault_after}: a share of the training steps, in [0, 1)")
         if self.action_repeat is None:  # the config records the repeat used, so a saved run says it

@@ -22,6 +22,7 @@ or overwritten.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import logging
@@ -193,7 +194,13 @@ def make_env(cfg: PPOConfig, training: bool = False, index: int = 0) -> gym.Env:
 
 
 def vector_env(cfg: PPOConfig) -> gym.vector.VectorEnv:
-    return gym.vector.SyncVectorEnv([lambda i=i: make_env(cfg, training=True, index=i) for i in range(cfg.envs)],
+    """The training envs: in the learner's process, or spread over cfg.workers processes (rl.workers);
+    the same envs and seeds either way."""
+    if cfg.workers:
+        from .workers import WorkerVectorEnv
+
+        return WorkerVectorEnv(functools.partial(make_env, cfg, True), cfg.workers, cfg.envs // cfg.workers)
+    return gym.vector.SyncVectorEnv([functools.partial(make_env, cfg, True, i) for i in range(cfg.envs)],
                                     autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
 
 
@@ -299,8 +306,10 @@ def train(cfg: PPOConfig, out: str | Path, resume: bool = False, overwrite: bool
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True))
     meta = {"config": dataclasses.asdict(cfg), "obs_dim": obs_dim, "action_space": _space_dict(envs.single_action_space)}
-    if (contract := policy_contract(envs.envs[0], cfg)) is not None:
-        meta[CONTRACT_KEY] = contract.to_dict()
+    if cfg.fusion_env:  # the contract, from an env in this process (the training envs may be in workers)
+        probe = make_env(cfg)
+        meta[CONTRACT_KEY] = policy_contract(probe, cfg).to_dict()
+        probe.close()
     writer = SummaryWriter(str(out / "tb"))
     metrics_file = metrics_path.open("a")
 
@@ -323,8 +332,7 @@ def train(cfg: PPOConfig, out: str | Path, resume: bool = False, overwrite: bool
         for g in optimizer.param_groups:  # linear annealing
             g["lr"] = cfg.lr * (1.0 - iteration / iterations)
         if cfg.fault_rate > 0 and cfg.fusion_env:
-            for env in envs.envs:
-                env.set_wrapper_attr("rate", scheduled_fault_rate(cfg, iteration, iterations))
+            envs.set_attr("rate", scheduled_fault_rate(cfg, iteration, iterations))
         agent.eval()
         for t in range(T):
             mask = reset_memory(mask, starts)
@@ -469,7 +477,8 @@ def _load_state(path: Path, cfg: PPOConfig) -> dict:
         raise CheckpointError(f"cannot resume from {path} (corrupt or truncated?): {exc}") from exc
     saved = PPOConfig.from_dict(state.get("config", {}))  # fields added since take their defaults
     changed = [f"{f.name} {getattr(saved, f.name)!r}, now {getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
-               if f.name != "steps" and getattr(saved, f.name) != getattr(cfg, f.name)]  # more steps extend the run
+               if f.name not in ("steps", "workers")  # more steps extend the run; workers change no result
+               and getattr(saved, f.name) != getattr(cfg, f.name)]
     if changed:
         raise ConfigError(f"{path} was saved with another configuration ({'; '.join(changed)}); resume with the same flags")
     return state
