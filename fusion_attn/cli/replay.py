@@ -35,19 +35,29 @@ def add_parser(verbs):
                              "the recording (docs/ATTENTION_MAPS.md)")
     replay.add_argument("--attention-video", action="store_true",
                         help="write attention.mp4: that picture over the recording, a few per second of recorded time")
+    replay.add_argument("--each", action="store_true",
+                        help="each path is its own recording, not parts of one: folders of recordings, glob patterns "
+                             "and list files (.txt: a path per line) expand; OUTPUT/<name>/ per recording and "
+                             "OUTPUT/index.json")
+    replay.add_argument("--jobs", type=int, default=1, help="with --each: recordings replayed at once (a process "
+                                                            "each, one thread unless --threads)")
+    replay.add_argument("--ray", metavar="ADDRESS", help="with --each: replay on Ray instead, a task per recording: "
+                                                         "'auto' (the cluster on this machine, else a new local one) "
+                                                         "or a cluster address (docs/SCALE_OUT.md)")
     replay.add_argument("--no-progress", action="store_true")
     return replay
 
 
 def run(args) -> int:
+    if args.each:
+        return _run_each(args)
+    if args.jobs != 1 or args.ray:
+        raise FusionAttnError("--jobs and --ray replay several recordings: add --each (without it the bags are "
+                              "parts of one recording, merged by time)")
     from ..replay import replay
 
-    pipeline, sync_cfg, params = fusion_setup(args)
-    base = pipeline.tau
-    taus = tuple(_tau_entry(entry, base) for entry in args.tau.split(",")) if args.tau else (tuple(base.tolist()),)
     at = _instants(args.attention_at) if args.attention_at else ()
-    opts = replay_options(args, params, clock=args.clock, start_s=args.start, end_s=args.end, taus=taus,
-                          progress=not args.no_progress, attention_at_s=at, attention_video=args.attention_video)
+    pipeline, sync_cfg, params, opts = _setup(args, attention_at_s=at, attention_video=args.attention_video)
     model = None
     if at or args.attention_video:  # the token weights come from the torch model, the same weights the pipeline runs
         from ..pipeline import load_model
@@ -78,6 +88,64 @@ def run(args) -> int:
     print(f"  wrote {args.output}/fused (MCAP), summary.json, timing.json, *.png"
           + (", attention.mp4" if args.attention_video else ""))
     return 0
+
+
+def _run_each(args) -> int:
+    """--each: every recording replayed on its own into OUTPUT/<name>/, in parallel; OUTPUT/index.json."""
+    import json
+    import time
+
+    from ..batch import expand_recordings, output_names, run_jobs
+
+    if args.attention_at or args.attention_video:
+        raise FusionAttnError("--attention-at and --attention-video take one recording: replay it without --each")
+    recordings = expand_recordings(args.bags)
+    names = output_names(recordings)
+    args.output.mkdir(parents=True, exist_ok=True)
+    if args.threads is None and (args.jobs > 1 or args.ray):
+        args.threads = 1  # a core per recording
+    args.no_progress = True  # bars from parallel jobs would interleave
+    print(f"replaying {len(recordings)} recordings, "
+          + (f"on Ray ({args.ray})" if args.ray else f"{max(args.jobs, 1)} at a time"))
+    start, rows = time.perf_counter(), []
+    for result in run_jobs(replay_one, [(args, rec, args.output / name) for rec, name in zip(recordings, names)],
+                           jobs=args.jobs, ray=args.ray):
+        _, rec, out = result.args
+        row = {"recording": str(rec), "output": out.name, "ok": result.ok, "error": result.error,
+               "wall_s": round(result.wall_s, 3), **(result.value or {})}
+        rows.append(row)
+        print(f"  {out.name}: " + (f"{row['fusions']} fused states, {row['speed_x_real_time']:.1f}x real time"
+                                   + (f", read stopped: {row['read_fault']}" if row["read_fault"] else "")
+                                   if result.ok else f"FAILED: {result.error}"), flush=True)
+    wall_s = time.perf_counter() - start
+    failed = [r["recording"] for r in rows if not r["ok"]]
+    index = {"recordings": rows, "jobs": args.jobs, "ray": args.ray, "wall_s": round(wall_s, 3), "failed": len(failed)}
+    (args.output / "index.json").write_text(json.dumps(index, indent=2) + "\n")
+    print(f"  {len(rows) - len(failed)} of {len(rows)} replayed in {wall_s:.1f} s; index: {args.output / 'index.json'}")
+    if failed:
+        print(f"error: {len(failed)} recording(s) failed: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+def replay_one(args, recording: Path, out: Path) -> dict:
+    """One recording of --each, in a job's process: the same pipeline and options as a plain replay."""
+    from ..replay import replay
+
+    pipeline, sync_cfg, _, opts = _setup(args)
+    summary = replay([recording], pipeline, out, opts, sync_cfg)
+    return {"messages": summary["messages"], "fusions": summary["fusions"], "read_fault": summary["read_fault"],
+            "speed_x_real_time": summary["timing"]["speed_x_real_time"], "recorded_s": summary["timing"]["recorded_s"],
+            "events_total": summary["events_total"]}
+
+
+def _setup(args, **overrides):
+    """-> pipeline, sync config, parameters and replay options from the flags (and --params)."""
+    pipeline, sync_cfg, params = fusion_setup(args)
+    base = pipeline.tau
+    taus = tuple(_tau_entry(entry, base) for entry in args.tau.split(",")) if args.tau else (tuple(base.tolist()),)
+    opts = replay_options(args, params, clock=args.clock, start_s=args.start, end_s=args.end, taus=taus,
+                          progress=not args.no_progress, **overrides)
+    return pipeline, sync_cfg, params, opts
 
 
 def topic_args(p: argparse.ArgumentParser) -> None:
