@@ -64,7 +64,7 @@ venv: $(STAMP)
 $(STAMP): setup.py setup.cfg pyproject.toml requirements-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	touch $(VENV)/COLCON_IGNORE
-	$(VENV)/bin/python -m pip install -r requirements-cpu.txt -e '.[ros-wheels,test,sim,train,rl]'
+	$(VENV)/bin/python -m pip install -r requirements-cpu.txt -e '.[ros-wheels,test,sim,train,rl,ray]'
 	touch $@
 
 $(DEV_STAMP): requirements-dev.txt $(STAMP)

@@ -48,6 +48,9 @@ def add_verbs(verbs) -> None:
     train.add_argument("--workers", type=int, default=ppo.workers,
                        help="env worker processes (0: every env in the learner's process); one core each")
     train.add_argument("--envs-per-worker", type=int, help="K envs per worker: --envs becomes workers x K")
+    train.add_argument("--ray", default=ppo.ray, metavar="ADDRESS",
+                       help="the workers as Ray actors on a cluster: 'auto' (the cluster `ray start` made on this "
+                            "machine, else a new local one) or its address (docs/SCALE_OUT.md)")
     train.add_argument("--rollout", type=int, default=ppo.rollout)
     train.add_argument("--lr", type=float, default=ppo.lr)
     train.add_argument("--ent-coef", type=float, default=ppo.ent_coef)
@@ -87,7 +90,7 @@ def run(args) -> int:
         cfg = PPOConfig(env_id=args.env_id, env_kwargs=args.env_kwargs, imports=tuple(args.imports),
                         fusion_checkpoint=args.fusion_checkpoint,
                         steps=args.steps, envs=args.workers * args.envs_per_worker if args.envs_per_worker else args.envs,
-                        workers=args.workers, rollout=args.rollout, lr=args.lr, ent_coef=args.ent_coef, action_repeat=args.action_repeat, seed=args.seed, threads=args.threads,
+                        workers=args.workers, ray=args.ray, rollout=args.rollout, lr=args.lr, ent_coef=args.ent_coef, action_repeat=args.action_repeat, seed=args.seed, threads=args.threads,
                         fault_rate=args.fault_rate, fault_after=args.fault_after,
                         agent=AgentConfig(kind=args.agent, memory=args.memory, layers=args.layers))
         row = train(cfg, args.output, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)

@@ -33,6 +33,7 @@ class PPOConfig:
     steps: int = 200_000  # total env steps (decisions) over all envs
     envs: int = 8  # over all workers
     workers: int = 0  # env processes, envs / workers each (0: every env in the learner's process)
+    ray: str = ""  # workers as Ray actors: "auto" or a cluster address ("": local processes)
     rollout: int = 128  # steps per env per update
     epochs: int = 4
     minibatches: int = 8
@@ -50,6 +51,8 @@ class PPOConfig:
     agent: AgentConfig = field(default_factory=AgentConfig)
 
     def __post_init__(self):
+        if self.ray and not self.workers:
+            raise ConfigError("ray: the env workers run on Ray; say how many with workers")
         if self.workers < 0 or (self.workers and self.envs % self.workers):
             raise ConfigError(f"{self.envs} envs cannot be split evenly over {self.workers} workers")
         if not 0.0 <= self.fault_after < 1.0:

@@ -42,6 +42,7 @@ from fusion_attn.errors import CheckpointError, ConfigError
 
 from .agent import ActorCritic, reset_memory
 from .config import PPOConfig
+from .workers import WorkerReplaced
 
 log = logging.getLogger(__name__)
 FORMAT = "fusion_attn.rl/1"
@@ -197,9 +198,12 @@ def vector_env(cfg: PPOConfig) -> gym.vector.VectorEnv:
     """The training envs: in the learner's process, or spread over cfg.workers processes (rl.workers);
     the same envs and seeds either way."""
     if cfg.workers:
-        from .workers import WorkerVectorEnv
+        from .workers import RayVectorEnv, WorkerVectorEnv
 
-        return WorkerVectorEnv(functools.partial(make_env, cfg, True), cfg.workers, cfg.envs // cfg.workers)
+        build = functools.partial(make_env, cfg, True)
+        if cfg.ray:
+            return RayVectorEnv(build, cfg.workers, cfg.envs // cfg.workers, cfg.ray)
+        return WorkerVectorEnv(build, cfg.workers, cfg.envs // cfg.workers)
     return gym.vector.SyncVectorEnv([functools.partial(make_env, cfg, True, i) for i in range(cfg.envs)],
                                     autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
 
@@ -327,14 +331,15 @@ def train(cfg: PPOConfig, out: str | Path, resume: bool = False, overwrite: bool
     recent = {"return": [], "length": [], "success": []}
     bar = tqdm(total=iterations * T * N, initial=global_step, disable=not progress, unit="step", dynamic_ncols=True)
     t_start = t_plot = time.perf_counter()
-    steps_at_start = global_step
+    steps_at_start, discarded = global_step, 0  # discarded: steps of rollouts a replaced worker cut short
     for iteration in range(start_iteration, iterations):
         for g in optimizer.param_groups:  # linear annealing
             g["lr"] = cfg.lr * (1.0 - iteration / iterations)
         if cfg.fault_rate > 0 and cfg.fusion_env:
             envs.set_attr("rate", scheduled_fault_rate(cfg, iteration, iterations))
         agent.eval()
-        for t in range(T):
+        t = 0
+        while t < T:
             mask = reset_memory(mask, starts)
             obs_buf[t], mem_buf[t], mask_buf[t] = obs, memory, mask
             with torch.no_grad():
@@ -342,7 +347,14 @@ def train(cfg: PPOConfig, out: str | Path, resume: bool = False, overwrite: bool
                 dist = agent.distribution(head)
                 action = dist.sample()
                 logp_buf[t], val_buf[t], act_buf[t] = agent.log_prob(dist, action), value, action
-            next_obs, reward, terminated, truncated, info = envs.step(env_action(envs.single_action_space, action))
+            try:
+                next_obs, reward, terminated, truncated, info = envs.step(env_action(envs.single_action_space, action))
+            except WorkerReplaced as replaced:  # a Ray worker died and was replaced: start this rollout over
+                obs, starts = torch.as_tensor(replaced.observations, dtype=torch.float32), torch.as_tensor(replaced.starts)
+                global_step, discarded = global_step - t * N, discarded + t * N
+                bar.update(-t * N)
+                t = 0
+                continue
             reward = torch.as_tensor(reward, dtype=torch.float32)
             if truncated.any():  # bootstrap the cut-off episode from its final observation, with its memory
                 idx = np.flatnonzero(truncated & ~terminated)
@@ -358,6 +370,7 @@ def train(cfg: PPOConfig, out: str | Path, resume: bool = False, overwrite: bool
             obs, starts = torch.as_tensor(next_obs, dtype=torch.float32), done
             global_step += N
             bar.update(N)
+            t += 1
         with torch.no_grad():
             _, next_value, *_ = agent.step(obs, memory, reset_memory(mask, starts))
         # TorchRL's GAE over time: tensors (N, T, 1); an episode end stops the bootstrap
@@ -406,6 +419,7 @@ def train(cfg: PPOConfig, out: str | Path, resume: bool = False, overwrite: bool
 
         sps = (global_step - steps_at_start) / (time.perf_counter() - t_start)
         row = {"iteration": iteration + 1, "global_step": global_step, "steps_per_s": sps, **stats,
+               **({"workers_replaced": envs.replaced, "steps_discarded": discarded} if cfg.ray else {}),
                **{f"episode_{k}": float(np.mean(v)) for k, v in recent.items() if v}}
         for k, v in row.items():
             if k not in ("iteration", "global_step"):
@@ -477,7 +491,7 @@ def _load_state(path: Path, cfg: PPOConfig) -> dict:
         raise CheckpointError(f"cannot resume from {path} (corrupt or truncated?): {exc}") from exc
     saved = PPOConfig.from_dict(state.get("config", {}))  # fields added since take their defaults
     changed = [f"{f.name} {getattr(saved, f.name)!r}, now {getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
-               if f.name not in ("steps", "workers")  # more steps extend the run; workers change no result
+               if f.name not in ("steps", "workers", "ray")  # more steps extend the run; workers change no result
                and getattr(saved, f.name) != getattr(cfg, f.name)]
     if changed:
         raise ConfigError(f"{path} was saved with another configuration ({'; '.join(changed)}); resume with the same flags")

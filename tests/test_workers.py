@@ -71,3 +71,43 @@ def test_envs_must_split_evenly_over_workers():
 
     with pytest.raises(ConfigError, match="cannot be split evenly over 3 workers"):
         PPOConfig(envs=8, workers=3)
+
+
+ray = pytest.importorskip("ray", reason="Ray is the optional extra fusion_attn[ray]")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A Ray instance on this machine only (loopback), for this module's tests."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_workers_give_the_local_rollouts_and_training(local_ray, tmp_path):
+    on_ray = dataclasses.replace(CUE, workers=2, ray="auto")
+    local, remote = _rollout(dataclasses.replace(CUE, workers=2)), _rollout(on_ray)
+    assert np.array_equal(local[0], remote[0]) and np.array_equal(local[1], remote[1]) and local[3] == remote[3]
+    train(CUE, tmp_path / "local", progress=False)
+    train(on_ray, tmp_path / "ray", progress=False)
+    a, b = load_file(tmp_path / "local" / "agent.safetensors"), load_file(tmp_path / "ray" / "agent.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_killed_ray_worker_is_replaced_and_its_rollout_discarded(local_ray, tmp_path, caplog):
+    from rl.workers import RayVectorEnv, WorkerReplaced
+
+    envs = RayVectorEnv(functools.partial(make_env, CUE, True), workers=2, envs_per_worker=2)
+    try:
+        envs.reset(seed=0)
+        old = ray.get(envs.actors[1].pid.remote())
+        ray.kill(envs.actors[1], no_restart=True)
+        with caplog.at_level("WARNING", logger="rl.workers"), pytest.raises(WorkerReplaced) as replaced:
+            envs.step(np.zeros(4, np.int64))
+        assert replaced.value.worker == 1 and replaced.value.starts[2:].all() and envs.replaced == 1
+        assert "env worker 1 (envs 2..3) died: replaced" in caplog.text
+        assert ray.get(envs.actors[1].pid.remote()) != old
+        obs, reward, *_ = envs.step(np.zeros(4, np.int64))  # and the new actor steps on
+        assert obs.shape == (4, 4)
+    finally:
+        envs.close()
