@@ -41,7 +41,7 @@ class WorkerError(RuntimeError):
     """A worker process raised or died."""
 
 
-class WorkerReplaced(RuntimeError):  # noqa: N818 - an event the learner handles, not a failure
+class WorkerReplaced(RuntimeError):  # an event the learner handles, not a failure
     """A dead worker was replaced: the rollout in progress is to be discarded. `observations` are all
     envs' current observations, `starts` flags those that begin an episode (the replaced worker's)."""
 

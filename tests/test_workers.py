@@ -107,7 +107,7 @@ def test_a_killed_ray_worker_is_replaced_and_its_rollout_discarded(local_ray, tm
         assert replaced.value.worker == 1 and replaced.value.starts[2:].all() and envs.replaced == 1
         assert "env worker 1 (envs 2..3) died: replaced" in caplog.text
         assert ray.get(envs.actors[1].pid.remote()) != old
-        obs, reward, *_ = envs.step(np.zeros(4, np.int64))  # and the new actor steps on
+        obs, *_ = envs.step(np.zeros(4, np.int64))  # and the new actor steps on
         assert obs.shape == (4, 4)
     finally:
         envs.close()
