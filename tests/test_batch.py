@@ -56,3 +56,25 @@ def test_parallel_replay_is_byte_identical_and_a_bad_recording_stops_nothing(rea
 def test_jobs_without_each_is_refused(real_data, tmp_path, capsys):
     assert main(["replay", str(real_data / "lidar_camera_frame"), "-o", str(tmp_path), "--jobs", "2"]) == 2
     assert "add --each" in capsys.readouterr().err
+
+
+def test_training_shards_made_in_parallel_equal_those_made_in_turn(real_data, tmp_path):
+    import numpy as np
+
+    from fusion_attn.errors import FusionAttnError
+    from fusion_attn.learn.data import build_datasets
+    from fusion_attn.learn.loop import TrainConfig
+
+    tc = TrainConfig(sim_episodes=2, val_episodes=1, sim_seconds=2.0, bags=(str(real_data / "lidar_camera_frame"),))
+    cfg = tc.fusion_config()
+    in_turn = build_datasets(tc, cfg, tmp_path / "one", progress=False)
+    parallel = build_datasets(tc, cfg, tmp_path / "two", progress=False, jobs=2)
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == sorted(p.name for p in (tmp_path / "two").iterdir())
+    for a, b in zip(in_turn, parallel):
+        assert a.arrays.keys() == b.arrays.keys() and all(np.array_equal(a.arrays[k], b.arrays[k]) for k in a.arrays)
+    broken = tmp_path / "broken.bag"
+    broken.write_bytes(b"#ROSBAG V2.0\n" + bytes(100))
+    bad = TrainConfig(sim_episodes=3, val_episodes=0, sim_seconds=2.0, bags=(str(broken),))
+    with pytest.raises(FusionAttnError, match=r"1 of 2 training sequences failed: .*broken\.bag: BagError"):
+        build_datasets(bad, cfg, tmp_path / "two", progress=False, jobs=2)
+    assert len(list((tmp_path / "two").glob("sim-*.npz"))) == 4  # the third episode was made all the same

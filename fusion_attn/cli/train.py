@@ -48,6 +48,11 @@ def add_parser(verbs):
     train.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     train.add_argument("--cache", type=Path, default=None, help="tokenized dataset cache "
                                                                  "(default $FUSION_ATTN_CACHE/train)")
+    train.add_argument("--jobs", type=int, default=1, help="make the dataset's missing shards (simulated episodes, "
+                                                          "recordings) this many at a time, a process each")
+    train.add_argument("--ray", default=None, metavar="ADDRESS",
+                       help="make them on Ray instead: 'auto' or a cluster address; --cache must be a folder every "
+                            "node reaches (docs/SCALE_OUT.md)")
     train.add_argument("--resume", action="store_true", default=False, help="continue from OUT/train_state.pt")
     train.add_argument("--stop-after", type=int, default=None, help="save and stop after this step (a time-boxed job); "
                                                                      "--resume continues exactly")
@@ -86,7 +91,7 @@ def run(args) -> int:
     command = " ".join(["fusion-attn train -o", str(args.output), *flags, *(["--bag", *tc.bags] if tc.bags else []),
                         f"--threads {args.threads}", *(["--resume"] if args.resume else [])])
     m = train(tc, args.output, resume=args.resume, device=args.device, threads=args.threads, cache=args.cache,
-              progress=not args.no_progress, command=command, stop_after=args.stop_after)
+              progress=not args.no_progress, command=command, stop_after=args.stop_after, jobs=args.jobs, ray=args.ray)
     clean = m["val"].get("clean", {})
     print(f"trained {m['steps']} steps in {m['train_s']:.0f} s on {m['device']} ({m['data']['train_samples']} training "
           f"samples, {m['data']['train_bag_samples']} from bags; dataset {m['data']['dataset_s']:.0f} s)")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..config import FusionConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, FusionAttnError
 from ..frames import NS_PER_S
 from ..tokenize import Tokenizer, denormalise_pixels, normalise_pixels
 
@@ -161,10 +161,13 @@ class Shard:
     key: dict
     make: Callable[[], dict[str, np.ndarray]]
 
+    def path(self, cache: Path) -> Path:
+        digest = hashlib.sha256(json.dumps(self.key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return cache / f"{self.key['kind']}-{digest}.npz"
+
     def load(self, cache: Path) -> dict[str, np.ndarray]:
         """The shard from the cache, or made, written (atomically) and returned."""
-        digest = hashlib.sha256(json.dumps(self.key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        path = cache / f"{self.key['kind']}-{digest}.npz"
+        path = self.path(cache)
         if path.is_file():
             with np.load(path) as z:
                 return {k: z[k] for k in z.files}
@@ -261,17 +264,43 @@ class Dataset:
         return {k: torch.from_numpy(v) for k, v in self.arrays.items()}
 
 
-def build_datasets(tc: TrainConfig, cfg: FusionConfig, cache: Path, progress: bool = True) -> tuple[Dataset, Dataset | None]:
-    """-> (train, validation). Validation: held-out simulated episodes (other seeds), clean; None without."""
+def build_datasets(tc: TrainConfig, cfg: FusionConfig, cache: Path, progress: bool = True, jobs: int = 1,
+                   ray: str | None = None) -> tuple[Dataset, Dataset | None]:
+    """-> (train, validation). Validation: held-out simulated episodes (other seeds), clean; None without.
+    jobs > 1 or ray: the shards the cache lacks are made in parallel first (fusion_attn.batch; with
+    Ray, `cache` must be a folder every node reaches); a shard that fails is named after the others
+    are done (they stay cached), and nothing is trained."""
     from tqdm import tqdm
 
-    jobs = [("train", s, 0) for s in episode_shards(tc, cfg, "train", tc.sim_episodes)]
-    jobs += [("val", s, 0) for s in episode_shards(tc, cfg, "val", tc.val_episodes)]
-    jobs += [("train", bag_shard(bag, tc.fusion_hz, cfg), 1) for bag in tc.bags]
+    shards = [("train", s, 0) for s in episode_shards(tc, cfg, "train", tc.sim_episodes)]
+    shards += [("val", s, 0) for s in episode_shards(tc, cfg, "val", tc.val_episodes)]
+    shards += [("train", bag_shard(bag, tc.fusion_hz, cfg), 1) for bag in tc.bags]
+    missing = [shard for _, shard, _ in shards if not shard.path(cache).is_file()]
+    if missing and (jobs > 1 or ray):
+        from ..batch import run_jobs
+
+        bar = tqdm(total=len(missing), desc="dataset (parallel)", unit="seq", disable=not progress, dynamic_ncols=True)
+        failed = []
+        for result in run_jobs(_make_shard, [(shard, cache) for shard in missing], jobs=jobs, ray=ray):
+            bar.update()
+            if not result.ok:
+                failed.append(f"{_source(result.args[0])}: {result.error}")
+        bar.close()
+        if failed:
+            raise FusionAttnError(f"{len(failed)} of {len(missing)} training sequences failed: " + "; ".join(failed))
     parts: dict[str, list] = {"train": [], "val": []}
-    for split, shard, source in tqdm(jobs, desc="dataset", unit="seq", disable=not progress, dynamic_ncols=True):
+    for split, shard, source in tqdm(shards, desc="dataset", unit="seq", disable=not progress, dynamic_ncols=True):
         parts[split].append((shard.load(cache), source))
     return Dataset.join(parts["train"]), Dataset.join(parts["val"]) if parts["val"] else None
+
+
+def _make_shard(shard: Shard, cache: Path) -> None:
+    """A parallel job: make the shard into the cache (the learner loads it from there)."""
+    shard.load(cache)
+
+
+def _source(shard: Shard) -> str:
+    return shard.key.get("path") or f"{shard.key['kind']} seed {shard.key.get('seed')}"
 
 
 def held_out_set(tc: TrainConfig, cfg: FusionConfig, cache: Path, episodes: int) -> Dataset:

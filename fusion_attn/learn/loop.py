@@ -176,8 +176,10 @@ def git_commit() -> str:
 
 def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = "auto", threads: int = 1,
           cache: str | Path | None = None, progress: bool = True, command: str = "",
-          stop_after: int | None = None) -> dict:
+          stop_after: int | None = None, jobs: int = 1, ray: str | None = None) -> dict:
     """Train, write OUT/{model,model.heads}.safetensors, OUT/tb, OUT/metrics.json; -> the metrics.
+
+    jobs, ray: make the dataset's missing shards (episodes, recordings) in parallel (data.build_datasets).
 
     stop_after: save the training state after this step and return (a time-boxed job; `resume` goes on
     exactly as if it had not stopped)."""
@@ -192,7 +194,7 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
     state = _resumable_state(out / STATE_FILE, tc, cfg) if resume else None
 
     t0 = time.perf_counter()
-    train_set, val_set = build_datasets(tc, cfg, Path(cache) if cache else cache_dir("train"), progress)
+    train_set, val_set = build_datasets(tc, cfg, Path(cache) if cache else cache_dir("train"), progress, jobs, ray)
     data_s = time.perf_counter() - t0
 
     torch.manual_seed(tc.seed)  # initial weights
