@@ -22,13 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from rosbags.rosbag2 import StoragePlugin, Writer
-from rosbags.typesys import Stores, get_typestore
-
 from fusion_attn.adapters import to_frame
 from fusion_attn.bag import open_reader
-from fusion_attn.bench import machine, standard_messages
-from fusion_attn.frames import NS_PER_S
+from fusion_attn.bench import machine, standard_messages, write_standard_bag
 from fusion_attn.pipeline import FusionPipeline
 from fusion_attn.replay import ReplayOptions, replay
 from fusion_attn.tokenize import tokenize_camera, tokenize_lidar
@@ -38,26 +34,14 @@ parser.add_argument("--seconds", type=float, default=10.0)
 parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "replay_speed.json")
 args = parser.parse_args()
 
-store = get_typestore(Stores.ROS2_KILTED)
-image, cloud, imus = standard_messages()
-imu = imus[0]
-streams = [("/camera/image_raw", "sensor_msgs/msg/Image", image, 30), ("/lidar/points", "sensor_msgs/msg/PointCloud2", cloud, 10),
-           ("/imu/data", "sensor_msgs/msg/Imu", imu, 400)]
-T0 = 1_700_000_000 * NS_PER_S
+image, cloud, _ = standard_messages()
 
 with tempfile.TemporaryDirectory() as tmp:
     bag = Path(tmp) / "standard"
     start = time.perf_counter()
-    events = sorted((T0 + round(i * NS_PER_S / hz), k) for k, (_, _, _, hz) in enumerate(streams)
-                    for i in range(int(args.seconds * hz)))
-    with Writer(bag, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
-        conns = [writer.add_connection(topic, msgtype, typestore=store) for topic, msgtype, _, _ in streams]
-        for stamp, k in events:
-            _, msgtype, msg, _ = streams[k]
-            msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp, NS_PER_S)
-            writer.write(conns[k], stamp, store.serialize_cdr(msg, msgtype))
+    n_messages = write_standard_bag(bag, args.seconds)
     size_mb = sum(f.stat().st_size for f in bag.iterdir()) / 1e6
-    print(f"wrote {len(events)} messages, {size_mb:.0f} MB, in {time.perf_counter() - start:.1f} s")
+    print(f"wrote {n_messages} messages, {size_mb:.0f} MB, in {time.perf_counter() - start:.1f} s")
 
     pipeline = FusionPipeline.create(None, backend="onnxruntime", threads=1)
     start = time.perf_counter()

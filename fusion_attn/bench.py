@@ -60,6 +60,28 @@ def standard_messages(seed: int = 0):
     return image, cloud, imus
 
 
+def write_standard_bag(path, seconds: float) -> int:
+    """A rosbag2 MCAP of `seconds` of the standard sensor set (Image 30 Hz, PointCloud2 10 Hz, Imu 400 Hz;
+    the payloads above) at `path`; -> messages written."""
+    from rosbags.rosbag2 import StoragePlugin, Writer
+    from rosbags.typesys import Stores, get_typestore
+
+    store = get_typestore(Stores.ROS2_KILTED)
+    image, cloud, imus = standard_messages()
+    streams = [("/camera/image_raw", "sensor_msgs/msg/Image", image, 30),
+               ("/lidar/points", "sensor_msgs/msg/PointCloud2", cloud, 10), ("/imu/data", "sensor_msgs/msg/Imu", imus[0], 400)]
+    t0 = 1_700_000_000 * NS_PER_S
+    events = sorted((t0 + round(i * NS_PER_S / hz), k) for k, (_, _, _, hz) in enumerate(streams)
+                    for i in range(int(seconds * hz)))
+    with Writer(path, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
+        conns = [writer.add_connection(topic, msgtype, typestore=store) for topic, msgtype, _, _ in streams]
+        for stamp, k in events:
+            _, msgtype, msg, _ = streams[k]
+            msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp, NS_PER_S)
+            writer.write(conns[k], stamp, store.serialize_cdr(msg, msgtype))
+    return len(events)
+
+
 def _adapt_all(convert, msgs):
     return [convert(m) for m in msgs]
 

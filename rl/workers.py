@@ -289,15 +289,17 @@ class RayVectorEnv(_GroupedVectorEnv):
 
     def _all(self, method: str, payloads: list[tuple]) -> list:
         refs = [getattr(actor, method).remote(*payload) for actor, payload in zip(self.actors, payloads)]
-        results, dead = [], []
+        try:
+            return self.ray.get(refs)  # one wait for all: the common case
+        except self.ray.exceptions.RayActorError:
+            pass
+        results, dead = [], []  # which actors died
         for w, ref in enumerate(refs):
             try:
                 results.append(self.ray.get(ref))
             except self.ray.exceptions.RayActorError:
                 dead.append(w)
                 results.append(None)
-        if not dead:
-            return results
         for w in dead:
             self._replace(w)
             if method != "step":  # a reset, set_attr or call: run it again on the new actor

@@ -1,0 +1,178 @@
+"""Scale-out (issue #18): simulator steps/s over env workers, and replays of many recordings at once.
+
+    python benchmarks/scale_out.py [--workers 1 2] [--envs-per-worker 4] [--steps 2000] [--replays 2]
+
+Simulator: FusionAttn/Navigate-v0 with every sensor and its faults off, random actions (as
+sim_throughput.py): one env in one process, then N workers x K envs (rl.workers.WorkerVectorEnv),
+gymnasium's AsyncVectorEnv with N workers (one env each), and the workers as Ray actors (when Ray is
+installed) at the same N. Each rate is env steps per second over all envs, resets included; the
+scaling figure is rate / (N x one env's rate).
+
+Replay: R copies of the standard recording (replay_speed.py's, --seconds long) replayed one at a
+time and then R at once (`fusion-attn replay --each --jobs R`), each measured from the command's
+start to its end (process start-up, model loading and plots included): recorded seconds per wall
+second over all recordings, and its ratio to R x one replay's.
+
+Writes benchmarks/results/scale_out.json and docs/figures/scale_out.png; prints markdown tables.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+
+ENV_ID = "fusion_attn.sim:FusionAttn/Navigate-v0"  # "module:id": a spawned worker imports fusion_attn.sim first
+
+
+def nav_env(index: int = 0) -> gym.Env:
+    from fusion_attn.sim.faults import FaultConfig
+
+    return gym.make(ENV_ID, faults=FaultConfig())
+
+
+def one_env_rate(steps: int) -> float:
+    env = nav_env()
+    env.reset(seed=0)
+    env.action_space.seed(0)
+    start = time.perf_counter()
+    for _ in range(steps):
+        *_, terminated, truncated, _ = env.step(env.action_space.sample())
+        if terminated or truncated:
+            env.reset()
+    rate = steps / (time.perf_counter() - start)
+    env.close()
+    return rate
+
+
+def vector_rate(envs: gym.vector.VectorEnv, steps: int) -> float:
+    """Env steps per second over all envs, after a warm-up (workers started, first episode reset)."""
+    envs.reset(seed=0)
+    envs.action_space.seed(0)
+    for _ in range(5):
+        envs.step(envs.action_space.sample())
+    n = envs.num_envs
+    start = time.perf_counter()
+    for _ in range(max(1, steps // n)):
+        envs.step(envs.action_space.sample())
+    rate = max(1, steps // n) * n / (time.perf_counter() - start)
+    envs.close()
+    return rate
+
+
+def replay_rate(bags: list[Path], out: Path, jobs: int) -> tuple[float, float]:
+    """-> (recorded seconds per wall second over all bags, wall seconds) of one `replay --each` command."""
+    import subprocess
+    import sys
+
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "fusion_attn.cli", "replay", "--each", *map(str, bags), "-o", str(out),
+                    "--jobs", str(jobs), "--threads", "1"], check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    index = json.loads((out / "index.json").read_text())
+    return sum(r["recorded_s"] for r in index["recordings"]) / wall, wall
+
+
+def main() -> None:
+    from fusion_attn.bench import machine, write_standard_bag
+    from rl.workers import RayVectorEnv, WorkerVectorEnv
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--envs-per-worker", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=2000, help="env steps per measurement (over all envs)")
+    parser.add_argument("--replays", type=int, default=2, help="recordings replayed at once (0: skip)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each recording")
+    parser.add_argument("--no-ray", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scale_out.json")
+    parser.add_argument("--figure", type=Path, default=Path("docs/figures/scale_out.png"))
+    args = parser.parse_args()
+    try:
+        import ray
+    except ImportError:
+        ray = None
+    use_ray = ray is not None and not args.no_ray
+
+    one = one_env_rate(args.steps)
+    print(f"one env in one process: {one:.0f} steps/s", flush=True)
+    rows = []
+    for n in args.workers:
+        k = args.envs_per_worker
+        row = {"workers": n, "envs_per_worker": k,
+               "workers_x_k": vector_rate(WorkerVectorEnv(nav_env, n, k), args.steps * n),
+               "async_vector_env": vector_rate(gym.vector.AsyncVectorEnv([partial(nav_env, i) for i in range(n)],
+                                                                         context="spawn"), args.steps * n // 2)}
+        if use_ray:
+            if not ray.is_initialized():
+                ray.init(num_cpus=max(args.workers), include_dashboard=False, log_to_driver=False)
+            row["ray_actors"] = vector_rate(RayVectorEnv(nav_env, n, k), args.steps * n)
+        row |= {f"{key}_scaling": row[key] / (n * one) for key in ("workers_x_k", "async_vector_env", "ray_actors")
+                if key in row}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if use_ray:
+        ray.shutdown()
+
+    replays = None
+    if args.replays:
+        with tempfile.TemporaryDirectory() as tmp:
+            bag = Path(tmp) / "standard"
+            write_standard_bag(bag, args.seconds)
+            copies = []
+            for i in range(args.replays):  # links: the same bytes, one recording each
+                (Path(tmp) / f"copy{i}").mkdir()
+                for f in bag.iterdir():
+                    os.symlink(f, Path(tmp) / f"copy{i}" / f.name)
+                copies.append(Path(tmp) / f"copy{i}")
+            single, single_wall = replay_rate(copies[:1], Path(tmp) / "one", jobs=1)
+            many, many_wall = replay_rate(copies, Path(tmp) / "many", jobs=args.replays)
+        replays = {"recordings": args.replays, "recording_s": args.seconds, "one_x_real_time": single,
+                   "one_wall_s": single_wall, "parallel_x_real_time": many, "parallel_wall_s": many_wall,
+                   "scaling": many / (args.replays * single)}
+        print(json.dumps(replays), flush=True)
+
+    report = {"date": datetime.date.today().isoformat(), "machine": machine(), "cores": os.cpu_count(),
+              "env": ENV_ID.split(":")[1], "one_env_steps_per_s": one, "steps": args.steps, "sim": rows,
+              "replay": replays}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+    print(f"\n| workers | {args.envs_per_worker} envs each (steps/s, x N one env) | AsyncVectorEnv, 1 env each "
+          "| Ray actors |\n|---|---|---|---|")
+    for r in rows:
+        ray_cell = f"{r['ray_actors']:.0f} ({r['ray_actors_scaling']:.2f})" if "ray_actors" in r else "-"
+        print(f"| {r['workers']} | {r['workers_x_k']:.0f} ({r['workers_x_k_scaling']:.2f}) | "
+              f"{r['async_vector_env']:.0f} ({r['async_vector_env_scaling']:.2f}) | {ray_cell} |")
+    if replays:
+        print(f"\nreplay: one {replays['one_x_real_time']:.2f}x real time; {replays['recordings']} at once "
+              f"{replays['parallel_x_real_time']:.2f}x in all = {replays['scaling']:.2f} x {replays['recordings']} x one")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ns = np.array([r["workers"] for r in rows])
+    ax.plot(ns, ns * one, "k--", label="N x one env")
+    for key, label in (("workers_x_k", f"workers x {args.envs_per_worker} envs"), ("async_vector_env", "AsyncVectorEnv"),
+                       ("ray_actors", "Ray actors")):
+        if key in rows[0]:
+            ax.plot(ns, [r[key] for r in rows], "o-", label=label)
+    ax.set_xlabel("worker processes")
+    ax.set_ylabel("env steps/s (all envs)")
+    ax.set_title(f"{report['env']}, {report['cores']} cores")
+    ax.legend()
+    fig.tight_layout()
+    args.figure.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.figure, dpi=100)
+
+
+if __name__ == "__main__":
+    main()
