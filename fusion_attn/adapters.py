@@ -113,7 +113,7 @@ def _vector(obj: Any, path: str, axes: str) -> np.ndarray:
     values = []
     for axis in axes:
         value = getattr(parent, axis, None)
-        if type(value) is not float:  # anything else: checked, converted or refused by name
+        if not isinstance(value, float):  # float or numpy float64; anything else: checked, converted or refused by name
             value = _float(obj, f"{path}.{axis}")
         values.append(value)
     return np.array(values, np.float64)
