@@ -25,3 +25,19 @@ def wait_until(predicate, timeout: float) -> bool:
     while time.monotonic() < end and not predicate():
         time.sleep(0.05)
     return predicate()
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One Ray instance on this machine (loopback only) for every test that needs it; -> the ray module.
+    Skipped where Ray (the optional extra fusion_attn[ray]) is not installed; under CI, which installs
+    it, that fails."""
+    try:
+        import ray
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("Ray missing under CI: the set-up installs the extra fusion_attn[ray]")
+        pytest.skip("Ray is the optional extra fusion_attn[ray]")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -78,3 +78,12 @@ def test_training_shards_made_in_parallel_equal_those_made_in_turn(real_data, tm
     with pytest.raises(FusionAttnError, match=r"1 of 2 training sequences failed: .*broken\.bag: BagError"):
         build_datasets(bad, cfg, tmp_path / "two", progress=False, jobs=2)
     assert len(list((tmp_path / "two").glob("sim-*.npz"))) == 4  # the third episode was made all the same
+
+
+def test_replay_on_ray_writes_what_local_jobs_write(local_ray, real_data, tmp_path):
+    rec = real_data / "lidar_camera_frame"
+    assert main(["replay", "--each", str(rec), "-o", str(tmp_path / "ray"), "--ray", "auto"]) == 0
+    assert main(["replay", "--each", str(rec), "-o", str(tmp_path / "local")]) == 0
+    for name in ("fused/fused.mcap", "summary.json"):
+        assert (tmp_path / "ray" / rec.name / name).read_bytes() == (tmp_path / "local" / rec.name / name).read_bytes()
+    assert json.loads((tmp_path / "ray" / "index.json").read_text())["ray"] == "auto"

@@ -73,17 +73,6 @@ def test_envs_must_split_evenly_over_workers():
         PPOConfig(envs=8, workers=3)
 
 
-ray = pytest.importorskip("ray", reason="Ray is the optional extra fusion_attn[ray]")
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    """A Ray instance on this machine only (loopback), for this module's tests."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def test_ray_workers_give_the_local_rollouts_and_training(local_ray, tmp_path):
     on_ray = dataclasses.replace(CUE, workers=2, ray="auto")
     local, remote = _rollout(dataclasses.replace(CUE, workers=2)), _rollout(on_ray)
@@ -94,9 +83,10 @@ def test_ray_workers_give_the_local_rollouts_and_training(local_ray, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_killed_ray_worker_is_replaced_and_its_rollout_discarded(local_ray, tmp_path, caplog):
+def test_a_killed_ray_worker_is_replaced_and_its_rollout_discarded(local_ray, caplog):
     from rl.workers import RayVectorEnv, WorkerReplaced
 
+    ray = local_ray
     envs = RayVectorEnv(functools.partial(make_env, CUE, True), workers=2, envs_per_worker=2)
     try:
         envs.reset(seed=0)
