@@ -13,6 +13,10 @@ time and then R at once (`fusion-attn replay --each --jobs R`), each measured fr
 start to its end (process start-up, model loading and plots included): recorded seconds per wall
 second over all recordings, and its ratio to R x one replay's.
 
+Profile of one vector step: one worker x K envs against the same K envs stepped in this process (the
+difference is the round trip: sending actions, pickled observations and infos back, unpacking), and
+the bytes a step returns; the same for AsyncVectorEnv, per env.
+
 Writes benchmarks/results/scale_out.json and docs/figures/scale_out.png; prints markdown tables.
 """
 
@@ -66,6 +70,32 @@ def vector_rate(envs: gym.vector.VectorEnv, steps: int) -> float:
     return rate
 
 
+def step_overhead(k: int, steps: int) -> dict:
+    """Where the time of one vector step goes, one worker x k envs: the envs' own stepping (an EnvGroup
+    in this process), the same through a worker (plus the round trip and the learner's unpacking),
+    and the bytes a step sends back; AsyncVectorEnv's round trip per env for comparison."""
+    import pickle
+
+    from rl.workers import EnvGroup, WorkerVectorEnv
+
+    group = EnvGroup(nav_env, 0, k)
+    group.reset(list(range(k)), None)
+    space = group.envs[0].action_space
+    space.seed(0)
+    start = time.perf_counter()
+    for _ in range(steps // k):
+        out = group.step([space.sample() for _ in range(k)])
+    local_ms = (time.perf_counter() - start) / (steps // k) * 1e3
+    sent = len(pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL))
+    group.close()
+    worker_ms = 1e3 * k / vector_rate(WorkerVectorEnv(nav_env, 1, k), steps)
+    one_ms = 1e3 / one_env_rate(steps // 2)
+    async_ms = 1e3 / vector_rate(gym.vector.AsyncVectorEnv([nav_env], context="spawn"), steps // 2)
+    return {"envs_per_worker": k, "envs_in_process_ms": local_ms, "through_a_worker_ms": worker_ms,
+            "overhead_ms": worker_ms - local_ms, "bytes_per_step": sent, "one_env_ms": one_ms,
+            "async_vector_env_one_env_ms": async_ms, "async_overhead_ms": async_ms - one_ms}
+
+
 def replay_rate(bags: list[Path], out: Path, jobs: int) -> tuple[float, float]:
     """-> (recorded seconds per wall second over all bags, wall seconds) of one `replay --each` command."""
     import subprocess
@@ -101,6 +131,8 @@ def main() -> None:
 
     one = one_env_rate(args.steps)
     print(f"one env in one process: {one:.0f} steps/s", flush=True)
+    overhead = step_overhead(args.envs_per_worker, args.steps // 2)
+    print(json.dumps(overhead), flush=True)
     rows = []
     for n in args.workers:
         k = args.envs_per_worker
@@ -138,7 +170,8 @@ def main() -> None:
         print(json.dumps(replays), flush=True)
 
     report = {"date": datetime.date.today().isoformat(), "machine": machine(), "cores": os.cpu_count(),
-              "env": ENV_ID.split(":")[1], "one_env_steps_per_s": one, "steps": args.steps, "sim": rows,
+              "env": ENV_ID.split(":")[1], "one_env_steps_per_s": one, "steps": args.steps,
+              "vector_step_profile": overhead, "sim": rows,
               "replay": replays}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -149,6 +182,11 @@ def main() -> None:
         ray_cell = f"{r['ray_actors']:.0f} ({r['ray_actors_scaling']:.2f})" if "ray_actors" in r else "-"
         print(f"| {r['workers']} | {r['workers_x_k']:.0f} ({r['workers_x_k_scaling']:.2f}) | "
               f"{r['async_vector_env']:.0f} ({r['async_vector_env_scaling']:.2f}) | {ray_cell} |")
+    o = overhead
+    print(f"\none vector step of {o['envs_per_worker']} envs: {o['envs_in_process_ms']:.2f} ms stepping them in "
+          f"process, {o['through_a_worker_ms']:.2f} ms through a worker ({o['overhead_ms']:.2f} ms round trip, "
+          f"{o['bytes_per_step'] / 1e3:.0f} kB back); AsyncVectorEnv: {o['async_vector_env_one_env_ms']:.2f} ms per "
+          f"env step vs {o['one_env_ms']:.2f} ms in process ({o['async_overhead_ms']:.2f} ms round trip per env)")
     if replays:
         print(f"\nreplay: one {replays['one_x_real_time']:.2f}x real time; {replays['recordings']} at once "
               f"{replays['parallel_x_real_time']:.2f}x in all = {replays['scaling']:.2f} x {replays['recordings']} x one")
