@@ -58,6 +58,8 @@ def add_verbs(verbs) -> None:
                        "5: decisions at 10 Hz, the drive at 50 Hz); other envs step once per decision and refuse it")
     train.add_argument("--seed", type=int, default=ppo.seed)
     train.add_argument("--threads", type=int, default=ppo.threads)
+    train.add_argument("--device", default=ppo.device, help="the learner's device: auto (CUDA when there is one; the "
+                                                            "envs stay on the CPU), cpu, cuda, cuda:1, ...")
     train.add_argument("--fault-rate", type=float, default=ppo.fault_rate,
                        help="FusionAttn envs: share of training episodes with one sensor fault, so the policy "
                             "learns to act when a sensor fails (rl.ppo.TRAINING_FAULTS)")
@@ -90,7 +92,7 @@ def run(args) -> int:
         cfg = PPOConfig(env_id=args.env_id, env_kwargs=args.env_kwargs, imports=tuple(args.imports),
                         fusion_checkpoint=args.fusion_checkpoint,
                         steps=args.steps, envs=args.workers * args.envs_per_worker if args.envs_per_worker else args.envs,
-                        workers=args.workers, ray=args.ray, rollout=args.rollout, lr=args.lr, ent_coef=args.ent_coef, action_repeat=args.action_repeat, seed=args.seed, threads=args.threads,
+                        workers=args.workers, ray=args.ray, rollout=args.rollout, lr=args.lr, ent_coef=args.ent_coef, action_repeat=args.action_repeat, seed=args.seed, threads=args.threads, device=args.device,
                         fault_rate=args.fault_rate, fault_after=args.fault_after,
                         agent=AgentConfig(kind=args.agent, memory=args.memory, layers=args.layers))
         row = train(cfg, args.output, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)

@@ -46,6 +46,7 @@ class PPOConfig:
     max_grad_norm: float = 0.5
     seed: int = 0
     threads: int = 1
+    device: str = "auto"  # the learner's: auto (CUDA when there is one), cpu, cuda, cuda:1, ...
     fault_rate: float = 0.0  # FusionAttn envs: share of training episodes with one sensor fault (rl.ppo.TRAINING_FAULTS)
     fault_after: float = 0.0  # share of the steps trained clean before faults start: learn the task, then its faults
     agent: AgentConfig = field(default_factory=AgentConfig)

@@ -293,7 +293,9 @@ def train(cfg: PPOConfig, out: str | Path, resume: bool = False, overwrite: bool
     np.random.seed(cfg.seed)
     envs = vector_env(cfg)
     obs_dim = envs.single_observation_space.shape[0]
-    agent = ActorCritic(obs_dim, envs.single_action_space, cfg.agent)
+    dev = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                       "cpu" if cfg.device == "auto" else cfg.device)
+    agent = ActorCritic(obs_dim, envs.single_action_space, cfg.agent).to(dev)
     optimizer = torch.optim.Adam(agent.parameters(), lr=cfg.lr, eps=1e-5, fused=True)  # one kernel, not one per tensor
     iterations = max(1, cfg.steps // (cfg.envs * cfg.rollout))
     start_iteration, global_step = 0, 0
@@ -318,16 +320,18 @@ def train(cfg: PPOConfig, out: str | Path, resume: bool = False, overwrite: bool
     metrics_file = metrics_path.open("a")
 
     T, N = cfg.rollout, cfg.envs
-    memory, mask = agent.initial_memory(N)
-    obs_buf = torch.zeros(T, N, obs_dim)
-    mem_buf = torch.zeros(T, *memory.shape)
-    mask_buf = torch.zeros(T, *mask.shape, dtype=torch.bool)
-    act_buf = torch.zeros((T, N) + envs.single_action_space.shape, dtype=torch.long if agent.discrete else torch.float32)
-    logp_buf, rew_buf, val_buf, done_buf = (torch.zeros(T, N) for _ in range(4))
+    memory, mask = agent.initial_memory(N, dev)
+    obs_buf = torch.zeros(T, N, obs_dim, device=dev)
+    mem_buf = torch.zeros(T, *memory.shape, device=dev)
+    mask_buf = torch.zeros(T, *mask.shape, dtype=torch.bool, device=dev)
+    act_buf = torch.zeros((T, N) + envs.single_action_space.shape, dtype=torch.long if agent.discrete else torch.float32,
+                          device=dev)
+    logp_buf, rew_buf, val_buf, done_buf = (torch.zeros(T, N, device=dev) for _ in range(4))
+    tensor = functools.partial(torch.as_tensor, device=dev)  # env arrays -> the learner's device
 
     obs, _ = envs.reset(seed=cfg.seed + 1000 * start_iteration)
-    obs = torch.as_tensor(obs, dtype=torch.float32)
-    starts = torch.ones(N, dtype=torch.bool)
+    obs = tensor(obs, dtype=torch.float32)
+    starts = torch.ones(N, dtype=torch.bool, device=dev)
     recent = {"return": [], "length": [], "success": []}
     bar = tqdm(total=iterations * T * N, initial=global_step, disable=not progress, unit="step", dynamic_ncols=True)
     t_start = t_plot = time.perf_counter()
@@ -350,24 +354,24 @@ def train(cfg: PPOConfig, out: str | Path, resume: bool = False, overwrite: bool
             try:
                 next_obs, reward, terminated, truncated, info = envs.step(env_action(envs.single_action_space, action))
             except WorkerReplaced as replaced:  # a Ray worker died and was replaced: start this rollout over
-                obs, starts = torch.as_tensor(replaced.observations, dtype=torch.float32), torch.as_tensor(replaced.starts)
+                obs, starts = tensor(replaced.observations, dtype=torch.float32), tensor(replaced.starts)
                 global_step, discarded = global_step - t * N, discarded + t * N
                 bar.update(-t * N)
                 t = 0
                 continue
-            reward = torch.as_tensor(reward, dtype=torch.float32)
+            reward = tensor(reward, dtype=torch.float32)
             if truncated.any():  # bootstrap the cut-off episode from its final observation, with its memory
                 idx = np.flatnonzero(truncated & ~terminated)
                 if len(idx):
-                    final = torch.as_tensor(np.stack([info["final_obs"][i] for i in idx]), dtype=torch.float32)
+                    final = tensor(np.stack([info["final_obs"][i] for i in idx]), dtype=torch.float32)
                     with torch.no_grad():
                         _, final_value, *_ = agent.step(final, memory[idx], mask[idx])
                     reward[idx] += cfg.gamma * final_value
             rew_buf[t] = reward
-            done = torch.as_tensor(terminated | truncated)
+            done = tensor(terminated | truncated)
             done_buf[t] = done.float()
             _episode_stats(info, recent)
-            obs, starts = torch.as_tensor(next_obs, dtype=torch.float32), done
+            obs, starts = tensor(next_obs, dtype=torch.float32), done
             global_step += N
             bar.update(N)
             t += 1
@@ -484,14 +488,15 @@ def _episode_stats(info: dict, recent: dict) -> None:
 
 def _load_state(path: Path, cfg: PPOConfig) -> dict:
     try:
-        state = torch.load(path, weights_only=True)
+        state = torch.load(path, weights_only=True, map_location="cpu")
     except FileNotFoundError as exc:
         raise CheckpointError(f"nothing to resume: {path} does not exist") from exc
     except Exception as exc:  # torch raises many types for a corrupt file
         raise CheckpointError(f"cannot resume from {path} (corrupt or truncated?): {exc}") from exc
     saved = PPOConfig.from_dict(state.get("config", {}))  # fields added since take their defaults
     changed = [f"{f.name} {getattr(saved, f.name)!r}, now {getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
-               if f.name not in ("steps", "workers", "ray")  # more steps extend the run; workers change no result
+               if f.name not in ("steps", "workers", "ray", "device")  # more steps extend the run; the others
+               # say where it runs, not what it learns
                and getattr(saved, f.name) != getattr(cfg, f.name)]
     if changed:
         raise ConfigError(f"{path} was saved with another configuration ({'; '.join(changed)}); resume with the same flags")
