@@ -31,43 +31,13 @@ from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
-
-ENV_ID = "fusion_attn.sim:FusionAttn/Navigate-v0"  # "module:id": a spawned worker imports fusion_attn.sim first
+from sim_throughput import ENV_ID, steps_per_s, vector_steps_per_s  # the same env and timing
 
 
 def nav_env(index: int = 0) -> gym.Env:
     from fusion_attn.sim.faults import FaultConfig
 
     return gym.make(ENV_ID, faults=FaultConfig())
-
-
-def one_env_rate(steps: int) -> float:
-    env = nav_env()
-    env.reset(seed=0)
-    env.action_space.seed(0)
-    start = time.perf_counter()
-    for _ in range(steps):
-        *_, terminated, truncated, _ = env.step(env.action_space.sample())
-        if terminated or truncated:
-            env.reset()
-    rate = steps / (time.perf_counter() - start)
-    env.close()
-    return rate
-
-
-def vector_rate(envs: gym.vector.VectorEnv, steps: int) -> float:
-    """Env steps per second over all envs, after a warm-up (workers started, first episode reset)."""
-    envs.reset(seed=0)
-    envs.action_space.seed(0)
-    for _ in range(5):
-        envs.step(envs.action_space.sample())
-    n = envs.num_envs
-    start = time.perf_counter()
-    for _ in range(max(1, steps // n)):
-        envs.step(envs.action_space.sample())
-    rate = max(1, steps // n) * n / (time.perf_counter() - start)
-    envs.close()
-    return rate
 
 
 def step_overhead(k: int, steps: int) -> dict:
@@ -88,9 +58,9 @@ def step_overhead(k: int, steps: int) -> dict:
     local_ms = (time.perf_counter() - start) / (steps // k) * 1e3
     sent = len(pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL))
     group.close()
-    worker_ms = 1e3 * k / vector_rate(WorkerVectorEnv(nav_env, 1, k), steps)
-    one_ms = 1e3 / one_env_rate(steps // 2)
-    async_ms = 1e3 / vector_rate(gym.vector.AsyncVectorEnv([nav_env], context="spawn"), steps // 2)
+    worker_ms = 1e3 * k / vector_steps_per_s(WorkerVectorEnv(nav_env, 1, k), steps)
+    one_ms = 1e3 / steps_per_s(nav_env(), steps // 2)
+    async_ms = 1e3 / vector_steps_per_s(gym.vector.AsyncVectorEnv([nav_env], context="spawn"), steps // 2)
     return {"envs_per_worker": k, "envs_in_process_ms": local_ms, "through_a_worker_ms": worker_ms,
             "overhead_ms": worker_ms - local_ms, "bytes_per_step": sent, "one_env_ms": one_ms,
             "async_vector_env_one_env_ms": async_ms, "async_overhead_ms": async_ms - one_ms}
@@ -129,7 +99,7 @@ def main() -> None:
         ray = None
     use_ray = ray is not None and not args.no_ray
 
-    one = one_env_rate(args.steps)
+    one = steps_per_s(nav_env(), args.steps)
     print(f"one env in one process: {one:.0f} steps/s", flush=True)
     overhead = step_overhead(args.envs_per_worker, args.steps // 2)
     print(json.dumps(overhead), flush=True)
@@ -137,13 +107,13 @@ def main() -> None:
     for n in args.workers:
         k = args.envs_per_worker
         row = {"workers": n, "envs_per_worker": k,
-               "workers_x_k": vector_rate(WorkerVectorEnv(nav_env, n, k), args.steps * n),
-               "async_vector_env": vector_rate(gym.vector.AsyncVectorEnv([partial(nav_env, i) for i in range(n)],
+               "workers_x_k": vector_steps_per_s(WorkerVectorEnv(nav_env, n, k), args.steps * n),
+               "async_vector_env": vector_steps_per_s(gym.vector.AsyncVectorEnv([partial(nav_env, i) for i in range(n)],
                                                                          context="spawn"), args.steps * n // 2)}
         if use_ray:
             if not ray.is_initialized():
                 ray.init(num_cpus=max(args.workers), include_dashboard=False, log_to_driver=False)
-            row["ray_actors"] = vector_rate(RayVectorEnv(nav_env, n, k), args.steps * n)
+            row["ray_actors"] = vector_steps_per_s(RayVectorEnv(nav_env, n, k), args.steps * n)
         row |= {f"{key}_scaling": row[key] / (n * one) for key in ("workers_x_k", "async_vector_env", "ray_actors")
                 if key in row}
         rows.append(row)
