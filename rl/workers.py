@@ -20,6 +20,7 @@ rollout in progress; `replaced` counts them.
 
 from __future__ import annotations
 
+import copy
 import logging
 import multiprocessing as mp
 import os
@@ -141,7 +142,7 @@ class _GroupedVectorEnv(gym.vector.VectorEnv):
         for i, (_, info) in enumerate(results):
             infos = self._add_info(infos, info, i)
         self._observations = concatenate(self.single_observation_space, [o for o, _ in results], self._observations)
-        return self._observations.copy(), infos
+        return copy.deepcopy(self._observations), infos
 
     def step(self, actions):
         parts = self._all("step", [(a,) for a in self._split(list(iterate(self.action_space, actions)))])
@@ -154,7 +155,7 @@ class _GroupedVectorEnv(gym.vector.VectorEnv):
         rewards = np.array([r[1] for r in results], np.float64)
         terminated = np.array([r[2] for r in results], np.bool_)
         truncated = np.array([r[3] for r in results], np.bool_)
-        return self._observations.copy(), rewards, terminated, truncated, infos
+        return copy.deepcopy(self._observations), rewards, terminated, truncated, infos
 
     def set_attr(self, name: str, values) -> None:
         """Set a wrapper attribute on every env (one value) or env by env (a list of num_envs values)."""
@@ -312,7 +313,7 @@ class RayVectorEnv(_GroupedVectorEnv):
         # The others stepped; the learner discards the rollout in progress and goes on from here.
         obs = concatenate(self.single_observation_space, [r[0] for part in results for r in part], self._observations)
         starts = np.array([w in dead or r[2] or r[3] for w, part in enumerate(results) for r in part])
-        raise WorkerReplaced(dead[0], obs.copy(), starts)
+        raise WorkerReplaced(dead[0], copy.deepcopy(obs), starts)
 
     def _replace(self, worker: int) -> None:
         self.replaced += 1

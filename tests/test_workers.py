@@ -66,6 +66,30 @@ def test_a_worker_that_dies_is_named_and_the_others_closed():
     assert envs.closed and not any(p.is_alive() for p in envs.processes)
 
 
+def _navigate(index: int):
+    import gymnasium as gym
+
+    import fusion_attn.sim  # noqa: F401  registers the ids
+
+    return gym.make("FusionAttn/Navigate-v0")
+
+
+def test_dict_observations_come_back_whole_and_are_not_overwritten():
+    """The simulator's own observation (a dict: camera image, lidar, IMU, ages, task) through a worker:
+    the arrays of one step are the caller's; the next step does not write into them."""
+    envs = WorkerVectorEnv(_navigate, workers=1, envs_per_worker=2)
+    try:
+        first, _ = envs.reset(seed=0)
+        kept = {k: v.copy() for k, v in first.items()}
+        for _ in range(3):
+            envs.step(envs.action_space.sample())
+        assert first.keys() == envs.single_observation_space.keys()
+        assert all(np.array_equal(first[k], kept[k]) for k in kept)
+        assert first["image"].shape[0] == 2 and first["image"].any()  # rendered frames, one per env
+    finally:
+        envs.close()
+
+
 def test_envs_must_split_evenly_over_workers():
     from fusion_attn.errors import ConfigError
 
