@@ -6,7 +6,8 @@ Simulator: FusionAttn/Navigate-v0 with every sensor and its faults off, random a
 sim_throughput.py): one env in one process, then N workers x K envs (rl.workers.WorkerVectorEnv),
 gymnasium's AsyncVectorEnv with N workers (one env each), and the workers as Ray actors (when Ray is
 installed) at the same N. Each rate is env steps per second over all envs, resets included; the
-scaling figure is rate / (N x one env's rate).
+scaling figure is rate / (N x one env's rate). The measures run in interleaved rounds (--rounds);
+reported are the medians, and Ray's ratio to the local workers as the median of each round's.
 
 Replay: R copies of the standard recording (replay_speed.py's, --seconds long) replayed one at a
 time and then R at once (`fusion-attn replay --each --jobs R`), each measured from the command's
@@ -89,6 +90,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000, help="env steps per measurement (over all envs)")
     parser.add_argument("--replays", type=int, default=2, help="recordings replayed at once (0: skip)")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each recording")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     parser.add_argument("--no-ray", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scale_out.json")
     parser.add_argument("--figure", type=Path, default=Path("docs/figures/scale_out.png"))
@@ -99,25 +101,35 @@ def main() -> None:
         ray = None
     use_ray = ray is not None and not args.no_ray
 
-    one = steps_per_s(nav_env(), args.steps)
-    print(f"one env in one process: {one:.0f} steps/s", flush=True)
     overhead = step_overhead(args.envs_per_worker, args.steps // 2)
     print(json.dumps(overhead), flush=True)
+    if use_ray:  # a local instance with a CPU per worker
+        ray.init(num_cpus=max(args.workers), include_dashboard=False, log_to_driver=False)
+    k = args.envs_per_worker
+    measures = {"workers_x_k": lambda n: WorkerVectorEnv(nav_env, n, k),
+                "async_vector_env": lambda n: gym.vector.AsyncVectorEnv([partial(nav_env, i) for i in range(n)],
+                                                                         context="spawn")}
+    if use_ray:
+        measures["ray_actors"] = lambda n: RayVectorEnv(nav_env, n, k)
+    # Interleaved rounds, medians: this VM's speed drifts by tens of percent within minutes.
+    rounds = []
+    for r in range(args.rounds):
+        rates = {"one_env": steps_per_s(nav_env(), args.steps)}
+        for n in args.workers:
+            for key, make in measures.items():
+                rates[f"{key}@{n}"] = vector_steps_per_s(make(n), args.steps * n)
+        rounds.append(rates)
+        print(f"round {r + 1}: " + json.dumps({k: round(v) for k, v in rates.items()}), flush=True)
+    one = float(np.median([r["one_env"] for r in rounds]))
     rows = []
     for n in args.workers:
-        k = args.envs_per_worker
-        row = {"workers": n, "envs_per_worker": k,
-               "workers_x_k": vector_steps_per_s(WorkerVectorEnv(nav_env, n, k), args.steps * n),
-               "async_vector_env": vector_steps_per_s(gym.vector.AsyncVectorEnv([partial(nav_env, i) for i in range(n)],
-                                                                         context="spawn"), args.steps * n // 2)}
-        if use_ray:
-            if not ray.is_initialized():
-                ray.init(num_cpus=max(args.workers), include_dashboard=False, log_to_driver=False)
-            row["ray_actors"] = vector_steps_per_s(RayVectorEnv(nav_env, n, k), args.steps * n)
-        row |= {f"{key}_scaling": row[key] / (n * one) for key in ("workers_x_k", "async_vector_env", "ray_actors")
-                if key in row}
+        row = {"workers": n, "envs_per_worker": k}
+        for key in measures:
+            row[key] = float(np.median([r[f"{key}@{n}"] for r in rounds]))
+            row[f"{key}_scaling"] = row[key] / (n * one)
+        if use_ray:  # Ray against the local workers, round by round
+            row["ray_over_local"] = float(np.median([r[f"ray_actors@{n}"] / r[f"workers_x_k@{n}"] for r in rounds]))
         rows.append(row)
-        print(json.dumps(row), flush=True)
     if use_ray:
         ray.shutdown()
 
@@ -141,7 +153,7 @@ def main() -> None:
 
     report = {"date": datetime.date.today().isoformat(), "machine": machine(), "cores": os.cpu_count(),
               "env": ENV_ID.split(":")[1], "one_env_steps_per_s": one, "steps": args.steps,
-              "vector_step_profile": overhead, "sim": rows,
+              "vector_step_profile": overhead, "sim": rows, "rounds": rounds,
               "replay": replays}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -149,7 +161,8 @@ def main() -> None:
     print(f"\n| workers | {args.envs_per_worker} envs each (steps/s, x N one env) | AsyncVectorEnv, 1 env each "
           "| Ray actors |\n|---|---|---|---|")
     for r in rows:
-        ray_cell = f"{r['ray_actors']:.0f} ({r['ray_actors_scaling']:.2f})" if "ray_actors" in r else "-"
+        ray_cell = (f"{r['ray_actors']:.0f} ({r['ray_actors_scaling']:.2f}; {r['ray_over_local']:.2f} x local)"
+                    if "ray_actors" in r else "-")
         print(f"| {r['workers']} | {r['workers_x_k']:.0f} ({r['workers_x_k_scaling']:.2f}) | "
               f"{r['async_vector_env']:.0f} ({r['async_vector_env_scaling']:.2f}) | {ray_cell} |")
     o = overhead
