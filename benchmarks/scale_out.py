@@ -10,7 +10,7 @@ scaling figure is rate / (N x one env's rate). The measures run in interleaved r
 reported are the medians, and Ray's ratio to the local workers as the median of each round's.
 
 Replay: R copies of the standard recording (replay_speed.py's, --seconds long) replayed one at a
-time and then R at once (`fusion-attn replay --each --jobs R`), each measured from the command's
+time and then R at once, in --rounds interleaved rounds (medians) (`fusion-attn replay --each --jobs R`), each measured from the command's
 start to its end (process start-up, model loading and plots included): recorded seconds per wall
 second over all recordings, and its ratio to R x one replay's.
 
@@ -144,11 +144,14 @@ def main() -> None:
                 for f in bag.iterdir():
                     os.symlink(f, Path(tmp) / f"copy{i}" / f.name)
                 copies.append(Path(tmp) / f"copy{i}")
-            single, single_wall = replay_rate(copies[:1], Path(tmp) / "one", jobs=1)
-            many, many_wall = replay_rate(copies, Path(tmp) / "many", jobs=args.replays)
-        replays = {"recordings": args.replays, "recording_s": args.seconds, "one_x_real_time": single,
-                   "one_wall_s": single_wall, "parallel_x_real_time": many, "parallel_wall_s": many_wall,
-                   "scaling": many / (args.replays * single)}
+            runs = []
+            for _ in range(args.rounds):  # interleaved, like the simulator's rounds
+                single, single_wall = replay_rate(copies[:1], Path(tmp) / "one", jobs=1)
+                many, many_wall = replay_rate(copies, Path(tmp) / "many", jobs=args.replays)
+                runs.append({"one_x_real_time": single, "one_wall_s": single_wall, "parallel_x_real_time": many,
+                             "parallel_wall_s": many_wall, "scaling": many / (args.replays * single)})
+        replays = {"recordings": args.replays, "recording_s": args.seconds, "rounds": runs,
+                   **{k: float(np.median([r[k] for r in runs])) for k in runs[0]}}
         print(json.dumps(replays), flush=True)
 
     report = {"date": datetime.date.today().isoformat(), "machine": machine(), "cores": os.cpu_count(),
