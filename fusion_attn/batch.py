@@ -102,8 +102,9 @@ def _run_one(fn: Callable, args: tuple) -> JobResult:
                          wall_s=time.perf_counter() - start)
 
 
-def _single_threaded() -> None:
-    """A job process's initializer: one thread for torch, OpenCV and the BLAS libraries."""
+def single_threaded() -> None:
+    """One thread for torch, OpenCV and the BLAS libraries in this process: a job's, or an env worker's
+    (rl.workers), so N of them use N cores."""
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
     import cv2
@@ -126,7 +127,7 @@ def run_jobs(fn: Callable, jobs_args: Sequence[tuple], jobs: int = 1, ray: str |
         import multiprocessing
 
         with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_single_threaded) as pool:
+                                 initializer=single_threaded) as pool:
             futures = [pool.submit(_run_one, fn, args) for args in jobs_args]
             for future, args in zip(futures, jobs_args):
                 try:

@@ -59,11 +59,9 @@ class EnvGroup:
     """Envs first..first+count-1, stepped in turn: what a worker process or a Ray actor runs."""
 
     def __init__(self, make_env: Callable[[int], gym.Env], first: int, count: int):
-        import cv2
-        import torch
+        from fusion_attn.batch import single_threaded
 
-        torch.set_num_threads(1)
-        cv2.setNumThreads(1)
+        single_threaded()
         self.envs = []
         for i in range(first, first + count):
             self.envs.append(make_env(i))
