@@ -92,6 +92,9 @@ class ModelConfig:
     # plain average of the present sensors, however low their trust (0: no floor; a sensor trusted at
     # 1e-30 then gets no weight at any τ)
     trust_floor: float = field(default=0.0, metadata=ADDED_LATER)
+    # camera motion evidence: each camera token also gets how well its columns match the previous
+    # frame's shifted by -camera_shifts..camera_shifts columns (yaw and sideways flow; 0: none)
+    camera_shifts: int = field(default=0, metadata=ADDED_LATER)
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,8 @@ class FusionConfig:
             raise ConfigError(f"model.dim {m.dim} is not divisible by model.heads {m.heads}")
         if m.dim == m.heads:  # the fused-state message carries the trust in the column after the heads
             raise ConfigError(f"model.dim {m.dim} must exceed model.heads {m.heads}")
+        if isinstance(m.camera_shifts, bool) or not isinstance(m.camera_shifts, int) or not 0 <= m.camera_shifts < c.width:
+            raise ConfigError(f"model.camera_shifts must be an integer in [0, camera.width), got {m.camera_shifts!r}")
         if not 1 <= li.grid <= 255:  # a count per cell per sweep: grid² stays small
             raise ConfigError(f"lidar.grid {li.grid} must be in [1, 255]")
         if not (li.range_m > 0 and self.imu.window_s > 0 and li.z_max_m > li.z_min_m):

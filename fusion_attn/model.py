@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import FusionConfig, ModelConfig
+from .config import CameraTokens, FusionConfig, ModelConfig
 from .frames import Modality
 from .tokenize import LIDAR_INDEX, imu_samples
 
@@ -77,6 +77,29 @@ def sincos_2d(rows: int, cols: int, dim: int) -> torch.Tensor:
     return F.pad(emb, (0, dim - emb.shape[1]))
 
 
+def column_shift_match(patches, prev_patches, cam: CameraTokens, shifts: int) -> torch.Tensor:
+    """(B, N_c, p*p*3) patches of a frame and of the one before -> (B, N_c, 2S+1): for each patch, the
+    mean absolute difference of its column profile (each pixel column's mean over the patch's rows)
+    from the previous frame's shifted by -S..S columns, over the curve's mean. Where the curve dips
+    is how far that part of the image moved sideways: yaw moves every column alike, driving moves
+    the sides apart. Edges repeat the border column, so a pinhole camera and a panorama work alike."""
+    B, p = patches.shape[0], cam.patch
+    rows, cols = cam.height // p, cam.width // p
+
+    def profile(x):  # (B, N_c, p*p*3) in (row, col) token order, (py, px, c) features -> (B, rows, W, 3)
+        return x.view(B, rows, cols, p, p, 3).mean(3).reshape(B, rows, cols * p, 3)
+
+    now, before = profile(patches), profile(prev_patches)
+    padded = torch.cat([before[:, :, :1].expand(-1, -1, shifts, -1), before,
+                        before[:, :, -1:].expand(-1, -1, shifts, -1)], dim=2)  # (B, rows, W + 2S, 3)
+    W = cols * p
+    # shifted[w] = before[w - s]: a scene that moved s columns right matches best at s
+    err = torch.stack([(now - padded[:, :, shifts - s: shifts - s + W]).abs().mean(-1)
+                       for s in range(-shifts, shifts + 1)], dim=-1)  # (B, rows, W, 2S+1)
+    err = err.view(B, rows, cols, p, 2 * shifts + 1).mean(3).reshape(B, rows * cols, 2 * shifts + 1)
+    return err / (err.mean(-1, keepdim=True) + 1e-2)
+
+
 class MLP(nn.Module):
     def __init__(self, d_in: int, d_hidden: int, d_out: int):
         super().__init__()
@@ -101,6 +124,8 @@ class SensorEmbedding(nn.Module):
         self.cfg = cfg
         self.camera = nn.Linear(cfg.camera.features, d)
         self.camera_change = nn.Linear(cfg.camera.features, d, bias=False)
+        shifts = cfg.model.camera_shifts
+        self.camera_motion = nn.Linear(2 * shifts + 1, d, bias=False) if shifts else None
         self.register_buffer("camera_pos", sincos_2d(cfg.camera.height // cfg.camera.patch,
                                                      cfg.camera.width // cfg.camera.patch, d), persistent=False)
         self.lidar = MLP(cfg.lidar.features, d, d)  # shared per-point MLP + masked max: a small PointNet
@@ -126,9 +151,12 @@ class SensorEmbedding(nn.Module):
         # camera (B, N_c, D): the patch, its change since the previous frame (or "no previous frame")
         cam_mask, cam_prev = x["camera_mask"], x["camera_prev_mask"] & x["camera_mask"]
         change = (x["camera_patches"] - x["camera_prev_patches"]) * cam_prev.unsqueeze(-1)
+        since_prev = self.camera_change(change) + self.interval(fourier(x["camera_prev_age"] - x["camera_age"]))
+        if self.camera_motion is not None:
+            since_prev = since_prev + self.camera_motion(column_shift_match(
+                x["camera_patches"], x["camera_prev_patches"], self.cfg.camera, self.cfg.model.camera_shifts))
         cam = self.camera(x["camera_patches"]) + self.camera_pos + torch.where(
-            cam_prev.unsqueeze(-1), self.camera_change(change) + self.interval(fourier(x["camera_prev_age"] - x["camera_age"])),
-            self.no_previous[0])
+            cam_prev.unsqueeze(-1), since_prev, self.no_previous[0])
         # lidar (B, N_l, D): pillars, plus the change of the sweep's descriptor (masked max over pillars)
         lidar, lidar_mask = self.pillars(x["lidar_points"], x["lidar_mask"])
         prev, prev_mask = self.pillars(x["lidar_prev_points"], x["lidar_prev_mask"])

@@ -153,7 +153,7 @@ def test_per_modality_tau_moves_attention(fusion):
 
 @pytest.mark.parametrize("fusion", FUSIONS)
 @pytest.mark.parametrize("options", [{}, {"qk_norm": True}, {"learned_head_temperature": True},
-                                     {"qk_norm": True, "learned_head_temperature": True, "latent_blocks": 2}])
+                                     {"qk_norm": True, "learned_head_temperature": True, "latent_blocks": 2}, {"camera_shifts": 6}])
 def test_gradients_are_finite_for_every_variant(options, fusion):
     model = _model(fusion=fusion, **options).train()
     x = _inputs(model, batch=3)
@@ -213,3 +213,28 @@ def test_lipschitz_grows_as_tau_shrinks():
     lips = [float(softmax_lipschitz(logits, t)) for t in (10.0, 1.0, 0.3)]
     assert lips == sorted(lips)
     assert np.isfinite(lips).all()
+
+
+@pytest.mark.parametrize("moved", [-4, -1, 0, 3, 6])
+def test_column_shift_match_dips_where_the_image_moved(moved):
+    import cv2
+
+    from fusion_attn.frames import CameraFrame
+    from fusion_attn.model import column_shift_match
+    from fusion_attn.tokenize import tokenize_camera
+
+    cam = FusionConfig().camera
+    rng = np.random.default_rng(1)
+    scene = cv2.GaussianBlur((rng.random((480, 1400, 3)) * 255).astype(np.uint8), (31, 31), 0)
+    step = 640 // cam.width  # image pixels per token column
+
+    def patches(left):
+        frame = CameraFrame(stamp_ns=0, frame_id="cam", image=np.ascontiguousarray(scene[:, left:left + 640]),
+                            encoding="rgb8")
+        return torch.from_numpy(tokenize_camera(frame, cam)[0])[None]
+
+    before, now = patches(200), patches(200 - moved * step)  # the view turned: the scene moved `moved` columns
+    curve = column_shift_match(now, before, cam, 6)  # (1, N_c, 13)
+    assert curve.shape == (1, cam.tokens, 13)
+    assert int(curve.mean(1).argmin()) - 6 == moved
+    assert (curve.argmin(-1) - 6 == moved).float().mean() > 0.8  # most patches see it on their own

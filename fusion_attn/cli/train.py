@@ -34,6 +34,9 @@ def add_parser(verbs):
     train.add_argument("--trust-floor", type=float, help="sensor fusion: the least trust a present sensor counts with "
                                                          "in the sensor softmax, so a high τ averages all present "
                                                          "sensors (default 0: none)")
+    train.add_argument("--camera-shifts", type=int, help="camera motion evidence: match each patch's columns to the "
+                                                          "previous frame's shifted by up to this many columns "
+                                                          "(default 0: none)")
     train.add_argument("--trust-weight", type=float, help="weight of the trust objective (default 1)")
     train.add_argument("--avoid-weight", type=float, help="weight of the attention-avoidance objective: attention mass "
                                                           "on a sensor whose content is gone (default 0; the token "
@@ -67,7 +70,7 @@ def run(args) -> int:
     from ..learn.loop import TrainConfig, train
 
     fields = ("seed", "steps", "batch", "lr", "sim_episodes", "val_episodes", "sim_seconds", "bags", "fusion",
-              "tau_random_prob", "sensor_fusion", "trust_floor", "trust_weight", "avoid_weight", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature")
+              "tau_random_prob", "sensor_fusion", "trust_floor", "camera_shifts", "trust_weight", "avoid_weight", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature")
     given = {k: getattr(args, k) for k in fields if hasattr(args, k)}
     if "bags" in given:
         given["bags"] = tuple(str(b) for b in given["bags"])

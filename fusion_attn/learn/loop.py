@@ -74,12 +74,14 @@ class TrainConfig:
     qk_norm: bool = False
     learned_head_temperature: bool = False
     trust_floor: float = 0.0
+    camera_shifts: int = 0
 
     def fusion_config(self) -> FusionConfig:
         """The config of the model this run trains."""
         return FusionConfig(model=ModelConfig(latent_blocks=self.latent_blocks, qk_norm=self.qk_norm,
                                               learned_head_temperature=self.learned_head_temperature,
-                                              fusion=self.sensor_fusion, trust_floor=self.trust_floor))
+                                              fusion=self.sensor_fusion, trust_floor=self.trust_floor,
+                                              camera_shifts=self.camera_shifts))
 
     @classmethod
     def from_dict(cls, saved: dict) -> TrainConfig:
