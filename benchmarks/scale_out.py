@@ -14,6 +14,12 @@ time and then R at once, in --rounds interleaved rounds (medians) (`fusion-attn 
 start to its end (process start-up, model loading and plots included): recorded seconds per wall
 second over all recordings, and its ratio to R x one replay's.
 
+RL rollouts (--rollout-steps): what training runs on the workers since the policy acts there
+(rl.workers EnvGroup.rollout, the learner's weights sent once per update): --rollout-steps decisions
+of each env of the memory task (FusionAttn/Memory-Discrete-v0, fused observations, faults on), the
+default GTrXL agent sampling, N local workers x K envs against N Ray actors x K envs, interleaved
+rounds; env steps/s and Ray's ratio to the local workers, per round and median.
+
 Profile of one vector step: one worker x K envs against the same K envs stepped in this process (the
 difference is the round trip: sending actions, pickled observations and infos back, unpacking), and
 the bytes a step returns; the same for AsyncVectorEnv, per env.
@@ -67,6 +73,24 @@ def step_overhead(k: int, steps: int) -> dict:
             "async_vector_env_one_env_ms": async_ms, "async_overhead_ms": async_ms - one_ms}
 
 
+def rl_rollout_rate(envs, steps: int) -> float:
+    """Env steps/s over all envs of one PPO rollout of `steps` decisions per env, acted in the workers
+    (after a short first one: agents built, envs reset)."""
+    from rl.agent import ActorCritic
+    from rl.config import AgentConfig
+    from rl.ppo import RolloutPolicy
+
+    try:
+        build = partial(ActorCritic, envs.single_observation_space.shape[0], envs.single_action_space, AgentConfig())
+        policy = RolloutPolicy(build, build().state_dict())
+        envs.rollout(policy, 4, 0.99, 0, 0)
+        start = time.perf_counter()
+        envs.rollout(policy, steps, 0.99, 0, 1)
+        return steps * envs.num_envs / (time.perf_counter() - start)
+    finally:
+        envs.close()
+
+
 def replay_rate(bags: list[Path], out: Path, jobs: int) -> tuple[float, float]:
     """-> (recorded seconds per wall second over all bags, wall seconds) of one `replay --each` command."""
     import subprocess
@@ -90,6 +114,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000, help="env steps per measurement (over all envs)")
     parser.add_argument("--replays", type=int, default=2, help="recordings replayed at once (0: skip)")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each recording")
+    parser.add_argument("--rollout-steps", type=int, default=64, help="decisions per env of an RL rollout (0: skip)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     parser.add_argument("--no-ray", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scale_out.json")
@@ -130,6 +155,29 @@ def main() -> None:
         if use_ray:  # Ray against the local workers, round by round
             row["ray_over_local"] = float(np.median([r[f"ray_actors@{n}"] / r[f"workers_x_k@{n}"] for r in rounds]))
         rows.append(row)
+    rl_rows = []
+    if args.rollout_steps:  # the training path: the policy acting in the workers, local against Ray
+        from rl.config import PPOConfig
+        from rl.ppo import make_env
+
+        rl_env = partial(make_env, PPOConfig(env_id="FusionAttn/Memory-Discrete-v0", fault_rate=0.5), True)
+        paths = {"local": lambda n: WorkerVectorEnv(rl_env, n, k)}
+        if use_ray:
+            paths["ray"] = lambda n: RayVectorEnv(rl_env, n, k)
+        rl_rounds = []
+        for r in range(args.rounds):
+            rates = {f"{key}@{n}": rl_rollout_rate(make(n), args.rollout_steps)
+                     for n in args.workers for key, make in paths.items()}
+            rl_rounds.append(rates)
+            print(f"RL rollouts, round {r + 1}: " + json.dumps({k: round(v) for k, v in rates.items()}), flush=True)
+        for n in args.workers:
+            row = {"workers": n, "envs_per_worker": k, "rounds": [r[f"local@{n}"] for r in rl_rounds],
+                   "local": float(np.median([r[f"local@{n}"] for r in rl_rounds]))}
+            if use_ray:
+                row["ray"] = float(np.median([r[f"ray@{n}"] for r in rl_rounds]))
+                row["ray_over_local_rounds"] = [r[f"ray@{n}"] / r[f"local@{n}"] for r in rl_rounds]
+                row["ray_over_local"] = float(np.median(row["ray_over_local_rounds"]))
+            rl_rows.append(row)
     if use_ray:
         ray.shutdown()
 
@@ -157,6 +205,7 @@ def main() -> None:
     report = {"date": datetime.date.today().isoformat(), "machine": machine(), "cores": os.cpu_count(),
               "env": ENV_ID.split(":")[1], "one_env_steps_per_s": one, "steps": args.steps,
               "vector_step_profile": overhead, "sim": rows, "rounds": rounds,
+              "rl_rollout_steps": args.rollout_steps, "rl_rollouts": rl_rows,
               "replay": replays}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -168,6 +217,11 @@ def main() -> None:
                     if "ray_actors" in r else "-")
         print(f"| {r['workers']} | {r['workers_x_k']:.0f} ({r['workers_x_k_scaling']:.2f}) | "
               f"{r['async_vector_env']:.0f} ({r['async_vector_env_scaling']:.2f}) | {ray_cell} |")
+    if rl_rows:
+        print("\n| workers | RL rollouts, local (steps/s) | on Ray | Ray / local |\n|---|---|---|---|")
+        for r in rl_rows:
+            print(f"| {r['workers']} | {r['local']:.0f} | {r.get('ray', float('nan')):.0f} | "
+                  f"{r.get('ray_over_local', float('nan')):.2f} |")
     o = overhead
     print(f"\none vector step of {o['envs_per_worker']} envs: {o['envs_in_process_ms']:.2f} ms stepping them in "
           f"process, {o['through_a_worker_ms']:.2f} ms through a worker ({o['overhead_ms']:.2f} ms round trip, "

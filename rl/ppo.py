@@ -6,7 +6,8 @@ Any Gymnasium env with Box or Dict observations and Discrete or Box actions work
 envs are observed through the fusion pipeline (FusedObservation: fused state, attention per
 modality, and the task's own observation). Rollouts come from a vector env with same-step
 autoreset, so an observation that starts an episode is flagged and the agent's memory is masked
-there. A truncated episode is bootstrapped with the value of its final observation, computed with
+there (`collect_rollout`; with --workers each worker runs it on its envs with the learner's weights,
+rl/workers.py). A truncated episode is bootstrapped with the value of its final observation, computed with
 the memory it had. Advantages: TorchRL's GAE; the clipped surrogate, value loss and entropy bonus
 are a few lines below. Minibatches: for GTrXL (and MLP) single steps, the stored memory an input of
 each; for LSTM / GRU whole rollouts of a subset of envs, unrolled from the state stored at their
@@ -28,6 +29,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import gymnasium as gym
@@ -42,7 +44,6 @@ from fusion_attn.errors import CheckpointError, ConfigError
 
 from .agent import ActorCritic, reset_memory
 from .config import PPOConfig
-from .workers import WorkerReplaced
 
 log = logging.getLogger(__name__)
 FORMAT = "fusion_attn.rl/1"
@@ -236,6 +237,53 @@ def env_action(space: gym.Space, action: torch.Tensor) -> np.ndarray:
     return a if isinstance(space, gym.spaces.Discrete) else np.clip(a, space.low, space.high)
 
 
+# --- rollouts ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class RolloutPolicy:
+    """What an env worker needs to act as the learner would: how to build the agent, and its weights."""
+
+    build: Callable[[], ActorCritic]
+    weights: dict[str, torch.Tensor]
+
+
+def collect_rollout(agent: ActorCritic, envs: gym.vector.VectorEnv, carry: tuple, steps: int, gamma: float):
+    """`steps` decisions of every env, actions sampled from `agent`. carry: the envs' observations
+    (n, obs_dim), memory, memory mask and episode-start flags (n,), as the last call left them.
+    -> buffers by name, (steps, n, ...): obs, mem, mask (what the agent saw), act, logp, val, rew (a
+    cut-off episode's last reward bootstrapped with the value of its final observation), done; and
+    next_value (n,) after the last step; the carry to go on from; the episodes that ended (lists)."""
+    obs, memory, mask, starts = carry
+    tensor = functools.partial(torch.as_tensor, device=obs.device)
+    buffers = {k: [] for k in ("obs", "mem", "mask", "act", "logp", "val", "rew", "done")}
+    episodes = {"return": [], "length": [], "success": []}
+    for _ in range(steps):
+        mask = reset_memory(mask, starts)
+        buffers["obs"].append(obs), buffers["mem"].append(memory), buffers["mask"].append(mask)
+        with torch.no_grad():
+            head, value, memory, mask, _ = agent.step(obs, memory, mask)
+            dist = agent.distribution(head)
+            action = dist.sample()
+            buffers["logp"].append(agent.log_prob(dist, action))
+        buffers["act"].append(action), buffers["val"].append(value)
+        next_obs, reward, terminated, truncated, info = envs.step(env_action(envs.single_action_space, action))
+        reward = tensor(reward, dtype=torch.float32)
+        if truncated.any():  # bootstrap the cut-off episode from its final observation, with its memory
+            idx = np.flatnonzero(truncated & ~terminated)
+            if len(idx):
+                final = tensor(np.stack([info["final_obs"][i] for i in idx]), dtype=torch.float32)
+                with torch.no_grad():
+                    _, final_value, *_ = agent.step(final, memory[idx], mask[idx])
+                reward[idx] += gamma * final_value
+        done = tensor(terminated | truncated)
+        buffers["rew"].append(reward), buffers["done"].append(done.float())
+        _episode_stats(info, episodes)
+        obs, starts = tensor(next_obs, dtype=torch.float32), done
+    with torch.no_grad():
+        _, next_value, *_ = agent.step(obs, memory, reset_memory(mask, starts))
+    return {**{k: torch.stack(v) for k, v in buffers.items()}, "next_value": next_value}, (obs, memory, mask, starts), episodes
+
+
 # --- checkpoints ---------------------------------------------------------------------------------
 
 def save_agent(agent: ActorCritic, path: Path, meta: dict) -> None:
@@ -320,63 +368,36 @@ def train(cfg: PPOConfig, out: str | Path, resume: bool = False, overwrite: bool
     metrics_file = metrics_path.open("a")
 
     T, N = cfg.rollout, cfg.envs
-    memory, mask = agent.initial_memory(N, dev)
-    obs_buf = torch.zeros(T, N, obs_dim, device=dev)
-    mem_buf = torch.zeros(T, *memory.shape, device=dev)
-    mask_buf = torch.zeros(T, *mask.shape, dtype=torch.bool, device=dev)
-    act_buf = torch.zeros((T, N) + envs.single_action_space.shape, dtype=torch.long if agent.discrete else torch.float32,
-                          device=dev)
-    logp_buf, rew_buf, val_buf, done_buf = (torch.zeros(T, N, device=dev) for _ in range(4))
     tensor = functools.partial(torch.as_tensor, device=dev)  # env arrays -> the learner's device
-
-    obs, _ = envs.reset(seed=cfg.seed + 1000 * start_iteration)
-    obs = tensor(obs, dtype=torch.float32)
-    starts = torch.ones(N, dtype=torch.bool, device=dev)
+    if cfg.workers:  # each worker keeps its envs' observations and memories between rollouts
+        policy = RolloutPolicy(functools.partial(ActorCritic, obs_dim, envs.single_action_space, cfg.agent), {})
+    else:
+        obs, _ = envs.reset(seed=cfg.seed + 1000 * start_iteration)
+        carry = (tensor(obs, dtype=torch.float32), *agent.initial_memory(N, dev), torch.ones(N, dtype=torch.bool, device=dev))
     recent = {"return": [], "length": [], "success": []}
     bar = tqdm(total=iterations * T * N, initial=global_step, disable=not progress, unit="step", dynamic_ncols=True)
     t_start = t_plot = time.perf_counter()
-    steps_at_start, discarded = global_step, 0  # discarded: steps of rollouts a replaced worker cut short
+    steps_at_start = global_step
     for iteration in range(start_iteration, iterations):
         for g in optimizer.param_groups:  # linear annealing
             g["lr"] = cfg.lr * (1.0 - iteration / iterations)
         if cfg.fault_rate > 0 and cfg.fusion_env:
             envs.set_attr("rate", scheduled_fault_rate(cfg, iteration, iterations))
         agent.eval()
-        t = 0
-        while t < T:
-            mask = reset_memory(mask, starts)
-            obs_buf[t], mem_buf[t], mask_buf[t] = obs, memory, mask
-            with torch.no_grad():
-                head, value, memory, mask, _ = agent.step(obs, memory, mask)
-                dist = agent.distribution(head)
-                action = dist.sample()
-                logp_buf[t], val_buf[t], act_buf[t] = agent.log_prob(dist, action), value, action
-            try:
-                next_obs, reward, terminated, truncated, info = envs.step(env_action(envs.single_action_space, action))
-            except WorkerReplaced as replaced:  # a Ray worker died and was replaced: start this rollout over
-                obs, starts = tensor(replaced.observations, dtype=torch.float32), tensor(replaced.starts)
-                global_step, discarded = global_step - t * N, discarded + t * N
-                bar.update(-t * N)
-                t = 0
-                continue
-            reward = tensor(reward, dtype=torch.float32)
-            if truncated.any():  # bootstrap the cut-off episode from its final observation, with its memory
-                idx = np.flatnonzero(truncated & ~terminated)
-                if len(idx):
-                    final = tensor(np.stack([info["final_obs"][i] for i in idx]), dtype=torch.float32)
-                    with torch.no_grad():
-                        _, final_value, *_ = agent.step(final, memory[idx], mask[idx])
-                    reward[idx] += cfg.gamma * final_value
-            rew_buf[t] = reward
-            done = tensor(terminated | truncated)
-            done_buf[t] = done.float()
-            _episode_stats(info, recent)
-            obs, starts = tensor(next_obs, dtype=torch.float32), done
-            global_step += N
-            bar.update(N)
-            t += 1
-        with torch.no_grad():
-            _, next_value, *_ = agent.step(obs, memory, reset_memory(mask, starts))
+        if cfg.workers:  # the workers act with the current weights; a replaced Ray worker runs its part again
+            policy.weights = {k: v.cpu() for k, v in agent.state_dict().items()}
+            parts = envs.rollout(policy, T, cfg.gamma, cfg.seed, iteration)
+            rollout = {k: torch.cat([p[0][k] for p in parts], dim=0 if k == "next_value" else 1).to(dev) for k in parts[0][0]}
+            episodes = {k: [v for p in parts for v in p[1][k]] for k in recent}
+        else:
+            rollout, carry, episodes = collect_rollout(agent, envs, carry, T, cfg.gamma)
+        for k in recent:
+            recent[k] += episodes[k]
+        global_step += T * N
+        bar.update(T * N)
+        obs_buf, mem_buf, mask_buf, act_buf, logp_buf, rew_buf, val_buf, done_buf = (
+            rollout[k] for k in ("obs", "mem", "mask", "act", "logp", "rew", "val", "done"))
+        next_value = rollout["next_value"]
         # TorchRL's GAE over time: tensors (N, T, 1); an episode end stops the bootstrap
         values = val_buf.T[..., None]
         next_values = torch.cat([val_buf[1:], next_value[None]]).T[..., None]
@@ -423,7 +444,8 @@ def train(cfg: PPOConfig, out: str | Path, resume: bool = False, overwrite: bool
 
         sps = (global_step - steps_at_start) / (time.perf_counter() - t_start)
         row = {"iteration": iteration + 1, "global_step": global_step, "steps_per_s": sps, **stats,
-               **({"workers_replaced": envs.replaced, "steps_discarded": discarded} if cfg.ray else {}),
+               **({"workers_replaced": envs.replaced, "steps_discarded": envs.replaced * T * cfg.envs // cfg.workers}
+                  if cfg.ray else {}),
                **{f"episode_{k}": float(np.mean(v)) for k, v in recent.items() if v}}
         for k, v in row.items():
             if k not in ("iteration", "global_step"):

@@ -11,11 +11,16 @@ cores, not N x cores threads fighting for them. Env i (over all workers) is buil
 and reset with seed + i, so the same seed gives the same rollouts as a SyncVectorEnv of the same
 N x K envs, locally or on Ray.
 
+Training does not step the workers one step at a time: `rollout` sends the learner's weights once
+per update, each worker acts with them on its envs for a whole rollout (rl.ppo.collect_rollout, as
+the learner does in process) and sends the rollout back. Stepping by hand (`step`) stays for any
+other caller of a Gymnasium VectorEnv.
+
 Per-step info keys that carry sensor payloads (LOCAL_INFO: the simulator's frames and the fused
 state, megabytes per step) stay in the worker; every other key comes back as SyncVectorEnv gives it.
 A local worker that fails raises WorkerError, naming the worker and its error. A Ray actor that dies
-is replaced (a new actor, its envs reset) and WorkerReplaced tells the learner to discard the
-rollout in progress; `replaced` counts them.
+is replaced (a new actor, its envs reset): a rollout is run again on it, a hand-made step raises
+WorkerReplaced so that the caller discards what it was collecting; `replaced` counts them.
 """
 
 from __future__ import annotations
@@ -62,9 +67,8 @@ class EnvGroup:
         from fusion_attn.batch import single_threaded
 
         single_threaded()
-        self.envs = []
-        for i in range(first, first + count):
-            self.envs.append(make_env(i))
+        self.first, self.envs = first, [make_env(i) for i in range(first, first + count)]
+        self.agent = self.vector = self.carry = None  # the policy and its state, from the first rollout on
 
     def spaces(self) -> tuple[gym.Space, gym.Space]:
         return self.envs[0].observation_space, self.envs[0].action_space
@@ -80,6 +84,31 @@ class EnvGroup:
                 infos.append(_strip(reset_info))
             out.append((obs, float(reward), bool(terminated), bool(truncated), infos))
         return out
+
+    def rollout(self, policy, steps: int, gamma: float, seed: int, iteration: int) -> tuple[dict, dict]:
+        """`steps` decisions of each env by the policy (rl.ppo.RolloutPolicy, the learner's weights of this
+        update), going on from where the last rollout left the envs and their memories; the first one
+        resets env i with seed + i, as the learner's own envs would be. Actions are sampled from this
+        worker's seed for (seed, iteration), so a rollout does not depend on where the worker runs.
+        -> rl.ppo.collect_rollout's buffers (CPU tensors) and ended episodes."""
+        import torch
+
+        from rl.ppo import collect_rollout
+
+        if self.agent is None:
+            self.agent = policy.build().eval()
+            # SyncVectorEnv over the envs themselves (same-step autoreset, as the learner's)
+            self.vector = gym.vector.SyncVectorEnv([lambda env=env: env for env in self.envs],
+                                                   autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+        self.agent.load_state_dict(policy.weights)
+        if self.carry is None:
+            obs, _ = self.vector.reset(seed=[seed + 1000 * iteration + self.first + i for i in range(len(self.envs))])
+            n = len(self.envs)
+            self.carry = (torch.as_tensor(obs, dtype=torch.float32), *self.agent.initial_memory(n),
+                          torch.ones(n, dtype=torch.bool))
+        torch.manual_seed(int(np.random.SeedSequence([seed, iteration, self.first]).generate_state(1)[0]))
+        buffers, self.carry, episodes = collect_rollout(self.agent, self.vector, self.carry, steps, gamma)
+        return buffers, episodes
 
     def reset(self, seeds, options) -> list[tuple]:
         return [(obs, _strip(info)) for obs, info in (env.reset(seed=s, options=options) for env, s in zip(self.envs, seeds))]
@@ -163,6 +192,10 @@ class _GroupedVectorEnv(gym.vector.VectorEnv):
 
     def call(self, name: str, *args, **kwargs) -> tuple:
         return tuple(r for part in self._all("call", [(name, args, kwargs)] * self.workers) for r in part)
+
+    def rollout(self, policy, steps: int, gamma: float, seed: int, iteration: int) -> list[tuple[dict, dict]]:
+        """EnvGroup.rollout on every worker, in parallel: the workers act, the learner learns."""
+        return self._all("rollout", [(policy, steps, gamma, seed, iteration)] * self.workers)
 
 
 def _serve(conn, make_env: Callable[[int], gym.Env], first: int, count: int) -> None:
@@ -312,6 +345,10 @@ class RayVectorEnv(_GroupedVectorEnv):
         obs = concatenate(self.single_observation_space, [r[0] for part in results for r in part], self._observations)
         starts = np.array([w in dead or r[2] or r[3] for w, part in enumerate(results) for r in part])
         raise WorkerReplaced(dead[0], copy.deepcopy(obs), starts)
+
+    def rollout(self, policy, steps: int, gamma: float, seed: int, iteration: int) -> list[tuple[dict, dict]]:
+        shared = self.ray.put(policy)  # the weights cross to the object store once, every actor reads them
+        return self._all("rollout", [(shared, steps, gamma, seed, iteration)] * self.workers)
 
     def _replace(self, worker: int) -> None:
         self.replaced += 1

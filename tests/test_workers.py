@@ -42,11 +42,50 @@ def test_workers_give_the_same_rollouts_as_envs_in_process():
     assert local[2] == spread[2] > 0 and local[3] == spread[3]  # episodes ended, with the same final infos
 
 
-def test_training_with_workers_is_the_training_in_process(tmp_path):
-    """Same seed, same envs: the learner sees the same transitions, so the weights come out identical."""
-    train(CUE, tmp_path / "local", progress=False)
-    train(dataclasses.replace(CUE, workers=2), tmp_path / "workers", progress=False)
-    a, b = load_file(tmp_path / "local" / "agent.safetensors"), load_file(tmp_path / "workers" / "agent.safetensors")
+def _policy(envs, seed=0):
+    from rl.agent import ActorCritic
+    from rl.ppo import RolloutPolicy
+
+    build = functools.partial(ActorCritic, envs.single_observation_space.shape[0], envs.single_action_space, CUE.agent)
+    torch.manual_seed(seed)
+    return RolloutPolicy(build, build().state_dict())
+
+
+def test_workers_act_as_the_learner_would():
+    """Each worker runs the policy on its envs: what it returns is what the learner needs to learn from
+    -- its observations are the in-process envs' (same seeds), and the learner's agent, given the
+    stored observations, memories and masks, gives back the recorded log-probabilities and values."""
+    envs = WorkerVectorEnv(functools.partial(make_env, CUE, True), workers=2, envs_per_worker=2)
+    try:
+        policy = _policy(envs)
+        first = envs.rollout(policy, 10, CUE.gamma, 5, 0)
+        again = envs.rollout(policy, 10, CUE.gamma, 5, 1)  # goes on from where the first left its envs
+    finally:
+        envs.close()
+    in_process = vector_env(CUE)
+    reset_obs, _ = in_process.reset(seed=5)
+    in_process.close()
+    agent = policy.build().eval()
+    agent.load_state_dict(policy.weights)
+    for parts in (first, again):
+        r = {k: torch.cat([p[0][k] for p in parts], dim=0 if k == "next_value" else 1) for k in parts[0][0]}
+        assert r["obs"].shape[:2] == (10, 4) and r["mem"].shape[:2] == (10, 4)
+        with torch.no_grad():
+            head, value, *_ = agent.step(r["obs"].flatten(0, 1), r["mem"].flatten(0, 1), r["mask"].flatten(0, 1))
+            logp = agent.log_prob(agent.distribution(head), r["act"].flatten(0, 1))
+        assert torch.allclose(logp, r["logp"].flatten(), atol=1e-5) and torch.allclose(value, r["val"].flatten(), atol=1e-5)
+        assert r["done"].any()  # episodes ended inside the rollout: memories were reset there
+    assert np.array_equal(torch.cat([p[0]["obs"][0] for p in first]).numpy(), reset_obs)
+    starts_memory = [torch.cat([p[0]["mask"][0] for p in parts]).any() for parts in (first, again)]
+    assert starts_memory == [False, True]  # the second went on with the first's memories
+
+
+def test_training_with_workers_is_reproducible(tmp_path):
+    """Actions are sampled from each worker's seed for the update: the same seed trains the same weights."""
+    cfg = dataclasses.replace(CUE, workers=2)
+    train(cfg, tmp_path / "a", progress=False)
+    train(cfg, tmp_path / "b", progress=False)
+    a, b = load_file(tmp_path / "a" / "agent.safetensors"), load_file(tmp_path / "b" / "agent.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -101,26 +140,47 @@ def test_ray_workers_give_the_local_rollouts_and_training(local_ray, tmp_path):
     on_ray = dataclasses.replace(CUE, workers=2, ray="auto")
     local, remote = _rollout(dataclasses.replace(CUE, workers=2)), _rollout(on_ray)
     assert np.array_equal(local[0], remote[0]) and np.array_equal(local[1], remote[1]) and local[3] == remote[3]
-    train(CUE, tmp_path / "local", progress=False)
+    train(dataclasses.replace(CUE, workers=2), tmp_path / "local", progress=False)
     train(on_ray, tmp_path / "ray", progress=False)
     a, b = load_file(tmp_path / "local" / "agent.safetensors"), load_file(tmp_path / "ray" / "agent.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = (tmp_path / "ray" / "metrics.jsonl").read_text().splitlines()
+    assert '"workers_replaced": 0' in rows[-1] and '"steps_discarded": 0' in rows[-1]
 
 
-def test_a_killed_ray_worker_is_replaced_and_its_rollout_discarded(local_ray, caplog):
+def test_a_killed_ray_worker_is_replaced_and_its_rollout_run_again(local_ray, caplog):
+    from rl.workers import RayVectorEnv
+
+    ray = local_ray
+    envs = RayVectorEnv(functools.partial(make_env, CUE, True), workers=2, envs_per_worker=2)
+    try:
+        policy = _policy(envs)
+        envs.rollout(policy, 8, CUE.gamma, 0, 0)
+        old = ray.get(envs.actors[1].pid.remote())
+        ray.kill(envs.actors[1], no_restart=True)
+        with caplog.at_level("WARNING", logger="rl.workers"):
+            parts = envs.rollout(policy, 8, CUE.gamma, 0, 1)
+        assert envs.replaced == 1 and "env worker 1 (envs 2..3) died: replaced" in caplog.text
+        assert ray.get(envs.actors[1].pid.remote()) != old
+        assert [p[0]["obs"].shape for p in parts] == [(8, 2, 4)] * 2  # a whole rollout from the new actor too
+        assert parts[1][0]["done"].sum() < 8  # its envs started over (the memory task's episodes are short)
+    finally:
+        envs.close()
+
+
+def test_a_killed_ray_worker_stepped_by_hand_is_replaced_and_the_step_flagged(local_ray, caplog):
+    """Stepped through the VectorEnv interface (a loop of the caller's own), a dead actor's envs start
+    over and WorkerReplaced tells the caller."""
     from rl.workers import RayVectorEnv, WorkerReplaced
 
     ray = local_ray
     envs = RayVectorEnv(functools.partial(make_env, CUE, True), workers=2, envs_per_worker=2)
     try:
         envs.reset(seed=0)
-        old = ray.get(envs.actors[1].pid.remote())
         ray.kill(envs.actors[1], no_restart=True)
         with caplog.at_level("WARNING", logger="rl.workers"), pytest.raises(WorkerReplaced) as replaced:
             envs.step(np.zeros(4, np.int64))
         assert replaced.value.worker == 1 and replaced.value.starts[2:].all() and envs.replaced == 1
-        assert "env worker 1 (envs 2..3) died: replaced" in caplog.text
-        assert ray.get(envs.actors[1].pid.remote()) != old
         obs, *_ = envs.step(np.zeros(4, np.int64))  # and the new actor steps on
         assert obs.shape == (4, 4)
     finally:
