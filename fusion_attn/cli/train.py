@@ -37,6 +37,8 @@ def add_parser(verbs):
     train.add_argument("--camera-shifts", type=int, help="camera motion evidence: match each patch's columns to the "
                                                           "previous frame's shifted by up to this many columns "
                                                           "(default 0: none)")
+    train.add_argument("--camera-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
+                       help="the size camera images are resized to before patching (default 96 128)")
     train.add_argument("--trust-weight", type=float, help="weight of the trust objective (default 1)")
     train.add_argument("--avoid-weight", type=float, help="weight of the attention-avoidance objective: attention mass "
                                                           "on a sensor whose content is gone (default 0; the token "
@@ -70,10 +72,12 @@ def run(args) -> int:
     from ..learn.loop import TrainConfig, train
 
     fields = ("seed", "steps", "batch", "lr", "sim_episodes", "val_episodes", "sim_seconds", "bags", "fusion",
-              "tau_random_prob", "sensor_fusion", "trust_floor", "camera_shifts", "trust_weight", "avoid_weight", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature")
+              "tau_random_prob", "sensor_fusion", "trust_floor", "camera_shifts", "camera_size", "trust_weight", "avoid_weight", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature")
     given = {k: getattr(args, k) for k in fields if hasattr(args, k)}
     if "bags" in given:
         given["bags"] = tuple(str(b) for b in given["bags"])
+    if "camera_size" in given:
+        given["camera_size"] = tuple(given["camera_size"])
     tc = dataclasses.replace(TrainConfig(), **given)
     if min(tc.sim_episodes, tc.val_episodes, tc.latent_blocks) < 0 or min(tc.steps, tc.batch, args.threads) < 1:
         raise ConfigError("--steps, --batch and --threads must be >= 1, --sim-episodes, --val-episodes and "
@@ -88,7 +92,8 @@ def run(args) -> int:
     except ImportError as exc:
         raise FusionAttnError(f"training needs the train and sim extras ({exc}); pip install -e '.[sim,train]'") from exc
     # the command as run (recorded in the checkpoint), with every setting spelled out
-    flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in given.items()
+    flags = [f"--{k.replace('_', '-')}" + ("" if v is True else " " + " ".join(map(str, v)) if isinstance(v, tuple)
+                                            else f" {v}") for k, v in given.items()
              if k not in ("bags", "tau_random_prob")]
     flags += ["--fixed-tau"] if "tau_random_prob" in given else []
     command = " ".join(["fusion-attn train -o", str(args.output), *flags, *(["--bag", *tc.bags] if tc.bags else []),

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import save_checkpoint
-from ..config import FusionConfig, ModelConfig, cache_dir
+from ..config import CameraTokens, FusionConfig, ModelConfig, cache_dir
 from ..errors import CheckpointError
 from ..model import FusionModel
 from .augment import FaultPlan, corrupt, random_tau
@@ -75,10 +75,12 @@ class TrainConfig:
     learned_head_temperature: bool = False
     trust_floor: float = 0.0
     camera_shifts: int = 0
+    camera_size: tuple[int, int] = (96, 128)  # height, width the camera tokenizer resizes to (config.CameraTokens)
 
     def fusion_config(self) -> FusionConfig:
         """The config of the model this run trains."""
-        return FusionConfig(model=ModelConfig(latent_blocks=self.latent_blocks, qk_norm=self.qk_norm,
+        return FusionConfig(camera=CameraTokens(height=self.camera_size[0], width=self.camera_size[1]),
+                            model=ModelConfig(latent_blocks=self.latent_blocks, qk_norm=self.qk_norm,
                                               learned_head_temperature=self.learned_head_temperature,
                                               fusion=self.sensor_fusion, trust_floor=self.trust_floor,
                                               camera_shifts=self.camera_shifts))
