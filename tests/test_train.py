@@ -411,6 +411,17 @@ def test_training_learns_the_trust_and_validation_reports_it(tmp_path, cache):
         assert f"trust_{cond.split('_')[0]}" not in val[cond]  # no sample has it present
 
 
+def test_camera_options_reach_the_model_and_the_recorded_command(tmp_path, cache):
+    out = tmp_path / "run"
+    assert _train_cli(out, cache, "--steps", "2", "--camera-size", "32", "64", "--camera-shifts", "3") == 0
+    model = load_checkpoint(out / "model.safetensors")
+    assert (model.cfg.camera.height, model.cfg.camera.width, model.cfg.model.camera_shifts) == (32, 64, 3)
+    assert model.embed.camera_motion.in_features == 7
+    _, _, info = read_checkpoint(out / "model.safetensors")
+    assert "--camera-shifts 3 --camera-size 32 64 " in info["command"]
+    assert _train_cli(tmp_path / "bad", cache, "--steps", "2", "--camera-size", "30", "64") == 2  # not patches of 16
+
+
 def test_token_fusion_baseline_trains_with_attention_avoidance(tmp_path, cache):
     out = tmp_path / "token"
     assert _train_cli(out, cache, "--steps", "4", "--sensor-fusion", "token", "--trust-weight", "0",
