@@ -89,13 +89,12 @@ def column_shift_match(patches, prev_patches, cam: CameraTokens, shifts: int) ->
     def profile(x):  # (B, N_c, p*p*3) in (row, col) token order, (py, px, c) features -> (B, rows, W, 3)
         return x.view(B, rows, cols, p, p, 3).mean(3).reshape(B, rows, cols * p, 3)
 
-    now, before = profile(patches), profile(prev_patches)
-    padded = torch.cat([before[:, :, :1].expand(-1, -1, shifts, -1), before,
-                        before[:, :, -1:].expand(-1, -1, shifts, -1)], dim=2)  # (B, rows, W + 2S, 3)
     W = cols * p
-    # shifted[w] = before[w - s]: a scene that moved s columns right matches best at s
-    err = torch.stack([(now - padded[:, :, shifts - s: shifts - s + W]).abs().mean(-1)
-                       for s in range(-shifts, shifts + 1)], dim=-1)  # (B, rows, W, 2S+1)
+    # column w of `before` shifted by s is its column w - s, clamped: one Gather for every shift
+    w = torch.arange(W, device=patches.device)
+    source = (w[:, None] - torch.arange(-shifts, shifts + 1, device=patches.device)).clamp(0, W - 1)  # (W, 2S+1)
+    now, before = profile(patches), profile(prev_patches)
+    err = (now.unsqueeze(3) - before[:, :, source]).abs().mean(-1)  # (B, rows, W, 2S+1)
     err = err.view(B, rows, cols, p, 2 * shifts + 1).mean(3).reshape(B, rows * cols, 2 * shifts + 1)
     return err / (err.mean(-1, keepdim=True) + 1e-2)
 
