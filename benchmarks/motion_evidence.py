@@ -1,0 +1,94 @@
+"""How much ego-motion the camera's frame pairs carry (issue #15): the floor of the column-shift evidence.
+
+    MUJOCO_GL=egl python benchmarks/motion_evidence.py [--camera-size 96 128] [--shifts 6]
+        [--out benchmarks/results/motion_evidence.json]
+
+The model's camera motion evidence (`model.column_shift_match`, `--camera-shifts`) matches each
+patch's column profile against the previous frame's shifted by -S..S columns. This measures what
+those curves can tell about the robot's speed and yaw rate without any model, on the training and
+validation episodes of `fusion-attn train` (the same cached shards, clean, simulated only):
+- a linear probe (ridge regression on every patch's curve and its sub-column shift per second),
+  fitted on the training episodes, its mean absolute error on the validation episodes;
+- a direct yaw-rate estimate: the median over patches of the sub-column shift (a parabola through
+  each curve's minimum), in radians per second of the panorama, with its least-squares scale; its
+  error against the true yaw rate at the fusion instant and against the mean of the rates at the
+  two frames (what a frame pair can see at best: the rotation between them);
+- the lag floor: how far the yaw rate at the fusion instant is from that mean, and from the rate one
+  frame before.
+For reference: predicting the training mean, and the trained model's error with and without the IMU
+are in its metrics.json (`val`).
+"""
+
+import argparse
+import datetime
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import fusion_attn.sim  # noqa: F401 - picks the headless GL backend before mujoco loads
+from fusion_attn.bench import machine
+from fusion_attn.config import cache_dir
+from fusion_attn.learn.augment import gather
+from fusion_attn.learn.data import Dataset, build_datasets
+from fusion_attn.learn.loop import TrainConfig
+from fusion_attn.model import column_shift_match
+
+
+def curves(ds: Dataset, cfg, shifts: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """-> curves (n, N_c, 2S+1), sub-column shift per patch (n, N_c), true velocity (n, 2), and the
+    index of each sample's previous camera frame, for the labelled samples with a previous frame."""
+    data = {k: torch.from_numpy(v) for k, v in ds.arrays.items()}
+    x = gather(data, torch.arange(len(ds)))
+    keep = (x["camera_prev_mask"].any(1) & data["labelled"]).numpy()
+    with torch.no_grad():
+        c = column_shift_match(x["camera_patches"], x["camera_prev_patches"], cfg.camera, shifts).numpy()
+    k = c.argmin(-1).clip(1, 2 * shifts - 1)
+    left, mid, right = (np.take_along_axis(c, (k + o)[..., None], -1)[..., 0] for o in (-1, 0, 1))
+    sub = k - shifts + 0.5 * (left - right) / np.maximum(left - 2 * mid + right, 1e-6)
+    interval = (x["camera_prev_age"] - x["camera_age"])[:, 0].numpy()
+    sub_per_s = sub / np.maximum(interval, 1e-3)[:, None]
+    return c[keep], sub_per_s[keep], ds.arrays["velocity"][keep], np.flatnonzero(keep)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--camera-size", type=int, nargs=2, default=(96, 128), metavar=("HEIGHT", "WIDTH"))
+    parser.add_argument("--shifts", type=int, default=6)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "motion_evidence.json")
+    args = parser.parse_args()
+    tc = TrainConfig(bags=(), camera_size=tuple(args.camera_size), camera_shifts=args.shifts)
+    cfg = tc.fusion_config()
+    train, val = build_datasets(tc, cfg, cache_dir("train"), progress=False)
+    c_tr, s_tr, v_tr, _ = curves(train, cfg, args.shifts)
+    c_va, s_va, v_va, kept = curves(val, cfg, args.shifts)
+
+    def design(c, s):
+        return np.c_[c.reshape(len(c), -1), s, np.ones(len(c))]
+
+    a, b = design(c_tr, s_tr), design(c_va, s_va)
+    report = {"date": datetime.date.today().isoformat(), "machine": machine(), "camera_size": args.camera_size,
+              "shifts": args.shifts, "train_samples": len(a), "val_samples": len(b)}
+    for j, name in enumerate(("speed_mps", "yaw_rate_radps")):
+        w = np.linalg.solve(a.T @ a + 1e-2 * np.eye(a.shape[1]), a.T @ v_tr[:, j])
+        report[f"probe_{name}_mae"] = float(np.abs(b @ w - v_va[:, j]).mean())
+        report[f"train_mean_{name}_mae"] = float(np.abs(v_va[:, j] - v_tr[:, j].mean()).mean())
+    # direct yaw rate: the panorama's median shift, in rad/s; scaled by least squares (sign and lens)
+    yaw = np.median(s_va, 1) * 2 * np.pi / cfg.camera.width
+    truth = v_va[:, 1]
+    prev = val.arrays["camera_prev"][kept]  # the previous frame's sample (a dataset index)
+    rate_then = val.arrays["velocity"][prev, 1]
+    pair_mean = 0.5 * (truth + rate_then)
+    for label, target in (("now", truth), ("pair_mean", pair_mean)):
+        scale = float(yaw @ target / (yaw @ yaw))
+        report[f"direct_yaw_vs_{label}"] = {"scale": scale, "mae_radps": float(np.abs(scale * yaw - target).mean())}
+    report["lag_floor_radps"] = {"now_vs_pair_mean": float(np.abs(truth - pair_mean).mean()),
+                                 "now_vs_previous_frame": float(np.abs(truth - rate_then).mean())}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
