@@ -368,12 +368,12 @@ def train(cfg: PPOConfig, out: str | Path, resume: bool = False, overwrite: bool
     metrics_file = metrics_path.open("a")
 
     T, N = cfg.rollout, cfg.envs
-    tensor = functools.partial(torch.as_tensor, device=dev)  # env arrays -> the learner's device
     if cfg.workers:  # each worker keeps its envs' observations and memories between rollouts
         policy = RolloutPolicy(functools.partial(ActorCritic, obs_dim, envs.single_action_space, cfg.agent), {})
     else:
         obs, _ = envs.reset(seed=cfg.seed + 1000 * start_iteration)
-        carry = (tensor(obs, dtype=torch.float32), *agent.initial_memory(N, dev), torch.ones(N, dtype=torch.bool, device=dev))
+        carry = (torch.as_tensor(obs, dtype=torch.float32, device=dev), *agent.initial_memory(N, dev),
+                 torch.ones(N, dtype=torch.bool, device=dev))
     recent = {"return": [], "length": [], "success": []}
     bar = tqdm(total=iterations * T * N, initial=global_step, disable=not progress, unit="step", dynamic_ncols=True)
     t_start = t_plot = time.perf_counter()
@@ -444,7 +444,8 @@ def train(cfg: PPOConfig, out: str | Path, resume: bool = False, overwrite: bool
 
         sps = (global_step - steps_at_start) / (time.perf_counter() - t_start)
         row = {"iteration": iteration + 1, "global_step": global_step, "steps_per_s": sps, **stats,
-               **({"workers_replaced": envs.replaced, "steps_discarded": envs.replaced * T * cfg.envs // cfg.workers}
+               # a replaced worker's rollout is run again: T x its envs' steps collected twice
+               **({"workers_replaced": envs.replaced, "steps_discarded": envs.replaced * T * (N // cfg.workers)}
                   if cfg.ray else {}),
                **{f"episode_{k}": float(np.mean(v)) for k, v in recent.items() if v}}
         for k, v in row.items():
