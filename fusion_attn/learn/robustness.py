@@ -326,6 +326,11 @@ def tables(report: dict) -> str:
                 lines.append(_row(["weight", _label(r["condition"]), "", f"{r['value']:.3f}", "", f"<= {MAX_WEIGHT}"]))
             else:
                 lines.append(_row(["AUROC", _label(r["condition"]), "", f"{r['value']:.3f}", "", f">= {r['need']}"]))
+        others = {g: targets(groups, g) for g in names if g not in (design, "concat") and "trust_auroc" in groups[g][conds[1]]}
+        if others:
+            lines += ["", "The same checks for the other designs with a trust (first seed's run, or the mean over "
+                      "seeds), against concat: " + "; ".join(
+                          f"`{g}` {sum(r['ok'] for r in rows)} of {len(rows)}" for g, rows in others.items()) + "."]
     if report.get("real"):
         lines += ["", "### Real recordings and their corrupted copies (no labels)", "",
                   (f"`{design}` at τ = 1 (first seed): self-supervised loss, mean trust per sensor (present ones), and the "
