@@ -12,15 +12,16 @@ validation episodes of `fusion-attn train` (the same cached shards, clean, simul
 - a direct yaw-rate estimate: the median over patches of the sub-column shift (a parabola through
   each curve's minimum), in radians per second of the panorama, with its least-squares scale; its
   error against the true yaw rate at the fusion instant and against the mean of the rates at the
-  two frames (what a frame pair can see at best: the rotation between them);
-- the lag floor: how far the yaw rate at the fusion instant is from that mean, and from the rate one
-  frame before.
+  two frames' own capture times (what a frame pair can see at best: the rotation between them);
+- the lag floor: how far the yaw rate at the fusion instant is from that mean (a frame is up to one
+  frame period old when it is fused, and the pair spans another).
 And the lidar (--lidar-samples, 0: skip): the same question for the lidar tokens the model sees
 (every pillar's points, this sweep's and the previous one's): a point-to-line ICP (nearest
 neighbours, normals from each current point's neighbourhood, a coarse yaw search over +-0.3 rad,
 then Gauss-Newton steps with a shrinking gate) between the two sweeps' points, in numpy, on every
 k-th validation sample; its speed and yaw rate (minus the translation along x and minus the rotation,
-per second) against the truth now and the pair mean: mean, median and 90th percentile of the error.
+per second) against the truth now and the mean over the two sweeps' capture times: mean, median
+and 90th percentile of the error, and the lag floor as for the camera.
 For reference: predicting the training mean, and the trained model's error with and without the IMU
 are in its metrics.json (`val`).
 """
@@ -98,7 +99,14 @@ def scan_match(p: np.ndarray, q: np.ndarray) -> tuple[float, np.ndarray] | None:
     return float(theta), t
 
 
-def lidar_motion(ds: Dataset, cfg, samples: int) -> dict:
+def frame_tick(ds: Dataset, i: np.ndarray, sensor: str, hz: float) -> np.ndarray:
+    """Sample index of the fusion tick at which the frame fused at sample i was captured (age back), or
+    the episode's first sample: where the ground truth for what that frame saw is."""
+    back = np.rint(ds.arrays[f"{sensor}_age"][i, 0] * hz).astype(np.int64)
+    return np.maximum(i - back, ds.arrays["seq_start"][i])
+
+
+def lidar_motion(ds: Dataset, cfg, samples: int, hz: float) -> dict:
     """Scan matching between each sampled sweep's pillar points and the previous sweep's."""
     data = {k: torch.from_numpy(v) for k, v in ds.arrays.items()}
     every = max(1, len(ds) // samples)
@@ -117,10 +125,14 @@ def lidar_motion(ds: Dataset, cfg, samples: int) -> dict:
             rates.append((-match[1][0] / interval[k], -match[0] / interval[k]))
             kept.append(i)
     rates, kept = np.array(rates), np.array(kept)
-    velocity, prev = ds.arrays["velocity"], ds.arrays["lidar_prev"]
-    out = {"sampled": len(idx), "matched": len(kept)}
+    velocity = ds.arrays["velocity"]
+    then, before = frame_tick(ds, kept, "lidar", hz), frame_tick(ds, ds.arrays["lidar_prev"][kept], "lidar", hz)
+    out = {"sampled": len(idx), "matched": len(kept),
+           "frame_age_s": float(np.median(ds.arrays["lidar_age"][kept, 0]))}
+    frames = 0.5 * (velocity[then] + velocity[before])  # the mean over the two sweeps' own times
     for j, name in enumerate(("speed_mps", "yaw_rate_radps")):
-        for label, truth in (("now", velocity[kept, j]), ("pair_mean", 0.5 * (velocity[kept, j] + velocity[prev[kept], j]))):
+        out[f"lag_floor_{name}"] = float(np.abs(velocity[kept, j] - frames[:, j]).mean())
+        for label, truth in (("now", velocity[kept, j]), ("frames", frames[:, j])):
             err = np.abs(rates[:, j] - truth)
             out[f"{name}_vs_{label}"] = {"mae": float(err.mean()), "median": float(np.median(err)),
                                          "p90": float(np.percentile(err, 90))}
@@ -153,16 +165,16 @@ def main() -> None:
     # direct yaw rate: the panorama's median shift, in rad/s; scaled by least squares (sign and lens)
     yaw = np.median(s_va, 1) * 2 * np.pi / cfg.camera.width
     truth = v_va[:, 1]
-    prev = val.arrays["camera_prev"][kept]  # the previous frame's sample (a dataset index)
-    rate_then = val.arrays["velocity"][prev, 1]
-    pair_mean = 0.5 * (truth + rate_then)
-    for label, target in (("now", truth), ("pair_mean", pair_mean)):
+    velocity = val.arrays["velocity"]
+    then, before = frame_tick(val, kept, "camera", tc.fusion_hz), frame_tick(val, val.arrays["camera_prev"][kept], "camera", tc.fusion_hz)
+    frames = 0.5 * (velocity[then, 1] + velocity[before, 1])  # the mean over the two frames' own times
+    for label, target in (("now", truth), ("frames", frames)):
         scale = float(yaw @ target / (yaw @ yaw))
         report[f"direct_yaw_vs_{label}"] = {"scale": scale, "mae_radps": float(np.abs(scale * yaw - target).mean())}
-    report["lag_floor_radps"] = {"now_vs_pair_mean": float(np.abs(truth - pair_mean).mean()),
-                                 "now_vs_previous_frame": float(np.abs(truth - rate_then).mean())}
+    report["camera_frame_age_s"] = float(np.median(val.arrays["camera_age"][kept, 0]))
+    report["lag_floor_yaw_rate_radps"] = float(np.abs(truth - frames).mean())
     if args.lidar_samples:
-        report["lidar_scan_match"] = lidar_motion(val, cfg, args.lidar_samples)
+        report["lidar_scan_match"] = lidar_motion(val, cfg, args.lidar_samples, tc.fusion_hz)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
