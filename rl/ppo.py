@@ -259,13 +259,15 @@ def collect_rollout(agent: ActorCritic, envs: gym.vector.VectorEnv, carry: tuple
     episodes = {"return": [], "length": [], "success": []}
     for _ in range(steps):
         mask = reset_memory(mask, starts)
-        buffers["obs"].append(obs), buffers["mem"].append(memory), buffers["mask"].append(mask)
+        for k, v in (("obs", obs), ("mem", memory), ("mask", mask)):
+            buffers[k].append(v)
         with torch.no_grad():
             head, value, memory, mask, _ = agent.step(obs, memory, mask)
             dist = agent.distribution(head)
             action = dist.sample()
             buffers["logp"].append(agent.log_prob(dist, action))
-        buffers["act"].append(action), buffers["val"].append(value)
+        buffers["act"].append(action)
+        buffers["val"].append(value)
         next_obs, reward, terminated, truncated, info = envs.step(env_action(envs.single_action_space, action))
         reward = tensor(reward, dtype=torch.float32)
         if truncated.any():  # bootstrap the cut-off episode from its final observation, with its memory
@@ -276,7 +278,8 @@ def collect_rollout(agent: ActorCritic, envs: gym.vector.VectorEnv, carry: tuple
                     _, final_value, *_ = agent.step(final, memory[idx], mask[idx])
                 reward[idx] += gamma * final_value
         done = tensor(terminated | truncated)
-        buffers["rew"].append(reward), buffers["done"].append(done.float())
+        buffers["rew"].append(reward)
+        buffers["done"].append(done.float())
         _episode_stats(info, episodes)
         obs, starts = tensor(next_obs, dtype=torch.float32), done
     with torch.no_grad():
