@@ -243,17 +243,17 @@ class Tokenizer:
         self._cached: dict[type, list[tuple[object, tuple[np.ndarray, np.ndarray]]]] = {}
 
     def prepare(self, frame: CameraFrame | LidarFrame) -> tuple[np.ndarray, np.ndarray]:
-        """Tokens of a camera or lidar frame, computed once per frame object."""
+        """Tokens of a camera or lidar frame, computed once per frame object (the two last used are kept)."""
         recent = self._cached.setdefault(type(frame), [])
-        for cached, tokens in recent:
-            if cached is frame:
-                return tokens
-        if isinstance(frame, CameraFrame):
-            tokens = tokenize_camera(frame, self.cfg.camera)
+        hits = [i for i, (cached, _) in enumerate(recent) if cached is frame]
+        if hits:
+            entry = recent.pop(hits[0])
+        elif isinstance(frame, CameraFrame):
+            entry = (frame, tokenize_camera(frame, self.cfg.camera))
         else:
-            tokens = tokenize_lidar(frame, self.cfg.lidar)
-        recent[:] = [*recent[-1:], (frame, tokens)]  # this frame and the one before it
-        return tokens
+            entry = (frame, tokenize_lidar(frame, self.cfg.lidar))
+        recent[:] = [*recent[-1:], entry]  # the two most recently used frames
+        return entry[1]
 
     def empty(self) -> dict[str, np.ndarray]:
         return {name: np.zeros(shape, dtype) for name, (shape, dtype) in self.spec.items()}
@@ -263,7 +263,8 @@ class Tokenizer:
         x["tau"][:] = tau
         for name, frame, prev in (("camera", snap.camera, snap.camera_prev), ("lidar", snap.lidar, snap.lidar_prev)):
             content = "patches" if name == "camera" else "points"
-            for prefix, f in ((name, frame), (f"{name}_prev", prev if frame is not None else None)):
+            # the previous frame first: the newest then stays cached to be the next fusion's previous
+            for prefix, f in ((f"{name}_prev", prev if frame is not None else None), (name, frame)):
                 if f is not None:
                     x[f"{prefix}_{content}"], x[f"{prefix}_mask"] = self.prepare(f)
                     x[f"{prefix}_age"][:] = (snap.stamp_ns - f.stamp_ns) / NS_PER_S

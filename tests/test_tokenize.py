@@ -274,3 +274,12 @@ def test_the_previous_frame_is_a_cache_hit(monkeypatch):
     tok(SensorSnapshot(frames[1].stamp_ns, camera=frames[0]), np.ones(4, np.float32))
     tok(SensorSnapshot(frames[1].stamp_ns + 1, camera=frames[1], camera_prev=frames[0]), np.ones(4, np.float32))
     assert calls == [frames[0].stamp_ns, frames[1].stamp_ns]
+    # a camera faster than the fusion (30 Hz fused at 20 Hz): a previous frame that never was the newest
+    # at a fusion is tokenized as the previous one, and still every frame only once
+    calls.clear()
+    tok = Tokenizer(CFG)
+    frames = [_frame(k * 33_333_333, k) for k in range(1, 31)]
+    for now in range(50_000_000, 1_000_000_000, 50_000_000):
+        k = max(i for i, f in enumerate(frames) if f.stamp_ns <= now)
+        tok(SensorSnapshot(now, camera=frames[k], camera_prev=frames[k - 1] if k else None), np.ones(4, np.float32))
+    assert sorted(calls) == sorted(set(calls)) and len(calls) == k + 1
