@@ -175,12 +175,17 @@ class SensorSync:
         """No value beyond the physical limits: such a message is corrupt, whatever else it holds."""
         c = self.cfg
         if isinstance(frame, LidarFrame):
-            xyz = frame.points[:, :3]
+            # Every value of the cloud (intensity too) within max_range / sqrt(3) puts every point within
+            # max_range: one pass over contiguous memory, ten times cheaper than the ranges themselves.
+            pts = frame.points
+            if max(pts.max(), -pts.min()) <= c.max_range_m / np.sqrt(3):  # False for NaN: checked below
+                return True
+            xyz = pts[:, :3]
             with np.errstate(over="ignore"):  # an absurd coordinate's square overflows to inf: beyond, rightly
                 return bool(np.einsum("ij,ij->i", xyz, xyz).max() <= c.max_range_m**2)
-        if isinstance(frame, ImuSample):
-            return bool(np.abs(frame.accel).max() <= c.max_acceleration_mps2
-                        and np.abs(frame.gyro).max() <= c.max_angular_rate_rad_s)
+        if isinstance(frame, ImuSample):  # 3 values each, hundreds of times a second: plain floats are quicker
+            return (all(abs(v) <= c.max_acceleration_mps2 for v in frame.accel.tolist())  # False for NaN
+                    and all(abs(v) <= c.max_angular_rate_rad_s for v in frame.gyro.tolist()))
         return True
 
     def _reset(self, modality: Modality, stamp_ns: int) -> None:

@@ -305,10 +305,13 @@ def test_values_beyond_physical_limits_are_dropped_and_counted():
     assert sync.add(ImuSample(1, "imu", np.array([0.0, 0.0, 1e30]), np.zeros(3))) == "out_of_limits"
     assert sync.add(ImuSample(2, "imu", np.array([49.0, 0.0, 9.8]), np.array([0.0, -6.0, 0.0]))) == "out_of_limits"
     assert sync.add(ImuSample(3, "imu", np.array([-49.0, 0.0, 9.8]), np.array([0.0, -4.9, 0.0]))) is None
+    assert sync.add(ImuSample(4, "imu", np.array([1.0, np.nan, 9.8]), np.zeros(3))) == "out_of_limits"
+    bright = np.array([[1.0, 2.0, 0.0, 65535.0]], np.float32)  # a 16-bit intensity is no range
+    assert sync.add(LidarFrame(4, "lidar", bright)) is None
     assert sync.health[Modality.LIDAR].drop_reasons == {"out_of_limits": 2}
-    assert sync.health[Modality.IMU].drop_reasons == {"out_of_limits": 2}
-    snap = sync.snapshot(3)
-    assert snap.lidar.stamp_ns == 1 and snap.imu.stamps_ns.tolist() == [3]  # only the good ones were kept
+    assert sync.health[Modality.IMU].drop_reasons == {"out_of_limits": 3}
+    snap = sync.snapshot(4)
+    assert snap.lidar.stamp_ns == 4 and snap.imu.stamps_ns.tolist() == [3]  # only the good ones were kept
 
 
 def test_default_limits_pass_what_real_sensors_can_measure():
