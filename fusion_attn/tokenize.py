@@ -101,14 +101,13 @@ def tokenize_camera(frame: CameraFrame, cfg: CameraTokens) -> tuple[np.ndarray, 
         depth = img[..., 0].astype(np.float32) * (1e-3 if frame.encoding == "16UC1" else 1.0)
         depth = np.nan_to_num(depth, nan=0.0, posinf=0.0, neginf=0.0)
         small = cv2.resize(depth, (cfg.width, cfg.height), interpolation=cv2.INTER_NEAREST)
-        rgb = np.repeat(np.clip(small / cfg.max_depth_m, 0.0, 1.0)[..., None], 3, axis=2)
+        rgb = normalise_pixels(np.repeat(np.clip(small / cfg.max_depth_m, 0.0, 1.0)[..., None], 3, axis=2))
     else:
         # INTER_AREA on the raw integers first: resizing 8 bits is far cheaper than float.
         small = cv2.resize(img, (cfg.width, cfg.height), interpolation=cv2.INTER_AREA)
-        scale = 1.0 / (65535.0 if small.dtype == np.uint16 else 255.0)
-        small = small.reshape(cfg.height, cfg.width, -1)
-        rgb = small * np.float32(scale) if small.shape[2] == 3 else np.repeat(small * np.float32(scale), 3, axis=2)
-    rgb = normalise_pixels(rgb.astype(np.float32, copy=False))
+        scale = np.float32(1.0 / (65535.0 if small.dtype == np.uint16 else 255.0))
+        # normalise_pixels(small * scale) in two passes; a mono image broadcasts to three channels
+        rgb = small.reshape(cfg.height, cfg.width, -1) * (scale / IMAGENET_STD) - IMAGENET_MEAN / IMAGENET_STD
     p = cfg.patch
     patches = rgb.reshape(cfg.height // p, p, cfg.width // p, p, 3).transpose(0, 2, 1, 3, 4)
     return np.ascontiguousarray(patches.reshape(cfg.tokens, cfg.features)), np.ones(cfg.tokens, np.bool_)
