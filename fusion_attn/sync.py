@@ -113,9 +113,9 @@ class SensorSync:
         self.resets = 0  # times time went back: a bag loop resets every sensor, and counts once (see `_reset`)
         self._camera: CameraFrame | None = None
         self._lidar: LidarFrame | None = None
-        # each one's previous frame: what changed since is the model's evidence of motion and of a frozen sensor
-        self._camera_prev: CameraFrame | None = None
-        self._lidar_prev: LidarFrame | None = None
+        # per sensor, the newest frame a snapshot handed out and the one handed out before it: what changed
+        # since the frame fused before is the model's evidence of motion and of a frozen sensor
+        self._fused: dict[Modality, tuple] = {Modality.CAMERA: (None, None), Modality.LIDAR: (None, None)}
         self._imu = _ImuHistory(self.cfg.imu_capacity)
         self._behind = dict.fromkeys(Modality, 0)  # frames in a row stamped far behind the sensor's newest
 
@@ -157,9 +157,9 @@ class SensorSync:
         h.received += 1
         h.last_stamp_ns = frame.stamp_ns
         if modality is Modality.CAMERA:
-            self._camera_prev, self._camera = self._camera, frame
+            self._camera = frame
         elif modality is Modality.LIDAR:
-            self._lidar_prev, self._lidar = self._lidar, frame
+            self._lidar = frame
         else:
             self._imu.append(frame)
         return None
@@ -193,11 +193,13 @@ class SensorSync:
         restarts. A bag loop resets each sensor at its first frame from the new time; `resets` counts it once,
         at the first of them: the one no other sensor is near in time yet."""
         if modality is Modality.CAMERA:
-            self._camera = self._camera_prev = None
+            self._camera = None
         elif modality is Modality.LIDAR:
-            self._lidar = self._lidar_prev = None
+            self._lidar = None
         else:
             self._imu.clear()
+        if modality in self._fused:
+            self._fused[modality] = (None, None)
         h = self.health[modality]
         h.last_stamp_ns, h.mean_dt_s, h.intervals = None, 0.0, 0
         h.resets += 1
@@ -229,21 +231,30 @@ class SensorSync:
         return bool(-self.cfg.future_tolerance_s <= age <= self.max_age_s(modality))  # False for nan (never seen)
 
     def snapshot(self, now_ns: int) -> SensorSnapshot:
-        """The data to fuse at now_ns; a stale or never-seen sensor is None (masked). A previous frame
-        comes with its successor only when the two are at most the sensor's max age apart (consecutive)."""
+        """The data to fuse at now_ns; a stale or never-seen sensor is None (masked). Each call is one
+        fusion: a camera or lidar frame comes with the one fused before it (the newest an earlier snapshot
+        handed out), when the two are at most the sensor's max age apart (consecutive). So the change the
+        model sees spans one fusion period at any sensor rate, as in training (learn.data.previous_frames),
+        and that frame's tokens are already cached."""
         camera = self._camera if self.fresh(Modality.CAMERA, now_ns) else None
         lidar = self._lidar if self.fresh(Modality.LIDAR, now_ns) else None
         imu = None
         if self.fresh(Modality.IMU, now_ns):
             end = min(now_ns, self.health[Modality.IMU].last_stamp_ns)
             imu = self._imu.window(end - int(self.cfg.imu_window_s * NS_PER_S), end)
-        return SensorSnapshot(now_ns, camera, lidar, imu, self._consecutive(Modality.CAMERA, camera, self._camera_prev),
-                              self._consecutive(Modality.LIDAR, lidar, self._lidar_prev))
+        return SensorSnapshot(now_ns, camera, lidar, imu, self._fused_before(Modality.CAMERA, camera),
+                              self._fused_before(Modality.LIDAR, lidar))
 
-    def _consecutive(self, modality: Modality, frame, prev):
-        if frame is None or prev is None or frame.stamp_ns - prev.stamp_ns > self.cfg.max_age_s[modality] * NS_PER_S:
+    def _fused_before(self, modality: Modality, frame):
+        """The frame fused before `frame` (now handed out), if consecutive; else None."""
+        if frame is None:
             return None
-        return prev
+        newest, before = self._fused[modality]
+        if frame is not newest:
+            newest, before = self._fused[modality] = (frame, newest)
+        if before is None or frame.stamp_ns - before.stamp_ns > self.cfg.max_age_s[modality] * NS_PER_S:
+            return None
+        return before
 
     def ages_s(self, now_ns: int) -> np.ndarray:
         return np.array([self.health[m].age_s(now_ns) for m in Modality], np.float32)

@@ -224,35 +224,39 @@ class SensorSnapshot:
     camera: CameraFrame | None = None
     lidar: LidarFrame | None = None
     imu: ImuWindow | None = None
-    camera_prev: CameraFrame | None = None  # the frame before `camera` (None: none, or not consecutive)
+    camera_prev: CameraFrame | None = None  # the frame fused before `camera` (None: none, or not consecutive)
     lidar_prev: LidarFrame | None = None
 
 
 class Tokenizer:
     """Snapshot -> the model's named input arrays (unbatched), per `input_spec`.
 
-    The tokens of the two newest camera and lidar frames are cached: a frame is fused several times
-    while it stays the newest (only its age input changes), then once more as the previous frame, and
-    a node can tokenize a frame as it arrives (`prepare`), off the fusion's critical path.
+    Camera and lidar tokens are computed once per frame: a frame is fused several times while it stays
+    the newest (only its age input changes), then once more as the previous frame of the next one it
+    is fused with. Per sensor, the last fusion's two frames and the newest frame tokenized are kept,
+    so a node can tokenize each frame as it arrives (`prepare`), off the fusion's critical path,
+    however many arrive between two fusions.
     """
 
     def __init__(self, cfg: FusionConfig):
         self.cfg = cfg
         self.spec = input_spec(cfg)
-        self._cached: dict[type, list[tuple[object, tuple[np.ndarray, np.ndarray]]]] = {}
+        # per frame type: (frame, tokens) of the last fusion's newest ("fused") and previous ("previous")
+        # frame, and of the last one prepared ("arrived")
+        self._kept: dict[type, dict[str, tuple[object, tuple[np.ndarray, np.ndarray]]]] = {}
 
     def prepare(self, frame: CameraFrame | LidarFrame) -> tuple[np.ndarray, np.ndarray]:
-        """Tokens of a camera or lidar frame, computed once per frame object (the two last used are kept)."""
-        recent = self._cached.setdefault(type(frame), [])
-        hits = [i for i, (cached, _) in enumerate(recent) if cached is frame]
-        if hits:
-            entry = recent.pop(hits[0])
-        elif isinstance(frame, CameraFrame):
-            entry = (frame, tokenize_camera(frame, self.cfg.camera))
-        else:
-            entry = (frame, tokenize_lidar(frame, self.cfg.lidar))
-        recent[:] = [*recent[-1:], entry]  # the two most recently used frames
+        """Tokens of a camera or lidar frame, computed once per frame object (see the class)."""
+        self._kept.setdefault(type(frame), {})["arrived"] = entry = self._entry(frame)
         return entry[1]
+
+    def _entry(self, frame: CameraFrame | LidarFrame) -> tuple[object, tuple[np.ndarray, np.ndarray]]:
+        cached = next((e for e in self._kept.get(type(frame), {}).values() if e is not None and e[0] is frame), None)
+        if cached is not None:
+            return cached
+        if isinstance(frame, CameraFrame):
+            return frame, tokenize_camera(frame, self.cfg.camera)
+        return frame, tokenize_lidar(frame, self.cfg.lidar)
 
     def empty(self) -> dict[str, np.ndarray]:
         return {name: np.zeros(shape, dtype) for name, (shape, dtype) in self.spec.items()}
@@ -261,11 +265,15 @@ class Tokenizer:
         x = self.empty()
         x["tau"][:] = tau
         for name, frame, prev in (("camera", snap.camera, snap.camera_prev), ("lidar", snap.lidar, snap.lidar_prev)):
+            if frame is None:  # a previous frame alone is no evidence
+                continue
+            kept = self._kept.setdefault(type(frame), {})
+            kept["previous"] = previous = self._entry(prev) if prev is not None else None
+            kept["fused"] = newest = self._entry(frame)
             content = "patches" if name == "camera" else "points"
-            # the previous frame first: the newest then stays cached to be the next fusion's previous
-            for prefix, f in ((f"{name}_prev", prev if frame is not None else None), (name, frame)):
-                if f is not None:
-                    x[f"{prefix}_{content}"], x[f"{prefix}_mask"] = self.prepare(f)
+            for prefix, entry in ((name, newest), (f"{name}_prev", previous)):
+                if entry is not None:
+                    f, (x[f"{prefix}_{content}"], x[f"{prefix}_mask"]) = entry
                     x[f"{prefix}_age"][:] = (snap.stamp_ns - f.stamp_ns) / NS_PER_S
         if snap.imu is not None and len(snap.imu):
             x["imu_chunks"], x["imu_mask"], before_newest = tokenize_imu(snap.imu, self.cfg.imu)

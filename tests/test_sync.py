@@ -142,7 +142,7 @@ def _lidar(t_ns, seed=0):
     return LidarFrame(t_ns, "lidar", rng.uniform(-5, 5, (50, 4)).astype(np.float32))
 
 
-def test_previous_frame_comes_only_with_its_consecutive_successor():
+def test_previous_frame_is_the_one_fused_before_when_consecutive():
     sync = SensorSync(SyncConfig(max_age_s=(0.2, 0.3, 0.05)))
     first, second = _cam(1000 * MS), _cam(1100 * MS)
     sync.add(first)
@@ -150,23 +150,46 @@ def test_previous_frame_comes_only_with_its_consecutive_successor():
     sync.add(second)
     snap = sync.snapshot(1150 * MS)
     assert snap.camera is second and snap.camera_prev is first
+    assert sync.snapshot(1160 * MS).camera_prev is first  # fused again while the newest: the same pair
     assert sync.snapshot(1350 * MS).camera is None and sync.snapshot(1350 * MS).camera_prev is None  # stale: neither
-    # lidar alike, with its own max age: 300 ms apart is still consecutive, 301 ms is not
-    sync.add(_lidar(1000 * MS))
-    sync.add(b := _lidar(1300 * MS, seed=1))
-    assert sync.snapshot(1310 * MS).lidar_prev.stamp_ns == 1000 * MS and sync.snapshot(1310 * MS).lidar is b
-    sync.add(c := _lidar(1601 * MS, seed=2))
-    snap = sync.snapshot(1610 * MS)
-    assert snap.lidar is c and snap.lidar_prev is None  # a gap: the frame before is no evidence of this one
-    # the camera's gap: 250 ms > its 200 ms
     sync.add(third := _cam(1350 * MS))
     snap = sync.snapshot(1360 * MS)
-    assert snap.camera is third and snap.camera_prev is None
+    assert snap.camera is third and snap.camera_prev is None  # a gap (250 ms > 200): no evidence of this one
+    # lidar alike, with its own max age: 300 ms apart is still consecutive, 301 ms is not
+    sync = SensorSync(SyncConfig(max_age_s=(0.2, 0.3, 0.05)))
+    sync.add(a := _lidar(1000 * MS))
+    sync.snapshot(1010 * MS)
+    sync.add(b := _lidar(1300 * MS, seed=1))
+    snap = sync.snapshot(1310 * MS)
+    assert snap.lidar is b and snap.lidar_prev is a
+    sync.add(c := _lidar(1601 * MS, seed=2))
+    snap = sync.snapshot(1610 * MS)
+    assert snap.lidar is c and snap.lidar_prev is None
+
+
+def test_the_previous_frame_spans_one_fusion_period_as_in_training():
+    from fusion_attn.learn.data import previous_frames
+
+    sync = SensorSync(SyncConfig(max_age_s=(0.2, 0.3, 0.05)))
+    frames = iter(_cam(1000 * MS + k * 100 * MS // 3) for k in range(40))  # a 30 Hz camera
+    frame, fused, previous = next(frames), [], []
+    for tick in range(1, 12):  # fused at 10 Hz
+        now = 1000 * MS + tick * 100 * MS
+        while frame.stamp_ns <= now:
+            sync.add(frame)
+            frame = next(frames)
+        snap = sync.snapshot(now)
+        fused.append(snap.camera.stamp_ns)
+        previous.append(snap.camera_prev.stamp_ns if snap.camera_prev else None)
+    assert previous[1:] == fused[:-1]  # 100 ms before, not the camera's 33 ms: the frame fused before
+    linked = previous_frames(np.array(fused) / NS_PER_S, np.ones(len(fused), np.bool_), 0.2)
+    assert previous == [fused[j] if j >= 0 else None for j in linked]  # what the training data pairs
 
 
 def test_dropped_frames_do_not_become_the_previous_frame():
     sync = SensorSync(SyncConfig(max_age_s=(0.2, 0.3, 0.05)))
     sync.add(a := _cam(1000 * MS))
+    sync.snapshot(1010 * MS)
     sync.add(b := _cam(1100 * MS))
     assert sync.add(_cam(1050 * MS)) == "out_of_order"
     assert sync.add(_cam(1100 * MS)) == "duplicate_stamp"
@@ -196,10 +219,10 @@ def test_a_frozen_camera_gives_identical_current_and_previous_tokens():
     image = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
     points = rng.uniform(-5, 5, (300, 4)).astype(np.float32)
     sync, tok = SensorSync(SyncConfig(max_age_s=(0.2, 0.3, 0.05))), Tokenizer(FusionConfig())
-    for k in range(3):  # a stuck driver: the same buffer re-sent with fresh stamps
+    for k in range(3):  # a stuck driver: the same buffer re-sent with fresh stamps, fused as it comes
         sync.add(CameraFrame(1000 * MS + k * 100 * MS, "cam", image.copy(), "rgb8"))
         sync.add(LidarFrame(1000 * MS + k * 100 * MS, "lidar", points.copy()))
-    x = tok(sync.snapshot(1220 * MS), np.ones(4, np.float32))
+        x = tok(sync.snapshot(1020 * MS + k * 100 * MS), np.ones(4, np.float32))
     assert x["camera_prev_mask"].all() and x["lidar_prev_mask"].any()
     np.testing.assert_array_equal(x["camera_patches"], x["camera_prev_patches"])
     np.testing.assert_array_equal(x["lidar_points"], x["lidar_prev_points"])
