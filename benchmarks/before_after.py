@@ -6,7 +6,9 @@ The earlier commit is checked out into a temporary git worktree (with its own pa
 both trees run the same two benchmarks, alternating round by round so that a machine's drift hits
 both alike: `core_latency.py` (per-stage latency of what the node does per fusion: tokenizers and the
 model on ONNX Runtime, 1 thread) and `replay_speed.py` (recorded seconds per wall second). Reports
-each figure's median over the rounds and the ratio after / before.
+each figure's median over the rounds, the ratio of the medians, and the median of the per-round
+ratios (each round's after over the same round's before: robust to a VM that switches speed between
+rounds). `--report-only` computes and prints them again for the report at --out, measuring nothing.
 """
 
 import argparse
@@ -28,6 +30,7 @@ parser.add_argument("--rounds", type=int, default=2)
 parser.add_argument("--repeats", type=int, default=300, help="core_latency repeats per stage")
 parser.add_argument("--seconds", type=float, default=10.0, help="replay_speed recording length")
 parser.add_argument("--out", type=Path, default=HERE / "benchmarks" / "results" / "before_after.json")
+parser.add_argument("--report-only", action="store_true", help="print the report at --out, measure nothing")
 args = parser.parse_args()
 
 
@@ -47,27 +50,39 @@ def measure(tree: Path, scratch: Path) -> dict:
     return figures
 
 
-with tempfile.TemporaryDirectory() as tmp:
-    before_tree = Path(tmp) / "before"
-    subprocess.run(["git", "worktree", "add", "--detach", str(before_tree), args.before], cwd=HERE, check=True,
-                   capture_output=True)
-    try:
-        rounds = {"before": [], "after": []}
-        for _ in range(args.rounds):
-            for name, tree in (("before", before_tree), ("after", HERE)):
-                scratch = Path(tmp) / name
-                scratch.mkdir(exist_ok=True)
-                rounds[name].append(measure(tree, scratch))
-    finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(before_tree)], cwd=HERE, check=False)
+def summarise(rounds: dict, before: str, after: str) -> dict:
+    median = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in rounds.items()}
+    paired = {k: statistics.median(a[k] / b[k] for a, b in zip(rounds["after"], rounds["before"])) for k in median["after"]}
+    return {"date": datetime.date.today().isoformat(), "before": before, "after": after, "rounds": rounds,
+            "median": median, "ratio_after_over_before": {k: median["after"][k] / median["before"][k] for k in median["after"]},
+            "median_of_round_ratios": paired}
 
-median = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in rounds.items()}
-after_sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                           check=True).stdout.strip()
-report = {"date": datetime.date.today().isoformat(), "before": args.before, "after": after_sha, "rounds": rounds,
-          "median": median, "ratio_after_over_before": {k: median["after"][k] / median["before"][k] for k in median["after"]}}
+
+if args.report_only:
+    report = json.loads(args.out.read_text())
+    report.update({k: v for k, v in summarise(report["rounds"], report["before"], report["after"]).items() if k != "date"})
+else:
+    with tempfile.TemporaryDirectory() as tmp:
+        before_tree = Path(tmp) / "before"
+        subprocess.run(["git", "worktree", "add", "--detach", str(before_tree), args.before], cwd=HERE, check=True,
+                       capture_output=True)
+        try:
+            rounds = {"before": [], "after": []}
+            for _ in range(args.rounds):
+                for name, tree in (("before", before_tree), ("after", HERE)):
+                    scratch = Path(tmp) / name
+                    scratch.mkdir(exist_ok=True)
+                    rounds[name].append(measure(tree, scratch))
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(before_tree)], cwd=HERE, check=False)
+    after_sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                               check=True).stdout.strip()
+    report = summarise(rounds, args.before, after_sha)
 args.out.parent.mkdir(parents=True, exist_ok=True)
 args.out.write_text(json.dumps(report, indent=2) + "\n")
-print(f"| figure | before ({args.before}) | after ({after_sha}) | after / before |\n| --- | --- | --- | --- |")
+median = report["median"]
+print(f"| figure | before ({report['before']}) | after ({report['after']}) | after / before (medians) | "
+      f"median of round ratios |\n| --- | --- | --- | --- | --- |")
 for k, ratio in report["ratio_after_over_before"].items():
-    print(f"| {k} | {median['before'][k]:.3f} | {median['after'][k]:.3f} | {ratio:.2f} |")
+    print(f"| {k} | {median['before'][k]:.3f} | {median['after'][k]:.3f} | {ratio:.2f} | "
+          f"{report['median_of_round_ratios'][k]:.2f} |")

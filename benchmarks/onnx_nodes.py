@@ -1,5 +1,5 @@
-"""Where the exported model's ONNX nodes come from: ONNX Runtime pays a few µs per node at batch 1, so
-the node count is most of the model's CPU latency (docs/BENCHMARKS.md, issue #15 speed).
+"""Where the exported model's ONNX nodes come from: ONNX Runtime pays a few µs per node and call, on top
+of the compute (benchmarks/model_cost.py measures how much of the latency that is; docs/BENCHMARKS.md).
 
     python benchmarks/onnx_nodes.py [--checkpoint CKPT] [--top 12]
 
