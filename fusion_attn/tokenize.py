@@ -243,7 +243,7 @@ class Tokenizer:
         self.spec = input_spec(cfg)
         # per frame type: (frame, tokens) of the last fusion's newest ("fused") and previous ("previous")
         # frame, and of the last one prepared ("arrived")
-        self._kept: dict[type, dict[str, tuple[object, tuple[np.ndarray, np.ndarray]]]] = {}
+        self._kept: dict[type, dict[str, tuple[object, tuple[np.ndarray, np.ndarray]] | None]] = {}
 
     def prepare(self, frame: CameraFrame | LidarFrame) -> tuple[np.ndarray, np.ndarray]:
         """Tokens of a camera or lidar frame, computed once per frame object (see the class)."""
