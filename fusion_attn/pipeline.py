@@ -25,6 +25,7 @@ from .errors import BackendUnavailable, CheckpointError, ConfigError
 from .frames import FusedState, Modality
 from .model import FusionModel
 from .params import TAU_NAMES, param
+from .step import camera_key, step_inputs
 from .sync import SyncConfig
 from .tokenize import SensorSnapshot, Tokenizer
 
@@ -172,6 +173,8 @@ class FusionPipeline:
     def fuse_sweep(self, snap: SensorSnapshot, taus: np.ndarray) -> list[FusedState]:
         """One snapshot fused at each τ row of `taus` (K, 4): tokenized once, one batched model call."""
         taus = np.stack([validate_tau(t) for t in taus])
+        if getattr(self.backend, "whole_step", False):
+            return self._fuse_arrays(snap, taus)
         t0 = time.perf_counter()
         inputs = self.tokenizer(snap, taus[0])
         t1 = time.perf_counter()
@@ -184,7 +187,20 @@ class FusionPipeline:
         for m, key in ((Modality.CAMERA, "camera_age"), (Modality.LIDAR, "lidar_age"), (Modality.IMU, "imu_age")):
             if present[m]:
                 ages[m] = inputs[key].min()
-        timings = {"tokenize": (t1 - t0) * 1e3, "model": (t2 - t1) * 1e3}
+        return self._states(snap, taus, out, present, ages, {"tokenize": (t1 - t0) * 1e3, "model": (t2 - t1) * 1e3})
+
+    def _fuse_arrays(self, snap: SensorSnapshot, taus: np.ndarray) -> list[FusedState]:
+        """A GPU backend's whole step: the frames' arrays in, tokenized and fused on the device."""
+        t0 = time.perf_counter()
+        inputs = step_inputs([snap] * len(taus), taus, self.cfg)
+        t1 = time.perf_counter()
+        out = self.backend.run_step(inputs, camera_key(snap, self.cfg)[1])
+        t2 = time.perf_counter()
+        present = out["present"][0]
+        ages = np.where(present, inputs["frame_age"][0, [0, 2, 4]], np.nan).astype(np.float32)
+        return self._states(snap, taus, out, present, ages, {"pack": (t1 - t0) * 1e3, "step": (t2 - t1) * 1e3})
+
+    def _states(self, snap, taus, out, present, ages, timings) -> list[FusedState]:
         return [FusedState(stamp_ns=snap.stamp_ns, frame_id=self.frame_id, pooled=out["fused"][i],
                            latents=out["latents"][i], attention=out["attention"][i], present=present, ages_s=ages,
                            tau=taus[i].copy(), all_masked=bool(out["all_masked"][i]), timings_ms=timings,

@@ -118,7 +118,7 @@ def tokenize_lidar(frame: LidarFrame, cfg: LidarTokens) -> tuple[np.ndarray, np.
     (pillars, points_per_pillar).
 
     Bird's-eye-view pillars: points within range are binned on a grid; the `pillars` most populated
-    cells become tokens, each with up to `points_per_pillar` points spread evenly over the cell's
+    cells (ties: the lower cell) become tokens, each with up to `points_per_pillar` points spread evenly over the cell's
     points (deterministic, no RNG). The model runs a small PointNet over them.
     """
     K, P = cfg.pillars, cfg.points_per_pillar
@@ -148,8 +148,10 @@ def tokenize_lidar(frame: LidarFrame, cfg: LidarTokens) -> tuple[np.ndarray, np.
     n_cells = min(K, int(np.count_nonzero(counts)))
     if n_cells == 0:
         return out, mask
-    top = np.argpartition(-counts, n_cells - 1)[:n_cells]
-    top = np.sort(top)  # cell order, so the token order does not depend on partition internals
+    # the most populated cells, ties to the lower cell: a unique key per cell, so that no tie is left to
+    # the partition's internals and step.lidar_tokens (top-k on the GPU) picks the same cells
+    key = counts * (dump + 1) + np.arange(dump - 1, -2, -1)  # the dump cell (count 0) ranks last
+    top = np.sort(np.argpartition(-key, n_cells - 1)[:n_cells])  # in cell order
     # Group only the chosen cells' points (a few % of a sweep), by cell and then by index: a stable
     # sort of those alone, not of the whole cloud.
     chosen = np.zeros(dump + 1, np.bool_)

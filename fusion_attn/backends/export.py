@@ -67,6 +67,44 @@ def export_onnx(model: FusionModel, path: str | Path, opset: int = OPSET) -> Pat
     return path
 
 
+def export_step_onnx(model: FusionModel, image_shape: tuple[int, int, int], encoding: str, path: str | Path,
+                     opset: int = OPSET) -> Path:
+    """Export the whole step (step.FusionStep: sensor arrays -> tokens -> fused state) for one camera
+    resolution and encoding, as one graph for one TensorRT engine. Dynamic: the batch, the point counts
+    (`points`, `points_prev`) and the IMU samples (`imu_t`, `imu_values`); opset 18 and later only."""
+    from ..step import STEP_INPUTS, STEP_OUTPUTS, FusionStep, step_inputs
+    from ..tokenize import SensorSnapshot
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = copy.deepcopy(model).cpu().eval()
+    step = FusionStep(model, image_shape, encoding).eval()
+    example = step_inputs([SensorSnapshot(0)] * 2, np.ones((2, 4), np.float32), model.cfg)
+    example["image"] = example["image_prev"] = np.zeros((2, *image_shape), example_dtype(encoding))
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    points, points_prev = torch.export.Dim("points", min=2, max=1 << 21), torch.export.Dim("points_prev", min=2, max=1 << 21)
+    imu = torch.export.Dim("imu", min=2, max=1 << 14)
+    dynamic = {name: {0: batch} for name in STEP_INPUTS}
+    dynamic.update(points={0: batch, 1: points}, points_prev={0: batch, 1: points_prev},
+                   imu_t={0: batch, 1: imu}, imu_values={0: batch, 1: imu})
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(step, tuple(torch.from_numpy(example[n]) for n in STEP_INPUTS),
+                                    input_names=list(STEP_INPUTS), output_names=list(STEP_OUTPUTS),
+                                    opset_version=opset, dynamo=True, external_data=False, verbose=False,
+                                    dynamic_shapes=dynamic)
+    program.save(str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+    return path
+
+
+def example_dtype(encoding: str) -> np.dtype:
+    """The image dtype an adapted CameraFrame of this encoding carries (frames.CAMERA_ENCODINGS)."""
+    return np.dtype({"rgb8": np.uint8, "mono8": np.uint8, "mono16": np.uint16, "16UC1": np.uint16,
+                     "32FC1": np.float32}[encoding])
+
+
 def tensorrt_supported_ops() -> set[str]:
     """ONNX op types TensorRT's parser supports (10.x), from the allow-list kept beside this module."""
     text = files(__package__).joinpath("tensorrt_onnx_ops.txt").read_text()

@@ -1,4 +1,5 @@
-"""PyTorch eager backend (CPU or CUDA)."""
+"""PyTorch eager backend (CPU or CUDA). On a GPU it runs the whole step (step.FusionStep: tokenizers
+too); on the CPU the host tokenizers (tokenize.py) stay faster, so it takes their tokens."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import numpy as np
 import torch
 
 from ..model import FusionModel
+from ..step import STEP_OUTPUTS, FusionStep
 from ..tokenize import OUTPUT_NAMES
 
 
@@ -22,8 +24,19 @@ class TorchBackend:
         # its own copy: the caller's model may feed other backends (the ONNX export runs on the CPU) and
         # must keep its device, dtype and training flag
         self.model = copy.deepcopy(model).eval().to(device)
+        self.whole_step = torch.device(device).type == "cuda"
+        self.steps: dict[tuple, FusionStep] = {}  # (image shape, encoding) -> its step module
 
     @torch.inference_mode()
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         args = {k: torch.from_numpy(v).to(self.device) for k, v in inputs.items()}
         return {name: out.cpu().numpy() for name, out in zip(OUTPUT_NAMES, self.model(**args))}
+
+    @torch.inference_mode()
+    def run_step(self, inputs: dict[str, np.ndarray], encoding: str) -> dict[str, np.ndarray]:
+        """step.step_inputs' arrays -> STEP_OUTPUTS, tokenized and fused on this backend's device."""
+        key = (inputs["image"].shape[1:], encoding)
+        if key not in self.steps:
+            self.steps[key] = FusionStep(self.model, key[0], encoding).to(self.device).eval()
+        args = {k: torch.from_numpy(v).to(self.device) for k, v in inputs.items()}
+        return {name: out.cpu().numpy() for name, out in zip(STEP_OUTPUTS, self.steps[key](**args))}

@@ -1,0 +1,206 @@
+"""The whole step on tensors (step.py): the same tokens as the host tokenizers, on the real recordings
+and on edge cases, on the CPU and (where one is visible) on a CUDA GPU; its one-graph ONNX export."""
+
+import numpy as np
+import pytest
+import torch
+
+from fusion_attn.backends.export import export_step_onnx, unsupported_ops
+from fusion_attn.backends.onnxruntime_backend import OnnxRuntimeBackend
+from fusion_attn.backends.torch_backend import TorchBackend
+from fusion_attn.bag import open_reader
+from fusion_attn.config import FusionConfig
+from fusion_attn.frames import CameraFrame, ImuWindow, LidarFrame
+from fusion_attn.pipeline import FusionPipeline, create_backend, load_model
+from fusion_attn.replay import Recording, ReplayOptions, recorded_snapshots
+from fusion_attn.step import (
+    STEP_INPUTS,
+    STEP_OUTPUTS,
+    Buckets,
+    FusionStep,
+    camera_key,
+    resize_matrix,
+    step_inputs,
+)
+from fusion_attn.sync import SensorSync, SyncConfig
+from fusion_attn.tokenize import IMAGENET_STD, SensorSnapshot, Tokenizer
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+GREY_LEVEL = 1 / 255 / IMAGENET_STD.min()  # one 8-bit grey level, normalised
+RECORDINGS = ["euroc_v1_01_cam_imu", "lidar_camera_frame", "sick_lms1xx_scan_cloud_radar.bag", "husky_imu_odom_gps.bag"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(None)[0]
+
+
+def _step_tokens(model, snaps, device):
+    x = step_inputs(snaps, np.ones((len(snaps), 4), np.float32), model.cfg)
+    shape, encoding, _ = camera_key(snaps[0], model.cfg)
+    step = FusionStep(model, shape, encoding).to(device).eval()
+    with torch.no_grad():
+        got = step.tokens(**{k: torch.from_numpy(v).to(device) for k, v in x.items() if k != "tau"})
+    return {k: v.cpu().numpy() for k, v in got.items()}
+
+
+def assert_same_tokens(model, snaps, device):
+    """Each snapshot's step tokens against the host Tokenizer's: masks exact, values within rounding."""
+    got = _step_tokens(model, snaps, device)
+    for b, snap in enumerate(snaps):
+        ref = Tokenizer(model.cfg)(snap, np.ones(4, np.float32))
+        for name, want in ref.items():
+            if name == "tau":
+                continue
+            have = got[name][b]
+            if want.dtype == np.bool_:
+                np.testing.assert_array_equal(have, want, err_msg=name)
+            elif name.startswith("camera") and name.endswith("patches"):
+                diff = np.abs(have - want)
+                assert diff.max() <= GREY_LEVEL + 1e-5, (name, diff.max())
+                # off by a grey level where cv2 rounds in fixed point: a few % of pixels of an enlarged image
+                assert (diff > 1e-4).mean() < 0.1, name
+            else:
+                np.testing.assert_allclose(have, want, atol=1e-5, rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("recording", RECORDINGS)
+def test_step_tokens_match_the_host_tokenizers_on_real_recordings(real_data, model, recording, device):
+    sync = SensorSync(SyncConfig(imu_window_s=model.cfg.imu.window_s))
+    with open_reader([real_data / recording]) as reader:
+        snaps = list(recorded_snapshots(reader, sync, ReplayOptions(progress=False, end_s=10), Recording()))
+    assert snaps
+    for snap in snaps:
+        assert_same_tokens(model, [snap], device)
+    if len({camera_key(s, model.cfg) for s in snaps}) == 1:  # one batch of them all: rows independent
+        assert_same_tokens(model, snaps, device)
+
+
+def _cloud(rng, n, spread=30.0):
+    return (rng.normal(size=(n, 4)) * [spread, spread, 2, 60]).astype(np.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_edge_clouds(model, device):
+    rng = np.random.default_rng(1)
+    cfg = model.cfg.lidar
+    cloud = _cloud(rng, 5000)
+    cloud[::7, 0] = np.nan  # NaN, infinite and out-of-range points are never binned
+    cloud[1::7, 2] = np.inf
+    cloud[2::7, :2] = 1e9
+    # many cells with equal counts: the K most populated are chosen by count, then by cell
+    per_cell = np.arange(3 * cfg.pillars)
+    ties = np.stack([(per_cell % 64 - 31.5) * 1.6, (per_cell // 64 - 1.5) * 1.6, np.zeros_like(per_cell), per_cell], 1)
+    ties = np.repeat(ties, 3, axis=0).astype(np.float32)
+    edge = np.array([[cfg.range_m, 0, 0, 1], [-cfg.range_m, 0, 0, 1], [0, 0, cfg.z_max_m, 1]], np.float32)  # on the borders
+    for points in (cloud, ties, edge, np.zeros((0, 4), np.float32), _cloud(rng, 3)):
+        snap = SensorSnapshot(10**9, lidar=LidarFrame(9 * 10**8, "l", points),
+                              lidar_prev=LidarFrame(8 * 10**8, "l", _cloud(rng, 300)))
+        assert_same_tokens(model, [snap], device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("encoding, dtype, channels", [("rgb8", np.uint8, 3), ("mono8", np.uint8, 1),
+                                                       ("mono16", np.uint16, 1), ("16UC1", np.uint16, 1),
+                                                       ("32FC1", np.float32, 1)])
+@pytest.mark.parametrize("height, width", [(480, 640), (100, 133), (50, 60)])  # integer, fractional, enlarged
+def test_camera_encodings_and_sizes(model, device, encoding, dtype, channels, height, width):
+    rng = np.random.default_rng(2)
+    if dtype == np.float32:
+        image = rng.uniform(0, 12, (height, width, channels)).astype(np.float32)
+        image[::5, ::3] = np.nan
+    else:
+        image = rng.integers(0, np.iinfo(dtype).max, (height, width, channels), dtype=dtype, endpoint=True)
+    snap = SensorSnapshot(10**9, camera=CameraFrame(9 * 10**8, "c", image, encoding),
+                          camera_prev=CameraFrame(8 * 10**8, "c", image[::-1].copy(), encoding))
+    assert_same_tokens(model, [snap], device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_irregular_and_short_imu_windows(model, device):
+    rng = np.random.default_rng(3)
+    snaps = []
+    for n, rate in ((400, 400), (7, 200), (1, 100), (60, 37)):
+        stamps = np.cumsum(rng.uniform(0.2, 1.8, n) * 1e9 / rate).astype(np.int64) + 10**9
+        window = ImuWindow("imu", stamps, rng.normal(0, 3, (n, 3)), rng.normal(0, 1, (n, 3)))
+        snaps.append(SensorSnapshot(int(stamps[-1]) + 3_000_000, imu=window))
+    for snap in snaps:
+        assert_same_tokens(model, [snap], device)
+    assert_same_tokens(model, snaps, device)
+
+
+def test_resize_matrices_rows_are_weights():
+    for size_in, size_out in ((480, 96), (752, 128), (50, 96)):
+        m = resize_matrix(size_in, size_out, area=size_in >= size_out)
+        np.testing.assert_allclose(m.sum(1), 1.0, atol=1e-6)
+        assert (m >= 0).all()
+
+
+def test_buckets_fit():
+    b = Buckets(points=(1024, 4096), imu=(32,))
+    assert [b.fit(n, b.points) for n in (0, 1024, 1025, 4096, 4097, 9000)] == [1024, 1024, 4096, 4096, 8192, 12288]
+
+
+def test_a_batch_needs_one_camera_key(model):
+    a = SensorSnapshot(1, camera=CameraFrame(0, "c", np.zeros((48, 64, 3), np.uint8), "rgb8"))
+    b = SensorSnapshot(1, camera=CameraFrame(0, "c", np.zeros((48, 64, 1), np.uint8), "mono8"))
+    with pytest.raises(ValueError, match="camera_key"):
+        step_inputs([a, b], np.ones((2, 4), np.float32), model.cfg)
+
+
+def test_whole_step_pipeline_fuses_real_data_as_the_host_path(real_data, model):
+    """The pipeline's whole-step path (what GPU backends take), run here by the torch backend on the
+    CPU, against the CPU default on the same recording."""
+    step_backend = TorchBackend(model)
+    step_backend.whole_step = True
+    whole = FusionPipeline(model.cfg, step_backend)
+    host = FusionPipeline(model.cfg, create_backend("torch", model))
+    sync = SensorSync(SyncConfig(imu_window_s=model.cfg.imu.window_s))
+    with open_reader([real_data / "euroc_v1_01_cam_imu"]) as reader:
+        snaps = list(recorded_snapshots(reader, sync, ReplayOptions(progress=False, end_s=1), Recording()))
+    for snap in snaps:
+        a, b = whole.fuse(snap), host.fuse(snap)
+        np.testing.assert_array_equal(a.present, b.present)
+        np.testing.assert_allclose(a.ages_s, b.ages_s, atol=1e-6)
+        for name in ("pooled", "latents", "attention", "trust"):
+            np.testing.assert_allclose(getattr(a, name), getattr(b, name), atol=2e-4, err_msg=name)
+
+
+def test_one_graph_export_runs_in_onnx_runtime_as_in_torch(model, tmp_path):
+    """The step as one ONNX graph: only operators TensorRT parses, the same outputs as torch, at other
+    point and IMU counts than it was traced with (dynamic dimensions)."""
+    path = export_step_onnx(model, (120, 160, 3), "rgb8", tmp_path / "step.onnx")
+    assert unsupported_ops(path) == []
+    rng = np.random.default_rng(4)
+    snap = SensorSnapshot(10**9, camera=CameraFrame(9 * 10**8, "c", rng.integers(0, 256, (120, 160, 3), dtype=np.uint8), "rgb8"),
+                          lidar=LidarFrame(9 * 10**8, "l", _cloud(rng, 3000)),
+                          imu=ImuWindow("i", np.arange(50, dtype=np.int64) * 5_000_000 + 7 * 10**8,
+                                        rng.normal(size=(50, 3)), rng.normal(size=(50, 3))),
+                          lidar_prev=LidarFrame(8 * 10**8, "l", _cloud(rng, 20000)))
+    x = step_inputs([snap, SensorSnapshot(10**9)], np.array([[1, 1, 1, 1], [0.5, 1, 2, 1]], np.float32), model.cfg)
+    got = OnnxRuntimeBackend(path, threads=1).run(x)
+    with torch.no_grad():
+        want = FusionStep(model, (120, 160, 3), "rgb8").eval()(**{k: torch.from_numpy(x[k]) for k in STEP_INPUTS})
+    for name, w in zip(STEP_OUTPUTS, want):
+        np.testing.assert_allclose(got[name], w.numpy(), atol=1e-4, err_msg=name)
+    assert got["present"].tolist() == [[True, True, True], [False, False, False]]
+
+
+def test_step_keeps_the_models_config(model):
+    assert FusionStep(model, (96, 128, 3), "rgb8").cfg == model.cfg and isinstance(model.cfg, FusionConfig)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the GPU machine, a Jetson)")
+def test_cuda_graph_whole_step_fuses_real_data_as_the_cpu_path(real_data, model):
+    gpu = FusionPipeline(model.cfg, create_backend("torch-cudagraph", model))
+    cpu = FusionPipeline(model.cfg, create_backend("torch", model))
+    for recording in RECORDINGS:
+        sync = SensorSync(SyncConfig(imu_window_s=model.cfg.imu.window_s))
+        with open_reader([real_data / recording]) as reader:
+            for snap in recorded_snapshots(reader, sync, ReplayOptions(progress=False, end_s=3), Recording()):
+                a, b = gpu.fuse(snap), cpu.fuse(snap)
+                np.testing.assert_array_equal(a.present, b.present)
+                for name in ("pooled", "latents", "attention", "trust"):
+                    np.testing.assert_allclose(getattr(a, name), getattr(b, name), atol=5e-4, err_msg=(recording, name))
+    assert len(gpu.backend.graphs) <= 12  # one graph per camera size and point / IMU bucket, not per call
