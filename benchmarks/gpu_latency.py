@@ -1,40 +1,114 @@
-"""GPU model latency at batch 1 (issue #6): torch eager vs CUDA graphs, and TensorRT engines where installed.
+"""The fusion step on a GPU against the CPU path, side by side in one run (issues #6, #17).
 
-    python benchmarks/gpu_latency.py [--repeats 2000] [--out benchmarks/results/gpu_latency.json]
+    python benchmarks/gpu_latency.py [--repeats 2000] [--replay-seconds 10] [--compile] [--out benchmarks/results/gpu_latency.json]
 
-All backends run side by side in one process on the same inputs (the standard configuration's model:
-default FusionConfig, batch 1), timed end to end as the node calls them: numpy in, numpy out, so host
-copies and synchronisation are included. With TensorRT importable, FP32 and FP16 engines are built
-(cached under a temporary folder) and their outputs compared with torch FP32. Needs a CUDA GPU.
+Standard configuration (640x480 camera, 120,000-point cloud, 100 IMU samples; the core benchmark's
+payloads), default model. Timed end to end as the node calls them, numpy in, numpy out:
+- whole step, batch 1: FusionPipeline.fuse on a rolling sequence of snapshots (new camera and lidar
+  frame objects each time, the previous ones fused before), so each path tokenizes what it would on
+  a robot: the CPU path (host tokenizers + ONNX Runtime, 1 thread) the new frames only, a GPU path
+  (step.FusionStep) everything; torch eager on CUDA and CUDA graphs;
+- model alone, batch 1 (tokens in): ONNX Runtime 1 thread, torch eager CUDA, CUDA graphs, and TensorRT
+  engines where TensorRT is installed;
+- throughput: fusions per second at batch 1..4096 (model alone) and 1..64 (whole step, CUDA graphs);
+- whether a batched whole step gives byte-identical rows to single calls on the same device;
+- replay of a recorded standard configuration (benchmarks/replay_speed.py's bag) with each backend;
+- `--compile`: the model alone through torch.compile (inductor) before CUDA-graph capture.
+Writes the JSON after each part, so a run cut short keeps what it measured. Needs a CUDA GPU.
 """
 
 import argparse
+import dataclasses
 import datetime
 import json
 import tempfile
+import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
 from fusion_attn import bench
+from fusion_attn.adapters import image_to_frame, imu_to_sample, pointcloud2_to_frame
 from fusion_attn.backends.engine_cache import TensorRTOptions
 from fusion_attn.backends.export import example_inputs
-from fusion_attn.pipeline import create_backend, load_model
+from fusion_attn.frames import NS_PER_S, ImuWindow
+from fusion_attn.pipeline import FusionPipeline, create_backend, load_model
+from fusion_attn.replay import ReplayOptions, replay
+from fusion_attn.step import step_inputs
+from fusion_attn.tokenize import SensorSnapshot
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--repeats", type=int, default=2000)
 parser.add_argument("--checkpoint", type=Path)
+parser.add_argument("--replay-seconds", type=float, default=10.0, help="0: no replay")
+parser.add_argument("--compile", action="store_true", help="also time torch.compile'd model in a CUDA graph")
 parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "gpu_latency.json")
 args = parser.parse_args()
 if not torch.cuda.is_available():
     raise SystemExit("gpu_latency: no CUDA GPU visible to torch; run this on the GPU machine or the robot")
+torch.set_num_threads(1)
+cv2.setNumThreads(1)
 
 model, source = load_model(args.checkpoint)
+cfg = model.cfg
+report = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(0), "machine": bench.machine(),
+          "torch": torch.__version__, "model": source, "repeats": args.repeats}
+
+
+def save():
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+
+
+# -- the standard snapshots: 8 camera and lidar frame objects in turn, each fused after the one before
+image, cloud, imus = bench.standard_messages()
+camera, lidar = image_to_frame(image), pointcloud2_to_frame(cloud)
+window = ImuWindow.from_samples([imu_to_sample(m) for m in imus])
+period = NS_PER_S // 10
+cams = [dataclasses.replace(camera, stamp_ns=i * period) for i in range(8)]
+clouds = [dataclasses.replace(lidar, stamp_ns=i * period) for i in range(8)]
+now = NS_PER_S  # after every frame
+snaps = [SensorSnapshot(now, cams[i], clouds[i], window, cams[i - 1], clouds[i - 1]) for i in range(8)]
+
+
+def rolling(pipeline):
+    state = {"i": 0}
+
+    def call():
+        state["i"] += 1
+        return pipeline.fuse(snaps[state["i"] % 8])
+    return call
+
+
+pipelines = {"cpu path: host tokenizers + onnxruntime (1 thread)": FusionPipeline(cfg, create_backend("onnxruntime", model, threads=1)),
+             "torch eager (cuda), whole step": FusionPipeline(cfg, create_backend("torch", model, device="cuda:0")),
+             "torch CUDA graphs, whole step": FusionPipeline(cfg, create_backend("torch-cudagraph", model, device="cuda:0"))}
+cpu_name = next(iter(pipelines))
+reference = pipelines[cpu_name].fuse(snaps[1])
+whole = {}
+for name, pipeline in pipelines.items():
+    timing = bench._time(rolling(pipeline), args.repeats, warmup=50)
+    out = pipeline.fuse(snaps[1])
+    timing["max_abs_diff_vs_cpu_path"] = max(float(np.abs(getattr(out, k) - getattr(reference, k)).max())
+                                             for k in ("pooled", "latents", "attention", "trust"))
+    whole[name] = timing
+    print(name, {k: round(v, 4) for k, v in timing.items()}, flush=True)
+start = time.perf_counter()
+for i in range(200):
+    step_inputs([snaps[i % 8]], reference.tau[None], cfg)
+whole["host packing alone (step_inputs)"] = {"mean_ms": (time.perf_counter() - start) / 200 * 1e3}
+cpu_p50 = whole[cpu_name]["p50_ms"]
+report["whole_step_batch1"] = whole
+report["whole_step_speedup_p50_vs_cpu_path"] = {k: cpu_p50 / v["p50_ms"] for k, v in whole.items() if "p50_ms" in v}
+save()
+
+# -- the model alone, tokens in
 inputs = example_inputs(model, batch=1)
-backends = {"torch eager (cuda)": create_backend("torch", model, device="cuda:0"),
-            "torch CUDA graphs": create_backend("torch-cudagraph", model, device="cuda:0"),
-            "onnxruntime (cpu, 1 thread)": create_backend("onnxruntime", model, threads=1)}
+backends = {"onnxruntime (cpu, 1 thread)": create_backend("onnxruntime", model, threads=1),
+            "torch eager (cuda)": create_backend("torch", model, device="cuda:0"),
+            "torch CUDA graphs": create_backend("torch-cudagraph", model, device="cuda:0")}
 tmp = tempfile.TemporaryDirectory()
 try:
     from fusion_attn.backends import tensorrt_backend  # is TensorRT here?
@@ -42,29 +116,81 @@ try:
     for precision in ("fp32", "fp16"):
         backends[f"tensorrt {precision}"] = create_backend(
             "tensorrt", model, device="cuda:0", tensorrt=TensorRTOptions(precision=precision, cache_dir=Path(tmp.name)))
-    tensorrt = tensorrt_backend.TRT_VERSION
+    report["tensorrt"] = tensorrt_backend.TRT_VERSION
 except ImportError as exc:
-    tensorrt = f"not installed ({exc})"
-
-reference = backends["torch eager (cuda)"].run(inputs)
-results = {}
+    report["tensorrt"] = f"not installed ({exc})"
+model_ref = backends["torch eager (cuda)"].run(inputs)
+alone = {}
 for name, backend in backends.items():
     timing = bench._time(lambda b=backend: b.run(inputs), args.repeats, warmup=50)
     out = backend.run(inputs)
-    timing["max_abs_diff_vs_torch_fp32"] = max(float(np.abs(out[k].astype(np.float64) - reference[k]).max())
+    timing["max_abs_diff_vs_torch_fp32"] = max(float(np.abs(out[k].astype(np.float64) - model_ref[k]).max())
                                                for k in ("fused", "latents", "attention"))
     timing["precision"] = backend.precision
-    results[name] = timing
+    alone[name] = timing
+    print(name, timing, flush=True)
+report["model_alone_batch1"] = alone
+save()
 
-eager = results["torch eager (cuda)"]["p50_ms"]
-report = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(0),
-          "machine": bench.machine(), "tensorrt": tensorrt, "model": source, "repeats": args.repeats,
-          "results": results, "speedup_p50_vs_eager": {k: eager / v["p50_ms"] for k, v in results.items()}}
-args.out.parent.mkdir(parents=True, exist_ok=True)
-args.out.write_text(json.dumps(report, indent=2))
-print(f"date: {report['date']}\ngpu: {report['gpu']}\nmachine: {report['machine']}\nTensorRT: {tensorrt}\n")
-print("| backend (batch 1) | p50 ms | p99 ms | p50 speed-up vs eager | max abs diff vs torch fp32 | precision |")
-print("|---|---|---|---|---|---|")
-for name, r in results.items():
-    print(f"| {name} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {report['speedup_p50_vs_eager'][name]:.2f}x | "
-          f"{r['max_abs_diff_vs_torch_fp32']:.1e} | {r['precision']} |")
+# -- throughput, CUDA graphs
+graphs = backends["torch CUDA graphs"]
+through = {"model alone": {}, "whole step": {}}
+for batch in (1, 16, 256, 4096):
+    x = example_inputs(model, batch=batch)
+    t = bench._time(lambda x=x: graphs.run(x), max(20, args.repeats // batch), warmup=5)
+    through["model alone"][batch] = {"p50_ms": t["p50_ms"], "fusions_per_s": batch / t["p50_ms"] * 1e3}
+step_backend = pipelines["torch CUDA graphs, whole step"].backend
+taus = np.ones((1, 4), np.float32)
+for batch in (1, 4, 16, 64):
+    x = step_inputs([snaps[i % 8] for i in range(batch)], np.repeat(taus, batch, 0), cfg)
+    t = bench._time(lambda x=x: step_backend.run_step(x, "rgb8"), max(10, args.repeats // (4 * batch)), warmup=3)
+    through["whole step"][batch] = {"p50_ms": t["p50_ms"], "fusions_per_s": batch / t["p50_ms"] * 1e3}
+    if batch == 16:  # one batch of 16 against 16 single calls, same device
+        batched = step_backend.run_step(x, "rgb8")
+        single = [step_backend.run_step(step_inputs([snaps[i % 8]], taus, cfg), "rgb8") for i in range(batch)]
+        report["batched_vs_single_whole_step"] = {
+            k: {"byte_identical": bool(all(np.array_equal(batched[k][i], single[i][k][0]) for i in range(batch))),
+                "max_abs_diff": float(max(np.abs(batched[k][i].astype(np.float64) - single[i][k][0]).max() for i in range(batch)))}
+            for k in ("fused", "latents", "attention", "trust")}
+report["throughput"] = through
+print(json.dumps(through, indent=1), json.dumps(report.get("batched_vs_single_whole_step"), indent=1), flush=True)
+save()
+
+# -- replay of the standard recording
+if args.replay_seconds > 0:
+    report["replay"] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        bag = Path(folder) / "standard"
+        bench.write_standard_bag(bag, args.replay_seconds)
+        for name in ("onnxruntime", "torch-cudagraph"):
+            pipeline = FusionPipeline.create(None if args.checkpoint is None else args.checkpoint, backend=name, threads=1)
+            summary = replay([bag], pipeline, Path(folder) / name, ReplayOptions(progress=False))
+            report["replay"][name] = {k: summary["timing"][k] for k in ("recorded_s", "wall_s", "speed_x_real_time")}
+            print("replay", name, report["replay"][name], flush=True)
+    save()
+
+# -- torch.compile'd model alone in a CUDA graph
+if args.compile:
+    from fusion_attn.backends.cuda_graph_backend import CudaGraphBackend
+
+    start = time.perf_counter()
+    compiled = CudaGraphBackend(model)
+    compiled.model = torch.compile(compiled.model, mode="max-autotune-no-cudagraphs", fullgraph=True)
+    compiled.run(inputs)
+    t = bench._time(lambda: compiled.run(inputs), args.repeats, warmup=50)
+    out = compiled.run(inputs)
+    t["max_abs_diff_vs_torch_fp32"] = max(float(np.abs(out[k].astype(np.float64) - model_ref[k]).max())
+                                          for k in ("fused", "latents", "attention"))
+    t["compile_and_capture_s"] = time.perf_counter() - start
+    report["model_alone_batch1"]["torch.compile + CUDA graphs"] = t
+    print("compiled", t, flush=True)
+    save()
+
+print(f"\ndate: {report['date']}\ngpu: {report['gpu']}\nmachine: {report['machine']}\nTensorRT: {report['tensorrt']}\n")
+print("| whole step, batch 1 | p50 ms | p99 ms | p50 speed-up vs CPU path |\n|---|---|---|---|")
+for name, r in whole.items():
+    if "p50_ms" in r:
+        print(f"| {name} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {report['whole_step_speedup_p50_vs_cpu_path'][name]:.1f}x |")
+print("\n| model alone, batch 1 | p50 ms | p99 ms | max abs diff vs torch fp32 |\n|---|---|---|---|")
+for name, r in report["model_alone_batch1"].items():
+    print(f"| {name} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['max_abs_diff_vs_torch_fp32']:.1e} |")
