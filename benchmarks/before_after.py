@@ -3,8 +3,8 @@
     python benchmarks/before_after.py --before 8e1f9ab [--rounds 2] [--out benchmarks/results/before_after.json]
 
 The earlier commit is checked out into a temporary git worktree (with its own packaged model) and
-both trees run the same two benchmarks, alternating round by round so that a machine's drift hits
-both alike: `core_latency.py` (per-stage latency of what the node does per fusion: tokenizers and the
+both trees run the same two benchmarks, alternating round by round (and which goes first, so that
+neither always follows the other's replay) so that a machine's drift hits both alike: `core_latency.py` (per-stage latency of what the node does per fusion: tokenizers and the
 model on ONNX Runtime, 1 thread) and `replay_speed.py` (recorded seconds per wall second). Reports
 each figure's median over the rounds, the ratio of the medians, and the median of the per-round
 ratios (each round's after over the same round's before: robust to a VM that switches speed between
@@ -68,8 +68,9 @@ else:
                        capture_output=True)
         try:
             rounds = {"before": [], "after": []}
-            for _ in range(args.rounds):
-                for name, tree in (("before", before_tree), ("after", HERE)):
+            for i in range(args.rounds):
+                order = (("before", before_tree), ("after", HERE))
+                for name, tree in order if i % 2 == 0 else order[::-1]:  # ABBA: neither always goes first
                     scratch = Path(tmp) / name
                     scratch.mkdir(exist_ok=True)
                     rounds[name].append(measure(tree, scratch))
