@@ -33,6 +33,7 @@ from fusion_attn import bench
 from fusion_attn.adapters import image_to_frame, imu_to_sample, pointcloud2_to_frame
 from fusion_attn.backends.engine_cache import TensorRTOptions
 from fusion_attn.backends.export import example_inputs
+from fusion_attn.backends.torch_backend import TorchBackend
 from fusion_attn.frames import NS_PER_S, ImuWindow
 from fusion_attn.pipeline import FusionPipeline, create_backend, load_model
 from fusion_attn.replay import ReplayOptions, replay
@@ -83,7 +84,7 @@ def rolling(pipeline):
 
 
 pipelines = {"cpu path: host tokenizers + onnxruntime (1 thread)": FusionPipeline(cfg, create_backend("onnxruntime", model, threads=1)),
-             "torch eager (cuda), whole step": FusionPipeline(cfg, create_backend("torch", model, device="cuda:0")),
+             "torch eager (cuda), whole step": FusionPipeline(cfg, TorchBackend(model, device="cuda:0", whole_step=True)),
              "torch CUDA graphs, whole step": FusionPipeline(cfg, create_backend("torch-cudagraph", model, device="cuda:0"))}
 cpu_name = next(iter(pipelines))
 reference = pipelines[cpu_name].fuse(snaps[1])

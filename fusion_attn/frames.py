@@ -25,8 +25,9 @@ class Modality(IntEnum):
 
 MODALITIES: tuple[str, ...] = tuple(m.name.lower() for m in Modality)
 
-# Encodings a CameraFrame may carry after adaptation (colour is always converted to rgb8).
-CAMERA_ENCODINGS = ("rgb8", "mono8", "mono16", "16UC1", "32FC1")
+# Encodings a CameraFrame may carry after adaptation (colour is always converted to rgb8), and the
+# dtype of its image in each.
+CAMERA_ENCODINGS = {"rgb8": np.uint8, "mono8": np.uint8, "mono16": np.uint16, "16UC1": np.uint16, "32FC1": np.float32}
 
 
 def stamp_to_ns(stamp) -> int:

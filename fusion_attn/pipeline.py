@@ -171,7 +171,8 @@ class FusionPipeline:
         return self.fuse_sweep(snap, self.tau[None])[0]
 
     def fuse_sweep(self, snap: SensorSnapshot, taus: np.ndarray) -> list[FusedState]:
-        """One snapshot fused at each τ row of `taus` (K, 4): tokenized once, one batched model call."""
+        """One snapshot fused at each τ row of `taus` (K, 4): tokenized once, one batched model call (a
+        whole-step backend tokenizes each row on the device: K copies of the snapshot)."""
         taus = np.stack([validate_tau(t) for t in taus])
         if getattr(self.backend, "whole_step", False):
             return self._fuse_arrays(snap, taus)

@@ -4,8 +4,9 @@
 tensor operations, so that on a GPU the tokenizers run beside the model (captured in one CUDA graph,
 or exported as one ONNX graph for one TensorRT engine), and many snapshots tokenize in one batch.
 
-    inputs = step_inputs([snap], taus, cfg)           # host: pad and stack the frames' arrays
-    outputs = FusionStep(model)(**torch_inputs)       # device: tokenize, fuse
+    inputs = step_inputs([snap], taus, cfg)                      # host: pad and stack the frames' arrays
+    step = FusionStep(model, *camera_key(snap, cfg)[:2])         # one per camera resolution and encoding
+    outputs = step(**{k: torch.from_numpy(v) for k, v in inputs.items()})   # device: tokenize, fuse
 
 Parity with tokenize.py (tests/test_step.py, on the real recordings): the same points, pixels and IMU
 samples go to the same tokens. The values differ by float rounding only: at most one grey level per
@@ -81,6 +82,8 @@ class CameraTokenizer(nn.Module):
             area = height >= cfg.height and width >= cfg.width
             self.register_buffer("rows", torch.from_numpy(resize_matrix(height, cfg.height, area)), persistent=False)
             self.register_buffer("cols", torch.from_numpy(resize_matrix(width, cfg.width, area).T.copy()), persistent=False)
+        # tokenize.normalise_pixels' statistics as buffers: it builds them per call from the host, a copy
+        # that a CUDA graph capture refuses
         self.register_buffer("mean", torch.from_numpy(IMAGENET_MEAN), persistent=False)
         self.register_buffer("std", torch.from_numpy(IMAGENET_STD), persistent=False)
 
@@ -218,10 +221,6 @@ class ImuTokenizer(nn.Module):
 
 # -- the step ----------------------------------------------------------------------------------------
 
-# The step's inputs besides the arrays: per snapshot, whether each frame is there and its age [s]
-FRAMES = ("camera", "camera_prev", "lidar", "lidar_prev")
-
-
 class FusionStep(nn.Module):
     """Adapted sensor arrays -> the fusion model's outputs and which sensors had data (STEP_OUTPUTS),
     for one camera resolution and encoding. A frame that is absent is marked so in `frame_present` (its arrays are then
@@ -246,8 +245,7 @@ class FusionStep(nn.Module):
         """The model's named inputs but τ (tokenize.input_spec), batched."""
         # image, image_prev (B, H, W, C); points (B, N, 4), point_count (B,) (and _prev); imu_t (B, T),
         # imu_values (B, T, 6), imu_count (B,); frame_present (B, 4) bool and frame_age (B, 5) [s] per
-        # FRAMES and the IMU's newest sample
-        # (its newest sample)
+        # frame (camera, camera_prev, lidar, lidar_prev) and the IMU's newest sample
         c, li = self.cfg.camera, self.cfg.lidar
         B, age = frame_present.shape[0], frame_age
         # a previous frame counts only beside its newest (Tokenizer: "a previous frame alone is no evidence")

@@ -118,8 +118,8 @@ def tokenize_lidar(frame: LidarFrame, cfg: LidarTokens) -> tuple[np.ndarray, np.
     (pillars, points_per_pillar).
 
     Bird's-eye-view pillars: points within range are binned on a grid; the `pillars` most populated
-    cells (ties: the lower cell) become tokens, each with up to `points_per_pillar` points spread evenly over the cell's
-    points (deterministic, no RNG). The model runs a small PointNet over them.
+    cells (ties: the lower cell) become tokens, each with up to `points_per_pillar` points spread
+    evenly over the cell's points (deterministic, no RNG). The model runs a small PointNet over them.
     """
     K, P = cfg.pillars, cfg.points_per_pillar
     out = np.zeros((K, P, cfg.features), np.float32)

@@ -9,7 +9,6 @@ from fusion_attn.backends.export import export_step_onnx, unsupported_ops
 from fusion_attn.backends.onnxruntime_backend import OnnxRuntimeBackend
 from fusion_attn.backends.torch_backend import TorchBackend
 from fusion_attn.bag import open_reader
-from fusion_attn.config import FusionConfig
 from fusion_attn.frames import CameraFrame, ImuWindow, LidarFrame
 from fusion_attn.pipeline import FusionPipeline, create_backend, load_model
 from fusion_attn.replay import Recording, ReplayOptions, recorded_snapshots
@@ -152,9 +151,7 @@ def test_a_batch_needs_one_camera_key(model):
 def test_whole_step_pipeline_fuses_real_data_as_the_host_path(real_data, model):
     """The pipeline's whole-step path (what GPU backends take), run here by the torch backend on the
     CPU, against the CPU default on the same recording."""
-    step_backend = TorchBackend(model)
-    step_backend.whole_step = True
-    whole = FusionPipeline(model.cfg, step_backend)
+    whole = FusionPipeline(model.cfg, TorchBackend(model, whole_step=True))
     host = FusionPipeline(model.cfg, create_backend("torch", model))
     sync = SensorSync(SyncConfig(imu_window_s=model.cfg.imu.window_s))
     with open_reader([real_data / "euroc_v1_01_cam_imu"]) as reader:
@@ -185,10 +182,6 @@ def test_one_graph_export_runs_in_onnx_runtime_as_in_torch(model, tmp_path):
     for name, w in zip(STEP_OUTPUTS, want):
         np.testing.assert_allclose(got[name], w.numpy(), atol=1e-4, err_msg=name)
     assert got["present"].tolist() == [[True, True, True], [False, False, False]]
-
-
-def test_step_keeps_the_models_config(model):
-    assert FusionStep(model, (96, 128, 3), "rgb8").cfg == model.cfg and isinstance(model.cfg, FusionConfig)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the GPU machine, a Jetson)")

@@ -15,8 +15,10 @@ import numpy as np
 import onnx
 import torch
 
+from ..frames import CAMERA_ENCODINGS
 from ..model import FusionModel
-from ..tokenize import OUTPUT_NAMES, input_spec
+from ..step import STEP_INPUTS, STEP_OUTPUTS, FusionStep, step_inputs
+from ..tokenize import OUTPUT_NAMES, SensorSnapshot, input_spec
 
 OPSET = 18  # what torch.export-based export emits natively; TensorRT 10.x parses it
 TENSORRT8_OPSET = 17  # TensorRT 8.6 (JetPack 5) parses up to opset 17
@@ -72,15 +74,12 @@ def export_step_onnx(model: FusionModel, image_shape: tuple[int, int, int], enco
     """Export the whole step (step.FusionStep: sensor arrays -> tokens -> fused state) for one camera
     resolution and encoding, as one graph for one TensorRT engine. Dynamic: the batch, the point counts
     (`points`, `points_prev`) and the IMU samples (`imu_t`, `imu_values`); opset 18 and later only."""
-    from ..step import STEP_INPUTS, STEP_OUTPUTS, FusionStep, step_inputs
-    from ..tokenize import SensorSnapshot
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(model).cpu().eval()
     step = FusionStep(model, image_shape, encoding).eval()
     example = step_inputs([SensorSnapshot(0)] * 2, np.ones((2, 4), np.float32), model.cfg)
-    example["image"] = example["image_prev"] = np.zeros((2, *image_shape), example_dtype(encoding))
+    example["image"] = example["image_prev"] = np.zeros((2, *image_shape), CAMERA_ENCODINGS[encoding])
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     points, points_prev = torch.export.Dim("points", min=2, max=1 << 21), torch.export.Dim("points_prev", min=2, max=1 << 21)
     imu = torch.export.Dim("imu", min=2, max=1 << 14)
@@ -97,12 +96,6 @@ def export_step_onnx(model: FusionModel, image_shape: tuple[int, int, int], enco
     program.save(str(path))
     onnx.checker.check_model(str(path), full_check=True)
     return path
-
-
-def example_dtype(encoding: str) -> np.dtype:
-    """The image dtype an adapted CameraFrame of this encoding carries (frames.CAMERA_ENCODINGS)."""
-    return np.dtype({"rgb8": np.uint8, "mono8": np.uint8, "mono16": np.uint16, "16UC1": np.uint16,
-                     "32FC1": np.float32}[encoding])
 
 
 def tensorrt_supported_ops() -> set[str]:

@@ -1,5 +1,6 @@
-"""PyTorch eager backend (CPU or CUDA). On a GPU it runs the whole step (step.FusionStep: tokenizers
-too); on the CPU the host tokenizers (tokenize.py) stay faster, so it takes their tokens."""
+"""PyTorch eager backend (CPU or CUDA). It takes the host tokenizers' tokens; `whole_step=True` makes it
+run the whole step instead (step.FusionStep: the tokenizers too, on its device). Eager, that is slower
+than the host tokenizers even on a GPU (docs/BENCHMARKS.md): the whole step pays on torch-cudagraph."""
 
 from __future__ import annotations
 
@@ -17,14 +18,14 @@ class TorchBackend:
     name = "torch"
     precision = "fp32"
 
-    def __init__(self, model: FusionModel, device: str = "cpu", threads: int | None = None):
+    def __init__(self, model: FusionModel, device: str = "cpu", threads: int | None = None, whole_step: bool = False):
         if threads:
             torch.set_num_threads(threads)
         self.device = device
         # its own copy: the caller's model may feed other backends (the ONNX export runs on the CPU) and
         # must keep its device, dtype and training flag
         self.model = copy.deepcopy(model).eval().to(device)
-        self.whole_step = torch.device(device).type == "cuda"
+        self.whole_step = whole_step  # FusionPipeline hands it sensor arrays (run_step), not tokens
         self.steps: dict[tuple, FusionStep] = {}  # (image shape, encoding) -> its step module
 
     @torch.inference_mode()
