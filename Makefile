@@ -55,6 +55,8 @@ runs/motion_wide/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/motion_wide --fixed-tau --trust-floor 0.01 --camera-shifts 6 --camera-size 64 256 --eval-every 2000
 runs/wide-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/wide-s$* --seed $* --fixed-tau --trust-floor 0.01 --camera-size 64 256 --eval-every 2000
+runs/scan-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/scan-s$* --seed $* --fixed-tau --trust-floor 0.01 --camera-size 64 256 --lidar-motion --eval-every 2000
 robustness: $(STAMP) $(BASELINES:%=%/train_state.pt)
 	$(VENV)/bin/fusion-attn eval-robustness sensor=runs/default 'sensor#1=runs/sensor-s1' 'sensor#2=runs/sensor-s2' \
 		concat=runs/concat-s0 'concat#1=runs/concat-s1' 'concat#2=runs/concat-s2' mean=runs/mean token=runs/token \

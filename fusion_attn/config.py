@@ -95,6 +95,9 @@ class ModelConfig:
     # camera motion evidence: each camera token also gets how well its columns match the previous
     # frame's shifted by -camera_shifts..camera_shifts columns (yaw and sideways flow; 0: none)
     camera_shifts: int = field(default=0, metadata=ADDED_LATER)
+    # lidar motion evidence: the lidar tokens also get the scan match of the sweep and the previous one
+    # (model.lidar_scan_match: yaw rate, velocity, inlier share and residual)
+    lidar_motion: bool = field(default=False, metadata=ADDED_LATER)
 
 
 @dataclass(frozen=True)

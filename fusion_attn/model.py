@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import CameraTokens, FusionConfig, ModelConfig
+from .config import CameraTokens, FusionConfig, LidarTokens, ModelConfig
 from .frames import Modality
 from .tokenize import LIDAR_INDEX, imu_samples
 
@@ -99,6 +99,131 @@ def column_shift_match(patches, prev_patches, cam: CameraTokens, shifts: int) ->
     return err / (err.mean(-1, keepdim=True) + 1e-2)
 
 
+SCAN_MATCH_GATES_M = (0.5, 0.3, 0.2, 0.1)  # inlier distance of each Gauss-Newton step, shrinking
+SCAN_MATCH_FEATURES = 6
+
+
+def _pillar_lines(xy, mask):
+    """(B, K, P, 2) points [m], (B, K, P) -> each pillar's centroid (B, K, 2), unit normal of its points'
+    principal line (B, K, 2) and whether they form a line (B, K): a 2x2 covariance's eigenvector, closed form."""
+    w = mask.to(xy.dtype)
+    n = w.sum(-1).clamp_min(1e-6)
+    centre = (xy * w.unsqueeze(-1)).sum(2) / n.unsqueeze(-1)
+    d = (xy - centre.unsqueeze(2)) * w.unsqueeze(-1)
+    a, b, c = (d[..., 0] ** 2).sum(-1) / n, (d[..., 0] * d[..., 1]).sum(-1) / n, (d[..., 1] ** 2).sum(-1) / n
+    root = torch.sqrt((0.5 * (a - c)) ** 2 + b**2)
+    low, high = 0.5 * (a + c) - root, 0.5 * (a + c) + root
+    v1, v2 = torch.stack([b, low - a], -1), torch.stack([low - c, b], -1)  # both solve (cov - low) v = 0
+    v = torch.where((v1.norm(dim=-1) >= v2.norm(dim=-1)).unsqueeze(-1), v1, v2)
+    normal = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-9)
+    return centre, normal, (n >= 3) & (low < 0.1 * high) & (high > 1e-4)
+
+
+def _cell_table(x, centre, normal, is_line, lidar: LidarTokens):
+    """A lookup from grid cell to pillar: (B, grid^2) pillar index, K where no line pillar is, and each
+    pillar's line (B, K + 1, 4), the K-th "none". A pillar's cell is where its points' offsets (dx, dy
+    from the cell's centre) put the centre."""
+    per_m = lidar.grid / (2.0 * lidar.range_m)
+    pts, mask = x["lidar_points"].detach(), x["lidar_mask"].to(centre.dtype)
+    offset = pts[..., [LIDAR_INDEX["dx"], LIDAR_INDEX["dy"]]] / per_m  # (B, K, P, 2) [m]
+    cell_centre = ((pts[..., [LIDAR_INDEX["x"], LIDAR_INDEX["y"]]] * lidar.range_m - offset) * mask.unsqueeze(-1)).sum(2) \
+        / mask.sum(2).clamp_min(1).unsqueeze(-1)
+    ij = ((cell_centre + lidar.range_m) * per_m).floor().clamp(0, lidar.grid - 1)
+    B, K = is_line.shape
+    cells = lidar.grid * lidar.grid
+    cell = torch.where(is_line, (ij[..., 0] * lidar.grid + ij[..., 1]).long(), cells)  # no line: the spare slot
+    pillar = torch.arange(K, device=centre.device).expand(B, K)
+    table = torch.full((B, cells + 1), K, dtype=torch.long, device=centre.device).scatter(1, cell, pillar)[:, :cells]
+    # per pillar, and a K-th "none" one: normal, the line's offset n . centre, 1 for a line
+    line = torch.cat([normal, (normal * centre).sum(-1, keepdim=True), is_line.unsqueeze(-1).to(centre.dtype)], -1)
+    return table, torch.cat([line, line.new_zeros(B, 1, 4)], 1), lidar
+
+
+def _moved(q, pose, quarter_turn):
+    """(B, N, 2) points moved by pose (B, 3: theta, tx, ty) -> R q + t, and R q turned by +90 degrees
+    (the derivative of R q by theta)."""
+    cos, sin = pose[:, 0].cos(), pose[:, 0].sin()
+    rotation_t = torch.stack([cos, sin, -sin, cos], -1).view(-1, 2, 2)  # R transposed: row vectors times it
+    rotated = q @ rotation_t
+    return rotated + pose[:, None, 1:], rotated @ quarter_turn
+
+
+def _line_residuals(moved, lines, gate):
+    """Each moved point's signed distance to the line of the pillar whose cell it falls in (B, N), that
+    line's normal (B, N, 2), and whether it is an inlier: in a line pillar's cell and within `gate` of the
+    line. A lookup by grid cell, not a nearest-neighbour search: O(N), not O(N K)."""
+    table, line, lidar = lines
+    per_m = lidar.grid / (2.0 * lidar.range_m)
+    ij = ((moved + lidar.range_m) * per_m).floor().clamp(0, lidar.grid - 1)
+    cell = (ij[..., 0] * lidar.grid + ij[..., 1]).long()  # (B, N)
+    hit = line.gather(1, table.gather(1, cell).unsqueeze(-1).expand(-1, -1, 4))  # (B, N, 4): its pillar's line
+    n = hit[..., :2]
+    r = (n * moved).sum(-1) - hit[..., 2]
+    return r, n, (hit[..., 3] > 0) & (r.abs() < gate)
+
+
+def _adjugate_map() -> torch.Tensor:
+    """(81, 9): the outer product of a 3x3 matrix's entries with itself, flattened, times this is its
+    adjugate, flattened: adj[i, j] = a[j+1, i+1] a[j+2, i+2] - a[j+1, i+2] a[j+2, i+1] (indices mod 3)."""
+    m = torch.zeros(9, 9, 9)
+    for i in range(3):
+        for j in range(3):
+            j1, j2, i1, i2 = (j + 1) % 3, (j + 2) % 3, (i + 1) % 3, (i + 2) % 3
+            m[3 * j1 + i1, 3 * j2 + i2, 3 * i + j] += 1.0
+            m[3 * j1 + i2, 3 * j2 + i1, 3 * i + j] -= 1.0
+    return m.view(81, 9)
+
+
+ADJUGATE_MAP = _adjugate_map()
+
+
+def _solve3(a, g):
+    """(B, 3, 3), (B, 3) -> a^-1 g by the adjugate: a product with a fixed matrix, few graph ops, no solver."""
+    flat = a.flatten(1)  # (B, 9)
+    adj = ((flat.unsqueeze(2) * flat.unsqueeze(1)).flatten(1) @ ADJUGATE_MAP.to(a)).view(-1, 3, 3)
+    det = (a[:, 0] * adj[:, :, 0]).sum(-1, keepdim=True)  # (a adj)[0, 0]
+    return (adj @ g.unsqueeze(-1)).squeeze(-1) / det
+
+
+def lidar_scan_match(x: dict[str, torch.Tensor], lidar: LidarTokens) -> torch.Tensor:
+    """The lidar's own ego-motion evidence: (B, SCAN_MATCH_FEATURES) from its two sweeps' pillar points.
+
+    A point-to-line ICP (Gauss-Newton on rotation and translation, fixed steps with a shrinking gate)
+    of the previous sweep's points onto the lines of this sweep's pillars (each pillar's principal
+    line through its centroid; the nearest line pillar's line per point). Features: yaw rate [rad/s],
+    forward and sideways speed [m/s] of the sensor between the sweeps (clamped to +-10), the share of
+    inliers, log of their RMS residual and 1 where there was something to match. What a frozen
+    (nothing moved, perfect fit) or noisy (few inliers) sweep looks like comes with it. Not trained:
+    a fixed function of the inputs, so it exports as plain graph ops (no solver, no atan2).
+    """
+    xy_i = [LIDAR_INDEX["x"], LIDAR_INDEX["y"]]
+    now, before = x["lidar_points"][..., xy_i] * lidar.range_m, x["lidar_prev_points"][..., xy_i] * lidar.range_m
+    centre, normal, is_line = _pillar_lines(now.detach(), x["lidar_mask"])
+    lines = _cell_table(x, centre, normal, is_line, lidar)
+    q, q_mask = before.detach().flatten(1, 2), x["lidar_prev_mask"].flatten(1, 2)  # (B, N, 2), (B, N)
+    pose = q.new_zeros(q.shape[0], 3)  # theta, tx, ty: q moved onto now by R(theta) q + t
+    damping = 1e-3 * torch.eye(3, dtype=q.dtype, device=q.device)
+    quarter_turn = q.new_tensor([[0.0, 1.0], [-1.0, 0.0]])  # row vector v @ this = v turned by +90 degrees
+    for gate in SCAN_MATCH_GATES_M:
+        moved, turned = _moved(q, pose, quarter_turn)
+        r, n, inlier = _line_residuals(moved, lines, gate)
+        jac = torch.cat([(n * turned).sum(-1, keepdim=True), n], -1) * (inlier & q_mask).unsqueeze(-1)  # (B, N, 3)
+        pose = pose - _solve3(jac.transpose(1, 2) @ jac + damping, (jac * r.unsqueeze(-1)).sum(1))
+    theta, t = pose[:, 0], pose[:, 1:]
+    r, _, inlier = _line_residuals(_moved(q, pose, quarter_turn)[0], lines, SCAN_MATCH_GATES_M[-1])
+    w = (inlier & q_mask).to(q.dtype)
+    n_q = q_mask.sum(1).clamp_min(1)
+    share = w.sum(1) / n_q
+    rms = ((r.pow(2) * w).sum(1) / w.sum(1).clamp_min(1)).sqrt()
+    interval = (x["lidar_prev_age"] - x["lidar_age"])[:, 0]
+    valid = (interval > 1e-3) & (is_line.sum(1) >= 3) & (w.sum(1) >= 10)
+    per_s = 1.0 / interval.clamp_min(1e-3)
+    # q moved onto now: the sensor turned by -theta and moved by -t (first order)
+    rates = torch.stack([-theta * per_s, -t[:, 0] * per_s, -t[:, 1] * per_s], -1).clamp(-10.0, 10.0)
+    out = torch.cat([rates, share.unsqueeze(-1), torch.log(rms + 1e-3).unsqueeze(-1), torch.ones_like(share).unsqueeze(-1)], -1)
+    return torch.where(valid.unsqueeze(-1), out, 0.0)
+
+
 class MLP(nn.Module):
     def __init__(self, d_in: int, d_hidden: int, d_out: int):
         super().__init__()
@@ -113,7 +238,7 @@ class SensorEmbedding(nn.Module):
 
     Each token also carries what changed since its sensor's previous frame: a camera patch its
     difference from the same patch one frame back, every lidar pillar the change of the whole
-    sweep's PointNet descriptor. That is the model's evidence of motion, and of a frozen sensor (no
+    sweep's PointNet descriptor (and, with model.lidar_motion, the sweeps' scan match). That is the model's evidence of motion, and of a frozen sensor (no
     change at all). `evidence` adds a few statistics per sensor for the trust estimate (see _evidence).
     """
 
@@ -129,6 +254,7 @@ class SensorEmbedding(nn.Module):
                                                      cfg.camera.width // cfg.camera.patch, d), persistent=False)
         self.lidar = MLP(cfg.lidar.features, d, d)  # shared per-point MLP + masked max: a small PointNet
         self.lidar_change = nn.Linear(d, d, bias=False)
+        self.lidar_motion = nn.Linear(SCAN_MATCH_FEATURES, d, bias=False) if cfg.model.lidar_motion else None
         self.imu = MLP(cfg.imu.features, d, d)
         self.modality = nn.Parameter(torch.randn(3, d) * 0.02)
         self.no_previous = nn.Parameter(torch.randn(2, d) * 0.02)  # camera, lidar: no previous frame to compare
@@ -163,9 +289,10 @@ class SensorEmbedding(nn.Module):
         sweep = _masked_max(lidar, lidar_mask)
         sweep_change = torch.where(has_prev.unsqueeze(-1), sweep - _masked_max(prev, prev_mask), 0.0)  # (B, D)
         lidar_interval = (x["lidar_prev_age"] - x["lidar_age"])[:, 0]  # (B,)
-        lidar = lidar + torch.where(has_prev[:, None, None],
-                                    (self.lidar_change(sweep_change) + self.interval(fourier(lidar_interval))).unsqueeze(1),
-                                    self.no_previous[1])
+        since_prev = self.lidar_change(sweep_change) + self.interval(fourier(lidar_interval))
+        if self.lidar_motion is not None:
+            since_prev = since_prev + self.lidar_motion(lidar_scan_match(x, self.cfg.lidar))
+        lidar = lidar + torch.where(has_prev[:, None, None], since_prev.unsqueeze(1), self.no_previous[1])
         imu = self.imu(x["imu_chunks"])  # (B, N_i, D)
         tokens = torch.cat([cam, lidar, imu], dim=1) + self.modality[self.modality_id]  # (B, N, D)
         age = torch.cat([x["camera_age"], x["lidar_age"], x["imu_age"]], dim=1)  # (B, N)

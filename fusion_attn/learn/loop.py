@@ -75,6 +75,7 @@ class TrainConfig:
     learned_head_temperature: bool = False
     trust_floor: float = 0.0
     camera_shifts: int = 0
+    lidar_motion: bool = False
     camera_size: tuple[int, int] = (96, 128)  # height, width the camera tokenizer resizes to (config.CameraTokens)
 
     def fusion_config(self) -> FusionConfig:
@@ -83,7 +84,7 @@ class TrainConfig:
                             model=ModelConfig(latent_blocks=self.latent_blocks, qk_norm=self.qk_norm,
                                               learned_head_temperature=self.learned_head_temperature,
                                               fusion=self.sensor_fusion, trust_floor=self.trust_floor,
-                                              camera_shifts=self.camera_shifts))
+                                              camera_shifts=self.camera_shifts, lidar_motion=self.lidar_motion))
 
     @classmethod
     def from_dict(cls, saved: dict) -> TrainConfig:
