@@ -14,8 +14,9 @@ from fusion_attn.model import FusionModel
 from fusion_attn.tokenize import OUTPUT_NAMES, input_spec
 
 
-@pytest.fixture(scope="module", params=[{}, {"qk_norm": True, "learned_head_temperature": True}, {"fusion": "token"}],
-                ids=["plain", "qknorm+headtau", "token"])
+@pytest.fixture(scope="module", params=[{}, {"qk_norm": True, "learned_head_temperature": True}, {"fusion": "token"},
+                                        {"lidar_motion": True}],
+                ids=["plain", "qknorm+headtau", "token", "lidar_motion"])
 def exported(request, tmp_path_factory):
     torch.manual_seed(0)
     model = FusionModel(FusionConfig(model=ModelConfig(**request.param))).eval()

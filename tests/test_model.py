@@ -153,7 +153,8 @@ def test_per_modality_tau_moves_attention(fusion):
 
 @pytest.mark.parametrize("fusion", FUSIONS)
 @pytest.mark.parametrize("options", [{}, {"qk_norm": True}, {"learned_head_temperature": True},
-                                     {"qk_norm": True, "learned_head_temperature": True, "latent_blocks": 2}, {"camera_shifts": 6}])
+                                     {"qk_norm": True, "learned_head_temperature": True, "latent_blocks": 2}, {"camera_shifts": 6},
+                                     {"lidar_motion": True}])
 def test_gradients_are_finite_for_every_variant(options, fusion):
     model = _model(fusion=fusion, **options).train()
     x = _inputs(model, batch=3)
@@ -238,3 +239,68 @@ def test_column_shift_match_dips_where_the_image_moved(moved):
     assert curve.shape == (1, cam.tokens, 13)
     assert int(curve.mean(1).argmin()) - 6 == moved
     assert (curve.argmin(-1) - 6 == moved).float().mean() > 0.8  # most patches see it on their own
+
+
+def _room_sweep(yaw: float, forward: float) -> "LidarFrame":
+    """A sensor at (forward, 0) turned by yaw in a walled room with a box in it: wall points every 2 cm
+    at four heights, in the sensor's frame."""
+    from fusion_attn.frames import LidarFrame
+
+    def segment(a, b):
+        n = int(np.hypot(*np.subtract(b, a)) / 0.02)
+        return np.linspace(a, b, n, endpoint=False)
+
+    corners = [(-5.0, -3.5), (7.0, -3.5), (7.0, 4.5), (-5.0, 4.5)]
+    box = [(2.0, 1.0), (3.2, 1.0), (3.2, 1.8), (2.0, 1.8)]
+    world = np.concatenate([segment(c[i], c[(i + 1) % 4]) for c in (corners, box) for i in range(4)])
+    cos, sin = math.cos(yaw), math.sin(yaw)
+    local = (world - [forward, 0.0]) @ np.array([[cos, -sin], [sin, cos]])  # R(-yaw) (w - position), as rows
+    pts = np.concatenate([np.c_[local, np.full(len(local), z), np.full(len(local), 50.0)] for z in (-0.5, 0.0, 0.5, 1.0)])
+    return LidarFrame(stamp_ns=0, frame_id="lidar", points=pts.astype(np.float32))
+
+
+def _scan_inputs(now, before, interval=0.1):
+    from fusion_attn.tokenize import tokenize_lidar
+
+    cfg = FusionConfig()
+    (p, pm), (q, qm) = tokenize_lidar(now, cfg.lidar), tokenize_lidar(before, cfg.lidar)
+    x = {"lidar_points": p, "lidar_mask": pm, "lidar_prev_points": q, "lidar_prev_mask": qm,
+         "lidar_age": np.zeros(cfg.lidar.tokens, np.float32), "lidar_prev_age": np.full(cfg.lidar.tokens, interval, np.float32)}
+    return {k: torch.from_numpy(v)[None] for k, v in x.items()}, cfg
+
+
+@pytest.mark.parametrize("yaw,forward", [(0.0, 0.0), (0.04, 0.0), (0.0, 0.1), (-0.06, 0.08), (0.1, 0.15)])
+def test_lidar_scan_match_measures_how_the_sensor_moved(yaw, forward):
+    from fusion_attn.model import lidar_scan_match
+
+    x, cfg = _scan_inputs(_room_sweep(yaw, forward), _room_sweep(0.0, 0.0))
+    yaw_rate, speed, sideways, share, log_rms, valid = lidar_scan_match(x, cfg.lidar)[0].tolist()
+    assert valid == 1.0 and share > 0.5
+    # the sensor moved by (forward, 0) in the previous sweep's frame, which is R(-yaw) of that in its own
+    assert abs(yaw_rate - yaw / 0.1) < 0.05 and abs(speed - forward * math.cos(yaw) / 0.1) < 0.05
+    assert abs(sideways + forward * math.sin(yaw) / 0.1) < 0.05
+    assert log_rms < math.log(0.03)
+
+
+def test_lidar_scan_match_of_a_frozen_sweep_is_still_and_exact_and_of_none_is_zero():
+    from fusion_attn.model import lidar_scan_match
+
+    sweep = _room_sweep(0.02, 0.05)
+    x, cfg = _scan_inputs(sweep, sweep)
+    yaw_rate, speed, sideways, share, log_rms, valid = lidar_scan_match(x, cfg.lidar)[0].tolist()
+    assert valid == 1.0 and max(abs(yaw_rate), abs(speed), abs(sideways)) < 1e-3 and share > 0.8  # corners: no line
+    assert log_rms < math.log(0.03)  # what is left is the pillars' line fits, not motion
+    x["lidar_prev_mask"][:] = False  # no previous sweep: no evidence, all zero
+    assert not lidar_scan_match(x, cfg.lidar).any()
+    x, _ = _scan_inputs(sweep, sweep, interval=0.0)  # the same stamp twice: no interval to measure a rate over
+    assert not lidar_scan_match(x, cfg.lidar).any()
+
+
+def test_the_3x3_solve_by_adjugate_matches_a_solver():
+    from fusion_attn.model import _solve3
+
+    gen = torch.Generator().manual_seed(0)
+    m = torch.randn(16, 3, 3, generator=gen, dtype=torch.float64)
+    a = m @ m.transpose(1, 2) + 0.1 * torch.eye(3, dtype=torch.float64)
+    g = torch.randn(16, 3, generator=gen, dtype=torch.float64)
+    assert torch.allclose(_solve3(a, g), torch.linalg.solve(a, g), rtol=1e-9, atol=1e-9)

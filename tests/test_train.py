@@ -413,12 +413,12 @@ def test_training_learns_the_trust_and_validation_reports_it(tmp_path, cache):
 
 def test_camera_options_reach_the_model_and_the_recorded_command(tmp_path, cache):
     out = tmp_path / "run"
-    assert _train_cli(out, cache, "--steps", "2", "--camera-size", "32", "64", "--camera-shifts", "3") == 0
+    assert _train_cli(out, cache, "--steps", "2", "--camera-size", "32", "64", "--camera-shifts", "3", "--lidar-motion") == 0
     model = load_checkpoint(out / "model.safetensors")
     assert (model.cfg.camera.height, model.cfg.camera.width, model.cfg.model.camera_shifts) == (32, 64, 3)
-    assert model.embed.camera_motion.in_features == 7
+    assert model.embed.camera_motion.in_features == 7 and model.cfg.model.lidar_motion
     _, _, info = read_checkpoint(out / "model.safetensors")
-    assert "--camera-shifts 3 --camera-size 32 64 " in info["command"]
+    assert "--camera-shifts 3 --lidar-motion --camera-size 32 64 " in info["command"]
     assert _train_cli(tmp_path / "bad", cache, "--steps", "2", "--camera-size", "30", "64") == 2  # not patches of 16
 
 
