@@ -36,7 +36,7 @@ default-model: $(STAMP)
 # with three seeds each, then every single-sensor fault x τ on held-out episodes, and the real
 # recordings with corrupted copies.
 BASELINES := runs/sensor-s1 runs/sensor-s2 runs/concat-s0 runs/concat-s1 runs/concat-s2 runs/mean runs/token runs/fixed_tau runs/fixed_tau_floor \
-	runs/motion_floor runs/motion_wide runs/wide-s0 runs/wide-s1 runs/wide-s2
+	runs/motion_floor runs/motion_wide runs/wide-s0 runs/wide-s1 runs/wide-s2 runs/scan-s0 runs/scan-s1 runs/scan-s2
 runs/sensor-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/sensor-s$* --seed $* --eval-every 2000
 runs/concat-s%/train_state.pt: | $(STAMP)
@@ -61,7 +61,8 @@ robustness: $(STAMP) $(BASELINES:%=%/train_state.pt)
 	$(VENV)/bin/fusion-attn eval-robustness sensor=runs/default 'sensor#1=runs/sensor-s1' 'sensor#2=runs/sensor-s2' \
 		concat=runs/concat-s0 'concat#1=runs/concat-s1' 'concat#2=runs/concat-s2' mean=runs/mean token=runs/token \
 		fixed_tau=runs/fixed_tau fixed_tau_floor=runs/fixed_tau_floor motion=runs/motion_floor motion_wide=runs/motion_wide \
-		wide=runs/wide-s0 'wide#1=runs/wide-s1' 'wide#2=runs/wide-s2' -o docs/results --jobs 2 --bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame \
+		wide=runs/wide-s0 'wide#1=runs/wide-s1' 'wide#2=runs/wide-s2' scan=runs/scan-s0 'scan#1=runs/scan-s1' \
+		'scan#2=runs/scan-s2' -o docs/results --jobs 2 --bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame \
 		$(REAL)/sick_lms1xx_scan_cloud_radar.bag
 
 # Build with colcon (the robot's path) into a temp workspace and check the install tree.

@@ -21,7 +21,8 @@ neighbours, normals from each current point's neighbourhood, a coarse yaw search
 then Gauss-Newton steps with a shrinking gate) between the two sweeps' points, in numpy, on every
 k-th validation sample; its speed and yaw rate (minus the translation along x and minus the rotation,
 per second) against the truth now and the mean over the two sweeps' capture times: mean, median
-and 90th percentile of the error, and the lag floor as for the camera.
+and 90th percentile of the error, and the lag floor as for the camera; and the same for the model's
+own scan match (`model.lidar_scan_match`, `--lidar-motion`: lines per pillar, no neighbour search).
 For reference: predicting the training mean, and the trained model's error with and without the IMU
 are in its metrics.json (`val`).
 """
@@ -40,7 +41,7 @@ from fusion_attn.config import cache_dir
 from fusion_attn.learn.augment import gather
 from fusion_attn.learn.data import Dataset, build_datasets
 from fusion_attn.learn.loop import TrainConfig
-from fusion_attn.model import column_shift_match
+from fusion_attn.model import column_shift_match, lidar_scan_match
 from fusion_attn.tokenize import LIDAR_INDEX
 
 
@@ -125,11 +126,24 @@ def lidar_motion(ds: Dataset, cfg, samples: int, hz: float) -> dict:
             rates.append((-match[1][0] / interval[k], -match[0] / interval[k]))
             kept.append(i)
     rates, kept = np.array(rates), np.array(kept)
-    velocity = ds.arrays["velocity"]
-    then, before = frame_tick(ds, kept, "lidar", hz), frame_tick(ds, ds.arrays["lidar_prev"][kept], "lidar", hz)
     out = {"sampled": len(idx), "matched": len(kept),
            "frame_age_s": float(np.median(ds.arrays["lidar_age"][kept, 0]))}
+    out.update(_rate_errors(ds, rates, kept, hz))
+    # the model's own scan match (model.lidar_scan_match, --lidar-motion) on the same samples
+    with torch.no_grad():
+        f = lidar_scan_match(x, cfg.lidar).numpy()  # yaw rate, speed, sideways, share, log rms, valid
+    ok = ds.arrays["labelled"][idx.numpy()] & (f[:, 5] > 0)
+    out["model_scan_match"] = {"matched": int(ok.sum()), "median_inlier_share": float(np.median(f[ok, 3])),
+                               **_rate_errors(ds, f[ok][:, [1, 0]], idx.numpy()[ok], hz)}
+    return out
+
+
+def _rate_errors(ds: Dataset, rates: np.ndarray, kept: np.ndarray, hz: float) -> dict:
+    """Errors of (speed, yaw rate) estimates at samples `kept` against the truth now and at the sweeps' times."""
+    velocity = ds.arrays["velocity"]
+    then, before = frame_tick(ds, kept, "lidar", hz), frame_tick(ds, ds.arrays["lidar_prev"][kept], "lidar", hz)
     frames = 0.5 * (velocity[then] + velocity[before])  # the mean over the two sweeps' own times
+    out = {}
     for j, name in enumerate(("speed_mps", "yaw_rate_radps")):
         out[f"lag_floor_{name}"] = float(np.abs(velocity[kept, j] - frames[:, j]).mean())
         for label, truth in (("now", velocity[kept, j]), ("frames", frames[:, j])):

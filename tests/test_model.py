@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from fusion_attn.backends.export import example_inputs
 from fusion_attn.config import FusionConfig, ModelConfig
-from fusion_attn.frames import Modality
+from fusion_attn.frames import LidarFrame, Modality
 from fusion_attn.model import CrossAttention, FusionModel, masked_softmax, softmax_lipschitz
 
 
@@ -241,11 +241,9 @@ def test_column_shift_match_dips_where_the_image_moved(moved):
     assert (curve.argmin(-1) - 6 == moved).float().mean() > 0.8  # most patches see it on their own
 
 
-def _room_sweep(yaw: float, forward: float) -> "LidarFrame":
+def _room_sweep(yaw: float, forward: float) -> LidarFrame:
     """A sensor at (forward, 0) turned by yaw in a walled room with a box in it: wall points every 2 cm
     at four heights, in the sensor's frame."""
-    from fusion_attn.frames import LidarFrame
-
     def segment(a, b):
         n = int(np.hypot(*np.subtract(b, a)) / 0.02)
         return np.linspace(a, b, n, endpoint=False)
