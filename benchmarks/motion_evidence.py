@@ -21,7 +21,8 @@ neighbours, normals from each current point's neighbourhood, a coarse yaw search
 then Gauss-Newton steps with a shrinking gate) between the two sweeps' points, in numpy, on every
 k-th validation sample; its speed and yaw rate (minus the translation along x and minus the rotation,
 per second) against the truth now and the mean over the two sweeps' capture times: mean, median
-and 90th percentile of the error, and the lag floor as for the camera; and the same for the model's
+and 90th percentile of the error, and the lag floor as for the camera (also against the truth at the
+newer sweep's own time, "arrival": what a fusion on each sweep's arrival would have to match); and the same for the model's
 own scan match (`model.lidar_scan_match`, `--lidar-motion`: lines per pillar, no neighbour search).
 For reference: predicting the training mean, and the trained model's error with and without the IMU
 are in its metrics.json (`val`).
@@ -146,7 +147,9 @@ def _rate_errors(ds: Dataset, rates: np.ndarray, kept: np.ndarray, hz: float) ->
     out = {}
     for j, name in enumerate(("speed_mps", "yaw_rate_radps")):
         out[f"lag_floor_{name}"] = float(np.abs(velocity[kept, j] - frames[:, j]).mean())
-        for label, truth in (("now", velocity[kept, j]), ("frames", frames[:, j])):
+        # fused as the newer sweep arrives (the node's trigger mode) the truth to match is the one at its time
+        out[f"lag_floor_at_arrival_{name}"] = float(np.abs(velocity[then, j] - frames[:, j]).mean())
+        for label, truth in (("now", velocity[kept, j]), ("frames", frames[:, j]), ("arrival", velocity[then, j])):
             err = np.abs(rates[:, j] - truth)
             out[f"{name}_vs_{label}"] = {"mae": float(err.mean()), "median": float(np.median(err)),
                                          "p90": float(np.percentile(err, 90))}
