@@ -182,7 +182,8 @@ def _solve3(a, g):
     flat = a.flatten(1)  # (B, 9)
     adj = ((flat.unsqueeze(2) * flat.unsqueeze(1)).flatten(1) @ ADJUGATE_MAP.to(a)).view(-1, 3, 3)
     det = (a[:, 0] * adj[:, :, 0]).sum(-1, keepdim=True)  # (a adj)[0, 0]
-    return (adj @ g.unsqueeze(-1)).squeeze(-1) / det
+    solvable = det.abs() > 1e-12  # fp32 cancellation can leave a degenerate system (one wall) at 0: no step
+    return torch.where(solvable, (adj @ g.unsqueeze(-1)).squeeze(-1) / torch.where(solvable, det, 1.0), 0.0)
 
 
 def lidar_scan_match(x: dict[str, torch.Tensor], lidar: LidarTokens) -> torch.Tensor:

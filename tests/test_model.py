@@ -302,3 +302,14 @@ def test_the_3x3_solve_by_adjugate_matches_a_solver():
     a = m @ m.transpose(1, 2) + 0.1 * torch.eye(3, dtype=torch.float64)
     g = torch.randn(16, 3, generator=gen, dtype=torch.float64)
     assert torch.allclose(_solve3(a, g), torch.linalg.solve(a, g), rtol=1e-9, atol=1e-9)
+
+
+def test_lidar_scan_match_stays_finite_where_the_motion_is_not_observable():
+    from fusion_attn.model import _solve3, lidar_scan_match
+
+    wall = np.c_[np.full(800, 4.0), np.linspace(-6, 6, 800)]  # one straight wall: sliding along it is invisible
+    pts = np.concatenate([np.c_[wall, np.full(800, z), np.full(800, 50.0)] for z in (0.0, 0.5)]).astype(np.float32)
+    sweep = LidarFrame(stamp_ns=0, frame_id="lidar", points=pts)
+    x, cfg = _scan_inputs(sweep, LidarFrame(stamp_ns=0, frame_id="lidar", points=pts + [0.0, 0.3, 0.0, 0.0]))
+    assert torch.isfinite(lidar_scan_match(x, cfg.lidar)).all()
+    assert not _solve3(torch.zeros(1, 3, 3), torch.ones(1, 3)).any()  # a singular system takes no step
