@@ -191,11 +191,12 @@ def lidar_scan_match(x: dict[str, torch.Tensor], lidar: LidarTokens) -> torch.Te
 
     A point-to-line ICP (Gauss-Newton on rotation and translation, fixed steps with a shrinking gate)
     of the previous sweep's points onto the lines of this sweep's pillars (each pillar's principal
-    line through its centroid; the nearest line pillar's line per point). Features: yaw rate [rad/s],
-    forward and sideways speed [m/s] of the sensor between the sweeps (clamped to +-10), the share of
-    inliers, log of their RMS residual and 1 where there was something to match. What a frozen
-    (nothing moved, perfect fit) or noisy (few inliers) sweep looks like comes with it. Not trained:
-    a fixed function of the inputs, so it exports as plain graph ops (no solver, no atan2).
+    line through its centroid; a point is matched to the pillar whose grid cell it falls in).
+    Features: yaw rate [rad/s], forward and sideways speed [m/s] of the sensor between the sweeps
+    (clamped to +-10), the share of inliers, log of their RMS residual and 1 where there was
+    something to match. A frozen sweep (nothing moved) and a noisy one (few inliers) show in them.
+    Not trained: a fixed function of the inputs, so it exports as plain graph ops (no solver, no
+    atan2, no neighbour search).
     """
     xy_i = [LIDAR_INDEX["x"], LIDAR_INDEX["y"]]
     now, before = x["lidar_points"][..., xy_i] * lidar.range_m, x["lidar_prev_points"][..., xy_i] * lidar.range_m
@@ -239,8 +240,8 @@ class SensorEmbedding(nn.Module):
 
     Each token also carries what changed since its sensor's previous frame: a camera patch its
     difference from the same patch one frame back, every lidar pillar the change of the whole
-    sweep's PointNet descriptor (and, with model.lidar_motion, the sweeps' scan match). That is the model's evidence of motion, and of a frozen sensor (no
-    change at all). `evidence` adds a few statistics per sensor for the trust estimate (see _evidence).
+    sweep's PointNet descriptor (and, with model.lidar_motion, the two sweeps' scan match). That is
+    the model's evidence of motion, and of a frozen sensor (no change at all). `evidence` adds a few statistics per sensor for the trust estimate (see _evidence).
     """
 
     def __init__(self, cfg: FusionConfig):
