@@ -606,9 +606,11 @@ def test_attention_and_trust_reach_a_plain_ros_subscriber_as_plottable_messages(
         per_head = np.array(got["per_head"][t])
         assert per_head.shape == (3, HEADS)
         np.testing.assert_allclose(got["attention"][t], per_head.mean(axis=1), atol=1e-6)
-        assert abs(sum(got["attention"][t]) - 1.0) < 1e-5
+        # a fusion with nothing fresh (a feed that fell behind on a loaded machine) is all masked: zeros
+        assert abs(sum(got["attention"][t]) - 1.0) < 1e-5 or got["attention"][t] == [0.0, 0.0, 0.0]
         assert got["trust"][t] == got["trust_column"][t]
         assert got["attention"][t][1] == 0.0 and got["trust"][t][1] == 0.0  # no lidar: masked, exactly 0
+    assert sum(abs(sum(got["attention"][t]) - 1.0) < 1e-5 for t in stamps) >= 12, "too few fusions with a sensor"
 
 
 def test_the_attention_image_arrives_at_its_period_when_enabled(ros, plain_node):
