@@ -119,6 +119,12 @@ def _pillar_lines(xy, mask):
     return centre, normal, (n >= 3) & (low < 0.1 * high) & (high > 1e-4)
 
 
+def _cell_of(xy, lidar: LidarTokens):
+    """(..., 2) points [m] -> (...) index of their grid cell, as tokenize_lidar bins them (edges clamped)."""
+    ij = ((xy + lidar.range_m) * (lidar.grid / (2.0 * lidar.range_m))).floor().clamp(0, lidar.grid - 1)
+    return (ij[..., 0] * lidar.grid + ij[..., 1]).long()
+
+
 def _cell_table(x, centre, normal, is_line, lidar: LidarTokens):
     """A lookup from grid cell to pillar: (B, grid^2) pillar index, K where no line pillar is, and each
     pillar's line (B, K + 1, 4), the K-th "none". A pillar's cell is where its points' offsets (dx, dy
@@ -128,10 +134,9 @@ def _cell_table(x, centre, normal, is_line, lidar: LidarTokens):
     offset = pts[..., [LIDAR_INDEX["dx"], LIDAR_INDEX["dy"]]] / per_m  # (B, K, P, 2) [m]
     cell_centre = ((pts[..., [LIDAR_INDEX["x"], LIDAR_INDEX["y"]]] * lidar.range_m - offset) * mask.unsqueeze(-1)).sum(2) \
         / mask.sum(2).clamp_min(1).unsqueeze(-1)
-    ij = ((cell_centre + lidar.range_m) * per_m).floor().clamp(0, lidar.grid - 1)
     B, K = is_line.shape
     cells = lidar.grid * lidar.grid
-    cell = torch.where(is_line, (ij[..., 0] * lidar.grid + ij[..., 1]).long(), cells)  # no line: the spare slot
+    cell = torch.where(is_line, _cell_of(cell_centre, lidar), cells)  # no line: the spare slot
     pillar = torch.arange(K, device=centre.device).expand(B, K)
     table = torch.full((B, cells + 1), K, dtype=torch.long, device=centre.device).scatter(1, cell, pillar)[:, :cells]
     # per pillar, and a K-th "none" one: normal, the line's offset n . centre, 1 for a line
@@ -153,10 +158,8 @@ def _line_residuals(moved, lines, gate):
     line's normal (B, N, 2), and whether it is an inlier: in a line pillar's cell and within `gate` of the
     line. A lookup by grid cell, not a nearest-neighbour search: O(N), not O(N K)."""
     table, line, lidar = lines
-    per_m = lidar.grid / (2.0 * lidar.range_m)
-    ij = ((moved + lidar.range_m) * per_m).floor().clamp(0, lidar.grid - 1)
-    cell = (ij[..., 0] * lidar.grid + ij[..., 1]).long()  # (B, N)
-    hit = line.gather(1, table.gather(1, cell).unsqueeze(-1).expand(-1, -1, 4))  # (B, N, 4): its pillar's line
+    pillar = table.gather(1, _cell_of(moved, lidar))  # (B, N)
+    hit = line.gather(1, pillar.unsqueeze(-1).expand(-1, -1, 4))  # (B, N, 4): its pillar's line
     n = hit[..., :2]
     r = (n * moved).sum(-1) - hit[..., 2]
     return r, n, (hit[..., 3] > 0) & (r.abs() < gate)
