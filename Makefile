@@ -8,7 +8,7 @@ BAG    ?= ../shared/data/real/euroc_v1_01_cam_imu
 STAMP     := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: run test colcon-check venv clean default-model robustness
+.PHONY: run test colcon-check venv clean default-model robustness robustness-arrival
 
 # The main job on the embedded default: CPU, ONNX Runtime, no robot, the packaged default model:
 # replay a recording as the node would fuse it; fused-state bag, summary and plots in $(OUT).
@@ -57,6 +57,20 @@ runs/wide-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/wide-s$* --seed $* --fixed-tau --trust-floor 0.01 --camera-size 64 256 --eval-every 2000
 runs/scan-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/scan-s$* --seed $* --fixed-tau --trust-floor 0.01 --camera-size 64 256 --lidar-motion --eval-every 2000
+# fused as each lidar sweep arrives (--trigger lidar; the node's `trigger: lidar`): `scan` and concat on
+# that data, evaluated on held-out episodes sampled the same way (docs/RESULTS.md, "Fused on the lidar's arrival")
+ARRIVAL := runs/arrival-s0 runs/arrival-s1 runs/arrival-s2 runs/concat_arrival-s0 runs/concat_arrival-s1 runs/concat_arrival-s2
+runs/arrival-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/arrival-s$* --seed $* --fixed-tau --trust-floor 0.01 --camera-size 64 256 --lidar-motion \
+		--trigger lidar --eval-every 2000
+runs/concat_arrival-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/concat_arrival-s$* --seed $* --fusion concat --fixed-tau --trigger lidar --eval-every 2000
+robustness-arrival: $(STAMP) $(ARRIVAL:%=%/train_state.pt)
+	$(VENV)/bin/fusion-attn eval-robustness arrival=runs/arrival-s0 'arrival#1=runs/arrival-s1' 'arrival#2=runs/arrival-s2' \
+		concat=runs/concat_arrival-s0 'concat#1=runs/concat_arrival-s1' 'concat#2=runs/concat_arrival-s2' \
+		-o docs/results/arrival --jobs 2 --bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame \
+		$(REAL)/sick_lms1xx_scan_cloud_radar.bag
+
 robustness: $(STAMP) $(BASELINES:%=%/train_state.pt)
 	$(VENV)/bin/fusion-attn eval-robustness sensor=runs/default 'sensor#1=runs/sensor-s1' 'sensor#2=runs/sensor-s2' \
 		concat=runs/concat-s0 'concat#1=runs/concat-s1' 'concat#2=runs/concat-s2' mean=runs/mean token=runs/token \

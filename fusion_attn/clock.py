@@ -34,8 +34,9 @@ MAX_GAP_S = 10.0  # a longer silence in the data is a gap in the recording, not 
 
 class FusionClock:
     """Ticks every 1/rate_hz of data time. The first tick is at `start_ns` when given, else one period
-    after the first frame (a live node's timer has no earlier data). trigger: instead of the timer,
-    fuse at the stamp of each frame of that sensor the sync takes (the node's `trigger` parameter).
+    after the first frame (a live node's timer has no earlier data). trigger: fuse at the stamp of each
+    frame of that sensor the sync takes (the node's `trigger` parameter), and on the timer only while
+    that sensor is not fresh: a silent or failed trigger sensor does not stop the fusion of the others.
     events: the list the clock appends its notes to (default a new one)."""
 
     def __init__(self, sync: SensorSync, rate_hz: float, trigger: Modality | None = None,
@@ -55,7 +56,7 @@ class FusionClock:
         """
         t = frame.stamp_ns
         source = source or type(frame).__name__
-        if self.trigger is None and self.next_tick is not None:
+        if self.next_tick is not None:
             if t - self.next_tick > MAX_GAP_S * NS_PER_S:
                 self.events.append(f"gap of {(t - self.next_tick) / NS_PER_S:.1f} s before {source}")
                 self.next_tick = t - (t - self.next_tick) % self.period_ns
@@ -67,31 +68,37 @@ class FusionClock:
         elif self.sync.resets != resets:
             self.events.append(f"{source}: time jumped back: buffers reset")
             self.next_tick = None
-        if self.trigger is not None:
-            if not rejected and _MODALITY[type(frame)] is self.trigger:
-                yield self.sync.snapshot(t)
-        elif self.next_tick is None:
+        if self.trigger is not None and not rejected and _MODALITY[type(frame)] is self.trigger:
+            yield self.sync.snapshot(t)
+        if self.next_tick is None:
             self.next_tick = t + self.period_ns
 
     def advance(self, now_ns: int) -> Iterator[SensorSnapshot]:
         """The ticks up to and including now_ns: time passed without a frame (a simulator's step end)."""
-        if self.trigger is None and self.next_tick is not None:
+        if self.next_tick is not None:
             yield from self._ticks_before(now_ns + 1)
 
     def drain(self) -> Iterator[SensorSnapshot]:
         """After the last frame: the ticks a live timer would still make while some sensor is fresh
         (bounded by the largest max age, whatever the stamps say)."""
         newest = self.sync.newest_stamp_ns()
-        if self.trigger is not None or self.next_tick is None or newest is None:
+        if self.next_tick is None or newest is None:
             return
         end = newest + int(max(self.sync.cfg.max_age_s) * NS_PER_S)
         while self.next_tick <= end and any(self.sync.fresh(m, self.next_tick) for m in Modality):
-            yield self.sync.snapshot(self.next_tick)
+            if self.timer_fuses(self.next_tick):
+                yield self.sync.snapshot(self.next_tick)
             self.next_tick += self.period_ns
+
+    def timer_fuses(self, now_ns: int) -> bool:
+        """Whether a timer tick at now_ns fuses: always without a trigger, else while the trigger sensor
+        is not fresh (never seen, silent, failed)."""
+        return self.trigger is None or not self.sync.fresh(self.trigger, now_ns)
 
     def _ticks_before(self, t: int) -> Iterator[SensorSnapshot]:
         while t > self.next_tick:
-            yield self.sync.snapshot(self.next_tick)
+            if self.timer_fuses(self.next_tick):
+                yield self.sync.snapshot(self.next_tick)
             self.next_tick += self.period_ns
 
 

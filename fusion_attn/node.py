@@ -143,8 +143,8 @@ class FusionNode(LifecycleNode):
             self._subs.append(self.create_subscription(
                 msg_type, topic, lambda msg, m=modality: self._on_message(m, msg), qos, event_callbacks=events,
                 qos_overriding_options=QOS_OVERRIDES))
-        if self.p("trigger") == "timer":
-            self._timers.append(self.create_timer(1.0 / self.p("fusion_rate_hz"), self._fuse))
+        # with a trigger sensor the timer fuses only while that sensor is not fresh (FusionClock's rule)
+        self._timers.append(self.create_timer(1.0 / self.p("fusion_rate_hz"), self._on_timer))
         if self._attention_image is not None:  # its own timer: rendering stays out of the fusion's callback
             self._timers.append(self.create_timer(self.p("attention_image.period_s"),
                                                   self._publish_attention_image))
@@ -204,6 +204,11 @@ class FusionNode(LifecycleNode):
             self.pipeline.tokenizer.prepare(frame)  # now, rather than at the next fusion
         if self.p("trigger") == MODALITIES[modality]:
             self._fuse(frame.stamp_ns)
+
+    def _on_timer(self) -> None:
+        trigger = self.p("trigger")
+        if trigger == "timer" or not self.sync.fresh(Modality[trigger.upper()], self.get_clock().now().nanoseconds):
+            self._fuse()
 
     def _fuse(self, trigger_ns: int | None = None) -> None:
         start = time.perf_counter()

@@ -5,7 +5,7 @@ import pytest
 
 from fusion_attn.clock import FusionClock
 from fusion_attn.errors import ConfigError
-from fusion_attn.frames import NS_PER_S, ImuSample, Modality
+from fusion_attn.frames import NS_PER_S, CameraFrame, ImuSample, Modality
 from fusion_attn.sync import SensorSync, SyncConfig
 
 MS = 1_000_000
@@ -60,6 +60,27 @@ def test_trigger_fuses_at_each_frame_of_that_sensor():
     clock = FusionClock(SensorSync(SyncConfig()), 10.0, trigger=Modality.IMU)
     assert feed(clock, [0, 30, 30, 70]) == [(0, 0), (30, 30), (70, 70)]  # the duplicate is not fused
     assert list(clock.drain()) == []
+
+
+def test_a_silent_trigger_sensor_hands_the_fusion_to_the_timer():
+    clock = FusionClock(SensorSync(SyncConfig()), 10.0, trigger=Modality.CAMERA)
+
+    def run(until_ms: int, camera_ms=()) -> list[int]:
+        """IMU every 10 ms up to until_ms, camera frames at camera_ms: the stamps fused, in order."""
+        frames = sorted([imu(t) for t in range(run.t, until_ms, 10)] + [camera(t) for t in camera_ms],
+                        key=lambda f: f.stamp_ns)
+        run.t = until_ms
+        return [s.stamp_ns // MS for f in frames for s in clock.add(f)]
+    run.t = 0
+
+    assert run(350) == [100, 200, 300]  # no camera yet: the timer fuses the IMU
+    assert run(705, range(400, 701, 100)) == [400, 500, 600, 700]  # each frame, no tick between
+    # the camera stops: masked once late (1.5 periods), and the timer takes over from there
+    assert run(1305) == [900, 1000, 1100, 1200]
+
+
+def camera(t_ms: float) -> CameraFrame:
+    return CameraFrame(int(t_ms * MS), "cam", np.zeros((4, 4, 3), np.uint8), "rgb8")
 
 
 def test_drain_ticks_while_a_sensor_is_fresh():

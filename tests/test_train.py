@@ -18,10 +18,18 @@ import fusion_attn.sim  # noqa: F401 - headless GL before mujoco loads
 from fusion_attn.checkpoint import load_checkpoint, read_checkpoint
 from fusion_attn.cli import main
 from fusion_attn.config import FusionConfig, ModelConfig
-from fusion_attn.errors import CheckpointError
+from fusion_attn.errors import CheckpointError, ConfigError
 from fusion_attn.frames import CameraFrame, Modality
 from fusion_attn.learn.augment import DELAY_LAG, FAULTS, FREEZE_LAG, FaultPlan, corrupt, gather
-from fusion_attn.learn.data import SECTORS, bag_sequence, build_datasets, decode_camera, encode_sample
+from fusion_attn.learn.data import (
+    SECTORS,
+    bag_sequence,
+    build_datasets,
+    decode_camera,
+    encode_sample,
+    episode_shards,
+    sim_episode,
+)
 from fusion_attn.learn.evaluation import RunningMeans, physical_errors, sectors_in_view, sim_camera_hfov_deg
 from fusion_attn.learn.loop import STATE_FILE, TrainConfig, train
 from fusion_attn.learn.objectives import Heads, fault_attention, heads_path, load_heads, target_sizes
@@ -72,6 +80,19 @@ def test_dataset_comes_from_the_simulator_with_ground_truth(data):
     assert a["next"][28] == 29 and a["next"][29] == -1 and a["next"][59] == -1
     assert np.all((a["obstacles"] > 0) & (a["obstacles"] <= 8.0))  # the lidar's max range
     assert np.all(np.abs(a["goal"][:, 1]) <= np.pi)
+
+
+def test_triggered_data_fuses_at_each_sweep_and_keys_its_own_shards(tmp_path):
+    lidar = sim_episode("control", 3, 3.0, 10.0, CFG, trigger="lidar")
+    timer = sim_episode("control", 3, 3.0, 10.0, CFG)
+    assert len(lidar["stamp_ns"]) == len(timer["stamp_ns"]) == 30  # the simulated lidar's 10 Hz, from its first sweep
+    assert (lidar["lidar_age"] == 0).all() and (timer["lidar_age"][:, 0] > 0.05).all()  # fused as each sweep arrives
+    np.testing.assert_array_equal(lidar["stamp_ns"] + 100_000_000, timer["stamp_ns"])
+    tc = dataclasses.replace(TINY, trigger="lidar")
+    assert episode_shards(tc, CFG, "train", 1)[0].key["trigger"] == "lidar"
+    assert "trigger" not in episode_shards(TINY, CFG, "train", 1)[0].key  # the timer's keys are as before
+    with pytest.raises(ConfigError, match="trigger must be"):
+        sim_episode("control", 3, 1.0, 10.0, CFG, trigger="radar")
 
 
 def test_ground_truth_is_the_true_state():

@@ -24,6 +24,9 @@ def add_parser(verbs):
     train.add_argument("--sim-episodes", type=int, help="simulated training episodes (default 48; 0: bags only)")
     train.add_argument("--val-episodes", type=int, help="held-out simulated episodes (default 8; 0: no validation)")
     train.add_argument("--sim-seconds", type=float, help="simulated time per episode (default 15)")
+    train.add_argument("--trigger", choices=["timer", "camera", "lidar", "imu"],
+                       help="a sample on the fusion timer (default) or on each message of this sensor, as the node's "
+                            "`trigger` parameter (the timer while that sensor is silent): run such a model with it")
     train.add_argument("--fusion", choices=["attention", "concat", "mean"],
                        help="attention (default: FusionModel) or a baseline without attention (eval-robustness)")
     train.add_argument("--fixed-tau", dest="tau_random_prob", action="store_const", const=0.0,
@@ -73,7 +76,7 @@ def run(args) -> int:
     from ..errors import ConfigError
     from ..learn.loop import TrainConfig, train
 
-    fields = ("seed", "steps", "batch", "lr", "sim_episodes", "val_episodes", "sim_seconds", "bags", "fusion",
+    fields = ("seed", "steps", "batch", "lr", "sim_episodes", "val_episodes", "sim_seconds", "trigger", "bags", "fusion",
               "tau_random_prob", "sensor_fusion", "trust_floor", "camera_shifts", "lidar_motion", "camera_size", "trust_weight", "avoid_weight", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature")
     given = {k: getattr(args, k) for k in fields if hasattr(args, k)}
     if "bags" in given:

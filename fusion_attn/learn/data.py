@@ -1,8 +1,9 @@
 """Training and evaluation data: simulated episodes and recordings through the node's own data path.
 
 Simulated episodes (`fusion_attn.sim.RobotEnv`, no faults) and recordings go through exactly the
-node's path -- frames -> `SensorSync` -> `Tokenizer` -- at `fusion_hz` (bags through
-`replay.recorded_inputs`, the replay tool's loop). Each episode or bag becomes one cached .npz shard
+node's path -- frames -> `SensorSync` -> `Tokenizer` -- at `fusion_hz`, or on each message of a
+trigger sensor as the node's `trigger` parameter does (bags through `replay.recorded_inputs`, the
+replay tool's loop). Each episode or bag becomes one cached .npz shard
 of tokenized inputs, keyed by what it depends on (`shard_key`), so epochs never touch the simulator
 again. Simulated samples also carry ground truth from the simulator's true state
 (`RobotEnv.ground_truth`): ego velocity, obstacle distance per sector, goal distance and bearing.
@@ -65,8 +66,11 @@ def decode_camera(u8: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 # --- sequences: a simulated episode, a recording -------------------------------------------------
 
 
-def sim_episode(task: str, seed: int, seconds: float, fusion_hz: float, cfg: FusionConfig) -> dict[str, np.ndarray]:
-    """One clean simulated episode, tokenized as the node would see it, with ground truth per sample.
+def sim_episode(task: str, seed: int, seconds: float, fusion_hz: float, cfg: FusionConfig,
+                trigger: str = "timer") -> dict[str, np.ndarray]:
+    """One clean simulated episode, tokenized as the node would see it, with ground truth per sample:
+    the true state at the end of the 50 Hz control step in which the sample was fused (a timer tick's
+    own time; a trigger frame's arrival, at most one step after its stamp).
 
     The robot drives a smooth random policy (each command held 0.4-1.6 s), so the data covers
     turning, driving and stopping near obstacles rather than 50 Hz jitter.
@@ -78,13 +82,13 @@ def sim_episode(task: str, seed: int, seconds: float, fusion_hz: float, cfg: Fus
     from ..clock import FusionClock
     from ..sync import SensorSync, SyncConfig
 
+    # the node's fusion timer on simulated time, first tick one period in; at 10 Hz every tick ends a
+    # 50 Hz control step, so the ground truth taken at the step's end is the tick's
+    clock = FusionClock(SensorSync(SyncConfig(imu_window_s=cfg.imu.window_s)), fusion_hz, trigger_modality(trigger),
+                        start_ns=round(NS_PER_S / fusion_hz))
     env = RobotEnv(task, faults=FaultConfig())
     rng = np.random.default_rng(seed)
     tokenizer = Tokenizer(cfg)
-    # the node's fusion timer on simulated time, first tick one period in; at 10 Hz every tick ends a
-    # 50 Hz control step, so the ground truth taken at the step's end is the tick's
-    clock = FusionClock(SensorSync(SyncConfig(imu_window_s=cfg.imu.window_s)), fusion_hz,
-                        start_ns=round(NS_PER_S / fusion_hz))
     samples, truth, stamps = [], [], []
     try:
         for info in random_drive(env, rng, seed, seconds):
@@ -121,13 +125,15 @@ def random_drive(env, rng: np.random.Generator, seed: int, seconds: float):
             return
 
 
-def bag_sequence(paths: Sequence[str | Path], fusion_hz: float, cfg: FusionConfig) -> dict[str, np.ndarray]:
+def bag_sequence(paths: Sequence[str | Path], fusion_hz: float, cfg: FusionConfig,
+                 trigger: str = "timer") -> dict[str, np.ndarray]:
     """A recording, fused-instant by fused-instant as `fusion-attn replay` would see it; no labels.
     A recording cut short gives what was read before the fault, as replay does."""
     from ..replay import ReplayOptions, recorded_inputs
 
     samples, stamps = [], []
-    for stamp, x in recorded_inputs(paths, cfg, ReplayOptions(fusion_rate_hz=fusion_hz, progress=False)):
+    opts = ReplayOptions(fusion_rate_hz=fusion_hz, trigger=trigger, progress=False)
+    for stamp, x in recorded_inputs(paths, cfg, opts):
         samples.append(encode_sample(x))
         stamps.append(stamp)
     if not samples:
@@ -140,6 +146,15 @@ def bag_sequence(paths: Sequence[str | Path], fusion_hz: float, cfg: FusionConfi
     return out
 
 
+def trigger_modality(trigger: str):
+    """The node's `trigger` parameter -> the FusionClock's trigger (None: the timer)."""
+    from ..frames import Modality
+
+    if trigger != "timer" and trigger.upper() not in Modality.__members__:
+        raise ConfigError(f"trigger must be timer, camera, lidar or imu, got {trigger!r}")
+    return None if trigger == "timer" else Modality[trigger.upper()]
+
+
 def _stack(samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.stack([s[k] for s in samples]) for k in samples[0]}
 
@@ -147,11 +162,12 @@ def _stack(samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 # --- the shard cache -----------------------------------------------------------------------------
 
 
-def shard_key(cfg: FusionConfig, fusion_hz: float, kind: str, **source) -> dict:
+def shard_key(cfg: FusionConfig, fusion_hz: float, kind: str, trigger: str = "timer", **source) -> dict:
     """Everything a shard's content depends on: the tokenizers' config (not the model's: runs that
-    differ only in the model share their data), the fusion rate, and what the sequence is."""
+    differ only in the model share their data), the fusion rate and trigger, and what the sequence is."""
     tokens = {k: v for k, v in cfg.to_dict().items() if k != "model"}
-    return {"version": DATA_VERSION, "tokens": tokens, "hz": fusion_hz, "kind": kind, **source}
+    on = {} if trigger == "timer" else {"trigger": trigger}  # the timer's keys predate the trigger
+    return {"version": DATA_VERSION, "tokens": tokens, "hz": fusion_hz, **on, "kind": kind, **source}
 
 
 @dataclass(frozen=True)
@@ -185,20 +201,20 @@ def episode_shards(tc: TrainConfig, cfg: FusionConfig, split: str, count: int) -
     shards = []
     for k in range(count):
         task, seed = tc.sim_tasks[k % len(tc.sim_tasks)], tc.seed * 1_000_000 + SPLIT_SEEDS[split] + k
-        key = shard_key(cfg, tc.fusion_hz, f"sim-{task}", seed=seed, seconds=tc.sim_seconds)
-        make = functools.partial(sim_episode, task, seed, tc.sim_seconds, tc.fusion_hz, cfg)
+        key = shard_key(cfg, tc.fusion_hz, f"sim-{task}", tc.trigger, seed=seed, seconds=tc.sim_seconds)
+        make = functools.partial(sim_episode, task, seed, tc.sim_seconds, tc.fusion_hz, cfg, tc.trigger)
         shards.append(Shard(key, make))
     return shards
 
 
-def bag_shard(bag: str | Path, fusion_hz: float, cfg: FusionConfig) -> Shard:
+def bag_shard(bag: str | Path, fusion_hz: float, cfg: FusionConfig, trigger: str = "timer") -> Shard:
     """A recording (file or folder); its key holds each file's size and modification time, so a
     recording changed at the same path is tokenized anew."""
     p = Path(bag)
     files = sorted(p.rglob("*")) if p.is_dir() else [p]
     stat = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
-    key = shard_key(cfg, fusion_hz, "bag", path=str(p.resolve()), files=stat)
-    return Shard(key, functools.partial(bag_sequence, [p], fusion_hz, cfg))
+    key = shard_key(cfg, fusion_hz, "bag", trigger, path=str(p.resolve()), files=stat)
+    return Shard(key, functools.partial(bag_sequence, [p], fusion_hz, cfg, trigger))
 
 
 # --- datasets ------------------------------------------------------------------------------------
@@ -274,7 +290,7 @@ def build_datasets(tc: TrainConfig, cfg: FusionConfig, cache: Path, progress: bo
 
     shards = [("train", s, 0) for s in episode_shards(tc, cfg, "train", tc.sim_episodes)]
     shards += [("val", s, 0) for s in episode_shards(tc, cfg, "val", tc.val_episodes)]
-    shards += [("train", bag_shard(bag, tc.fusion_hz, cfg), 1) for bag in tc.bags]
+    shards += [("train", bag_shard(bag, tc.fusion_hz, cfg, tc.trigger), 1) for bag in tc.bags]
     missing = [shard for _, shard, _ in shards if not shard.path(cache).is_file()]
     if missing and (jobs > 1 or ray):
         from ..batch import run_jobs
@@ -308,6 +324,6 @@ def held_out_set(tc: TrainConfig, cfg: FusionConfig, cache: Path, episodes: int)
     return Dataset.join([(shard.load(cache), 0) for shard in episode_shards(tc, cfg, "test", episodes)])
 
 
-def bag_set(bag: str | Path, fusion_hz: float, cfg: FusionConfig, cache: Path) -> Dataset:
+def bag_set(bag: str | Path, fusion_hz: float, cfg: FusionConfig, cache: Path, trigger: str = "timer") -> Dataset:
     """One recording as a dataset, from the same shard training made of it."""
-    return Dataset.join([(bag_shard(bag, fusion_hz, cfg).load(cache), 1)])
+    return Dataset.join([(bag_shard(bag, fusion_hz, cfg, trigger).load(cache), 1)])

@@ -56,6 +56,7 @@ class TrainConfig:
     val_episodes: int = 8
     sim_seconds: float = 15.0
     fusion_hz: float = 10.0  # samples per second of episode or recording (the node fuses at 20 Hz)
+    trigger: str = "timer"  # or camera | lidar | imu: a sample at each message of that sensor (the node's `trigger`)
     bags: tuple[str, ...] = ()  # unlabelled recordings: self-supervised objectives only
     bag_fraction: float = 0.2  # share of each batch drawn from the bags (when there are any)
     corrupt_prob: float = 0.6  # chance that a sample gets one faulted sensor

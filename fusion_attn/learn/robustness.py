@@ -414,7 +414,7 @@ def run_evaluation(run_dirs: dict[str, Path], out: Path, taus: list[float], epis
     report["targets"] = targets(report["groups"], group_of(runs[0].name)) if "concat" in report["groups"] else []
     # the real recordings: each design's first seed, at τ = 1
     firsts = {group_of(r.name): r for r in reversed(runs) if r.has_attention}
-    report["real"] = {Path(bag).name: {r.name: {"1.0": evaluate(r.model, r.heads, bag_set(bag, hz, r.cfg, cache), r.cfg, hz)}
+    report["real"] = {Path(bag).name: {r.name: {"1.0": evaluate(r.model, r.heads, bag_set(bag, hz, r.cfg, cache, data_tc.trigger), r.cfg, hz)}
                                        for r in firsts.values()} for bag in bags}
     out.mkdir(parents=True, exist_ok=True)
     (out / "robustness.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
