@@ -614,6 +614,8 @@ def test_eval_robustness_reuses_the_sweep_of_an_unchanged_run(tmp_path, cache, r
     with pytest.raises(AssertionError, match="run again"):
         run_evaluation({"attention": runs["attention"]}, out, [0.5], 1, cache, [], reuse=True)
     monkeypatch.undo()
+    # a test set sampled on another trigger is other samples: nothing is reused from it
+    assert first["trigger"] == "timer" and robustness.reusable_sweeps(first, 1, [1.0], "lidar") == {}
     retrained = tmp_path / "retrained"
     shutil.copytree(runs["attention"], retrained)
     with (retrained / STATE_FILE).open("ab") as f:

@@ -371,9 +371,10 @@ def state_digest(folder: Path) -> str:
     return hashlib.sha256((Path(folder) / STATE_FILE).read_bytes()).hexdigest()[:16]
 
 
-def reusable_sweeps(previous: dict, episodes: int, taus: list[float]) -> dict[str, dict]:
-    """{state digest: sweep} of a previous report measured on the same held-out episodes and τ sweep."""
-    if previous.get("test_episodes") != episodes or previous.get("taus") != taus:
+def reusable_sweeps(previous: dict, episodes: int, taus: list[float], trigger: str = "timer") -> dict[str, dict]:
+    """{state digest: sweep} of a previous report measured on the same held-out episodes (sampled on the
+    same trigger) and τ sweep."""
+    if (previous.get("test_episodes"), previous.get("taus"), previous.get("trigger", "timer")) != (episodes, taus, trigger):
         return {}
     return {info["state"]: previous["sim"][name] for name, info in previous.get("runs", {}).items() if "state" in info}
 
@@ -387,11 +388,11 @@ def run_evaluation(run_dirs: dict[str, Path], out: Path, taus: list[float], epis
     torch.set_num_threads(threads)
     runs = [load_run(n, d) for n, d in run_dirs.items()]
     digests = {r.name: state_digest(run_dirs[r.name]) for r in runs}
-    data_tc = runs[0].tc  # every run sees the episodes and rate of the first run's data settings
+    data_tc = runs[0].tc  # every run sees the episodes, rate and trigger of the first run's data settings
     hz = data_tc.fusion_hz
     test_samples = len(held_out_set(data_tc, runs[0].cfg, cache, episodes))  # also makes the shards, once
     previous = out / "robustness.json"
-    known = reusable_sweeps(json.loads(previous.read_text()), episodes, taus) if reuse and previous.exists() else {}
+    known = reusable_sweeps(json.loads(previous.read_text()), episodes, taus, data_tc.trigger) if reuse and previous.exists() else {}
     sim = {r.name: known[digests[r.name]] for r in runs if digests[r.name] in known}
     reused = set(sim)
     todo = [r for r in runs if r.name not in reused]
@@ -403,7 +404,7 @@ def run_evaluation(run_dirs: dict[str, Path], out: Path, taus: list[float], epis
     else:
         test_set = functools.cache(lambda cfg: held_out_set(data_tc, cfg, cache, episodes))  # loaded once per config
         sim |= {r.name: sweep(r, test_set(r.cfg), taus, hz) for r in todo}
-    report = {"test_samples": test_samples, "test_episodes": episodes, "taus": taus,
+    report = {"test_samples": test_samples, "test_episodes": episodes, "taus": taus, "trigger": data_tc.trigger,
               "runs": {r.name: {"folder": str(run_dirs[r.name]), "fusion": r.tc.fusion, "sensor_fusion": r.tc.sensor_fusion,
                                 "seed": r.tc.seed, "tau_random_prob": r.tc.tau_random_prob,
                                 "trust_floor": r.cfg.model.trust_floor, "state": digests[r.name],
