@@ -68,7 +68,7 @@ runs/concat_arrival-s%/train_state.pt: | $(STAMP)
 robustness-arrival: $(STAMP) $(ARRIVAL:%=%/train_state.pt)
 	$(VENV)/bin/fusion-attn eval-robustness arrival=runs/arrival-s0 'arrival#1=runs/arrival-s1' 'arrival#2=runs/arrival-s2' \
 		concat=runs/concat_arrival-s0 'concat#1=runs/concat_arrival-s1' 'concat#2=runs/concat_arrival-s2' \
-		-o docs/results/arrival --jobs 2 --bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame \
+		-o docs/results/arrival --episodes 12 --jobs 2 --bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame \
 		$(REAL)/sick_lms1xx_scan_cloud_radar.bag
 
 robustness: $(STAMP) $(BASELINES:%=%/train_state.pt)
@@ -76,7 +76,7 @@ robustness: $(STAMP) $(BASELINES:%=%/train_state.pt)
 		concat=runs/concat-s0 'concat#1=runs/concat-s1' 'concat#2=runs/concat-s2' mean=runs/mean token=runs/token \
 		fixed_tau=runs/fixed_tau fixed_tau_floor=runs/fixed_tau_floor motion=runs/motion_floor motion_wide=runs/motion_wide \
 		wide=runs/wide-s0 'wide#1=runs/wide-s1' 'wide#2=runs/wide-s2' scan=runs/scan-s0 'scan#1=runs/scan-s1' \
-		'scan#2=runs/scan-s2' -o docs/results --jobs 2 --bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame \
+		'scan#2=runs/scan-s2' -o docs/results --episodes 12 --jobs 2 --bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame \
 		$(REAL)/sick_lms1xx_scan_cloud_radar.bag
 
 # Build with colcon (the robot's path) into a temp workspace and check the install tree.
