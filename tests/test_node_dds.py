@@ -241,11 +241,12 @@ def test_tau_through_the_parameter_service_changes_the_next_outputs(ros, fusion_
 
 @pytest.fixture(scope="module")
 def managed_node(ros, tmp_path_factory):
-    """A second fusion_node: lifecycle driven from here, reliable QoS, fusing on each camera frame."""
+    """A second fusion_node: lifecycle driven from here, reliable QoS, fusing on each camera frame (an IMU
+    configured too: the timer fuses it while the camera is silent)."""
     work = tmp_path_factory.mktemp("managed")
     params = yaml.safe_load(Path("config/fusion.yaml").read_text())
     params["/**"]["ros__parameters"].update(autostart=False, qos_reliability="reliable", trigger="camera",
-                                            camera_topic="/trig/image", lidar_type="none", imu_type="none")
+                                            camera_topic="/trig/image", lidar_type="none", imu_topic="/trig/imu")
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     env = dict(os.environ, FUSION_ATTN_CACHE=str(tmp_path_factory.getbasetemp() / "onnx-cache"), PYTHONUNBUFFERED="1")
     with open(work / "node.log", "w") as log:
@@ -280,6 +281,18 @@ def _camera_frames(ros, count, qos):
         stamps.append(stamp_to_ns(msg.header.stamp))
         pub.publish(msg)
         time.sleep(0.05)
+    ros.node.destroy_publisher(pub)
+    return stamps
+
+
+def _imu_samples(ros, count, qos):
+    pub = ros.node.create_publisher(Imu, "/trig/imu", qos)
+    ros.wait_for(lambda: pub.get_subscription_count() > 0, timeout=3.0)
+    stamps = []
+    for _ in range(count):
+        stamps.append(ros.node.get_clock().now().nanoseconds)
+        pub.publish(to_rclpy(imu_msg(ImuSample(stamps[-1], "imu", np.array([0.0, 0.0, 9.81]), np.zeros(3)))))
+        time.sleep(0.01)
     ros.node.destroy_publisher(pub)
     return stamps
 
@@ -324,9 +337,16 @@ def test_lifecycle_trigger_mode_and_qos_warnings(ros, managed_node):
     wrong_type.wait(timeout=10)
     assert len(outputs) == 10
 
+    # the trigger sensor falls silent: the timer (20 Hz) fuses the IMU, stamped with the IMU's data
+    imu_stamps = _imu_samples(ros, 100, reliable)
+    assert ros.wait_for(lambda: len(outputs) >= 20, timeout=5)
+    ros.wait_for(lambda: False, timeout=0.5)  # the last of them in flight (the IMU stays fresh 50 ms)
+    assert {stamp_to_ns(m.header.stamp) for m in outputs[10:]} <= set(imu_stamps)
+    fused = len(outputs)
+
     assert _change_state(ros, Transition.TRANSITION_DEACTIVATE)
     _camera_frames(ros, 3, reliable)
-    assert len(outputs) == 10  # inactive again
+    assert len(outputs) == fused  # inactive again
     assert _change_state(ros, Transition.TRANSITION_CLEANUP)
     assert proc.poll() is None
 
