@@ -49,6 +49,8 @@ parser.add_argument("--fault-after", type=float, default=0.0,
                     help="share of the steps trained clean before --fault-rate applies (rl.config.PPOConfig.fault_after)")
 parser.add_argument("--fusion-checkpoint", default="", help="FusionAttn envs: the fusion model the agents observe "
                     "through (default: the packaged one), e.g. a candidate default before it is packaged")
+parser.add_argument("--fusion-trigger", default="timer", help="FusionAttn envs: fuse on the timer or on each message "
+                    "of this sensor (camera, lidar, imu), as a fusion model trained with --trigger was")
 parser.add_argument("--episodes", type=int, default=40)
 parser.add_argument("--runs", type=Path, default=Path("runs/rl_memory_task"))
 parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "rl_memory_task.json")
@@ -60,7 +62,8 @@ FUSION = args.env.startswith("FusionAttn/")  # the memory task's options, action
 
 def config(seed: int, kind: str = "gtrxl") -> PPOConfig:
     return PPOConfig(env_id=args.env, env_kwargs={"task_options": {"n_goals": args.goals}} if FUSION else {},
-                     fusion_checkpoint=args.fusion_checkpoint, steps=args.steps, envs=8, rollout=128, seed=seed, lr=args.lr, fault_rate=args.fault_rate, fault_after=args.fault_after,
+                     fusion_checkpoint=args.fusion_checkpoint,
+                     fusion_trigger=args.fusion_trigger, steps=args.steps, envs=8, rollout=128, seed=seed, lr=args.lr, fault_rate=args.fault_rate, fault_after=args.fault_after,
                      action_repeat=args.action_repeat if FUSION else None, agent=AgentConfig(kind=kind, memory=args.memory))
 
 

@@ -25,7 +25,7 @@ import math
 from collections.abc import Iterator
 
 from .errors import ConfigError
-from .frames import NS_PER_S, CameraFrame, ImuSample, LidarFrame, Modality
+from .frames import MODALITIES, NS_PER_S, CameraFrame, ImuSample, LidarFrame, Modality
 from .sync import SensorSync
 from .tokenize import SensorSnapshot
 
@@ -100,6 +100,13 @@ class FusionClock:
             if self.timer_fuses(self.next_tick):
                 yield self.sync.snapshot(self.next_tick)
             self.next_tick += self.period_ns
+
+
+def trigger_modality(trigger: str) -> Modality | None:
+    """The node's `trigger` parameter (timer | camera | lidar | imu) -> FusionClock's trigger (None: the timer)."""
+    if trigger not in ("timer", *MODALITIES):
+        raise ConfigError(f"trigger must be timer or one of {MODALITIES}, got {trigger!r}")
+    return None if trigger == "timer" else Modality(MODALITIES.index(trigger))
 
 
 _MODALITY = {CameraFrame: Modality.CAMERA, LidarFrame: Modality.LIDAR, ImuSample: Modality.IMU}

@@ -27,10 +27,12 @@ TAU_KEYS = tuple(f"tau.{k}" for k in ("global", *MODALITIES))
 MAX_AGE_KEYS = tuple(f"max_age_s.{m}" for m in MODALITIES)
 
 
-def fusion_terms(weights_digest: str, tau, fusion_rate_hz: float, max_age_s, stale_after_periods: float) -> dict[str, str]:
-    """A fusion's side of the contract as name -> text (diagnostic values; names as the node's parameters)."""
+def fusion_terms(weights_digest: str, tau, fusion_rate_hz: float, max_age_s, stale_after_periods: float,
+                 trigger: str = "timer") -> dict[str, str]:
+    """A fusion's side of the contract as name -> text (diagnostic values; names as the node's parameters).
+    trigger: when it fuses (timer, or on each message of a sensor): fused states at other instants."""
     terms = {"weights_digest": weights_digest, "fusion_rate_hz": repr(float(fusion_rate_hz)),
-             "stale_after_periods": repr(float(stale_after_periods))}
+             "stale_after_periods": repr(float(stale_after_periods)), "trigger": trigger}
     terms.update({k: repr(float(v)) for k, v in zip(TAU_KEYS, tau)})
     terms.update({k: repr(float(v)) for k, v in zip(MAX_AGE_KEYS, max_age_s)})
     return terms

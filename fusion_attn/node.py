@@ -271,7 +271,7 @@ class FusionNode(LifecycleNode):
         self._check_publisher_types()
         period = 1.0 / self.p("fusion_rate_hz")
         # the fusion's side of the policy contract goes with it: policy_node checks it live
-        values = {**self.pipeline.backend_info(), **self.pipeline.fusion_terms(self.sync.cfg, self.p("fusion_rate_hz")),
+        values = {**self.pipeline.backend_info(), **self.pipeline.fusion_terms(self.sync.cfg, self.p("fusion_rate_hz"), self.p("trigger")),
                   "withheld_all_masked": str(self._withheld),
                   **{f"masked_fusions_{name}": str(self._masked[MODALITIES.index(name)]) for name in self.sensors}}
         return diagnostics(self.sync.summary(now_ns), self._last_state, values,

@@ -159,9 +159,10 @@ class FusionPipeline:
             info["backend_fallback"] = self.backend_fallback
         return info
 
-    def fusion_terms(self, sync: SyncConfig, fusion_rate_hz: float) -> dict[str, str]:
-        """This fusion's side of a policy contract (contract.fusion_terms): weights, τ now, sync settings."""
-        return fusion_terms(self.weights_digest, self.tau, fusion_rate_hz, sync.max_age_s, sync.stale_after_periods)
+    def fusion_terms(self, sync: SyncConfig, fusion_rate_hz: float, trigger: str = "timer") -> dict[str, str]:
+        """This fusion's side of a policy contract (contract.fusion_terms): weights, τ now, sync settings, trigger."""
+        return fusion_terms(self.weights_digest, self.tau, fusion_rate_hz, sync.max_age_s, sync.stale_after_periods,
+                            trigger)
 
     def set_tau(self, tau) -> None:
         """Takes effect at the next fuse(); τ is a model input, nothing is re-exported."""

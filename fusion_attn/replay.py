@@ -29,7 +29,7 @@ from rosbags.rosbag2 import StoragePlugin, Writer
 
 from .attention_maps import MASKS, attend, camera_rgb, occlusion, picture, picture_size
 from .bag import BagTopics, find_topics, open_reader, read_messages
-from .clock import FusionClock
+from .clock import FusionClock, trigger_modality
 from .config import FusionConfig
 from .errors import BagError, ConfigError
 from .frames import MODALITIES, NS_PER_S, FusedState, Modality
@@ -170,8 +170,7 @@ def recorded_snapshots(reader, sync: SensorSync, opts: ReplayOptions, rec: Recor
     rec.read_notes = reader.notes  # the reader's own list: what it notes while reading shows too
     start = reader.start_time + int(opts.start_s * NS_PER_S) if opts.start_s is not None else None
     stop = reader.start_time + int(opts.end_s * NS_PER_S) if opts.end_s is not None else None
-    trigger = Modality[opts.trigger.upper()] if opts.trigger != "timer" else None
-    clock = FusionClock(sync, opts.fusion_rate_hz, trigger, events=rec.events)  # its notes join the recording's
+    clock = FusionClock(sync, opts.fusion_rate_hz, trigger_modality(opts.trigger), events=rec.events)  # its notes join the recording's
     for msg in read_messages(reader, topics, start, stop):
         rec.messages += 1
         if progress is not None:
@@ -212,8 +211,7 @@ def _check(opts: ReplayOptions) -> None:
         raise ConfigError(f"fusion rate must be > 0 Hz, got {opts.fusion_rate_hz}")
     if opts.clock not in ("header", "receive"):
         raise ConfigError(f"clock must be header or receive, got {opts.clock!r}")
-    if opts.trigger not in ("timer", *MODALITIES):
-        raise ConfigError(f"trigger must be timer or one of {MODALITIES}, got {opts.trigger!r}")
+    trigger_modality(opts.trigger)
     if opts.start_s is not None and opts.end_s is not None and opts.end_s <= opts.start_s:
         raise ConfigError(f"--end {opts.end_s} must be after --start {opts.start_s}")
     if not all(math.isfinite(t) and t >= 0 for t in opts.attention_at_s):

@@ -34,6 +34,9 @@ def add_verbs(verbs) -> None:
     train.add_argument("--fusion-checkpoint", default="", metavar="SAFETENSORS",
                        help="FusionAttn envs: the fusion model to observe through (default: the packaged one); "
                             "the policy's contract records it")
+    train.add_argument("--fusion-trigger", choices=["timer", "camera", "lidar", "imu"], default="timer",
+                       help="FusionAttn envs: fuse on the timer (default) or on each message of this sensor, as the "
+                            "node's `trigger` (for a fusion model trained with --trigger); the contract records it")
     train.add_argument("--agent", choices=["gtrxl", "mlp", "lstm", "gru"], default=agent.kind,
                        help="gtrxl: attention memory; mlp: none; lstm, gru: recurrent baselines (same PPO, trained "
                             "through time on whole rollouts)")
@@ -90,7 +93,7 @@ def run(args) -> int:
         from .ppo import train
 
         cfg = PPOConfig(env_id=args.env_id, env_kwargs=args.env_kwargs, imports=tuple(args.imports),
-                        fusion_checkpoint=args.fusion_checkpoint,
+                        fusion_checkpoint=args.fusion_checkpoint, fusion_trigger=args.fusion_trigger,
                         steps=args.steps, envs=args.workers * args.envs_per_worker if args.envs_per_worker else args.envs,
                         workers=args.workers, ray=args.ray, rollout=args.rollout, lr=args.lr, ent_coef=args.ent_coef, action_repeat=args.action_repeat, seed=args.seed, threads=args.threads, device=args.device,
                         fault_rate=args.fault_rate, fault_after=args.fault_after,

@@ -27,6 +27,7 @@ class PPOConfig:
     env_kwargs: dict = field(default_factory=dict)
     imports: tuple[str, ...] = ()  # modules imported before gym.make: they register third-party env ids
     fusion_checkpoint: str = ""  # FusionAttn envs: the fusion model observed through ("": the packaged default)
+    fusion_trigger: str = "timer"  # FusionAttn envs: when it fuses (the node's `trigger`; a model trained with --trigger)
     # control steps per decision. FusionAttn envs: None -> 5 (decide at 10 Hz, the drive runs at 50 Hz);
     # other envs step once per decision: None -> 1, anything else is refused (it would not be applied)
     action_repeat: int | None = None

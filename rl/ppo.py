@@ -184,7 +184,8 @@ def make_env(cfg: PPOConfig, training: bool = False, index: int = 0) -> gym.Env:
         from fusion_attn.sim.wrappers import FusedObservation
 
         pipeline = FusionPipeline.create(cfg.fusion_checkpoint or None, backend="onnxruntime", threads=1)
-        env = FusedObservation(ActionRepeat(env, cfg.action_repeat), pipeline, with_attention=True, with_task=True)
+        env = FusedObservation(ActionRepeat(env, cfg.action_repeat), pipeline, with_attention=True, with_task=True,
+                               trigger=cfg.fusion_trigger)
         if training and cfg.fault_rate > 0:  # the rate at step 0; train() sets it per update
             env = TrainingFaults(env, scheduled_fault_rate(cfg, 0, 1), np.random.default_rng([cfg.seed, index]))
     elif not (isinstance(env.observation_space, gym.spaces.Box) and len(env.observation_space.shape) == 1):

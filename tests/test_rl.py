@@ -291,6 +291,15 @@ def test_fused_observation_carries_the_task_and_its_contract(tmp_path):
         assert np.all(np.isfinite(obs)) and abs(obs[64:67].sum() - 1.0) < 1e-4  # attention mass sums to 1
     finally:
         env.close()
+    # fused on each lidar sweep instead (a model trained with --trigger lidar): other instants, another contract
+    lidar = make_env(dataclasses.replace(cfg, fusion_trigger="lidar"))
+    try:
+        lidar.reset(seed=0)
+        fused = [lidar.step(1)[-1]["fused"] for _ in range(10)]
+        assert all(f.ages_s[1] == 0 for f in fused)  # each state fused as its sweep arrived (the timer's: 0.1 s old)
+        assert contract.mismatches(lidar.get_wrapper_attr("fusion_terms")) == ["trigger lidar, the policy was trained with timer"]
+    finally:
+        lidar.close()
 
 
 def test_training_faults_hit_the_configured_share_of_episodes():

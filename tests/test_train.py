@@ -91,7 +91,7 @@ def test_triggered_data_fuses_at_each_sweep_and_keys_its_own_shards(tmp_path):
     tc = dataclasses.replace(TINY, trigger="lidar")
     assert episode_shards(tc, CFG, "train", 1)[0].key["trigger"] == "lidar"
     assert "trigger" not in episode_shards(TINY, CFG, "train", 1)[0].key  # the timer's keys are as before
-    with pytest.raises(ConfigError, match="trigger must be"):
+    with pytest.raises(ConfigError, match="trigger must be timer"):
         sim_episode("control", 3, 1.0, 10.0, CFG, trigger="radar")
 
 

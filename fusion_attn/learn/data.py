@@ -79,7 +79,7 @@ def sim_episode(task: str, seed: int, seconds: float, fusion_hz: float, cfg: Fus
     from fusion_attn.sim.faults import FaultConfig
     from fusion_attn.sim.robot import RobotEnv
 
-    from ..clock import FusionClock
+    from ..clock import FusionClock, trigger_modality
     from ..sync import SensorSync, SyncConfig
 
     # the node's fusion timer on simulated time, first tick one period in; at 10 Hz every tick ends a
@@ -144,15 +144,6 @@ def bag_sequence(paths: Sequence[str | Path], fusion_hz: float, cfg: FusionConfi
                 "goal": np.zeros((n, 2), np.float32), "labelled": np.zeros(n, np.bool_),
                 "stamp_ns": np.array(stamps, np.int64)})
     return out
-
-
-def trigger_modality(trigger: str):
-    """The node's `trigger` parameter -> the FusionClock's trigger (None: the timer)."""
-    from ..frames import Modality
-
-    if trigger != "timer" and trigger.upper() not in Modality.__members__:
-        raise ConfigError(f"trigger must be timer, camera, lidar or imu, got {trigger!r}")
-    return None if trigger == "timer" else Modality[trigger.upper()]
 
 
 def _stack(samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

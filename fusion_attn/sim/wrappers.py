@@ -7,7 +7,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from ..clock import FusionClock
+from ..clock import FusionClock, trigger_modality
 from ..contract import ObservationLayout, PolicyContract, observation_vector
 from ..params import PARAM_DEFAULTS
 from ..pipeline import FusionPipeline
@@ -17,8 +17,8 @@ from ..sync import SensorSync, SyncConfig
 class FusedObservation(gym.Wrapper):
     """Observation = the newest fused state, as fusion_node would have published it by the end of the
     step: each step's info["frames"] go through a `FusionClock` at `fusion_rate_hz` (the node's default)
-    on simulated time
-    (first tick at 0), and the last snapshot it ticked is fused. The vector is
+    on simulated time (first tick at 0), or on each message of the `trigger` sensor as the node's
+    parameter does, and the last snapshot it gave is fused. The vector is
     `contract.observation_vector`: the fused state (D = 64 by default), with_attention the attention
     mass camera, lidar and IMU received (3), with_task the task's own observation (obs["task"],
     tasks.py): what a robot's mission layer would give its policy besides the sensors. The whole
@@ -29,11 +29,13 @@ class FusedObservation(gym.Wrapper):
     """
 
     def __init__(self, env: gym.Env, pipeline: FusionPipeline | None = None, sync_config: SyncConfig | None = None,
-                 fusion_rate_hz: float = PARAM_DEFAULTS["fusion_rate_hz"], with_attention: bool = False, with_task: bool = False):
+                 fusion_rate_hz: float = PARAM_DEFAULTS["fusion_rate_hz"], with_attention: bool = False, with_task: bool = False,
+                 trigger: str = "timer"):
         super().__init__(env)
         self.pipeline = pipeline or FusionPipeline.create(None, backend="onnxruntime", threads=1)
         self.sync_config = sync_config or SyncConfig(imu_window_s=self.pipeline.cfg.imu.window_s)
-        self.fusion_rate_hz = fusion_rate_hz
+        self.fusion_rate_hz, self.trigger = fusion_rate_hz, trigger
+        trigger_modality(trigger)  # a ConfigError now, not at the first reset
         task_dim = env.observation_space["task"].shape[0] if with_task else 0
         self.layout = ObservationLayout(self.pipeline.cfg.model.dim, with_attention, task_dim)
         self.observation_space = spaces.Box(-np.inf, np.inf, (self.layout.size,), np.float32)
@@ -42,7 +44,7 @@ class FusedObservation(gym.Wrapper):
     @property
     def fusion_terms(self) -> dict[str, str]:
         """The fusion's side of the policy contract, as it is now (τ may have been set since)."""
-        return self.pipeline.fusion_terms(self.sync_config, self.fusion_rate_hz)
+        return self.pipeline.fusion_terms(self.sync_config, self.fusion_rate_hz, self.trigger)
 
     def contract(self, actions, decision_period_s: float) -> PolicyContract:
         """The contract of a policy trained on this observation (actions: the discrete table or None)."""
@@ -51,7 +53,8 @@ class FusedObservation(gym.Wrapper):
 
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
-        self.clock, self.state = FusionClock(SensorSync(self.sync_config), self.fusion_rate_hz, start_ns=0), None
+        self.clock = FusionClock(SensorSync(self.sync_config), self.fusion_rate_hz, trigger_modality(self.trigger), start_ns=0)
+        self.state = None
         return self._observe(obs, info), info
 
     def step(self, action):
