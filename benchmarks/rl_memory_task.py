@@ -181,7 +181,8 @@ if "gtrxl" in results and "lstm" in results:  # env steps GTrXL needs to reach t
     targets["gtrxl"]["steps_to_lstm_final"] = int(reached[0]) if len(reached) else None
     targets["gtrxl"]["steps_ratio_to_lstm"] = float(reached[0] / lstm_steps[-1]) if len(reached) else None
 report = {"date": datetime.date.today().isoformat(), "machine": machine(), "env": args.env, "goals": args.goals,
-          "steps": args.steps, "seeds": args.seeds, "eval_episodes": args.episodes, "targets": targets,
+          "fusion_checkpoint": args.fusion_checkpoint, "fusion_trigger": args.fusion_trigger, "fault_rate": args.fault_rate,
+          "fault_after": args.fault_after, "steps": args.steps, "seeds": args.seeds, "eval_episodes": args.episodes, "targets": targets,
           "results": results}
 args.out.parent.mkdir(parents=True, exist_ok=True)
 args.out.write_text(json.dumps(report, indent=1))
