@@ -58,7 +58,7 @@ runs/wide-s%/train_state.pt: | $(STAMP)
 runs/scan-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/scan-s$* --seed $* --fixed-tau --trust-floor 0.01 --camera-size 64 256 --lidar-motion --eval-every 2000
 # fused as each lidar sweep arrives (--trigger lidar; the node's `trigger: lidar`): `scan` and concat on
-# that data, evaluated on held-out episodes sampled the same way (docs/RESULTS.md, "Fused on the lidar's arrival")
+# that data, evaluated on held-out episodes sampled the same way (docs/RESULTS.md, "`arrival`, three seeds")
 ARRIVAL := runs/arrival-s0 runs/arrival-s1 runs/arrival-s2 runs/concat_arrival-s0 runs/concat_arrival-s1 runs/concat_arrival-s2
 runs/arrival-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/arrival-s$* --seed $* --fixed-tau --trust-floor 0.01 --camera-size 64 256 --lidar-motion \

@@ -26,6 +26,7 @@ from std_msgs.msg import String
 
 from .adapters import msgtype_of, to_frame
 from .attention_maps import attend, camera_rgb, picture
+from .clock import trigger_modality
 from .errors import ConfigError, FusionAttnError, MalformedMessageError
 from .frames import MODALITIES, NS_PER_S, CameraFrame, FusedState, Modality
 from .messages import (
@@ -206,8 +207,8 @@ class FusionNode(LifecycleNode):
             self._fuse(frame.stamp_ns)
 
     def _on_timer(self) -> None:
-        trigger = self.p("trigger")
-        if trigger == "timer" or not self.sync.fresh(Modality[trigger.upper()], self.get_clock().now().nanoseconds):
+        trigger = trigger_modality(self.p("trigger"))
+        if trigger is None or not self.sync.fresh(trigger, self.get_clock().now().nanoseconds):
             self._fuse()
 
     def _fuse(self, trigger_ns: int | None = None) -> None:

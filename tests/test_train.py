@@ -82,7 +82,7 @@ def test_dataset_comes_from_the_simulator_with_ground_truth(data):
     assert np.all(np.abs(a["goal"][:, 1]) <= np.pi)
 
 
-def test_triggered_data_fuses_at_each_sweep_and_keys_its_own_shards(tmp_path):
+def test_triggered_data_fuses_at_each_sweep_and_keys_its_own_shards():
     lidar = sim_episode("control", 3, 3.0, 10.0, CFG, trigger="lidar")
     timer = sim_episode("control", 3, 3.0, 10.0, CFG)
     assert len(lidar["stamp_ns"]) == len(timer["stamp_ns"]) == 30  # the simulated lidar's 10 Hz, from its first sweep

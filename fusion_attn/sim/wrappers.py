@@ -35,7 +35,7 @@ class FusedObservation(gym.Wrapper):
         self.pipeline = pipeline or FusionPipeline.create(None, backend="onnxruntime", threads=1)
         self.sync_config = sync_config or SyncConfig(imu_window_s=self.pipeline.cfg.imu.window_s)
         self.fusion_rate_hz, self.trigger = fusion_rate_hz, trigger
-        trigger_modality(trigger)  # a ConfigError now, not at the first reset
+        self._trigger = trigger_modality(trigger)  # a ConfigError now, not at the first reset
         task_dim = env.observation_space["task"].shape[0] if with_task else 0
         self.layout = ObservationLayout(self.pipeline.cfg.model.dim, with_attention, task_dim)
         self.observation_space = spaces.Box(-np.inf, np.inf, (self.layout.size,), np.float32)
@@ -53,7 +53,7 @@ class FusedObservation(gym.Wrapper):
 
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
-        self.clock = FusionClock(SensorSync(self.sync_config), self.fusion_rate_hz, trigger_modality(self.trigger), start_ns=0)
+        self.clock = FusionClock(SensorSync(self.sync_config), self.fusion_rate_hz, self._trigger, start_ns=0)
         self.state = None
         return self._observe(obs, info), info
 
