@@ -63,6 +63,10 @@ ARRIVAL := runs/arrival-s0 runs/arrival-s1 runs/arrival-s2 runs/concat_arrival-s
 runs/arrival-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/arrival-s$* --seed $* --fixed-tau --trust-floor 0.01 --camera-size 64 256 --lidar-motion \
 		--trigger lidar --eval-every 2000
+# the same, trained at random τ as the packaged model is (the RL memory task held on that recipe only)
+runs/arrival_rtau-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/arrival_rtau-s$* --seed $* --trust-floor 0.01 --camera-size 64 256 --lidar-motion \
+		--trigger lidar --eval-every 2000
 runs/concat_arrival-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/concat_arrival-s$* --seed $* --fusion concat --fixed-tau --trigger lidar --eval-every 2000
 robustness-arrival: $(STAMP) $(ARRIVAL:%=%/train_state.pt)
