@@ -67,6 +67,10 @@ runs/arrival-s%/train_state.pt: | $(STAMP)
 runs/arrival_rtau-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/arrival_rtau-s$* --seed $* --trust-floor 0.01 --camera-size 64 256 --lidar-motion \
 		--trigger lidar --eval-every 2000
+# the same with the scan match as a lidar token of its own (--lidar-motion-token), not added to every pillar
+runs/arrival_token-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/arrival_token-s$* --seed $* --fixed-tau --trust-floor 0.01 --camera-size 64 256 --lidar-motion \
+		--lidar-motion-token --trigger lidar --eval-every 2000
 runs/concat_arrival-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/concat_arrival-s$* --seed $* --fusion concat --fixed-tau --trigger lidar --eval-every 2000
 robustness-arrival: $(STAMP) $(ARRIVAL:%=%/train_state.pt)

@@ -1,6 +1,6 @@
 """How much ego-motion the camera's frame pairs carry (issue #15): the floor of the column-shift evidence.
 
-    MUJOCO_GL=egl python benchmarks/motion_evidence.py [--camera-size 96 128] [--shifts 6]
+    MUJOCO_GL=egl python benchmarks/motion_evidence.py [--camera-size 96 128] [--shifts 6] [--trigger timer]
         [--out benchmarks/results/motion_evidence.json]
 
 The model's camera motion evidence (`model.column_shift_match`, `--camera-shifts`) matches each
@@ -24,6 +24,9 @@ per second) against the truth now and the mean over the two sweeps' capture time
 and 90th percentile of the error, and the lag floor as for the camera (also against the truth at the
 newer sweep's own time, "arrival": what a fusion on each sweep's arrival would have to match); and the same for the model's
 own scan match (`model.lidar_scan_match`, `--lidar-motion`: lines per pillar, no neighbour search).
+--trigger lidar takes the samples as `fusion-attn train --trigger lidar` does, one per sweep: the
+truth "now" is then that sample's label (taken at the end of the control step the sweep arrived in),
+and frame ticks are counted in sweeps, so the camera's figures are approximate there.
 For reference: predicting the training mean, and the trained model's error with and without the IMU
 are in its metrics.json (`val`).
 """
@@ -160,10 +163,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--camera-size", type=int, nargs=2, default=(96, 128), metavar=("HEIGHT", "WIDTH"))
     parser.add_argument("--shifts", type=int, default=6)
+    parser.add_argument("--trigger", default="timer", help="the samples' instants, as `fusion-attn train --trigger`")
     parser.add_argument("--lidar-samples", type=int, default=400, help="validation samples scan-matched (0: skip)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "motion_evidence.json")
     args = parser.parse_args()
-    tc = TrainConfig(bags=(), camera_size=tuple(args.camera_size), camera_shifts=args.shifts)
+    tc = TrainConfig(bags=(), camera_size=tuple(args.camera_size), camera_shifts=args.shifts, trigger=args.trigger)
     cfg = tc.fusion_config()
     train, val = build_datasets(tc, cfg, cache_dir("train"), progress=False)
     c_tr, s_tr, v_tr, _ = curves(train, cfg, args.shifts)
@@ -174,7 +178,7 @@ def main() -> None:
 
     a, b = design(c_tr, s_tr), design(c_va, s_va)
     report = {"date": datetime.date.today().isoformat(), "machine": machine(), "camera_size": args.camera_size,
-              "shifts": args.shifts, "train_samples": len(a), "val_samples": len(b)}
+              "shifts": args.shifts, "trigger": args.trigger, "train_samples": len(a), "val_samples": len(b)}
     for j, name in enumerate(("speed_mps", "yaw_rate_radps")):
         w = np.linalg.solve(a.T @ a + 1e-2 * np.eye(a.shape[1]), a.T @ v_tr[:, j])
         report[f"probe_{name}_mae"] = float(np.abs(b @ w - v_va[:, j]).mean())

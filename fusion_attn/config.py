@@ -98,6 +98,9 @@ class ModelConfig:
     # lidar motion evidence: the lidar tokens also get the scan match of the sweep and the previous one
     # (model.lidar_scan_match: yaw rate, velocity, inlier share and residual)
     lidar_motion: bool = field(default=False, metadata=ADDED_LATER)
+    # with lidar_motion: the scan match is a lidar token of its own (masked when there is nothing to
+    # match), so the fusion tokens can read the lidar's ego-motion apart from what its pillars show
+    lidar_motion_token: bool = field(default=False, metadata=ADDED_LATER)
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,8 @@ class FusionConfig:
             raise ConfigError(f"model.dim {m.dim} must exceed model.heads {m.heads}")
         if isinstance(m.camera_shifts, bool) or not isinstance(m.camera_shifts, int) or not 0 <= m.camera_shifts < c.width:
             raise ConfigError(f"model.camera_shifts must be an integer in [0, camera.width), got {m.camera_shifts!r}")
+        if m.lidar_motion_token and not m.lidar_motion:
+            raise ConfigError("model.lidar_motion_token needs model.lidar_motion (the scan match it carries)")
         if not 1 <= li.grid <= 255:  # a count per cell per sweep: grid² stays small
             raise ConfigError(f"lidar.grid {li.grid} must be in [1, 255]")
         if not (li.range_m > 0 and self.imu.window_s > 0 and li.z_max_m > li.z_min_m):

@@ -243,7 +243,8 @@ class SensorEmbedding(nn.Module):
 
     Each token also carries what changed since its sensor's previous frame: a camera patch its
     difference from the same patch one frame back, every lidar pillar the change of the whole
-    sweep's PointNet descriptor (and, with model.lidar_motion, the two sweeps' scan match). That is
+    sweep's PointNet descriptor (and, with model.lidar_motion, the two sweeps' scan match; with
+    model.lidar_motion_token that match is one more lidar token instead, after the pillars). That is
     the model's evidence of motion, and of a frozen sensor (no change at all). `evidence` adds a few statistics per sensor for the trust estimate (see _evidence).
     """
 
@@ -267,7 +268,8 @@ class SensorEmbedding(nn.Module):
         self.interval = nn.Linear(2 * cfg.model.age_frequencies, d, bias=False)  # time to the previous frame
         self.age_frequencies = cfg.model.age_frequencies
         self.norm = nn.LayerNorm(d)
-        ids = [Modality.CAMERA] * cfg.camera.tokens + [Modality.LIDAR] * cfg.lidar.tokens + [Modality.IMU] * cfg.imu.tokens
+        self.counts = (cfg.camera.tokens, cfg.lidar.tokens + cfg.model.lidar_motion_token, cfg.imu.tokens)  # per sensor
+        ids = [m for m, n in zip((Modality.CAMERA, Modality.LIDAR, Modality.IMU), self.counts) for _ in range(n)]
         self.register_buffer("modality_id", torch.tensor([int(m) for m in ids]), persistent=False)
 
     def pillars(self, points, point_mask):
@@ -295,14 +297,20 @@ class SensorEmbedding(nn.Module):
         sweep_change = torch.where(has_prev.unsqueeze(-1), sweep - _masked_max(prev, prev_mask), 0.0)  # (B, D)
         lidar_interval = (x["lidar_prev_age"] - x["lidar_age"])[:, 0]  # (B,)
         since_prev = self.lidar_change(sweep_change) + self.interval(fourier(lidar_interval))
+        motion, motion_mask, motion_age = [], [], []  # the scan match as a token of its own (lidar_motion_token)
         if self.lidar_motion is not None:
-            since_prev = since_prev + self.lidar_motion(lidar_scan_match(x, self.cfg.lidar))
+            scan = lidar_scan_match(x, self.cfg.lidar)  # (B, SCAN_MATCH_FEATURES); its last feature: 1 if matched
+            if self.cfg.model.lidar_motion_token:
+                motion = [self.lidar_motion(scan).unsqueeze(1)]  # (B, 1, D)
+                motion_mask, motion_age = [scan[:, -1:] > 0], [x["lidar_age"][:, :1]]
+            else:
+                since_prev = since_prev + self.lidar_motion(scan)
         lidar = lidar + torch.where(has_prev[:, None, None], since_prev.unsqueeze(1), self.no_previous[1])
         imu = self.imu(x["imu_chunks"])  # (B, N_i, D)
-        tokens = torch.cat([cam, lidar, imu], dim=1) + self.modality[self.modality_id]  # (B, N, D)
-        age = torch.cat([x["camera_age"], x["lidar_age"], x["imu_age"]], dim=1)  # (B, N)
+        tokens = torch.cat([cam, lidar, *motion, imu], dim=1) + self.modality[self.modality_id]  # (B, N, D)
+        age = torch.cat([x["camera_age"], x["lidar_age"], *motion_age, x["imu_age"]], dim=1)  # (B, N)
         tokens = self.norm(tokens + self.age(fourier(age)))
-        mask = torch.cat([cam_mask, lidar_mask, x["imu_mask"]], dim=1)  # (B, N)
+        mask = torch.cat([cam_mask, lidar_mask, *motion_mask, x["imu_mask"]], dim=1)  # (B, N)
         return tokens, mask, self._evidence(x, change, cam_prev, sweep_change, has_prev)
 
     def _evidence(self, x, cam_change, cam_prev, sweep_change, lidar_has_prev) -> torch.Tensor:
@@ -464,7 +472,7 @@ class FusionModel(nn.Module):
         self.out_norm = nn.LayerNorm(m.dim)
         # one-hot modality membership of each token, to sum attention per modality with a matmul
         self.register_buffer("membership", F.one_hot(self.embed.modality_id, 3).float(), persistent=False)
-        ends = torch.cumsum(torch.tensor([cfg.camera.tokens, cfg.lidar.tokens, cfg.imu.tokens]), 0).tolist()
+        ends = torch.cumsum(torch.tensor(self.embed.counts), 0).tolist()
         self.spans = [slice(a, b) for a, b in zip([0, *ends[:2]], ends)]
 
     def sensor_logits(self, log_trust: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:

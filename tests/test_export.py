@@ -15,8 +15,8 @@ from fusion_attn.tokenize import OUTPUT_NAMES, input_spec
 
 
 @pytest.fixture(scope="module", params=[{}, {"qk_norm": True, "learned_head_temperature": True}, {"fusion": "token"},
-                                        {"lidar_motion": True}],
-                ids=["plain", "qknorm+headtau", "token", "lidar_motion"])
+                                        {"lidar_motion": True}, {"lidar_motion": True, "lidar_motion_token": True}],
+                ids=["plain", "qknorm+headtau", "token", "lidar_motion", "lidar_motion_token"])
 def exported(request, tmp_path_factory):
     torch.manual_seed(0)
     model = FusionModel(FusionConfig(model=ModelConfig(**request.param))).eval()

@@ -154,7 +154,7 @@ def test_per_modality_tau_moves_attention(fusion):
 @pytest.mark.parametrize("fusion", FUSIONS)
 @pytest.mark.parametrize("options", [{}, {"qk_norm": True}, {"learned_head_temperature": True},
                                      {"qk_norm": True, "learned_head_temperature": True, "latent_blocks": 2}, {"camera_shifts": 6},
-                                     {"lidar_motion": True}])
+                                     {"lidar_motion": True}, {"lidar_motion": True, "lidar_motion_token": True}])
 def test_gradients_are_finite_for_every_variant(options, fusion):
     model = _model(fusion=fusion, **options).train()
     x = _inputs(model, batch=3)
@@ -292,6 +292,25 @@ def test_lidar_scan_match_of_a_frozen_sweep_is_still_and_exact_and_of_none_is_ze
     assert not lidar_scan_match(x, cfg.lidar).any()
     x, _ = _scan_inputs(sweep, sweep, interval=0.0)  # the same stamp twice: no interval to measure a rate over
     assert not lidar_scan_match(x, cfg.lidar).any()
+
+
+def test_the_lidar_motion_token_is_a_lidar_token_present_only_where_the_sweeps_match():
+    from fusion_attn.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="lidar_motion_token needs model.lidar_motion"):
+        FusionConfig(model=ModelConfig(lidar_motion_token=True))
+    model = _model(lidar_motion=True, lidar_motion_token=True)
+    cfg = model.cfg
+    motion = cfg.camera.tokens + cfg.lidar.tokens  # its index: right after the pillars, inside the lidar's span
+    assert model.spans[1] == slice(cfg.camera.tokens, motion + 1) and int(model.embed.modality_id[motion]) == Modality.LIDAR
+    scan, _ = _scan_inputs(_room_sweep(0.04, 0.1), _room_sweep(0.0, 0.0))
+    x = _inputs(model, **scan)
+    with torch.no_grad():
+        moved = model.run(x, x.pop("tau"))["token_weights"]  # (B, H, M, N)
+        assert moved.shape[-1] == cfg.camera.tokens + cfg.lidar.tokens + 1 + cfg.imu.tokens
+        assert (moved[..., motion] > 0).all()
+        x["lidar_prev_mask"] = torch.zeros_like(x["lidar_prev_mask"])  # no previous sweep: nothing matched
+        assert (model.run(x, torch.ones(1, 4))["token_weights"][..., motion] == 0).all()
 
 
 def test_the_3x3_solve_by_adjugate_matches_a_solver():

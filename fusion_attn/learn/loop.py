@@ -77,6 +77,7 @@ class TrainConfig:
     trust_floor: float = 0.0
     camera_shifts: int = 0
     lidar_motion: bool = False
+    lidar_motion_token: bool = False
     camera_size: tuple[int, int] = (96, 128)  # height, width the camera tokenizer resizes to (config.CameraTokens)
 
     def fusion_config(self) -> FusionConfig:
@@ -85,7 +86,8 @@ class TrainConfig:
                             model=ModelConfig(latent_blocks=self.latent_blocks, qk_norm=self.qk_norm,
                                               learned_head_temperature=self.learned_head_temperature,
                                               fusion=self.sensor_fusion, trust_floor=self.trust_floor,
-                                              camera_shifts=self.camera_shifts, lidar_motion=self.lidar_motion))
+                                              camera_shifts=self.camera_shifts, lidar_motion=self.lidar_motion,
+                                              lidar_motion_token=self.lidar_motion_token))
 
     @classmethod
     def from_dict(cls, saved: dict) -> TrainConfig:
