@@ -71,6 +71,10 @@ runs/arrival_rtau-s%/train_state.pt: | $(STAMP)
 runs/arrival_token-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/arrival_token-s$* --seed $* --fixed-tau --trust-floor 0.01 --camera-size 64 256 --lidar-motion \
 		--lidar-motion-token --trigger lidar --eval-every 2000
+# the same with the consistency objective: a faulted sample's fused state kept near its healthy one
+runs/arrival_consist-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/arrival_consist-s$* --seed $* --fixed-tau --trust-floor 0.01 --camera-size 64 256 --lidar-motion \
+		--consistency-weight 1 --trigger lidar --eval-every 2000
 runs/concat_arrival-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/concat_arrival-s$* --seed $* --fusion concat --fixed-tau --trigger lidar --eval-every 2000
 robustness-arrival: $(STAMP) $(ARRIVAL:%=%/train_state.pt)

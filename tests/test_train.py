@@ -32,7 +32,14 @@ from fusion_attn.learn.data import (
 )
 from fusion_attn.learn.evaluation import RunningMeans, physical_errors, sectors_in_view, sim_camera_hfov_deg
 from fusion_attn.learn.loop import STATE_FILE, TrainConfig, train
-from fusion_attn.learn.objectives import Heads, fault_attention, heads_path, load_heads, target_sizes
+from fusion_attn.learn.objectives import (
+    Heads,
+    fault_attention,
+    fused_consistency,
+    heads_path,
+    load_heads,
+    target_sizes,
+)
 from fusion_attn.learn.robustness import load_run, run_evaluation, summarise
 from fusion_attn.model import FusionModel
 from fusion_attn.pipeline import DEFAULT_CHECKPOINT
@@ -375,6 +382,26 @@ def test_attention_avoidance_weighs_sensors_whose_content_is_gone():
     assert fault_attention(attention, FaultPlan.fixed(4, 2, "freeze")).item() == 0.0
 
 
+def test_consistency_pulls_only_faulted_samples_towards_their_healthy_fusion(data):
+    t = data.tensors()
+    idx = torch.tensor((5, 25, 45))
+    none = torch.zeros(3)
+    plan = FaultPlan(sensor=torch.tensor([-1, 0, 2]), fault=torch.full((3,), FAULTS.index("drop")),
+                     lag=torch.zeros(3, dtype=torch.long), strength=torch.ones(3), where=none)
+    torch.manual_seed(0)
+    model = FusionModel(FusionConfig()).eval()
+    clean, tau = gather(t, idx), torch.ones(3, 4)
+    fused = model.run(corrupt(t, idx, plan, CFG, TINY.fusion_hz, torch.Generator().manual_seed(0)), tau)["fused"]
+    loss = fused_consistency(model, clean, fused, tau, plan)
+    with torch.no_grad():
+        healthy = model.run(clean, tau)["fused"]
+    assert loss.item() == pytest.approx(((fused - healthy) ** 2).mean(-1)[1:].mean().item(), rel=1e-5) and loss > 0
+    loss.backward()  # into the faulted pass only: the healthy target is a constant
+    assert model.cross.q.weight.grad.abs().sum() > 0
+    unfaulted = dataclasses.replace(plan, sensor=torch.full((3,), -1))
+    assert fused_consistency(model, clean, fused.detach(), tau, unfaulted).item() == 0.0
+
+
 def test_training_writes_checkpoint_heads_and_tensorboard(tmp_path, cache):
     out = tmp_path / "run"
     m = train(TINY, out, cache=cache, progress=False, command="test")
@@ -388,6 +415,7 @@ def test_training_writes_checkpoint_heads_and_tensorboard(tmp_path, cache):
     assert m["val"]["camera_drop"]["attention_faulted"] == 0.0  # a masked sensor gets no attention
     assert m["val"]["camera_drop"]["trust_faulted"] == 0.0  # nor any trust
     assert "trust" in m["final_train_losses_ema"] and "avoid" not in m["final_train_losses_ema"]  # avoid: off by default
+    assert "consistency" not in m["final_train_losses_ema"]  # nor the consistency objective
     events = list((out / "tb").glob("events.out.tfevents.*"))
     assert len(events) == 1
     acc = EventAccumulator(str(events[0]))
@@ -434,12 +462,14 @@ def test_training_learns_the_trust_and_validation_reports_it(tmp_path, cache):
 
 def test_camera_options_reach_the_model_and_the_recorded_command(tmp_path, cache):
     out = tmp_path / "run"
-    assert _train_cli(out, cache, "--steps", "2", "--camera-size", "32", "64", "--camera-shifts", "3", "--lidar-motion") == 0
+    assert _train_cli(out, cache, "--steps", "2", "--camera-size", "32", "64", "--camera-shifts", "3", "--lidar-motion",
+                      "--lidar-motion-token", "--consistency-weight", "0.5") == 0
     model = load_checkpoint(out / "model.safetensors")
     assert (model.cfg.camera.height, model.cfg.camera.width, model.cfg.model.camera_shifts) == (32, 64, 3)
-    assert model.embed.camera_motion.in_features == 7 and model.cfg.model.lidar_motion
+    assert model.embed.camera_motion.in_features == 7 and model.cfg.model.lidar_motion and model.cfg.model.lidar_motion_token
     _, _, info = read_checkpoint(out / "model.safetensors")
-    assert "--camera-shifts 3 --lidar-motion --camera-size 32 64 " in info["command"]
+    assert "--camera-shifts 3 --lidar-motion --lidar-motion-token --camera-size 32 64 --consistency-weight 0.5" in info["command"]
+    assert "consistency" in json.loads((out / "metrics.json").read_text())["final_train_losses_ema"]
     assert _train_cli(tmp_path / "bad", cache, "--steps", "2", "--camera-size", "30", "64") == 2  # not patches of 16
 
 

@@ -50,6 +50,9 @@ def add_parser(verbs):
     train.add_argument("--avoid-weight", type=float, help="weight of the attention-avoidance objective: attention mass "
                                                           "on a sensor whose content is gone (default 0; the token "
                                                           "baseline's 1)")
+    train.add_argument("--consistency-weight", type=float,
+                       help="weight of the consistency objective: a faulted sample's fused state kept near the one it "
+                            "has with every sensor healthy, what a policy trained on clean fusion reads (default 0)")
     train.add_argument("--latent-blocks", type=int, help="self-attention blocks over the fusion tokens (default 1)")
     train.add_argument("--qk-norm", action="store_const", const=True,
                        help="cosine attention logits with a learned scale per head (an implicit temperature)")
@@ -79,7 +82,7 @@ def run(args) -> int:
     from ..learn.loop import TrainConfig, train
 
     fields = ("seed", "steps", "batch", "lr", "sim_episodes", "val_episodes", "sim_seconds", "trigger", "bags", "fusion",
-              "tau_random_prob", "sensor_fusion", "trust_floor", "camera_shifts", "lidar_motion", "lidar_motion_token", "camera_size", "trust_weight", "avoid_weight", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature")
+              "tau_random_prob", "sensor_fusion", "trust_floor", "camera_shifts", "lidar_motion", "lidar_motion_token", "camera_size", "trust_weight", "avoid_weight", "consistency_weight", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature")
     given = {k: getattr(args, k) for k in fields if hasattr(args, k)}
     if "bags" in given:
         given["bags"] = tuple(str(b) for b in given["bags"])

@@ -24,7 +24,7 @@ from ..checkpoint import save_checkpoint
 from ..config import CameraTokens, FusionConfig, ModelConfig, cache_dir
 from ..errors import CheckpointError
 from ..model import FusionModel
-from .augment import FaultPlan, corrupt, random_tau
+from .augment import FaultPlan, corrupt, gather, random_tau
 from .data import Dataset, build_datasets
 from .evaluation import evaluate
 from .objectives import (
@@ -32,6 +32,7 @@ from .objectives import (
     build_model,
     fault_attention,
     fit_normalisation,
+    fused_consistency,
     heads_path,
     losses,
     predict,
@@ -67,6 +68,7 @@ class TrainConfig:
     sensor_fusion: str = "sensor"
     trust_weight: float = 1.0  # weight of the trust objective (trust_loss)
     avoid_weight: float = 0.0  # attention-avoidance objective (fault_attention; the "token" baseline's: 1)
+    consistency_weight: float = 0.0  # a faulted sample's fused state kept near its clean one (fused_consistency)
     log_every: int = 25
     eval_every: int = 500
     save_every: int = 500
@@ -245,6 +247,9 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
             parts["trust"] = tc.trust_weight * trust_loss(fusion["trust_logits"], plan)
         if fusion and tc.avoid_weight > 0:
             parts["avoid"] = tc.avoid_weight * fault_attention(fusion["attention"], plan)
+        if fusion and tc.consistency_weight > 0:
+            parts["consistency"] = tc.consistency_weight * fused_consistency(model, gather(data, idx), fusion["fused"],
+                                                                             tau.to(dev), plan)
         loss = sum(parts.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
