@@ -49,6 +49,8 @@ runs/fixed_tau/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/fixed_tau --fixed-tau --eval-every 2000
 runs/fixed_tau_floor/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/fixed_tau_floor --fixed-tau --trust-floor 0.01 --eval-every 2000
+runs/fixed_tau_consist/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/fixed_tau_consist --fixed-tau --consistency-weight 1 --eval-every 2000
 runs/motion_floor/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/motion_floor --fixed-tau --trust-floor 0.01 --camera-shifts 6 --eval-every 2000
 runs/motion_wide/train_state.pt: | $(STAMP)
