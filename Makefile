@@ -73,6 +73,10 @@ runs/arrival_rtau-s%/train_state.pt: | $(STAMP)
 runs/arrival_token-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/arrival_token-s$* --seed $* --fixed-tau --trust-floor 0.01 --camera-size 64 256 --lidar-motion \
 		--lidar-motion-token --trigger lidar --eval-every 2000
+# the same without the trust floor (the RL memory task learned its cue only on fusions without one)
+runs/arrival_nofloor-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/arrival_nofloor-s$* --seed $* --fixed-tau --camera-size 64 256 --lidar-motion --trigger lidar \
+		--eval-every 2000
 # the same with the consistency objective: a faulted sample's fused state kept near its healthy one
 runs/arrival_consist-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/arrival_consist-s$* --seed $* --fixed-tau --trust-floor 0.01 --camera-size 64 256 --lidar-motion \
