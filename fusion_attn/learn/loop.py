@@ -248,8 +248,9 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
         if fusion and tc.avoid_weight > 0:
             parts["avoid"] = tc.avoid_weight * fault_attention(fusion["attention"], plan)
         if fusion and tc.consistency_weight > 0:
-            parts["consistency"] = tc.consistency_weight * fused_consistency(model, gather(data, idx), fusion["fused"],
-                                                                             tau.to(dev), plan)
+            faulted = plan.sensor >= 0
+            parts["consistency"] = tc.consistency_weight * fused_consistency(
+                model, gather(data, idx[faulted]), fusion["fused"][faulted.to(dev)], tau[faulted].to(dev))
         loss = sum(parts.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()

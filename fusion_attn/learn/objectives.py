@@ -187,15 +187,17 @@ def fault_attention(attention: torch.Tensor, plan: FaultPlan) -> torch.Tensor:
     return (weight * mass).sum() / weight.sum().clamp_min(1.0)
 
 
-def fused_consistency(model: nn.Module, clean: dict[str, torch.Tensor], fused: torch.Tensor, tau: torch.Tensor,
-                      plan: FaultPlan) -> torch.Tensor:
-    """Mean squared distance of each faulted sample's fused state (B, D) from the one the same sample
-    gives with every sensor healthy (no gradient into that): what a policy trained on the clean fusion
-    reads should move no more than the lost sensor's own content forces it to."""
-    faulted = (plan.sensor >= 0).to(fused.device, fused.dtype)
+def fused_consistency(model: nn.Module, clean: dict[str, torch.Tensor], fused: torch.Tensor,
+                      tau: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance of faulted samples' fused states (B_f, D) from the ones the same samples
+    give with every sensor healthy (`clean`, their inputs; no gradient into that pass): what a policy
+    trained on the clean fusion reads should move no more than the lost sensor's own content forces
+    it to. Only the faulted samples are passed, so the healthy pass costs nothing for the rest."""
+    if fused.shape[0] == 0:
+        return fused.sum()
     with torch.no_grad():
         target = model.run({k: v.to(fused.device) for k, v in clean.items()}, tau)["fused"]
-    return (((fused - target) ** 2).mean(-1) * faulted).sum() / faulted.sum().clamp_min(1.0)
+    return ((fused - target) ** 2).mean()
 
 
 def fit_normalisation(heads: Heads, data: dict[str, torch.Tensor], cfg: FusionConfig, n: int) -> None:
