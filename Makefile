@@ -57,6 +57,10 @@ runs/motion_wide/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/motion_wide --fixed-tau --trust-floor 0.01 --camera-shifts 6 --camera-size 64 256 --eval-every 2000
 runs/wide-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/wide-s$* --seed $* --fixed-tau --trust-floor 0.01 --camera-size 64 256 --eval-every 2000
+# `wide` with the consistency objective (a faulted sample's fused state kept near its healthy one)
+runs/wide_consist-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/wide_consist-s$* --seed $* --fixed-tau --trust-floor 0.01 --camera-size 64 256 --consistency-weight 1 \
+		--eval-every 2000
 runs/scan-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/scan-s$* --seed $* --fixed-tau --trust-floor 0.01 --camera-size 64 256 --lidar-motion --eval-every 2000
 # fused as each lidar sweep arrives (--trigger lidar; the node's `trigger: lidar`): `scan` and concat on

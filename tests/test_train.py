@@ -20,6 +20,7 @@ from fusion_attn.cli import main
 from fusion_attn.config import FusionConfig, ModelConfig
 from fusion_attn.errors import CheckpointError, ConfigError
 from fusion_attn.frames import CameraFrame, Modality
+from fusion_attn.learn import robustness
 from fusion_attn.learn.augment import DELAY_LAG, FAULTS, FREEZE_LAG, FaultPlan, corrupt, gather
 from fusion_attn.learn.data import (
     SECTORS,
@@ -629,8 +630,6 @@ def test_eval_robustness_compares_runs(tmp_path, cache, runs):
 def test_eval_robustness_reuses_the_sweep_of_an_unchanged_run(tmp_path, cache, runs, monkeypatch):
     """--reuse: a run whose training state the previous report measured (same episodes and τ) keeps its
     sweep, under any name; another τ sweep, or a retrained run, is measured again."""
-    from fusion_attn.learn import robustness
-
     out = tmp_path / "out"
     first = run_evaluation({"attention": runs["attention"]}, out, [1.0], 1, cache, [])
     assert first["runs"]["attention"]["reused"] is False
@@ -651,6 +650,33 @@ def test_eval_robustness_reuses_the_sweep_of_an_unchanged_run(tmp_path, cache, r
     with (retrained / STATE_FILE).open("ab") as f:
         f.write(b"\0")  # another state digest (torch.load ignores trailing bytes of a zip)
     assert robustness.state_digest(retrained) != robustness.state_digest(runs["attention"])
+
+
+def test_eval_robustness_judges_a_new_run_beside_an_earlier_report(tmp_path, cache, runs):
+    """--beside: the runs of an earlier report join as measured there (their folders need not exist), so
+    a new design is judged against a baseline evaluated before; another τ sweep or a name in both is
+    refused before any sweep runs, and so is a file that is no report."""
+    earlier = run_evaluation({"concat": runs["concat"]}, tmp_path / "earlier", [0.25, 1.0], 1, cache, [])
+    report_file = tmp_path / "earlier" / "robustness.json"
+    joined = run_evaluation({"attention": runs["attention"]}, tmp_path / "out", [0.25, 1.0], 1, cache, [],
+                            beside=report_file)
+    assert list(joined["sim"]) == ["attention", "concat"] and joined["sim"]["concat"] == earlier["sim"]["concat"]
+    assert joined["runs"]["concat"]["reused"] is True and joined["runs"]["concat"]["report"] == str(report_file)
+    assert joined["runs"]["attention"]["reused"] is False
+    rises = [r for r in joined["targets"] if r["check"] == "rise"]  # judged against the joined concat
+    assert rises and all(r["baseline_rise"] == pytest.approx(
+        joined["summary"]["concat"][r["condition"]]["quantity_rise"][q]) for r in rises
+        for q, label, *_ in robustness.QUANTITIES if label == r["quantity"])
+    assert "### Targets (`attention` against `concat`)" in (tmp_path / "out" / "robustness.md").read_text()
+    with pytest.raises(ConfigError, match="other held-out samples or τ"):
+        run_evaluation({"attention": runs["attention"]}, tmp_path / "other", [1.0], 1, cache, [], beside=report_file)
+    with pytest.raises(ConfigError, match=r"already has runs named \['concat'\]"):
+        run_evaluation({"concat": runs["attention"]}, tmp_path / "other", [0.25, 1.0], 1, cache, [], beside=report_file)
+    (tmp_path / "bad.json").write_text("{}")
+    for bad in (tmp_path / "bad.json", tmp_path / "missing.json"):
+        with pytest.raises(ConfigError, match="robustness.json"):
+            run_evaluation({"attention": runs["attention"]}, tmp_path / "other", [1.0], 1, cache, [], beside=bad)
+    assert not (tmp_path / "other").exists()
 
 
 def test_summary_takes_each_condition_at_its_best_tau():

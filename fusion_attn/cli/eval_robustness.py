@@ -23,6 +23,9 @@ def add_parser(verbs):
     robust.add_argument("--jobs", type=int, default=1, help="runs evaluated at once, each in a process of its own")
     robust.add_argument("--reuse", action="store_true", help="keep the sweeps OUT/robustness.json holds for runs whose "
                                                               "training state is unchanged (same episodes and τ)")
+    robust.add_argument("--beside", type=Path, metavar="REPORT", help="an earlier robustness.json whose runs join "
+                                                                     "these as measured there (same episodes, τ and "
+                                                                     "trigger): baselines without their folders")
     return robust
 
 
@@ -38,7 +41,8 @@ def run(args) -> int:
     except ValueError:
         raise FusionAttnError(f"--tau takes comma-separated numbers, got {args.tau!r}") from None
     report = run_evaluation({n: Path(f) for n, f in runs.items()}, args.output, taus, args.episodes,
-                            args.cache or cache_dir("train"), args.bag, args.threads, args.jobs, args.reuse)
+                            args.cache or cache_dir("train"), args.bag, args.threads, args.jobs, args.reuse,
+                            args.beside)
     print(f"{report['test_samples']} held-out samples from {args.episodes} episodes; wrote {args.output}/robustness.json")
     for name, rows in report["summary"].items():
         worst = max((r for c, r in rows.items() if c != "clean"), key=lambda r: r["rise"])

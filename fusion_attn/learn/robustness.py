@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..config import FusionConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..frames import MODALITIES
 from ..model import FusionModel
 from .augment import FAULTS
@@ -379,18 +379,47 @@ def reusable_sweeps(previous: dict, episodes: int, taus: list[float], trigger: s
     return {info["state"]: previous["sim"][name] for name, info in previous.get("runs", {}).items() if "state" in info}
 
 
+def read_report(path: Path) -> dict:
+    """An earlier evaluation's robustness.json, or a ConfigError that names what is wrong with it."""
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: not a readable robustness.json: {exc}") from exc
+    if not isinstance(report, dict) or not {"runs", "sim", "test_samples"} <= report.keys():
+        raise ConfigError(f"{path}: not a robustness.json of `fusion-attn eval-robustness` (no runs, sim or test_samples)")
+    return report
+
+
+def check_joinable(earlier: dict, header: dict, names, source: str) -> None:
+    """An earlier report's runs can join this one only if it measured the same held-out samples and τ
+    sweep (`header`: test_samples, test_episodes, taus, trigger) and no name is in both."""
+    theirs = {k: earlier.get(k, "timer" if k == "trigger" else None) for k in header}
+    if theirs != header:
+        raise ConfigError(f"{source} measured other held-out samples or τ: {theirs}, this evaluation {header}")
+    if clash := set(earlier["runs"]) & set(names):
+        raise ConfigError(f"{source} already has runs named {sorted(clash)}: name the new ones differently")
+
+
 def run_evaluation(run_dirs: dict[str, Path], out: Path, taus: list[float], episodes: int, cache: Path,
-                   bags: list[Path], threads: int = 1, jobs: int = 1, reuse: bool = False) -> dict:
+                   bags: list[Path], threads: int = 1, jobs: int = 1, reuse: bool = False,
+                   beside: Path | None = None) -> dict:
     """Everything `fusion-attn eval-robustness` writes: OUT/robustness.json, its tables in
     OUT/robustness.md, and the plots. jobs: runs evaluated at once, each in a process of its own
     (with `threads` torch threads). reuse: a run whose training state OUT/robustness.json already
-    measured (same state digest, episodes and τ sweep) keeps that sweep instead of running it again."""
+    measured (same state digest, episodes and τ sweep) keeps that sweep instead of running it again.
+    beside: an earlier robustness.json whose runs join these as measured there (`check_joinable`), so
+    that a new run is judged against baselines whose folders are gone; the first of `run_dirs` stays
+    the design the targets judge."""
+    earlier = read_report(Path(beside)) if beside else None  # read first: a bad report fails before any sweep
     torch.set_num_threads(threads)
     runs = [load_run(n, d) for n, d in run_dirs.items()]
     digests = {r.name: state_digest(run_dirs[r.name]) for r in runs}
     data_tc = runs[0].tc  # every run sees the episodes, rate and trigger of the first run's data settings
     hz = data_tc.fusion_hz
     test_samples = len(held_out_set(data_tc, runs[0].cfg, cache, episodes))  # also makes the shards, once
+    header = {"test_samples": test_samples, "test_episodes": episodes, "taus": taus, "trigger": data_tc.trigger}
+    if earlier is not None:
+        check_joinable(earlier, header, run_dirs, str(beside))
     previous = out / "robustness.json"
     known = reusable_sweeps(json.loads(previous.read_text()), episodes, taus, data_tc.trigger) if reuse and previous.exists() else {}
     sim = {r.name: known[digests[r.name]] for r in runs if digests[r.name] in known}
@@ -404,19 +433,24 @@ def run_evaluation(run_dirs: dict[str, Path], out: Path, taus: list[float], epis
     else:
         test_set = functools.cache(lambda cfg: held_out_set(data_tc, cfg, cache, episodes))  # loaded once per config
         sim |= {r.name: sweep(r, test_set(r.cfg), taus, hz) for r in todo}
-    report = {"test_samples": test_samples, "test_episodes": episodes, "taus": taus, "trigger": data_tc.trigger,
+    report = {**header,
               "runs": {r.name: {"folder": str(run_dirs[r.name]), "fusion": r.tc.fusion, "sensor_fusion": r.tc.sensor_fusion,
                                 "seed": r.tc.seed, "tau_random_prob": r.tc.tau_random_prob,
                                 "trust_floor": r.cfg.model.trust_floor, "state": digests[r.name],
                                 "reused": r.name in reused} for r in runs},
               "sim": {r.name: sim[r.name] for r in runs}}
-    report["summary"] = summarise(report["sim"])
-    report["groups"] = grouped(report["summary"])
-    report["targets"] = targets(report["groups"], group_of(runs[0].name)) if "concat" in report["groups"] else []
     # the real recordings: each design's first seed, at τ = 1
     firsts = {group_of(r.name): r for r in reversed(runs) if r.has_attention}
     report["real"] = {Path(bag).name: {r.name: {"1.0": evaluate(r.model, r.heads, bag_set(bag, hz, r.cfg, cache, data_tc.trigger), r.cfg, hz)}
                                        for r in firsts.values()} for bag in bags}
+    if earlier is not None:  # the earlier runs as measured there, after the new ones
+        report["runs"] |= {n: info | {"reused": True, "report": str(beside)} for n, info in earlier["runs"].items()}
+        report["sim"] |= earlier["sim"]
+        for bag, by_run in earlier.get("real", {}).items():
+            report["real"][bag] = report["real"].get(bag, {}) | by_run
+    report["summary"] = summarise(report["sim"])
+    report["groups"] = grouped(report["summary"])
+    report["targets"] = targets(report["groups"], group_of(runs[0].name)) if "concat" in report["groups"] else []
     out.mkdir(parents=True, exist_ok=True)
     (out / "robustness.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
     (out / "robustness.md").write_text(tables(report))
