@@ -17,7 +17,7 @@ def add_parser(verbs):
                        help="run folder: model.safetensors, model.heads.safetensors, tb/, metrics.json, train_state.pt")
     train.add_argument("--bag", dest="bags", nargs="+", type=Path, help="recordings to add (unlabelled: "
                                                                          "self-supervised objectives only)")
-    train.add_argument("--steps", type=int, help="optimizer steps (default 3000)")
+    train.add_argument("--steps", type=int, help="optimizer steps (default 2000)")
     train.add_argument("--batch", type=int, help="samples per step (default 64)")
     train.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
     train.add_argument("--seed", type=int, help="seeds the episodes, the initial weights and the data stream (default 0)")
