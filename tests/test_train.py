@@ -461,6 +461,22 @@ def test_training_learns_the_trust_and_validation_reports_it(tmp_path, cache):
         assert f"trust_{cond.split('_')[0]}" not in val[cond]  # no sample has it present
 
 
+def test_floor_at_run_time_trains_the_weights_of_a_run_without_one(tmp_path, cache):
+    """--floor-at-run-time: the training steps run without the trust floor (the weights are those of the
+    same run without it), validation and the saved model use it."""
+    plain = train(TINY, tmp_path / "plain", cache=cache, progress=False)
+    floored_tc = dataclasses.replace(TINY, trust_floor=0.999, floor_in_training=False)
+    floored = train(floored_tc, tmp_path / "floored", cache=cache, progress=False)
+    a, b = (load_checkpoint(tmp_path / run / "model.safetensors") for run in ("plain", "floored"))
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    assert (a.cfg.model.trust_floor, b.cfg.model.trust_floor) == (0.0, 0.999)
+    # a floor above every trust: validation weighs the three present sensors alike, the plain run does not
+    clean = floored["val"]["clean"]
+    assert clean["attention_camera"] == clean["attention_lidar"] == clean["attention_imu"] == pytest.approx(1 / 3, abs=1e-4)
+    assert plain["val"]["clean"]["attention_camera"] != pytest.approx(1 / 3, abs=1e-4)
+    assert _train_cli(tmp_path / "bad", cache, "--steps", "2", "--floor-at-run-time") == 2  # no floor to apply
+
+
 def test_camera_options_reach_the_model_and_the_recorded_command(tmp_path, cache):
     out = tmp_path / "run"
     assert _train_cli(out, cache, "--steps", "2", "--camera-size", "32", "64", "--camera-shifts", "3", "--lidar-motion",

@@ -37,6 +37,9 @@ def add_parser(verbs):
     train.add_argument("--trust-floor", type=float, help="sensor fusion: the least trust a present sensor counts with "
                                                          "in the sensor softmax, so a high τ averages all present "
                                                          "sensors (default 0: none)")
+    train.add_argument("--floor-at-run-time", dest="floor_in_training", action="store_const", const=False,
+                       help="train the weights without the trust floor; validation and the saved model use it "
+                            "(a high τ then admits a doubted sensor at run time only)")
     train.add_argument("--camera-shifts", type=int, help="camera motion evidence: match each patch's columns to the "
                                                           "previous frame's shifted by up to this many columns "
                                                           "(default 0: none)")
@@ -82,7 +85,7 @@ def run(args) -> int:
     from ..learn.loop import TrainConfig, train
 
     fields = ("seed", "steps", "batch", "lr", "sim_episodes", "val_episodes", "sim_seconds", "trigger", "bags", "fusion",
-              "tau_random_prob", "sensor_fusion", "trust_floor", "camera_shifts", "lidar_motion", "lidar_motion_token", "camera_size", "trust_weight", "avoid_weight", "consistency_weight", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature")
+              "tau_random_prob", "sensor_fusion", "trust_floor", "floor_in_training", "camera_shifts", "lidar_motion", "lidar_motion_token", "camera_size", "trust_weight", "avoid_weight", "consistency_weight", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature")
     given = {k: getattr(args, k) for k in fields if hasattr(args, k)}
     if "bags" in given:
         given["bags"] = tuple(str(b) for b in given["bags"])
@@ -92,6 +95,8 @@ def run(args) -> int:
     if min(tc.sim_episodes, tc.val_episodes, tc.latent_blocks) < 0 or min(tc.steps, tc.batch, args.threads) < 1:
         raise ConfigError("--steps, --batch and --threads must be >= 1, --sim-episodes, --val-episodes and "
                           "--latent-blocks >= 0")
+    if not tc.floor_in_training and tc.trust_floor <= 0:
+        raise ConfigError("--floor-at-run-time needs a --trust-floor above 0")
     if tc.sim_episodes == 0 and not tc.bags:
         raise ConfigError("no training data: give --sim-episodes > 0 or --bag")
     try:

@@ -77,6 +77,9 @@ class TrainConfig:
     qk_norm: bool = False
     learned_head_temperature: bool = False
     trust_floor: float = 0.0
+    # False: the weights train without the trust floor, and validation and the saved model use it (the
+    # floor has no weights: it only lets a high τ admit a doubted sensor at run time)
+    floor_in_training: bool = True
     camera_shifts: int = 0
     lidar_motion: bool = False
     lidar_motion_token: bool = False
@@ -209,6 +212,9 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
 
     torch.manual_seed(tc.seed)  # initial weights
     model = build_model(cfg, tc.fusion).to(dev).train()
+    fit_cfg = cfg if tc.floor_in_training else dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, trust_floor=0.0))
+    model.cfg = fit_cfg  # what the training steps run with
     heads = build_heads(cfg).to(dev).train()
     data = train_set.tensors()
     fit_normalisation(heads, data, cfg, len(train_set))
@@ -227,7 +233,11 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
     def validate() -> dict[str, dict[str, float]]:
         if val_set is None:
             return {}
-        return evaluate(model, heads, val_set, cfg, tc.fusion_hz, seed=tc.seed + 7, device=dev)
+        model.cfg = cfg  # the model as saved, its trust floor included
+        try:
+            return evaluate(model, heads, val_set, cfg, tc.fusion_hz, seed=tc.seed + 7, device=dev)
+        finally:
+            model.cfg = fit_cfg
 
     writer = SummaryWriter(str(out / "tb"), purge_step=step if step else None)
     bar = tqdm(total=tc.steps, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
@@ -274,6 +284,7 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
 
     report = validate()
     _log_eval(writer, report, step)
+    model.cfg = cfg
     writer.close()
     metrics = {
         "command": command, "seed": tc.seed, "git_commit": git_commit(), "torch": torch.__version__,
