@@ -8,7 +8,7 @@ BAG    ?= ../shared/data/real/euroc_v1_01_cam_imu
 STAMP     := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: run test colcon-check venv clean default-model robustness robustness-arrival
+.PHONY: run test colcon-check venv clean default-model robustness robustness-arrival robustness-default
 
 # The main job on the embedded default: CPU, ONNX Runtime, no robot, the packaged default model:
 # replay a recording as the node would fuse it; fused-state bag, summary and plots in $(OUT).
@@ -28,20 +28,25 @@ TRAIN := $(VENV)/bin/fusion-attn train --no-progress --bag $(REAL_BAGS)
 # The trust floor acts at run time only (--floor-at-run-time): a high τ can average a doubted sensor back
 # in, while the weights are trained as without a floor (docs/RESULTS.md: trained with one, RL agents
 # rarely learned the memory task on the fusion).
-default-model: $(STAMP)
-	$(TRAIN) -o runs/default --trust-floor 0.01 --floor-at-run-time
+default-model: runs/default/train_state.pt
 	mkdir -p fusion_attn/data
 	cp runs/default/model.safetensors fusion_attn/data/fusion_default.safetensors
 	cp runs/default/model.heads.safetensors fusion_attn/data/fusion_default.heads.safetensors
+runs/default/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/default --trust-floor 0.01 --floor-at-run-time
 
 # docs/RESULTS.md: baselines trained the same way on the same data as runs/default (run
 # default-model first; `make -j2 robustness` trains two at a time), the default design and concat
 # with three seeds each, then every single-sensor fault x τ on held-out episodes, and the real
 # recordings with corrupted copies.
-BASELINES := runs/sensor-s1 runs/sensor-s2 runs/concat-s0 runs/concat-s1 runs/concat-s2 runs/mean runs/token runs/fixed_tau runs/fixed_tau_floor \
+BASELINES := runs/sensor-s0 runs/sensor-s1 runs/sensor-s2 runs/concat-s0 runs/concat-s1 runs/concat-s2 runs/mean runs/token runs/fixed_tau runs/fixed_tau_floor \
 	runs/motion_floor runs/motion_wide runs/wide-s0 runs/wide-s1 runs/wide-s2 runs/scan-s0 runs/scan-s1 runs/scan-s2
+# `sensor`: the default's recipe without its run-time floor (the packaged model before 2026-12-01)
 runs/sensor-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/sensor-s$* --seed $* --eval-every 2000
+# more seeds of the packaged default's recipe (runs/default is seed 0)
+runs/default-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/default-s$* --seed $* --trust-floor 0.01 --floor-at-run-time --eval-every 2000
 runs/concat-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/concat-s$* --seed $* --fusion concat --fixed-tau --eval-every 2000
 runs/mean/train_state.pt: | $(STAMP)
@@ -97,12 +102,18 @@ robustness-arrival: $(STAMP) $(ARRIVAL:%=%/train_state.pt)
 		$(REAL)/sick_lms1xx_scan_cloud_radar.bag
 
 robustness: $(STAMP) $(BASELINES:%=%/train_state.pt)
-	$(VENV)/bin/fusion-attn eval-robustness sensor=runs/default 'sensor#1=runs/sensor-s1' 'sensor#2=runs/sensor-s2' \
+	$(VENV)/bin/fusion-attn eval-robustness sensor=runs/sensor-s0 'sensor#1=runs/sensor-s1' 'sensor#2=runs/sensor-s2' \
 		concat=runs/concat-s0 'concat#1=runs/concat-s1' 'concat#2=runs/concat-s2' mean=runs/mean token=runs/token \
 		fixed_tau=runs/fixed_tau fixed_tau_floor=runs/fixed_tau_floor motion=runs/motion_floor motion_wide=runs/motion_wide \
 		wide=runs/wide-s0 'wide#1=runs/wide-s1' 'wide#2=runs/wide-s2' scan=runs/scan-s0 'scan#1=runs/scan-s1' \
 		'scan#2=runs/scan-s2' -o docs/results --episodes 12 --jobs 2 --bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame \
 		$(REAL)/sick_lms1xx_scan_cloud_radar.bag
+
+# the packaged default (its run-time trust floor) beside every run of the report above, as measured there
+robustness-default: $(STAMP) runs/default/train_state.pt runs/default-s1/train_state.pt runs/default-s2/train_state.pt
+	$(VENV)/bin/fusion-attn eval-robustness default=runs/default 'default#1=runs/default-s1' 'default#2=runs/default-s2' \
+		--beside docs/results/robustness.json -o docs/results/default --episodes 12 --jobs 2 \
+		--bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
 
 # Build with colcon (the robot's path) into a temp workspace and check the install tree.
 colcon-check: $(STAMP) $(DEV_STAMP)
