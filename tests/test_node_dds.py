@@ -209,16 +209,18 @@ def _set(ros, node="fusion_node", **values):
 
 
 def test_tau_through_the_parameter_service_changes_the_next_outputs(ros, fusion_node, real_data):
+    floor = load_model(None)[0].cfg.model.trust_floor  # the packaged model the node runs
     def weights_follow(tau, since, until=None):
-        """Every live fusion's sensor weights are its published trust^(1 / (τ_global τ_sensor)), normalised:
-        the τ set is the τ the model used."""
+        """Every live fusion's sensor weights are its published trust (at least the model's trust floor)
+        ^(1 / (τ_global τ_sensor)), normalised: the τ set is the τ the model used."""
         live = [parse_fused_state_rows(np.frombuffer(bytes(m.data), np.float32).reshape(m.height, m.width), HEADS)
                 for m in ros.fused[since:until]]
         live = [p for p in live if p["attention"][0].sum() > 0 and p["attention"][2].sum() > 0]
         assert len(live) >= 10
         for p in live:
             present = p["attention"].sum(-1) > 0
-            expected = np.where(present, np.power(p["trust"], 1.0 / (tau[0] * np.asarray(tau[1:]))), 0.0)
+            trust = np.maximum(p["trust"], floor)
+            expected = np.where(present, np.power(trust, 1.0 / (tau[0] * np.asarray(tau[1:]))), 0.0)
             np.testing.assert_allclose(p["attention"][:, 0], expected / expected.sum(), atol=2e-3)
         return np.mean([p["attention"][:, 0] for p in live], axis=0)
 

@@ -475,6 +475,10 @@ def test_floor_at_run_time_trains_the_weights_of_a_run_without_one(tmp_path, cac
     assert clean["attention_camera"] == clean["attention_lidar"] == clean["attention_imu"] == pytest.approx(1 / 3, abs=1e-4)
     assert plain["val"]["clean"]["attention_camera"] != pytest.approx(1 / 3, abs=1e-4)
     assert _train_cli(tmp_path / "bad", cache, "--steps", "2", "--floor-at-run-time") == 2  # no floor to apply
+    assert _train_cli(tmp_path / "cli", cache, "--steps", "2", "--trust-floor", "0.5", "--floor-at-run-time") == 0
+    _, _, info = read_checkpoint(tmp_path / "cli" / "model.safetensors")
+    command = info["command"]  # as it can be run again
+    assert "--trust-floor 0.5" in command and "--floor-at-run-time" in command and "floor-in-training" not in command
 
 
 def test_camera_options_reach_the_model_and_the_recorded_command(tmp_path, cache):
@@ -591,6 +595,9 @@ def test_the_shipped_default_is_trained_and_documented():
     assert info["command"].startswith("fusion-attn train") and info["seed"] == 0
     assert GIT_SHA.fullmatch(info["git_commit"])  # trained from a checkout, its commit on record
     assert info["data"]["train_samples"] > 1000 and info["steps"] >= 1000
+    # its trust floor acts at run time only (make default-model): a high τ can average a failed sensor in
+    assert model.cfg.model.trust_floor == 0.01 and "--trust-floor 0.01" in info["command"]
+    assert "--floor-at-run-time" in info["command"]
     heads = load_heads(heads_path(DEFAULT_CHECKPOINT))
     assert heads.sizes == target_sizes(model.cfg)
     # trained, not seed-0 weights: the held-out obstacle error beats predicting the mean distance

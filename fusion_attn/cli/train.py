@@ -109,8 +109,9 @@ def run(args) -> int:
     # the command as run (recorded in the checkpoint), with every setting spelled out
     flags = [f"--{k.replace('_', '-')}" + ("" if v is True else " " + " ".join(map(str, v)) if isinstance(v, tuple)
                                             else f" {v}") for k, v in given.items()
-             if k not in ("bags", "tau_random_prob")]
+             if k not in ("bags", "tau_random_prob", "floor_in_training")]
     flags += ["--fixed-tau"] if "tau_random_prob" in given else []
+    flags += ["--floor-at-run-time"] if "floor_in_training" in given else []
     command = " ".join(["fusion-attn train -o", str(args.output), *flags, *(["--bag", *tc.bags] if tc.bags else []),
                         f"--threads {args.threads}", *(["--resume"] if args.resume else [])])
     m = train(tc, args.output, resume=args.resume, device=args.device, threads=args.threads, cache=args.cache,
