@@ -597,7 +597,6 @@ def test_the_shipped_default_is_trained_and_documented():
     assert info["data"]["train_samples"] > 1000 and info["steps"] >= 1000
     # its trust floor acts at run time only (make default-model): a high τ can average a failed sensor in
     assert model.cfg.model.trust_floor == 0.01 and "--trust-floor 0.01" in info["command"]
-    assert "--floor-at-run-time" in info["command"]
     heads = load_heads(heads_path(DEFAULT_CHECKPOINT))
     assert heads.sizes == target_sizes(model.cfg)
     # trained, not seed-0 weights: the held-out obstacle error beats predicting the mean distance
