@@ -421,7 +421,7 @@ def run_evaluation(run_dirs: dict[str, Path], out: Path, taus: list[float], epis
     if earlier is not None:
         check_joinable(earlier, header, run_dirs, str(beside))
     previous = out / "robustness.json"
-    known = reusable_sweeps(json.loads(previous.read_text()), episodes, taus, data_tc.trigger) if reuse and previous.exists() else {}
+    known = reusable_sweeps(read_report(previous), episodes, taus, data_tc.trigger) if reuse and previous.exists() else {}
     sim = {r.name: known[digests[r.name]] for r in runs if digests[r.name] in known}
     reused = set(sim)
     todo = [r for r in runs if r.name not in reused]
