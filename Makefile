@@ -47,6 +47,11 @@ runs/sensor-s%/train_state.pt: | $(STAMP)
 # more seeds of the packaged default's recipe (runs/default is seed 0)
 runs/default-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/default-s$* --seed $* --trust-floor 0.01 --floor-at-run-time --eval-every 2000
+# the default's recipe with the consistency objective (a faulted sample's fused state kept near its healthy
+# one): on fusions trained with it, every RL seed that learned the cue kept it under faults (docs/RESULTS.md)
+runs/default_consist-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/default_consist-s$* --seed $* --trust-floor 0.01 --floor-at-run-time --consistency-weight 1 \
+		--eval-every 2000
 runs/concat-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/concat-s$* --seed $* --fusion concat --fixed-tau --eval-every 2000
 runs/mean/train_state.pt: | $(STAMP)
