@@ -38,6 +38,10 @@ PARAMETERS = (
     Param("tensorrt.dla_core", -1, "DLA core (-1: GPU only); layers DLA cannot run fall back to the GPU", (-1, 7)),
     Param("tensorrt.cache_dir", "", "engine cache; empty: $FUSION_ATTN_CACHE/engines or ~/.cache/fusion_attn/engines"),
     Param("tensorrt.calibration_cache", "", "int8: calibration cache made by `fusion-attn build-engine --calibrate`"),
+    Param("tensorrt.whole_step", True, "one engine from sensor arrays to fused state (tokenizers on the GPU); "
+          "false, int8 or DLA: host tokenizers and the token-level engine"),
+    Param("tensorrt.step_camera", "", "HxWxC:encoding, e.g. 480x640x3:rgb8: its step engine built at configure; "
+          "empty: at the first frame of each camera resolution"),
     Param("build_only", False, "configure (build or load the engine), then exit: engines built ahead of time"),
     Param("frame_id", "base_link", "frame_id of the fused state"),
     Param("fusion_rate_hz", 20.0, "fusion timer rate (with a trigger: while that sensor is silent)", (0.1, 1000.0)),

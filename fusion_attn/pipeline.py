@@ -70,12 +70,29 @@ def onnx_for(model: FusionModel, cache_dir: str | Path | None = None, opset: int
     from .model import GRAPH_REVISION
 
     opset = opset or OPSET
-    path = Path(cache_dir or config_cache_dir()) / f"fusion-{weights_digest(model)}-g{GRAPH_REVISION}-opset{opset}.onnx"
+    name = f"fusion-{weights_digest(model)}-g{GRAPH_REVISION}-opset{opset}.onnx"
+    return _cached_export(Path(cache_dir or config_cache_dir()) / name, lambda path: export_onnx(model, path, opset))
+
+
+def step_onnx_for(model: FusionModel, image_shape: tuple[int, ...], encoding: str,
+                  cache_dir: str | Path | None = None) -> Path:
+    """The whole step's ONNX graph (sensor arrays in: export.export_step_onnx) for one camera resolution
+    and encoding, cached as onnx_for caches the model's."""
+    from .backends.export import OPSET, export_step_onnx
+    from .model import GRAPH_REVISION
+
+    camera = "x".join(map(str, image_shape)) + f"-{encoding}"
+    name = f"step-{weights_digest(model)}-g{GRAPH_REVISION}-{camera}-opset{OPSET}.onnx"
+    return _cached_export(Path(cache_dir or config_cache_dir()) / name,
+                          lambda path: export_step_onnx(model, tuple(image_shape), encoding, path))
+
+
+def _cached_export(path: Path, export) -> Path:
     if not path.is_file():
         log.info("exporting ONNX graph to %s", path)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         try:
-            export_onnx(model, tmp, opset)
+            export(tmp)
             tmp.replace(path)  # atomic: a concurrent reader never sees half a file
         except OSError as exc:
             raise CheckpointError(f"cannot write the ONNX cache {path} ({exc}); set FUSION_ATTN_CACHE to a "
@@ -105,8 +122,11 @@ def create_backend(name: str, model: FusionModel, threads: int | None = None, de
             from .backends import tensorrt_backend
         except (ImportError, OSError) as exc:  # OSError: the package is there, libnvinfer is not
             raise BackendUnavailable(f"TensorRT is not installed ({type(exc).__name__}: {exc})") from exc
+        opts = tensorrt or TensorRTOptions()
+        if opts.uses_step and onnx_path is None:
+            return tensorrt_backend.TensorRTStepBackend(model, opts, device=device or "cuda:0")
         onnx = onnx_path or onnx_for(model, opset=tensorrt_backend.ONNX_OPSET)
-        return tensorrt_backend.TensorRTBackend(onnx, tensorrt or TensorRTOptions(), device=device or "cuda:0")
+        return tensorrt_backend.TensorRTBackend(onnx, opts, device=device or "cuda:0")
     raise ConfigError(f"unknown backend {name!r}; choose one of {list(BACKENDS)}")
 
 
@@ -176,7 +196,10 @@ class FusionPipeline:
         whole-step backend tokenizes each row on the device: K copies of the snapshot)."""
         taus = np.stack([validate_tau(t) for t in taus])
         if getattr(self.backend, "whole_step", False):
-            return self._fuse_arrays(snap, taus)
+            states = self._fuse_arrays(snap, taus)
+            if states is not None:
+                return states
+            # None: the backend cannot build its one-graph engine and takes tokens from now on (it said why)
         t0 = time.perf_counter()
         inputs = self.tokenizer(snap, taus[0])
         t1 = time.perf_counter()
@@ -191,12 +214,14 @@ class FusionPipeline:
                 ages[m] = inputs[key].min()
         return self._states(snap, taus, out, present, ages, {"tokenize": (t1 - t0) * 1e3, "model": (t2 - t1) * 1e3})
 
-    def _fuse_arrays(self, snap: SensorSnapshot, taus: np.ndarray) -> list[FusedState]:
+    def _fuse_arrays(self, snap: SensorSnapshot, taus: np.ndarray) -> list[FusedState] | None:
         """A GPU backend's whole step: the frames' arrays in, tokenized and fused on the device."""
         t0 = time.perf_counter()
         inputs = step_inputs([snap] * len(taus), taus, self.cfg)
         t1 = time.perf_counter()
         out = self.backend.run_step(inputs, camera_key(snap, self.cfg)[1])
+        if out is None:
+            return None
         t2 = time.perf_counter()
         present = out["present"][0]
         ages = np.where(present, inputs["frame_age"][0, [0, 2, 4]], np.nan).astype(np.float32)

@@ -288,6 +288,15 @@ class Buckets:
         return -(-n // sizes[-1]) * sizes[-1]
 
 
+def step_ranges(buckets: Buckets = Buckets()) -> dict[str, dict[int, tuple[int, int, int]]]:
+    """The step graph's dynamic axes but the batch, as (min, opt, max) of a TensorRT optimisation profile:
+    every point and IMU bucket, tuned for the standard configuration's (a 120,000-point sweep, 100 IMU
+    samples). A larger cloud or window than the largest bucket does not fit the engine."""
+    points = (buckets.points[0], Buckets.fit(120_000, buckets.points), buckets.points[-1])
+    imu = (buckets.imu[0], Buckets.fit(100, buckets.imu), buckets.imu[-1])
+    return {"points": {1: points}, "points_prev": {1: points}, "imu_t": {1: imu}, "imu_values": {1: imu}}
+
+
 def camera_key(snap: SensorSnapshot, cfg: FusionConfig) -> tuple[tuple[int, ...], str, np.dtype]:
     """(image shape, encoding, dtype) of a snapshot's camera: which FusionStep it needs. Without a
     camera, a token-sized rgb8 one (its image is then all masked)."""

@@ -25,6 +25,8 @@ from fusion_attn.backends.engine_cache import (
     io_mismatches,
     layer_precisions,
     onnx_io,
+    profile_shapes,
+    step_camera,
     trtexec_command,
 )
 from fusion_attn.backends.export import TENSORRT8_OPSET, example_inputs, export_onnx
@@ -34,6 +36,7 @@ from fusion_attn.config import FusionConfig, load_params
 from fusion_attn.errors import BackendUnavailable, ConfigError
 from fusion_attn.model import FusionModel
 from fusion_attn.pipeline import FusionPipeline, create_backend
+from fusion_attn.step import POINT_BUCKETS, step_ranges
 from fusion_attn.tokenize import input_spec, output_spec
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
@@ -243,6 +246,80 @@ def test_build_engine_prints_trtexec_without_tensorrt(onnx_graphs, capsys):
     assert main(["build-engine", str(onnx_graphs["a"]), "--trtexec", "--precision", "fp32"]) == 0
     out = capsys.readouterr().out
     assert "trtexec" in out and "--noTF32" in out and str(onnx_graphs["a"]) in out
+
+
+# --- the one-graph (step) engine's profile --------------------------------------------------------
+
+def test_profile_shapes_cover_the_batch_and_the_step_graphs_point_and_imu_axes():
+    assert profile_shapes("tau", (-1, 4), (1, 2, 8)) == ((1, 4), (2, 4), (8, 4))
+    ranges = step_ranges()
+    # every point bucket fits; the standard 120k-point sweep is what the profile is tuned for
+    assert profile_shapes("points", (-1, -1, 4), (1, 1, 8), ranges) == (
+        (1, POINT_BUCKETS[0], 4), (1, 131072, 4), (8, POINT_BUCKETS[-1], 4))
+    assert profile_shapes("imu_values", (-1, -1, 6), (1, 1, 8), ranges)[1] == (1, 128, 6)
+    with pytest.raises(ConfigError, match="points has a dynamic axis 1 with no range"):
+        profile_shapes("points", (-1, -1, 4), (1, 1, 8))
+
+
+def test_step_engines_are_keyed_by_their_ranges_and_token_engines_keep_their_key(onnx_graphs):
+    plain = _key(onnx_graphs["a"])
+    ranged = EngineKey.create(onnx_graphs["a"], TensorRTOptions(), "10.3.0", "Orin (nvgpu)", "8.7", ranges=step_ranges())
+    assert "shape_ranges" not in plain.to_dict()  # engines cached before the step engine keep their digest
+    assert ranged.digest() != plain.digest() and ("points", 1, (1024, 131072, 262144)) in ranged.shape_ranges
+
+
+def test_step_camera_option():
+    assert step_camera("480x640x3:rgb8") == ((480, 640, 3), "rgb8")
+    assert step_camera("720X1280X1:mono16") == ((720, 1280, 1), "mono16")
+    for bad in ("480x640:rgb8", "480x640x3", "480x640x3:bgr9", "0x640x3:rgb8", "axbxc:rgb8"):
+        with pytest.raises(ConfigError, match="HEIGHTxWIDTHxCHANNELS:ENCODING"):
+            TensorRTOptions(step_camera=bad)
+    # the step graph takes dynamic point counts and float tokenizers: not on DLA, not calibrated INT8
+    assert TensorRTOptions().uses_step and not TensorRTOptions(whole_step=False).uses_step
+    assert not TensorRTOptions(precision="fp16", dla_core=0).uses_step
+
+
+def test_build_engine_prints_the_step_engines_trtexec_without_tensorrt(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("FUSION_ATTN_CACHE", str(tmp_path))
+    assert main(["build-engine", "--step-camera", "48x64x3:rgb8", "--trtexec", "--max-batch", "4"]) == 0
+    cmd = capsys.readouterr().out.replace(" \\\n    ", " ").split()
+    shapes = dict(a.split("=", 1) for a in cmd if "Shapes" in a)
+    assert "points:1x1024x4" in shapes["--minShapes"] and "points_prev:4x262144x4" in shapes["--maxShapes"]
+    assert "image:1x48x64x3" in shapes["--optShapes"] and "imu_t:1x128" in shapes["--optShapes"]
+    onnx = next(a.split("=", 1)[1] for a in cmd if a.startswith("--onnx="))
+    assert Path(onnx).parent == tmp_path and onnx_io(onnx)["points"].shape == (-1, -1, 4)  # the cached step graph
+    assert main(["build-engine", "--step-camera", "48x64x3:rgb8", "--trtexec", "--dla-core", "0"]) == 2
+    assert "not built with int8, a DLA core" in capsys.readouterr().err
+
+
+def test_a_backend_that_gives_up_its_step_engine_gets_tokens_from_then_on():
+    """The step backend's contract with the pipeline, without TensorRT: run_step returning None means
+    "hand me tokens from now on" (TensorRTStepBackend when TensorRT cannot build the step graph), and the
+    snapshot of that call is still fused. ONNX Runtime plays the token-level engine."""
+    from fusion_attn.frames import CameraFrame, LidarFrame
+    from fusion_attn.tokenize import SensorSnapshot
+
+    model = _model(0)
+    tokens = create_backend("onnxruntime", model)
+
+    class GivesUpItsStep:
+        name, device, precision, whole_step = "tensorrt", "cpu", "fp32", True
+
+        def run_step(self, inputs, encoding):  # returns None: tokens from now on
+            self.whole_step = False
+
+        def run(self, inputs):
+            return tokens.run(inputs)
+
+    rng = np.random.default_rng(0)
+    snap = SensorSnapshot(10**9, camera=CameraFrame(9 * 10**8, "cam", rng.integers(0, 255, (48, 64, 3), np.uint8), "rgb8"),
+                          lidar=LidarFrame(9 * 10**8, "lidar", rng.normal(0, 5, (500, 4)).astype(np.float32)))
+    pipeline = FusionPipeline(model.cfg, GivesUpItsStep())
+    state = pipeline.fuse(snap)
+    reference = FusionPipeline(model.cfg, tokens).fuse(snap)
+    assert not pipeline.backend.whole_step and state.present.tolist() == [True, True, False]
+    np.testing.assert_array_equal(state.pooled, reference.pooled)
+    np.testing.assert_array_equal(pipeline.fuse(snap).pooled, reference.pooled)  # and tokens from then on
 
 
 # --- fallback ------------------------------------------------------------------------------------

@@ -46,6 +46,8 @@ class TensorRTOptions:
     dla_core: int = PARAM_DEFAULTS["tensorrt.dla_core"]  # >= 0: that DLA core; what it cannot run: the GPU
     cache_dir: Path | None = None  # default: $FUSION_ATTN_CACHE/engines or ~/.cache/fusion_attn/engines
     calibration_cache: Path | None = None  # int8: TensorRT calibration cache (made from recordings)
+    whole_step: bool = PARAM_DEFAULTS["tensorrt.whole_step"]  # one engine from sensor arrays (step.FusionStep)
+    step_camera: str = PARAM_DEFAULTS["tensorrt.step_camera"]  # "HxWxC:encoding": its step engine built at start
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -57,9 +59,17 @@ class TensorRTOptions:
             raise ConfigError(f"tensorrt workspace_mib must be >= 1, got {self.workspace_mib}")
         if self.dla_core >= 0 and self.precision not in ("fp16", "int8"):
             raise ConfigError(f"DLA runs FP16 or INT8 only, not {self.precision}")
+        if self.step_camera:
+            step_camera(self.step_camera)  # raises ConfigError naming the problem
         if self.precision == "int8" and self.calibration_cache is None:
             raise ConfigError("int8 needs a calibration cache: make one with `fusion-attn build-engine "
                               "--precision int8 --calibrate BAG ...` (docs/TENSORRT.md)")
+
+    @property
+    def uses_step(self) -> bool:
+        """Whether the one-graph (step) engine runs: asked for, and neither INT8 (calibrated on tokens) nor
+        DLA (no dynamic point counts there)."""
+        return self.whole_step and self.precision != "int8" and self.dla_core < 0
 
     @property
     def batch_profile(self) -> tuple[int, int, int]:
@@ -85,6 +95,21 @@ class TensorRTOptions:
         return cls(**kwargs)
 
 
+def step_camera(spec: str) -> tuple[tuple[int, int, int], str]:
+    """"480x640x3:rgb8" -> ((480, 640, 3), "rgb8"): a camera's image shape and encoding (tensorrt.step_camera)."""
+    from ..frames import CAMERA_ENCODINGS
+
+    try:
+        dims, encoding = spec.split(":")
+        shape = tuple(int(d) for d in dims.lower().split("x"))
+    except ValueError:
+        shape, encoding = (), ""
+    if len(shape) != 3 or min(shape) < 1 or encoding not in CAMERA_ENCODINGS:
+        raise ConfigError(f"tensorrt.step_camera {spec!r}: expected HEIGHTxWIDTHxCHANNELS:ENCODING, e.g. "
+                          f"480x640x3:rgb8, with an encoding of {sorted(CAMERA_ENCODINGS)}")
+    return shape, encoding
+
+
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -105,10 +130,11 @@ class EngineKey:
     batch_profile: tuple[int, int, int]  # min, opt, max
     dla_core: int
     calibration_sha256: str = ""  # int8 only
+    shape_ranges: tuple = ()  # (input, axis, (min, opt, max)) per dynamic axis besides the batch (the step graph)
 
     @classmethod
     def create(cls, onnx_path: str | Path, opts: TensorRTOptions, tensorrt_version: str, gpu_name: str,
-               compute_capability: str) -> EngineKey:
+               compute_capability: str, ranges: ShapeRanges | None = None) -> EngineKey:
         io = onnx_io(onnx_path)
         budgets = tuple((name, io[tensor].shape[dim]) for name, tensor, dim in (
             ("camera", "camera_patches", 1), ("lidar", "lidar_points", 1),
@@ -116,13 +142,17 @@ class EngineKey:
         # int8: the calibration it was built with; "" until the first build has written the cache
         calibration = (file_sha256(opts.calibration_cache) if opts.precision == "int8"
                        and Path(opts.calibration_cache).is_file() else "")
+        ranges = tuple((name, axis, tuple(r)) for name, axes in sorted((ranges or {}).items())
+                       for axis, r in sorted(axes.items()))
         return cls(file_sha256(onnx_path), tensorrt_version, gpu_name, compute_capability, opts.precision,
-                   opts.workspace_mib, budgets, opts.batch_profile, opts.dla_core, calibration)
+                   opts.workspace_mib, budgets, opts.batch_profile, opts.dla_core, calibration, ranges)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["token_budgets"] = dict(self.token_budgets)
         d["batch_profile"] = list(self.batch_profile)
+        if not self.shape_ranges:  # so that the keys of token-level engines built before it stay the same
+            del d["shape_ranges"]
         return d
 
     def digest(self) -> str:
@@ -132,7 +162,7 @@ class EngineKey:
 @dataclass(frozen=True)
 class TensorIO:
     mode: str  # "input" | "output"
-    shape: tuple[int, ...]  # -1 for the dynamic batch dimension
+    shape: tuple[int, ...]  # -1 for a dynamic dimension (the batch; the step graph's point and IMU counts)
     dtype: str  # TensorRT's DataType name, lower case: "float", "half", "bool", "int32", ...
 
 
@@ -153,6 +183,28 @@ def onnx_io(onnx_path: str | Path) -> dict[str, TensorIO]:
             shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
             io[v.name] = TensorIO(mode, shape, _ONNX_TYPES.get(t.elem_type, f"onnx:{t.elem_type}"))
     return io
+
+
+# input name -> {axis: (min, opt, max)}: an optimisation profile's range of each dynamic axis but the batch
+ShapeRanges = dict[str, dict[int, tuple[int, int, int]]]
+
+
+def profile_shapes(name: str, shape: tuple[int, ...], batch: tuple[int, int, int],
+                   ranges: ShapeRanges | None = None) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """An input's (min, opt, max) shapes for an optimisation profile: axis 0 over `batch`, every other
+    dynamic axis (-1) over its range in `ranges`, fixed axes as they are."""
+    axes = (ranges or {}).get(name, {})
+    profile = []
+    for axis, size in enumerate(shape):
+        if axis == 0:
+            profile.append(batch)
+        elif size >= 0:
+            profile.append((size,) * 3)
+        elif axis in axes:
+            profile.append(tuple(axes[axis]))
+        else:
+            raise ConfigError(f"input {name} has a dynamic axis {axis} with no range for the engine's profile")
+    return tuple(tuple(p[i] for p in profile) for i in range(3))
 
 
 def io_mismatches(actual: dict[str, TensorIO], expected: dict[str, TensorIO]) -> list[str]:
@@ -281,24 +333,26 @@ def describe_precision(requested: str, counts: dict[str, int]) -> tuple[str, str
 
 
 def trtexec_command(onnx_path: str | Path, opts: TensorRTOptions, engine: str | Path = "fusion.engine",
-                    timing_cache: str | Path = "timing.cache", calibration_batch: int = 8) -> str:
+                    timing_cache: str | Path = "timing.cache", calibration_batch: int = 8,
+                    ranges: ShapeRanges | None = None) -> str:
     """The trtexec command line that builds the engine `build-engine` builds with these options
     (to profile it or cross-check a build with NVIDIA's own tool)."""
     io = onnx_io(onnx_path)
-    inputs = [(n, t.shape[1:]) for n, t in io.items() if t.mode == "input"]
+    profiles = {n: profile_shapes(n, t.shape, opts.batch_profile, ranges) for n, t in io.items() if t.mode == "input"}
 
-    def shapes(batch: int) -> str:
-        return ",".join(f"{n}:{'x'.join(map(str, (batch, *rest)))}" for n, rest in inputs)
+    def shapes(i: int) -> str:
+        return ",".join(f"{n}:{'x'.join(map(str, p[i]))}" for n, p in profiles.items())
 
-    low, opt, high = opts.batch_profile
     q = shlex.quote
     args = ["trtexec", f"--onnx={q(str(onnx_path))}", f"--saveEngine={q(str(engine))}",
-            f"--memPoolSize=workspace:{opts.workspace_mib}M", f"--minShapes={shapes(low)}",
-            f"--optShapes={shapes(opt)}", f"--maxShapes={shapes(high)}", f"--timingCacheFile={q(str(timing_cache))}",
+            f"--memPoolSize=workspace:{opts.workspace_mib}M", f"--minShapes={shapes(0)}",
+            f"--optShapes={shapes(1)}", f"--maxShapes={shapes(2)}", f"--timingCacheFile={q(str(timing_cache))}",
             "--profilingVerbosity=detailed"]
+    calib = ",".join(f"{n}:{'x'.join(map(str, (calibration_batch, *t.shape[1:])))}"
+                     for n, t in io.items() if t.mode == "input")
     args += {"fp32": ["--noTF32"], "tf32": [], "fp16": ["--fp16"],
              "int8": ["--fp16", "--int8", f"--calib={q(str(opts.calibration_cache))}",
-                      f"--optShapesCalib={shapes(calibration_batch)}"]}[opts.precision]
+                      f"--optShapesCalib={calib}"]}[opts.precision]
     if opts.dla_core >= 0:
         args += [f"--useDLACore={opts.dla_core}", "--allowGPUFallback"]
     return " \\\n    ".join(args)

@@ -28,12 +28,15 @@ from ..errors import BackendUnavailable
 from .engine_cache import (
     EngineCache,
     EngineKey,
+    ShapeRanges,
     TensorIO,
     TensorRTOptions,
     describe_precision,
     io_mismatches,
     layer_precisions,
     onnx_io,
+    profile_shapes,
+    step_camera,
 )
 from .export import OPSET, TENSORRT8_OPSET
 
@@ -53,8 +56,8 @@ def gpu_identity(device: torch.device) -> tuple[str, str]:
     return torch.cuda.get_device_name(device), f"{major}.{minor}"
 
 
-def engine_key(onnx_path: Path, opts: TensorRTOptions, device: torch.device) -> EngineKey:
-    return EngineKey.create(onnx_path, opts, TRT_VERSION, *gpu_identity(device))
+def engine_key(onnx_path: Path, opts: TensorRTOptions, device: torch.device, ranges: ShapeRanges | None = None) -> EngineKey:
+    return EngineKey.create(onnx_path, opts, TRT_VERSION, *gpu_identity(device), ranges=ranges)
 
 
 def _dtype_name(dtype) -> str:
@@ -153,8 +156,9 @@ class _Calibrator(getattr(trt, "IInt8EntropyCalibrator2", object)):  # deprecate
 
 def build_engine(onnx_path: Path, opts: TensorRTOptions, timing_cache: Path,
                  calibration: Iterator[dict[str, np.ndarray]] | None = None, calibration_batch: int = 8,
-                 device: torch.device | None = None) -> tuple[bytes, dict]:
-    """ONNX -> serialized engine, and what the build did (for the sidecar)."""
+                 device: torch.device | None = None, ranges: ShapeRanges | None = None) -> tuple[bytes, dict]:
+    """ONNX -> serialized engine, and what the build did (for the sidecar). `ranges`: the profile of each
+    dynamic axis but the batch (the step graph's point and IMU counts)."""
     builder = trt.Builder(_LOGGER)
     network = builder.create_network(0 if V10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH))
     parser = trt.OnnxParser(network, _LOGGER)
@@ -181,8 +185,7 @@ def build_engine(onnx_path: Path, opts: TensorRTOptions, timing_cache: Path,
     inputs = [network.get_input(i) for i in range(network.num_inputs)]
     profile = builder.create_optimization_profile()
     for tensor in inputs:
-        rest = tuple(tensor.shape)[1:]
-        profile.set_shape(tensor.name, *((batch, *rest) for batch in opts.batch_profile))
+        profile.set_shape(tensor.name, *profile_shapes(tensor.name, tuple(tensor.shape), opts.batch_profile, ranges))
     config.add_optimization_profile(profile)
     if opts.precision == "int8":
         if not hasattr(trt, "IInt8EntropyCalibrator2"):
@@ -239,13 +242,15 @@ def _deserialize(runtime, data: bytes, expected: dict[str, TensorIO]):
     return (None, "its I/O differs from the model's: " + "; ".join(problems)) if problems else (engine, None)
 
 
-def load_or_build(onnx_path: Path, opts: TensorRTOptions, device: torch.device, **build_kwargs):
+def load_or_build(onnx_path: Path, opts: TensorRTOptions, device: torch.device, ranges: ShapeRanges | None = None,
+                  **build_kwargs):
     """The engine for this ONNX graph on this machine: from the cache when valid, else built and
     cached. -> (engine, its cache path, its sidecar dict)."""
     runtime = trt.Runtime(_LOGGER)
     if opts.dla_core >= 0:
         runtime.DLA_core = opts.dla_core
-    key, cache, expected = engine_key(onnx_path, opts, device), EngineCache(opts.engine_dir), onnx_io(onnx_path)
+    key, cache = engine_key(onnx_path, opts, device, ranges), EngineCache(opts.engine_dir)
+    expected = onnx_io(onnx_path)
     data = cache.load(key)
     if data is not None:
         engine, problem = _deserialize(runtime, data, expected)
@@ -253,11 +258,11 @@ def load_or_build(onnx_path: Path, opts: TensorRTOptions, device: torch.device, 
             return engine, cache.paths(key)[0], cache.read_sidecar(key)
         cache.discard(key, problem)
     timing_cache = opts.engine_dir / f"timing-{key.tensorrt_version}-sm{key.compute_capability}.cache"  # per version, GPU
-    data, details = build_engine(onnx_path, opts, timing_cache, device=device, **build_kwargs)
+    data, details = build_engine(onnx_path, opts, timing_cache, device=device, ranges=ranges, **build_kwargs)
     engine, problem = _deserialize(runtime, data, expected)
     if engine is None:
         raise BackendUnavailable(f"the engine just built is unusable: {problem}")
-    key = engine_key(onnx_path, opts, device)  # again: an int8 build has just written its calibration cache
+    key = engine_key(onnx_path, opts, device, ranges)  # again: an int8 build has just written its calibration cache
     path = cache.store(key, data, engine_io(engine), details)
     return engine, path, cache.read_sidecar(key)
 
@@ -267,13 +272,14 @@ class TensorRTBackend:
 
     name = "tensorrt"
 
-    def __init__(self, onnx_path: str | Path, opts: TensorRTOptions, device: str = "cuda:0", **build_kwargs):
+    def __init__(self, onnx_path: str | Path, opts: TensorRTOptions, device: str = "cuda:0",
+                 ranges: ShapeRanges | None = None, **build_kwargs):
         if not torch.cuda.is_available():
             raise BackendUnavailable("no CUDA GPU is visible to torch")
         self.torch_device = torch.device(device)
         torch.cuda.set_device(self.torch_device)  # TensorRT works in torch's (primary) CUDA context
         self.device = f"{self.torch_device} ({torch.cuda.get_device_name(self.torch_device)})"
-        self.engine, self.engine_path, self.sidecar = load_or_build(Path(onnx_path), opts, self.torch_device,
+        self.engine, self.engine_path, self.sidecar = load_or_build(Path(onnx_path), opts, self.torch_device, ranges,
                                                                     **build_kwargs)
         self.context = self.engine.create_execution_context()
         if self.context is None:
@@ -283,8 +289,8 @@ class TensorRTBackend:
         self.outputs = [n for n, t in self.io.items() if t.mode == "output"]
         self.batches = opts.batch_profile[0], opts.batch_profile[2]
         self.stream = torch.cuda.Stream(self.torch_device)
-        self.buffers: dict[int, dict[str, torch.Tensor]] = {}  # batch size -> device tensor per I/O name
-        self._set_shapes(self.batches[0])
+        self.buffers: dict[tuple, dict[str, torch.Tensor]] = {}  # input shapes -> device tensor per I/O name
+        self._bind({n: profile_shapes(n, self.io[n].shape, opts.batch_profile, ranges)[0] for n in self.inputs})
         self.precision, warning = describe_precision(opts.precision, self._layer_precisions())
         if warning:
             log.warning(warning)
@@ -295,24 +301,35 @@ class TensorRTBackend:
         inspector.execution_context = self.context  # with shapes set, formats are known (else "N/A")
         return layer_precisions(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
 
-    def _set_shapes(self, batch: int) -> dict[str, torch.Tensor]:
-        if batch not in self.buffers:
-            self.buffers[batch] = {n: torch.empty((batch, *t.shape[1:]), dtype=_TORCH_DTYPES[t.dtype],
-                                                  device=self.torch_device) for n, t in self.io.items()}
-        buffers = self.buffers[batch]
+    def _bind(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        """Set the input shapes on the context -> the device buffers for them (outputs as the engine shapes them)."""
         for name in self.inputs:
             if V10:
-                self.context.set_input_shape(name, tuple(buffers[name].shape))
+                ok = self.context.set_input_shape(name, shapes[name])
             else:
-                self.context.set_binding_shape(self.engine.get_binding_index(name), tuple(buffers[name].shape))
-        return buffers
+                ok = self.context.set_binding_shape(self.engine.get_binding_index(name), shapes[name])
+            if not ok:
+                raise BackendUnavailable(f"input {name} of shape {tuple(shapes[name])} is outside the engine's "
+                                         "optimisation profile")
+        key = tuple(tuple(shapes[n]) for n in self.inputs)
+        if key not in self.buffers:
+            def shape(name):
+                if name in shapes:
+                    return tuple(shapes[name])
+                if V10:
+                    return tuple(self.context.get_tensor_shape(name))
+                return tuple(self.context.get_binding_shape(self.engine.get_binding_index(name)))
+
+            self.buffers[key] = {n: torch.empty(shape(n), dtype=_TORCH_DTYPES[t.dtype], device=self.torch_device)
+                                 for n, t in self.io.items()}
+        return self.buffers[key]
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         batch = len(next(iter(inputs.values())))
         if not self.batches[0] <= batch <= self.batches[1]:
             raise BackendUnavailable(f"batch {batch} is outside the engine's profile {self.batches[0]}.."
                                      f"{self.batches[1]} (build it with another max_batch / opt_batch)")
-        buffers = self._set_shapes(batch)
+        buffers = self._bind({name: inputs[name].shape for name in self.inputs})
         with torch.cuda.stream(self.stream):
             for name in self.inputs:
                 buffers[name].copy_(torch.from_numpy(np.ascontiguousarray(inputs[name])), non_blocking=True)
@@ -329,3 +346,70 @@ class TensorRTBackend:
                 raise RuntimeError("TensorRT execution failed (its log above says why)")
             out = {name: buffers[name].cpu().numpy() for name in self.outputs}
         return out
+
+
+class TensorRTStepBackend:
+    """The whole fusion step as one engine per camera resolution and encoding: adapted sensor arrays in
+    (step.step_inputs), tokenized and fused by TensorRT, with an optimisation profile over the point and
+    IMU buckets (step.step_ranges). An engine is built, or loaded from the cache, for `step_camera` at
+    start and for any other camera at its first frame. Where TensorRT cannot build one (TensorRT 8.6 has
+    no opset 18; a parser or builder error), the token-level engine runs instead, with the host
+    tokenizers (`whole_step` becomes False; the pipeline then hands tokens), said in one line."""
+
+    name = "tensorrt"
+
+    def __init__(self, model, opts: TensorRTOptions, device: str = "cuda:0"):
+        if not torch.cuda.is_available():
+            raise BackendUnavailable("no CUDA GPU is visible to torch")
+        self.model, self.opts, self.torch_device = model, opts, device
+        self.device = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+        self.precision = f"{opts.precision} (requested; engines are built per camera resolution)"
+        self.whole_step = True
+        self.engines: dict[tuple, TensorRTBackend] = {}  # (image shape, encoding) -> its step engine
+        self.tokens: TensorRTBackend | None = None  # the token-level engine, once the step engine failed
+        if not V10:
+            self._to_tokens(f"TensorRT {TRT_VERSION} parses opset {ONNX_OPSET}; the step graph needs 18 (TensorRT 10)")
+        elif opts.step_camera:
+            self._engine(*step_camera(opts.step_camera))
+
+    def _engine(self, image_shape: tuple[int, ...], encoding: str) -> TensorRTBackend | None:
+        from ..pipeline import step_onnx_for
+        from ..step import step_ranges
+
+        key = (tuple(image_shape), encoding)
+        if key not in self.engines:
+            try:
+                onnx = step_onnx_for(self.model, image_shape, encoding)
+                self.engines[key] = TensorRTBackend(onnx, self.opts, self.torch_device, ranges=step_ranges())
+            except BackendUnavailable as exc:
+                self._to_tokens(f"no one-graph engine for a {'x'.join(map(str, image_shape))} {encoding} camera: {exc}")
+                return None
+            self.precision = self.engines[key].precision
+        return self.engines[key]
+
+    def _to_tokens(self, reason: str) -> None:
+        log.warning("%s; running the token-level engine with the host tokenizers instead", reason)
+        self.whole_step = False
+        self.precision = self._token_engine().precision
+
+    def _token_engine(self) -> TensorRTBackend:
+        from ..pipeline import onnx_for
+
+        if self.tokens is None:
+            self.tokens = TensorRTBackend(onnx_for(self.model, opset=ONNX_OPSET), self.opts, self.torch_device)
+        return self.tokens
+
+    @property
+    def engine_path(self) -> Path | None:
+        """The engine that runs (the first camera's), None before any is built."""
+        engines = [*self.engines.values(), *([self.tokens] if self.tokens else [])]
+        return engines[0].engine_path if engines else None
+
+    def run_step(self, inputs: dict[str, np.ndarray], encoding: str) -> dict[str, np.ndarray] | None:
+        """step.step_inputs' arrays -> STEP_OUTPUTS; None once this backend takes tokens instead (run)."""
+        engine = self._engine(inputs["image"].shape[1:], encoding) if self.whole_step else None
+        return None if engine is None else engine.run(inputs)
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Tokens in (tokenize.input_spec), as TensorRTBackend.run: the token-level engine."""
+        return self._token_engine().run(inputs)

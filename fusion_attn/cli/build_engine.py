@@ -19,6 +19,9 @@ def add_parser(verbs):
     engine.add_argument("--max-batch", type=int)
     engine.add_argument("--opt-batch", type=int)
     engine.add_argument("--dla-core", type=int, help="Jetson DLA core (GPU fallback on); default -1: GPU only")
+    engine.add_argument("--step-camera", metavar="HxWxC:ENCODING",
+                        help="the one-graph engine (sensor arrays in) for this camera, e.g. 480x640x3:rgb8, as "
+                             "the node builds it with tensorrt.step_camera; default: the token-level engine")
     engine.add_argument("--cache-dir", type=Path, help="default: $FUSION_ATTN_CACHE/engines or ~/.cache/fusion_attn/engines")
     engine.add_argument("--device", default="cuda:0")
     engine.add_argument("--calibrate", nargs="+", type=Path, metavar="BAG",
@@ -32,8 +35,6 @@ def add_parser(verbs):
 
 
 def run(args) -> int:
-    import shutil
-
     from ..backends.engine_cache import TensorRTOptions, file_sha256, trtexec_command
     from ..backends.export import OPSET, TENSORRT8_OPSET
     from ..config import load_params
@@ -48,10 +49,13 @@ def run(args) -> int:
                                      "the robot or GPU machine that runs them (docs/TENSORRT.md)") from exc
         trt_backend = None
     params = load_params(args.params) if args.params else {}
-    for name in ("precision", "workspace_mib", "max_batch", "opt_batch", "dla_core", "cache_dir", "calibration_cache"):
+    for name in ("precision", "workspace_mib", "max_batch", "opt_batch", "dla_core", "cache_dir", "calibration_cache",
+                 "step_camera"):
         if getattr(args, name) is not None:
             params[f"tensorrt.{name}"] = getattr(args, name)
     model, source = load_model(args.checkpoint or params.get("checkpoint") or None)
+    if args.step_camera:
+        return build_step(args, model, source, TensorRTOptions.from_params(params), trt_backend)
     opset = trt_backend.ONNX_OPSET if trt_backend else OPSET
     onnx = args.onnx or onnx_for(model, opset=opset)
     if not Path(onnx).is_file():
@@ -74,6 +78,37 @@ def run(args) -> int:
             calibration = calibration_batches(args.calibrate, model.cfg, params, args.calibration_batches)
     opts = TensorRTOptions.from_params(params)
     backend = trt_backend.TensorRTBackend(onnx, opts, device=args.device, calibration=calibration)
+    report(args, backend, onnx, source)
+    return 0
+
+
+def build_step(args, model, source, opts, trt_backend) -> int:
+    """--step-camera: the one-graph engine of that camera, as the node builds it (or its trtexec command)."""
+    from ..backends.engine_cache import step_camera, trtexec_command
+    from ..errors import BackendUnavailable, ConfigError
+    from ..pipeline import step_onnx_for
+    from ..step import step_ranges
+
+    if not opts.uses_step:
+        raise ConfigError("--step-camera: the one-graph engine is not built with int8, a DLA core or "
+                          "tensorrt.whole_step false (the node runs the token-level engine then)")
+    if args.onnx or args.calibrate:
+        raise ConfigError("--step-camera exports its own graph from --checkpoint and takes no calibration")
+    onnx = step_onnx_for(model, *step_camera(opts.step_camera))
+    if args.trtexec:
+        print("# TensorRT 10.x (the step graph is opset 18)")
+        print(trtexec_command(onnx, opts, ranges=step_ranges()))
+        return 0
+    backend = trt_backend.TensorRTStepBackend(model, opts, device=args.device)
+    if not backend.whole_step:
+        raise BackendUnavailable(f"no one-graph engine for {opts.step_camera} (the warning above says why)")
+    report(args, backend, onnx, source)
+    return 0
+
+
+def report(args, backend, onnx, source) -> None:
+    import shutil
+
     print(f"engine {backend.engine_path}\n  sidecar {backend.engine_path.with_suffix('.json')}\n"
           f"  from {onnx} ({source})\n  runs {backend.precision} on {backend.device}")
     if args.output:
@@ -81,7 +116,6 @@ def run(args) -> int:
         shutil.copyfile(backend.engine_path, args.output)
         shutil.copyfile(backend.engine_path.with_suffix(".json"), args.output.with_suffix(".json"))
         print(f"  copied to {args.output}")
-    return 0
 
 
 def calibration_batches(bags, cfg, params, max_batches: int, batch: int = 8):
