@@ -47,6 +47,8 @@ parser.add_argument("--fault-rate", type=float, default=0.0,
                     help="share of training episodes with one sensor fault (our PPO's agents; rl.ppo.TRAINING_FAULTS)")
 parser.add_argument("--fault-after", type=float, default=0.0,
                     help="share of the steps trained clean before --fault-rate applies (rl.config.PPOConfig.fault_after)")
+parser.add_argument("--fault-ramp", type=float, default=0.0,
+                    help="share of the steps over which the fault share rises to --fault-rate (rl.config.PPOConfig.fault_ramp)")
 parser.add_argument("--fusion-checkpoint", default="", help="FusionAttn envs: the fusion model the agents observe "
                     "through (default: the packaged one), e.g. a candidate default before it is packaged")
 parser.add_argument("--fusion-trigger", default="timer", help="FusionAttn envs: fuse on the timer or on each message "
@@ -63,7 +65,7 @@ FUSION = args.env.startswith("FusionAttn/")  # the memory task's options, action
 def config(seed: int, kind: str = "gtrxl") -> PPOConfig:
     return PPOConfig(env_id=args.env, env_kwargs={"task_options": {"n_goals": args.goals}} if FUSION else {},
                      fusion_checkpoint=args.fusion_checkpoint,
-                     fusion_trigger=args.fusion_trigger, steps=args.steps, envs=8, rollout=128, seed=seed, lr=args.lr, fault_rate=args.fault_rate, fault_after=args.fault_after,
+                     fusion_trigger=args.fusion_trigger, steps=args.steps, envs=8, rollout=128, seed=seed, lr=args.lr, fault_rate=args.fault_rate, fault_after=args.fault_after, fault_ramp=args.fault_ramp,
                      action_repeat=args.action_repeat if FUSION else None, agent=AgentConfig(kind=kind, memory=args.memory))
 
 
@@ -182,7 +184,7 @@ if "gtrxl" in results and "lstm" in results:  # env steps GTrXL needs to reach t
     targets["gtrxl"]["steps_ratio_to_lstm"] = float(reached[0] / lstm_steps[-1]) if len(reached) else None
 report = {"date": datetime.date.today().isoformat(), "machine": machine(), "env": args.env, "goals": args.goals,
           "fusion_checkpoint": args.fusion_checkpoint, "fusion_trigger": args.fusion_trigger, "fault_rate": args.fault_rate,
-          "fault_after": args.fault_after, "steps": args.steps, "seeds": args.seeds, "eval_episodes": args.episodes, "targets": targets,
+          "fault_after": args.fault_after, "fault_ramp": args.fault_ramp, "steps": args.steps, "seeds": args.seeds, "eval_episodes": args.episodes, "targets": targets,
           "results": results}
 args.out.parent.mkdir(parents=True, exist_ok=True)
 args.out.write_text(json.dumps(report, indent=1))

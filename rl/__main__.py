@@ -69,6 +69,9 @@ def add_verbs(verbs) -> None:
     train.add_argument("--fault-after", type=float, default=ppo.fault_after,
                        help="share of the steps trained without faults before --fault-rate applies (a curriculum: "
                             "the task first, then its faults)")
+    train.add_argument("--fault-ramp", type=float, default=ppo.fault_ramp,
+                       help="share of the steps over which the fault share then rises linearly from 0 to "
+                            "--fault-rate (default 0: at once)")
     resume = train.add_mutually_exclusive_group()
     resume.add_argument("--resume", action="store_true", help="continue RUN/train_state.pt (same flags; a larger "
                         "--steps extends a finished run)")
@@ -96,7 +99,7 @@ def run(args) -> int:
                         fusion_checkpoint=args.fusion_checkpoint, fusion_trigger=args.fusion_trigger,
                         steps=args.steps, envs=args.workers * args.envs_per_worker if args.envs_per_worker else args.envs,
                         workers=args.workers, ray=args.ray, rollout=args.rollout, lr=args.lr, ent_coef=args.ent_coef, action_repeat=args.action_repeat, seed=args.seed, threads=args.threads, device=args.device,
-                        fault_rate=args.fault_rate, fault_after=args.fault_after,
+                        fault_rate=args.fault_rate, fault_after=args.fault_after, fault_ramp=args.fault_ramp,
                         agent=AgentConfig(kind=args.agent, memory=args.memory, layers=args.layers))
         row = train(cfg, args.output, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
         print(json.dumps({"run": str(args.output), "config": dataclasses.asdict(cfg), "last": row}, indent=1))

@@ -50,6 +50,7 @@ class PPOConfig:
     device: str = "auto"  # the learner's: auto (CUDA when there is one), cpu, cuda, cuda:1, ...
     fault_rate: float = 0.0  # FusionAttn envs: share of training episodes with one sensor fault (rl.ppo.TRAINING_FAULTS)
     fault_after: float = 0.0  # share of the steps trained clean before faults start: learn the task, then its faults
+    fault_ramp: float = 0.0  # share of the steps over which the fault rate then rises from 0 to fault_rate
     agent: AgentConfig = field(default_factory=AgentConfig)
 
     def __post_init__(self):
@@ -59,6 +60,9 @@ class PPOConfig:
             raise ConfigError(f"{self.envs} envs cannot be split evenly over {self.workers} workers")
         if not 0.0 <= self.fault_after < 1.0:
             raise ConfigError(f"fault_after {self.fault_after}: a share of the training steps, in [0, 1)")
+        if not 0.0 <= self.fault_ramp <= 1.0 - self.fault_after:
+            raise ConfigError(f"fault_ramp {self.fault_ramp}: a share of the training steps after fault_after "
+                              f"({self.fault_after}), in [0, {1.0 - self.fault_after:g}]")
         if self.action_repeat is None:  # the config records the repeat used, so a saved run says it
             object.__setattr__(self, "action_repeat", 5 if self.fusion_env else 1)
         elif not self.fusion_env and self.action_repeat != 1:

@@ -90,8 +90,14 @@ def fault_options(name: str, rng: np.random.Generator, magnitude: float = 2.0) -
 def scheduled_fault_rate(cfg: PPOConfig, iteration: int, iterations: int) -> float:
     """The share of new training episodes with a fault at this update: none until cfg.fault_after of
     the updates are done (the task is learned first: a memory learned under faults from the start
-    was not learned at all in 60k steps, docs/RESULTS.md), cfg.fault_rate from then on."""
-    return cfg.fault_rate if iteration >= cfg.fault_after * iterations else 0.0
+    was not learned at all in 60k steps, docs/RESULTS.md), then rising linearly to cfg.fault_rate over
+    cfg.fault_ramp of them (a gentler shift for a policy that has learned the task clean), then
+    cfg.fault_rate."""
+    start = cfg.fault_after * iterations
+    if iteration < start:
+        return 0.0
+    ramp = cfg.fault_ramp * iterations
+    return cfg.fault_rate * min(1.0, (iteration - start + 1) / ramp) if ramp > 0 else cfg.fault_rate
 
 
 class TrainingFaults(gym.Wrapper):

@@ -336,6 +336,11 @@ def test_fault_curriculum_starts_faults_after_the_clean_share():
     assert scheduled_fault_rate(dataclasses.replace(cfg, fault_after=0.0), 0, 10) == 0.5
     with pytest.raises(ConfigError, match="fault_after"):
         PPOConfig(fault_after=1.0)
+    # with a ramp over 0.4 of the updates the share rises over four updates, then stays
+    ramp = dataclasses.replace(cfg, fault_ramp=0.4)
+    assert [scheduled_fault_rate(ramp, i, 10) for i in range(10)] == [0.0] * 4 + [0.125, 0.25, 0.375, 0.5, 0.5, 0.5]
+    with pytest.raises(ConfigError, match="fault_ramp"):
+        PPOConfig(fault_after=0.5, fault_ramp=0.6)
 
 
 def _wrappers(env):
