@@ -199,7 +199,7 @@ class FusionPipeline:
             states = self._fuse_arrays(snap, taus)
             if states is not None:
                 return states
-            # None: the backend cannot build its one-graph engine and takes tokens from now on (it said why)
+            # None: the backend's one-graph engine cannot take this snapshot (it said why): tokens then
         t0 = time.perf_counter()
         inputs = self.tokenizer(snap, taus[0])
         t1 = time.perf_counter()

@@ -137,8 +137,9 @@ def lidar_tokens(points: torch.Tensor, count: torch.Tensor, cfg: LidarTokens) ->
     # each point's rank among its pillar's points in cloud order: an exclusive running count per slot
     # (B, K+1, N), the scan along its last axis: a GPU scans rows in parallel, but a scan along an outer
     # axis runs one thread per inner element through all N points (65 threads: 100x slower)
-    onehot = (slot.unsqueeze(1) == torch.arange(K + 1, device=points.device).view(1, -1, 1)).to(torch.int32)
-    rank = (onehot.cumsum(2, dtype=torch.int32) - onehot).gather(1, slot.unsqueeze(1)).squeeze(1).long()
+    # (float32: TensorRT's CumSum takes floats only; counts below 2^24 points are exact in it)
+    onehot = (slot.unsqueeze(1) == torch.arange(K + 1, device=points.device).view(1, -1, 1)).float()
+    rank = (onehot.cumsum(2) - onehot).gather(1, slot.unsqueeze(1)).squeeze(1).long()
     cnt = top_count.gather(1, slot.clamp(max=K - 1))  # (B, N)
     # tokenize_lidar keeps point floor(k * cnt / P) for k < P (cnt >= P), else the first cnt points
     k = torch.where(cnt >= P, (rank * P + cnt - 1) // cnt.clamp_min(1), rank)

@@ -2,10 +2,11 @@
 and on edge cases, on the CPU and (where one is visible) on a CUDA GPU; its one-graph ONNX export."""
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
-from fusion_attn.backends.export import export_step_onnx, unsupported_ops
+from fusion_attn.backends.export import TOKENIZER_NODE_PREFIX, export_step_onnx, unsupported_ops
 from fusion_attn.backends.onnxruntime_backend import OnnxRuntimeBackend
 from fusion_attn.backends.torch_backend import TorchBackend
 from fusion_attn.bag import open_reader
@@ -169,6 +170,12 @@ def test_one_graph_export_runs_in_onnx_runtime_as_in_torch(model, tmp_path):
     point and IMU counts than it was traced with (dynamic dimensions)."""
     path = export_step_onnx(model, (120, 160, 3), "rgb8", tmp_path / "step.onnx")
     assert unsupported_ops(path) == []
+    # the tokenizers' nodes are named so (an FP16 engine keeps them in FP32), the model's are not
+    nodes = onnx.load(str(path)).graph.node
+    tokenizer = {n.op_type for n in nodes if n.name.startswith(TOKENIZER_NODE_PREFIX)}
+    model_ops = {n.op_type for n in nodes if not n.name.startswith(TOKENIZER_NODE_PREFIX)}
+    assert {"ScatterElements", "TopK", "CumSum", "Floor", "GatherElements"} <= tokenizer
+    assert "LayerNormalization" in model_ops and "LayerNormalization" not in tokenizer
     rng = np.random.default_rng(4)
     snap = SensorSnapshot(10**9, camera=CameraFrame(9 * 10**8, "c", rng.integers(0, 256, (120, 160, 3), dtype=np.uint8), "rgb8"),
                           lidar=LidarFrame(9 * 10**8, "l", _cloud(rng, 3000)),

@@ -113,6 +113,10 @@ def test_cache_round_trip_with_sidecar(tmp_path, onnx_graphs):
     meta = json.loads(path.with_suffix(".json").read_text())
     assert meta["key"] == key.to_dict() and meta["io"]["camera_patches"]["shape"] == [-1, 48, 768]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, path.with_suffix(".json").name])
+    # a step engine's key (with its profile's ranges) reads back from its sidecar as the same key
+    ranged = EngineKey.create(onnx_graphs["b"], TensorRTOptions(), "10.3.0", "Orin (nvgpu)", "8.7", ranges=step_ranges())
+    cache.store(ranged, PLAN, _io(onnx_graphs["b"]), {})
+    assert cache.load(ranged) == PLAN
 
 
 def test_cache_refuses_entries_it_cannot_vouch_for(tmp_path, onnx_graphs, caplog):
@@ -292,34 +296,40 @@ def test_build_engine_prints_the_step_engines_trtexec_without_tensorrt(capsys, m
     assert "not built with int8, a DLA core" in capsys.readouterr().err
 
 
-def test_a_backend_that_gives_up_its_step_engine_gets_tokens_from_then_on():
+def test_a_snapshot_the_step_engine_refuses_is_fused_from_tokens():
     """The step backend's contract with the pipeline, without TensorRT: run_step returning None means
-    "hand me tokens from now on" (TensorRTStepBackend when TensorRT cannot build the step graph), and the
-    snapshot of that call is still fused. ONNX Runtime plays the token-level engine."""
+    "fuse this one from tokens" (TensorRTStepBackend for a camera it cannot build an engine for, a 16-bit
+    camera, a cloud beyond its profile), and the snapshot is still fused, as the token path fuses it.
+    ONNX Runtime plays the token-level engine."""
     from fusion_attn.frames import CameraFrame, LidarFrame
     from fusion_attn.tokenize import SensorSnapshot
 
     model = _model(0)
     tokens = create_backend("onnxruntime", model)
 
-    class GivesUpItsStep:
+    class RefusesBigClouds:
         name, device, precision, whole_step = "tensorrt", "cpu", "fp32", True
+        refused = 0
 
-        def run_step(self, inputs, encoding):  # returns None: tokens from now on
-            self.whole_step = False
+        def run_step(self, inputs, encoding):  # returns None: every cloud here is beyond its 1,024 points
+            assert inputs["points"].shape[1] > 1024
+            self.refused += 1
 
         def run(self, inputs):
             return tokens.run(inputs)
 
     rng = np.random.default_rng(0)
     snap = SensorSnapshot(10**9, camera=CameraFrame(9 * 10**8, "cam", rng.integers(0, 255, (48, 64, 3), np.uint8), "rgb8"),
-                          lidar=LidarFrame(9 * 10**8, "lidar", rng.normal(0, 5, (500, 4)).astype(np.float32)))
-    pipeline = FusionPipeline(model.cfg, GivesUpItsStep())
+                          lidar=LidarFrame(9 * 10**8, "lidar", rng.normal(0, 5, (5000, 4)).astype(np.float32)))
+    pipeline = FusionPipeline(model.cfg, RefusesBigClouds())
     state = pipeline.fuse(snap)
     reference = FusionPipeline(model.cfg, tokens).fuse(snap)
-    assert not pipeline.backend.whole_step and state.present.tolist() == [True, True, False]
+    assert pipeline.backend.refused == 1 and state.present.tolist() == [True, True, False]
     np.testing.assert_array_equal(state.pooled, reference.pooled)
-    np.testing.assert_array_equal(pipeline.fuse(snap).pooled, reference.pooled)  # and tokens from then on
+    np.testing.assert_array_equal(state.trust, reference.trust)
+    assert "tokenize" in state.timings_ms and "step" not in state.timings_ms
+    pipeline.fuse(snap)
+    assert pipeline.backend.refused == 2  # asked again for the next snapshot
 
 
 # --- fallback ------------------------------------------------------------------------------------

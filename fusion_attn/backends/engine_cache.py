@@ -151,7 +151,9 @@ class EngineKey:
         d = dataclasses.asdict(self)
         d["token_budgets"] = dict(self.token_budgets)
         d["batch_profile"] = list(self.batch_profile)
-        if not self.shape_ranges:  # so that the keys of token-level engines built before it stay the same
+        if self.shape_ranges:  # as JSON reads it back from the sidecar
+            d["shape_ranges"] = [[name, axis, list(r)] for name, axis, r in self.shape_ranges]
+        else:  # so that the keys of token-level engines built before it stay the same
             del d["shape_ranges"]
         return d
 
@@ -167,7 +169,7 @@ class TensorIO:
 
 
 # ONNX TensorProto element type -> TensorRT DataType name (lower case)
-_ONNX_TYPES = {1: "float", 10: "half", 9: "bool", 6: "int32", 7: "int64", 3: "int8", 16: "bf16"}
+_ONNX_TYPES = {1: "float", 10: "half", 9: "bool", 6: "int32", 7: "int64", 3: "int8", 2: "uint8", 16: "bf16"}
 
 
 def onnx_io(onnx_path: str | Path) -> dict[str, TensorIO]:

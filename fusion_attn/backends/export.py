@@ -23,6 +23,8 @@ from ..tokenize import OUTPUT_NAMES, SensorSnapshot, input_spec
 OPSET = 18  # what torch.export-based export emits natively; TensorRT 10.x parses it
 TENSORRT8_OPSET = 17  # TensorRT 8.6 (JetPack 5) parses up to opset 17
 MAX_BATCH = 64
+# Nodes of the step graph's tokenizers: cell indices and point offsets need FP32 (an FP16 engine keeps them so)
+TOKENIZER_NODE_PREFIX = "tokenize/"
 
 
 def example_inputs(model: FusionModel, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
@@ -94,6 +96,12 @@ def export_step_onnx(model: FusionModel, image_shape: tuple[int, int, int], enco
                                     opset_version=opset, dynamo=True, external_data=False, verbose=False,
                                     dynamic_shapes=dynamic)
     program.save(str(path))
+    graph = onnx.load(str(path))
+    for node in graph.graph.node:  # name the tokenizers' nodes, so that an engine can keep them in FP32
+        trace = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.stack_trace"), "")
+        if "self.tokens(" in trace:  # FusionStep.forward's call of its tokenizers
+            node.name = TOKENIZER_NODE_PREFIX + node.name
+    onnx.save(graph, str(path))
     onnx.checker.check_model(str(path), full_check=True)
     return path
 

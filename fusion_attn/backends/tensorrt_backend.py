@@ -38,7 +38,7 @@ from .engine_cache import (
     profile_shapes,
     step_camera,
 )
-from .export import OPSET, TENSORRT8_OPSET
+from .export import OPSET, TENSORRT8_OPSET, TOKENIZER_NODE_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,11 @@ TRT_VERSION = trt.__version__
 V10 = int(TRT_VERSION.split(".")[0]) >= 10
 ONNX_OPSET = OPSET if V10 else TENSORRT8_OPSET
 _LOGGER = trt.Logger(trt.Logger.WARNING)  # one logger per process, as TensorRT asks
+# The parser builds ScatterElements with a reduction (the step graph's scatter-add) from the plugin
+# registry, and deserializing such an engine needs it too; `import tensorrt` does not fill it.
+trt.init_libnvinfer_plugins(_LOGGER, "")
 _TORCH_DTYPES = {"float": torch.float32, "half": torch.float16, "bf16": torch.bfloat16, "bool": torch.bool,
+                 "uint8": torch.uint8,
                  "int8": torch.int8, "int32": torch.int32, "int64": torch.int64}
 
 
@@ -175,6 +179,7 @@ def build_engine(onnx_path: Path, opts: TensorRTOptions, timing_cache: Path,
         if not getattr(builder, "platform_has_fast_fp16", True):
             log.warning("this GPU has no fast FP16: TensorRT may keep layers in FP32")
         config.set_flag(trt.BuilderFlag.FP16)
+        _keep_tokenizers_fp32(network, config)
     if opts.dla_core >= 0:
         if builder.num_DLA_cores <= opts.dla_core:
             raise BackendUnavailable(f"DLA core {opts.dla_core} requested, this device has {builder.num_DLA_cores}")
@@ -223,6 +228,24 @@ def build_engine(onnx_path: Path, opts: TensorRTOptions, timing_cache: Path,
     log.warning("engine built in %.1f s", seconds)
     return bytes(serialized), {"build_seconds": round(seconds, 1), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                "onnx": str(onnx_path), "tensorrt_api": "10" if V10 else "8"}
+
+
+def _keep_tokenizers_fp32(network, config) -> None:
+    """The step graph's tokenizer layers (export.TOKENIZER_NODE_PREFIX) that compute in floats stay FP32
+    in an FP16 engine: in FP16 a point 50 m out is placed to 3 cm, and points near a cell's edge would
+    change pillar. TensorRT prefers the constraint (and warns where it cannot keep it)."""
+    kept = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.name.startswith(TOKENIZER_NODE_PREFIX) and all(
+                layer.get_output(k).dtype == trt.float32 for k in range(layer.num_outputs)):
+            layer.precision = trt.float32
+            for k in range(layer.num_outputs):
+                layer.set_output_type(k, trt.float32)
+            kept += 1
+    if kept:
+        config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
+        log.warning("FP16 engine: %d tokenizer layers kept in FP32", kept)
 
 
 # --- runtime -------------------------------------------------------------------------------------
@@ -352,45 +375,57 @@ class TensorRTStepBackend:
     """The whole fusion step as one engine per camera resolution and encoding: adapted sensor arrays in
     (step.step_inputs), tokenized and fused by TensorRT, with an optimisation profile over the point and
     IMU buckets (step.step_ranges). An engine is built, or loaded from the cache, for `step_camera` at
-    start and for any other camera at its first frame. Where TensorRT cannot build one (TensorRT 8.6 has
-    no opset 18; a parser or builder error), the token-level engine runs instead, with the host
-    tokenizers (`whole_step` becomes False; the pipeline then hands tokens), said in one line."""
+    start and for any other camera at its first frame. A frame the step engine cannot take goes through
+    the host tokenizers and the token-level engine instead (run_step returns None; the pipeline then
+    hands tokens), said once per cause: a camera whose step graph TensorRT cannot parse or build, a
+    16-bit camera (TensorRT has no UINT16 input), a cloud or IMU window beyond the profile. Under
+    TensorRT 8.6 (no opset 18) every frame does (`whole_step` is False)."""
 
     name = "tensorrt"
 
     def __init__(self, model, opts: TensorRTOptions, device: str = "cuda:0"):
+        from ..step import step_ranges
+
         if not torch.cuda.is_available():
             raise BackendUnavailable("no CUDA GPU is visible to torch")
-        self.model, self.opts, self.torch_device = model, opts, device
+        self.model, self.opts, self.torch_device, self.ranges = model, opts, device, step_ranges()
         self.device = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
         self.precision = f"{opts.precision} (requested; engines are built per camera resolution)"
-        self.whole_step = True
-        self.engines: dict[tuple, TensorRTBackend] = {}  # (image shape, encoding) -> its step engine
-        self.tokens: TensorRTBackend | None = None  # the token-level engine, once the step engine failed
+        self.whole_step = V10
+        self.engines: dict[tuple, TensorRTBackend | None] = {}  # (image shape, encoding) -> its step engine
+        self.tokens: TensorRTBackend | None = None  # the token-level engine, built when a frame needs it
+        self._said: set[str] = set()
         if not V10:
-            self._to_tokens(f"TensorRT {TRT_VERSION} parses opset {ONNX_OPSET}; the step graph needs 18 (TensorRT 10)")
+            self._say(f"TensorRT {TRT_VERSION} parses opset {ONNX_OPSET}; the step graph needs 18 (TensorRT 10)")
+            self.precision = self._token_engine().precision
         elif opts.step_camera:
             self._engine(*step_camera(opts.step_camera))
 
+    def _say(self, reason: str) -> None:
+        if reason not in self._said:
+            self._said.add(reason)
+            log.warning("%s: the host tokenizers and the token-level engine fuse it instead", reason)
+
     def _engine(self, image_shape: tuple[int, ...], encoding: str) -> TensorRTBackend | None:
+        from ..frames import CAMERA_ENCODINGS
         from ..pipeline import step_onnx_for
-        from ..step import step_ranges
 
         key = (tuple(image_shape), encoding)
-        if key not in self.engines:
-            try:
-                onnx = step_onnx_for(self.model, image_shape, encoding)
-                self.engines[key] = TensorRTBackend(onnx, self.opts, self.torch_device, ranges=step_ranges())
-            except BackendUnavailable as exc:
-                self._to_tokens(f"no one-graph engine for a {'x'.join(map(str, image_shape))} {encoding} camera: {exc}")
-                return None
-            self.precision = self.engines[key].precision
+        if key in self.engines:
+            return self.engines[key]
+        camera = f"a {'x'.join(map(str, image_shape))} {encoding} camera"
+        self.engines[key] = None
+        if np.dtype(CAMERA_ENCODINGS[encoding]).itemsize == 2:
+            self._say(f"{camera}: TensorRT takes no 16-bit input")
+            return None
+        try:
+            onnx = step_onnx_for(self.model, image_shape, encoding)
+            self.engines[key] = TensorRTBackend(onnx, self.opts, self.torch_device, ranges=self.ranges)
+        except Exception as exc:  # noqa: BLE001 - an export, parser, profile or builder failure alike: tokens then
+            self._say(f"no one-graph engine for {camera} ({type(exc).__name__}: {exc})")
+            return None
+        self.precision = self.engines[key].precision
         return self.engines[key]
-
-    def _to_tokens(self, reason: str) -> None:
-        log.warning("%s; running the token-level engine with the host tokenizers instead", reason)
-        self.whole_step = False
-        self.precision = self._token_engine().precision
 
     def _token_engine(self) -> TensorRTBackend:
         from ..pipeline import onnx_for
@@ -402,12 +437,18 @@ class TensorRTStepBackend:
     @property
     def engine_path(self) -> Path | None:
         """The engine that runs (the first camera's), None before any is built."""
-        engines = [*self.engines.values(), *([self.tokens] if self.tokens else [])]
+        engines = [e for e in [*self.engines.values(), self.tokens] if e is not None]
         return engines[0].engine_path if engines else None
 
     def run_step(self, inputs: dict[str, np.ndarray], encoding: str) -> dict[str, np.ndarray] | None:
-        """step.step_inputs' arrays -> STEP_OUTPUTS; None once this backend takes tokens instead (run)."""
-        engine = self._engine(inputs["image"].shape[1:], encoding) if self.whole_step else None
+        """step.step_inputs' arrays -> STEP_OUTPUTS; None: fuse this snapshot from tokens (run) instead."""
+        if not self.whole_step:
+            return None
+        for name, axes in self.ranges.items():
+            if inputs[name].shape[1] > axes[1][2]:
+                self._say(f"{name}: {inputs[name].shape[1]} entries, beyond the step engine's {axes[1][2]}")
+                return None
+        engine = self._engine(inputs["image"].shape[1:], encoding)
         return None if engine is None else engine.run(inputs)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
