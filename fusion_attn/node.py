@@ -365,6 +365,8 @@ def _build_only(node: FusionNode) -> int:
         node.get_logger().fatal(f"build_only: no {node.p('backend')} engine: {info.get('backend_fallback')}")
         return 1
     engine = getattr(node.pipeline.backend, "engine_path", None)
+    if engine is None and getattr(node.pipeline.backend, "whole_step", False) and node.p("backend") == "tensorrt":
+        engine = "no engine built: set tensorrt.step_camera to build the one-graph engine of your camera now"
     node.get_logger().info(f"build_only: {info['backend']} ready ({engine or 'nothing to build'}); exiting")
     return 0
 
