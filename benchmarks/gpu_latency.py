@@ -1,6 +1,6 @@
 """The fusion step on a GPU against the CPU path, side by side in one run (issues #6, #17).
 
-    python benchmarks/gpu_latency.py [--repeats 2000] [--replay-seconds 10] [--compile] [--out benchmarks/results/gpu_latency.json]
+    python benchmarks/gpu_latency.py [--repeats 2000] [--replay-seconds 10] [--replay-batches 16 64] [--compile] [--out benchmarks/results/gpu_latency.json]
 
 Standard configuration (640x480 camera, 120,000-point cloud, 100 IMU samples; the core benchmark's
 payloads), default model. Timed end to end as the node calls them, numpy in, numpy out:
@@ -12,7 +12,8 @@ payloads), default model. Timed end to end as the node calls them, numpy in, num
   engines where TensorRT is installed;
 - throughput: fusions per second at batch 1..4096 (model alone) and 1..64 (whole step, CUDA graphs);
 - whether a batched whole step gives byte-identical rows to single calls on the same device;
-- replay of a recorded standard configuration (benchmarks/replay_speed.py's bag) with each backend;
+- replay of a recorded standard configuration (benchmarks/replay_speed.py's bag) with each backend, and
+  batched (replay --batch) on CUDA graphs, its fused bag compared message by message with batch 1's;
 - `--compile`: the model alone through torch.compile (inductor) before CUDA-graph capture.
 Writes the JSON after each part, so a run cut short keeps what it measured. Needs a CUDA GPU.
 """
@@ -36,7 +37,7 @@ from fusion_attn.backends.export import example_inputs
 from fusion_attn.backends.torch_backend import TorchBackend
 from fusion_attn.frames import NS_PER_S, ImuWindow
 from fusion_attn.pipeline import FusionPipeline, create_backend, load_model
-from fusion_attn.replay import ReplayOptions, replay
+from fusion_attn.replay import ReplayOptions, fused_difference, replay
 from fusion_attn.step import step_inputs
 from fusion_attn.tokenize import SensorSnapshot
 
@@ -44,6 +45,8 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--repeats", type=int, default=2000)
 parser.add_argument("--checkpoint", type=Path)
 parser.add_argument("--replay-seconds", type=float, default=10.0, help="0: no replay")
+parser.add_argument("--replay-batches", type=int, nargs="*", default=[16, 64],
+                    help="batched replays on CUDA graphs (replay --batch), each against batch 1")
 parser.add_argument("--compile", action="store_true", help="also time torch.compile'd model in a CUDA graph")
 parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "gpu_latency.json")
 args = parser.parse_args()
@@ -163,11 +166,16 @@ if args.replay_seconds > 0:
     with tempfile.TemporaryDirectory() as folder:
         bag = Path(folder) / "standard"
         bench.write_standard_bag(bag, args.replay_seconds)
-        for name in ("onnxruntime", "torch-cudagraph"):
+        runs = [("onnxruntime", 1), ("torch-cudagraph", 1)] + [("torch-cudagraph", b) for b in args.replay_batches]
+        for name, batch in runs:
             pipeline = FusionPipeline.create(None if args.checkpoint is None else args.checkpoint, backend=name, threads=1)
-            summary = replay([bag], pipeline, Path(folder) / name, ReplayOptions(progress=False))
-            report["replay"][name] = {k: summary["timing"][k] for k in ("recorded_s", "wall_s", "speed_x_real_time")}
-            print("replay", name, report["replay"][name], flush=True)
+            label = name if batch == 1 else f"{name} --batch {batch}"
+            out = Path(folder) / label.replace(" ", "_")
+            summary = replay([bag], pipeline, out, ReplayOptions(progress=False, batch=batch))
+            report["replay"][label] = {k: summary["timing"][k] for k in ("recorded_s", "wall_s", "speed_x_real_time")}
+            if batch > 1:  # against one instant at a time on the same device
+                report["replay"][label]["vs_batch_1"] = fused_difference(Path(folder) / name, out)
+            print("replay", label, report["replay"][label], flush=True)
     save()
 
 # -- torch.compile'd model alone in a CUDA graph
@@ -195,3 +203,10 @@ for name, r in whole.items():
 print("\n| model alone, batch 1 | p50 ms | p99 ms | max abs diff vs torch fp32 |\n|---|---|---|---|")
 for name, r in report["model_alone_batch1"].items():
     print(f"| {name} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['max_abs_diff_vs_torch_fp32']:.1e} |")
+if report.get("replay"):
+    print("\n| replay of the standard recording | x real time | messages byte-identical to batch 1 | max abs diff |"
+          "\n|---|---|---|---|")
+    for name, r in report["replay"].items():
+        vs = r.get("vs_batch_1")
+        same, diff = (f"{vs['byte_identical']} of {vs['messages'][0]}", f"{vs['max_abs_diff']:.1e}") if vs else ("-", "-")
+        print(f"| {name} | {r['speed_x_real_time']:.1f} | {same} | {diff} |")

@@ -1,12 +1,13 @@
 """Replay speed on the standard configuration (issue #4), as a multiple of real time.
 
-    python benchmarks/replay_speed.py [--seconds 10] [--out benchmarks/results/replay_speed.json]
+    python benchmarks/replay_speed.py [--seconds 10] [--batch 16] [--out benchmarks/results/replay_speed.json]
 
 Writes a rosbag2 MCAP of `--seconds` of the standard sensor set (640x480 bgr8 Image at 30 Hz,
 120,000-point PointCloud2 at 10 Hz, Imu at 400 Hz; the core benchmark's payloads) into a temporary
 folder, replays it with the default options (20 Hz fusion, ONNX Runtime, 1 thread) and reports
 recorded seconds per wall second (from replay's own timing: reading, fusing and writing; start-up
-and plots excluded), then profiles a second run to show where the time goes.
+and plots excluded), then replays it again with --batch (its speed, and its fused bag compared with the
+first's, message by message), then profiles a further run to show where the time goes.
 
 Floors, each measured alone on the same recording: reading every message's bytes from the bag
 (no decoding), and tokenizing its clouds and the camera frames a 20 Hz fusion uses. Each one's
@@ -26,11 +27,13 @@ from fusion_attn.adapters import to_frame
 from fusion_attn.bag import open_reader
 from fusion_attn.bench import machine, standard_messages, write_standard_bag
 from fusion_attn.pipeline import FusionPipeline
-from fusion_attn.replay import ReplayOptions, replay
+from fusion_attn.replay import ReplayOptions, fused_difference, replay
 from fusion_attn.tokenize import tokenize_camera, tokenize_lidar
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--seconds", type=float, default=10.0)
+parser.add_argument("--batch", type=int, default=16, help="also replay with --batch N (instants per model call), "
+                                                           "compared with the unbatched output; 1: not")
 parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "replay_speed.json")
 args = parser.parse_args()
 
@@ -58,6 +61,11 @@ with tempfile.TemporaryDirectory() as tmp:
         tokenize_camera(image_frame, pipeline.cfg.camera)
     floors["tokenize the fused camera frames only (20 Hz)"] = time.perf_counter() - start
     summary = replay([bag], pipeline, Path(tmp) / "out", ReplayOptions(progress=False))  # the measured run
+    batched = None
+    if args.batch > 1:  # the same replay, many instants per call, against one at a time
+        timing = replay([bag], pipeline, Path(tmp) / "batched", ReplayOptions(progress=False, batch=args.batch))["timing"]
+        batched = {"batch": args.batch, "speed_x_real_time": timing["speed_x_real_time"],
+                   "vs_batch_1": fused_difference(Path(tmp) / "out", Path(tmp) / "batched")}
     profile = cProfile.Profile()  # a second run, profiled, for the breakdown only
     profile.enable()
     replay([bag], pipeline, Path(tmp) / "profiled", ReplayOptions(progress=False))
@@ -78,6 +86,7 @@ report = {"date": datetime.date.today().isoformat(), "machine": machine(), "reco
           "speed_x_real_time": t["speed_x_real_time"],
           "floors_s": {k: round(v, 3) for k, v in floors.items()},
           "floors_x_real_time": {k: round(args.seconds / v, 1) for k, v in floors.items()},
+          "batched": batched,
           "profile_s": {k: round(v, 3) for k, v in cumulative.items()},
           "profile_note": "cumulative seconds per stage in a second, cProfile-instrumented run (slower than the measured one)"}
 args.out.parent.mkdir(parents=True, exist_ok=True)

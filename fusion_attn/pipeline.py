@@ -25,7 +25,7 @@ from .errors import BackendUnavailable, CheckpointError, ConfigError
 from .frames import FusedState, Modality
 from .model import FusionModel
 from .params import TAU_NAMES, param
-from .step import camera_key, step_inputs
+from .step import camera_key, step_inputs, step_key
 from .sync import SyncConfig
 from .tokenize import SensorSnapshot, Tokenizer
 
@@ -189,47 +189,85 @@ class FusionPipeline:
         self.tau = validate_tau(tau)
 
     def fuse(self, snap: SensorSnapshot) -> FusedState:
-        return self.fuse_sweep(snap, self.tau[None])[0]
+        return self.fuse_many([snap], self.tau[None])[0][0]
 
-    def fuse_sweep(self, snap: SensorSnapshot, taus: np.ndarray) -> list[FusedState]:
-        """One snapshot fused at each τ row of `taus` (K, 4): tokenized once, one batched model call (a
-        whole-step backend tokenizes each row on the device: K copies of the snapshot)."""
+    def fuse_many(self, snaps: list[SensorSnapshot], taus: np.ndarray) -> list[list[FusedState]]:
+        """Snapshots (in the order they happened) each fused at every τ row of `taus` (K, 4) -> per
+        snapshot its K states, in as few backend calls as their shapes allow (replay --batch; a τ sweep
+        is one snapshot's K rows). A batch stacks what single calls would run: the same tokens, and on a
+        whole-step backend the same padding (snapshots are grouped by `step_key`). The states equal
+        one-at-a-time's to float rounding, not to the bit: kernels may sum in another order for another
+        batch shape (docs/BENCHMARKS.md). Timings are each snapshot's share of its call."""
         taus = np.stack([validate_tau(t) for t in taus])
+        # snapshots per backend call: all, or as many as a TensorRT engine's batch profile takes
+        per_call = max(1, getattr(self.backend, "max_batch", len(snaps) * len(taus)) // len(taus))
+        states: list[list[FusedState] | None] = [None] * len(snaps)
+        by_tokens = list(range(len(snaps)))
         if getattr(self.backend, "whole_step", False):
-            states = self._fuse_arrays(snap, taus)
-            if states is not None:
-                return states
-            # None: the backend's one-graph engine cannot take this snapshot (it said why): tokens then
-        t0 = time.perf_counter()
-        inputs = self.tokenizer(snap, taus[0])
-        t1 = time.perf_counter()
-        batch = {k: np.broadcast_to(v, (len(taus), *v.shape)) for k, v in inputs.items()}
-        batch["tau"] = taus
-        out = self.backend.run({k: np.ascontiguousarray(v) for k, v in batch.items()})
-        t2 = time.perf_counter()
-        present = np.array([inputs["camera_mask"].any(), inputs["lidar_mask"].any(), inputs["imu_mask"].any()])
-        ages = np.full(3, np.nan, np.float32)
-        for m, key in ((Modality.CAMERA, "camera_age"), (Modality.LIDAR, "lidar_age"), (Modality.IMU, "imu_age")):
-            if present[m]:
-                ages[m] = inputs[key].min()
-        return self._states(snap, taus, out, present, ages, {"tokenize": (t1 - t0) * 1e3, "model": (t2 - t1) * 1e3})
+            groups: dict[tuple, list[int]] = {}
+            for i, snap in enumerate(snaps):
+                groups.setdefault(step_key(snap, self.cfg), []).append(i)
+            by_tokens = []
+            for group in groups.values():
+                for call in _chunks(group, per_call):
+                    fused = self._fuse_arrays([snaps[i] for i in call], taus)
+                    if fused is None:  # the backend's one-graph engine cannot take these (it said why): tokens then
+                        by_tokens += call
+                    for i, row in zip(call, fused or ()):
+                        states[i] = row
+        for call in _chunks(sorted(by_tokens), per_call):
+            for i, row in zip(call, self._fuse_tokens([snaps[i] for i in call], taus)):
+                states[i] = row
+        return states
 
-    def _fuse_arrays(self, snap: SensorSnapshot, taus: np.ndarray) -> list[FusedState] | None:
-        """A GPU backend's whole step: the frames' arrays in, tokenized and fused on the device."""
+    def _fuse_tokens(self, snaps: list[SensorSnapshot], taus: np.ndarray) -> list[list[FusedState]]:
+        """The host tokenizers (in snapshot order: they reuse a frame's tokens), one model call."""
         t0 = time.perf_counter()
-        inputs = step_inputs([snap] * len(taus), taus, self.cfg)
+        inputs = [self.tokenizer(snap, taus[0]) for snap in snaps]
         t1 = time.perf_counter()
-        out = self.backend.run_step(inputs, camera_key(snap, self.cfg)[1])
+        batch = {k: np.concatenate([np.broadcast_to(x[k], (len(taus), *x[k].shape)) for x in inputs])
+                 for k in inputs[0]}
+        batch["tau"] = np.tile(taus, (len(snaps), 1))
+        out = self.backend.run(batch)
+        t2 = time.perf_counter()
+        timings = {"tokenize": (t1 - t0) * 1e3 / len(snaps), "model": (t2 - t1) * 1e3 / len(snaps)}
+        fused = []
+        for j, (snap, x) in enumerate(zip(snaps, inputs)):
+            present = np.array([x["camera_mask"].any(), x["lidar_mask"].any(), x["imu_mask"].any()])
+            ages = np.full(3, np.nan, np.float32)
+            for m, key in ((Modality.CAMERA, "camera_age"), (Modality.LIDAR, "lidar_age"), (Modality.IMU, "imu_age")):
+                if present[m]:
+                    ages[m] = x[key].min()
+            fused.append(self._states(snap, taus, out, j * len(taus), present, ages, timings))
+        return fused
+
+    def _fuse_arrays(self, snaps: list[SensorSnapshot], taus: np.ndarray) -> list[list[FusedState]] | None:
+        """A GPU backend's whole step: the frames' arrays in (snapshots of one step_key), tokenized and
+        fused on the device. None where the backend refuses them."""
+        t0 = time.perf_counter()
+        inputs = step_inputs([snap for snap in snaps for _ in taus], np.tile(taus, (len(snaps), 1)), self.cfg)
+        t1 = time.perf_counter()
+        out = self.backend.run_step(inputs, camera_key(snaps[0], self.cfg)[1])
         if out is None:
             return None
         t2 = time.perf_counter()
-        present = out["present"][0]
-        ages = np.where(present, inputs["frame_age"][0, [0, 2, 4]], np.nan).astype(np.float32)
-        return self._states(snap, taus, out, present, ages, {"pack": (t1 - t0) * 1e3, "step": (t2 - t1) * 1e3})
+        timings = {"pack": (t1 - t0) * 1e3 / len(snaps), "step": (t2 - t1) * 1e3 / len(snaps)}
+        fused = []
+        for j, snap in enumerate(snaps):
+            row = j * len(taus)
+            present = out["present"][row]
+            ages = np.where(present, inputs["frame_age"][row, [0, 2, 4]], np.nan).astype(np.float32)
+            fused.append(self._states(snap, taus, out, row, present, ages, timings))
+        return fused
 
-    def _states(self, snap, taus, out, present, ages, timings) -> list[FusedState]:
-        return [FusedState(stamp_ns=snap.stamp_ns, frame_id=self.frame_id, pooled=out["fused"][i],
-                           latents=out["latents"][i], attention=out["attention"][i], present=present, ages_s=ages,
-                           tau=taus[i].copy(), all_masked=bool(out["all_masked"][i]), timings_ms=timings,
-                           trust=out["trust"][i])
-                for i in range(len(taus))]
+    def _states(self, snap, taus, out, row, present, ages, timings) -> list[FusedState]:
+        """The states of one snapshot: its τ rows of the batch outputs, from `row` on."""
+        return [FusedState(stamp_ns=snap.stamp_ns, frame_id=self.frame_id, pooled=out["fused"][row + k],
+                           latents=out["latents"][row + k], attention=out["attention"][row + k], present=present,
+                           ages_s=ages, tau=tau.copy(), all_masked=bool(out["all_masked"][row + k]),
+                           timings_ms=dict(timings), trust=out["trust"][row + k])
+                for k, tau in enumerate(taus)]
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]

@@ -60,6 +60,7 @@ class ReplayOptions:
     progress: bool = True
     attention_at_s: tuple[float, ...] = ()  # attention_<t>.png at these instants, seconds after the bag's start
     attention_video: bool = False  # attention.mp4 over the recording
+    batch: int = 1  # fusion instants per backend call (a GPU's throughput); the outputs do not change
 
 
 @dataclass
@@ -92,6 +93,25 @@ class _FusedBag:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def fused_difference(a: str | Path, b: str | Path) -> dict:
+    """Two replays' outputs (OUT folders) message by message: how many are byte-identical, whether
+    the topics and stamps agree, and the largest difference of a /fused_state value. For checking a
+    batched replay against one fusion at a time, or two machines against each other."""
+    def messages(out):
+        with open_reader([Path(out) / "fused"]) as reader:
+            return [(conn.topic, stamp, bytes(raw)) for conn, stamp, raw in reader.messages()]
+
+    def values(raw):
+        return np.frombuffer(bytes(TYPES.deserialize_cdr(raw, "sensor_msgs/msg/Image").data), "<f4").astype(np.float64)
+
+    ma, mb = messages(a), messages(b)
+    same_stamps = [m[:2] for m in ma] == [m[:2] for m in mb]
+    diff = max((float(np.abs(values(x[2]) - values(y[2])).max()) for x, y in zip(ma, mb)
+                if same_stamps and x[0] == "/fused_state"), default=0.0)
+    return {"messages": [len(ma), len(mb)], "same_topics_and_stamps": same_stamps,
+            "byte_identical": sum(x == y for x, y in zip(ma, mb)) if same_stamps else 0, "max_abs_diff": diff}
 
 
 @dataclass
@@ -140,19 +160,41 @@ class Recording:
         return notes + self.read_notes + self.events
 
 
+@dataclass(frozen=True)
+class Tick:
+    """One fusion instant: the snapshot, and the sync's view at that instant (a batched replay fuses
+    the snapshot later, when the sync has moved on)."""
+
+    snap: SensorSnapshot
+    fresh: np.ndarray  # (3,) per Modality: the sync would fuse its frames (not stale, not silent)
+    newest_ns: int | None  # the newest sensor stamp seen
+    health: dict  # sync.summary at the instant, for /diagnostics
+
+
 def fuse_recording(reader, pipeline: FusionPipeline, sync: SensorSync, opts: ReplayOptions, taus: np.ndarray,
-                   rec: Recording, progress=None,
-                   trailing: bool = True) -> Iterator[tuple[SensorSnapshot, list[FusedState]]]:
+                   rec: Recording, progress=None, trailing: bool = True) -> Iterator[tuple[Tick, list[FusedState]]]:
     """The node's behaviour on recorded time: feed messages in order, fuse on the timer (or trigger).
 
-    Yields each fusion instant's snapshot and fused states (one per τ row); see `recorded_snapshots`.
+    Yields each fusion instant and its fused states (one per τ row); see `recorded_snapshots`. Up to
+    `opts.batch` instants are fused in one call (pipeline.fuse_many: the same states as one by one).
     Where reading breaks off (truncated, corrupt) the fusions end, with the fault in `rec.fault`.
     """
+    ticks: list[Tick] = []
+
+    def fused() -> list[tuple[Tick, list[FusedState]]]:
+        done = list(zip(ticks, pipeline.fuse_many([t.snap for t in ticks], taus))) if ticks else []
+        ticks.clear()
+        return done
+
     try:
         for snap in recorded_snapshots(reader, sync, opts, rec, progress, trailing):
-            yield snap, pipeline.fuse_sweep(snap, taus)
+            fresh = np.array([sync.fresh(m, snap.stamp_ns) for m in Modality])
+            ticks.append(Tick(snap, fresh, sync.newest_stamp_ns(), sync.summary(snap.stamp_ns)))
+            if len(ticks) >= opts.batch:
+                yield from fused()
     except BagError as exc:
         rec.fault = str(exc)
+    yield from fused()  # the instants read before the end (or the fault)
 
 
 def recorded_snapshots(reader, sync: SensorSync, opts: ReplayOptions, rec: Recording, progress=None,
@@ -212,6 +254,8 @@ def _check(opts: ReplayOptions) -> None:
     if opts.clock not in ("header", "receive"):
         raise ConfigError(f"clock must be header or receive, got {opts.clock!r}")
     trigger_modality(opts.trigger)
+    if not (isinstance(opts.batch, int) and opts.batch >= 1):
+        raise ConfigError(f"batch must be an integer >= 1, got {opts.batch!r}")
     if opts.start_s is not None and opts.end_s is not None and opts.end_s <= opts.start_s:
         raise ConfigError(f"--end {opts.end_s} must be after --start {opts.start_s}")
     if not all(math.isfinite(t) and t >= 0 for t in opts.attention_at_s):
@@ -252,22 +296,21 @@ def replay(bags: Sequence[str | Path], pipeline: FusionPipeline, out_dir: str | 
             states_iter = fuse_recording(reader, pipeline, sync, opts, taus, rec, progress)
             while True:
                 tick_start = time.perf_counter()
-                snap, states = next(states_iter, (None, None))
+                tick, states = next(states_iter, (None, None))
                 if states is None:
                     break
                 processing_s += time.perf_counter() - tick_start
                 if maps is not None:
-                    maps.add(snap)
+                    maps.add(tick.snap)
                 fused_bag = fused_bag or _FusedBag(out / "fused")
-                stamp = states[0].stamp_ns
-                _record(trace, states, sync, stamp, rec.configured)
+                _record(trace, states, tick, rec.configured)
                 if states[0].all_masked:  # withheld, as the node does: the model's output from nothing
                     withheld += 1
                 else:
                     fused_bag.write_state(states[0])
                 if len(trace.stamps) % diag_every == 0:
-                    fused_bag.write_diagnostics(stamp, diagnostics(
-                        sync.summary(stamp), states[0], pipeline.backend_info(), None,
+                    fused_bag.write_diagnostics(tick.snap.stamp_ns, diagnostics(
+                        tick.health, states[0], pipeline.backend_info(), None,
                         trace.latency_ms[-1], 1.0 / opts.fusion_rate_hz, rec.configured))
         finally:
             progress.close()
@@ -290,7 +333,7 @@ def replay(bags: Sequence[str | Path], pipeline: FusionPipeline, out_dir: str | 
     (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     recorded_s = _span_s(trace.stamps)
     timing = {"wall_s": wall_s, "recorded_s": recorded_s, "speed_x_real_time": recorded_s / wall_s if wall_s else None,
-              "fusion_ms_mean": 1e3 * processing_s / max(len(trace.stamps), 1)}
+              "fusion_ms_mean": 1e3 * processing_s / max(len(trace.stamps), 1), "batch": opts.batch}
     (out / "timing.json").write_text(json.dumps(timing, indent=2) + "\n")
     from .plots import replay_plots
 
@@ -387,16 +430,15 @@ def _span_s(stamps: list[int]) -> float:
     return float(steps[steps > 0].sum()) / NS_PER_S if len(stamps) > 1 else 0.0
 
 
-def _record(trace: _Trace, states: list[FusedState], sync: SensorSync, tick: int, configured: tuple[str, ...]) -> None:
+def _record(trace: _Trace, states: list[FusedState], tick: Tick, configured: tuple[str, ...]) -> None:
     s = states[0]
-    trace.stamps.append(tick)
-    trace.masked.append(np.array([not sync.fresh(Modality[m.upper()], tick) for m in configured]))
+    trace.stamps.append(tick.snap.stamp_ns)
+    trace.masked.append(np.array([not tick.fresh[Modality[m.upper()]] for m in configured]))
     trace.attention.append(np.stack([st.modality_attention for st in states]))
     trace.trust.append(np.stack([trust_values(st) for st in states]))
     trace.present.append(s.present)
     trace.ages.append(s.ages_s)
-    newest = sync.newest_stamp_ns()
-    trace.latency_ms.append(float("nan") if newest is None else (tick - newest) / 1e6)
+    trace.latency_ms.append(float("nan") if tick.newest_ns is None else (tick.snap.stamp_ns - tick.newest_ns) / 1e6)
 
 
 def _summary(bags, rec: Recording, trace: _Trace, taus, sync, opts) -> dict:

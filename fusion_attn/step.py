@@ -307,6 +307,14 @@ def camera_key(snap: SensorSnapshot, cfg: FusionConfig) -> tuple[tuple[int, ...]
     return image.shape, snap.camera.encoding, image.dtype
 
 
+def step_key(snap: SensorSnapshot, cfg: FusionConfig, buckets: Buckets = Buckets()) -> tuple:
+    """What fixes a snapshot's step_inputs shapes: its camera_key and the point and IMU buckets its
+    clouds and window take. Snapshots with one key batch into exactly the arrays each gets alone."""
+    clouds = [buckets.fit(len(c) if c is not None else 1, buckets.points) for c in (snap.lidar, snap.lidar_prev)]
+    imu = buckets.fit(len(snap.imu) if snap.imu is not None and len(snap.imu) else 1, buckets.imu)
+    return camera_key(snap, cfg), *clouds, imu
+
+
 def step_inputs(snaps: list[SensorSnapshot], taus: np.ndarray, cfg: FusionConfig,
                 buckets: Buckets = Buckets()) -> dict[str, np.ndarray]:
     """Snapshots with the same `camera_key` and their τ rows (B, 4) -> FusionStep's inputs as a

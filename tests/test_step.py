@@ -1,6 +1,8 @@
 """The whole step on tensors (step.py): the same tokens as the host tokenizers, on the real recordings
 and on edge cases, on the CPU and (where one is visible) on a CUDA GPU; its one-graph ONNX export."""
 
+import dataclasses
+
 import numpy as np
 import onnx
 import pytest
@@ -21,6 +23,7 @@ from fusion_attn.step import (
     camera_key,
     resize_matrix,
     step_inputs,
+    step_key,
 )
 from fusion_attn.sync import SensorSync, SyncConfig
 from fusion_attn.tokenize import IMAGENET_STD, SensorSnapshot, Tokenizer
@@ -163,6 +166,55 @@ def test_whole_step_pipeline_fuses_real_data_as_the_host_path(real_data, model):
         np.testing.assert_allclose(a.ages_s, b.ages_s, atol=1e-6)
         for name in ("pooled", "latents", "attention", "trust"):
             np.testing.assert_allclose(getattr(a, name), getattr(b, name), atol=2e-4, err_msg=name)
+
+
+class _CountingTorch(TorchBackend):
+    """The torch backend (whole step, CPU), counting its calls and the rows of each."""
+
+    def __init__(self, model, max_batch=None):
+        super().__init__(model, whole_step=True)
+        self.rows: list[tuple[str, int]] = []
+        if max_batch:
+            self.max_batch = max_batch
+
+    def run(self, inputs):
+        self.rows.append(("tokens", len(inputs["tau"])))
+        return super().run(inputs)
+
+    def run_step(self, inputs, encoding):
+        self.rows.append(("step", len(inputs["tau"])))
+        refuse = inputs["points"].shape[1] == 8192  # as TensorRT refuses a cloud beyond its profile
+        return None if refuse else super().run_step(inputs, encoding)
+
+
+def test_fuse_many_batches_by_step_shape_and_gives_each_snapshot_its_own_states(real_data, model):
+    """Snapshots of a recording and a few of other shapes, fused in one fuse_many: one call per step
+    shape (camera, point and IMU buckets; a cloud the step refuses goes by tokens), each snapshot's
+    states as fusing it alone gives them, at every τ row."""
+    sync = SensorSync(SyncConfig(imu_window_s=model.cfg.imu.window_s))
+    with open_reader([real_data / "lidar_camera_frame"]) as reader:
+        snaps = list(recorded_snapshots(reader, sync, ReplayOptions(progress=False, end_s=2), Recording()))
+    rng = np.random.default_rng(3)
+    big, small = LidarFrame(snaps[3].stamp_ns, "l", _cloud(rng, 5000)), LidarFrame(snaps[5].stamp_ns, "l", _cloud(rng, 700))
+    snaps[3], snaps[5] = dataclasses.replace(snaps[3], lidar=big), dataclasses.replace(snaps[5], lidar=small)
+    taus = np.array([[1, 1, 1, 1], [0.3, 1, 2, 1]], np.float32)
+    batched = FusionPipeline(model.cfg, _CountingTorch(model))
+    fused = batched.fuse_many(snaps, taus)
+    keys = {step_key(s, model.cfg) for s in snaps}
+    assert len(keys) >= 3 and len([r for r in batched.backend.rows if r[0] == "step"]) == len(keys)
+    assert ("tokens", 2) in batched.backend.rows  # the big cloud's snapshot, refused by the step: by tokens
+    single = FusionPipeline(model.cfg, _CountingTorch(model))
+    for snap, states in zip(snaps, fused):
+        alone = single.fuse_many([snap], taus)[0]
+        assert [s.stamp_ns for s in states] == [snap.stamp_ns] * 2 and np.array_equal(states[1].tau, taus[1])
+        for a, b in zip(states, alone):
+            np.testing.assert_array_equal(a.present, b.present)
+            for name in ("pooled", "latents", "attention", "trust"):
+                np.testing.assert_allclose(getattr(a, name), getattr(b, name), atol=1e-5, err_msg=name)
+    # a backend with a largest batch (a TensorRT profile) gets calls of at most that many rows
+    capped = FusionPipeline(model.cfg, _CountingTorch(model, max_batch=5))
+    capped.fuse_many(snaps, taus)
+    assert max(rows for _, rows in capped.backend.rows) == 4  # two snapshots x two τ rows
 
 
 def test_one_graph_export_runs_in_onnx_runtime_as_in_torch(model, tmp_path):

@@ -319,6 +319,11 @@ class TensorRTBackend:
             log.warning(warning)
         log.warning("TensorRT engine %s on %s runs %s", self.engine_path.name, self.device, self.precision)
 
+    @property
+    def max_batch(self) -> int:
+        """The most rows one call takes (the profile's batch): FusionPipeline.fuse_many splits to it."""
+        return self.batches[1]
+
     def _layer_precisions(self) -> dict[str, int]:
         inspector = self.engine.create_engine_inspector()
         inspector.execution_context = self.context  # with shapes set, formats are known (else "N/A")
@@ -433,6 +438,10 @@ class TensorRTStepBackend:
         if self.tokens is None:
             self.tokens = TensorRTBackend(onnx_for(self.model, opset=ONNX_OPSET), self.opts, self.torch_device)
         return self.tokens
+
+    @property
+    def max_batch(self) -> int:
+        return self.opts.batch_profile[2]
 
     @property
     def engine_path(self) -> Path | None:

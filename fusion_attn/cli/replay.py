@@ -44,6 +44,9 @@ def add_parser(verbs):
     replay.add_argument("--ray", metavar="ADDRESS", help="with --each: replay on Ray instead, a task per recording: "
                                                          "'auto' (the cluster on this machine, else a new local one) "
                                                          "or a cluster address (docs/SCALE_OUT.md)")
+    replay.add_argument("--batch", type=int, default=1, metavar="N",
+                        help="fusion instants per backend call (default 1): a GPU backend's throughput for offline "
+                             "replay; the outputs are the same as one at a time")
     replay.add_argument("--no-progress", action="store_true")
     return replay
 
@@ -144,7 +147,7 @@ def _setup(args, **overrides):
     base = pipeline.tau
     taus = tuple(_tau_entry(entry, base) for entry in args.tau.split(",")) if args.tau else (tuple(base.tolist()),)
     opts = replay_options(args, params, clock=args.clock, start_s=args.start, end_s=args.end, taus=taus,
-                          progress=not args.no_progress, **overrides)
+                          progress=not args.no_progress, batch=args.batch, **overrides)
     return pipeline, sync_cfg, params, opts
 
 
