@@ -9,6 +9,15 @@ import pytest
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_cache(tmp_path_factory) -> Path:
+    """One cache (ONNX exports, training shards) for the whole run and the nodes it starts: each graph is
+    exported once, and the user's ~/.cache is left alone. A $FUSION_ATTN_CACHE already set is kept."""
+    if "FUSION_ATTN_CACHE" not in os.environ:
+        os.environ["FUSION_ATTN_CACHE"] = str(tmp_path_factory.getbasetemp() / "cache")
+    return Path(os.environ["FUSION_ATTN_CACHE"])
+
+
 @pytest.fixture(scope="session")
 def real_data() -> Path:
     """The folder of real recordings; skip without it, but fail under CI where it must be present."""

@@ -84,7 +84,7 @@ def fusion_node(ros, real_data, tmp_path_factory):
     params = yaml.safe_load(Path("config/fusion.yaml").read_text())
     params["/**"]["ros__parameters"].update(camera_topic=CAMERA, imu_topic=IMU, lidar_topic="/lidar/points")
     (work / "params.yaml").write_text(yaml.safe_dump(params))
-    env = dict(os.environ, FUSION_ATTN_CACHE=str(tmp_path_factory.getbasetemp() / "onnx-cache"), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(work / "node.log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "fusion_attn.cli", "launch", f"params_file:={work / 'params.yaml'}"],
                                 env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -250,7 +250,7 @@ def managed_node(ros, tmp_path_factory):
     params["/**"]["ros__parameters"].update(autostart=False, qos_reliability="reliable", trigger="camera",
                                             camera_topic="/trig/image", lidar_type="none", imu_topic="/trig/imu")
     (work / "params.yaml").write_text(yaml.safe_dump(params))
-    env = dict(os.environ, FUSION_ATTN_CACHE=str(tmp_path_factory.getbasetemp() / "onnx-cache"), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(work / "node.log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "fusion_attn.node", "--ros-args", "-r", "__node:=managed_fusion",
                                  "-r", "fused_state:=/managed/fused_state", "--params-file", str(work / "params.yaml")],
@@ -366,7 +366,7 @@ def test_an_idle_node_says_on_diagnostics_why_it_is_idle(ros, tmp_path, tmp_path
 
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x00" * 64)
-    env = dict(os.environ, FUSION_ATTN_CACHE=str(tmp_path_factory.getbasetemp() / "onnx-cache"), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(tmp_path / "node.log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "fusion_attn.node", "--ros-args", "-r", "__node:=idle_fusion",
                                  "-p", "autostart:=false", "-p", "backend:=torch", "-p", f"checkpoint:={bad}",
@@ -488,7 +488,7 @@ def plain_node(ros, tmp_path_factory):
     params["/**"]["ros__parameters"].update(lidar_type="none", diagnostics_period_s=0.2,
                                             attention_image={"enabled": True, "period_s": 0.5})
     (work / "params.yaml").write_text(yaml.safe_dump(params))
-    env = dict(os.environ, FUSION_ATTN_CACHE=str(tmp_path_factory.getbasetemp() / "onnx-cache"), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(work / "node.log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "fusion_attn.node", "--ros-args", "-r", "__node:=plain_fusion",
                                  "-r", f"__ns:={PLAIN}", "--params-file", str(work / "params.yaml")],

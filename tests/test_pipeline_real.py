@@ -11,12 +11,11 @@ from fusion_attn.sync import SensorSync, SyncConfig
 
 
 @pytest.fixture(scope="module")
-def pipelines(tmp_path_factory):
+def pipelines():
     model, _ = load_model(None)
-    onnx_dir = tmp_path_factory.mktemp("cache")
     from fusion_attn.pipeline import onnx_for
 
-    path = onnx_for(model, onnx_dir)
+    path = onnx_for(model)  # the run's shared cache (conftest)
     return {name: FusionPipeline(model.cfg, create_backend(name, model, onnx_path=path)) for name in ("onnxruntime", "torch")}
 
 

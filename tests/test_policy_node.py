@@ -37,7 +37,7 @@ def policy(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ros(tmp_path_factory):
+def ros():
     domain = str(200 + os.getpid() % 30)
     os.environ["ROS_DOMAIN_ID"] = domain
     rclpy.init()
@@ -49,8 +49,7 @@ def ros(tmp_path_factory):
     executor = SingleThreadedExecutor()
     executor.add_node(node)
     threading.Thread(target=executor.spin, daemon=True).start()
-    env = dict(os.environ, ROS_DOMAIN_ID=domain, PYTHONUNBUFFERED="1",
-               FUSION_ATTN_CACHE=str(tmp_path_factory.getbasetemp() / "onnx-cache"))
+    env = dict(os.environ, ROS_DOMAIN_ID=domain, PYTHONUNBUFFERED="1")
     yield node, seen, env
     executor.shutdown()
     rclpy.shutdown()

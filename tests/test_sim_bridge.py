@@ -25,8 +25,7 @@ from fusion_attn.outputs import parse_fused_state_rows
 @pytest.fixture(scope="module")
 def graph(tmp_path_factory):
     domain = str(160 + os.getpid() % 40)
-    env = dict(os.environ, ROS_DOMAIN_ID=domain, PYTHONUNBUFFERED="1",
-               FUSION_ATTN_CACHE=str(tmp_path_factory.getbasetemp() / "onnx-cache"))
+    env = dict(os.environ, ROS_DOMAIN_ID=domain, PYTHONUNBUFFERED="1")
     os.environ["ROS_DOMAIN_ID"] = domain
     logs = tmp_path_factory.mktemp("logs")
     procs = [subprocess.Popen([sys.executable, "-m", "fusion_attn.sim.bridge", "--ros-args", "-p", "env_id:=FusionAttn/Control-v0"],

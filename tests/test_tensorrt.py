@@ -283,15 +283,14 @@ def test_step_camera_option():
     assert not TensorRTOptions(precision="fp16", dla_core=0).uses_step
 
 
-def test_build_engine_prints_the_step_engines_trtexec_without_tensorrt(capsys, monkeypatch, tmp_path):
-    monkeypatch.setenv("FUSION_ATTN_CACHE", str(tmp_path))
+def test_build_engine_prints_the_step_engines_trtexec_without_tensorrt(capsys, shared_cache):
     assert main(["build-engine", "--step-camera", "48x64x3:rgb8", "--trtexec", "--max-batch", "4"]) == 0
     cmd = capsys.readouterr().out.replace(" \\\n    ", " ").split()
     shapes = dict(a.split("=", 1) for a in cmd if "Shapes" in a)
     assert "points:1x1024x4" in shapes["--minShapes"] and "points_prev:4x262144x4" in shapes["--maxShapes"]
     assert "image:1x48x64x3" in shapes["--optShapes"] and "imu_t:1x128" in shapes["--optShapes"]
     onnx = next(a.split("=", 1)[1] for a in cmd if a.startswith("--onnx="))
-    assert Path(onnx).parent == tmp_path and onnx_io(onnx)["points"].shape == (-1, -1, 4)  # the cached step graph
+    assert Path(onnx).parent == shared_cache and onnx_io(onnx)["points"].shape == (-1, -1, 4)  # the cached step graph
     assert main(["build-engine", "--step-camera", "48x64x3:rgb8", "--trtexec", "--dla-core", "0"]) == 2
     assert "not built with int8, a DLA core" in capsys.readouterr().err
 
@@ -385,8 +384,8 @@ def test_build_engine_without_tensorrt_names_the_problem(capsys):
 
 
 @pytest.mark.skipif(HAS_TENSORRT and HAS_CUDA, reason="TensorRT and a GPU are present: the build would succeed")
-def test_node_build_only_exits_non_zero_without_an_engine(tmp_path):
-    env = dict(os.environ, ROS_DOMAIN_ID=str(170 + os.getpid() % 50), FUSION_ATTN_CACHE=str(tmp_path))
+def test_node_build_only_exits_non_zero_without_an_engine():
+    env = dict(os.environ, ROS_DOMAIN_ID=str(170 + os.getpid() % 50))
     run = subprocess.run([sys.executable, "-m", "fusion_attn.node", "--ros-args", "-p", "backend:=tensorrt",
                           "-p", "build_only:=true"], env=env, capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 1, run.stderr
