@@ -657,7 +657,8 @@ def test_the_attention_image_arrives_at_its_period_when_enabled(ros, plain_node)
     # throttled by the node's timer; the stamps are the pictured states' data times, which lag each tick
     # by up to a fusion period, so bound the count and the typical gap rather than every gap
     gaps = np.diff(stamps) / NS_PER_S
-    assert len(images) <= 3.0 / 0.5 + 2 and 0.4 <= np.median(gaps) <= 0.8, gaps
+    fed_s = (max(sent) - min(sent)) / NS_PER_S  # 3 s, or more where publishing is slow (a loaded machine)
+    assert len(images) <= fed_s / 0.5 + 2 and 0.4 <= np.median(gaps) <= 0.8, (fed_s, gaps)
 
 
 def test_the_attention_image_is_off_by_default(ros, fusion_node):
