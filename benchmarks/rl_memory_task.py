@@ -54,6 +54,8 @@ parser.add_argument("--fusion-checkpoint", default="", help="FusionAttn envs: th
 parser.add_argument("--fusion-trigger", default="timer", help="FusionAttn envs: fuse on the timer or on each message "
                     "of this sensor (camera, lidar, imu), as a fusion model trained with --trigger was")
 parser.add_argument("--episodes", type=int, default=40)
+parser.add_argument("--resume", action="store_true", help="continue each unfinished run of ours from its train_state.pt "
+                                                          "(a run cut short; its train_seconds then count the rest)")
 parser.add_argument("--runs", type=Path, default=Path("runs/rl_memory_task"))
 parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "rl_memory_task.json")
 parser.add_argument("--figure", type=Path, default=Path("docs/figures/rl_memory_task.png"))
@@ -69,12 +71,12 @@ def config(seed: int, kind: str = "gtrxl") -> PPOConfig:
                      action_repeat=args.action_repeat if FUSION else None, agent=AgentConfig(kind=kind, memory=args.memory))
 
 
-def ours(kind: str, seed: int, run: Path):
+def ours(kind: str, seed: int, run: Path, resume: bool):
     from rl.evaluate import evaluate
 
     cfg = config(seed, kind)
     start = time.perf_counter()
-    train(cfg, run, overwrite=True, progress=False)  # a run without result.json did not finish: start it over
+    train(cfg, run, resume=resume, overwrite=not resume, progress=False)
     seconds = time.perf_counter() - start
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     key = "episode_success" if FUSION else "episode_return"
@@ -146,11 +148,12 @@ for agent in args.agents:
     for seed in args.seeds:
         run = args.runs / f"{agent}-{seed}"
         done = run / "result.json"
-        if not done.exists():
+        if not done.exists():  # not finished: start it over, or continue ours from its saved state (--resume)
+            resume = args.resume and agent != "lstm" and (run / "train_state.pt").exists()
             curve, clean, faulted, clean_return, seconds = (lstm(seed, run) if agent == "lstm"
-                                                            else ours(agent.removeprefix("ppo-"), seed, run))
+                                                            else ours(agent.removeprefix("ppo-"), seed, run, resume))
             done.write_text(json.dumps({"seed": seed, "curve": curve, "success_clean": clean, "success_faults": faulted,
-                                        "return_clean": clean_return, "train_seconds": seconds}))
+                                        "return_clean": clean_return, "train_seconds": seconds, "resumed": resume}))
         r = json.loads(done.read_text())
         results.setdefault(agent, []).append(r)
         shown = {k: "-" if r.get(k) is None else f"{r[k]:.2f}" for k in ("success_clean", "success_faults", "return_clean")}
