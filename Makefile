@@ -52,6 +52,11 @@ runs/default-s%/train_state.pt: | $(STAMP)
 runs/default_consist-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/default_consist-s$* --seed $* --trust-floor 0.01 --floor-at-run-time --consistency-weight 1 \
 		--eval-every 2000
+# the default's recipe with the panorama at its own 64 x 256 (`wide`'s camera tokens, which kept goal distance
+# with the lidar failed) and random τ (the RL memory task found its cue on the default's recipe, not on `wide`'s)
+runs/default_wide-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/default_wide-s$* --seed $* --trust-floor 0.01 --floor-at-run-time --camera-size 64 256 \
+		--eval-every 2000
 runs/concat-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/concat-s$* --seed $* --fusion concat --fixed-tau --eval-every 2000
 runs/mean/train_state.pt: | $(STAMP)
