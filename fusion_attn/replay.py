@@ -60,7 +60,7 @@ class ReplayOptions:
     progress: bool = True
     attention_at_s: tuple[float, ...] = ()  # attention_<t>.png at these instants, seconds after the bag's start
     attention_video: bool = False  # attention.mp4 over the recording
-    batch: int = 1  # fusion instants per backend call (a GPU's throughput); the outputs do not change
+    batch: int = 1  # fusion instants per backend call (a GPU's throughput): the same messages, values to rounding
 
 
 @dataclass
@@ -176,7 +176,8 @@ def fuse_recording(reader, pipeline: FusionPipeline, sync: SensorSync, opts: Rep
     """The node's behaviour on recorded time: feed messages in order, fuse on the timer (or trigger).
 
     Yields each fusion instant and its fused states (one per τ row); see `recorded_snapshots`. Up to
-    `opts.batch` instants are fused in one call (pipeline.fuse_many: the same states as one by one).
+    `opts.batch` instants are fused in one call (pipeline.fuse_many: the states one by one gives, to
+    float rounding).
     Where reading breaks off (truncated, corrupt) the fusions end, with the fault in `rec.fault`.
     """
     ticks: list[Tick] = []

@@ -182,6 +182,7 @@ def test_truncated_bag_is_processed_up_to_the_fault(real_data, tmp_path, bag, cu
 @pytest.mark.parametrize("flags,problem", [
     (["--rate", "-20"], "fusion rate must be > 0"), (["--rate", "0"], "fusion rate must be > 0"),
     (["--rate", "nan"], "fusion rate must be > 0"), (["--start", "1.5", "--end", "0.5"], "must be after --start"),
+    (["--batch", "0"], "batch must be an integer >= 1"),
 ])
 def test_bad_options_exit_2_naming_the_problem(real_data, tmp_path, capsys, flags, problem):
     assert _run([real_data / "euroc_v1_01_cam_imu"], tmp_path, *flags) == 2
