@@ -98,6 +98,10 @@ def _wait_for_subscribers(pubs, wait_s: float, stop: StopRequest) -> None:
             return
     if all(p.get_subscription_count() for p in pubs):
         time.sleep(0.2)  # the writer has matched; give the readers' side of the match a moment too
+    elif not stop.requested:
+        alone = [p.topic_name for p in pubs if not p.get_subscription_count()]
+        log.warning("no subscriber on %s after %.1f s: playing anyway (a subscriber that is still being "
+                    "discovered misses the first messages; a longer --wait avoids that)", ", ".join(alone), wait_s)
 
 
 def _play_once(node, reader, topics, pubs, clock_pub, rate, restamp, keep, stop) -> int:

@@ -96,7 +96,9 @@ def fusion_node(ros, real_data, tmp_path_factory):
 
 
 def _play(ros, real_data, **kw):
-    return play(ros.node, [real_data / "euroc_v1_01_cam_imu"], **kw)
+    # the node subscribes both topics: play starts once it is discovered, which a loaded machine can
+    # take longer than play's default 2 s to do (the first messages were lost then)
+    return play(ros.node, [real_data / "euroc_v1_01_cam_imu"], wait_s=30.0, **kw)
 
 
 def test_fuses_a_real_recording_at_its_rate(ros, fusion_node, real_data):

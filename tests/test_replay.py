@@ -283,9 +283,11 @@ def test_play_delivers_the_recorded_count_over_dds(real_data):
     env = dict(os.environ, ROS_DOMAIN_ID=str(50 + os.getpid() % 50))
     listener = subprocess.Popen([sys.executable, "-c", LISTENER], env=env, stdout=subprocess.PIPE, text=True)
     time.sleep(3.0)  # the listener is up and discovered
+    # a loaded machine can take longer than play's default 2 s to discover the listener: wait for it
     player = subprocess.run([sys.executable, "-m", "fusion_attn.cli", "play", str(real_data / "euroc_v1_01_cam_imu"),
-                             "--clock"], env=env, capture_output=True, text=True, timeout=60, check=False)
+                             "--clock", "--wait", "30"], env=env, capture_output=True, text=True, timeout=90, check=False)
     assert player.returncode == 0, player.stderr
+    assert "no subscriber" not in player.stderr
     assert "published 441 messages" in player.stdout
     counts = json.loads(listener.communicate(timeout=30)[0].strip().splitlines()[-1])
     assert counts["/cam0/image_raw"] == 40 and counts["/imu0"] == 401, counts
@@ -325,6 +327,8 @@ def test_play_refuses_a_bag_without_sensor_topics_and_a_bad_rate(real_data, caps
     assert "no camera, lidar or IMU topic to play" in capsys.readouterr().err
     assert main(["play", str(real_data / "euroc_v1_01_cam_imu"), "--rate", "0"]) == 2
     assert "play rate must be > 0" in capsys.readouterr().err
+    assert main(["play", str(real_data / "euroc_v1_01_cam_imu"), "--wait", "-1"]) == 2
+    assert "--wait takes seconds >= 0" in capsys.readouterr().err
 
 
 def test_replay_api_raises_when_nothing_is_readable(real_data, pipeline, tmp_path):

@@ -14,11 +14,15 @@ def add_parser(verbs):
     play.add_argument("--loop", action="store_true", help="start over at the end")
     play.add_argument("--clock", action="store_true", help="publish /clock with the recorded time (use_sim_time) "
                                                            "instead of restamping messages to now")
+    play.add_argument("--wait", type=float, default=2.0, metavar="SECONDS",
+                      help="wait up to this long for a subscriber on every played topic before playing (default 2; "
+                           "messages published before DDS discovery has matched a subscriber are lost to it)")
     play.add_argument("--remap", nargs="*", default=[], metavar="FROM:=TO", help="publish a recorded topic under another name")
     return play
 
 
 def run(args) -> int:
+    import math
     import signal
 
     import rclpy
@@ -26,6 +30,8 @@ def run(args) -> int:
 
     from ..play import StopRequest, play
 
+    if not (math.isfinite(args.wait) and args.wait >= 0):
+        raise FusionAttnError(f"--wait takes seconds >= 0, got {args.wait}")
     bad = [item for item in args.remap if ":=" not in item]
     if bad:
         raise FusionAttnError(f"--remap takes FROM:=TO, got {bad}")
@@ -38,7 +44,8 @@ def run(args) -> int:
     try:
         for sig in handled:
             signal.signal(sig, stop)
-        count = play(node, args.bags, remap=remap, rate=args.rate, clock=args.clock, loop=args.loop, stop=stop)
+        count = play(node, args.bags, remap=remap, rate=args.rate, clock=args.clock, loop=args.loop,
+                     wait_s=args.wait, stop=stop)
         print(f"{'stopped after' if stop.requested else 'published'} {count} messages")
     finally:
         for sig, handler in previous.items():
