@@ -25,6 +25,7 @@ from fusion_attn.learn.augment import DELAY_LAG, FAULTS, FREEZE_LAG, FaultPlan, 
 from fusion_attn.learn.data import (
     SECTORS,
     bag_sequence,
+    bag_set,
     build_datasets,
     decode_camera,
     encode_sample,
@@ -760,6 +761,31 @@ def test_eval_robustness_reuses_the_training_shard_of_a_recording(tmp_path, real
     os.utime(mcap, ns=(mcap.stat().st_atime_ns, mcap.stat().st_mtime_ns + 10**9))
     run_evaluation(attention_only, tmp_path / "out", [1.0], 1, cache, [bag])
     assert len(set(cache.glob("bag-*.npz")) - before - trained) == 1
+
+
+def test_real_recordings_count_only_the_fusions_a_corruption_changed(tmp_path, real_data, cache, runs):
+    """A frozen camera repeats the frame it froze on: the recording's first fusion (no previous frame)
+    is the clean one, which no trust can tell from clean, so it is not counted as missed; every seed of
+    the judged design is measured on the recordings, the table gives the range."""
+    seeds = {"attention": runs["attention"], "attention#1": runs["attention"]}
+    report = run_evaluation(seeds, tmp_path / "out", [1.0], 1, cache,
+                            [real_data / "euroc_v1_01_cam_imu", real_data / "lidar_camera_frame"])
+    euroc = report["real"]["euroc_v1_01_cam_imu"]
+    assert set(euroc) == {"attention", "attention#1"}
+    freeze = euroc["attention"]["1.0"]["camera_freeze"]
+    run = load_run("attention", runs["attention"])
+    n = len(bag_set(real_data / "euroc_v1_01_cam_imu", run.tc.fusion_hz, run.cfg, cache))
+    assert freeze["affected"] == pytest.approx((n - 1) / n)  # all but the first fusion
+    assert euroc["attention"]["1.0"]["camera_zero"]["affected"] == 1.0
+    # one frame: frozen, it is resent where the clean recording has no camera any more (changed), and
+    # is the clean frame where it still has it (not changed)
+    one_frame = report["real"]["lidar_camera_frame"]["attention"]["1.0"]
+    assert 0.0 < one_frame["camera_freeze"]["affected"] < 1.0
+    assert one_frame["lidar_noise"]["affected"] == 1.0
+    table = (tmp_path / "out" / "robustness.md").read_text().split("### Real recordings")[1]
+    row = next(line for line in table.splitlines() if "camera freeze" in line)  # EuRoC's, first
+    changed = f"{100 * freeze['affected']:.0f}% ({100 * freeze['affected']:.0f}-{100 * freeze['affected']:.0f}%)"
+    assert f"| {changed} |" in row  # two seeds: their mean and range
 
 
 def test_obstacle_sectors_in_a_camera_view():

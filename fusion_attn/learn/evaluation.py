@@ -34,7 +34,7 @@ def conditions() -> list[tuple[str, int, str]]:
 @torch.no_grad()
 def evaluate(model: nn.Module, heads: Heads, data: Dataset, cfg: FusionConfig, fusion_hz: float, tau: float = 1.0,
              seed: int = 7, device: torch.device | str = "cpu", batch: int = 256,
-             lipschitz: bool = False) -> dict[str, dict[str, float]]:
+             lipschitz: bool = False, count_changed: bool = False) -> dict[str, dict[str, float]]:
     """condition -> metrics at global τ (modality τ = 1) on `data`:
 
         loss_<objective>    mean standardised squared error of each head
@@ -45,7 +45,11 @@ def evaluate(model: nn.Module, heads: Heads, data: Dataset, cfg: FusionConfig, f
                             the share of them below outputs.TRUST_THRESHOLD); trust_faulted,
                             untrusted_faulted (an absent sensor counts as untrusted) and trust_auroc: how
                             well the faulted sensor's trust tells this condition from clean (1: every
-                            faulted sample's trust below every clean one's)
+                            faulted sample's trust below every clean one's); with count_changed
+                            (it costs a clean copy of every faulted batch) also affected: the share
+                            of samples whose inputs the fault changed at all (a freeze on a
+                            recording's first frame changes nothing), and untrusted_affected:
+                            untrusted_faulted over those samples only
         lipschitz           the softmax Lipschitz diagnostic where the fusion's τ acts (if asked): at the
                             sensor level for the "sensor" fusion, over tokens for the "token" one
 
@@ -60,7 +64,7 @@ def evaluate(model: nn.Module, heads: Heads, data: Dataset, cfg: FusionConfig, f
     for name, sensor, fault in conditions():
         gen = torch.Generator().manual_seed(seed)
         running = RunningMeans()
-        lipschitz_value, trusts = None, []
+        lipschitz_value, trusts, affected = None, [], []
         for start in range(0, len(data), batch):
             idx = torch.arange(start, min(start + batch, len(data)))
             x = corrupt(t, idx, FaultPlan.fixed(len(idx), sensor, fault), cfg, fusion_hz, gen)
@@ -77,6 +81,9 @@ def evaluate(model: nn.Module, heads: Heads, data: Dataset, cfg: FusionConfig, f
                 trust = fusion["trust"].cpu()
                 trust = torch.where(fusion["trust_logits"].isfinite().cpu(), trust, torch.nan)  # nan: absent
                 trusts.append(trust)
+                if sensor >= 0 and count_changed:
+                    clean = corrupt(t, idx, FaultPlan.fixed(len(idx), -1, "drop"), cfg, fusion_hz, gen)
+                    affected.append(changed_inputs(x, clean, MODALITIES[sensor]))
                 for i, mod in enumerate(MODALITIES):
                     m[f"attention_{mod}"] = fusion["attention"][:, i].mean()
                     m[f"trust_{mod}"] = trust[:, i][trust[:, i].isfinite()]
@@ -93,6 +100,11 @@ def evaluate(model: nn.Module, heads: Heads, data: Dataset, cfg: FusionConfig, f
                 faulted = trust[:, sensor].nan_to_num(0.0)  # an absent sensor is trusted not at all
                 metrics["trust_faulted"] = float(faulted.mean())
                 metrics["untrusted_faulted"] = float((faulted < TRUST_THRESHOLD).float().mean())
+                if affected:
+                    hit = torch.cat(affected)
+                    metrics["affected"] = float(hit.float().mean())
+                    if hit.any():
+                        metrics["untrusted_affected"] = float((faulted[hit] < TRUST_THRESHOLD).float().mean())
                 if clean_trust is not None:
                     metrics["trust_auroc"] = auroc(clean_trust[:, sensor], faulted)
         if sensor >= 0 and attends:
@@ -103,6 +115,12 @@ def evaluate(model: nn.Module, heads: Heads, data: Dataset, cfg: FusionConfig, f
     model.train(modes[0])
     heads.train(modes[1])
     return report
+
+
+def changed_inputs(x: dict[str, torch.Tensor], clean: dict[str, torch.Tensor], sensor: str) -> torch.Tensor:
+    """(B,) whether a sample's inputs of `sensor` (content, masks, ages) differ from the clean ones."""
+    keys = [k for k in x if k.startswith(f"{sensor}_")]
+    return torch.stack([(x[k] != clean[k]).flatten(1).any(1) for k in keys]).any(0)
 
 
 def auroc(healthy: torch.Tensor, faulted: torch.Tensor) -> float:

@@ -226,6 +226,12 @@ def _row(cells) -> str:
     return "| " + " | ".join(map(str, cells)) + " |"
 
 
+def _share(values: list[float]) -> str:
+    """Shares over seeds as a percentage: the mean, and the range where there are several."""
+    text = f"{100 * np.mean(values):.0f}%"
+    return text + (f" ({100 * min(values):.0f}-{100 * max(values):.0f}%)" if len(values) > 1 else "")
+
+
 def _label(cond: str) -> str:
     return cond.replace("_", " ").replace("imu", "IMU")
 
@@ -333,24 +339,35 @@ def tables(report: dict) -> str:
                           f"`{g}` {sum(r['ok'] for r in rows)} of {len(rows)}" for g, rows in others.items()) + "."]
     if report.get("real"):
         lines += ["", "### Real recordings and their corrupted copies (no labels)", "",
-                  (f"`{design}` at τ = 1 (first seed): self-supervised loss, mean trust per sensor (present ones), and the "
-                  "share of fusions in which the corrupted sensor's trust is below the threshold (absent counting as "
-                  "below) and in which each clean present sensor's trust is at or above it."), "",
-                  _row(["recording", "condition", "SSL loss", "trust camera / lidar / IMU", "corrupted below", "clean ones at or above"]),
-                  _row(["---"] * 6)]
+                  (f"`{design}` at τ = 1 (mean over its seeds, the range over seeds in brackets where several): "
+                   "self-supervised loss, mean trust per sensor (present ones), the share of fusions whose inputs the "
+                   "corruption changed at all (a frozen first frame is the clean one), the share of those in which the "
+                   "corrupted sensor's trust is below the threshold (absent counting as below), and the share of all "
+                   "fusions in which each clean present sensor's trust is at or above it."), "",
+                  _row(["recording", "condition", "SSL loss", "trust camera / lidar / IMU", "changed", "corrupted below",
+                        "clean ones at or above"]),
+                  _row(["---"] * 7)]
         for bag, by_run in report["real"].items():
-            run = next((r for r in by_run if group_of(r) == design), next(iter(by_run)))
-            metrics = by_run[run]["1.0"] if "1.0" in by_run[run] else next(iter(by_run[run].values()))
-            present = [m for m in MODALITIES if metrics["clean"].get(f"trust_{m}") is not None]
+            runs = [r for r in by_run if group_of(r) == design] or [next(iter(by_run))]
+            seeds = [by_run[r]["1.0"] if "1.0" in by_run[r] else next(iter(by_run[r].values())) for r in runs]
+            present = [m for m in MODALITIES if seeds[0]["clean"].get(f"trust_{m}") is not None]
             for c in [c for c in conds if c == "clean" or c in REAL_CORRUPTIONS]:
                 sensor = c.split("_")[0]
                 if c != "clean" and sensor not in present:
                     continue
-                m = metrics[c]
-                trust = " / ".join(f"{m[f'trust_{s}']:.3f}" if f"trust_{s}" in m else "-" for s in MODALITIES)
-                below = "" if c == "clean" else f"{100 * m['untrusted_faulted']:.0f}%"
-                others = ", ".join(f"{s} {100 * (1 - m[f'untrusted_{s}']):.0f}%" for s in present if s != sensor and f"untrusted_{s}" in m)
-                lines.append(_row([bag if c == "clean" else "", _label(c), f"{m['ssl_loss']:.3f}", trust, below, others]))
+                ms = [m[c] for m in seeds]
+                trust = " / ".join(f"{np.mean([m[f'trust_{s}'] for m in ms]):.3f}" if f"trust_{s}" in ms[0] else "-"
+                                   for s in MODALITIES)
+                changed = below = ""
+                if c != "clean":
+                    # reports written before `affected` was measured: every fusion counted as changed
+                    changed = _share([m.get("affected", 1.0) for m in ms])
+                    hits = [m.get("untrusted_affected", m["untrusted_faulted"]) for m in ms if m.get("affected", 1.0) > 0]
+                    below = _share(hits) if hits else "n/a"
+                others = ", ".join(f"{s} {_share([1 - m[f'untrusted_{s}'] for m in ms])}" for s in present
+                                   if s != sensor and f"untrusted_{s}" in ms[0])
+                lines.append(_row([bag if c == "clean" else "", _label(c), f"{np.mean([m['ssl_loss'] for m in ms]):.3f}",
+                                   trust, changed, below, others]))
     return "\n".join(lines) + "\n"
 
 
@@ -439,10 +456,14 @@ def run_evaluation(run_dirs: dict[str, Path], out: Path, taus: list[float], epis
                                 "trust_floor": r.cfg.model.trust_floor, "state": digests[r.name],
                                 "reused": r.name in reused} for r in runs},
               "sim": {r.name: sim[r.name] for r in runs}}
-    # the real recordings: each design's first seed, at τ = 1
+    # the real recordings at τ = 1: every seed of the design the targets judge, the first of each other design
+    design = group_of(runs[0].name)
     firsts = {group_of(r.name): r for r in reversed(runs) if r.has_attention}
-    report["real"] = {Path(bag).name: {r.name: {"1.0": evaluate(r.model, r.heads, bag_set(bag, hz, r.cfg, cache, data_tc.trigger), r.cfg, hz)}
-                                       for r in firsts.values()} for bag in bags}
+    on_real = [r for r in runs if r.has_attention and group_of(r.name) == design]
+    on_real += [r for g, r in firsts.items() if g != design]
+    report["real"] = {Path(bag).name: {r.name: {"1.0": evaluate(r.model, r.heads, bag_set(bag, hz, r.cfg, cache, data_tc.trigger),
+                                                                r.cfg, hz, count_changed=True)} for r in on_real}
+                      for bag in bags}
     if earlier is not None:  # the earlier runs as measured there, after the new ones
         report["runs"] |= {n: info | {"reused": True, "report": str(beside)} for n, info in earlier["runs"].items()}
         report["sim"] |= earlier["sim"]
