@@ -5,23 +5,26 @@ import onnx
 import pytest
 import torch
 
-from fusion_attn.backends.export import example_inputs, export_onnx, tensorrt_supported_ops, unsupported_ops
+from fusion_attn.backends.export import example_inputs, tensorrt_supported_ops, unsupported_ops
 from fusion_attn.backends.onnxruntime_backend import OnnxRuntimeBackend
 from fusion_attn.backends.torch_backend import TorchBackend
 from fusion_attn.config import FusionConfig, ModelConfig
 from fusion_attn.errors import CheckpointError
 from fusion_attn.model import FusionModel
+from fusion_attn.pipeline import onnx_for
 from fusion_attn.tokenize import OUTPUT_NAMES, input_spec
 
 
-@pytest.fixture(scope="module", params=[{}, {"qk_norm": True, "learned_head_temperature": True}, {"fusion": "token"},
-                                        {"lidar_motion": True}, {"lidar_motion": True, "lidar_motion_token": True}],
-                ids=["plain", "qknorm+headtau", "token", "lidar_motion", "lidar_motion_token"])
-def exported(request, tmp_path_factory):
+# every model option in one of three graphs: each export takes 15-40 s here (torch.export's tracing)
+@pytest.fixture(scope="module", params=[{}, {"qk_norm": True, "learned_head_temperature": True, "lidar_motion": True},
+                                        {"fusion": "token", "lidar_motion": True, "lidar_motion_token": True}],
+                ids=["plain", "qknorm+headtau+lidar_motion", "token+lidar_motion_token"])
+def exported(request):
+    """A model and its graph, exported through the run's cache (conftest: test_tensorrt's graph of the
+    plain model is this one)."""
     torch.manual_seed(0)
     model = FusionModel(FusionConfig(model=ModelConfig(**request.param))).eval()
-    path = export_onnx(model, tmp_path_factory.mktemp("onnx") / "fusion.onnx")
-    return model, path
+    return model, onnx_for(model)
 
 
 def _max_diff(a, b):

@@ -35,7 +35,7 @@ from fusion_attn.cli.build_engine import calibration_batches
 from fusion_attn.config import FusionConfig, load_params
 from fusion_attn.errors import BackendUnavailable, ConfigError
 from fusion_attn.model import FusionModel
-from fusion_attn.pipeline import FusionPipeline, create_backend
+from fusion_attn.pipeline import FusionPipeline, create_backend, onnx_for
 from fusion_attn.step import POINT_BUCKETS, step_ranges
 from fusion_attn.tokenize import input_spec, output_spec
 
@@ -54,11 +54,10 @@ def _model(seed: int) -> FusionModel:
 
 
 @pytest.fixture(scope="module")
-def onnx_graphs(tmp_path_factory):
-    """Two real exported graphs of different weights, and the first again at opset 17 (TensorRT 8.6)."""
-    d = tmp_path_factory.mktemp("onnx")
-    return {"a": export_onnx(_model(0), d / "a.onnx"), "b": export_onnx(_model(1), d / "b.onnx"),
-            "a17": export_onnx(_model(0), d / "a17.onnx", opset=TENSORRT8_OPSET)}
+def onnx_graphs():
+    """Two real exported graphs of different weights, and the first again at opset 17 (TensorRT 8.6),
+    from the run's cache (conftest): test_export's plain graph is "a"."""
+    return {"a": onnx_for(_model(0)), "b": onnx_for(_model(1)), "a17": onnx_for(_model(0), opset=TENSORRT8_OPSET)}
 
 
 def _key(onnx: Path, **changes) -> EngineKey:

@@ -80,12 +80,18 @@ def test_workers_act_as_the_learner_would():
     assert starts_memory == [False, True]  # the second went on with the first's memories
 
 
-def test_training_with_workers_is_reproducible(tmp_path):
+@pytest.fixture(scope="module")
+def trained_with_workers(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The agent's weights after training CUE with two env workers (the run the tests below compare with)."""
+    out = tmp_path_factory.mktemp("workers")
+    train(dataclasses.replace(CUE, workers=2), out, progress=False)
+    return load_file(out / "agent.safetensors")
+
+
+def test_training_with_workers_is_reproducible(tmp_path, trained_with_workers):
     """Actions are sampled from each worker's seed for the update: the same seed trains the same weights."""
-    cfg = dataclasses.replace(CUE, workers=2)
-    train(cfg, tmp_path / "a", progress=False)
-    train(cfg, tmp_path / "b", progress=False)
-    a, b = load_file(tmp_path / "a" / "agent.safetensors"), load_file(tmp_path / "b" / "agent.safetensors")
+    train(dataclasses.replace(CUE, workers=2), tmp_path / "again", progress=False)
+    a, b = trained_with_workers, load_file(tmp_path / "again" / "agent.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -136,14 +142,13 @@ def test_envs_must_split_evenly_over_workers():
         PPOConfig(envs=8, workers=3)
 
 
-def test_ray_workers_give_the_local_rollouts_and_training(local_ray, tmp_path):
+def test_ray_workers_give_the_local_rollouts_and_training(local_ray, tmp_path, trained_with_workers):
     on_ray = dataclasses.replace(CUE, workers=2, ray="auto")
     local, remote = _rollout(dataclasses.replace(CUE, workers=2)), _rollout(on_ray)
     assert np.array_equal(local[0], remote[0]) and np.array_equal(local[1], remote[1]) and local[3] == remote[3]
-    train(dataclasses.replace(CUE, workers=2), tmp_path / "local", progress=False)
     train(on_ray, tmp_path / "ray", progress=False)
-    a, b = load_file(tmp_path / "local" / "agent.safetensors"), load_file(tmp_path / "ray" / "agent.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b = trained_with_workers, load_file(tmp_path / "ray" / "agent.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rows = (tmp_path / "ray" / "metrics.jsonl").read_text().splitlines()
     assert '"workers_replaced": 0' in rows[-1] and '"steps_discarded": 0' in rows[-1]
 

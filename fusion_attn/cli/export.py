@@ -17,13 +17,17 @@ def add_parser(verbs):
 
 
 def run(args) -> int:
+    import shutil
+
     import numpy as np
 
-    from ..backends.export import example_inputs, export_onnx, unsupported_ops
-    from ..pipeline import create_backend, load_model
+    from ..backends.export import example_inputs, unsupported_ops
+    from ..pipeline import create_backend, load_model, onnx_for
 
     model, source = load_model(args.checkpoint)
-    path = export_onnx(model, args.output, opset=args.opset)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    # the graph the backends export and cache for these weights (exported now if not yet)
+    path = Path(shutil.copyfile(onnx_for(model, opset=args.opset), args.output))
     x = example_inputs(model, batch=3)
     ort_out = create_backend("onnxruntime", model, onnx_path=path).run(x)
     torch_out = create_backend("torch", model).run(x)
