@@ -371,9 +371,13 @@ class SensorTrust(nn.Module):
         self.summary = MLP(2 * d + EVIDENCE, d, d)
         self.modality = nn.Parameter(torch.randn(3, d) * 0.02)
         self.logit = MLP(2 * d, d, 1)
+        # stale_evidence: per sensor, a logistic on its change statistic alone (evidence[..., 0]); it starts
+        # silent (softplus(-6) takes 0.0025 off the logit)
+        self.stale = nn.Parameter(torch.tensor([[0.0, -6.0]] * 3)) if cfg.stale_evidence else None
 
     def forward(self, tokens, mask, membership, evidence):
-        # tokens (B, N, D), mask (B, N), membership (N, 3), evidence (B, 3, E) -> logits (B, 3), present (B, 3)
+        # tokens (B, N, D), mask (B, N), membership (N, 3), evidence (B, 3, E) -> logits (B, 3), present (B, 3),
+        # and with stale_evidence the stale-content logits (B, 3) and where they apply (B, 3), else None
         w = mask.float().unsqueeze(-1) * membership  # (B, N, 3)
         present = w.sum(1) > 0  # (B, 3)
         mean = torch.einsum("bnm,bnd->bmd", w, tokens) / w.sum(1).clamp_min(1.0).unsqueeze(-1)
@@ -384,7 +388,13 @@ class SensorTrust(nn.Module):
         p = present.float().unsqueeze(-1)
         others = ((h * p).sum(1, keepdim=True) - h * p) / (p.sum(1, keepdim=True) - p).clamp_min(1.0)
         logits = self.logit(torch.cat([h, others], dim=-1)).squeeze(-1)  # (B, 3)
-        return logits.masked_fill(~present, float("-inf")), present
+        stale = valid = None
+        if self.stale is not None:
+            # trust logit - softplus(stale logit): unchanged for changing content, far down for frozen content
+            stale = evidence[..., 0] * self.stale[:, 0] + self.stale[:, 1]  # (B, 3)
+            logits = logits - F.softplus(stale)
+            valid = present & (evidence[..., EVIDENCE - 1] > 0)  # camera, lidar: a previous frame to compare with
+        return logits.masked_fill(~present, float("-inf")), present, stale, valid
 
 
 class CrossAttention(nn.Module):
@@ -497,7 +507,7 @@ class FusionModel(nn.Module):
         """Named inputs -> the outputs of `forward` by name, plus what training and evaluation look at:
         trust_logits (B, 3), sensor_weights (B, 3) and the cross-attention's token weights (B, H, M, N)."""
         tokens, mask, evidence = self.embed(x)  # (B, N, D), (B, N), (B, 3, E)
-        trust_logits, present = self.trust(tokens, mask, self.membership, evidence)  # (B, 3)
+        trust_logits, present, stale_logits, stale_valid = self.trust(tokens, mask, self.membership, evidence)  # (B, 3)
         log_trust = F.logsigmoid(trust_logits)  # -inf for an absent sensor
         B = tokens.shape[0]
         queries = self.queries.expand(B, -1, -1)
@@ -519,4 +529,5 @@ class FusionModel(nn.Module):
         latents = self.out_norm(latents)  # (B, M, D)
         return {"fused": latents.mean(dim=1), "latents": latents, "attention": attention,
                 "all_masked": ~mask.any(dim=1), "trust": log_trust.exp(), "trust_logits": trust_logits,
-                "sensor_weights": sensor_weights, "token_weights": weights}
+                "sensor_weights": sensor_weights, "token_weights": weights,
+                **({"stale_logits": stale_logits, "stale_valid": stale_valid} if stale_logits is not None else {})}

@@ -16,9 +16,10 @@ from fusion_attn.tokenize import OUTPUT_NAMES, input_spec
 
 
 # every model option in one of three graphs: each export takes 15-40 s here (torch.export's tracing)
-@pytest.fixture(scope="module", params=[{}, {"qk_norm": True, "learned_head_temperature": True, "lidar_motion": True},
+@pytest.fixture(scope="module", params=[{}, {"qk_norm": True, "learned_head_temperature": True, "lidar_motion": True,
+                                             "stale_evidence": True},
                                         {"fusion": "token", "lidar_motion": True, "lidar_motion_token": True}],
-                ids=["plain", "qknorm+headtau+lidar_motion", "token+lidar_motion_token"])
+                ids=["plain", "qknorm+headtau+lidar_motion+stale", "token+lidar_motion_token"])
 def exported(request):
     """A model and its graph, exported through the run's cache (conftest: test_tensorrt's graph of the
     plain model is this one)."""

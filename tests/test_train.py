@@ -417,6 +417,7 @@ def test_training_writes_checkpoint_heads_and_tensorboard(tmp_path, cache):
     assert m["val"]["camera_drop"]["attention_faulted"] == 0.0  # a masked sensor gets no attention
     assert m["val"]["camera_drop"]["trust_faulted"] == 0.0  # nor any trust
     assert "trust" in m["final_train_losses_ema"] and "avoid" not in m["final_train_losses_ema"]  # avoid: off by default
+    assert "stale" not in m["final_train_losses_ema"]  # the stale-content path: off by default
     assert "consistency" not in m["final_train_losses_ema"]  # nor the consistency objective
     events = list((out / "tb").glob("events.out.tfevents.*"))
     assert len(events) == 1
@@ -615,7 +616,8 @@ def runs(tmp_path_factory, cache):
     # the model options through the command line: every FusionConfig option is reachable from it
     assert main(["train", "-o", str(root / "att"), "--steps", "2", "--batch", "8", "--sim-episodes", "2",
                  "--val-episodes", "1", "--sim-seconds", "3", "--eval-every", "100", "--cache", str(cache),
-                 "--latent-blocks", "2", "--qk-norm", "--learned-head-temperature", "--no-progress"]) == 0
+                 "--latent-blocks", "2", "--qk-norm", "--learned-head-temperature", "--stale-evidence",
+                 "--no-progress"]) == 0
     train(dataclasses.replace(short, fusion="concat", tau_random_prob=0.0), root / "cat", cache=cache, progress=False)
     return {"attention": root / "att", "concat": root / "cat"}
 
@@ -730,14 +732,17 @@ def test_summary_takes_each_condition_at_its_best_tau():
 
 def test_eval_robustness_builds_models_from_the_training_state(tmp_path, runs):
     run = load_run("attention", runs["attention"])
-    assert (run.cfg.model.latent_blocks, run.cfg.model.qk_norm, run.cfg.model.learned_head_temperature) == (2, True, True)
+    m = run.cfg.model
+    assert (m.latent_blocks, m.qk_norm, m.learned_head_temperature, m.stale_evidence) == (2, True, True, True)
+    assert "stale" in json.loads((runs["attention"] / "metrics.json").read_text())["final_train_losses_ema"]
     assert run.cfg == run.tc.fusion_config() == load_checkpoint(runs["attention"] / "model.safetensors").cfg
     # a state from before the config was stored (nor the model options): FusionConfig()'s defaults
     state = torch.load(runs["concat"] / STATE_FILE, weights_only=True)
     del state["fusion_config"]
     saved = json.loads(state["train_config"])
     state["train_config"] = json.dumps({k: v for k, v in saved.items()
-                                        if k not in ("latent_blocks", "qk_norm", "learned_head_temperature")})
+                                        if k not in ("latent_blocks", "qk_norm", "learned_head_temperature",
+                                                     "stale_evidence")})
     (tmp_path / "old").mkdir()
     torch.save(state, tmp_path / "old" / STATE_FILE)
     old = load_run("old", tmp_path / "old")

@@ -13,7 +13,7 @@ from fusion_attn.config import FusionConfig, ModelConfig
 from fusion_attn.learn.augment import CONTENT_FAULTS, FAULTS, FaultPlan
 from fusion_attn.learn.data import previous_frames
 from fusion_attn.learn.evaluation import auroc
-from fusion_attn.learn.objectives import trust_loss
+from fusion_attn.learn.objectives import stale_loss, trust_loss
 from fusion_attn.model import FusionModel
 
 MASKS = ("camera_mask", "lidar_mask", "imu_mask")
@@ -34,9 +34,9 @@ def _force_trust(model, monkeypatch, logits):
     real = model.trust.forward
 
     def forward(tokens, mask, membership, evidence):
-        out, present = real(tokens, mask, membership, evidence)
+        out, present, *stale = real(tokens, mask, membership, evidence)
         forced = torch.as_tensor(logits, dtype=out.dtype).expand_as(out)
-        return forced.masked_fill(~present, float("-inf")), present
+        return forced.masked_fill(~present, float("-inf")), present, *stale
 
     monkeypatch.setattr(model.trust, "forward", forward)
 
@@ -313,6 +313,33 @@ def test_trust_loss_through_the_model_has_finite_gradients():
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert torch.isfinite(loss) and grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_the_stale_path_takes_frozen_content_out_of_the_trust_whatever_else_it_sees():
+    """stale_evidence: a second trust path sees only a sensor's change statistic. It starts silent; with
+    the weights training gives it (no change -> stale), a camera that repeats its frame loses its trust
+    however the other path rates it, and changing content keeps that path's trust. Its loss asks
+    "frozen or zeroed" only, where there is a previous frame to compare with."""
+    model = _model(stale_evidence=True)
+    x = _inputs(model, batch=2)
+    x["camera_prev_mask"] = x["camera_mask"].clone()
+    x["camera_prev_patches"][1] = x["camera_patches"][1]  # the second sample's camera repeats its frame
+    silent = _run(model, x, [1, 1, 1, 1])
+    assert silent["stale_logits"].shape == (2, 3) and silent["stale_valid"][:, 0].all()
+    assert (F.softplus(silent["stale_logits"]) < 0.003).all()  # it starts silent
+    with torch.no_grad():
+        model.trust.stale.copy_(torch.tensor([[-2.0, -18.0]] * 3))  # stale below a change of e^-9
+    learned = _run(model, x, [1, 1, 1, 1])
+    other_path = learned["trust_logits"] + F.softplus(learned["stale_logits"])
+    torch.testing.assert_close(other_path, silent["trust_logits"] + F.softplus(silent["stale_logits"]))
+    assert learned["trust"][1, 0] < 1e-3 and learned["trust"][0, 0] > 0.1  # the repeated frame, the changing one
+    torch.testing.assert_close(learned["trust"][0], silent["trust"][0], atol=3e-3, rtol=0)
+    plan = _plan([0, 0], ["noise", "freeze"])
+    perfect = torch.tensor([[-20.0, -20.0, -20.0], [20.0, -20.0, -20.0]])
+    valid = torch.tensor([[True, True, True], [True, False, True]])
+    assert float(stale_loss(perfect, valid, plan)) < 1e-6
+    assert float(stale_loss(-perfect, valid, plan)) > 15.0
+    assert float(stale_loss(perfect, valid, _plan([0, 2], ["noise", "zero"]))) > 3.0  # a zeroed IMU is stale too
 
 
 # --- AUROC ---------------------------------------------------------------------------------------

@@ -47,6 +47,9 @@ def add_parser(verbs):
                        help="lidar motion evidence: scan-match each sweep's pillar points to the previous sweep's")
     train.add_argument("--lidar-motion-token", action="store_const", const=True,
                        help="with --lidar-motion: the scan match as a lidar token of its own, not added to every pillar")
+    train.add_argument("--stale-evidence", action="store_const", const=True,
+                       help="a second trust path per sensor that sees only how much its content changed, trained "
+                            "to tell frozen or zeroed content (model.SensorTrust)")
     train.add_argument("--camera-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
                        help="the size camera images are resized to before patching (default 96 128)")
     train.add_argument("--trust-weight", type=float, help="weight of the trust objective (default 1)")
@@ -85,7 +88,7 @@ def run(args) -> int:
     from ..learn.loop import TrainConfig, train
 
     fields = ("seed", "steps", "batch", "lr", "sim_episodes", "val_episodes", "sim_seconds", "trigger", "bags", "fusion",
-              "tau_random_prob", "sensor_fusion", "trust_floor", "floor_in_training", "camera_shifts", "lidar_motion", "lidar_motion_token", "camera_size", "trust_weight", "avoid_weight", "consistency_weight", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature")
+              "tau_random_prob", "sensor_fusion", "trust_floor", "floor_in_training", "camera_shifts", "lidar_motion", "lidar_motion_token", "stale_evidence", "camera_size", "trust_weight", "avoid_weight", "consistency_weight", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature")
     given = {k: getattr(args, k) for k in fields if hasattr(args, k)}
     if "bags" in given:
         given["bags"] = tuple(str(b) for b in given["bags"])

@@ -37,6 +37,7 @@ from .objectives import (
     losses,
     predict,
     save_heads,
+    stale_loss,
     trust_loss,
 )
 
@@ -83,6 +84,7 @@ class TrainConfig:
     camera_shifts: int = 0
     lidar_motion: bool = False
     lidar_motion_token: bool = False
+    stale_evidence: bool = False
     camera_size: tuple[int, int] = (96, 128)  # height, width the camera tokenizer resizes to (config.CameraTokens)
 
     def fusion_config(self) -> FusionConfig:
@@ -92,7 +94,8 @@ class TrainConfig:
                                               learned_head_temperature=self.learned_head_temperature,
                                               fusion=self.sensor_fusion, trust_floor=self.trust_floor,
                                               camera_shifts=self.camera_shifts, lidar_motion=self.lidar_motion,
-                                              lidar_motion_token=self.lidar_motion_token))
+                                              lidar_motion_token=self.lidar_motion_token,
+                                              stale_evidence=self.stale_evidence))
 
     @classmethod
     def from_dict(cls, saved: dict) -> TrainConfig:
@@ -255,6 +258,8 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
         parts = losses(heads, pred, tgt)
         if fusion and tc.trust_weight > 0:
             parts["trust"] = tc.trust_weight * trust_loss(fusion["trust_logits"], plan)
+            if "stale_logits" in fusion:
+                parts["stale"] = tc.trust_weight * stale_loss(fusion["stale_logits"], fusion["stale_valid"], plan)
         if fusion and tc.avoid_weight > 0:
             parts["avoid"] = tc.avoid_weight * fault_attention(fusion["attention"], plan)
         if fusion and tc.consistency_weight > 0:

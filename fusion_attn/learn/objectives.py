@@ -175,6 +175,16 @@ def trust_loss(trust_logits: torch.Tensor, plan: FaultPlan) -> torch.Tensor:
     return (loss * present).sum() / present.sum().clamp_min(1)
 
 
+def stale_loss(stale_logits: torch.Tensor, valid: torch.Tensor, plan: FaultPlan) -> torch.Tensor:
+    """Binary cross-entropy of the stale-content logits (B, 3) against the faults that leave a sensor's
+    content unchanged (frozen, or black / zero), where the statistic applies (`valid`: the sensor
+    present, and for camera and lidar a previous frame to compare with)."""
+    stale = (plan.fault == FAULTS.index("freeze")) | (plan.fault == FAULTS.index("zero"))
+    target = ((plan.sensor[:, None] == torch.arange(3)) & stale[:, None]).float().to(stale_logits.device)
+    loss = F.binary_cross_entropy_with_logits(stale_logits, target, reduction="none")
+    return (loss * valid).sum() / valid.sum().clamp_min(1)
+
+
 def fault_attention(attention: torch.Tensor, plan: FaultPlan) -> torch.Tensor:
     """Attention-avoidance objective: the mean attention mass (B, 3, H) the fusion tokens give a sensor
     whose content is gone (a black image, a zero IMU). The fault is known while training, so this asks
