@@ -372,7 +372,7 @@ class SensorTrust(nn.Module):
         self.modality = nn.Parameter(torch.randn(3, d) * 0.02)
         self.logit = MLP(2 * d, d, 1)
         # stale_evidence: per sensor, a logistic on its change statistic alone (evidence[..., 0]); it starts
-        # silent (softplus(-6) takes 0.0025 off the logit)
+        # silent (a stale logit of -6 caps the trust at 0.9975)
         self.stale = nn.Parameter(torch.tensor([[0.0, -6.0]] * 3)) if cfg.stale_evidence else None
 
     def forward(self, tokens, mask, membership, evidence):
@@ -390,9 +390,11 @@ class SensorTrust(nn.Module):
         logits = self.logit(torch.cat([h, others], dim=-1)).squeeze(-1)  # (B, 3)
         stale = valid = None
         if self.stale is not None:
-            # trust logit - softplus(stale logit): unchanged for changing content, far down for frozen content
+            # both paths must vouch for the sensor: trust = min(sigmoid(logit), 1 - sigmoid(stale logit)). An
+            # additive penalty (logit - softplus(stale)) was tried first: trained, it took 2.9 off the logit of
+            # EuRoC's frozen camera, which the other path put at about +7 (docs/RESULTS.md)
             stale = evidence[..., 0] * self.stale[:, 0] + self.stale[:, 1]  # (B, 3)
-            logits = logits - F.softplus(stale)
+            logits = torch.minimum(logits, -stale)
             valid = present & (evidence[..., EVIDENCE - 1] > 0)  # camera, lidar: a previous frame to compare with
         return logits.masked_fill(~present, float("-inf")), present, stale, valid
 
