@@ -102,9 +102,9 @@ class ModelConfig:
     # match), so the fusion tokens can read the lidar's ego-motion apart from what its pillars show
     lidar_motion_token: bool = field(default=False, metadata=ADDED_LATER)
     # a second trust path per sensor that sees one statistic only, how much its content changed (camera,
-    # lidar: since the previous frame; IMU: over its window), trained to tell frozen or zeroed content:
-    # a repeated frame changes exactly nothing on any robot, so this path carries over from the
-    # simulator to recordings whose other statistics it never saw (model.SensorTrust)
+    # lidar: since the previous frame; IMU: over its window), trained to tell frozen or zeroed content, so
+    # that a frozen camera is caught on recordings whose other statistics training never saw; a sensor
+    # whose healthy stream repeats (a sparse radar cloud) looks frozen to it (docs/RESULTS.md)
     stale_evidence: bool = field(default=False, metadata=ADDED_LATER)
 
 

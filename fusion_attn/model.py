@@ -391,8 +391,8 @@ class SensorTrust(nn.Module):
         stale = valid = None
         if self.stale is not None:
             # both paths must vouch for the sensor: trust = min(sigmoid(logit), 1 - sigmoid(stale logit)). An
-            # additive penalty (logit - softplus(stale)) was tried first: trained, it took 2.9 off the logit of
-            # EuRoC's frozen camera, which the other path put at about +7 (docs/RESULTS.md)
+            # additive penalty (logit - softplus(stale)) was tried first: trained, it stayed too small to move
+            # the trust of EuRoC's frozen camera (docs/RESULTS.md)
             stale = evidence[..., 0] * self.stale[:, 0] + self.stale[:, 1]  # (B, 3)
             logits = torch.minimum(logits, -stale)
             valid = present & (evidence[..., EVIDENCE - 1] > 0)  # camera, lidar: a previous frame to compare with

@@ -82,7 +82,7 @@ def evaluate(model: nn.Module, heads: Heads, data: Dataset, cfg: FusionConfig, f
                 trust = torch.where(fusion["trust_logits"].isfinite().cpu(), trust, torch.nan)  # nan: absent
                 trusts.append(trust)
                 if sensor >= 0 and count_changed:
-                    clean = corrupt(t, idx, FaultPlan.fixed(len(idx), -1, "drop"), cfg, fusion_hz, gen)
+                    clean = corrupt(t, idx, FaultPlan.fixed(len(idx), -1, "drop"), cfg, fusion_hz, torch.Generator())
                     affected.append(changed_inputs(x, clean, MODALITIES[sensor]))
                 for i, mod in enumerate(MODALITIES):
                     m[f"attention_{mod}"] = fusion["attention"][:, i].mean()
