@@ -57,10 +57,10 @@ runs/default_consist-s%/train_state.pt: | $(STAMP)
 runs/default_wide-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/default_wide-s$* --seed $* --trust-floor 0.01 --floor-at-run-time --camera-size 64 256 \
 		--eval-every 2000
-# the default's recipe with the stale-content trust path (--stale-evidence: a trust path per sensor that sees
-# only how much its content changed), for frozen sensors on recordings unlike the simulator (docs/RESULTS.md)
-runs/default_stale-s%/train_state.pt: | $(STAMP)
-	$(TRAIN) -o runs/default_stale-s$* --seed $* --trust-floor 0.01 --floor-at-run-time --stale-evidence \
+# the default's recipe with the stale-content trust path (--stale-evidence: a camera trust path that sees only
+# how much its image changed), for a frozen camera on recordings unlike the simulator (docs/RESULTS.md)
+runs/default_stalecam-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/default_stalecam-s$* --seed $* --trust-floor 0.01 --floor-at-run-time --stale-evidence \
 		--eval-every 2000
 runs/concat-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/concat-s$* --seed $* --fusion concat --fixed-tau --eval-every 2000

@@ -101,10 +101,10 @@ class ModelConfig:
     # with lidar_motion: the scan match is a lidar token of its own (masked when there is nothing to
     # match), so the fusion tokens can read the lidar's ego-motion apart from what its pillars show
     lidar_motion_token: bool = field(default=False, metadata=ADDED_LATER)
-    # a second trust path per sensor that sees one statistic only, how much its content changed (camera,
-    # lidar: since the previous frame; IMU: over its window), trained to tell frozen or zeroed content, so
-    # that a frozen camera is caught on recordings whose other statistics training never saw; a sensor
-    # whose healthy stream repeats (a sparse radar cloud) looks frozen to it (docs/RESULTS.md)
+    # a second trust path for the camera that sees one statistic only, how much its image changed since
+    # the previous frame, trained to tell frozen or black content, so that a frozen camera is caught on
+    # recordings whose other statistics training never saw. The camera only: pixel noise makes no two
+    # frames of a working camera alike, while a healthy radar's cloud repeats (docs/RESULTS.md)
     stale_evidence: bool = field(default=False, metadata=ADDED_LATER)
 
 

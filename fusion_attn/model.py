@@ -371,13 +371,15 @@ class SensorTrust(nn.Module):
         self.summary = MLP(2 * d + EVIDENCE, d, d)
         self.modality = nn.Parameter(torch.randn(3, d) * 0.02)
         self.logit = MLP(2 * d, d, 1)
-        # stale_evidence: per sensor, a logistic on its change statistic alone (evidence[..., 0]); it starts
-        # silent (a stale logit of -6 caps the trust at 0.9975)
-        self.stale = nn.Parameter(torch.tensor([[0.0, -6.0]] * 3)) if cfg.stale_evidence else None
+        # stale_evidence: for the camera, a logistic (slope, bias) on its change statistic alone
+        # (evidence[:, 0, 0]); it starts silent (a stale logit of -6 caps the trust at 0.9975). The camera
+        # only: a working camera's pixel noise makes no two of its frames alike, while a point cloud may
+        # repeat on a healthy sensor (a radar's targets in a still scene: the SICK recording's, docs/RESULTS.md)
+        self.stale = nn.Parameter(torch.tensor([0.0, -6.0])) if cfg.stale_evidence else None
 
     def forward(self, tokens, mask, membership, evidence):
         # tokens (B, N, D), mask (B, N), membership (N, 3), evidence (B, 3, E) -> logits (B, 3), present (B, 3),
-        # and with stale_evidence the stale-content logits (B, 3) and where they apply (B, 3), else None
+        # and with stale_evidence the camera's stale-content logit (B,) and where it applies (B,), else None
         w = mask.float().unsqueeze(-1) * membership  # (B, N, 3)
         present = w.sum(1) > 0  # (B, 3)
         mean = torch.einsum("bnm,bnd->bmd", w, tokens) / w.sum(1).clamp_min(1.0).unsqueeze(-1)
@@ -390,12 +392,12 @@ class SensorTrust(nn.Module):
         logits = self.logit(torch.cat([h, others], dim=-1)).squeeze(-1)  # (B, 3)
         stale = valid = None
         if self.stale is not None:
-            # both paths must vouch for the sensor: trust = min(sigmoid(logit), 1 - sigmoid(stale logit)). An
+            # both paths must vouch for the camera: trust = min(sigmoid(logit), 1 - sigmoid(stale logit)). An
             # additive penalty (logit - softplus(stale)) was tried first: trained, it stayed too small to move
             # the trust of EuRoC's frozen camera (docs/RESULTS.md)
-            stale = evidence[..., 0] * self.stale[:, 0] + self.stale[:, 1]  # (B, 3)
-            logits = torch.minimum(logits, -stale)
-            valid = present & (evidence[..., EVIDENCE - 1] > 0)  # camera, lidar: a previous frame to compare with
+            stale = evidence[:, 0, 0] * self.stale[0] + self.stale[1]  # (B,)
+            logits = torch.cat([torch.minimum(logits[:, :1], -stale.unsqueeze(1)), logits[:, 1:]], dim=1)
+            valid = present[:, 0] & (evidence[:, 0, EVIDENCE - 1] > 0)  # a previous frame to compare with
         return logits.masked_fill(~present, float("-inf")), present, stale, valid
 
 

@@ -315,31 +315,36 @@ def test_trust_loss_through_the_model_has_finite_gradients():
     assert torch.isfinite(loss) and grads and all(torch.isfinite(g).all() for g in grads)
 
 
-def test_the_stale_path_takes_frozen_content_out_of_the_trust_whatever_else_it_sees():
-    """stale_evidence: a second trust path sees only a sensor's change statistic. It starts silent; with
-    the weights training gives it (no change -> stale), a camera that repeats its frame loses its trust
-    however the other path rates it, and changing content keeps that path's trust. Its loss asks
-    "frozen or zeroed" only, where there is a previous frame to compare with."""
+def test_the_stale_path_takes_a_frozen_camera_out_of_the_trust_whatever_else_it_sees():
+    """stale_evidence: a second trust path for the camera sees only its change statistic. It starts
+    silent; with the weights training gives it (no change -> stale), a camera that repeats its frame
+    loses its trust however the other path rates it, changing content keeps that path's trust, and a
+    lidar that repeats its sweep (a healthy radar may) keeps it too. Its loss asks "frozen or black"
+    only, where there is a previous frame to compare with."""
     model = _model(stale_evidence=True)
     x = _inputs(model, batch=2)
     x["camera_prev_mask"] = x["camera_mask"].clone()
     x["camera_prev_patches"][1] = x["camera_patches"][1]  # the second sample's camera repeats its frame
+    x["lidar_prev_mask"] = x["lidar_mask"].clone()
+    x["lidar_prev_points"] = x["lidar_points"].clone()  # both samples' lidar repeats its sweep
     silent = _run(model, x, [1, 1, 1, 1])
-    assert silent["stale_logits"].shape == (2, 3) and silent["stale_valid"][:, 0].all()
+    assert silent["stale_logits"].shape == (2,) and silent["stale_valid"].all()
     other_path = silent["trust_logits"]
-    assert (-silent["stale_logits"] > other_path).all()  # it starts silent: the other path decides
+    assert (-silent["stale_logits"] > other_path[:, 0]).all()  # it starts silent: the other path decides
     with torch.no_grad():
-        model.trust.stale.copy_(torch.tensor([[-2.0, -18.0]] * 3))  # stale below a change of e^-9
+        model.trust.stale.copy_(torch.tensor([-2.0, -18.0]))  # stale below a change of e^-9
     learned = _run(model, x, [1, 1, 1, 1])
-    torch.testing.assert_close(learned["trust_logits"], torch.minimum(other_path, -learned["stale_logits"]))
+    torch.testing.assert_close(learned["trust_logits"][:, 0], torch.minimum(other_path[:, 0], -learned["stale_logits"]))
     assert learned["trust"][1, 0] < 1e-3 and learned["trust"][0, 0] > 0.1  # the repeated frame, the changing one
     torch.testing.assert_close(learned["trust"][0], silent["trust"][0])  # the changing camera: the other path's
+    torch.testing.assert_close(learned["trust"][:, 1:], silent["trust"][:, 1:])  # the repeating lidar, the IMU
     plan = _plan([0, 0], ["noise", "freeze"])
-    perfect = torch.tensor([[-20.0, -20.0, -20.0], [20.0, -20.0, -20.0]])
-    valid = torch.tensor([[True, True, True], [True, False, True]])
+    perfect, valid = torch.tensor([-20.0, 20.0]), torch.tensor([True, True])
     assert float(stale_loss(perfect, valid, plan)) < 1e-6
     assert float(stale_loss(-perfect, valid, plan)) > 15.0
-    assert float(stale_loss(perfect, valid, _plan([0, 2], ["noise", "zero"]))) > 3.0  # a zeroed IMU is stale too
+    assert float(stale_loss(perfect, valid, _plan([0, 0], ["noise", "zero"]))) < 1e-6  # a black camera is stale too
+    assert float(stale_loss(-perfect.abs(), valid, _plan([1, 2], ["freeze", "zero"]))) < 1e-6  # not the camera's
+    assert float(stale_loss(perfect, torch.tensor([True, False]), _plan([0, 0], ["noise", "noise"]))) < 1e-6  # no previous frame
 
 
 # --- AUROC ---------------------------------------------------------------------------------------

@@ -48,8 +48,8 @@ def add_parser(verbs):
     train.add_argument("--lidar-motion-token", action="store_const", const=True,
                        help="with --lidar-motion: the scan match as a lidar token of its own, not added to every pillar")
     train.add_argument("--stale-evidence", action="store_const", const=True,
-                       help="a second trust path per sensor that sees only how much its content changed, trained "
-                            "to tell frozen or zeroed content (model.SensorTrust)")
+                       help="a second trust path for the camera that sees only how much its image changed, "
+                            "trained to tell frozen or black content (model.SensorTrust)")
     train.add_argument("--camera-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
                        help="the size camera images are resized to before patching (default 96 128)")
     train.add_argument("--trust-weight", type=float, help="weight of the trust objective (default 1)")

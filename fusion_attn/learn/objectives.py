@@ -176,11 +176,11 @@ def trust_loss(trust_logits: torch.Tensor, plan: FaultPlan) -> torch.Tensor:
 
 
 def stale_loss(stale_logits: torch.Tensor, valid: torch.Tensor, plan: FaultPlan) -> torch.Tensor:
-    """Binary cross-entropy of the stale-content logits (B, 3) against the faults that leave a sensor's
-    content unchanged (frozen, or black / zero), where the statistic applies (`valid`: the sensor
-    present, and for camera and lidar a previous frame to compare with)."""
+    """Binary cross-entropy of the camera's stale-content logits (B,) against the faults that leave its
+    content unchanged (frozen, or black), where the statistic applies (`valid`: the camera present, with
+    a previous frame to compare with)."""
     stale = (plan.fault == FAULTS.index("freeze")) | (plan.fault == FAULTS.index("zero"))
-    target = ((plan.sensor[:, None] == torch.arange(3)) & stale[:, None]).float().to(stale_logits.device)
+    target = ((plan.sensor == Modality.CAMERA) & stale).float().to(stale_logits.device)
     loss = F.binary_cross_entropy_with_logits(stale_logits, target, reduction="none")
     return (loss * valid).sum() / valid.sum().clamp_min(1)
 
