@@ -40,8 +40,9 @@ NO_CHANGE = float(np.log(2e-6))  # the statistic is log(change + 1e-6): at its f
 @torch.no_grad()
 def through(run, data, sensor: int, fault: str) -> dict[str, np.ndarray]:
     """Per fusion and sensor: trust (nan where absent), the first evidence statistic (camera, lidar: the
-    log change since the previous frame, 0 without one; IMU: the log spread of its accelerometer), and
-    per fusion whether the fault changed the faulted sensor's inputs."""
+    log change since the previous frame, 0 without one; IMU: the log spread of its accelerometer),
+    whether the camera's and the lidar's tokens equal their previous frame's bit for bit (nan without
+    one; IMU: nan), and per fusion whether the fault changed the faulted sensor's inputs."""
     t = data.tensors()
     idx = torch.arange(len(data))
     x = corrupt(t, idx, FaultPlan.fixed(len(idx), sensor, fault), run.cfg, run.tc.fusion_hz, torch.Generator().manual_seed(7))
@@ -50,7 +51,14 @@ def through(run, data, sensor: int, fault: str) -> dict[str, np.ndarray]:
     _, _, evidence = run.model.embed(x)  # (B, 3, EVIDENCE)
     trust = torch.where(fusion["trust_logits"].isfinite(), fusion["trust"], torch.nan)
     changed = changed_inputs(x, clean, MODALITIES[sensor]) if sensor >= 0 else torch.zeros(len(idx), dtype=torch.bool)
-    return {"trust": trust.numpy(), "evidence": evidence[..., 0].numpy(), "changed": changed.numpy()}
+    identical = torch.full(trust.shape, torch.nan)
+    for k, (name, content) in enumerate((("camera", "patches"), ("lidar", "points"))):
+        has_prev = x[f"{name}_prev_mask"].flatten(1).any(1) & x[f"{name}_mask"].flatten(1).any(1)
+        same = (x[f"{name}_{content}"] == x[f"{name}_prev_{content}"]).flatten(1).all(1) & \
+            (x[f"{name}_mask"] == x[f"{name}_prev_mask"]).flatten(1).all(1)
+        identical[:, k] = torch.where(has_prev, same.float(), torch.nan)
+    return {"trust": trust.numpy(), "evidence": evidence[..., 0].numpy(), "identical": identical.numpy(),
+            "changed": changed.numpy()}
 
 
 report, cache = {}, cache_dir("train")  # the tokenized datasets eval-robustness and training use
@@ -71,15 +79,17 @@ for folder in args.runs:
 
 print(f"trust threshold {TRUST_THRESHOLD}; evidence: the sensor's first statistic (camera, lidar: log change since "
       "the previous frame, 0 without one; IMU: log accelerometer spread), median over fusions where it is not 0; "
-      "no change at all: of those, the fusions where it is at its floor (log 1e-6)\n")
+      "no change at all: of those, the fusions where it is at its floor (log 1e-6); identical tokens: of the fusions "
+      "with a previous frame, those whose tokens equal its tokens bit for bit\n")
 for name, by_bag in report.items():
     sim = ", ".join(f"{m} min {q[0]:.2f} / 5 % {q[1]:.2f} / median {q[2]:.2f}" for m, q in by_bag["sim_clean_evidence"].items())
     print(f"## {name}\n\nSimulator held-out episodes, clean, evidence: {sim}\n")
-    print("| recording | condition | sensor | fusions changed | below threshold | trust median | evidence median | no change at all |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| recording | condition | sensor | fusions changed | below threshold | trust median | evidence median | no change at all "
+          "| identical tokens |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for bag, rows in ((b, r) for b, r in by_bag.items() if b != "sim_clean_evidence"):
         for condition, r in rows.items():
-            trust, evidence, changed = (np.asarray(r[k], float) for k in ("trust", "evidence", "changed"))
+            trust, evidence, identical, changed = (np.asarray(r[k], float) for k in ("trust", "evidence", "identical", "changed"))
             sensors = [condition.split("_", 1)[0]] if condition != "clean" else [
                 m for k, m in enumerate(MODALITIES) if np.isfinite(trust[:, k]).any()]
             for m in sensors:
@@ -89,9 +99,12 @@ for name, by_bag in report.items():
                 e = evidence[rows_of, k]
                 e = e[e != 0]  # 0: no previous frame
                 still = int((e <= NO_CHANGE).sum())
+                same = identical[rows_of, k]
+                same = same[np.isfinite(same)]
                 print(f"| {bag} | {condition} | {m} | {'-' if condition == 'clean' else f'{int(rows_of.sum())} of {len(trust)}'} | "
                       f"{int((value < TRUST_THRESHOLD).sum())} of {len(value)} | {np.median(value) if len(value) else float('nan'):.3f} | "
-                      f"{np.median(e) if len(e) else float('nan'):.2f} | {still} of {len(e)} |")
+                      f"{np.median(e) if len(e) else float('nan'):.2f} | {still} of {len(e)} | "
+                      f"{'-' if m == 'imu' else f'{int(same.sum())} of {len(same)}'} |")
     print()
 if args.out:
     args.out.parent.mkdir(parents=True, exist_ok=True)
