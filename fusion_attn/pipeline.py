@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -88,15 +89,23 @@ def step_onnx_for(model: FusionModel, image_shape: tuple[int, ...], encoding: st
 
 
 def _cached_export(path: Path, export) -> Path:
-    if not path.is_file():
-        log.info("exporting ONNX graph to %s", path)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        try:
-            export(tmp)
-            tmp.replace(path)  # atomic: a concurrent reader never sees half a file
-        except OSError as exc:
-            raise CheckpointError(f"cannot write the ONNX cache {path} ({exc}); set FUSION_ATTN_CACHE to a "
-                                  "writable folder") from exc
+    """The graph at `path`, exported first if the cache lacks it. A graph another process is exporting
+    (two nodes started together on a cold cache) is waited for, not exported twice: an exclusive lock
+    on PATH.lock, which the system releases however that process ends."""
+    if path.is_file():
+        return path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not path.is_file():
+                log.info("exporting ONNX graph to %s", path)
+                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                export(tmp)
+                tmp.replace(path)  # atomic: a reader without the lock never sees half a file
+    except OSError as exc:
+        raise CheckpointError(f"cannot write the ONNX cache {path} ({exc}); set FUSION_ATTN_CACHE to a "
+                              "writable folder") from exc
     return path
 
 
