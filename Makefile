@@ -8,7 +8,7 @@ BAG    ?= ../shared/data/real/euroc_v1_01_cam_imu
 STAMP     := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: run test colcon-check venv clean default-model robustness robustness-arrival robustness-default
+.PHONY: run test colcon-check venv clean default-model robustness robustness-arrival robustness-default robustness-stalecam
 
 # The main job on the embedded default: CPU, ONNX Runtime, no robot, the packaged default model:
 # replay a recording as the node would fuse it; fused-state bag, summary and plots in $(OUT).
@@ -16,8 +16,9 @@ OUT    ?= replay_out
 run: $(STAMP)
 	$(VENV)/bin/fusion-attn replay $(BAG) -o $(OUT) --backend onnxruntime
 
+# --prefetch-graphs: the ONNX graphs many tests share are exported beside the run (tests/graphs.py)
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --prefetch-graphs
 
 # The packaged default model (fusion_attn/data/fusion_default*.safetensors), reproduced: simulated
 # episodes plus the real recordings beside the checkout; ~20 min on one CPU core (docs/TRAINING.md).
@@ -129,6 +130,13 @@ robustness-default: $(STAMP) runs/default/train_state.pt runs/default-s1/train_s
 	$(VENV)/bin/fusion-attn eval-robustness default=runs/default 'default#1=runs/default-s1' 'default#2=runs/default-s2' \
 		--beside docs/results/robustness.json -o docs/results/default --episodes 12 --jobs 2 \
 		--bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
+
+# the default's recipe with the camera's stale-content trust path, three seeds, beside the default's three
+robustness-stalecam: $(STAMP) runs/default_stalecam-s0/train_state.pt runs/default_stalecam-s1/train_state.pt \
+		runs/default_stalecam-s2/train_state.pt
+	$(VENV)/bin/fusion-attn eval-robustness stalecam=runs/default_stalecam-s0 'stalecam#1=runs/default_stalecam-s1' \
+		'stalecam#2=runs/default_stalecam-s2' --beside docs/results/default/robustness.json -o docs/results/stalecam \
+		--episodes 12 --jobs 2 --bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
 
 # Build with colcon (the robot's path) into a temp workspace and check the install tree.
 colcon-check: $(STAMP) $(DEV_STAMP)

@@ -1,6 +1,8 @@
 """Shared fixtures. Real recordings live in ../shared/data/real beside the checkout."""
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +18,27 @@ def shared_cache(tmp_path_factory) -> Path:
     if "FUSION_ATTN_CACHE" not in os.environ:
         os.environ["FUSION_ATTN_CACHE"] = str(tmp_path_factory.getbasetemp() / "cache")
     return Path(os.environ["FUSION_ATTN_CACHE"])
+
+
+def pytest_addoption(parser):
+    parser.addoption("--prefetch-graphs", action="store_true",
+                     help="export the ONNX graphs much of the run needs in a process beside it (tests/graphs.py)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefetched_graphs(shared_cache, request):
+    """With --prefetch-graphs, tests/graphs.py exports into the run's cache beside the tests from the
+    start; stopped at the end if still busy (a test never depends on it: it waits for or makes a graph)."""
+    if not request.config.getoption("--prefetch-graphs"):
+        yield
+        return
+    shared_cache.mkdir(parents=True, exist_ok=True)
+    with open(shared_cache / "prefetch.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("graphs.py"))], stdout=log,
+                                stderr=subprocess.STDOUT)
+    yield
+    proc.terminate()
+    proc.wait()
 
 
 @pytest.fixture(scope="session")

@@ -1,31 +1,39 @@
 """ONNX export: named inputs, dynamic batch only, parity with torch, TensorRT-parsable operators."""
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
 import torch
+from graphs import OPTIONS, random_model
 
-from fusion_attn.backends.export import example_inputs, tensorrt_supported_ops, unsupported_ops
+from fusion_attn.backends.export import (
+    TENSORRT8_OPSET,
+    example_inputs,
+    tensorrt_supported_ops,
+    unsupported_ops,
+)
 from fusion_attn.backends.onnxruntime_backend import OnnxRuntimeBackend
 from fusion_attn.backends.torch_backend import TorchBackend
-from fusion_attn.config import FusionConfig, ModelConfig
+from fusion_attn.config import FusionConfig
 from fusion_attn.errors import CheckpointError
 from fusion_attn.model import FusionModel
 from fusion_attn.pipeline import onnx_for
 from fusion_attn.tokenize import OUTPUT_NAMES, input_spec
 
 
-# every model option in one of three graphs: each export takes 15-40 s here (torch.export's tracing)
-@pytest.fixture(scope="module", params=[{}, {"qk_norm": True, "learned_head_temperature": True, "lidar_motion": True,
-                                             "stale_evidence": True},
-                                        {"fusion": "token", "lidar_motion": True, "lidar_motion_token": True}],
-                ids=["plain", "qknorm+headtau+lidar_motion+stale", "token+lidar_motion_token"])
+# every model option in one of three graphs, and both exporters: the default opset's (torch.export's
+# tracing, 15-40 s a graph here) and TensorRT 8.6's opset 17 (TorchScript's, a few seconds)
+@pytest.fixture(scope="module", params=[({}, None), (OPTIONS, None),
+                                        ({"fusion": "token", "lidar_motion": True, "lidar_motion_token": True}, TENSORRT8_OPSET)],
+                ids=["plain", "qknorm+headtau+lidar_motion+stale", "token+lidar_motion_token@opset17"])
 def exported(request):
-    """A model and its graph, exported through the run's cache (conftest: test_tensorrt's graph of the
-    plain model is this one)."""
-    torch.manual_seed(0)
-    model = FusionModel(FusionConfig(model=ModelConfig(**request.param))).eval()
-    return model, onnx_for(model)
+    """A model and its graph, exported through the run's cache (conftest; tests/graphs.py exports the first
+    two beside the run, and test_tensorrt's graph of the plain model is this one)."""
+    options, opset = request.param
+    model = random_model(0, **options)
+    return model, onnx_for(model, opset=opset)
 
 
 def _max_diff(a, b):
@@ -196,3 +204,30 @@ def test_a_torch_backend_on_another_device_leaves_the_model_exportable(onnx_cach
     _assert_unchanged(model, before)
     x = example_inputs(model, batch=2, seed=3)
     assert _max_diff(ort.run(x), TorchBackend(model).run(x)) <= 1e-4
+
+
+def test_a_graph_another_process_is_exporting_is_waited_for_not_exported_again(tmp_path):
+    """pipeline._cached_export: while one process holds a graph's lock (exporting it), another that needs
+    the graph waits, then takes the one written, without exporting it itself."""
+    import fcntl
+    import subprocess
+    import sys
+
+    model = random_model(5)
+    made = onnx_for(model, tmp_path / "first", opset=TENSORRT8_OPSET)  # the graph the other process writes
+    cache = tmp_path / "shared"
+    cache.mkdir()
+    script = ("import logging, sys; from graphs import random_model; from fusion_attn.pipeline import onnx_for; "
+              "logging.basicConfig(level=logging.INFO); print('ready', flush=True); "
+              f"onnx_for(random_model(5), {str(cache)!r}, opset={TENSORRT8_OPSET}); print('done', flush=True)")
+    with open(cache / made.with_suffix(".lock").name, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # this process is "exporting" it
+        waiting = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).parent, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        assert waiting.stdout.readline().strip() == "ready"
+        with pytest.raises(subprocess.TimeoutExpired):
+            waiting.wait(timeout=2)  # blocked on the lock
+        (cache / made.name).write_bytes(made.read_bytes())
+    out, err = waiting.communicate(timeout=60)
+    assert waiting.returncode == 0 and out.strip() == "done", err
+    assert "exporting ONNX graph" not in err  # it took the written graph

@@ -261,7 +261,7 @@ def managed_node(ros, tmp_path_factory):
                                 env=env, stdout=log, stderr=subprocess.STDOUT)
         yield proc, work / "node.log"
         proc.terminate()
-        proc.wait(timeout=10)
+        proc.wait(timeout=30)  # a loaded machine can take a while to stop it
 
 
 def _change_state(ros, transition_id, node="managed_fusion"):

@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from graphs import STEP_CAMERA
 
 from fusion_attn.backends.export import TOKENIZER_NODE_PREFIX, unsupported_ops
 from fusion_attn.backends.onnxruntime_backend import OnnxRuntimeBackend
@@ -220,7 +221,7 @@ def test_fuse_many_batches_by_step_shape_and_gives_each_snapshot_its_own_states(
 def test_one_graph_export_runs_in_onnx_runtime_as_in_torch(model):
     """The step as one ONNX graph: only operators TensorRT parses, the same outputs as torch, at other
     point and IMU counts than it was traced with (dynamic dimensions)."""
-    path = step_onnx_for(model, (48, 64, 3), "rgb8")  # the run's cache: test_tensorrt's build-engine uses it too
+    path = step_onnx_for(model, *STEP_CAMERA)  # the run's cache (tests/graphs.py exports it beside the run)
     assert unsupported_ops(path) == []
     # the tokenizers' nodes are named so (an FP16 engine keeps them in FP32), the model's are not
     nodes = onnx.load(str(path)).graph.node

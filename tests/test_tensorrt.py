@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from graphs import random_model
 
 from fusion_attn.backends.engine_cache import (
     EngineCache,
@@ -49,15 +50,16 @@ FP16_TOLERANCE = {"fused": 5e-2, "latents": 5e-2, "attention": 1e-2}
 
 
 def _model(seed: int) -> FusionModel:
-    torch.manual_seed(seed)
-    return FusionModel(FusionConfig()).eval()
+    return random_model(seed)
 
 
 @pytest.fixture(scope="module")
 def onnx_graphs():
-    """Two real exported graphs of different weights, and the first again at opset 17 (TensorRT 8.6),
-    from the run's cache (conftest): test_export's plain graph is "a"."""
-    return {"a": onnx_for(_model(0)), "b": onnx_for(_model(1)), "a17": onnx_for(_model(0), opset=TENSORRT8_OPSET)}
+    """Real exported graphs from the run's cache (conftest): "a" at the default opset (test_export's plain
+    graph), and at opset 17 (TensorRT 8.6) that model's and another's of other weights ("b17": this
+    exporter takes a second here, the default one 15-40 s)."""
+    return {"a": onnx_for(_model(0)), "a17": onnx_for(_model(0), opset=TENSORRT8_OPSET),
+            "b17": onnx_for(_model(1), opset=TENSORRT8_OPSET)}
 
 
 def _key(onnx: Path, **changes) -> EngineKey:
@@ -84,14 +86,14 @@ def test_every_key_field_changes_the_digest(onnx_graphs, change):
 
 
 def test_other_weights_other_key(onnx_graphs):
-    assert _key(onnx_graphs["a"]).onnx_sha256 != _key(onnx_graphs["b"]).onnx_sha256
-    assert _key(onnx_graphs["a"]).digest() != _key(onnx_graphs["b"]).digest()
+    assert _key(onnx_graphs["a17"]).onnx_sha256 != _key(onnx_graphs["b17"]).onnx_sha256
+    assert _key(onnx_graphs["a17"]).digest() != _key(onnx_graphs["b17"]).digest()
 
 
 def test_key_reads_token_budgets_from_the_graph(tmp_path):
     cfg = FusionConfig.from_dict({"camera": {"height": 64, "width": 64}, "lidar": {"pillars": 32}})
     torch.manual_seed(0)
-    onnx = export_onnx(FusionModel(cfg), tmp_path / "small.onnx")
+    onnx = export_onnx(FusionModel(cfg), tmp_path / "small.onnx", opset=TENSORRT8_OPSET)  # the quick exporter
     assert _key(onnx).to_dict()["token_budgets"] == {"camera": 16, "lidar": 32, "lidar_points_per_pillar": 16, "imu": 8}
 
 
@@ -113,8 +115,8 @@ def test_cache_round_trip_with_sidecar(tmp_path, onnx_graphs):
     assert meta["key"] == key.to_dict() and meta["io"]["camera_patches"]["shape"] == [-1, 48, 768]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, path.with_suffix(".json").name])
     # a step engine's key (with its profile's ranges) reads back from its sidecar as the same key
-    ranged = EngineKey.create(onnx_graphs["b"], TensorRTOptions(), "10.3.0", "Orin (nvgpu)", "8.7", ranges=step_ranges())
-    cache.store(ranged, PLAN, _io(onnx_graphs["b"]), {})
+    ranged = EngineKey.create(onnx_graphs["b17"], TensorRTOptions(), "10.3.0", "Orin (nvgpu)", "8.7", ranges=step_ranges())
+    cache.store(ranged, PLAN, _io(onnx_graphs["b17"]), {})
     assert cache.load(ranged) == PLAN
 
 
