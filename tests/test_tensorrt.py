@@ -57,7 +57,7 @@ def _model(seed: int) -> FusionModel:
 def onnx_graphs():
     """Real exported graphs from the run's cache (conftest): "a" at the default opset (test_export's plain
     graph), and at opset 17 (TensorRT 8.6) that model's and another's of other weights ("b17": this
-    exporter takes a second here, the default one 15-40 s)."""
+    exporter takes a few seconds here, the default one 15-40 s)."""
     return {"a": onnx_for(_model(0)), "a17": onnx_for(_model(0), opset=TENSORRT8_OPSET),
             "b17": onnx_for(_model(1), opset=TENSORRT8_OPSET)}
 
