@@ -64,11 +64,12 @@ def evaluate(agent_path: str | Path, episodes: int = 20, faults: bool = False, o
     cfg = PPOConfig.from_dict(meta["config"])
     if faults and not cfg.fusion_env:
         raise ConfigError(f"{cfg.env_id} has no sensor faults to inject: faults apply to FusionAttn envs only")
+    check_contract(meta, cfg)  # never evaluate a policy on features it was not trained on: the weights first,
     env = make_env(cfg)
     rng = np.random.default_rng(seed)
     results = []
     try:
-        check_contract(meta, env, cfg)  # never evaluate a policy on features it was not trained on
+        check_contract(meta, cfg, env)  # then τ, sync and trigger as the env fuses
         for i in range(episodes):
             fault = EVAL_FAULTS[i % len(EVAL_FAULTS)] if faults else None
             r = run_episode(agent, env, seed + i, fault_options(fault, rng) if fault else None, record=(i == 0 and out is not None))

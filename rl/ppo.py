@@ -177,15 +177,14 @@ def make_env(cfg: PPOConfig, training: bool = False, index: int = 0) -> gym.Env:
     envs: observations of any common kind encoded as one vector (FlatObservation). Training scales
     rewards by a running std of the discounted return: value and policy share a trunk, and large value
     errors would otherwise dominate the clipped gradient (episode statistics stay raw)."""
-    fusion_env = cfg.env_id.startswith("FusionAttn/")
-    for module in ("fusion_attn.sim",) if fusion_env else cfg.imports:  # fusion_attn.sim registers its ids
+    for module in ("fusion_attn.sim",) if cfg.fusion_env else cfg.imports:  # fusion_attn.sim registers its ids
         importlib.import_module(module)
     try:
         env = gym.make(cfg.env_id, **cfg.env_kwargs)
     except gym.error.Error as exc:
         raise ConfigError(f"{cfg.env_id}: {exc}. A third-party env registers its ids when its module is imported: "
                           "pass --import MODULE, or give the id as MODULE:EnvId") from exc
-    if fusion_env:
+    if cfg.fusion_env:
         from fusion_attn.pipeline import FusionPipeline
         from fusion_attn.sim.wrappers import FusedObservation
 
@@ -227,14 +226,22 @@ def policy_contract(env: gym.Env, cfg: PPOConfig) -> PolicyContract | None:
                                             sim.dt_ns * sim.substeps * cfg.action_repeat / 1e9)
 
 
-def check_contract(meta: dict, env: gym.Env, cfg: PPOConfig) -> None:
-    """ConfigError when the agent (its metadata) was trained on another fusion than `env` fuses with."""
-    if not cfg.env_id.startswith("FusionAttn/"):
+def check_contract(meta: dict, cfg: PPOConfig, env: gym.Env | None = None) -> None:
+    """ConfigError when the agent (its metadata) was trained on another fusion than `env` fuses with. Without
+    an env, the weights alone, read from cfg's fusion checkpoint: new weights would first be exported to ONNX
+    (half a minute on a CPU) only for the env to be refused."""
+    if not cfg.fusion_env:
         return
     if CONTRACT_KEY not in meta:
         raise ConfigError("the agent records no fusion contract (trained before policies carried one): retrain it")
     trained = PolicyContract.from_dict(meta[CONTRACT_KEY])
-    wrong = trained.mismatches(env.get_wrapper_attr("fusion_terms"))
+    if env is None:
+        from fusion_attn.pipeline import load_model, weights_digest
+
+        terms = {**trained.fusion, "weights_digest": weights_digest(load_model(cfg.fusion_checkpoint or None)[0])}
+    else:
+        terms = env.get_wrapper_attr("fusion_terms")
+    wrong = trained.mismatches(terms)
     if wrong:
         raise ConfigError("the agent was trained on another fusion than this env fuses with: " + "; ".join(wrong))
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -374,14 +375,15 @@ def test_policy_node_builds_the_observation_the_simulator_gave(tmp_path):
 def test_a_policy_on_another_fusion_is_refused_by_evaluate(tmp_path, capsys):
     """`rl evaluate` of an agent trained on one fusion model, with another model configured: exit 2, naming it."""
     from fusion_attn.checkpoint import save_checkpoint
-    from fusion_attn.pipeline import load_model
+    from fusion_attn.config import cache_dir
+    from fusion_attn.pipeline import load_model, weights_digest
 
     run = tmp_path / "run"
     cfg = PPOConfig(env_id="FusionAttn/Control-Discrete-v0", steps=32, envs=1, rollout=16, agent=AgentConfig(memory=4))
     train(cfg, run, progress=False)
     model, _ = load_model(None)
     with torch.no_grad():
-        model.queries.add_(0.01)  # a "retrained" fusion model
+        model.queries.add_(0.01 + random.SystemRandom().random())  # "retrained": no cache holds its graph
     save_checkpoint(model, tmp_path / "retrained.safetensors")
     agent, meta = load_agent(run / "agent.safetensors")
     meta["config"]["fusion_checkpoint"] = str(tmp_path / "retrained.safetensors")  # evaluated on the new model
@@ -389,6 +391,7 @@ def test_a_policy_on_another_fusion_is_refused_by_evaluate(tmp_path, capsys):
     assert rl_main(["evaluate", str(tmp_path / "moved.safetensors"), "--episodes", "1"]) == 2
     err = capsys.readouterr().err
     assert "trained on another fusion" in err and "weights digest" in err and meta[CONTRACT_KEY]["fusion"]["weights_digest"] in err
+    assert not list(cache_dir().glob(f"*{weights_digest(model)}*.onnx"))  # refused before it exported them
 
 
 def test_cue_recall_asks_for_the_cue_delay_decisions_later():
