@@ -66,9 +66,9 @@ setup(
         "sim": ["mujoco>=4.0", "gymnasium>=1.0"],
         # `fusion-attn train`: TensorBoard logs (simulated training data also needs `sim`)
         "train": ["tensorboard"],
-        # attention-memory RL (rl/): TorchRL's advantage estimator; the LSTM baseline and the
-        # throughput comparison use sb3-contrib's RecurrentPPO
-        "rl": ["torchrl>=0.14", "sb3-contrib>=2.3", "tensorboard"],
+        # attention-memory RL (rl/): the LSTM baseline and the throughput comparison use sb3-contrib's
+        # RecurrentPPO
+        "rl": ["sb3-contrib>=2.3", "tensorboard"],
         # RL env workers and replay jobs on a Ray cluster (rl/workers.py, fusion_attn/batch.py; docs/SCALE_OUT.md)
         "ray": ["ray>=2.9"],
     },

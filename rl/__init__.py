@@ -2,6 +2,6 @@
 
 import os
 
-# MuJoCo picks its GL backend when first imported, and TorchRL (rl/ppo.py) imports it: headless EGL
-# must be chosen before any of that (fusion_attn/sim explains).
+# MuJoCo picks its GL backend when first imported (the FusionAttn envs import it): headless EGL must be
+# chosen before that (fusion_attn/sim explains).
 os.environ.setdefault("MUJOCO_GL", "egl")

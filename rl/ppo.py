@@ -8,8 +8,8 @@ modality, and the task's own observation). Rollouts come from a vector env with 
 autoreset, so an observation that starts an episode is flagged and the agent's memory is masked
 there (`collect_rollout`; with --workers each worker runs it on its envs with the learner's weights,
 rl/workers.py). A truncated episode is bootstrapped with the value of its final observation, computed with
-the memory it had. Advantages: TorchRL's GAE; the clipped surrogate, value loss and entropy bonus
-are a few lines below. Minibatches: for GTrXL (and MLP) single steps, the stored memory an input of
+the memory it had. Advantages: GAE (`advantage_estimate`); the clipped surrogate, value loss and
+entropy bonus are a few lines below. Minibatches: for GTrXL (and MLP) single steps, the stored memory an input of
 each; for LSTM / GRU whole rollouts of a subset of envs, unrolled from the state stored at their
 first step with the state zeroed at episode starts, so the loss backpropagates through time (a
 recurrent state only learns to hold what a gradient through it asked for).
@@ -36,7 +36,6 @@ import gymnasium as gym
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from torchrl.objectives.value.functional import generalized_advantage_estimate
 
 from fusion_attn.checkpoint import read_safetensors
 from fusion_attn.contract import CONTRACT_KEY, PolicyContract
@@ -246,6 +245,21 @@ def check_contract(meta: dict, cfg: PPOConfig, env: gym.Env | None = None) -> No
         raise ConfigError("the agent was trained on another fusion than this env fuses with: " + "; ".join(wrong))
 
 
+def advantage_estimate(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor, dones: torch.Tensor,
+                       gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation (Schulman et al. 2016) over a rollout: (T, N) rewards, values, the
+    values of the next observations and dones -> (T, N) advantages and returns. An episode's end (done)
+    stops both the bootstrap and the sum."""
+    live = (~dones).float()
+    deltas = rewards + gamma * live * next_values - values
+    discount = lam * gamma * live
+    advantages = torch.empty_like(values)
+    last = torch.zeros_like(values[0])
+    for t in reversed(range(len(values))):
+        last = advantages[t] = deltas[t] + last * discount[t]
+    return advantages, advantages + values
+
+
 def env_action(space: gym.Space, action: torch.Tensor) -> np.ndarray:
     a = action.cpu().numpy()
     return a if isinstance(space, gym.spaces.Discrete) else np.clip(a, space.low, space.high)
@@ -415,13 +429,8 @@ def train(cfg: PPOConfig, out: str | Path, resume: bool = False, overwrite: bool
         obs_buf, mem_buf, mask_buf, act_buf, logp_buf, rew_buf, val_buf, done_buf = (
             rollout[k] for k in ("obs", "mem", "mask", "act", "logp", "rew", "val", "done"))
         next_value = rollout["next_value"]
-        # TorchRL's GAE over time: tensors (N, T, 1); an episode end stops the bootstrap
-        values = val_buf.T[..., None]
-        next_values = torch.cat([val_buf[1:], next_value[None]]).T[..., None]
-        dones = done_buf.T[..., None].bool()
-        advantages, returns = generalized_advantage_estimate(cfg.gamma, cfg.lam, values, next_values,
-                                                             rew_buf.T[..., None], dones, dones)
-        advantages, returns = advantages[..., 0].T, returns[..., 0].T  # (T, N)
+        advantages, returns = advantage_estimate(rew_buf, val_buf, torch.cat([val_buf[1:], next_value[None]]),
+                                                 done_buf.bool(), cfg.gamma, cfg.lam)
 
         agent.train()
         b = {"obs": obs_buf.flatten(0, 1), "mem": mem_buf.flatten(0, 1), "mask": mask_buf.flatten(0, 1),

@@ -20,7 +20,7 @@ from rl.__main__ import main as rl_main
 from rl.agent import ActorCritic, AgentConfig, GRUGate, reset_memory
 from rl.evaluate import attention_entropy, evaluate
 from rl.export import export_policy
-from rl.ppo import PPOConfig, load_agent, save_agent, train
+from rl.ppo import PPOConfig, advantage_estimate, load_agent, save_agent, train
 
 SPACE = gym.spaces.Discrete(3)
 CUE = "FusionAttnRL/CueRecall-v0"  # rl/envs.py
@@ -392,6 +392,16 @@ def test_a_policy_on_another_fusion_is_refused_by_evaluate(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "trained on another fusion" in err and "weights digest" in err and meta[CONTRACT_KEY]["fusion"]["weights_digest"] in err
     assert not list(cache_dir().glob(f"*{weights_digest(model)}*.onnx"))  # refused before it exported them
+
+
+def test_advantages_stop_at_an_episode_end():
+    """GAE by hand, γ = λ = 0.5, one env: step 1 ends its episode, so neither its bootstrap (the next
+    episode's first value) nor step 2's advantage reaches it; step 0 gets step 1's, discounted by γλ."""
+    rewards, values, next_values = torch.ones(3, 1), torch.tensor([[0.5], [0.0], [1.0]]), torch.full((3, 1), 2.0)
+    dones = torch.tensor([[False], [True], [False]])
+    advantages, returns = advantage_estimate(rewards, values, next_values, dones, 0.5, 0.5)
+    # deltas r + γ(1 - done)V' - V: 1.5, 1, 1; advantages backwards: 1, 1 + 0, 1.5 + 0.25 * 1
+    assert advantages.flatten().tolist() == [1.75, 1.0, 1.0] and returns.flatten().tolist() == [2.25, 1.0, 2.0]
 
 
 def test_cue_recall_asks_for_the_cue_delay_decisions_later():
