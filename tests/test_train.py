@@ -463,6 +463,27 @@ def test_training_learns_the_trust_and_validation_reports_it(tmp_path, cache):
         assert f"trust_{cond.split('_')[0]}" not in val[cond]  # no sample has it present
 
 
+def test_a_part_fitted_onto_a_trained_model_changes_nothing_else(tmp_path, cache, capsys):
+    """--init-from with --train-only: the camera's stale path (--stale-evidence) fitted onto a trained model
+    that lacks it; every other weight and the heads stay those of the checkpoint, bit for bit."""
+    train(TINY, tmp_path / "base", cache=cache, progress=False)
+    base = tmp_path / "base" / "model.safetensors"
+    fitted_tc = dataclasses.replace(TINY, stale_evidence=True, init_from=str(base), train_only=("trust.stale",), lr=0.05)
+    train(fitted_tc, tmp_path / "fitted", cache=cache, progress=False)
+    before, after = _state(tmp_path / "base"), _state(tmp_path / "fitted")
+    assert after.keys() - before.keys() == {"m.trust.stale"}
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    assert not torch.equal(after["m.trust.stale"], torch.tensor([0.0, -6.0]))  # it trained
+    # the checkpoint's weights must fit: another camera size is refused by name, and so is a part left untrained
+    assert _train_cli(tmp_path / "bad1", cache, "--steps", "2", "--init-from", str(base), "--camera-size", "64", "128") == 2
+    assert "its tokenizers are configured otherwise" in capsys.readouterr().err
+    assert _train_cli(tmp_path / "bad2", cache, "--steps", "2", "--init-from", str(base), "--stale-evidence",
+                      "--train-only", "queries") == 2
+    assert "would leave ['trust.stale'] untrained" in capsys.readouterr().err
+    assert _train_cli(tmp_path / "bad3", cache, "--steps", "2", "--train-only", "trust.stale") == 2  # from what?
+    assert "--train-only needs --init-from" in capsys.readouterr().err
+
+
 def test_floor_at_run_time_trains_the_weights_of_a_run_without_one(tmp_path, cache):
     """--floor-at-run-time: the training steps run without the trust floor (the weights are those of the
     same run without it), validation and the saved model use it."""

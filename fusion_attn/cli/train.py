@@ -64,6 +64,11 @@ def add_parser(verbs):
                        help="cosine attention logits with a learned scale per head (an implicit temperature)")
     train.add_argument("--learned-head-temperature", action="store_const", const=True,
                        help="a learned τ per head, multiplied with the input τ")
+    train.add_argument("--init-from", type=str, metavar="CHECKPOINT",
+                       help="start from a trained model's weights and heads (its tokenizer settings must be this run's)")
+    train.add_argument("--train-only", nargs="+", metavar="PREFIX",
+                       help="with --init-from: train only the parameters whose names start so (e.g. trust.stale, "
+                            "fitting --stale-evidence's camera path onto a trained model); the rest stay as loaded")
     train.add_argument("--eval-every", type=int, help="validation every this many steps (default 500; also at the end)")
     train.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:1, ...")
     train.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -88,18 +93,22 @@ def run(args) -> int:
     from ..learn.loop import TrainConfig, train
 
     fields = ("seed", "steps", "batch", "lr", "sim_episodes", "val_episodes", "sim_seconds", "trigger", "bags", "fusion",
-              "tau_random_prob", "sensor_fusion", "trust_floor", "floor_in_training", "camera_shifts", "lidar_motion", "lidar_motion_token", "stale_evidence", "camera_size", "trust_weight", "avoid_weight", "consistency_weight", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature")
+              "tau_random_prob", "sensor_fusion", "trust_floor", "floor_in_training", "camera_shifts", "lidar_motion", "lidar_motion_token", "stale_evidence", "camera_size", "trust_weight", "avoid_weight", "consistency_weight", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature", "init_from", "train_only")
     given = {k: getattr(args, k) for k in fields if hasattr(args, k)}
     if "bags" in given:
         given["bags"] = tuple(str(b) for b in given["bags"])
     if "camera_size" in given:
         given["camera_size"] = tuple(given["camera_size"])
+    if "train_only" in given:
+        given["train_only"] = tuple(given["train_only"])
     tc = dataclasses.replace(TrainConfig(), **given)
     if min(tc.sim_episodes, tc.val_episodes, tc.latent_blocks) < 0 or min(tc.steps, tc.batch, args.threads) < 1:
         raise ConfigError("--steps, --batch and --threads must be >= 1, --sim-episodes, --val-episodes and "
                           "--latent-blocks >= 0")
     if not tc.floor_in_training and tc.trust_floor <= 0:
         raise ConfigError("--floor-at-run-time needs a --trust-floor above 0")
+    if tc.train_only and not tc.init_from:
+        raise ConfigError("--train-only needs --init-from: the parameters it leaves out would keep untrained weights")
     if tc.sim_episodes == 0 and not tc.bags:
         raise ConfigError("no training data: give --sim-episodes > 0 or --bag")
     try:

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import save_checkpoint
+from ..checkpoint import read_checkpoint, save_checkpoint
 from ..config import CameraTokens, FusionConfig, ModelConfig, cache_dir
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..model import FusionModel
 from .augment import FaultPlan, corrupt, gather, random_tau
 from .data import Dataset, build_datasets
@@ -34,6 +34,7 @@ from .objectives import (
     fit_normalisation,
     fused_consistency,
     heads_path,
+    load_heads,
     losses,
     predict,
     save_heads,
@@ -86,6 +87,10 @@ class TrainConfig:
     lidar_motion_token: bool = False
     stale_evidence: bool = False
     camera_size: tuple[int, int] = (96, 128)  # height, width the camera tokenizer resizes to (config.CameraTokens)
+    # start from a trained checkpoint's weights and heads (None: from seed-initialised ones), and train only
+    # the parameters whose names start with one of train_only (empty: all of them)
+    init_from: str | None = None
+    train_only: tuple[str, ...] = ()
 
     def fusion_config(self) -> FusionConfig:
         """The config of the model this run trains."""
@@ -220,8 +225,12 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
     model.cfg = fit_cfg  # what the training steps run with
     heads = build_heads(cfg).to(dev).train()
     data = train_set.tensors()
-    fit_normalisation(heads, data, cfg, len(train_set))
-    opt = torch.optim.AdamW([*model.parameters(), *heads.parameters()], lr=tc.lr, weight_decay=tc.weight_decay)
+    if tc.init_from:
+        _start_from(tc, cfg, model, heads)
+    else:
+        fit_normalisation(heads, data, cfg, len(train_set))
+    trained = [p for p in (*model.parameters(), *heads.parameters()) if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=tc.lr, weight_decay=tc.weight_decay)
     gen = torch.Generator().manual_seed(tc.seed)  # batches, faults, τ: the whole data stream
     step = 0
     if state is not None:
@@ -309,6 +318,34 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
     save_heads(heads.cpu(), heads_path(out / "model.safetensors"), info={"command": command, "seed": tc.seed})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def _start_from(tc: TrainConfig, cfg: FusionConfig, model: nn.Module, heads: nn.Module) -> None:
+    """Load tc.init_from's weights and heads into the new run's model and heads, and freeze all but the
+    parameters tc.train_only names (the heads too, when it names any). The checkpoint may lack only
+    parameters that train: a part its configuration did not have (e.g. --stale-evidence's camera path,
+    fitted onto a trained model without changing anything else)."""
+    if not isinstance(model, FusionModel):
+        raise ConfigError(f"--init-from starts an attention model's run, not a {tc.fusion} baseline's")
+    trained_cfg, state, _ = read_checkpoint(tc.init_from)
+    if dataclasses.replace(trained_cfg, model=cfg.model) != cfg:
+        raise ConfigError(f"--init-from {tc.init_from}: its tokenizers are configured otherwise than this run's "
+                          "(camera size, lidar or IMU settings): its weights would see other tokens")
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        heads.load_state_dict(load_heads(heads_path(tc.init_from)).state_dict())
+    except RuntimeError as exc:  # a parameter of another shape: another model option
+        raise ConfigError(f"--init-from {tc.init_from}: its weights do not fit this run's model: {exc}") from exc
+    untrained = [k for k in missing if not (k.startswith(tc.train_only) if tc.train_only else True)]
+    if unexpected or untrained:
+        raise ConfigError(f"--init-from {tc.init_from}: this run's model lacks {unexpected or 'nothing'} of the "
+                          f"checkpoint's weights, and would leave {untrained or 'nothing'} untrained")
+    if tc.train_only:
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith(tc.train_only))
+        heads.requires_grad_(False)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ConfigError(f"--train-only {' '.join(tc.train_only)}: names no parameter of the model")
 
 
 def _log_eval(writer, report: dict[str, dict[str, float]], step: int) -> None:
