@@ -392,11 +392,14 @@ class SensorTrust(nn.Module):
         logits = self.logit(torch.cat([h, others], dim=-1)).squeeze(-1)  # (B, 3)
         stale = valid = None
         if self.stale is not None:
-            # both paths must vouch for the camera: trust = min(sigmoid(logit), 1 - sigmoid(stale logit)). An
-            # additive penalty (logit - softplus(stale)) was tried first: trained, it stayed too small to move
-            # the trust of EuRoC's frozen camera (docs/RESULTS.md)
+            # a veto: where this path judges the camera stale (its logit above 0), the camera's trust is at most
+            # 1 - sigmoid(stale logit); elsewhere the trust head's alone, so a fresh camera's fused state is
+            # the one a model without the path gives, bit for bit (the path fitted onto a trained model changes
+            # nothing else: docs/TRAINING.md). An additive penalty (logit - softplus(stale)) was tried first:
+            # trained, it stayed too small to move the trust of EuRoC's frozen camera (docs/RESULTS.md)
             stale = evidence[:, 0, 0] * self.stale[0] + self.stale[1]  # (B,)
-            logits = torch.cat([torch.minimum(logits[:, :1], -stale.unsqueeze(1)), logits[:, 1:]], dim=1)
+            vetoed = torch.where(stale > 0, torch.minimum(logits[:, 0], -stale), logits[:, 0])
+            logits = torch.cat([vetoed.unsqueeze(1), logits[:, 1:]], dim=1)
             valid = present[:, 0] & (evidence[:, 0, EVIDENCE - 1] > 0)  # a previous frame to compare with
         return logits.masked_fill(~present, float("-inf")), present, stale, valid
 

@@ -318,7 +318,8 @@ def test_trust_loss_through_the_model_has_finite_gradients():
 def test_the_stale_path_takes_a_frozen_camera_out_of_the_trust_whatever_else_it_sees():
     """stale_evidence: a second trust path for the camera sees only its change statistic. It starts
     silent; with the weights training gives it (no change -> stale), a camera that repeats its frame
-    loses its trust however the other path rates it, changing content keeps that path's trust, and a
+    loses its trust however the other path rates it, changing content keeps that path's trust bit for
+    bit (a veto, not a cap), and a
     lidar that repeats its sweep (a healthy radar may) keeps it too. Its loss asks "frozen or black"
     only, where there is a previous frame to compare with."""
     model = _model(stale_evidence=True)
@@ -334,10 +335,15 @@ def test_the_stale_path_takes_a_frozen_camera_out_of_the_trust_whatever_else_it_
     with torch.no_grad():
         model.trust.stale.copy_(torch.tensor([-2.0, -18.0]))  # stale below a change of e^-9
     learned = _run(model, x, [1, 1, 1, 1])
-    torch.testing.assert_close(learned["trust_logits"][:, 0], torch.minimum(other_path[:, 0], -learned["stale_logits"]))
-    assert learned["trust"][1, 0] < 1e-3 and learned["trust"][0, 0] > 0.1  # the repeated frame, the changing one
-    torch.testing.assert_close(learned["trust"][0], silent["trust"][0])  # the changing camera: the other path's
+    stale = learned["stale_logits"]
+    assert stale[1] > 0 > stale[0]  # the repeated frame judged stale, the changing one not
+    assert learned["trust_logits"][1, 0] == torch.minimum(other_path[1, 0], -stale[1])
+    assert learned["trust"][1, 0] < 1e-3 and torch.equal(learned["trust"][0], silent["trust"][0])  # the changing one: the other path's
     torch.testing.assert_close(learned["trust"][:, 1:], silent["trust"][:, 1:])  # the repeating lidar, the IMU
+    with torch.no_grad():
+        model.trust.stale.copy_(torch.tensor([0.0, -0.05]))  # unsure of every frame (p = 0.49): no veto
+    unsure = _run(model, x, [1, 1, 1, 1])
+    assert (other_path[:, 0] > 0.05).all() and torch.equal(unsure["trust"], silent["trust"])  # a cap would bind here
     plan = _plan([0, 0], ["noise", "freeze"])
     perfect, valid = torch.tensor([-20.0, 20.0]), torch.tensor([True, True])
     assert float(stale_loss(perfect, valid, plan)) < 1e-6
