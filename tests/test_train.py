@@ -474,6 +474,8 @@ def test_a_part_fitted_onto_a_trained_model_changes_nothing_else(tmp_path, cache
     assert after.keys() - before.keys() == {"m.trust.stale"}
     assert all(torch.equal(v, after[k]) for k, v in before.items())
     assert not torch.equal(after["m.trust.stale"], torch.tensor([0.0, -6.0]))  # it trained
+    info = read_checkpoint(tmp_path / "fitted" / "model.safetensors")[2]
+    assert info["init_from"]["checkpoint"] == str(base) and info["init_from"]["steps"] == TINY.steps  # what it was fitted onto
     # the checkpoint's weights must fit: another camera size is refused by name, and so is a part left untrained
     assert _train_cli(tmp_path / "bad1", cache, "--steps", "2", "--init-from", str(base), "--camera-size", "64", "128") == 2
     assert "its tokenizers are configured otherwise" in capsys.readouterr().err
@@ -617,7 +619,8 @@ def test_the_shipped_default_is_trained_and_documented():
     _, _, info = read_checkpoint(DEFAULT_CHECKPOINT)
     assert info["command"].startswith("fusion-attn train") and info["seed"] == 0
     assert GIT_SHA.fullmatch(info["git_commit"])  # trained from a checkout, its commit on record
-    assert info["data"]["train_samples"] > 1000 and info["steps"] >= 1000
+    base = info.get("init_from", info)  # a part fitted onto a trained model (make default-model): that model's training
+    assert info["data"]["train_samples"] > 1000 and base["steps"] >= 1000 and base["command"].startswith("fusion-attn train")
     # its trust floor acts at run time only (make default-model): a high τ can average a failed sensor in
     assert model.cfg.model.trust_floor == 0.01 and "--trust-floor 0.01" in info["command"]
     heads = load_heads(heads_path(DEFAULT_CHECKPOINT))

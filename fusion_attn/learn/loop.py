@@ -225,9 +225,8 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
     model.cfg = fit_cfg  # what the training steps run with
     heads = build_heads(cfg).to(dev).train()
     data = train_set.tensors()
-    if tc.init_from:
-        _start_from(tc, cfg, model, heads)
-    else:
+    base = _start_from(tc, cfg, model, heads) if tc.init_from else None
+    if base is None:
         fit_normalisation(heads, data, cfg, len(train_set))
     trained = [p for p in (*model.parameters(), *heads.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(trained, lr=tc.lr, weight_decay=tc.weight_decay)
@@ -307,11 +306,12 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
         "data": {"train_samples": len(train_set), "train_bag_samples": int((train_set.source == 1).sum()),
                  "val_samples": len(val_set) if val_set is not None else 0, "dataset_s": round(data_s, 1)},
         "train_s": round(train_s, 1),
+        **({"init_from": base} if base else {}),
         "first_step_losses": {k: round(v, 4) for k, v in first_losses.items()} if first_losses else {},
         "final_train_losses_ema": {k: round(v, 4) for k, v in recent.items()},
         "val": {cond: {k: round(v, 4) for k, v in m.items()} for cond, m in report.items()},
     }
-    info = {k: metrics[k] for k in ("command", "seed", "git_commit", "steps", "data", "train_s")}
+    info = {k: metrics[k] for k in ("command", "seed", "git_commit", "steps", "data", "train_s", "init_from") if k in metrics}
     info["val_clean"] = metrics["val"].get("clean", {})
     if isinstance(model, FusionModel):  # a baseline's weights stay in the training state only
         save_checkpoint(model.cpu(), out / "model.safetensors", info=info)
@@ -320,14 +320,15 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
     return metrics
 
 
-def _start_from(tc: TrainConfig, cfg: FusionConfig, model: nn.Module, heads: nn.Module) -> None:
+def _start_from(tc: TrainConfig, cfg: FusionConfig, model: nn.Module, heads: nn.Module) -> dict:
     """Load tc.init_from's weights and heads into the new run's model and heads, and freeze all but the
-    parameters tc.train_only names (the heads too, when it names any). The checkpoint may lack only
-    parameters that train: a part its configuration did not have (e.g. --stale-evidence's camera path,
-    fitted onto a trained model without changing anything else)."""
+    parameters tc.train_only names (the heads too, when it names any); -> the checkpoint's provenance
+    (its path, command, seed, commit, steps), which the new checkpoint records. The checkpoint may lack
+    only parameters that train: a part its configuration did not have (e.g. --stale-evidence's camera
+    path, fitted onto a trained model without changing anything else)."""
     if not isinstance(model, FusionModel):
         raise ConfigError(f"--init-from starts an attention model's run, not a {tc.fusion} baseline's")
-    trained_cfg, state, _ = read_checkpoint(tc.init_from)
+    trained_cfg, state, trained_info = read_checkpoint(tc.init_from)
     if dataclasses.replace(trained_cfg, model=cfg.model) != cfg:
         raise ConfigError(f"--init-from {tc.init_from}: its tokenizers are configured otherwise than this run's "
                           "(camera size, lidar or IMU settings): its weights would see other tokens")
@@ -346,6 +347,8 @@ def _start_from(tc: TrainConfig, cfg: FusionConfig, model: nn.Module, heads: nn.
         heads.requires_grad_(False)
         if not any(p.requires_grad for p in model.parameters()):
             raise ConfigError(f"--train-only {' '.join(tc.train_only)}: names no parameter of the model")
+    return {"checkpoint": str(tc.init_from), **{k: trained_info[k] for k in ("command", "seed", "git_commit", "steps")
+                                                if k in trained_info}}
 
 
 def _log_eval(writer, report: dict[str, dict[str, float]], step: int) -> None:
