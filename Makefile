@@ -8,7 +8,8 @@ BAG    ?= ../shared/data/real/euroc_v1_01_cam_imu
 STAMP     := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: run test colcon-check venv clean default-model robustness robustness-arrival robustness-default robustness-stalecam
+.PHONY: run test colcon-check venv clean default-model robustness robustness-arrival robustness-default robustness-stalecam \
+	robustness-stalefit
 
 # The main job on the embedded default: CPU, ONNX Runtime, no robot, the packaged default model:
 # replay a recording as the node would fuse it; fused-state bag, summary and plots in $(OUT).
@@ -143,6 +144,11 @@ robustness-stalecam: $(STAMP) runs/default_stalecam-s0/train_state.pt runs/defau
 	$(VENV)/bin/fusion-attn eval-robustness stalecam=runs/default_stalecam-s0 'stalecam#1=runs/default_stalecam-s1' \
 		'stalecam#2=runs/default_stalecam-s2' --beside docs/results/default/robustness.json -o docs/results/stalecam \
 		--episodes 12 --jobs 2 --bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
+# the packaged default (runs/default_stalefit, one seed: the path fitted onto runs/default) beside the above
+robustness-stalefit: $(STAMP) runs/default_stalefit/train_state.pt
+	$(VENV)/bin/fusion-attn eval-robustness stalefit=runs/default_stalefit --beside docs/results/default/robustness.json \
+		-o docs/results/default_stalefit --episodes 12 --jobs 2 --bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame \
+		$(REAL)/sick_lms1xx_scan_cloud_radar.bag
 
 # Build with colcon (the robot's path) into a temp workspace and check the install tree.
 colcon-check: $(STAMP) $(DEV_STAMP)
