@@ -64,7 +64,7 @@ def evaluate(agent_path: str | Path, episodes: int = 20, faults: bool = False, o
     cfg = PPOConfig.from_dict(meta["config"])
     if faults and not cfg.fusion_env:
         raise ConfigError(f"{cfg.env_id} has no sensor faults to inject: faults apply to FusionAttn envs only")
-    check_contract(meta, cfg)  # never evaluate a policy on features it was not trained on: the weights first,
+    check_contract(meta, cfg)  # never evaluate a policy on features it was not trained on: its weights first
     env = make_env(cfg)
     rng = np.random.default_rng(seed)
     results = []

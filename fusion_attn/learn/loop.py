@@ -321,8 +321,8 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
 
 
 def _start_from(tc: TrainConfig, cfg: FusionConfig, model: nn.Module, heads: nn.Module) -> dict:
-    """Load tc.init_from's weights and heads into the new run's model and heads, and freeze all but the
-    parameters tc.train_only names (the heads too, when it names any); -> the checkpoint's provenance
+    """Load tc.init_from's weights and heads into the new run's model and heads, and, when tc.train_only
+    names any, freeze every other parameter, the heads included; -> the checkpoint's provenance
     (its path, command, seed, commit, steps), which the new checkpoint records. The checkpoint may lack
     only parameters that train: a part its configuration did not have (e.g. --stale-evidence's camera
     path, fitted onto a trained model without changing anything else)."""
