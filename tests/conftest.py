@@ -1,6 +1,7 @@
 """Shared fixtures. Real recordings live in ../shared/data/real beside the checkout."""
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -49,6 +50,42 @@ def real_data() -> Path:
             pytest.fail(f"real recordings missing under CI: {REAL_DATA}")
         pytest.skip(f"real recordings not found at {REAL_DATA} (see README: tests with real data)")
     return REAL_DATA
+
+
+@pytest.fixture(scope="session", autouse=True)
+def child_tracebacks():
+    """Every process a test starts dumps its Python threads' stacks on a fatal signal (stop_node uses it)."""
+    os.environ["PYTHONFAULTHANDLER"] = "1"
+
+
+def stop_node(proc: subprocess.Popen, log: Path, timeout: float = 30.0) -> int:
+    """SIGTERM a node's process and wait for it; -> its exit status. See stop_nodes."""
+    return stop_nodes((proc, log), timeout=timeout)[0]
+
+
+def stop_nodes(*nodes: tuple[subprocess.Popen, Path], timeout: float = 30.0) -> list[int]:
+    """SIGTERM each (process, log) at once and wait for them; -> their exit statuses. One still running
+    after `timeout` s is aborted, so that its log ends with each thread's stack, and killed; the test then
+    fails with those logs, after every process is gone."""
+    for proc, _ in nodes:
+        proc.terminate()
+    end, hung = time.monotonic() + timeout, []
+    for proc, log in nodes:
+        try:
+            proc.wait(timeout=max(end - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            hung.append((proc, log))
+    if hung:  # every process is gone by now; then their logs
+        pytest.fail("\n\n".join(f"{' '.join(map(str, proc.args[:4]))} still running {timeout:.0f} s after SIGTERM; its "
+                                 f"log, with each thread's stack at that moment:\n{log.read_text(errors='replace')[-8000:]}"
+                                 for proc, log in hung))
+    return [proc.returncode for proc, _ in nodes]
 
 
 def wait_until(predicate, timeout: float) -> bool:

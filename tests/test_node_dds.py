@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import wait_until
+from conftest import stop_node, wait_until
 
 rclpy = pytest.importorskip("rclpy", reason="rclpy (ROS 2) is not installed")
 from diagnostic_msgs.msg import DiagnosticArray
@@ -91,8 +91,7 @@ def fusion_node(ros, real_data, tmp_path_factory):
         ready = ros.wait_for(lambda: ros.status("fusion") is not None, timeout=60)
         assert ready, (work / "node.log").read_text()
         yield proc, work / "node.log"
-        proc.terminate()
-        assert proc.wait(timeout=10) == 0, (work / "node.log").read_text()
+        assert stop_node(proc, work / "node.log") == 0, (work / "node.log").read_text()
 
 
 def _play(ros, real_data, **kw):
@@ -260,8 +259,7 @@ def managed_node(ros, tmp_path_factory):
                                  "-r", "fused_state:=/managed/fused_state", "--params-file", str(work / "params.yaml")],
                                 env=env, stdout=log, stderr=subprocess.STDOUT)
         yield proc, work / "node.log"
-        proc.terminate()
-        proc.wait(timeout=30)  # a loaded machine can take a while to stop it
+        stop_node(proc, work / "node.log")
 
 
 def _change_state(ros, transition_id, node="managed_fusion"):
@@ -396,8 +394,7 @@ def test_an_idle_node_says_on_diagnostics_why_it_is_idle(ros, tmp_path, tmp_path
         others = {s.name for a in list(ros.diags) for s in a.status if s.hardware_id == "idle_fusion"}
         assert others == {"fusion_attn: lifecycle"}  # no sensor or fusion status before it is active
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        stop_node(proc, tmp_path / "node.log")
 
 
 def test_node_with_a_corrupt_checkpoint_says_so_and_exits(tmp_path):
@@ -499,8 +496,7 @@ def plain_node(ros, tmp_path_factory):
                                 env=env, stdout=log, stderr=subprocess.STDOUT)
         assert ros.wait_for(lambda: _plain_fusion(ros) is not None, timeout=90), (work / "node.log").read_text()
         yield proc, work / "node.log"
-        proc.terminate()
-        assert proc.wait(timeout=10) == 0, (work / "node.log").read_text()
+        assert stop_node(proc, work / "node.log") == 0, (work / "node.log").read_text()
 
 
 def _plain_fusion(ros) -> dict | None:

@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import wait_until
+from conftest import stop_node, stop_nodes, wait_until
 
 rclpy = pytest.importorskip("rclpy", reason="rclpy (ROS 2) is not installed")
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
@@ -66,9 +66,12 @@ def test_stops_without_fused_state_and_resets_memory_on_request(ros, policy, tmp
         assert wait_until(lambda: len(seen["cmd"]) - start >= 5, 30), log.read_text()
         assert all(c == (0.0, 0.0) for c in seen["cmd"][start:])  # nothing fused yet: it stands still
         bad = node.create_publisher(Image, "fused_state", 10)
-        assert wait_until(lambda: bad.get_subscription_count() > 0, 10)  # a message before discovery is lost
-        bad.publish(Image(height=12, width=64, encoding="mono8", step=64, data=bytes(768)))
-        assert wait_until(lambda: "fused_state dropped: mono8" in log.read_text(), 10), log.read_text()
+        garbage = Image(height=12, width=64, encoding="mono8", step=64, data=bytes(768))
+
+        def dropped() -> bool:  # best effort, and the node may not yet match a writer it was matched by: resend
+            bad.publish(garbage)
+            return "fused_state dropped: mono8" in log.read_text()
+        assert wait_until(dropped, 10), log.read_text()
         client = node.create_client(Trigger, "/policy_node/reset_memory")
         assert client.wait_for_service(timeout_sec=10)
         future = client.call_async(Trigger.Request())
@@ -76,8 +79,7 @@ def test_stops_without_fused_state_and_resets_memory_on_request(ros, policy, tmp
         # no fusion_node reports its fusion: the contract is unchecked, so it refuses first
         assert "stopped: fusion contract: no /diagnostics from fusion_node yet" in log.read_text() and proc.poll() is None
     finally:
-        proc.terminate()
-        assert proc.wait(timeout=10) == 0, log.read_text()
+        assert stop_node(proc, log) == 0, log.read_text()
 
 
 def test_a_policy_is_refused_by_a_retrained_fusion_and_a_live_tau_change(ros, policy, tmp_path):
@@ -104,6 +106,7 @@ def test_a_policy_is_refused_by_a_retrained_fusion_and_a_live_tau_change(ros, po
     # torch: the contract is the weights' digest whatever the backend, and new weights on ONNX Runtime would
     # first be exported (15-40 s here); the packaged model's graph is in the run's cache already
     fusion = fusion_node("fusion_retrained", f"checkpoint:={tmp_path / 'retrained.safetensors'}", "backend:=torch")
+    fusion_log = logs["fusion_retrained"]
     try:
         assert wait_until(lambda: "refusing to drive" in logs["policy"].read_text(), 60), logs["policy"].read_text()
         assert "(the fusion model changed)" in logs["policy"].read_text()
@@ -112,9 +115,9 @@ def test_a_policy_is_refused_by_a_retrained_fusion_and_a_live_tau_change(ros, po
         start = len(seen["cmd"])
         assert wait_until(lambda: len(seen["cmd"]) - start >= 5, 10)
         assert all(c == (0.0, 0.0) for c in seen["cmd"][start:])
-        fusion.terminate()
-        fusion.wait(timeout=20)
-        fusion = fusion_node("fusion_default")  # the packaged model it was trained on: the refusal lifts
+        stop_node(fusion, logs["fusion_retrained"])
+        # the packaged model it was trained on: the refusal lifts
+        fusion, fusion_log = fusion_node("fusion_default"), logs["fusion_default"]
         assert wait_until(lambda: "fusion matches the policy's contract" in logs["policy"].read_text(), 60), \
             logs["policy"].read_text()[-2000:]
         client = node.create_client(SetParameters, "/fusion_node/set_parameters")
@@ -126,10 +129,7 @@ def test_a_policy_is_refused_by_a_retrained_fusion_and_a_live_tau_change(ros, po
             logs["policy"].read_text()[-2000:]
         assert policy_proc.poll() is None and fusion.poll() is None
     finally:
-        for p in (fusion, policy_proc):
-            p.terminate()
-        for p in (fusion, policy_proc):
-            p.wait(timeout=20)
+        stop_nodes((fusion, fusion_log), (policy_proc, logs["policy"]))
 
 
 def test_missing_policy_is_a_clear_error(ros, tmp_path):
@@ -167,7 +167,4 @@ def test_closed_loop_episode_completes(ros, policy, tmp_path):
         assert np.all(np.abs(cmds[:, 0]) <= 0.8 + 1e-6) and np.all(np.abs(cmds[:, 1]) <= 1.5 + 1e-6)  # limits
         assert all(p.poll() is None for p in procs), logs["robot"].read_text()[-2000:]
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=30)
+        stop_nodes(*((p, logs[name]) for p, name in zip(procs, logs)))

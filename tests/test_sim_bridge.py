@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import wait_until
+from conftest import stop_nodes, wait_until
 
 rclpy = pytest.importorskip("rclpy", reason="rclpy (ROS 2) is not installed")
 from geometry_msgs.msg import Twist
@@ -49,11 +49,11 @@ def graph(tmp_path_factory):
     executor.add_node(node)
     threading.Thread(target=executor.spin, daemon=True).start()
     yield node, seen, logs
-    for p in procs:
-        p.terminate()
-        p.wait(timeout=30)  # the launcher gives its nodes 10 s before it kills them
-    executor.shutdown()
-    rclpy.shutdown()
+    try:
+        stop_nodes((procs[0], logs / "bridge.log"), (procs[1], logs / "node.log"))  # the launcher: 10 s for its nodes
+    finally:  # a hung node fails this test; rclpy is shut down all the same, for the modules after it
+        executor.shutdown()
+        rclpy.shutdown()
 
 
 def test_bridge_publishes_sensors_and_clock_and_moves_on_cmd_vel(graph):
