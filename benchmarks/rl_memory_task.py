@@ -49,6 +49,8 @@ parser.add_argument("--fault-after", type=float, default=0.0,
                     help="share of the steps trained clean before --fault-rate applies (rl.config.PPOConfig.fault_after)")
 parser.add_argument("--fault-ramp", type=float, default=0.0,
                     help="share of the steps over which the fault share rises to --fault-rate (rl.config.PPOConfig.fault_ramp)")
+parser.add_argument("--aux-info", default="", help="our PPO's agents also learn to predict this step info entry "
+                    "(FusionAttn envs: goal), in training only (rl.config.PPOConfig.aux_info)")
 parser.add_argument("--fusion-checkpoint", default="", help="FusionAttn envs: the fusion model the agents observe "
                     "through (default: the packaged one), e.g. a candidate default before it is packaged")
 parser.add_argument("--fusion-trigger", default="timer", help="FusionAttn envs: fuse on the timer or on each message "
@@ -68,7 +70,7 @@ def config(seed: int, kind: str = "gtrxl") -> PPOConfig:
     return PPOConfig(env_id=args.env, env_kwargs={"task_options": {"n_goals": args.goals}} if FUSION else {},
                      fusion_checkpoint=args.fusion_checkpoint,
                      fusion_trigger=args.fusion_trigger, steps=args.steps, envs=8, rollout=128, seed=seed, lr=args.lr, fault_rate=args.fault_rate, fault_after=args.fault_after, fault_ramp=args.fault_ramp,
-                     action_repeat=args.action_repeat if FUSION else None, agent=AgentConfig(kind=kind, memory=args.memory))
+                     aux_info=args.aux_info, action_repeat=args.action_repeat if FUSION else None, agent=AgentConfig(kind=kind, memory=args.memory))
 
 
 def ours(kind: str, seed: int, run: Path, resume: bool):
@@ -82,8 +84,9 @@ def ours(kind: str, seed: int, run: Path, resume: bool):
     key = "episode_success" if FUSION else "episode_return"
     curve = [(r["global_step"], r.get(key, float("nan"))) for r in rows]
     clean = evaluate(run / "agent.safetensors", args.episodes, faults=False, out=run / "eval")
-    faulted = evaluate(run / "agent.safetensors", args.episodes, faults=True).get("success_rate") if FUSION else None
-    return curve, clean.get("success_rate"), faulted, clean["return_mean"], seconds
+    faulted = evaluate(run / "agent.safetensors", args.episodes, faults=True) if FUSION else {}
+    return (curve, clean.get("success_rate"), faulted.get("success_rate"), clean["return_mean"], seconds,
+            faulted.get("success_by_fault"))
 
 
 def lstm(seed: int, run: Path):
@@ -138,7 +141,7 @@ def lstm(seed: int, run: Path):
         return (None if None in wins else float(np.mean(wins))), float(np.mean(returns))
 
     (clean, clean_return), faulted = score(False), score(True)[0] if FUSION else None
-    return curve, clean, faulted, clean_return, seconds
+    return curve, clean, faulted, clean_return, seconds, None
 
 
 # Each run keeps its result in RUN/result.json and is skipped when that exists: several processes can
@@ -150,10 +153,11 @@ for agent in args.agents:
         done = run / "result.json"
         if not done.exists():  # not finished: start it over, or continue ours from its saved state (--resume)
             resume = args.resume and agent != "lstm" and (run / "train_state.pt").exists()
-            curve, clean, faulted, clean_return, seconds = (lstm(seed, run) if agent == "lstm"
-                                                            else ours(agent.removeprefix("ppo-"), seed, run, resume))
+            curve, clean, faulted, clean_return, seconds, by_fault = (
+                lstm(seed, run) if agent == "lstm" else ours(agent.removeprefix("ppo-"), seed, run, resume))
             done.write_text(json.dumps({"seed": seed, "curve": curve, "success_clean": clean, "success_faults": faulted,
-                                        "return_clean": clean_return, "train_seconds": seconds, "resumed": resume}))
+                                        "success_by_fault": by_fault, "return_clean": clean_return,
+                                        "train_seconds": seconds, "resumed": resume}))
         r = json.loads(done.read_text())
         results.setdefault(agent, []).append(r)
         shown = {k: "-" if r.get(k) is None else f"{r[k]:.2f}" for k in ("success_clean", "success_faults", "return_clean")}
@@ -187,7 +191,7 @@ if "gtrxl" in results and "lstm" in results:  # env steps GTrXL needs to reach t
     targets["gtrxl"]["steps_ratio_to_lstm"] = float(reached[0] / lstm_steps[-1]) if len(reached) else None
 report = {"date": datetime.date.today().isoformat(), "machine": machine(), "env": args.env, "goals": args.goals,
           "fusion_checkpoint": args.fusion_checkpoint, "fusion_trigger": args.fusion_trigger, "fault_rate": args.fault_rate,
-          "fault_after": args.fault_after, "fault_ramp": args.fault_ramp, "steps": args.steps, "seeds": args.seeds, "eval_episodes": args.episodes, "targets": targets,
+          "fault_after": args.fault_after, "fault_ramp": args.fault_ramp, "aux_info": args.aux_info, "steps": args.steps, "seeds": args.seeds, "eval_episodes": args.episodes, "targets": targets,
           "results": results}
 args.out.parent.mkdir(parents=True, exist_ok=True)
 args.out.write_text(json.dumps(report, indent=1))

@@ -72,6 +72,11 @@ def add_verbs(verbs) -> None:
     train.add_argument("--fault-ramp", type=float, default=ppo.fault_ramp,
                        help="share of the steps over which the fault share then rises linearly from 0 to "
                             "--fault-rate (default 0: at once)")
+    train.add_argument("--aux-info", default=ppo.aux_info, metavar="KEY",
+                       help="a numeric entry of the env's step info that the agent also learns to predict from its "
+                            "memory, in training only (FusionAttn envs: goal, the episode's goal in the arena): an "
+                            "auxiliary loss that makes the memory keep what the task depends on (docs/RL.md)")
+    train.add_argument("--aux-coef", type=float, default=ppo.aux_coef, help="weight of --aux-info's squared error")
     resume = train.add_mutually_exclusive_group()
     resume.add_argument("--resume", action="store_true", help="continue RUN/train_state.pt (same flags; a larger "
                         "--steps extends a finished run)")
@@ -100,6 +105,7 @@ def run(args) -> int:
                         steps=args.steps, envs=args.workers * args.envs_per_worker if args.envs_per_worker else args.envs,
                         workers=args.workers, ray=args.ray, rollout=args.rollout, lr=args.lr, ent_coef=args.ent_coef, action_repeat=args.action_repeat, seed=args.seed, threads=args.threads, device=args.device,
                         fault_rate=args.fault_rate, fault_after=args.fault_after, fault_ramp=args.fault_ramp,
+                        aux_info=args.aux_info, aux_coef=args.aux_coef,
                         agent=AgentConfig(kind=args.agent, memory=args.memory, layers=args.layers))
         row = train(cfg, args.output, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
         print(json.dumps({"run": str(args.output), "config": dataclasses.asdict(cfg), "last": row}, indent=1))

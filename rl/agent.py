@@ -115,29 +115,36 @@ class ActorCritic(nn.Module):
         """obs (N, obs_dim), memory (N, L, K, D), mask (N, K) -> head output (N, A), value (N,),
         next memory, next mask, attention of the last layer over [memory, current] (N, K+1); agents
         without attention give (N, 1) ones."""
+        x, memory, mask, attention = self.features(obs, memory, mask)
+        return *self.heads(x), memory, mask, attention
+
+    def heads(self, x):
+        """Trunk features (N, D) -> policy head output (N, A), value (N,)."""
+        return self.policy(x), self.value(x)[:, 0]
+
+    def features(self, obs, memory, mask):
+        """What both heads read: obs (N, obs_dim), memory, mask -> features (N, D), next memory, next
+        mask, attention (as `step`)."""
         x = self.embed(obs)
         attention = torch.ones(obs.shape[0], 1, device=obs.device)
         if self.trunk is not None:
-            x = self.trunk(x)
-            return self.policy(x), self.value(x)[:, 0], memory, mask, attention
+            return self.trunk(x), memory, mask, attention
         if self.recurrent:
             y, state = self.rnn(x[None], self._state(memory, mask))
-            x = self.norm(y[0])
-            return self.policy(x), self.value(x)[:, 0], self._memory(state), torch.ones_like(mask), attention
+            return self.norm(y[0]), self._memory(state), torch.ones_like(mask), attention
         inputs = []
         for layer, block in enumerate(self.blocks):
             inputs.append(x)  # what this layer saw now: the newest slot of its memory next step
             x, attention = block(x, memory[:, layer], mask)
-        x = self.norm(x)
         next_memory = torch.cat([memory[:, :, 1:], torch.stack(inputs, dim=1)[:, :, None]], dim=2)
         next_mask = torch.cat([mask[:, 1:], torch.ones_like(mask[:, :1])], dim=1)
-        return self.policy(x), self.value(x)[:, 0], next_memory, next_mask, attention
+        return self.norm(x), next_memory, next_mask, attention
 
     def unroll(self, obs, memory, mask):
         """The recurrent kinds over stored sequences, for training: obs (T, N, obs_dim), memory at the
-        first step, mask (T, N, 1), False where an episode starts -> heads (T * N, A), values (T * N,),
-        flat t * N + env: what `step` gives step by step. Each stretch without an episode start is one
-        call of the fused RNN (several times faster than a call per step)."""
+        first step, mask (T, N, 1), False where an episode starts -> features (T * N, D), flat t * N +
+        env: what `features` gives step by step. Each stretch without an episode start is one call of
+        the fused RNN (several times faster than a call per step)."""
         x = self.embed(obs)
         cuts = [0, *((~mask[1:, :, 0]).any(1).nonzero()[:, 0] + 1).tolist(), len(obs)]
         out = []
@@ -145,8 +152,7 @@ class ActorCritic(nn.Module):
             y, state = self.rnn(x[a:b], self._state(memory, mask[a]))
             memory = self._memory(state)
             out.append(y)
-        x = self.norm(torch.cat(out)).flatten(0, 1)
-        return self.policy(x), self.value(x)[:, 0]
+        return self.norm(torch.cat(out)).flatten(0, 1)
 
     def _state(self, memory, keep):
         """memory (N, L, S, D), keep (N, 1) -> torch's RNN state, (L, N, D) each, zero where not kept."""

@@ -51,6 +51,10 @@ class PPOConfig:
     fault_rate: float = 0.0  # FusionAttn envs: share of training episodes with one sensor fault (rl.ppo.TRAINING_FAULTS)
     fault_after: float = 0.0  # share of the steps trained clean before faults start: learn the task, then its faults
     fault_ramp: float = 0.0  # share of the steps over which the fault rate then rises from 0 to fault_rate
+    # a numeric entry of the env's step info (FusionAttn envs: "goal") that the trunk also learns to predict,
+    # privileged in training only: it shapes what the memory keeps; the deployed policy never sees it
+    aux_info: str = ""
+    aux_coef: float = 0.5  # weight of that prediction's squared error in the loss
     agent: AgentConfig = field(default_factory=AgentConfig)
 
     def __post_init__(self):
@@ -63,6 +67,8 @@ class PPOConfig:
         if not 0.0 <= self.fault_ramp <= 1.0 - self.fault_after:
             raise ConfigError(f"fault_ramp {self.fault_ramp}: a share of the training steps after fault_after "
                               f"({self.fault_after}), in [0, {1.0 - self.fault_after:g}]")
+        if self.aux_coef < 0:
+            raise ConfigError(f"aux_coef {self.aux_coef}: a loss weight, at least 0")
         if self.action_repeat is None:  # the config records the repeat used, so a saved run says it
             object.__setattr__(self, "action_repeat", 5 if self.fusion_env else 1)
         elif not self.fusion_env and self.action_repeat != 1:

@@ -19,7 +19,8 @@ class CueRecall(gym.Env):
     """A cue (one of 3) is shown at the first decision only; `delay` decisions later a flag asks for
     it, and the action there must name the cue (reward 1, info["is_success"]); the episode ends. The
     actions in between do nothing. Without memory the best is chance, 1/3; a GTrXL agent reaches the
-    cue only if delay <= its memory K (docs/RL.md)."""
+    cue only if delay <= its memory K (docs/RL.md). info["cue"] is the cue's index at every step (never
+    an observation: a target for --aux-info)."""
 
     observation_space = gym.spaces.Box(0.0, 1.0, (4,), np.float32)  # cue one-hot, "answer now" flag
     action_space = gym.spaces.Discrete(3)
@@ -32,14 +33,14 @@ class CueRecall(gym.Env):
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
         self.t, self.cue = 0, int(self.np_random.integers(3))
-        return np.eye(4, dtype=np.float32)[self.cue], {}
+        return np.eye(4, dtype=np.float32)[self.cue], {"cue": self.cue}
 
     def step(self, action):
         self.t += 1
         if self.t <= self.delay:
-            return np.eye(4, dtype=np.float32)[3] * (self.t == self.delay), 0.0, False, False, {}
+            return np.eye(4, dtype=np.float32)[3] * (self.t == self.delay), 0.0, False, False, {"cue": self.cue}
         success = int(action) == self.cue
-        return np.zeros(4, np.float32), float(success), True, False, {"is_success": success}
+        return np.zeros(4, np.float32), float(success), True, False, {"is_success": success, "cue": self.cue}
 
 
 gym.register("FusionAttnRL/CueRecall-v0", entry_point=CueRecall)

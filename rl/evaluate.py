@@ -81,6 +81,9 @@ def evaluate(agent_path: str | Path, episodes: int = 20, faults: bool = False, o
     summary = {"agent": str(agent_path), "env_id": cfg.env_id, "episodes": episodes, "faults": faults}
     if any("success" in r for r in results):  # an env without a success signal has no success rate
         summary["success_rate"] = float(np.mean([r.get("success", False) for r in results]))
+        if faults:  # which fault costs what
+            summary["success_by_fault"] = {f: float(np.mean([r.get("success", False) for r in results if r["fault"] == f]))
+                                           for f in EVAL_FAULTS if any(r["fault"] == f for r in results)}
     summary.update(return_mean=float(np.mean([r["return"] for r in results])),
                    steps_mean=float(np.mean([r["steps"] for r in results])), trained_steps=meta.get("global_step"))
     if out is not None:

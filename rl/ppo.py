@@ -9,13 +9,15 @@ autoreset, so an observation that starts an episode is flagged and the agent's m
 there (`collect_rollout`; with --workers each worker runs it on its envs with the learner's weights,
 rl/workers.py). A truncated episode is bootstrapped with the value of its final observation, computed with
 the memory it had. Advantages: GAE (`advantage_estimate`); the clipped surrogate, value loss and
-entropy bonus are a few lines below. Minibatches: for GTrXL (and MLP) single steps, the stored memory an input of
-each; for LSTM / GRU whole rollouts of a subset of envs, unrolled from the state stored at their
-first step with the state zeroed at episode starts, so the loss backpropagates through time (a
-recurrent state only learns to hold what a gradient through it asked for).
+entropy bonus are a few lines below; with cfg.aux_info, a squared error that trains a head on the
+trunk to predict that step info entry (privileged, training only: the head is not in the agent).
+Minibatches: for GTrXL (and MLP) single steps, the stored memory an input of each; for LSTM / GRU
+whole rollouts of a subset of envs, unrolled from the state stored at their first step with the
+state zeroed at episode starts, so the loss backpropagates through time (a recurrent state only
+learns to hold what a gradient through it asked for).
 
 Outputs in the run folder: agent.safetensors (weights + config as metadata), train_state.pt
-(optimizer, counters, RNG; loaded with weights_only=True), tb/ (TensorBoard), metrics.jsonl,
+(agent and aux head weights, optimizer, counters, RNG; loaded with weights_only=True), tb/ (TensorBoard), metrics.jsonl,
 curve.png (the learning curve). A folder that holds a run is not trained into again unless resumed
 or overwritten.
 """
@@ -273,17 +275,22 @@ class RolloutPolicy:
 
     build: Callable[[], ActorCritic]
     weights: dict[str, torch.Tensor]
+    aux_info: str = ""  # the step info entry collect_rollout records (PPOConfig.aux_info), and its size
+    aux_size: int = 0
 
 
-def collect_rollout(agent: ActorCritic, envs: gym.vector.VectorEnv, carry: tuple, steps: int, gamma: float):
+def collect_rollout(agent: ActorCritic, envs: gym.vector.VectorEnv, carry: tuple, steps: int, gamma: float,
+                    aux_info: str = "", aux_size: int = 0):
     """`steps` decisions of every env, actions sampled from `agent`. carry: the envs' observations
     (n, obs_dim), memory, memory mask and episode-start flags (n,), as the last call left them.
     -> buffers by name, (steps, n, ...): obs, mem, mask (what the agent saw), act, logp, val, rew (a
-    cut-off episode's last reward bootstrapped with the value of its final observation), done; and
-    next_value (n,) after the last step; the carry to go on from; the episodes that ended (lists)."""
+    cut-off episode's last reward bootstrapped with the value of its final observation), done, and
+    with `aux_info` aux (the step info's entry, `aux_size` values) and aux_valid (where the env gave
+    it); next_value (n,) after the last step; the carry to go on from; the episodes that ended (lists)."""
     obs, memory, mask, starts = carry
     tensor = functools.partial(torch.as_tensor, device=obs.device)
-    buffers = {k: [] for k in ("obs", "mem", "mask", "act", "logp", "val", "rew", "done")}
+    names = ("obs", "mem", "mask", "act", "logp", "val", "rew", "done") + (("aux", "aux_valid") if aux_info else ())
+    buffers = {k: [] for k in names}
     episodes = {"return": [], "length": [], "success": []}
     for _ in range(steps):
         mask = reset_memory(mask, starts)
@@ -306,6 +313,10 @@ def collect_rollout(agent: ActorCritic, envs: gym.vector.VectorEnv, carry: tuple
                     _, final_value, *_ = agent.step(final, memory[idx], mask[idx])
                 reward[idx] += gamma * final_value
         done = tensor(terminated | truncated)
+        if aux_info:
+            target, given = info_entry(info, aux_info, aux_size, terminated | truncated)
+            buffers["aux"].append(tensor(target))
+            buffers["aux_valid"].append(tensor(given))
         buffers["rew"].append(reward)
         buffers["done"].append(done.float())
         _episode_stats(info, episodes)
@@ -313,6 +324,36 @@ def collect_rollout(agent: ActorCritic, envs: gym.vector.VectorEnv, carry: tuple
     with torch.no_grad():
         _, next_value, *_ = agent.step(obs, memory, reset_memory(mask, starts))
     return {**{k: torch.stack(v) for k, v in buffers.items()}, "next_value": next_value}, (obs, memory, mask, starts), episodes
+
+
+def info_entry(info: dict, key: str, size: int, ended: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A vector env's step info entry `key` per env -> values (n, size) float32, and (n,) True where the
+    env gave one. An env whose episode ended this step gives its final step's (same-step autoreset puts
+    the next episode's reset info at the top level)."""
+    values, given = np.zeros((len(ended), size), np.float32), np.zeros(len(ended), bool)
+    for source, rows in ((info, ~ended), (info.get("final_info", {}), ended)):
+        for i in np.flatnonzero(source.get(f"_{key}", np.zeros(len(ended), bool)) & rows):
+            value = np.asarray(source[key][i], np.float32).reshape(-1)
+            if value.size != size:
+                raise ConfigError(f"aux_info {key}: {size} values at the first step, {value.size} now")
+            values[i], given[i] = value, True
+    return values, given
+
+
+def aux_info_size(env: gym.Env, cfg: PPOConfig) -> int:
+    """How many values cfg.aux_info holds, from the step info of one random action after a reset."""
+    env.reset(seed=cfg.seed)
+    info = env.step(env.action_space.sample())[-1]
+    if cfg.aux_info not in info:
+        raise ConfigError(f"aux_info {cfg.aux_info}: {cfg.env_id}'s step info has no such entry "
+                          f"(it has {', '.join(sorted(info)) or 'none'})")
+    try:
+        size = np.asarray(info[cfg.aux_info], np.float32).size
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"aux_info {cfg.aux_info}: {cfg.env_id}'s entry is not numeric: {info[cfg.aux_info]!r}") from exc
+    if size == 0:
+        raise ConfigError(f"aux_info {cfg.aux_info}: {cfg.env_id}'s entry is empty: nothing to predict")
+    return size
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
@@ -370,19 +411,37 @@ def train(cfg: PPOConfig, out: str | Path, resume: bool = False, overwrite: bool
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
+    state = _load_state(state_path, cfg) if resume else None  # refused before any env worker starts
     envs = vector_env(cfg)
     obs_dim = envs.single_observation_space.shape[0]
     dev = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                        "cpu" if cfg.device == "auto" else cfg.device)
     agent = ActorCritic(obs_dim, envs.single_action_space, cfg.agent).to(dev)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=cfg.lr, eps=1e-5, fused=True)  # one kernel, not one per tensor
+    contract, aux_size = None, 0
+    if cfg.fusion_env or cfg.aux_info:  # an env in this process (the training envs may be in workers)
+        probe = make_env(cfg)
+        try:
+            contract = policy_contract(probe, cfg)
+            aux_size = aux_info_size(probe, cfg) if cfg.aux_info else 0
+        except BaseException:
+            envs.close()  # a refused entry leaves no worker running
+            raise
+        finally:
+            probe.close()
+    meta = {"config": dataclasses.asdict(cfg), "obs_dim": obs_dim, "action_space": _space_dict(envs.single_action_space),
+            **({CONTRACT_KEY: contract.to_dict()} if contract is not None else {})}
+    # the auxiliary prediction's head: trained beside the agent, saved with the training state only
+    aux_head = torch.nn.Linear(cfg.agent.dim, aux_size).to(dev) if aux_size else None
+    params = [*agent.parameters(), *(aux_head.parameters() if aux_head is not None else ())]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=1e-5, fused=True)  # one kernel, not one per tensor
     iterations = max(1, cfg.steps // (cfg.envs * cfg.rollout))
     start_iteration, global_step = 0, 0
     metrics_path = out / "metrics.jsonl"
     rows = []
-    if resume:
-        state = _load_state(state_path, cfg)
+    if state is not None:
         agent.load_state_dict(state["agent"])
+        if aux_head is not None:
+            aux_head.load_state_dict(state["aux_head"])
         optimizer.load_state_dict(state["optimizer"])
         start_iteration, global_step = state["iteration"], state["global_step"]
         torch.set_rng_state(state["torch_rng"])
@@ -390,17 +449,13 @@ def train(cfg: PPOConfig, out: str | Path, resume: bool = False, overwrite: bool
         rows = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if r["global_step"] <= global_step]
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True))
-    meta = {"config": dataclasses.asdict(cfg), "obs_dim": obs_dim, "action_space": _space_dict(envs.single_action_space)}
-    if cfg.fusion_env:  # the contract, from an env in this process (the training envs may be in workers)
-        probe = make_env(cfg)
-        meta[CONTRACT_KEY] = policy_contract(probe, cfg).to_dict()
-        probe.close()
     writer = SummaryWriter(str(out / "tb"))
     metrics_file = metrics_path.open("a")
 
     T, N = cfg.rollout, cfg.envs
     if cfg.workers:  # each worker keeps its envs' observations and memories between rollouts
-        policy = RolloutPolicy(functools.partial(ActorCritic, obs_dim, envs.single_action_space, cfg.agent), {})
+        policy = RolloutPolicy(functools.partial(ActorCritic, obs_dim, envs.single_action_space, cfg.agent), {},
+                               cfg.aux_info, aux_size)
     else:
         obs, _ = envs.reset(seed=cfg.seed + 1000 * start_iteration)
         carry = (torch.as_tensor(obs, dtype=torch.float32, device=dev), *agent.initial_memory(N, dev),
@@ -421,7 +476,7 @@ def train(cfg: PPOConfig, out: str | Path, resume: bool = False, overwrite: bool
             rollout = {k: torch.cat([p[0][k] for p in parts], dim=0 if k == "next_value" else 1).to(dev) for k in parts[0][0]}
             episodes = {k: [v for p in parts for v in p[1][k]] for k in recent}
         else:
-            rollout, carry, episodes = collect_rollout(agent, envs, carry, T, cfg.gamma)
+            rollout, carry, episodes = collect_rollout(agent, envs, carry, T, cfg.gamma, cfg.aux_info, aux_size)
         for k in recent:
             recent[k] += episodes[k]
         global_step += T * N
@@ -436,19 +491,23 @@ def train(cfg: PPOConfig, out: str | Path, resume: bool = False, overwrite: bool
         b = {"obs": obs_buf.flatten(0, 1), "mem": mem_buf.flatten(0, 1), "mask": mask_buf.flatten(0, 1),
              "act": act_buf.flatten(0, 1), "logp": logp_buf.flatten(), "adv": advantages.flatten(),
              "ret": returns.flatten(), "val": val_buf.flatten()}
+        if aux_head is not None:
+            b.update(aux=rollout["aux"].flatten(0, 1), aux_valid=rollout["aux_valid"].flatten(0, 1).float())
         size = T * N
-        stats = {"policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0, "approx_kl": 0.0, "clip_fraction": 0.0}
+        stats = {"policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0, "approx_kl": 0.0, "clip_fraction": 0.0,
+                 **({"aux_loss": 0.0} if aux_head is not None else {})}
         for _ in range(cfg.epochs):
             # GTrXL / MLP: single steps; LSTM / GRU: envs, each with its whole rollout (the same sample count)
             parts = (torch.randperm(N).split(max(1, N // cfg.minibatches)) if agent.recurrent
                      else torch.randperm(size).split(size // cfg.minibatches))
             for part in parts:
                 if agent.recurrent:
-                    head, value = agent.unroll(obs_buf[:, part], mem_buf[0, part], mask_buf[:, part])
+                    x = agent.unroll(obs_buf[:, part], mem_buf[0, part], mask_buf[:, part])
                     idx = (torch.arange(T)[:, None] * N + part).flatten()  # the same samples in b: index t * N + env
                 else:
                     idx = part
-                    head, value, *_ = agent.step(b["obs"][idx], b["mem"][idx], b["mask"][idx])
+                    x, *_ = agent.features(b["obs"][idx], b["mem"][idx], b["mask"][idx])
+                head, value = agent.heads(x)
                 dist = agent.distribution(head)
                 logp = agent.log_prob(dist, b["act"][idx])
                 ratio = (logp - b["logp"][idx]).exp()
@@ -458,14 +517,20 @@ def train(cfg: PPOConfig, out: str | Path, resume: bool = False, overwrite: bool
                 value_loss = 0.5 * (value - b["ret"][idx]).pow(2).mean()
                 entropy = agent.entropy(dist).mean()
                 loss = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy
+                if aux_head is not None:
+                    given = b["aux_valid"][idx]
+                    error = (aux_head(x) - b["aux"][idx]).pow(2).sum(-1)
+                    aux_loss = (error * given).sum() / given.sum().clamp_min(1.0)
+                    loss = loss + cfg.aux_coef * aux_loss
                 optimizer.zero_grad()
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm, foreach=True)
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=True)
                 optimizer.step()
                 with torch.no_grad():
                     for k, v in (("policy_loss", policy_loss), ("value_loss", value_loss), ("entropy", entropy),
                                  ("approx_kl", ((ratio - 1) - ratio.log()).mean()),
-                                 ("clip_fraction", ((ratio - 1).abs() > cfg.clip).float().mean())):
+                                 ("clip_fraction", ((ratio - 1).abs() > cfg.clip).float().mean()),
+                                 *((("aux_loss", aux_loss),) if aux_head is not None else ())):
                         stats[k] += float(v) / (cfg.epochs * len(parts))
 
         sps = (global_step - steps_at_start) / (time.perf_counter() - t_start)
@@ -483,7 +548,8 @@ def train(cfg: PPOConfig, out: str | Path, resume: bool = False, overwrite: bool
         bar.set_postfix({k: f"{row[k]:.2f}" for k in ("episode_return", "episode_success") if k in row})
         recent = {k: v[-50:] for k, v in recent.items()}
         save_agent(agent, out / "agent.safetensors", {**meta, "global_step": global_step})
-        torch.save({"agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration + 1,
+        torch.save({"agent": agent.state_dict(), **({"aux_head": aux_head.state_dict()} if aux_head is not None else {}),
+                    "optimizer": optimizer.state_dict(), "iteration": iteration + 1,
                     "global_step": global_step, "torch_rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg)},
                    state_path)
         if time.perf_counter() - t_plot > 60 or iteration + 1 == iterations:  # a plot a minute at most: cheap

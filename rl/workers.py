@@ -107,7 +107,8 @@ class EnvGroup:
             self.carry = (torch.as_tensor(obs, dtype=torch.float32), *self.agent.initial_memory(n),
                           torch.ones(n, dtype=torch.bool))
         torch.manual_seed(int(np.random.SeedSequence([seed, iteration, self.first]).generate_state(1)[0]))
-        buffers, self.carry, episodes = collect_rollout(self.agent, self.vector, self.carry, steps, gamma)
+        buffers, self.carry, episodes = collect_rollout(self.agent, self.vector, self.carry, steps, gamma,
+                                                        policy.aux_info, policy.aux_size)
         return buffers, episodes
 
     def reset(self, seeds, options) -> list[tuple]:

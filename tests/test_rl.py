@@ -18,9 +18,9 @@ from fusion_attn.contract import CONTRACT_KEY, ObservationLayout, PolicyContract
 from fusion_attn.errors import CheckpointError, ConfigError
 from rl.__main__ import main as rl_main
 from rl.agent import ActorCritic, AgentConfig, GRUGate, reset_memory
-from rl.evaluate import attention_entropy, evaluate
+from rl.evaluate import EVAL_FAULTS, attention_entropy, evaluate
 from rl.export import export_policy
-from rl.ppo import PPOConfig, advantage_estimate, load_agent, save_agent, train
+from rl.ppo import PPOConfig, advantage_estimate, info_entry, load_agent, save_agent, train
 
 SPACE = gym.spaces.Discrete(3)
 CUE = "FusionAttnRL/CueRecall-v0"  # rl/envs.py
@@ -86,7 +86,7 @@ def test_recurrent_agents_unroll_as_they_step_and_restart_at_episode_starts(kind
     T, obs = 10, torch.randn(10, 3, 5)
     masks = torch.ones(T, 3, 1, dtype=torch.bool)
     masks[0, 0] = masks[4, 1] = masks[7, 2] = False  # episode starts
-    heads, values = agent.unroll(obs, memory, masks)
+    heads, values = agent.heads(agent.unroll(obs, memory, masks))
     stepped, state = [], memory
     for t in range(T):
         head, value, state, next_mask, attention = agent.step(obs[t], state, masks[t])
@@ -263,6 +263,27 @@ def test_evaluate_reports_only_what_the_env_and_the_agent_have(cartpole_run, tmp
     summary = evaluate(run / "agent.safetensors", 3, out=tmp_path / "ev")
     assert 0 <= summary["success_rate"] <= 1 and "attention_entropy_mean" not in summary
     assert [p.name for p in (tmp_path / "ev").iterdir()] == ["eval.json"]
+
+
+def test_evaluate_with_faults_gives_the_success_per_fault(tmp_path, monkeypatch):
+    """A FusionAttn agent evaluated with --faults: one fault per episode in turn, each fault's success rate
+    beside the overall one. The episodes are real; whether one succeeded is set here per fault (a briefly
+    trained agent would fail them all alike), so a success counted under the wrong fault shows."""
+    import rl.evaluate
+
+    run = tmp_path / "memory"
+    train(PPOConfig(env_id="FusionAttn/Memory-Discrete-v0", steps=32, envs=1, rollout=16, agent=AgentConfig(memory=4)),
+          run, progress=False)
+    real_episode = rl.evaluate.run_episode
+
+    def succeeds_without_lidar(agent, env, seed, faults, record=False):  # faults: the episode's reset options
+        return dict(real_episode(agent, env, seed, faults, record), success=bool(faults) and "lidar_dropout" in faults["faults"])
+
+    monkeypatch.setattr(rl.evaluate, "run_episode", succeeds_without_lidar)
+    summary = evaluate(run / "agent.safetensors", 2 * len(EVAL_FAULTS), faults=True)
+    assert summary["success_by_fault"] == {f: float(f == "lidar_dropout") for f in EVAL_FAULTS}
+    assert summary["success_rate"] == pytest.approx(1 / len(EVAL_FAULTS))
+    assert "success_by_fault" not in evaluate(run / "agent.safetensors", 1)
 
 
 def test_attention_entropy_bounds():
@@ -450,6 +471,45 @@ def test_memory_is_learned_through_ppo(tmp_path, kind, low, high, workers):
     rows = [json.loads(line) for line in (tmp_path / kind / "metrics.jsonl").read_text().splitlines()]
     success = np.mean([r["episode_success"] for r in rows[-3:]])
     assert low <= success <= high, [round(r["episode_success"], 2) for r in rows]
+
+
+def test_an_info_entry_is_read_from_the_step_that_gave_it():
+    """Same-step autoreset: an env whose episode ended gives its final step's entry, not the next
+    episode's reset info; an env that gave none is flagged."""
+    info = {"goal": np.array([[1.0, 2.0], [9.0, 9.0], [0.0, 0.0]], np.float32), "_goal": np.array([True, True, False]),
+            "final_info": {"goal": np.array([[0.0, 0.0], [3.0, 4.0], [0.0, 0.0]], np.float32),
+                           "_goal": np.array([False, True, False])}}
+    values, given = info_entry(info, "goal", 2, ended=np.array([False, True, False]))
+    np.testing.assert_array_equal(values, [[1.0, 2.0], [3.0, 4.0], [0.0, 0.0]])
+    assert given.tolist() == [True, True, False]
+    with pytest.raises(ConfigError, match="aux_info goal: 3 values at the first step, 2 now"):
+        info_entry(info, "goal", 3, ended=np.array([False, True, False]))
+
+
+def test_an_auxiliary_prediction_trains_beside_the_agent_and_stays_out_of_it(tmp_path):
+    """--aux-info: the trunk also learns to predict an entry of the env's step info (privileged, in
+    training only). Its head is in the training state, so a run resumes, and never in the agent."""
+    cfg = PPOConfig(env_id=f"rl.envs:{CUE}", env_kwargs={"delay": 3}, steps=2048, envs=4, rollout=64, lr=1e-3,
+                    aux_info="cue", workers=2, agent=AgentConfig(dim=16, heads=2, memory=4))  # recorded in the workers
+    train(cfg, tmp_path / "aux", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "aux" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["aux_loss"] < 0.1 * rows[0]["aux_loss"]  # the cue's index, from the memory, at every step
+    state = torch.load(tmp_path / "aux" / "train_state.pt", weights_only=True)
+    assert state["aux_head"]["weight"].shape == (1, 16)
+    plain = tmp_path / "plain"
+    train(dataclasses.replace(cfg, aux_info="", workers=0, steps=256), plain, progress=False)
+    agent, meta = load_agent(tmp_path / "aux" / "agent.safetensors")
+    assert agent.state_dict().keys() == load_agent(plain / "agent.safetensors")[0].state_dict().keys()
+    assert meta["config"]["aux_info"] == "cue"
+    train(dataclasses.replace(cfg, steps=2304), tmp_path / "aux", resume=True, progress=False)
+    assert json.loads((tmp_path / "aux" / "metrics.jsonl").read_text().splitlines()[-1])["global_step"] == 2304
+    with pytest.raises(ConfigError, match=r"aux_info goal: .*CueRecall-v0's step info has no such entry \(it has cue\)"):
+        train(dataclasses.replace(cfg, aux_info="goal"), tmp_path / "missing", progress=False)
+    # in the learner's process, and an LSTM trained through time on whole rollouts
+    lstm = dataclasses.replace(cfg, workers=0, steps=1024, agent=AgentConfig(kind="lstm", dim=16))
+    train(lstm, tmp_path / "lstm", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "lstm" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["aux_loss"] < 0.5 * rows[0]["aux_loss"]
 
 
 class GridDict(gym.Env):

@@ -379,6 +379,7 @@ def test_memory_cue_shows_while_the_robot_is_held_then_vanishes():
         obs, reward, terminated, _, info = memory.step(np.array([1.0, 0.0], np.float32))
     np.testing.assert_allclose(info["pose"], start, atol=1e-6)
     assert reward < 0 and not terminated and not info["is_success"] and info["cue"] in TASK_COLOURS
+    np.testing.assert_array_equal(info["goal"], np.float32(memory.unwrapped.task.goal()))  # the cued zone, in training only
     for _ in range(5):  # then it drives, and the cue is gone
         obs, *_, info = memory.step(np.array([1.0, 0.0], np.float32))
     assert cue_pixels(obs["image"]) == 0 and (obs["lidar"] < 2.3).sum() == 0

@@ -22,8 +22,9 @@ Observation: a Dict of fixed-size arrays made from the delivered frames:
 info: "frames" (a FrameList of the frames delivered during the step, in arrival order: stamp order
 unless a delay fault holds some back), "faults" ({name: magnitude} of the faults active during the
 step), "time_ns" (simulated time at the end of the step), "pose" (ground truth x, y [m], yaw [rad]
-in (-pi, pi]), and the task's keys ("is_success", ...). An episode is truncated after the task's
-episode_s of simulated time.
+in (-pi, pi]), "goal" (the task's goal x, y [m] in the arena, where it has one: ground truth an
+agent may learn to predict in training, never an observation), and the task's keys ("is_success",
+...). An episode is truncated after the task's episode_s of simulated time.
 """
 
 from __future__ import annotations
@@ -176,7 +177,7 @@ class RobotEnv(gym.Env):
             sched.due_ns = sched.period_ns
         frames = self._deliver(0)
         pose = self._pose()
-        info = {"frames": frames, "faults": self.injector.active(0, 1), "time_ns": 0, "pose": pose}
+        info = {"frames": frames, "faults": self.injector.active(0, 1), "time_ns": 0, "pose": pose, **self._goal()}
         return self._observation(pose), info
 
     def _build(self, layout: Layout, rng: np.random.Generator) -> None:
@@ -229,7 +230,7 @@ class RobotEnv(gym.Env):
         reward, terminated, task_info = self.task.evaluate(pose, t_s)
         truncated = not terminated and t_s >= self.task.episode_s
         info = {"frames": frames, "faults": self.injector.active(t0, self.time_ns), "time_ns": self.time_ns,
-                "pose": pose, **task_info}
+                "pose": pose, **self._goal(), **task_info}
         return self._observation(pose), float(reward), bool(terminated), bool(truncated), info
 
     def _capture(self, name: str, t_ns: int) -> None:
@@ -289,6 +290,10 @@ class RobotEnv(gym.Env):
             bearing = math.atan2(dy, dx) - yaw
             goal[:] = math.hypot(dx, dy), math.atan2(math.sin(bearing), math.cos(bearing))
         return {"velocity": velocity, "obstacles": dist.reshape(sectors, rays_per_sector).min(axis=1), "goal": goal}
+
+    def _goal(self) -> dict[str, np.ndarray]:
+        goal = self.task.goal()
+        return {} if goal is None else {"goal": np.array(goal, np.float32)}
 
     def _pose(self) -> np.ndarray:
         x, y, yaw = self.data.qpos[:3]
