@@ -65,7 +65,7 @@ def without_trust():
     """The trust estimate (SensorTrust) left out: every present sensor at logit 0."""
     def present_only(self, tokens, mask, membership, evidence):
         present = (mask.float().unsqueeze(-1) * membership).sum(1) > 0
-        return torch.zeros(tokens.shape[0], 3), present
+        return torch.zeros(tokens.shape[0], 3), present, None, None  # no stale path either
 
     return {"forward": present_only}, fm.SensorTrust
 

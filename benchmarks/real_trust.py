@@ -48,7 +48,7 @@ def through(run, data, sensor: int, fault: str) -> dict[str, np.ndarray]:
     x = corrupt(t, idx, FaultPlan.fixed(len(idx), sensor, fault), run.cfg, run.tc.fusion_hz, torch.Generator().manual_seed(7))
     clean = corrupt(t, idx, FaultPlan.fixed(len(idx), -1, "drop"), run.cfg, run.tc.fusion_hz, torch.Generator())
     _, _, fusion = predict(run.model, run.heads, t, idx, x, torch.ones(len(idx), 4), run.cfg)
-    _, _, evidence = run.model.embed(x)  # (B, 3, EVIDENCE)
+    _, _, evidence, _ = run.model.embed(x)  # (B, 3, EVIDENCE)
     trust = torch.where(fusion["trust_logits"].isfinite(), fusion["trust"], torch.nan)
     changed = changed_inputs(x, clean, MODALITIES[sensor]) if sensor >= 0 else torch.zeros(len(idx), dtype=torch.bool)
     identical = torch.full(trust.shape, torch.nan)

@@ -101,6 +101,10 @@ class ModelConfig:
     # with lidar_motion: the scan match is a lidar token of its own (masked when there is nothing to
     # match), so the fusion tokens can read the lidar's ego-motion apart from what its pillars show
     lidar_motion_token: bool = field(default=False, metadata=ADDED_LATER)
+    # with lidar_motion: the scan match, projected, is also added to the fusion tokens after the
+    # cross-attention, at the lidar's sensor weight: past the tokens' normalisation and the attention
+    # (docs/RESULTS.md: the fused state carried less of the match than the match has)
+    lidar_motion_direct: bool = field(default=False, metadata=ADDED_LATER)
     # a second trust path for the camera that sees one statistic only, how much its image changed since
     # the previous frame, trained to tell frozen or black content, so that a frozen camera is caught on
     # recordings whose other statistics training never saw. The camera only: pixel noise makes no two
@@ -137,8 +141,9 @@ class FusionConfig:
             raise ConfigError(f"model.dim {m.dim} must exceed model.heads {m.heads}")
         if isinstance(m.camera_shifts, bool) or not isinstance(m.camera_shifts, int) or not 0 <= m.camera_shifts < c.width:
             raise ConfigError(f"model.camera_shifts must be an integer in [0, camera.width), got {m.camera_shifts!r}")
-        if m.lidar_motion_token and not m.lidar_motion:
-            raise ConfigError("model.lidar_motion_token needs model.lidar_motion (the scan match it carries)")
+        for name in ("lidar_motion_token", "lidar_motion_direct"):
+            if getattr(m, name) and not m.lidar_motion:
+                raise ConfigError(f"model.{name} needs model.lidar_motion (the scan match it carries)")
         if not 1 <= li.grid <= 255:  # a count per cell per sweep: grid² stays small
             raise ConfigError(f"lidar.grid {li.grid} must be in [1, 255]")
         if not (li.range_m > 0 and self.imu.window_s > 0 and li.z_max_m > li.z_min_m):

@@ -239,7 +239,8 @@ class MLP(nn.Module):
 
 
 class SensorEmbedding(nn.Module):
-    """Named sensor inputs -> tokens (B, N, D), token mask (B, N) and per-sensor evidence (B, 3, E).
+    """Named sensor inputs -> tokens (B, N, D), token mask (B, N), per-sensor evidence (B, 3, E) and, with
+    model.lidar_motion, the scan match (B, SCAN_MATCH_FEATURES) (else None).
 
     Each token also carries what changed since its sensor's previous frame: a camera patch its
     difference from the same patch one frame back, every lidar pillar the change of the whole
@@ -278,7 +279,9 @@ class SensorEmbedding(nn.Module):
         mask = point_mask.any(dim=-1)
         return torch.where(mask.unsqueeze(-1), per_point.amax(dim=2), 0.0), mask
 
-    def forward(self, x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """-> tokens (B, N, D), mask (B, N), evidence (B, 3, E) and the scan match (B, SCAN_MATCH_FEATURES)
+        with model.lidar_motion, else None."""
         fourier = functools.partial(fourier_age, n=self.age_frequencies)
         # camera (B, N_c, D): the patch, its change since the previous frame (or "no previous frame")
         cam_mask, cam_prev = x["camera_mask"], x["camera_prev_mask"] & x["camera_mask"]
@@ -298,6 +301,7 @@ class SensorEmbedding(nn.Module):
         lidar_interval = (x["lidar_prev_age"] - x["lidar_age"])[:, 0]  # (B,)
         since_prev = self.lidar_change(sweep_change) + self.interval(fourier(lidar_interval))
         motion, motion_mask, motion_age = [], [], []  # the scan match as a token of its own (lidar_motion_token)
+        scan = None
         if self.lidar_motion is not None:
             scan = lidar_scan_match(x, self.cfg.lidar)  # (B, SCAN_MATCH_FEATURES); its last feature: 1 if matched
             if self.cfg.model.lidar_motion_token:
@@ -311,7 +315,7 @@ class SensorEmbedding(nn.Module):
         age = torch.cat([x["camera_age"], x["lidar_age"], *motion_age, x["imu_age"]], dim=1)  # (B, N)
         tokens = self.norm(tokens + self.age(fourier(age)))
         mask = torch.cat([cam_mask, lidar_mask, *motion_mask, x["imu_mask"]], dim=1)  # (B, N)
-        return tokens, mask, self._evidence(x, change, cam_prev, sweep_change, has_prev)
+        return tokens, mask, self._evidence(x, change, cam_prev, sweep_change, has_prev), scan
 
     def _evidence(self, x, cam_change, cam_prev, sweep_change, lidar_has_prev) -> torch.Tensor:
         """(B, 3, EVIDENCE) log-scale statistics a detector needs and a mean of tokens hides: how much
@@ -486,6 +490,7 @@ class FusionModel(nn.Module):
         self.cross_mlp_norm = nn.LayerNorm(m.dim)
         self.cross_mlp = MLP(m.dim, m.mlp_ratio * m.dim, m.dim)
         self.blocks = nn.ModuleList(SelfAttentionBlock(m) for _ in range(m.latent_blocks))
+        self.motion_direct = nn.Linear(SCAN_MATCH_FEATURES, m.dim, bias=False) if m.lidar_motion_direct else None
         self.out_norm = nn.LayerNorm(m.dim)
         # one-hot modality membership of each token, to sum attention per modality with a matmul
         self.register_buffer("membership", F.one_hot(self.embed.modality_id, 3).float(), persistent=False)
@@ -513,7 +518,7 @@ class FusionModel(nn.Module):
     def run(self, x: dict[str, torch.Tensor], tau: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named inputs -> the outputs of `forward` by name, plus what training and evaluation look at:
         trust_logits (B, 3), sensor_weights (B, 3) and the cross-attention's token weights (B, H, M, N)."""
-        tokens, mask, evidence = self.embed(x)  # (B, N, D), (B, N), (B, 3, E)
+        tokens, mask, evidence, scan = self.embed(x)  # (B, N, D), (B, N), (B, 3, E), (B, SCAN_MATCH_FEATURES) | None
         trust_logits, present, stale_logits, stale_valid = self.trust(tokens, mask, self.membership, evidence)  # (B, 3)
         log_trust = F.logsigmoid(trust_logits)  # -inf for an absent sensor
         B = tokens.shape[0]
@@ -530,6 +535,8 @@ class FusionModel(nn.Module):
             attention = (weights.mean(dim=2) @ self.membership).transpose(1, 2)  # (B, 3, H)
             sensor_weights = attention.mean(-1)
         latents = queries + attended
+        if self.motion_direct is not None:  # the match as it is, weighted as the lidar's tokens are
+            latents = latents + (self.motion_direct(scan) * sensor_weights[:, 1:2]).unsqueeze(1)
         latents = latents + self.cross_mlp(self.cross_mlp_norm(latents))
         for block in self.blocks:
             latents = block(latents)

@@ -7,6 +7,7 @@ import onnx
 import pytest
 import torch
 from graphs import OPTIONS, random_model
+from sweeps import room_sweep, scan_inputs
 
 from fusion_attn.backends.export import (
     TENSORRT8_OPSET,
@@ -18,7 +19,7 @@ from fusion_attn.backends.onnxruntime_backend import OnnxRuntimeBackend
 from fusion_attn.backends.torch_backend import TorchBackend
 from fusion_attn.config import FusionConfig
 from fusion_attn.errors import CheckpointError
-from fusion_attn.model import FusionModel
+from fusion_attn.model import FusionModel, lidar_scan_match
 from fusion_attn.pipeline import onnx_for
 from fusion_attn.tokenize import OUTPUT_NAMES, input_spec
 
@@ -27,7 +28,7 @@ from fusion_attn.tokenize import OUTPUT_NAMES, input_spec
 # tracing, 15-40 s a graph here) and TensorRT 8.6's opset 17 (TorchScript's, a few seconds)
 @pytest.fixture(scope="module", params=[({}, None), (OPTIONS, None),
                                         ({"fusion": "token", "lidar_motion": True, "lidar_motion_token": True}, TENSORRT8_OPSET)],
-                ids=["plain", "qknorm+headtau+lidar_motion+stale", "token+lidar_motion_token@opset17"])
+                ids=["plain", "qknorm+headtau+lidar_motion+direct+stale", "token+lidar_motion_token@opset17"])
 def exported(request):
     """A model and its graph, exported through the run's cache (conftest; tests/graphs.py exports the first
     two beside the run, and test_tensorrt's graph of the plain model is this one)."""
@@ -57,6 +58,19 @@ def test_parity_with_torch_on_random_inputs(exported, batch):
     model, path = exported
     x = example_inputs(model, batch=batch, seed=batch)
     x["tau"] = np.array([[0.3, 1.0, 2.0, 0.5]] * batch, np.float32)
+    assert _max_diff(OnnxRuntimeBackend(path).run(x), TorchBackend(model).run(x)) <= 1e-4
+
+
+def test_parity_with_torch_where_the_sweeps_match(exported):
+    """Random points match nothing (the scan match's outputs all zero); two sweeps of a room do, so the
+    match's graph and what takes it in (the pillars, its token, the direct path) are compared on a match."""
+    model, path = exported
+    if not model.cfg.model.lidar_motion:
+        pytest.skip("this graph has no scan match")
+    scan, _ = scan_inputs(room_sweep(0.04, 0.1), room_sweep(0.0, 0.0))
+    x = example_inputs(model)
+    x.update({k: v.numpy() for k, v in scan.items()})
+    assert lidar_scan_match({k: torch.from_numpy(v) for k, v in x.items()}, model.cfg.lidar)[:, -1].all()  # matched
     assert _max_diff(OnnxRuntimeBackend(path).run(x), TorchBackend(model).run(x)) <= 1e-4
 
 

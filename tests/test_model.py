@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sweeps import room_sweep, scan_inputs
 
 from fusion_attn.backends.export import example_inputs
 from fusion_attn.config import FusionConfig, ModelConfig
@@ -154,7 +155,8 @@ def test_per_modality_tau_moves_attention(fusion):
 @pytest.mark.parametrize("fusion", FUSIONS)
 @pytest.mark.parametrize("options", [{}, {"qk_norm": True}, {"learned_head_temperature": True},
                                      {"qk_norm": True, "learned_head_temperature": True, "latent_blocks": 2}, {"camera_shifts": 6},
-                                     {"lidar_motion": True}, {"lidar_motion": True, "lidar_motion_token": True}])
+                                     {"lidar_motion": True}, {"lidar_motion": True, "lidar_motion_token": True},
+                                     {"lidar_motion": True, "lidar_motion_direct": True}])
 def test_gradients_are_finite_for_every_variant(options, fusion):
     model = _model(fusion=fusion, **options).train()
     x = _inputs(model, batch=3)
@@ -241,37 +243,11 @@ def test_column_shift_match_dips_where_the_image_moved(moved):
     assert (curve.argmin(-1) - 6 == moved).float().mean() > 0.8  # most patches see it on their own
 
 
-def _room_sweep(yaw: float, forward: float) -> LidarFrame:
-    """A sensor at (forward, 0) turned by yaw in a walled room with a box in it: wall points every 2 cm
-    at four heights, in the sensor's frame."""
-    def segment(a, b):
-        n = int(np.hypot(*np.subtract(b, a)) / 0.02)
-        return np.linspace(a, b, n, endpoint=False)
-
-    corners = [(-5.0, -3.5), (7.0, -3.5), (7.0, 4.5), (-5.0, 4.5)]
-    box = [(2.0, 1.0), (3.2, 1.0), (3.2, 1.8), (2.0, 1.8)]
-    world = np.concatenate([segment(c[i], c[(i + 1) % 4]) for c in (corners, box) for i in range(4)])
-    cos, sin = math.cos(yaw), math.sin(yaw)
-    local = (world - [forward, 0.0]) @ np.array([[cos, -sin], [sin, cos]])  # R(-yaw) (w - position), as rows
-    pts = np.concatenate([np.c_[local, np.full(len(local), z), np.full(len(local), 50.0)] for z in (-0.5, 0.0, 0.5, 1.0)])
-    return LidarFrame(stamp_ns=0, frame_id="lidar", points=pts.astype(np.float32))
-
-
-def _scan_inputs(now, before, interval=0.1):
-    from fusion_attn.tokenize import tokenize_lidar
-
-    cfg = FusionConfig()
-    (p, pm), (q, qm) = tokenize_lidar(now, cfg.lidar), tokenize_lidar(before, cfg.lidar)
-    x = {"lidar_points": p, "lidar_mask": pm, "lidar_prev_points": q, "lidar_prev_mask": qm,
-         "lidar_age": np.zeros(cfg.lidar.tokens, np.float32), "lidar_prev_age": np.full(cfg.lidar.tokens, interval, np.float32)}
-    return {k: torch.from_numpy(v)[None] for k, v in x.items()}, cfg
-
-
 @pytest.mark.parametrize("yaw,forward", [(0.0, 0.0), (0.04, 0.0), (0.0, 0.1), (-0.06, 0.08), (0.1, 0.15)])
 def test_lidar_scan_match_measures_how_the_sensor_moved(yaw, forward):
     from fusion_attn.model import lidar_scan_match
 
-    x, cfg = _scan_inputs(_room_sweep(yaw, forward), _room_sweep(0.0, 0.0))
+    x, cfg = scan_inputs(room_sweep(yaw, forward), room_sweep(0.0, 0.0))
     yaw_rate, speed, sideways, share, log_rms, valid = lidar_scan_match(x, cfg.lidar)[0].tolist()
     assert valid == 1.0 and share > 0.5
     # the sensor moved by (forward, 0) in the previous sweep's frame, which is R(-yaw) of that in its own
@@ -283,14 +259,14 @@ def test_lidar_scan_match_measures_how_the_sensor_moved(yaw, forward):
 def test_lidar_scan_match_of_a_frozen_sweep_is_still_and_exact_and_of_none_is_zero():
     from fusion_attn.model import lidar_scan_match
 
-    sweep = _room_sweep(0.02, 0.05)
-    x, cfg = _scan_inputs(sweep, sweep)
+    sweep = room_sweep(0.02, 0.05)
+    x, cfg = scan_inputs(sweep, sweep)
     yaw_rate, speed, sideways, share, log_rms, valid = lidar_scan_match(x, cfg.lidar)[0].tolist()
     assert valid == 1.0 and max(abs(yaw_rate), abs(speed), abs(sideways)) < 1e-3 and share > 0.8  # corners: no line
     assert log_rms < math.log(0.03)  # what is left is the pillars' line fits, not motion
     x["lidar_prev_mask"][:] = False  # no previous sweep: no evidence, all zero
     assert not lidar_scan_match(x, cfg.lidar).any()
-    x, _ = _scan_inputs(sweep, sweep, interval=0.0)  # the same stamp twice: no interval to measure a rate over
+    x, _ = scan_inputs(sweep, sweep, interval=0.0)  # the same stamp twice: no interval to measure a rate over
     assert not lidar_scan_match(x, cfg.lidar).any()
 
 
@@ -303,7 +279,7 @@ def test_the_lidar_motion_token_is_a_lidar_token_present_only_where_the_sweeps_m
     cfg = model.cfg
     motion = cfg.camera.tokens + cfg.lidar.tokens  # its index: right after the pillars, inside the lidar's span
     assert model.spans[1] == slice(cfg.camera.tokens, motion + 1) and int(model.embed.modality_id[motion]) == Modality.LIDAR
-    scan, _ = _scan_inputs(_room_sweep(0.04, 0.1), _room_sweep(0.0, 0.0))
+    scan, _ = scan_inputs(room_sweep(0.04, 0.1), room_sweep(0.0, 0.0))
     x = _inputs(model, **scan)
     with torch.no_grad():
         moved = model.run(x, x.pop("tau"))["token_weights"]  # (B, H, M, N)
@@ -311,6 +287,25 @@ def test_the_lidar_motion_token_is_a_lidar_token_present_only_where_the_sweeps_m
         assert (moved[..., motion] > 0).all()
         x["lidar_prev_mask"] = torch.zeros_like(x["lidar_prev_mask"])  # no previous sweep: nothing matched
         assert (model.run(x, torch.ones(1, 4))["token_weights"][..., motion] == 0).all()
+
+
+def test_the_direct_scan_match_enters_the_fused_state_only_where_the_sweeps_match():
+    from fusion_attn.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="lidar_motion_direct needs model.lidar_motion"):
+        FusionConfig(model=ModelConfig(lidar_motion_direct=True))
+    model = _model(lidar_motion=True, lidar_motion_direct=True)
+    scan, _ = scan_inputs(room_sweep(0.04, 0.1), room_sweep(0.0, 0.0))
+    matched = _inputs(model, **scan)
+    unmatched = dict(matched, lidar_prev_mask=torch.zeros_like(matched["lidar_prev_mask"]))
+    tau = matched.pop("tau")
+    unmatched.pop("tau")
+    with torch.no_grad():
+        direct = [model.run(x, tau)["fused"] for x in (matched, unmatched)]
+        model.motion_direct.weight.zero_()
+        without = [model.run(x, tau)["fused"] for x in (matched, unmatched)]
+    assert not torch.allclose(direct[0], without[0], atol=1e-4)  # the match moved the fused state
+    assert torch.equal(direct[1], without[1])  # nothing matched: nothing added
 
 
 def test_the_3x3_solve_by_adjugate_matches_a_solver():
@@ -329,6 +324,6 @@ def test_lidar_scan_match_stays_finite_where_the_motion_is_not_observable():
     wall = np.c_[np.full(800, 4.0), np.linspace(-6, 6, 800)]  # one straight wall: sliding along it is invisible
     pts = np.concatenate([np.c_[wall, np.full(800, z), np.full(800, 50.0)] for z in (0.0, 0.5)]).astype(np.float32)
     sweep = LidarFrame(stamp_ns=0, frame_id="lidar", points=pts)
-    x, cfg = _scan_inputs(sweep, LidarFrame(stamp_ns=0, frame_id="lidar", points=pts + [0.0, 0.3, 0.0, 0.0]))
+    x, cfg = scan_inputs(sweep, LidarFrame(stamp_ns=0, frame_id="lidar", points=pts + [0.0, 0.3, 0.0, 0.0]))
     assert torch.isfinite(lidar_scan_match(x, cfg.lidar)).all()
     assert not _solve3(torch.zeros(1, 3, 3), torch.ones(1, 3)).any()  # a singular system takes no step

@@ -30,6 +30,7 @@ from fusion_attn.learn.data import (
     decode_camera,
     encode_sample,
     episode_shards,
+    random_drive,
     sim_episode,
 )
 from fusion_attn.learn.evaluation import RunningMeans, physical_errors, sectors_in_view, sim_camera_hfov_deg
@@ -102,6 +103,50 @@ def test_triggered_data_fuses_at_each_sweep_and_keys_its_own_shards():
     assert "trigger" not in episode_shards(TINY, CFG, "train", 1)[0].key  # the timer's keys are as before
     with pytest.raises(ConfigError, match="trigger must be timer"):
         sim_episode("control", 3, 1.0, 10.0, CFG, trigger="radar")
+
+
+def test_stops_and_extra_tasks_shape_training_episodes_only():
+    from fusion_attn.sim.faults import FaultConfig
+    from fusion_attn.sim.robot import RobotEnv
+
+    def commands(stop_share, stand_s=0.0):
+        env = RobotEnv("control", faults=FaultConfig())
+        sent = []
+        step = env.step
+        env.step = lambda action: (sent.append(np.array(action)), step(action))[1]
+        try:
+            for _ in random_drive(env, np.random.default_rng(7), 7, 12.0, stop_share, stand_s):
+                pass
+        finally:
+            env.close()
+        return np.array(sent)
+
+    plain, always, some = commands(0.0), commands(1.0), commands(0.5)
+    assert len(plain) == 600 and not (plain == 0).all(axis=1).any()
+    assert (always == 0).all()
+    stood = commands(0.0, stand_s=2.0)  # stands 2 s (100 steps), then drives the same commands from the first
+    assert (stood[:100] == 0).all() and (stood[100:] == plain[:500]).all()
+    held = np.flatnonzero(np.diff((some == 0).all(axis=1).astype(int)))
+    assert (some == 0).all(axis=1).any() and len(held) >= 2  # stops and drives alternate
+    tc = dataclasses.replace(TINY, stop_share=0.25, sim_tasks=("memory",))
+    assert episode_shards(tc, CFG, "train", 1)[0].key["stop_share"] == 0.25
+    assert episode_shards(tc, CFG, "val", 1)[0].key["kind"] == "sim-memory"
+    # held-out episodes are the default tasks' and never stop, whatever the training data added
+    assert episode_shards(tc, CFG, "test", 2) and [s.key for s in episode_shards(tc, CFG, "test", 2)] == [
+        s.key for s in episode_shards(TINY, CFG, "test", 2)]
+    stops = dataclasses.replace(TINY, stop_share=0.25)
+    assert episode_shards(TINY, CFG, "train", 1)[0].key == {  # without stops, the keys are as before
+        k: v for k, v in episode_shards(stops, CFG, "train", 1)[0].key.items() if k != "stop_share"}
+
+
+@pytest.mark.parametrize("flags, named", [(["--sim-tasks", "control", "radar"], "--sim-tasks radar"),
+                                           (["--stop-share", "1.5"], "--stop-share 1.5"),
+                                           (["--fault-weights", "1", "-1", "2"], "--fault-weights 1.0 -1.0 2.0"),
+                                           (["--fault-weights", "0", "0", "0"], "--fault-weights 0.0 0.0 0.0")])
+def test_bad_data_options_are_named(tmp_path, capsys, flags, named):
+    assert main(["train", "-o", str(tmp_path / "run"), *flags, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and named in err[0] and not (tmp_path / "run").exists()
 
 
 def test_ground_truth_is_the_true_state():
@@ -366,6 +411,24 @@ def test_attention_avoidance_trains_the_token_fusion_only(data):
             assert model.cross.q.weight.grad.abs().sum() > 0
         else:  # the sensor fusion's weights are a function of the (detached) trust and τ: the trust loss steers them
             assert not avoid.requires_grad
+
+
+def test_faults_hit_the_sensors_in_proportion_to_their_weights():
+    def draw(weights):
+        return FaultPlan.draw(20_000, 0.6, torch.Generator().manual_seed(0), weights)
+
+    plain, equal = draw((1.0, 1.0, 1.0)), draw((2.0, 2.0, 2.0))
+    gen = torch.Generator().manual_seed(0)  # the draw before sensor weights existed: earlier recipes' streams
+    faulted = torch.rand(20_000, generator=gen) < 0.6
+    before = torch.where(faulted, torch.randint(0, 3, (20_000,), generator=gen), -1)
+    before_fault = torch.randint(0, len(FAULTS), (20_000,), generator=gen)
+    for p in (plain, equal):
+        assert torch.equal(p.sensor, before) and torch.equal(p.fault, before_fault)
+    imu_only, more_imu = draw((0.0, 0.0, 1.0)), draw((1.0, 1.0, 2.0))
+    assert set(imu_only.sensor.unique().tolist()) == {-1, 2}
+    faulted = more_imu.sensor[more_imu.sensor >= 0]
+    assert (more_imu.sensor >= 0).float().mean().item() == pytest.approx(0.6, abs=0.02)  # how many: unchanged
+    assert [(faulted == m).float().mean().item() for m in range(3)] == pytest.approx([0.25, 0.25, 0.5], abs=0.02)
 
 
 def test_attention_avoidance_weighs_sensors_whose_content_is_gone():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from ..errors import FusionAttnError
@@ -24,6 +25,10 @@ def add_parser(verbs):
     train.add_argument("--sim-episodes", type=int, help="simulated training episodes (default 48; 0: bags only)")
     train.add_argument("--val-episodes", type=int, help="held-out simulated episodes (default 8; 0: no validation)")
     train.add_argument("--sim-seconds", type=float, help="simulated time per episode (default 15)")
+    train.add_argument("--sim-tasks", nargs="+", metavar="TASK",
+                       help="simulated tasks the episodes alternate over: control, navigate, memory (default: control navigate)")
+    train.add_argument("--stop-share", type=float, help="share of the simulated driving policy's commands that are a "
+                       "stop (default 0): a robot standing still, whose healthy sensors change by their noise alone")
     train.add_argument("--trigger", choices=["timer", "camera", "lidar", "imu"],
                        help="a sample on the fusion timer (default) or on each message of this sensor, as the node's "
                             "`trigger` parameter (the timer while that sensor is silent): run such a model with it")
@@ -47,11 +52,17 @@ def add_parser(verbs):
                        help="lidar motion evidence: scan-match each sweep's pillar points to the previous sweep's")
     train.add_argument("--lidar-motion-token", action="store_const", const=True,
                        help="with --lidar-motion: the scan match as a lidar token of its own, not added to every pillar")
+    train.add_argument("--lidar-motion-direct", action="store_const", const=True,
+                       help="with --lidar-motion: the scan match also added straight to the fused state, at the "
+                            "lidar's sensor weight")
     train.add_argument("--stale-evidence", action="store_const", const=True,
                        help="a second trust path for the camera that sees only how much its image changed, "
                             "trained to tell frozen or black content (model.SensorTrust)")
     train.add_argument("--camera-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
                        help="the size camera images are resized to before patching (default 96 128)")
+    train.add_argument("--fault-weights", type=float, nargs=3, metavar=("CAMERA", "LIDAR", "IMU"),
+                       help="which sensor a training sample's fault hits, in proportion (default 1 1 1; 60 %% of "
+                            "samples get one); e.g. 1 1 2 for twice the IMU faults")
     train.add_argument("--trust-weight", type=float, help="weight of the trust objective (default 1)")
     train.add_argument("--avoid-weight", type=float, help="weight of the attention-avoidance objective: attention mass "
                                                           "on a sensor whose content is gone (default 0; the token "
@@ -92,19 +103,24 @@ def run(args) -> int:
     from ..errors import ConfigError
     from ..learn.loop import TrainConfig, train
 
-    fields = ("seed", "steps", "batch", "lr", "sim_episodes", "val_episodes", "sim_seconds", "trigger", "bags", "fusion",
-              "tau_random_prob", "sensor_fusion", "trust_floor", "floor_in_training", "camera_shifts", "lidar_motion", "lidar_motion_token", "stale_evidence", "camera_size", "trust_weight", "avoid_weight", "consistency_weight", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature", "init_from", "train_only")
+    fields = ("seed", "steps", "batch", "lr", "sim_episodes", "val_episodes", "sim_seconds", "sim_tasks", "stop_share", "trigger", "bags", "fusion",
+              "tau_random_prob", "sensor_fusion", "trust_floor", "floor_in_training", "camera_shifts", "lidar_motion", "lidar_motion_token", "lidar_motion_direct", "stale_evidence", "camera_size", "fault_weights", "trust_weight", "avoid_weight", "consistency_weight", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature", "init_from", "train_only")
     given = {k: getattr(args, k) for k in fields if hasattr(args, k)}
     if "bags" in given:
         given["bags"] = tuple(str(b) for b in given["bags"])
     if "camera_size" in given:
         given["camera_size"] = tuple(given["camera_size"])
-    if "train_only" in given:
-        given["train_only"] = tuple(given["train_only"])
+    for name in ("train_only", "sim_tasks", "fault_weights"):
+        if name in given:
+            given[name] = tuple(given[name])
     tc = dataclasses.replace(TrainConfig(), **given)
     if min(tc.sim_episodes, tc.val_episodes, tc.latent_blocks) < 0 or min(tc.steps, tc.batch, args.threads) < 1:
         raise ConfigError("--steps, --batch and --threads must be >= 1, --sim-episodes, --val-episodes and "
                           "--latent-blocks >= 0")
+    if not 0.0 <= tc.stop_share <= 1.0:
+        raise ConfigError(f"--stop-share {tc.stop_share}: a share, between 0 and 1")
+    if not all(math.isfinite(w) and w >= 0 for w in tc.fault_weights) or sum(tc.fault_weights) <= 0:
+        raise ConfigError(f"--fault-weights {' '.join(map(str, tc.fault_weights))}: non-negative, not all zero")
     if not tc.floor_in_training and tc.trust_floor <= 0:
         raise ConfigError("--floor-at-run-time needs a --trust-floor above 0")
     if tc.train_only and not tc.init_from:
@@ -116,6 +132,10 @@ def run(args) -> int:
 
         if tc.sim_episodes or tc.val_episodes:
             import fusion_attn.sim  # noqa: F401
+            from fusion_attn.sim.tasks import TASKS
+
+            if unknown := set(tc.sim_tasks) - set(TASKS):
+                raise ConfigError(f"--sim-tasks {' '.join(sorted(unknown))}: the simulator's tasks are {', '.join(TASKS)}")
     except ImportError as exc:
         raise FusionAttnError(f"training needs the train and sim extras ({exc}); pip install -e '.[sim,train]'") from exc
     # the command as run (recorded in the checkpoint), with every setting spelled out

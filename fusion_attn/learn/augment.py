@@ -48,9 +48,18 @@ class FaultPlan:
     where: torch.Tensor  # (B,) float
 
     @classmethod
-    def draw(cls, batch: int, prob: float, gen: torch.Generator) -> FaultPlan:
+    def draw(cls, batch: int, prob: float, gen: torch.Generator,
+             sensor_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> FaultPlan:
+        """A faulted sensor with chance `prob` per sample, camera, lidar or IMU in proportion to sensor_weights."""
         faulted = torch.rand(batch, generator=gen) < prob
-        sensor = torch.where(faulted, torch.randint(0, 3, (batch,), generator=gen), -1)
+        if not sum(sensor_weights) > 0:
+            raise ValueError(f"fault sensor weights {sensor_weights}: at least one above 0")
+        if len(set(sensor_weights)) == 1:  # equal: the draw every earlier run made, so their streams stay theirs
+            which = torch.randint(0, 3, (batch,), generator=gen)
+        else:
+            which = torch.multinomial(torch.tensor(sensor_weights, dtype=torch.float), batch, replacement=True,
+                                      generator=gen)
+        sensor = torch.where(faulted, which, -1)
         fault = torch.randint(0, len(FAULTS), (batch,), generator=gen)
         lag = torch.randint(FREEZE_LAG[0], FREEZE_LAG[1] + 1, (batch,), generator=gen)
         lag = torch.where(fault == FAULTS.index("delay"), DELAY_LAG, lag)

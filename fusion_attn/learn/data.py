@@ -67,13 +67,14 @@ def decode_camera(u8: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def sim_episode(task: str, seed: int, seconds: float, fusion_hz: float, cfg: FusionConfig,
-                trigger: str = "timer") -> dict[str, np.ndarray]:
+                trigger: str = "timer", stop_share: float = 0.0) -> dict[str, np.ndarray]:
     """One clean simulated episode, tokenized as the node would see it, with ground truth per sample:
     the true state at the end of the 50 Hz control step in which the sample was fused (a timer tick's
     own time; a trigger frame's arrival, at most one step after its stamp).
 
     The robot drives a smooth random policy (each command held 0.4-1.6 s), so the data covers
-    turning, driving and stopping near obstacles rather than 50 Hz jitter.
+    turning, driving and stopping near obstacles rather than 50 Hz jitter; `stop_share` of its commands
+    are a stop (`random_drive`).
     """
     import fusion_attn.sim  # noqa: F401 - picks the headless GL backend before mujoco loads
     from fusion_attn.sim.faults import FaultConfig
@@ -91,7 +92,7 @@ def sim_episode(task: str, seed: int, seconds: float, fusion_hz: float, cfg: Fus
     tokenizer = Tokenizer(cfg)
     samples, truth, stamps = [], [], []
     try:
-        for info in random_drive(env, rng, seed, seconds):
+        for info in random_drive(env, rng, seed, seconds, stop_share):
             ticks = [snap for frame in info["frames"] for snap in clock.add(frame)] + list(clock.advance(info["time_ns"]))
             for snap in ticks:
                 samples.append(encode_sample(tokenizer(snap, ONES)))
@@ -106,20 +107,27 @@ def sim_episode(task: str, seed: int, seconds: float, fusion_hz: float, cfg: Fus
     return out
 
 
-def random_drive(env, rng: np.random.Generator, seed: int, seconds: float):
+def random_drive(env, rng: np.random.Generator, seed: int, seconds: float, stop_share: float = 0.0,
+                 stand_s: float = 0.0):
     """Drive a simulated episode by the data's smooth random policy (each command held 0.4-1.6 s of
     50 Hz control steps): yields reset's info, then each step's, until `seconds` of simulated time
-    have passed or the episode ends (its last step's info is not yielded)."""
+    have passed or the episode ends (its last step's info is not yielded). `stop_share` of the
+    commands are a stop (zero speed and turn): a robot standing still, whose sensors then change by
+    their noise alone, as a frozen sensor's do not (0: the same commands, draw for draw, as before
+    the option existed). For the first `stand_s` seconds the robot stands still and nothing is drawn."""
     _, info = env.reset(seed=seed)
-    action, hold = None, 0
+    action, hold = np.zeros(env.action_space.shape, np.float32), 0
     while True:
         yield info
         if info["time_ns"] >= seconds * NS_PER_S:
             return
-        if hold <= 0:
-            action = rng.uniform(env.action_space.low, env.action_space.high).astype(np.float32)
-            hold = int(rng.integers(20, 80))  # control steps at 50 Hz
-        hold -= 1
+        if info["time_ns"] >= stand_s * NS_PER_S:
+            if hold <= 0:
+                action = rng.uniform(env.action_space.low, env.action_space.high).astype(np.float32)
+                if stop_share > 0 and rng.random() < stop_share:
+                    action = np.zeros_like(action)
+                hold = int(rng.integers(20, 80))  # control steps at 50 Hz
+            hold -= 1
         _, _, terminated, truncated, info = env.step(action)
         if terminated or truncated:
             return
@@ -188,12 +196,16 @@ class Shard:
 
 def episode_shards(tc: TrainConfig, cfg: FusionConfig, split: str, count: int) -> list[Shard]:
     """The simulated episodes of a split ("train", "val", "test"): tasks alternating, seeds from
-    `SPLIT_SEEDS`."""
+    `SPLIT_SEEDS`. Training and validation episodes follow `tc.sim_tasks` and `tc.stop_share`; the
+    held-out test episodes are always the default tasks' without stops, so that every run's
+    evaluation sees the same samples whatever its training data added."""
     shards = []
+    tasks, stop_share = (tc.sim_tasks, tc.stop_share) if split != "test" else (type(tc)().sim_tasks, 0.0)
     for k in range(count):
-        task, seed = tc.sim_tasks[k % len(tc.sim_tasks)], tc.seed * 1_000_000 + SPLIT_SEEDS[split] + k
-        key = shard_key(cfg, tc.fusion_hz, f"sim-{task}", tc.trigger, seed=seed, seconds=tc.sim_seconds)
-        make = functools.partial(sim_episode, task, seed, tc.sim_seconds, tc.fusion_hz, cfg, tc.trigger)
+        task, seed = tasks[k % len(tasks)], tc.seed * 1_000_000 + SPLIT_SEEDS[split] + k
+        stops = {"stop_share": stop_share} if stop_share else {}  # the keys of episodes without stops predate it
+        key = shard_key(cfg, tc.fusion_hz, f"sim-{task}", tc.trigger, seed=seed, seconds=tc.sim_seconds, **stops)
+        make = functools.partial(sim_episode, task, seed, tc.sim_seconds, tc.fusion_hz, cfg, tc.trigger, stop_share)
         shards.append(Shard(key, make))
     return shards
 

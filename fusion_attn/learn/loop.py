@@ -58,11 +58,13 @@ class TrainConfig:
     sim_episodes: int = 48
     val_episodes: int = 8
     sim_seconds: float = 15.0
+    stop_share: float = 0.0  # share of the driving policy's commands that are a stop (data.random_drive)
     fusion_hz: float = 10.0  # samples per second of episode or recording (the node fuses at 20 Hz)
     trigger: str = "timer"  # or camera | lidar | imu: a sample at each message of that sensor (the node's `trigger`)
     bags: tuple[str, ...] = ()  # unlabelled recordings: self-supervised objectives only
     bag_fraction: float = 0.2  # share of each batch drawn from the bags (when there are any)
     corrupt_prob: float = 0.6  # chance that a sample gets one faulted sensor
+    fault_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # which one: camera, lidar, IMU in proportion
     tau_random_prob: float = 0.5  # chance that a sample gets a random τ instead of all ones (0: fixed τ = 1)
     fusion: str = "attention"  # or the baselines without attention: concat, mean (see PooledFusion)
     # the attention model's fusion across sensors: "sensor" (trust-weighted at τ) or "token" (one softmax
@@ -85,6 +87,7 @@ class TrainConfig:
     camera_shifts: int = 0
     lidar_motion: bool = False
     lidar_motion_token: bool = False
+    lidar_motion_direct: bool = False
     stale_evidence: bool = False
     camera_size: tuple[int, int] = (96, 128)  # height, width the camera tokenizer resizes to (config.CameraTokens)
     # start from a trained checkpoint's weights and heads (None: from seed-initialised ones), and train only
@@ -100,6 +103,7 @@ class TrainConfig:
                                               fusion=self.sensor_fusion, trust_floor=self.trust_floor,
                                               camera_shifts=self.camera_shifts, lidar_motion=self.lidar_motion,
                                               lidar_motion_token=self.lidar_motion_token,
+                                              lidar_motion_direct=self.lidar_motion_direct,
                                               stale_evidence=self.stale_evidence))
 
     @classmethod
@@ -259,7 +263,7 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
         for group in opt.param_groups:
             group["lr"] = lr_at(step, tc)
         idx = torch.multinomial(weights, tc.batch, replacement=True, generator=gen)
-        plan = FaultPlan.draw(tc.batch, tc.corrupt_prob, gen)
+        plan = FaultPlan.draw(tc.batch, tc.corrupt_prob, gen, tc.fault_weights)
         x = corrupt(data, idx, plan, cfg, tc.fusion_hz, gen)
         tau = random_tau(tc.batch, tc.tau_random_prob, gen)
         pred, tgt, fusion = predict(model, heads, data, idx, x, tau.to(dev), cfg)

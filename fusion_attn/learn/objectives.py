@@ -117,7 +117,7 @@ class PooledFusion(nn.Module):
         self.register_buffer("membership", F.one_hot(self.embed.modality_id, 3).float(), persistent=False)
 
     def forward(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
-        tokens, mask, _ = self.embed(x)  # (B, N, D), (B, N)
+        tokens, mask, _, _ = self.embed(x)  # (B, N, D), (B, N)
         if self.kind == "mean":
             w = mask.float().unsqueeze(-1)
             return self.mlp((tokens * w).sum(1) / w.sum(1).clamp_min(1.0))
