@@ -9,7 +9,7 @@ STAMP     := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
 .PHONY: run test colcon-check venv clean default-model robustness robustness-arrival robustness-default robustness-stalecam \
-	robustness-stalefit
+	robustness-stalefit robustness-stillfit
 
 # The main job on the embedded default: CPU, ONNX Runtime, no robot, the packaged default model:
 # replay a recording as the node would fuse it; fused-state bag, summary and plots in $(OUT).
@@ -116,6 +116,18 @@ runs/arrival_nofloor-s%/train_state.pt: | $(STAMP)
 runs/arrival_consist-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/arrival_consist-s$* --seed $* --fixed-tau --trust-floor 0.01 --camera-size 64 256 --lidar-motion \
 		--consistency-weight 1 --trigger lidar --eval-every 2000
+# the same with twice the IMU faults (--fault-weights 1 1 2), and with twice the steps: whether the match is
+# used without the IMU once training asks for it more often, or trains longer (docs/RESULTS.md)
+runs/arrival_imu2-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/arrival_imu2-s$* --seed $* --fixed-tau --trust-floor 0.01 --camera-size 64 256 --lidar-motion \
+		--fault-weights 1 1 2 --trigger lidar --eval-every 2000
+runs/arrival_long-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/arrival_long-s$* --seed $* --fixed-tau --trust-floor 0.01 --camera-size 64 256 --lidar-motion \
+		--steps 4000 --trigger lidar --eval-every 2000
+# the same with the match also straight into the fused state (--lidar-motion-direct), past the tokens' norm
+runs/arrival_direct-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/arrival_direct-s$* --seed $* --fixed-tau --trust-floor 0.01 --camera-size 64 256 --lidar-motion \
+		--lidar-motion-direct --trigger lidar --eval-every 2000
 runs/concat_arrival-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/concat_arrival-s$* --seed $* --fusion concat --fixed-tau --trigger lidar --eval-every 2000
 robustness-arrival: $(STAMP) $(ARRIVAL:%=%/train_state.pt)
@@ -148,6 +160,17 @@ robustness-stalecam: $(STAMP) runs/default_stalecam-s0/train_state.pt runs/defau
 robustness-stalefit: $(STAMP) runs/default_stalefit/train_state.pt
 	$(VENV)/bin/fusion-attn eval-robustness stalefit=runs/default_stalefit --beside docs/results/default/robustness.json \
 		-o docs/results/default_stalefit --episodes 12 --jobs 2 --bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame \
+		$(REAL)/sick_lms1xx_scan_cloud_radar.bag
+
+# a candidate, not packaged (docs/RESULTS.md, "2026-12-02: a robot standing still"): the trust head (nothing
+# else) refitted on data in which the robot also stands still, the memory task's arena included
+runs/stillfit/train_state.pt: runs/default_stalefit/train_state.pt
+	$(TRAIN) -o runs/stillfit --trust-floor 0.01 --floor-at-run-time --stale-evidence \
+		--init-from runs/default_stalefit/model.safetensors --train-only trust.summary trust.modality trust.logit \
+		--stop-share 0.25 --sim-tasks control navigate memory --steps 1000 --lr 5e-4
+robustness-stillfit: $(STAMP) runs/stillfit/train_state.pt
+	$(VENV)/bin/fusion-attn eval-robustness stillfit=runs/stillfit --beside docs/results/default/robustness.json \
+		-o docs/results/stillfit --episodes 12 --jobs 2 --bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame \
 		$(REAL)/sick_lms1xx_scan_cloud_radar.bag
 
 # Build with colcon (the robot's path) into a temp workspace and check the install tree.
