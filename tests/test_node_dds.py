@@ -193,10 +193,15 @@ def test_garbage_flood_is_counted_and_survived(ros, fusion_node, real_data):
     _, _, camera = ros.status("camera")
     assert malformed("camera") >= 0.05 * sent["camera"], camera
     print("flood sent", sent, "imu diagnostics", ros.status("imu")[2], "camera diagnostics", camera)
-    states = ros.states(start)
-    # and the real data was still fused: the 20 Hz camera over 2 s gives about 40 ticks with a camera; on
-    # 2 cores shared with a training, the flood crowding the real frames out of the camera's queue, 14
-    assert sum(a[0].sum() > 0 for _, a in states) >= 10
+    # the real frames share the camera's keep-last queue with ten times as many bad ones: how many reach the
+    # fusion depends on how fast the node drains it (CI, 2 cores beside a training: 14 of about 40 ticks;
+    # beside three busy processes: 1), so during the flood only that some did, and after it that the node
+    # fuses the same recording as the first test does
+    assert any(a[0].sum() > 0 for _, a in ros.states(start))
+    start = len(ros.fused)
+    assert _play(ros, real_data) == 441
+    ros.wait_for(lambda: False, timeout=0.3)
+    assert sum(a[0].sum() > 0 for _, a in ros.states(start)) >= 20
     assert "dropped imu message" in log.read_text()  # said what it dropped (throttled)
 
 
