@@ -142,7 +142,9 @@ def test_stops_and_extra_tasks_shape_training_episodes_only():
 @pytest.mark.parametrize("flags, named", [(["--sim-tasks", "control", "radar"], "--sim-tasks radar"),
                                            (["--stop-share", "1.5"], "--stop-share 1.5"),
                                            (["--fault-weights", "1", "-1", "2"], "--fault-weights 1.0 -1.0 2.0"),
-                                           (["--fault-weights", "0", "0", "0"], "--fault-weights 0.0 0.0 0.0")])
+                                           (["--fault-weights", "0", "0", "0"], "--fault-weights 0.0 0.0 0.0"),
+                                           (["--fusion", "concat", "--lidar-motion", "--lidar-motion-direct",
+                                             "--trust-floor", "0.01"], "--trust-floor, --lidar-motion-direct")])
 def test_bad_data_options_are_named(tmp_path, capsys, flags, named):
     assert main(["train", "-o", str(tmp_path / "run"), *flags, "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -33,7 +33,8 @@ def add_parser(verbs):
                        help="a sample on the fusion timer (default) or on each message of this sensor, as the node's "
                             "`trigger` parameter (the timer while that sensor is silent): run such a model with it")
     train.add_argument("--fusion", choices=["attention", "concat", "mean"],
-                       help="attention (default: FusionModel) or a baseline without attention (eval-robustness)")
+                       help="attention (default: FusionModel) or a baseline without attention (eval-robustness; "
+                            "the attention model's own options are refused with it)")
     train.add_argument("--fixed-tau", dest="tau_random_prob", action="store_const", const=0.0,
                        help="train at τ = 1 only (a baseline; default: random τ for half the samples)")
     train.add_argument("--sensor-fusion", choices=["sensor", "token"],
@@ -97,6 +98,15 @@ def add_parser(verbs):
     return train
 
 
+# what only the attention model has (--fixed-tau is allowed with a baseline: it ignores τ either way)
+ATTENTION_ONLY = {"--sensor-fusion": "sensor_fusion", "--trust-floor": "trust_floor",
+                  "--floor-at-run-time": "floor_in_training", "--stale-evidence": "stale_evidence",
+                  "--lidar-motion-direct": "lidar_motion_direct", "--latent-blocks": "latent_blocks",
+                  "--qk-norm": "qk_norm", "--learned-head-temperature": "learned_head_temperature",
+                  "--trust-weight": "trust_weight", "--avoid-weight": "avoid_weight",
+                  "--consistency-weight": "consistency_weight"}
+
+
 def run(args) -> int:
     import dataclasses
 
@@ -121,6 +131,9 @@ def run(args) -> int:
         raise ConfigError(f"--stop-share {tc.stop_share}: a share, between 0 and 1")
     if not all(math.isfinite(w) and w >= 0 for w in tc.fault_weights) or sum(tc.fault_weights) <= 0:
         raise ConfigError(f"--fault-weights {' '.join(map(str, tc.fault_weights))}: non-negative, not all zero")
+    if tc.fusion != "attention" and (unused := [flag for flag, key in ATTENTION_ONLY.items() if key in given]):
+        raise ConfigError(f"--fusion {tc.fusion} has no trust, sensor weights or fusion tokens: {', '.join(unused)} "
+                          f"would do nothing")
     if not tc.floor_in_training and tc.trust_floor <= 0:
         raise ConfigError("--floor-at-run-time needs a --trust-floor above 0")
     if tc.train_only and not tc.init_from:
