@@ -67,14 +67,14 @@ def decode_camera(u8: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def sim_episode(task: str, seed: int, seconds: float, fusion_hz: float, cfg: FusionConfig,
-                trigger: str = "timer", stop_share: float = 0.0) -> dict[str, np.ndarray]:
+                trigger: str = "timer", stop_share: float = 0.0, sensors=None) -> dict[str, np.ndarray]:
     """One clean simulated episode, tokenized as the node would see it, with ground truth per sample:
     the true state at the end of the 50 Hz control step in which the sample was fused (a timer tick's
     own time; a trigger frame's arrival, at most one step after its stamp).
 
     The robot drives a smooth random policy (each command held 0.4-1.6 s), so the data covers
     turning, driving and stopping near obstacles rather than 50 Hz jitter; `stop_share` of its commands
-    are a stop (`random_drive`).
+    are a stop (`random_drive`). `sensors`: the simulated sensors' `SensorConfig` (None: the default).
     """
     import fusion_attn.sim  # noqa: F401 - picks the headless GL backend before mujoco loads
     from fusion_attn.sim.faults import FaultConfig
@@ -87,7 +87,7 @@ def sim_episode(task: str, seed: int, seconds: float, fusion_hz: float, cfg: Fus
     # 50 Hz control step, so the ground truth taken at the step's end is the tick's
     clock = FusionClock(SensorSync(SyncConfig(imu_window_s=cfg.imu.window_s)), fusion_hz, trigger_modality(trigger),
                         start_ns=round(NS_PER_S / fusion_hz))
-    env = RobotEnv(task, faults=FaultConfig())
+    env = RobotEnv(task, sensors=sensors, faults=FaultConfig())
     rng = np.random.default_rng(seed)
     tokenizer = Tokenizer(cfg)
     samples, truth, stamps = [], [], []
