@@ -128,6 +128,11 @@ runs/arrival_long-s%/train_state.pt: | $(STAMP)
 runs/arrival_direct-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/arrival_direct-s$* --seed $* --fixed-tau --trust-floor 0.01 --camera-size 64 256 --lidar-motion \
 		--lidar-motion-direct --trigger lidar --eval-every 2000
+# the same with the IMU's window also straight into the fused state (--imu-direct): whether a fusion keeps the
+# gyro's precision once it reads the window linearly, and what its rise without the IMU is then (docs/RESULTS.md)
+runs/arrival_imudirect-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/arrival_imudirect-s$* --seed $* --fixed-tau --trust-floor 0.01 --camera-size 64 256 --lidar-motion \
+		--imu-direct --trigger lidar --eval-every 2000
 runs/concat_arrival-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/concat_arrival-s$* --seed $* --fusion concat --fixed-tau --trigger lidar --eval-every 2000
 robustness-arrival: $(STAMP) $(ARRIVAL:%=%/train_state.pt)

@@ -491,6 +491,7 @@ class FusionModel(nn.Module):
         self.cross_mlp = MLP(m.dim, m.mlp_ratio * m.dim, m.dim)
         self.blocks = nn.ModuleList(SelfAttentionBlock(m) for _ in range(m.latent_blocks))
         self.motion_direct = nn.Linear(SCAN_MATCH_FEATURES, m.dim, bias=False) if m.lidar_motion_direct else None
+        self.imu_direct = nn.Linear(cfg.imu.tokens * cfg.imu.features, m.dim, bias=False) if m.imu_direct else None
         self.out_norm = nn.LayerNorm(m.dim)
         # one-hot modality membership of each token, to sum attention per modality with a matmul
         self.register_buffer("membership", F.one_hot(self.embed.modality_id, 3).float(), persistent=False)
@@ -537,6 +538,9 @@ class FusionModel(nn.Module):
         latents = queries + attended
         if self.motion_direct is not None:  # the match as it is, weighted as the lidar's tokens are
             latents = latents + (self.motion_direct(scan) * sensor_weights[:, 1:2]).unsqueeze(1)
+        if self.imu_direct is not None:  # the IMU's window as it is (its masked chunks zero), weighted as its tokens are
+            window = (x["imu_chunks"] * x["imu_mask"].unsqueeze(-1)).flatten(1)  # (B, chunks * features)
+            latents = latents + (self.imu_direct(window) * sensor_weights[:, 2:3]).unsqueeze(1)
         latents = latents + self.cross_mlp(self.cross_mlp_norm(latents))
         for block in self.blocks:
             latents = block(latents)

@@ -156,7 +156,7 @@ def test_per_modality_tau_moves_attention(fusion):
 @pytest.mark.parametrize("options", [{}, {"qk_norm": True}, {"learned_head_temperature": True},
                                      {"qk_norm": True, "learned_head_temperature": True, "latent_blocks": 2}, {"camera_shifts": 6},
                                      {"lidar_motion": True}, {"lidar_motion": True, "lidar_motion_token": True},
-                                     {"lidar_motion": True, "lidar_motion_direct": True}])
+                                     {"lidar_motion": True, "lidar_motion_direct": True}, {"imu_direct": True}])
 def test_gradients_are_finite_for_every_variant(options, fusion):
     model = _model(fusion=fusion, **options).train()
     x = _inputs(model, batch=3)
@@ -306,6 +306,20 @@ def test_the_direct_scan_match_enters_the_fused_state_only_where_the_sweeps_matc
         without = [model.run(x, tau)["fused"] for x in (matched, unmatched)]
     assert not torch.allclose(direct[0], without[0], atol=1e-4)  # the match moved the fused state
     assert torch.equal(direct[1], without[1])  # nothing matched: nothing added
+
+
+def test_the_direct_imu_window_enters_the_fused_state_only_with_the_imu():
+    model = _model(imu_direct=True)
+    x = _inputs(model, batch=2)
+    tau = x.pop("tau")
+    assert x["imu_mask"].any(1).all() and x["imu_chunks"].abs().sum() > 0
+    absent = dict(x, imu_mask=torch.zeros_like(x["imu_mask"]))  # its window left as it was: only the mask says
+    with torch.no_grad():
+        direct = [model.run(v, tau)["fused"] for v in (x, absent)]
+        model.imu_direct.weight.zero_()
+        without = [model.run(v, tau)["fused"] for v in (x, absent)]
+    assert not torch.allclose(direct[0], without[0], atol=1e-4)  # the window moved the fused state
+    assert torch.equal(direct[1], without[1])  # no IMU: nothing added
 
 
 def test_the_3x3_solve_by_adjugate_matches_a_solver():

@@ -56,6 +56,9 @@ def add_parser(verbs):
     train.add_argument("--lidar-motion-direct", action="store_const", const=True,
                        help="with --lidar-motion: the scan match also added straight to the fused state, at the "
                             "lidar's sensor weight")
+    train.add_argument("--imu-direct", action="store_const", const=True,
+                       help="the IMU's window as tokenized also added straight to the fused state, at the IMU's "
+                            "sensor weight")
     train.add_argument("--stale-evidence", action="store_const", const=True,
                        help="a second trust path for the camera that sees only how much its image changed, "
                             "trained to tell frozen or black content (model.SensorTrust)")
@@ -101,7 +104,8 @@ def add_parser(verbs):
 # what only the attention model has (--fixed-tau is allowed with a baseline: it ignores τ either way)
 ATTENTION_ONLY = {"--sensor-fusion": "sensor_fusion", "--trust-floor": "trust_floor",
                   "--floor-at-run-time": "floor_in_training", "--stale-evidence": "stale_evidence",
-                  "--lidar-motion-direct": "lidar_motion_direct", "--latent-blocks": "latent_blocks",
+                  "--lidar-motion-direct": "lidar_motion_direct", "--imu-direct": "imu_direct",
+                  "--latent-blocks": "latent_blocks",
                   "--qk-norm": "qk_norm", "--learned-head-temperature": "learned_head_temperature",
                   "--trust-weight": "trust_weight", "--avoid-weight": "avoid_weight",
                   "--consistency-weight": "consistency_weight"}
@@ -114,7 +118,7 @@ def run(args) -> int:
     from ..learn.loop import TrainConfig, train
 
     fields = ("seed", "steps", "batch", "lr", "sim_episodes", "val_episodes", "sim_seconds", "sim_tasks", "stop_share", "trigger", "bags", "fusion",
-              "tau_random_prob", "sensor_fusion", "trust_floor", "floor_in_training", "camera_shifts", "lidar_motion", "lidar_motion_token", "lidar_motion_direct", "stale_evidence", "camera_size", "fault_weights", "trust_weight", "avoid_weight", "consistency_weight", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature", "init_from", "train_only")
+              "tau_random_prob", "sensor_fusion", "trust_floor", "floor_in_training", "camera_shifts", "lidar_motion", "lidar_motion_token", "lidar_motion_direct", "imu_direct", "stale_evidence", "camera_size", "fault_weights", "trust_weight", "avoid_weight", "consistency_weight", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature", "init_from", "train_only")
     given = {k: getattr(args, k) for k in fields if hasattr(args, k)}
     if "bags" in given:
         given["bags"] = tuple(str(b) for b in given["bags"])

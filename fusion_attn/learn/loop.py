@@ -88,6 +88,7 @@ class TrainConfig:
     lidar_motion: bool = False
     lidar_motion_token: bool = False
     lidar_motion_direct: bool = False
+    imu_direct: bool = False
     stale_evidence: bool = False
     camera_size: tuple[int, int] = (96, 128)  # height, width the camera tokenizer resizes to (config.CameraTokens)
     # start from a trained checkpoint's weights and heads (None: from seed-initialised ones), and train only
@@ -103,7 +104,7 @@ class TrainConfig:
                                               fusion=self.sensor_fusion, trust_floor=self.trust_floor,
                                               camera_shifts=self.camera_shifts, lidar_motion=self.lidar_motion,
                                               lidar_motion_token=self.lidar_motion_token,
-                                              lidar_motion_direct=self.lidar_motion_direct,
+                                              lidar_motion_direct=self.lidar_motion_direct, imu_direct=self.imu_direct,
                                               stale_evidence=self.stale_evidence))
 
     @classmethod
