@@ -289,6 +289,17 @@ def test_the_lidar_motion_token_is_a_lidar_token_present_only_where_the_sweeps_m
         assert (model.run(x, torch.ones(1, 4))["token_weights"][..., motion] == 0).all()
 
 
+def _fused_with_and_without(model, path, present: dict, absent: dict) -> tuple[list, list]:
+    """The fused state of inputs where a direct path has something to add and where it has not, with the
+    path as initialised, then with its weight zeroed."""
+    tau = present.pop("tau")
+    absent.pop("tau")
+    with torch.no_grad():
+        direct = [model.run(x, tau)["fused"] for x in (present, absent)]
+        path.weight.zero_()
+        return direct, [model.run(x, tau)["fused"] for x in (present, absent)]
+
+
 def test_the_direct_scan_match_enters_the_fused_state_only_where_the_sweeps_match():
     from fusion_attn.errors import ConfigError
 
@@ -298,12 +309,7 @@ def test_the_direct_scan_match_enters_the_fused_state_only_where_the_sweeps_matc
     scan, _ = scan_inputs(room_sweep(0.04, 0.1), room_sweep(0.0, 0.0))
     matched = _inputs(model, **scan)
     unmatched = dict(matched, lidar_prev_mask=torch.zeros_like(matched["lidar_prev_mask"]))
-    tau = matched.pop("tau")
-    unmatched.pop("tau")
-    with torch.no_grad():
-        direct = [model.run(x, tau)["fused"] for x in (matched, unmatched)]
-        model.motion_direct.weight.zero_()
-        without = [model.run(x, tau)["fused"] for x in (matched, unmatched)]
+    direct, without = _fused_with_and_without(model, model.motion_direct, matched, unmatched)
     assert not torch.allclose(direct[0], without[0], atol=1e-4)  # the match moved the fused state
     assert torch.equal(direct[1], without[1])  # nothing matched: nothing added
 
@@ -311,13 +317,9 @@ def test_the_direct_scan_match_enters_the_fused_state_only_where_the_sweeps_matc
 def test_the_direct_imu_window_enters_the_fused_state_only_with_the_imu():
     model = _model(imu_direct=True)
     x = _inputs(model, batch=2)
-    tau = x.pop("tau")
     assert x["imu_mask"].any(1).all() and x["imu_chunks"].abs().sum() > 0
     absent = dict(x, imu_mask=torch.zeros_like(x["imu_mask"]))  # its window left as it was: only the mask says
-    with torch.no_grad():
-        direct = [model.run(v, tau)["fused"] for v in (x, absent)]
-        model.imu_direct.weight.zero_()
-        without = [model.run(v, tau)["fused"] for v in (x, absent)]
+    direct, without = _fused_with_and_without(model, model.imu_direct, x, absent)
     assert not torch.allclose(direct[0], without[0], atol=1e-4)  # the window moved the fused state
     assert torch.equal(direct[1], without[1])  # no IMU: nothing added
 
