@@ -106,8 +106,9 @@ class ModelConfig:
     # (docs/RESULTS.md: the fused state carried less of the match than the match has)
     lidar_motion_direct: bool = field(default=False, metadata=ADDED_LATER)
     # the IMU's window as tokenized (every chunk's resampled samples), projected and added to the fusion
-    # tokens after the cross-attention at the IMU's sensor weight: a linear read of the raw window keeps
-    # the gyro's precision, which the chunk MLP and the attention each halved (docs/RESULTS.md)
+    # tokens after the cross-attention at the IMU's sensor weight: a linear read of the raw window, meant to
+    # keep the gyro's precision, which the chunk MLP and the attention each halved (docs/RESULTS.md:
+    # measured, it carries some of the rate into the fused state, not that precision)
     imu_direct: bool = field(default=False, metadata=ADDED_LATER)
     # a second trust path for the camera that sees one statistic only, how much its image changed since
     # the previous frame, trained to tell frozen or black content, so that a frozen camera is caught on

@@ -319,6 +319,13 @@ def test_the_direct_imu_window_enters_the_fused_state_only_with_the_imu():
     x = _inputs(model, batch=2)
     assert x["imu_mask"].any(1).all() and x["imu_chunks"].abs().sum() > 0
     absent = dict(x, imu_mask=torch.zeros_like(x["imu_mask"]))  # its window left as it was: only the mask says
+    with torch.no_grad():  # a masked chunk adds nothing, whatever it holds
+        tau = x["tau"]
+        masked = dict(x, imu_mask=x["imu_mask"].clone())
+        masked["imu_mask"][:, -1] = False
+        junk = dict(masked, imu_chunks=masked["imu_chunks"].clone())
+        junk["imu_chunks"][:, -1] = 1e3
+        torch.testing.assert_close(model.run(junk, tau)["fused"], model.run(masked, tau)["fused"], rtol=0, atol=0)
     direct, without = _fused_with_and_without(model, model.imu_direct, x, absent)
     assert not torch.allclose(direct[0], without[0], atol=1e-4)  # the window moved the fused state
     assert torch.equal(direct[1], without[1])  # no IMU: nothing added
