@@ -49,7 +49,7 @@ for m, sensor in enumerate(MODALITIES):
         trust = []  # (t [s], trust (3,), present (3,))
         try:
             for info in random_drive(env, rng, seed, args.seconds):  # as training's episodes
-                for snap in [s for f in info["frames"] for s in clock.add(f)] + list(clock.advance(info["time_ns"])):
+                for snap in clock.step(info["frames"], info["time_ns"]):
                     state = pipeline.fuse(snap)
                     trust.append((snap.stamp_ns / NS_PER_S, state.trust, state.present))
         finally:

@@ -59,7 +59,7 @@ def episode(pipeline: FusionPipeline, task: str, seed: int, frozen: str | None) 
     try:
         for info in random_drive(env, np.random.default_rng(seed), seed, args.still_s + args.drive_s,
                                  stand_s=args.still_s):  # stands, then the training data's drive
-            for snap in [s for f in info["frames"] for s in clock.add(f)] + list(clock.advance(info["time_ns"])):
+            for snap in clock.step(info["frames"], info["time_ns"]):
                 state = pipeline.fuse(snap)
                 out.append((snap.stamp_ns / NS_PER_S, np.where(state.present, state.trust, np.nan)))
     finally:

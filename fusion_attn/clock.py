@@ -78,6 +78,10 @@ class FusionClock:
         if self.next_tick is not None:
             yield from self._ticks_before(now_ns + 1)
 
+    def step(self, frames, now_ns: int) -> list[SensorSnapshot]:
+        """A simulator step: its frames in arrival order, then the time to its end -> every snapshot fused."""
+        return [snap for frame in frames for snap in self.add(frame)] + list(self.advance(now_ns))
+
     def drain(self) -> Iterator[SensorSnapshot]:
         """After the last frame: the ticks a live timer would still make while some sensor is fresh
         (bounded by the largest max age, whatever the stamps say)."""

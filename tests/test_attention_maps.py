@@ -141,7 +141,7 @@ def sim_instants() -> list[dict[str, np.ndarray]]:
         clock = FusionClock(SensorSync(SyncConfig(imu_window_s=CFG.imu.window_s)), 1.0, start_ns=NS_PER_S)
         try:
             for info in random_drive(env, np.random.default_rng(seed), seed, 8.0):
-                for snap in [s for f in info["frames"] for s in clock.add(f)] + list(clock.advance(info["time_ns"])):
+                for snap in clock.step(info["frames"], info["time_ns"]):
                     instants.append(tokenizer(snap, np.ones(4, np.float32)))
         finally:
             env.close()

@@ -38,6 +38,13 @@ def test_start_ns_and_advance_tick_without_new_frames():
     assert list(clock.advance(120 * MS)) == []  # nothing is ticked twice
 
 
+def test_a_simulator_step_gives_its_frames_ticks_then_those_up_to_its_end():
+    clock = FusionClock(SensorSync(SyncConfig(max_age_s=(1.0, 1.0, 1.0), stale_after_periods=0)), 20.0, start_ns=0)
+    snaps = clock.step([imu(0), imu(60)], 120 * MS)  # the 60 ms frame passes ticks 0 and 50, the step's end 100
+    assert [(s.stamp_ns // MS, s.imu.stamps_ns[-1] // MS) for s in snaps] == [(0, 0), (50, 0), (100, 60)]
+    assert clock.step([], 120 * MS) == []
+
+
 def test_rejected_frames_are_counted_and_named():
     sync = SensorSync(SyncConfig())
     clock = FusionClock(sync, 10.0)

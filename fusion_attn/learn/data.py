@@ -93,8 +93,7 @@ def sim_episode(task: str, seed: int, seconds: float, fusion_hz: float, cfg: Fus
     samples, truth, stamps = [], [], []
     try:
         for info in random_drive(env, rng, seed, seconds, stop_share):
-            ticks = [snap for frame in info["frames"] for snap in clock.add(frame)] + list(clock.advance(info["time_ns"]))
-            for snap in ticks:
+            for snap in clock.step(info["frames"], info["time_ns"]):
                 samples.append(encode_sample(tokenizer(snap, ONES)))
                 truth.append(env.ground_truth(SECTORS))
                 stamps.append(snap.stamp_ns)

@@ -62,8 +62,7 @@ class FusedObservation(gym.Wrapper):
         return self._observe(obs, info), reward, terminated, truncated, info
 
     def _observe(self, obs: dict, info: dict) -> np.ndarray:
-        ticks = [snap for frame in info["frames"] for snap in self.clock.add(frame)]
-        ticks += self.clock.advance(info["time_ns"])
+        ticks = self.clock.step(info["frames"], info["time_ns"])
         if ticks:  # else the newest state stays what it was: no tick fell in this step
             self.state = self.pipeline.fuse(ticks[-1])
         info["fused"] = self.state
