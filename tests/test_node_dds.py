@@ -198,7 +198,7 @@ def test_garbage_flood_is_counted_and_survived(ros, fusion_node, real_data):
     print("flood sent", sent, "imu diagnostics", ros.status("imu")[2], "camera diagnostics", camera)
     # the real frames share the camera's keep-last queue with ten times as many bad ones: how many reach the
     # fusion depends on how fast the node drains it (CI, 2 cores beside a training: 14 of about 40 ticks;
-    # beside three busy processes: 1), so during the flood only that some did, and after it that the node
+    # beside a busy loop and a benchmark: 1), so during the flood only that some did, and after it that the node
     # fuses the same recording as the first test does
     assert any(a[0].sum() > 0 for _, a in ros.states(start))
     start = len(ros.fused)
