@@ -9,7 +9,7 @@ STAMP     := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
 .PHONY: run test colcon-check venv clean default-model robustness robustness-arrival robustness-default robustness-stalecam \
-	robustness-stalefit robustness-stillfit
+	robustness-stalefit robustness-stillfit robustness-data4x
 
 # The main job on the embedded default: CPU, ONNX Runtime, no robot, the packaged default model:
 # replay a recording as the node would fuse it; fused-state bag, summary and plots in $(OUT).
@@ -55,6 +55,15 @@ runs/sensor-s%/train_state.pt: | $(STAMP)
 # more seeds of the packaged default's recipe (runs/default is seed 0)
 runs/default-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/default-s$* --seed $* --trust-floor 0.01 --floor-at-run-time --eval-every 2000
+# the default's recipe trained four times as long: how far training alone brings the fused goal towards what
+# camera and lidar carry (benchmarks/goal_range.py; docs/RESULTS.md); over the 30 min budget on one core
+runs/default_8k-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/default_8k-s$* --seed $* --trust-floor 0.01 --floor-at-run-time --steps 8000 --eval-every 2000
+# ... and with four times the simulated episodes at the default's steps: the same compute on more scenes
+runs/default_data4x-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/default_data4x-s$* --seed $* --trust-floor 0.01 --floor-at-run-time --sim-episodes 192 --eval-every 2000
+runs/concat_data4x-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/concat_data4x-s$* --seed $* --fusion concat --fixed-tau --sim-episodes 192 --eval-every 2000
 # the default's recipe with the consistency objective (a faulted sample's fused state kept near its healthy
 # one): on fusions trained with it, every RL seed that learned the cue kept it under faults (docs/RESULTS.md)
 runs/default_consist-s%/train_state.pt: | $(STAMP)
@@ -153,6 +162,13 @@ robustness: $(STAMP) $(BASELINES:%=%/train_state.pt)
 robustness-default: $(STAMP) runs/default/train_state.pt runs/default-s1/train_state.pt runs/default-s2/train_state.pt
 	$(VENV)/bin/fusion-attn eval-robustness default=runs/default 'default#1=runs/default-s1' 'default#2=runs/default-s2' \
 		--beside docs/results/robustness.json -o docs/results/default --episodes 12 --jobs 2 \
+		--bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
+
+# the default's recipe on four times the simulated episodes, two seeds, against concat trained on the same data
+robustness-data4x: $(STAMP) runs/default_data4x-s0/train_state.pt runs/default_data4x-s1/train_state.pt \
+		runs/concat_data4x-s0/train_state.pt
+	$(VENV)/bin/fusion-attn eval-robustness data4x=runs/default_data4x-s0 'data4x#1=runs/default_data4x-s1' \
+		concat=runs/concat_data4x-s0 -o docs/results/data4x --episodes 12 --jobs 2 \
 		--bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
 
 # the default's recipe with the camera's stale-content trust path, three seeds, beside the default's three
