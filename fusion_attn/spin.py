@@ -6,12 +6,24 @@ import rclpy
 import rclpy.executors
 from rclpy.node import Node
 
+# rclpy.spin waits for work with no timeout, and only a wake-up from the shutdown ends that wait. Once in
+# a test run (2026-12-02) a node sat in that wait 30 s after SIGTERM; rclpy has known races between a
+# shutdown and an executor building its wait set. Waking this often to look at the context bounds such
+# a missed wake-up to one period.
+WAKE_S = 0.5
+
 
 def spin(node: Node) -> None:
-    """rclpy.spin until shutdown. A signal shuts the context down at once; a callback running at that
-    moment then fails (e.g. "publisher's context is invalid"), which is the shutdown, not an error."""
+    """Run the node's callbacks until shutdown. A signal shuts the context down at once; a callback running
+    at that moment then fails (e.g. "publisher's context is invalid"), which is the shutdown, not an error."""
+    executor = rclpy.get_global_executor()
     try:
-        rclpy.spin(node)
+        executor.add_node(node)
+        try:
+            while executor.context.ok():
+                executor.spin_once(timeout_sec=WAKE_S)
+        finally:
+            executor.remove_node(node)
     except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
         pass
     except Exception:
