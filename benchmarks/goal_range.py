@@ -2,8 +2,8 @@
 off the simulated camera by its geometry, at the resolution the model sees and at finer ones, against the
 lidar's. Nothing trained.
 
-    MUJOCO_GL=egl python benchmarks/goal_range.py [--views 64 128] [--episodes 8]
-        [--out benchmarks/results/goal_range.json]
+    MUJOCO_GL=egl python benchmarks/goal_range.py [--views 64 128] [--token-sizes 96x128 64x256]
+        [--episodes 8] [--out benchmarks/results/goal_range.json]
 
 For each rendered view size (the rig's four square 90° views; 64: the simulator's default, a 64 x 256
 panorama), validation-seed episodes of the default tasks (the data's random drive) give, at each camera
@@ -21,9 +21,9 @@ The bearing: the post's column in its view (camera), the mean direction of its r
 is, per quantity, the sensor that reads it better where it sees the post, else the other: what the two
 say together; "camera alone" is what is left with the lidar failed. Their mean absolute errors, where the lidar reaches the post and
 over all samples, say what the sensors carry: a fusion that read each as well as this loses at most
-their ratio with the lidar failed. The camera is read at its frame's own control step, the lidar from
-its newest sweep (up to a period older); a fusion's frames are up to a period older still, which these
-readings do not pay.
+their ratio with the lidar failed (on average; nothing makes it a bound). Each camera frame is paired
+with the lidar sweep taken with it and the truth at the end of that 50 Hz control step (up to 20 ms
+later); a fusion's frames are up to a period older, which these readings do not pay.
 """
 
 import argparse
@@ -85,7 +85,8 @@ def camera_reading(image: np.ndarray, views: int, yaws_deg: tuple[float, ...]) -
     if bottom < h - 1:
         edge = bottom + 1 + share[bottom + 1]
         return fy * BELOW / ((edge - v0) * cos_phi) + PATCH_RADIUS, bearing, "patch"
-    return ABOVE / cos_phi / 2.0, bearing, "cut off"  # the top above the view: a range under ABOVE / cos_phi
+    # the top above the view and the patch below it: the post nearer than both would allow
+    return min(ABOVE / cos_phi + POST_RADIUS, BELOW / cos_phi + PATCH_RADIUS) / 2.0, bearing, "cut off"
 
 
 def lidar_reading(frame: LidarFrame | None) -> tuple[float, float] | None:
@@ -107,7 +108,9 @@ def episode(task: str, seed: int, seconds: float, sensors: SensorConfig) -> list
     lidar, out = None, []
     try:
         for info in random_drive(env, rng, seed, seconds):
-            for f in info["frames"]:
+            # a step delivers its camera frame before the sweep taken with it: take the step's sweeps first
+            frames = sorted(info["frames"], key=lambda f: not isinstance(f, LidarFrame))
+            for f in frames:
                 if isinstance(f, LidarFrame):
                     lidar = f
                 elif isinstance(f, CameraFrame):
@@ -148,11 +151,11 @@ def main() -> None:
                    for s in episode(tc.sim_tasks[k % len(tc.sim_tasks)], SPLIT_SEEDS["val"] + k, tc.sim_seconds, sensors)]
         truth = np.array([s["truth"] for s in samples], np.float64)
         lidar = np.array([(np.nan, np.nan) if s["lidar"] is None else s["lidar"] for s in samples])
-        seen = np.isfinite(lidar[:, 0])
+        lidar_sees = np.isfinite(lidar[:, 0])
         # the camera missing the post: the mean true range, straight ahead (what a fusion that knows nothing says)
         blind = (truth[:, 0].mean(), 0.0)
         h, w, _ = sensors.camera_image_shape
-        resized = {f"{h}x{w}": None} | {t: tuple(map(int, t.split("x"))) for t in args.token_sizes}
+        resized = {f"{h}x{w}": None} | {t: tuple(map(int, t.split("x"))) for t in args.token_sizes if t != f"{h}x{w}"}
         for name, hw in resized.items():
             readings = [camera_reading(s["image"] if hw is None else
                                        cv2.resize(s["image"], hw[::-1], interpolation=cv2.INTER_AREA),
@@ -161,19 +164,19 @@ def main() -> None:
             cam = np.array([blind if r is None else r[:2] for r in readings])
             cam_err = errors(cam, truth)
             # both: per quantity, the sensor that reads it better first and the other where it does not see
-            spotted = np.array([r is not None for r in readings])
-            orders = (errors(np.where(seen[:, None], lidar, cam), truth),
-                      errors(np.where(spotted[:, None] | ~seen[:, None], cam, lidar), truth))
+            camera_sees = np.array([r is not None for r in readings])
+            orders = (errors(np.where(lidar_sees[:, None], lidar, cam), truth),
+                      errors(np.where(camera_sees[:, None] | ~lidar_sees[:, None], cam, lidar), truth))
             both_err = np.stack([min(orders, key=lambda e: e[:, q].mean())[:, q] for q in range(2)], axis=1)
-            lidar_err = errors(lidar[seen], truth[seen])
-            row = {"samples": len(truth), "lidar_sees": float(seen.mean()),
+            lidar_err = errors(lidar[lidar_sees], truth[lidar_sees])
+            row = {"samples": len(truth), "lidar_sees": float(lidar_sees.mean()),
                    "camera_how": {k: how.count(k) / len(how) for k in ("top", "patch", "cut off", "none")}}
             for q, unit in ((0, "range_m"), (1, "bearing_deg")):
-                row[unit] = {"lidar_in_reach": {"lidar": summary(lidar_err[:, q]), "camera": summary(cam_err[seen, q])},
+                row[unit] = {"lidar_in_reach": {"lidar": summary(lidar_err[:, q]), "camera": summary(cam_err[lidar_sees, q])},
                              "all": {"both": summary(both_err[:, q]), "camera": summary(cam_err[:, q])}}
             report["readings"][f"view {size}, image {name}"] = row
             r, b = row["range_m"], row["bearing_deg"]
-            print(f"| {size} | {name} | {len(truth)} | {seen.mean():.0%} | "
+            print(f"| {size} | {name} | {len(truth)} | {lidar_sees.mean():.0%} | "
                   + " / ".join(f"{row['camera_how'][k]:.0%}" for k in ("top", "patch", "cut off", "none"))
                   + f" | {r['lidar_in_reach']['lidar']['mean']:.3f} / {r['lidar_in_reach']['camera']['mean']:.3f} m"
                   f" | {r['all']['both']['mean']:.3f} / {r['all']['camera']['mean']:.3f} m "
