@@ -143,6 +143,9 @@ def test_stops_and_extra_tasks_shape_training_episodes_only():
                                            (["--stop-share", "1.5"], "--stop-share 1.5"),
                                            (["--fault-weights", "1", "-1", "2"], "--fault-weights 1.0 -1.0 2.0"),
                                            (["--fault-weights", "0", "0", "0"], "--fault-weights 0.0 0.0 0.0"),
+                                           (["--objective-weights", "goal=-1"], "--objective-weights goal=-1"),
+                                           (["--objective-weights", "speed=2"], "--objective-weights speed=2"),
+                                           (["--objective-weights", "goal"], "--objective-weights goal:"),
                                            (["--fusion", "concat", "--lidar-motion", "--lidar-motion-direct",
                                              "--trust-floor", "0.01"], "--trust-floor, --lidar-motion-direct")])
 def test_bad_data_options_are_named(tmp_path, capsys, flags, named):
@@ -582,6 +585,18 @@ def test_camera_options_reach_the_model_and_the_recorded_command(tmp_path, cache
     assert "--camera-shifts 3 --lidar-motion --lidar-motion-token --camera-size 32 64 --consistency-weight 0.5" in info["command"]
     assert "consistency" in json.loads((out / "metrics.json").read_text())["final_train_losses_ema"]
     assert _train_cli(tmp_path / "bad", cache, "--steps", "2", "--camera-size", "30", "64") == 2  # not patches of 16
+
+
+def test_objective_weights_scale_their_losses_and_reach_the_recorded_command(tmp_path, cache):
+    assert _train_cli(tmp_path / "plain", cache, "--steps", "1") == 0
+    assert _train_cli(tmp_path / "weighed", cache, "--steps", "1", "--objective-weights", "goal=0", "camera=2.5") == 0
+    plain, weighed = (json.loads((tmp_path / run / "metrics.json").read_text())["first_step_losses"]
+                      for run in ("plain", "weighed"))
+    assert plain["goal"] > 0 and weighed["goal"] == 0.0  # the same first step, weighed
+    assert weighed["camera"] == pytest.approx(2.5 * plain["camera"], abs=2e-4)
+    assert weighed["velocity"] == plain["velocity"]  # not given: weight 1
+    _, _, info = read_checkpoint(tmp_path / "weighed" / "model.safetensors")
+    assert "--objective-weights goal=0 camera=2.5" in info["command"]
 
 
 def test_token_fusion_baseline_trains_with_attention_avoidance(tmp_path, cache):

@@ -67,6 +67,9 @@ def add_parser(verbs):
     train.add_argument("--fault-weights", type=float, nargs=3, metavar=("CAMERA", "LIDAR", "IMU"),
                        help="which sensor a training sample's fault hits, in proportion (default 1 1 1; 60 %% of "
                             "samples get one); e.g. 1 1 2 for twice the IMU faults")
+    train.add_argument("--objective-weights", nargs="+", metavar="NAME=WEIGHT",
+                       help="weights of head objectives (default 1 each): camera, lidar, imu, imu_next, velocity, "
+                            "obstacles, goal; e.g. goal=4")
     train.add_argument("--trust-weight", type=float, help="weight of the trust objective (default 1)")
     train.add_argument("--avoid-weight", type=float, help="weight of the attention-avoidance objective: attention mass "
                                                           "on a sensor whose content is gone (default 0; the token "
@@ -118,7 +121,7 @@ def run(args) -> int:
     from ..learn.loop import TrainConfig, train
 
     fields = ("seed", "steps", "batch", "lr", "sim_episodes", "val_episodes", "sim_seconds", "sim_tasks", "stop_share", "trigger", "bags", "fusion",
-              "tau_random_prob", "sensor_fusion", "trust_floor", "floor_in_training", "camera_shifts", "lidar_motion", "lidar_motion_token", "lidar_motion_direct", "imu_direct", "stale_evidence", "camera_size", "fault_weights", "trust_weight", "avoid_weight", "consistency_weight", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature", "init_from", "train_only")
+              "tau_random_prob", "sensor_fusion", "trust_floor", "floor_in_training", "camera_shifts", "lidar_motion", "lidar_motion_token", "lidar_motion_direct", "imu_direct", "stale_evidence", "camera_size", "fault_weights", "objective_weights", "trust_weight", "avoid_weight", "consistency_weight", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature", "init_from", "train_only")
     given = {k: getattr(args, k) for k in fields if hasattr(args, k)}
     if "bags" in given:
         given["bags"] = tuple(str(b) for b in given["bags"])
@@ -127,6 +130,8 @@ def run(args) -> int:
     for name in ("train_only", "sim_tasks", "fault_weights"):
         if name in given:
             given[name] = tuple(given[name])
+    if "objective_weights" in given:
+        given["objective_weights"] = objective_weights(given["objective_weights"])
     tc = dataclasses.replace(TrainConfig(), **given)
     if min(tc.sim_episodes, tc.val_episodes, tc.latent_blocks) < 0 or min(tc.steps, tc.batch, args.threads) < 1:
         raise ConfigError("--steps, --batch and --threads must be >= 1, --sim-episodes, --val-episodes and "
@@ -156,8 +161,9 @@ def run(args) -> int:
     except ImportError as exc:
         raise FusionAttnError(f"training needs the train and sim extras ({exc}); pip install -e '.[sim,train]'") from exc
     # the command as run (recorded in the checkpoint), with every setting spelled out
+    spelled = {k: tuple(f"{name}={w:g}" for name, w in v.items()) if isinstance(v, dict) else v for k, v in given.items()}
     flags = [f"--{k.replace('_', '-')}" + ("" if v is True else " " + " ".join(map(str, v)) if isinstance(v, tuple)
-                                            else f" {v}") for k, v in given.items()
+                                            else f" {v}") for k, v in spelled.items()
              if k not in ("bags", "tau_random_prob", "floor_in_training")]
     flags += ["--fixed-tau"] if "tau_random_prob" in given else []
     flags += ["--floor-at-run-time"] if "floor_in_training" in given else []
@@ -173,3 +179,22 @@ def run(args) -> int:
     model = "model.safetensors, " if tc.fusion == "attention" else ""  # a baseline's weights: train_state.pt only
     print(f"  wrote {args.output}/{model}model.heads.safetensors, metrics.json, tb/, train_state.pt")
     return 0
+
+
+def objective_weights(pairs: list[str]) -> dict[str, float]:
+    """--objective-weights goal=4 ... -> {"goal": 4.0}; ConfigError on an unknown name or a bad weight."""
+    from ..errors import ConfigError
+    from ..learn.objectives import OBJECTIVES
+
+    weights = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = math.nan
+        if name not in OBJECTIVES or not (math.isfinite(weight) and weight >= 0):
+            raise ConfigError(f"--objective-weights {pair}: NAME=WEIGHT, NAME one of {', '.join(OBJECTIVES)}, "
+                              "WEIGHT a number >= 0")
+        weights[name] = weight
+    return weights

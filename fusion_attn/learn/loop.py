@@ -14,7 +14,7 @@ import math
 import os
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -70,6 +70,8 @@ class TrainConfig:
     # the attention model's fusion across sensors: "sensor" (trust-weighted at τ) or "token" (one softmax
     # over all tokens, the earlier design: a baseline); see model.FusionModel
     sensor_fusion: str = "sensor"
+    # weights of the head objectives (objectives.target_sizes' names; 1 where not given)
+    objective_weights: dict[str, float] = field(default_factory=dict)
     trust_weight: float = 1.0  # weight of the trust objective (trust_loss)
     avoid_weight: float = 0.0  # attention-avoidance objective (fault_attention; the "token" baseline's: 1)
     consistency_weight: float = 0.0  # a faulted sample's fused state kept near its clean one (fused_consistency)
@@ -268,7 +270,7 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
         x = corrupt(data, idx, plan, cfg, tc.fusion_hz, gen)
         tau = random_tau(tc.batch, tc.tau_random_prob, gen)
         pred, tgt, fusion = predict(model, heads, data, idx, x, tau.to(dev), cfg)
-        parts = losses(heads, pred, tgt)
+        parts = {k: tc.objective_weights.get(k, 1.0) * v for k, v in losses(heads, pred, tgt).items()}
         if fusion and tc.trust_weight > 0:
             parts["trust"] = tc.trust_weight * trust_loss(fusion["trust_logits"], plan)
             if "stale_logits" in fusion:

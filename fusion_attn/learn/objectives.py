@@ -29,6 +29,8 @@ from .augment import FAULTS, FaultPlan, gather
 from .data import SECTORS
 
 NEXT_CHUNKS = 3  # the newest chunks of the next sample's IMU window lie after the current one
+# the head objectives, in target_sizes' order: self-supervised, then supervised
+OBJECTIVES = ("camera", "lidar", "imu", "imu_next", "velocity", "obstacles", "goal")
 
 
 # --- targets -------------------------------------------------------------------------------------
@@ -38,8 +40,8 @@ def target_sizes(cfg: FusionConfig) -> dict[str, int]:
     """Self-supervised (any sample): camera, lidar, imu, imu_next; supervised (simulated samples only):
     velocity, obstacles, goal (distance, cos and sin of the bearing)."""
     axes = len(IMU_AXES)
-    return {"camera": cfg.camera.tokens * 3, "lidar": SECTORS, "imu": cfg.imu.chunks * axes,
-            "imu_next": NEXT_CHUNKS * axes, "velocity": 2, "obstacles": SECTORS, "goal": 3}
+    sizes = (cfg.camera.tokens * 3, SECTORS, cfg.imu.chunks * axes, NEXT_CHUNKS * axes, 2, SECTORS, 3)
+    return dict(zip(OBJECTIVES, sizes))
 
 
 def targets(data: dict[str, torch.Tensor], idx: torch.Tensor, clean: dict[str, torch.Tensor],
