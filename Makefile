@@ -64,6 +64,14 @@ runs/default_data4x-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/default_data4x-s$* --seed $* --trust-floor 0.01 --floor-at-run-time --sim-episodes 192 --eval-every 2000
 runs/concat_data4x-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/concat_data4x-s$* --seed $* --fusion concat --fixed-tau --sim-episodes 192 --eval-every 2000
+# ... at half the learning rate (seed 1 trained badly at the default's 2e-3)
+runs/default_data4x_lr1e3-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/default_data4x_lr1e3-s$* --seed $* --trust-floor 0.01 --floor-at-run-time --sim-episodes 192 --lr 1e-3 \
+		--eval-every 2000
+# the default's recipe with the goal objective weighed 4x: is the fused goal held back by its share of the loss?
+runs/default_goal4-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/default_goal4-s$* --seed $* --trust-floor 0.01 --floor-at-run-time --objective-weights goal=4 \
+		--eval-every 2000
 # the default's recipe with the consistency objective (a faulted sample's fused state kept near its healthy
 # one): on fusions trained with it, every RL seed that learned the cue kept it under faults (docs/RESULTS.md)
 runs/default_consist-s%/train_state.pt: | $(STAMP)
