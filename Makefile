@@ -72,6 +72,14 @@ runs/default_data4x_lr1e3-s%/train_state.pt: | $(STAMP)
 runs/default_goal4-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/default_goal4-s$* --seed $* --trust-floor 0.01 --floor-at-run-time --objective-weights goal=4 \
 		--eval-every 2000
+# the default's recipe with a camera path that keeps where inside its patch the post stands: a two-layer
+# strided convolution per patch (--camera-stem), or patches of 8 pixels (four times the camera tokens)
+runs/default_stem-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/default_stem-s$* --seed $* --trust-floor 0.01 --floor-at-run-time --camera-stem 32 \
+		--eval-every 2000
+runs/default_patch8-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/default_patch8-s$* --seed $* --trust-floor 0.01 --floor-at-run-time --camera-patch 8 \
+		--eval-every 2000
 # the default's recipe with the consistency objective (a faulted sample's fused state kept near its healthy
 # one): on fusions trained with it, every RL seed that learned the cue kept it under faults (docs/RESULTS.md)
 runs/default_consist-s%/train_state.pt: | $(STAMP)

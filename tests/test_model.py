@@ -10,9 +10,10 @@ from hypothesis import strategies as st
 from sweeps import room_sweep, scan_inputs
 
 from fusion_attn.backends.export import example_inputs
-from fusion_attn.config import FusionConfig, ModelConfig
+from fusion_attn.config import CameraTokens, FusionConfig, ModelConfig
+from fusion_attn.errors import ConfigError
 from fusion_attn.frames import LidarFrame, Modality
-from fusion_attn.model import CrossAttention, FusionModel, masked_softmax, softmax_lipschitz
+from fusion_attn.model import CrossAttention, FusionModel, PatchStem, masked_softmax, softmax_lipschitz
 
 
 def _model(**model_kw) -> FusionModel:
@@ -154,7 +155,7 @@ def test_per_modality_tau_moves_attention(fusion):
 
 @pytest.mark.parametrize("fusion", FUSIONS)
 @pytest.mark.parametrize("options", [{}, {"qk_norm": True}, {"learned_head_temperature": True},
-                                     {"qk_norm": True, "learned_head_temperature": True, "latent_blocks": 2}, {"camera_shifts": 6},
+                                     {"qk_norm": True, "learned_head_temperature": True, "latent_blocks": 2}, {"camera_shifts": 6}, {"camera_stem": 8},
                                      {"lidar_motion": True}, {"lidar_motion": True, "lidar_motion_token": True},
                                      {"lidar_motion": True, "lidar_motion_direct": True}, {"imu_direct": True}])
 def test_gradients_are_finite_for_every_variant(options, fusion):
@@ -184,6 +185,24 @@ def test_the_fusion_sends_no_gradient_into_the_trust_estimate(fusion):
     assert model.embed.camera.weight.grad.abs().sum() > 0  # while the rest of the model does learn
     trust.sum().backward()
     assert model.trust.logit.fc2.weight.grad.abs().sum() > 0
+
+
+def test_the_patch_stem_is_two_strided_convolutions_over_the_image():
+    # what the tokenizer flattens (rows, columns, RGB per patch) the stem reads as the image it came from
+    cam = CameraTokens(height=32, width=48, patch=16)
+    torch.manual_seed(0)
+    stem = PatchStem(cam.patch, 5, 7)
+    image = torch.randn(2, cam.height, cam.width, 3)
+    p = cam.patch
+    patches = image.reshape(2, cam.height // p, p, cam.width // p, p, 3).transpose(2, 3).reshape(2, cam.tokens, -1)
+    cell = p // 4
+    conv1 = stem.cells.weight.reshape(5, cell, cell, 3).permute(0, 3, 1, 2)  # (C, RGB, rows, cols)
+    conv2 = stem.out.weight.reshape(7, 4, 4, 5).permute(0, 3, 1, 2)
+    hidden = torch.nn.functional.gelu(torch.nn.functional.conv2d(image.permute(0, 3, 1, 2), conv1, stem.cells.bias, stride=cell))
+    expected = torch.nn.functional.conv2d(hidden, conv2, stem.out.bias, stride=4).flatten(2).transpose(1, 2)  # (B, N, D)
+    torch.testing.assert_close(stem(patches), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="camera_stem"):
+        FusionConfig(camera=CameraTokens(patch=6, height=96, width=126), model=ModelConfig(camera_stem=4))
 
 
 def test_lipschitz_matches_autograd_jacobian():
@@ -271,8 +290,6 @@ def test_lidar_scan_match_of_a_frozen_sweep_is_still_and_exact_and_of_none_is_ze
 
 
 def test_the_lidar_motion_token_is_a_lidar_token_present_only_where_the_sweeps_match():
-    from fusion_attn.errors import ConfigError
-
     with pytest.raises(ConfigError, match="lidar_motion_token needs model.lidar_motion"):
         FusionConfig(model=ModelConfig(lidar_motion_token=True))
     model = _model(lidar_motion=True, lidar_motion_token=True)
@@ -301,8 +318,6 @@ def _fused_with_and_without(model, path, present: dict, absent: dict) -> tuple[l
 
 
 def test_the_direct_scan_match_enters_the_fused_state_only_where_the_sweeps_match():
-    from fusion_attn.errors import ConfigError
-
     with pytest.raises(ConfigError, match="lidar_motion_direct needs model.lidar_motion"):
         FusionConfig(model=ModelConfig(lidar_motion_direct=True))
     model = _model(lidar_motion=True, lidar_motion_direct=True)

@@ -585,6 +585,14 @@ def test_camera_options_reach_the_model_and_the_recorded_command(tmp_path, cache
     assert "--camera-shifts 3 --lidar-motion --lidar-motion-token --camera-size 32 64 --consistency-weight 0.5" in info["command"]
     assert "consistency" in json.loads((out / "metrics.json").read_text())["final_train_losses_ema"]
     assert _train_cli(tmp_path / "bad", cache, "--steps", "2", "--camera-size", "30", "64") == 2  # not patches of 16
+    assert _train_cli(tmp_path / "stem", cache, "--steps", "2", "--camera-size", "32", "64", "--camera-patch", "8",
+                      "--camera-stem", "4") == 0
+    model = load_checkpoint(tmp_path / "stem" / "model.safetensors")
+    assert (model.cfg.camera.patch, model.cfg.camera.tokens, model.cfg.model.camera_stem) == (8, 32, 4)
+    assert model.embed.camera.cells.in_features == 2 * 2 * 3  # 4 x 4 cells of 2 x 2 pixels
+    _, _, info = read_checkpoint(tmp_path / "stem" / "model.safetensors")
+    assert "--camera-size 32 64 --camera-patch 8 --camera-stem 4" in info["command"]
+    assert _train_cli(tmp_path / "bad", cache, "--steps", "2", "--camera-patch", "2", "--camera-stem", "4") == 2  # cells of half a pixel
 
 
 def test_objective_weights_scale_their_losses_and_reach_the_recorded_command(tmp_path, cache):

@@ -93,6 +93,8 @@ class TrainConfig:
     imu_direct: bool = False
     stale_evidence: bool = False
     camera_size: tuple[int, int] = (96, 128)  # height, width the camera tokenizer resizes to (config.CameraTokens)
+    camera_patch: int = 16  # pixels per patch side (config.CameraTokens.patch)
+    camera_stem: int = 0  # config.ModelConfig.camera_stem
     # start from a trained checkpoint's weights and heads (None: from seed-initialised ones), and train only
     # the parameters whose names start with one of train_only (empty: all of them)
     init_from: str | None = None
@@ -100,14 +102,15 @@ class TrainConfig:
 
     def fusion_config(self) -> FusionConfig:
         """The config of the model this run trains."""
-        return FusionConfig(camera=CameraTokens(height=self.camera_size[0], width=self.camera_size[1]),
+        return FusionConfig(camera=CameraTokens(height=self.camera_size[0], width=self.camera_size[1],
+                                                patch=self.camera_patch),
                             model=ModelConfig(latent_blocks=self.latent_blocks, qk_norm=self.qk_norm,
                                               learned_head_temperature=self.learned_head_temperature,
                                               fusion=self.sensor_fusion, trust_floor=self.trust_floor,
                                               camera_shifts=self.camera_shifts, lidar_motion=self.lidar_motion,
                                               lidar_motion_token=self.lidar_motion_token,
                                               lidar_motion_direct=self.lidar_motion_direct, imu_direct=self.imu_direct,
-                                              stale_evidence=self.stale_evidence))
+                                              stale_evidence=self.stale_evidence, camera_stem=self.camera_stem))
 
     @classmethod
     def from_dict(cls, saved: dict) -> TrainConfig:
