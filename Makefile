@@ -9,7 +9,7 @@ STAMP     := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
 .PHONY: run test colcon-check venv clean default-model robustness robustness-arrival robustness-default robustness-stalecam \
-	robustness-stalefit robustness-stillfit robustness-data4x
+	robustness-stalefit robustness-stillfit robustness-data4x robustness-stem
 
 # The main job on the embedded default: CPU, ONNX Runtime, no robot, the packaged default model:
 # replay a recording as the node would fuse it; fused-state bag, summary and plots in $(OUT).
@@ -186,6 +186,14 @@ robustness-data4x: $(STAMP) runs/default_data4x-s0/train_state.pt runs/default_d
 	$(VENV)/bin/fusion-attn eval-robustness data4x=runs/default_data4x-s0 'data4x#1=runs/default_data4x-s1' \
 		concat=runs/concat_data4x-s0 -o docs/results/data4x --episodes 12 --jobs 2 \
 		--bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
+
+# the camera stem's three seeds beside the default's recipe and concat (seed 0 each), held out
+robustness-stem: $(STAMP) runs/default_stem-s0/train_state.pt runs/default_stem-s1/train_state.pt \
+		runs/default_stem-s2/train_state.pt runs/default-s0/train_state.pt runs/concat-s0/train_state.pt
+	$(VENV)/bin/fusion-attn eval-robustness stem=runs/default_stem-s0 'stem#1=runs/default_stem-s1' \
+		'stem#2=runs/default_stem-s2' default=runs/default-s0 concat=runs/concat-s0 -o docs/results/stem \
+		--episodes 12 --jobs 2 --bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame \
+		$(REAL)/sick_lms1xx_scan_cloud_radar.bag
 
 # the default's recipe with the camera's stale-content trust path, three seeds, beside the default's three
 robustness-stalecam: $(STAMP) runs/default_stalecam-s0/train_state.pt runs/default_stalecam-s1/train_state.pt \
