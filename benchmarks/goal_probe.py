@@ -3,19 +3,18 @@ of the goal distance fitted on a run's training episodes and read on its validat
 
 - `camera tokens`: the model's camera tokens as embedded (all patches, before any attention);
 - `fused, clean` and `fused, lidar dropped`: the feature the heads read (the flattened latents; a
-  baseline's pooled feature),
-  with every sensor and with the lidar masked as the `drop` fault masks it;
+  baseline's pooled feature), with every sensor and with the lidar dropped (augment's `drop` fault),
 
-beside the run's own goal head on the same samples and the training samples' mean distance taken
-as every answer. If the camera tokens carry the distance to far
-better than the fused state with the lidar dropped, the fusion loses it, not the camera path.
+beside the run's own goal head on the same samples and the training samples' mean distance taken as
+every answer. If the camera tokens carry the distance far better than the fused state with the lidar
+dropped, the fusion loses it, not the camera path.
 
     python benchmarks/goal_probe.py runs/default-s0 runs/default_stem-s0 [--out benchmarks/results/goal_probe.json]
 
-Simulated samples with a goal only; tokens and states at τ = 1. Each probe is fitted and read in its own condition;
-its ridge penalty is picked on the last fifth of the training samples (whole episodes), then refitted on
-all of them. Nothing here
-trains the model: it says what a linear read-out of each stage gives, a floor on what the stage carries.
+Simulated samples with a goal only; tokens and states at τ = 1. Each probe is fitted and read in its own
+condition; its ridge penalty is picked on the last fifth of the training samples (the last episodes),
+then refitted on all of them. Nothing here trains the model: it says what a linear read-out of each
+stage gives, a floor on what the stage carries.
 """
 
 import argparse
@@ -28,7 +27,7 @@ import torch
 
 from fusion_attn.bench import machine
 from fusion_attn.config import cache_dir
-from fusion_attn.learn.augment import gather
+from fusion_attn.learn.augment import FaultPlan, corrupt, gather
 from fusion_attn.learn.data import build_datasets
 from fusion_attn.learn.objectives import fused_feature
 from fusion_attn.learn.robustness import load_run
@@ -57,7 +56,7 @@ def stages(run, data) -> dict[str, np.ndarray]:
         fused = fused_feature(run.model, x, tau)[0]
         out["fused, clean"].append(fused.numpy())
         out["head"].append(run.heads.denormalise("goal", run.heads(fused)["goal"])[:, 0].numpy())
-        dropped = dict(x, lidar_mask=torch.zeros_like(x["lidar_mask"]), lidar_prev_mask=torch.zeros_like(x["lidar_prev_mask"]))
+        dropped = corrupt(t, idx, FaultPlan.fixed(len(idx), 1, "drop"), run.cfg, run.tc.fusion_hz, torch.Generator())
         out["fused, lidar dropped"].append(fused_feature(run.model, dropped, tau)[0].numpy())
         out["truth"].append(t["goal"][idx, 0].numpy())
     return {k: np.concatenate(v).astype(np.float64) for k, v in out.items()}
