@@ -80,6 +80,11 @@ runs/default_stem-s%/train_state.pt: | $(STAMP)
 runs/default_patch8-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/default_patch8-s$* --seed $* --trust-floor 0.01 --floor-at-run-time --camera-patch 8 \
 		--eval-every 2000
+# the default's recipe with the camera's own goal objective (each column of camera patches: is the goal in it,
+# how far, where across it): the camera path pushed to carry the goal's range itself
+runs/default_camgoal-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/default_camgoal-s$* --seed $* --trust-floor 0.01 --floor-at-run-time --camera-goal-weight 1 \
+		--eval-every 2000
 # the default's recipe with the consistency objective (a faulted sample's fused state kept near its healthy
 # one): on fusions trained with it, every RL seed that learned the cue kept it under faults (docs/RESULTS.md)
 runs/default_consist-s%/train_state.pt: | $(STAMP)

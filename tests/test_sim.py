@@ -15,7 +15,7 @@ import fusion_attn.sim  # noqa: F401  (registers the ids)
 from fusion_attn.frames import NS_PER_S, CameraFrame, ImuSample, LidarFrame, Modality
 from fusion_attn.sim.faults import FaultConfig, FaultSpec
 from fusion_attn.sim.robot import DRIVE_ACCEL, FrameList, RobotEnv
-from fusion_attn.sim.scene import TASK_COLOURS, Geom, Layout
+from fusion_attn.sim.scene import CAMERA_POS, TASK_COLOURS, Geom, Layout
 from fusion_attn.sim.sensors import SensorConfig
 from fusion_attn.sim.tasks import ControlTask, NavigateTask, Task
 
@@ -134,6 +134,28 @@ def test_camera_rig_is_a_panorama_with_forward_in_the_middle():
     assert SensorConfig(camera_views=1).camera_hfov_deg == pytest.approx(75.0)
     with pytest.raises(ValueError, match="camera_views"):
         SensorConfig(camera_views=2)  # two views cannot cover 360 degrees
+
+
+@pytest.mark.parametrize("views", [4, 1])
+def test_image_x_is_where_a_post_at_that_bearing_renders(views):
+    # green posts (the goal's colour) 3 m away at bearings off every seam and view centre; the rig's
+    # pinhole views and the single forward camera alike
+    bearings = (20.0, 70.0, -110.0, 160.0) if views > 1 else (12.0, -25.0)
+    posts = [Geom(f"post{i}", "cylinder", (3 * math.cos(math.radians(b)), 3 * math.sin(math.radians(b)), 1.0),
+                  (0.05, 1.0), TASK_COLOURS["green"]) for i, b in enumerate(bearings)]
+    sensors = SensorConfig(camera_views=views)
+    env = RobotEnv(Fixed(geoms=posts), sensors=sensors)
+    _, info = env.reset(seed=0)
+    image = info["frames"][0].image
+    env.close()
+    columns = _columns(image[: image.shape[0] // 2], TASK_COLOURS["green"])  # above the horizon: posts only
+    runs = np.split(columns, np.flatnonzero(np.diff(columns) > 1) + 1)
+    seen = sorted((r.min() + r.max() + 1) / 2 / image.shape[1] for r in runs)
+    # seen from the camera: the rig stands at the robot's centre, the single camera at its front edge
+    origin = 0.0 if views > 1 else CAMERA_POS[0]
+    expected = sorted(sensors.image_x([math.atan2(y, x - origin) for (x, y, _) in (p.pos for p in posts)]))
+    assert seen == pytest.approx(expected, abs=1.5 / image.shape[1])  # within a pixel and a half
+    assert np.isnan(SensorConfig(camera_views=1).image_x(math.radians(60.0)))  # beyond the 75° view
 
 
 def test_pixel_noise_makes_consecutive_static_frames_differ():

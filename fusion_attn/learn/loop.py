@@ -23,13 +23,16 @@ from torch import nn
 from ..checkpoint import read_checkpoint, save_checkpoint
 from ..config import CameraTokens, FusionConfig, ModelConfig, cache_dir
 from ..errors import CheckpointError, ConfigError
+from ..frames import Modality
 from ..model import FusionModel
 from .augment import FaultPlan, corrupt, gather, random_tau
 from .data import Dataset, build_datasets
 from .evaluation import evaluate
 from .objectives import (
+    CameraGoalColumns,
     build_heads,
     build_model,
+    camera_goal_loss,
     fault_attention,
     fit_normalisation,
     fused_consistency,
@@ -75,6 +78,7 @@ class TrainConfig:
     trust_weight: float = 1.0  # weight of the trust objective (trust_loss)
     avoid_weight: float = 0.0  # attention-avoidance objective (fault_attention; the "token" baseline's: 1)
     consistency_weight: float = 0.0  # a faulted sample's fused state kept near its clean one (fused_consistency)
+    camera_goal_weight: float = 0.0  # the goal read from the camera's tokens alone (CameraGoalColumns; simulated data)
     log_every: int = 25
     eval_every: int = 500
     save_every: int = 500
@@ -145,10 +149,11 @@ STATE_FILE = "train_state.pt"
 
 
 def save_state(path: Path, step: int, tc: TrainConfig, cfg: FusionConfig, model: nn.Module, heads: nn.Module,
-               opt: torch.optim.Optimizer, gen: torch.Generator) -> None:
+               opt: torch.optim.Optimizer, gen: torch.Generator, camera_goal: nn.Module | None = None) -> None:
     state = {"step": step, "train_config": json.dumps(dataclasses.asdict(tc), sort_keys=True),
              "fusion_config": cfg.to_json(), "model": model.state_dict(), "heads": heads.state_dict(),
-             "optimizer": opt.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state()}
+             "optimizer": opt.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+             **({"camera_goal": camera_goal.state_dict()} if camera_goal is not None else {})}
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save(state, tmp)
     tmp.replace(path)  # a crash while saving never leaves half a state behind
@@ -238,13 +243,24 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
     base = _start_from(tc, cfg, model, heads) if tc.init_from else None
     if base is None:
         fit_normalisation(heads, data, cfg, len(train_set))
-    trained = [p for p in (*model.parameters(), *heads.parameters()) if p.requires_grad]
+    camera_goal, image_x = None, None
+    if tc.camera_goal_weight > 0:
+        if not isinstance(model, FusionModel):
+            raise ConfigError("--camera-goal-weight reads the camera's tokens of the attention fusion (--fusion attention)")
+        from fusion_attn.sim.sensors import SensorConfig
+
+        camera_goal, image_x = CameraGoalColumns(cfg).to(dev).train(), SensorConfig().image_x  # the simulated rig
+        camera_goal.requires_grad_(not tc.train_only)
+    trained = [p for p in (*model.parameters(), *heads.parameters(),
+                           *(camera_goal.parameters() if camera_goal else ())) if p.requires_grad]
     opt = torch.optim.AdamW(trained, lr=tc.lr, weight_decay=tc.weight_decay)
     gen = torch.Generator().manual_seed(tc.seed)  # batches, faults, τ: the whole data stream
     step = 0
     if state is not None:
         model.load_state_dict(state["model"])
         heads.load_state_dict(state["heads"])
+        if camera_goal is not None:
+            camera_goal.load_state_dict(state["camera_goal"])
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
@@ -284,6 +300,10 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
             faulted = plan.sensor >= 0
             parts["consistency"] = tc.consistency_weight * fused_consistency(
                 model, gather(data, idx[faulted]), fusion["fused"][faulted.to(dev)], tau[faulted].to(dev))
+        if camera_goal is not None:
+            sees = tgt["goal"][1] & x["camera_mask"].any(1).to(dev) & (plan.sensor != Modality.CAMERA).to(dev)
+            parts["camera_goal"] = tc.camera_goal_weight * camera_goal_loss(
+                camera_goal(fusion["camera_tokens"]), data["goal"][idx].to(dev), sees, image_x, heads)
         loss = sum(parts.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -300,7 +320,7 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
         if step % tc.eval_every == 0 and step < tc.steps:
             _log_eval(writer, validate(), step)
         if step % tc.save_every == 0 or step == stop:
-            save_state(out / STATE_FILE, step, tc, cfg, model, heads, opt, gen)
+            save_state(out / STATE_FILE, step, tc, cfg, model, heads, opt, gen, camera_goal)
         bar.update(1)
     bar.close()
     train_s = time.perf_counter() - t_train

@@ -199,6 +199,41 @@ def fault_attention(attention: torch.Tensor, plan: FaultPlan) -> torch.Tensor:
     return (weight * mass).sum() / weight.sum().clamp_min(1.0)
 
 
+class CameraGoalColumns(nn.Module):
+    """Training only: the goal read from the camera's tokens alone, column by column. Each column of
+    patches (the mean of its rows' tokens, (B, cols, D)) says whether the goal stands in it (a logit,
+    softmax over columns) and, for the column it stands in, the goal's distance and where across the
+    column's width. A dense, local target: a column only shows what lies in its slice of the view, so
+    the camera path has to carry the post's range itself rather than lean on the lidar or on memory
+    of the training scenes (docs/RESULTS.md: the fusion read the goal at three times what its sensors carry)."""
+
+    def __init__(self, cfg: FusionConfig):
+        super().__init__()
+        self.rows, self.cols = cfg.camera.height // cfg.camera.patch, cfg.camera.width // cfg.camera.patch
+        self.mlp = MLP(cfg.model.dim, cfg.model.dim, 3)
+
+    def forward(self, camera_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, rows * cols, D) in (row, col) order -> (B, cols, 3): logit, standardised distance, offset."""
+        return self.mlp(camera_tokens.unflatten(1, (self.rows, self.cols)).mean(1))
+
+
+def camera_goal_loss(pred: torch.Tensor, goal: torch.Tensor, valid: torch.Tensor, image_x, heads: Heads) -> torch.Tensor:
+    """CameraGoalColumns' loss: cross-entropy of the goal's column, and at that column the squared
+    errors of the standardised distance and of the offset from the column's centre (in half columns).
+    goal (B, 2): distance, bearing; valid (B,): the camera's content clean and a goal to see; image_x:
+    bearing -> share of the image's width (sim.sensors.SensorConfig.image_x, nan out of view)."""
+    cols = pred.shape[1]
+    x = torch.as_tensor(image_x(goal[:, 1].detach().cpu().numpy()), dtype=pred.dtype, device=pred.device) * cols
+    valid = valid & x.isfinite()
+    x = torch.nan_to_num(x).clamp(0.0, cols - 1e-3)
+    col = x.floor().long()
+    at = pred.gather(1, col[:, None, None].expand(-1, 1, 3))[:, 0]  # (B, 3)
+    dist = (goal[:, 0] - heads.mean_goal[0]) / heads.std_goal[0]
+    err = (F.cross_entropy(pred[..., 0], col, reduction="none") + (at[:, 1] - dist).pow(2)
+           + (at[:, 2] - 2 * (x - col - 0.5)).pow(2))
+    return (err * valid).sum() / valid.sum().clamp_min(1)
+
+
 def fused_consistency(model: nn.Module, clean: dict[str, torch.Tensor], fused: torch.Tensor,
                       tau: torch.Tensor) -> torch.Tensor:
     """Mean squared distance of faulted samples' fused states (B_f, D) from the ones the same samples

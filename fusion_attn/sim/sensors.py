@@ -84,6 +84,20 @@ class SensorConfig:
         h, w = self.camera_size
         return 2.0 * math.degrees(math.atan(math.tan(math.radians(self.camera_fovy_deg) / 2) * w / h))
 
+    def image_x(self, bearing_rad: np.ndarray) -> np.ndarray:
+        """Where a direction from the camera (bearing from straight ahead, left positive) lies across its image, as a
+        share of its width in [0, 1) (0: the left edge); nan outside a single view's field. Each view is
+        a pinhole image: its columns go with the tangent of the angle off its axis, not the angle."""
+        b = np.asarray(bearing_rad, np.float64)
+        if self.camera_views == 1:
+            half = math.radians(self.camera_hfov_deg) / 2
+            return np.where(np.abs(b) <= half, 0.5 - np.tan(np.clip(b, -half, half)) / (2 * math.tan(half)), np.nan)
+        n, span = self.camera_views, 2 * math.pi / self.camera_views
+        left = np.remainder(math.pi - b, 2 * math.pi)  # angle from the image's left edge (+180°) rightwards
+        view = np.minimum(np.floor(left / span), n - 1)
+        off_axis = span / 2 - (left - view * span)  # left positive, within +-span / 2
+        return (view + 0.5 - np.tan(off_axis) / (2 * math.tan(span / 2))) / n
+
 
 def camera_name(view: int) -> str:
     """The MJCF camera of a view (scene.build_mjcf makes one per view)."""
