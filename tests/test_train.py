@@ -36,7 +36,9 @@ from fusion_attn.learn.data import (
 from fusion_attn.learn.evaluation import RunningMeans, physical_errors, sectors_in_view, sim_camera_hfov_deg
 from fusion_attn.learn.loop import STATE_FILE, TrainConfig, train
 from fusion_attn.learn.objectives import (
+    CameraGoalColumns,
     Heads,
+    camera_goal_loss,
     fault_attention,
     fused_consistency,
     heads_path,
@@ -46,6 +48,7 @@ from fusion_attn.learn.objectives import (
 from fusion_attn.learn.robustness import load_run, run_evaluation, summarise
 from fusion_attn.model import FusionModel
 from fusion_attn.pipeline import DEFAULT_CHECKPOINT
+from fusion_attn.sim.sensors import SensorConfig
 from fusion_attn.tokenize import (
     IMU_AXES,
     IMU_COUNT,
@@ -147,7 +150,8 @@ def test_stops_and_extra_tasks_shape_training_episodes_only():
                                            (["--objective-weights", "speed=2"], "--objective-weights speed=2"),
                                            (["--objective-weights", "goal"], "--objective-weights goal:"),
                                            (["--fusion", "concat", "--lidar-motion", "--lidar-motion-direct",
-                                             "--trust-floor", "0.01"], "--trust-floor, --lidar-motion-direct")])
+                                             "--trust-floor", "0.01"], "--trust-floor, --lidar-motion-direct"),
+                                           (["--fusion", "concat", "--camera-goal-weight", "1"], "--camera-goal-weight")])
 def test_bad_data_options_are_named(tmp_path, capsys, flags, named):
     assert main(["train", "-o", str(tmp_path / "run"), *flags, "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -472,6 +476,40 @@ def test_consistency_pulls_faulted_samples_towards_their_healthy_fusion(data):
     assert fused_consistency(model, gather(t, idx[:0]), fused[:0], tau[:0]).item() == 0.0
 
 
+def test_the_camera_goal_objective_asks_for_the_goals_column_its_distance_and_place():
+    cfg = FusionConfig()  # 8 columns of patches over the 360° rig: each 45°
+    heads = Heads(8, {"goal": 3})
+    heads.mean_goal.copy_(torch.tensor([3.0, 0.0, 0.0]))
+    heads.std_goal.copy_(torch.tensor([2.0, 1.0, 1.0]))
+    image_x = SensorConfig().image_x
+    # straight ahead sits on the seam of columns 3 and 4; a goal left of it is in column 3, near its right edge
+    goal = torch.tensor([[5.0, math.radians(1.0)], [1.0, math.radians(-100.0)], [2.0, 0.3]])
+    x = torch.as_tensor(image_x(goal[:, 1].numpy()), dtype=torch.float32) * 8
+    col = x.floor().long()
+    assert col.tolist() == [3, 6, 3]
+    right = torch.full((3, 8, 3), 0.0)
+    right[torch.arange(3), col, 0] = 20.0  # sure of the column
+    right[torch.arange(3), col, 1] = (goal[:, 0] - 3.0) / 2.0
+    right[torch.arange(3), col, 2] = 2 * (x - col - 0.5)
+    valid = torch.tensor([True, True, False])
+    assert camera_goal_loss(right, goal, valid, image_x, heads).item() == pytest.approx(0.0, abs=1e-6)
+    assert camera_goal_loss(right, goal, torch.zeros(3, dtype=torch.bool), image_x, heads).item() == 0.0
+    far, elsewhere, off = right.clone(), right.clone(), right.clone()
+    far[0, 3, 1] += 0.5  # a metre too far: half its spread (2 m), squared
+    assert camera_goal_loss(far, goal, valid, image_x, heads).item() == pytest.approx(0.25 / 2, abs=1e-5)
+    elsewhere[0, 4, 0] = 40.0  # sure of the wrong column
+    assert camera_goal_loss(elsewhere, goal, valid, image_x, heads).item() == pytest.approx(20.0 / 2, abs=1e-3)
+    off[1, 6, 2] += 1.0  # half a column off
+    assert camera_goal_loss(off, goal, valid, image_x, heads).item() == pytest.approx(1.0 / 2, abs=1e-5)
+    # the head reads the mean of each column's rows: a token in column 5 moves column 5 only
+    model = CameraGoalColumns(cfg)
+    tokens = torch.randn(2, cfg.camera.tokens, cfg.model.dim)
+    moved = tokens.clone()
+    moved[:, 2 * 8 + 5] += 1.0  # row 2, column 5
+    changed = (model(moved) - model(tokens)).abs().sum((0, 2))
+    assert changed[5] > 0 and changed[torch.arange(8) != 5].sum() == 0
+
+
 def test_training_writes_checkpoint_heads_and_tensorboard(tmp_path, cache):
     out = tmp_path / "run"
     m = train(TINY, out, cache=cache, progress=False, command="test")
@@ -577,13 +615,16 @@ def test_floor_at_run_time_trains_the_weights_of_a_run_without_one(tmp_path, cac
 def test_camera_options_reach_the_model_and_the_recorded_command(tmp_path, cache):
     out = tmp_path / "run"
     assert _train_cli(out, cache, "--steps", "2", "--camera-size", "32", "64", "--camera-shifts", "3", "--lidar-motion",
-                      "--lidar-motion-token", "--consistency-weight", "0.5") == 0
+                      "--lidar-motion-token", "--consistency-weight", "0.5", "--camera-goal-weight", "0.5") == 0
     model = load_checkpoint(out / "model.safetensors")
     assert (model.cfg.camera.height, model.cfg.camera.width, model.cfg.model.camera_shifts) == (32, 64, 3)
     assert model.embed.camera_motion.in_features == 7 and model.cfg.model.lidar_motion and model.cfg.model.lidar_motion_token
     _, _, info = read_checkpoint(out / "model.safetensors")
-    assert "--camera-shifts 3 --lidar-motion --lidar-motion-token --camera-size 32 64 --consistency-weight 0.5" in info["command"]
-    assert "consistency" in json.loads((out / "metrics.json").read_text())["final_train_losses_ema"]
+    assert ("--camera-shifts 3 --lidar-motion --lidar-motion-token --camera-size 32 64 --consistency-weight 0.5 "
+            "--camera-goal-weight 0.5") in info["command"]
+    losses = json.loads((out / "metrics.json").read_text())["final_train_losses_ema"]
+    assert losses["consistency"] > 0 and losses["camera_goal"] > 0
+    assert torch.load(out / STATE_FILE, weights_only=True)["camera_goal"]["mlp.fc1.weight"].shape == (64, 64)
     assert _train_cli(tmp_path / "bad", cache, "--steps", "2", "--camera-size", "30", "64") == 2  # not patches of 16
     assert _train_cli(tmp_path / "stem", cache, "--steps", "2", "--camera-size", "32", "64", "--camera-patch", "8",
                       "--camera-stem", "4") == 0
@@ -633,7 +674,8 @@ def _expected_commit() -> str:
     return commit + ("+uncommitted" if dirty else "")
 
 
-@pytest.mark.parametrize("fusion", [{}, {"sensor_fusion": "token", "avoid_weight": 1.0}], ids=["sensor", "token"])
+@pytest.mark.parametrize("fusion", [{}, {"sensor_fusion": "token", "avoid_weight": 1.0}, {"camera_goal_weight": 1.0}],
+                         ids=["sensor", "token", "camera_goal"])
 def test_resume_gives_the_uninterrupted_result(tmp_path, cache, fusion):
     tc = dataclasses.replace(TINY, **fusion)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
