@@ -9,7 +9,8 @@ STAMP     := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
 .PHONY: run test colcon-check venv clean default-model robustness robustness-arrival robustness-default robustness-stalecam \
-	robustness-stalefit robustness-stillfit robustness-data4x robustness-stem
+	robustness-stalefit robustness-stillfit robustness-data4x robustness-stem \
+	robustness-camgoal
 
 # The main job on the embedded default: CPU, ONNX Runtime, no robot, the packaged default model:
 # replay a recording as the node would fuse it; fused-state bag, summary and plots in $(OUT).
@@ -199,6 +200,15 @@ robustness-stem: $(STAMP) runs/default_stem-s0/train_state.pt runs/default_stem-
 		'stem#2=runs/default_stem-s2' default=runs/default-s0 concat=runs/concat-s0 -o docs/results/stem \
 		--episodes 12 --jobs 2 --bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame \
 		$(REAL)/sick_lms1xx_scan_cloud_radar.bag
+
+# the camera's own goal objective, three seeds, and the default's recipe's seeds 1 and 2, beside the stem's report
+# (its runs as measured there: the default's seed 0, concat's seed 0, the stem's three seeds)
+robustness-camgoal: $(STAMP) runs/default_camgoal-s0/train_state.pt runs/default_camgoal-s1/train_state.pt \
+		runs/default_camgoal-s2/train_state.pt runs/default-s1/train_state.pt runs/default-s2/train_state.pt
+	$(VENV)/bin/fusion-attn eval-robustness camgoal=runs/default_camgoal-s0 'camgoal#1=runs/default_camgoal-s1' \
+		'camgoal#2=runs/default_camgoal-s2' 'default#1=runs/default-s1' 'default#2=runs/default-s2' \
+		--beside docs/results/stem/robustness.json -o docs/results/camgoal --episodes 12 --jobs 2 \
+		--bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
 
 # the default's recipe with the camera's stale-content trust path, three seeds, beside the default's three
 robustness-stalecam: $(STAMP) runs/default_stalecam-s0/train_state.pt runs/default_stalecam-s1/train_state.pt \
