@@ -217,16 +217,22 @@ class CameraGoalColumns(nn.Module):
         return self.mlp(camera_tokens.unflatten(1, (self.rows, self.cols)).mean(1))
 
 
+def goal_column(bearing: torch.Tensor, cols: int, image_x) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where the goal lies across the columns of patches: (its place in columns (B,) float, its column
+    (B,) long, whether it is in view (B,) bool); image_x as in camera_goal_loss."""
+    x = torch.as_tensor(image_x(bearing.detach().cpu().numpy()), dtype=torch.float32) * cols
+    seen = x.isfinite()
+    x = torch.nan_to_num(x).clamp(0.0, cols - 1e-3)
+    return x, x.floor().long(), seen
+
+
 def camera_goal_loss(pred: torch.Tensor, goal: torch.Tensor, valid: torch.Tensor, image_x, heads: Heads) -> torch.Tensor:
     """CameraGoalColumns' loss: cross-entropy of the goal's column, and at that column the squared
     errors of the standardised distance and of the offset from the column's centre (in half columns).
     goal (B, 2): distance, bearing; valid (B,): the camera's content clean and a goal to see; image_x:
     bearing -> share of the image's width (sim.sensors.SensorConfig.image_x, nan out of view)."""
-    cols = pred.shape[1]
-    x = torch.as_tensor(image_x(goal[:, 1].detach().cpu().numpy()), dtype=pred.dtype, device=pred.device) * cols
-    valid = valid & x.isfinite()
-    x = torch.nan_to_num(x).clamp(0.0, cols - 1e-3)
-    col = x.floor().long()
+    x, col, seen = goal_column(goal[:, 1], pred.shape[1], image_x)
+    x, col, valid = x.to(pred), col.to(pred.device), valid & seen.to(valid.device)
     at = pred.gather(1, col[:, None, None].expand(-1, 1, 3))[:, 0]  # (B, 3)
     dist = (goal[:, 0] - heads.mean_goal[0]) / heads.std_goal[0]
     err = (F.cross_entropy(pred[..., 0], col, reduction="none") + (at[:, 1] - dist).pow(2)
