@@ -10,7 +10,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 
 .PHONY: run test colcon-check venv clean default-model robustness robustness-arrival robustness-default robustness-stalecam \
 	robustness-stalefit robustness-stillfit robustness-data4x robustness-stem \
-	robustness-camgoal
+	robustness-camgoal robustness-mirror
 
 # The main job on the embedded default: CPU, ONNX Runtime, no robot, the packaged default model:
 # replay a recording as the node would fuse it; fused-state bag, summary and plots in $(OUT).
@@ -86,6 +86,10 @@ runs/default_patch8-s%/train_state.pt: | $(STAMP)
 runs/default_camgoal-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/default_camgoal-s$* --seed $* --trust-floor 0.01 --floor-at-run-time --camera-goal-weight 1 \
 		--eval-every 2000
+# the default's recipe on each training episode and its mirror image (--mirror: left and right swapped): twice
+# the labelled scenes without simulating more
+runs/default_mirror-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/default_mirror-s$* --seed $* --trust-floor 0.01 --floor-at-run-time --mirror --eval-every 2000
 # the default's recipe with the consistency objective (a faulted sample's fused state kept near its healthy
 # one): on fusions trained with it, every RL seed that learned the cue kept it under faults (docs/RESULTS.md)
 runs/default_consist-s%/train_state.pt: | $(STAMP)
@@ -209,6 +213,15 @@ robustness-camgoal: $(STAMP) runs/default_camgoal-s0/train_state.pt runs/default
 		'camgoal#2=runs/default_camgoal-s2' 'default#1=runs/default-s1' 'default#2=runs/default-s2' \
 		--beside docs/results/stem/robustness.json -o docs/results/camgoal --episodes 12 --jobs 2 \
 		--bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
+
+# the mirrored episodes' three seeds beside the camera objective's report (the default's recipe's three seeds,
+# the stem's, concat), on the same held-out samples
+robustness-mirror: $(STAMP) runs/default_mirror-s0/train_state.pt runs/default_mirror-s1/train_state.pt \
+		runs/default_mirror-s2/train_state.pt
+	$(VENV)/bin/fusion-attn eval-robustness mirror=runs/default_mirror-s0 'mirror#1=runs/default_mirror-s1' \
+		'mirror#2=runs/default_mirror-s2' --beside docs/results/camgoal/robustness.json -o docs/results/mirror \
+		--episodes 12 --jobs 2 --bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame \
+		$(REAL)/sick_lms1xx_scan_cloud_radar.bag
 
 # the default's recipe with the camera's stale-content trust path, three seeds, beside the default's three
 robustness-stalecam: $(STAMP) runs/default_stalecam-s0/train_state.pt runs/default_stalecam-s1/train_state.pt \

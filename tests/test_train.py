@@ -24,12 +24,14 @@ from fusion_attn.learn import robustness
 from fusion_attn.learn.augment import DELAY_LAG, FAULTS, FREEZE_LAG, FaultPlan, corrupt, gather
 from fusion_attn.learn.data import (
     SECTORS,
+    Dataset,
     bag_sequence,
     bag_set,
     build_datasets,
     decode_camera,
     encode_sample,
     episode_shards,
+    mirror_sequence,
     random_drive,
     sim_episode,
 )
@@ -44,11 +46,14 @@ from fusion_attn.learn.objectives import (
     heads_path,
     load_heads,
     target_sizes,
+    targets,
 )
 from fusion_attn.learn.robustness import load_run, run_evaluation, summarise
 from fusion_attn.model import FusionModel
 from fusion_attn.pipeline import DEFAULT_CHECKPOINT
+from fusion_attn.sim.scene import TASK_COLOURS, Geom, Layout
 from fusion_attn.sim.sensors import SensorConfig
+from fusion_attn.sim.tasks import Task
 from fusion_attn.tokenize import (
     IMU_AXES,
     IMU_COUNT,
@@ -184,6 +189,94 @@ def test_ground_truth_is_the_true_state():
         clean.close()
     finally:
         env.close()
+
+
+class _Asymmetric(Task):
+    """A world without a mirror symmetry (a box, a cylinder, the goal's post; side -1: its mirror image)."""
+
+    obs_dim, episode_s = 1, 10.0
+
+    def __init__(self, side: int):
+        self.side = side
+
+    def new_episode(self, rng):
+        s = self.side
+        return Layout(3.0, (0.0, 0.0, 0.0), (
+            Geom("box", "box", (1.5, 1.0 * s, 0.3), (0.3, 0.2, 0.3), (0.95, 0.85, 0.1), yaw=0.4 * s),
+            Geom("cylinder", "cylinder", (-1.0, -1.5 * s, 0.4), (0.25, 0.4), (0.85, 0.2, 0.85)),
+            Geom("post", "cylinder", (2.2, -0.8 * s, 1.0), (0.15, 1.0), TASK_COLOURS["green"], collide=False,
+                 retroreflective=True)))
+
+    def observe(self, pose, t_s):
+        return np.zeros(1, np.float32)
+
+    def evaluate(self, pose, t_s):
+        return 0.0, False, {}
+
+    def goal(self):
+        return 2.2, -0.8 * self.side
+
+
+def _turning_episode(side: int) -> dict[str, np.ndarray]:
+    """Two seconds of a robot driving a left (side 1) or right (-1) curve in _Asymmetric(side), sampled
+    at 10 Hz as sim_episode samples."""
+    from fusion_attn.clock import FusionClock, trigger_modality
+    from fusion_attn.sim.robot import RobotEnv
+    from fusion_attn.sync import SensorSync, SyncConfig
+
+    env = RobotEnv(_Asymmetric(side))
+    clock = FusionClock(SensorSync(SyncConfig(imu_window_s=CFG.imu.window_s)), 10.0, trigger_modality("timer"),
+                        start_ns=100_000_000)
+    tokenizer, samples, truth = Tokenizer(CFG), [], []
+    _, info = env.reset(seed=0)
+    for _ in range(100):
+        for snap in clock.step(info["frames"], info["time_ns"]):
+            samples.append(encode_sample(tokenizer(snap, np.ones(4, np.float32))))
+            truth.append(env.ground_truth(SECTORS))
+        *_, info = env.step(np.array([0.4, 0.7 * side], np.float32))
+    env.close()
+    out = {k: np.stack([x[k] for x in samples]) for k in samples[0]}
+    out.update({k: np.stack([t[k] for t in truth]).astype(np.float32) for k in ("velocity", "obstacles", "goal")})
+    out["labelled"], out["stamp_ns"] = np.ones(len(samples), np.bool_), np.zeros(len(samples), np.int64)
+    return out
+
+
+def test_a_mirrored_episode_is_what_the_mirrored_world_gives():
+    scene, mirrored_world = _turning_episode(1), _turning_episode(-1)
+    mirrored = mirror_sequence(scene, CFG)
+    assert len(scene["labelled"]) == 19
+    for key in scene:  # mirroring twice gives the episode back, bit for bit
+        np.testing.assert_array_equal(mirror_sequence(mirrored, CFG)[key], scene[key])
+    for key in ("velocity", "obstacles", "goal"):  # MuJoCo's physics is exactly mirror-symmetric
+        np.testing.assert_allclose(mirrored[key], mirrored_world[key], atol=1e-4)
+        assert np.abs(scene[key] - mirrored_world[key]).max() > 0.5  # the labels differ unmirrored
+
+    def upper_half(seq):  # (n, H / 2, W, 3) pixels above the horizon: the objects and walls, not the floor's
+        p, cols = CFG.camera.patch, CFG.camera.width // CFG.camera.patch  # texture, which has no mirror symmetry
+        image = seq["camera_u8"].reshape(-1, CFG.camera.height // p, cols, p, p, 3).transpose(0, 1, 3, 2, 4, 5)
+        return image.reshape(len(image), CFG.camera.height, CFG.camera.width, 3)[:, : CFG.camera.height // 2].astype(float)
+
+    off = np.abs(upper_half(mirrored) - upper_half(mirrored_world)).mean()
+    assert off < 3.0 and off < 0.3 * np.abs(upper_half(scene) - upper_half(mirrored_world)).mean()  # pixel noise aside
+
+    def imu_means(seq):
+        return imu_samples(seq["imu_chunks"], CFG.imu).mean(axis=(1, 2))  # (n, 6) per IMU_AXES
+
+    np.testing.assert_allclose(imu_means(mirrored), imu_means(mirrored_world), atol=0.03)  # sensor noise aside
+    assert np.abs(imu_means(scene) - imu_means(mirrored_world))[:, IMU_AXES.index("gyro_z")].max() > 0.3
+
+    def lidar_sectors(seq):  # the nearest return per sector, as the lidar's self-supervised target
+        data, idx = Dataset.join([(seq, 0)]).tensors(), torch.arange(len(seq["labelled"]))
+        return targets(data, idx, gather(data, idx, previous=False), CFG)["lidar"][0].numpy()
+
+    off = np.abs(lidar_sectors(mirrored) - lidar_sectors(mirrored_world)).mean()
+    assert off < 0.2 * np.abs(lidar_sectors(scene) - lidar_sectors(mirrored_world)).mean()
+    # each point's pillar centre, from its y and its offset in the pillar, lies on the tokenizer's grid
+    li, points, valid = CFG.lidar, mirrored["lidar_points"].astype(float), mirrored["lidar_mask"]
+    per_m = li.grid / (2.0 * li.range_m)
+    centre_y = points[..., LIDAR_INDEX["y"]] * li.range_m - points[..., LIDAR_INDEX["dy"]] / per_m
+    cell = (centre_y + li.range_m) * per_m - 0.5
+    assert valid.sum() > 1000 and np.abs(cell - np.round(cell))[valid].max() < 0.05
 
 
 def test_camera_codec_is_the_tokenizer_output():

@@ -29,6 +29,9 @@ def add_parser(verbs):
                        help="simulated tasks the episodes alternate over: control, navigate, memory (default: control navigate)")
     train.add_argument("--stop-share", type=float, help="share of the simulated driving policy's commands that are a "
                        "stop (default 0): a robot standing still, whose healthy sensors change by their noise alone")
+    train.add_argument("--mirror", action="store_const", const=True,
+                       help="also train on each simulated episode's mirror image (left and right swapped: camera "
+                            "columns, lidar y, the IMU's lateral and yaw axes, the labels): twice the scenes, no simulating")
     train.add_argument("--trigger", choices=["timer", "camera", "lidar", "imu"],
                        help="a sample on the fusion timer (default) or on each message of this sensor, as the node's "
                             "`trigger` parameter (the timer while that sensor is silent): run such a model with it")
@@ -127,7 +130,7 @@ def run(args) -> int:
     from ..errors import ConfigError
     from ..learn.loop import TrainConfig, train
 
-    fields = ("seed", "steps", "batch", "lr", "sim_episodes", "val_episodes", "sim_seconds", "sim_tasks", "stop_share", "trigger", "bags", "fusion",
+    fields = ("seed", "steps", "batch", "lr", "sim_episodes", "val_episodes", "sim_seconds", "sim_tasks", "stop_share", "mirror", "trigger", "bags", "fusion",
               "tau_random_prob", "sensor_fusion", "trust_floor", "floor_in_training", "camera_shifts", "lidar_motion", "lidar_motion_token", "lidar_motion_direct", "imu_direct", "stale_evidence", "camera_size", "camera_patch", "camera_stem", "fault_weights", "objective_weights", "trust_weight", "avoid_weight", "consistency_weight", "camera_goal_weight", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature", "init_from", "train_only")
     given = {k: getattr(args, k) for k in fields if hasattr(args, k)}
     if "bags" in given:

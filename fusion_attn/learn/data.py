@@ -29,7 +29,15 @@ import torch
 from ..config import FusionConfig
 from ..errors import ConfigError, FusionAttnError
 from ..frames import NS_PER_S
-from ..tokenize import Tokenizer, denormalise_pixels, normalise_pixels
+from ..tokenize import (
+    IMU_AXES,
+    LIDAR_INDEX,
+    Tokenizer,
+    denormalise_pixels,
+    imu_samples,
+    normalise_pixels,
+    put_imu_samples,
+)
 
 if TYPE_CHECKING:
     from .loop import TrainConfig
@@ -155,6 +163,44 @@ def bag_sequence(paths: Sequence[str | Path], fusion_hz: float, cfg: FusionConfi
 
 def _stack(samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+MIRRORED_IMU_AXES = ("accel_y", "gyro_x", "gyro_z")  # what changes sign when left and right swap
+
+
+def mirror_sequence(seq: dict[str, np.ndarray], cfg: FusionConfig) -> dict[str, np.ndarray]:
+    """A simulated sequence as its mirror image across the robot's forward axis: the same drive in the
+    world's mirror image, a new scene for the cost of a copy. It holds for a rig symmetric about that
+    axis, as the simulated one is (the panorama's views centred straight ahead and behind, or one
+    forward camera; lidar and IMU on the axis; sim.sensors.SensorConfig.image_x(-b) = 1 - image_x(b)):
+
+        camera  the columns of patches in reverse order, each patch's pixel columns too
+        lidar   y and the in-pillar dy negated (pillars are a set: their order does not matter)
+        IMU     accel_y, gyro_x and gyro_z negated (a rotation's axis is a pseudovector)
+        labels  yaw rate and goal bearing negated; obstacle sector k becomes sector -k
+    """
+    out = dict(seq)
+    n, p = len(seq["labelled"]), cfg.camera.patch
+    rows, cols = cfg.camera.height // p, cfg.camera.width // p
+
+    def reverse_columns(a: np.ndarray) -> np.ndarray:  # (n, rows * cols, ...) in (row, col) token order
+        return np.ascontiguousarray(a.reshape(n, rows, cols, *a.shape[2:])[:, :, ::-1]).reshape(a.shape)
+
+    for key in ("camera_mask", "camera_age"):
+        out[key] = reverse_columns(seq[key])
+    pixels = reverse_columns(seq["camera_u8"]).reshape(n, rows * cols, p, p, 3)[:, :, :, ::-1]  # (py, px) per patch
+    out["camera_u8"] = np.ascontiguousarray(pixels).reshape(seq["camera_u8"].shape)
+    points = seq["lidar_points"].copy()
+    for feature in ("y", "dy"):
+        points[..., LIDAR_INDEX[feature]] *= -1
+    out["lidar_points"] = points
+    sign = np.array([-1.0 if axis in MIRRORED_IMU_AXES else 1.0 for axis in IMU_AXES], np.float32)
+    out["imu_chunks"] = seq["imu_chunks"].copy()
+    put_imu_samples(out["imu_chunks"], imu_samples(seq["imu_chunks"], cfg.imu) * sign, cfg.imu)
+    out["velocity"] = seq["velocity"] * np.array([1.0, -1.0], np.float32)
+    out["obstacles"] = seq["obstacles"][:, -np.arange(SECTORS) % SECTORS]
+    out["goal"] = seq["goal"] * np.array([1.0, -1.0], np.float32)
+    return out
 
 
 # --- the shard cache -----------------------------------------------------------------------------
@@ -309,6 +355,8 @@ def build_datasets(tc: TrainConfig, cfg: FusionConfig, cache: Path, progress: bo
     parts: dict[str, list] = {"train": [], "val": []}
     for split, shard, source in tqdm(shards, desc="dataset", unit="seq", disable=not progress, dynamic_ncols=True):
         parts[split].append((shard.load(cache), source))
+    if tc.mirror:  # the training episodes' mirror images; validation stays as simulated, a recording's rig may be lopsided
+        parts["train"] += [(mirror_sequence(part, cfg), 0) for part, source in parts["train"] if source == 0]
     return Dataset.join(parts["train"]), Dataset.join(parts["val"]) if parts["val"] else None
 
 

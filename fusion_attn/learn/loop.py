@@ -62,6 +62,7 @@ class TrainConfig:
     val_episodes: int = 8
     sim_seconds: float = 15.0
     stop_share: float = 0.0  # share of the driving policy's commands that are a stop (data.random_drive)
+    mirror: bool = False  # also train on each simulated episode's mirror image (data.mirror_sequence)
     fusion_hz: float = 10.0  # samples per second of episode or recording (the node fuses at 20 Hz)
     trigger: str = "timer"  # or camera | lidar | imu: a sample at each message of that sensor (the node's `trigger`)
     bags: tuple[str, ...] = ()  # unlabelled recordings: self-supervised objectives only
