@@ -279,6 +279,19 @@ def test_a_mirrored_episode_is_what_the_mirrored_world_gives():
     assert valid.sum() > 1000 and np.abs(cell - np.round(cell))[valid].max() < 0.05
 
 
+def test_mirror_adds_each_simulated_training_episode_mirrored(cache, data):
+    train, val = build_datasets(dataclasses.replace(TINY, mirror=True), CFG, cache, progress=False)
+    n = len(data)
+    assert len(train) == 2 * n and len(val) == len(build_datasets(TINY, CFG, cache, progress=False)[1])
+    np.testing.assert_array_equal(train.arrays["velocity"][n:], data.arrays["velocity"] * [1, -1])
+    np.testing.assert_array_equal(train.arrays["camera_u8"][:n], data.arrays["camera_u8"])
+    # each mirrored episode is a sequence of its own: its first sample, successors and previous frames lie in it
+    np.testing.assert_array_equal(train.arrays["seq_start"][n:], data.arrays["seq_start"] + n)
+    for link in ("next", "camera_prev", "lidar_prev"):
+        own = data.arrays[link]
+        np.testing.assert_array_equal(train.arrays[link][n:], np.where(own >= 0, own + n, -1))
+
+
 def test_camera_codec_is_the_tokenizer_output():
     rng = np.random.default_rng(0)
     frame = CameraFrame(0, "camera", rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), "rgb8")
@@ -708,14 +721,16 @@ def test_floor_at_run_time_trains_the_weights_of_a_run_without_one(tmp_path, cac
 def test_camera_options_reach_the_model_and_the_recorded_command(tmp_path, cache):
     out = tmp_path / "run"
     assert _train_cli(out, cache, "--steps", "2", "--camera-size", "32", "64", "--camera-shifts", "3", "--lidar-motion",
-                      "--lidar-motion-token", "--consistency-weight", "0.5", "--camera-goal-weight", "0.5") == 0
+                      "--lidar-motion-token", "--consistency-weight", "0.5", "--camera-goal-weight", "0.5", "--mirror") == 0
     model = load_checkpoint(out / "model.safetensors")
     assert (model.cfg.camera.height, model.cfg.camera.width, model.cfg.model.camera_shifts) == (32, 64, 3)
     assert model.embed.camera_motion.in_features == 7 and model.cfg.model.lidar_motion and model.cfg.model.lidar_motion_token
     _, _, info = read_checkpoint(out / "model.safetensors")
     assert ("--camera-shifts 3 --lidar-motion --lidar-motion-token --camera-size 32 64 --consistency-weight 0.5 "
-            "--camera-goal-weight 0.5") in info["command"]
-    losses = json.loads((out / "metrics.json").read_text())["final_train_losses_ema"]
+            "--camera-goal-weight 0.5") in info["command"] and " --mirror " in info["command"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_config"]["mirror"] and metrics["data"]["train_samples"] == 2 * 60  # two 3 s episodes, mirrored
+    losses = metrics["final_train_losses_ema"]
     assert losses["consistency"] > 0 and losses["camera_goal"] > 0
     assert torch.load(out / STATE_FILE, weights_only=True)["camera_goal"]["mlp.fc1.weight"].shape == (64, 64)
     assert _train_cli(tmp_path / "bad", cache, "--steps", "2", "--camera-size", "30", "64") == 2  # not patches of 16
