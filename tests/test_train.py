@@ -38,10 +38,13 @@ from fusion_attn.learn.data import (
 from fusion_attn.learn.evaluation import RunningMeans, physical_errors, sectors_in_view, sim_camera_hfov_deg
 from fusion_attn.learn.loop import STATE_FILE, TrainConfig, train
 from fusion_attn.learn.objectives import (
+    OBJECTIVES,
     CameraGoalColumns,
     Heads,
+    build_heads,
     camera_goal_loss,
     fault_attention,
+    fit_normalisation,
     fused_consistency,
     heads_path,
     load_heads,
@@ -290,6 +293,16 @@ def test_mirror_adds_each_simulated_training_episode_mirrored(cache, data):
     for link in ("next", "camera_prev", "lidar_prev"):
         own = data.arrays[link]
         np.testing.assert_array_equal(train.arrays[link][n:], np.where(own >= 0, own + n, -1))
+
+
+def test_target_normalisation_made_in_chunks_is_the_one_made_at_once(data):
+    at_once, in_chunks = build_heads(CFG), build_heads(CFG)
+    fit_normalisation(at_once, data.tensors(), CFG, len(data), chunk=len(data))
+    fit_normalisation(in_chunks, data.tensors(), CFG, len(data), chunk=7)
+    buffers = dict(in_chunks.named_buffers())
+    assert len(buffers) == 2 * len(OBJECTIVES) and float(buffers["mean_obstacles"].min()) > 0.5  # fitted: metres away
+    for name, value in at_once.named_buffers():
+        assert torch.equal(value, buffers[name]), name
 
 
 def test_camera_codec_is_the_tokenizer_output():

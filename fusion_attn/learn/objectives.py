@@ -253,11 +253,13 @@ def fused_consistency(model: nn.Module, clean: dict[str, torch.Tensor], fused: t
     return ((fused - target) ** 2).mean()
 
 
-def fit_normalisation(heads: Heads, data: dict[str, torch.Tensor], cfg: FusionConfig, n: int) -> None:
-    """Mean and std of every target over the training samples that have it."""
-    idx = torch.arange(n)
-    tgt = targets(data, idx, gather(data, idx, previous=False), cfg)
-    for k, (value, valid) in tgt.items():
+def fit_normalisation(heads: Heads, data: dict[str, torch.Tensor], cfg: FusionConfig, n: int, chunk: int = 1024) -> None:
+    """Mean and std of every target over the training samples that have it. The targets are made `chunk`
+    samples at a time (the same values as all at once): every sample's camera decoded at once would
+    take gigabytes."""
+    parts = [targets(data, idx, gather(data, idx, previous=False), cfg) for idx in torch.arange(n).split(chunk)]
+    for k in parts[0]:
+        value, valid = (torch.cat([p[k][i] for p in parts]) for i in (0, 1))
         if valid.sum() < 2:
             continue  # no such target in the data (e.g. only bags: no labels): stays 0 and 1
         v = value[valid]
