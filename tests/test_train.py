@@ -152,6 +152,7 @@ def test_stops_and_extra_tasks_shape_training_episodes_only():
 
 @pytest.mark.parametrize("flags, named", [(["--sim-tasks", "control", "radar"], "--sim-tasks radar"),
                                            (["--stop-share", "1.5"], "--stop-share 1.5"),
+                                           (["--clip-grad-norm", "-1"], "--clip-grad-norm -1.0"),
                                            (["--fault-weights", "1", "-1", "2"], "--fault-weights 1.0 -1.0 2.0"),
                                            (["--fault-weights", "0", "0", "0"], "--fault-weights 0.0 0.0 0.0"),
                                            (["--objective-weights", "goal=-1"], "--objective-weights goal=-1"),
@@ -734,7 +735,8 @@ def test_floor_at_run_time_trains_the_weights_of_a_run_without_one(tmp_path, cac
 def test_camera_options_reach_the_model_and_the_recorded_command(tmp_path, cache):
     out = tmp_path / "run"
     assert _train_cli(out, cache, "--steps", "2", "--camera-size", "32", "64", "--camera-shifts", "3", "--lidar-motion",
-                      "--lidar-motion-token", "--consistency-weight", "0.5", "--camera-goal-weight", "0.5", "--mirror") == 0
+                      "--lidar-motion-token", "--consistency-weight", "0.5", "--camera-goal-weight", "0.5", "--mirror",
+                      "--clip-grad-norm", "0.5") == 0
     model = load_checkpoint(out / "model.safetensors")
     assert (model.cfg.camera.height, model.cfg.camera.width, model.cfg.model.camera_shifts) == (32, 64, 3)
     assert model.embed.camera_motion.in_features == 7 and model.cfg.model.lidar_motion and model.cfg.model.lidar_motion_token
@@ -743,6 +745,10 @@ def test_camera_options_reach_the_model_and_the_recorded_command(tmp_path, cache
             "--camera-goal-weight 0.5") in info["command"] and " --mirror " in info["command"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train_config"]["mirror"] and metrics["data"]["train_samples"] == 2 * 60  # two 3 s episodes, mirrored
+    assert metrics["train_config"]["clip_grad_norm"] == 0.5 and " --clip-grad-norm 0.5 " in info["command"]
+    logged = EventAccumulator(str(out / "tb"))
+    logged.Reload()
+    assert [e.step for e in logged.Scalars("train/grad_norm")] == [2] and logged.Scalars("train/grad_norm")[0].value > 0
     losses = metrics["final_train_losses_ema"]
     assert losses["consistency"] > 0 and losses["camera_goal"] > 0
     assert torch.load(out / STATE_FILE, weights_only=True)["camera_goal"]["mlp.fc1.weight"].shape == (64, 64)

@@ -21,6 +21,8 @@ def add_parser(verbs):
     train.add_argument("--steps", type=int, help="optimizer steps (default 2000)")
     train.add_argument("--batch", type=int, help="samples per step (default 64)")
     train.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
+    train.add_argument("--clip-grad-norm", type=float, help="clip the gradients' global norm to this (default 0: not "
+                                                            "clipped; the norm is logged as train/grad_norm either way)")
     train.add_argument("--seed", type=int, help="seeds the episodes, the initial weights and the data stream (default 0)")
     train.add_argument("--sim-episodes", type=int, help="simulated training episodes (default 48; 0: bags only)")
     train.add_argument("--val-episodes", type=int, help="held-out simulated episodes (default 8; 0: no validation)")
@@ -130,7 +132,7 @@ def run(args) -> int:
     from ..errors import ConfigError
     from ..learn.loop import TrainConfig, train
 
-    fields = ("seed", "steps", "batch", "lr", "sim_episodes", "val_episodes", "sim_seconds", "sim_tasks", "stop_share", "mirror", "trigger", "bags", "fusion",
+    fields = ("seed", "steps", "batch", "lr", "clip_grad_norm", "sim_episodes", "val_episodes", "sim_seconds", "sim_tasks", "stop_share", "mirror", "trigger", "bags", "fusion",
               "tau_random_prob", "sensor_fusion", "trust_floor", "floor_in_training", "camera_shifts", "lidar_motion", "lidar_motion_token", "lidar_motion_direct", "imu_direct", "stale_evidence", "camera_size", "camera_patch", "camera_stem", "fault_weights", "objective_weights", "trust_weight", "avoid_weight", "consistency_weight", "camera_goal_weight", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature", "init_from", "train_only")
     given = {k: getattr(args, k) for k in fields if hasattr(args, k)}
     if "bags" in given:
@@ -146,6 +148,8 @@ def run(args) -> int:
     if min(tc.sim_episodes, tc.val_episodes, tc.latent_blocks) < 0 or min(tc.steps, tc.batch, args.threads) < 1:
         raise ConfigError("--steps, --batch and --threads must be >= 1, --sim-episodes, --val-episodes and "
                           "--latent-blocks >= 0")
+    if not tc.clip_grad_norm >= 0:  # nan too
+        raise ConfigError(f"--clip-grad-norm {tc.clip_grad_norm}: a norm, 0 (not clipped) or above")
     if not 0.0 <= tc.stop_share <= 1.0:
         raise ConfigError(f"--stop-share {tc.stop_share}: a share, between 0 and 1")
     if not all(math.isfinite(w) and w >= 0 for w in tc.fault_weights) or sum(tc.fault_weights) <= 0:

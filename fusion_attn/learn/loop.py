@@ -56,6 +56,7 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 0.01
     warmup_steps: int = 100
+    clip_grad_norm: float = 0.0  # the gradients' global norm clipped to this (0: not clipped)
     # simulated data: episodes alternate over the tasks; validation episodes use other seeds
     sim_tasks: tuple[str, ...] = ("control", "navigate")
     sim_episodes: int = 48
@@ -308,6 +309,8 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
         loss = sum(parts.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        # the norm is logged either way; an unclipped step is left exactly as it was (a factor of 1)
+        grad_norm = nn.utils.clip_grad_norm_(trained, tc.clip_grad_norm or math.inf)
         opt.step()
         step += 1
         values = {k: v.item() for k, v in parts.items()} | {"total": loss.item()}
@@ -317,6 +320,7 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
             for k, v in values.items():
                 writer.add_scalar(f"train/{k}", v, step)
             writer.add_scalar("train/lr", lr_at(step - 1, tc), step)
+            writer.add_scalar("train/grad_norm", grad_norm.item(), step)
             bar.set_postfix(loss=f"{recent['total']:.3f}")
         if step % tc.eval_every == 0 and step < tc.steps:
             _log_eval(writer, validate(), step)
