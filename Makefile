@@ -218,12 +218,15 @@ robustness-camgoal: $(STAMP) runs/default_camgoal-s0/train_state.pt runs/default
 		--beside docs/results/stem/robustness.json -o docs/results/camgoal --episodes 12 --jobs 2 \
 		--bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
 
-# the mirrored episodes' three seeds beside the camera objective's report (the default's recipe's three seeds,
-# the stem's, concat), on the same held-out samples
-robustness-mirror: $(STAMP) runs/default_mirror-s0/train_state.pt runs/default_mirror-s1/train_state.pt \
-		runs/default_mirror-s2/train_state.pt
+# the mirrored episodes' three seeds, unclipped and clipped, beside the camera objective's report (the default's
+# recipe's three seeds, the stem's, concat), on the same held-out samples
+MIRROR := runs/default_mirror-s0 runs/default_mirror-s1 runs/default_mirror-s2 runs/default_mirror_clip-s0 \
+	runs/default_mirror_clip-s1 runs/default_mirror_clip-s2
+robustness-mirror: $(STAMP) $(MIRROR:%=%/train_state.pt)
 	$(VENV)/bin/fusion-attn eval-robustness mirror=runs/default_mirror-s0 'mirror#1=runs/default_mirror-s1' \
-		'mirror#2=runs/default_mirror-s2' --beside docs/results/camgoal/robustness.json -o docs/results/mirror \
+		'mirror#2=runs/default_mirror-s2' mirror_clip=runs/default_mirror_clip-s0 \
+		'mirror_clip#1=runs/default_mirror_clip-s1' 'mirror_clip#2=runs/default_mirror_clip-s2' \
+		--beside docs/results/camgoal/robustness.json -o docs/results/mirror \
 		--episodes 12 --jobs 2 --bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame \
 		$(REAL)/sick_lms1xx_scan_cloud_radar.bag
 
