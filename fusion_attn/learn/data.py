@@ -171,8 +171,8 @@ MIRRORED_IMU_AXES = ("accel_y", "gyro_x", "gyro_z")  # what changes sign when le
 def mirror_sequence(seq: dict[str, np.ndarray], cfg: FusionConfig) -> dict[str, np.ndarray]:
     """A simulated sequence as its mirror image across the robot's forward axis: the same drive in the
     world's mirror image, a new scene for the cost of a copy. It holds for a rig symmetric about that
-    axis, as the simulated one is (the panorama's views centred straight ahead and behind, or one
-    forward camera; lidar and IMU on the axis; sim.sensors.SensorConfig.image_x(-b) = 1 - image_x(b)):
+    axis, as the simulated one is (the panorama centred straight ahead, its edges straight behind, or
+    one forward camera; lidar and IMU on the axis; sim.sensors.SensorConfig.image_x(-b) = 1 - image_x(b)):
 
         camera  the columns of patches in reverse order, each patch's pixel columns too
         lidar   y and the in-pillar dy negated (pillars are a set: their order does not matter)
