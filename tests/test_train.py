@@ -222,27 +222,15 @@ class _Asymmetric(Task):
 
 
 def _turning_episode(side: int) -> dict[str, np.ndarray]:
-    """Two seconds of a robot driving a left (side 1) or right (-1) curve in _Asymmetric(side), sampled
-    at 10 Hz as sim_episode samples."""
-    from fusion_attn.clock import FusionClock, trigger_modality
-    from fusion_attn.sim.robot import RobotEnv
-    from fusion_attn.sync import SensorSync, SyncConfig
+    """Two seconds of a robot driving a left (side 1) or right (-1) curve in _Asymmetric(side), through
+    sim_episode's own path."""
+    def curve(env, rng, seed, seconds, stop_share):
+        _, info = env.reset(seed=seed)
+        for _ in range(round(seconds * 50)):
+            yield info
+            *_, info = env.step(np.array([0.4, 0.7 * side], np.float32))
 
-    env = RobotEnv(_Asymmetric(side))
-    clock = FusionClock(SensorSync(SyncConfig(imu_window_s=CFG.imu.window_s)), 10.0, trigger_modality("timer"),
-                        start_ns=100_000_000)
-    tokenizer, samples, truth = Tokenizer(CFG), [], []
-    _, info = env.reset(seed=0)
-    for _ in range(100):
-        for snap in clock.step(info["frames"], info["time_ns"]):
-            samples.append(encode_sample(tokenizer(snap, np.ones(4, np.float32))))
-            truth.append(env.ground_truth(SECTORS))
-        *_, info = env.step(np.array([0.4, 0.7 * side], np.float32))
-    env.close()
-    out = {k: np.stack([x[k] for x in samples]) for k in samples[0]}
-    out.update({k: np.stack([t[k] for t in truth]).astype(np.float32) for k in ("velocity", "obstacles", "goal")})
-    out["labelled"], out["stamp_ns"] = np.ones(len(samples), np.bool_), np.zeros(len(samples), np.int64)
-    return out
+    return sim_episode(_Asymmetric(side), 0, 2.0, 10.0, CFG, drive=curve)
 
 
 def test_a_mirrored_episode_is_what_the_mirrored_world_gives():

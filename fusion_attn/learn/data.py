@@ -75,7 +75,7 @@ def decode_camera(u8: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def sim_episode(task: str, seed: int, seconds: float, fusion_hz: float, cfg: FusionConfig,
-                trigger: str = "timer", stop_share: float = 0.0, sensors=None) -> dict[str, np.ndarray]:
+                trigger: str = "timer", stop_share: float = 0.0, sensors=None, drive=None) -> dict[str, np.ndarray]:
     """One clean simulated episode, tokenized as the node would see it, with ground truth per sample:
     the true state at the end of the 50 Hz control step in which the sample was fused (a timer tick's
     own time; a trigger frame's arrival, at most one step after its stamp).
@@ -83,6 +83,7 @@ def sim_episode(task: str, seed: int, seconds: float, fusion_hz: float, cfg: Fus
     The robot drives a smooth random policy (each command held 0.4-1.6 s), so the data covers
     turning, driving and stopping near obstacles rather than 50 Hz jitter; `stop_share` of its commands
     are a stop (`random_drive`). `sensors`: the simulated sensors' `SensorConfig` (None: the default).
+    `task`: a task's name or a `Task`; `drive`: another policy, called as random_drive is (None: it).
     """
     import fusion_attn.sim  # noqa: F401 - picks the headless GL backend before mujoco loads
     from fusion_attn.sim.faults import FaultConfig
@@ -100,7 +101,7 @@ def sim_episode(task: str, seed: int, seconds: float, fusion_hz: float, cfg: Fus
     tokenizer = Tokenizer(cfg)
     samples, truth, stamps = [], [], []
     try:
-        for info in random_drive(env, rng, seed, seconds, stop_share):
+        for info in (drive or random_drive)(env, rng, seed, seconds, stop_share):
             for snap in clock.step(info["frames"], info["time_ns"]):
                 samples.append(encode_sample(tokenizer(snap, ONES)))
                 truth.append(env.ground_truth(SECTORS))
