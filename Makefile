@@ -10,7 +10,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 
 .PHONY: run test colcon-check venv clean default-model robustness robustness-arrival robustness-default robustness-stalecam \
 	robustness-stalefit robustness-stillfit robustness-data4x robustness-stem \
-	robustness-camgoal robustness-mirror
+	robustness-camgoal robustness-mirror robustness-data8x robustness-data4x-clip
 
 # The main job on the embedded default: CPU, ONNX Runtime, no robot, the packaged default model:
 # replay a recording as the node would fuse it; fused-state bag, summary and plots in $(OUT).
@@ -65,6 +65,17 @@ runs/default_data4x-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/default_data4x-s$* --seed $* --trust-floor 0.01 --floor-at-run-time --sim-episodes 192 --eval-every 2000
 runs/concat_data4x-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/concat_data4x-s$* --seed $* --fusion concat --fixed-tau --sim-episodes 192 --eval-every 2000
+# ... with clipped gradients (seed 1 trained badly at the default's 2e-3 unclipped)
+runs/default_data4x_clip-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/default_data4x_clip-s$* --seed $* --trust-floor 0.01 --floor-at-run-time --sim-episodes 192 \
+		--clip-grad-norm 1 --eval-every 2000
+# ... on eight times the simulated episodes: does the fused goal keep improving with the scenes?
+runs/default_data8x_clip-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/default_data8x_clip-s$* --seed $* --trust-floor 0.01 --floor-at-run-time --sim-episodes 384 \
+		--clip-grad-norm 1 --eval-every 2000
+runs/concat_data8x_clip-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/concat_data8x_clip-s$* --seed $* --fusion concat --fixed-tau --sim-episodes 384 --clip-grad-norm 1 \
+		--eval-every 2000
 # ... at half the learning rate (seed 1 trained badly at the default's 2e-3)
 runs/default_data4x_lr1e3-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/default_data4x_lr1e3-s$* --seed $* --trust-floor 0.01 --floor-at-run-time --sim-episodes 192 --lr 1e-3 \
@@ -199,6 +210,20 @@ robustness-data4x: $(STAMP) runs/default_data4x-s0/train_state.pt runs/default_d
 		runs/concat_data4x-s0/train_state.pt
 	$(VENV)/bin/fusion-attn eval-robustness data4x=runs/default_data4x-s0 'data4x#1=runs/default_data4x-s1' \
 		concat=runs/concat_data4x-s0 -o docs/results/data4x --episodes 12 --jobs 2 \
+		--bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
+
+# eight times the simulated episodes with clipped gradients (seed 0), against concat trained the same way on them
+robustness-data8x: $(STAMP) runs/default_data8x_clip-s0/train_state.pt runs/concat_data8x_clip-s0/train_state.pt
+	$(VENV)/bin/fusion-attn eval-robustness data8x_clip=runs/default_data8x_clip-s0 concat=runs/concat_data8x_clip-s0 \
+		-o docs/results/data8x --episodes 12 --jobs 2 \
+		--bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
+
+# the four-times recipe with clipped gradients, seeds 0 and 1, beside robustness-data4x's report (its unclipped
+# seeds and concat on the same 192 episodes)
+robustness-data4x-clip: $(STAMP) runs/default_data4x_clip-s0/train_state.pt runs/default_data4x_clip-s1/train_state.pt
+	$(VENV)/bin/fusion-attn eval-robustness data4x_clip=runs/default_data4x_clip-s0 \
+		'data4x_clip#1=runs/default_data4x_clip-s1' --beside docs/results/data4x/robustness.json \
+		-o docs/results/data4x_clip --episodes 12 --jobs 2 \
 		--bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
 
 # the camera stem's three seeds beside the default's recipe and concat (seed 0 each), held out
