@@ -70,6 +70,11 @@ runs/concat_data4x-s%/train_state.pt: | $(STAMP)
 runs/default_data4x_clip-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/default_data4x_clip-s$* --seed $* --trust-floor 0.01 --floor-at-run-time --sim-episodes 192 \
 		--clip-grad-norm 1 --eval-every 2000
+# ... with a per-pixel layer before the patch embedding (the stem's cells single pixels): a post a pixel wide is
+# not averaged into its patch's background first (benchmarks/camera_goal_probe.py; docs/RESULTS.md)
+runs/default_data4x_clip_pixel-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/default_data4x_clip_pixel-s$* --seed $* --trust-floor 0.01 --floor-at-run-time --sim-episodes 192 \
+		--clip-grad-norm 1 --camera-stem 8 --camera-stem-cells 16 --eval-every 2000
 # ... trained 3,000 steps, about what the issue's 30 min on one core allow: does the camera path read the goal better?
 runs/default_data4x_clip_3k-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/default_data4x_clip_3k-s$* --seed $* --trust-floor 0.01 --floor-at-run-time --sim-episodes 192 \

@@ -73,7 +73,6 @@ class ImuTokens:
 
 # field metadata of a setting added after models were shipped (see FusionConfig.to_dict)
 ADDED_LATER = {"added_later": True}
-STEM_CELLS = 4  # model.camera_stem: a patch's cells per side
 
 
 @dataclass(frozen=True)
@@ -117,9 +116,13 @@ class ModelConfig:
     # frames of a working camera alike, while a healthy radar's cloud repeats (docs/RESULTS.md)
     stale_evidence: bool = field(default=False, metadata=ADDED_LATER)
     # camera patch embedding: 0 is one linear layer over the patch's pixels; C > 0 a two-layer strided
-    # convolution instead (C features per cell of a 4 x 4 grid in the patch, then one layer over the
-    # cells in place), so where in its patch a thin object stands, and how large, are features of their own
+    # convolution instead (C features per cell of a camera_stem_cells x camera_stem_cells grid in the
+    # patch, then one layer over the cells in place), so where in its patch a thin object stands, and how
+    # large, are features of their own. Cells as many as the patch's pixels: each pixel is read on its
+    # own first (a per-pixel layer, a 1 x 1 convolution), so a post a pixel wide is not averaged into
+    # its patch's background before anything non-linear sees it (docs/RESULTS.md)
     camera_stem: int = field(default=0, metadata=ADDED_LATER)
+    camera_stem_cells: int = field(default=4, metadata=ADDED_LATER)
 
 
 @dataclass(frozen=True)
@@ -147,8 +150,11 @@ class FusionConfig:
             raise ConfigError(f"camera {c.height}x{c.width} is not a multiple of patch {c.patch}")
         if isinstance(m.camera_stem, bool) or not isinstance(m.camera_stem, int) or m.camera_stem < 0:
             raise ConfigError(f"model.camera_stem must be an integer >= 0, got {m.camera_stem!r}")
-        if m.camera_stem and c.patch % STEM_CELLS:
-            raise ConfigError(f"model.camera_stem needs camera.patch divisible by {STEM_CELLS}, got {c.patch}")
+        cells = m.camera_stem_cells
+        if isinstance(cells, bool) or not isinstance(cells, int) or cells < 1:
+            raise ConfigError(f"model.camera_stem_cells must be an integer >= 1, got {cells!r}")
+        if m.camera_stem and c.patch % cells:
+            raise ConfigError(f"model.camera_stem needs camera.patch divisible by camera_stem_cells {cells}, got {c.patch}")
         if m.dim % m.heads:
             raise ConfigError(f"model.dim {m.dim} is not divisible by model.heads {m.heads}")
         if m.dim == m.heads:  # the fused-state message carries the trust in the column after the heads

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import STEM_CELLS, CameraTokens, FusionConfig, LidarTokens, ModelConfig
+from .config import CameraTokens, FusionConfig, LidarTokens, ModelConfig
 from .frames import Modality
 from .tokenize import LIDAR_INDEX, imu_samples
 
@@ -240,18 +240,18 @@ class MLP(nn.Module):
 
 class PatchStem(nn.Module):
     """Camera patches (B, N, p*p*3; rows, columns, RGB) -> tokens (B, N, D) by a two-layer strided
-    convolution: one shared layer over each cell of a STEM_CELLS x STEM_CELLS grid in the patch, then
-    one over the cells' features in place. One linear layer over the whole patch can weigh a thin post
-    by where it stands, but not tell where from how large; here each cell reads it first."""
+    convolution: one shared layer over each cell of a k x k grid in the patch, then one over the
+    cells' features in place. One linear layer over the whole patch can weigh a thin post by where it
+    stands, but not tell where from how large; here each cell reads it first (k = p: each pixel)."""
 
-    def __init__(self, patch: int, channels: int, d: int):
+    def __init__(self, patch: int, channels: int, d: int, cells: int):
         super().__init__()
-        self.cell = patch // STEM_CELLS
+        self.k, self.cell = cells, patch // cells
         self.cells = nn.Linear(self.cell * self.cell * 3, channels)
-        self.out = nn.Linear(STEM_CELLS * STEM_CELLS * channels, d)
+        self.out = nn.Linear(cells * cells * channels, d)
 
     def forward(self, patches):
-        k, c = STEM_CELLS, self.cell
+        k, c = self.k, self.cell
         x = patches.unflatten(-1, (k, c, k, c, 3)).transpose(-4, -3)  # (B, N, k, k, c, c, 3): cell row, col
         x = F.gelu(self.cells(x.flatten(-3)))  # (B, N, k, k, C)
         return self.out(x.flatten(-3))  # (B, N, D)
@@ -273,7 +273,7 @@ class SensorEmbedding(nn.Module):
         d = cfg.model.dim
         self.cfg = cfg
         stem = cfg.model.camera_stem
-        self.camera = PatchStem(cfg.camera.patch, stem, d) if stem else nn.Linear(cfg.camera.features, d)
+        self.camera = PatchStem(cfg.camera.patch, stem, d, cfg.model.camera_stem_cells) if stem else nn.Linear(cfg.camera.features, d)
         self.camera_change = nn.Linear(cfg.camera.features, d, bias=False)
         shifts = cfg.model.camera_shifts
         self.camera_motion = nn.Linear(2 * shifts + 1, d, bias=False) if shifts else None

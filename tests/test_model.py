@@ -156,6 +156,7 @@ def test_per_modality_tau_moves_attention(fusion):
 @pytest.mark.parametrize("fusion", FUSIONS)
 @pytest.mark.parametrize("options", [{}, {"qk_norm": True}, {"learned_head_temperature": True},
                                      {"qk_norm": True, "learned_head_temperature": True, "latent_blocks": 2}, {"camera_shifts": 6}, {"camera_stem": 8},
+                                     {"camera_stem": 4, "camera_stem_cells": 16},
                                      {"lidar_motion": True}, {"lidar_motion": True, "lidar_motion_token": True},
                                      {"lidar_motion": True, "lidar_motion_direct": True}, {"imu_direct": True}])
 def test_gradients_are_finite_for_every_variant(options, fusion):
@@ -187,22 +188,25 @@ def test_the_fusion_sends_no_gradient_into_the_trust_estimate(fusion):
     assert model.trust.logit.fc2.weight.grad.abs().sum() > 0
 
 
-def test_the_patch_stem_is_two_strided_convolutions_over_the_image():
+@pytest.mark.parametrize("cells", [4, 16])  # 4 x 4 cells of 4 pixels; one cell per pixel (a 1 x 1 convolution first)
+def test_the_patch_stem_is_two_strided_convolutions_over_the_image(cells):
     # what the tokenizer flattens (rows, columns, RGB per patch) the stem reads as the image it came from
     cam = CameraTokens(height=32, width=48, patch=16)
     torch.manual_seed(0)
-    stem = PatchStem(cam.patch, 5, 7)
+    stem = PatchStem(cam.patch, 5, 7, cells)
     image = torch.randn(2, cam.height, cam.width, 3)
     p = cam.patch
     patches = image.reshape(2, cam.height // p, p, cam.width // p, p, 3).transpose(2, 3).reshape(2, cam.tokens, -1)
-    cell = p // 4
+    cell = p // cells
     conv1 = stem.cells.weight.reshape(5, cell, cell, 3).permute(0, 3, 1, 2)  # (C, RGB, rows, cols)
-    conv2 = stem.out.weight.reshape(7, 4, 4, 5).permute(0, 3, 1, 2)
+    conv2 = stem.out.weight.reshape(7, cells, cells, 5).permute(0, 3, 1, 2)
     hidden = torch.nn.functional.gelu(torch.nn.functional.conv2d(image.permute(0, 3, 1, 2), conv1, stem.cells.bias, stride=cell))
-    expected = torch.nn.functional.conv2d(hidden, conv2, stem.out.bias, stride=4).flatten(2).transpose(1, 2)  # (B, N, D)
+    expected = torch.nn.functional.conv2d(hidden, conv2, stem.out.bias, stride=cells).flatten(2).transpose(1, 2)  # (B, N, D)
     torch.testing.assert_close(stem(patches), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ConfigError, match="camera_stem"):
         FusionConfig(camera=CameraTokens(patch=6, height=96, width=126), model=ModelConfig(camera_stem=4))
+    with pytest.raises(ConfigError, match="camera_stem_cells"):
+        FusionConfig(model=ModelConfig(camera_stem=4, camera_stem_cells=0))
 
 
 def test_lipschitz_matches_autograd_jacobian():

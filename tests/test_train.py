@@ -749,6 +749,10 @@ def test_camera_options_reach_the_model_and_the_recorded_command(tmp_path, cache
     _, _, info = read_checkpoint(tmp_path / "stem" / "model.safetensors")
     assert "--camera-size 32 64 --camera-patch 8 --camera-stem 4" in info["command"]
     assert _train_cli(tmp_path / "bad", cache, "--steps", "2", "--camera-patch", "2", "--camera-stem", "4") == 2  # cells of half a pixel
+    assert _train_cli(tmp_path / "pixel", cache, "--steps", "1", "--camera-size", "32", "64", "--camera-patch", "8",
+                      "--camera-stem", "4", "--camera-stem-cells", "8") == 0
+    model = load_checkpoint(tmp_path / "pixel" / "model.safetensors")
+    assert model.cfg.model.camera_stem_cells == 8 and model.embed.camera.cells.in_features == 3  # a layer per pixel
 
 
 def test_objective_weights_scale_their_losses_and_reach_the_recorded_command(tmp_path, cache):

@@ -72,7 +72,10 @@ def add_parser(verbs):
     train.add_argument("--camera-patch", type=int, help="pixels per camera patch side (default 16)")
     train.add_argument("--camera-stem", type=int, metavar="CHANNELS",
                        help="embed each camera patch by a two-layer strided convolution with this many features "
-                            "per cell of a 4 x 4 grid in the patch (default 0: one linear layer)")
+                            "per cell of a grid in the patch (default 0: one linear layer)")
+    train.add_argument("--camera-stem-cells", type=int, metavar="K",
+                       help="with --camera-stem: the grid's cells per patch side (default 4; the patch's side in "
+                            "pixels: a per-pixel layer first)")
     train.add_argument("--fault-weights", type=float, nargs=3, metavar=("CAMERA", "LIDAR", "IMU"),
                        help="which sensor a training sample's fault hits, in proportion (default 1 1 1; 60 %% of "
                             "samples get one); e.g. 1 1 2 for twice the IMU faults")
@@ -133,7 +136,7 @@ def run(args) -> int:
     from ..learn.loop import TrainConfig, train
 
     fields = ("seed", "steps", "batch", "lr", "clip_grad_norm", "sim_episodes", "val_episodes", "sim_seconds", "sim_tasks", "stop_share", "mirror", "trigger", "bags", "fusion",
-              "tau_random_prob", "sensor_fusion", "trust_floor", "floor_in_training", "camera_shifts", "lidar_motion", "lidar_motion_token", "lidar_motion_direct", "imu_direct", "stale_evidence", "camera_size", "camera_patch", "camera_stem", "fault_weights", "objective_weights", "trust_weight", "avoid_weight", "consistency_weight", "camera_goal_weight", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature", "init_from", "train_only")
+              "tau_random_prob", "sensor_fusion", "trust_floor", "floor_in_training", "camera_shifts", "lidar_motion", "lidar_motion_token", "lidar_motion_direct", "imu_direct", "stale_evidence", "camera_size", "camera_patch", "camera_stem", "camera_stem_cells", "fault_weights", "objective_weights", "trust_weight", "avoid_weight", "consistency_weight", "camera_goal_weight", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature", "init_from", "train_only")
     given = {k: getattr(args, k) for k in fields if hasattr(args, k)}
     if "bags" in given:
         given["bags"] = tuple(str(b) for b in given["bags"])

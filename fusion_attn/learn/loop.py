@@ -101,6 +101,7 @@ class TrainConfig:
     camera_size: tuple[int, int] = (96, 128)  # height, width the camera tokenizer resizes to (config.CameraTokens)
     camera_patch: int = 16  # pixels per patch side (config.CameraTokens.patch)
     camera_stem: int = 0  # config.ModelConfig.camera_stem
+    camera_stem_cells: int = 4  # config.ModelConfig.camera_stem_cells
     # start from a trained checkpoint's weights and heads (None: from seed-initialised ones), and train only
     # the parameters whose names start with one of train_only (empty: all of them)
     init_from: str | None = None
@@ -116,7 +117,8 @@ class TrainConfig:
                                               camera_shifts=self.camera_shifts, lidar_motion=self.lidar_motion,
                                               lidar_motion_token=self.lidar_motion_token,
                                               lidar_motion_direct=self.lidar_motion_direct, imu_direct=self.imu_direct,
-                                              stale_evidence=self.stale_evidence, camera_stem=self.camera_stem))
+                                              stale_evidence=self.stale_evidence, camera_stem=self.camera_stem,
+                                              camera_stem_cells=self.camera_stem_cells))
 
     @classmethod
     def from_dict(cls, saved: dict) -> TrainConfig:

@@ -1,0 +1,125 @@
+"""Which camera patch embedding lets a learned camera path find the goal post (issue #15). The camera
+alone, nothing else of the model: each embedding below, the model's fixed position embedding and the
+camera goal objective's own head (`objectives.CameraGoalColumns`: per column of patches, whether the
+goal stands in it, its distance and where across the column) trained together on the clean camera
+patches of the default training episodes, then read on the validation episodes:
+
+- `linear`: one linear layer over each 16 x 16 patch (the packaged model's);
+- `stem 4x4`: `model.PatchStem` over a 4 x 4 grid of 4-pixel cells, 32 features each (`--camera-stem 32`);
+- `stem per pixel`: `PatchStem` whose cells are single pixels (`--camera-stem 8 --camera-stem-cells 16`):
+  a per-pixel layer (a 1 x 1 convolution) before anything pools over the patch.
+
+The post is one or two pixels wide at the tokenizer's 96 x 128 (benchmarks/goal_range.py reads its range
+off that image to 0.238 m by geometry). A linear layer over the patch averages its pixels into the
+background before anything non-linear sees them; the question is how much of the post's place and
+range each embedding lets a head learn in the same steps.
+
+    python benchmarks/camera_goal_probe.py [--steps 2000] [--seeds 0 1] [--out benchmarks/results/camera_goal_probe.json]
+
+Batch 64, AdamW at 1e-3, one CPU thread; the share of validation samples whose goal column the head
+picks, the distance at the column it picks (mean absolute error), each after `--steps`, and the
+training samples' figures beside them (every fourth sample).
+"""
+
+import argparse
+import datetime
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from torch import nn
+
+from fusion_attn.bench import machine
+from fusion_attn.config import FusionConfig, ModelConfig, cache_dir
+from fusion_attn.learn.augment import gather
+from fusion_attn.learn.data import build_datasets
+from fusion_attn.learn.loop import TrainConfig
+from fusion_attn.learn.objectives import CameraGoalColumns, camera_goal_loss, goal_column
+from fusion_attn.model import PatchStem, sincos_2d
+from fusion_attn.sim.sensors import SensorConfig
+
+EMBEDDINGS = {"linear": (0, 4), "stem 4x4": (32, 4), "stem per pixel": (8, 16)}  # camera_stem, camera_stem_cells
+
+
+class CameraPath(nn.Module):
+    """Patches (B, N, p*p*3) -> the goal head's columns (B, cols, 3), through one embedding."""
+
+    def __init__(self, cfg: FusionConfig):
+        super().__init__()
+        c, m = cfg.camera, cfg.model
+        self.embed = PatchStem(c.patch, m.camera_stem, m.dim, m.camera_stem_cells) if m.camera_stem \
+            else nn.Linear(c.features, m.dim)
+        self.register_buffer("pos", sincos_2d(c.height // c.patch, c.width // c.patch, m.dim), persistent=False)
+        self.head = CameraGoalColumns(cfg)
+
+    def forward(self, patches):
+        return self.head(self.embed(patches) + self.pos)
+
+
+def clean_camera(ds) -> tuple[torch.Tensor, torch.Tensor]:
+    """The simulated samples with a goal and a camera frame: (patches (N, tokens, features), goal (N, 2))."""
+    t = ds.tensors()
+    keep = np.flatnonzero(ds.arrays["labelled"] & np.isfinite(ds.arrays["goal"]).all(-1) & (ds.source == 0)
+                          & ds.arrays["camera_mask"].any(1))
+    idx = torch.from_numpy(keep)
+    patches = torch.cat([gather(t, i, previous=False)["camera_patches"] for i in idx.split(512)])
+    return patches, t["goal"][idx].float()
+
+
+@torch.no_grad()
+def read(path: CameraPath, patches, goal, scale) -> dict[str, float]:
+    pred = torch.cat([path(p) for p in patches.split(512)])
+    picked = pred[..., 0].argmax(1)
+    distance = pred[torch.arange(len(pred)), picked, 1] * scale.std_goal[0] + scale.mean_goal[0]
+    _, column, seen = goal_column(goal[:, 1], pred.shape[1], SensorConfig().image_x)
+    return {"right_column_share": float(((picked == column) & seen).float().mean()),
+            "distance_mae_m": float((distance - goal[:, 0]).abs().mean())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "camera_goal_probe.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    tc = TrainConfig()
+    train_set, val_set = build_datasets(tc, tc.fusion_config(), cache_dir("train"), progress=False)
+    (train_p, train_g), (val_p, val_g) = clean_camera(train_set), clean_camera(val_set)
+    scale = SimpleNamespace(mean_goal=train_g.mean(0), std_goal=train_g.std(0))
+    image_x, every = SensorConfig().image_x, torch.ones(64, dtype=torch.bool)
+    report = {"date": datetime.date.today().isoformat(), "machine": machine(), "steps": args.steps,
+              "samples": {"train": len(train_g), "validation": len(val_g)}, "runs": {}}
+    print(f"{len(train_g)} training, {len(val_g)} validation samples; {args.steps} steps")
+    print("| embedding | seed | goal column picked: validation / training | distance at it: validation / training "
+          "| s per step |\n|---|---|---|---|---|")
+    for name, (channels, cells) in EMBEDDINGS.items():
+        cfg = FusionConfig(model=ModelConfig(camera_stem=channels, camera_stem_cells=cells))
+        for seed in args.seeds:
+            torch.manual_seed(seed)
+            path = CameraPath(cfg)
+            opt = torch.optim.AdamW(path.parameters(), lr=1e-3)
+            gen = torch.Generator().manual_seed(seed)
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                i = torch.randint(0, len(train_g), (64,), generator=gen)
+                loss = camera_goal_loss(path(train_p[i]), train_g[i], every, image_x, scale)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            per_step = (time.perf_counter() - start) / args.steps
+            val, train = read(path, val_p, val_g, scale), read(path, train_p[::4], train_g[::4], scale)
+            report["runs"][f"{name}, seed {seed}"] = {"validation": val, "training": train, "s_per_step": per_step}
+            print(f"| {name} | {seed} | {val['right_column_share']:.0%} / {train['right_column_share']:.0%} | "
+                  f"{val['distance_mae_m']:.3f} / {train['distance_mae_m']:.3f} m | {per_step:.3f} |", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report["command"] = f"python benchmarks/camera_goal_probe.py --steps {args.steps} --seeds " + " ".join(map(str, args.seeds))
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
