@@ -14,7 +14,8 @@ off that image to 0.238 m by geometry). A linear layer over the patch averages i
 background before anything non-linear sees them; the question is how much of the post's place and
 range each embedding lets a head learn in the same steps.
 
-    python benchmarks/camera_goal_probe.py [--steps 2000] [--seeds 0 1] [--out benchmarks/results/camera_goal_probe.json]
+    python benchmarks/camera_goal_probe.py [--steps 2000] [--seeds 0 1] [--sim-episodes 48]
+        [--out benchmarks/results/camera_goal_probe.json]
 
 Batch 64, AdamW at 1e-3, one CPU thread; the share of validation samples whose goal column the head
 picks, the distance at the column it picks (mean absolute error), each after `--steps`, and the
@@ -83,16 +84,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--sim-episodes", type=int, default=TrainConfig.sim_episodes,
+                        help="training episodes (the default's 48; the validation episodes stay the same)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "camera_goal_probe.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    tc = TrainConfig()
+    tc = TrainConfig(sim_episodes=args.sim_episodes)
     train_set, val_set = build_datasets(tc, tc.fusion_config(), cache_dir("train"), progress=False)
     (train_p, train_g), (val_p, val_g) = clean_camera(train_set), clean_camera(val_set)
     scale = SimpleNamespace(mean_goal=train_g.mean(0), std_goal=train_g.std(0))
     image_x, every = SensorConfig().image_x, torch.ones(64, dtype=torch.bool)
     report = {"date": datetime.date.today().isoformat(), "machine": machine(), "steps": args.steps,
+              "sim_episodes": args.sim_episodes,
               "samples": {"train": len(train_g), "validation": len(val_g)}, "runs": {}}
     print(f"{len(train_g)} training, {len(val_g)} validation samples; {args.steps} steps")
     print("| embedding | seed | goal column picked: validation / training | distance at it: validation / training "
@@ -117,7 +121,8 @@ def main() -> None:
             print(f"| {name} | {seed} | {val['right_column_share']:.0%} / {train['right_column_share']:.0%} | "
                   f"{val['distance_mae_m']:.3f} / {train['distance_mae_m']:.3f} m | {per_step:.3f} |", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    report["command"] = f"python benchmarks/camera_goal_probe.py --steps {args.steps} --seeds " + " ".join(map(str, args.seeds))
+    report["command"] = (f"python benchmarks/camera_goal_probe.py --steps {args.steps} --sim-episodes {args.sim_episodes} "
+                         f"--seeds " + " ".join(map(str, args.seeds)))
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 
 
