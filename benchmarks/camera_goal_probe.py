@@ -1,8 +1,11 @@
 """Which camera patch embedding lets a learned camera path find the goal post (issue #15). The camera
-alone, nothing else of the model: each embedding below, the model's fixed position embedding and the
-camera goal objective's own head (`objectives.CameraGoalColumns`: per column of patches, whether the
-goal stands in it, its distance and where across the column) trained together on the clean camera
-patches of the default training episodes, then read on the validation episodes:
+alone, nothing else of the model: each embedding below, the model's fixed position embedding and a
+camera goal objective's own head trained together on the clean camera patches of the default training
+episodes, then read on the validation episodes. The head (`--head`): `columns`
+(`objectives.CameraGoalColumns`, `--camera-goal-weight`'s: per 45° column of patches, whether the goal
+stands in it, its distance and where across the column) or `tokens` (`objectives.CameraGoalTokens`:
+per patch, whether the post's top edge is in it, the distance and where across and down the patch).
+The embeddings:
 
 - `linear`: one linear layer over each 16 x 16 patch (the packaged model's);
 - `stem 4x4`: `model.PatchStem` over a 4 x 4 grid of 4-pixel cells, 32 features each (`--camera-stem 32`);
@@ -14,18 +17,19 @@ off that image to 0.238 m by geometry). A linear layer over the patch averages i
 background before anything non-linear sees them; the question is how much of the post's place and
 range each embedding lets a head learn in the same steps.
 
-    python benchmarks/camera_goal_probe.py [--steps 2000] [--seeds 0 1] [--sim-episodes 48]
-        [--out benchmarks/results/camera_goal_probe.json]
+    python benchmarks/camera_goal_probe.py [--steps 2000] [--seeds 0 1] [--sim-episodes 48] [--head columns]
+        [--embeddings linear "stem 4x4"] [--out benchmarks/results/camera_goal_probe.json]
 
-Batch 64, AdamW at 1e-3, one CPU thread; the share of validation samples whose goal column the head
-picks, the distance at the column it picks (mean absolute error), each after `--steps`, and the
-training samples' figures beside them (every fourth sample).
+Batch 64, AdamW at 1e-3, one CPU thread; the share of validation samples whose goal column (of 45°)
+the head picks (with `tokens`: the column of the patch it picks), the distance there (mean absolute
+error), each after `--steps`, and the training samples' figures beside them (every fourth sample).
 """
 
 import argparse
 import datetime
 import json
 import time
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -38,23 +42,30 @@ from fusion_attn.config import FusionConfig, ModelConfig, cache_dir
 from fusion_attn.learn.augment import gather
 from fusion_attn.learn.data import build_datasets
 from fusion_attn.learn.loop import TrainConfig
-from fusion_attn.learn.objectives import CameraGoalColumns, camera_goal_loss, goal_column
+from fusion_attn.learn.objectives import (
+    CameraGoalColumns,
+    CameraGoalTokens,
+    camera_goal_loss,
+    camera_goal_token_loss,
+    goal_column,
+)
 from fusion_attn.model import PatchStem, sincos_2d
 from fusion_attn.sim.sensors import SensorConfig
+from fusion_attn.sim.tasks import post_top_in_image
 
 EMBEDDINGS = {"linear": (0, 4), "stem 4x4": (32, 4), "stem per pixel": (8, 16)}  # camera_stem, camera_stem_cells
 
 
 class CameraPath(nn.Module):
-    """Patches (B, N, p*p*3) -> the goal head's columns (B, cols, 3), through one embedding."""
+    """Patches (B, N, p*p*3) -> the goal head's output, through one embedding."""
 
-    def __init__(self, cfg: FusionConfig):
+    def __init__(self, cfg: FusionConfig, head: str):
         super().__init__()
         c, m = cfg.camera, cfg.model
         self.embed = PatchStem(c.patch, m.camera_stem, m.dim, m.camera_stem_cells) if m.camera_stem \
             else nn.Linear(c.features, m.dim)
         self.register_buffer("pos", sincos_2d(c.height // c.patch, c.width // c.patch, m.dim), persistent=False)
-        self.head = CameraGoalColumns(cfg)
+        self.head = CameraGoalTokens(cfg) if head == "tokens" else CameraGoalColumns(cfg)
 
     def forward(self, patches):
         return self.head(self.embed(patches) + self.pos)
@@ -73,9 +84,12 @@ def clean_camera(ds) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def read(path: CameraPath, patches, goal, scale) -> dict[str, float]:
     pred = torch.cat([path(p) for p in patches.split(512)])
-    picked = pred[..., 0].argmax(1)
-    distance = pred[torch.arange(len(pred)), picked, 1] * scale.std_goal[0] + scale.mean_goal[0]
-    _, column, seen = goal_column(goal[:, 1], pred.shape[1], SensorConfig().image_x)
+    cols = pred.shape[-2]
+    flat = pred.flatten(1, -2)  # (B, cols, 3) or (B, rows * cols, 4): one entry per column or per patch
+    picked = flat[..., 0].argmax(1)
+    distance = flat[torch.arange(len(flat)), picked, 1] * scale.std_goal[0] + scale.mean_goal[0]
+    picked = picked % cols
+    _, column, seen = goal_column(goal[:, 1], cols, SensorConfig().image_x)
     return {"right_column_share": float(((picked == column) & seen).float().mean()),
             "distance_mae_m": float((distance - goal[:, 0]).abs().mean())}
 
@@ -86,6 +100,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--sim-episodes", type=int, default=TrainConfig.sim_episodes,
                         help="training episodes (the default's 48; the validation episodes stay the same)")
+    parser.add_argument("--head", choices=("columns", "tokens"), default="columns")
+    parser.add_argument("--embeddings", nargs="+", choices=tuple(EMBEDDINGS), default=list(EMBEDDINGS))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "camera_goal_probe.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -94,24 +110,29 @@ def main() -> None:
     train_set, val_set = build_datasets(tc, tc.fusion_config(), cache_dir("train"), progress=False)
     (train_p, train_g), (val_p, val_g) = clean_camera(train_set), clean_camera(val_set)
     scale = SimpleNamespace(mean_goal=train_g.mean(0), std_goal=train_g.std(0))
-    image_x, every = SensorConfig().image_x, torch.ones(64, dtype=torch.bool)
+    every = torch.ones(64, dtype=torch.bool)
+    if args.head == "tokens":
+        loss_of = partial(camera_goal_token_loss, post_top=partial(post_top_in_image, SensorConfig()), heads=scale)
+    else:
+        loss_of = partial(camera_goal_loss, image_x=SensorConfig().image_x, heads=scale)
     report = {"date": datetime.date.today().isoformat(), "machine": machine(), "steps": args.steps,
-              "sim_episodes": args.sim_episodes,
+              "sim_episodes": args.sim_episodes, "head": args.head,
               "samples": {"train": len(train_g), "validation": len(val_g)}, "runs": {}}
     print(f"{len(train_g)} training, {len(val_g)} validation samples; {args.steps} steps")
     print("| embedding | seed | goal column picked: validation / training | distance at it: validation / training "
           "| s per step |\n|---|---|---|---|---|")
-    for name, (channels, cells) in EMBEDDINGS.items():
+    for name in args.embeddings:
+        channels, cells = EMBEDDINGS[name]
         cfg = FusionConfig(model=ModelConfig(camera_stem=channels, camera_stem_cells=cells))
         for seed in args.seeds:
             torch.manual_seed(seed)
-            path = CameraPath(cfg)
+            path = CameraPath(cfg, args.head)
             opt = torch.optim.AdamW(path.parameters(), lr=1e-3)
             gen = torch.Generator().manual_seed(seed)
             start = time.perf_counter()
             for _ in range(args.steps):
                 i = torch.randint(0, len(train_g), (64,), generator=gen)
-                loss = camera_goal_loss(path(train_p[i]), train_g[i], every, image_x, scale)
+                loss = loss_of(path(train_p[i]), train_g[i], every)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -122,7 +143,8 @@ def main() -> None:
                   f"{val['distance_mae_m']:.3f} / {train['distance_mae_m']:.3f} m | {per_step:.3f} |", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report["command"] = (f"python benchmarks/camera_goal_probe.py --steps {args.steps} --sim-episodes {args.sim_episodes} "
-                         f"--seeds " + " ".join(map(str, args.seeds)))
+                         f"--head {args.head} --seeds " + " ".join(map(str, args.seeds)) + " --embeddings "
+                         + " ".join(f"'{e}'" for e in args.embeddings))
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 
 

@@ -15,7 +15,7 @@ import fusion_attn.sim  # noqa: F401  (registers the ids)
 from fusion_attn.frames import NS_PER_S, CameraFrame, ImuSample, LidarFrame, Modality
 from fusion_attn.sim.faults import FaultConfig, FaultSpec
 from fusion_attn.sim.robot import DRIVE_ACCEL, FrameList, RobotEnv
-from fusion_attn.sim.scene import CAMERA_POS, TASK_COLOURS, Geom, Layout
+from fusion_attn.sim.scene import CAMERA_POS, RIG_HEIGHT, ROBOT_Z, TASK_COLOURS, Geom, Layout
 from fusion_attn.sim.sensors import SensorConfig
 from fusion_attn.sim.tasks import ControlTask, NavigateTask, Task
 
@@ -156,6 +156,15 @@ def test_image_x_is_where_a_post_at_that_bearing_renders(views):
     expected = sorted(sensors.image_x([math.atan2(y, x - origin) for (x, y, _) in (p.pos for p in posts)]))
     assert seen == pytest.approx(expected, abs=1.5 / image.shape[1])  # within a pixel and a half
     assert np.isnan(SensorConfig(camera_views=1).image_x(math.radians(60.0)))  # beyond the 75° view
+    # image_y: each post's top edge (2 m up, its nearest rim 2.95 m away) is its first green row
+    green = (image[..., 1] > 100) & (np.delete(image.astype(int), 1, axis=2).max(axis=2) < 70)
+    height = 2.0 - ROBOT_Z - (RIG_HEIGHT if views > 1 else CAMERA_POS[2])
+    for x, y, _ in (p.pos for p in posts):
+        bearing, distance = math.atan2(y, x - origin), math.hypot(y, x - origin) - 0.05
+        column = int(sensors.image_x(bearing) * image.shape[1])
+        top = np.flatnonzero(green[:, column])[0]
+        assert top == pytest.approx(sensors.image_y(bearing, distance, height) * image.shape[0], abs=1.0)
+    assert np.isnan(SensorConfig(camera_views=1).image_y(math.radians(60.0), 3.0, 1.0))
 
 
 def test_pixel_noise_makes_consecutive_static_frames_differ():

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +41,11 @@ from fusion_attn.learn.loop import STATE_FILE, TrainConfig, train
 from fusion_attn.learn.objectives import (
     OBJECTIVES,
     CameraGoalColumns,
+    CameraGoalTokens,
     Heads,
     build_heads,
     camera_goal_loss,
+    camera_goal_token_loss,
     fault_attention,
     fit_normalisation,
     fused_consistency,
@@ -56,7 +59,7 @@ from fusion_attn.model import FusionModel
 from fusion_attn.pipeline import DEFAULT_CHECKPOINT
 from fusion_attn.sim.scene import TASK_COLOURS, Geom, Layout
 from fusion_attn.sim.sensors import SensorConfig
-from fusion_attn.sim.tasks import Task
+from fusion_attn.sim.tasks import Task, post_top_in_image
 from fusion_attn.tokenize import (
     IMU_AXES,
     IMU_COUNT,
@@ -618,6 +621,40 @@ def test_the_camera_goal_objective_asks_for_the_goals_column_its_distance_and_pl
     assert changed[5] > 0 and changed[torch.arange(8) != 5].sum() == 0
 
 
+def test_the_token_goal_objective_asks_for_the_patch_of_the_posts_top_edge():
+    cfg = FusionConfig()  # 6 x 8 patches of 16 pixels; the rig's views 90° high: the horizon at row 3's top
+    heads = Heads(8, {"goal": 3})
+    heads.mean_goal.copy_(torch.tensor([3.0, 0.0, 0.0]))
+    heads.std_goal.copy_(torch.tensor([2.0, 1.0, 1.0]))
+    post_top = partial(post_top_in_image, SensorConfig())
+    # far: the top edge just above the horizon (row 2); near: above the view, so the post's top pixel is row 0's
+    goal = torch.tensor([[6.0, math.radians(10.0)], [0.5, math.radians(-100.0)]])
+    x, y = post_top(goal[:, 1].numpy(), goal[:, 0].numpy())
+    assert y[1] < 0 < y[0] < 0.5
+    col, row = np.floor(x * 8).astype(int), np.floor(np.clip(y, 0, None) * 6).astype(int)
+    assert col.tolist() == [3, 6] and row.tolist() == [2, 0]
+    right = torch.zeros(2, 6, 8, 4)
+    b = torch.arange(2)
+    right[b, row, col, 0] = 20.0  # sure of the patch
+    right[b, row, col, 1] = (goal[:, 0] - 3.0) / 2.0
+    right[b, row, col, 2] = torch.as_tensor(2 * (x * 8 - col - 0.5), dtype=torch.float32)
+    right[b, row, col, 3] = torch.as_tensor(2 * (np.clip(y, 0, None) * 6 - row - 0.5), dtype=torch.float32)
+    valid = torch.ones(2, dtype=torch.bool)
+    assert camera_goal_token_loss(right, goal, valid, post_top, heads).item() == pytest.approx(0.0, abs=1e-5)
+    low, elsewhere = right.clone(), right.clone()
+    low[0, 2, 3, 3] += 1.0  # half a patch below the edge
+    assert camera_goal_token_loss(low, goal, valid, post_top, heads).item() == pytest.approx(1.0 / 2, abs=1e-5)
+    elsewhere[0, 3, 3, 0] = 40.0  # sure of the patch below: the column is right, the range is not
+    assert camera_goal_token_loss(elsewhere, goal, valid, post_top, heads).item() == pytest.approx(20.0 / 2, abs=1e-3)
+    # each patch answers for itself: a token moves its own patch's outputs only
+    model = CameraGoalTokens(cfg)
+    tokens = torch.randn(2, cfg.camera.tokens, cfg.model.dim)
+    moved = tokens.clone()
+    moved[:, 2 * 8 + 5] += 1.0  # row 2, column 5
+    changed = (model(moved) - model(tokens)).abs().sum((0, 3))
+    assert changed[2, 5] > 0 and changed.sum() == changed[2, 5]
+
+
 def test_training_writes_checkpoint_heads_and_tensorboard(tmp_path, cache):
     out = tmp_path / "run"
     m = train(TINY, out, cache=cache, progress=False, command="test")
@@ -742,17 +779,13 @@ def test_camera_options_reach_the_model_and_the_recorded_command(tmp_path, cache
     assert torch.load(out / STATE_FILE, weights_only=True)["camera_goal"]["mlp.fc1.weight"].shape == (64, 64)
     assert _train_cli(tmp_path / "bad", cache, "--steps", "2", "--camera-size", "30", "64") == 2  # not patches of 16
     assert _train_cli(tmp_path / "stem", cache, "--steps", "2", "--camera-size", "32", "64", "--camera-patch", "8",
-                      "--camera-stem", "4") == 0
+                      "--camera-stem", "4", "--camera-stem-cells", "8") == 0
     model = load_checkpoint(tmp_path / "stem" / "model.safetensors")
     assert (model.cfg.camera.patch, model.cfg.camera.tokens, model.cfg.model.camera_stem) == (8, 32, 4)
-    assert model.embed.camera.cells.in_features == 2 * 2 * 3  # 4 x 4 cells of 2 x 2 pixels
-    _, _, info = read_checkpoint(tmp_path / "stem" / "model.safetensors")
-    assert "--camera-size 32 64 --camera-patch 8 --camera-stem 4" in info["command"]
-    assert _train_cli(tmp_path / "bad", cache, "--steps", "2", "--camera-patch", "2", "--camera-stem", "4") == 2  # cells of half a pixel
-    assert _train_cli(tmp_path / "pixel", cache, "--steps", "1", "--camera-size", "32", "64", "--camera-patch", "8",
-                      "--camera-stem", "4", "--camera-stem-cells", "8") == 0
-    model = load_checkpoint(tmp_path / "pixel" / "model.safetensors")
     assert model.cfg.model.camera_stem_cells == 8 and model.embed.camera.cells.in_features == 3  # a layer per pixel
+    _, _, info = read_checkpoint(tmp_path / "stem" / "model.safetensors")
+    assert "--camera-size 32 64 --camera-patch 8 --camera-stem 4 --camera-stem-cells 8" in info["command"]
+    assert _train_cli(tmp_path / "bad", cache, "--steps", "2", "--camera-patch", "2", "--camera-stem", "4") == 2  # cells of half a pixel
 
 
 def test_objective_weights_scale_their_losses_and_reach_the_recorded_command(tmp_path, cache):

@@ -240,6 +240,47 @@ def camera_goal_loss(pred: torch.Tensor, goal: torch.Tensor, valid: torch.Tensor
     return (err * valid).sum() / valid.sum().clamp_min(1)
 
 
+class CameraGoalTokens(nn.Module):
+    """Training only: the goal read from the camera's tokens alone, patch by patch, at the post's own
+    scale. Each patch says whether the post's top edge (its highest point in view) is in it (a logit,
+    softmax over all patches) and, at that patch, the goal's distance and where the edge lies across
+    and down the patch. The edge's row is the post's range by the rig's geometry (what
+    benchmarks/goal_range.py reads), so this asks the patch that shows it, where CameraGoalColumns asks
+    a 45° column's mean token."""
+
+    def __init__(self, cfg: FusionConfig):
+        super().__init__()
+        self.rows, self.cols = cfg.camera.height // cfg.camera.patch, cfg.camera.width // cfg.camera.patch
+        self.mlp = MLP(cfg.model.dim, cfg.model.dim, 4)
+
+    def forward(self, camera_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, rows * cols, D) in (row, col) order -> (B, rows, cols, 4): logit, standardised distance,
+        offsets across and down the patch."""
+        return self.mlp(camera_tokens.unflatten(1, (self.rows, self.cols)))
+
+
+def camera_goal_token_loss(pred: torch.Tensor, goal: torch.Tensor, valid: torch.Tensor, post_top, heads: Heads) -> torch.Tensor:
+    """CameraGoalTokens' loss: cross-entropy of the patch holding the post's top edge, and at that patch
+    the squared errors of the standardised distance and of the edge's offsets from the patch's centre
+    (in half patches). goal (B, 2): distance, bearing; valid (B,) as in camera_goal_loss; post_top:
+    (bearing, distance) -> shares of the image's width and height (sim.tasks.post_top_in_image)."""
+    rows, cols = pred.shape[1:3]
+    x, y = (torch.as_tensor(v, dtype=torch.float32) for v in post_top(goal[:, 1].detach().cpu().numpy(),
+                                                                        goal[:, 0].detach().cpu().numpy()))
+    valid = valid & x.isfinite().to(valid.device)
+    x = torch.nan_to_num(x).clamp(0.0, 1 - 1e-6) * cols
+    y = torch.nan_to_num(y).clamp(0.0, 1 - 1e-6) * rows  # above the view: the post's highest pixel is the top row's
+    row, col = y.floor().long(), x.floor().long()
+    token = (row * cols + col).to(pred.device)
+    flat = pred.flatten(1, 2)  # (B, rows * cols, 4)
+    at = flat.gather(1, token[:, None, None].expand(-1, 1, 4))[:, 0]
+    dist = (goal[:, 0] - heads.mean_goal[0]) / heads.std_goal[0]
+    offsets = torch.stack([2 * (x - col - 0.5), 2 * (y - row - 0.5)], dim=1).to(pred)
+    err = (F.cross_entropy(flat[..., 0], token, reduction="none") + (at[:, 1] - dist).pow(2)
+           + (at[:, 2:] - offsets).pow(2).sum(1))
+    return (err * valid).sum() / valid.sum().clamp_min(1)
+
+
 def fused_consistency(model: nn.Module, clean: dict[str, torch.Tensor], fused: torch.Tensor,
                       tau: torch.Tensor) -> torch.Tensor:
     """Mean squared distance of faulted samples' fused states (B_f, D) from the ones the same samples

@@ -88,15 +88,32 @@ class SensorConfig:
         """Where a direction from the camera (bearing from straight ahead, left positive) lies across its image, as a
         share of its width in [0, 1) (0: the left edge); nan outside a single view's field. Each view is
         a pinhole image: its columns go with the tangent of the angle off its axis, not the angle."""
-        b = np.asarray(bearing_rad, np.float64)
+        view, off_axis = self._view_of(bearing_rad)
         if self.camera_views == 1:
             half = math.radians(self.camera_hfov_deg) / 2
-            return np.where(np.abs(b) <= half, 0.5 - np.tan(np.clip(b, -half, half)) / (2 * math.tan(half)), np.nan)
+            return np.where(np.abs(off_axis) <= half, 0.5 - np.tan(np.clip(off_axis, -half, half)) / (2 * math.tan(half)), np.nan)
+        span = 2 * math.pi / self.camera_views
+        return (view + 0.5 - np.tan(off_axis) / (2 * math.tan(span / 2))) / self.camera_views
+
+    def image_y(self, bearing_rad: np.ndarray, distance_m: np.ndarray, height_m: np.ndarray) -> np.ndarray:
+        """Where a point at a horizontal distance and bearing from the camera and height_m above it lies
+        down its image, as a share of the image's height (0: the top edge; outside [0, 1): cut off by
+        the view); nan where image_x is. Each view is a level pinhole image: a row goes with the height
+        over the depth along the view's axis."""
+        _, off_axis = self._view_of(bearing_rad)
+        depth = np.asarray(distance_m, np.float64) * np.cos(off_axis)
+        y = 0.5 - np.asarray(height_m, np.float64) / depth / (2 * math.tan(math.radians(self.camera_view_fovy_deg) / 2))
+        return np.where(np.isfinite(self.image_x(bearing_rad)), y, np.nan)
+
+    def _view_of(self, bearing_rad: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The view a bearing falls in (0 for a single camera) and its angle off that view's axis (left positive)."""
+        b = np.asarray(bearing_rad, np.float64)
+        if self.camera_views == 1:
+            return np.zeros_like(b), b
         n, span = self.camera_views, 2 * math.pi / self.camera_views
         left = np.remainder(math.pi - b, 2 * math.pi)  # angle from the image's left edge (+180°) rightwards
         view = np.minimum(np.floor(left / span), n - 1)
-        off_axis = span / 2 - (left - view * span)  # left positive, within +-span / 2
-        return (view + 0.5 - np.tan(off_axis) / (2 * math.tan(span / 2))) / n
+        return view, span / 2 - (left - view * span)  # off axis within +-span / 2
 
 
 def camera_name(view: int) -> str:

@@ -35,7 +35,8 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from .faults import FaultConfig, FaultSpec
-from .scene import TASK_COLOURS, Geom, Layout, scatter_obstacles
+from .scene import RIG_HEIGHT, ROBOT_Z, TASK_COLOURS, Geom, Layout, scatter_obstacles
+from .sensors import SensorConfig
 
 PATCH_HALF_HEIGHT = 0.003  # floor patches: flat discs, seen by the camera only
 # Goal posts: the lidar's beams lie 2° apart, so a post of radius 8 m x sin(1°) = 0.14 m meets one of
@@ -44,6 +45,16 @@ PATCH_HALF_HEIGHT = 0.003  # floor patches: flat discs, seen by the camera only
 # both lidar rings meet it (from 0.32 m up, the 3° ring climbs 0.42 m over its range).
 POST_RADIUS = 0.15
 POST_HALF_HEIGHT = 1.0
+
+
+def post_top_in_image(sensors: SensorConfig, bearing_rad: np.ndarray, distance_m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where the goal post's top edge (its rim nearest the camera) shows in the rig's panorama, from the
+    goal's bearing and distance to the post's axis: shares of the image's width and height
+    (SensorConfig.image_x, image_y; a height below 0: above the view)."""
+    if sensors.camera_views == 1:
+        raise ValueError("post_top_in_image reads the rig's panorama (camera_views > 1), whose views share the robot's centre")
+    top = 2 * POST_HALF_HEIGHT - ROBOT_Z - RIG_HEIGHT
+    return sensors.image_x(bearing_rad), sensors.image_y(bearing_rad, np.asarray(distance_m) - POST_RADIUS, top)
 
 
 def _patch(name: str, x: float, y: float, radius: float, rgb: tuple[float, float, float]) -> Geom:
