@@ -32,7 +32,7 @@ from fusion_attn.config import cache_dir
 from fusion_attn.learn.augment import FaultPlan, corrupt, gather
 from fusion_attn.learn.data import build_datasets
 from fusion_attn.learn.loop import STATE_FILE, read_state
-from fusion_attn.learn.objectives import CameraGoalColumns, fused_feature, goal_column
+from fusion_attn.learn.objectives import CameraGoalColumns, CameraGoalTokens, fused_feature, goal_column
 from fusion_attn.learn.robustness import load_run
 from fusion_attn.sim.sensors import SensorConfig
 
@@ -44,20 +44,21 @@ parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results
 args = parser.parse_args()
 
 
-def camera_goal_head(folder: Path, run) -> CameraGoalColumns | None:
+def camera_goal_head(folder: Path, run) -> CameraGoalColumns | CameraGoalTokens | None:
     """The run's camera goal objective's head, from its training state (None: trained without one)."""
     state = read_state(folder / STATE_FILE)[0]
     if "camera_goal" not in state:
         return None
-    head = CameraGoalColumns(run.cfg)
+    head = (CameraGoalTokens if run.tc.camera_goal_head == "tokens" else CameraGoalColumns)(run.cfg)
     head.load_state_dict(state["camera_goal"])
     return head.eval()
 
 
 @torch.no_grad()
-def stages(run, data, column_head: CameraGoalColumns | None) -> dict[str, np.ndarray]:
+def stages(run, data, column_head: CameraGoalColumns | CameraGoalTokens | None) -> dict[str, np.ndarray]:
     """Per simulated sample with a goal: each stage's features, the goal head's distance and the truth;
-    with column_head, its distance at the column it picks and whether that is the goal's."""
+    with column_head, its distance at the column it picks (a token head: at the patch it picks) and
+    whether that column is the goal's."""
     t = data.tensors()
     keep = np.flatnonzero(data.arrays["labelled"] & np.isfinite(data.arrays["goal"]).all(-1) & (data.source == 0))
     n_cam = run.cfg.camera.tokens
@@ -70,9 +71,10 @@ def stages(run, data, column_head: CameraGoalColumns | None) -> dict[str, np.nda
         tokens = run.model.embed(x)[0]
         out["camera tokens"].append(tokens[:, :n_cam].flatten(1).numpy())
         if column_head is not None:
-            pred = column_head(tokens[:, :n_cam])  # (B, cols, 3)
+            pred = column_head(tokens[:, :n_cam]).flatten(1, -2)  # (B, cols, 3) or (B, rows * cols, 4)
             picked = pred[..., 0].argmax(1)
             distance = pred[torch.arange(len(idx)), picked, 1] * run.heads.std_goal[0] + run.heads.mean_goal[0]
+            picked = picked % column_head.cols
             _, column, seen = goal_column(t["goal"][idx, 1], column_head.cols, SensorConfig().image_x)
             out["column head"].append(distance.numpy())
             out["column right"].append((picked == column).numpy() & seen.numpy())

@@ -760,14 +760,14 @@ def test_floor_at_run_time_trains_the_weights_of_a_run_without_one(tmp_path, cac
 def test_camera_options_reach_the_model_and_the_recorded_command(tmp_path, cache):
     out = tmp_path / "run"
     assert _train_cli(out, cache, "--steps", "2", "--camera-size", "32", "64", "--camera-shifts", "3", "--lidar-motion",
-                      "--lidar-motion-token", "--consistency-weight", "0.5", "--camera-goal-weight", "0.5", "--mirror",
-                      "--clip-grad-norm", "0.5") == 0
+                      "--lidar-motion-token", "--consistency-weight", "0.5", "--camera-goal-weight", "0.5", "--camera-goal-head",
+                      "tokens", "--mirror", "--clip-grad-norm", "0.5") == 0
     model = load_checkpoint(out / "model.safetensors")
     assert (model.cfg.camera.height, model.cfg.camera.width, model.cfg.model.camera_shifts) == (32, 64, 3)
     assert model.embed.camera_motion.in_features == 7 and model.cfg.model.lidar_motion and model.cfg.model.lidar_motion_token
     _, _, info = read_checkpoint(out / "model.safetensors")
     assert ("--camera-shifts 3 --lidar-motion --lidar-motion-token --camera-size 32 64 --consistency-weight 0.5 "
-            "--camera-goal-weight 0.5") in info["command"] and " --mirror " in info["command"]
+            "--camera-goal-weight 0.5 --camera-goal-head tokens") in info["command"] and " --mirror " in info["command"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train_config"]["mirror"] and metrics["data"]["train_samples"] == 2 * 60  # two 3 s episodes, mirrored
     assert metrics["train_config"]["clip_grad_norm"] == 0.5 and " --clip-grad-norm 0.5 " in info["command"]
@@ -776,7 +776,8 @@ def test_camera_options_reach_the_model_and_the_recorded_command(tmp_path, cache
     assert [e.step for e in logged.Scalars("train/grad_norm")] == [2] and logged.Scalars("train/grad_norm")[0].value > 0
     losses = metrics["final_train_losses_ema"]
     assert losses["consistency"] > 0 and losses["camera_goal"] > 0
-    assert torch.load(out / STATE_FILE, weights_only=True)["camera_goal"]["mlp.fc1.weight"].shape == (64, 64)
+    head = torch.load(out / STATE_FILE, weights_only=True)["camera_goal"]  # CameraGoalTokens: 4 outputs per patch
+    assert head["mlp.fc1.weight"].shape == (64, 64) and head["mlp.fc2.weight"].shape == (4, 64)
     assert _train_cli(tmp_path / "bad", cache, "--steps", "2", "--camera-size", "30", "64") == 2  # not patches of 16
     assert _train_cli(tmp_path / "stem", cache, "--steps", "2", "--camera-size", "32", "64", "--camera-patch", "8",
                       "--camera-stem", "4", "--camera-stem-cells", "8") == 0

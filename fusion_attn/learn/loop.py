@@ -9,6 +9,7 @@ OUT/model.heads.safetensors.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -30,9 +31,11 @@ from .data import Dataset, build_datasets
 from .evaluation import evaluate
 from .objectives import (
     CameraGoalColumns,
+    CameraGoalTokens,
     build_heads,
     build_model,
     camera_goal_loss,
+    camera_goal_token_loss,
     fault_attention,
     fit_normalisation,
     fused_consistency,
@@ -80,7 +83,8 @@ class TrainConfig:
     trust_weight: float = 1.0  # weight of the trust objective (trust_loss)
     avoid_weight: float = 0.0  # attention-avoidance objective (fault_attention; the "token" baseline's: 1)
     consistency_weight: float = 0.0  # a faulted sample's fused state kept near its clean one (fused_consistency)
-    camera_goal_weight: float = 0.0  # the goal read from the camera's tokens alone (CameraGoalColumns; simulated data)
+    camera_goal_weight: float = 0.0  # the goal read from the camera's tokens alone (simulated data)
+    camera_goal_head: str = "columns"  # per 45° column (CameraGoalColumns) or per patch, at the post's top (CameraGoalTokens)
     log_every: int = 25
     eval_every: int = 500
     save_every: int = 500
@@ -247,13 +251,24 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
     base = _start_from(tc, cfg, model, heads) if tc.init_from else None
     if base is None:
         fit_normalisation(heads, data, cfg, len(train_set))
-    camera_goal, image_x = None, None
+    camera_goal, camera_goal_of = None, None
     if tc.camera_goal_weight > 0:
         if not isinstance(model, FusionModel):
             raise ConfigError("--camera-goal-weight reads the camera's tokens of the attention fusion (--fusion attention)")
         from fusion_attn.sim.sensors import SensorConfig
+        from fusion_attn.sim.tasks import post_top_in_image
 
-        camera_goal, image_x = CameraGoalColumns(cfg).to(dev).train(), SensorConfig().image_x  # the simulated rig
+        rig = SensorConfig()  # the simulated rig
+        if tc.camera_goal_head == "tokens":
+            camera_goal = CameraGoalTokens(cfg)
+            camera_goal_of = functools.partial(camera_goal_token_loss, post_top=functools.partial(post_top_in_image, rig),
+                                               heads=heads)
+        elif tc.camera_goal_head == "columns":
+            camera_goal = CameraGoalColumns(cfg)
+            camera_goal_of = functools.partial(camera_goal_loss, image_x=rig.image_x, heads=heads)
+        else:
+            raise ConfigError(f"camera_goal_head must be 'columns' or 'tokens', got {tc.camera_goal_head!r}")
+        camera_goal = camera_goal.to(dev).train()
         camera_goal.requires_grad_(not tc.train_only)
     trained = [p for p in (*model.parameters(), *heads.parameters(),
                            *(camera_goal.parameters() if camera_goal else ())) if p.requires_grad]
@@ -306,8 +321,8 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
                 model, gather(data, idx[faulted]), fusion["fused"][faulted.to(dev)], tau[faulted].to(dev))
         if camera_goal is not None:
             sees = tgt["goal"][1] & x["camera_mask"].any(1).to(dev) & (plan.sensor != Modality.CAMERA).to(dev)
-            parts["camera_goal"] = tc.camera_goal_weight * camera_goal_loss(
-                camera_goal(fusion["camera_tokens"]), data["goal"][idx].to(dev), sees, image_x, heads)
+            parts["camera_goal"] = tc.camera_goal_weight * camera_goal_of(
+                camera_goal(fusion["camera_tokens"]), data["goal"][idx].to(dev), sees)
         loss = sum(parts.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
