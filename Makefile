@@ -11,7 +11,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 .PHONY: run test colcon-check venv clean default-model robustness robustness-arrival robustness-default robustness-stalecam \
 	robustness-stalefit robustness-stillfit robustness-data4x robustness-stem \
 	robustness-camgoal robustness-mirror robustness-data8x robustness-data4x-clip \
-	robustness-data4x-clip-3k robustness-data4x-clip-pixel
+	robustness-data4x-clip-3k robustness-data4x-clip-pixel robustness-data4x-clip-stem
 
 # The main job on the embedded default: CPU, ONNX Runtime, no robot, the packaged default model:
 # replay a recording as the node would fuse it; fused-state bag, summary and plots in $(OUT).
@@ -260,6 +260,13 @@ robustness-data4x-clip-pixel: $(STAMP) runs/default_data4x_clip_pixel-s0/train_s
 	$(VENV)/bin/fusion-attn eval-robustness data4x_clip_pixel=runs/default_data4x_clip_pixel-s0 \
 		'data4x_clip_pixel#1=runs/default_data4x_clip_pixel-s1' --beside docs/results/data4x_clip/robustness.json \
 		-o docs/results/data4x_clip_pixel --episodes 12 --jobs 2 \
+		--bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
+
+# ... the stem of 4 x 4 cells with and without the camera's own goal objective, beside that report
+robustness-data4x-clip-stem: $(STAMP) runs/default_data4x_clip_stem_camgoal-s0/train_state.pt runs/default_data4x_clip_stem-s0/train_state.pt
+	$(VENV)/bin/fusion-attn eval-robustness data4x_clip_stem_camgoal=runs/default_data4x_clip_stem_camgoal-s0 \
+		data4x_clip_stem=runs/default_data4x_clip_stem-s0 --beside docs/results/data4x_clip/robustness.json \
+		-o docs/results/data4x_clip_stem --episodes 12 --jobs 2 \
 		--bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
 
 # the camera stem's three seeds beside the default's recipe and concat (seed 0 each), held out
