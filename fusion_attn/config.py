@@ -120,7 +120,8 @@ class ModelConfig:
     # patch, then one layer over the cells in place), so where in its patch a thin object stands, and how
     # large, are features of their own. Cells as many as the patch's pixels: each pixel is read on its
     # own first (a per-pixel layer, a 1 x 1 convolution), so a post a pixel wide is not averaged into
-    # its patch's background before anything non-linear sees it (docs/RESULTS.md)
+    # its patch's background before anything non-linear sees it (measured: no better than 4 x 4 cells
+    # at finding the goal post, docs/RESULTS.md)
     camera_stem: int = field(default=0, metadata=ADDED_LATER)
     camera_stem_cells: int = field(default=4, metadata=ADDED_LATER)
 
