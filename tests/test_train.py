@@ -587,6 +587,14 @@ def test_consistency_pulls_faulted_samples_towards_their_healthy_fusion(data):
     assert fused_consistency(model, gather(t, idx[:0]), fused[:0], tau[:0]).item() == 0.0
 
 
+def _moved_by_one_token(head, cfg: FusionConfig) -> torch.Tensor:
+    """How much a camera goal head's outputs move when one camera token (row 2, column 5) changes."""
+    tokens = torch.randn(2, cfg.camera.tokens, cfg.model.dim)
+    moved = tokens.clone()
+    moved[:, 2 * 8 + 5] += 1.0
+    return (head(moved) - head(tokens)).abs()
+
+
 def test_the_camera_goal_objective_asks_for_the_goals_column_its_distance_and_place():
     cfg = FusionConfig()  # 8 columns of patches over the 360° rig: each 45°
     heads = Heads(8, {"goal": 3})
@@ -613,11 +621,7 @@ def test_the_camera_goal_objective_asks_for_the_goals_column_its_distance_and_pl
     off[1, 6, 2] += 1.0  # half a column off
     assert camera_goal_loss(off, goal, valid, image_x, heads).item() == pytest.approx(1.0 / 2, abs=1e-5)
     # the head reads the mean of each column's rows: a token in column 5 moves column 5 only
-    model = CameraGoalColumns(cfg)
-    tokens = torch.randn(2, cfg.camera.tokens, cfg.model.dim)
-    moved = tokens.clone()
-    moved[:, 2 * 8 + 5] += 1.0  # row 2, column 5
-    changed = (model(moved) - model(tokens)).abs().sum((0, 2))
+    changed = _moved_by_one_token(CameraGoalColumns(cfg), cfg).sum((0, 2))
     assert changed[5] > 0 and changed[torch.arange(8) != 5].sum() == 0
 
 
@@ -647,11 +651,7 @@ def test_the_token_goal_objective_asks_for_the_patch_of_the_posts_top_edge():
     elsewhere[0, 3, 3, 0] = 40.0  # sure of the patch below: the column is right, the range is not
     assert camera_goal_token_loss(elsewhere, goal, valid, post_top, heads).item() == pytest.approx(20.0 / 2, abs=1e-3)
     # each patch answers for itself: a token moves its own patch's outputs only
-    model = CameraGoalTokens(cfg)
-    tokens = torch.randn(2, cfg.camera.tokens, cfg.model.dim)
-    moved = tokens.clone()
-    moved[:, 2 * 8 + 5] += 1.0  # row 2, column 5
-    changed = (model(moved) - model(tokens)).abs().sum((0, 3))
+    changed = _moved_by_one_token(CameraGoalTokens(cfg), cfg).sum((0, 3))
     assert changed[2, 5] > 0 and changed.sum() == changed[2, 5]
 
 
