@@ -997,8 +997,10 @@ def test_eval_robustness_judges_a_new_run_beside_an_earlier_report(tmp_path, cac
     assert joined["runs"]["attention"]["reused"] is False
     rises = [r for r in joined["targets"] if r["check"] == "rise"]  # judged against the joined concat
     assert rises and all(r["baseline_rise"] == pytest.approx(
-        joined["summary"]["concat"][r["condition"]]["quantity_rise"][q]) for r in rises
-        for q, label, *_ in robustness.QUANTITIES if label == r["quantity"])
+        joined["summary"]["concat"][r["condition"]]["quantity_rise"][r["key"]]) for r in rises)
+    # the goal is judged on the samples camera and lidar both observe, where both reports measured them
+    goal = [r for r in rises if r["key"].startswith("goal_")]
+    assert goal and {r["key"] for r in goal} == {robustness.class_key(q, "two_observers") for q in robustness.CLASSED}
     assert "### Targets (`attention` against `concat`)" in (tmp_path / "out" / "robustness.md").read_text()
     with pytest.raises(ConfigError, match="other held-out samples or τ"):
         run_evaluation({"attention": runs["attention"]}, tmp_path / "other", [1.0], 1, cache, [], beside=report_file)
@@ -1138,6 +1140,43 @@ def test_goal_error_split_by_the_camera_view(monkeypatch):
     assert errors["goal_distance_in_view_mae_m"].tolist() == [1, 1]
     assert errors["goal_distance_out_of_view_mae_m"].tolist() == [2, 4]
     assert float(errors["goal_bearing_mae_deg"].max()) < 1e-4
+
+
+def test_goal_error_split_by_observability_class():
+    """The lidar observes the goal where its tokens hold a return from the retroreflective post (as the
+    tokenizer encodes the simulator's intensity 255; no other surface returns above 200), and the goal's
+    errors split by that class."""
+    from fusion_attn.config import LidarTokens
+    from fusion_attn.frames import LidarFrame
+    from fusion_attn.learn.evaluation import lidar_reaches_post
+    from fusion_attn.sim.sensors import RETROREFLECTIVE_INTENSITY
+    from fusion_attn.tokenize import tokenize_lidar
+
+    def tokens(intensities):
+        points = np.array([[2.0 + k, 1.0, 0.3, i] for k, i in enumerate(intensities)], np.float32)
+        pts, mask = tokenize_lidar(LidarFrame(0, "lidar", points), LidarTokens())
+        return torch.from_numpy(pts).half().float(), torch.from_numpy(mask)  # as the dataset stores them
+
+    samples = [tokens([200.0, 50.0]), tokens([10.0, RETROREFLECTIVE_INTENSITY]), tokens([RETROREFLECTIVE_INTENSITY])]
+    points, mask = (torch.stack(x) for x in zip(*samples))
+    hidden = mask.clone()
+    hidden[2] = False  # a masked-out (padding) token says nothing
+    assert lidar_reaches_post(points, mask).tolist() == [False, True, True]
+    assert lidar_reaches_post(points, hidden).tolist() == [False, True, False]
+
+    heads = Heads(8, {"velocity": 2, "obstacles": SECTORS, "goal": 3})  # identity (de)normalisation
+    true_goal = torch.tensor([[3.0, 1.0, 0.0]]).repeat(4, 1)
+    pred_goal = true_goal + torch.tensor([[1.0, 0, 0], [2.0, 0, 0], [4.0, 0, 0], [8.0, 0, 0]])
+    has_goal = torch.tensor([True, True, True, False])
+    ok = torch.ones(4, dtype=torch.bool)
+    tgt = {"velocity": (torch.zeros(4, 2), ok), "obstacles": (torch.zeros(4, SECTORS), ok), "goal": (true_goal, has_goal)}
+    pred = {"velocity": torch.zeros(4, 2), "obstacles": torch.zeros(4, SECTORS), "goal": pred_goal}
+    errors = physical_errors(heads, pred, tgt, torch.tensor([True, False, True, True]))
+    assert errors["goal_two_observers_share"].tolist() == [1, 0, 1]  # over the samples with a goal
+    assert errors["goal_distance_two_observers_mae_m"].tolist() == [1, 4]
+    assert errors["goal_distance_camera_only_mae_m"].tolist() == [2]
+    assert errors["goal_bearing_two_observers_mae_deg"].shape == (2,)
+    assert "goal_two_observers_share" not in physical_errors(heads, pred, tgt)
 
 
 def test_running_means_weigh_each_sample_once_and_skip_what_no_sample_covers():
