@@ -13,14 +13,16 @@ from pathlib import Path
 
 QUANTITIES = {"head_error": "head error", "speed_mae_mps": "speed [m/s]", "yaw_rate_mae_radps": "yaw rate [rad/s]",
               "obstacle_mae_m": "obstacle [m]", "goal_distance_mae_m": "goal distance [m]",
-              "goal_bearing_mae_deg": "goal bearing [°]"}
+              "goal_bearing_mae_deg": "goal bearing [°]",
+              # the samples camera and lidar both observe the goal in (runs trained after the classes: "-" before)
+              "goal_distance_two_observers_mae_m": "goal distance, camera + lidar [m]",
+              "goal_bearing_two_observers_mae_deg": "goal bearing, camera + lidar [°]"}
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("runs", nargs="+", type=Path, help="training run folders (each with metrics.json)")
 parser.add_argument("--faults", nargs="+", default=["imu_drop", "imu_freeze", "imu_noise", "lidar_drop", "lidar_freeze",
                                                     "camera_drop", "camera_freeze"])
 args = parser.parse_args()
-
 
 
 def validation(run: Path) -> dict:
@@ -39,8 +41,8 @@ print("| run | condition | " + " | ".join(QUANTITIES.values()) + " |")
 print("|---|---|" + "---|" * len(QUANTITIES))
 for run, val in runs.items():
     clean = val["clean"]
-    print(f"| {run.name} | clean | " + " | ".join(f"{clean[k]:.3f}" for k in QUANTITIES) + " |")
+    print(f"| {run.name} | clean | " + " | ".join(f"{clean[k]:.3f}" if k in clean else "-" for k in QUANTITIES) + " |")
     for fault in args.faults:
         row = val[fault]
-        cells = [f"{100 * (row[k] / clean[k] - 1):+.0f} % ({row[k]:.3f})" for k in QUANTITIES]
+        cells = [f"{100 * (row[k] / clean[k] - 1):+.0f} % ({row[k]:.3f})" if k in clean else "-" for k in QUANTITIES]
         print(f"| {run.name} | {fault} | " + " | ".join(cells) + " |")
