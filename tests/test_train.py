@@ -148,6 +148,11 @@ def test_stops_and_extra_tasks_shape_training_episodes_only():
     # held-out episodes are the default tasks' and never stop, whatever the training data added
     assert episode_shards(tc, CFG, "test", 2) and [s.key for s in episode_shards(tc, CFG, "test", 2)] == [
         s.key for s in episode_shards(TINY, CFG, "test", 2)]
+    # ... and whatever the run's seed, which picks its training and validation episodes
+    seed2 = dataclasses.replace(TINY, seed=2)
+    assert [s.key for s in episode_shards(seed2, CFG, "test", 2)] == [s.key for s in episode_shards(TINY, CFG, "test", 2)]
+    for split in ("train", "val"):
+        assert episode_shards(seed2, CFG, split, 1)[0].key != episode_shards(TINY, CFG, split, 1)[0].key
     stops = dataclasses.replace(TINY, stop_share=0.25)
     assert episode_shards(TINY, CFG, "train", 1)[0].key == {  # without stops, the keys are as before
         k: v for k, v in episode_shards(stops, CFG, "train", 1)[0].key.items() if k != "stop_share"}
@@ -1006,6 +1011,17 @@ def test_eval_robustness_judges_a_new_run_beside_an_earlier_report(tmp_path, cac
         run_evaluation({"attention": runs["attention"]}, tmp_path / "other", [1.0], 1, cache, [], beside=report_file)
     with pytest.raises(ConfigError, match=r"already has runs named \['concat'\]"):
         run_evaluation({"concat": runs["attention"]}, tmp_path / "other", [0.25, 1.0], 1, cache, [], beside=report_file)
+    # a report from before the test set was every run's measured the episodes of its first run's seed
+    older = json.loads(report_file.read_text())
+    del older["test_seed"]
+    older["runs"] = {"concat#1": older["runs"]["concat"] | {"seed": 1}}
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    with pytest.raises(ConfigError, match="other held-out samples"):
+        run_evaluation({"attention": runs["attention"]}, tmp_path / "other", [0.25, 1.0], 1, cache, [],
+                       beside=tmp_path / "older.json")
+    older["runs"] = {"concat": older["runs"]["concat#1"] | {"seed": 0}}  # seed 0's episodes are today's
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    assert robustness.reusable_sweeps(older, 1, [0.25, 1.0]) and robustness.test_seed(older) == earlier["test_seed"]
     (tmp_path / "bad.json").write_text("{}")
     for bad in (tmp_path / "bad.json", tmp_path / "missing.json"):
         with pytest.raises(ConfigError, match="robustness.json"):

@@ -44,7 +44,10 @@ if TYPE_CHECKING:
 
 DATA_VERSION = "2"  # bump when what a shard holds changes: old cache entries are then ignored
 SECTORS = 16  # obstacle sectors (0 centred straight ahead): the ground truth's and the lidar target's
-SPLIT_SEEDS = {"train": 0, "val": 100_000, "test": 200_000}  # each split's first episode seed (+ seed * 1e6)
+# each split's first episode seed: training's and validation's + the run's seed * SEED_STRIDE, the test set's
+# the same for every run (reports before 2026-12-03 took it + the first run's seed * SEED_STRIDE too)
+SPLIT_SEEDS = {"train": 0, "val": 100_000, "test": 200_000}
+SEED_STRIDE = 1_000_000
 ONES = np.ones(4, np.float32)
 
 INPUT_KEYS = ("camera_patches", "camera_mask", "camera_age", "lidar_points", "lidar_mask", "lidar_age",
@@ -242,13 +245,14 @@ class Shard:
 
 def episode_shards(tc: TrainConfig, cfg: FusionConfig, split: str, count: int) -> list[Shard]:
     """The simulated episodes of a split ("train", "val", "test"): tasks alternating, seeds from
-    `SPLIT_SEEDS`. Training and validation episodes follow `tc.sim_tasks` and `tc.stop_share`; the
-    held-out test episodes are always the default tasks' without stops, so that every run's
-    evaluation sees the same samples whatever its training data added."""
+    `SPLIT_SEEDS`. Training and validation episodes follow `tc.sim_tasks`, `tc.stop_share` and the
+    run's seed; the held-out test episodes are always the default tasks' without stops, whatever the
+    run's seed, so that every run's evaluation sees the same samples whatever its training data added."""
     shards = []
     tasks, stop_share = (tc.sim_tasks, tc.stop_share) if split != "test" else (type(tc)().sim_tasks, 0.0)
+    first = SPLIT_SEEDS[split] + (tc.seed * SEED_STRIDE if split != "test" else 0)
     for k in range(count):
-        task, seed = tasks[k % len(tasks)], tc.seed * 1_000_000 + SPLIT_SEEDS[split] + k
+        task, seed = tasks[k % len(tasks)], first + k
         stops = {"stop_share": stop_share} if stop_share else {}  # the keys of episodes without stops predate it
         key = shard_key(cfg, tc.fusion_hz, f"sim-{task}", tc.trigger, seed=seed, seconds=tc.sim_seconds, **stops)
         make = functools.partial(sim_episode, task, seed, tc.sim_seconds, tc.fusion_hz, cfg, tc.trigger, stop_share)

@@ -32,7 +32,7 @@ from ..errors import CheckpointError, ConfigError
 from ..frames import MODALITIES
 from ..model import FusionModel
 from .augment import FAULTS
-from .data import Dataset, bag_set, held_out_set
+from .data import SEED_STRIDE, SPLIT_SEEDS, Dataset, bag_set, held_out_set
 from .evaluation import conditions, evaluate
 from .loop import STATE_FILE, TrainConfig, read_state
 from .objectives import Heads, build_heads, build_model
@@ -439,10 +439,20 @@ def state_digest(folder: Path) -> str:
     return hashlib.sha256((Path(folder) / STATE_FILE).read_bytes()).hexdigest()[:16]
 
 
+def test_seed(report: dict) -> int:
+    """The first held-out episode's seed a report measured on: before the test set was every run's, it
+    followed the seed of the report's first run (the one whose data settings the evaluation took)."""
+    if "test_seed" in report:
+        return report["test_seed"]
+    first = next(iter(report.get("runs", {}).values()), {})
+    return SPLIT_SEEDS["test"] + SEED_STRIDE * first.get("seed", 0)
+
+
 def reusable_sweeps(previous: dict, episodes: int, taus: list[float], trigger: str = "timer") -> dict[str, dict]:
     """{state digest: sweep} of a previous report measured on the same held-out episodes (sampled on the
     same trigger) and τ sweep."""
-    if (previous.get("test_episodes"), previous.get("taus"), previous.get("trigger", "timer")) != (episodes, taus, trigger):
+    if (previous.get("test_episodes"), test_seed(previous), previous.get("taus"), previous.get("trigger", "timer")) \
+            != (episodes, SPLIT_SEEDS["test"], taus, trigger):
         return {}
     return {info["state"]: previous["sim"][name] for name, info in previous.get("runs", {}).items() if "state" in info}
 
@@ -460,8 +470,8 @@ def read_report(path: Path) -> dict:
 
 def check_joinable(earlier: dict, header: dict, names, source: str) -> None:
     """An earlier report's runs can join this one only if it measured the same held-out samples and τ
-    sweep (`header`: test_samples, test_episodes, taus, trigger) and no name is in both."""
-    theirs = {k: earlier.get(k, "timer" if k == "trigger" else None) for k in header}
+    sweep (`header`: test_samples, test_episodes, test_seed, taus, trigger) and no name is in both."""
+    theirs = {k: earlier.get(k, "timer" if k == "trigger" else None) for k in header} | {"test_seed": test_seed(earlier)}
     if theirs != header:
         raise ConfigError(f"{source} measured other held-out samples or τ: {theirs}, this evaluation {header}")
     if clash := set(earlier["runs"]) & set(names):
@@ -485,7 +495,8 @@ def run_evaluation(run_dirs: dict[str, Path], out: Path, taus: list[float], epis
     data_tc = runs[0].tc  # every run sees the episodes, rate and trigger of the first run's data settings
     hz = data_tc.fusion_hz
     test_samples = len(held_out_set(data_tc, runs[0].cfg, cache, episodes))  # also makes the shards, once
-    header = {"test_samples": test_samples, "test_episodes": episodes, "taus": taus, "trigger": data_tc.trigger}
+    header = {"test_samples": test_samples, "test_episodes": episodes, "test_seed": SPLIT_SEEDS["test"], "taus": taus,
+              "trigger": data_tc.trigger}
     if earlier is not None:
         check_joinable(earlier, header, run_dirs, str(beside))
     previous = out / "robustness.json"
