@@ -341,11 +341,10 @@ def tables(report: dict) -> str:
             vals = [b[q] for b in best if q in b]
             cells.append(_fmt((float(np.mean(vals)), float(np.std(vals)), len(vals)), digits=digits[q]) if vals else "-")
         lines.append(_row([n, *cells]))
-    shares = {n: [sim[r]["1.0" if "1.0" in sim[r] else next(iter(sim[r]))]["clean"].get("goal_two_observers_share")
-                  for r in sim if group_of(r) == n] for n in names}
-    share = next((v for vals in shares.values() for v in vals if v is not None), None)
-    if share is not None:
-        lines += ["", f"Camera and lidar both observe the goal in {100 * share:.0f} % of the held-out samples that have one."]
+    shares = [rows["clean"]["goal_two_observers_share"] for by_tau in sim.values() for rows in by_tau.values()
+              if "goal_two_observers_share" in rows["clean"]]  # the held-out samples' own: any run's
+    if shares:
+        lines += ["", f"Camera and lidar both observe the goal in {100 * shares[0]:.0f} % of the held-out samples that have one."]
     if any("trust_auroc" in groups[design][c] for c in conds):
         lines += ["", f"### Trust (`{design}`)", "",
                   ("AUROC of the faulted sensor's trust, faulted against clean samples (1: every faulted sample below "
