@@ -538,8 +538,8 @@ class FusionModel(nn.Module):
 
     def run(self, x: dict[str, torch.Tensor], tau: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named inputs -> the outputs of `forward` by name, plus what training and evaluation look at:
-        trust_logits (B, 3), sensor_weights (B, 3), the cross-attention's token weights (B, H, M, N) and the
-        camera's tokens (B, N_c, D)."""
+        trust_logits (B, 3), sensor_weights (B, 3), the cross-attention's token weights (B, H, M, N), the
+        camera's tokens (B, N_c, D) and the lidar's (B, N_l, D)."""
         tokens, mask, evidence, scan = self.embed(x)  # (B, N, D), (B, N), (B, 3, E), (B, SCAN_MATCH_FEATURES) | None
         trust_logits, present, stale_logits, stale_valid = self.trust(tokens, mask, self.membership, evidence)  # (B, 3)
         log_trust = F.logsigmoid(trust_logits)  # -inf for an absent sensor
@@ -569,4 +569,5 @@ class FusionModel(nn.Module):
         return {"fused": latents.mean(dim=1), "latents": latents, "attention": attention,
                 "all_masked": ~mask.any(dim=1), "trust": log_trust.exp(), "trust_logits": trust_logits,
                 "sensor_weights": sensor_weights, "token_weights": weights, "camera_tokens": tokens[:, self.spans[0]],
+                "lidar_tokens": tokens[:, self.spans[1]],
                 **({"stale_logits": stale_logits, "stale_valid": stale_valid} if stale_logits is not None else {})}

@@ -50,7 +50,9 @@ from fusion_attn.learn.objectives import (
     fit_normalisation,
     fused_consistency,
     heads_path,
+    lidar_goal_loss,
     load_heads,
+    post_pillars,
     target_sizes,
     targets,
 )
@@ -600,6 +602,38 @@ def _moved_by_one_token(head, cfg: FusionConfig) -> torch.Tensor:
     return (head(moved) - head(tokens)).abs()
 
 
+def test_the_lidar_goal_objective_asks_for_the_posts_pillars_and_the_distance():
+    from fusion_attn.learn.objectives import LidarGoalPillars
+    from fusion_attn.sim.sensors import RETROREFLECTIVE_INTENSITY
+
+    heads = Heads(8, {"goal": 3})
+    heads.mean_goal.copy_(torch.tensor([3.0, 0.0, 0.0]))
+    heads.std_goal.copy_(torch.tensor([2.0, 1.0, 1.0]))
+    # three pillars of two points; sample 0's post returns in pillars 0 and 2, sample 1 has none
+    points = torch.zeros(2, 3, 2, len(LIDAR_FEATURES))
+    code = math.log1p(RETROREFLECTIVE_INTENSITY) / math.log(256.0)
+    points[0, 0, 1, LIDAR_INDEX["log_intensity"]] = code
+    points[0, 2, 0, LIDAR_INDEX["log_intensity"]] = code
+    points[1, :, :, LIDAR_INDEX["log_intensity"]] = math.log1p(200.0) / math.log(256.0)  # the brightest else
+    mask = torch.ones(2, 3, 2, dtype=torch.bool)
+    post = post_pillars(points, mask)
+    assert post.tolist() == [[True, False, True], [False, False, False]]
+    present = torch.tensor([[True, True, True], [True, True, False]])
+    distance, valid = torch.tensor([5.0, 1.0]), torch.tensor([True, True])
+    right = torch.zeros(2, 3, 2)
+    right[0, [0, 2], 0] = 20.0  # sure it is in one of the two
+    right[0, :, 1] = (5.0 - 3.0) / 2.0
+    even = math.log(2.0)  # the least cross-entropy against a target split over two pillars
+    assert lidar_goal_loss(right, post, present, distance, valid, heads).item() == pytest.approx(even, abs=1e-5)
+    far = right.clone()
+    far[0, 0, 1] += 0.5  # half the spread too far at one of the two pillars: half of 0.25
+    assert lidar_goal_loss(far, post, present, distance, valid, heads).item() == pytest.approx(even + 0.125, abs=1e-5)
+    assert lidar_goal_loss(right, post, present, distance, torch.tensor([False, True]), heads).item() == 0.0
+    # the reader asks the pillars only, not a scan-match token after them
+    reader = LidarGoalPillars(FusionConfig())
+    assert reader(torch.zeros(2, FusionConfig().lidar.tokens + 1, 64)).shape == (2, FusionConfig().lidar.tokens, 2)
+
+
 def test_the_camera_goal_objective_asks_for_the_goals_column_its_distance_and_place():
     cfg = FusionConfig()  # 8 columns of patches over the 360° rig: each 45°
     heads = Heads(8, {"goal": 3})
@@ -766,13 +800,14 @@ def test_camera_options_reach_the_model_and_the_recorded_command(tmp_path, cache
     out = tmp_path / "run"
     assert _train_cli(out, cache, "--steps", "2", "--camera-size", "32", "64", "--camera-shifts", "3", "--lidar-motion",
                       "--lidar-motion-token", "--consistency-weight", "0.5", "--camera-goal-weight", "0.5", "--camera-goal-head",
-                      "tokens", "--mirror", "--clip-grad-norm", "0.5") == 0
+                      "tokens", "--lidar-goal-weight", "0.5", "--mirror", "--clip-grad-norm", "0.5") == 0
     model = load_checkpoint(out / "model.safetensors")
     assert (model.cfg.camera.height, model.cfg.camera.width, model.cfg.model.camera_shifts) == (32, 64, 3)
     assert model.embed.camera_motion.in_features == 7 and model.cfg.model.lidar_motion and model.cfg.model.lidar_motion_token
     _, _, info = read_checkpoint(out / "model.safetensors")
     assert ("--camera-shifts 3 --lidar-motion --lidar-motion-token --camera-size 32 64 --consistency-weight 0.5 "
-            "--camera-goal-weight 0.5 --camera-goal-head tokens") in info["command"] and " --mirror " in info["command"]
+            "--camera-goal-weight 0.5 --camera-goal-head tokens --lidar-goal-weight 0.5") in info["command"] \
+        and " --mirror " in info["command"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train_config"]["mirror"] and metrics["data"]["train_samples"] == 2 * 60  # two 3 s episodes, mirrored
     assert metrics["train_config"]["clip_grad_norm"] == 0.5 and " --clip-grad-norm 0.5 " in info["command"]
@@ -781,8 +816,10 @@ def test_camera_options_reach_the_model_and_the_recorded_command(tmp_path, cache
     assert [e.step for e in logged.Scalars("train/grad_norm")] == [2] and logged.Scalars("train/grad_norm")[0].value > 0
     losses = metrics["final_train_losses_ema"]
     assert losses["consistency"] > 0 and losses["camera_goal"] > 0
-    head = torch.load(out / STATE_FILE, weights_only=True)["camera_goal"]  # CameraGoalTokens: 4 outputs per patch
+    state = torch.load(out / STATE_FILE, weights_only=True)
+    head = state["camera_goal"]  # CameraGoalTokens: 4 outputs per patch
     assert head["mlp.fc1.weight"].shape == (64, 64) and head["mlp.fc2.weight"].shape == (4, 64)
+    assert state["lidar_goal"]["mlp.fc2.weight"].shape == (2, 64) and "lidar_goal" in losses  # LidarGoalPillars
     assert _train_cli(tmp_path / "bad", cache, "--steps", "2", "--camera-size", "30", "64") == 2  # not patches of 16
     assert _train_cli(tmp_path / "stem", cache, "--steps", "2", "--camera-size", "32", "64", "--camera-patch", "8",
                       "--camera-stem", "4", "--camera-stem-cells", "8") == 0

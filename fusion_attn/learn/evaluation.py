@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -18,10 +17,9 @@ from ..config import FusionConfig
 from ..frames import MODALITIES
 from ..model import FusionModel, softmax_lipschitz
 from ..outputs import TRUST_THRESHOLD
-from ..tokenize import LIDAR_INDEX
 from .augment import FAULTS, FaultPlan, corrupt
 from .data import SECTORS, Dataset
-from .objectives import Heads, losses, predict
+from .objectives import Heads, losses, post_pillars, predict
 
 SUPERVISED = ("velocity", "obstacles", "goal")
 SELF_SUPERVISED = ("camera", "lidar", "imu", "imu_next")
@@ -233,17 +231,8 @@ def lidar_reaches_post(points: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     """(B,) whether each lidar frame's tokens (B, K, P, F) with mask (B, K, P) hold a return from the
     simulated goal post: the samples in which camera and lidar both observe the goal (the camera's
     rig sees the 2 m post in 97 % of samples, the lidar within its range and line of sight in 57 %:
-    docs/OBSERVABILITY.md). Only the post is retroreflective; any other surface returns at most 200."""
-    code = points[..., LIDAR_INDEX["log_intensity"]]
-    return ((code >= post_log_intensity() - 1e-3) & mask).flatten(1).any(1)  # 1e-3: the tokens' float16
-
-
-@functools.cache
-def post_log_intensity() -> float:
-    """The goal post's returns as the lidar tokens hold them (tokenize's log intensity scale)."""
-    from fusion_attn.sim.sensors import RETROREFLECTIVE_INTENSITY
-
-    return float(np.log1p(RETROREFLECTIVE_INTENSITY) / np.log(256.0))
+    docs/OBSERVABILITY.md)."""
+    return post_pillars(points, mask).any(1)
 
 
 def sectors_in_view(hfov_deg: float) -> list[int]:

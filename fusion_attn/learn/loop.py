@@ -32,6 +32,7 @@ from .evaluation import evaluate
 from .objectives import (
     CameraGoalColumns,
     CameraGoalTokens,
+    LidarGoalPillars,
     build_heads,
     build_model,
     camera_goal_loss,
@@ -40,8 +41,10 @@ from .objectives import (
     fit_normalisation,
     fused_consistency,
     heads_path,
+    lidar_goal_loss,
     load_heads,
     losses,
+    post_pillars,
     predict,
     save_heads,
     stale_loss,
@@ -85,6 +88,7 @@ class TrainConfig:
     consistency_weight: float = 0.0  # a faulted sample's fused state kept near its clean one (fused_consistency)
     camera_goal_weight: float = 0.0  # the goal read from the camera's tokens alone (simulated data)
     camera_goal_head: str = "columns"  # per 45° column (CameraGoalColumns) or per patch, at the post's top (CameraGoalTokens)
+    lidar_goal_weight: float = 0.0  # the goal read from the lidar's pillar tokens alone (LidarGoalPillars; simulated data)
     log_every: int = 25
     eval_every: int = 500
     save_every: int = 500
@@ -157,11 +161,12 @@ STATE_FILE = "train_state.pt"
 
 
 def save_state(path: Path, step: int, tc: TrainConfig, cfg: FusionConfig, model: nn.Module, heads: nn.Module,
-               opt: torch.optim.Optimizer, gen: torch.Generator, camera_goal: nn.Module | None = None) -> None:
+               opt: torch.optim.Optimizer, gen: torch.Generator, readers: dict[str, nn.Module] | None = None) -> None:
+    """readers: the training-only goal readers by name ("camera_goal", "lidar_goal"), saved beside the model."""
     state = {"step": step, "train_config": json.dumps(dataclasses.asdict(tc), sort_keys=True),
              "fusion_config": cfg.to_json(), "model": model.state_dict(), "heads": heads.state_dict(),
              "optimizer": opt.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-             **({"camera_goal": camera_goal.state_dict()} if camera_goal is not None else {})}
+             **{name: reader.state_dict() for name, reader in (readers or {}).items()}}
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save(state, tmp)
     tmp.replace(path)  # a crash while saving never leaves half a state behind
@@ -268,18 +273,24 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
             camera_goal_of = functools.partial(camera_goal_loss, image_x=rig.image_x, heads=heads)
         else:
             raise ConfigError(f"camera_goal_head must be 'columns' or 'tokens', got {tc.camera_goal_head!r}")
-        camera_goal = camera_goal.to(dev).train()
-        camera_goal.requires_grad_(not tc.train_only)
+    lidar_goal = None
+    if tc.lidar_goal_weight > 0:
+        if not isinstance(model, FusionModel):
+            raise ConfigError("--lidar-goal-weight reads the lidar's tokens of the attention fusion (--fusion attention)")
+        lidar_goal = LidarGoalPillars(cfg)
+    readers = {k: r.to(dev).train() for k, r in (("camera_goal", camera_goal), ("lidar_goal", lidar_goal)) if r is not None}
+    for reader in readers.values():
+        reader.requires_grad_(not tc.train_only)
     trained = [p for p in (*model.parameters(), *heads.parameters(),
-                           *(camera_goal.parameters() if camera_goal else ())) if p.requires_grad]
+                           *(q for r in readers.values() for q in r.parameters())) if p.requires_grad]
     opt = torch.optim.AdamW(trained, lr=tc.lr, weight_decay=tc.weight_decay)
     gen = torch.Generator().manual_seed(tc.seed)  # batches, faults, τ: the whole data stream
     step = 0
     if state is not None:
         model.load_state_dict(state["model"])
         heads.load_state_dict(state["heads"])
-        if camera_goal is not None:
-            camera_goal.load_state_dict(state["camera_goal"])
+        for name, reader in readers.items():
+            reader.load_state_dict(state[name])
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
@@ -323,6 +334,12 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
             sees = tgt["goal"][1] & x["camera_mask"].any(1).to(dev) & (plan.sensor != Modality.CAMERA).to(dev)
             parts["camera_goal"] = tc.camera_goal_weight * camera_goal_of(
                 camera_goal(fusion["camera_tokens"]), data["goal"][idx].to(dev), sees)
+        if lidar_goal is not None:  # the post's pillars from the clean sweep; judged only where the lidar is clean
+            post = post_pillars(data["lidar_points"][idx].float(), data["lidar_mask"][idx]).to(dev)
+            clean = tgt["goal"][1] & (plan.sensor != Modality.LIDAR).to(dev)
+            parts["lidar_goal"] = tc.lidar_goal_weight * lidar_goal_loss(
+                lidar_goal(fusion["lidar_tokens"]), post, x["lidar_mask"].any(-1).to(dev), data["goal"][idx, 0].to(dev),
+                clean, heads)
         loss = sum(parts.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -342,7 +359,7 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
         if step % tc.eval_every == 0 and step < tc.steps:
             _log_eval(writer, validate(), step)
         if step % tc.save_every == 0 or step == stop:
-            save_state(out / STATE_FILE, step, tc, cfg, model, heads, opt, gen, camera_goal)
+            save_state(out / STATE_FILE, step, tc, cfg, model, heads, opt, gen, readers)
         bar.update(1)
     bar.close()
     train_s = time.perf_counter() - t_train

@@ -10,6 +10,7 @@ them. `PooledFusion` is the baseline without attention, on the same embeddings a
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -279,6 +280,52 @@ def camera_goal_token_loss(pred: torch.Tensor, goal: torch.Tensor, valid: torch.
     err = (F.cross_entropy(flat[..., 0], token, reduction="none") + (at[:, 1] - dist).pow(2)
            + (at[:, 2:] - offsets).pow(2).sum(1))
     return (err * valid).sum() / valid.sum().clamp_min(1)
+
+
+def post_pillars(points: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, K) whether each pillar of the lidar tokens (B, K, P, F), mask (B, K, P), holds a return from
+    the simulated goal post: its only retroreflective surface (sim.sensors; any other returns at most 200)."""
+    code = points[..., LIDAR_INDEX["log_intensity"]]
+    return ((code >= post_log_intensity() - 1e-3) & mask).any(-1)  # 1e-3: the tokens' float16
+
+
+@functools.cache
+def post_log_intensity() -> float:
+    """The goal post's returns as the lidar tokens hold them (tokenize's log intensity scale)."""
+    from fusion_attn.sim.sensors import RETROREFLECTIVE_INTENSITY
+
+    return math.log1p(RETROREFLECTIVE_INTENSITY) / math.log(256.0)
+
+
+class LidarGoalPillars(nn.Module):
+    """Training only: the goal read from the lidar's pillar tokens alone. Each pillar says whether the
+    goal post's returns are in it (a logit, softmax over the sweep's pillars) and, at the post's
+    pillars, the goal's distance. Which pillars hold the post is in the sweep itself (`post_pillars`);
+    asking each pillar's token for it and for the range makes the lidar path carry the goal, which the
+    fusion otherwise read from the camera alone (docs/RESULTS.md: with the camera failed, the goal's
+    error rose most in the samples where the lidar reaches the post)."""
+
+    def __init__(self, cfg: FusionConfig):
+        super().__init__()
+        self.pillars = cfg.lidar.tokens
+        self.mlp = MLP(cfg.model.dim, cfg.model.dim, 2)
+
+    def forward(self, lidar_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N_l, D), the pillars first -> (B, K, 2): logit, standardised distance."""
+        return self.mlp(lidar_tokens[:, :self.pillars])
+
+
+def lidar_goal_loss(pred: torch.Tensor, post: torch.Tensor, present: torch.Tensor, distance: torch.Tensor,
+                    valid: torch.Tensor, heads: Heads) -> torch.Tensor:
+    """LidarGoalPillars' loss: cross-entropy of the pillars that hold the post (the target spread evenly
+    over them, the softmax over present pillars), and at them the squared error of the standardised
+    distance. post, present (B, K) bool; distance (B,) m; valid (B,): the lidar clean and a goal."""
+    valid = valid & post.any(1)
+    log_p = torch.where(present, F.log_softmax(pred[..., 0].masked_fill(~present, -torch.inf), dim=1), 0.0)
+    share = post.float() / post.sum(1, keepdim=True).clamp_min(1)
+    dist = (distance - heads.mean_goal[0]) / heads.std_goal[0]
+    err = -(share * log_p).sum(1) + (share * (pred[..., 1] - dist[:, None]).pow(2)).sum(1)
+    return torch.where(valid, err, 0.0).sum() / valid.sum().clamp_min(1)
 
 
 def fused_consistency(model: nn.Module, clean: dict[str, torch.Tensor], fused: torch.Tensor,
