@@ -12,7 +12,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 	robustness-stalefit robustness-stillfit robustness-data4x robustness-stem \
 	robustness-camgoal robustness-mirror robustness-data8x robustness-data4x-clip \
 	robustness-data4x-clip-3k robustness-data4x-clip-pixel robustness-data4x-clip-stem \
-	robustness-data4x-clip-stem-camgoal robustness-stem-camgoal
+	robustness-data4x-clip-stem-camgoal robustness-stem-camgoal robustness-stem-lidgoal
 
 # The main job on the embedded default: CPU, ONNX Runtime, no robot, the packaged default model:
 # replay a recording as the node would fuse it; fused-state bag, summary and plots in $(OUT).
@@ -290,6 +290,12 @@ robustness-stem-camgoal: $(STAMP) runs/default_data4x_clip_stem_camgoal-s0/train
 		'data4x_clip_stem_camgoal#1=runs/default_data4x_clip_stem_camgoal-s1' \
 		'data4x_clip_stem_camgoal#2=runs/default_data4x_clip_stem_camgoal-s2' concat=runs/concat_data4x-s0 \
 		-o docs/results/stem_camgoal --episodes 12 --jobs 2 --reuse \
+		--bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
+
+# ... and with the lidar's own goal objective too, beside that report
+robustness-stem-lidgoal: $(STAMP) runs/default_data4x_clip_stem_lidgoal-s0/train_state.pt
+	$(VENV)/bin/fusion-attn eval-robustness data4x_clip_stem_lidgoal=runs/default_data4x_clip_stem_lidgoal-s0 \
+		--beside docs/results/stem_camgoal/robustness.json -o docs/results/stem_lidgoal --episodes 12 --jobs 2 --reuse \
 		--bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
 
 # the camera stem's three seeds beside the default's recipe and concat (seed 0 each), held out
