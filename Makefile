@@ -292,9 +292,11 @@ robustness-stem-camgoal: $(STAMP) runs/default_data4x_clip_stem_camgoal-s0/train
 		-o docs/results/stem_camgoal --episodes 12 --jobs 2 --reuse \
 		--bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
 
-# ... and with the lidar's own goal objective too, beside that report
-robustness-stem-lidgoal: $(STAMP) runs/default_data4x_clip_stem_lidgoal-s0/train_state.pt
+# ... and with the lidar's own goal objective too (two seeds), beside that report
+robustness-stem-lidgoal: $(STAMP) runs/default_data4x_clip_stem_lidgoal-s0/train_state.pt \
+		runs/default_data4x_clip_stem_lidgoal-s1/train_state.pt
 	$(VENV)/bin/fusion-attn eval-robustness data4x_clip_stem_lidgoal=runs/default_data4x_clip_stem_lidgoal-s0 \
+		'data4x_clip_stem_lidgoal#1=runs/default_data4x_clip_stem_lidgoal-s1' \
 		--beside docs/results/stem_camgoal/robustness.json -o docs/results/stem_lidgoal --episodes 12 --jobs 2 --reuse \
 		--bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
 
