@@ -84,15 +84,15 @@ runs/default_data4x_clip_stem-s%/train_state.pt: | $(STAMP)
 runs/default_data4x_clip_stem_camgoal-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/default_data4x_clip_stem_camgoal-s$* --seed $* --trust-floor 0.01 --floor-at-run-time \
 		--sim-episodes 192 --clip-grad-norm 1 --camera-stem 32 --camera-goal-weight 1 --eval-every 2000
-# ... and the lidar's own goal objective too: each pillar token says whether the post is in it, and its distance
-runs/default_data4x_clip_stem_lidgoal-s%/train_state.pt: | $(STAMP)
-	$(TRAIN) -o runs/default_data4x_clip_stem_lidgoal-s$* --seed $* --trust-floor 0.01 --floor-at-run-time \
-		--sim-episodes 192 --clip-grad-norm 1 --camera-stem 32 --camera-goal-weight 1 --lidar-goal-weight 1 \
-		--eval-every 2000
 # ... with that objective asked per patch, at the post's top edge (--camera-goal-head tokens)
 runs/default_data4x_clip_stem_camtok-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/default_data4x_clip_stem_camtok-s$* --seed $* --trust-floor 0.01 --floor-at-run-time \
 		--sim-episodes 192 --clip-grad-norm 1 --camera-stem 32 --camera-goal-weight 1 --camera-goal-head tokens \
+		--eval-every 2000
+# ... the stem with the camera's goal objective (columns) and the lidar's own: each pillar says if the post is in it
+runs/default_data4x_clip_stem_lidgoal-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/default_data4x_clip_stem_lidgoal-s$* --seed $* --trust-floor 0.01 --floor-at-run-time \
+		--sim-episodes 192 --clip-grad-norm 1 --camera-stem 32 --camera-goal-weight 1 --lidar-goal-weight 1 \
 		--eval-every 2000
 # ... trained 3,000 steps, about what the issue's 30 min on one core allow: does the camera path read the goal better?
 runs/default_data4x_clip_3k-s%/train_state.pt: | $(STAMP)
