@@ -30,7 +30,14 @@ from torch import nn
 from .config import CameraTokens, FusionConfig, ImuTokens, LidarTokens
 from .frames import NS_PER_S, CameraFrame
 from .model import FusionModel
-from .tokenize import IMAGENET_MEAN, IMAGENET_STD, LIDAR_INDEX, OUTPUT_NAMES, SensorSnapshot
+from .tokenize import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LIDAR_INDEX,
+    LOG_INTENSITY_SCALE,
+    OUTPUT_NAMES,
+    SensorSnapshot,
+)
 
 # Default padding sizes: a cloud or IMU window takes the smallest bucket that holds it (one graph each).
 POINT_BUCKETS = tuple(2**k for k in range(10, 19))  # 1,024 .. 262,144 points
@@ -161,7 +168,7 @@ def lidar_tokens(points: torch.Tensor, count: torch.Tensor, cfg: LidarTokens) ->
         "x": gx / cfg.range_m,
         "y": gy / cfg.range_m,
         "z": gz / cfg.z_max_m,
-        "log_intensity": torch.log1p(gi.clamp_min(0.0)) / float(np.log(256.0)),
+        "log_intensity": torch.log1p(gi.clamp_min(0.0)) / float(LOG_INTENSITY_SCALE),
         "range": torch.sqrt(gx * gx + gy * gy) / cfg.range_m,
         "dx": (gx - centre_x.unsqueeze(-1)) * per_m,
         "dy": (gy - centre_y.unsqueeze(-1)) * per_m,

@@ -24,6 +24,7 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 # from the cell's centre, dz in metres from the points' mean height) and the pillar's log point count.
 LIDAR_FEATURES = ("x", "y", "z", "log_intensity", "range", "dx", "dy", "dz", "log_count")
 LIDAR_INDEX = {name: i for i, name in enumerate(LIDAR_FEATURES)}  # feature name -> index
+LOG_INTENSITY_SCALE = np.log(256.0)  # log_intensity = log1p(intensity) / this: 0..255 and 0..1 intensities alike
 
 # What each resampled IMU sample carries (accel in g, gyro in half turns per second); a chunk is
 # samples_per_chunk such samples, then its mean sample spacing (IMU_DT) and sample count (IMU_COUNT).
@@ -173,7 +174,7 @@ def tokenize_lidar(frame: LidarFrame, cfg: LidarTokens) -> tuple[np.ndarray, np.
         "x": gx / cfg.range_m,
         "y": gy / cfg.range_m,
         "z": gz / cfg.z_max_m,
-        "log_intensity": np.log1p(np.maximum(gi, 0.0)) / np.log(256.0),  # 0..255 and 0..1 intensities alike
+        "log_intensity": np.log1p(np.maximum(gi, 0.0)) / LOG_INTENSITY_SCALE,
         "range": np.hypot(gx, gy) / cfg.range_m,
         "dx": (gx - centre_x[:, None].astype(np.float32)) * per_m,
         "dy": (gy - centre_y[:, None].astype(np.float32)) * per_m,

@@ -1058,7 +1058,7 @@ def test_eval_robustness_judges_a_new_run_beside_an_earlier_report(tmp_path, cac
                        beside=tmp_path / "older.json")
     older["runs"] = {"concat": older["runs"]["concat#1"] | {"seed": 0}}  # seed 0's episodes are today's
     (tmp_path / "older.json").write_text(json.dumps(older))
-    assert robustness.reusable_sweeps(older, 1, [0.25, 1.0]) and robustness.test_seed(older) == earlier["test_seed"]
+    assert robustness.reusable_sweeps(older, 1, [0.25, 1.0]) and robustness.held_out_seed(older) == earlier["test_seed"]
     (tmp_path / "bad.json").write_text("{}")
     for bad in (tmp_path / "bad.json", tmp_path / "missing.json"):
         with pytest.raises(ConfigError, match="robustness.json"):

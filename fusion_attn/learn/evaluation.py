@@ -60,6 +60,7 @@ def evaluate(model: nn.Module, heads: Heads, data: Dataset, cfg: FusionConfig, f
     t = data.tensors()
     labelled = bool(data.arrays["labelled"].any())
     attends = isinstance(model, FusionModel)
+    two_observers = lidar_reaches_post(t["lidar_points"], t["lidar_mask"])  # per sample, from its clean sweep
     report, clean_trust = {}, None
     for name, sensor, fault in conditions():
         gen = torch.Generator().manual_seed(seed)
@@ -76,8 +77,7 @@ def evaluate(model: nn.Module, heads: Heads, data: Dataset, cfg: FusionConfig, f
             m["ssl_loss"] = sum(loss[k] for k in SELF_SUPERVISED) / len(SELF_SUPERVISED)
             if labelled:
                 m["head_error"] = sum(loss[k] for k in SUPERVISED) / len(SUPERVISED)
-                two = lidar_reaches_post(t["lidar_points"][idx], t["lidar_mask"][idx])
-                m.update(physical_errors(heads, pred, tgt, two.to(tgt["goal"][1].device)))
+                m.update(physical_errors(heads, pred, tgt, two_observers[idx].to(tgt["goal"][1].device)))
             if fusion:
                 trust = fusion["trust"].cpu()
                 trust = torch.where(fusion["trust_logits"].isfinite().cpu(), trust, torch.nan)  # nan: absent

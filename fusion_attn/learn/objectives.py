@@ -25,7 +25,7 @@ from ..config import FusionConfig
 from ..errors import CheckpointError, ConfigError
 from ..frames import Modality
 from ..model import MLP, FusionModel, SensorEmbedding
-from ..tokenize import IMU_AXES, LIDAR_INDEX, imu_samples
+from ..tokenize import IMU_AXES, LIDAR_INDEX, LOG_INTENSITY_SCALE, imu_samples
 from .augment import FAULTS, FaultPlan, gather
 from .data import SECTORS
 
@@ -294,7 +294,7 @@ def post_log_intensity() -> float:
     """The goal post's returns as the lidar tokens hold them (tokenize's log intensity scale)."""
     from fusion_attn.sim.sensors import RETROREFLECTIVE_INTENSITY
 
-    return math.log1p(RETROREFLECTIVE_INTENSITY) / math.log(256.0)
+    return float(math.log1p(RETROREFLECTIVE_INTENSITY) / LOG_INTENSITY_SCALE)
 
 
 class LidarGoalPillars(nn.Module):

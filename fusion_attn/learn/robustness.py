@@ -438,7 +438,7 @@ def state_digest(folder: Path) -> str:
     return hashlib.sha256((Path(folder) / STATE_FILE).read_bytes()).hexdigest()[:16]
 
 
-def test_seed(report: dict) -> int:
+def held_out_seed(report: dict) -> int:
     """The first held-out episode's seed a report measured on: before the test set was every run's, it
     followed the seed of the report's first run (the one whose data settings the evaluation took)."""
     if "test_seed" in report:
@@ -450,7 +450,7 @@ def test_seed(report: dict) -> int:
 def reusable_sweeps(previous: dict, episodes: int, taus: list[float], trigger: str = "timer") -> dict[str, dict]:
     """{state digest: sweep} of a previous report measured on the same held-out episodes (sampled on the
     same trigger) and τ sweep."""
-    if (previous.get("test_episodes"), test_seed(previous), previous.get("taus"), previous.get("trigger", "timer")) \
+    if (previous.get("test_episodes"), held_out_seed(previous), previous.get("taus"), previous.get("trigger", "timer")) \
             != (episodes, SPLIT_SEEDS["test"], taus, trigger):
         return {}
     return {info["state"]: previous["sim"][name] for name, info in previous.get("runs", {}).items() if "state" in info}
@@ -470,7 +470,7 @@ def read_report(path: Path) -> dict:
 def check_joinable(earlier: dict, header: dict, names, source: str) -> None:
     """An earlier report's runs can join this one only if it measured the same held-out samples and τ
     sweep (`header`: test_samples, test_episodes, test_seed, taus, trigger) and no name is in both."""
-    theirs = {k: earlier.get(k, "timer" if k == "trigger" else None) for k in header} | {"test_seed": test_seed(earlier)}
+    theirs = {k: earlier.get(k, "timer" if k == "trigger" else None) for k in header} | {"test_seed": held_out_seed(earlier)}
     if theirs != header:
         raise ConfigError(f"{source} measured other held-out samples or τ: {theirs}, this evaluation {header}")
     if clash := set(earlier["runs"]) & set(names):
