@@ -124,6 +124,11 @@ class ModelConfig:
     # at finding the goal post, docs/RESULTS.md)
     camera_stem: int = field(default=0, metadata=ADDED_LATER)
     camera_stem_cells: int = field(default=4, metadata=ADDED_LATER)
+    # self-attention blocks along each column of camera patches (its rows, top to bottom) after the patch
+    # embedding: a patch learns what stands above and below it (where an upright object's top is against
+    # the horizon: its range on flat ground), which no patch shows alone and the fusion tokens' weighted
+    # sums read poorly (docs/RESULTS.md); 0: none
+    camera_column_blocks: int = field(default=0, metadata=ADDED_LATER)
 
 
 @dataclass(frozen=True)
@@ -143,8 +148,10 @@ class FusionConfig:
         for name, value in sizes.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-        if not isinstance(m.latent_blocks, int) or m.latent_blocks < 0:
-            raise ConfigError(f"model.latent_blocks must be an integer >= 0, got {m.latent_blocks!r}")
+        for name in ("latent_blocks", "camera_column_blocks"):
+            value = getattr(m, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"model.{name} must be an integer >= 0, got {value!r}")
         if m.fusion not in ("sensor", "token"):
             raise ConfigError(f"model.fusion must be 'sensor' or 'token', got {m.fusion!r}")
         if c.height % c.patch or c.width % c.patch:

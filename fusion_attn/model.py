@@ -277,8 +277,9 @@ class SensorEmbedding(nn.Module):
         self.camera_change = nn.Linear(cfg.camera.features, d, bias=False)
         shifts = cfg.model.camera_shifts
         self.camera_motion = nn.Linear(2 * shifts + 1, d, bias=False) if shifts else None
-        self.register_buffer("camera_pos", sincos_2d(cfg.camera.height // cfg.camera.patch,
-                                                     cfg.camera.width // cfg.camera.patch, d), persistent=False)
+        self.camera_grid = (cfg.camera.height // cfg.camera.patch, cfg.camera.width // cfg.camera.patch)  # rows, cols
+        self.register_buffer("camera_pos", sincos_2d(*self.camera_grid, d), persistent=False)
+        self.camera_columns = nn.ModuleList(SelfAttentionBlock(cfg.model) for _ in range(cfg.model.camera_column_blocks))
         self.lidar = MLP(cfg.lidar.features, d, d)  # shared per-point MLP + masked max: a small PointNet
         self.lidar_change = nn.Linear(d, d, bias=False)
         self.lidar_motion = nn.Linear(SCAN_MATCH_FEATURES, d, bias=False) if cfg.model.lidar_motion else None
@@ -299,6 +300,17 @@ class SensorEmbedding(nn.Module):
         mask = point_mask.any(dim=-1)
         return torch.where(mask.unsqueeze(-1), per_point.amax(dim=2), 0.0), mask
 
+    def along_columns(self, cam: torch.Tensor) -> torch.Tensor:
+        """Camera tokens (B, rows * cols, D) in (row, col) order through the column blocks, each column's
+        rows a sequence of their own (model.camera_column_blocks; none: as they are)."""
+        if not self.camera_columns:
+            return cam
+        (rows, cols), D = self.camera_grid, cam.shape[-1]
+        x = cam.reshape(-1, rows, cols, D).transpose(1, 2).reshape(-1, rows, D)  # (B * cols, rows, D)
+        for block in self.camera_columns:
+            x = block(x)
+        return x.reshape(-1, cols, rows, D).transpose(1, 2).reshape(cam.shape)
+
     def forward(self, x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """-> tokens (B, N, D), mask (B, N), evidence (B, 3, E) and the scan match (B, SCAN_MATCH_FEATURES)
         with model.lidar_motion, else None."""
@@ -310,7 +322,7 @@ class SensorEmbedding(nn.Module):
         if self.camera_motion is not None:
             since_prev = since_prev + self.camera_motion(column_shift_match(
                 x["camera_patches"], x["camera_prev_patches"], self.cfg.camera, self.cfg.model.camera_shifts))
-        cam = self.camera(x["camera_patches"]) + self.camera_pos + torch.where(
+        cam = self.along_columns(self.camera(x["camera_patches"]) + self.camera_pos) + torch.where(
             cam_prev.unsqueeze(-1), since_prev, self.no_previous[0])
         # lidar (B, N_l, D): pillars, plus the change of the sweep's descriptor (masked max over pillars)
         lidar, lidar_mask = self.pillars(x["lidar_points"], x["lidar_mask"])
@@ -468,7 +480,7 @@ class CrossAttention(nn.Module):
 
 
 class SelfAttentionBlock(nn.Module):
-    """Pre-norm transformer block over the fusion tokens."""
+    """Pre-norm transformer block over a sequence of tokens (the fusion tokens; a column of camera patches)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -156,7 +156,7 @@ def test_per_modality_tau_moves_attention(fusion):
 @pytest.mark.parametrize("fusion", FUSIONS)
 @pytest.mark.parametrize("options", [{}, {"qk_norm": True}, {"learned_head_temperature": True},
                                      {"qk_norm": True, "learned_head_temperature": True, "latent_blocks": 2}, {"camera_shifts": 6}, {"camera_stem": 8},
-                                     {"camera_stem": 4, "camera_stem_cells": 16},
+                                     {"camera_stem": 4, "camera_stem_cells": 16}, {"camera_column_blocks": 2},
                                      {"lidar_motion": True}, {"lidar_motion": True, "lidar_motion_token": True},
                                      {"lidar_motion": True, "lidar_motion_direct": True}, {"imu_direct": True}])
 def test_gradients_are_finite_for_every_variant(options, fusion):
@@ -207,6 +207,24 @@ def test_the_patch_stem_is_two_strided_convolutions_over_the_image(cells):
         FusionConfig(camera=CameraTokens(patch=6, height=96, width=126), model=ModelConfig(camera_stem=4))
     with pytest.raises(ConfigError, match="camera_stem_cells"):
         FusionConfig(model=ModelConfig(camera_stem=4, camera_stem_cells=0))
+
+
+def test_column_blocks_mix_each_column_of_camera_patches_alone():
+    torch.manual_seed(0)
+    cfg = FusionConfig(model=ModelConfig(camera_stem=8, camera_column_blocks=1))
+    embed = FusionModel(cfg).embed
+    rows, cols = cfg.camera.height // cfg.camera.patch, cfg.camera.width // cfg.camera.patch
+    patches = torch.randn(2, rows * cols, cfg.camera.features)
+    moved = patches.clone()
+    moved[1, 2 * cols + 3] += 1.0  # row 2, column 3 of the second image
+    a, b = (embed.along_columns(embed.camera(p) + embed.camera_pos) for p in (patches, moved))
+    changed = ((a - b).abs().amax(-1) > 1e-6).view(2, rows, cols)
+    assert not changed[0].any()
+    assert changed[1, :, 3].all() and not changed[1, :, [c for c in range(cols) if c != 3]].any()
+    plain = FusionModel(FusionConfig(model=ModelConfig(camera_stem=8))).embed
+    assert plain.along_columns(a) is a  # no blocks: the tokens as they are
+    with pytest.raises(ConfigError, match="camera_column_blocks"):
+        FusionConfig(model=ModelConfig(camera_column_blocks=-1))
 
 
 def test_lipschitz_matches_autograd_jacobian():

@@ -32,6 +32,7 @@ from fusion_attn.learn.data import (
     decode_camera,
     encode_sample,
     episode_shards,
+    goal_at_frames,
     mirror_sequence,
     random_drive,
     sim_episode,
@@ -70,6 +71,7 @@ from fusion_attn.tokenize import (
     LIDAR_INDEX,
     SensorSnapshot,
     Tokenizer,
+    denormalise_pixels,
     imu_samples,
 )
 
@@ -504,6 +506,47 @@ def test_faults_reach_the_previous_frames_and_the_trust_labels(data):
             assert plan.content_faulted()[:, m].all() == (fault in ("zero", "noise", "freeze", "partial"))
 
 
+def test_goal_at_frames_interpolates_between_the_samples_around_each_stamp():
+    # a robot turning left at 1 rad/s about a goal 2 m away: its bearing falls by 0.1 rad per 0.1 s sample
+    n = 6
+    stamp_ns = np.arange(n, dtype=np.int64) * 100_000_000
+    part = {"stamp_ns": stamp_ns, "labelled": np.ones(n, bool),
+            "goal": np.stack([np.full(n, 2.0), 0.5 - 0.1 * np.arange(n)], -1).astype(np.float32),
+            "camera_mask": np.ones((n, 4), bool), "camera_age": np.full((n, 4), 0.05, np.float32)}
+    part["camera_mask"][3] = False  # no frame
+    part["labelled"][5] = False  # nothing after sample 4 to bracket sample 5's frame
+    at = goal_at_frames(part, "camera")
+    assert np.isnan(at[[0, 3, 5]]).all()  # the first frame precedes every label
+    np.testing.assert_allclose(at[[1, 2, 4], 0], 2.0 * np.cos(0.05), rtol=1e-6)  # halfway along the chord
+    np.testing.assert_allclose(at[[1, 2, 4], 1], [0.45, 0.35, 0.15], atol=1e-5)
+    part["goal"][2] = np.nan  # a goal missing: the frame it would bracket (sample 2's, at 0.15 s) gets none
+    at = goal_at_frames(part, "camera")
+    assert np.isnan(at[2]).all() and np.isfinite(at[[1, 4]]).all()
+
+
+def test_the_camera_sees_the_goal_where_goal_at_camera_says(data):
+    """In the simulated camera's own frames, the green post stands at the bearing of the goal at the
+    frame's stamp, not at the fusion instant's (the frame is a period older and the robot turns)."""
+    a = data.arrays
+    assert (a["camera_age"][a["camera_mask"]] > 0.05).all()  # the frames are older than the instant
+    keep = np.flatnonzero(np.isfinite(a["goal_at_camera"]).all(-1) & np.isfinite(a["goal"]).all(-1)
+                          & (np.abs(a["velocity"][:, 1]) > 0.3))  # turning
+    assert len(keep) > 5
+    patches = decode_camera(torch.from_numpy(a["camera_u8"][keep]), torch.from_numpy(a["camera_mask"][keep])).numpy()
+    c = CFG.camera
+    image = patches.reshape(len(keep), c.height // c.patch, c.width // c.patch, c.patch, c.patch, 3).transpose(0, 1, 3, 2, 4, 5)
+    image = denormalise_pixels(image.reshape(len(keep), c.height, c.width, 3))
+    green = np.clip(image[..., 1] - np.maximum(image[..., 0], image[..., 2]), 0, None)[:, : c.height // 2].sum(1)
+    seen = (green.argmax(1) + 0.5) / c.width  # the post's column, as a share of the panorama's width
+
+    def off(goal):
+        d = np.abs(seen - SensorConfig().image_x(goal[keep, 1]))
+        return np.minimum(d, 1 - d)
+
+    assert off(a["goal_at_camera"]).mean() < 0.5 * off(a["goal"]).mean()
+    assert off(a["goal_at_camera"]).mean() < 1.5 / c.width  # about a pixel
+
+
 def test_previous_frames_follow_the_dataset_links(data):
     t = data.tensors()
     a = data.arrays
@@ -822,10 +865,11 @@ def test_camera_options_reach_the_model_and_the_recorded_command(tmp_path, cache
     assert state["lidar_goal"]["mlp.fc2.weight"].shape == (2, 64) and "lidar_goal" in losses  # LidarGoalPillars
     assert _train_cli(tmp_path / "bad", cache, "--steps", "2", "--camera-size", "30", "64") == 2  # not patches of 16
     assert _train_cli(tmp_path / "stem", cache, "--steps", "2", "--camera-size", "32", "64", "--camera-patch", "8",
-                      "--camera-stem", "4", "--camera-stem-cells", "8") == 0
+                      "--camera-stem", "4", "--camera-stem-cells", "8", "--camera-column-blocks", "1") == 0
     model = load_checkpoint(tmp_path / "stem" / "model.safetensors")
     assert (model.cfg.camera.patch, model.cfg.camera.tokens, model.cfg.model.camera_stem) == (8, 32, 4)
     assert model.cfg.model.camera_stem_cells == 8 and model.embed.camera.cells.in_features == 3  # a layer per pixel
+    assert model.cfg.model.camera_column_blocks == 1 and len(model.embed.camera_columns) == 1
     _, _, info = read_checkpoint(tmp_path / "stem" / "model.safetensors")
     assert "--camera-size 32 64 --camera-patch 8 --camera-stem 4 --camera-stem-cells 8" in info["command"]
     assert _train_cli(tmp_path / "bad", cache, "--steps", "2", "--camera-patch", "2", "--camera-stem", "4") == 2  # cells of half a pixel

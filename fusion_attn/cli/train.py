@@ -76,6 +76,9 @@ def add_parser(verbs):
     train.add_argument("--camera-stem-cells", type=int, metavar="K",
                        help="with --camera-stem: the grid's cells per patch side (default 4; the patch's side in "
                             "pixels: a per-pixel layer first)")
+    train.add_argument("--camera-column-blocks", type=int, metavar="N",
+                       help="self-attention blocks along each column of camera patches after the embedding, so a "
+                            "patch sees what stands above and below it (default 0: none)")
     train.add_argument("--fault-weights", type=float, nargs=3, metavar=("CAMERA", "LIDAR", "IMU"),
                        help="which sensor a training sample's fault hits, in proportion (default 1 1 1; 60 %% of "
                             "samples get one); e.g. 1 1 2 for twice the IMU faults")
@@ -143,7 +146,7 @@ def run(args) -> int:
     from ..learn.loop import TrainConfig, train
 
     fields = ("seed", "steps", "batch", "lr", "clip_grad_norm", "sim_episodes", "val_episodes", "sim_seconds", "sim_tasks", "stop_share", "mirror", "trigger", "bags", "fusion",
-              "tau_random_prob", "sensor_fusion", "trust_floor", "floor_in_training", "camera_shifts", "lidar_motion", "lidar_motion_token", "lidar_motion_direct", "imu_direct", "stale_evidence", "camera_size", "camera_patch", "camera_stem", "camera_stem_cells", "fault_weights", "objective_weights", "trust_weight", "avoid_weight", "consistency_weight", "camera_goal_weight", "camera_goal_head", "lidar_goal_weight", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature", "init_from", "train_only")
+              "tau_random_prob", "sensor_fusion", "trust_floor", "floor_in_training", "camera_shifts", "lidar_motion", "lidar_motion_token", "lidar_motion_direct", "imu_direct", "stale_evidence", "camera_size", "camera_patch", "camera_stem", "camera_stem_cells", "camera_column_blocks", "fault_weights", "objective_weights", "trust_weight", "avoid_weight", "consistency_weight", "camera_goal_weight", "camera_goal_head", "lidar_goal_weight", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature", "init_from", "train_only")
     given = {k: getattr(args, k) for k in fields if hasattr(args, k)}
     if "bags" in given:
         given["bags"] = tuple(str(b) for b in given["bags"])

@@ -293,12 +293,34 @@ def _frame_stamps(part: dict[str, np.ndarray], name: str) -> tuple[np.ndarray, n
     return part["stamp_ns"] / NS_PER_S - part[f"{name}_age"][:, 0].astype(np.float64), mask
 
 
+def goal_at_frames(part: dict[str, np.ndarray], name: str) -> np.ndarray:
+    """(N, 2) per sample of one sequence: the goal (distance, bearing) as the sensor's frame saw it, at
+    that frame's stamp rather than at the fusion instant (a camera frame is up to a period older, and
+    the robot turns meanwhile): interpolated in the robot's plane between the two consecutive labelled
+    samples around the stamp; nan where none bracket it or there is no frame or goal."""
+    out = np.full((len(part["labelled"]), 2), np.nan, np.float32)
+    frame_s, present = _frame_stamps(part, name)
+    goal = part["goal"].astype(np.float64)
+    known = np.flatnonzero(part["labelled"] & np.isfinite(goal).all(-1))
+    if len(known) < 2:
+        return out
+    t = part["stamp_ns"][known] / NS_PER_S
+    xy = goal[known, :1] * np.stack([np.cos(goal[known, 1]), np.sin(goal[known, 1])], -1)  # (K, 2) in the robot's frame
+    j = np.clip(np.searchsorted(t, frame_s, side="right") - 1, 0, len(t) - 2)
+    w = (frame_s - t[j]) / (t[j + 1] - t[j])
+    ok = present & (w >= 0.0) & (w <= 1.0) & (known[j + 1] == known[j] + 1)
+    at = xy[j] + w[:, None] * (xy[j + 1] - xy[j])
+    out[ok] = np.stack([np.hypot(at[:, 0], at[:, 1]), np.arctan2(at[:, 1], at[:, 0])], -1)[ok]
+    return out
+
+
 @dataclass
 class Dataset:
     """Samples of many sequences (episodes, bags) in flat arrays; `seq_start`/`next` link each sample to
     its sequence's first and its successor (-1 at the end), for frozen/delayed faults and the next IMU;
     `camera_prev`/`lidar_prev` to the sample holding that sensor's previous frame (-1: none) and
-    `camera_frame_s`/`lidar_frame_s` give each sample's frame stamp, for the model's temporal inputs."""
+    `camera_frame_s`/`lidar_frame_s` give each sample's frame stamp, for the model's temporal inputs;
+    `goal_at_camera`/`goal_at_lidar` the goal at that stamp, for the objectives that ask one sensor alone."""
 
     arrays: dict[str, np.ndarray]
     source: np.ndarray  # (N,) 0 simulated, 1 bag
@@ -313,7 +335,7 @@ class Dataset:
         arrays = {k: np.concatenate([p[k] for p, _ in parts]) for k in parts[0][0]}
         max_gap = dict(zip(("camera", "lidar"), SyncConfig().max_age_s))
         starts, nxt, source, offset = [], [], [], 0
-        linked: dict[str, list[np.ndarray]] = {k: [] for k in ("camera_prev", "lidar_prev", "camera_frame_s", "lidar_frame_s")}
+        linked: dict[str, list[np.ndarray]] = {k: [] for n in ("camera", "lidar") for k in (f"{n}_prev", f"{n}_frame_s", f"goal_at_{n}")}
         for p, src in parts:
             n = len(p["labelled"])
             starts.append(np.full(n, offset))
@@ -324,6 +346,7 @@ class Dataset:
                 prev = previous_frames(frame_s, present, max_gap[name])
                 linked[f"{name}_prev"].append(np.where(prev >= 0, prev + offset, -1))
                 linked[f"{name}_frame_s"].append(frame_s - (p["stamp_ns"][0] / NS_PER_S if n else 0.0))
+                linked[f"goal_at_{name}"].append(goal_at_frames(p, name))
             offset += n
         arrays["seq_start"], arrays["next"] = np.concatenate(starts), np.concatenate(nxt)
         arrays.update({k: np.concatenate(v) for k, v in linked.items()})

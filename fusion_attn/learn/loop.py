@@ -110,6 +110,7 @@ class TrainConfig:
     camera_patch: int = 16  # pixels per patch side (config.CameraTokens.patch)
     camera_stem: int = 0  # config.ModelConfig.camera_stem
     camera_stem_cells: int = 4  # config.ModelConfig.camera_stem_cells
+    camera_column_blocks: int = 0  # config.ModelConfig.camera_column_blocks
     # start from a trained checkpoint's weights and heads (None: from seed-initialised ones), and train only
     # the parameters whose names start with one of train_only (empty: all of them)
     init_from: str | None = None
@@ -126,7 +127,8 @@ class TrainConfig:
                                               lidar_motion_token=self.lidar_motion_token,
                                               lidar_motion_direct=self.lidar_motion_direct, imu_direct=self.imu_direct,
                                               stale_evidence=self.stale_evidence, camera_stem=self.camera_stem,
-                                              camera_stem_cells=self.camera_stem_cells))
+                                              camera_stem_cells=self.camera_stem_cells,
+                                              camera_column_blocks=self.camera_column_blocks))
 
     @classmethod
     def from_dict(cls, saved: dict) -> TrainConfig:
@@ -158,6 +160,13 @@ def _sampler_weights(train: Dataset, tc: TrainConfig) -> torch.Tensor:
 # --- the training state --------------------------------------------------------------------------
 
 STATE_FILE = "train_state.pt"
+
+
+def sensor_goal(data: dict[str, torch.Tensor], idx: torch.Tensor, sensor: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The goal (B, 2) as `sensor`'s frame saw it at samples idx (zero where unknown), and where it is known (B,)."""
+    goal = data[f"goal_at_{sensor}"][idx]
+    known = goal.isfinite().all(-1)
+    return torch.where(known.unsqueeze(-1), goal, 0.0), known
 
 
 def save_state(path: Path, step: int, tc: TrainConfig, cfg: FusionConfig, model: nn.Module, heads: nn.Module,
@@ -330,16 +339,18 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
             faulted = plan.sensor >= 0
             parts["consistency"] = tc.consistency_weight * fused_consistency(
                 model, gather(data, idx[faulted]), fusion["fused"][faulted.to(dev)], tau[faulted].to(dev))
+        # the one-sensor objectives ask for the goal where that sensor's frame saw it (data.goal_at_frames)
         if camera_goal is not None:
-            sees = tgt["goal"][1] & x["camera_mask"].any(1).to(dev) & (plan.sensor != Modality.CAMERA).to(dev)
-            parts["camera_goal"] = tc.camera_goal_weight * camera_goal_of(
-                camera_goal(fusion["camera_tokens"]), data["goal"][idx].to(dev), sees)
+            seen, known = sensor_goal(data, idx, "camera")
+            sees = known.to(dev) & x["camera_mask"].any(1).to(dev) & (plan.sensor != Modality.CAMERA).to(dev)
+            parts["camera_goal"] = tc.camera_goal_weight * camera_goal_of(camera_goal(fusion["camera_tokens"]),
+                                                                          seen.to(dev), sees)
         if lidar_goal is not None:  # the post's pillars from the clean sweep; judged only where the lidar is clean
             post = post_pillars(data["lidar_points"][idx].float(), data["lidar_mask"][idx]).to(dev)
-            clean = tgt["goal"][1] & (plan.sensor != Modality.LIDAR).to(dev)
+            seen, known = sensor_goal(data, idx, "lidar")
+            clean = known.to(dev) & (plan.sensor != Modality.LIDAR).to(dev)
             parts["lidar_goal"] = tc.lidar_goal_weight * lidar_goal_loss(
-                lidar_goal(fusion["lidar_tokens"]), post, x["lidar_mask"].any(-1).to(dev), data["goal"][idx, 0].to(dev),
-                clean, heads)
+                lidar_goal(fusion["lidar_tokens"]), post, x["lidar_mask"].any(-1).to(dev), seen[:, 0].to(dev), clean, heads)
         loss = sum(parts.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
