@@ -300,9 +300,11 @@ class SensorEmbedding(nn.Module):
         mask = point_mask.any(dim=-1)
         return torch.where(mask.unsqueeze(-1), per_point.amax(dim=2), 0.0), mask
 
-    def along_columns(self, cam: torch.Tensor) -> torch.Tensor:
-        """Camera tokens (B, rows * cols, D) in (row, col) order through the column blocks, each column's
-        rows a sequence of their own (model.camera_column_blocks; none: as they are)."""
+    def camera_appearance(self, patches: torch.Tensor) -> torch.Tensor:
+        """Patches (B, N_c, p*p*3) -> what each camera token shows (B, N_c, D): the patch embedded at its
+        place, then through the column blocks (model.camera_column_blocks), each column's rows a
+        sequence of their own; what changed since the previous frame is added in `forward`."""
+        cam = self.camera(patches) + self.camera_pos
         if not self.camera_columns:
             return cam
         (rows, cols), D = self.camera_grid, cam.shape[-1]
@@ -322,7 +324,7 @@ class SensorEmbedding(nn.Module):
         if self.camera_motion is not None:
             since_prev = since_prev + self.camera_motion(column_shift_match(
                 x["camera_patches"], x["camera_prev_patches"], self.cfg.camera, self.cfg.model.camera_shifts))
-        cam = self.along_columns(self.camera(x["camera_patches"]) + self.camera_pos) + torch.where(
+        cam = self.camera_appearance(x["camera_patches"]) + torch.where(
             cam_prev.unsqueeze(-1), since_prev, self.no_previous[0])
         # lidar (B, N_l, D): pillars, plus the change of the sweep's descriptor (masked max over pillars)
         lidar, lidar_mask = self.pillars(x["lidar_points"], x["lidar_mask"])

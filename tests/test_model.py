@@ -217,12 +217,13 @@ def test_column_blocks_mix_each_column_of_camera_patches_alone():
     patches = torch.randn(2, rows * cols, cfg.camera.features)
     moved = patches.clone()
     moved[1, 2 * cols + 3] += 1.0  # row 2, column 3 of the second image
-    a, b = (embed.along_columns(embed.camera(p) + embed.camera_pos) for p in (patches, moved))
+    a, b = (embed.camera_appearance(p) for p in (patches, moved))
     changed = ((a - b).abs().amax(-1) > 1e-6).view(2, rows, cols)
     assert not changed[0].any()
     assert changed[1, :, 3].all() and not changed[1, :, [c for c in range(cols) if c != 3]].any()
     plain = FusionModel(FusionConfig(model=ModelConfig(camera_stem=8))).embed
-    assert plain.along_columns(a) is a  # no blocks: the tokens as they are
+    changed = ((plain.camera_appearance(patches) - plain.camera_appearance(moved)).abs().amax(-1) > 1e-6).view(2, rows, cols)
+    assert changed.sum() == 1 and changed[1, 2, 3]  # no blocks: each patch alone
     with pytest.raises(ConfigError, match="camera_column_blocks"):
         FusionConfig(model=ModelConfig(camera_column_blocks=-1))
 
