@@ -71,7 +71,7 @@ def test_training_shards_made_in_parallel_equal_those_made_in_turn(real_data, tm
     parallel = build_datasets(tc, cfg, tmp_path / "two", progress=False, jobs=2)
     assert sorted(p.name for p in (tmp_path / "one").iterdir()) == sorted(p.name for p in (tmp_path / "two").iterdir())
     for a, b in zip(in_turn, parallel):
-        assert a.arrays.keys() == b.arrays.keys() and all(np.array_equal(a.arrays[k], b.arrays[k]) for k in a.arrays)
+        assert a.arrays.keys() == b.arrays.keys() and all(np.array_equal(a.arrays[k], b.arrays[k], equal_nan=True) for k in a.arrays)
     broken = tmp_path / "broken.bag"
     broken.write_bytes(b"#ROSBAG V2.0\n" + bytes(100))
     bad = TrainConfig(sim_episodes=3, val_episodes=0, sim_seconds=2.0, bags=(str(broken),))
