@@ -105,6 +105,11 @@ runs/default_data4x_clip_stem_lidgoal_col-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/default_data4x_clip_stem_lidgoal_col-s$* --seed $* --trust-floor 0.01 --floor-at-run-time \
 		--sim-episodes 192 --clip-grad-norm 1 --camera-stem 32 --camera-goal-weight 1 --lidar-goal-weight 1 \
 		--camera-column-blocks 1 --eval-every 2000
+# ... and the lidar's goal objective asking the post's pillars for the bearing too
+runs/default_data4x_clip_stem_lidgoal_col_bear-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/default_data4x_clip_stem_lidgoal_col_bear-s$* --seed $* --trust-floor 0.01 --floor-at-run-time \
+		--sim-episodes 192 --clip-grad-norm 1 --camera-stem 32 --camera-goal-weight 1 --lidar-goal-weight 1 \
+		--lidar-goal-bearing --camera-column-blocks 1 --eval-every 2000
 # ... trained 3,000 steps, about what the issue's 30 min on one core allow: does the camera path read the goal better?
 runs/default_data4x_clip_3k-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/default_data4x_clip_3k-s$* --seed $* --trust-floor 0.01 --floor-at-run-time --sim-episodes 192 \

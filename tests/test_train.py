@@ -645,13 +645,13 @@ def _moved_by_one_token(head, cfg: FusionConfig) -> torch.Tensor:
     return (head(moved) - head(tokens)).abs()
 
 
-def test_the_lidar_goal_objective_asks_for_the_posts_pillars_and_the_distance():
+def test_the_lidar_goal_objective_asks_for_the_posts_pillars_and_the_goal():
     from fusion_attn.learn.objectives import LidarGoalPillars
     from fusion_attn.sim.sensors import RETROREFLECTIVE_INTENSITY
 
     heads = Heads(8, {"goal": 3})
     heads.mean_goal.copy_(torch.tensor([3.0, 0.0, 0.0]))
-    heads.std_goal.copy_(torch.tensor([2.0, 1.0, 1.0]))
+    heads.std_goal.copy_(torch.tensor([2.0, 0.5, 0.5]))
     # three pillars of two points; sample 0's post returns in pillars 0 and 2, sample 1 has none
     points = torch.zeros(2, 3, 2, len(LIDAR_FEATURES))
     code = math.log1p(RETROREFLECTIVE_INTENSITY) / math.log(256.0)
@@ -662,19 +662,26 @@ def test_the_lidar_goal_objective_asks_for_the_posts_pillars_and_the_distance():
     post = post_pillars(points, mask)
     assert post.tolist() == [[True, False, True], [False, False, False]]
     present = torch.tensor([[True, True, True], [True, True, False]])
-    distance, valid = torch.tensor([5.0, 1.0]), torch.tensor([True, True])
-    right = torch.zeros(2, 3, 2)
+    goal, valid = torch.tensor([[5.0, math.pi / 2], [1.0, 0.0]]), torch.tensor([True, True])
+    right = torch.zeros(2, 3, 4)
     right[0, [0, 2], 0] = 20.0  # sure it is in one of the two
-    right[0, :, 1] = (5.0 - 3.0) / 2.0
+    right[0, :, 1:] = torch.tensor([(5.0 - 3.0) / 2.0, 0.0, 1.0 / 0.5])  # distance 5 m, bearing 90°
     even = math.log(2.0)  # the least cross-entropy against a target split over two pillars
-    assert lidar_goal_loss(right, post, present, distance, valid, heads).item() == pytest.approx(even, abs=1e-5)
+    assert lidar_goal_loss(right, post, present, goal, valid, heads).item() == pytest.approx(even, abs=1e-5)
+    # without the bearing (two outputs), only the distance is asked
+    assert lidar_goal_loss(right[..., :2], post, present, goal, valid, heads).item() == pytest.approx(even, abs=1e-5)
     far = right.clone()
     far[0, 0, 1] += 0.5  # half the spread too far at one of the two pillars: half of 0.25
-    assert lidar_goal_loss(far, post, present, distance, valid, heads).item() == pytest.approx(even + 0.125, abs=1e-5)
-    assert lidar_goal_loss(right, post, present, distance, torch.tensor([False, True]), heads).item() == 0.0
+    assert lidar_goal_loss(far, post, present, goal, valid, heads).item() == pytest.approx(even + 0.125, abs=1e-5)
+    turned = right.clone()
+    turned[0, 2, 3] = 0.0  # at one of the two pillars, a sine of 0 (bearing 0° or 180°): (1 / 0.5)² over two
+    assert lidar_goal_loss(turned, post, present, goal, valid, heads).item() == pytest.approx(even + 2.0, abs=1e-5)
+    assert lidar_goal_loss(turned[..., :2], post, present, goal, valid, heads).item() == pytest.approx(even, abs=1e-5)
+    assert lidar_goal_loss(right, post, present, goal, torch.tensor([False, True]), heads).item() == 0.0
     # the reader asks the pillars only, not a scan-match token after them
-    reader = LidarGoalPillars(FusionConfig())
-    assert reader(torch.zeros(2, FusionConfig().lidar.tokens + 1, 64)).shape == (2, FusionConfig().lidar.tokens, 2)
+    cfg = FusionConfig()
+    assert LidarGoalPillars(cfg)(torch.zeros(2, cfg.lidar.tokens + 1, 64)).shape == (2, cfg.lidar.tokens, 2)
+    assert LidarGoalPillars(cfg, bearing=True)(torch.zeros(2, cfg.lidar.tokens + 1, 64)).shape == (2, cfg.lidar.tokens, 4)
 
 
 def test_the_camera_goal_objective_asks_for_the_goals_column_its_distance_and_place():
@@ -865,14 +872,19 @@ def test_camera_options_reach_the_model_and_the_recorded_command(tmp_path, cache
     assert state["lidar_goal"]["mlp.fc2.weight"].shape == (2, 64) and "lidar_goal" in losses  # LidarGoalPillars
     assert _train_cli(tmp_path / "bad", cache, "--steps", "2", "--camera-size", "30", "64") == 2  # not patches of 16
     assert _train_cli(tmp_path / "stem", cache, "--steps", "2", "--camera-size", "32", "64", "--camera-patch", "8",
-                      "--camera-stem", "4", "--camera-stem-cells", "8", "--camera-column-blocks", "1") == 0
+                      "--camera-stem", "4", "--camera-stem-cells", "8", "--camera-column-blocks", "1",
+                      "--lidar-goal-weight", "1", "--lidar-goal-bearing") == 0
     model = load_checkpoint(tmp_path / "stem" / "model.safetensors")
     assert (model.cfg.camera.patch, model.cfg.camera.tokens, model.cfg.model.camera_stem) == (8, 32, 4)
     assert model.cfg.model.camera_stem_cells == 8 and model.embed.camera.cells.in_features == 3  # a layer per pixel
     assert model.cfg.model.camera_column_blocks == 1 and len(model.embed.camera_columns) == 1
     _, _, info = read_checkpoint(tmp_path / "stem" / "model.safetensors")
     assert "--camera-size 32 64 --camera-patch 8 --camera-stem 4 --camera-stem-cells 8" in info["command"]
+    assert "--lidar-goal-weight 1.0 --lidar-goal-bearing" in info["command"]
+    state = torch.load(tmp_path / "stem" / STATE_FILE, weights_only=True)
+    assert state["lidar_goal"]["mlp.fc2.weight"].shape == (4, 64)  # logit, distance, cosine, sine
     assert _train_cli(tmp_path / "bad", cache, "--steps", "2", "--camera-patch", "2", "--camera-stem", "4") == 2  # cells of half a pixel
+    assert _train_cli(tmp_path / "bad", cache, "--steps", "2", "--lidar-goal-bearing") == 2  # no lidar goal objective to extend
 
 
 def test_objective_weights_scale_their_losses_and_reach_the_recorded_command(tmp_path, cache):

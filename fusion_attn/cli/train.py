@@ -101,6 +101,8 @@ def add_parser(verbs):
     train.add_argument("--lidar-goal-weight", type=float,
                        help="weight of the lidar's own goal objective: each pillar token says whether the goal post's "
                             "returns are in it and the goal's distance (simulated samples; training only; default 0)")
+    train.add_argument("--lidar-goal-bearing", action="store_const", const=True,
+                       help="with --lidar-goal-weight: the post's pillars say the goal's bearing too, not only its distance")
     train.add_argument("--latent-blocks", type=int, help="self-attention blocks over the fusion tokens (default 1)")
     train.add_argument("--qk-norm", action="store_const", const=True,
                        help="cosine attention logits with a learned scale per head (an implicit temperature)")
@@ -136,7 +138,8 @@ ATTENTION_ONLY = {"--sensor-fusion": "sensor_fusion", "--trust-floor": "trust_fl
                   "--qk-norm": "qk_norm", "--learned-head-temperature": "learned_head_temperature",
                   "--trust-weight": "trust_weight", "--avoid-weight": "avoid_weight",
                   "--consistency-weight": "consistency_weight", "--camera-goal-weight": "camera_goal_weight",
-                  "--camera-goal-head": "camera_goal_head", "--lidar-goal-weight": "lidar_goal_weight"}
+                  "--camera-goal-head": "camera_goal_head", "--lidar-goal-weight": "lidar_goal_weight",
+                  "--lidar-goal-bearing": "lidar_goal_bearing"}
 
 
 def run(args) -> int:
@@ -146,7 +149,7 @@ def run(args) -> int:
     from ..learn.loop import TrainConfig, train
 
     fields = ("seed", "steps", "batch", "lr", "clip_grad_norm", "sim_episodes", "val_episodes", "sim_seconds", "sim_tasks", "stop_share", "mirror", "trigger", "bags", "fusion",
-              "tau_random_prob", "sensor_fusion", "trust_floor", "floor_in_training", "camera_shifts", "lidar_motion", "lidar_motion_token", "lidar_motion_direct", "imu_direct", "stale_evidence", "camera_size", "camera_patch", "camera_stem", "camera_stem_cells", "camera_column_blocks", "fault_weights", "objective_weights", "trust_weight", "avoid_weight", "consistency_weight", "camera_goal_weight", "camera_goal_head", "lidar_goal_weight", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature", "init_from", "train_only")
+              "tau_random_prob", "sensor_fusion", "trust_floor", "floor_in_training", "camera_shifts", "lidar_motion", "lidar_motion_token", "lidar_motion_direct", "imu_direct", "stale_evidence", "camera_size", "camera_patch", "camera_stem", "camera_stem_cells", "camera_column_blocks", "fault_weights", "objective_weights", "trust_weight", "avoid_weight", "consistency_weight", "camera_goal_weight", "camera_goal_head", "lidar_goal_weight", "lidar_goal_bearing", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature", "init_from", "train_only")
     given = {k: getattr(args, k) for k in fields if hasattr(args, k)}
     if "bags" in given:
         given["bags"] = tuple(str(b) for b in given["bags"])

@@ -89,6 +89,7 @@ class TrainConfig:
     camera_goal_weight: float = 0.0  # the goal read from the camera's tokens alone (simulated data)
     camera_goal_head: str = "columns"  # per 45° column (CameraGoalColumns) or per patch, at the post's top (CameraGoalTokens)
     lidar_goal_weight: float = 0.0  # the goal read from the lidar's pillar tokens alone (LidarGoalPillars; simulated data)
+    lidar_goal_bearing: bool = False  # ... its bearing too, not only its distance
     log_every: int = 25
     eval_every: int = 500
     save_every: int = 500
@@ -283,10 +284,12 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
         else:
             raise ConfigError(f"camera_goal_head must be 'columns' or 'tokens', got {tc.camera_goal_head!r}")
     lidar_goal = None
+    if tc.lidar_goal_bearing and not tc.lidar_goal_weight > 0:
+        raise ConfigError("--lidar-goal-bearing asks the lidar's goal objective for more: give --lidar-goal-weight too")
     if tc.lidar_goal_weight > 0:
         if not isinstance(model, FusionModel):
             raise ConfigError("--lidar-goal-weight reads the lidar's tokens of the attention fusion (--fusion attention)")
-        lidar_goal = LidarGoalPillars(cfg)
+        lidar_goal = LidarGoalPillars(cfg, bearing=tc.lidar_goal_bearing)
     readers = {k: r.to(dev).train() for k, r in (("camera_goal", camera_goal), ("lidar_goal", lidar_goal)) if r is not None}
     for reader in readers.values():
         reader.requires_grad_(not tc.train_only)
@@ -350,7 +353,7 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
             seen, known = sensor_goal(data, idx, "lidar")
             clean = known.to(dev) & (plan.sensor != Modality.LIDAR).to(dev)
             parts["lidar_goal"] = tc.lidar_goal_weight * lidar_goal_loss(
-                lidar_goal(fusion["lidar_tokens"]), post, x["lidar_mask"].any(-1).to(dev), seen[:, 0].to(dev), clean, heads)
+                lidar_goal(fusion["lidar_tokens"]), post, x["lidar_mask"].any(-1).to(dev), seen.to(dev), clean, heads)
         loss = sum(parts.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()

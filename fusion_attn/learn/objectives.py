@@ -300,31 +300,38 @@ def post_log_intensity() -> float:
 class LidarGoalPillars(nn.Module):
     """Training only: the goal read from the lidar's pillar tokens alone. Each pillar says whether the
     goal post's returns are in it (a logit, softmax over the sweep's pillars) and, at the post's
-    pillars, the goal's distance. Which pillars hold the post is in the sweep itself (`post_pillars`);
-    asking each pillar's token for it and for the range makes the lidar path carry the goal, which the
-    fusion otherwise read from the camera alone (docs/RESULTS.md: with the camera failed, the goal's
-    error rose most in the samples where the lidar reaches the post)."""
+    pillars, the goal's distance (and with `bearing`, the cosine and sine of its bearing, as the goal
+    head states them). Which pillars hold the post is in the sweep itself (`post_pillars`); asking
+    each pillar's token for it and for the goal makes the lidar path carry the goal, which the fusion
+    otherwise read from the camera alone (docs/RESULTS.md: with the camera failed, the goal's error
+    rose most in the samples where the lidar reaches the post). A pillar is 1.6 m wide at the default
+    grid, 23° at 4 m: which pillar holds the post says the bearing only that coarsely, where the
+    post's returns inside it (2° apart) say it to a few degrees."""
 
-    def __init__(self, cfg: FusionConfig):
+    def __init__(self, cfg: FusionConfig, bearing: bool = False):
         super().__init__()
         self.pillars = cfg.lidar.tokens
-        self.mlp = MLP(cfg.model.dim, cfg.model.dim, 2)
+        self.mlp = MLP(cfg.model.dim, cfg.model.dim, 4 if bearing else 2)
 
     def forward(self, lidar_tokens: torch.Tensor) -> torch.Tensor:
-        """(B, N_l, D), the pillars first -> (B, K, 2): logit, standardised distance."""
+        """(B, N_l, D), the pillars first -> (B, K, 2 or 4): logit, standardised distance (, cosine and
+        sine of the bearing, standardised)."""
         return self.mlp(lidar_tokens[:, :self.pillars])
 
 
-def lidar_goal_loss(pred: torch.Tensor, post: torch.Tensor, present: torch.Tensor, distance: torch.Tensor,
+def lidar_goal_loss(pred: torch.Tensor, post: torch.Tensor, present: torch.Tensor, goal: torch.Tensor,
                     valid: torch.Tensor, heads: Heads) -> torch.Tensor:
     """LidarGoalPillars' loss: cross-entropy of the pillars that hold the post (the target spread evenly
     over them, the softmax over present pillars), and at them the squared error of the standardised
-    distance. post, present (B, K) bool; distance (B,) m; valid (B,): the lidar clean and a goal."""
+    distance (and of the bearing's standardised cosine and sine where pred has them). post, present
+    (B, K) bool; goal (B, 2): distance m, bearing rad; valid (B,): the lidar clean and a goal."""
     valid = valid & post.any(1)
     log_p = torch.where(present, F.log_softmax(pred[..., 0].masked_fill(~present, -torch.inf), dim=1), 0.0)
     share = post.float() / post.sum(1, keepdim=True).clamp_min(1)
-    dist = (distance - heads.mean_goal[0]) / heads.std_goal[0]
-    err = -(share * log_p).sum(1) + (share * (pred[..., 1] - dist[:, None]).pow(2)).sum(1)
+    target = heads.normalise("goal", torch.stack([goal[:, 0], goal[:, 1].cos(), goal[:, 1].sin()], -1))
+    asked = pred.shape[-1] - 1  # distance, or distance, cosine and sine
+    err = (pred[..., 1:] - target[:, None, :asked]).pow(2).sum(-1)  # (B, K)
+    err = -(share * log_p).sum(1) + (share * err).sum(1)
     return torch.where(valid, err, 0.0).sum() / valid.sum().clamp_min(1)
 
 
