@@ -13,7 +13,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 	robustness-camgoal robustness-mirror robustness-data8x robustness-data4x-clip \
 	robustness-data4x-clip-3k robustness-data4x-clip-pixel robustness-data4x-clip-stem \
 	robustness-data4x-clip-stem-camgoal robustness-stem-camgoal robustness-stem-lidgoal robustness-stem-lidgoal-col \
-	robustness-stem-lidgoal-relabel
+	robustness-stem-lidgoal-relabel robustness-stem-lidgoal-col-bear
 
 # The main job on the embedded default: CPU, ONNX Runtime, no robot, the packaged default model:
 # replay a recording as the node would fuse it; fused-state bag, summary and plots in $(OUT).
@@ -110,6 +110,11 @@ runs/default_data4x_clip_stem_lidgoal_col_bear-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/default_data4x_clip_stem_lidgoal_col_bear-s$* --seed $* --trust-floor 0.01 --floor-at-run-time \
 		--sim-episodes 192 --clip-grad-norm 1 --camera-stem 32 --camera-goal-weight 1 --lidar-goal-weight 1 \
 		--lidar-goal-bearing --camera-column-blocks 1 --eval-every 2000
+# ... and two column blocks (the camera path alone reads the post's distance better with two: camera_goal_probe)
+runs/default_data4x_clip_stem_lidgoal_col2_bear-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/default_data4x_clip_stem_lidgoal_col2_bear-s$* --seed $* --trust-floor 0.01 --floor-at-run-time \
+		--sim-episodes 192 --clip-grad-norm 1 --camera-stem 32 --camera-goal-weight 1 --lidar-goal-weight 1 \
+		--lidar-goal-bearing --camera-column-blocks 2 --eval-every 2000
 # ... trained 3,000 steps, about what the issue's 30 min on one core allow: does the camera path read the goal better?
 runs/default_data4x_clip_3k-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/default_data4x_clip_3k-s$* --seed $* --trust-floor 0.01 --floor-at-run-time --sim-episodes 192 \
@@ -323,6 +328,15 @@ robustness-stem-lidgoal-col: $(STAMP) runs/default_data4x_clip_stem_lidgoal_col-
 		'data4x_clip_stem_lidgoal_col#1=runs/default_data4x_clip_stem_lidgoal_col-s1' \
 		'data4x_clip_stem_lidgoal_col#2=runs/default_data4x_clip_stem_lidgoal_col-s2' \
 		--beside docs/results/stem_lidgoal/robustness.json -o docs/results/stem_lidgoal_col --episodes 12 --jobs 2 --reuse \
+		--bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
+
+# ... and with the lidar's goal objective asking for the bearing too, beside that report
+robustness-stem-lidgoal-col-bear: $(STAMP) runs/default_data4x_clip_stem_lidgoal_col_bear-s0/train_state.pt \
+		runs/default_data4x_clip_stem_lidgoal_col_bear-s1/train_state.pt runs/default_data4x_clip_stem_lidgoal_col_bear-s2/train_state.pt
+	$(VENV)/bin/fusion-attn eval-robustness data4x_clip_stem_lidgoal_col_bear=runs/default_data4x_clip_stem_lidgoal_col_bear-s0 \
+		'data4x_clip_stem_lidgoal_col_bear#1=runs/default_data4x_clip_stem_lidgoal_col_bear-s1' \
+		'data4x_clip_stem_lidgoal_col_bear#2=runs/default_data4x_clip_stem_lidgoal_col_bear-s2' \
+		--beside docs/results/stem_lidgoal_col/robustness.json -o docs/results/stem_lidgoal_col_bear --episodes 12 --jobs 2 --reuse \
 		--bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
 
 # ... and the lidar-goal recipe retrained with the objectives' new labels alone (seed 0), beside that report

@@ -12,7 +12,8 @@ The embeddings:
 - `stem per pixel`: `PatchStem` whose cells are single pixels (`--camera-stem 8 --camera-stem-cells 16`):
   a per-pixel layer (a 1 x 1 convolution) before anything pools over the patch;
 - `stem 4x4 + column`: the 4 x 4 stem and one self-attention block along each column of patches
-  (`--camera-stem 32 --camera-column-blocks 1`): each patch sees what stands above and below it.
+  (`--camera-stem 32 --camera-column-blocks 1`): each patch sees what stands above and below it;
+- `stem 4x4 + 2 columns`: the same with two such blocks (`--camera-column-blocks 2`).
 
 The labels (`--labels`): `frame`, the goal as the camera's frame saw it (at its stamp, what
 `--camera-goal-weight` trains on: `learn.data.goal_at_frames`), or `fusion`, the goal at the fusion
@@ -62,7 +63,8 @@ from fusion_attn.sim.sensors import SensorConfig
 from fusion_attn.sim.tasks import post_top_in_image
 
 # camera_stem, camera_stem_cells, camera_column_blocks
-EMBEDDINGS = {"linear": (0, 4, 0), "stem 4x4": (32, 4, 0), "stem per pixel": (8, 16, 0), "stem 4x4 + column": (32, 4, 1)}
+EMBEDDINGS = {"linear": (0, 4, 0), "stem 4x4": (32, 4, 0), "stem per pixel": (8, 16, 0), "stem 4x4 + column": (32, 4, 1),
+              "stem 4x4 + 2 columns": (32, 4, 2)}
 
 
 class CameraPath(nn.Module):
