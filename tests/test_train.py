@@ -674,7 +674,7 @@ def test_the_lidar_goal_objective_asks_for_the_posts_pillars_and_the_goal():
     far[0, 0, 1] += 0.5  # half the spread too far at one of the two pillars: half of 0.25
     assert lidar_goal_loss(far, post, present, goal, valid, heads).item() == pytest.approx(even + 0.125, abs=1e-5)
     turned = right.clone()
-    turned[0, 2, 3] = 0.0  # at one of the two pillars, a sine of 0 (bearing 0° or 180°): (1 / 0.5)² over two
+    turned[0, 2, 3] = 0.0  # at one of the two pillars a sine of 0 where it is 1: (1 / 0.5)² at half the share
     assert lidar_goal_loss(turned, post, present, goal, valid, heads).item() == pytest.approx(even + 2.0, abs=1e-5)
     assert lidar_goal_loss(turned[..., :2], post, present, goal, valid, heads).item() == pytest.approx(even, abs=1e-5)
     assert lidar_goal_loss(right, post, present, goal, torch.tensor([False, True]), heads).item() == 0.0
