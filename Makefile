@@ -13,7 +13,8 @@ DEV_STAMP := $(VENV)/.installed-dev
 	robustness-camgoal robustness-mirror robustness-data8x robustness-data4x-clip \
 	robustness-data4x-clip-3k robustness-data4x-clip-pixel robustness-data4x-clip-stem \
 	robustness-data4x-clip-stem-camgoal robustness-stem-camgoal robustness-stem-lidgoal robustness-stem-lidgoal-col \
-	robustness-stem-lidgoal-relabel robustness-stem-lidgoal-col-bear
+	robustness-stem-lidgoal-relabel robustness-stem-lidgoal-col-bear \
+	robustness-stem-lidgoal-col2-bear
 
 # The main job on the embedded default: CPU, ONNX Runtime, no robot, the packaged default model:
 # replay a recording as the node would fuse it; fused-state bag, summary and plots in $(OUT).
@@ -337,6 +338,15 @@ robustness-stem-lidgoal-col-bear: $(STAMP) runs/default_data4x_clip_stem_lidgoal
 		'data4x_clip_stem_lidgoal_col_bear#1=runs/default_data4x_clip_stem_lidgoal_col_bear-s1' \
 		'data4x_clip_stem_lidgoal_col_bear#2=runs/default_data4x_clip_stem_lidgoal_col_bear-s2' \
 		--beside docs/results/stem_lidgoal_col/robustness.json -o docs/results/stem_lidgoal_col_bear --episodes 12 --jobs 2 --reuse \
+		--bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
+
+# ... and with two column blocks, beside that report
+robustness-stem-lidgoal-col2-bear: $(STAMP) runs/default_data4x_clip_stem_lidgoal_col2_bear-s0/train_state.pt \
+		runs/default_data4x_clip_stem_lidgoal_col2_bear-s1/train_state.pt runs/default_data4x_clip_stem_lidgoal_col2_bear-s2/train_state.pt
+	$(VENV)/bin/fusion-attn eval-robustness data4x_clip_stem_lidgoal_col2_bear=runs/default_data4x_clip_stem_lidgoal_col2_bear-s0 \
+		'data4x_clip_stem_lidgoal_col2_bear#1=runs/default_data4x_clip_stem_lidgoal_col2_bear-s1' \
+		'data4x_clip_stem_lidgoal_col2_bear#2=runs/default_data4x_clip_stem_lidgoal_col2_bear-s2' \
+		--beside docs/results/stem_lidgoal_col_bear/robustness.json -o docs/results/stem_lidgoal_col2_bear --episodes 12 --jobs 2 --reuse \
 		--bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
 
 # ... and the lidar-goal recipe retrained with the objectives' new labels alone (seed 0), beside that report
