@@ -124,6 +124,10 @@ runs/default_data4x_clip_3k-s%/train_state.pt: | $(STAMP)
 runs/default_data8x_clip-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/default_data8x_clip-s$* --seed $* --trust-floor 0.01 --floor-at-run-time --sim-episodes 384 \
 		--clip-grad-norm 1 --eval-every 2000
+# ... rendered by a finer camera rig (128 pixels per view, a 128 x 512 panorama: more pixels than the tokenizer's 96 x 128)
+runs/concat_data4x_view128-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/concat_data4x_view128-s$* --seed $* --fusion concat --fixed-tau --sim-episodes 192 --sim-camera-view 128 \
+		--eval-every 2000
 runs/concat_data8x_clip-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/concat_data8x_clip-s$* --seed $* --fusion concat --fixed-tau --sim-episodes 384 --clip-grad-norm 1 \
 		--eval-every 2000

@@ -162,8 +162,26 @@ def test_stops_and_extra_tasks_shape_training_episodes_only():
         k: v for k, v in episode_shards(stops, CFG, "train", 1)[0].key.items() if k != "stop_share"}
 
 
+def test_a_finer_camera_rig_renders_every_split_of_its_own_episodes():
+    """--sim-camera-view: the rig is the world's, so the held-out episodes are rendered with it too (their
+    own shards); the default rig's keys are as before."""
+    fine = dataclasses.replace(TINY, sim_camera_view=128)
+    assert fine.rig().camera_image_shape == (128, 512, 3) and TINY.rig().camera_image_shape == (64, 256, 3)
+    for split in ("train", "val", "test"):
+        shard, plain = episode_shards(fine, CFG, split, 1)[0], episode_shards(TINY, CFG, split, 1)[0]
+        assert shard.key == plain.key | {"camera_view": 128} and "camera_view" not in plain.key
+        assert shard.make.args[-1] == fine.rig()
+    coarse = sim_episode("control", 3, 1.0, 10.0, CFG, sensors=dataclasses.replace(TINY, sim_camera_view=16).rig())
+    default = sim_episode("control", 3, 1.0, 10.0, CFG)
+    assert coarse["camera_u8"].shape == default["camera_u8"].shape  # resized to the tokenizer's size
+    assert not np.array_equal(coarse["camera_u8"], default["camera_u8"])
+    for truth in ("velocity", "obstacles", "goal"):  # the same world and drive
+        np.testing.assert_array_equal(coarse[truth], default[truth])
+
+
 @pytest.mark.parametrize("flags, named", [(["--sim-tasks", "control", "radar"], "--sim-tasks radar"),
                                            (["--stop-share", "1.5"], "--stop-share 1.5"),
+                                           (["--sim-camera-view", "4"], "--sim-camera-view 4"),
                                            (["--clip-grad-norm", "-1"], "--clip-grad-norm -1.0"),
                                            (["--fault-weights", "1", "-1", "2"], "--fault-weights 1.0 -1.0 2.0"),
                                            (["--fault-weights", "0", "0", "0"], "--fault-weights 0.0 0.0 0.0"),
@@ -873,14 +891,15 @@ def test_camera_options_reach_the_model_and_the_recorded_command(tmp_path, cache
     assert _train_cli(tmp_path / "bad", cache, "--steps", "2", "--camera-size", "30", "64") == 2  # not patches of 16
     assert _train_cli(tmp_path / "stem", cache, "--steps", "2", "--camera-size", "32", "64", "--camera-patch", "8",
                       "--camera-stem", "4", "--camera-stem-cells", "8", "--camera-column-blocks", "1",
-                      "--lidar-goal-weight", "1", "--lidar-goal-bearing") == 0
+                      "--lidar-goal-weight", "1", "--lidar-goal-bearing", "--sim-camera-view", "32") == 0
     model = load_checkpoint(tmp_path / "stem" / "model.safetensors")
     assert (model.cfg.camera.patch, model.cfg.camera.tokens, model.cfg.model.camera_stem) == (8, 32, 4)
     assert model.cfg.model.camera_stem_cells == 8 and model.embed.camera.cells.in_features == 3  # a layer per pixel
     assert model.cfg.model.camera_column_blocks == 1 and len(model.embed.camera_columns) == 1
     _, _, info = read_checkpoint(tmp_path / "stem" / "model.safetensors")
     assert "--camera-size 32 64 --camera-patch 8 --camera-stem 4 --camera-stem-cells 8" in info["command"]
-    assert "--lidar-goal-weight 1.0 --lidar-goal-bearing" in info["command"]
+    assert "--lidar-goal-weight 1.0 --lidar-goal-bearing" in info["command"] and "--sim-camera-view 32" in info["command"]
+    assert json.loads((tmp_path / "stem" / "metrics.json").read_text())["train_config"]["sim_camera_view"] == 32
     state = torch.load(tmp_path / "stem" / STATE_FILE, weights_only=True)
     assert state["lidar_goal"]["mlp.fc2.weight"].shape == (4, 64)  # logit, distance, cosine, sine
     assert _train_cli(tmp_path / "bad", cache, "--steps", "2", "--camera-patch", "2", "--camera-stem", "4") == 2  # cells of half a pixel
@@ -1075,6 +1094,8 @@ def test_eval_robustness_reuses_the_sweep_of_an_unchanged_run(tmp_path, cache, r
     monkeypatch.undo()
     # a test set sampled on another trigger is other samples: nothing is reused from it
     assert first["trigger"] == "timer" and robustness.reusable_sweeps(first, 1, [1.0], "lidar") == {}
+    # ... and one rendered by another camera rig (--sim-camera-view) is other images
+    assert first["camera_view"] == 64 and robustness.reusable_sweeps(first, 1, [1.0], camera_view=128) == {}
     retrained = tmp_path / "retrained"
     shutil.copytree(runs["attention"], retrained)
     with (retrained / STATE_FILE).open("ab") as f:
@@ -1105,8 +1126,13 @@ def test_eval_robustness_judges_a_new_run_beside_an_earlier_report(tmp_path, cac
     with pytest.raises(ConfigError, match=r"already has runs named \['concat'\]"):
         run_evaluation({"concat": runs["attention"]}, tmp_path / "other", [0.25, 1.0], 1, cache, [], beside=report_file)
     # a report from before the test set was every run's measured the episodes of its first run's seed
+    finer = json.loads(report_file.read_text()) | {"camera_view": 128}  # another rig's images
+    (tmp_path / "finer.json").write_text(json.dumps(finer))
+    with pytest.raises(ConfigError, match="other held-out samples"):
+        run_evaluation({"attention": runs["attention"]}, tmp_path / "other", [0.25, 1.0], 1, cache, [],
+                       beside=tmp_path / "finer.json")
     older = json.loads(report_file.read_text())
-    del older["test_seed"]
+    del older["test_seed"], older["camera_view"]  # written before either: the default rig's
     older["runs"] = {"concat#1": older["runs"]["concat"] | {"seed": 1}}
     (tmp_path / "older.json").write_text(json.dumps(older))
     with pytest.raises(ConfigError, match="other held-out samples"):

@@ -34,6 +34,9 @@ def add_parser(verbs):
     train.add_argument("--mirror", action="store_const", const=True,
                        help="also train on each simulated episode's mirror image (left and right swapped: camera "
                             "columns, lidar y, the IMU's lateral and yaw axes, the labels): twice the scenes, no simulating")
+    train.add_argument("--sim-camera-view", type=int, metavar="PIXELS",
+                       help="pixels per side of each of the simulated camera rig's four square views (default 64: a "
+                            "64 x 256 panorama); the tokenizer resizes it to --camera-size either way")
     train.add_argument("--trigger", choices=["timer", "camera", "lidar", "imu"],
                        help="a sample on the fusion timer (default) or on each message of this sensor, as the node's "
                             "`trigger` parameter (the timer while that sensor is silent): run such a model with it")
@@ -148,7 +151,7 @@ def run(args) -> int:
     from ..errors import ConfigError
     from ..learn.loop import TrainConfig, train
 
-    fields = ("seed", "steps", "batch", "lr", "clip_grad_norm", "sim_episodes", "val_episodes", "sim_seconds", "sim_tasks", "stop_share", "mirror", "trigger", "bags", "fusion",
+    fields = ("seed", "steps", "batch", "lr", "clip_grad_norm", "sim_episodes", "val_episodes", "sim_seconds", "sim_tasks", "stop_share", "mirror", "sim_camera_view", "trigger", "bags", "fusion",
               "tau_random_prob", "sensor_fusion", "trust_floor", "floor_in_training", "camera_shifts", "lidar_motion", "lidar_motion_token", "lidar_motion_direct", "imu_direct", "stale_evidence", "camera_size", "camera_patch", "camera_stem", "camera_stem_cells", "camera_column_blocks", "fault_weights", "objective_weights", "trust_weight", "avoid_weight", "consistency_weight", "camera_goal_weight", "camera_goal_head", "lidar_goal_weight", "lidar_goal_bearing", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature", "init_from", "train_only")
     given = {k: getattr(args, k) for k in fields if hasattr(args, k)}
     if "bags" in given:
@@ -166,6 +169,8 @@ def run(args) -> int:
                           "--latent-blocks >= 0")
     if not tc.clip_grad_norm >= 0:  # nan too
         raise ConfigError(f"--clip-grad-norm {tc.clip_grad_norm}: a norm, 0 (not clipped) or above")
+    if tc.sim_camera_view < 8:
+        raise ConfigError(f"--sim-camera-view {tc.sim_camera_view}: at least 8 pixels per view side")
     if not 0.0 <= tc.stop_share <= 1.0:
         raise ConfigError(f"--stop-share {tc.stop_share}: a share, between 0 and 1")
     if not all(math.isfinite(w) and w >= 0 for w in tc.fault_weights) or sum(tc.fault_weights) <= 0:

@@ -251,11 +251,14 @@ def episode_shards(tc: TrainConfig, cfg: FusionConfig, split: str, count: int) -
     shards = []
     tasks, stop_share = (tc.sim_tasks, tc.stop_share) if split != "test" else (type(tc)().sim_tasks, 0.0)
     first = SPLIT_SEEDS[split] + (tc.seed * SEED_STRIDE if split != "test" else 0)
+    # the rig is the world's, not the data's: the test episodes are rendered with the run's too
+    view = {"camera_view": tc.sim_camera_view} if tc.sim_camera_view != type(tc)().sim_camera_view else {}
     for k in range(count):
         task, seed = tasks[k % len(tasks)], first + k
         stops = {"stop_share": stop_share} if stop_share else {}  # the keys of episodes without stops predate it
-        key = shard_key(cfg, tc.fusion_hz, f"sim-{task}", tc.trigger, seed=seed, seconds=tc.sim_seconds, **stops)
-        make = functools.partial(sim_episode, task, seed, tc.sim_seconds, tc.fusion_hz, cfg, tc.trigger, stop_share)
+        key = shard_key(cfg, tc.fusion_hz, f"sim-{task}", tc.trigger, seed=seed, seconds=tc.sim_seconds, **stops, **view)
+        make = functools.partial(sim_episode, task, seed, tc.sim_seconds, tc.fusion_hz, cfg, tc.trigger, stop_share,
+                                 tc.rig())
         shards.append(Shard(key, make))
     return shards
 

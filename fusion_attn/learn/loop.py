@@ -70,6 +70,9 @@ class TrainConfig:
     sim_seconds: float = 15.0
     stop_share: float = 0.0  # share of the driving policy's commands that are a stop (data.random_drive)
     mirror: bool = False  # also train on each simulated episode's mirror image (data.mirror_sequence)
+    # pixels per side of each of the simulated rig's square camera views (sim.sensors.SensorConfig.camera_size);
+    # the tokenizer resizes the panorama to camera_size whatever it is
+    sim_camera_view: int = 64
     fusion_hz: float = 10.0  # samples per second of episode or recording (the node fuses at 20 Hz)
     trigger: str = "timer"  # or camera | lidar | imu: a sample at each message of that sensor (the node's `trigger`)
     bags: tuple[str, ...] = ()  # unlabelled recordings: self-supervised objectives only
@@ -116,6 +119,12 @@ class TrainConfig:
     # the parameters whose names start with one of train_only (empty: all of them)
     init_from: str | None = None
     train_only: tuple[str, ...] = ()
+
+    def rig(self):
+        """The simulated sensors its episodes are rendered with."""
+        from fusion_attn.sim.sensors import SensorConfig
+
+        return SensorConfig(camera_size=(self.sim_camera_view, self.sim_camera_view))
 
     def fusion_config(self) -> FusionConfig:
         """The config of the model this run trains."""
@@ -270,10 +279,9 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
     if tc.camera_goal_weight > 0:
         if not isinstance(model, FusionModel):
             raise ConfigError("--camera-goal-weight reads the camera's tokens of the attention fusion (--fusion attention)")
-        from fusion_attn.sim.sensors import SensorConfig
         from fusion_attn.sim.tasks import post_top_in_image
 
-        rig = SensorConfig()  # the simulated rig
+        rig = tc.rig()
         if tc.camera_goal_head == "tokens":
             camera_goal = CameraGoalTokens(cfg)
             camera_goal_of = functools.partial(camera_goal_token_loss, post_top=functools.partial(post_top_in_image, rig),

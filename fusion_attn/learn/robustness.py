@@ -447,11 +447,12 @@ def held_out_seed(report: dict) -> int:
     return SPLIT_SEEDS["test"] + SEED_STRIDE * first.get("seed", 0)
 
 
-def reusable_sweeps(previous: dict, episodes: int, taus: list[float], trigger: str = "timer") -> dict[str, dict]:
+def reusable_sweeps(previous: dict, episodes: int, taus: list[float], trigger: str = "timer",
+                    camera_view: int = 64) -> dict[str, dict]:
     """{state digest: sweep} of a previous report measured on the same held-out episodes (sampled on the
-    same trigger) and τ sweep."""
-    if (previous.get("test_episodes"), held_out_seed(previous), previous.get("taus"), previous.get("trigger", "timer")) \
-            != (episodes, SPLIT_SEEDS["test"], taus, trigger):
+    same trigger, rendered by the same rig) and τ sweep."""
+    if (previous.get("test_episodes"), held_out_seed(previous), previous.get("taus"), previous.get("trigger", "timer"),
+            previous.get("camera_view", 64)) != (episodes, SPLIT_SEEDS["test"], taus, trigger, camera_view):
         return {}
     return {info["state"]: previous["sim"][name] for name, info in previous.get("runs", {}).items() if "state" in info}
 
@@ -469,8 +470,10 @@ def read_report(path: Path) -> dict:
 
 def check_joinable(earlier: dict, header: dict, names, source: str) -> None:
     """An earlier report's runs can join this one only if it measured the same held-out samples and τ
-    sweep (`header`: test_samples, test_episodes, test_seed, taus, trigger) and no name is in both."""
-    theirs = {k: earlier.get(k, "timer" if k == "trigger" else None) for k in header} | {"test_seed": held_out_seed(earlier)}
+    sweep (`header`: test_samples, test_episodes, test_seed, taus, trigger, the rig's camera_view) and no
+    name is in both."""
+    predate = {"trigger": "timer", "camera_view": 64}  # what a report written before the key measured
+    theirs = {k: earlier.get(k, predate.get(k)) for k in header} | {"test_seed": held_out_seed(earlier)}
     if theirs != header:
         raise ConfigError(f"{source} measured other held-out samples or τ: {theirs}, this evaluation {header}")
     if clash := set(earlier["runs"]) & set(names):
@@ -495,11 +498,11 @@ def run_evaluation(run_dirs: dict[str, Path], out: Path, taus: list[float], epis
     hz = data_tc.fusion_hz
     test_samples = len(held_out_set(data_tc, runs[0].cfg, cache, episodes))  # also makes the shards, once
     header = {"test_samples": test_samples, "test_episodes": episodes, "test_seed": SPLIT_SEEDS["test"], "taus": taus,
-              "trigger": data_tc.trigger}
+              "trigger": data_tc.trigger, "camera_view": data_tc.sim_camera_view}
     if earlier is not None:
         check_joinable(earlier, header, run_dirs, str(beside))
     previous = out / "robustness.json"
-    known = reusable_sweeps(read_report(previous), episodes, taus, data_tc.trigger) if reuse and previous.exists() else {}
+    known = reusable_sweeps(read_report(previous), episodes, taus, data_tc.trigger, data_tc.sim_camera_view) if reuse and previous.exists() else {}
     sim = {r.name: known[digests[r.name]] for r in runs if digests[r.name] in known}
     reused = set(sim)
     todo = [r for r in runs if r.name not in reused]
