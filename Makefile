@@ -14,7 +14,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 	robustness-data4x-clip-3k robustness-data4x-clip-pixel robustness-data4x-clip-stem \
 	robustness-data4x-clip-stem-camgoal robustness-stem-camgoal robustness-stem-lidgoal robustness-stem-lidgoal-col \
 	robustness-stem-lidgoal-relabel robustness-stem-lidgoal-col-bear \
-	robustness-stem-lidgoal-col2-bear
+	robustness-stem-lidgoal-col2-bear robustness-view128
 
 # The main job on the embedded default: CPU, ONNX Runtime, no robot, the packaged default model:
 # replay a recording as the node would fuse it; fused-state bag, summary and plots in $(OUT).
@@ -106,6 +106,11 @@ runs/default_data4x_clip_stem_lidgoal_col-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/default_data4x_clip_stem_lidgoal_col-s$* --seed $* --trust-floor 0.01 --floor-at-run-time \
 		--sim-episodes 192 --clip-grad-norm 1 --camera-stem 32 --camera-goal-weight 1 --lidar-goal-weight 1 \
 		--camera-column-blocks 1 --eval-every 2000
+# ... rendered by a finer camera rig (--sim-camera-view 128): does the camera alone read the post's range better?
+runs/default_data4x_clip_stem_lidgoal_col_view128-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/default_data4x_clip_stem_lidgoal_col_view128-s$* --seed $* --trust-floor 0.01 --floor-at-run-time \
+		--sim-episodes 192 --clip-grad-norm 1 --camera-stem 32 --camera-goal-weight 1 --lidar-goal-weight 1 \
+		--camera-column-blocks 1 --sim-camera-view 128 --eval-every 2000
 # ... and the lidar's goal objective asking the post's pillars for the bearing too
 runs/default_data4x_clip_stem_lidgoal_col_bear-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/default_data4x_clip_stem_lidgoal_col_bear-s$* --seed $* --trust-floor 0.01 --floor-at-run-time \
@@ -351,6 +356,14 @@ robustness-stem-lidgoal-col2-bear: $(STAMP) runs/default_data4x_clip_stem_lidgoa
 		'data4x_clip_stem_lidgoal_col2_bear#1=runs/default_data4x_clip_stem_lidgoal_col2_bear-s1' \
 		'data4x_clip_stem_lidgoal_col2_bear#2=runs/default_data4x_clip_stem_lidgoal_col2_bear-s2' \
 		--beside docs/results/stem_lidgoal_col_bear/robustness.json -o docs/results/stem_lidgoal_col2_bear --episodes 12 --jobs 2 --reuse \
+		--bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
+
+# the column-block recipe and concat on a finer camera rig (128 pixels per view): their own held-out images, so no
+# report of the default rig joins them
+robustness-view128: $(STAMP) runs/default_data4x_clip_stem_lidgoal_col_view128-s0/train_state.pt \
+		runs/concat_data4x_view128-s0/train_state.pt
+	$(VENV)/bin/fusion-attn eval-robustness data4x_clip_stem_lidgoal_col_view128=runs/default_data4x_clip_stem_lidgoal_col_view128-s0 \
+		concat=runs/concat_data4x_view128-s0 -o docs/results/view128 --episodes 12 --jobs 2 --reuse \
 		--bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
 
 # ... and the lidar-goal recipe retrained with the objectives' new labels alone (seed 0), beside that report
