@@ -32,6 +32,8 @@ REAL   ?= ../shared/data/real
 REAL_BAGS := $(REAL)/euroc_v1_01_cam_imu $(REAL)/husky_imu_odom_gps.bag $(REAL)/sick_lms1xx_scan_cloud_radar.bag \
 	$(REAL)/lidar_camera_frame
 TRAIN := $(VENV)/bin/fusion-attn train --no-progress --bag $(REAL_BAGS)
+# the recordings eval-robustness reports trust on, with their corrupted copies (docs/RESULTS.md)
+EVAL_BAGS := $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
 # The trust floor acts at run time only (--floor-at-run-time): a high τ can average a doubted sensor back
 # in, while the weights are trained as without a floor (docs/RESULTS.md: trained with one, RL agents
 # rarely learned the memory task on the fusion). Then the camera's stale path (--stale-evidence, a veto on
@@ -248,35 +250,33 @@ runs/concat_arrival-s%/train_state.pt: | $(STAMP)
 robustness-arrival: $(STAMP) $(ARRIVAL:%=%/train_state.pt)
 	$(VENV)/bin/fusion-attn eval-robustness arrival=runs/arrival-s0 'arrival#1=runs/arrival-s1' 'arrival#2=runs/arrival-s2' \
 		concat=runs/concat_arrival-s0 'concat#1=runs/concat_arrival-s1' 'concat#2=runs/concat_arrival-s2' \
-		-o docs/results/arrival --episodes 12 --jobs 2 --bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame \
-		$(REAL)/sick_lms1xx_scan_cloud_radar.bag
+		-o docs/results/arrival --episodes 12 --jobs 2 --bag $(EVAL_BAGS)
 
 robustness: $(STAMP) $(BASELINES:%=%/train_state.pt)
 	$(VENV)/bin/fusion-attn eval-robustness sensor=runs/sensor-s0 'sensor#1=runs/sensor-s1' 'sensor#2=runs/sensor-s2' \
 		concat=runs/concat-s0 'concat#1=runs/concat-s1' 'concat#2=runs/concat-s2' mean=runs/mean token=runs/token \
 		fixed_tau=runs/fixed_tau fixed_tau_floor=runs/fixed_tau_floor motion=runs/motion_floor motion_wide=runs/motion_wide \
 		wide=runs/wide-s0 'wide#1=runs/wide-s1' 'wide#2=runs/wide-s2' scan=runs/scan-s0 'scan#1=runs/scan-s1' \
-		'scan#2=runs/scan-s2' -o docs/results --episodes 12 --jobs 2 --bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame \
-		$(REAL)/sick_lms1xx_scan_cloud_radar.bag
+		'scan#2=runs/scan-s2' -o docs/results --episodes 12 --jobs 2 --bag $(EVAL_BAGS)
 
 # the packaged default (its run-time trust floor) beside every run of the report above, as measured there
 robustness-default: $(STAMP) runs/default/train_state.pt runs/default-s1/train_state.pt runs/default-s2/train_state.pt
 	$(VENV)/bin/fusion-attn eval-robustness default=runs/default 'default#1=runs/default-s1' 'default#2=runs/default-s2' \
 		--beside docs/results/robustness.json -o docs/results/default --episodes 12 --jobs 2 \
-		--bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
+		--bag $(EVAL_BAGS)
 
 # the default's recipe on four times the simulated episodes, two seeds, against concat trained on the same data
 robustness-data4x: $(STAMP) runs/default_data4x-s0/train_state.pt runs/default_data4x-s1/train_state.pt \
 		runs/concat_data4x-s0/train_state.pt
 	$(VENV)/bin/fusion-attn eval-robustness data4x=runs/default_data4x-s0 'data4x#1=runs/default_data4x-s1' \
 		concat=runs/concat_data4x-s0 -o docs/results/data4x --episodes 12 --jobs 2 \
-		--bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
+		--bag $(EVAL_BAGS)
 
 # eight times the simulated episodes with clipped gradients (seed 0), against concat trained the same way on them
 robustness-data8x: $(STAMP) runs/default_data8x_clip-s0/train_state.pt runs/concat_data8x_clip-s0/train_state.pt
 	$(VENV)/bin/fusion-attn eval-robustness data8x_clip=runs/default_data8x_clip-s0 concat=runs/concat_data8x_clip-s0 \
 		-o docs/results/data8x --episodes 12 --jobs 2 \
-		--bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
+		--bag $(EVAL_BAGS)
 
 # the four-times recipe with clipped gradients, seeds 0 and 1, beside robustness-data4x's report (its unclipped
 # seeds and concat on the same 192 episodes)
@@ -284,34 +284,34 @@ robustness-data4x-clip: $(STAMP) runs/default_data4x_clip-s0/train_state.pt runs
 	$(VENV)/bin/fusion-attn eval-robustness data4x_clip=runs/default_data4x_clip-s0 \
 		'data4x_clip#1=runs/default_data4x_clip-s1' --beside docs/results/data4x/robustness.json \
 		-o docs/results/data4x_clip --episodes 12 --jobs 2 \
-		--bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
+		--bag $(EVAL_BAGS)
 
 # ... and its seed 0 trained 3,000 steps, beside that report
 robustness-data4x-clip-3k: $(STAMP) runs/default_data4x_clip_3k-s0/train_state.pt
 	$(VENV)/bin/fusion-attn eval-robustness data4x_clip_3k=runs/default_data4x_clip_3k-s0 \
 		--beside docs/results/data4x_clip/robustness.json -o docs/results/data4x_clip_3k --episodes 12 --jobs 2 \
-		--bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
+		--bag $(EVAL_BAGS)
 
 # ... with the per-pixel stem, two seeds, beside that report
 robustness-data4x-clip-pixel: $(STAMP) runs/default_data4x_clip_pixel-s0/train_state.pt runs/default_data4x_clip_pixel-s1/train_state.pt
 	$(VENV)/bin/fusion-attn eval-robustness data4x_clip_pixel=runs/default_data4x_clip_pixel-s0 \
 		'data4x_clip_pixel#1=runs/default_data4x_clip_pixel-s1' --beside docs/results/data4x_clip/robustness.json \
 		-o docs/results/data4x_clip_pixel --episodes 12 --jobs 2 \
-		--bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
+		--bag $(EVAL_BAGS)
 
 # ... the stem of 4 x 4 cells with and without the camera's own goal objective, beside that report
 robustness-data4x-clip-stem: $(STAMP) runs/default_data4x_clip_stem_camgoal-s0/train_state.pt runs/default_data4x_clip_stem-s0/train_state.pt
 	$(VENV)/bin/fusion-attn eval-robustness data4x_clip_stem_camgoal=runs/default_data4x_clip_stem_camgoal-s0 \
 		data4x_clip_stem=runs/default_data4x_clip_stem-s0 --beside docs/results/data4x_clip/robustness.json \
 		-o docs/results/data4x_clip_stem --episodes 12 --jobs 2 \
-		--bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
+		--bag $(EVAL_BAGS)
 
 # ... and the objective's seed 1, beside that report
 robustness-data4x-clip-stem-camgoal: $(STAMP) runs/default_data4x_clip_stem_camgoal-s1/train_state.pt
 	$(VENV)/bin/fusion-attn eval-robustness 'data4x_clip_stem_camgoal#1=runs/default_data4x_clip_stem_camgoal-s1' \
 		--beside docs/results/data4x_clip_stem/robustness.json -o docs/results/data4x_clip_stem_camgoal \
 		--episodes 12 --jobs 2 \
-		--bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
+		--bag $(EVAL_BAGS)
 
 # ... its three seeds against concat on the same 192 episodes, every goal figure also by observability class
 robustness-stem-camgoal: $(STAMP) runs/default_data4x_clip_stem_camgoal-s0/train_state.pt \
@@ -321,7 +321,7 @@ robustness-stem-camgoal: $(STAMP) runs/default_data4x_clip_stem_camgoal-s0/train
 		'data4x_clip_stem_camgoal#1=runs/default_data4x_clip_stem_camgoal-s1' \
 		'data4x_clip_stem_camgoal#2=runs/default_data4x_clip_stem_camgoal-s2' concat=runs/concat_data4x-s0 \
 		-o docs/results/stem_camgoal --episodes 12 --jobs 2 --reuse \
-		--bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
+		--bag $(EVAL_BAGS)
 
 # ... and with the lidar's own goal objective too (two seeds), beside that report
 robustness-stem-lidgoal: $(STAMP) runs/default_data4x_clip_stem_lidgoal-s0/train_state.pt \
@@ -329,7 +329,7 @@ robustness-stem-lidgoal: $(STAMP) runs/default_data4x_clip_stem_lidgoal-s0/train
 	$(VENV)/bin/fusion-attn eval-robustness data4x_clip_stem_lidgoal=runs/default_data4x_clip_stem_lidgoal-s0 \
 		'data4x_clip_stem_lidgoal#1=runs/default_data4x_clip_stem_lidgoal-s1' \
 		--beside docs/results/stem_camgoal/robustness.json -o docs/results/stem_lidgoal --episodes 12 --jobs 2 --reuse \
-		--bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
+		--bag $(EVAL_BAGS)
 
 # ... and with a self-attention block along each camera column too, beside that report
 robustness-stem-lidgoal-col: $(STAMP) runs/default_data4x_clip_stem_lidgoal_col-s0/train_state.pt \
@@ -338,7 +338,7 @@ robustness-stem-lidgoal-col: $(STAMP) runs/default_data4x_clip_stem_lidgoal_col-
 		'data4x_clip_stem_lidgoal_col#1=runs/default_data4x_clip_stem_lidgoal_col-s1' \
 		'data4x_clip_stem_lidgoal_col#2=runs/default_data4x_clip_stem_lidgoal_col-s2' \
 		--beside docs/results/stem_lidgoal/robustness.json -o docs/results/stem_lidgoal_col --episodes 12 --jobs 2 --reuse \
-		--bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
+		--bag $(EVAL_BAGS)
 
 # ... and with the lidar's goal objective asking for the bearing too, beside that report
 robustness-stem-lidgoal-col-bear: $(STAMP) runs/default_data4x_clip_stem_lidgoal_col_bear-s0/train_state.pt \
@@ -347,7 +347,7 @@ robustness-stem-lidgoal-col-bear: $(STAMP) runs/default_data4x_clip_stem_lidgoal
 		'data4x_clip_stem_lidgoal_col_bear#1=runs/default_data4x_clip_stem_lidgoal_col_bear-s1' \
 		'data4x_clip_stem_lidgoal_col_bear#2=runs/default_data4x_clip_stem_lidgoal_col_bear-s2' \
 		--beside docs/results/stem_lidgoal_col/robustness.json -o docs/results/stem_lidgoal_col_bear --episodes 12 --jobs 2 --reuse \
-		--bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
+		--bag $(EVAL_BAGS)
 
 # ... and with two column blocks, beside that report
 robustness-stem-lidgoal-col2-bear: $(STAMP) runs/default_data4x_clip_stem_lidgoal_col2_bear-s0/train_state.pt \
@@ -356,7 +356,7 @@ robustness-stem-lidgoal-col2-bear: $(STAMP) runs/default_data4x_clip_stem_lidgoa
 		'data4x_clip_stem_lidgoal_col2_bear#1=runs/default_data4x_clip_stem_lidgoal_col2_bear-s1' \
 		'data4x_clip_stem_lidgoal_col2_bear#2=runs/default_data4x_clip_stem_lidgoal_col2_bear-s2' \
 		--beside docs/results/stem_lidgoal_col_bear/robustness.json -o docs/results/stem_lidgoal_col2_bear --episodes 12 --jobs 2 --reuse \
-		--bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
+		--bag $(EVAL_BAGS)
 
 # the column-block recipe and concat on a finer camera rig (128 pixels per view): their own held-out images, so no
 # report of the default rig joins them
@@ -364,21 +364,20 @@ robustness-view128: $(STAMP) runs/default_data4x_clip_stem_lidgoal_col_view128-s
 		runs/concat_data4x_view128-s0/train_state.pt
 	$(VENV)/bin/fusion-attn eval-robustness data4x_clip_stem_lidgoal_col_view128=runs/default_data4x_clip_stem_lidgoal_col_view128-s0 \
 		concat=runs/concat_data4x_view128-s0 -o docs/results/view128 --episodes 12 --jobs 2 --reuse \
-		--bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
+		--bag $(EVAL_BAGS)
 
 # ... and the lidar-goal recipe retrained with the objectives' new labels alone (seed 0), beside that report
 robustness-stem-lidgoal-relabel: $(STAMP) runs/default_data4x_clip_stem_lidgoal_relabel-s0/train_state.pt
 	$(VENV)/bin/fusion-attn eval-robustness data4x_clip_stem_lidgoal_relabel=runs/default_data4x_clip_stem_lidgoal_relabel-s0 \
 		--beside docs/results/stem_lidgoal_col/robustness.json -o docs/results/stem_lidgoal_relabel --episodes 12 --jobs 2 \
-		--bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
+		--bag $(EVAL_BAGS)
 
 # the camera stem's three seeds beside the default's recipe and concat (seed 0 each), held out
 robustness-stem: $(STAMP) runs/default_stem-s0/train_state.pt runs/default_stem-s1/train_state.pt \
 		runs/default_stem-s2/train_state.pt runs/default-s0/train_state.pt runs/concat-s0/train_state.pt
 	$(VENV)/bin/fusion-attn eval-robustness stem=runs/default_stem-s0 'stem#1=runs/default_stem-s1' \
 		'stem#2=runs/default_stem-s2' default=runs/default-s0 concat=runs/concat-s0 -o docs/results/stem \
-		--episodes 12 --jobs 2 --bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame \
-		$(REAL)/sick_lms1xx_scan_cloud_radar.bag
+		--episodes 12 --jobs 2 --bag $(EVAL_BAGS)
 
 # the camera's own goal objective, three seeds, and the default's recipe's seeds 1 and 2, beside the stem's report
 # (its runs as measured there: the default's seed 0, concat's seed 0, the stem's three seeds)
@@ -387,7 +386,7 @@ robustness-camgoal: $(STAMP) runs/default_camgoal-s0/train_state.pt runs/default
 	$(VENV)/bin/fusion-attn eval-robustness camgoal=runs/default_camgoal-s0 'camgoal#1=runs/default_camgoal-s1' \
 		'camgoal#2=runs/default_camgoal-s2' 'default#1=runs/default-s1' 'default#2=runs/default-s2' \
 		--beside docs/results/stem/robustness.json -o docs/results/camgoal --episodes 12 --jobs 2 \
-		--bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
+		--bag $(EVAL_BAGS)
 
 # the mirrored episodes' three seeds, unclipped and clipped, beside the camera objective's report (the default's
 # recipe's three seeds, the stem's, concat), on the same held-out samples
@@ -398,20 +397,18 @@ robustness-mirror: $(STAMP) $(MIRROR:%=%/train_state.pt)
 		'mirror#2=runs/default_mirror-s2' mirror_clip=runs/default_mirror_clip-s0 \
 		'mirror_clip#1=runs/default_mirror_clip-s1' 'mirror_clip#2=runs/default_mirror_clip-s2' \
 		--beside docs/results/camgoal/robustness.json -o docs/results/mirror \
-		--episodes 12 --jobs 2 --bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame \
-		$(REAL)/sick_lms1xx_scan_cloud_radar.bag
+		--episodes 12 --jobs 2 --bag $(EVAL_BAGS)
 
 # the default's recipe with the camera's stale-content trust path, three seeds, beside the default's three
 robustness-stalecam: $(STAMP) runs/default_stalecam-s0/train_state.pt runs/default_stalecam-s1/train_state.pt \
 		runs/default_stalecam-s2/train_state.pt
 	$(VENV)/bin/fusion-attn eval-robustness stalecam=runs/default_stalecam-s0 'stalecam#1=runs/default_stalecam-s1' \
 		'stalecam#2=runs/default_stalecam-s2' --beside docs/results/default/robustness.json -o docs/results/stalecam \
-		--episodes 12 --jobs 2 --bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick_lms1xx_scan_cloud_radar.bag
+		--episodes 12 --jobs 2 --bag $(EVAL_BAGS)
 # the packaged default (runs/default_stalefit, one seed: the path fitted onto runs/default) beside the above
 robustness-stalefit: $(STAMP) runs/default_stalefit/train_state.pt
 	$(VENV)/bin/fusion-attn eval-robustness stalefit=runs/default_stalefit --beside docs/results/default/robustness.json \
-		-o docs/results/default_stalefit --episodes 12 --jobs 2 --bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame \
-		$(REAL)/sick_lms1xx_scan_cloud_radar.bag
+		-o docs/results/default_stalefit --episodes 12 --jobs 2 --bag $(EVAL_BAGS)
 
 # a candidate, not packaged (docs/RESULTS.md, "2026-12-02: a robot standing still"): the trust head (nothing
 # else) refitted on data in which the robot also stands still, the memory task's arena included
@@ -421,8 +418,7 @@ runs/stillfit/train_state.pt: runs/default_stalefit/train_state.pt
 		--stop-share 0.25 --sim-tasks control navigate memory --steps 1000 --lr 5e-4
 robustness-stillfit: $(STAMP) runs/stillfit/train_state.pt
 	$(VENV)/bin/fusion-attn eval-robustness stillfit=runs/stillfit --beside docs/results/default/robustness.json \
-		-o docs/results/stillfit --episodes 12 --jobs 2 --bag $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame \
-		$(REAL)/sick_lms1xx_scan_cloud_radar.bag
+		-o docs/results/stillfit --episodes 12 --jobs 2 --bag $(EVAL_BAGS)
 
 # Build with colcon (the robot's path) into a temp workspace and check the install tree.
 colcon-check: $(STAMP) $(DEV_STAMP)
