@@ -14,7 +14,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 	robustness-data4x-clip-3k robustness-data4x-clip-pixel robustness-data4x-clip-stem \
 	robustness-data4x-clip-stem-camgoal robustness-stem-camgoal robustness-stem-lidgoal robustness-stem-lidgoal-col \
 	robustness-stem-lidgoal-relabel robustness-stem-lidgoal-col-bear \
-	robustness-stem-lidgoal-col2-bear robustness-view128
+	robustness-stem-lidgoal-col2-bear robustness-view128 robustness-odometry
 
 # The main job on the embedded default: CPU, ONNX Runtime, no robot, the packaged default model:
 # replay a recording as the node would fuse it; fused-state bag, summary and plots in $(OUT).
@@ -409,6 +409,21 @@ robustness-stalecam: $(STAMP) runs/default_stalecam-s0/train_state.pt runs/defau
 robustness-stalefit: $(STAMP) runs/default_stalefit/train_state.pt
 	$(VENV)/bin/fusion-attn eval-robustness stalefit=runs/default_stalefit --beside docs/results/default/robustness.json \
 		-o docs/results/default_stalefit --episodes 12 --jobs 2 --bag $(EVAL_BAGS)
+
+# wheel odometry as a fourth sensor (--odometry: the simulator's 50 Hz twist, nav_msgs/Odometry on a robot):
+# the packaged default's recipe, and concat trained the same way on the same data; the targets judge the first
+# against the second (docs/RESULTS.md). benchmarks/sim_odometry.py measures what the odometry reads.
+runs/odometry-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/odometry-s$* --seed $* --odometry --trust-floor 0.01 --floor-at-run-time --eval-every 2000
+runs/concat_odometry-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/concat_odometry-s$* --seed $* --odometry --fusion concat --fixed-tau --eval-every 2000
+# ... and the camera's stale path fitted onto it, as the packaged default's is (default-model above)
+runs/odometry_stalefit/train_state.pt: runs/odometry-s0/train_state.pt
+	$(TRAIN) -o runs/odometry_stalefit --odometry --trust-floor 0.01 --floor-at-run-time --stale-evidence \
+		--init-from runs/odometry-s0/model.safetensors --train-only trust.stale --steps 600 --lr 0.02
+robustness-odometry: $(STAMP) runs/odometry-s0/train_state.pt runs/concat_odometry-s0/train_state.pt
+	$(VENV)/bin/fusion-attn eval-robustness odometry=runs/odometry-s0 concat=runs/concat_odometry-s0 \
+		-o docs/results/odometry --episodes 12 --jobs 2 --reuse --bag $(EVAL_BAGS)
 
 # a candidate, not packaged (docs/RESULTS.md, "2026-12-02: a robot standing still"): the trust head (nothing
 # else) refitted on data in which the robot also stands still, the memory task's arena included

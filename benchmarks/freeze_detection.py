@@ -45,7 +45,7 @@ for m, sensor in enumerate(MODALITIES):
         rng = np.random.default_rng(seed)
         onset_s = float(rng.uniform(3.0, 6.0))
         env = RobotEnv("control", faults=FaultConfig(**{f"{sensor}_freeze": FaultSpec.window(onset_s)}))
-        clock = FusionClock(SensorSync(SyncConfig(imu_window_s=pipeline.cfg.imu.window_s)), 20.0)
+        clock = FusionClock(SensorSync(SyncConfig.for_model(pipeline.cfg)), 20.0)
         trust = []  # (t [s], trust (3,), present (3,))
         try:
             for info in random_drive(env, rng, seed, args.seconds):  # as training's episodes

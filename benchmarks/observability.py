@@ -4,12 +4,13 @@
 
 Held-out simulated episodes (Control and Navigate alternating, seeds 300000 + k: none of training's),
 faults off, driven by the training data's smooth random policy (each command held 0.4-1.6 s at 50 Hz
-control). At 10 Hz sample instants it decides, from the world's geometry, which of camera, lidar and
-IMU observes each quantity of `RobotEnv.ground_truth` (DEFINITIONS below), and counts the samples in
+control). At 10 Hz sample instants it decides, from the world's geometry, which of camera, lidar,
+IMU and wheel odometry observes each quantity of `RobotEnv.ground_truth` (DEFINITIONS below), and counts the samples in
 which at least two do. The camera columns are for the default rig (SensorConfig: 4 views, 360°); one
 more column gives the single forward camera (camera_views=1, the camera before the rig) for comparison.
 It also times 15 s of simulated Control episode with each camera. Writes the markdown report to -o
-and the raw numbers beside it (.json).
+and the raw numbers beside it (.json). The report's section "How precisely: the goal" is
+benchmarks/goal_range.py's, written in by hand: carry it over when regenerating.
 """
 
 import argparse
@@ -53,7 +54,7 @@ MIN_RETURNS = 20  # lidar returns a sweep needs for scan matching
 ACCEL_WINDOW_S = 0.25
 ACCEL_MIN = 0.2  # m/s^2: |forward acceleration| above it tells the IMU the speed is changing
 POST_END_M = 0.05  # the goal post's foot and top the camera looks for: this far inside its ends
-SENSORS = ("camera", "lidar", "imu")
+SENSORS = ("camera", "lidar", "imu", "odometry")  # odometry: a model built with --odometry reads it
 FORWARD = "75° forward camera"  # the comparison column: the camera before the rig
 QUANTITIES = ("forward speed", "yaw rate", *[f"obstacles, sector {s}" for s in range(SECTORS)], "goal")
 ALL_SECTORS = "obstacles, all sectors"
@@ -87,6 +88,9 @@ A sample is one 10 Hz instant; "observes" is decided from the world's geometry a
   counts only in samples where the true |forward acceleration| exceeded {ACCEL_MIN:g} m/s^2 at some
   control step in the last {ACCEL_WINDOW_S:g} s (the speed is changing, and the accelerometer says by
   how much). The *lidar* and the *camera* observe it from consecutive frames, as the yaw rate.
+- **wheel odometry** (the fourth sensor of a model built with `--odometry`) reads forward speed and
+  yaw rate in every sample (its twist, at 50 Hz; `benchmarks/sim_odometry.py` measures how well),
+  and nothing else.
 """
 
 REPORT = """\
@@ -114,7 +118,8 @@ command held 0.4-1.6 s).
 ## Measured
 
 Share of samples in which each sensor observes the quantity; `>= 2`, `exactly 1` and `none` count
-camera, lidar and IMU. The last column is the single {forward} (camera_views=1: the camera
+camera, lidar, IMU and odometry (for speed and yaw rate odometry makes a second observer only in an
+episode's first sample, which has no previous frame to see motion in). The last column is the single {forward} (camera_views=1: the camera
 before the rig) in the same samples and world, for comparison. Before the goal post, the lidar never
 observed the goal: its rays passed through the floor patch that marked it.
 
@@ -252,12 +257,12 @@ def observe_episode(task: str, seed: int) -> dict:
                 ego_lidar = has_prev and min(prev_returns, len(points)) >= MIN_RETURNS
                 accel = np.abs(np.diff(speeds[-round(ACCEL_WINDOW_S / control_s) - 1:])) / control_s
                 obs = np.zeros((len(QUANTITIES), len(SENSORS) + 1), bool)  # + the forward camera
-                obs[0] = has_prev, ego_lidar, accel.max() > ACCEL_MIN, has_prev
-                obs[1] = has_prev, ego_lidar, True, has_prev
+                obs[0] = has_prev, ego_lidar, accel.max() > ACCEL_MIN, True, has_prev
+                obs[1] = has_prev, ego_lidar, True, True, has_prev
                 obs[2:2 + SECTORS, 0] = rig.camera_sees_obstacles(origin, rays)
                 obs[2:2 + SECTORS, 1] = np.isin(np.arange(SECTORS), sector)
-                obs[2:2 + SECTORS, 3] = forward.camera_sees_obstacles(origin, rays)
-                obs[-1] = (any(map(rig.camera_sees, post_ends)), post.any(), False,
+                obs[2:2 + SECTORS, -1] = forward.camera_sees_obstacles(origin, rays)
+                obs[-1] = (any(map(rig.camera_sees, post_ends)), post.any(), False, False,
                            any(map(forward.camera_sees, post_ends)))
                 samples.append(obs)
                 prev_returns = len(points)
@@ -303,12 +308,12 @@ def gl_renderer() -> str:
 
 
 def _row(observed: np.ndarray) -> dict[str, float]:
-    """observed (..., camera/lidar/IMU/forward camera) -> share of each sensor, of >= 2, exactly 1 and
-    no observers (of camera, lidar and IMU), and of each sensor being the only one."""
-    own = observed[..., :3]
+    """observed (..., SENSORS then the forward camera) -> share of each sensor, of >= 2, exactly 1 and
+    no observers (of SENSORS), and of each sensor being the only one."""
+    own = observed[..., : len(SENSORS)]
     count = own.sum(axis=-1)
     row = {s: float(own[..., i].mean()) for i, s in enumerate(SENSORS)}
-    row[FORWARD] = float(observed[..., 3].mean())
+    row[FORWARD] = float(observed[..., len(SENSORS)].mean())
     for label, n in ((">= 2", count >= 2), ("exactly 1", count == 1), ("none", count == 0)):
         row[label] = float(n.mean())
     return row | {f"{s} alone": float((own[..., i] & (count == 1)).mean()) for i, s in enumerate(SENSORS)}

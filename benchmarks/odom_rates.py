@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fusion_attn.adapters import imu_to_sample
+from fusion_attn.adapters import imu_to_sample, odometry_to_sample
 from fusion_attn.bag import open_reader
 from fusion_attn.bench import machine
 from fusion_attn.frames import NS_PER_S, stamp_to_ns
@@ -49,8 +49,9 @@ with open_reader([args.bag]) as reader:
         t = stamp_to_ns(msg.header.stamp) / NS_PER_S
         if conn.msgtype == "sensor_msgs/msg/Imu":
             imu.append((t, *imu_to_sample(msg).gyro))
-        elif conn.msgtype == "nav_msgs/msg/Odometry":
-            odom.append((t, msg.twist.twist.linear.x, msg.twist.twist.angular.z))
+        elif conn.msgtype == "nav_msgs/msg/Odometry":  # the twist, as the node's adapter reads it
+            twist = odometry_to_sample(msg)
+            odom.append((t, twist.linear[0], twist.angular[2]))
         elif msg.status.status >= 0:  # a fix
             fix.append((t, msg.latitude, msg.longitude))
 if not imu or not odom:

@@ -54,7 +54,7 @@ def episode(pipeline: FusionPipeline, task: str, seed: int, frozen: str | None) 
     """(fusion time [s], trust (3,) with NaN for an absent sensor) of one episode."""
     faults = FaultConfig(**({f"{frozen}_freeze": FaultSpec.window(args.freeze_at_s)} if frozen else {}))
     env = RobotEnv(task, faults=faults)
-    clock = FusionClock(SensorSync(SyncConfig(imu_window_s=pipeline.cfg.imu.window_s)), 20.0)
+    clock = FusionClock(SensorSync(SyncConfig.for_model(pipeline.cfg)), 20.0)
     out = []
     try:
         for info in random_drive(env, np.random.default_rng(seed), seed, args.still_s + args.drive_s,

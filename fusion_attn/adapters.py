@@ -1,4 +1,4 @@
-"""sensor_msgs messages -> typed frames, for rclpy messages and rosbags-deserialized ones alike.
+"""sensor_msgs (and nav_msgs/Odometry) messages -> typed frames, for rclpy messages and rosbags-deserialized ones alike.
 
 Both kinds carry the same field names; only the containers differ (rclpy: `array.array`, rosbags:
 numpy arrays). So every converter duck-types on field names and reads buffers through
@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from .errors import MalformedMessageError
-from .frames import CameraFrame, ImuSample, LidarFrame, Modality, stamp_to_ns
+from .frames import CameraFrame, ImuSample, LidarFrame, Modality, OdometrySample, stamp_to_ns
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +35,12 @@ __all__ = [
     "laserscan_to_frame",
     "modality_of",
     "msgtype_of",
+    "odometry_to_sample",
     "pointcloud2_to_frame",
     "to_frame",
 ]
 
-Frame = CameraFrame | LidarFrame | ImuSample
+Frame = CameraFrame | LidarFrame | ImuSample | OdometrySample
 _F = TypeVar("_F", bound=Callable[[Any], Any])
 
 # Raw encoding -> (element dtype, channels in the message, cv2 conversion to rgb8 or None, output encoding).
@@ -398,6 +399,24 @@ def imu_to_sample(msg: Any) -> ImuSample:
     return ImuSample(stamp_ns, frame_id, accel, gyro, quaternion if known else None)
 
 
+# --- wheel odometry ------------------------------------------------------------------------------
+
+
+@_converter("nav_msgs/msg/Odometry")
+def odometry_to_sample(msg: Any) -> OdometrySample:
+    """nav_msgs/Odometry -> its twist, in child_frame_id (the robot's base; header.frame_id where empty).
+    The pose is left out: it integrates the same twist, with the drift of a robot's whole run."""
+    stamp_ns, frame_id = _header(msg)
+    child = _field(msg, "child_frame_id")
+    if not isinstance(child, str):
+        raise MalformedMessageError(f"field 'child_frame_id' must be a str, got {type(child).__name__}")
+    linear = _vector(msg, "twist.twist.linear", "xyz")
+    angular = _vector(msg, "twist.twist.angular", "xyz")
+    if not (np.isfinite(linear).all() and np.isfinite(angular).all()):
+        raise MalformedMessageError(f"non-finite twist linear {linear} or angular {angular}")
+    return OdometrySample(stamp_ns, child or frame_id, linear, angular)
+
+
 # --- dispatch ------------------------------------------------------------------------------------
 
 SUPPORTED_TYPES: Mapping[str, Callable[[Any], Frame]] = MappingProxyType(
@@ -407,6 +426,7 @@ SUPPORTED_TYPES: Mapping[str, Callable[[Any], Frame]] = MappingProxyType(
         "sensor_msgs/msg/PointCloud2": pointcloud2_to_frame,
         "sensor_msgs/msg/LaserScan": laserscan_to_frame,
         "sensor_msgs/msg/Imu": imu_to_sample,
+        "nav_msgs/msg/Odometry": odometry_to_sample,
     }
 )
 _MODALITIES: Mapping[str, Modality] = {
@@ -415,6 +435,7 @@ _MODALITIES: Mapping[str, Modality] = {
     "sensor_msgs/msg/PointCloud2": Modality.LIDAR,
     "sensor_msgs/msg/LaserScan": Modality.LIDAR,
     "sensor_msgs/msg/Imu": Modality.IMU,
+    "nav_msgs/msg/Odometry": Modality.ODOMETRY,
 }
 
 

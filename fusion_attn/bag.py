@@ -16,7 +16,7 @@ import logging
 import mmap
 import struct
 from collections import Counter
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -362,11 +362,12 @@ def topic_flag(modality: Modality) -> str:
 
 
 def find_topics(reader: AnyReader, overrides: dict[Modality, str] | None = None,
-                leave_out: Collection[Modality] = ()) -> BagTopics:
+                leave_out: Mapping[Modality, str] | None = None) -> BagTopics:
     """One topic per modality: the override if given, else the busiest topic of a sensor type.
 
     Every other topic is in `skipped` with the reason; a sensor topic not chosen also names the option
-    that chooses it. leave_out: modalities configured as none (the node's *_type). ConfigError for an
+    that chooses it. leave_out: modalities not fused -> why (configured as none by the node's *_type, not
+    read by the model); their topics are skipped with that reason. ConfigError for an
     override that is not in the bag, or not of its modality's types.
     """
     counts: dict[str, int] = {}  # messages per topic, over every bag that holds it
@@ -388,8 +389,8 @@ def find_topics(reader: AnyReader, overrides: dict[Modality, str] | None = None,
         _check_override(modality, topic, msgtypes, topics.skipped)
     for modality, names in candidates.items():
         name, flag = MODALITIES[modality], topic_flag(modality)
-        if modality in leave_out:
-            topics.skipped.update((t, f"{name} is configured as none") for t in names)
+        if modality in (leave_out or {}):
+            topics.skipped.update((t, leave_out[modality]) for t in names)
             continue
         chosen = overrides.get(modality) or max(names, key=counts.__getitem__)  # the first of equally busy ones
         topics.sensors[modality] = chosen

@@ -25,8 +25,8 @@ import math
 from collections.abc import Iterator
 
 from .errors import ConfigError
-from .frames import MODALITIES, NS_PER_S, CameraFrame, ImuSample, LidarFrame, Modality
-from .sync import SensorSync
+from .frames import MODALITIES, NS_PER_S, CameraFrame, ImuSample, LidarFrame, Modality, OdometrySample
+from .sync import MODALITY_OF, SensorSync
 from .tokenize import SensorSnapshot
 
 MAX_GAP_S = 10.0  # a longer silence in the data is a gap in the recording, not a time to fuse through
@@ -48,7 +48,7 @@ class FusionClock:
         self.next_tick = start_ns
         self.events = [] if events is None else events  # what was dropped or reset, and why, in order
 
-    def add(self, frame: CameraFrame | LidarFrame | ImuSample, source: str = "") -> Iterator[SensorSnapshot]:
+    def add(self, frame: CameraFrame | LidarFrame | ImuSample | OdometrySample, source: str = "") -> Iterator[SensorSnapshot]:
         """Feed one frame: yields the snapshots due, timer ticks before its stamp, then (trigger) its own.
 
         A generator, so that whoever handles a tick sees the sync as it was at that tick (its health,
@@ -68,7 +68,7 @@ class FusionClock:
         elif self.sync.resets != resets:
             self.events.append(f"{source}: time jumped back: buffers reset")
             self.next_tick = None
-        if self.trigger is not None and not rejected and _MODALITY[type(frame)] is self.trigger:
+        if self.trigger is not None and not rejected and MODALITY_OF[type(frame)] is self.trigger:
             yield self.sync.snapshot(t)
         if self.next_tick is None:
             self.next_tick = t + self.period_ns
@@ -112,5 +112,3 @@ def trigger_modality(trigger: str) -> Modality | None:
         raise ConfigError(f"trigger must be timer or one of {MODALITIES}, got {trigger!r}")
     return None if trigger == "timer" else Modality(MODALITIES.index(trigger))
 
-
-_MODALITY = {CameraFrame: Modality.CAMERA, LidarFrame: Modality.LIDAR, ImuSample: Modality.IMU}

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .frames import MODALITIES, Modality
 
 
 @dataclass(frozen=True)
@@ -54,13 +55,13 @@ class LidarTokens:
 
 
 @dataclass(frozen=True)
-class ImuTokens:
-    window_s: float = 0.25  # the last window_s seconds before the newest sample
-    chunks: int = 8  # tokens
+class ChunkTokens:
+    """A stream of six-value samples (three axes of each of two kinds), resampled uniformly over its last
+    window_s seconds into chunks: one token each (tokenize.tokenize_imu)."""
+
+    window_s: float  # the last window_s seconds before the newest sample
+    chunks: int  # tokens
     samples_per_chunk: int = 8  # uniform resampling inside each chunk
-    accel_scale: float = 9.80665  # m/s^2 -> g
-    gyro_scale: float = 3.14159  # rad/s -> half turns per second
-    nominal_dt_s: float = 0.005  # scales the dt feature (200 Hz -> 1.0)
 
     @property
     def tokens(self) -> int:
@@ -68,7 +69,28 @@ class ImuTokens:
 
     @property
     def features(self) -> int:
-        return self.samples_per_chunk * 6 + 2  # accel, gyro per sample; mean dt and sample count
+        return self.samples_per_chunk * 6 + 2  # six values per sample; mean dt and sample count
+
+
+@dataclass(frozen=True)
+class ImuTokens(ChunkTokens):
+    window_s: float = 0.25
+    chunks: int = 8
+    accel_scale: float = 9.80665  # m/s^2 -> g
+    gyro_scale: float = 3.14159  # rad/s -> half turns per second
+    nominal_dt_s: float = 0.005  # scales the dt feature (200 Hz -> 1.0)
+
+
+@dataclass(frozen=True)
+class OdometryTokens(ChunkTokens):
+    """Wheel odometry's twists, tokenized as the IMU's samples are: velocity where the accel is, turn rate
+    where the gyro is."""
+
+    window_s: float = 0.5
+    chunks: int = 4
+    speed_scale: float = 1.0  # m/s
+    angular_scale: float = 3.14159  # rad/s -> half turns per second
+    nominal_dt_s: float = 0.02  # scales the dt feature (50 Hz -> 1.0)
 
 
 # field metadata of a setting added after models were shipped (see FusionConfig.to_dict)
@@ -129,6 +151,9 @@ class ModelConfig:
     # the horizon: its range on flat ground), which no patch shows alone and the fusion tokens' weighted
     # sums read poorly (docs/RESULTS.md); 0: none
     camera_column_blocks: int = field(default=0, metadata=ADDED_LATER)
+    # a fourth sensor, wheel odometry (FusionConfig.odometry's tokens): its twist reads speed and yaw
+    # rate where the IMU fails (docs/RESULTS.md: no other sensor reads the rates at the fusion instant)
+    odometry: bool = field(default=False, metadata=ADDED_LATER)
 
 
 @dataclass(frozen=True)
@@ -137,6 +162,16 @@ class FusionConfig:
     lidar: LidarTokens = field(default_factory=LidarTokens)
     imu: ImuTokens = field(default_factory=ImuTokens)
     model: ModelConfig = field(default_factory=ModelConfig)
+    odometry: OdometryTokens = field(default_factory=OdometryTokens)  # read with model.odometry only
+
+    @property
+    def sensors(self) -> tuple[Modality, ...]:
+        """The sensors the model reads, in token order: every per-sensor input and output follows it."""
+        return (Modality.CAMERA, Modality.LIDAR, Modality.IMU) + ((Modality.ODOMETRY,) if self.model.odometry else ())
+
+    @property
+    def sensor_names(self) -> tuple[str, ...]:
+        return tuple(MODALITIES[m] for m in self.sensors)
 
     def __post_init__(self):
         c, m, li = self.camera, self.model, self.lidar
@@ -174,15 +209,24 @@ class FusionConfig:
                 raise ConfigError(f"model.{name} needs model.lidar_motion (the scan match it carries)")
         if not 1 <= li.grid <= 255:  # a count per cell per sweep: grid² stays small
             raise ConfigError(f"lidar.grid {li.grid} must be in [1, 255]")
+        o = self.odometry
+        for name in ("chunks", "samples_per_chunk"):
+            value = getattr(o, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"odometry.{name} must be an integer >= 1, got {value!r}")
+        if not o.window_s > 0:
+            raise ConfigError(f"odometry.window_s must be > 0, got {o.window_s!r}")
         if not (li.range_m > 0 and self.imu.window_s > 0 and li.z_max_m > li.z_min_m):
             raise ConfigError("lidar.range_m and imu.window_s must be > 0, and lidar.z_max_m > lidar.z_min_m")
 
     def to_dict(self) -> dict[str, Any]:
-        """Every setting, except one ADDED_LATER at its default: the dict (and the weights digest of a
-        model, which hashes it) stays what it was for every model that predates the setting."""
+        """Every setting, except one ADDED_LATER at its default and the odometry's tokens of a model
+        without odometry: the dict (and the weights digest of a model, which hashes it) stays what it
+        was for every model that predates the setting."""
         return {f.name: {g.name: getattr(section, g.name) for g in dataclasses.fields(section)
                          if not (g.metadata.get("added_later") and getattr(section, g.name) == g.default)}
-                for f in dataclasses.fields(self) for section in [getattr(self, f.name)]}
+                for f in dataclasses.fields(self) for section in [getattr(self, f.name)]
+                if f.name != "odometry" or self.model.odometry}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

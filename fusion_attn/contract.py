@@ -41,20 +41,22 @@ def fusion_terms(weights_digest: str, tau, fusion_rate_hz: float, max_age_s, sta
 @dataclass(frozen=True)
 class ObservationLayout:
     """The policy's observation: the fused state vector (fused_dim), then with `attention` the attention
-    mass camera, lidar and IMU received (3), then the task's own input (task_dim)."""
+    mass each of the fusion's sensors received (camera, lidar, IMU[, odometry]), then the task's own input
+    (task_dim)."""
 
     fused_dim: int
     attention: bool
     task_dim: int
+    sensors: int = 3  # the fusion's (FusionConfig.sensors); contracts from before odometry lack it: 3
 
     @property
     def size(self) -> int:
-        return self.fused_dim + 3 * self.attention + self.task_dim
+        return self.fused_dim + self.sensors * self.attention + self.task_dim
 
 
 def observation_vector(layout: ObservationLayout, fused: np.ndarray, modality_attention: np.ndarray,
                        task: np.ndarray | None) -> np.ndarray:
-    """(layout.size,) float32 from a fused state's vector (fused_dim,), its attention per modality (3,)
+    """(layout.size,) float32 from a fused state's vector (fused_dim,), its attention per sensor (S,)
     (mean over heads) and the task input (task_dim,); ConfigError on a width that does not fit."""
     parts = [np.asarray(fused, np.float32).reshape(-1)]
     if layout.attention:

@@ -21,6 +21,7 @@ class Modality(IntEnum):
     CAMERA = 0
     LIDAR = 1
     IMU = 2
+    ODOMETRY = 3  # wheel odometry's twist; a model reads it only when built to (FusionConfig.sensors)
 
 
 MODALITIES: tuple[str, ...] = tuple(m.name.lower() for m in Modality)
@@ -96,6 +97,29 @@ class ImuWindow:
 
 
 @dataclass(frozen=True, slots=True)
+class OdometrySample:
+    """A twist from wheel odometry (nav_msgs/Odometry), in the robot's base frame (child_frame_id)."""
+
+    stamp_ns: int
+    frame_id: str  # the base frame the twist is expressed in
+    linear: np.ndarray  # (3,) float64 velocity [m/s]
+    angular: np.ndarray  # (3,) float64 angular velocity [rad/s]
+
+
+@dataclass(frozen=True, slots=True)
+class OdometryWindow:
+    """Consecutive odometry twists, oldest first, as kept by the sensor sync."""
+
+    frame_id: str
+    stamps_ns: np.ndarray  # (T,) int64, strictly increasing
+    linear: np.ndarray  # (T, 3) float64
+    angular: np.ndarray  # (T, 3) float64
+
+    def __len__(self) -> int:
+        return int(self.stamps_ns.shape[0])
+
+
+@dataclass(frozen=True, slots=True)
 class FusedState:
     """What the fusion produces for one instant; every front-end publishes or consumes this."""
 
@@ -103,17 +127,23 @@ class FusedState:
     frame_id: str
     pooled: np.ndarray  # (D,) float32 fused state vector
     latents: np.ndarray  # (M, D) float32 fusion tokens after the latent blocks
-    attention: np.ndarray  # (3, H) float32 attention mass per modality and head (columns sum to 1 unless all masked)
-    present: np.ndarray  # (3,) bool: modality had at least one valid token
-    ages_s: np.ndarray  # (3,) float32 age of each modality's newest data at stamp_ns (nan when absent)
-    tau: np.ndarray  # (4,) float32: global, camera, lidar, imu
+    # per sensor: S of the model's (`sensors`)
+    attention: np.ndarray  # (S, H) float32 attention mass per sensor and head (columns sum to 1 unless all masked)
+    present: np.ndarray  # (S,) bool: sensor had at least one valid token
+    ages_s: np.ndarray  # (S,) float32 age of each sensor's newest data at stamp_ns (nan when absent)
+    tau: np.ndarray  # (1 + S,) float32: global, then per sensor
     all_masked: bool = False  # no sensor contributed: the state is the model's defined empty output
     timings_ms: dict[str, float] = field(default_factory=dict)
-    # (3,) float32 the model's trust in each sensor's content, in [0, 1]: near 1 healthy, near 0 failed
+    # (S,) float32 the model's trust in each sensor's content, in [0, 1]: near 1 healthy, near 0 failed
     # (black, frozen, noisy, occluded); exactly 0 for an absent one. None: a model without a trust output
     trust: np.ndarray | None = None
 
     @property
+    def sensors(self) -> tuple[str, ...]:
+        """The sensors its per-sensor arrays follow: the model's (FusionConfig.sensors), the first of MODALITIES."""
+        return MODALITIES[: len(self.present)]
+
+    @property
     def modality_attention(self) -> np.ndarray:
-        """(3,) attention mass per modality, averaged over heads."""
+        """(S,) attention mass per sensor, averaged over heads."""
         return self.attention.mean(axis=1)

@@ -13,7 +13,7 @@ import json
 import numpy as np
 from rosbags.typesys import Stores, get_typestore
 
-from .frames import NS_PER_S, CameraFrame, FusedState, ImuSample, LidarFrame
+from .frames import MODALITIES, NS_PER_S, CameraFrame, FusedState, ImuSample, LidarFrame
 from .outputs import Status, fused_state_layout, fused_state_rows
 
 TYPES = get_typestore(Stores.ROS2_KILTED)
@@ -65,14 +65,15 @@ def fused_state_msg(state: FusedState, stamp_ns: int | None = None):
 
 def sensor_values_msg(stamp_ns: int, frame_id: str, values):
     """One value per sensor as geometry_msgs/Vector3Stamped, x, y, z = camera, lidar, imu: fixed fields
-    that Foxglove, PlotJuggler and rqt_plot plot as they are (attention, trust)."""
+    that Foxglove, PlotJuggler and rqt_plot plot as they are (attention, trust). Three fields: a fourth
+    sensor's (odometry) value is in the fused state's sensor rows and the diagnostics."""
     return _T["geometry_msgs/msg/Vector3Stamped"](header(stamp_ns, frame_id),
                                                   _T["geometry_msgs/msg/Vector3"](*map(float, values)))
 
 
-def fused_state_layout_msg(dim: int, fusion_tokens: int, heads: int):
+def fused_state_layout_msg(dim: int, fusion_tokens: int, heads: int, sensors: tuple[str, ...] = MODALITIES[:3]):
     """std_msgs/String: outputs.fused_state_layout as JSON."""
-    return _T["std_msgs/msg/String"](json.dumps(fused_state_layout(dim, fusion_tokens, heads)))
+    return _T["std_msgs/msg/String"](json.dumps(fused_state_layout(dim, fusion_tokens, heads, sensors)))
 
 
 def diagnostics_msg(stamp_ns: int, statuses: list[Status], hardware_id: str):

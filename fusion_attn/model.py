@@ -7,8 +7,8 @@ the attention pointer-like (all mass on the best-matching tokens); large τ spre
 the valid tokens. Masked tokens get exactly zero weight; with every token masked the cross-attention
 contributes nothing and `all_masked` is set.
 
-Shapes: B batch, N_c/N_l/N_i tokens per modality, N = N_c + N_l + N_i, P points per pillar,
-D model width, H heads, M fusion tokens.
+Shapes: B batch, S sensors (FusionConfig.sensors), N_c/N_l/N_i/N_o tokens per sensor, N their sum,
+P points per pillar, D model width, H heads, M fusion tokens.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CameraTokens, FusionConfig, LidarTokens, ModelConfig
-from .frames import Modality
 from .tokenize import LIDAR_INDEX, imu_samples
 
 # The exported graph's revision: part of the ONNX cache's file name (pipeline.onnx_for), so a cached
@@ -258,7 +257,7 @@ class PatchStem(nn.Module):
 
 
 class SensorEmbedding(nn.Module):
-    """Named sensor inputs -> tokens (B, N, D), token mask (B, N), per-sensor evidence (B, 3, E) and, with
+    """Named sensor inputs -> tokens (B, N, D), token mask (B, N), per-sensor evidence (B, S, E) and, with
     model.lidar_motion, the scan match (B, SCAN_MATCH_FEATURES) (else None).
 
     Each token also carries what changed since its sensor's previous frame: a camera patch its
@@ -284,14 +283,16 @@ class SensorEmbedding(nn.Module):
         self.lidar_change = nn.Linear(d, d, bias=False)
         self.lidar_motion = nn.Linear(SCAN_MATCH_FEATURES, d, bias=False) if cfg.model.lidar_motion else None
         self.imu = MLP(cfg.imu.features, d, d)
-        self.modality = nn.Parameter(torch.randn(3, d) * 0.02)
+        self.odometry = MLP(cfg.odometry.features, d, d) if cfg.model.odometry else None
+        self.modality = nn.Parameter(torch.randn(len(cfg.sensors), d) * 0.02)
         self.no_previous = nn.Parameter(torch.randn(2, d) * 0.02)  # camera, lidar: no previous frame to compare
         self.age = nn.Linear(2 * cfg.model.age_frequencies, d)
         self.interval = nn.Linear(2 * cfg.model.age_frequencies, d, bias=False)  # time to the previous frame
         self.age_frequencies = cfg.model.age_frequencies
         self.norm = nn.LayerNorm(d)
-        self.counts = (cfg.camera.tokens, cfg.lidar.tokens + cfg.model.lidar_motion_token, cfg.imu.tokens)  # per sensor
-        ids = [m for m, n in zip((Modality.CAMERA, Modality.LIDAR, Modality.IMU), self.counts) for _ in range(n)]
+        self.counts = (cfg.camera.tokens, cfg.lidar.tokens + cfg.model.lidar_motion_token, cfg.imu.tokens,
+                       *([cfg.odometry.tokens] if cfg.model.odometry else []))  # per sensor, cfg.sensors' order
+        ids = [m for m, n in zip(cfg.sensors, self.counts) for _ in range(n)]
         self.register_buffer("modality_id", torch.tensor([int(m) for m in ids]), persistent=False)
 
     def pillars(self, points, point_mask):
@@ -314,7 +315,7 @@ class SensorEmbedding(nn.Module):
         return x.reshape(-1, cols, rows, D).transpose(1, 2).reshape(cam.shape)
 
     def forward(self, x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """-> tokens (B, N, D), mask (B, N), evidence (B, 3, E) and the scan match (B, SCAN_MATCH_FEATURES)
+        """-> tokens (B, N, D), mask (B, N), evidence (B, S, E) and the scan match (B, SCAN_MATCH_FEATURES)
         with model.lidar_motion, else None."""
         fourier = functools.partial(fourier_age, n=self.age_frequencies)
         # camera (B, N_c, D): the patch, its change since the previous frame (or "no previous frame")
@@ -345,18 +346,20 @@ class SensorEmbedding(nn.Module):
                 since_prev = since_prev + self.lidar_motion(scan)
         lidar = lidar + torch.where(has_prev[:, None, None], since_prev.unsqueeze(1), self.no_previous[1])
         imu = self.imu(x["imu_chunks"])  # (B, N_i, D)
-        tokens = torch.cat([cam, lidar, *motion, imu], dim=1) + self.modality[self.modality_id]  # (B, N, D)
-        age = torch.cat([x["camera_age"], x["lidar_age"], *motion_age, x["imu_age"]], dim=1)  # (B, N)
+        odometry = [] if self.odometry is None else [self.odometry(x["odometry_chunks"])]  # (B, N_o, D)
+        rates = ["imu"] + (["odometry"] if odometry else [])
+        tokens = torch.cat([cam, lidar, *motion, imu, *odometry], dim=1) + self.modality[self.modality_id]  # (B, N, D)
+        age = torch.cat([x["camera_age"], x["lidar_age"], *motion_age, *(x[f"{n}_age"] for n in rates)], dim=1)  # (B, N)
         tokens = self.norm(tokens + self.age(fourier(age)))
-        mask = torch.cat([cam_mask, lidar_mask, *motion_mask, x["imu_mask"]], dim=1)  # (B, N)
+        mask = torch.cat([cam_mask, lidar_mask, *motion_mask, *(x[f"{n}_mask"] for n in rates)], dim=1)  # (B, N)
         return tokens, mask, self._evidence(x, change, cam_prev, sweep_change, has_prev), scan
 
     def _evidence(self, x, cam_change, cam_prev, sweep_change, lidar_has_prev) -> torch.Tensor:
-        """(B, 3, EVIDENCE) log-scale statistics a detector needs and a mean of tokens hides: how much
+        """(B, S, EVIDENCE) log-scale statistics a detector needs and a mean of tokens hides: how much
         the camera and lidar changed since their previous frame (exactly nothing when frozen), the
         camera's pixel spread and its spread across patches (black, noisy, half occluded), the share
-        of the lidar's octants with points (a blocked sector), the IMU's spread over its window per
-        axis group (a stuck or zeroed IMU has none). Zero where it does not apply."""
+        of the lidar's octants with points (a blocked sector), the IMU's (and odometry's) spread over its
+        window per axis group (a stuck or zeroed IMU has none). Zero where it does not apply."""
         eps = 1e-6
         B = cam_change.shape[0]
         patches, cam_mask = x["camera_patches"], x["camera_mask"]
@@ -379,15 +382,23 @@ class SensorEmbedding(nn.Module):
         delta = sweep_change.abs().mean(-1)
         lidar = torch.stack([torch.log(delta + eps) * lidar_has_prev, occupied,
                              torch.log(pmask.any(-1).float().sum(1) + 1.0), lidar_has_prev.float()], dim=1)
-        # IMU: the spread of accel and gyro over the valid chunks' samples
-        samples = imu_samples(x["imu_chunks"], self.cfg.imu)  # (B, N_i, S, 6)
-        w = x["imu_mask"].float()[:, :, None, None]
-        n = (w.sum((1, 2)) * samples.shape[2]).clamp_min(1)  # (B, 1)
-        mean = (samples * w).sum((1, 2)) / n
-        var = (((samples - mean[:, None, None]) ** 2) * w).sum((1, 2)) / n  # (B, 6)
-        imu = torch.stack([torch.log(var[:, :3].mean(1).sqrt() + eps), torch.log(var[:, 3:].mean(1).sqrt() + eps),
-                           torch.log(mean[:, :3].norm(dim=1) + eps), x["imu_mask"].any(1).float()], dim=1)
-        return torch.stack([camera, lidar, imu], dim=1).reshape(B, 3, EVIDENCE)
+        rates = [_rate_evidence(x["imu_chunks"], x["imu_mask"], self.cfg.imu)]
+        if self.odometry is not None:
+            rates.append(_rate_evidence(x["odometry_chunks"], x["odometry_mask"], self.cfg.odometry))
+        return torch.stack([camera, lidar, *rates], dim=1).reshape(B, len(self.cfg.sensors), EVIDENCE)
+
+
+def _rate_evidence(chunks, mask, cfg) -> torch.Tensor:
+    """(B, EVIDENCE) of a six-axis stream (IMU, odometry): the spread of each axis group (accel, gyro; velocity,
+    turn rate) over the valid chunks' samples, the first group's mean magnitude, and whether any chunk is valid."""
+    eps = 1e-6
+    samples = imu_samples(chunks, cfg)  # (B, n, S, 6)
+    w = mask.float()[:, :, None, None]
+    n = (w.sum((1, 2)) * samples.shape[2]).clamp_min(1)  # (B, 1)
+    mean = (samples * w).sum((1, 2)) / n
+    var = (((samples - mean[:, None, None]) ** 2) * w).sum((1, 2)) / n  # (B, 6)
+    return torch.stack([torch.log(var[:, :3].mean(1).sqrt() + eps), torch.log(var[:, 3:].mean(1).sqrt() + eps),
+                        torch.log(mean[:, :3].norm(dim=1) + eps), mask.any(1).float()], dim=1)
 
 
 def _masked_max(tokens, mask):
@@ -399,15 +410,15 @@ EVIDENCE = 4  # statistics per sensor in SensorEmbedding._evidence
 
 
 class SensorTrust(nn.Module):
-    """Per-sensor trust logits (B, 3) from each sensor's tokens (masked mean and max), its evidence
+    """Per-sensor trust logits (B, S) from each sensor's tokens (masked mean and max), its evidence
     statistics and the other present sensors' summaries (disagreement between sensors is evidence
     too). An absent sensor's logit is -inf: trust sigmoid(logit) = 0, and no weight in the fusion."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, sensors: int):
         super().__init__()
         d = cfg.dim
         self.summary = MLP(2 * d + EVIDENCE, d, d)
-        self.modality = nn.Parameter(torch.randn(3, d) * 0.02)
+        self.modality = nn.Parameter(torch.randn(sensors, d) * 0.02)
         self.logit = MLP(2 * d, d, 1)
         # stale_evidence: for the camera, a logistic (slope, bias) on its change statistic alone
         # (evidence[:, 0, 0]); it starts silent (a stale logit of -6 caps the trust at 0.9975). The camera
@@ -416,18 +427,18 @@ class SensorTrust(nn.Module):
         self.stale = nn.Parameter(torch.tensor([0.0, -6.0])) if cfg.stale_evidence else None
 
     def forward(self, tokens, mask, membership, evidence):
-        # tokens (B, N, D), mask (B, N), membership (N, 3), evidence (B, 3, E) -> logits (B, 3), present (B, 3),
+        # tokens (B, N, D), mask (B, N), membership (N, S), evidence (B, S, E) -> logits (B, S), present (B, S),
         # and with stale_evidence the camera's stale-content logit (B,) and where it applies (B,), else None
-        w = mask.float().unsqueeze(-1) * membership  # (B, N, 3)
-        present = w.sum(1) > 0  # (B, 3)
+        w = mask.float().unsqueeze(-1) * membership  # (B, N, S)
+        present = w.sum(1) > 0  # (B, S)
         mean = torch.einsum("bnm,bnd->bmd", w, tokens) / w.sum(1).clamp_min(1.0).unsqueeze(-1)
-        inside = (w > 0).permute(0, 2, 1).unsqueeze(-1)  # (B, 3, N, 1)
+        inside = (w > 0).permute(0, 2, 1).unsqueeze(-1)  # (B, S, N, 1)
         peak = (tokens.unsqueeze(1) + log_mask(inside)).amax(2)
-        peak = torch.where(present.unsqueeze(-1), peak, 0.0)  # (B, 3, D)
-        h = self.summary(torch.cat([mean, peak, evidence], dim=-1)) + self.modality  # (B, 3, D)
+        peak = torch.where(present.unsqueeze(-1), peak, 0.0)  # (B, S, D)
+        h = self.summary(torch.cat([mean, peak, evidence], dim=-1)) + self.modality  # (B, S, D)
         p = present.float().unsqueeze(-1)
         others = ((h * p).sum(1, keepdim=True) - h * p) / (p.sum(1, keepdim=True) - p).clamp_min(1.0)
-        logits = self.logit(torch.cat([h, others], dim=-1)).squeeze(-1)  # (B, 3)
+        logits = self.logit(torch.cat([h, others], dim=-1)).squeeze(-1)  # (B, S)
         stale = valid = None
         if self.stale is not None:
             # a veto: where this path judges the camera stale (its logit above 0), the camera's trust is at most
@@ -458,7 +469,7 @@ class CrossAttention(nn.Module):
 
     def forward(self, queries, tokens, mask, token_tau, spans=None, sensor_weights=None):
         # queries (B, M, D), tokens (B, N, D), mask (B, N), token_tau (B, N); spans: each sensor's token
-        # slice; sensor_weights (B, 3) -> (B, M, D), token weights (B, H, M, N)
+        # slice; sensor_weights (B, S) -> (B, M, D), token weights (B, H, M, N)
         B, M, D = queries.shape
         N = tokens.shape[1]
         q = self.q(queries).view(B, M, self.heads, self.head_dim).transpose(1, 2)  # (B, H, M, hd)
@@ -501,7 +512,7 @@ class SelfAttentionBlock(nn.Module):
 
 class FusionModel(nn.Module):
     """Named sensor inputs (see tokenize.input_spec) -> fused (B, D), latents (B, M, D), attention
-    (B, 3, H) mass per modality and head, all_masked (B,), trust (B, 3).
+    (B, S, H) mass per sensor and head, all_masked (B,), trust (B, S); S sensors, FusionConfig.sensors.
 
     Two levels (ModelConfig.fusion "sensor", the default): inside each sensor the fusion tokens attend
     over its tokens (a softmax per sensor); across sensors, each sensor's share is the softmax over
@@ -517,7 +528,7 @@ class FusionModel(nn.Module):
         self.cfg = cfg
         m = cfg.model
         self.embed = SensorEmbedding(cfg)
-        self.trust = SensorTrust(m)
+        self.trust = SensorTrust(m, len(cfg.sensors))
         self.queries = nn.Parameter(torch.randn(m.fusion_tokens, m.dim) * 0.02)
         self.query_norm, self.token_norm = nn.LayerNorm(m.dim), nn.LayerNorm(m.dim)
         self.cross = CrossAttention(m)
@@ -528,12 +539,12 @@ class FusionModel(nn.Module):
         self.imu_direct = nn.Linear(cfg.imu.tokens * cfg.imu.features, m.dim, bias=False) if m.imu_direct else None
         self.out_norm = nn.LayerNorm(m.dim)
         # one-hot modality membership of each token, to sum attention per modality with a matmul
-        self.register_buffer("membership", F.one_hot(self.embed.modality_id, 3).float(), persistent=False)
+        self.register_buffer("membership", F.one_hot(self.embed.modality_id, len(cfg.sensors)).float(), persistent=False)
         ends = torch.cumsum(torch.tensor(self.embed.counts), 0).tolist()
-        self.spans = [slice(a, b) for a, b in zip([0, *ends[:2]], ends)]
+        self.spans = [slice(a, b) for a, b in zip([0, *ends[:-1]], ends)]
 
     def sensor_logits(self, log_trust: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-        """(B, 3) log trust, (B, 4) τ -> the sensor-level softmax's logits log(trust) / (τ_global * τ_sensor),
+        """(B, S) log trust, (B, 1 + S) τ -> the sensor-level softmax's logits log(trust) / (τ_global * τ_sensor),
         log trust floored at log(trust_floor) when there is one (an absent sensor stays masked)."""
         if self.cfg.model.trust_floor > 0:
             log_trust = log_trust.clamp_min(math.log(self.cfg.model.trust_floor))
@@ -541,34 +552,36 @@ class FusionModel(nn.Module):
 
     def forward(self, camera_patches, camera_mask, camera_age, camera_prev_patches, camera_prev_mask, camera_prev_age,
                 lidar_points, lidar_mask, lidar_age, lidar_prev_points, lidar_prev_mask, lidar_prev_age,
-                imu_chunks, imu_mask, imu_age, tau):
+                imu_chunks, imu_mask, imu_age, tau, odometry_chunks=None, odometry_mask=None, odometry_age=None):
+        # the odometry's inputs come after τ, and only for a model that reads it (tokenize.input_spec)
         x = {"camera_patches": camera_patches, "camera_mask": camera_mask, "camera_age": camera_age,
              "camera_prev_patches": camera_prev_patches, "camera_prev_mask": camera_prev_mask,
              "camera_prev_age": camera_prev_age, "lidar_points": lidar_points, "lidar_mask": lidar_mask,
              "lidar_age": lidar_age, "lidar_prev_points": lidar_prev_points, "lidar_prev_mask": lidar_prev_mask,
-             "lidar_prev_age": lidar_prev_age, "imu_chunks": imu_chunks, "imu_mask": imu_mask, "imu_age": imu_age}
+             "lidar_prev_age": lidar_prev_age, "imu_chunks": imu_chunks, "imu_mask": imu_mask, "imu_age": imu_age,
+             "odometry_chunks": odometry_chunks, "odometry_mask": odometry_mask, "odometry_age": odometry_age}
         out = self.run(x, tau)
         return out["fused"], out["latents"], out["attention"], out["all_masked"], out["trust"]
 
     def run(self, x: dict[str, torch.Tensor], tau: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named inputs -> the outputs of `forward` by name, plus what training and evaluation look at:
-        trust_logits (B, 3), sensor_weights (B, 3), the cross-attention's token weights (B, H, M, N), the
+        trust_logits (B, S), sensor_weights (B, S), the cross-attention's token weights (B, H, M, N), the
         camera's tokens (B, N_c, D) and the lidar's (B, N_l, D)."""
-        tokens, mask, evidence, scan = self.embed(x)  # (B, N, D), (B, N), (B, 3, E), (B, SCAN_MATCH_FEATURES) | None
-        trust_logits, present, stale_logits, stale_valid = self.trust(tokens, mask, self.membership, evidence)  # (B, 3)
+        tokens, mask, evidence, scan = self.embed(x)  # (B, N, D), (B, N), (B, S, E), (B, SCAN_MATCH_FEATURES) | None
+        trust_logits, present, stale_logits, stale_valid = self.trust(tokens, mask, self.membership, evidence)  # (B, S)
         log_trust = F.logsigmoid(trust_logits)  # -inf for an absent sensor
         B = tokens.shape[0]
         queries = self.queries.expand(B, -1, -1)
         if self.cfg.model.fusion == "sensor":
-            sensor_weights = masked_softmax(self.sensor_logits(log_trust.detach(), tau), present)  # (B, 3)
+            sensor_weights = masked_softmax(self.sensor_logits(log_trust.detach(), tau), present)  # (B, S)
             token_tau = torch.ones_like(mask, dtype=tokens.dtype)
             attended, weights = self.cross(self.query_norm(queries), self.token_norm(tokens), mask, token_tau,
                                            self.spans, sensor_weights)
-            attention = sensor_weights.unsqueeze(-1).repeat(1, 1, self.cfg.model.heads)  # (B, 3, H), static H on export
+            attention = sensor_weights.unsqueeze(-1).repeat(1, 1, self.cfg.model.heads)  # (B, S, H), static H on export
         else:
             token_tau = tau[:, :1] * (tau[:, 1:] @ self.membership.T)  # (B, N): τ_global * τ_modality
             attended, weights = self.cross(self.query_norm(queries), self.token_norm(tokens), mask, token_tau)
-            attention = (weights.mean(dim=2) @ self.membership).transpose(1, 2)  # (B, 3, H)
+            attention = (weights.mean(dim=2) @ self.membership).transpose(1, 2)  # (B, S, H)
             sensor_weights = attention.mean(-1)
         latents = queries + attended
         if self.motion_direct is not None:  # the match as it is, weighted as the lidar's tokens are

@@ -16,6 +16,7 @@ import rclpy
 import torch
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import Vector3Stamped
+from nav_msgs.msg import Odometry
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
@@ -40,13 +41,14 @@ from .messages import (
 from .model import FusionModel
 from .outputs import ERROR, OK, WARN, Status, diagnostics, trust_values
 from .params import PARAMETERS, TAU_NAMES, Param
-from .pipeline import FusionPipeline, load_model, validate_tau, weights_digest
+from .pipeline import FusionPipeline, load_model, weights_digest
 from .spin import spin
 from .sync import SensorSync, SyncConfig
 from .tokenize import SensorSnapshot, Tokenizer
 
 MESSAGE_TYPES = {("camera", "image"): Image, ("camera", "compressed"): CompressedImage,
-                 ("lidar", "pointcloud2"): PointCloud2, ("lidar", "laserscan"): LaserScan, ("imu", "imu"): Imu}
+                 ("lidar", "pointcloud2"): PointCloud2, ("lidar", "laserscan"): LaserScan, ("imu", "imu"): Imu,
+                 ("odometry", "odometry"): Odometry}
 # ROS 2's standard per-topic QoS parameters, qos_overrides.<topic>.<publisher|subscription>.<policy> for
 # history, depth and reliability: rclpy declares them (read-only) as it creates each publisher and subscription
 QOS_OVERRIDES = QoSOverridingOptions.with_default_policies()
@@ -86,15 +88,15 @@ class FusionNode(LifecycleNode):
 
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         try:
-            self.sensors = self._configured_sensors()
             self.pipeline = FusionPipeline.from_params({p.name: self.p(p.name) for p in PARAMETERS})
+            self.sensors = self._configured_sensors(self.pipeline.cfg.sensor_names)
             self._attention_image = self._attention_renderer() if self.p("attention_image.enabled") else None
         except FusionAttnError as exc:
             return self._configure_failed(str(exc))
         except Exception as exc:  # noqa: BLE001 - rclpy would swallow it silently; say what failed
             return self._configure_failed(f"{type(exc).__name__}: {exc}")
         params = {p.name: self.p(p.name) for p in PARAMETERS}
-        self.sync = SensorSync(SyncConfig.from_params(params, self.pipeline.cfg.imu.window_s))
+        self.sync = SensorSync(SyncConfig.for_model(self.pipeline.cfg, params))
         self.fused_pub = self.create_lifecycle_publisher(Image, "fused_state", 10, qos_overriding_options=QOS_OVERRIDES)
         # beside the fused state, under its resolved name as image_transport places its topics (a remap of
         # fused_state moves them too): per-sensor values any plotter reads, and the latched layout
@@ -151,7 +153,7 @@ class FusionNode(LifecycleNode):
                                                   self._publish_attention_image))
         result = super().on_activate(state)
         m = self.pipeline.cfg.model
-        self.layout_pub.publish(to_rclpy(fused_state_layout_msg(m.dim, m.fusion_tokens, m.heads)))  # once active
+        self.layout_pub.publish(to_rclpy(fused_state_layout_msg(m.dim, m.fusion_tokens, m.heads, self.pipeline.cfg.sensor_names)))  # once active
         return result
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -201,7 +203,7 @@ class FusionNode(LifecycleNode):
         if health.resets != resets:
             self._sensor_log[modality].warning(f"{MODALITIES[modality]} time jumped back: its buffers reset "
                                                f"({health.resets} so far)", throttle_duration_sec=5.0)
-        if modality is not Modality.IMU:
+        if modality in (Modality.CAMERA, Modality.LIDAR):
             self.pipeline.tokenizer.prepare(frame)  # now, rather than at the next fusion
         if self.p("trigger") == MODALITIES[modality]:
             self._fuse(frame.stamp_ns)
@@ -222,7 +224,7 @@ class FusionNode(LifecycleNode):
             self.get_logger().error(f"fusion failed ({self._fuse_errors} so far): {exc}", throttle_duration_sec=5.0)
             return
         self._last_state = state
-        self._masked += ~state.present
+        self._masked[: len(state.present)] += ~state.present  # the model's sensors: the first of Modality
         if state.all_masked:  # the model's defined output from nothing: not a state to act on (diagnostics ERROR)
             self._withheld += 1
             return
@@ -236,8 +238,9 @@ class FusionNode(LifecycleNode):
         self._stamp_ns = stamp_ns
         self._published = (stamp_ns, snap)
         self.fused_pub.publish(to_rclpy(fused_state_msg(state, stamp_ns)))
-        self.attention_pub.publish(to_rclpy(sensor_values_msg(stamp_ns, state.frame_id, state.modality_attention)))
-        self.trust_pub.publish(to_rclpy(sensor_values_msg(stamp_ns, state.frame_id, trust_values(state))))
+        # x, y, z: camera, lidar, IMU; an odometry model's fourth value is in fused_state's rows and /diagnostics
+        self.attention_pub.publish(to_rclpy(sensor_values_msg(stamp_ns, state.frame_id, state.modality_attention[:3])))
+        self.trust_pub.publish(to_rclpy(sensor_values_msg(stamp_ns, state.frame_id, trust_values(state)[:3])))
         self._latency_ms = (self.get_clock().now().nanoseconds - newest) / 1e6
         self._processing_ms = (time.perf_counter() - start) * 1e3
 
@@ -295,12 +298,11 @@ class FusionNode(LifecycleNode):
                                        "activation; restart the node, or set qos_overrides.<topic>.subscription.* "
                                        "in its parameter file")
         if self.pipeline is not None and any(n in TAU_NAMES for n in changed):
-            try:
-                tau = validate_tau([changed.get(n, self.p(n)) for n in TAU_NAMES])
+            try:  # the next fusion uses it: τ is a model input
+                self.pipeline.set_tau([changed.get(n, self.p(n)) for n in TAU_NAMES])
             except ConfigError as exc:
                 return SetParametersResult(successful=False, reason=str(exc))
-            self.pipeline.set_tau(tau)  # the next fusion uses it: τ is a model input
-            self.get_logger().info(f"tau set to {tau.tolist()}")
+            self.get_logger().info(f"tau set to {self.pipeline.tau.tolist()}")
         if "diagnostics_period_s" in changed:  # settable while unconfigured (see fixed); its timer runs already
             self._diag_timer.timer_period_ns = int(changed["diagnostics_period_s"] * NS_PER_S)
         return SetParametersResult(successful=True)
@@ -325,11 +327,13 @@ class FusionNode(LifecycleNode):
                                             f"offers another message type ({info.topic_type}, expected {expected}): "
                                             "no messages will arrive from it")
 
-    def _configured_sensors(self) -> dict[str, tuple[str, type]]:
+    def _configured_sensors(self, read: tuple[str, ...]) -> dict[str, tuple[str, type]]:
+        """name -> (topic, message class) of each sensor to subscribe: the ones the model reads (`read`) and
+        *_type does not configure as none."""
         sensors = {}
         for name in MODALITIES:
             kind = self.p(f"{name}_type")
-            if kind == "none":
+            if kind == "none" or name not in read:
                 continue
             if (name, kind) not in MESSAGE_TYPES:
                 choices = [k for m, k in MESSAGE_TYPES if m == name] + ["none"]

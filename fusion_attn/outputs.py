@@ -3,16 +3,16 @@
 The node fills rclpy messages from these and the bag writer fills rosbags messages, so the layout
 and the thresholds exist once.
 
-Fused state on the wire: a sensor_msgs/Image, encoding 32FC1, width D, height 1 + M + 3, row-major,
+Fused state on the wire: a sensor_msgs/Image, encoding 32FC1, width D, height 1 + M + S, row-major,
 little-endian, header = (the fusion's time on the data's clock, frame_id). Standard tools decode it
 (`ros2 topic echo`, cv_bridge, `np.frombuffer(msg.data, np.float32).reshape(msg.height, msg.width)`);
-`fused_state_layout` states M and H, which the message alone does not:
+`fused_state_layout` states M, H and the S sensors, which the message alone does not:
 
     row 0             the fused state vector (D)
     rows 1 .. M       the M fusion tokens (latents)
-    rows M+1 .. M+3   one row each for camera, lidar, imu: its attention mass (sensor weight) per head in
-                      columns 0 .. H-1, the model's trust in it in column H (NaN from a model without a
-                      trust output), the rest 0
+    rows M+1 .. M+S   one row each for the model's sensors, camera, lidar, imu[, odometry]: its attention
+                      mass (sensor weight) per head in columns 0 .. H-1, the model's trust in it in column H
+                      (NaN from a model without a trust output), the rest 0
 """
 
 from __future__ import annotations
@@ -32,22 +32,22 @@ TRUST_THRESHOLD = 0.5
 
 
 def trust_values(state: FusedState) -> np.ndarray:
-    """(3,) float32 trust per modality; NaN from a model without a trust output (0 would read as "failed")."""
-    return np.full(3, np.nan, np.float32) if state.trust is None else np.asarray(state.trust, np.float32)
+    """(S,) float32 trust per sensor; NaN from a model without a trust output (0 would read as "failed")."""
+    return np.full(len(state.present), np.nan, np.float32) if state.trust is None else np.asarray(state.trust, np.float32)
 
 
 def untrusted(state: FusedState) -> list[tuple[str, float]]:
     """(modality, trust) of each present sensor trusted below TRUST_THRESHOLD; an absent one has trust 0
     by definition and is reported as absent, not as untrusted."""
     trust = trust_values(state)
-    return [(m, float(trust[i])) for i, m in enumerate(MODALITIES) if state.present[i] and trust[i] < TRUST_THRESHOLD]
+    return [(m, float(trust[i])) for i, m in enumerate(state.sensors) if state.present[i] and trust[i] < TRUST_THRESHOLD]
 
 
 def fused_state_rows(state: FusedState) -> np.ndarray:
-    """(1 + M + 3, D) float32 matrix of the wire layout above."""
+    """(1 + M + S, D) float32 matrix of the wire layout above."""
     m, d = state.latents.shape
-    heads = state.attention.shape[1]
-    rows = np.zeros((1 + m + 3, d), np.float32)
+    sensors, heads = state.attention.shape
+    rows = np.zeros((1 + m + sensors, d), np.float32)
     rows[0] = state.pooled
     rows[1 : 1 + m] = state.latents
     rows[1 + m :, :heads] = state.attention
@@ -55,20 +55,21 @@ def fused_state_rows(state: FusedState) -> np.ndarray:
     return rows
 
 
-def fused_state_layout(dim: int, fusion_tokens: int, heads: int) -> dict:
+def fused_state_layout(dim: int, fusion_tokens: int, heads: int, sensors: tuple[str, ...] = MODALITIES[:3]) -> dict:
     """The wire layout above as data (the node publishes it as JSON on the latched `fused_state/layout`):
     every dimension, and [start, stop) row and column ranges, so a consumer needs no project code."""
-    m = fusion_tokens
-    return {"encoding": "32FC1", "width": dim, "height": 1 + m + 3, "fusion_tokens": m, "heads": heads,
-            "sensor_order": list(MODALITIES),
-            "rows": {"fused": [0, 1], "latents": [1, 1 + m], "sensors": [1 + m, 4 + m]},
+    m, s = fusion_tokens, len(sensors)
+    return {"encoding": "32FC1", "width": dim, "height": 1 + m + s, "fusion_tokens": m, "heads": heads,
+            "sensor_order": list(sensors),
+            "rows": {"fused": [0, 1], "latents": [1, 1 + m], "sensors": [1 + m, 1 + m + s]},
             "sensor_columns": {"attention": [0, heads], "trust": [heads, heads + 1]}}
 
 
-def parse_fused_state_rows(rows: np.ndarray, heads: int) -> dict[str, np.ndarray]:
-    """The inverse, for consumers: -> {"fused": (D,), "latents": (M, D), "attention": (3, heads),
-    "trust": (3,)} (trust NaN from a model without a trust output)."""
-    return {"fused": rows[0], "latents": rows[1:-3], "attention": rows[-3:, :heads], "trust": rows[-3:, heads]}
+def parse_fused_state_rows(rows: np.ndarray, heads: int, sensors: int = 3) -> dict[str, np.ndarray]:
+    """The inverse, for consumers: -> {"fused": (D,), "latents": (M, D), "attention": (S, heads),
+    "trust": (S,)} (trust NaN from a model without a trust output); S `sensors` (the layout's sensor_order)."""
+    return {"fused": rows[0], "latents": rows[1:-sensors], "attention": rows[-sensors:, :heads],
+            "trust": rows[-sensors:, heads]}
 
 
 @dataclass(frozen=True)
@@ -101,8 +102,8 @@ def diagnostics(summary: dict[str, dict], state: FusedState | None, backend: dic
                   "received": str(h["received"]), "dropped": str(h["dropped"]), "resets": str(h.get("resets", 0)),
                   "masked": str(h["masked"]).lower()}
         values.update({f"dropped_{reason}": str(n) for reason, n in sorted(h["drop_reasons"].items())})
-        if state is not None:
-            values["trust"] = _trust_text(state, MODALITIES.index(name))
+        if state is not None and name in state.sensors:
+            values["trust"] = _trust_text(state, state.sensors.index(name))
         if h["received"] == 0:
             level, message = ERROR, "no data received"
         elif h["masked"]:
@@ -120,9 +121,9 @@ def diagnostics(summary: dict[str, dict], state: FusedState | None, backend: dic
               "pipeline_latency_ms": _ms(latency_ms, 2)}
     processing_ms = processing_ms or 0.0
     if state is not None:
-        values.update({f"tau_{k}": f"{v:g}" for k, v in zip(("global", *MODALITIES), state.tau)})
-        values.update({f"attention_{m}": f"{a:.4f}" for m, a in zip(MODALITIES, state.modality_attention)})
-        values.update({f"trust_{m}": _trust_text(state, i) for i, m in enumerate(MODALITIES)})
+        values.update({f"tau_{k}": f"{v:g}" for k, v in zip(("global", *state.sensors), state.tau)})
+        values.update({f"attention_{m}": f"{a:.4f}" for m, a in zip(state.sensors, state.modality_attention)})
+        values.update({f"trust_{m}": _trust_text(state, i) for i, m in enumerate(state.sensors)})
     if state is None:
         level, message = WARN, "no fusion yet"
     elif state.all_masked:

@@ -52,15 +52,20 @@ PARAMETERS = (
     Param("lidar_topic", "lidar/points", "lidar topic (or remap it)"),
     Param("imu_type", "imu", "IMU: imu | none"),
     Param("imu_topic", "imu/data", "IMU topic (or remap it)"),
+    Param("odometry_type", "odometry", "wheel odometry: odometry (nav_msgs/Odometry) | none; read only by a model "
+          "built with it"),
+    Param("odometry_topic", "odom", "wheel odometry topic (or remap it)"),
     Param("qos_reliability", "best_effort", "subscription reliability: best_effort (sensor data) | reliable"),
     Param("qos_depth", 50, "subscription queue depth (per topic)", (1, 1000)),
     Param("tau.global", 1.0, "softmax temperature, all tokens (> 0; lower = sharper)", (1e-3, 1e3), runtime=True),
     Param("tau.camera", 1.0, "temperature of camera tokens, times tau.global", (1e-3, 1e3), runtime=True),
     Param("tau.lidar", 1.0, "temperature of lidar tokens, times tau.global", (1e-3, 1e3), runtime=True),
     Param("tau.imu", 1.0, "temperature of IMU tokens, times tau.global", (1e-3, 1e3), runtime=True),
+    Param("tau.odometry", 1.0, "temperature of wheel odometry tokens, times tau.global", (1e-3, 1e3), runtime=True),
     Param("max_age_s.camera", 0.2, "camera older than this at fusion time is masked", (1e-3, 60.0)),
     Param("max_age_s.lidar", 0.3, "lidar older than this at fusion time is masked", (1e-3, 60.0)),
     Param("max_age_s.imu", 0.05, "IMU older than this at fusion time is masked", (1e-3, 60.0)),
+    Param("max_age_s.odometry", 0.2, "wheel odometry older than this at fusion time is masked", (1e-3, 60.0)),
     Param("stale_after_periods", 1.5, "also late (WARN) and masked after this many of the sensor's periods of "
           "silence, or jitter_margin_s after its next message was due if longer (0: never)", (0.0, 100.0)),
     Param("jitter_margin_s", 0.025, "how far a sensor's next message may be overdue before it is late and masked, "
@@ -75,13 +80,15 @@ PARAMETERS = (
           (1.0, 1e6)),
     Param("limits.max_angular_rate_rad_s", 70.0, "an IMU angular rate axis beyond this [rad/s] drops the sample",
           (0.1, 1e6)),
+    Param("limits.max_speed_mps", 100.0, "an odometry velocity axis beyond this [m/s] drops the twist (its turn rate: "
+          "limits.max_angular_rate_rad_s)", (0.1, 1e6)),
     Param("diagnostics_period_s", 1.0, "diagnostics publishing period (also while inactive)", (0.05, 60.0)),
     Param("attention_image.enabled", False, "publish fused_state/attention_image: where the fusion looks (rgb8)"),
     Param("attention_image.period_s", 1.0, "attention image period: at most one picture per period", (0.05, 60.0)),
     Param("autostart", True, "configure and activate on start (no lifecycle manager needed)"),
 )
 PARAM_DEFAULTS: Mapping[str, Any] = MappingProxyType({p.name: p.default for p in PARAMETERS})
-TAU_NAMES = tuple(p.name for p in PARAMETERS if p.runtime)  # global, camera, lidar, imu
+TAU_NAMES = tuple(p.name for p in PARAMETERS if p.runtime)  # global, camera, lidar, imu, odometry
 
 
 def param(params: Mapping[str, Any], name: str) -> Any:

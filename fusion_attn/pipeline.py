@@ -23,7 +23,7 @@ from .config import FusionConfig
 from .config import cache_dir as config_cache_dir
 from .contract import fusion_terms
 from .errors import BackendUnavailable, CheckpointError, ConfigError
-from .frames import FusedState, Modality
+from .frames import MODALITIES, FusedState
 from .model import FusionModel
 from .params import TAU_NAMES, param
 from .step import camera_key, step_inputs, step_key
@@ -35,14 +35,20 @@ log = logging.getLogger(__name__)
 DEFAULT_CHECKPOINT = Path(__file__).parent / "data" / "fusion_default.safetensors"
 
 
-def validate_tau(tau) -> np.ndarray:
-    """(global, camera, lidar, imu) -> float32 (4,); every value finite and > 0, or ConfigError."""
+ALL_ONES_TAU = (1.0,) * (1 + len(MODALITIES))  # every sensor's τ as the node holds them; a model reads its own
+
+
+def validate_tau(tau, sensors: int = 3) -> np.ndarray:
+    """(global, then one per sensor) -> float32 (1 + sensors,); every value finite and > 0, or ConfigError.
+    The node's parameters hold a τ for every sensor the package knows (MODALITIES); a model's sensors are
+    the first `sensors` of them (FusionConfig.sensors), so it reads their τ and ignores the rest."""
     tau = np.asarray(tau, np.float32).reshape(-1)
-    if tau.shape != (4,):
-        raise ConfigError(f"tau needs 4 values (global, camera, lidar, imu), got {tau.shape[0]}")
+    if tau.shape[0] not in (1 + sensors, 1 + len(MODALITIES)):
+        names = ", ".join(("global", *MODALITIES[:sensors]))
+        raise ConfigError(f"tau needs {1 + sensors} values ({names}), got {tau.shape[0]}")
     if not np.all(np.isfinite(tau)) or np.any(tau <= 0):
         raise ConfigError(f"tau must be finite and > 0, got {tau.tolist()}")
-    return tau
+    return tau[: 1 + sensors]
 
 
 def load_model(checkpoint: str | Path | None = None) -> tuple[FusionModel, str]:
@@ -140,18 +146,18 @@ def create_backend(name: str, model: FusionModel, threads: int | None = None, de
 
 
 class FusionPipeline:
-    def __init__(self, cfg: FusionConfig, backend: Backend, tau=(1.0, 1.0, 1.0, 1.0), frame_id: str = "base_link"):
+    def __init__(self, cfg: FusionConfig, backend: Backend, tau=ALL_ONES_TAU, frame_id: str = "base_link"):
         self.cfg = cfg
         self.backend = backend
         self.model_source, self.backend_fallback = "", None
         self.weights_digest = ""  # of the model's weights and config (create() sets it): the policy contract's key
         self.tokenizer = Tokenizer(cfg)
-        self.tau = validate_tau(tau)
+        self.tau = validate_tau(tau, len(cfg.sensors))
         self.frame_id = frame_id
 
     @classmethod
     def create(cls, checkpoint: str | Path | None = None, backend: str = "onnxruntime", threads: int | None = None,
-               device: str | None = None, tau=(1.0, 1.0, 1.0, 1.0), frame_id: str = "base_link",
+               device: str | None = None, tau=ALL_ONES_TAU, frame_id: str = "base_link",
                tensorrt: TensorRTOptions | None = None, fallback: str = "onnxruntime") -> FusionPipeline:
         """fallback: when `backend` cannot run here, "onnxruntime" (say why in one line, go on on the
         CPU) or "fail" (raise BackendUnavailable)."""
@@ -190,12 +196,12 @@ class FusionPipeline:
 
     def fusion_terms(self, sync: SyncConfig, fusion_rate_hz: float, trigger: str = "timer") -> dict[str, str]:
         """This fusion's side of a policy contract (contract.fusion_terms): weights, τ now, sync settings, trigger."""
-        return fusion_terms(self.weights_digest, self.tau, fusion_rate_hz, sync.max_age_s, sync.stale_after_periods,
-                            trigger)
+        max_age_s = sync.max_age_s[: len(self.cfg.sensors)]  # the model's sensors: a policy's contract names these
+        return fusion_terms(self.weights_digest, self.tau, fusion_rate_hz, max_age_s, sync.stale_after_periods, trigger)
 
     def set_tau(self, tau) -> None:
         """Takes effect at the next fuse(); τ is a model input, nothing is re-exported."""
-        self.tau = validate_tau(tau)
+        self.tau = validate_tau(tau, len(self.cfg.sensors))
 
     def fuse(self, snap: SensorSnapshot) -> FusedState:
         return self.fuse_many([snap], self.tau[None])[0][0]
@@ -207,12 +213,13 @@ class FusionPipeline:
         whole-step backend the same padding (snapshots are grouped by `step_key`). The states equal
         one-at-a-time's to float rounding, not to the bit: kernels may sum in another order for another
         batch shape (docs/BENCHMARKS.md). Timings are each snapshot's share of its call."""
-        taus = np.stack([validate_tau(t) for t in taus])
+        taus = np.stack([validate_tau(t, len(self.cfg.sensors)) for t in taus])
         # snapshots per backend call: all, or as many as a TensorRT engine's batch profile takes
         per_call = max(1, getattr(self.backend, "max_batch", len(snaps) * len(taus)) // len(taus))
         states: list[list[FusedState] | None] = [None] * len(snaps)
         by_tokens = list(range(len(snaps)))
-        if getattr(self.backend, "whole_step", False):
+        # the whole-step graph has no odometry tokenizer yet: a model that reads odometry takes host tokens
+        if getattr(self.backend, "whole_step", False) and not self.cfg.model.odometry:
             groups: dict[tuple, list[int]] = {}
             for i, snap in enumerate(snaps):
                 groups.setdefault(step_key(snap, self.cfg), []).append(i)
@@ -242,11 +249,9 @@ class FusionPipeline:
         timings = {"tokenize": (t1 - t0) * 1e3 / len(snaps), "model": (t2 - t1) * 1e3 / len(snaps)}
         fused = []
         for j, (snap, x) in enumerate(zip(snaps, inputs)):
-            present = np.array([x["camera_mask"].any(), x["lidar_mask"].any(), x["imu_mask"].any()])
-            ages = np.full(3, np.nan, np.float32)
-            for m, key in ((Modality.CAMERA, "camera_age"), (Modality.LIDAR, "lidar_age"), (Modality.IMU, "imu_age")):
-                if present[m]:
-                    ages[m] = x[key].min()
+            present = np.array([x[f"{name}_mask"].any() for name in self.cfg.sensor_names])
+            ages = np.array([x[f"{name}_age"].min() if seen else np.nan
+                             for name, seen in zip(self.cfg.sensor_names, present)], np.float32)
             fused.append(self._states(snap, taus, out, j * len(taus), present, ages, timings))
         return fused
 

@@ -71,7 +71,7 @@ def play(node: Node, bags: Sequence[str | Path], remap: dict[str, str] | None = 
     with open_reader(bags) as reader:
         topics = find_topics(reader)
         if not topics.sensors:
-            raise BagError(f"no camera, lidar or IMU topic to play in {', '.join(map(str, bags))}; "
+            raise BagError(f"no camera, lidar, IMU or odometry topic to play in {', '.join(map(str, bags))}; "
                            f"skipped: {topics.skipped}")
         conns = [c for c in reader.connections if c.topic in topics.sensors.values()]
         # reliable: a reliable subscriber gets every message; best-effort ones (sensor QoS) still match

@@ -13,7 +13,7 @@ import numpy as np
 from .frames import MODALITIES, NS_PER_S
 from .outputs import TRUST_THRESHOLD
 
-COLOURS = {"camera": "tab:blue", "lidar": "tab:orange", "imu": "tab:green"}
+COLOURS = {"camera": "tab:blue", "lidar": "tab:orange", "imu": "tab:green", "odometry": "tab:purple"}
 PNG = {"metadata": {"Software": None}, "dpi": 110}  # no version string: same data, same file
 
 
@@ -21,20 +21,22 @@ def replay_plots(out: Path, trace, configured: tuple[str, ...], taus: np.ndarray
     if not trace.stamps:
         return
     t = (np.array(trace.stamps) - trace.stamps[0]) / NS_PER_S
-    attention = np.array(trace.attention)[:, 0]  # (n, 3) at the first τ
+    attention = np.array(trace.attention)[:, 0]  # (n, S) at the first τ
+    sensors = MODALITIES[: attention.shape[1]]  # the model's (FusedState.sensors)
 
     fig, ax = plt.subplots(figsize=(9, 3.5))
-    ax.stackplot(t, attention.T, labels=MODALITIES, colors=[COLOURS[m] for m in MODALITIES], alpha=0.85)
-    ax.set(xlabel="recorded time [s]", ylabel="attention mass", ylim=(0, 1), title="attention per modality (τ global/camera/lidar/imu = " + "/".join(f"{v:g}" for v in taus[0]) + ")")
+    ax.stackplot(t, attention.T, labels=sensors, colors=[COLOURS[m] for m in sensors], alpha=0.85)
+    ax.set(xlabel="recorded time [s]", ylabel="attention mass", ylim=(0, 1),
+           title=f"attention per sensor (τ global/{'/'.join(sensors)} = " + "/".join(f"{v:g}" for v in taus[0]) + ")")
     ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(out / "attention.png", **PNG)
     plt.close(fig)
-    _trust_plot(out, t, trace, configured)
+    _trust_plot(out, t, trace, configured, sensors)
 
     ages = np.array(trace.ages) * 1e3
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 5), sharex=True, height_ratios=[3, 1])
-    for i, m in enumerate(MODALITIES):
+    for i, m in enumerate(sensors):
         if m in configured:
             top.plot(t, ages[:, i], color=COLOURS[m], label=m)
     top.set(ylabel="age at fusion [ms]", title="sensor health")
@@ -62,16 +64,16 @@ def replay_plots(out: Path, trace, configured: tuple[str, ...], taus: np.ndarray
     plt.close(fig)
 
     if len(taus) > 1:
-        mean = np.array(trace.attention).mean(axis=0)  # (K, 3)
-        rows = ["tau_global,tau_camera,tau_lidar,tau_imu," + ",".join(f"attention_{m}" for m in MODALITIES)]
+        mean = np.array(trace.attention).mean(axis=0)  # (K, S)
+        rows = [",".join(["tau_global", *(f"tau_{m}" for m in sensors), *(f"attention_{m}" for m in sensors)])]
         rows += [",".join(f"{v:g}" for v in tau) + "," + ",".join(f"{a:.6f}" for a in mean[k]) for k, tau in enumerate(taus)]
         (out / "sweep.csv").write_text("\n".join(rows) + "\n")
         fig, ax = plt.subplots(figsize=(6, 3.5))
         x = np.arange(len(taus))
-        for i, m in enumerate(MODALITIES):
+        for i, m in enumerate(sensors):
             ax.plot(x, mean[:, i], marker="o", color=COLOURS[m], label=m)
         ax.set_xticks(x, ["/".join(f"{v:g}" for v in tau) if len(set(tau[1:])) > 1 else f"{tau[0]:g}" for tau in taus])
-        ax.set(xlabel="τ (global, or global/camera/lidar/imu)", ylabel="mean attention mass", title="τ sweep")
+        ax.set(xlabel=f"τ (global, or global/{'/'.join(sensors)})", ylabel="mean attention mass", title="τ sweep")
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / "sweep.png", **PNG)
@@ -84,12 +86,12 @@ def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(edges == 1), np.flatnonzero(edges == -1) - 1
 
 
-def _trust_plot(out: Path, t: np.ndarray, trace, configured: tuple[str, ...]) -> None:
+def _trust_plot(out: Path, t: np.ndarray, trace, configured: tuple[str, ...], sensors: tuple[str, ...]) -> None:
     """trust.png: the model's trust per sensor at the first τ, only while the sensor is present (an absent
     one has trust 0 by definition, which would read as a failure)."""
     trust = np.where(np.array(trace.present), np.array(trace.trust)[:, 0], np.nan)
     fig, ax = plt.subplots(figsize=(9, 3.5))
-    for i, m in enumerate(MODALITIES):
+    for i, m in enumerate(sensors):
         if m in configured:
             ax.plot(t, trust[:, i], color=COLOURS[m], label=m)
     ax.axhline(TRUST_THRESHOLD, color="tab:red", linestyle="--", linewidth=1, label=f"threshold {TRUST_THRESHOLD:g}")

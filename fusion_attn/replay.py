@@ -166,7 +166,7 @@ class Tick:
     the snapshot later, when the sync has moved on)."""
 
     snap: SensorSnapshot
-    fresh: np.ndarray  # (3,) per Modality: the sync would fuse its frames (not stale, not silent)
+    fresh: np.ndarray  # (len(Modality),) per Modality: the sync would fuse its frames (not stale, not silent)
     newest_ns: int | None  # the newest sensor stamp seen
     health: dict  # sync.summary at the instant, for /diagnostics
 
@@ -208,7 +208,9 @@ def recorded_snapshots(reader, sync: SensorSync, opts: ReplayOptions, rec: Recor
     fault).
     """
     _check(opts)
-    rec.topics = topics = find_topics(reader, opts.topics, [m for m in Modality if MODALITIES[m] not in opts.sensors])
+    leave_out = {m: f"{MODALITIES[m]} is configured as none" for m in Modality if MODALITIES[m] not in opts.sensors}
+    leave_out |= {m: f"the model does not read {MODALITIES[m]}" for m in Modality if m not in sync.cfg.sensors}
+    rec.topics = topics = find_topics(reader, opts.topics, leave_out)
     rec.configured = tuple(MODALITIES[m] for m in sorted(topics.sensors))
     rec.read_notes = reader.notes  # the reader's own list: what it notes while reading shows too
     start = reader.start_time + int(opts.start_s * NS_PER_S) if opts.start_s is not None else None
@@ -239,8 +241,8 @@ def recorded_inputs(bags: Sequence[str | Path], cfg: FusionConfig, opts: ReplayO
     """(stamp, model inputs at τ = 1) at each instant the node would fuse a recording: for training
     on recordings and for INT8 calibration. A recording cut short ends at the fault, as replay does."""
     tokenizer = Tokenizer(cfg)
-    sync = SensorSync(sync_cfg or SyncConfig(imu_window_s=cfg.imu.window_s))
-    ones = np.ones(4, np.float32)
+    sync = SensorSync(sync_cfg or SyncConfig.for_model(cfg))
+    ones = np.ones(1 + len(cfg.sensors), np.float32)
     with open_reader(bags) as reader:
         try:
             for snap in recorded_snapshots(reader, sync, opts, Recording()):
@@ -284,7 +286,7 @@ def replay(bags: Sequence[str | Path], pipeline: FusionPipeline, out_dir: str | 
         raise ConfigError("attention maps need the torch model that the pipeline runs (attention_model)")
     out = _prepare_output(Path(out_dir))
     taus = np.array(opts.taus, np.float32)
-    sync = SensorSync(sync_cfg or SyncConfig(imu_window_s=pipeline.cfg.imu.window_s))
+    sync = SensorSync(sync_cfg or SyncConfig.for_model(pipeline.cfg))
     diag_every = max(1, round(opts.diagnostics_period_s * opts.fusion_rate_hz))
     trace, rec = _Trace(), Recording()
     wall_start = time.perf_counter()
@@ -443,9 +445,10 @@ def _record(trace: _Trace, states: list[FusedState], tick: Tick, configured: tup
 
 
 def _summary(bags, rec: Recording, trace: _Trace, taus, sync, opts) -> dict:
-    attention = np.array(trace.attention) if trace.attention else np.zeros((0, len(taus), 3))
-    trust = np.array(trace.trust) if trace.trust else np.zeros((0, len(taus), 3))
-    present = np.array(trace.present) if trace.present else np.zeros((0, 3), bool)
+    names = tuple(MODALITIES[m] for m in sync.cfg.sensors)  # the model's: its per-sensor arrays follow them
+    attention = np.array(trace.attention) if trace.attention else np.zeros((0, len(taus), len(names)))
+    trust = np.array(trace.trust) if trace.trust else np.zeros((0, len(taus), len(names)))
+    present = np.array(trace.present) if trace.present else np.zeros((0, len(names)), bool)
     lat = np.array(trace.latency_ms, np.float64)
     lat = lat[np.isfinite(lat)]
     notes = rec.notes(sync)
@@ -467,13 +470,13 @@ def _summary(bags, rec: Recording, trace: _Trace, taus, sync, opts) -> dict:
         "sensors": {name: {**{k: v for k, v in health[name].items() if k not in ("age_s", "masked", "late")},
                            "rate_hz": round(rec.rates[m].hz, 3)}
                     for m, name in zip(Modality, MODALITIES) if name in rec.configured},
-        "present_fraction": {m: r(present[:, i].mean()) if len(present) else 0.0 for i, m in enumerate(MODALITIES)},
-        "attention_mean": {m: r(attention[:, 0, i].mean()) if len(attention) else 0.0 for i, m in enumerate(MODALITIES)},
-        **_trust_summary(trust[:, 0], present),
+        "present_fraction": {m: r(present[:, i].mean()) if len(present) else 0.0 for i, m in enumerate(names)},
+        "attention_mean": {m: r(attention[:, 0, i].mean()) if len(attention) else 0.0 for i, m in enumerate(names)},
+        **_trust_summary(trust[:, 0], present, names),
         "tau_sweep": [{"tau": [r(v) for v in tau],
                        "attention_mean": {m: r(attention[:, k, i].mean()) if len(attention) else 0.0
-                                          for i, m in enumerate(MODALITIES)},
-                       **_trust_summary(trust[:, k], present)} for k, tau in enumerate(taus)],
+                                          for i, m in enumerate(names)},
+                       **_trust_summary(trust[:, k], present, names)} for k, tau in enumerate(taus)],
         "pipeline_latency_ms": {"p50": r(np.percentile(lat, 50)), "p99": r(np.percentile(lat, 99))} if len(lat) else None,
         "resets": sync.resets,
         "read_fault": rec.fault,
@@ -482,14 +485,14 @@ def _summary(bags, rec: Recording, trace: _Trace, taus, sync, opts) -> dict:
     }
 
 
-def _trust_summary(trust: np.ndarray, present: np.ndarray) -> dict[str, dict[str, float | None]]:
-    """trust (n, 3) at one τ, present (n, 3) -> per modality: trust_mean over the fusions it was present
+def _trust_summary(trust: np.ndarray, present: np.ndarray, names: tuple[str, ...]) -> dict[str, dict[str, float | None]]:
+    """trust (n, S) at one τ, present (n, S) -> per sensor (`names`): trust_mean over the fusions it was present
     in (an absent sensor's trust is 0 by definition, which present_fraction already tells; None: never
     present) and untrusted_share, of all fusions, present and trusted below TRUST_THRESHOLD. Both None
     from a model without trust output."""
     n = max(len(trust), 1)
     mean, share = {}, {}
-    for i, m in enumerate(MODALITIES):
+    for i, m in enumerate(names):
         seen = trust[present[:, i], i]
         unknown = bool(np.isnan(trust[:, i]).any())
         mean[m] = None if unknown or not len(seen) else round(float(seen.mean()), 6)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .config import CameraTokens, FusionConfig, ImuTokens, LidarTokens
+from .errors import ConfigError
 from .frames import NS_PER_S, CameraFrame
 from .model import FusionModel
 from .tokenize import (
@@ -236,6 +237,9 @@ class FusionStep(nn.Module):
 
     def __init__(self, model: FusionModel, image_shape: tuple[int, int, int], encoding: str):
         super().__init__()
+        if model.cfg.model.odometry:
+            raise ConfigError("the whole-step graph has no odometry tokenizer: a model that reads wheel odometry "
+                              "runs on the host tokenizers' tokens (FusionPipeline does so on every backend)")
         self.cfg, self.model = model.cfg, model
         self.camera = CameraTokenizer(model.cfg.camera, image_shape[0], image_shape[1], encoding)
         self.imu = ImuTokenizer(model.cfg.imu)

@@ -1,4 +1,4 @@
-"""Sensor sync: the latest frame per sensor with its age, an IMU history, and per-sensor health.
+"""Sensor sync: the latest frame per sensor with its age, IMU and odometry histories, and per-sensor health.
 
 It never waits for all sensors: `snapshot(t)` hands over whatever is fresh at fusion time t and
 masks (leaves out) a sensor whose newest data is older than its max age. Frames are fed in arrival
@@ -13,7 +13,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .frames import MODALITIES, NS_PER_S, CameraFrame, ImuSample, ImuWindow, LidarFrame, Modality
+from .config import FusionConfig
+from .frames import (
+    MODALITIES,
+    NS_PER_S,
+    CameraFrame,
+    ImuSample,
+    ImuWindow,
+    LidarFrame,
+    Modality,
+    OdometrySample,
+    OdometryWindow,
+)
 from .params import PARAM_DEFAULTS, param
 from .tokenize import SensorSnapshot
 
@@ -22,7 +33,10 @@ RATE_MEMORY = 10  # stamp intervals a sensor's measured period averages over (se
 
 @dataclass(frozen=True)
 class SyncConfig:
-    max_age_s: tuple[float, float, float] = tuple(PARAM_DEFAULTS[f"max_age_s.{m}"] for m in MODALITIES)
+    # the sensors the model reads (FusionConfig.sensors): another sensor's frames are not this fusion's data,
+    # and are ignored (a simulator's odometry beside a model without it), not counted as dropped
+    sensors: tuple[Modality, ...] = (Modality.CAMERA, Modality.LIDAR, Modality.IMU)
+    max_age_s: tuple[float, ...] = tuple(PARAM_DEFAULTS[f"max_age_s.{m}"] for m in MODALITIES)
     # A sensor's next message is due one of its (measured) periods after the last. It is late once overdue
     # by more than its normal jitter: its publish jitter (stale_after_periods - 1 periods) or, where that is
     # shorter (a fast sensor), its delivery jitter (DDS, a busy executor: jitter_margin_s). Late, it is also
@@ -32,6 +46,7 @@ class SyncConfig:
     stale_min_s: float = 0.05
     imu_window_s: float = 0.25  # IMU history handed to the tokenizer: the model's imu.window_s
     imu_capacity: int = 4096  # samples kept (20 s at 200 Hz): bounds memory whatever the rate
+    odometry_window_s: float = 0.5  # odometry history handed to the tokenizer: the model's odometry.window_s
     reset_on_jump_back_s: float = 1.0
     jump_back_confirm: int = 3  # frames in a row that stay back before a sensor is reset anyway (see `add`)
     # data stamped further ahead of the receiver's clock is dropped, ahead of the fusion time masked
@@ -39,17 +54,28 @@ class SyncConfig:
     max_range_m: float = PARAM_DEFAULTS["limits.max_range_m"]
     max_acceleration_mps2: float = PARAM_DEFAULTS["limits.max_acceleration_mps2"]
     max_angular_rate_rad_s: float = PARAM_DEFAULTS["limits.max_angular_rate_rad_s"]
+    max_speed_mps: float = PARAM_DEFAULTS["limits.max_speed_mps"]
+
+    def __post_init__(self):
+        # per Modality; one set before a sensor existed (camera, lidar, imu) takes the defaults for the rest
+        defaults = SyncConfig.__dataclass_fields__["max_age_s"].default
+        object.__setattr__(self, "max_age_s", tuple(self.max_age_s) + defaults[len(self.max_age_s):])
 
     @classmethod
-    def from_params(cls, params: dict, imu_window_s: float) -> SyncConfig:
-        """From the node's parameters (config/fusion.yaml names): the one mapping node, CLI and replay share."""
+    def for_model(cls, cfg: FusionConfig, params: dict | None = None) -> SyncConfig:
+        """The sync a model reads from: its IMU and odometry windows; the rest from the node's parameters
+        (config/fusion.yaml names; None: their defaults). The one mapping node, CLI, replay and training share."""
+        windows = {"sensors": cfg.sensors, "imu_window_s": cfg.imu.window_s, "odometry_window_s": cfg.odometry.window_s}
+        if params is None:
+            return cls(**windows)
         return cls(max_age_s=tuple(float(param(params, f"max_age_s.{m}")) for m in MODALITIES),
                    stale_after_periods=float(param(params, "stale_after_periods")),
-                   jitter_margin_s=float(param(params, "jitter_margin_s")), imu_window_s=imu_window_s,
+                   jitter_margin_s=float(param(params, "jitter_margin_s")), **windows,
                    future_tolerance_s=float(param(params, "future_tolerance_s")),
                    max_range_m=float(param(params, "limits.max_range_m")),
                    max_acceleration_mps2=float(param(params, "limits.max_acceleration_mps2")),
-                   max_angular_rate_rad_s=float(param(params, "limits.max_angular_rate_rad_s")))
+                   max_angular_rate_rad_s=float(param(params, "limits.max_angular_rate_rad_s")),
+                   max_speed_mps=float(param(params, "limits.max_speed_mps")))
 
 
 @dataclass
@@ -73,34 +99,36 @@ class SensorHealth:
         return float("nan") if self.last_stamp_ns is None else (now_ns - self.last_stamp_ns) / NS_PER_S
 
 
-class _ImuHistory:
-    """Preallocated arrays; appends are O(1) amortised by shifting half the buffer when full."""
+class _History:
+    """A stream of three-axis pairs (IMU accel and gyro, odometry velocity and turn rate) in preallocated
+    arrays; appends are O(1) amortised by shifting half the buffer when full."""
 
     def __init__(self, capacity: int):
         self.stamps = np.zeros(capacity, np.int64)
-        self.accel = np.zeros((capacity, 3))
-        self.gyro = np.zeros((capacity, 3))
-        self.orient = np.full((capacity, 4), np.nan)
+        self.first = np.zeros((capacity, 3))
+        self.second = np.zeros((capacity, 3))
+        self.orient = np.full((capacity, 4), np.nan)  # the IMU's, where known
         self.n = 0
         self.frame_id = ""
 
-    def append(self, s: ImuSample) -> None:
+    def append(self, stamp_ns: int, frame_id: str, first, second, orientation=None) -> None:
         if self.n == len(self.stamps):
             keep = len(self.stamps) // 2
-            for a in (self.stamps, self.accel, self.gyro, self.orient):
+            for a in (self.stamps, self.first, self.second, self.orient):
                 a[:keep] = a[self.n - keep:self.n]
             self.n = keep
         i = self.n
-        self.stamps[i], self.accel[i], self.gyro[i] = s.stamp_ns, s.accel, s.gyro
-        self.orient[i] = np.nan if s.orientation is None else s.orientation
+        self.stamps[i], self.first[i], self.second[i] = stamp_ns, first, second
+        self.orient[i] = np.nan if orientation is None else orientation
         self.n += 1
-        self.frame_id = s.frame_id
+        self.frame_id = frame_id
 
-    def window(self, start_ns: int, end_ns: int) -> ImuWindow:
+    def window(self, start_ns: int, end_ns: int) -> tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """-> frame id, stamps, first, second and orientation (None unless every sample knew it) in (start, end]."""
         lo, hi = np.searchsorted(self.stamps[: self.n], [start_ns, end_ns], side="right")
         orient = self.orient[lo:hi].copy()
-        return ImuWindow(self.frame_id, self.stamps[lo:hi].copy(), self.accel[lo:hi].copy(), self.gyro[lo:hi].copy(),
-                         None if np.isnan(orient).any() or hi == lo else orient)
+        return (self.frame_id, self.stamps[lo:hi].copy(), self.first[lo:hi].copy(), self.second[lo:hi].copy(),
+                None if np.isnan(orient).any() or hi == lo else orient)
 
     def clear(self) -> None:
         self.n = 0
@@ -116,11 +144,12 @@ class SensorSync:
         # per sensor, the newest frame a snapshot handed out and the one handed out before it: what changed
         # since the frame fused before is the model's evidence of motion and of a frozen sensor
         self._fused: dict[Modality, tuple] = {Modality.CAMERA: (None, None), Modality.LIDAR: (None, None)}
-        self._imu = _ImuHistory(self.cfg.imu_capacity)
+        self._history = {Modality.IMU: _History(self.cfg.imu_capacity), Modality.ODOMETRY: _History(self.cfg.imu_capacity)}
         self._behind = dict.fromkeys(Modality, 0)  # frames in a row stamped far behind the sensor's newest
 
-    def add(self, frame: CameraFrame | LidarFrame | ImuSample, now_ns: int | None = None) -> str | None:
-        """Take a frame; -> None when taken, else why it was dropped (which is counted).
+    def add(self, frame: CameraFrame | LidarFrame | ImuSample | OdometrySample, now_ns: int | None = None) -> str | None:
+        """Take a frame; -> None when taken (or ignored: a sensor the model does not read), else why it was
+        dropped (which is counted).
 
         now_ns: the receiver's clock at arrival (the live node's; replay has none, its data's time is its
         clock). A frame stamped more than future_tolerance_s after it is dropped as "future", one with a
@@ -132,7 +161,9 @@ class SensorSync:
         with it (recent by now_ns, or no now_ns), or once jump_back_confirm frames in a row stayed back (an
         old recording looping under a live clock); until then it is dropped as out_of_order.
         """
-        modality = _MODALITY_OF[type(frame)]
+        modality = MODALITY_OF[type(frame)]
+        if modality not in self.cfg.sensors:
+            return None
         h = self.health[modality]
         if modality is Modality.LIDAR and len(frame) == 0:
             return self.drop(modality, "empty")  # no point survived: the lidar gives no data this sweep
@@ -160,8 +191,10 @@ class SensorSync:
             self._camera = frame
         elif modality is Modality.LIDAR:
             self._lidar = frame
+        elif modality is Modality.IMU:
+            self._history[modality].append(frame.stamp_ns, frame.frame_id, frame.accel, frame.gyro, frame.orientation)
         else:
-            self._imu.append(frame)
+            self._history[modality].append(frame.stamp_ns, frame.frame_id, frame.linear, frame.angular)
         return None
 
     def drop(self, modality: Modality, reason: str) -> str:
@@ -171,7 +204,7 @@ class SensorSync:
         h.drop_reasons[reason] = h.drop_reasons.get(reason, 0) + 1
         return reason
 
-    def _within_limits(self, frame: CameraFrame | LidarFrame | ImuSample) -> bool:
+    def _within_limits(self, frame: CameraFrame | LidarFrame | ImuSample | OdometrySample) -> bool:
         """No value beyond the physical limits: such a message is corrupt, whatever else it holds."""
         c = self.cfg
         if isinstance(frame, LidarFrame):
@@ -186,6 +219,9 @@ class SensorSync:
         if isinstance(frame, ImuSample):  # 3 values each, hundreds of times a second: plain floats are quicker
             return (all(abs(v) <= c.max_acceleration_mps2 for v in frame.accel.tolist())  # False for NaN
                     and all(abs(v) <= c.max_angular_rate_rad_s for v in frame.gyro.tolist()))
+        if isinstance(frame, OdometrySample):
+            return (all(abs(v) <= c.max_speed_mps for v in frame.linear.tolist())
+                    and all(abs(v) <= c.max_angular_rate_rad_s for v in frame.angular.tolist()))
         return True
 
     def _reset(self, modality: Modality, stamp_ns: int) -> None:
@@ -197,7 +233,7 @@ class SensorSync:
         elif modality is Modality.LIDAR:
             self._lidar = None
         else:
-            self._imu.clear()
+            self._history[modality].clear()
         if modality in self._fused:
             self._fused[modality] = (None, None)
         h = self.health[modality]
@@ -238,12 +274,18 @@ class SensorSync:
         and that frame's tokens are already cached."""
         camera = self._camera if self.fresh(Modality.CAMERA, now_ns) else None
         lidar = self._lidar if self.fresh(Modality.LIDAR, now_ns) else None
-        imu = None
-        if self.fresh(Modality.IMU, now_ns):
-            end = min(now_ns, self.health[Modality.IMU].last_stamp_ns)
-            imu = self._imu.window(end - int(self.cfg.imu_window_s * NS_PER_S), end)
-        return SensorSnapshot(now_ns, camera, lidar, imu, self._fused_before(Modality.CAMERA, camera),
-                              self._fused_before(Modality.LIDAR, lidar))
+        imu = self._window(Modality.IMU, now_ns, self.cfg.imu_window_s)
+        odometry = self._window(Modality.ODOMETRY, now_ns, self.cfg.odometry_window_s)
+        return SensorSnapshot(now_ns, camera, lidar, imu and ImuWindow(*imu),
+                              self._fused_before(Modality.CAMERA, camera), self._fused_before(Modality.LIDAR, lidar),
+                              odometry and OdometryWindow(*odometry[:4]))
+
+    def _window(self, modality: Modality, now_ns: int, window_s: float):
+        """The IMU's or odometry's last window_s seconds up to now_ns (`_History.window`), None if not fresh."""
+        if not self.fresh(modality, now_ns):
+            return None
+        end = min(now_ns, self.health[modality].last_stamp_ns)
+        return self._history[modality].window(end - int(window_s * NS_PER_S), end)
 
     def _fused_before(self, modality: Modality, frame):
         """The frame fused before `frame` (now handed out), if consecutive; else None."""
@@ -257,7 +299,8 @@ class SensorSync:
         return before
 
     def ages_s(self, now_ns: int) -> np.ndarray:
-        return np.array([self.health[m].age_s(now_ns) for m in Modality], np.float32)
+        """(S,) per sensor read (cfg.sensors): its newest data's age at now_ns (nan: never seen)."""
+        return np.array([self.health[m].age_s(now_ns) for m in self.cfg.sensors], np.float32)
 
     def summary(self, now_ns: int) -> dict[str, dict]:
         """Per-sensor health as plain data (diagnostics, reports)."""
@@ -265,7 +308,8 @@ class SensorSync:
                        "rate_hz": round(h.rate_hz, 3), "age_s": h.age_s(now_ns), "masked": not self.fresh(m, now_ns),
                        "late": h.age_s(now_ns) > self.late_after_s(m),
                        "drop_reasons": dict(h.drop_reasons)}
-                for name, m, h in ((MODALITIES[m], m, self.health[m]) for m in Modality)}
+                for name, m, h in ((MODALITIES[m], m, self.health[m]) for m in self.cfg.sensors)}
 
 
-_MODALITY_OF = {CameraFrame: Modality.CAMERA, LidarFrame: Modality.LIDAR, ImuSample: Modality.IMU}
+MODALITY_OF = {CameraFrame: Modality.CAMERA, LidarFrame: Modality.LIDAR, ImuSample: Modality.IMU,
+                OdometrySample: Modality.ODOMETRY}

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .config import CameraTokens, FusionConfig, ImuTokens, LidarTokens
-from .frames import NS_PER_S, CameraFrame, ImuWindow, LidarFrame
+from .config import CameraTokens, ChunkTokens, FusionConfig, ImuTokens, LidarTokens, OdometryTokens
+from .frames import NS_PER_S, CameraFrame, ImuWindow, LidarFrame, OdometryWindow
 
 # ImageNet statistics: the usual normalisation for ViT-style patch embeddings.
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -30,6 +30,9 @@ LOG_INTENSITY_SCALE = np.log(256.0)  # log_intensity = log1p(intensity) / this: 
 # samples_per_chunk such samples, then its mean sample spacing (IMU_DT) and sample count (IMU_COUNT).
 IMU_AXES = ("accel_x", "accel_y", "accel_z", "gyro_x", "gyro_y", "gyro_z")
 IMU_DT, IMU_COUNT = -2, -1
+# Odometry's chunks have the IMU's layout: its speed (m/s over speed_scale) where the accel is, its turn rate
+# (rad/s over angular_scale) where the gyro is
+ODOMETRY_AXES = ("linear_x", "linear_y", "linear_z", "angular_x", "angular_y", "angular_z")
 
 
 def normalise_pixels(rgb):
@@ -50,20 +53,22 @@ def _imagenet_like(x):
     return x.new_tensor(IMAGENET_MEAN), x.new_tensor(IMAGENET_STD)  # a torch tensor: its dtype and device
 
 
-def imu_samples(chunks, cfg: ImuTokens):
+def imu_samples(chunks, cfg: ChunkTokens):
     """IMU chunks (..., S*6+2) -> their resampled samples (..., S, 6), per `IMU_AXES` (numpy or torch)."""
     S, axes = cfg.samples_per_chunk, len(IMU_AXES)
     return chunks[..., : S * axes].reshape(*chunks.shape[:-1], S, axes)
 
 
-def put_imu_samples(chunks, samples, cfg: ImuTokens) -> None:
+def put_imu_samples(chunks, samples, cfg: ChunkTokens) -> None:
     """Write samples (..., S, 6) into IMU chunks (..., S*6+2), in place: the inverse of `imu_samples`."""
     chunks[..., : cfg.samples_per_chunk * len(IMU_AXES)] = samples.reshape(*samples.shape[:-2], -1)
 
 
 def input_spec(cfg: FusionConfig) -> dict[str, tuple[tuple[int, ...], type]]:
     """Name -> (shape without the batch dimension, dtype) of every model input, in model order."""
-    c, li, i = cfg.camera, cfg.lidar, cfg.imu
+    c, li, i, o = cfg.camera, cfg.lidar, cfg.imu, cfg.odometry
+    odometry = {"odometry_chunks": ((o.tokens, o.features), np.float32), "odometry_mask": ((o.tokens,), np.bool_),
+                "odometry_age": ((o.tokens,), np.float32)} if cfg.model.odometry else {}
     return {
         "camera_patches": ((c.tokens, c.features), np.float32),
         "camera_mask": ((c.tokens,), np.bool_),
@@ -81,15 +86,16 @@ def input_spec(cfg: FusionConfig) -> dict[str, tuple[tuple[int, ...], type]]:
         "imu_chunks": ((i.tokens, i.features), np.float32),
         "imu_mask": ((i.tokens,), np.bool_),
         "imu_age": ((i.tokens,), np.float32),
-        "tau": ((4,), np.float32),  # global, camera, lidar, imu
+        "tau": ((1 + len(cfg.sensors),), np.float32),  # global, then per sensor (camera, lidar, imu[, odometry])
+        **odometry,  # after τ: a model without odometry keeps the inputs, in order, it always had
     }
 
 
 def output_spec(cfg: FusionConfig) -> dict[str, tuple[tuple[int, ...], type]]:
     """Name -> (shape without the batch dimension, dtype) of every model output (see model.FusionModel)."""
-    m = cfg.model
+    m, n = cfg.model, len(cfg.sensors)
     return {"fused": ((m.dim,), np.float32), "latents": ((m.fusion_tokens, m.dim), np.float32),
-            "attention": ((3, m.heads), np.float32), "all_masked": ((), np.bool_), "trust": ((3,), np.float32)}
+            "attention": ((n, m.heads), np.float32), "all_masked": ((), np.bool_), "trust": ((n,), np.float32)}
 
 
 OUTPUT_NAMES = tuple(output_spec(FusionConfig()))  # the same for every config
@@ -195,17 +201,29 @@ def tokenize_imu(window: ImuWindow, cfg: ImuTokens) -> tuple[np.ndarray, np.ndar
     The last window_s seconds are resampled uniformly (linear interpolation) so that the tokens do not
     depend on the IMU rate; each chunk also carries its real mean sample spacing and sample count.
     """
+    scale = np.repeat([cfg.accel_scale, cfg.gyro_scale], 3)
+    values = np.concatenate([window.accel, window.gyro], axis=1) / scale if len(window) else np.zeros((0, 6))
+    return _chunked(window.stamps_ns, values, cfg)
+
+
+def tokenize_odometry(window: OdometryWindow, cfg: OdometryTokens) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Odometry twists as `tokenize_imu` makes IMU chunks, per `ODOMETRY_AXES`."""
+    scale = np.repeat([cfg.speed_scale, cfg.angular_scale], 3)
+    values = np.concatenate([window.linear, window.angular], axis=1) / scale if len(window) else np.zeros((0, 6))
+    return _chunked(window.stamps_ns, values, cfg)
+
+
+def _chunked(stamps_ns: np.ndarray, values: np.ndarray, cfg: ChunkTokens):
+    """(T,) stamps, (T, 6) scaled values -> chunks, mask, end offsets, as `tokenize_imu` describes."""
     n, S = cfg.chunks, cfg.samples_per_chunk
     chunk_s = cfg.window_s / n
     chunk_end = -cfg.window_s + chunk_s * np.arange(1, n + 1)  # relative to the newest sample, <= 0
     out = np.zeros((n, cfg.features), np.float32)
-    if len(window) == 0:
+    if len(stamps_ns) == 0:
         return out, np.zeros(n, np.bool_), -chunk_end
-    t = (window.stamps_ns - window.stamps_ns[-1]) / NS_PER_S
+    t = (stamps_ns - stamps_ns[-1]) / NS_PER_S
     grid = (chunk_end[:, None] - chunk_s + chunk_s * (np.arange(S) + 0.5) / S).ravel()
-    samples = np.stack(
-        [np.interp(grid, t, window.accel[:, a]) / cfg.accel_scale for a in range(3)]
-        + [np.interp(grid, t, window.gyro[:, a]) / cfg.gyro_scale for a in range(3)], axis=1)  # per IMU_AXES
+    samples = np.stack([np.interp(grid, t, values[:, a]) for a in range(values.shape[1])], axis=1)
     put_imu_samples(out, samples.reshape(n, S, len(IMU_AXES)), cfg)
     chunk_of = np.clip(np.floor((t + cfg.window_s) / chunk_s), -1, n - 1).astype(np.int64)
     inside = chunk_of >= 0
@@ -229,6 +247,7 @@ class SensorSnapshot:
     imu: ImuWindow | None = None
     camera_prev: CameraFrame | None = None  # the frame fused before `camera` (None: none, or not consecutive)
     lidar_prev: LidarFrame | None = None
+    odometry: OdometryWindow | None = None
 
 
 class Tokenizer:
@@ -281,4 +300,7 @@ class Tokenizer:
         if snap.imu is not None and len(snap.imu):
             x["imu_chunks"], x["imu_mask"], before_newest = tokenize_imu(snap.imu, self.cfg.imu)
             x["imu_age"][:] = (snap.stamp_ns - int(snap.imu.stamps_ns[-1])) / NS_PER_S + before_newest
+        if "odometry_chunks" in x and snap.odometry is not None and len(snap.odometry):
+            x["odometry_chunks"], x["odometry_mask"], before_newest = tokenize_odometry(snap.odometry, self.cfg.odometry)
+            x["odometry_age"][:] = (snap.stamp_ns - int(snap.odometry.stamps_ns[-1])) / NS_PER_S + before_newest
         return x

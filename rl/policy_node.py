@@ -42,7 +42,7 @@ def fused_parts(msg: Image, contract: PolicyContract) -> dict[str, np.ndarray]:
     if msg.encoding != "32FC1" or msg.width != layout.fused_dim:
         raise ValueError(f"{msg.encoding} {msg.height}x{msg.width}, expected 32FC1 rows of {layout.fused_dim}")
     rows = np.frombuffer(bytes(msg.data), np.float32).reshape(msg.height, msg.width)
-    parts = parse_fused_state_rows(rows, contract.fusion_heads)
+    parts = parse_fused_state_rows(rows, contract.fusion_heads, layout.sensors)
     if not (np.all(np.isfinite(parts["fused"])) and np.all(np.isfinite(parts["attention"]))):
         raise ValueError("NaN/inf in it")
     return parts

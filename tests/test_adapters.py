@@ -209,6 +209,7 @@ def test_dispatch_tables():
         "sensor_msgs/msg/PointCloud2",
         "sensor_msgs/msg/LaserScan",
         "sensor_msgs/msg/Imu",
+        "nav_msgs/msg/Odometry",
     }
     assert {t: modality_of(t) for t in SUPPORTED_TYPES} == {
         "sensor_msgs/msg/Image": Modality.CAMERA,
@@ -216,6 +217,7 @@ def test_dispatch_tables():
         "sensor_msgs/msg/PointCloud2": Modality.LIDAR,
         "sensor_msgs/msg/LaserScan": Modality.LIDAR,
         "sensor_msgs/msg/Imu": Modality.IMU,
+        "nav_msgs/msg/Odometry": Modality.ODOMETRY,
     }
     assert modality_of("sensor_msgs/msg/NavSatFix") is None
     with pytest.raises(TypeError):

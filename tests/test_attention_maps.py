@@ -138,7 +138,7 @@ def sim_instants() -> list[dict[str, np.ndarray]]:
     for task, seed in (("navigate", SPLIT_SEEDS["test"]), ("control", SPLIT_SEEDS["test"] + 1)):
         env = RobotEnv(task, faults=FaultConfig())
         tokenizer = Tokenizer(CFG)
-        clock = FusionClock(SensorSync(SyncConfig(imu_window_s=CFG.imu.window_s)), 1.0, start_ns=NS_PER_S)
+        clock = FusionClock(SensorSync(SyncConfig.for_model(CFG)), 1.0, start_ns=NS_PER_S)
         try:
             for info in random_drive(env, np.random.default_rng(seed), seed, 8.0):
                 for snap in clock.step(info["frames"], info["time_ns"]):

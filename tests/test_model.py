@@ -73,13 +73,15 @@ def test_masked_softmax_all_masked_row_is_zero_not_nan():
 
 
 FUSIONS = ["sensor", "token"]
-MASKS = {Modality.CAMERA: "camera_mask", Modality.LIDAR: "lidar_mask", Modality.IMU: "imu_mask"}
+MASKS = {Modality.CAMERA: "camera_mask", Modality.LIDAR: "lidar_mask", Modality.IMU: "imu_mask",
+         Modality.ODOMETRY: "odometry_mask"}
 
 
 @pytest.mark.parametrize("fusion", FUSIONS)
 @pytest.mark.parametrize("modality", list(Modality))
 def test_masked_modality_gets_zero_attention_and_zero_trust(modality, fusion):
-    model = _model(fusion=fusion)
+    model = _model(fusion=fusion, odometry=modality is Modality.ODOMETRY)  # odometry: a model of four sensors
+    S = len(model.cfg.sensors)
     x = _inputs(model)
     x[MASKS[modality]] = torch.zeros_like(x[MASKS[modality]])
     with torch.no_grad():
@@ -88,8 +90,9 @@ def test_masked_modality_gets_zero_attention_and_zero_trust(modality, fusion):
     assert torch.allclose(attention[0].sum(0), torch.ones(4), atol=1e-6)  # per head, over modalities
     assert not all_masked[0]
     assert torch.isfinite(fused).all() and torch.isfinite(latents).all()
-    assert trust.shape == (1, 3) and trust[0, modality] == 0.0  # exactly: an absent sensor is not judged
-    others = [m for m in Modality if m != modality]
+    assert attention.shape == (1, S, 4)
+    assert trust.shape == (1, S) and trust[0, modality] == 0.0  # exactly: an absent sensor is not judged
+    others = [m for m in model.cfg.sensors if m != modality]
     assert torch.all((trust[0, others] > 0) & (trust[0, others] < 1))
 
 
@@ -97,11 +100,12 @@ def test_masked_modality_gets_zero_attention_and_zero_trust(modality, fusion):
 def test_all_sensors_masked_gives_defined_output_and_flag(fusion):
     model = _model(fusion=fusion)
     x = _inputs(model)
-    for key in MASKS.values():
+    masks = [MASKS[m] for m in model.cfg.sensors]
+    for key in masks:
         x[key] = torch.zeros_like(x[key])
     with torch.no_grad():
         fused, _, attention, all_masked, trust = model(**x)
-        fused_other, *_ = model(**{**_inputs(model, seed=5), **{k: x[k] for k in MASKS.values()}})
+        fused_other, *_ = model(**{**_inputs(model, seed=5), **{k: x[k] for k in masks}})
     assert all_masked[0]
     assert torch.isfinite(fused).all() and torch.all(attention == 0) and torch.all(trust == 0)
     # with nothing valid the output no longer depends on the (masked) data
@@ -158,14 +162,16 @@ def test_per_modality_tau_moves_attention(fusion):
                                      {"qk_norm": True, "learned_head_temperature": True, "latent_blocks": 2}, {"camera_shifts": 6}, {"camera_stem": 8},
                                      {"camera_stem": 4, "camera_stem_cells": 16}, {"camera_column_blocks": 2},
                                      {"lidar_motion": True}, {"lidar_motion": True, "lidar_motion_token": True},
-                                     {"lidar_motion": True, "lidar_motion_direct": True}, {"imu_direct": True}])
+                                     {"lidar_motion": True, "lidar_motion_direct": True}, {"imu_direct": True},
+                                     {"odometry": True}])
 def test_gradients_are_finite_for_every_variant(options, fusion):
     model = _model(fusion=fusion, **options).train()
     x = _inputs(model, batch=3)
     x["camera_mask"][1] = False  # a batch row with a dead camera
-    for key in MASKS.values():
-        x[key][2] = False  # and one with no sensor at all
-    x["tau"] = torch.tensor([[0.05, 1, 1, 1], [1, 0.5, 2, 1], [3, 1, 1, 1]], dtype=torch.float32)
+    for m in model.cfg.sensors:
+        x[MASKS[m]][2] = False  # and one with no sensor at all
+    tau = torch.tensor([[0.05, 1, 1, 1], [1, 0.5, 2, 1], [3, 1, 1, 1]], dtype=torch.float32)
+    x["tau"] = torch.cat([tau, torch.ones(3, len(model.cfg.sensors) - 3)], 1)
     fused, latents, attention, _, trust = model(**x)
     (fused.square().sum() + latents.sum() + attention.sum() + trust.sum()).backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]

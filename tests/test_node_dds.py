@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from conftest import stop_node, wait_until
 
@@ -19,12 +20,16 @@ from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.srv import SetParameters
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.parameter import Parameter
-from rclpy.qos import qos_profile_sensor_data
+from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
 from sensor_msgs.msg import Image, Imu, PointCloud2
+from std_msgs.msg import String
 
 from fusion_attn.attention_maps import picture_size
+from fusion_attn.checkpoint import save_checkpoint
+from fusion_attn.config import FusionConfig, ModelConfig
 from fusion_attn.frames import NS_PER_S, ImuSample, LidarFrame, stamp_to_ns
 from fusion_attn.messages import imu_msg, pointcloud2_msg, to_rclpy
+from fusion_attn.model import FusionModel
 from fusion_attn.outputs import ERROR, WARN, parse_fused_state_rows
 from fusion_attn.pipeline import load_model
 from fusion_attn.play import play
@@ -672,3 +677,52 @@ def test_the_attention_image_arrives_at_its_period_when_enabled(ros, plain_node)
 def test_the_attention_image_is_off_by_default(ros, fusion_node):
     assert ros.wait_for(lambda: ros.node.get_publishers_info_by_topic("/fused_state"), timeout=10)
     assert ros.node.get_publishers_info_by_topic("/fused_state/attention_image") == []
+
+
+def test_a_model_that_reads_odometry_subscribes_to_it_and_fuses_a_real_robots(ros, real_data, tmp_path):
+    """A checkpoint built with wheel odometry (seed-0 weights: the wiring, not what they learned): the node
+    subscribes to its nav_msgs/Odometry topic, and the fused state, its layout and the diagnostics carry a
+    fourth sensor. The Clearpath Husky's recording (IMU 30 Hz, odometry 10 Hz) is played over DDS."""
+    torch.manual_seed(0)
+    checkpoint = save_checkpoint(FusionModel(FusionConfig(model=ModelConfig(odometry=True))).eval(),
+                                 tmp_path / "odometry.safetensors")
+    params = yaml.safe_load(Path("config/fusion.yaml").read_text())
+    params["/**"]["ros__parameters"].update(checkpoint=str(checkpoint), camera_type="none", lidar_type="none",
+                                            imu_topic="/imu/data", odometry_topic="/husky_velocity_controller/odom",
+                                            max_age_s={"imu": 0.1}, diagnostics_period_s=0.2)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    fused, layouts = [], []
+    ros.node.create_subscription(Image, "/odo/fused_state", fused.append, 50)
+    ros.node.create_subscription(String, "/odo/fused_state/layout", layouts.append,
+                                 QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+
+    def status(name):
+        for array in reversed(ros.diags):
+            for s in array.status:
+                if s.name == f"fusion_attn: {name}" and s.hardware_id == "odometry_fusion":
+                    return s.level[0], {kv.key: kv.value for kv in s.values}
+        return None
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(tmp_path / "node.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "fusion_attn.node", "--ros-args", "-r", "__node:=odometry_fusion",
+                                 "-r", "__ns:=/odo", "--params-file", str(tmp_path / "params.yaml")],
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            assert ros.wait_for(lambda: layouts, timeout=90), (tmp_path / "node.log").read_text()
+            played = play(ros.node, [real_data / "husky_imu_odom_gps.bag"], keep=lambda _topic, s: s < 6.0,
+                          wait_s=30.0)
+            ros.wait_for(lambda: False, timeout=0.5)
+        finally:
+            assert stop_node(proc, tmp_path / "node.log") == 0, (tmp_path / "node.log").read_text()
+    layout = json.loads(layouts[-1].data)
+    assert layout["sensor_order"] == ["camera", "lidar", "imu", "odometry"] and layout["height"] == 1 + 8 + 4
+    assert played > 150 and len(fused) >= 40, (played, len(fused))
+    attention = [parse_fused_state_rows(np.frombuffer(bytes(m.data), np.float32).reshape(m.height, m.width),
+                                        HEADS, sensors=4)["attention"] for m in fused]
+    with_odometry = [a for a in attention if a[3].sum() > 0]
+    assert len(with_odometry) >= 0.8 * len(attention)  # 10 Hz odometry, fresh within its 0.2 s max age
+    assert all(np.all(a[:2] == 0.0) for a in attention)  # no camera or lidar configured
+    _, odometry = status("odometry")
+    assert int(odometry["received"]) >= 50 and float(odometry["rate_hz"]) == pytest.approx(10.0, abs=1.0)
+    assert "trust_odometry" in status("fusion")[1]

@@ -324,7 +324,7 @@ print(json.dumps(counts))
 
 def test_play_refuses_a_bag_without_sensor_topics_and_a_bad_rate(real_data, capsys):
     assert main(["play", str(real_data / "vlp16_raw_packets")]) == 2
-    assert "no camera, lidar or IMU topic to play" in capsys.readouterr().err
+    assert "no camera, lidar, IMU or odometry topic to play" in capsys.readouterr().err
     assert main(["play", str(real_data / "euroc_v1_01_cam_imu"), "--rate", "0"]) == 2
     assert "play rate must be > 0" in capsys.readouterr().err
     assert main(["play", str(real_data / "euroc_v1_01_cam_imu"), "--wait", "-1"]) == 2

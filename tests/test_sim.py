@@ -12,7 +12,7 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 import fusion_attn.sim  # noqa: F401  (registers the ids)
-from fusion_attn.frames import NS_PER_S, CameraFrame, ImuSample, LidarFrame, Modality
+from fusion_attn.frames import NS_PER_S, CameraFrame, ImuSample, LidarFrame, Modality, OdometrySample
 from fusion_attn.sim.faults import FaultConfig, FaultSpec
 from fusion_attn.sim.robot import DRIVE_ACCEL, FrameList, RobotEnv
 from fusion_attn.sim.scene import CAMERA_POS, RIG_HEIGHT, ROBOT_Z, TASK_COLOURS, Geom, Layout
@@ -65,7 +65,7 @@ def test_check_env(env_id):
     check_env(env.unwrapped, skip_render_check=True)
     obs, info = env.reset(seed=1)
     assert env.observation_space.contains(obs)
-    assert [type(f) for f in info["frames"]] == [CameraFrame, LidarFrame, ImuSample]
+    assert [type(f) for f in info["frames"]] == [CameraFrame, LidarFrame, ImuSample, OdometrySample]
     env.close()
 
 
@@ -498,12 +498,14 @@ def test_a_recorded_episode_replays_through_the_replay_tool(tmp_path, capsys):
         _, _, raw = next(reader.messages([odom]))
         first = reader.deserialize(raw, odom.msgtype)
     assert types == {"/camera/image_raw": "sensor_msgs/msg/Image", "/lidar/points": "sensor_msgs/msg/PointCloud2",
-                     "/imu/data": "sensor_msgs/msg/Imu", "/odom": "nav_msgs/msg/Odometry", "/tf": "tf2_msgs/msg/TFMessage"}
+                     "/imu/data": "sensor_msgs/msg/Imu", "/odom": "nav_msgs/msg/Odometry",
+                     "/ground_truth/pose": "geometry_msgs/msg/PoseStamped", "/tf": "tf2_msgs/msg/TFMessage"}
     assert first.header.frame_id == "odom" and first.child_frame_id == "base_link"
     assert np.all(np.diff(stamps) > 0)  # the second episode follows the first on one clock
     assert main(["replay", str(tmp_path / "sim"), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["topics"] == {"camera": "/camera/image_raw", "imu": "/imu/data", "lidar": "/lidar/points"}
+    assert summary["skipped_topics"]["/odom"] == "the model does not read odometry"  # the default has no odometry
     assert summary["resets"] == 0 and summary["fusions"] >= 2 * 2 * 20
     assert all(summary["present_fraction"][m] > 0.8 for m in ("camera", "lidar", "imu"))
     assert main(["sim-record", "FusionAttn/Navigate-v0", "-o", str(tmp_path / "sim")]) == 2  # never overwrites

@@ -12,7 +12,7 @@ import pytest
 from conftest import stop_nodes, wait_until
 
 rclpy = pytest.importorskip("rclpy", reason="rclpy (ROS 2) is not installed")
-from geometry_msgs.msg import Twist
+from geometry_msgs.msg import PoseStamped, Twist
 from nav_msgs.msg import Odometry
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import qos_profile_sensor_data
@@ -34,7 +34,7 @@ def graph(tmp_path_factory):
                               env=env, stdout=open(logs / "node.log", "w"), stderr=subprocess.STDOUT)]  # noqa: SIM115
     rclpy.init()
     node = rclpy.create_node("bridge_tester")
-    seen = {"camera": 0, "lidar": 0, "imu": 0, "clock": [], "odom": [], "fused": []}
+    seen = {"camera": 0, "lidar": 0, "imu": 0, "clock": [], "odom": [], "truth": [], "fused": []}
 
     def count(key):
         return lambda _msg: seen.__setitem__(key, seen[key] + 1)
@@ -44,6 +44,7 @@ def graph(tmp_path_factory):
     node.create_subscription(Imu, "imu/data", count("imu"), qos_profile_sensor_data)
     node.create_subscription(Clock, "/clock", lambda m: seen["clock"].append(m.clock.sec * 10**9 + m.clock.nanosec), 10)
     node.create_subscription(Odometry, "odom", lambda m: seen["odom"].append(m), 10)
+    node.create_subscription(PoseStamped, "ground_truth/pose", lambda m: seen["truth"].append(m), 10)
     node.create_subscription(Image, "fused_state", lambda m: seen["fused"].append(m), 10)
     executor = SingleThreadedExecutor()
     executor.add_node(node)
@@ -58,26 +59,27 @@ def graph(tmp_path_factory):
 
 def test_bridge_publishes_sensors_and_clock_and_moves_on_cmd_vel(graph):
     node, seen, logs = graph
-    assert wait_until(lambda: len(seen["odom"]) > 20 and seen["lidar"] > 2, 60), (logs / "bridge.log").read_text()
+    assert wait_until(lambda: len(seen["truth"]) > 20 and len(seen["odom"]) > 20 and seen["lidar"] > 2, 60), \
+        (logs / "bridge.log").read_text()
     assert seen["camera"] > 0 and seen["imu"] > 10
     clock = np.array(seen["clock"])
     assert np.all(np.diff(clock) >= 0) and clock[-1] > clock[0]
-    still = seen["odom"][-1].pose.pose.position
+    still = seen["truth"][-1].pose.position
     time.sleep(0.5)
-    assert abs(seen["odom"][-1].pose.pose.position.x - still.x) < 0.01  # no command: it stays
+    assert abs(seen["truth"][-1].pose.position.x - still.x) < 0.01  # no command: it stays
 
     cmd = node.create_publisher(Twist, "cmd_vel", 10)
     assert wait_until(lambda: cmd.get_subscription_count() > 0, 10)  # a command before discovery is lost
-    start = seen["odom"][-1].pose.pose.position
+    start = seen["truth"][-1].pose.position
     forward = Twist()
     forward.linear.x = 0.5
     for _ in range(30):  # 1.5 s of "ahead at 0.5 m/s", refreshed faster than the bridge's timeout
         cmd.publish(forward)
         time.sleep(0.05)
-    end = seen["odom"][-1].pose.pose.position
+    end = seen["truth"][-1].pose.position
     moved = np.hypot(end.x - start.x, end.y - start.y)
     assert 0.2 < moved < 1.0, moved  # about 0.5 m/s for 1.5 s, less the ramp-up and any wall
-    assert max(m.twist.twist.linear.x for m in seen["odom"][-20:]) > 0.3
+    assert max(m.twist.twist.linear.x for m in seen["odom"][-20:]) > 0.3  # the wheel odometry read it too
 
 
 def test_fusion_node_fuses_the_simulated_sensors_in_closed_loop(graph):

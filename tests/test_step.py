@@ -71,7 +71,7 @@ def assert_same_tokens(model, snaps, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("recording", RECORDINGS)
 def test_step_tokens_match_the_host_tokenizers_on_real_recordings(real_data, model, recording, device):
-    sync = SensorSync(SyncConfig(imu_window_s=model.cfg.imu.window_s))
+    sync = SensorSync(SyncConfig.for_model(model.cfg))
     with open_reader([real_data / recording]) as reader:
         snaps = list(recorded_snapshots(reader, sync, ReplayOptions(progress=False, end_s=10), Recording()))
     assert snaps
@@ -158,7 +158,7 @@ def test_whole_step_pipeline_fuses_real_data_as_the_host_path(real_data, model):
     CPU, against the CPU default on the same recording."""
     whole = FusionPipeline(model.cfg, TorchBackend(model, whole_step=True))
     host = FusionPipeline(model.cfg, create_backend("torch", model))
-    sync = SensorSync(SyncConfig(imu_window_s=model.cfg.imu.window_s))
+    sync = SensorSync(SyncConfig.for_model(model.cfg))
     with open_reader([real_data / "euroc_v1_01_cam_imu"]) as reader:
         snaps = list(recorded_snapshots(reader, sync, ReplayOptions(progress=False, end_s=1), Recording()))
     for snap in snaps:
@@ -192,7 +192,7 @@ def test_fuse_many_batches_by_step_shape_and_gives_each_snapshot_its_own_states(
     """Snapshots of a recording and a few of other shapes, fused in one fuse_many: one call per step
     shape (camera, point and IMU buckets; a cloud the step refuses goes by tokens), each snapshot's
     states as fusing it alone gives them, at every τ row."""
-    sync = SensorSync(SyncConfig(imu_window_s=model.cfg.imu.window_s))
+    sync = SensorSync(SyncConfig.for_model(model.cfg))
     with open_reader([real_data / "lidar_camera_frame"]) as reader:
         snaps = list(recorded_snapshots(reader, sync, ReplayOptions(progress=False, end_s=2), Recording()))
     rng = np.random.default_rng(3)
@@ -249,7 +249,7 @@ def test_cuda_graph_whole_step_fuses_real_data_as_the_cpu_path(real_data, model)
     gpu = FusionPipeline(model.cfg, create_backend("torch-cudagraph", model))
     cpu = FusionPipeline(model.cfg, create_backend("torch", model))
     for recording in RECORDINGS:
-        sync = SensorSync(SyncConfig(imu_window_s=model.cfg.imu.window_s))
+        sync = SensorSync(SyncConfig.for_model(model.cfg))
         with open_reader([real_data / recording]) as reader:
             for snap in recorded_snapshots(reader, sync, ReplayOptions(progress=False, end_s=3), Recording()):
                 a, b = gpu.fuse(snap), cpu.fuse(snap)

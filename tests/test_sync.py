@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from fusion_attn.config import FusionConfig
 from fusion_attn.frames import NS_PER_S, CameraFrame, ImuSample, LidarFrame, Modality
 from fusion_attn.sync import SensorSync, SyncConfig
 
@@ -98,7 +99,7 @@ def test_imu_history_memory_is_bounded():
         sync.add(_imu(i * MS, ax=i))
     w = sync.snapshot(999 * MS).imu
     assert 32 <= len(w) <= 64 and w.accel[-1, 0] == 999
-    assert sync._imu.stamps.shape == (64,)
+    assert sync._history[Modality.IMU].stamps.shape == (64,)
 
 
 def test_empty_cloud_is_dropped_and_counted():
@@ -212,7 +213,6 @@ def test_reset_forgets_previous_frames():
 
 
 def test_a_frozen_camera_gives_identical_current_and_previous_tokens():
-    from fusion_attn.config import FusionConfig
     from fusion_attn.tokenize import Tokenizer
 
     rng = np.random.default_rng(0)
@@ -314,7 +314,7 @@ def test_frames_stamped_ahead_of_the_receiver_clock_are_dropped_as_future():
 def test_values_beyond_physical_limits_are_dropped_and_counted():
     params = {"limits.max_range_m": 100.0, "limits.max_acceleration_mps2": 50.0,
               "limits.max_angular_rate_rad_s": 5.0}
-    cfg = SyncConfig.from_params(params, imu_window_s=0.25)
+    cfg = SyncConfig.for_model(FusionConfig(), params)
     assert (cfg.max_range_m, cfg.max_acceleration_mps2, cfg.max_angular_rate_rad_s) == (100.0, 50.0, 5.0)
     sync = SensorSync(cfg)
     points = np.zeros((10, 4), np.float32)

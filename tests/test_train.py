@@ -350,7 +350,7 @@ def _unchanged(clean, x, but):
 
 
 def test_drop_masks_the_sensor_only(data):
-    for m in Modality:
+    for m in CFG.sensors:
         _, _, clean, x = _faulted(data, m, "drop")
         name = m.name.lower()
         assert not x[f"{name}_mask"].any() and clean[f"{name}_mask"].any()
@@ -513,7 +513,7 @@ def test_faults_reach_the_previous_frames_and_the_trust_labels(data):
     t = data.tensors()
     idx = torch.tensor((1, 5, 25, 31, 45))
     clean = gather(t, idx)
-    for m in Modality:
+    for m in CFG.sensors:
         for fault in FAULTS:
             plan = FaultPlan.fixed(len(idx), int(m), fault)
             x = corrupt(t, idx, plan, CFG, TINY.fusion_hz, torch.Generator().manual_seed(1))

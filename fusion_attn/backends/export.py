@@ -34,7 +34,7 @@ def example_inputs(model: FusionModel, batch: int = 1, seed: int = 0) -> dict[st
     for name, (shape, dtype) in input_spec(model.cfg).items():
         full = (batch, *shape)
         x[name] = rng.random(full) > 0.2 if dtype == np.bool_ else rng.normal(size=full).astype(np.float32)
-    x["tau"] = np.ones((batch, 4), np.float32)
+    x["tau"] = np.ones((batch, 1 + len(model.cfg.sensors)), np.float32)
     return x
 
 

@@ -127,7 +127,7 @@ def calibration_batches(bags, cfg, params, max_batches: int, batch: int = 8):
 
     opts = ReplayOptions(fusion_rate_hz=param(params, "fusion_rate_hz"), progress=False)
     pending = []
-    for _, x in recorded_inputs(bags, cfg, opts, SyncConfig.from_params(params, cfg.imu.window_s)):
+    for _, x in recorded_inputs(bags, cfg, opts, SyncConfig.for_model(cfg, params)):
         pending.append(x)
         if len(pending) == batch:
             yield {k: np.stack([p[k] for p in pending]) for k in pending[0]}

@@ -18,21 +18,25 @@ def model_args(p: argparse.ArgumentParser, backend: bool = True, tau: bool = Tru
                                                             "here falls back to it, see backend_fallback)")
         p.add_argument("--threads", type=int)
     if tau:
-        p.add_argument("--tau", type=float, nargs=4, metavar=("GLOBAL", "CAMERA", "LIDAR", "IMU"))
+        p.add_argument("--tau", type=float, nargs="+", metavar="TAU",
+                       help="global, camera, lidar, imu (and odometry, for a model that reads it)")
 
 
 def fusion_setup(args, tau=None):
     """The pipeline, sync config and parameters from --params (the node's file) and the flags."""
     from ..config import load_params
+    from ..errors import ConfigError
     from ..pipeline import FusionPipeline
     from ..sync import SyncConfig
 
     params = load_params(args.params) if getattr(args, "params", None) else {}
     flags = {"checkpoint": args.checkpoint, "backend": args.backend, "threads": args.threads}
     params.update({k: v for k, v in flags.items() if v})
+    if tau and len(tau) > len(TAU_NAMES):
+        raise ConfigError(f"--tau takes at most {len(TAU_NAMES)} values ({', '.join(TAU_NAMES)}), got {len(tau)}")
     params.update(zip(TAU_NAMES, tau or ()))
     pipeline = FusionPipeline.from_params(params)
-    return pipeline, SyncConfig.from_params(params, pipeline.cfg.imu.window_s), params
+    return pipeline, SyncConfig.for_model(pipeline.cfg, params), params
 
 
 def replay_options(args, params, **overrides):

@@ -123,7 +123,7 @@ def _state_dict(state: FusedState, pipeline) -> dict:
                               "age_s": None if np.isnan(state.ages_s[i]) else float(state.ages_s[i]),
                               "attention_per_head": _rounded(state.attention[i]),
                               "trust": None if state.trust is None else round(float(state.trust[i]), 6)}
-                       for i, name in enumerate(MODALITIES)},
+                       for i, name in enumerate(state.sensors)},
         "fused": _rounded(state.pooled), "timings_ms": state.timings_ms,
     }
 
@@ -142,9 +142,9 @@ def _summary(state: FusedState, pipeline, notes: list[str], fused_at_s: float | 
     if pipeline.backend_fallback:
         lines.append(f"  fallback: {pipeline.backend_fallback}")
     lines += [f"  input  {n}" for n in notes]
-    lines.append("  tau    global {:.3g}  camera {:.3g}  lidar {:.3g}  imu {:.3g}".format(*state.tau))
+    lines.append("  tau    " + "  ".join(f"{name} {t:.3g}" for name, t in zip(("global", *state.sensors), state.tau)))
     lines.append(f"  {'modality':8} {'present':>7} {'age ms':>8} {'attention':>9} {'trust':>6}   attention per head")
-    for i, name in enumerate(MODALITIES):
+    for i, name in enumerate(state.sensors):
         age = "-" if np.isnan(state.ages_s[i]) else f"{state.ages_s[i] * 1e3:.1f}"
         trust = "-" if state.trust is None else f"{state.trust[i]:.3f}"
         heads = " ".join(f"{a:.3f}" for a in state.attention[i])

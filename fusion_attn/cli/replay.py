@@ -29,7 +29,7 @@ def add_parser(verbs):
     replay.add_argument("--end", type=float, help="seconds after the start of the recording")
     topic_args(replay)
     replay.add_argument("--tau", help="τ: one value (global), or a sweep 0.1,0.5,1,2; an entry may be "
-                                      "global:camera:lidar:imu")
+                                      "global:camera:lidar:imu (and :odometry for a model that reads it)")
     replay.add_argument("--attention-at", metavar="T1,T2,...",
                         help="write attention_<t>.png, where the fusion looks, at these seconds after the start of "
                              "the recording (docs/ATTENTION_MAPS.md)")
@@ -152,23 +152,24 @@ def _setup(args, **overrides):
 
 
 def topic_args(p: argparse.ArgumentParser) -> None:
-    """--camera-topic, --lidar-topic, --imu-topic: replay's and fuse's choice of topics (see bag.find_topics)."""
+    """--camera-topic, --lidar-topic, --imu-topic, --odometry-topic: replay's and fuse's choice of topics (see bag.find_topics)."""
     for m in Modality:
         types = " or ".join(t for t in SUPPORTED_TYPES if modality_of(t) is m)
         p.add_argument(topic_flag(m), metavar="TOPIC", help=f"the {MODALITIES[m]} topic (default: the busiest {types})")
 
 
-def _tau_entry(entry: str, base) -> tuple[float, float, float, float]:
-    """One --tau entry: a global τ (the others from `base`), or all four global:camera:lidar:imu."""
+def _tau_entry(entry: str, base) -> tuple[float, ...]:
+    """One --tau entry: a global τ (the others from `base`), or one per τ of the model, global:camera:lidar:imu
+    (:odometry)."""
     try:
         values = [float(v) for v in entry.split(":")]
     except ValueError:
         raise FusionAttnError(f"--tau entry {entry!r} is not a number or global:camera:lidar:imu") from None
     if len(values) == 1:
         return (values[0], *(float(b) for b in base[1:]))
-    if len(values) == 4:
+    if len(values) == len(base):
         return tuple(values)
-    raise FusionAttnError(f"--tau entry {entry!r} needs 1 or 4 values, got {len(values)}")
+    raise FusionAttnError(f"--tau entry {entry!r} needs 1 or {len(base)} values (the model's τ), got {len(values)}")
 
 
 def _instants(text: str) -> tuple[float, ...]:

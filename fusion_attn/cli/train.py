@@ -82,9 +82,11 @@ def add_parser(verbs):
     train.add_argument("--camera-column-blocks", type=int, metavar="N",
                        help="self-attention blocks along each column of camera patches after the embedding, so a "
                             "patch sees what stands above and below it (default 0: none)")
-    train.add_argument("--fault-weights", type=float, nargs=3, metavar=("CAMERA", "LIDAR", "IMU"),
-                       help="which sensor a training sample's fault hits, in proportion (default 1 1 1; 60 %% of "
-                            "samples get one); e.g. 1 1 2 for twice the IMU faults")
+    train.add_argument("--odometry", action="store_const", const=True,
+                       help="wheel odometry (nav_msgs/Odometry's twist) as a fourth sensor after the IMU")
+    train.add_argument("--fault-weights", type=float, nargs="+", metavar="W",
+                       help="which sensor a training sample's fault hits, in proportion: camera, lidar, IMU[, "
+                            "odometry] (default 1 each; 60 %% of samples get one); e.g. 1 1 2 for twice the IMU faults")
     train.add_argument("--objective-weights", nargs="+", metavar="NAME=WEIGHT",
                        help="weights of head objectives (default 1 each): camera, lidar, imu, imu_next, velocity, "
                             "obstacles, goal; e.g. goal=4")
@@ -152,7 +154,7 @@ def run(args) -> int:
     from ..learn.loop import TrainConfig, train
 
     fields = ("seed", "steps", "batch", "lr", "clip_grad_norm", "sim_episodes", "val_episodes", "sim_seconds", "sim_tasks", "stop_share", "mirror", "sim_camera_view", "trigger", "bags", "fusion",
-              "tau_random_prob", "sensor_fusion", "trust_floor", "floor_in_training", "camera_shifts", "lidar_motion", "lidar_motion_token", "lidar_motion_direct", "imu_direct", "stale_evidence", "camera_size", "camera_patch", "camera_stem", "camera_stem_cells", "camera_column_blocks", "fault_weights", "objective_weights", "trust_weight", "avoid_weight", "consistency_weight", "camera_goal_weight", "camera_goal_head", "lidar_goal_weight", "lidar_goal_bearing", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature", "init_from", "train_only")
+              "tau_random_prob", "sensor_fusion", "trust_floor", "floor_in_training", "camera_shifts", "lidar_motion", "lidar_motion_token", "lidar_motion_direct", "imu_direct", "stale_evidence", "camera_size", "camera_patch", "camera_stem", "camera_stem_cells", "camera_column_blocks", "odometry", "fault_weights", "objective_weights", "trust_weight", "avoid_weight", "consistency_weight", "camera_goal_weight", "camera_goal_head", "lidar_goal_weight", "lidar_goal_bearing", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature", "init_from", "train_only")
     given = {k: getattr(args, k) for k in fields if hasattr(args, k)}
     if "bags" in given:
         given["bags"] = tuple(str(b) for b in given["bags"])
@@ -173,8 +175,11 @@ def run(args) -> int:
         raise ConfigError(f"--sim-camera-view {tc.sim_camera_view}: at least 8 pixels per view side")
     if not 0.0 <= tc.stop_share <= 1.0:
         raise ConfigError(f"--stop-share {tc.stop_share}: a share, between 0 and 1")
+    weights = " ".join(map(str, tc.fault_weights))
     if not all(math.isfinite(w) and w >= 0 for w in tc.fault_weights) or sum(tc.fault_weights) <= 0:
-        raise ConfigError(f"--fault-weights {' '.join(map(str, tc.fault_weights))}: non-negative, not all zero")
+        raise ConfigError(f"--fault-weights {weights}: non-negative, not all zero")
+    if len(tc.fault_weights) not in (3, 3 + tc.odometry):
+        raise ConfigError(f"--fault-weights {weights}: one per sensor, camera lidar IMU" + " [odometry]" * tc.odometry)
     if tc.fusion != "attention" and (unused := [flag for flag, key in ATTENTION_ONLY.items() if key in given]):
         raise ConfigError(f"--fusion {tc.fusion} has no trust, sensor weights or fusion tokens: {', '.join(unused)} "
                           f"would do nothing")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..config import FusionConfig
-from ..frames import MODALITIES, CameraFrame
+from ..frames import CameraFrame
 from ..tokenize import (
     IMU_AXES,
     LIDAR_INDEX,
@@ -33,6 +33,9 @@ FREEZE_LAG = (5, 30)  # samples back (0.5-3 s at 10 Hz): where a frozen sensor g
 DELAY_LAG = 1  # samples back (0.1 s at 10 Hz): beyond this the node's max ages mask the sensor anyway
 NOISE_MIN = 0.25  # the weakest noise drawn in training, as a share of the full strength
 BLOCKED_SECTOR = 2 * math.pi / 3  # a partially blocked lidar loses a 120° sector
+FRAMED = ("camera", "lidar")  # the sensors whose previous frame the model sees too
+# IMU (and odometry) sample axes of the second kind: the gyro's (odometry's turn rates), which a partial fault zeroes
+SECOND_KIND = torch.tensor([axis.startswith("gyro") for axis in IMU_AXES])
 
 
 @dataclass
@@ -49,13 +52,14 @@ class FaultPlan:
 
     @classmethod
     def draw(cls, batch: int, prob: float, gen: torch.Generator,
-             sensor_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> FaultPlan:
-        """A faulted sensor with chance `prob` per sample, camera, lidar or IMU in proportion to sensor_weights."""
+             sensor_weights: tuple[float, ...] = (1.0, 1.0, 1.0)) -> FaultPlan:
+        """A faulted sensor with chance `prob` per sample, each of the model's sensors (FusionConfig.sensors:
+        camera, lidar, IMU[, odometry]) in proportion to its entry of sensor_weights."""
         faulted = torch.rand(batch, generator=gen) < prob
         if not sum(sensor_weights) > 0:
             raise ValueError(f"fault sensor weights {sensor_weights}: at least one above 0")
         if len(set(sensor_weights)) == 1:  # equal: the draw every earlier run made, so their streams stay theirs
-            which = torch.randint(0, 3, (batch,), generator=gen)
+            which = torch.randint(0, len(sensor_weights), (batch,), generator=gen)
         else:
             which = torch.multinomial(torch.tensor(sensor_weights, dtype=torch.float), batch, replacement=True,
                                       generator=gen)
@@ -74,24 +78,25 @@ class FaultPlan:
         return cls(torch.full((batch,), sensor), torch.full((batch,), FAULTS.index(fault)),
                    torch.full((batch,), lag), torch.full((batch,), strength), torch.full((batch,), where))
 
-    def content_faulted(self) -> torch.Tensor:
-        """(B, 3) bool: the sensor whose content the fault corrupts (the trust's target is its negation);
+    def content_faulted(self, sensors: int = 3) -> torch.Tensor:
+        """(B, sensors) bool: the sensor whose content the fault corrupts (the trust's target is its negation);
         a dropped sensor is absent rather than wrong, and a late one is right but late (its age says so)."""
         content = torch.zeros_like(self.fault, dtype=torch.bool)
         for name in CONTENT_FAULTS:
             content |= self.fault == FAULTS.index(name)
-        return (self.sensor[:, None] == torch.arange(3)) & content[:, None]
+        return (self.sensor[:, None] == torch.arange(sensors)) & content[:, None]
 
 
 def gather(data: dict[str, torch.Tensor], idx: torch.Tensor, src: torch.Tensor | None = None,
            prev_src: torch.Tensor | None = None, interval: torch.Tensor | None = None,
            previous: bool = True) -> dict[str, torch.Tensor]:
-    """Model inputs of samples `idx`. With src (B, 3), each modality's content (tokens, mask) comes from
+    """Model inputs of samples `idx`. With src (B, S), each sensor's content (tokens, mask) comes from
     sample src[:, m] while ages stay those of idx (what a frozen sensor looks like to the node); camera
     and lidar's previous frames come from prev_src (B, 2) (-1: none; default: each source's own previous
     frame), `interval` (B, 2) seconds before the current frame (default: as recorded). previous=False:
     the current frames only (what the training targets need)."""
-    src = idx[:, None].expand(-1, 3) if src is None else src
+    odometry = "odometry_chunks" in data  # a dataset tokenized for a model that reads odometry
+    src = idx[:, None].expand(-1, 3 + odometry) if src is None else src
     c, li, i = src[:, 0], src[:, 1], src[:, 2]
     current = {
         "camera_patches": decode_camera(data["camera_u8"][c], data["camera_mask"][c]),
@@ -100,6 +105,10 @@ def gather(data: dict[str, torch.Tensor], idx: torch.Tensor, src: torch.Tensor |
         "lidar_age": data["lidar_age"][idx],
         "imu_chunks": data["imu_chunks"][i], "imu_mask": data["imu_mask"][i], "imu_age": data["imu_age"][idx],
     }
+    if odometry:
+        o = src[:, 3]
+        current |= {"odometry_chunks": data["odometry_chunks"][o], "odometry_mask": data["odometry_mask"][o],
+                    "odometry_age": data["odometry_age"][idx]}
     if not previous:
         return current
     if prev_src is None:
@@ -144,14 +153,19 @@ def corrupt(data: dict[str, torch.Tensor], idx: torch.Tensor, plan: FaultPlan, c
         delay    the content of the sample DELAY_LAG back, its ages older by as much
         partial  camera: one half of the image (left or right) black; lidar: the points of a 120°
                  sector gone; IMU: the gyro reads zero (the accelerometer works)
+
+    Wheel odometry (a model that reads it) fails as the IMU does, its speed and turn rate for accel and
+    gyro: zero (a robot that seems to stand), noise up to 0.3 m/s and 0.3 rad/s, its twist frozen, late,
+    or (partial) the turn rate reading zero.
     """
     B = len(idx)
     sensor, fault = plan.sensor, plan.fault
-    hit = [(sensor == m) for m in range(3)]
+    hit = [(sensor == m) for m in range(len(cfg.sensors))]
     is_freeze, is_delay = fault == FAULTS.index("freeze"), fault == FAULTS.index("delay")
     older = torch.maximum(idx - plan.lag, data["seq_start"][idx])
-    lagged = (is_freeze | is_delay, is_freeze | is_delay, is_delay)  # a frozen IMU keeps its live window's timing
-    src = torch.stack([torch.where(hit[m] & lagged[m], older, idx) for m in range(3)], dim=1)
+    # a frozen IMU or odometry keeps its live window's timing: only its values are held
+    lagged = (is_freeze | is_delay, is_freeze | is_delay, is_delay, is_delay)
+    src = torch.stack([torch.where(hit[m] & lagged[m], older, idx) for m in range(len(hit))], dim=1)
     # previous frames: a delayed sensor's is its source's own; a frozen one's is its content again,
     # as far before as the clean sample's previous frame was
     clean_prev = torch.stack([data["camera_prev"][idx], data["lidar_prev"][idx]], dim=1)
@@ -166,10 +180,10 @@ def corrupt(data: dict[str, torch.Tensor], idx: torch.Tensor, plan: FaultPlan, c
     x["lidar_prev_age"] = torch.where(frozen[:, 1:], (x["lidar_age"] + clean_interval[:, 1:]) * x["lidar_prev_mask"].any(-1),
                                       x["lidar_prev_age"])
     delay_s = (idx - older).float() / fusion_hz
-    for m, name in enumerate(MODALITIES):
+    for m, name in enumerate(cfg.sensor_names):
         shift = torch.where(hit[m] & is_delay, delay_s, 0.0)[:, None]
         x[f"{name}_age"] = x[f"{name}_age"] + shift
-        if name != "imu":
+        if name in FRAMED:
             x[f"{name}_prev_age"] = x[f"{name}_prev_age"] + shift * (x[f"{name}_prev_age"] > 0)
 
     def rows_of(kind: str, m: int) -> torch.Tensor:
@@ -215,32 +229,35 @@ def corrupt(data: dict[str, torch.Tensor], idx: torch.Tensor, plan: FaultPlan, c
             blocked = r[:, None, None] & (angle < BLOCKED_SECTOR)
             x[mask_key] = x[mask_key] & ~blocked
             x[key] = x[key] * x[mask_key][..., None]
-    # IMU: the resampled samples change; each chunk's sample spacing and count stay
-    imu = cfg.imu
-    values = imu_samples(x["imu_chunks"], imu)  # (B, chunks, S, 6)
-    values = torch.where(rows_of("zero", 2)[:, None, None, None], 0.0, values)
-    held = imu_samples(data["imu_chunks"][older], imu)[:, -1:, -1:]  # the reading it got stuck at, held
-    values = torch.where(rows_of("freeze", 2)[:, None, None, None], held, values)
-    gyro = torch.tensor([axis.startswith("gyro") for axis in IMU_AXES])
-    values = torch.where(rows_of("partial", 2)[:, None, None, None] & gyro, 0.0, values)
-    r = rows_of("noise", 2)
-    if r.any():
-        scale = torch.tensor([3.0 / imu.accel_scale if axis.startswith("accel") else 0.3 / imu.gyro_scale
-                              for axis in IMU_AXES])
-        values = values + torch.randn(values.shape, generator=gen) * scale * (s * r)[:, None, None, None]
-    put_imu_samples(x["imu_chunks"], values * x["imu_mask"][..., None, None], imu)  # in gather's copy
+    # IMU and odometry: the resampled samples change; each chunk's sample spacing and count stay
+    imu, odometry = cfg.imu, cfg.odometry
+    chunked = [("imu", imu, (3.0 / imu.accel_scale, 0.3 / imu.gyro_scale))]
+    if cfg.model.odometry:
+        chunked.append(("odometry", odometry, (0.3 / odometry.speed_scale, 0.3 / odometry.angular_scale)))
+    for name, tokens, (first_noise, second_noise) in chunked:
+        m = cfg.sensor_names.index(name)
+        values = imu_samples(x[f"{name}_chunks"], tokens)  # (B, chunks, S, 6): three axes of each of two kinds
+        values = torch.where(rows_of("zero", m)[:, None, None, None], 0.0, values)
+        held = imu_samples(data[f"{name}_chunks"][older], tokens)[:, -1:, -1:]  # the reading it got stuck at, held
+        values = torch.where(rows_of("freeze", m)[:, None, None, None], held, values)
+        values = torch.where(rows_of("partial", m)[:, None, None, None] & SECOND_KIND, 0.0, values)
+        r = rows_of("noise", m)
+        if r.any():
+            scale = torch.where(SECOND_KIND, second_noise, first_noise)
+            values = values + torch.randn(values.shape, generator=gen) * scale * (s * r)[:, None, None, None]
+        put_imu_samples(x[f"{name}_chunks"], values * x[f"{name}_mask"][..., None, None], tokens)  # in gather's copy
     # drop (and a zeroed lidar): masked, its previous frame too
-    for m, name in enumerate(MODALITIES):
+    for m, name in enumerate(cfg.sensor_names):
         r = rows_of("drop", m) | (rows_of("zero", m) & (name == "lidar"))
-        for key in (f"{name}_mask", f"{name}_prev_mask") if name != "imu" else ("imu_mask",):
+        for key in (f"{name}_mask", f"{name}_prev_mask") if name in FRAMED else (f"{name}_mask",):
             x[key] = x[key] & ~(r.view(-1, *[1] * (x[key].dim() - 1)))
     return x
 
 
-def random_tau(batch: int, prob: float, gen: torch.Generator) -> torch.Tensor:
-    """(B, 4) τ: all ones, or with `prob` a random global τ in [0.1, 10] and per-modality τ in [0.5, 2]
-    (log-uniform), so the model works across the τ the node may be set to."""
-    u = torch.rand(batch, 4, generator=gen)
-    span = torch.tensor([math.log(10.0), math.log(2.0), math.log(2.0), math.log(2.0)])
+def random_tau(batch: int, prob: float, gen: torch.Generator, sensors: int = 3) -> torch.Tensor:
+    """(B, 1 + sensors) τ: all ones, or with `prob` a random global τ in [0.1, 10] and per-sensor τ in
+    [0.5, 2] (log-uniform), so the model works across the τ the node may be set to."""
+    u = torch.rand(batch, 1 + sensors, generator=gen)
+    span = torch.tensor([math.log(10.0)] + [math.log(2.0)] * sensors)
     tau = torch.exp((2.0 * u - 1.0) * span)
-    return torch.where((torch.rand(batch, 1, generator=gen) < prob), tau, torch.ones(batch, 4))
+    return torch.where((torch.rand(batch, 1, generator=gen) < prob), tau, torch.ones(batch, 1 + sensors))

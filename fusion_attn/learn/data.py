@@ -48,10 +48,9 @@ SECTORS = 16  # obstacle sectors (0 centred straight ahead): the ground truth's 
 # the same for every run (reports before 2026-12-03 took it + the first run's seed * SEED_STRIDE too)
 SPLIT_SEEDS = {"train": 0, "val": 100_000, "test": 200_000}
 SEED_STRIDE = 1_000_000
-ONES = np.ones(4, np.float32)
 
 INPUT_KEYS = ("camera_patches", "camera_mask", "camera_age", "lidar_points", "lidar_mask", "lidar_age",
-              "imu_chunks", "imu_mask", "imu_age")
+              "imu_chunks", "imu_mask", "imu_age", "odometry_chunks", "odometry_mask", "odometry_age")  # odometry: if read
 TRUTH_KEYS = ("velocity", "obstacles", "goal")
 
 
@@ -62,7 +61,7 @@ def encode_sample(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Tokenizer output -> compact storage. Camera patches go back to the 8-bit pixels they came from
     (exact for 8-bit cameras, 1/255 steps for 16-bit and depth): a quarter of the float32 size, which
     keeps a dataset of thousands of samples in memory. Lidar point features fit float16."""
-    out = {k: x[k] for k in INPUT_KEYS if k not in ("camera_patches", "lidar_points")}
+    out = {k: x[k] for k in INPUT_KEYS if k in x and k not in ("camera_patches", "lidar_points")}
     pixels = denormalise_pixels(x["camera_patches"].reshape(*x["camera_patches"].shape[:-1], -1, 3))
     out["camera_u8"] = np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8)
     out["lidar_points"] = x["lidar_points"].astype(np.float16)
@@ -97,16 +96,16 @@ def sim_episode(task: str, seed: int, seconds: float, fusion_hz: float, cfg: Fus
 
     # the node's fusion timer on simulated time, first tick one period in; at 10 Hz every tick ends a
     # 50 Hz control step, so the ground truth taken at the step's end is the tick's
-    clock = FusionClock(SensorSync(SyncConfig(imu_window_s=cfg.imu.window_s)), fusion_hz, trigger_modality(trigger),
+    clock = FusionClock(SensorSync(SyncConfig.for_model(cfg)), fusion_hz, trigger_modality(trigger),
                         start_ns=round(NS_PER_S / fusion_hz))
     env = RobotEnv(task, sensors=sensors, faults=FaultConfig())
     rng = np.random.default_rng(seed)
-    tokenizer = Tokenizer(cfg)
+    tokenizer, ones = Tokenizer(cfg), np.ones(1 + len(cfg.sensors), np.float32)  # τ: not stored
     samples, truth, stamps = [], [], []
     try:
         for info in (drive or random_drive)(env, rng, seed, seconds, stop_share):
             for snap in clock.step(info["frames"], info["time_ns"]):
-                samples.append(encode_sample(tokenizer(snap, ONES)))
+                samples.append(encode_sample(tokenizer(snap, ones)))
                 truth.append(env.ground_truth(SECTORS))
                 stamps.append(snap.stamp_ns)
     finally:
@@ -180,7 +179,8 @@ def mirror_sequence(seq: dict[str, np.ndarray], cfg: FusionConfig) -> dict[str, 
 
         camera  the columns of patches in reverse order, each patch's pixel columns too
         lidar   y and the in-pillar dy negated (pillars are a set: their order does not matter)
-        IMU     accel_y, gyro_x and gyro_z negated (a rotation's axis is a pseudovector)
+        IMU     accel_y, gyro_x and gyro_z negated (a rotation's axis is a pseudovector); odometry's
+                linear_y, angular_x and angular_z alike
         labels  yaw rate and goal bearing negated; obstacle sector k becomes sector -k
     """
     out = dict(seq)
@@ -199,8 +199,10 @@ def mirror_sequence(seq: dict[str, np.ndarray], cfg: FusionConfig) -> dict[str, 
         points[..., LIDAR_INDEX[feature]] *= -1
     out["lidar_points"] = points
     sign = np.array([-1.0 if axis in MIRRORED_IMU_AXES else 1.0 for axis in IMU_AXES], np.float32)
-    out["imu_chunks"] = seq["imu_chunks"].copy()
-    put_imu_samples(out["imu_chunks"], imu_samples(seq["imu_chunks"], cfg.imu) * sign, cfg.imu)
+    for name, tokens in (("imu", cfg.imu), ("odometry", cfg.odometry)):
+        if f"{name}_chunks" in seq:
+            out[f"{name}_chunks"] = seq[f"{name}_chunks"].copy()
+            put_imu_samples(out[f"{name}_chunks"], imu_samples(seq[f"{name}_chunks"], tokens) * sign, tokens)
     out["velocity"] = seq["velocity"] * np.array([1.0, -1.0], np.float32)
     out["obstacles"] = seq["obstacles"][:, -np.arange(SECTORS) % SECTORS]
     out["goal"] = seq["goal"] * np.array([1.0, -1.0], np.float32)

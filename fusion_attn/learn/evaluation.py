@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from ..config import FusionConfig
-from ..frames import MODALITIES
 from ..model import FusionModel, softmax_lipschitz
 from ..outputs import TRUST_THRESHOLD
 from .augment import FAULTS, FaultPlan, corrupt
@@ -26,9 +25,11 @@ SELF_SUPERVISED = ("camera", "lidar", "imu", "imu_next")
 LIPSCHITZ_SAMPLES = 16  # the diagnostic needs an eigen-decomposition per head, query and sample
 
 
-def conditions() -> list[tuple[str, int, str]]:
-    """(name, faulted sensor or -1, fault): clean, then each fault on each sensor."""
-    return [("clean", -1, "drop")] + [(f"{MODALITIES[m]}_{f}", m, f) for m in range(3) for f in FAULTS]
+def conditions(cfg: FusionConfig | None = None) -> list[tuple[str, int, str]]:
+    """(name, faulted sensor or -1, fault): clean, then each fault on each of the model's sensors
+    (None: camera, lidar and IMU)."""
+    names = (cfg or FusionConfig()).sensor_names
+    return [("clean", -1, "drop")] + [(f"{name}_{f}", m, f) for m, name in enumerate(names) for f in FAULTS]
 
 
 @torch.no_grad()
@@ -62,14 +63,14 @@ def evaluate(model: nn.Module, heads: Heads, data: Dataset, cfg: FusionConfig, f
     attends = isinstance(model, FusionModel)
     two_observers = lidar_reaches_post(t["lidar_points"], t["lidar_mask"])  # per sample, from its clean sweep
     report, clean_trust = {}, None
-    for name, sensor, fault in conditions():
+    for name, sensor, fault in conditions(cfg):
         gen = torch.Generator().manual_seed(seed)
         running = RunningMeans()
         lipschitz_value, trusts, affected = None, [], []
         for start in range(0, len(data), batch):
             idx = torch.arange(start, min(start + batch, len(data)))
             x = corrupt(t, idx, FaultPlan.fixed(len(idx), sensor, fault), cfg, fusion_hz, gen)
-            taus = torch.ones(len(idx), 4, device=device)
+            taus = torch.ones(len(idx), 1 + len(cfg.sensors), device=device)
             taus[:, 0] = tau
             pred, tgt, fusion = predict(model, heads, t, idx, x, taus, cfg)
             loss = losses(heads, pred, tgt)
@@ -84,8 +85,8 @@ def evaluate(model: nn.Module, heads: Heads, data: Dataset, cfg: FusionConfig, f
                 trusts.append(trust)
                 if sensor >= 0 and count_changed:
                     clean = corrupt(t, idx, FaultPlan.fixed(len(idx), -1, "drop"), cfg, fusion_hz, torch.Generator())
-                    affected.append(changed_inputs(x, clean, MODALITIES[sensor]))
-                for i, mod in enumerate(MODALITIES):
+                    affected.append(changed_inputs(x, clean, cfg.sensor_names[sensor]))
+                for i, mod in enumerate(cfg.sensor_names):
                     m[f"attention_{mod}"] = fusion["attention"][:, i].mean()
                     m[f"trust_{mod}"] = trust[:, i][trust[:, i].isfinite()]
                     m[f"untrusted_{mod}"] = (trust[:, i][trust[:, i].isfinite()] < TRUST_THRESHOLD).float()
@@ -109,7 +110,7 @@ def evaluate(model: nn.Module, heads: Heads, data: Dataset, cfg: FusionConfig, f
                 if clean_trust is not None:
                     metrics["trust_auroc"] = auroc(clean_trust[:, sensor], faulted)
         if sensor >= 0 and attends:
-            metrics["attention_faulted"] = metrics[f"attention_{MODALITIES[sensor]}"]
+            metrics["attention_faulted"] = metrics[f"attention_{cfg.sensor_names[sensor]}"]
         if lipschitz_value is not None:
             metrics["lipschitz"] = lipschitz_value
         report[name] = metrics

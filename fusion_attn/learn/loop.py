@@ -78,7 +78,7 @@ class TrainConfig:
     bags: tuple[str, ...] = ()  # unlabelled recordings: self-supervised objectives only
     bag_fraction: float = 0.2  # share of each batch drawn from the bags (when there are any)
     corrupt_prob: float = 0.6  # chance that a sample gets one faulted sensor
-    fault_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # which one: camera, lidar, IMU in proportion
+    fault_weights: tuple[float, ...] = (1.0, 1.0, 1.0)  # which one: camera, lidar, IMU[, odometry: 1 unless given] in proportion
     tau_random_prob: float = 0.5  # chance that a sample gets a random τ instead of all ones (0: fixed τ = 1)
     fusion: str = "attention"  # or the baselines without attention: concat, mean (see PooledFusion)
     # the attention model's fusion across sensors: "sensor" (trust-weighted at τ) or "token" (one softmax
@@ -115,6 +115,7 @@ class TrainConfig:
     camera_stem: int = 0  # config.ModelConfig.camera_stem
     camera_stem_cells: int = 4  # config.ModelConfig.camera_stem_cells
     camera_column_blocks: int = 0  # config.ModelConfig.camera_column_blocks
+    odometry: bool = False  # config.ModelConfig.odometry: wheel odometry as a fourth sensor
     # start from a trained checkpoint's weights and heads (None: from seed-initialised ones), and train only
     # the parameters whose names start with one of train_only (empty: all of them)
     init_from: str | None = None
@@ -138,7 +139,8 @@ class TrainConfig:
                                               lidar_motion_direct=self.lidar_motion_direct, imu_direct=self.imu_direct,
                                               stale_evidence=self.stale_evidence, camera_stem=self.camera_stem,
                                               camera_stem_cells=self.camera_stem_cells,
-                                              camera_column_blocks=self.camera_column_blocks))
+                                              camera_column_blocks=self.camera_column_blocks,
+                                              odometry=self.odometry))
 
     @classmethod
     def from_dict(cls, saved: dict) -> TrainConfig:
@@ -316,6 +318,8 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
         torch.set_rng_state(state["torch_rng"])
         step = int(state["step"])
     weights = _sampler_weights(train_set, tc)
+    # per sensor of the model; one it does not list (odometry, newer than the option) weighs 1
+    fault_weights = tuple(tc.fault_weights[:len(cfg.sensors)]) + (1.0,) * (len(cfg.sensors) - len(tc.fault_weights))
 
     def validate() -> dict[str, dict[str, float]]:
         if val_set is None:
@@ -335,9 +339,9 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
         for group in opt.param_groups:
             group["lr"] = lr_at(step, tc)
         idx = torch.multinomial(weights, tc.batch, replacement=True, generator=gen)
-        plan = FaultPlan.draw(tc.batch, tc.corrupt_prob, gen, tc.fault_weights)
+        plan = FaultPlan.draw(tc.batch, tc.corrupt_prob, gen, fault_weights)
         x = corrupt(data, idx, plan, cfg, tc.fusion_hz, gen)
-        tau = random_tau(tc.batch, tc.tau_random_prob, gen)
+        tau = random_tau(tc.batch, tc.tau_random_prob, gen, len(cfg.sensors))
         pred, tgt, fusion = predict(model, heads, data, idx, x, tau.to(dev), cfg)
         parts = {k: tc.objective_weights.get(k, 1.0) * v for k, v in losses(heads, pred, tgt).items()}
         if fusion and tc.trust_weight > 0:

@@ -106,7 +106,7 @@ class Heads(nn.Module):
 
 class PooledFusion(nn.Module):
     """Baselines for the robustness evaluation, on the same token embeddings as FusionModel but without
-    attention: `concat` -- each modality's masked mean token, concatenated (zeros for a missing one);
+    attention: `concat` -- each sensor's masked mean token, concatenated (zeros for a missing one);
     `mean` -- the masked mean of all tokens. An MLP turns that into a feature as wide as the flattened
     latents, so the same heads sit on top."""
 
@@ -116,15 +116,16 @@ class PooledFusion(nn.Module):
             raise ConfigError(f"unknown fusion {kind!r}: attention, concat or mean")
         self.kind, d = kind, cfg.model.dim
         self.embed = SensorEmbedding(cfg)
-        self.mlp = MLP(3 * d if kind == "concat" else d, 4 * d, cfg.model.fusion_tokens * d)
-        self.register_buffer("membership", F.one_hot(self.embed.modality_id, 3).float(), persistent=False)
+        S = len(cfg.sensors)
+        self.mlp = MLP(S * d if kind == "concat" else d, 4 * d, cfg.model.fusion_tokens * d)
+        self.register_buffer("membership", F.one_hot(self.embed.modality_id, S).float(), persistent=False)
 
     def forward(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
         tokens, mask, _, _ = self.embed(x)  # (B, N, D), (B, N)
         if self.kind == "mean":
             w = mask.float().unsqueeze(-1)
             return self.mlp((tokens * w).sum(1) / w.sum(1).clamp_min(1.0))
-        w = self.membership * mask.float().unsqueeze(-1)  # (B, N, 3)
+        w = self.membership * mask.float().unsqueeze(-1)  # (B, N, S)
         pooled = torch.einsum("bnm,bnd->bmd", w, tokens) / w.sum(1).clamp_min(1.0).unsqueeze(-1)
         return self.mlp(pooled.flatten(1))
 
@@ -169,11 +170,11 @@ def losses(heads: Heads, pred: dict[str, torch.Tensor], tgt: dict[str, tuple[tor
 
 
 def trust_loss(trust_logits: torch.Tensor, plan: FaultPlan) -> torch.Tensor:
-    """Binary cross-entropy of the trust logits (B, 3) against the known faults: 0 for a sensor whose
+    """Binary cross-entropy of the trust logits (B, S) against the known faults: 0 for a sensor whose
     content the fault corrupts (black, noisy, frozen, partly blocked), 1 otherwise; over present
     sensors only (an absent one has no content to judge)."""
     present = trust_logits.isfinite()
-    target = (~plan.content_faulted()).float().to(trust_logits.device)
+    target = (~plan.content_faulted(trust_logits.shape[1])).float().to(trust_logits.device)
     loss = F.binary_cross_entropy_with_logits(torch.where(present, trust_logits, 0.0), target, reduction="none")
     return (loss * present).sum() / present.sum().clamp_min(1)
 
@@ -189,8 +190,8 @@ def stale_loss(stale_logits: torch.Tensor, valid: torch.Tensor, plan: FaultPlan)
 
 
 def fault_attention(attention: torch.Tensor, plan: FaultPlan) -> torch.Tensor:
-    """Attention-avoidance objective: the mean attention mass (B, 3, H) the fusion tokens give a sensor
-    whose content is gone (a black image, a zero IMU). The fault is known while training, so this asks
+    """Attention-avoidance objective: the mean attention mass (B, S, H) the fusion tokens give a sensor
+    whose content is gone (a black image, a zero IMU or odometry). The fault is known while training, so this asks
     directly for what the augmentation should teach: look away. A noisy sensor still carries
     information, and a frozen or late one looks valid in one sample: they are left out; so is a lidar
     without points, which is masked and gets no attention anyway."""

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import FusionConfig
+from ..config import FusionConfig, ModelConfig
 from ..errors import CheckpointError, ConfigError
 from ..frames import MODALITIES
 from ..model import FusionModel
@@ -85,7 +85,7 @@ def group_of(name: str) -> str:
 QUANTITIES = (("speed_mae_mps", "speed", "m/s", 3), ("yaw_rate_mae_radps", "yaw rate", "rad/s", 3),
               ("obstacle_mae_m", "obstacle distance", "m", 3), ("goal_distance_mae_m", "goal distance", "m", 3),
               ("goal_bearing_mae_deg", "goal bearing", "°", 1))
-OBSERVERS = {"speed_mae_mps": ("camera", "lidar", "imu"), "yaw_rate_mae_radps": ("camera", "lidar", "imu"),
+OBSERVERS = {"speed_mae_mps": ("camera", "lidar", "imu", "odometry"), "yaw_rate_mae_radps": ("camera", "lidar", "imu", "odometry"),
              "obstacle_mae_m": ("camera", "lidar"), "goal_distance_mae_m": ("camera", "lidar"),
              "goal_bearing_mae_deg": ("camera", "lidar")}
 # observability classes: a quantity whose observers the simulator lets a sample miss is also measured
@@ -106,6 +106,7 @@ def class_key(quantity: str, cls: str) -> str:
 QUANTITY_KEYS = (*(q for q, *_ in QUANTITIES), *(class_key(q, c) for q in CLASSED for c, _ in CLASSES))
 TARGET_FAULTS = ("drop", "zero", "noise", "freeze")  # the issue's "any single sensor failed"
 MAX_RISE, CONCAT_RATIO, MAX_WEIGHT, AUROC_HARD, AUROC_SOFT = 0.25, 2.0, 0.10, 0.95, 0.90
+ALL_SENSORS = FusionConfig(model=ModelConfig(odometry=True))  # its conditions: every sensor's faults, in order
 
 
 def summarise(report: dict, key: str = "head_error") -> dict:
@@ -159,17 +160,19 @@ def targets(groups: dict, design: str, baseline: str = "concat") -> list[dict]:
     the weight on the failed sensor at the lowest τ; the trust's AUROC per fault."""
     rows = []
     new, base = groups[design], groups.get(baseline)
-    for m, sensor in enumerate(MODALITIES):
+    for sensor in MODALITIES:
+        if f"{sensor}_drop" not in new:  # a sensor the design does not read
+            continue
         for fault in TARGET_FAULTS:
             cond = f"{sensor}_{fault}"
             for q, label, *_ in QUANTITIES:
                 if len(OBSERVERS[q]) < 2 or f"quantity_rise.{q}" not in new[cond]:
                     continue
                 two = class_key(q, "two_observers")
-                if q in CLASSED and all(_every_seed(g[cond], f"quantity_rise.{two}") for g in (new, base) if g):
+                if q in CLASSED and all(_every_seed(g.get(cond, {}), f"quantity_rise.{two}") for g in (new, base) if g):
                     q, label = two, f"{label} ({dict(CLASSES)['two_observers']})"
                 rise = new[cond][f"quantity_rise.{q}"][0]
-                base_rise = base[cond][f"quantity_rise.{q}"][0] if base and f"quantity_rise.{q}" in base[cond] else None
+                base_rise = base[cond][f"quantity_rise.{q}"][0] if base and f"quantity_rise.{q}" in base.get(cond, {}) else None
                 # the ratio means something only where the failure costs the baseline (5 % or more)
                 ratio_ok = None if base_rise is None or base_rise < 0.05 else base_rise >= CONCAT_RATIO * max(rise, 0.0)
                 rows.append({"check": "rise", "condition": cond, "quantity": label, "key": q, "rise": rise,
@@ -192,6 +195,12 @@ def _every_seed(figures: dict, key: str) -> bool:
     return key in figures and figures[key][2] == figures["rise"][2]
 
 
+def measured_conditions(groups: dict) -> list[str]:
+    """Every condition some design was measured in, in `conditions` order (one without odometry lacks its faults)."""
+    have = {c for rows in groups.values() for c in rows}
+    return [c for c, _, _ in conditions(ALL_SENSORS) if c in have]
+
+
 def plots(report: dict, summary: dict, out: Path) -> list[Path]:
     import matplotlib
 
@@ -200,13 +209,14 @@ def plots(report: dict, summary: dict, out: Path) -> list[Path]:
 
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    conds = [c for c, _, _ in conditions()]
     groups = grouped(summary)
+    conds = measured_conditions(groups)
     fig, ax = plt.subplots(figsize=(12, 4))
     width = 0.8 / len(groups)
     for i, (name, rows) in enumerate(groups.items()):
-        ax.bar(np.arange(len(conds)) + i * width, [100 * rows[c]["rise"][0] for c in conds], width,
-               yerr=[100 * rows[c]["rise"][1] for c in conds], label=name)
+        rise = [rows[c]["rise"] if c in rows else (np.nan, 0.0, 0) for c in conds]
+        ax.bar(np.arange(len(conds)) + i * width, [100 * r[0] for r in rise], width, yerr=[100 * r[1] for r in rise],
+               label=name)
     ax.axhline(100 * MAX_RISE, color="k", lw=0.8, ls="--")
     ax.set_xticks(np.arange(len(conds)) + 0.4 - width / 2, conds, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("head error rise over clean [%]")
@@ -219,16 +229,17 @@ def plots(report: dict, summary: dict, out: Path) -> list[Path]:
     if sweeps:
         name, by_tau = next(iter(sweeps.items()))
         taus = sorted(by_tau, key=float)
-        fig, axes = plt.subplots(2, 3, figsize=(12, 6.5), sharex=True)
+        sensors = [m for m in MODALITIES if f"{m}_drop" in by_tau[taus[0]]]
+        fig, axes = plt.subplots(2, len(sensors), figsize=(4 * len(sensors), 6.5), sharex=True)
         for m, (ax, ax_err) in enumerate(zip(axes[0], axes[1])):
             for f in FAULTS:
-                c = f"{MODALITIES[m]}_{f}"
+                c = f"{sensors[m]}_{f}"
                 line, = ax.plot([float(t) for t in taus], [by_tau[t][c]["attention_faulted"] for t in taus], marker="o", label=f)
                 ax_err.plot([float(t) for t in taus], [by_tau[t][c]["head_error"] for t in taus], marker="o", color=line.get_color())
-            ax.plot([float(t) for t in taus], [by_tau[t]["clean"][f"attention_{MODALITIES[m]}"] for t in taus], "k--", label="clean")
+            ax.plot([float(t) for t in taus], [by_tau[t]["clean"][f"attention_{sensors[m]}"] for t in taus], "k--", label="clean")
             ax_err.plot([float(t) for t in taus], [by_tau[t]["clean"]["head_error"] for t in taus], "k--")
             ax.set_xscale("log")
-            ax.set_title(f"{MODALITIES[m]} faulted ({name})")
+            ax.set_title(f"{sensors[m]} faulted ({name})")
             ax_err.set_xlabel("global τ")
         axes[0][0].set_ylabel("weight on the faulted sensor")
         axes[1][0].set_ylabel("head error")
@@ -267,6 +278,7 @@ def _sweep_tables(runs: dict, name: str, conds: list[str]) -> list[str]:
     """One run's τ sweep, {tau: {condition: metrics}}: error, failed-sensor weight and Lipschitz per τ, and
     per condition the quantity on which the lowest τ beats the highest most."""
     taus = sorted(runs, key=float)
+    conds = [c for c in conds if c in runs[taus[0]]]
     lines = ["", f"### The τ sweep (`{name}`)", "",
               "Head error / weight on the faulted sensor / softmax Lipschitz diagnostic (where τ acts), per global τ:", "",
               _row(["condition", *(f"τ = {float(t):g}" for t in taus)]), _row(["---"] * (len(taus) + 1))]
@@ -294,7 +306,7 @@ def _sweep_tables(runs: dict, name: str, conds: list[str]) -> list[str]:
 def tables(report: dict) -> str:
     """The report's tables in Markdown (OUT/robustness.md; docs/RESULTS.md quotes them)."""
     sim, groups = report["sim"], grouped(report["summary"])
-    names, conds = list(groups), [c for c, _, _ in conditions()]
+    names, conds = list(groups), measured_conditions(groups)
     design = names[0]
     sweep_name = next((n for n, r in sim.items() if len(r) > 1), next(iter(sim)))
     taus = sorted(sim[sweep_name], key=float)
@@ -305,8 +317,10 @@ def tables(report: dict) -> str:
              f"condition (`{sweep_name}`'s in the last column)."), "",
              _row(["condition", *names, "best τ"]), _row(["---"] * (len(names) + 2))]
     for c in conds:
-        lines.append(_row([_label(c), *(f"{_fmt(groups[n][c]['head_error'])} ({_fmt(groups[n][c]['rise'], 100, 0, True)}%)"
-                                      for n in names), f"{report['summary'][sweep_name][c]['best_tau']:g}"]))
+        best = report["summary"][sweep_name].get(c, {}).get("best_tau")
+        lines.append(_row([_label(c), *(f"{_fmt(groups[n].get(c, {}).get('head_error'))} "
+                                        f"({_fmt(groups[n].get(c, {}).get('rise'), 100, 0, True)}%)" for n in names),
+                           "-" if best is None else f"{best:g}"]))
     # the quantities, then the classed ones' classes where a design measured them
     label = {q: lab for q, lab, *_ in QUANTITIES}
     unit = {q: u for q, _, u, _ in QUANTITIES}
@@ -315,7 +329,7 @@ def tables(report: dict) -> str:
         for c, text in CLASSES:
             k = class_key(q, c)
             label[k], unit[k], digits[k] = f"{label[q]}, {text}", unit[q], digits[q]
-    measured = {k for n in names for c in conds[1:] for k in groups[n][c]}
+    measured = {k for n in names for c in conds[1:] for k in groups[n].get(c, {})}
     columns = [q for q, *_ in QUANTITIES] + [class_key(q, c) for q in CLASSED for c, _ in CLASSES
                                              if f"quantity_rise.{class_key(q, c)}" in measured]
     lines += ["", "### Each quantity's rise over clean", "",
@@ -330,7 +344,7 @@ def tables(report: dict) -> str:
     for c in conds[1:]:
         for i, n in enumerate(names):
             lines.append(_row([_label(c) if i == 0 else "", n,
-                              *(_fmt(groups[n][c].get(f"quantity_rise.{q}"), 100, 0, True) + "%" for q in columns)]))
+                              *(_fmt(groups[n].get(c, {}).get(f"quantity_rise.{q}"), 100, 0, True) + "%" for q in columns)]))
     lines += ["", "### In physical units (clean)", "",
               _row(["design", *(f"{label[q]} {unit[q]}" for q in columns)]), _row(["---"] * (len(columns) + 1))]
     for n in names:
@@ -345,7 +359,7 @@ def tables(report: dict) -> str:
               if "goal_two_observers_share" in rows["clean"]]  # the held-out samples' own: any run's
     if shares:
         lines += ["", f"Camera and lidar both observe the goal in {100 * shares[0]:.0f} % of the held-out samples that have one."]
-    if any("trust_auroc" in groups[design][c] for c in conds):
+    if any("trust_auroc" in groups[design].get(c, {}) for c in conds):
         lines += ["", f"### Trust (`{design}`)", "",
                   ("AUROC of the faulted sensor's trust, faulted against clean samples (1: every faulted sample below "
                   "every clean one); mean trust of the faulted sensor; share of faulted samples below the threshold "
@@ -353,10 +367,13 @@ def tables(report: dict) -> str:
                   "the share of clean samples below the threshold (false alarms)."), "",
                   _row(["condition", "AUROC", "trust", "below threshold"]), _row(["---"] * 4)]
         clean_run = sim[next(r for r in sim if group_of(r) == design)]["1.0" if "1.0" in sim[sweep_name] else taus[0]]["clean"]
-        lines.append(_row(["clean", "-", " / ".join(f"{clean_run.get(f'trust_{m}', float('nan')):.3f}" for m in MODALITIES),
-                          " / ".join(f"{100 * clean_run.get(f'untrusted_{m}', float('nan')):.1f}%" for m in MODALITIES)]))
+        trusted = [m for m in MODALITIES if f"trust_{m}" in clean_run]
+        lines.append(_row(["clean", "-", " / ".join(f"{m} {clean_run[f'trust_{m}']:.3f}" for m in trusted),
+                          " / ".join(f"{100 * clean_run.get(f'untrusted_{m}', float('nan')):.1f}%" for m in trusted)]))
         for c in conds[1:]:
-            g = groups[design][c]
+            g = groups[design].get(c)
+            if g is None:
+                continue
             lines.append(_row([_label(c), _fmt(g.get("trust_auroc")), _fmt(g.get("trust_faulted")),
                               _fmt(g.get("untrusted_faulted"), 100, 1) + "%"]))
     swept = [next(r for r in sim if group_of(r) == g) for g in names]  # each design's first seed
@@ -382,7 +399,7 @@ def tables(report: dict) -> str:
                 lines.append(_row(["weight", _label(r["condition"]), "", f"{r['value']:.3f}", "", f"<= {MAX_WEIGHT}"]))
             else:
                 lines.append(_row(["AUROC", _label(r["condition"]), "", f"{r['value']:.3f}", "", f">= {r['need']}"]))
-        others = {g: targets(groups, g) for g in names if g not in (design, "concat") and "trust_auroc" in groups[g][conds[1]]}
+        others = {g: targets(groups, g) for g in names if g not in (design, "concat") and "trust_auroc" in groups[g].get(conds[1], {})}
         if others:
             lines += ["", "The same checks for the other designs with a trust (first seed's run, or the mean over "
                       "seeds), against concat: " + "; ".join(
@@ -394,7 +411,7 @@ def tables(report: dict) -> str:
                    "corruption changed at all (a frozen first frame is the clean one), the share of those in which the "
                    "corrupted sensor's trust is below the threshold (absent counting as below), and the share of all "
                    "fusions in which each clean present sensor's trust is at or above it."), "",
-                  _row(["recording", "condition", "SSL loss", "trust camera / lidar / IMU", "changed", "corrupted below",
+                  _row(["recording", "condition", "SSL loss", "trust (per sensor it reads)", "changed", "corrupted below",
                         "clean ones at or above"]),
                   _row(["---"] * 7)]
         for bag, by_run in report["real"].items():
@@ -406,8 +423,8 @@ def tables(report: dict) -> str:
                 if c != "clean" and sensor not in present:
                     continue
                 ms = [m[c] for m in seeds]
-                trust = " / ".join(f"{np.mean([m[f'trust_{s}'] for m in ms]):.3f}" if f"trust_{s}" in ms[0] else "-"
-                                   for s in MODALITIES)
+                trust = " / ".join(f"{s} " + (f"{np.mean([m[f'trust_{s}'] for m in ms]):.3f}" if f"trust_{s}" in ms[0] else "-")
+                                   for s in MODALITIES if f"attention_{s}" in ms[0])
                 changed = below = ""
                 if c != "clean":
                     # reports written before `affected` was measured: every fusion counted as changed

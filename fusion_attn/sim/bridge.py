@@ -1,7 +1,7 @@
 """sim_bridge: the simulator on ROS 2 topics, for closed-loop tests of the live nodes over DDS.
 
-Publishes camera/image_raw (Image), lidar/points (PointCloud2), imu/data (Imu), odom (Odometry,
-ground truth), task_obs (Float32MultiArray: the task's observation, what a mission layer would give
+Publishes camera/image_raw (Image), lidar/points (PointCloud2), imu/data (Imu), odom (Odometry: the
+wheel odometry's twist), ground_truth/pose (PoseStamped: the robot's true pose), task_obs (Float32MultiArray: the task's observation, what a mission layer would give
 a policy) and /clock (simulated time; run the other nodes with use_sim_time:=true), and drives
 the robot with the latest geometry_msgs/Twist on cmd_vel (linear.x [m/s], angular.z [rad/s]; zero
 when none has arrived for half a second). Episodes restart when they end, on the same clock; at each
@@ -26,7 +26,7 @@ from std_srvs.srv import Trigger
 
 from fusion_attn.frames import NS_PER_S
 from fusion_attn.messages import rclpy_class, to_rclpy
-from fusion_attn.sim.record import TOPICS, odometry_msg
+from fusion_attn.sim.record import TOPICS, ground_truth_msg
 from fusion_attn.spin import spin
 
 CMD_TIMEOUT_NS = NS_PER_S // 2
@@ -44,7 +44,7 @@ class SimBridge(Node):
         qos = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)  # best-effort subscribers match too
         self.pubs = {cls: self.create_publisher(rclpy_class(msgtype), topic.lstrip("/"), qos)
                      for cls, (topic, msgtype, _) in TOPICS.items()}
-        self.odom_pub = self.create_publisher(rclpy_class("nav_msgs/msg/Odometry"), "odom", 10)
+        self.truth_pub = self.create_publisher(rclpy_class("geometry_msgs/msg/PoseStamped"), "ground_truth/pose", 10)
         self.clock_pub = self.create_publisher(Clock, "/clock", 10)
         self.task_pub = self.create_publisher(Float32MultiArray, "task_obs", 10)
         self.reset_client = self.create_client(Trigger, self.get_parameter("reset_service").value)
@@ -65,7 +65,6 @@ class SimBridge(Node):
         self.seed += 1
         if self.reset_client.service_is_ready():
             self.reset_client.call_async(Trigger.Request())
-        self.last_pose, self.last_t = info["pose"], info["time_ns"]
         self._publish(obs, info)
 
     def _step(self) -> None:
@@ -91,10 +90,7 @@ class SimBridge(Node):
             _, _, to_msg = TOPICS[type(frame)]
             self.pubs[type(frame)].publish(to_rclpy(to_msg(replace(frame, stamp_ns=frame.stamp_ns + self.offset_ns))))
         self.task_pub.publish(Float32MultiArray(data=[float(v) for v in obs["task"]]))
-        dt = (info["time_ns"] - self.last_t) / NS_PER_S
-        if dt > 0:
-            self.odom_pub.publish(to_rclpy(odometry_msg(self.sim_ns, info["pose"], self.last_pose, dt)))
-        self.last_pose, self.last_t = info["pose"], info["time_ns"]
+        self.truth_pub.publish(to_rclpy(ground_truth_msg(self.sim_ns, info["pose"])))
 
 
 def main(args: list[str] | None = None) -> int:

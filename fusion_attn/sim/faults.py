@@ -15,6 +15,8 @@ uniformly from ranges, in seconds of episode time) and how strongly (`magnitude`
     imu_freeze        every sample repeats the reading before the fault    -
     imu_bias_jump     a constant offset, drawn once per episode            std [m/s^2] per accel axis
     imu_noise_burst   extra white noise                                    std [m/s^2]
+    odometry_dropout  no twist                                             -
+    odometry_freeze   every twist repeats the one before the fault         -
     {sensor}_delay    frames are delivered late; stamps stay capture time  delay [s]
 
 IMU faults hit the gyro with GYRO_PER_ACCEL rad/s per m/s^2 of magnitude. A frame is affected when
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fusion_attn.frames import NS_PER_S, CameraFrame, ImuSample, LidarFrame
+from fusion_attn.frames import NS_PER_S, CameraFrame, ImuSample, LidarFrame, OdometrySample
 
 from .sensors import SensorConfig
 
@@ -68,6 +70,10 @@ class FaultConfig:
     # appended: the schedule draws of the faults above stay what they were for a seed
     lidar_freeze: FaultSpec = field(default_factory=FaultSpec)
     imu_freeze: FaultSpec = field(default_factory=FaultSpec)
+    # drawn after the IMU's bias jump (see FaultInjector), so every draw above stays what it was
+    odometry_dropout: FaultSpec = field(default_factory=FaultSpec)
+    odometry_freeze: FaultSpec = field(default_factory=FaultSpec)
+    odometry_delay: FaultSpec = field(default_factory=FaultSpec)
 
     def updated(self, overrides: FaultConfig | dict[str, FaultSpec] | None) -> FaultConfig:
         """This config with some faults replaced (a whole FaultConfig, or {name: FaultSpec})."""
@@ -101,15 +107,13 @@ class FaultInjector:
     def __init__(self, cfg: FaultConfig, sensors: SensorConfig, rng: np.random.Generator):
         self._sensors, self._rng = sensors, rng
         self.schedule: dict[str, FaultWindow] = {}
-        for f in dataclasses.fields(cfg):
-            spec: FaultSpec = getattr(cfg, f.name)
-            happens = rng.random() < spec.prob
-            start, duration = _uniform(rng, spec.start_s), _uniform(rng, spec.duration_s)
-            if happens:
-                start_ns = _to_ns(start)
-                end_ns = min(start_ns + _to_ns(duration), NEVER_NS)
-                self.schedule[f.name] = FaultWindow(start_ns, end_ns, spec.magnitude)
+        names = [f.name for f in dataclasses.fields(cfg)]
+        odometry = [n for n in names if n.startswith("odometry_")]
+        for name in [n for n in names if n not in odometry]:
+            self._draw(name, getattr(cfg, name), rng)
         jump = rng.normal(0.0, 1.0, 6)
+        for name in odometry:
+            self._draw(name, getattr(cfg, name), rng)
         m = self.schedule["imu_bias_jump"].magnitude if "imu_bias_jump" in self.schedule else 0.0
         self._accel_jump, self._gyro_jump = m * jump[:3], m * GYRO_PER_ACCEL * jump[3:]
         self._last_image: np.ndarray | None = None
@@ -118,8 +122,16 @@ class FaultInjector:
         # what it holds while frozen
         self._last_sweep: LidarFrame | None = None
         self._held_sweep: LidarFrame | None = None
-        self._last_reading: ImuSample | None = None
-        self._held_reading: ImuSample | None = None
+        # per sensor re-sending its readings (imu, odometry): the last one it sent, and the one a freeze holds
+        self._last_reading: dict[str, ImuSample | OdometrySample | None] = {"imu": None, "odometry": None}
+        self._held_reading: dict[str, ImuSample | OdometrySample | None] = {"imu": None, "odometry": None}
+
+    def _draw(self, name: str, spec: FaultSpec, rng: np.random.Generator) -> None:
+        happens = rng.random() < spec.prob
+        start, duration = _uniform(rng, spec.start_s), _uniform(rng, spec.duration_s)
+        if happens:
+            start_ns = _to_ns(start)
+            self.schedule[name] = FaultWindow(start_ns, min(start_ns + _to_ns(duration), NEVER_NS), spec.magnitude)
 
     def magnitude(self, name: str, t_ns: int) -> float | None:
         """The fault's magnitude when it is active at t_ns, else None."""
@@ -182,13 +194,7 @@ class FaultInjector:
         t = sample.stamp_ns
         if self.magnitude("imu_dropout", t) is not None:
             return None
-        if self.magnitude("imu_freeze", t) is not None:
-            if self._held_reading is None:
-                self._held_reading = self._last_reading if self._last_reading is not None else sample
-            sample = dataclasses.replace(sample, accel=self._held_reading.accel, gyro=self._held_reading.gyro)
-        else:
-            self._held_reading = None
-        self._last_reading = sample
+        sample = self._frozen("imu", sample, ("accel", "gyro"))
         accel, gyro = sample.accel, sample.gyro
         if self.magnitude("imu_bias_jump", t) is not None:
             accel, gyro = accel + self._accel_jump, gyro + self._gyro_jump
@@ -196,3 +202,22 @@ class FaultInjector:
             noise = self._rng.normal(0.0, std, 6)
             accel, gyro = accel + noise[:3], gyro + GYRO_PER_ACCEL * noise[3:]
         return sample if accel is sample.accel else dataclasses.replace(sample, accel=accel, gyro=gyro)
+
+    def odometry(self, sample: OdometrySample) -> OdometrySample | None:
+        if self.magnitude("odometry_dropout", sample.stamp_ns) is not None:
+            return None
+        return self._frozen("odometry", sample, ("linear", "angular"))
+
+    def _frozen(self, sensor: str, sample, values: tuple[str, str]):
+        """While <sensor>_freeze is on: the sample with the values of the one sent before the fault began
+        (its stamp fresh: a driver re-sending its last reading); else the sample."""
+        if self.magnitude(f"{sensor}_freeze", sample.stamp_ns) is None:
+            self._held_reading[sensor] = None
+        else:
+            held = self._held_reading[sensor]
+            if held is None:
+                last = self._last_reading[sensor]
+                held = self._held_reading[sensor] = last if last is not None else sample
+            sample = dataclasses.replace(sample, **{v: getattr(held, v) for v in values})
+        self._last_reading[sensor] = sample
+        return sample

@@ -1,8 +1,10 @@
 """Record simulated episodes as a rosbag2 MCAP (`fusion-attn sim-record`), for the replay tool.
 
 Topics: /camera/image_raw (sensor_msgs/Image rgb8), /lidar/points (PointCloud2), /imu/data (Imu),
-/odom (nav_msgs/Odometry: ground-truth pose and velocity of base_link in odom) and /tf
-(odom -> base_link), at each control step. Episodes follow each other on one clock: episode k starts
+/odom (nav_msgs/Odometry: the simulated wheel odometry's twist, as a base controller publishes it; its
+pose is left at the origin), and the ground truth at each control step: /ground_truth/pose
+(geometry_msgs/PoseStamped of base_link in odom, the world frame) and /tf (odom -> base_link). The truth
+is no sensor type, so replay never takes it for the odometry. Episodes follow each other on one clock: episode k starts
 one second after episode k-1 ended, so a recording never goes back in time.
 """
 
@@ -17,12 +19,9 @@ import numpy as np
 from rosbags.rosbag2 import StoragePlugin, Writer
 
 import fusion_attn.sim  # noqa: F401 - registers the ids (and picks the headless GL backend)
-from fusion_attn.frames import NS_PER_S, CameraFrame, ImuSample, LidarFrame
+from fusion_attn.frames import NS_PER_S, CameraFrame, ImuSample, LidarFrame, OdometrySample
 from fusion_attn.messages import TYPES, cdr, header, image_msg, imu_msg, pointcloud2_msg
 
-TOPICS = {CameraFrame: ("/camera/image_raw", "sensor_msgs/msg/Image", image_msg),
-          LidarFrame: ("/lidar/points", "sensor_msgs/msg/PointCloud2", pointcloud2_msg),
-          ImuSample: ("/imu/data", "sensor_msgs/msg/Imu", imu_msg)}
 _T = TYPES.types
 
 
@@ -37,7 +36,8 @@ def record(env_id: str, out: str | Path, episodes: int = 1, seconds: float | Non
     offset_ns = 0
     with Writer(out, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
         conns = {topic: writer.add_connection(topic, msgtype, typestore=TYPES) for topic, msgtype, _ in TOPICS.values()}
-        conns["/odom"] = writer.add_connection("/odom", "nav_msgs/msg/Odometry", typestore=TYPES)
+        conns["/ground_truth/pose"] = writer.add_connection("/ground_truth/pose", "geometry_msgs/msg/PoseStamped",
+                                                            typestore=TYPES)
         conns["/tf"] = writer.add_connection("/tf", "tf2_msgs/msg/TFMessage", typestore=TYPES)
 
         def write(topic: str, stamp_ns: int, msg) -> None:
@@ -46,7 +46,6 @@ def record(env_id: str, out: str | Path, episodes: int = 1, seconds: float | Non
 
         for episode in range(episodes):
             _, info = env.reset(seed=seed + episode)
-            last_pose, last_t = info["pose"], info["time_ns"]
             for frame in info["frames"]:
                 _write_frame(write, frame, offset_ns)
             end_ns = int(seconds * NS_PER_S) if seconds else None
@@ -57,9 +56,8 @@ def record(env_id: str, out: str | Path, episodes: int = 1, seconds: float | Non
                 for frame in info["frames"]:
                     _write_frame(write, frame, offset_ns)
                 t = info["time_ns"]
-                write("/odom", offset_ns + t, odometry_msg(offset_ns + t, info["pose"], last_pose, (t - last_t) / NS_PER_S))
+                write("/ground_truth/pose", offset_ns + t, ground_truth_msg(offset_ns + t, info["pose"]))
                 write("/tf", offset_ns + t, tf_msg(offset_ns + t, info["pose"]))
-                last_pose, last_t = info["pose"], t
             offset_ns += info["time_ns"] + NS_PER_S
     env.close()
     return counts
@@ -71,20 +69,22 @@ def _write_frame(write, frame, offset_ns: int) -> None:
     write(topic, stamp, to_msg(dataclasses.replace(frame, stamp_ns=stamp)))
 
 
-def odometry_msg(stamp_ns: int, pose, last_pose, dt_s: float):
-    """nav_msgs/Odometry of base_link in odom: ground-truth pose, and the twist (in base_link, REP-103)
-    from the pose change over dt_s."""
-    x, y, yaw = map(float, pose)
-    dyaw = math.atan2(math.sin(yaw - last_pose[2]), math.cos(yaw - last_pose[2]))
-    vx_world, vy_world = (x - last_pose[0]) / dt_s, (y - last_pose[1]) / dt_s
-    v_forward = math.cos(yaw) * vx_world + math.sin(yaw) * vy_world
-    v_left = -math.sin(yaw) * vx_world + math.cos(yaw) * vy_world
+def odometry_msg(sample: OdometrySample):
+    """nav_msgs/Odometry of the simulated wheel odometry: its twist in base_link (REP-103); the pose at the
+    origin (fusion_attn reads the twist; the truth is ground_truth_msg's)."""
     vec, cov = _T["geometry_msgs/msg/Vector3"], np.zeros(36)
     pose_msg = _T["geometry_msgs/msg/PoseWithCovariance"](
-        _T["geometry_msgs/msg/Pose"](_T["geometry_msgs/msg/Point"](x, y, 0.0), _yaw_quaternion(yaw)), cov)
+        _T["geometry_msgs/msg/Pose"](_T["geometry_msgs/msg/Point"](0.0, 0.0, 0.0), _yaw_quaternion(0.0)), cov)
     twist = _T["geometry_msgs/msg/TwistWithCovariance"](
-        _T["geometry_msgs/msg/Twist"](vec(v_forward, v_left, 0.0), vec(0.0, 0.0, dyaw / dt_s)), cov)
-    return _T["nav_msgs/msg/Odometry"](header(stamp_ns, "odom"), "base_link", pose_msg, twist)
+        _T["geometry_msgs/msg/Twist"](vec(*map(float, sample.linear)), vec(*map(float, sample.angular))), cov)
+    return _T["nav_msgs/msg/Odometry"](header(sample.stamp_ns, "odom"), sample.frame_id, pose_msg, twist)
+
+
+def ground_truth_msg(stamp_ns: int, pose):
+    """geometry_msgs/PoseStamped: the robot's true pose (x, y, yaw) in odom, the simulated world's frame."""
+    x, y, yaw = map(float, pose)
+    return _T["geometry_msgs/msg/PoseStamped"](
+        header(stamp_ns, "odom"), _T["geometry_msgs/msg/Pose"](_T["geometry_msgs/msg/Point"](x, y, 0.0), _yaw_quaternion(yaw)))
 
 
 def tf_msg(stamp_ns: int, pose):
@@ -96,3 +96,10 @@ def tf_msg(stamp_ns: int, pose):
 
 def _yaw_quaternion(yaw: float):
     return _T["geometry_msgs/msg/Quaternion"](0.0, 0.0, math.sin(yaw / 2), math.cos(yaw / 2))
+
+
+# each simulated sensor's topic, message type and message (the sim bridge publishes the same)
+TOPICS = {CameraFrame: ("/camera/image_raw", "sensor_msgs/msg/Image", image_msg),
+          LidarFrame: ("/lidar/points", "sensor_msgs/msg/PointCloud2", pointcloud2_msg),
+          ImuSample: ("/imu/data", "sensor_msgs/msg/Imu", imu_msg),
+          OdometrySample: ("/odom", "nav_msgs/msg/Odometry", odometry_msg)}

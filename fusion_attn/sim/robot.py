@@ -40,11 +40,11 @@ import mujoco
 import numpy as np
 from gymnasium import spaces
 
-from fusion_attn.frames import NS_PER_S, CameraFrame, ImuSample, LidarFrame
+from fusion_attn.frames import NS_PER_S, CameraFrame, ImuSample, LidarFrame, OdometrySample
 
 from .faults import FaultConfig, FaultInjector
 from .scene import HIDDEN_POS, Layout, build_mjcf
-from .sensors import MARKER_GROUPS, Camera, Imu, Lidar, SensorConfig, geom_groups, lidar_ranges
+from .sensors import MARKER_GROUPS, Camera, Imu, Lidar, Odometry, SensorConfig, geom_groups, lidar_ranges
 from .tasks import TASKS, Task
 
 V_RANGE = (-0.5, 1.0)  # m/s
@@ -64,7 +64,7 @@ class _Schedule:
     due_ns: int = 0
 
 
-Frame = CameraFrame | LidarFrame | ImuSample
+Frame = CameraFrame | LidarFrame | ImuSample | OdometrySample
 
 
 class FrameList(Sequence):
@@ -123,7 +123,8 @@ class RobotEnv(gym.Env):
             raise ValueError(f"the control period ({control_ns} ns) is not a multiple of the physics step "
                              f"({self.dt_ns} ns)")
         self.substeps = control_ns // self.dt_ns
-        rates = {"camera": self.sensors.camera_hz, "lidar": self.sensors.lidar_hz, "imu": self.sensors.imu_hz}
+        rates = {"camera": self.sensors.camera_hz, "lidar": self.sensors.lidar_hz, "imu": self.sensors.imu_hz,
+                 "odometry": self.sensors.odometry_hz}
         for name, hz in rates.items():
             if hz > physics_hz:
                 raise ValueError(f"{name} rate {hz} Hz exceeds the physics rate {physics_hz} Hz")
@@ -192,7 +193,9 @@ class RobotEnv(gym.Env):
             self._camera.bind(self.model, rng)
         self._devices = {"camera": self._camera,
                          "lidar": Lidar(self.model, s, rng) if self._enabled["lidar"] else None,
-                         "imu": Imu(self.model, s, rng) if self._enabled["imu"] else None}
+                         "imu": Imu(self.model, s, rng) if self._enabled["imu"] else None,
+                         # a stream of its own: the other sensors' draws stay what they were before it existed
+                         "odometry": Odometry(s, rng.spawn(1)[0]) if self._enabled["odometry"] else None}
         self._to_hide = [(int(self.model.body(g.name).mocapid[0]), round(g.hide_at_s * NS_PER_S))
                          for g in layout.geoms if g.hide_at_s is not None]
 

@@ -33,11 +33,11 @@ class FusedObservation(gym.Wrapper):
                  trigger: str = "timer"):
         super().__init__(env)
         self.pipeline = pipeline or FusionPipeline.create(None, backend="onnxruntime", threads=1)
-        self.sync_config = sync_config or SyncConfig(imu_window_s=self.pipeline.cfg.imu.window_s)
+        self.sync_config = sync_config or SyncConfig.for_model(self.pipeline.cfg)
         self.fusion_rate_hz, self.trigger = fusion_rate_hz, trigger
         self._trigger = trigger_modality(trigger)  # a ConfigError now, not at the first reset
         task_dim = env.observation_space["task"].shape[0] if with_task else 0
-        self.layout = ObservationLayout(self.pipeline.cfg.model.dim, with_attention, task_dim)
+        self.layout = ObservationLayout(self.pipeline.cfg.model.dim, with_attention, task_dim, len(self.pipeline.cfg.sensors))
         self.observation_space = spaces.Box(-np.inf, np.inf, (self.layout.size,), np.float32)
         self.clock = self.state = None
 
