@@ -44,18 +44,32 @@ Frame = CameraFrame | LidarFrame | ImuSample | OdometrySample
 _F = TypeVar("_F", bound=Callable[[Any], Any])
 
 # Raw encoding -> (element dtype, channels in the message, cv2 conversion to rgb8 or None, output encoding).
+# The 8UCn names read as cv_bridge reads them (8UC3 is bgr8); packed YUV 4:2:2 carries 2 bytes a pixel;
+# OpenCV names a Bayer pattern by its second row's pair, so ROS's rggb8 is cv2's BayerBG.
 _IMAGE_ENCODINGS: dict[str, tuple[str, int, int | None, str]] = {
     "rgb8": ("u1", 3, None, "rgb8"),
     "bgr8": ("u1", 3, cv2.COLOR_BGR2RGB, "rgb8"),
+    "8UC3": ("u1", 3, cv2.COLOR_BGR2RGB, "rgb8"),
     "rgba8": ("u1", 4, cv2.COLOR_RGBA2RGB, "rgb8"),
     "bgra8": ("u1", 4, cv2.COLOR_BGRA2RGB, "rgb8"),
+    "8UC4": ("u1", 4, cv2.COLOR_BGRA2RGB, "rgb8"),
+    "uyvy": ("u1", 2, cv2.COLOR_YUV2RGB_UYVY, "rgb8"),
+    "yuv422": ("u1", 2, cv2.COLOR_YUV2RGB_UYVY, "rgb8"),
+    "yuyv": ("u1", 2, cv2.COLOR_YUV2RGB_YUYV, "rgb8"),
+    "yuv422_yuy2": ("u1", 2, cv2.COLOR_YUV2RGB_YUYV, "rgb8"),
+    "bayer_rggb8": ("u1", 1, cv2.COLOR_BayerBG2RGB, "rgb8"),
+    "bayer_bggr8": ("u1", 1, cv2.COLOR_BayerRG2RGB, "rgb8"),
+    "bayer_gbrg8": ("u1", 1, cv2.COLOR_BayerGR2RGB, "rgb8"),
+    "bayer_grbg8": ("u1", 1, cv2.COLOR_BayerGB2RGB, "rgb8"),
     "mono8": ("u1", 1, None, "mono8"),
+    "8UC1": ("u1", 1, None, "mono8"),
     "mono16": ("u2", 1, None, "mono16"),
     "16UC1": ("u2", 1, None, "16UC1"),
     "32FC1": ("f4", 1, None, "32FC1"),
 }
-# sensor_msgs/PointField datatype constants 1..8.
-_POINTFIELD_DTYPES = {1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 8: "f8"}
+# sensor_msgs/PointField datatype constants 1..8, and 9..11 (INT64, UINT64, BOOL) since ROS 2 Lyrical; a
+# BOOL is read as its byte (0 or 1).
+_POINTFIELD_DTYPES = {1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 8: "f8", 9: "i8", 10: "u8", 11: "u1"}
 _INTENSITY_NAMES = ("intensity", "i")
 _TIME_NAMES = ("t", "time", "timestamp")
 _STRAY_ERRORS = (AttributeError, TypeError, ValueError, LookupError, ArithmeticError, BufferError, cv2.error)
@@ -143,7 +157,8 @@ def _bytes(obj: Any, path: str) -> np.ndarray:
 
 def _header(msg: Any) -> tuple[int, str]:
     _int(msg, "header.stamp.sec", minimum=None)
-    _int(msg, "header.stamp.nanosec")
+    if _int(msg, "header.stamp.nanosec") >= 1_000_000_000:
+        raise MalformedMessageError(f"header.stamp.nanosec {msg.header.stamp.nanosec} is not below 1e9")
     frame_id = _field(msg, "header.frame_id")
     if not isinstance(frame_id, str):
         raise MalformedMessageError(f"field 'header.frame_id' must be a str, got {type(frame_id).__name__}")
@@ -152,7 +167,7 @@ def _header(msg: Any) -> tuple[int, str]:
 
 def _is_bigendian(msg: Any) -> bool:
     value = _field(msg, "is_bigendian")
-    if not isinstance(value, bool | int | np.integer):
+    if not isinstance(value, bool | np.bool_ | int | np.integer):
         raise MalformedMessageError(f"field 'is_bigendian' must be a bool, got {type(value).__name__}")
     return bool(value)
 
@@ -204,6 +219,8 @@ def image_to_frame(msg: Any) -> CameraFrame:
         raise MalformedMessageError(
             f"data has {data.size} bytes, step {step} * height {height} needs {step * height}"
         )
+    if channels == 2 and width % 2:  # YUV 4:2:2: a U and a V for each pair of pixels
+        raise MalformedMessageError(f"{encoding} needs an even width, got {width}")
     # A strided view skips the row padding; cvtColor (10x faster than a numpy channel flip) or astype
     # then makes the one native-order, contiguous copy.
     pixels = np.ndarray((height, width, channels), dtype, data, strides=(step, pixel_bytes, dtype.itemsize))
@@ -264,7 +281,7 @@ def _point_fields(msg: Any, point_step: int, bigendian: bool) -> dict[str, tuple
         offset = _int(field, "offset")
         count = _int(field, "count")
         if datatype not in _POINTFIELD_DTYPES:
-            raise MalformedMessageError(f"{where} '{name}': unknown datatype {datatype} (expected 1..8)")
+            raise MalformedMessageError(f"{where} '{name}': unknown datatype {datatype} (expected 1..11)")
         dtype = np.dtype(order + _POINTFIELD_DTYPES[datatype])
         if offset + dtype.itemsize * max(count, 1) > point_step:
             size = f"{count} x {dtype.itemsize} bytes"
@@ -322,16 +339,29 @@ def pointcloud2_to_frame(msg: Any) -> LidarFrame:
     finite = np.isfinite(points).view(np.uint32)[:, 0] == 0x01010101
     keep = slice(None) if finite.all() else finite
     rings = _ring_ids(cloud[ring][keep]) if ring else None
-    times = None
-    if time:
-        raw = cloud[time][keep]
-        if raw.dtype.kind == "f":
-            with np.errstate(over="ignore"):
-                times = raw.astype(np.float32)
-        else:  # integer nanoseconds: offsets from the earliest point, in seconds
-            ns = raw.astype(np.int64)
-            times = ((ns - ns.min()) * 1e-9 if ns.size else ns).astype(np.float32)
+    times = _point_times(cloud[time])[keep] if time else None
     return LidarFrame(stamp_ns, frame_id, points[keep], rings, times)
+
+
+def _point_times(raw: np.ndarray) -> np.ndarray:
+    """Per-point times -> float32 seconds from the cloud's earliest point (every point's, before any is
+    dropped, so a dropped point never moves the others). Integers are nanoseconds (Ouster's t); floats
+    are seconds (Velodyne's offsets, Hesai's and Robosense's stamps since the epoch), or nanoseconds
+    beyond 1e12, which no scan's seconds reach (Livox's stamps since the epoch). Rebased in float64:
+    float32 steps 128 s at an epoch stamp. NaN stays NaN (the time unknown, the point kept)."""
+    if raw.size == 0:
+        return np.zeros(0, np.float32)
+    if raw.dtype.kind in "iu":  # the difference as uint64: exact, and no overflow for any two int64s
+        ns = raw.astype(np.int64 if raw.dtype.kind == "i" else np.uint64)
+        return ((ns - ns.min()).view(np.uint64) * 1e-9).astype(np.float32)
+    t = raw.astype(np.float64)
+    finite = np.isfinite(t)
+    if not finite.any():
+        return np.full(t.shape, np.nan, np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # garbage beyond float32 becomes inf
+        if np.abs(t[finite]).max() > 1e12:
+            t = t * 1e-9
+        return (t - t[finite].min()).astype(np.float32)
 
 
 def _ring_ids(raw: np.ndarray) -> np.ndarray | None:
@@ -374,8 +404,8 @@ def laserscan_to_frame(msg: Any) -> LidarFrame:
     angles = angle_min + increment * np.arange(ranges.size)
     valid = (ranges >= range_min) & (ranges <= range_max)  # nan compares False: dropped
     r, a = ranges[valid], angles[valid]
-    points = np.stack([r * np.cos(a), r * np.sin(a), np.zeros_like(r), intensities[valid]], axis=1)
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):  # an infinite range_max lets inf in; dropped below
+        points = np.stack([r * np.cos(a), r * np.sin(a), np.zeros_like(r), intensities[valid]], axis=1)
         points = points.astype(np.float32)
     return LidarFrame(stamp_ns, frame_id, points[np.isfinite(points).all(axis=1)])
 
@@ -389,6 +419,10 @@ def imu_to_sample(msg: Any) -> ImuSample:
     stamp_ns, frame_id = _header(msg)
     accel = _vector(msg, "linear_acceleration", "xyz")
     gyro = _vector(msg, "angular_velocity", "xyz")
+    for name in ("linear_acceleration", "angular_velocity"):  # REP-145: covariance[0] = -1, not provided
+        covariance = _floats(msg, f"{name}_covariance")
+        if covariance.size and covariance[0] == -1:
+            raise MalformedMessageError(f"{name} not provided ({name}_covariance[0] = -1); the fusion needs both")
     if not (np.isfinite(accel).all() and np.isfinite(gyro).all()):
         raise MalformedMessageError(f"non-finite linear_acceleration {accel} or angular_velocity {gyro}")
     covariance = _floats(msg, "orientation_covariance")

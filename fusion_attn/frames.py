@@ -54,7 +54,7 @@ class LidarFrame:
     frame_id: str
     points: np.ndarray  # (N, 4) float32: x, y, z [m], intensity (0 when the sensor gives none); all finite
     ring: np.ndarray | None = None  # (N,) uint16 laser ring, when the cloud has one
-    time: np.ndarray | None = None  # (N,) float32 per-point time offset [s], when the cloud has one
+    time: np.ndarray | None = None  # (N,) float32 per-point time [s] from the cloud's earliest point, when it has one
 
     def __len__(self) -> int:
         return int(self.points.shape[0])

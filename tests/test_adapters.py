@@ -90,13 +90,15 @@ class RclpyMaker:
         )
 
     def imu(
-        self, *, accel=(0.0, 0.0, 9.81), gyro=(0.0, 0.0, 0.0), orientation=(0.0, 0.0, 0.0, 1.0), cov0=0.0
+        self, *, accel=(0.0, 0.0, 9.81), gyro=(0.0, 0.0, 0.0), orientation=(0.0, 0.0, 0.0, 1.0), cov0=0.0,
+        accel_cov0=0.0, gyro_cov0=0.0,
     ):
         msg = Imu(header=self.header())
         msg.linear_acceleration.x, msg.linear_acceleration.y, msg.linear_acceleration.z = accel
         msg.angular_velocity.x, msg.angular_velocity.y, msg.angular_velocity.z = gyro
         msg.orientation.x, msg.orientation.y, msg.orientation.z, msg.orientation.w = orientation
         msg.orientation_covariance[0] = cov0
+        msg.linear_acceleration_covariance[0], msg.angular_velocity_covariance[0] = accel_cov0, gyro_cov0
         return msg
 
 
@@ -146,19 +148,22 @@ class RosbagsMaker(RclpyMaker):
         )
 
     def imu(
-        self, *, accel=(0.0, 0.0, 9.81), gyro=(0.0, 0.0, 0.0), orientation=(0.0, 0.0, 0.0, 1.0), cov0=0.0
+        self, *, accel=(0.0, 0.0, 9.81), gyro=(0.0, 0.0, 0.0), orientation=(0.0, 0.0, 0.0, 1.0), cov0=0.0,
+        accel_cov0=0.0, gyro_cov0=0.0,
     ):
         vec = TS.types["geometry_msgs/msg/Vector3"]
-        covariance = np.zeros(9)
-        covariance[0] = cov0
+
+        def covariance(first):
+            return np.array([first] + [0.0] * 8)
+
         return TS.types["sensor_msgs/msg/Imu"](
             header=self.header(),
             orientation=TS.types["geometry_msgs/msg/Quaternion"](*orientation),
-            orientation_covariance=covariance,
+            orientation_covariance=covariance(cov0),
             angular_velocity=vec(*gyro),
-            angular_velocity_covariance=np.zeros(9),
+            angular_velocity_covariance=covariance(gyro_cov0),
             linear_acceleration=vec(*accel),
-            linear_acceleration_covariance=np.zeros(9),
+            linear_acceleration_covariance=covariance(accel_cov0),
         )
 
 
@@ -269,6 +274,47 @@ def test_image_8bit_encodings(make, encoding, channels, expected):
     assert (frame.stamp_ns, frame.frame_id) == (5_000_000_345, "cam")
 
 
+@pytest.mark.parametrize(("encoding", "like"), [("8UC1", "mono8"), ("8UC3", "bgr8"), ("8UC4", "bgra8")])
+def test_image_opencv_type_names_read_as_cv_bridge_does(make, encoding, like):
+    channels = {"mono8": 1, "bgr8": 3, "bgra8": 4}[like]
+    raw = np.ascontiguousarray(PIXELS[..., :channels]).tobytes()
+    frames = [image_to_frame(make.image(height=2, width=3, encoding=e, step=3 * channels, data=raw))
+              for e in (encoding, like)]
+    assert frames[0].encoding == frames[1].encoding
+    np.testing.assert_array_equal(frames[0].image, frames[1].image)
+
+
+@pytest.mark.parametrize("pattern", ["rggb", "bggr", "gbrg", "grbg"])
+def test_image_bayer_demosaics_to_the_colours_it_sampled(make, pattern):
+    """A flat colour sampled through each ROS Bayer pattern comes back as that colour: the pattern's
+    letters name the first two rows' filters (OpenCV names them otherwise)."""
+    rgb = np.array([200, 90, 30])
+    index = {"r": 0, "g": 1, "b": 2}
+    mosaic = np.zeros((8, 10), np.uint8)
+    for k, colour in enumerate(pattern):  # rows then columns of the 2 x 2 cell
+        mosaic[k // 2::2, k % 2::2] = rgb[index[colour]]
+    frame = image_to_frame(make.image(height=8, width=10, encoding=f"bayer_{pattern}8", step=10,
+                                      data=mosaic.tobytes()))
+    assert frame.encoding == "rgb8" and frame.image.shape == (8, 10, 3)
+    np.testing.assert_array_equal(frame.image[2:-2, 2:-2], np.broadcast_to(rgb, (4, 6, 3)))
+
+
+@pytest.mark.parametrize(("encoding", "order"), [("uyvy", "UYVY"), ("yuv422", "UYVY"), ("yuyv", "YUYV"),
+                                                 ("yuv422_yuy2", "YUYV")])
+def test_image_packed_yuv422(make, encoding, order):
+    """Packed 4:2:2 (2 bytes a pixel, a U and a V per pixel pair; ROS's yuv422 is UYVY): BT.601 YUV of a
+    grey, a red and a blue pixel pair, each back within rounding."""
+    colours = np.array([[128, 128, 128], [255, 0, 0], [0, 0, 255]], float)
+    y = 0.299 * colours[:, 0] + 0.587 * colours[:, 1] + 0.114 * colours[:, 2]
+    u, v = 128 + 0.564 * (colours[:, 2] - y), 128 + 0.713 * (colours[:, 0] - y)
+    pairs = [{"Y": y[i], "U": u[i], "V": v[i]} for i in range(3)]
+    row = [pair[c] for pair in pairs for c in order]  # e.g. UYVY: U Y V Y, one pair's bytes
+    data = np.clip(np.round(row), 0, 255).astype(np.uint8)
+    frame = image_to_frame(make.image(height=1, width=6, encoding=encoding, step=12, data=data.tobytes()))
+    assert frame.encoding == "rgb8"
+    np.testing.assert_allclose(frame.image[0], np.repeat(colours, 2, axis=0), atol=3)
+
+
 def test_image_bgr_swap_is_exact(make):
     bgr = np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8)
     frame = image_to_frame(make.image(height=48, width=64, encoding="bgr8", step=192, data=bgr.tobytes()))
@@ -333,10 +379,12 @@ def test_image_errors(make):
         return make.image(**{**base, **kw})
 
     text = _raises(
-        image_to_frame, img(encoding="yuv422"), "sensor_msgs/msg/Image", "unsupported encoding 'yuv422'"
+        image_to_frame, img(encoding="bayer_rggb16"), "sensor_msgs/msg/Image", "unsupported encoding 'bayer_rggb16'"
     )
-    for name in ("rgb8", "bgr8", "rgba8", "bgra8", "mono8", "mono16", "16UC1", "32FC1"):
+    for name in ("rgb8", "bgr8", "rgba8", "bgra8", "mono8", "mono16", "16UC1", "32FC1", "uyvy", "bayer_rggb8"):
         assert name in text
+    _raises(image_to_frame, img(encoding="uyvy", step=6, data=bytes(12)), "uyvy needs an even width, got 3")
+    _raises(image_to_frame, img(nanosec=1_000_000_000), "header.stamp.nanosec 1000000000 is not below 1e9")
     _raises(image_to_frame, img(data=bytes(17)), "17 bytes", "needs 18")
     _raises(image_to_frame, img(step=8), "step 8 < width 3 * 3")
     _raises(image_to_frame, img(encoding="mono16", step=5, data=bytes(10)), "step 5 < width 3 * 2")
@@ -488,8 +536,16 @@ def test_cloud_padded_velodyne_layout(make, bigendian):
     flat = values.reshape(-1, 6)
     np.testing.assert_array_equal(frame.points, flat[:, :4].astype(np.float32))
     assert frame.ring.dtype == np.uint16 and frame.ring.tolist() == [0, 15, 7, 3]
-    assert frame.time.dtype == np.float32
-    np.testing.assert_array_equal(frame.time, flat[:, 5].astype(np.float32))
+    assert frame.time.dtype == np.float32  # Velodyne's offsets from the stamp, now from the earliest point
+    np.testing.assert_allclose(frame.time, [0.0, 0.05, 0.075, 0.1], rtol=1e-6)
+
+
+def test_cloud_numpy_bool_flag_is_a_bool():
+    """A hand-built rosbags message may carry numpy's bool where a deserialized one has Python's."""
+    data, row_step = _pack(np.array([[[1, 2, 3, 4]]]), F32, 16, True)
+    msg = RosbagsMaker().cloud(fields=XYZI, width=1, height=1, point_step=16, row_step=row_step, data=data)
+    msg.is_bigendian = np.bool_(True)
+    np.testing.assert_array_equal(pointcloud2_to_frame(msg).points, [[1, 2, 3, 4]])
 
 
 def test_cloud_big_and_little_endian_agree(make):
@@ -579,6 +635,47 @@ def test_cloud_integer_time_is_ns_offset(make):
     assert frame.time.dtype == np.float32 and frame.ring is None
 
 
+@pytest.mark.parametrize(("kind", "values", "seconds"), [
+    ("f8", 1_700_000_000.0 + np.array([2e-5, 0.0, 1e-5]), [2e-5, 0.0, 1e-5]),  # Hesai: epoch seconds
+    ("f8", 1.7e18 + np.array([2e4, 0.0, 1e4]), [2e-5, 0.0, 1e-5]),  # Livox: epoch nanoseconds as a double
+    ("u8", 1_700_000_000_000_000_000 + np.array([20_000, 0, 10_000], np.uint64), [2e-5, 0.0, 1e-5]),  # UINT64
+    ("f4", np.array([0.05, -0.05, np.nan]), [0.1, 0.0, np.nan]),  # offsets from the stamp; NaN: unknown
+])
+def test_cloud_point_times_are_seconds_from_the_earliest_point(make, kind, values, seconds):
+    datatype = {"f4": 7, "f8": 8, "u8": 10}[kind]
+    fields = [("x", 0, 7, 1), ("y", 4, 7, 1), ("z", 8, 7, 1), ("timestamp", 16, datatype, 1)]
+    layout = {"names": ["x", "y", "z", "timestamp"], "formats": ["f4", "f4", "f4", kind], "offsets": [0, 4, 8, 16],
+              "itemsize": 24}
+    rows = np.zeros(3, np.dtype(layout))
+    rows["x"], rows["timestamp"] = [1, 2, 3], values
+    msg = make.cloud(fields=fields, width=3, height=1, point_step=24, row_step=72, data=rows.tobytes())
+    frame = pointcloud2_to_frame(msg)
+    assert frame.time.dtype == np.float32
+    np.testing.assert_allclose(frame.time, seconds, rtol=1e-4, atol=1e-7, equal_nan=True)
+
+
+def test_cloud_dropped_point_does_not_move_the_others_times(make):
+    fields = [("x", 0, 7, 1), ("y", 4, 7, 1), ("z", 8, 7, 1), ("t", 12, 6, 1)]
+    layout = {"names": ["x", "y", "z", "t"], "formats": ["f4", "f4", "f4", "u4"], "offsets": [0, 4, 8, 12]}
+    values = np.array([[[np.nan, 1, 1, 0], [2, 2, 2, 1000], [3, 3, 3, 2000]]])  # the earliest point is NaN
+    data, row_step = _pack(values, layout, 16)
+    frame = pointcloud2_to_frame(make.cloud(fields=fields, width=3, height=1, point_step=16, row_step=row_step,
+                                            data=data))
+    np.testing.assert_allclose(frame.time, [1e-6, 2e-6], rtol=1e-6)
+
+
+def test_cloud_lyrical_datatypes_int64_uint64_bool(make):
+    fields = [("x", 0, 7, 1), ("y", 4, 7, 1), ("z", 8, 7, 1), ("t", 16, 9, 1), ("valid", 24, 11, 1)]
+    layout = {"names": ["x", "y", "z", "t", "valid"], "formats": ["f4", "f4", "f4", "i8", "?"],
+              "offsets": [0, 4, 8, 16, 24], "itemsize": 32}
+    rows = np.zeros(2, np.dtype(layout))
+    rows["x"], rows["t"], rows["valid"] = [1, 2], [-5_000, 5_000], True
+    frame = pointcloud2_to_frame(make.cloud(fields=fields, width=2, height=1, point_step=32, row_step=64,
+                                            data=rows.tobytes()))
+    np.testing.assert_array_equal(frame.points[:, 0], [1, 2])
+    np.testing.assert_allclose(frame.time, [0.0, 1e-5], rtol=1e-6)
+
+
 @pytest.mark.parametrize("rings, expected", [([0.0, 15.0, 3.0], [0, 15, 3]), ([0.5, 1.0, float("nan")], None)])
 def test_cloud_float_ring_never_costs_the_cloud(make, rings, expected, caplog, monkeypatch):
     """A float32 ring field (as a public driving dataset's lidar sends): whole numbers are ring ids, any
@@ -618,7 +715,7 @@ def test_cloud_errors(make):
     _raises(pointcloud2_to_frame, cloud(point_step=0, row_step=0), "point_step 0 with 2 points")
     _raises(pointcloud2_to_frame, cloud(data=bytes(31)), "31 bytes", "needs 32")
     _raises(pointcloud2_to_frame, cloud(row_step=31), "row_step 31 < width 2 * point_step 16")
-    _raises(pointcloud2_to_frame, cloud(fields=[*XYZI[:3], ("rgb", 12, 9, 1)]), "unknown datatype 9")
+    _raises(pointcloud2_to_frame, cloud(fields=[*XYZI[:3], ("rgb", 12, 12, 1)]), "unknown datatype 12")
 
 
 # --- LaserScan -----------------------------------------------------------------------------------
@@ -654,6 +751,12 @@ def test_scan_filters_ranges(make):
         np.hypot(frame.points[:, 0], frame.points[:, 1]), [ranges[i] for i in kept], rtol=1e-6
     )
     np.testing.assert_allclose(frame.points[:, 3], [2, 6, 8])
+
+
+def test_scan_infinite_range_max_keeps_the_finite_beams_quietly(make, recwarn):
+    frame = laserscan_to_frame(make.scan(ranges=[np.inf, 1.0], range_max=np.inf))
+    np.testing.assert_allclose(frame.points[:, :2], [[np.cos(0.1), np.sin(0.1)]], rtol=1e-6)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
 
 
 def test_scan_intensity_mismatch_ignored(make):
@@ -706,6 +809,14 @@ def test_imu_non_finite_rejected(make, accel, gyro):
     _raises(imu_to_sample, make.imu(accel=accel, gyro=gyro), "sensor_msgs/msg/Imu", "non-finite")
 
 
+@pytest.mark.parametrize("missing", ["linear_acceleration", "angular_velocity"])
+def test_imu_without_accel_or_gyro_is_refused_not_read_as_zero(make, missing):
+    """REP-145: covariance[0] = -1 says the IMU does not provide that vector; its zeros are no reading
+    (free fall, a robot standing still), so the sample is refused by name."""
+    flags = {"accel_cov0": -1.0} if missing == "linear_acceleration" else {"gyro_cov0": -1.0}
+    _raises(imu_to_sample, make.imu(accel=(0, 0, 0), gyro=(0, 0, 0), **flags), f"{missing} not provided")
+
+
 # --- missing and wrong-typed fields --------------------------------------------------------------
 
 
@@ -729,7 +840,7 @@ def test_missing_field_named():
 
 # --- property tests ------------------------------------------------------------------------------
 
-STRUCT = {1: "b", 2: "B", 3: "h", 4: "H", 5: "i", 6: "I", 7: "f", 8: "d"}
+STRUCT = {1: "b", 2: "B", 3: "h", 4: "H", 5: "i", 6: "I", 7: "f", 8: "d", 9: "q", 10: "Q", 11: "B"}  # BOOL: a byte
 NAMES = ["x", "y", "z", "intensity", "i", "ring", "t", "time", "timestamp", "vrad", "x"]
 
 
@@ -746,7 +857,7 @@ def cloud_cases(draw):
     fields, end = [], 0
     for name in names:
         datatype = draw(
-            _mostly(st.sampled_from([1, 2, 3, 4, 5, 6, 7, 8, 7, 7, 8]), st.sampled_from([0, 9, 255]), 40)
+            _mostly(st.sampled_from([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 7, 7, 8]), st.sampled_from([0, 12, 255]), 40)
         )
         count = draw(_mostly(st.just(1), st.sampled_from([0, 2, 3]), 4))
         offset = draw(
@@ -806,20 +917,27 @@ def reference_cloud(fields, width, height, point_step, row_step, data, is_bigend
     with np.errstate(over="ignore", invalid="ignore"):
         points = values[:, :4].astype(np.float32)
     keep = np.isfinite(points).all(axis=1)
+    def exact(name):  # a column's integers as Python ints, every point
+        return [struct.unpack_from(order + layout[name][0], data, r * row_step + c * point_step + layout[name][1])[0]
+                for r in range(height) for c in range(width)]
+
     ring = None
     if "ring" in layout and layout["ring"][0] not in "fd":
-        ring = (values[keep, 4].astype(np.int64) % 65536).astype(np.uint16)
+        ring = np.array([n % 65536 for n in exact("ring")], np.uint16)[keep]
     elif "ring" in layout:  # float ring ids: kept when every one is a whole number in uint16's range
         r = values[keep, 4]
         with np.errstate(invalid="ignore"):
             ring = r.astype(np.uint16) if np.all((r == np.round(r)) & (r >= 0) & (r <= 65535)) else None
     times = None
-    if time and layout[time][0] in "fd":
+    if time and layout[time][0] in "fd":  # seconds (nanoseconds beyond 1e12) from the earliest of all points
+        t = values[:, 5]
+        finite = t[np.isfinite(t)]
         with np.errstate(over="ignore", invalid="ignore"):
-            times = values[keep, 5].astype(np.float32)
-    elif time:
-        raw = values[keep, 5]
-        times = ((raw - raw.min()) * 1e-9 if raw.size else raw).astype(np.float32)
+            t = t * 1e-9 if finite.size and np.abs(finite).max() > 1e12 else t
+            times = (t - (t[np.isfinite(t)].min() if finite.size else np.nan)).astype(np.float32)[keep]
+    elif time:  # integer nanoseconds, exactly (Python ints), from the earliest of all points
+        ns = exact(time)
+        times = np.array([(n - min(ns)) * 1e-9 for n in ns], np.float32)[keep]
     return points[keep], ring, times
 
 
@@ -854,6 +972,9 @@ IMAGE_LAYOUT = {  # encoding -> (struct char, channels, output channel order)
     "rgba8": ("B", 4, [0, 1, 2]),
     "bgra8": ("B", 4, [2, 1, 0]),
     "mono8": ("B", 1, [0]),
+    "8UC1": ("B", 1, [0]),
+    "8UC3": ("B", 3, [2, 1, 0]),
+    "8UC4": ("B", 4, [2, 1, 0]),
     "mono16": ("H", 1, [0]),
     "16UC1": ("H", 1, [0]),
     "32FC1": ("f", 1, [0]),
@@ -862,7 +983,7 @@ IMAGE_LAYOUT = {  # encoding -> (struct char, channels, output channel order)
 
 @st.composite
 def image_cases(draw):
-    invalid = st.sampled_from(["RGB8", "bgr16", "8UC3", "", "mono8 "]) | st.text(max_size=6)
+    invalid = st.sampled_from(["RGB8", "bgr16", "8UC2", "", "mono8 "]) | st.text(max_size=6)
     encoding = draw(_mostly(st.sampled_from(list(IMAGE_LAYOUT)), invalid))
     char, channels, _ = IMAGE_LAYOUT.get(encoding, ("B", 3, None))
     width, height = draw(_mostly(st.integers(1, 5), st.just(0))), draw(_mostly(st.integers(1, 4), st.just(0)))
@@ -955,7 +1076,9 @@ def _valid_namespaces():
             orientation=vec(x=0.0, y=0.0, z=0.0, w=1.0),
             orientation_covariance=[0.0] * 9,
             angular_velocity=vec(x=0.0, y=0.0, z=0.0),
+            angular_velocity_covariance=[0.0] * 9,
             linear_acceleration=vec(x=0.0, y=0.0, z=9.8),
+            linear_acceleration_covariance=[0.0] * 9,
         ),
     }
 
