@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import lz4.frame
+import zstandard
 from mcap import records as mcap_records
-from mcap.stream_reader import StreamReader
+from mcap.stream_reader import StreamReader, breakup_chunk
 from rosbags.highlevel import AnyReader
 from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 from rosbags.typesys.store import Typestore
@@ -56,25 +57,57 @@ class BagMessage:
 @contextmanager
 def open_reader(paths: Sequence[str | Path]) -> Iterator[IndexedReader | SequentialReader]:
     """`with open_reader(paths) as reader`: one or more bags merged by time; BagError on any failure."""
-    paths = [Path(p) for p in paths]
-    for p in paths:
-        if not p.exists():
-            raise BagError(f"bag not found: {p}")
-    reader = IndexedReader(paths)
+    paths, notes = _storage_paths([Path(p) for p in paths])
     try:
+        reader = IndexedReader(paths)
         reader.open()
     except Exception as exc:  # rosbags raises per-format reader errors; all mean "unreadable bag"
         single = _single_file(paths)
         if single is None:
-            raise BagError(f"cannot open {', '.join(map(str, paths))}: {exc}") from exc
+            raise BagError(_why_unopened(paths, exc)) from exc
         log.warning("%s: %s; reading its records in sequence instead", single, exc)
         # a bag cut short has no index and a damaged one misleads, but the records themselves are fine
         reader = StreamedMcap(single) if single.suffix == ".mcap" else StreamedRos1(single)
         reader.notes.insert(0, f"no usable index ({exc}): the bag was read record by record")
+    reader.notes[:0] = notes
     try:
         yield reader
     finally:
         reader.close()
+
+
+def _storage_paths(paths: list[Path]) -> tuple[list[Path], list[str]]:
+    """The paths to open, and notes: a rosbag2 folder without its metadata.yaml (a recorder killed before
+    writing it) is read through its storage files directly. BagError for a path that is no bag at all."""
+    opened, notes = [], []
+    for p in paths:
+        if not p.exists():
+            raise BagError(f"bag not found: {p}")
+        if not p.is_dir() or (p / "metadata.yaml").exists():
+            opened.append(p)
+            continue
+        files = sorted([*p.glob("*.mcap"), *p.glob("*.db3")])
+        if not files:
+            raise BagError(f"{p} is no rosbag2 folder: no metadata.yaml and no .mcap or .db3 file in it")
+        opened += files
+        notes.append(f"{p} has no metadata.yaml: its {len(files)} storage file(s) were read directly")
+    return opened, notes
+
+
+def _why_unopened(paths: list[Path], exc: Exception) -> str:
+    """Which of several bags cannot be opened, and why: one tried at a time."""
+    if len(paths) > 1:
+        if len({p.suffix == ".bag" for p in paths}) > 1:
+            return f"cannot open {', '.join(map(str, paths))} together: ROS 1 and ROS 2 bags are not merged; replay each"
+        for p in paths:
+            alone_reader = AnyReader([p], default_typestore=TYPES)
+            try:
+                alone_reader.open()
+                alone_reader.close()
+            except Exception as alone:  # noqa: BLE001 - rosbags raises per-format reader errors
+                return (f"cannot open {p}: {_why(alone)} (a bag cut short is read up to its fault only on its own; "
+                        "replay it alone)")
+    return f"cannot open {', '.join(map(str, paths))}: {_why(exc)}"
 
 
 def _single_file(paths: list[Path]) -> Path | None:
@@ -210,8 +243,9 @@ class StreamedMcap(SequentialReader):
 
     def _records(self):
         schemas = {}
-        with open(self.path, "rb") as f:
-            for record in StreamReader(f).records:
+
+        def named(records):
+            for record in records:
                 if isinstance(record, mcap_records.Schema):
                     schemas[record.id] = record.name
                 elif isinstance(record, mcap_records.Channel):
@@ -219,8 +253,45 @@ class StreamedMcap(SequentialReader):
                 elif isinstance(record, mcap_records.Message):
                     yield "message", record.channel_id, record.log_time, record.data
 
+        with open(self.path, "rb") as f:
+            end = 0  # where the last whole record ends
+            try:
+                for record in StreamReader(f, emit_chunks=True).records:
+                    yield from named(breakup_chunk(record) if isinstance(record, mcap_records.Chunk) else [record])
+                    end = f.tell()
+            except Exception:
+                f.seek(end)  # a record cut short: the whole messages at the start of a chunk cut short, then the fault
+                yield from named(_mcap_chunk_start(f.read()))
+                raise
+
     def deserialize(self, raw: bytes, msgtype: str):
         return self.typestore.deserialize_cdr(raw, msgtype)
+
+
+def _mcap_chunk_start(rest: bytes) -> list:
+    """The whole records at the start of an MCAP chunk record cut short (`rest`: the file from the chunk
+    on), decompressed as far as the bytes go; [] for anything else."""
+    if len(rest) < 41 or rest[0] != 0x06:  # opcode, length, 3 times, crc, compression's length
+        return []
+    pos = 1 + 8 + 3 * 8 + 4
+    size = struct.unpack_from("<I", rest, pos)[0]
+    compression = rest[pos + 4:pos + 4 + size].decode("ascii", "replace")
+    data = rest[pos + 4 + size + 8:]
+    try:
+        if compression == "zstd":
+            data = zstandard.ZstdDecompressor().decompressobj().decompress(data)
+        elif compression == "lz4":
+            data = lz4.frame.LZ4FrameDecompressor().decompress(data)
+        elif compression:
+            return []
+    except Exception:  # noqa: BLE001 - damaged bytes fail in any of several ways: nothing to recover
+        return []
+    whole = 0
+    while whole + 9 <= len(data) and whole + 9 + (n := struct.unpack_from("<Q", data, whole + 1)[0]) <= len(data):
+        whole += 9 + n
+    chunk = mcap_records.Chunk(compression="", data=data[:whole], message_start_time=0, message_end_time=0,
+                               uncompressed_crc=0, uncompressed_size=whole)
+    return breakup_chunk(chunk)
 
 
 ROS1_MAGIC = b"#ROSBAG V2.0\n"
@@ -256,7 +327,8 @@ class StreamedRos1(SequentialReader):
                     except (EOFError, ValueError) as exc:
                         resume = _next_chunk(buf, pos + 1, end)
                         if resume is None and isinstance(exc, EOFError) and end == len(buf):
-                            raise  # a cut file: nothing follows
+                            yield from self._cut_chunk(buf, pos)  # a cut file: nothing follows its start
+                            raise
                         self.damaged.setdefault(pos, _why(exc))
                         if resume is None:
                             return
@@ -269,15 +341,34 @@ class StreamedRos1(SequentialReader):
                             self.damaged.setdefault(pos, _why(exc))
                     pos = after
 
-    def _chunk(self, fields: dict[str, bytes], data: bytes):
+    def _cut_chunk(self, buf, pos: int):
+        """The whole records at the start of a chunk record cut short at the end of the file, decompressed
+        as far as its bytes go; nothing where its header is cut too, or damaged."""
+        try:
+            data_at = pos + 8 + _u32(buf, pos)
+            fields = _ros1_fields(buf[pos + 4:data_at - 4])
+        except (EOFError, ValueError, struct.error):
+            return
+        if fields.get("op") == CHUNK:
+            with contextlib.suppress(Exception):  # damaged bytes fail in any of several ways: nothing more to read
+                yield from self._chunk(fields, buf[data_at:], cut=True)
+
+    def _chunk(self, fields: dict[str, bytes], data: bytes, cut: bool = False):
+        """A chunk's connections and messages; `cut`: the chunk's start only, read up to its first record
+        cut short (decompressed as a stream, as far as the bytes go)."""
         compression = fields.get("compression", b"none")
         if compression == b"bz2":
-            data = bz2.decompress(data)
+            data = bz2.BZ2Decompressor().decompress(data) if cut else bz2.decompress(data)
         elif compression == b"lz4":
-            data = lz4.frame.decompress(data)
+            data = lz4.frame.LZ4FrameDecompressor().decompress(data) if cut else lz4.frame.decompress(data)
         pos = 0
         while pos < len(data):
-            inner, payload, pos = _ros1_record(data, pos)
+            try:
+                inner, payload, pos = _ros1_record(data, pos)
+            except EOFError:
+                if cut:
+                    return
+                raise
             op = inner.get("op")
             conn = struct.unpack("<I", inner["conn"])[0] if "conn" in inner else None
             if op == b"\x07":  # connection: its data is more header fields (type, definition)
@@ -394,7 +485,10 @@ def find_topics(reader: AnyReader, overrides: dict[Modality, str] | None = None,
             continue
         chosen = overrides.get(modality) or max(names, key=counts.__getitem__)  # the first of equally busy ones
         topics.sensors[modality] = chosen
-        why = f"{flag} chose {chosen}" if modality in overrides else f"{chosen} is busier ({counts[chosen]} messages)"
+        tied = modality not in overrides and sum(counts[t] == counts[chosen] for t in names) > 1
+        why = (f"{flag} chose {chosen}" if modality in overrides
+               else f"{chosen} is as busy ({counts[chosen]} messages) and listed first" if tied
+               else f"{chosen} is busier ({counts[chosen]} messages)")
         topics.skipped.update((t, f"another {name} topic ({counts[t]} messages): {why}; choose this one with {flag} {t}")
                               for t in names if t != chosen)
     for t, reason in topics.skipped.items():

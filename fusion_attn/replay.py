@@ -10,6 +10,8 @@ timer ticks at `fusion_rate_hz` on the recorded clock (header stamps, or receive
     OUT/attention_<t>.png, attention.mp4   where the fusion looks, when asked (see _AttentionMaps)
 
 Wall-clock figures (speed, processing time) are not deterministic and go to OUT/timing.json only.
+The outputs are written into OUT/.partial and moved into place when the replay ends: a run that fails
+leaves an earlier run's outputs in OUT as they were.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from .messages import TYPES, cdr, diagnostics_msg, fused_state_msg
 from .model import FusionModel
 from .outputs import TRUST_THRESHOLD, diagnostics, trust_values
 from .params import PARAM_DEFAULTS, TAU_NAMES
-from .pipeline import FusionPipeline, weights_digest
+from .pipeline import FusionPipeline, validate_tau, weights_digest
 from .sync import SensorSync, SyncConfig
 from .tokenize import SensorSnapshot, Tokenizer
 
@@ -147,6 +149,20 @@ class Recording:
     events: list[str] = field(default_factory=list)  # gaps, resets, in recorded order; not per-message drops
     first_error: dict[Modality, str] = field(default_factory=dict)  # of each sensor's first malformed message
     rates: dict[Modality, StampRate] = field(default_factory=lambda: {m: StampRate() for m in Modality})
+    # per sensor, its header stamp minus the bag's receive time at its first and its latest frame
+    clock_offsets_ns: dict[Modality, list[int]] = field(default_factory=dict)
+
+    def clock_note(self, tolerance_ns: int) -> str | None:
+        """A note where the sensors' header clocks disagree by more than `tolerance_ns` (against the bag's
+        receive times) at the start or the end: a sensor whose clock is behind is stale at every fusion."""
+        for when, i in (("first", 0), ("last", 1)):
+            offsets = {m: o[i] for m, o in self.clock_offsets_ns.items()}
+            if len(offsets) > 1 and max(offsets.values()) - min(offsets.values()) > tolerance_ns:
+                each = ", ".join(f"{MODALITIES[m]} {o / NS_PER_S:+.3f} s" for m, o in sorted(offsets.items()))
+                return (f"the sensors' header clocks disagree (header stamp - receive time at their {when} frames: "
+                        f"{each}): a sensor whose clock is behind is stale at every fusion; --clock receive "
+                        "stamps each frame with its receive time")
+        return None
 
     def notes(self, sync: SensorSync) -> list[str]:
         """What happened, the read fault first, then per-message drops per sensor and reason (counted by
@@ -213,8 +229,7 @@ def recorded_snapshots(reader, sync: SensorSync, opts: ReplayOptions, rec: Recor
     rec.topics = topics = find_topics(reader, opts.topics, leave_out)
     rec.configured = tuple(MODALITIES[m] for m in sorted(topics.sensors))
     rec.read_notes = reader.notes  # the reader's own list: what it notes while reading shows too
-    start = reader.start_time + int(opts.start_s * NS_PER_S) if opts.start_s is not None else None
-    stop = reader.start_time + int(opts.end_s * NS_PER_S) if opts.end_s is not None else None
+    start, stop = _window_ns(reader, opts)
     clock = FusionClock(sync, opts.fusion_rate_hz, trigger_modality(opts.trigger), events=rec.events)  # its notes join the recording's
     for msg in read_messages(reader, topics, start, stop):
         rec.messages += 1
@@ -224,6 +239,8 @@ def recorded_snapshots(reader, sync: SensorSync, opts: ReplayOptions, rec: Recor
             sync.drop(msg.modality, "malformed")
             rec.first_error.setdefault(msg.modality, f"{msg.topic}: {msg.error}")
             continue
+        offset = msg.frame.stamp_ns - msg.log_time_ns
+        rec.clock_offsets_ns.setdefault(msg.modality, [offset, offset])[1] = offset
         frame = msg.frame if opts.clock == "header" else dataclasses.replace(msg.frame, stamp_ns=msg.log_time_ns)
         rec.rates[msg.modality].add(frame.stamp_ns)
         dropped = sync.health[msg.modality].dropped
@@ -232,6 +249,8 @@ def recorded_snapshots(reader, sync: SensorSync, opts: ReplayOptions, rec: Recor
             rec.events.pop()  # the clock's one note on a refused frame, its last: `notes` sums drops per sensor
     if progress is not None:
         _advance(progress, progress.total)  # read to the end: the last message need not be at the very end
+    if opts.clock == "header" and (note := rec.clock_note(int(max(sync.cfg.max_age_s) * NS_PER_S))):
+        rec.events.append(note)
     if trailing:
         yield from clock.drain()
 
@@ -259,6 +278,8 @@ def _check(opts: ReplayOptions) -> None:
     trigger_modality(opts.trigger)
     if not (isinstance(opts.batch, int) and opts.batch >= 1):
         raise ConfigError(f"batch must be an integer >= 1, got {opts.batch!r}")
+    if not all(t is None or math.isfinite(t) for t in (opts.start_s, opts.end_s)):
+        raise ConfigError(f"--start and --end must be finite seconds, got {opts.start_s} and {opts.end_s}")
     if opts.start_s is not None and opts.end_s is not None and opts.end_s <= opts.start_s:
         raise ConfigError(f"--end {opts.end_s} must be after --start {opts.start_s}")
     if not all(math.isfinite(t) and t >= 0 for t in opts.attention_at_s):
@@ -269,6 +290,7 @@ def _check(opts: ReplayOptions) -> None:
 OUTPUTS = ("fused", "summary.json", "timing.json", "attention.png", "trust.png", "health.png", "latency.png", "sweep.png",
            "sweep.csv", "attention.mp4")
 MARKER = ".fusion_attn_replay"  # written first: this folder holds replay output that a new run may replace
+STAGE = ".partial"  # the outputs while the replay runs, moved into OUT when it ends
 
 
 def replay(bags: Sequence[str | Path], pipeline: FusionPipeline, out_dir: str | Path,
@@ -277,56 +299,84 @@ def replay(bags: Sequence[str | Path], pipeline: FusionPipeline, out_dir: str | 
     """Replay `bags` into `out_dir`; -> the summary (also written as summary.json).
 
     A bag that breaks off part-way (truncated, corrupt) is processed up to the fault; the outputs are
-    closed properly and the summary names the error. BagError only when nothing could be read.
+    closed properly and the summary names the error. BagError only when nothing could be read. Options,
+    τ, the bags and the window are checked before `out_dir` is touched, and the outputs are written aside
+    (STAGE) and replace an earlier replay's only at the end: a run that fails leaves them as they were.
     `attention_model`: the torch model the pipeline runs, for the attention maps (opts.attention_*).
     """
     _check(opts)
     maps_asked = bool(opts.attention_at_s) or opts.attention_video
     if maps_asked and (attention_model is None or weights_digest(attention_model) != pipeline.weights_digest):
         raise ConfigError("attention maps need the torch model that the pipeline runs (attention_model)")
-    out = _prepare_output(Path(out_dir))
+    for tau in opts.taus:
+        validate_tau(tau, len(pipeline.cfg.sensors))
     taus = np.array(opts.taus, np.float32)
+    wall_start = time.perf_counter()
+    with open_reader(bags) as reader:  # every check before the output folder is touched
+        span_s = max(reader.end_time - reader.start_time, 0) / NS_PER_S  # an empty bag's times are sentinels
+        if (opts.start_s is not None and opts.start_s > span_s) or (opts.end_s is not None and opts.end_s < 0):
+            raise BagError(f"--start {opts.start_s} / --end {opts.end_s} select nothing: the recording spans "
+                           f"0 .. {span_s:.3f} s")
+        out = Path(out_dir)
+        stage = _prepare_output(out)
+        try:
+            summary = _replay(reader, bags, pipeline, stage, opts, taus, sync_cfg,
+                              attention_model if maps_asked else None, wall_start)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+    _commit(stage, out)
+    return summary
+
+
+def _replay(reader, bags, pipeline: FusionPipeline, out: Path, opts: ReplayOptions, taus: np.ndarray,
+            sync_cfg: SyncConfig | None, attention_model: FusionModel | None, wall_start: float) -> dict:
+    """`replay`'s run, from an open reader into the staging folder `out`."""
     sync = SensorSync(sync_cfg or SyncConfig.for_model(pipeline.cfg))
     diag_every = max(1, round(opts.diagnostics_period_s * opts.fusion_rate_hz))
     trace, rec = _Trace(), Recording()
-    wall_start = time.perf_counter()
     processing_s = 0.0
-    with open_reader(bags) as reader:
-        progress = _progress(_window_ms(reader, opts), opts.progress)
-        fused_bag, withheld = None, 0
-        maps = _AttentionMaps(out, attention_model, pipeline, opts, reader.start_time) if maps_asked else None
-        try:  # a read fault ends the loop, in rec.fault
-            states_iter = fuse_recording(reader, pipeline, sync, opts, taus, rec, progress)
-            while True:
-                tick_start = time.perf_counter()
-                tick, states = next(states_iter, (None, None))
-                if states is None:
-                    break
-                processing_s += time.perf_counter() - tick_start
-                if maps is not None:
-                    maps.add(tick.snap)
-                fused_bag = fused_bag or _FusedBag(out / "fused")
-                _record(trace, states, tick, rec.configured)
-                if states[0].all_masked:  # withheld, as the node does: the model's output from nothing
-                    withheld += 1
-                else:
-                    fused_bag.write_state(states[0])
-                if len(trace.stamps) % diag_every == 0:
-                    fused_bag.write_diagnostics(tick.snap.stamp_ns, diagnostics(
-                        tick.health, states[0], pipeline.backend_info(), None,
-                        trace.latency_ms[-1], 1.0 / opts.fusion_rate_hz, rec.configured))
-        finally:
-            progress.close()
-            if fused_bag is not None:
-                fused_bag.close()
-            if maps is not None:
-                maps.close()
-        wall_s = time.perf_counter() - wall_start
+    progress = _progress(_window_ms(reader, opts), opts.progress)
+    fused_bag, withheld = None, 0
+    maps = None if attention_model is None else _AttentionMaps(out, attention_model, pipeline, opts)
+    try:  # a read fault ends the loop, in rec.fault
+        states_iter = fuse_recording(reader, pipeline, sync, opts, taus, rec, progress)
+        while True:
+            tick_start = time.perf_counter()
+            tick, states = next(states_iter, (None, None))
+            if states is None:
+                break
+            processing_s += time.perf_counter() - tick_start
+            if maps is not None:  # the bag's start on the fusion's clock: the first frame's offset
+                first_offset = next(iter(rec.clock_offsets_ns.values()))[0] if opts.clock == "header" else 0
+                maps.add(tick.snap, reader.start_time + first_offset)
+            fused_bag = fused_bag or _FusedBag(out / "fused")
+            _record(trace, states, tick, rec.configured)
+            if states[0].all_masked:  # withheld, as the node does: the model's output from nothing
+                withheld += 1
+            else:
+                fused_bag.write_state(states[0])
+            if len(trace.stamps) % diag_every == 0:
+                fused_bag.write_diagnostics(tick.snap.stamp_ns, diagnostics(
+                    tick.health, states[0], pipeline.backend_info(), None,
+                    trace.latency_ms[-1], 1.0 / opts.fusion_rate_hz, rec.configured))
+    finally:
+        progress.close()
+        if fused_bag is not None:
+            fused_bag.close()
+        if maps is not None:
+            maps.close()
+    wall_s = time.perf_counter() - wall_start
 
     if rec.messages == 0:
         reason = (f"read stopped: {rec.fault}" if rec.fault
                   else f"no readable camera, lidar or IMU message (skipped: {rec.topics.skipped})")
         raise BagError(f"nothing could be read from {', '.join(map(str, bags))}: {reason}")
+    if not trace.stamps:  # read, but every frame dropped, or never fresh at a fusion
+        stamps_off = any(r in ("out_of_order", "duplicate_stamp") for h in sync.health.values() for r in h.drop_reasons)
+        hint = "; --clock receive stamps each frame with its receive time" if opts.clock == "header" and stamps_off else ""
+        raise BagError(f"no fused state from {', '.join(map(str, bags))}: "
+                       + "; ".join(rec.notes(sync)[:4] or ["no sensor frame was fresh at any fusion"]) + hint)
     summary = _summary(bags, rec, trace, taus, sync, opts)
     summary["backend"] = pipeline.backend_info()
     summary["frame_id"] = pipeline.frame_id  # of the fused states written
@@ -355,8 +405,8 @@ class _AttentionMaps:
     which the backends do not output. Each picture's occlusion check goes to the summary: the fused state's
     change when the OCCLUSION_K most-attended tokens of a sensor are masked, and when as many random ones are."""
 
-    def __init__(self, out: Path, model: FusionModel, pipeline: FusionPipeline, opts: ReplayOptions, start_ns: int):
-        self.out, self.model, self.tokenizer, self.start_ns = out, model, pipeline.tokenizer, start_ns
+    def __init__(self, out: Path, model: FusionModel, pipeline: FusionPipeline, opts: ReplayOptions):
+        self.out, self.model, self.tokenizer = out, model, pipeline.tokenizer
         self.tau = np.array(opts.taus[0], np.float32)
         self.pending = sorted(set(opts.attention_at_s))
         self.instants: dict[str, dict] = {}
@@ -368,8 +418,9 @@ class _AttentionMaps:
             if not self.video.isOpened():
                 raise ConfigError("cannot write attention.mp4: this OpenCV has no MP4 encoder")
 
-    def add(self, snap: SensorSnapshot) -> None:
-        t_s = self.last_s = (snap.stamp_ns - self.start_ns) / NS_PER_S
+    def add(self, snap: SensorSnapshot, origin_ns: int) -> None:
+        """`origin_ns`: the bag's start on the clock the snapshot is stamped with."""
+        t_s = self.last_s = (snap.stamp_ns - origin_ns) / NS_PER_S
         due = [t for t in self.pending if t <= t_s]
         # abs: a frame on each jump back in recorded time too
         frame_due = self.video is not None and (self.last_frame_ns is None
@@ -411,20 +462,38 @@ class _AttentionMaps:
 
 
 def _prepare_output(out: Path) -> Path:
-    """Create the folder, or clear a previous replay's outputs from it; refuse anything else."""
+    """Check that `out` may take the outputs (a new folder, or an earlier replay's) -> an empty staging
+    folder in it, which `_commit` moves into place."""
     if out.exists() and not out.is_dir():
         raise BagError(f"output {out} is a file, not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / "fused").exists() and not (out / MARKER).exists():
-        raise BagError(f"{out / 'fused'} exists and is not the output of an earlier replay; choose another -o")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BagError(f"cannot create the output folder {out}: {exc}") from exc
+    if not (out / MARKER).exists() and (theirs := [p.name for p in written_outputs(out)]):
+        raise BagError(f"{out} holds {', '.join(theirs)}, not the output of an earlier replay; choose another -o")
     (out / MARKER).touch()
-    for name in (*OUTPUTS, *(p.name for p in out.glob("attention_*.png"))):
-        path = out / name
+    stage = out / STAGE
+    shutil.rmtree(stage, ignore_errors=True)  # a run killed before its end leaves one
+    stage.mkdir()
+    return stage
+
+
+def written_outputs(folder: Path) -> list[Path]:
+    """What a replay writes that is in `folder`."""
+    return [p for p in (*(folder / name for name in OUTPUTS), *sorted(folder.glob("attention_*.png"))) if p.exists()]
+
+
+def _commit(stage: Path, out: Path) -> None:
+    """The finished run's outputs replace the earlier run's."""
+    for path in written_outputs(out):
         if path.is_dir():
             shutil.rmtree(path)
-        elif path.exists():
+        else:
             path.unlink()
-    return out
+    for path in stage.iterdir():
+        path.rename(out / path.name)
+    stage.rmdir()
 
 
 def _span_s(stamps: list[int]) -> float:
@@ -500,11 +569,18 @@ def _trust_summary(trust: np.ndarray, present: np.ndarray, names: tuple[str, ...
     return {"trust_mean": mean, "untrusted_share": share}
 
 
+def _window_ns(reader, opts: ReplayOptions) -> tuple[int | None, int | None]:
+    """--start and --end as the bag's receive times, within the bag (None: from its start, to its end)."""
+    def at(s):
+        return min(max(reader.start_time + int(s * NS_PER_S), reader.start_time), reader.end_time + 1)
+
+    return (None if opts.start_s is None else at(opts.start_s)), (None if opts.end_s is None else at(opts.end_s))
+
+
 def _window_ms(reader, opts: ReplayOptions) -> int:
     """The recorded time to be read, --start to --end within the bag, in whole milliseconds."""
-    begin = reader.start_time + int((opts.start_s or 0.0) * NS_PER_S)
-    end = reader.end_time if opts.end_s is None else reader.start_time + int(opts.end_s * NS_PER_S)
-    return max(0, (min(end, reader.end_time) - begin) // NS_PER_MS)
+    start, stop = _window_ns(reader, opts)
+    return max(0, (min(stop or reader.end_time, reader.end_time) - (start or reader.start_time)) // NS_PER_MS)
 
 
 def _progress(total_ms: int, enabled: bool):

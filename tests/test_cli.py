@@ -96,6 +96,8 @@ def test_bag_without_sensor_topics_and_out_of_range_instant(real_data, capsys):
     assert "no camera, lidar or IMU topic" in capsys.readouterr().err
     assert main(["fuse", "--bag", str(real_data / "euroc_v1_01_cam_imu"), "--at", "99"]) == 2
     assert "outside the bag" in capsys.readouterr().err
+    assert main(["fuse", "--bag", str(real_data / "euroc_v1_01_cam_imu"), "--at", "nan"]) == 2
+    assert "--at must be finite seconds" in capsys.readouterr().err
 
 
 def test_corrupt_checkpoint_exits_2(tmp_path, capsys):

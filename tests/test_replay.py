@@ -1,5 +1,6 @@
 """`fusion-attn replay` and `play` on the real recordings, bad bags, determinism; play over real DDS."""
 
+import dataclasses
 import json
 import os
 import re
@@ -182,7 +183,9 @@ def test_truncated_bag_is_processed_up_to_the_fault(real_data, tmp_path, bag, cu
 @pytest.mark.parametrize("flags,problem", [
     (["--rate", "-20"], "fusion rate must be > 0"), (["--rate", "0"], "fusion rate must be > 0"),
     (["--rate", "nan"], "fusion rate must be > 0"), (["--start", "1.5", "--end", "0.5"], "must be after --start"),
-    (["--batch", "0"], "batch must be an integer >= 1"),
+    (["--batch", "0"], "batch must be an integer >= 1"), (["--start", "nan"], "must be finite seconds"),
+    (["--end", "inf"], "must be finite seconds"), (["--start", "100"], "select nothing: the recording spans 0 .. 2."),
+    (["--end=-1"], "select nothing"), (["--tau="], "--tau entry '' is not a number"),
 ])
 def test_bad_options_exit_2_naming_the_problem(real_data, tmp_path, capsys, flags, problem):
     assert _run([real_data / "euroc_v1_01_cam_imu"], tmp_path, *flags) == 2
@@ -648,3 +651,145 @@ def test_attention_options_are_checked(real_data, pipeline, tmp_path, capsys):
     assert "attention instants must be seconds >= 0" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="torch model"):  # the API needs the model for the token weights
         replay([bag], pipeline, tmp_path, ReplayOptions(progress=False, attention_video=True))
+
+
+def test_a_failed_run_leaves_the_earlier_outputs_as_they_were(real_data, tmp_path, capsys):
+    """Options, τ, the bag and the window are checked before the folder is touched, and a run that fails
+    later (nothing fused) leaves the earlier outputs too: they are written aside and moved in at the end."""
+    bag = real_data / "euroc_v1_01_cam_imu"
+    assert _run([bag], tmp_path, "--end", "1") == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    _write_bag(tmp_path.parent / "only_other_topics", [("/chatter", "std_msgs/msg/String", 1, b"\x00\x01\x00\x00\x01\x00\x00\x00\x00")])
+    for flags in (["--tau", "0"], ["--start", "100"]):
+        assert _run([bag], tmp_path, *flags) == 2
+    assert _run([tmp_path.parent / "missing"], tmp_path) == 2
+    assert _run([tmp_path.parent / "only_other_topics"], tmp_path) == 2
+    capsys.readouterr()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    assert (tmp_path / "fused").is_dir() and not (tmp_path / ".partial").exists()
+
+
+def test_a_folder_holding_files_of_the_same_names_is_refused(real_data, tmp_path, capsys):
+    (tmp_path / "sweep.csv").write_text("the user's own")
+    assert _run([real_data / "euroc_v1_01_cam_imu"], tmp_path) == 2
+    assert "holds sweep.csv, not the output of an earlier replay" in capsys.readouterr().err
+    assert (tmp_path / "sweep.csv").read_text() == "the user's own"
+
+
+def test_a_rosbag2_folder_without_metadata_reads_its_storage_file(real_data, tmp_path, capsys):
+    """What a recorder killed before it wrote metadata.yaml leaves."""
+    folder = tmp_path / "killed"
+    folder.mkdir()
+    (folder / "part_0.mcap").write_bytes((real_data / "euroc_v1_01_cam_imu" / "euroc_v1_01_cam_imu.mcap").read_bytes())
+    assert _run([folder], tmp_path / "out") == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["messages"] == 441 and any("has no metadata.yaml" in e for e in summary["events"])
+    (tmp_path / "empty").mkdir()
+    assert _run([tmp_path / "empty"], tmp_path / "out") == 2
+    assert "no rosbag2 folder: no metadata.yaml and no .mcap or .db3 file" in capsys.readouterr().err
+
+
+def test_inputs_that_cannot_be_opened_exit_2_naming_them(real_data, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not a bag")
+    assert _run([tmp_path / "notes.txt"], tmp_path / "out") == 2
+    assert f"cannot open {tmp_path / 'notes.txt'}" in capsys.readouterr().err
+    ros1, ros2 = real_data / "sick_lms1xx_scan_cloud_radar.bag", real_data / "euroc_v1_01_cam_imu"
+    assert _run([ros2, ros1], tmp_path / "out") == 2
+    assert "ROS 1 and ROS 2 bags are not merged" in capsys.readouterr().err
+    cut = tmp_path / "cut.mcap"
+    mcap = ros2 / "euroc_v1_01_cam_imu.mcap"
+    cut.write_bytes(mcap.read_bytes()[: mcap.stat().st_size // 2])
+    assert _run([ros2, cut], tmp_path / "out") == 2  # the cut one is named, and how to read it
+    assert f"cannot open {cut}" in (err := capsys.readouterr().err) and "replay it alone" in err
+    (tmp_path / "file").write_text("x")
+    assert _run([ros2], tmp_path / "file" / "sub") == 2
+    assert "cannot create the output folder" in capsys.readouterr().err
+
+
+def _imu_rows(real_data, count: int):
+    with AnyReader([real_data / "euroc_v1_01_cam_imu"]) as reader:
+        conns = [c for c in reader.connections if c.topic == "/imu0"]
+        return [(c.topic, c.msgtype, t, bytes(raw)) for (c, t, raw), _ in zip(reader.messages(conns), range(count))]
+
+
+def test_a_bag_cut_inside_its_only_chunk_keeps_the_messages_before_the_cut(real_data, tmp_path, capsys):
+    """A short recording is one chunk: cut anywhere, its whole messages before the cut are read (MCAP,
+    and ROS 1 uncompressed and lz4), not lost with the chunk. A bz2 chunk decodes only whole (its
+    900 kB blocks): cut, it is a clear error."""
+    from rosbags.rosbag1 import Writer as Writer1
+    from rosbags.typesys import Stores, get_typestore
+
+    rows = _imu_rows(real_data, 300)  # 300 IMU messages: about 100 kB, one chunk
+    _write_bag(tmp_path / "short", rows)
+    bags = [next((tmp_path / "short").glob("*.mcap"))]
+    ros2, ros1 = get_typestore(Stores.ROS2_KILTED), get_typestore(Stores.ROS1_NOETIC)
+    for compression in (None, "bz2", "lz4"):
+        path = tmp_path / f"short_{compression}.bag"
+        writer = Writer1(path)
+        if compression:
+            writer.set_compression(getattr(Writer1.CompressionFormat, compression.upper()))
+        with writer:
+            conn = writer.add_connection("/imu0", "sensor_msgs/msg/Imu", typestore=ros1)
+            for _, msgtype, t, raw in rows:
+                msg = ros2.deserialize_cdr(raw, msgtype)  # ROS 1's header has a seq
+                header = ros1.types["std_msgs/msg/Header"](seq=0, stamp=msg.header.stamp, frame_id=msg.header.frame_id)
+                writer.write(conn, t, ros1.serialize_ros1(dataclasses.replace(msg, header=header), msgtype))
+        bags.append(path)
+    for bag in bags:
+        cut = tmp_path / f"cut_{bag.name}"
+        cut.write_bytes(bag.read_bytes()[: int(bag.stat().st_size * 0.6)])
+        if "bz2" in bag.name:
+            assert _run([cut], tmp_path / f"out_{bag.name}") == 2
+            assert "no complete message" in capsys.readouterr().err
+            continue
+        assert _run([cut], tmp_path / f"out_{bag.name}") == 0, bag
+        summary = json.loads((tmp_path / f"out_{bag.name}" / "summary.json").read_text())
+        assert any("the file ends part-way" in e for e in summary["events"])
+        assert 100 <= summary["messages"] < 300, (bag.name, summary["messages"])
+
+
+def test_every_message_dropped_is_an_error_naming_why(real_data, tmp_path, capsys):
+    from rosbags.typesys import Stores, get_typestore
+
+    store = get_typestore(Stores.ROS2_KILTED)
+
+    def broken(raw, msgtype):
+        msg = store.deserialize_cdr(raw, msgtype)
+        msg.linear_acceleration.x = float("nan")
+        return bytes(store.serialize_cdr(msg, msgtype))
+
+    _write_bag(tmp_path / "nan", [(topic, msgtype, t, broken(raw, msgtype)) for topic, msgtype, t, raw in _imu_rows(real_data, 50)])
+    assert _run([tmp_path / "nan"], tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "no fused state" in err and "imu: 50 of 50 dropped: malformed" in err and "non-finite" in err
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_sensors_on_disagreeing_header_clocks_are_noted(real_data, tmp_path):
+    """A camera whose header clock runs 100 s ahead of the IMU's leaves the IMU stale at every fusion;
+    the summary says so and names --clock receive, which fuses both."""
+    with AnyReader([real_data / "euroc_v1_01_cam_imu"]) as reader:
+        rows = [(c.topic, c.msgtype, t, bytes(raw)) for c, t, raw in reader.messages()]
+    skewed = [(topic, msgtype, t, _restamped(raw, msgtype, s + 100 * NS_PER_S) if "cam" in topic else raw)
+              for (topic, msgtype, t, raw), s in zip(rows, _header_stamps(rows))]
+    _write_bag(tmp_path / "skewed", skewed)
+    assert _run([tmp_path / "skewed"], tmp_path / "out") == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["present_fraction"]["imu"] < 0.1
+    assert any("header clocks disagree" in e and "camera +100." in e for e in summary["events"]), summary["events"]
+    assert _run([tmp_path / "skewed"], tmp_path / "out", "--clock", "receive") == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["present_fraction"]["imu"] > 0.9
+    assert not any("header clocks disagree" in e for e in summary["events"])
+
+
+def test_attention_instants_count_from_the_start_on_the_fusions_clock(real_data, tmp_path):
+    """Header stamps a day behind the bag's receive times: --attention-at 1 is still 1 s into the recording."""
+    with AnyReader([real_data / "euroc_v1_01_cam_imu"]) as reader:
+        rows = [(c.topic, c.msgtype, t, bytes(raw)) for c, t, raw in reader.messages()]
+    day = 86_400 * NS_PER_S
+    _write_bag(tmp_path / "behind", [(topic, msgtype, t, _restamped(raw, msgtype, s - day))
+                                     for (topic, msgtype, t, raw), s in zip(rows, _header_stamps(rows))])
+    assert _run([tmp_path / "behind"], tmp_path / "out", "--attention-at", "1") == 0
+    m = json.loads((tmp_path / "out" / "summary.json").read_text())["attention_maps"]["instants"]["1"]
+    assert m["file"] == "attention_1.png" and 1.0 <= m["fused_at_s"] < 1.1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,8 @@ def _fuse_bag(args, pipeline, sync, params) -> tuple[FusedState, dict]:
 
     with open_reader(args.bag) as reader:
         start, duration = reader.start_time, reader.end_time - reader.start_time
+        if args.at is not None and not math.isfinite(args.at):
+            raise BagError(f"--at must be finite seconds, got {args.at}")
         at_ns = duration // 2 if args.at is None else int(args.at * NS_PER_S)
         if not 0 <= at_ns <= duration:
             raise BagError(f"--at {at_ns / NS_PER_S:.3f} s is outside the bag (0 .. {duration / NS_PER_S:.3f} s)")

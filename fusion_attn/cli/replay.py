@@ -57,7 +57,7 @@ def run(args) -> int:
     if args.jobs != 1 or args.ray:
         raise FusionAttnError("--jobs and --ray replay several recordings: add --each (without it the bags are "
                               "parts of one recording, merged by time)")
-    from ..replay import replay
+    from ..replay import replay, written_outputs
 
     at = _instants(args.attention_at) if args.attention_at else ()
     pipeline, sync_cfg, params, opts = _setup(args, attention_at_s=at, attention_video=args.attention_video)
@@ -88,8 +88,8 @@ def run(args) -> int:
         print(f"  note: {event}")
     if summary["events_total"] > NOTES_SHOWN:
         print(f"  ({summary['events_total'] - NOTES_SHOWN} more notes in summary.json)")
-    print(f"  wrote {args.output}/fused (MCAP), summary.json, timing.json, *.png"
-          + (", attention.mp4" if args.attention_video else ""))
+    wrote = sorted(p.name for p in written_outputs(args.output))
+    print(f"  wrote {', '.join(wrote)} in {args.output}")
     return 0
 
 
@@ -145,7 +145,8 @@ def _setup(args, **overrides):
     """-> pipeline, sync config, parameters and replay options from the flags (and --params)."""
     pipeline, sync_cfg, params = fusion_setup(args)
     base = pipeline.tau
-    taus = tuple(_tau_entry(entry, base) for entry in args.tau.split(",")) if args.tau else (tuple(base.tolist()),)
+    taus = (tuple(_tau_entry(entry, base) for entry in args.tau.split(",")) if args.tau is not None
+            else (tuple(base.tolist()),))
     opts = replay_options(args, params, clock=args.clock, start_s=args.start, end_s=args.end, taus=taus,
                           progress=not args.no_progress, batch=args.batch, **overrides)
     return pipeline, sync_cfg, params, opts
