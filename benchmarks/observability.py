@@ -10,7 +10,7 @@ which at least two do. The camera columns are for the default rig (SensorConfig:
 more column gives the single forward camera (camera_views=1, the camera before the rig) for comparison.
 It also times 15 s of simulated Control episode with each camera. Writes the markdown report to -o
 and the raw numbers beside it (.json). The report's section "How precisely: the goal" is
-benchmarks/goal_range.py's, written in by hand: carry it over when regenerating.
+benchmarks/goal_range.py's, written in by hand: regenerating carries it over from the report it replaces.
 """
 
 import argparse
@@ -375,6 +375,21 @@ def to_markdown(report: dict) -> str:
         single="\n".join(single), timing="\n".join(timing))
 
 
+HAND_WRITTEN, AFTER_IT = "## How precisely: the goal", "## Cost of the camera rig"
+
+
+def with_hand_written(markdown: str, previous: Path) -> str:
+    """`markdown` with the hand-written section of the report it replaces (if that has one) put back in
+    its place, before AFTER_IT."""
+    old = previous.read_text() if previous.exists() else ""
+    if HAND_WRITTEN not in old:
+        return markdown
+    start = old.index(HAND_WRITTEN)
+    end = old.find("\n## ", start + len(HAND_WRITTEN))
+    section = old[start:] if end < 0 else old[start:end + 1]
+    return markdown.replace(AFTER_IT, section.rstrip("\n") + "\n\n" + AFTER_IT, 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--episodes", type=int, default=8)
@@ -414,7 +429,7 @@ def main() -> None:
         "timing_s": timing,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(to_markdown(report))
+    args.out.write_text(with_hand_written(to_markdown(report), args.out))
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
     print(to_markdown(report))
 
