@@ -417,6 +417,10 @@ runs/odometry-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/odometry-s$* --seed $* --odometry --trust-floor 0.01 --floor-at-run-time --eval-every 2000
 runs/concat_odometry-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/concat_odometry-s$* --seed $* --odometry --fusion concat --fixed-tau --eval-every 2000
+# twice the odometry faults in training: the fallback when the odometry fails (docs/RESULTS.md)
+runs/odometry_fw-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/odometry_fw-s$* --seed $* --odometry --trust-floor 0.01 --floor-at-run-time --eval-every 2000 \
+		--fault-weights 1 1 1 2
 # ... and the camera's stale path fitted onto it, as the packaged default's is (default-model above)
 runs/odometry_stalefit/train_state.pt: runs/odometry-s0/train_state.pt
 	$(TRAIN) -o runs/odometry_stalefit --odometry --trust-floor 0.01 --floor-at-run-time --stale-evidence \
@@ -429,6 +433,11 @@ robustness-odometry: $(STAMP) runs/odometry_stalefit/train_state.pt runs/odometr
 		'odometry#1=runs/odometry-s1' 'odometry#2=runs/odometry-s2' concat=runs/concat_odometry-s0 \
 		'concat#1=runs/concat_odometry-s1' 'concat#2=runs/concat_odometry-s2' \
 		-o docs/results/odometry --episodes 12 --jobs 2 --reuse --bag $(EVAL_BAGS)
+
+# twice the odometry faults in training, one seed, beside the odometry recipe's report (docs/RESULTS.md)
+robustness-odometry-fw: $(STAMP) runs/odometry_fw-s0/train_state.pt
+	$(VENV)/bin/fusion-attn eval-robustness odometry_fw=runs/odometry_fw-s0 --beside docs/results/odometry/robustness.json \
+		-o docs/results/odometry_fw --episodes 12 --jobs 1 --bag $(EVAL_BAGS)
 
 # a candidate, not packaged (docs/RESULTS.md, "2026-12-02: a robot standing still"): the trust head (nothing
 # else) refitted on data in which the robot also stands still, the memory task's arena included
