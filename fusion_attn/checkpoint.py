@@ -37,7 +37,8 @@ def read_safetensors(path: str | Path, expect_format: str) -> tuple[dict[str, st
     missing, truncated, corrupt or foreign file."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{expect_format} checkpoint not found: {path}")
+        what = "is a folder, not a checkpoint file" if path.is_dir() else "not found"
+        raise CheckpointError(f"{expect_format} checkpoint {what}: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

@@ -20,6 +20,7 @@ from nav_msgs.msg import Odometry
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rclpy.qos_overriding_options import QoSOverridingOptions
 from sensor_msgs.msg import CompressedImage, Image, Imu, LaserScan, PointCloud2
@@ -57,11 +58,19 @@ QOS_OVERRIDES = QoSOverridingOptions.with_default_policies()
 class FusionNode(LifecycleNode):
     def __init__(self, **kwargs):
         super().__init__("fusion_node", **kwargs)
+        # `tau.global: 1` in a parameter file, `-p tau.global:=1` or `ros2 param set ... tau.global 1` give an
+        # integer, which rclpy refuses for a float parameter (at declaration: the node would not start). The
+        # overrides are rclpy's own dict (no public way to read them before declaring)
+        overrides = getattr(self, "_parameter_overrides", {})
+        overrides.update({p.name: p for p in _whole_numbers_as_floats(list(overrides.values()))})
         for p in PARAMETERS:
             self.declare_parameter(p.name, p.default, _descriptor(p))
+        self.add_pre_set_parameters_callback(_whole_numbers_as_floats)
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.pipeline: FusionPipeline | None = None
-        self._subs, self._timers = [], []
+        # what activate creates and deactivate destroys; not rclpy Node's own _subscriptions and _timers, which
+        # hold every subscription and timer (the diagnostics timer too, which lives in every state)
+        self._io_subs, self._io_timers = [], []
         self._last_state: FusedState | None = None
         self._processing_ms = self._latency_ms = 0.0
         self._fuse_errors = 0
@@ -143,13 +152,13 @@ class FusionNode(LifecycleNode):
             resolved = self.resolve_topic_name(topic)
             events = SubscriptionEventCallbacks(
                 incompatible_qos=lambda info, t=resolved, q=qos: self._incompatible_qos(t, q, info))
-            self._subs.append(self.create_subscription(
+            self._io_subs.append(self.create_subscription(
                 msg_type, topic, lambda msg, m=modality: self._on_message(m, msg), qos, event_callbacks=events,
                 qos_overriding_options=QOS_OVERRIDES))
         # with a trigger sensor the timer fuses only while that sensor is not fresh (FusionClock's rule)
-        self._timers.append(self.create_timer(1.0 / self.p("fusion_rate_hz"), self._on_timer))
+        self._io_timers.append(self.create_timer(1.0 / self.p("fusion_rate_hz"), self._on_timer))
         if self._attention_image is not None:  # its own timer: rendering stays out of the fusion's callback
-            self._timers.append(self.create_timer(self.p("attention_image.period_s"),
+            self._io_timers.append(self.create_timer(self.p("attention_image.period_s"),
                                                   self._publish_attention_image))
         result = super().on_activate(state)
         m = self.pipeline.cfg.model
@@ -177,11 +186,11 @@ class FusionNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def _release_io(self) -> None:
-        for sub in self._subs:
+        for sub in self._io_subs:
             self.destroy_subscription(sub)
-        for timer in self._timers:
+        for timer in self._io_timers:
             self.destroy_timer(timer)
-        self._subs, self._timers = [], []
+        self._io_subs, self._io_timers = [], []
 
     # --- data path -------------------------------------------------------------------------------
 
@@ -189,7 +198,7 @@ class FusionNode(LifecycleNode):
         try:
             frame = to_frame(msg)
         except MalformedMessageError as exc:
-            self.sync.drop(modality, "malformed")
+            self.sync.drop(modality, "malformed", str(exc))
             self._sensor_log[modality].warning(f"dropped {MODALITIES[modality]} message: {exc}", throttle_duration_sec=5.0)
             return
         health = self.sync.health[modality]
@@ -302,7 +311,9 @@ class FusionNode(LifecycleNode):
                 self.pipeline.set_tau([changed.get(n, self.p(n)) for n in TAU_NAMES])
             except ConfigError as exc:
                 return SetParametersResult(successful=False, reason=str(exc))
-            self.get_logger().info(f"tau set to {self.pipeline.tau.tolist()}")
+            unread = [n for n in changed if n in TAU_NAMES[1 + len(self.pipeline.cfg.sensors):]]
+            self.get_logger().info(f"tau set to {self.pipeline.tau.tolist()}"
+                                   + (f" ({', '.join(unread)}: this model does not read that sensor)" * bool(unread)))
         if "diagnostics_period_s" in changed:  # settable while unconfigured (see fixed); its timer runs already
             self._diag_timer.timer_period_ns = int(changed["diagnostics_period_s"] * NS_PER_S)
         return SetParametersResult(successful=True)
@@ -317,7 +328,7 @@ class FusionNode(LifecycleNode):
     def _check_publisher_types(self) -> None:
         """Say once per publisher when one offers another message type on a subscribed topic (the graph
         shows it with any middleware; not every one raises the incompatible-type event)."""
-        for sub in self._subs:
+        for sub in self._io_subs:
             expected = msgtype_of(sub.msg_type())
             for info in self.get_publishers_info_by_topic(sub.topic_name):
                 key = (sub.topic_name, info.node_namespace, info.node_name, info.topic_type)
@@ -344,6 +355,15 @@ class FusionNode(LifecycleNode):
         if self.p("trigger") not in ("timer", *sensors):
             raise ConfigError(f"trigger {self.p('trigger')!r} must be timer or a configured sensor {list(sensors)}")
         return sensors
+
+
+FLOAT_PARAMETERS = frozenset(p.name for p in PARAMETERS if isinstance(p.default, float))
+
+
+def _whole_numbers_as_floats(params: list[Parameter]) -> list[Parameter]:
+    """An integer given for a float parameter, as that float."""
+    return [Parameter(p.name, Parameter.Type.DOUBLE, float(p.value))
+            if p.name in FLOAT_PARAMETERS and p.type_ == Parameter.Type.INTEGER else p for p in params]
 
 
 def _descriptor(p: Param) -> ParameterDescriptor:

@@ -102,6 +102,8 @@ def diagnostics(summary: dict[str, dict], state: FusedState | None, backend: dic
                   "received": str(h["received"]), "dropped": str(h["dropped"]), "resets": str(h.get("resets", 0)),
                   "masked": str(h["masked"]).lower()}
         values.update({f"dropped_{reason}": str(n) for reason, n in sorted(h["drop_reasons"].items())})
+        if h.get("last_drop"):  # each drop is logged at most every few seconds: the newest reason is here
+            values["last_dropped"] = h["last_drop"]
         if state is not None and name in state.sensors:
             values["trust"] = _trust_text(state, state.sensors.index(name))
         if h["received"] == 0:

@@ -236,7 +236,7 @@ def recorded_snapshots(reader, sync: SensorSync, opts: ReplayOptions, rec: Recor
         if progress is not None:
             _advance(progress, (msg.log_time_ns - (reader.start_time if start is None else start)) // NS_PER_MS)
         if msg.frame is None:
-            sync.drop(msg.modality, "malformed")
+            sync.drop(msg.modality, "malformed", msg.error)
             rec.first_error.setdefault(msg.modality, f"{msg.topic}: {msg.error}")
             continue
         offset = msg.frame.stamp_ns - msg.log_time_ns

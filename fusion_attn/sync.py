@@ -90,6 +90,7 @@ class SensorHealth:
     mean_dt_s: float = 0.0
     intervals: int = 0
     drop_reasons: dict[str, int] = field(default_factory=dict)
+    last_drop: str | None = None  # the reason for the newest drop, with what was wrong where known
 
     @property
     def rate_hz(self) -> float:
@@ -197,11 +198,13 @@ class SensorSync:
             self._history[modality].append(frame.stamp_ns, frame.frame_id, frame.linear, frame.angular)
         return None
 
-    def drop(self, modality: Modality, reason: str) -> str:
-        """Count a message dropped for `reason` (the adapters' malformed ones too); -> reason."""
+    def drop(self, modality: Modality, reason: str, detail: str | None = None) -> str:
+        """Count a message dropped for `reason` (the adapters' malformed ones too, `detail` saying what was
+        wrong); -> reason."""
         h = self.health[modality]
         h.dropped += 1
         h.drop_reasons[reason] = h.drop_reasons.get(reason, 0) + 1
+        h.last_drop = f"{reason}: {detail}" if detail else reason
         return reason
 
     def _within_limits(self, frame: CameraFrame | LidarFrame | ImuSample | OdometrySample) -> bool:
@@ -307,7 +310,7 @@ class SensorSync:
         return {name: {"received": h.received, "dropped": h.dropped, "resets": h.resets,
                        "rate_hz": round(h.rate_hz, 3), "age_s": h.age_s(now_ns), "masked": not self.fresh(m, now_ns),
                        "late": h.age_s(now_ns) > self.late_after_s(m),
-                       "drop_reasons": dict(h.drop_reasons)}
+                       "drop_reasons": dict(h.drop_reasons), "last_drop": h.last_drop}
                 for name, m, h in ((MODALITIES[m], m, self.health[m]) for m in self.cfg.sensors)}
 
 

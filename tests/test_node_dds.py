@@ -200,6 +200,8 @@ def test_garbage_flood_is_counted_and_survived(ros, fusion_node, real_data):
     assert proc.poll() is None, log.read_text()  # alive
     _, _, camera = ros.status("camera")
     assert malformed("camera") >= 0.05 * sent["camera"], camera
+    # the newest drop's reason on /diagnostics, where a throttled log line may not have said it
+    assert "data has 100 bytes" in camera["last_dropped"] and "non-finite" in ros.status("imu")[2]["last_dropped"]
     print("flood sent", sent, "imu diagnostics", ros.status("imu")[2], "camera diagnostics", camera)
     # the real frames share the camera's keep-last queue with ten times as many bad ones: how many reach the
     # fusion depends on how fast the node drains it (CI, 2 cores beside a training: 14 of about 40 ticks;
@@ -213,11 +215,12 @@ def test_garbage_flood_is_counted_and_survived(ros, fusion_node, real_data):
     assert "dropped imu message" in log.read_text()  # said what it dropped (throttled)
 
 
-def _set(ros, node="fusion_node", **values):
+def _set(ros, node="fusion_node", named=None, **values):
+    """Set parameters: `named` by their names, `values` with "." spelled "_" (tau_global=0.5)."""
     client = ros.node.create_client(SetParameters, f"/{node}/set_parameters")
     assert client.wait_for_service(timeout_sec=10)
-    request = SetParameters.Request(parameters=[Parameter(k.replace("_", "."), value=v).to_parameter_msg()
-                                                for k, v in values.items()])
+    values = {**(named or {}), **{k.replace("_", "."): v for k, v in values.items()}}
+    request = SetParameters.Request(parameters=[Parameter(k, value=v).to_parameter_msg() for k, v in values.items()])
     future = client.call_async(request)
     assert ros.wait_for(future.done, timeout=10)
     ros.node.destroy_client(client)
@@ -383,9 +386,11 @@ def test_an_idle_node_says_on_diagnostics_why_it_is_idle(ros, tmp_path, tmp_path
     bad.write_bytes(b"\x00" * 64)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(tmp_path / "node.log", "w") as log:
+        # tau.global:=1 is an integer, as a parameter file's `1` is: taken as 1.0, not refused
         proc = subprocess.Popen([sys.executable, "-m", "fusion_attn.node", "--ros-args", "-r", "__node:=idle_fusion",
                                  "-p", "autostart:=false", "-p", "backend:=torch", "-p", f"checkpoint:={bad}",
-                                 "-p", "diagnostics_period_s:=0.2"], env=env, stdout=log, stderr=subprocess.STDOUT)
+                                 "-p", "diagnostics_period_s:=0.2", "-p", "tau.global:=1"], env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
     try:
         assert ros.wait_for(lambda: len(_lifecycle(ros, "idle_fusion")) >= 6, timeout=60), \
             (tmp_path / "node.log").read_text()
@@ -406,6 +411,22 @@ def test_an_idle_node_says_on_diagnostics_why_it_is_idle(ros, tmp_path, tmp_path
                             timeout=10)
         others = {s.name for a in list(ros.diags) for s in a.status if s.hardware_id == "idle_fusion"}
         assert others == {"fusion_attn: lifecycle"}  # no sensor or fusion status before it is active
+
+        # diagnostics outlive every transition: activate, deactivate, clean up; its period settable after
+        assert _change_state(ros, Transition.TRANSITION_ACTIVATE, "idle_fusion")
+        [ok] = _set(ros, "idle_fusion", tau_global=2)  # an integer, as `ros2 param set ... tau.global 2` sends
+        assert ok.successful, ok.reason
+        assert _change_state(ros, Transition.TRANSITION_DEACTIVATE, "idle_fusion")
+        assert ros.wait_for(lambda: _lifecycle(ros, "idle_fusion")[-1][1:] == (WARN, "inactive: deactivated"),
+                            timeout=10)
+        assert _change_state(ros, Transition.TRANSITION_CLEANUP, "idle_fusion")
+        [ok] = _set(ros, "idle_fusion", named={"diagnostics_period_s": 0.1})
+        assert ok.successful, ok.reason
+        n = len(_lifecycle(ros, "idle_fusion"))
+        assert ros.wait_for(lambda: len(_lifecycle(ros, "idle_fusion")) >= n + 5, timeout=10)
+        stamps, _, messages = zip(*_lifecycle(ros, "idle_fusion")[-4:])
+        assert set(messages) == {"unconfigured: cleaned up"} and np.median(np.diff(stamps)) / NS_PER_S < 0.15
+        assert proc.poll() is None, (tmp_path / "node.log").read_text()
     finally:
         stop_node(proc, tmp_path / "node.log")
 
