@@ -20,7 +20,6 @@ from nav_msgs.msg import Odometry
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
-from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rclpy.qos_overriding_options import QoSOverridingOptions
 from sensor_msgs.msg import CompressedImage, Image, Imu, LaserScan, PointCloud2
@@ -43,7 +42,7 @@ from .model import FusionModel
 from .outputs import ERROR, OK, WARN, Status, diagnostics, trust_values
 from .params import PARAMETERS, TAU_NAMES, Param
 from .pipeline import FusionPipeline, load_model, weights_digest
-from .spin import spin
+from .spin import accept_whole_numbers, spin
 from .sync import SensorSync, SyncConfig
 from .tokenize import SensorSnapshot, Tokenizer
 
@@ -58,14 +57,9 @@ QOS_OVERRIDES = QoSOverridingOptions.with_default_policies()
 class FusionNode(LifecycleNode):
     def __init__(self, **kwargs):
         super().__init__("fusion_node", **kwargs)
-        # `tau.global: 1` in a parameter file, `-p tau.global:=1` or `ros2 param set ... tau.global 1` give an
-        # integer, which rclpy refuses for a float parameter (at declaration: the node would not start). The
-        # overrides are rclpy's own dict (no public way to read them before declaring)
-        overrides = getattr(self, "_parameter_overrides", {})
-        overrides.update({p.name: p for p in _whole_numbers_as_floats(list(overrides.values()))})
+        accept_whole_numbers(self, {p.name for p in PARAMETERS if isinstance(p.default, float)})
         for p in PARAMETERS:
             self.declare_parameter(p.name, p.default, _descriptor(p))
-        self.add_pre_set_parameters_callback(_whole_numbers_as_floats)
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.pipeline: FusionPipeline | None = None
         # what activate creates and deactivate destroys; not rclpy Node's own _subscriptions and _timers, which
@@ -355,15 +349,6 @@ class FusionNode(LifecycleNode):
         if self.p("trigger") not in ("timer", *sensors):
             raise ConfigError(f"trigger {self.p('trigger')!r} must be timer or a configured sensor {list(sensors)}")
         return sensors
-
-
-FLOAT_PARAMETERS = frozenset(p.name for p in PARAMETERS if isinstance(p.default, float))
-
-
-def _whole_numbers_as_floats(params: list[Parameter]) -> list[Parameter]:
-    """An integer given for a float parameter, as that float."""
-    return [Parameter(p.name, Parameter.Type.DOUBLE, float(p.value))
-            if p.name in FLOAT_PARAMETERS and p.type_ == Parameter.Type.INTEGER else p for p in params]
 
 
 def _descriptor(p: Param) -> ParameterDescriptor:

@@ -1,10 +1,12 @@
-"""How every node of this package runs: spin until Ctrl-C or SIGTERM, and call that a clean exit."""
+"""How every node of this package runs: spin until Ctrl-C or SIGTERM, and call that a clean exit; and how
+it takes its float parameters."""
 
 from __future__ import annotations
 
 import rclpy
 import rclpy.executors
 from rclpy.node import Node
+from rclpy.parameter import Parameter
 
 # rclpy.spin waits for work with no timeout, and only a wake-up from the shutdown ends that wait. Once in
 # a test run (2026-12-02) a node sat in that wait 30 s after SIGTERM; rclpy has known races between a
@@ -29,3 +31,17 @@ def spin(node: Node) -> None:
     except Exception:
         if node.context.ok():
             raise
+
+
+def accept_whole_numbers(node: Node, floats: set[str]) -> None:
+    """Call before declaring: an integer given for a float parameter of `floats` (a parameter file's `1`,
+    `-p name:=1`, `ros2 param set ... name 1`: integers all) is taken as that float. rclpy refuses it
+    otherwise, at declaration by raising: the node would not start. The command line's and the parameter
+    file's values are rclpy's own dict; there is no public way to read them before declaring."""
+    def as_floats(params: list[Parameter]) -> list[Parameter]:
+        return [Parameter(p.name, Parameter.Type.DOUBLE, float(p.value))
+                if p.name in floats and p.type_ == Parameter.Type.INTEGER else p for p in params]
+
+    overrides = getattr(node, "_parameter_overrides", {})
+    overrides.update({p.name: p for p in as_floats(list(overrides.values()))})
+    node.add_pre_set_parameters_callback(as_floats)

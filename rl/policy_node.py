@@ -31,7 +31,7 @@ from fusion_attn.errors import ConfigError
 from fusion_attn.frames import NS_PER_S, stamp_to_ns
 from fusion_attn.messages import diagnostics_msg, to_rclpy
 from fusion_attn.outputs import ERROR, OK, Status, parse_fused_state_rows
-from fusion_attn.spin import spin
+from fusion_attn.spin import accept_whole_numbers, spin
 
 FUSION_STATUS = "fusion_attn: fusion"  # fusion_node's status that carries its contract terms
 
@@ -56,6 +56,7 @@ def observation(parts: dict[str, np.ndarray], task: np.ndarray | None, contract:
 class PolicyNode(Node):
     def __init__(self):
         super().__init__("policy_node")
+        accept_whole_numbers(self, {"max_linear", "max_angular", "stale_after_s"})
         self.declare_parameter("policy", "")  # the ONNX file of `fusion-attn rl export`
         self.declare_parameter("max_linear", 0.8)  # m/s, both directions
         self.declare_parameter("max_angular", 1.5)  # rad/s

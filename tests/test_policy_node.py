@@ -58,9 +58,9 @@ def ros():
 def test_stops_without_fused_state_and_resets_memory_on_request(ros, policy, tmp_path):
     node, seen, env = ros
     log = tmp_path / "policy.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "rl.policy_node", "--ros-args", "-p", f"policy:={policy}"],
-                                env=env, stdout=out, stderr=subprocess.STDOUT)
+    with open(log, "w") as out:  # max_linear:=1 an integer, as a parameter file's `1`: taken as 1.0
+        proc = subprocess.Popen([sys.executable, "-m", "rl.policy_node", "--ros-args", "-p", f"policy:={policy}",
+                                 "-p", "max_linear:=1"], env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         start = len(seen["cmd"])
         assert wait_until(lambda: len(seen["cmd"]) - start >= 5, 30), log.read_text()

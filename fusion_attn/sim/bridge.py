@@ -27,7 +27,7 @@ from std_srvs.srv import Trigger
 from fusion_attn.frames import NS_PER_S
 from fusion_attn.messages import rclpy_class, to_rclpy
 from fusion_attn.sim.record import TOPICS, ground_truth_msg
-from fusion_attn.spin import spin
+from fusion_attn.spin import accept_whole_numbers, spin
 
 CMD_TIMEOUT_NS = NS_PER_S // 2
 
@@ -35,6 +35,7 @@ CMD_TIMEOUT_NS = NS_PER_S // 2
 class SimBridge(Node):
     def __init__(self):
         super().__init__("sim_bridge")
+        accept_whole_numbers(self, {"real_time_factor"})
         self.declare_parameter("env_id", "FusionAttn/Navigate-v0")
         self.declare_parameter("seed", 0)
         self.declare_parameter("real_time_factor", 1.0)
