@@ -31,7 +31,7 @@ from rosbags.rosbag2 import StoragePlugin, Writer
 
 from .attention_maps import MASKS, attend, camera_rgb, occlusion, picture, picture_size
 from .bag import BagTopics, find_topics, open_reader, read_messages
-from .clock import FusionClock, trigger_modality
+from .clock import MAX_GAP_S, FusionClock, trigger_modality
 from .config import FusionConfig
 from .errors import BagError, ConfigError
 from .frames import MODALITIES, NS_PER_S, FusedState, Modality
@@ -118,23 +118,24 @@ def fused_difference(a: str | Path, b: str | Path) -> dict:
 
 @dataclass
 class StampRate:
-    """A sensor's rate over a recording, (messages - 1) / (last stamp - first stamp), counting only
-    messages stamped after every earlier one: time going back (a loop, a stray old stamp) adds none."""
+    """A sensor's rate over a recording: steps forward in time per second of them, counting only messages
+    stamped after every earlier one (time going back, a loop or a stray old stamp, adds none) and no step
+    over MAX_GAP_S (a gap in the recording, which the fusion clock skips too)."""
 
-    first_ns: int | None = None
-    newest_ns: int = 0
+    newest_ns: int | None = None
     steps: int = 0
+    span_ns: int = 0
 
     def add(self, stamp_ns: int) -> None:
-        if self.first_ns is None:
-            self.first_ns = self.newest_ns = stamp_ns
-        elif stamp_ns > self.newest_ns:
-            self.steps += 1
-            self.newest_ns = stamp_ns
+        if self.newest_ns is not None and stamp_ns > self.newest_ns:
+            if stamp_ns - self.newest_ns <= MAX_GAP_S * NS_PER_S:
+                self.steps += 1
+                self.span_ns += stamp_ns - self.newest_ns
+        self.newest_ns = stamp_ns if self.newest_ns is None else max(self.newest_ns, stamp_ns)
 
     @property
     def hz(self) -> float:
-        return self.steps * NS_PER_S / (self.newest_ns - self.first_ns) if self.steps else 0.0
+        return self.steps * NS_PER_S / self.span_ns if self.steps else 0.0
 
 
 @dataclass
@@ -497,9 +498,10 @@ def _commit(stage: Path, out: Path) -> None:
 
 
 def _span_s(stamps: list[int]) -> float:
-    """Recorded time covered by the fusions, counting forward steps only (time may have jumped back)."""
+    """Recorded time covered by the fusions: forward steps only (time may have jumped back), none over
+    MAX_GAP_S (a gap the fusion clock skipped)."""
     steps = np.diff(np.array(stamps, np.int64))
-    return float(steps[steps > 0].sum()) / NS_PER_S if len(stamps) > 1 else 0.0
+    return float(steps[(steps > 0) & (steps <= MAX_GAP_S * NS_PER_S)].sum()) / NS_PER_S if len(stamps) > 1 else 0.0
 
 
 def _record(trace: _Trace, states: list[FusedState], tick: Tick, configured: tuple[str, ...]) -> None:

@@ -81,3 +81,7 @@ def test_stamp_rate_is_over_the_recording_and_time_going_back_adds_nothing():
         rate.add(t_ms * 1_000_000)
     assert rate.hz == pytest.approx(5 / 0.05)  # 5 steps forward over 50 ms
     assert StampRate().hz == 0.0
+    rate = StampRate()
+    for t_ms in (0, 100, 200, 3_600_200, 3_600_300):  # 10 Hz, an hour's jump (a gap), 10 Hz
+        rate.add(t_ms * 1_000_000)
+    assert rate.hz == pytest.approx(10.0)  # the gap is no time of the sensor's
