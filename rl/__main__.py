@@ -30,7 +30,7 @@ def add_verbs(verbs) -> None:
                        help='gym.make keyword arguments, e.g. \'{"task_options": {"n_goals": 2}}\'')
     train.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                        help="import MODULE before making the env (it registers its ids); repeatable, saved with the "
-                            "run so evaluate imports it too. The working folder is importable, as with python -m")
+                            "run (evaluate asks for it by name too). The working folder is importable, as with python -m")
     train.add_argument("--fusion-checkpoint", default="", metavar="SAFETENSORS",
                        help="FusionAttn envs: the fusion model to observe through (default: the packaged one); "
                             "the policy's contract records it")
@@ -88,6 +88,9 @@ def add_verbs(verbs) -> None:
     ev.add_argument("--episodes", type=int, default=20)
     ev.add_argument("--faults", action="store_true", help="one sensor fault per episode (rl/evaluate.py)")
     ev.add_argument("-o", "--output", type=Path)
+    ev.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                    help="a module the agent's env needs imported (its --import, or the MODULE of MODULE:EnvId); "
+                         "named here, not taken from the checkpoint: importing runs its code")
     ex = verbs.add_parser("export", help="policy to ONNX, memory as explicit inputs/outputs")
     ex.add_argument("agent", type=Path)
     ex.add_argument("-o", "--output", type=Path, required=True)
@@ -112,7 +115,7 @@ def run(args) -> int:
     elif args.verb == "evaluate":
         from .evaluate import evaluate
 
-        print(json.dumps(evaluate(args.agent, args.episodes, args.faults, args.output), indent=1))
+        print(json.dumps(evaluate(args.agent, args.episodes, args.faults, args.output, imports=args.imports), indent=1))
     else:
         from .export import export_policy
 

@@ -13,6 +13,7 @@ slots at every step of the first episode, with its entropy), attention.csv. Sens
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 from fusion_attn.errors import ConfigError
 
 from .agent import ActorCritic, reset_memory
-from .ppo import PPOConfig, check_contract, fault_options, load_agent, make_env
+from .ppo import PPOConfig, check_contract, env_modules, fault_options, load_agent, make_env
 
 # one sensor fault per faulted episode (rl.ppo.fault_options: starting 2-4 s in, after the memory
 # task's cue and delay, so remembering it matters, while the robot drives to its goal)
@@ -59,9 +60,14 @@ def run_episode(agent: ActorCritic, env, seed: int, faults: dict | None, record:
 
 
 def evaluate(agent_path: str | Path, episodes: int = 20, faults: bool = False, out: str | Path | None = None,
-             seed: int = 10_000) -> dict:
+             seed: int = 10_000, imports: Sequence[str] = ()) -> dict:
+    """`imports`: the modules the agent's env needs (env_modules), named by the user: the checkpoint names
+    them too, but loading it must not run code it names."""
     agent, meta = load_agent(agent_path)
     cfg = PPOConfig.from_dict(meta["config"])
+    if missing := [m for m in env_modules(cfg) if m not in imports]:
+        raise ConfigError(f"{agent_path}: its env is made by importing {', '.join(missing)}, which runs that code; "
+                          "if you trust it, evaluate with " + " ".join(f"--import {m}" for m in missing))
     if faults and not cfg.fusion_env:
         raise ConfigError(f"{cfg.env_id} has no sensor faults to inject: faults apply to FusionAttn envs only")
     check_contract(meta, cfg)  # never evaluate a policy on features it was not trained on: its weights first

@@ -171,6 +171,14 @@ class FlatObservation(gym.ObservationWrapper):
         return np.concatenate(out)
 
 
+def env_modules(cfg: PPOConfig) -> tuple[str, ...]:
+    """The modules making cfg's env imports (--import, and the MODULE of a MODULE:EnvId id): code, which
+    a checkpoint that names them must never get run by being loaded (evaluate asks for them by name)."""
+    if cfg.fusion_env:
+        return ()
+    return (*cfg.imports, *([cfg.env_id.split(":", 1)[0]] if ":" in cfg.env_id else []))
+
+
 def make_env(cfg: PPOConfig, training: bool = False, index: int = 0) -> gym.Env:
     """One env as the agent sees it. FusionAttn envs: ActionRepeat (only these: cfg.action_repeat is 1
     elsewhere), then the fused state (on the fusion model cfg.fusion_checkpoint, default the packaged

@@ -605,7 +605,8 @@ def test_multidiscrete_observations_are_one_hot_per_dimension(tmp_path):
 
 def test_a_third_party_env_module_is_imported(tmp_path, monkeypatch, capsys):
     """An env registered by the user's own module in the working folder: --import MODULE or the
-    MODULE:EnvId form; without either, a clear error (exit 2), not a traceback. Evaluate re-imports it."""
+    MODULE:EnvId form; without either, a clear error (exit 2), not a traceback. Evaluate imports it only
+    when the user names it: a checkpoint that names a module must not get it run by being loaded."""
     (tmp_path / "my_envs.py").write_text(
         "import gymnasium as gym\n"
         "gym.register('mine/Corridor-v0', entry_point='gymnasium.envs.classic_control:CartPoleEnv', max_episode_steps=50)\n")
@@ -620,5 +621,11 @@ def test_a_third_party_env_module_is_imported(tmp_path, monkeypatch, capsys):
     monkeypatch.delitem(sys.modules, "my_envs")
     gym.registry.pop("mine/Corridor-v0")
     capsys.readouterr()
-    assert rl_main(["evaluate", "a/agent.safetensors", "--episodes", "2"]) == 0
-    assert json.loads(capsys.readouterr().out)["episodes"] == 2
+    for run in ("a", "b"):
+        assert rl_main(["evaluate", f"{run}/agent.safetensors", "--episodes", "2"]) == 2
+        assert "its env is made by importing my_envs, which runs that code" in capsys.readouterr().err
+        assert "my_envs" not in sys.modules  # refused before anything was imported
+        assert rl_main(["evaluate", f"{run}/agent.safetensors", "--episodes", "2", "--import", "my_envs"]) == 0
+        assert json.loads(capsys.readouterr().out)["episodes"] == 2
+        monkeypatch.delitem(sys.modules, "my_envs")
+        gym.registry.pop("mine/Corridor-v0")
