@@ -271,13 +271,20 @@ def load_params(path: str | Path, node: str = "fusion_node") -> dict[str, Any]:
     """
     try:
         doc = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read parameter file {path}: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise ConfigError(f"parameter file {path}: expected node names mapping to ros__parameters, got a "
+                          f"{type(doc).__name__}")
     params: dict[str, Any] = {}
     for key in ("/**", node, f"/{node}"):
         section = doc.get(key, {})
         if isinstance(section, dict):
-            params.update(_flatten(section.get("ros__parameters", {}) or {}))
+            tree = section.get("ros__parameters", {}) or {}
+            if not isinstance(tree, dict):
+                raise ConfigError(f"parameter file {path}: {key}'s ros__parameters must be a mapping, got a "
+                                  f"{type(tree).__name__}")
+            params.update(_flatten(tree))
     return params
 
 

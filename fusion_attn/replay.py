@@ -127,10 +127,9 @@ class StampRate:
     span_ns: int = 0
 
     def add(self, stamp_ns: int) -> None:
-        if self.newest_ns is not None and stamp_ns > self.newest_ns:
-            if stamp_ns - self.newest_ns <= MAX_GAP_S * NS_PER_S:
-                self.steps += 1
-                self.span_ns += stamp_ns - self.newest_ns
+        if self.newest_ns is not None and 0 < stamp_ns - self.newest_ns <= MAX_GAP_S * NS_PER_S:
+            self.steps += 1
+            self.span_ns += stamp_ns - self.newest_ns
         self.newest_ns = stamp_ns if self.newest_ns is None else max(self.newest_ns, stamp_ns)
 
     @property

@@ -167,3 +167,39 @@ def test_fuse_chooses_topics_as_replay_does(real_data, capsys):
                                                                    "--lidar-topic /sick_lms_1xx/scan")
     assert main(["fuse", "--bag", bag, "--imu-topic", "/cloud"]) == 2
     assert "--imu-topic /cloud: its messages are sensor_msgs/msg/PointCloud2; the imu input takes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"hi", "expected node names mapping to ros__parameters, got a str"),
+    (bytes(range(128, 256)), "cannot read parameter file"),
+    (b"/**:\n  ros__parameters: [1, 2]\n", "ros__parameters must be a mapping, got a list"),
+])
+def test_a_parameter_file_that_is_no_parameter_file_exits_2(real_data, tmp_path, capsys, content, problem):
+    params = tmp_path / "p.yaml"
+    params.write_bytes(content)
+    assert main(["fuse", "--bag", str(real_data / "euroc_v1_01_cam_imu"), "--params", str(params)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and problem in err[0]
+
+
+def test_export_paths_that_cannot_take_the_graph_exit_2(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert main(["export", "-o", str(tmp_path / "file" / "m.onnx")]) == 2  # under a file
+    assert "fusion-attn export: error:" in capsys.readouterr().err
+    assert main(["export", "-o", str(tmp_path)]) == 2
+    assert "is a folder; give the .onnx file" in capsys.readouterr().err
+    assert main(["export", "-o", str(tmp_path / "m.onnx")]) == 0
+    assert (tmp_path / "m.onnx").stat().st_size > 1e5 and not list(tmp_path.glob("*.partial"))
+
+
+@pytest.mark.parametrize("flags, problem", [
+    (["--lr", "nan"], "--lr nan: finite numbers only"), (["--trust-weight", "nan"], "finite numbers only"),
+    (["--lr", "-1"], "must be > 0"), (["--eval-every", "0"], "must be > 0"), (["--sim-seconds", "0"], "must be > 0"),
+    (["--avoid-weight", "-1"], "--avoid-weight: weights are >= 0"), (["--trust-floor", "1"], "--trust-floor 1.0"),
+    (["--stop-after", "0"], "--stop-after and --jobs must be >= 1"), (["--device", "bogus"], "device 'bogus'"),
+])
+def test_train_options_out_of_range_exit_2_before_the_run_folder_is_made(tmp_path, capsys, flags, problem):
+    assert main(["train", "-o", str(tmp_path / "run"), "--steps", "1", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and problem in err[0]
+    assert not (tmp_path / "run").exists()

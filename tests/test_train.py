@@ -967,6 +967,14 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, cache, fusion):
     other = {"sensor_fusion": "sensor" if tc.sensor_fusion == "token" else "token"}
     with pytest.raises(CheckpointError, match="other settings"):  # nor the other fusion
         train(dataclasses.replace(tc, **other), resumed, cache=cache, progress=False, resume=True)
+    # a new run into a folder that holds one is refused, before anything is touched; --overwrite replaces it
+    (resumed / "notes.txt").write_text("the user's own")
+    with pytest.raises(ConfigError, match="already holds a run .*--resume continues it, --overwrite replaces it"):
+        train(tc, resumed, cache=cache, progress=False)
+    assert all(torch.equal(v, _state(resumed)[k]) for k, v in b.items())
+    m = train(tc, resumed, cache=cache, progress=False, stop_after=1, overwrite=True)
+    assert m["steps"] == 1 and len(list((resumed / "tb").iterdir())) == 1  # the old run's events gone with it
+    assert (resumed / "notes.txt").read_text() == "the user's own"
 
 
 def test_corrupt_resume_state_is_a_clear_error(tmp_path, cache, capsys):

@@ -46,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     except FusionAttnError as exc:
         print(f"fusion-attn {args.verb}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a path that cannot be written or read (inside a file, a folder for a file, ...)
+        print(f"fusion-attn {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fusion-attn {args.verb}: interrupted", file=sys.stderr)
+        return 130
 
 
 def build_parser() -> argparse.ArgumentParser:

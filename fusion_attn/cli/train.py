@@ -86,7 +86,9 @@ def add_parser(verbs):
                        help="wheel odometry (nav_msgs/Odometry's twist) as a fourth sensor after the IMU")
     train.add_argument("--fault-weights", type=float, nargs="+", metavar="W",
                        help="which sensor a training sample's fault hits, in proportion: camera, lidar, IMU[, "
-                            "odometry] (default 1 each; 60 %% of samples get one); e.g. 1 1 2 for twice the IMU faults")
+                            "odometry] (default 1 each; --fault-share of samples get one); e.g. 1 1 2 for twice the IMU faults")
+    train.add_argument("--fault-share", type=float, dest="corrupt_prob", metavar="P",
+                       help="share of training samples with one faulted sensor (default 0.6)")
     train.add_argument("--objective-weights", nargs="+", metavar="NAME=WEIGHT",
                        help="weights of head objectives (default 1 each): camera, lidar, imu, imu_next, velocity, "
                             "obstacles, goal; e.g. goal=4")
@@ -129,6 +131,9 @@ def add_parser(verbs):
                        help="make them on Ray instead: 'auto' or a cluster address; --cache must be a folder every "
                             "node reaches (docs/SCALE_OUT.md)")
     train.add_argument("--resume", action="store_true", default=False, help="continue from OUT/train_state.pt")
+    train.add_argument("--overwrite", action="store_true", default=False,
+                       help="replace the run OUT holds (its model, state, metrics and tb/; without this or "
+                            "--resume a folder that holds a run is refused)")
     train.add_argument("--stop-after", type=int, default=None, help="save and stop after this step (a time-boxed job); "
                                                                      "--resume continues exactly")
     train.add_argument("--no-progress", action="store_true", default=False)
@@ -154,7 +159,7 @@ def run(args) -> int:
     from ..learn.loop import TrainConfig, train
 
     fields = ("seed", "steps", "batch", "lr", "clip_grad_norm", "sim_episodes", "val_episodes", "sim_seconds", "sim_tasks", "stop_share", "mirror", "sim_camera_view", "trigger", "bags", "fusion",
-              "tau_random_prob", "sensor_fusion", "trust_floor", "floor_in_training", "camera_shifts", "lidar_motion", "lidar_motion_token", "lidar_motion_direct", "imu_direct", "stale_evidence", "camera_size", "camera_patch", "camera_stem", "camera_stem_cells", "camera_column_blocks", "odometry", "fault_weights", "objective_weights", "trust_weight", "avoid_weight", "consistency_weight", "camera_goal_weight", "camera_goal_head", "lidar_goal_weight", "lidar_goal_bearing", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature", "init_from", "train_only")
+              "tau_random_prob", "sensor_fusion", "trust_floor", "floor_in_training", "camera_shifts", "lidar_motion", "lidar_motion_token", "lidar_motion_direct", "imu_direct", "stale_evidence", "camera_size", "camera_patch", "camera_stem", "camera_stem_cells", "camera_column_blocks", "odometry", "fault_weights", "corrupt_prob", "objective_weights", "trust_weight", "avoid_weight", "consistency_weight", "camera_goal_weight", "camera_goal_head", "lidar_goal_weight", "lidar_goal_bearing", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature", "init_from", "train_only")
     given = {k: getattr(args, k) for k in fields if hasattr(args, k)}
     if "bags" in given:
         given["bags"] = tuple(str(b) for b in given["bags"])
@@ -175,6 +180,19 @@ def run(args) -> int:
         raise ConfigError(f"--sim-camera-view {tc.sim_camera_view}: at least 8 pixels per view side")
     if not 0.0 <= tc.stop_share <= 1.0:
         raise ConfigError(f"--stop-share {tc.stop_share}: a share, between 0 and 1")
+    numbers = {k: v for k, v in given.items() if isinstance(v, float)}
+    if bad := [k for k, v in numbers.items() if not math.isfinite(v)]:
+        raise ConfigError(", ".join(f"--{k.replace('_', '-')} {numbers[k]}" for k in bad) + ": finite numbers only")
+    if not (tc.lr > 0 and tc.sim_seconds > 0 and tc.eval_every >= 1):
+        raise ConfigError(f"--lr {tc.lr}, --sim-seconds {tc.sim_seconds} and --eval-every {tc.eval_every} must be > 0")
+    if negative := [k for k in given if k.endswith("_weight") and given[k] < 0]:
+        raise ConfigError(f"{', '.join('--' + k.replace('_', '-') for k in negative)}: weights are >= 0")
+    if not 0.0 <= tc.trust_floor < 1.0:
+        raise ConfigError(f"--trust-floor {tc.trust_floor}: a share of the weight, from 0 up to 1")
+    if (args.stop_after is not None and args.stop_after < 1) or args.jobs < 1:
+        raise ConfigError("--stop-after and --jobs must be >= 1")
+    if not 0.0 <= tc.corrupt_prob <= 1.0:
+        raise ConfigError(f"--fault-share {tc.corrupt_prob}: a share, between 0 and 1")
     weights = " ".join(map(str, tc.fault_weights))
     if not all(math.isfinite(w) and w >= 0 for w in tc.fault_weights) or sum(tc.fault_weights) <= 0:
         raise ConfigError(f"--fault-weights {weights}: non-negative, not all zero")
@@ -210,7 +228,8 @@ def run(args) -> int:
     command = " ".join(["fusion-attn train -o", str(args.output), *flags, *(["--bag", *tc.bags] if tc.bags else []),
                         f"--threads {args.threads}", *(["--resume"] if args.resume else [])])
     m = train(tc, args.output, resume=args.resume, device=args.device, threads=args.threads, cache=args.cache,
-              progress=not args.no_progress, command=command, stop_after=args.stop_after, jobs=args.jobs, ray=args.ray)
+              progress=not args.no_progress, command=command, stop_after=args.stop_after, jobs=args.jobs, ray=args.ray,
+              overwrite=args.overwrite)
     clean = m["val"].get("clean", {})
     print(f"trained {m['steps']} steps in {m['train_s']:.0f} s on {m['device']} ({m['data']['train_samples']} training "
           f"samples, {m['data']['train_bag_samples']} from bags; dataset {m['data']['dataset_s']:.0f} s)")

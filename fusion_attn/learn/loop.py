@@ -13,6 +13,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -158,7 +159,13 @@ def lr_at(step: int, tc: TrainConfig) -> float:
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"device {name!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r}: this torch sees no CUDA device")
+    return device
 
 
 def _sampler_weights(train: Dataset, tc: TrainConfig) -> torch.Tensor:
@@ -244,10 +251,36 @@ def git_commit() -> str:
 # --- the loop ------------------------------------------------------------------------------------
 
 
+RUN_FILES = ("model.safetensors", "model.heads.safetensors", STATE_FILE, "metrics.json", "tb")
+
+
+def _run_folder(out: Path, resume: bool, overwrite: bool) -> Path:
+    """The run folder, made; an earlier run in it is refused unless resumed, or removed (its files only)
+    when `overwrite`: a new run must not replace one by accident."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file, not a run folder")
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if held and not (resume or overwrite):
+        raise ConfigError(f"{out} already holds a run ({', '.join(held)}): --resume continues it, --overwrite "
+                          "replaces it")
+    if overwrite and not resume:
+        for path in (out / name for name in held):
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the run folder {out}: {exc}") from exc
+    return out
+
+
 def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = "auto", threads: int = 1,
           cache: str | Path | None = None, progress: bool = True, command: str = "",
-          stop_after: int | None = None, jobs: int = 1, ray: str | None = None) -> dict:
-    """Train, write OUT/{model,model.heads}.safetensors, OUT/tb, OUT/metrics.json; -> the metrics.
+          stop_after: int | None = None, jobs: int = 1, ray: str | None = None, overwrite: bool = False) -> dict:
+    """Train, write OUT/{model,model.heads}.safetensors, OUT/tb, OUT/metrics.json; -> the metrics. An
+    earlier run in OUT is refused unless `resume` continues it or `overwrite` replaces it.
 
     jobs, ray: make the dataset's missing shards (episodes, recordings) in parallel (data.build_datasets).
 
@@ -256,10 +289,9 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(threads)
     dev = pick_device(device)
+    out = _run_folder(Path(out), resume, overwrite)
+    torch.set_num_threads(threads)
     cfg = tc.fusion_config()
     state = _resumable_state(out / STATE_FILE, tc, cfg) if resume else None
 
