@@ -17,6 +17,7 @@ the launch files emit configure, then activate once it is inactive (launch_ros C
 
 from __future__ import annotations
 
+import math
 import signal
 import subprocess
 import sys
@@ -119,10 +120,14 @@ def fusion_graph(args: dict[str, str], extra: tuple[str, ...] = ()) -> list[Node
                 value = float(value)
             except ValueError:
                 raise ConfigError(f"launch argument {arg}:={value!r} is not a number") from None
+            if not (math.isfinite(value) and value > 0):  # the node would refuse it at start, and exit
+                raise ConfigError(f"launch argument {arg}:={value!r} must be a finite number > 0")
         if value != "":
             parameters[param] = value
     parameters["autostart"] = False  # the launch drives the lifecycle (module docstring)
     remap = args.get("fused_state_topic", "")
+    if (params_file := args.get("params_file")) and not Path(params_file).is_file():
+        raise ConfigError(f"launch argument params_file:={params_file}: no such file")
     return [NodeSpec(PACKAGE, "fusion_node", "fusion_attn.node", "fusion_node",
                      args.get("params_file") or default_params_file(), parameters,
                      (("fused_state", remap),) if remap else (), **_start_options(args), lifecycle=True,

@@ -508,5 +508,11 @@ def test_a_recorded_episode_replays_through_the_replay_tool(tmp_path, capsys):
     assert summary["skipped_topics"]["/odom"] == "the model does not read odometry"  # the default has no odometry
     assert summary["resets"] == 0 and summary["fusions"] >= 2 * 2 * 20
     assert all(summary["present_fraction"][m] > 0.8 for m in ("camera", "lidar", "imu"))
+    # a run that cannot record leaves no bag, nor anything that blocks the next run
+    for args, problem in ((["CartPole-v1"], "not a FusionAttn env"), (["FusionAttn/Navigate-v0", "--seconds", "nan"],
+                                                                       "finite and > 0")):
+        assert main(["sim-record", *args, "-o", str(tmp_path / "bad")]) == 2
+        assert problem in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "sim"]
     assert main(["sim-record", "FusionAttn/Navigate-v0", "-o", str(tmp_path / "sim")]) == 2  # never overwrites
     assert "exists" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 from pathlib import Path
 
 import gymnasium as gym
@@ -19,6 +20,7 @@ import numpy as np
 from rosbags.rosbag2 import StoragePlugin, Writer
 
 import fusion_attn.sim  # noqa: F401 - registers the ids (and picks the headless GL backend)
+from fusion_attn.errors import ConfigError
 from fusion_attn.frames import NS_PER_S, CameraFrame, ImuSample, LidarFrame, OdometrySample
 from fusion_attn.messages import TYPES, cdr, header, image_msg, imu_msg, pointcloud2_msg
 
@@ -26,11 +28,30 @@ _T = TYPES.types
 
 
 def record(env_id: str, out: str | Path, episodes: int = 1, seconds: float | None = None, seed: int = 0) -> dict:
-    """Run `episodes` episodes with random actions (seeded) and write them; -> counts per topic."""
+    """Run `episodes` episodes with random actions (seeded) and write them; -> counts per topic. The bag is
+    written aside and moved to OUT when complete: a run that fails or is stopped leaves no bag."""
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; rosbag2 writes a new folder")
-    env = gym.make(env_id)
+    if episodes < 1 or (seconds is not None and not (math.isfinite(seconds) and seconds > 0)):
+        raise ConfigError(f"--episodes {episodes} must be >= 1 and --seconds {seconds} finite and > 0")
+    try:
+        env = gym.make(env_id)
+    except ImportError as exc:  # MODULE:EnvId with no such module
+        raise ConfigError(f"{env_id}: {exc}") from exc
+    aside = out.with_name(f".{out.name}.partial")  # the bag under its own name in there: its files name it
+    shutil.rmtree(aside, ignore_errors=True)  # a run stopped before its end leaves one
+    aside.mkdir(parents=True)
+    try:
+        counts = _record(env, aside / out.name, episodes, seconds, seed)
+        (aside / out.name).rename(out)
+    finally:
+        env.close()
+        shutil.rmtree(aside, ignore_errors=True)
+    return counts
+
+
+def _record(env, out: Path, episodes: int, seconds: float | None, seed: int) -> dict:
     env.action_space.seed(seed)
     counts: dict[str, int] = {}
     offset_ns = 0
@@ -46,6 +67,9 @@ def record(env_id: str, out: str | Path, episodes: int = 1, seconds: float | Non
 
         for episode in range(episodes):
             _, info = env.reset(seed=seed + episode)
+            if "frames" not in info:
+                raise ConfigError(f"{env.spec.id if env.spec else env}: not a FusionAttn env (its info has no "
+                                  "sensor frames to record)")
             for frame in info["frames"]:
                 _write_frame(write, frame, offset_ns)
             end_ns = int(seconds * NS_PER_S) if seconds else None
@@ -59,7 +83,6 @@ def record(env_id: str, out: str | Path, episodes: int = 1, seconds: float | Non
                 write("/ground_truth/pose", offset_ns + t, ground_truth_msg(offset_ns + t, info["pose"]))
                 write("/tf", offset_ns + t, tf_msg(offset_ns + t, info["pose"]))
             offset_ns += info["time_ns"] + NS_PER_S
-    env.close()
     return counts
 
 
