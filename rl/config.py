@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from fusion_attn.errors import ConfigError
@@ -16,6 +17,13 @@ class AgentConfig:
     heads: int = 4  # GTrXL only, as memory and gate_bias
     memory: int = 32  # K: past steps each layer attends over
     gate_bias: float = 2.0  # initial update-gate bias: sigmoid(-2) = 0.12 of the new value passes
+
+    def __post_init__(self):
+        if self.kind not in ("gtrxl", "mlp", "lstm", "gru"):
+            raise ConfigError(f"agent kind {self.kind!r}: gtrxl, mlp, lstm or gru")
+        if min(self.dim, self.layers, self.heads, self.memory) < 1 or self.dim % self.heads:
+            raise ConfigError(f"agent dim {self.dim}, layers {self.layers}, heads {self.heads}, memory {self.memory}: "
+                              "each at least 1, dim a multiple of heads")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,6 +66,17 @@ class PPOConfig:
     agent: AgentConfig = field(default_factory=AgentConfig)
 
     def __post_init__(self):
+        numbers = {k: v for k, v in asdict(self).items() if isinstance(v, float)}
+        if bad := [k for k, v in numbers.items() if not math.isfinite(v)]:
+            raise ConfigError(", ".join(f"{k} {numbers[k]}" for k in bad) + ": finite numbers only")
+        if min(self.steps, self.envs, self.rollout, self.epochs, self.minibatches, self.threads) < 1 or self.lr <= 0:
+            raise ConfigError(f"steps {self.steps}, envs {self.envs}, rollout {self.rollout}, epochs {self.epochs}, "
+                              f"minibatches {self.minibatches}, threads {self.threads} and lr {self.lr} must be > 0")
+        if self.envs * self.rollout < 2 * self.minibatches:  # a minibatch of one sample has no advantage spread
+            raise ConfigError(f"envs x rollout = {self.envs * self.rollout} samples per update: at least "
+                              f"{2 * self.minibatches} ({self.minibatches} minibatches of 2)")
+        if not (0.0 <= self.fault_rate <= 1.0 and self.ent_coef >= 0):
+            raise ConfigError(f"fault_rate {self.fault_rate} must be a share in [0, 1], ent_coef {self.ent_coef} >= 0")
         if self.ray and not self.workers:
             raise ConfigError("ray: the env workers run on Ray; say how many with workers")
         if self.workers < 0 or (self.workers and self.envs % self.workers):

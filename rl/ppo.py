@@ -172,11 +172,13 @@ class FlatObservation(gym.ObservationWrapper):
 
 
 def env_modules(cfg: PPOConfig) -> tuple[str, ...]:
-    """The modules making cfg's env imports (--import, and the MODULE of a MODULE:EnvId id): code, which
-    a checkpoint that names them must never get run by being loaded (evaluate asks for them by name)."""
+    """The modules outside this project that making cfg's env imports (--import, and the MODULE of a
+    MODULE:EnvId id): code, which a checkpoint that names them must never get run by being loaded
+    (evaluate asks for them by name). This project's own (rl.envs, fusion_attn.sim) are installed code."""
     if cfg.fusion_env:
         return ()
-    return (*cfg.imports, *([cfg.env_id.split(":", 1)[0]] if ":" in cfg.env_id else []))
+    named = (*cfg.imports, *([cfg.env_id.split(":", 1)[0]] if ":" in cfg.env_id else []))
+    return tuple(m for m in named if m.split(".")[0] not in ("rl", "fusion_attn"))
 
 
 def make_env(cfg: PPOConfig, training: bool = False, index: int = 0) -> gym.Env:
@@ -377,13 +379,15 @@ def load_agent(path: str | Path) -> tuple[ActorCritic, dict]:
     try:
         meta = json.loads(header["meta"])
         cfg = PPOConfig.from_dict(meta["config"])
-    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+    except (KeyError, TypeError, json.JSONDecodeError, ConfigError) as exc:
         raise CheckpointError(f"{path}: its agent metadata is invalid: {exc}") from exc
+    if bad := [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]:
+        raise CheckpointError(f"{path}: {', '.join(bad[:3])} hold NaN or inf: not a trained agent")
     agent = ActorCritic(meta["obs_dim"], _space(meta["action_space"]), cfg.agent)
     try:
         agent.load_state_dict(tensors)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path} does not match its own config: {exc}") from exc
+    except RuntimeError as exc:  # the first line names the tensor; the rest is torch's list of every one
+        raise CheckpointError(f"{path} does not match its own config: {str(exc).splitlines()[0]}") from exc
     return agent.eval(), meta
 
 

@@ -163,6 +163,21 @@ def test_corrupt_agent_checkpoint_is_refused(tmp_path, cartpole_run):
     cut.write_bytes((out / "agent.safetensors").read_bytes()[:500])
     with pytest.raises(CheckpointError, match="not a readable safetensors checkpoint"):
         load_agent(cut)
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(out / "agent.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(out / "agent.safetensors")
+    name = next(iter(tensors))
+    save_file({**tensors, name: torch.full_like(tensors[name], float("nan"))}, tmp_path / "nan.safetensors", meta)
+    with pytest.raises(CheckpointError, match=f"{name}.* hold NaN or inf"):
+        load_agent(tmp_path / "nan.safetensors")
+    bogus = json.loads(meta["meta"])
+    bogus["config"]["agent"]["kind"] = "bogus"
+    save_file(tensors, tmp_path / "kind.safetensors", {**meta, "meta": json.dumps(bogus)})
+    with pytest.raises(CheckpointError, match="agent metadata is invalid: agent kind 'bogus'"):
+        load_agent(tmp_path / "kind.safetensors")
 
 
 def test_export_keeps_memory_explicit_and_matches_torch(cartpole_run, tmp_path):
@@ -629,3 +644,16 @@ def test_a_third_party_env_module_is_imported(tmp_path, monkeypatch, capsys):
         assert json.loads(capsys.readouterr().out)["episodes"] == 2
         monkeypatch.delitem(sys.modules, "my_envs")
         gym.registry.pop("mine/Corridor-v0")
+
+
+@pytest.mark.parametrize("flags, problem", [
+    (["--envs", "0"], "must be > 0"), (["--rollout", "0"], "must be > 0"), (["--lr", "nan"], "lr nan: finite"),
+    (["--memory", "0"], "memory 0: each at least 1"), (["--envs", "1", "--rollout", "8"], "8 samples per update"),
+    (["--fault-rate", "2"], "fault_rate 2.0 must be a share"),
+])
+def test_rl_train_options_out_of_range_exit_2_before_the_run_folder_is_made(tmp_path, capsys, flags, problem):
+    assert rl_main(["train", "CartPole-v1", "-o", str(tmp_path / "run"), "--envs", "2", "--rollout", "32",
+                    "--steps", "64", "--no-progress", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and problem in err[0]
+    assert not (tmp_path / "run").exists()
