@@ -203,3 +203,15 @@ def test_train_options_out_of_range_exit_2_before_the_run_folder_is_made(tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and problem in err[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_play_remap_and_bench_options_that_cannot_work_exit_2_at_once(real_data, tmp_path, capsys):
+    bag = str(real_data / "euroc_v1_01_cam_imu")
+    assert main(["play", bag, "--wait", "0", "--remap", "/cam0/image_raw:=bad topic"]) == 2
+    assert "--remap to 'bad topic': Invalid topic name" in capsys.readouterr().err
+    assert main(["play", bag, "--remap", ":=/x"]) == 2
+    assert "--remap takes FROM:=TO" in capsys.readouterr().err
+    assert main(["bench", "--repeats", "0"]) == 2
+    assert "--repeats 0" in capsys.readouterr().err
+    assert main(["bench", "--json", str(tmp_path / "no" / "b.json")]) == 2  # before the benchmark, not after it
+    assert "not a file in an existing folder" in capsys.readouterr().err

@@ -17,7 +17,12 @@ def add_parser(verbs):
 
 def run(args) -> int:
     from .. import bench
+    from ..errors import FusionAttnError
 
+    if args.repeats < 1 or min(args.threads) < 1:
+        raise FusionAttnError(f"--repeats {args.repeats} and --threads {args.threads}: at least 1 each")
+    if args.json and (args.json.is_dir() or not args.json.parent.is_dir()):  # say so now, not after the benchmark
+        raise FusionAttnError(f"--json {args.json}: not a file in an existing folder")
     report = bench.run(threads=tuple(args.threads), repeats=args.repeats, checkpoint=args.checkpoint)
     print(f"machine: {report['machine']}\nmodel: {report['model']}, {report['repeats']} repeats per stage\n")
     print(bench.to_markdown(report))

@@ -28,14 +28,22 @@ def run(args) -> int:
     import rclpy
     from rclpy.signals import SignalHandlerOptions
 
+    from rclpy.exceptions import InvalidTopicNameException
+    from rclpy.validate_topic_name import validate_topic_name
+
     from ..play import StopRequest, play
 
     if not (math.isfinite(args.wait) and args.wait >= 0):
         raise FusionAttnError(f"--wait takes seconds >= 0, got {args.wait}")
-    bad = [item for item in args.remap if ":=" not in item]
+    bad = [item for item in args.remap if ":=" not in item or not all(item.split(":=", 1))]
     if bad:
         raise FusionAttnError(f"--remap takes FROM:=TO, got {bad}")
     remap = dict(item.split(":=", 1) for item in args.remap)
+    for topic in remap.values():
+        try:
+            validate_topic_name(topic)
+        except InvalidTopicNameException as exc:
+            raise FusionAttnError(f"--remap to {topic!r}: {str(exc).splitlines()[0]}") from None
     # our own handler, not rclpy's: that one invalidates the context before the publishers are flushed
     rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
     stop, handled = StopRequest(), (signal.SIGINT, signal.SIGTERM)
