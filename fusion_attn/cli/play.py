@@ -26,9 +26,8 @@ def run(args) -> int:
     import signal
 
     import rclpy
-    from rclpy.signals import SignalHandlerOptions
-
     from rclpy.exceptions import InvalidTopicNameException
+    from rclpy.signals import SignalHandlerOptions
     from rclpy.validate_topic_name import validate_topic_name
 
     from ..play import StopRequest, play
