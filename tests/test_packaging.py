@@ -305,7 +305,7 @@ def test_fusion_node_takes_qos_from_the_standard_qos_overrides(tmp_path):
     node = FusionNode(namespace="robot1", context=context)
     try:
         assert node.trigger_configure().name == "SUCCESS" and node.trigger_activate().name == "SUCCESS"
-        qos = {s.topic_name: s.qos_profile for s in node._subs}
+        qos = {s.topic_name: s.qos_profile for s in node._io_subs}
         assert (qos["/robot1/camera/image_raw"].reliability, qos["/robot1/camera/image_raw"].depth) == (
             ReliabilityPolicy.RELIABLE, 7)
         assert (qos["/robot1/imu/data"].reliability, qos["/robot1/imu/data"].depth) == (ReliabilityPolicy.BEST_EFFORT, 50)
