@@ -276,7 +276,10 @@ def _mcap_chunk_start(rest: bytes) -> list:
     pos = 1 + 8 + 3 * 8 + 4
     size = struct.unpack_from("<I", rest, pos)[0]
     compression = rest[pos + 4:pos + 4 + size].decode("ascii", "replace")
-    data = rest[pos + 4 + size + 8:]
+    start = pos + 4 + size + 8
+    if len(rest) < start:
+        return []
+    data = rest[start:start + struct.unpack_from("<Q", rest, start - 8)[0]]  # its records, as far as the file goes
     try:
         if compression == "zstd":
             data = zstandard.ZstdDecompressor().decompressobj().decompress(data)
