@@ -27,6 +27,7 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
 from importlib.metadata import entry_points
 
 from ..errors import FusionAttnError
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fusion-attn {args.verb}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a path that cannot be written or read (inside a file, a folder for a file, ...)
+        if args.verbose:  # where it came from, for a maintainer: an OSError may also be a bug
+            traceback.print_exc()
         print(f"fusion-attn {args.verb}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
