@@ -7,7 +7,9 @@ minus the sensor time of the data in it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -250,35 +252,51 @@ class SensorSnapshot:
     odometry: OdometryWindow | None = None
 
 
-class Tokenizer:
-    """Snapshot -> the model's named input arrays (unbatched), per `input_spec`.
+class FrameTokens:
+    """Tokens of camera and lidar frames by `tokenize(frame)`, computed once per frame object: a frame is
+    fused several times while it stays the newest (only its age input changes), then once more as the
+    previous frame of the next one it is fused with. Per frame type, the last fusion's two frames and
+    the newest frame tokenized are kept, so a node can tokenize each frame as it arrives (`prepare`),
+    off the fusion's critical path, however many arrive between two fusions. The host Tokenizer keeps
+    numpy tokens here, the CUDA-graph backend GPU tensors."""
 
-    Camera and lidar tokens are computed once per frame: a frame is fused several times while it stays
-    the newest (only its age input changes), then once more as the previous frame of the next one it
-    is fused with. Per sensor, the last fusion's two frames and the newest frame tokenized are kept,
-    so a node can tokenize each frame as it arrives (`prepare`), off the fusion's critical path,
-    however many arrive between two fusions.
-    """
+    def __init__(self, tokenize: Callable[[CameraFrame | LidarFrame], Any]):
+        self.tokenize = tokenize
+        # per frame type: (frame, tokens) of the last fusion's newest ("fused") and previous ("previous")
+        # frame, and of the last one prepared ("arrived")
+        self._kept: dict[type, dict[str, tuple[object, Any] | None]] = {}
+
+    def prepare(self, frame: CameraFrame | LidarFrame) -> Any:
+        """A frame's tokens, kept as the newest arrived."""
+        self._kept.setdefault(type(frame), {})["arrived"] = entry = self._entry(frame)
+        return entry[1]
+
+    def pair(self, frame: CameraFrame | LidarFrame, prev: CameraFrame | LidarFrame | None) -> tuple[Any, Any]:
+        """The tokens of a fusion's newest frame and of its previous one (None without one), kept as
+        the last fusion's."""
+        kept = self._kept.setdefault(type(frame), {})
+        kept["previous"] = previous = self._entry(prev) if prev is not None else None
+        kept["fused"] = newest = self._entry(frame)
+        return newest[1], None if previous is None else previous[1]
+
+    def _entry(self, frame: CameraFrame | LidarFrame) -> tuple[object, Any]:
+        cached = next((e for e in self._kept.get(type(frame), {}).values() if e is not None and e[0] is frame), None)
+        return cached if cached is not None else (frame, self.tokenize(frame))
+
+
+class Tokenizer:
+    """Snapshot -> the model's named input arrays (unbatched), per `input_spec`; camera and lidar tokens
+    once per frame (FrameTokens)."""
 
     def __init__(self, cfg: FusionConfig):
         self.cfg = cfg
         self.spec = input_spec(cfg)
-        # per frame type: (frame, tokens) of the last fusion's newest ("fused") and previous ("previous")
-        # frame, and of the last one prepared ("arrived")
-        self._kept: dict[type, dict[str, tuple[object, tuple[np.ndarray, np.ndarray]] | None]] = {}
+        self.frames = FrameTokens(lambda f: tokenize_camera(f, cfg.camera) if isinstance(f, CameraFrame)
+                                  else tokenize_lidar(f, cfg.lidar))
 
     def prepare(self, frame: CameraFrame | LidarFrame) -> tuple[np.ndarray, np.ndarray]:
-        """Tokens of a camera or lidar frame, computed once per frame object (see the class)."""
-        self._kept.setdefault(type(frame), {})["arrived"] = entry = self._entry(frame)
-        return entry[1]
-
-    def _entry(self, frame: CameraFrame | LidarFrame) -> tuple[object, tuple[np.ndarray, np.ndarray]]:
-        cached = next((e for e in self._kept.get(type(frame), {}).values() if e is not None and e[0] is frame), None)
-        if cached is not None:
-            return cached
-        if isinstance(frame, CameraFrame):
-            return frame, tokenize_camera(frame, self.cfg.camera)
-        return frame, tokenize_lidar(frame, self.cfg.lidar)
+        """Tokens of a camera or lidar frame, computed once per frame object (FrameTokens)."""
+        return self.frames.prepare(frame)
 
     def empty(self) -> dict[str, np.ndarray]:
         return {name: np.zeros(shape, dtype) for name, (shape, dtype) in self.spec.items()}
@@ -289,13 +307,10 @@ class Tokenizer:
         for name, frame, prev in (("camera", snap.camera, snap.camera_prev), ("lidar", snap.lidar, snap.lidar_prev)):
             if frame is None:  # a previous frame alone is no evidence
                 continue
-            kept = self._kept.setdefault(type(frame), {})
-            kept["previous"] = previous = self._entry(prev) if prev is not None else None
-            kept["fused"] = newest = self._entry(frame)
             content = "patches" if name == "camera" else "points"
-            for prefix, entry in ((name, newest), (f"{name}_prev", previous)):
-                if entry is not None:
-                    f, (x[f"{prefix}_{content}"], x[f"{prefix}_mask"]) = entry
+            for prefix, f, tokens in zip((name, f"{name}_prev"), (frame, prev), self.frames.pair(frame, prev)):
+                if tokens is not None:
+                    x[f"{prefix}_{content}"], x[f"{prefix}_mask"] = tokens
                     x[f"{prefix}_age"][:] = (snap.stamp_ns - f.stamp_ns) / NS_PER_S
         if snap.imu is not None and len(snap.imu):
             x["imu_chunks"], x["imu_mask"], before_newest = tokenize_imu(snap.imu, self.cfg.imu)
