@@ -207,7 +207,11 @@ class FusionNode(LifecycleNode):
             self._sensor_log[modality].warning(f"{MODALITIES[modality]} time jumped back: its buffers reset "
                                                f"({health.resets} so far)", throttle_duration_sec=5.0)
         if modality in (Modality.CAMERA, Modality.LIDAR):
-            self.pipeline.tokenizer.prepare(frame)  # now, rather than at the next fusion
+            try:
+                self.pipeline.prepare(frame)  # now, rather than at the next fusion
+            except Exception as exc:  # noqa: BLE001 - keep the node alive: the fusion tokenizes it again, and says so
+                self._sensor_log[modality].warning(f"could not tokenize a {MODALITIES[modality]} frame as it arrived: "
+                                                   f"{exc}", throttle_duration_sec=5.0)
         if self.p("trigger") == MODALITIES[modality]:
             self._fuse(frame.stamp_ns)
 

@@ -42,6 +42,8 @@ PARAMETERS = (
           "false, int8 or DLA: host tokenizers and the token-level engine"),
     Param("tensorrt.step_camera", "", "HxWxC:encoding, e.g. 480x640x3:rgb8: its step engine built at configure; "
           "empty: at the first frame of each camera resolution"),
+    Param("cudagraph.compile", False, "torch-cudagraph: torch.compile (inductor) before capture, fewer kernels; "
+          "tens of seconds per graph (camera size, point bucket, IMU bucket and rows) at its first use; needs Triton"),
     Param("build_only", False, "configure (build or load the engine), then exit: engines built ahead of time"),
     Param("frame_id", "base_link", "frame_id of the fused state"),
     Param("fusion_rate_hz", 20.0, "fusion timer rate (with a trigger: while that sensor is silent)", (0.1, 1000.0)),

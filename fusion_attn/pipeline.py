@@ -23,10 +23,10 @@ from .config import FusionConfig
 from .config import cache_dir as config_cache_dir
 from .contract import fusion_terms
 from .errors import BackendUnavailable, CheckpointError, ConfigError
-from .frames import MODALITIES, FusedState
+from .frames import MODALITIES, CameraFrame, FusedState, LidarFrame
 from .model import FusionModel
 from .params import TAU_NAMES, param
-from .step import camera_key, step_inputs, step_key
+from .step import step_frames, step_key
 from .sync import SyncConfig
 from .tokenize import SensorSnapshot, Tokenizer
 
@@ -116,10 +116,11 @@ def _cached_export(path: Path, export) -> Path:
 
 
 def create_backend(name: str, model: FusionModel, threads: int | None = None, device: str | None = None,
-                   onnx_path: str | Path | None = None, tensorrt: TensorRTOptions | None = None) -> Backend:
+                   onnx_path: str | Path | None = None, tensorrt: TensorRTOptions | None = None,
+                   compile_graphs: bool = False) -> Backend:
     """The named backend for `model`; BackendUnavailable where a GPU backend cannot run here. `model` is
     left as it was (device, dtype, training flag): backends run copies or its exported graph, so one
-    model can feed several."""
+    model can feed several. compile_graphs: torch-cudagraph compiles its modules before capture."""
     if name == "torch":
         from .backends.torch_backend import TorchBackend
 
@@ -131,7 +132,7 @@ def create_backend(name: str, model: FusionModel, threads: int | None = None, de
     if name == "torch-cudagraph":
         from .backends.cuda_graph_backend import CudaGraphBackend
 
-        return CudaGraphBackend(model, device=device or "cuda:0")
+        return CudaGraphBackend(model, device=device or "cuda:0", compile=compile_graphs)
     if name == "tensorrt":
         try:
             from .backends import tensorrt_backend
@@ -158,14 +159,16 @@ class FusionPipeline:
     @classmethod
     def create(cls, checkpoint: str | Path | None = None, backend: str = "onnxruntime", threads: int | None = None,
                device: str | None = None, tau=ALL_ONES_TAU, frame_id: str = "base_link",
-               tensorrt: TensorRTOptions | None = None, fallback: str = "onnxruntime") -> FusionPipeline:
+               tensorrt: TensorRTOptions | None = None, fallback: str = "onnxruntime",
+               compile_graphs: bool = False) -> FusionPipeline:
         """fallback: when `backend` cannot run here, "onnxruntime" (say why in one line, go on on the
         CPU) or "fail" (raise BackendUnavailable)."""
         if fallback not in FALLBACKS:
             raise ConfigError(f"backend fallback {fallback!r}: choose one of {list(FALLBACKS)}")
         model, source = load_model(checkpoint)
         try:
-            engine, reason = create_backend(backend, model, threads, device, tensorrt=tensorrt), None
+            engine = create_backend(backend, model, threads, device, tensorrt=tensorrt, compile_graphs=compile_graphs)
+            reason = None
         except BackendUnavailable as exc:
             if fallback == "fail":
                 raise
@@ -184,7 +187,8 @@ class FusionPipeline:
         return cls.create(param(params, "checkpoint") or None, backend=param(params, "backend"),
                           threads=param(params, "threads"), device=param(params, "device") or None,
                           tau=[param(params, n) for n in TAU_NAMES], frame_id=param(params, "frame_id"),
-                          tensorrt=TensorRTOptions.from_params(params), fallback=param(params, "backend_fallback"))
+                          tensorrt=TensorRTOptions.from_params(params), fallback=param(params, "backend_fallback"),
+                          compile_graphs=param(params, "cudagraph.compile"))
 
     def backend_info(self) -> dict[str, str]:
         """What runs the model, for diagnostics and summaries: backend, device, precision, fallback."""
@@ -203,6 +207,20 @@ class FusionPipeline:
         """Takes effect at the next fuse(); τ is a model input, nothing is re-exported."""
         self.tau = validate_tau(tau, len(self.cfg.sensors))
 
+    def prepare(self, frame: CameraFrame | LidarFrame) -> None:
+        """Tokenize a camera or lidar frame as it arrives, off the next fusion's critical path, where
+        that fusion will use these tokens: the host tokenizers', or a whole-step backend's own on its
+        device (the CUDA-graph backend keeps them; a one-graph engine tokenizes in the step itself)."""
+        if not self._takes_arrays:
+            self.tokenizer.prepare(frame)
+        elif hasattr(self.backend, "frames"):
+            self.backend.frames.prepare(frame)
+
+    @property
+    def _takes_arrays(self) -> bool:
+        # the whole-step graph has no odometry tokenizer yet: a model that reads odometry takes host tokens
+        return getattr(self.backend, "whole_step", False) and not self.cfg.model.odometry
+
     def fuse(self, snap: SensorSnapshot) -> FusedState:
         return self.fuse_many([snap], self.tau[None])[0][0]
 
@@ -211,15 +229,15 @@ class FusionPipeline:
         snapshot its K states, in as few backend calls as their shapes allow (replay --batch; a τ sweep
         is one snapshot's K rows). A batch stacks what single calls would run: the same tokens, and on a
         whole-step backend the same padding (snapshots are grouped by `step_key`). The states equal
-        one-at-a-time's to float rounding, not to the bit: kernels may sum in another order for another
-        batch shape (docs/BENCHMARKS.md). Timings are each snapshot's share of its call."""
+        one-at-a-time's to the bit on torch-cudagraph (each row runs the one-row kernels), elsewhere to
+        float rounding: kernels may sum in another order for another batch shape (docs/BENCHMARKS.md).
+        Timings are each snapshot's share of its call."""
         taus = np.stack([validate_tau(t, len(self.cfg.sensors)) for t in taus])
         # snapshots per backend call: all, or as many as a TensorRT engine's batch profile takes
         per_call = max(1, getattr(self.backend, "max_batch", len(snaps) * len(taus)) // len(taus))
         states: list[list[FusedState] | None] = [None] * len(snaps)
         by_tokens = list(range(len(snaps)))
-        # the whole-step graph has no odometry tokenizer yet: a model that reads odometry takes host tokens
-        if getattr(self.backend, "whole_step", False) and not self.cfg.model.odometry:
+        if self._takes_arrays:
             groups: dict[tuple, list[int]] = {}
             for i, snap in enumerate(snaps):
                 groups.setdefault(step_key(snap, self.cfg), []).append(i)
@@ -259,18 +277,15 @@ class FusionPipeline:
         """A GPU backend's whole step: the frames' arrays in (snapshots of one step_key), tokenized and
         fused on the device. None where the backend refuses them."""
         t0 = time.perf_counter()
-        inputs = step_inputs([snap for snap in snaps for _ in taus], np.tile(taus, (len(snaps), 1)), self.cfg)
-        t1 = time.perf_counter()
-        out = self.backend.run_step(inputs, camera_key(snaps[0], self.cfg)[1])
+        out = self.backend.run_step([snap for snap in snaps for _ in taus], np.tile(taus, (len(snaps), 1)), self.cfg)
         if out is None:
             return None
-        t2 = time.perf_counter()
-        timings = {"pack": (t1 - t0) * 1e3 / len(snaps), "step": (t2 - t1) * 1e3 / len(snaps)}
+        timings = {"step": (time.perf_counter() - t0) * 1e3 / len(snaps)}
         fused = []
         for j, snap in enumerate(snaps):
             row = j * len(taus)
             present = out["present"][row]
-            ages = np.where(present, inputs["frame_age"][row, [0, 2, 4]], np.nan).astype(np.float32)
+            ages = np.where(present, step_frames(snap, self.cfg)[2][[0, 2, 4]], np.nan).astype(np.float32)
             fused.append(self._states(snap, taus, out, row, present, ages, timings))
         return fused
 

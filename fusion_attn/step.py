@@ -1,8 +1,9 @@
 """The whole fusion step as one PyTorch module: adapted sensor arrays in, fused state out.
 
 `tokenize.py` makes the model's tokens on the host with numpy; this module makes the same tokens with
-tensor operations, so that on a GPU the tokenizers run beside the model (captured in one CUDA graph,
-or exported as one ONNX graph for one TensorRT engine), and many snapshots tokenize in one batch.
+tensor operations, so that on a GPU the tokenizers run beside the model (exported as one ONNX graph
+for one TensorRT engine, or captured in CUDA graphs: a graph per frame tokenizer and one for the
+fusion, backends/cuda_graph_backend.py), and many snapshots tokenize in one batch.
 
     inputs = step_inputs([snap], taus, cfg)                      # host: pad and stack the frames' arrays
     step = FusionStep(model, *camera_key(snap, cfg)[:2])         # one per camera resolution and encoding
@@ -29,7 +30,7 @@ from torch import nn
 
 from .config import CameraTokens, FusionConfig, ImuTokens, LidarTokens
 from .errors import ConfigError
-from .frames import NS_PER_S, CameraFrame
+from .frames import NS_PER_S, ImuWindow
 from .model import FusionModel
 from .tokenize import (
     IMAGENET_MEAN,
@@ -143,11 +144,7 @@ def lidar_tokens(points: torch.Tensor, count: torch.Tensor, cfg: LidarTokens) ->
     slot_of_cell = slot_of_cell.scatter(1, top, torch.where(top_count > 0, slot_ids, K))
     slot = slot_of_cell.gather(1, cell)  # (B, N): the point's pillar, or K
     # each point's rank among its pillar's points in cloud order: an exclusive running count per slot
-    # (B, K+1, N), the scan along its last axis: a GPU scans rows in parallel, but a scan along an outer
-    # axis runs one thread per inner element through all N points (65 threads: 100x slower)
-    # (float32: TensorRT's CumSum takes floats only; counts below 2^24 points are exact in it)
-    onehot = (slot.unsqueeze(1) == torch.arange(K + 1, device=points.device).view(1, -1, 1)).float()
-    rank = (onehot.cumsum(2) - onehot).gather(1, slot.unsqueeze(1)).squeeze(1).long()
+    rank = _rank_in_slot(slot, K + 1)
     cnt = top_count.gather(1, slot.clamp(max=K - 1))  # (B, N)
     # tokenize_lidar keeps point floor(k * cnt / P) for k < P (cnt >= P), else the first cnt points
     k = torch.where(cnt >= P, (rank * P + cnt - 1) // cnt.clamp_min(1), rank)
@@ -179,6 +176,27 @@ def lidar_tokens(points: torch.Tensor, count: torch.Tensor, cfg: LidarTokens) ->
     }
     out = torch.stack([features[name] for name in LIDAR_INDEX], dim=-1) * v.unsqueeze(-1)
     return out, valid
+
+
+SCAN_BLOCK = 1024  # points per block of the rank scan; every point bucket is a multiple of it
+
+
+def _rank_in_slot(slot: torch.Tensor, slots: int) -> torch.Tensor:
+    """slot (B, N) in [0, slots) -> (B, N) how many earlier points share each point's slot. A running
+    count per slot, (B, slots, N), scanned along its last axis in two levels: within blocks of
+    SCAN_BLOCK points (many short rows: a GPU scans them in parallel, where one scan of 65 rows of
+    N points ran 0.25 ms on an H200), then over the blocks' totals. float32 as TensorRT's CumSum
+    takes it: the counts are exact below 2^24 points."""
+    B, N = slot.shape
+    pad = (SCAN_BLOCK - N % SCAN_BLOCK) % SCAN_BLOCK  # >= 0 whichever sign convention an exported Mod takes
+    slot = torch.nn.functional.pad(slot, (0, pad), value=slots)  # padding in no slot
+    onehot = (slot.unsqueeze(1) == torch.arange(slots, device=slot.device).view(1, -1, 1)).float()
+    blocks = onehot.view(B, slots, -1, SCAN_BLOCK)  # (B, slots, N/block, block)
+    within = blocks.cumsum(3) - blocks  # exclusive, inside each block
+    before = blocks.sum(3)  # (B, slots, N/block)
+    before = before.cumsum(2) - before  # the earlier blocks' counts
+    counts = (within + before.unsqueeze(-1)).view(B, slots, -1)
+    return counts.gather(1, slot.clamp(max=slots - 1).unsqueeze(1)).squeeze(1)[:, :N].long()
 
 
 # -- IMU ---------------------------------------------------------------------------------------------
@@ -246,33 +264,46 @@ class FusionStep(nn.Module):
 
     def forward(self, image, image_prev, points, point_count, points_prev, point_count_prev,
                 imu_t, imu_values, imu_count, frame_present, frame_age, tau):
-        x = self.tokens(image, image_prev, points, point_count, points_prev, point_count_prev,
+        # image, image_prev (B, H, W, C); points (B, N, 4), point_count (B,) (and _prev); imu_t (B, T),
+        # imu_values (B, T, 6), imu_count (B,); frame_present (B, 4) bool and frame_age (B, 5) [s] per
+        # frame (camera, camera_prev, lidar, lidar_prev) and the IMU's newest sample; tau (B, 4)
+        frames = self.frame_tokens(image, image_prev, points, point_count, points_prev, point_count_prev)
+        return self.fuse(*frames, imu_t, imu_values, imu_count, frame_present, frame_age, tau)
+
+    def frame_tokens(self, image, image_prev, points, point_count, points_prev, point_count_prev) -> tuple:
+        """-> camera, camera_prev patches, lidar tokens, mask, lidar_prev tokens, mask: fuse's first inputs."""
+        li = self.cfg.lidar
+        return (self.camera(image), self.camera(image_prev), *lidar_tokens(points, point_count, li),
+                *lidar_tokens(points_prev, point_count_prev, li))
+
+    def fuse(self, camera, camera_prev, lidar, lidar_mask, lidar_prev, lidar_prev_mask,
+             imu_t, imu_values, imu_count, frame_present, frame_age, tau):
+        """Each frame's tokens (CameraTokenizer, lidar_tokens: a frame tokenized once serves as the
+        next step's previous frame), the IMU window and the rest of forward's inputs -> STEP_OUTPUTS."""
+        x = self.tokens(camera, camera_prev, lidar, lidar_mask, lidar_prev, lidar_prev_mask,
                         imu_t, imu_values, imu_count, frame_present, frame_age)
         out = self.model.run(x, tau)
         present = torch.stack([x["camera_mask"].any(1), x["lidar_mask"].flatten(1).any(1), x["imu_mask"].any(1)], 1)
         return out["fused"], out["latents"], out["attention"], out["all_masked"], out["trust"], present
 
-    def tokens(self, image, image_prev, points, point_count, points_prev, point_count_prev,
+    def tokens(self, camera, camera_prev, lidar, lidar_mask, lidar_prev, lidar_prev_mask,
                imu_t, imu_values, imu_count, frame_present, frame_age) -> dict[str, torch.Tensor]:
-        """The model's named inputs but τ (tokenize.input_spec), batched."""
-        # image, image_prev (B, H, W, C); points (B, N, 4), point_count (B,) (and _prev); imu_t (B, T),
-        # imu_values (B, T, 6), imu_count (B,); frame_present (B, 4) bool and frame_age (B, 5) [s] per
-        # frame (camera, camera_prev, lidar, lidar_prev) and the IMU's newest sample
+        """The model's named inputs but τ (tokenize.input_spec), batched, from fuse's inputs."""
         c, li = self.cfg.camera, self.cfg.lidar
         B, age = frame_present.shape[0], frame_age
         # a previous frame counts only beside its newest (Tokenizer: "a previous frame alone is no evidence")
-        camera, lidar = frame_present[:, 0], frame_present[:, 2]
-        present = frame_present & torch.stack([camera, camera, lidar, lidar], 1)
+        newest_camera, newest_lidar = frame_present[:, 0], frame_present[:, 2]
+        present = frame_present & torch.stack([newest_camera, newest_camera, newest_lidar, newest_lidar], 1)
         x = {}
-        for i, (name, image_) in enumerate((("camera", image), ("camera_prev", image_prev))):
+        for i, (name, patches) in enumerate((("camera", camera), ("camera_prev", camera_prev))):
             there = present[:, i]
-            x[f"{name}_patches"] = self.camera(image_) * there.view(B, 1, 1)
+            x[f"{name}_patches"] = torch.where(there.view(B, 1, 1), patches, 0.0)
             x[f"{name}_mask"] = there.unsqueeze(1).expand(B, c.tokens)
             x[f"{name}_age"] = (age[:, i] * there).unsqueeze(1).expand(B, c.tokens)
-        for i, (name, pts, n) in enumerate((("lidar", points, point_count), ("lidar_prev", points_prev, point_count_prev))):
+        for i, (name, points, mask) in enumerate((("lidar", lidar, lidar_mask), ("lidar_prev", lidar_prev, lidar_prev_mask))):
             there = present[:, 2 + i]
-            tokens, mask = lidar_tokens(pts, n * there, li)
-            x[f"{name}_points"], x[f"{name}_mask"] = tokens, mask
+            x[f"{name}_points"] = torch.where(there.view(B, 1, 1, 1), points, 0.0)
+            x[f"{name}_mask"] = mask & there.view(B, 1, 1)
             x[f"{name}_age"] = (age[:, 2 + i] * there).unsqueeze(1).expand(B, li.tokens)
         x["imu_chunks"], x["imu_mask"], before_newest = self.imu(imu_t, imu_values, imu_count)
         x["imu_age"] = (age[:, 4:5] + before_newest) * (imu_count > 0).unsqueeze(1)
@@ -326,11 +357,38 @@ def step_key(snap: SensorSnapshot, cfg: FusionConfig, buckets: Buckets = Buckets
     return camera_key(snap, cfg), *clouds, imu
 
 
+def step_frames(snap: SensorSnapshot, cfg: FusionConfig) -> tuple[tuple, np.ndarray, np.ndarray]:
+    """-> the snapshot's (camera, camera_prev, lidar, lidar_prev) frames, None where absent, and
+    FusionStep's frame_present (4,) and frame_age (5,) rows (the IMU's newest sample last). A previous
+    camera frame of another resolution or encoding than the newest (the camera was reconfigured)
+    counts as absent."""
+    shape, encoding, _ = camera_key(snap, cfg)
+    same = [f if f is not None and f.image.shape == shape and f.encoding == encoding else None
+            for f in (snap.camera, snap.camera_prev)]
+    frames = (*same, snap.lidar, snap.lidar_prev)
+    present, age = np.zeros(4, np.bool_), np.zeros(5, np.float32)
+    for i, frame in enumerate(frames):
+        if frame is not None:
+            present[i], age[i] = True, (snap.stamp_ns - frame.stamp_ns) / NS_PER_S
+    if snap.imu is not None and len(snap.imu):
+        age[4] = (snap.stamp_ns - int(snap.imu.stamps_ns[-1])) / NS_PER_S
+    return frames, present, age
+
+
+def pack_imu(window: ImuWindow, t: np.ndarray, values: np.ndarray) -> int:
+    """An IMU window into FusionStep's padded imu_t (T,) [s before its newest sample] and imu_values
+    (T, 6) rows -> its count."""
+    n = len(window)
+    t[:n] = (window.stamps_ns - window.stamps_ns[-1]) / NS_PER_S
+    values[:n, :3], values[:n, 3:] = window.accel, window.gyro
+    return n
+
+
 def step_inputs(snaps: list[SensorSnapshot], taus: np.ndarray, cfg: FusionConfig,
                 buckets: Buckets = Buckets()) -> dict[str, np.ndarray]:
     """Snapshots with the same `camera_key` and their τ rows (B, 4) -> FusionStep's inputs as a
-    batch, padded to the buckets that hold the largest cloud and IMU window of the batch. A previous
-    camera frame of another resolution or encoding (the camera was reconfigured) counts as absent."""
+    batch, padded to the buckets that hold the largest cloud and IMU window of the batch (step_frames:
+    which frames count)."""
     B = len(snaps)
     shape, encoding, dtype = camera_key(snaps[0], cfg)
 
@@ -342,9 +400,6 @@ def step_inputs(snaps: list[SensorSnapshot], taus: np.ndarray, cfg: FusionConfig
                 out[b, : len(c)], count[b] = c.points, len(c)
         return out, count
 
-    def same_camera(f: CameraFrame | None) -> CameraFrame | None:
-        return f if f is not None and f.image.shape == shape and f.encoding == encoding else None
-
     points, point_count = pad_points([s.lidar for s in snaps])
     points_prev, point_count_prev = pad_points([s.lidar_prev for s in snaps])
     windows = [s.imu if s.imu is not None and len(s.imu) else None for s in snaps]
@@ -355,18 +410,12 @@ def step_inputs(snaps: list[SensorSnapshot], taus: np.ndarray, cfg: FusionConfig
     for b, (snap, w) in enumerate(zip(snaps, windows)):
         if snap.camera is not None and camera_key(snap, cfg) != (shape, encoding, dtype):
             raise ValueError("step_inputs: every snapshot of a batch needs the same camera_key")
-        frames = (same_camera(snap.camera), same_camera(snap.camera_prev), snap.lidar, snap.lidar_prev)
-        for i, frame in enumerate(frames):
-            if frame is not None:
-                present[b, i], age[b, i] = True, (snap.stamp_ns - frame.stamp_ns) / NS_PER_S
+        frames, present[b], age[b] = step_frames(snap, cfg)
         for out, frame in ((image, frames[0]), (image_prev, frames[1])):
             if frame is not None:
                 out[b] = frame.image
         if w is not None:
-            n = len(w)
-            imu_t[b, :n] = (w.stamps_ns - w.stamps_ns[-1]) / NS_PER_S
-            imu_values[b, :n, :3], imu_values[b, :n, 3:] = w.accel, w.gyro
-            imu_count[b], age[b, 4] = n, (snap.stamp_ns - int(w.stamps_ns[-1])) / NS_PER_S
+            imu_count[b] = pack_imu(w, imu_t[b], imu_values[b])
     return {"image": image, "image_prev": image_prev, "points": points, "point_count": point_count,
             "points_prev": points_prev, "point_count_prev": point_count_prev, "imu_t": imu_t,
             "imu_values": imu_values, "imu_count": imu_count, "frame_present": present, "frame_age": age,

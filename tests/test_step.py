@@ -9,13 +9,14 @@ import pytest
 import torch
 from graphs import STEP_CAMERA
 
+from fusion_attn.backends.cuda_graph_backend import CudaGraphBackend
 from fusion_attn.backends.export import TOKENIZER_NODE_PREFIX, unsupported_ops
 from fusion_attn.backends.onnxruntime_backend import OnnxRuntimeBackend
 from fusion_attn.backends.torch_backend import TorchBackend
 from fusion_attn.bag import open_reader
 from fusion_attn.frames import CameraFrame, ImuWindow, LidarFrame
 from fusion_attn.pipeline import FusionPipeline, create_backend, load_model, step_onnx_for
-from fusion_attn.replay import Recording, ReplayOptions, recorded_snapshots
+from fusion_attn.replay import Recording, ReplayOptions, fused_difference, recorded_snapshots, replay
 from fusion_attn.step import (
     STEP_INPUTS,
     STEP_OUTPUTS,
@@ -44,7 +45,9 @@ def _step_tokens(model, snaps, device):
     shape, encoding, _ = camera_key(snaps[0], model.cfg)
     step = FusionStep(model, shape, encoding).to(device).eval()
     with torch.no_grad():
-        got = step.tokens(**{k: torch.from_numpy(v).to(device) for k, v in x.items() if k != "tau"})
+        t = {k: torch.from_numpy(v).to(device) for k, v in x.items()}
+        frames = step.frame_tokens(*(t[k] for k in STEP_INPUTS[:6]))
+        got = step.tokens(*frames, *(t[k] for k in STEP_INPUTS[6:-1]))
     return {k: v.cpu().numpy() for k, v in got.items()}
 
 
@@ -68,12 +71,16 @@ def assert_same_tokens(model, snaps, device):
                 np.testing.assert_allclose(have, want, atol=1e-5, rtol=1e-5, err_msg=name)
 
 
+def _snapshots(real_data, model, recording, end_s):
+    sync = SensorSync(SyncConfig.for_model(model.cfg))
+    with open_reader([real_data / recording]) as reader:
+        return list(recorded_snapshots(reader, sync, ReplayOptions(progress=False, end_s=end_s), Recording()))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("recording", RECORDINGS)
 def test_step_tokens_match_the_host_tokenizers_on_real_recordings(real_data, model, recording, device):
-    sync = SensorSync(SyncConfig.for_model(model.cfg))
-    with open_reader([real_data / recording]) as reader:
-        snaps = list(recorded_snapshots(reader, sync, ReplayOptions(progress=False, end_s=10), Recording()))
+    snaps = _snapshots(real_data, model, recording, 10)
     assert snaps
     for snap in snaps:
         assert_same_tokens(model, [snap], device)
@@ -182,10 +189,10 @@ class _CountingTorch(TorchBackend):
         self.rows.append(("tokens", len(inputs["tau"])))
         return super().run(inputs)
 
-    def run_step(self, inputs, encoding):
-        self.rows.append(("step", len(inputs["tau"])))
-        refuse = inputs["points"].shape[1] == 8192  # as TensorRT refuses a cloud beyond its profile
-        return None if refuse else super().run_step(inputs, encoding)
+    def run_step(self, snaps, taus, cfg):
+        self.rows.append(("step", len(taus)))
+        refuse = step_key(snaps[0], cfg)[1] == 8192  # as TensorRT refuses a cloud beyond its profile
+        return None if refuse else super().run_step(snaps, taus, cfg)
 
 
 def test_fuse_many_batches_by_step_shape_and_gives_each_snapshot_its_own_states(real_data, model):
@@ -244,6 +251,61 @@ def test_one_graph_export_runs_in_onnx_runtime_as_in_torch(model):
     assert got["present"].tolist() == [[True, True, True], [False, False, False]]
 
 
+def test_cuda_graph_backend_tokenizes_each_frame_once_and_batches_to_the_bit(real_data, model):
+    """CudaGraphBackend's bookkeeping, run eagerly on the CPU (the code a GPU captures in graphs): the
+    step from each frame's kept tokens fuses as FusionStep in one piece does; each camera and lidar
+    frame is tokenized once however many steps use it; a call of many rows gives every row the bits
+    that row alone gets (replay --batch)."""
+    snaps = _snapshots(real_data, model, "lidar_camera_frame", 2)
+    backend = CudaGraphBackend(model, device="cpu")
+    tokenized = []
+    backend.frames.tokenize = lambda frame: tokenized.append(frame) or backend._tokenize(frame)
+    alone, whole = FusionPipeline(model.cfg, backend), FusionPipeline(model.cfg, TorchBackend(model, whole_step=True))
+    for snap in snaps:
+        a, b = alone.fuse(snap), whole.fuse(snap)
+        np.testing.assert_array_equal(a.present, b.present)
+        np.testing.assert_array_equal(a.ages_s, b.ages_s)
+        for name in ("pooled", "latents", "attention", "trust"):
+            np.testing.assert_allclose(getattr(a, name), getattr(b, name), atol=1e-6, err_msg=name)
+    used = {id(f) for s in snaps for new, prev in ((s.camera, s.camera_prev), (s.lidar, s.lidar_prev))
+            if new is not None for f in (new, prev) if f is not None}
+    assert len(tokenized) == len(used) and len({id(f) for f in tokenized}) == len(used)
+    assert {key[0] for key in backend.graphs} == {"camera", "lidar", "fuse"}
+    # a frame prepared as it arrives (the node does) is not tokenized again by the fusion that uses it
+    last = snaps[-1]
+    fresh = dataclasses.replace(last.lidar, stamp_ns=last.lidar.stamp_ns + 1)
+    alone.prepare(fresh)
+    assert tokenized[-1] is fresh
+    alone.fuse(dataclasses.replace(last, stamp_ns=last.stamp_ns + 1, lidar=fresh, lidar_prev=last.lidar))
+    assert tokenized[-1] is fresh and len(tokenized) == len(used) + 1
+
+    taus = np.array([[1, 1, 1, 1], [0.5, 2, 1, 1]], np.float32)
+    batched = FusionPipeline(model.cfg, CudaGraphBackend(model, device="cpu"))
+    many = batched.fuse_many(snaps, taus)
+    assert max(key[2] for key in batched.backend.graphs if key[0] == "fuse") > len(taus)  # several snapshots a call
+    single = FusionPipeline(model.cfg, CudaGraphBackend(model, device="cpu"))
+    for snap, states in zip(snaps, many):
+        for a, b in zip(states, single.fuse_many([snap], taus)[0]):
+            for name in ("pooled", "latents", "attention", "trust"):
+                np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+
+
+def test_compiled_graphs_take_more_shapes_than_the_compilers_default_limit(model, monkeypatch):
+    """cudagraph.compile: each point bucket recompiles the one lidar module's code, each IMU bucket and
+    row count the fusion's; past the compiler's recompile limit (8 by default, 2 here) a full-graph
+    compile fails for good, so the backend raises the limit. torch.compile's eager backend here (no
+    code generation): it counts recompiles as inductor does."""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: compile_(module, backend="eager", **kw))
+    rng = np.random.default_rng(5)
+    with torch._dynamo.config.patch(recompile_limit=2):
+        backend = CudaGraphBackend(model, device="cpu", compile=True)
+        for n in (1000, 2000, 4000, 8000):
+            _, mask = backend._tokenize(LidarFrame(0, "l", _cloud(rng, n)))
+            assert mask.any()
+    assert sorted(key[1] for key in backend.graphs) == [1024, 2048, 4096, 8192]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the GPU machine, a Jetson)")
 def test_cuda_graph_whole_step_fuses_real_data_as_the_cpu_path(real_data, model):
     gpu = FusionPipeline(model.cfg, create_backend("torch-cudagraph", model))
@@ -256,4 +318,19 @@ def test_cuda_graph_whole_step_fuses_real_data_as_the_cpu_path(real_data, model)
                 np.testing.assert_array_equal(a.present, b.present)
                 for name in ("pooled", "latents", "attention", "trust"):
                     np.testing.assert_allclose(getattr(a, name), getattr(b, name), atol=5e-4, err_msg=(recording, name))
-    assert len(gpu.backend.graphs) <= 12  # one graph per camera size and point / IMU bucket, not per call
+    # one graph per camera size, point bucket and IMU bucket, not per call
+    assert len(gpu.backend.graphs) <= 12, list(gpu.backend.graphs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the GPU machine, a Jetson)")
+def test_batched_replay_on_cuda_graphs_writes_the_same_bytes(real_data, tmp_path):
+    """replay --batch on torch-cudagraph: each row through the batch-1 kernels, so every message is
+    byte for byte the one a replay of one instant at a time writes on the same GPU."""
+    bag = real_data / "lidar_camera_frame"
+    for batch in (1, 8):
+        pipeline = FusionPipeline.create(None, backend="torch-cudagraph", threads=1)
+        assert pipeline.backend.name == "torch-cudagraph"
+        replay([bag], pipeline, tmp_path / str(batch), ReplayOptions(progress=False, batch=batch))
+    diff = fused_difference(tmp_path / "1", tmp_path / "8")
+    assert diff["same_topics_and_stamps"] and diff["messages"][0] >= 5
+    assert diff["byte_identical"] == diff["messages"][0], diff

@@ -311,8 +311,8 @@ def test_a_snapshot_the_step_engine_refuses_is_fused_from_tokens():
         name, device, precision, whole_step = "tensorrt", "cpu", "fp32", True
         refused = 0
 
-        def run_step(self, inputs, encoding):  # returns None: every cloud here is beyond its 1,024 points
-            assert inputs["points"].shape[1] > 1024
+        def run_step(self, snaps, taus, cfg):  # returns None: every cloud here is beyond its 1,024 points
+            assert all(len(s.lidar) > 1024 for s in snaps)
             self.refused += 1
 
         def run(self, inputs):
@@ -351,6 +351,17 @@ def test_cuda_graph_backend_falls_back_without_gpu():
     pipeline = FusionPipeline.create(None, backend="torch-cudagraph", threads=1)
     assert pipeline.backend.name == "onnxruntime"
     assert pipeline.backend_info()["backend_fallback"] == "torch-cudagraph unavailable: no CUDA GPU is visible to torch"
+
+
+def test_the_cudagraph_compile_parameter_reaches_the_backend():
+    """cudagraph.compile in a parameter file reaches the CUDA-graph backend (on the CPU here: its eager
+    bookkeeping; nothing compiles before a first call)."""
+    from fusion_attn.params import PARAM_DEFAULTS
+
+    for compile_graphs in (False, True):
+        params = {**PARAM_DEFAULTS, "backend": "torch-cudagraph", "device": "cpu", "cudagraph.compile": compile_graphs}
+        backend = FusionPipeline.from_params(params).backend
+        assert backend.name == "torch-cudagraph" and backend.compile is compile_graphs
 
 
 def test_unknown_fallback_policy_is_refused():

@@ -7,7 +7,8 @@
 
 A GPU backend that cannot run here (no TensorRT, no GPU, an engine that cannot be built) raises
 BackendUnavailable; FusionPipeline then falls back to onnxruntime, or fails if so configured.
-Optional members a backend may have: `whole_step` and `run_step` (sensor arrays in, step.py), and
+Optional members a backend may have: `whole_step` and `run_step` (snapshots in, tokenized on the
+backend's device: step.py), and
 `max_batch` (the most rows one call takes; FusionPipeline.fuse_many splits its batches to it).
 """
 

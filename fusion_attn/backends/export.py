@@ -99,7 +99,8 @@ def export_step_onnx(model: FusionModel, image_shape: tuple[int, int, int], enco
     graph = onnx.load(str(path))
     for node in graph.graph.node:  # name the tokenizers' nodes, so that an engine can keep them in FP32
         trace = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.stack_trace"), "")
-        if "self.tokens(" in trace:  # FusionStep.forward's call of its tokenizers
+        # FusionStep's calls of its tokenizers (each a line of its own: a trace holds its callers' lines)
+        if "self.frame_tokens(" in trace or "self.tokens(" in trace:
             node.name = TOKENIZER_NODE_PREFIX + node.name
     onnx.save(graph, str(path))
     onnx.checker.check_model(str(path), full_check=True)

@@ -25,6 +25,7 @@ import tensorrt as trt
 import torch
 
 from ..errors import BackendUnavailable
+from ..step import camera_key, step_inputs, step_ranges
 from .engine_cache import (
     EngineCache,
     EngineKey,
@@ -389,8 +390,6 @@ class TensorRTStepBackend:
     name = "tensorrt"
 
     def __init__(self, model, opts: TensorRTOptions, device: str = "cuda:0"):
-        from ..step import step_ranges
-
         if not torch.cuda.is_available():
             raise BackendUnavailable("no CUDA GPU is visible to torch")
         self.model, self.opts, self.torch_device, self.ranges = model, opts, device, step_ranges()
@@ -449,10 +448,12 @@ class TensorRTStepBackend:
         engines = [e for e in [*self.engines.values(), self.tokens] if e is not None]
         return engines[0].engine_path if engines else None
 
-    def run_step(self, inputs: dict[str, np.ndarray], encoding: str) -> dict[str, np.ndarray] | None:
-        """step.step_inputs' arrays -> STEP_OUTPUTS; None: fuse this snapshot from tokens (run) instead."""
+    def run_step(self, snaps, taus: np.ndarray, cfg) -> dict[str, np.ndarray] | None:
+        """Snapshots of one step.step_key and their τ rows -> STEP_OUTPUTS; None: fuse them from tokens
+        (run) instead."""
         if not self.whole_step:
             return None
+        inputs, encoding = step_inputs(snaps, taus, cfg), camera_key(snaps[0], cfg)[1]
         for name, axes in self.ranges.items():
             if inputs[name].shape[1] > axes[1][2]:
                 self._say(f"{name}: {inputs[name].shape[1]} entries, beyond the step engine's {axes[1][2]}")

@@ -9,9 +9,10 @@ import copy
 import numpy as np
 import torch
 
+from ..config import FusionConfig
 from ..model import FusionModel
-from ..step import STEP_OUTPUTS, FusionStep
-from ..tokenize import OUTPUT_NAMES
+from ..step import STEP_OUTPUTS, FusionStep, camera_key, step_inputs
+from ..tokenize import OUTPUT_NAMES, SensorSnapshot
 
 
 class TorchBackend:
@@ -34,8 +35,11 @@ class TorchBackend:
         return {name: out.cpu().numpy() for name, out in zip(OUTPUT_NAMES, self.model(**args))}
 
     @torch.inference_mode()
-    def run_step(self, inputs: dict[str, np.ndarray], encoding: str) -> dict[str, np.ndarray]:
-        """step.step_inputs' arrays -> STEP_OUTPUTS, tokenized and fused on this backend's device."""
+    def run_step(self, snaps: list[SensorSnapshot], taus: np.ndarray, cfg: FusionConfig) -> dict[str, np.ndarray]:
+        """Snapshots of one step.step_key and their τ rows -> STEP_OUTPUTS, tokenized and fused on this
+        backend's device."""
+        inputs = step_inputs(snaps, taus, cfg)
+        encoding = camera_key(snaps[0], cfg)[1]
         key = (inputs["image"].shape[1:], encoding)
         if key not in self.steps:
             self.steps[key] = FusionStep(self.model, key[0], encoding).to(self.device).eval()
