@@ -78,6 +78,8 @@ else:
             subprocess.run(["git", "worktree", "remove", "--force", str(before_tree)], cwd=HERE, check=False)
     after_sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
                                check=True).stdout.strip()
+    if subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "fusion_attn", "benchmarks"], cwd=HERE, check=False).returncode:
+        after_sha += " + uncommitted changes"  # the checkout ran as it is, not HEAD
     report = summarise(rounds, args.before, after_sha)
 args.out.parent.mkdir(parents=True, exist_ok=True)
 args.out.write_text(json.dumps(report, indent=2) + "\n")

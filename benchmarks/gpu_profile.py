@@ -4,7 +4,8 @@
 
 Profiles, after warm-up, eager calls with the inputs already on the GPU: the whole step
 (step.FusionStep) at batch 1 on the standard configuration (640x480 camera, 120,000-point cloud,
-100 IMU samples), and the model alone at batch 1 and 4096. Prints and writes the operators with the
+100 IMU samples) and its parts (one camera frame, one lidar sweep, the fusion of their tokens), and the
+model alone at batch 1 and 4096. Prints and writes the operators with the
 most GPU time. Needs a CUDA GPU.
 """
 
@@ -24,7 +25,7 @@ from fusion_attn.adapters import image_to_frame, imu_to_sample, pointcloud2_to_f
 from fusion_attn.backends.export import example_inputs
 from fusion_attn.frames import NS_PER_S, ImuWindow
 from fusion_attn.pipeline import load_model
-from fusion_attn.step import STEP_INPUTS, FusionStep, step_inputs
+from fusion_attn.step import STEP_INPUTS, FusionStep, lidar_tokens, step_inputs
 from fusion_attn.tokenize import SensorSnapshot
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -41,7 +42,13 @@ window = ImuWindow.from_samples([imu_to_sample(m) for m in imus])
 snap = SensorSnapshot(NS_PER_S, camera, lidar, window, dataclasses.replace(camera, stamp_ns=1), dataclasses.replace(lidar, stamp_ns=1))
 x = step_inputs([snap], np.ones((1, 4), np.float32), model.cfg)
 step = FusionStep(model, camera.image.shape, camera.encoding).cuda().eval()
-cases = {"whole step, batch 1": (step, [torch.from_numpy(x[k]).cuda() for k in STEP_INPUTS])}
+arrays = [torch.from_numpy(x[k]).cuda() for k in STEP_INPUTS]
+cases = {"whole step, batch 1": (step, arrays)}
+with torch.inference_mode():  # its parts, as the CUDA-graph backend runs them: each frame once, then the fusion
+    frames = step.frame_tokens(*arrays[:6])
+cases["camera patches, one frame"] = (step.camera, arrays[:1])
+cases["lidar pillars, one sweep"] = (lambda points, count: lidar_tokens(points, count, model.cfg.lidar), arrays[2:4])
+cases["fusion of frame tokens (FusionStep.fuse)"] = (step.fuse, [*frames, *arrays[6:]])
 for batch in (1, 4096):
     cases[f"model alone, batch {batch}"] = (model, [torch.from_numpy(v).cuda() for v in example_inputs(model, batch).values()])
 
