@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
+from .params import PARAMETERS
 
 PACKAGE = "fusion_attn"
 
@@ -42,6 +43,7 @@ ARGUMENTS = {
     "use_sim_time": ("use_sim_time", "", "true: follow /clock (fusion-attn play --clock)"),
 }
 FLOAT_PARAMETERS = {"tau.global"}
+PARAMETER_RANGES = {p.name: p.range for p in PARAMETERS if p.name in FLOAT_PARAMETERS}
 BOOL_PARAMETERS = {"use_sim_time"}
 # launch argument -> (default, description): how the nodes are started, not node parameters
 NODE_ARGUMENTS = {
@@ -120,8 +122,9 @@ def fusion_graph(args: dict[str, str], extra: tuple[str, ...] = ()) -> list[Node
                 value = float(value)
             except ValueError:
                 raise ConfigError(f"launch argument {arg}:={value!r} is not a number") from None
-            if not (math.isfinite(value) and value > 0):  # the node would refuse it at start, and exit
-                raise ConfigError(f"launch argument {arg}:={value!r} must be a finite number > 0")
+            lo, hi = PARAMETER_RANGES[param]  # the node declares this range: it would refuse the value at start
+            if not (math.isfinite(value) and lo <= value <= hi):
+                raise ConfigError(f"launch argument {arg}:={value!r} must be a finite number in [{lo:g}, {hi:g}]")
         if value != "":
             parameters[param] = value
     parameters["autostart"] = False  # the launch drives the lifecycle (module docstring)
