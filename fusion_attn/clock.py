@@ -37,15 +37,18 @@ class FusionClock:
     after the first frame (a live node's timer has no earlier data). trigger: fuse at the stamp of each
     frame of that sensor the sync takes (the node's `trigger` parameter), and on the timer only while
     that sensor is not fresh: a silent or failed trigger sensor does not stop the fusion of the others.
-    events: the list the clock appends its notes to (default a new one)."""
+    events: the list the clock appends its notes to (default a new one). phase_ns: the stamp of the first
+    frame of a recording this clock starts in the middle of, so that it ticks on the same instants as a
+    clock that started there (one period after it, then every period)."""
 
     def __init__(self, sync: SensorSync, rate_hz: float, trigger: Modality | None = None,
-                 start_ns: int | None = None, events: list[str] | None = None):
+                 start_ns: int | None = None, events: list[str] | None = None, phase_ns: int | None = None):
         if not (math.isfinite(rate_hz) and rate_hz > 0):
             raise ConfigError(f"fusion rate must be > 0 Hz, got {rate_hz}")
         self.sync, self.trigger = sync, trigger
         self.period_ns = round(NS_PER_S / rate_hz)
         self.next_tick = start_ns
+        self.phase_ns = phase_ns
         self.events = [] if events is None else events  # what was dropped or reset, and why, in order
 
     def add(self, frame: CameraFrame | LidarFrame | ImuSample | OdometrySample, source: str = "") -> Iterator[SensorSnapshot]:
@@ -71,7 +74,13 @@ class FusionClock:
         if self.trigger is not None and not rejected and MODALITY_OF[type(frame)] is self.trigger:
             yield self.sync.snapshot(t)
         if self.next_tick is None:
-            self.next_tick = t + self.period_ns
+            self.next_tick = t + self.period_ns if self.phase_ns is None else self._tick_after(t)
+            self.phase_ns = None  # time going back later starts the ticks afresh, as for any clock
+
+    def _tick_after(self, t: int) -> int:
+        """The first tick at or after t (at least one period after phase_ns) of a clock started at phase_ns:
+        its next tick once it has taken a frame stamped t."""
+        return self.phase_ns + self.period_ns * max(1, -(-(t - self.phase_ns) // self.period_ns))
 
     def advance(self, now_ns: int) -> Iterator[SensorSnapshot]:
         """The ticks up to and including now_ns: time passed without a frame (a simulator's step end)."""

@@ -152,6 +152,34 @@ class Recording:
     # per sensor, its header stamp minus the bag's receive time at its first and its latest frame
     clock_offsets_ns: dict[Modality, list[int]] = field(default_factory=dict)
 
+    def clear_counts(self) -> None:
+        """Count from here (a window's own part, replay_windows); the rates' newest stamps are kept: they decide
+        what the next message adds."""
+        self.messages = 0
+        self.events.clear()  # in place: the clock holds this list
+        self.first_error.clear()
+        self.clock_offsets_ns.clear()
+        for rate in self.rates.values():
+            rate.steps = rate.span_ns = 0
+
+    def extend(self, later: Recording) -> None:
+        """Add what `later`, the counts of the part of the recording after this one, found."""
+        self.messages += later.messages
+        self.events += later.events
+        for m, error in later.first_error.items():
+            self.first_error.setdefault(m, error)
+        for m, rate in later.rates.items():
+            self.rates[m].steps += rate.steps
+            self.rates[m].span_ns += rate.span_ns
+        for m, (first, last) in later.clock_offsets_ns.items():
+            self.clock_offsets_ns.setdefault(m, [first, last])[1] = last
+        self.fault = later.fault
+
+    def note_clocks(self, cfg: SyncConfig, opts: ReplayOptions) -> None:
+        """After the last message: the note on disagreeing sensor clocks, if they do (`clock_note`)."""
+        if opts.clock == "header" and (note := self.clock_note(int(max(cfg.max_age_s) * NS_PER_S))):
+            self.events.append(note)
+
     def clock_note(self, tolerance_ns: int) -> str | None:
         """A note where the sensors' header clocks disagree by more than `tolerance_ns` (against the bag's
         receive times) at the start or the end: a sensor whose clock is behind is stale at every fusion."""
@@ -178,24 +206,33 @@ class Recording:
 
 @dataclass(frozen=True)
 class Tick:
-    """One fusion instant: the snapshot, and the sync's view at that instant (a batched replay fuses
-    the snapshot later, when the sync has moved on)."""
+    """One fusion instant: the sync's view at that instant (a batched replay fuses the snapshot later,
+    when the sync has moved on), and the snapshot (None once sent back from a window: replay_windows)."""
 
-    snap: SensorSnapshot
+    stamp_ns: int
     fresh: np.ndarray  # (len(Modality),) per Modality: the sync would fuse its frames (not stale, not silent)
     newest_ns: int | None  # the newest sensor stamp seen
     health: dict  # sync.summary at the instant, for /diagnostics
+    snap: SensorSnapshot | None
 
 
 def fuse_recording(reader, pipeline: FusionPipeline, sync: SensorSync, opts: ReplayOptions, taus: np.ndarray,
                    rec: Recording, progress=None, trailing: bool = True) -> Iterator[tuple[Tick, list[FusedState]]]:
     """The node's behaviour on recorded time: feed messages in order, fuse on the timer (or trigger).
 
-    Yields each fusion instant and its fused states (one per τ row); see `recorded_snapshots`. Up to
-    `opts.batch` instants are fused in one call (pipeline.fuse_many: the states one by one gives, to
-    float rounding).
-    Where reading breaks off (truncated, corrupt) the fusions end, with the fault in `rec.fault`.
+    Yields each fusion instant and its fused states (one per τ row); see `recorded_snapshots` and
+    `fuse_snapshots`. Where reading breaks off (truncated, corrupt) the fusions end, with the fault in
+    `rec.fault`.
     """
+    yield from fuse_snapshots(recorded_snapshots(reader, sync, opts, rec, progress, trailing),
+                              pipeline, sync, opts, taus, rec)
+
+
+def fuse_snapshots(snaps: Iterator[SensorSnapshot], pipeline: FusionPipeline, sync: SensorSync, opts: ReplayOptions,
+                   taus: np.ndarray, rec: Recording) -> Iterator[tuple[Tick, list[FusedState]]]:
+    """Each snapshot (taken from `sync` as it comes) and its fused states. Up to `opts.batch` instants
+    are fused in one call (pipeline.fuse_many: the states one by one gives, to float rounding). A
+    BagError from `snaps` ends them, in `rec.fault`, after the instants before it are fused."""
     ticks: list[Tick] = []
 
     def fused() -> list[tuple[Tick, list[FusedState]]]:
@@ -204,9 +241,9 @@ def fuse_recording(reader, pipeline: FusionPipeline, sync: SensorSync, opts: Rep
         return done
 
     try:
-        for snap in recorded_snapshots(reader, sync, opts, rec, progress, trailing):
+        for snap in snaps:
             fresh = np.array([sync.fresh(m, snap.stamp_ns) for m in Modality])
-            ticks.append(Tick(snap, fresh, sync.newest_stamp_ns(), sync.summary(snap.stamp_ns)))
+            ticks.append(Tick(snap.stamp_ns, fresh, sync.newest_stamp_ns(), sync.summary(snap.stamp_ns), snap))
             if len(ticks) >= opts.batch:
                 yield from fused()
     except BagError as exc:
@@ -223,36 +260,60 @@ def recorded_snapshots(reader, sync: SensorSync, opts: ReplayOptions, rec: Recor
     most its max age), and raises BagError only where reading broke off (after everything before the
     fault).
     """
-    _check(opts)
-    leave_out = {m: f"{MODALITIES[m]} is configured as none" for m in Modality if MODALITIES[m] not in opts.sensors}
-    leave_out |= {m: f"the model does not read {MODALITIES[m]}" for m in Modality if m not in sync.cfg.sensors}
-    rec.topics = topics = find_topics(reader, opts.topics, leave_out)
-    rec.configured = tuple(MODALITIES[m] for m in sorted(topics.sensors))
-    rec.read_notes = reader.notes  # the reader's own list: what it notes while reading shows too
+    feed = RecordedFeed(reader, sync, opts, rec)
     start, stop = _window_ns(reader, opts)
-    clock = FusionClock(sync, opts.fusion_rate_hz, trigger_modality(opts.trigger), events=rec.events)  # its notes join the recording's
-    for msg in read_messages(reader, topics, start, stop):
-        rec.messages += 1
-        if progress is not None:
-            _advance(progress, (msg.log_time_ns - (reader.start_time if start is None else start)) // NS_PER_MS)
-        if msg.frame is None:
-            sync.drop(msg.modality, "malformed", msg.error)
-            rec.first_error.setdefault(msg.modality, f"{msg.topic}: {msg.error}")
-            continue
-        offset = msg.frame.stamp_ns - msg.log_time_ns
-        rec.clock_offsets_ns.setdefault(msg.modality, [offset, offset])[1] = offset
-        frame = msg.frame if opts.clock == "header" else dataclasses.replace(msg.frame, stamp_ns=msg.log_time_ns)
-        rec.rates[msg.modality].add(frame.stamp_ns)
-        dropped = sync.health[msg.modality].dropped
-        yield from clock.add(frame, msg.topic)
-        if sync.health[msg.modality].dropped != dropped:
-            rec.events.pop()  # the clock's one note on a refused frame, its last: `notes` sums drops per sensor
+    yield from feed.read(start, stop, progress)
     if progress is not None:
         _advance(progress, progress.total)  # read to the end: the last message need not be at the very end
-    if opts.clock == "header" and (note := rec.clock_note(int(max(sync.cfg.max_age_s) * NS_PER_S))):
-        rec.events.append(note)
+    rec.note_clocks(sync.cfg, opts)
     if trailing:
-        yield from clock.drain()
+        yield from feed.clock.drain()
+
+
+class RecordedFeed:
+    """The loop of `recorded_snapshots` in parts: `read` a span of the recording (any number of spans,
+    in order), then the clock's drain. replay_windows replays a window of a recording so, after a warm-up.
+    phase_ns: see FusionClock (a window's clock ticks where the whole recording's would); clock: one
+    carried on from the part of the recording before (replay_windows), instead of a new one."""
+
+    def __init__(self, reader, sync: SensorSync, opts: ReplayOptions, rec: Recording, phase_ns: int | None = None,
+                 clock: FusionClock | None = None):
+        _check(opts)
+        leave_out = {m: f"{MODALITIES[m]} is configured as none" for m in Modality if MODALITIES[m] not in opts.sensors}
+        leave_out |= {m: f"the model does not read {MODALITIES[m]}" for m in Modality if m not in sync.cfg.sensors}
+        rec.topics = find_topics(reader, opts.topics, leave_out)
+        rec.configured = tuple(MODALITIES[m] for m in sorted(rec.topics.sensors))
+        rec.read_notes = reader.notes  # the reader's own list: what it notes while reading shows too
+        self.reader, self.sync, self.opts, self.rec = reader, sync, opts, rec
+        self.clock = clock or FusionClock(sync, opts.fusion_rate_hz, trigger_modality(opts.trigger),
+                                          events=rec.events, phase_ns=phase_ns)  # its notes join the recording's
+
+    def read(self, start: int | None, stop: int | None, progress=None) -> Iterator[SensorSnapshot]:
+        """The snapshots due while the messages received in [start, stop) are fed in (None: no bound)."""
+        sync, rec = self.sync, self.rec
+        for msg in read_messages(self.reader, rec.topics, start, stop):
+            rec.messages += 1
+            if progress is not None:
+                _advance(progress, (msg.log_time_ns - (self.reader.start_time if start is None else start)) // NS_PER_MS)
+            if msg.frame is None:
+                sync.drop(msg.modality, "malformed", msg.error)
+                rec.first_error.setdefault(msg.modality, f"{msg.topic}: {msg.error}")
+                continue
+            offset = msg.frame.stamp_ns - msg.log_time_ns
+            rec.clock_offsets_ns.setdefault(msg.modality, [offset, offset])[1] = offset
+            frame = msg.frame if self.opts.clock == "header" else dataclasses.replace(msg.frame, stamp_ns=msg.log_time_ns)
+            rec.rates[msg.modality].add(frame.stamp_ns)
+            dropped = sync.health[msg.modality].dropped
+            yield from self.clock.add(frame, msg.topic)
+            if sync.health[msg.modality].dropped != dropped:
+                rec.events.pop()  # the clock's one note on a refused frame, its last: `notes` sums drops per sensor
+
+    def first_stamp(self, start: int | None, stop: int | None) -> int | None:
+        """The stamp of the first frame in [start, stop) that the clock would take: where its ticks start."""
+        for msg in read_messages(self.reader, self.rec.topics, start, stop):
+            if msg.frame is not None:
+                return msg.frame.stamp_ns if self.opts.clock == "header" else msg.log_time_ns
+        return None
 
 
 def recorded_inputs(bags: Sequence[str | Path], cfg: FusionConfig, opts: ReplayOptions = ReplayOptions(progress=False),
@@ -295,7 +356,7 @@ STAGE = ".partial"  # the outputs while the replay runs, moved into OUT when it 
 
 def replay(bags: Sequence[str | Path], pipeline: FusionPipeline, out_dir: str | Path,
            opts: ReplayOptions = ReplayOptions(), sync_cfg: SyncConfig | None = None,
-           attention_model: FusionModel | None = None) -> dict:
+           attention_model: FusionModel | None = None, jobs: int = 1, params: dict | None = None) -> dict:
     """Replay `bags` into `out_dir`; -> the summary (also written as summary.json).
 
     A bag that breaks off part-way (truncated, corrupt) is processed up to the fault; the outputs are
@@ -303,9 +364,17 @@ def replay(bags: Sequence[str | Path], pipeline: FusionPipeline, out_dir: str | 
     τ, the bags and the window are checked before `out_dir` is touched, and the outputs are written aside
     (STAGE) and replace an earlier replay's only at the end: a run that fails leaves them as they were.
     `attention_model`: the torch model the pipeline runs, for the attention maps (opts.attention_*).
+    jobs > 1: the recording in that many time windows at once, a process each, each building its pipeline
+    from `params` (the node's parameters `pipeline` was built from): the same outputs (replay_windows).
     """
     _check(opts)
     maps_asked = bool(opts.attention_at_s) or opts.attention_video
+    if not (isinstance(jobs, int) and jobs >= 1):
+        raise ConfigError(f"jobs must be an integer >= 1, got {jobs!r}")
+    if jobs > 1 and maps_asked:
+        raise ConfigError("attention maps come from one replay of the whole recording: leave out --jobs")
+    if jobs > 1 and params is None:
+        raise ConfigError("a replay in windows builds a pipeline per process from the node's parameters: pass params")
     if maps_asked and (attention_model is None or weights_digest(attention_model) != pipeline.weights_digest):
         raise ConfigError("attention maps need the torch model that the pipeline runs (attention_model)")
     for tau in opts.taus:
@@ -320,8 +389,16 @@ def replay(bags: Sequence[str | Path], pipeline: FusionPipeline, out_dir: str | 
         out = Path(out_dir)
         stage = _prepare_output(out)
         try:
-            summary = _replay(reader, bags, pipeline, stage, opts, taus, sync_cfg,
-                              attention_model if maps_asked else None, wall_start)
+            summary, whole = None, {}
+            if jobs > 1:
+                from .replay_windows import replay_windows
+
+                summary, why = replay_windows(reader, bags, pipeline, params, stage, opts, taus, sync_cfg, jobs,
+                                              wall_start)
+                whole = {"windows": {"jobs": jobs, "replayed_whole": why}}
+            if summary is None:
+                summary = _replay(reader, bags, pipeline, stage, opts, taus, sync_cfg,
+                                  attention_model if maps_asked else None, wall_start, whole)
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise
@@ -330,14 +407,14 @@ def replay(bags: Sequence[str | Path], pipeline: FusionPipeline, out_dir: str | 
 
 
 def _replay(reader, bags, pipeline: FusionPipeline, out: Path, opts: ReplayOptions, taus: np.ndarray,
-            sync_cfg: SyncConfig | None, attention_model: FusionModel | None, wall_start: float) -> dict:
-    """`replay`'s run, from an open reader into the staging folder `out`."""
+            sync_cfg: SyncConfig | None, attention_model: FusionModel | None, wall_start: float,
+            timing_notes: dict) -> dict:
+    """`replay`'s run, from an open reader into the staging folder `out`; `timing_notes` go to timing.json."""
     sync = SensorSync(sync_cfg or SyncConfig.for_model(pipeline.cfg))
-    diag_every = max(1, round(opts.diagnostics_period_s * opts.fusion_rate_hz))
-    trace, rec = _Trace(), Recording()
+    rec = Recording()
     processing_s = 0.0
     progress = _progress(_window_ms(reader, opts), opts.progress)
-    fused_bag, withheld = None, 0
+    writer = ReplayWriter(out, opts, pipeline.backend_info())
     maps = None if attention_model is None else _AttentionMaps(out, attention_model, pipeline, opts)
     try:  # a read fault ends the loop, in rec.fault
         states_iter = fuse_recording(reader, pipeline, sync, opts, taus, rec, progress)
@@ -350,24 +427,51 @@ def _replay(reader, bags, pipeline: FusionPipeline, out: Path, opts: ReplayOptio
             if maps is not None:  # the bag's start on the fusion's clock: the first frame's offset
                 first_offset = next(iter(rec.clock_offsets_ns.values()))[0] if opts.clock == "header" else 0
                 maps.add(tick.snap, reader.start_time + first_offset)
-            fused_bag = fused_bag or _FusedBag(out / "fused")
-            _record(trace, states, tick, rec.configured)
-            if states[0].all_masked:  # withheld, as the node does: the model's output from nothing
-                withheld += 1
-            else:
-                fused_bag.write_state(states[0])
-            if len(trace.stamps) % diag_every == 0:
-                fused_bag.write_diagnostics(tick.snap.stamp_ns, diagnostics(
-                    tick.health, states[0], pipeline.backend_info(), None,
-                    trace.latency_ms[-1], 1.0 / opts.fusion_rate_hz, rec.configured))
+            writer.add(tick, states, rec.configured)
     finally:
         progress.close()
-        if fused_bag is not None:
-            fused_bag.close()
+        writer.close()
         if maps is not None:
             maps.close()
-    wall_s = time.perf_counter() - wall_start
+    timing = {"wall_s": time.perf_counter() - wall_start, "processing_s": processing_s, **timing_notes}
+    extra = {"attention_maps": maps.summary()} if maps is not None else {}
+    return finish_replay(out, bags, rec, sync, writer, opts, taus, pipeline.backend_info(), pipeline.frame_id,
+                         timing, extra)
 
+
+class ReplayWriter:
+    """The fused bag and the trace, fusion by fusion, as the node publishes: a state per fusion (none
+    where every sensor is masked), /diagnostics every diagnostics period."""
+
+    def __init__(self, out: Path, opts: ReplayOptions, backend_info: dict):
+        self.out, self.opts, self.backend_info = out, opts, backend_info
+        self.diag_every = max(1, round(opts.diagnostics_period_s * opts.fusion_rate_hz))
+        self.trace = _Trace()
+        self.fused_bag: _FusedBag | None = None
+        self.withheld = 0
+
+    def add(self, tick: Tick, states: list[FusedState], configured: tuple[str, ...]) -> None:
+        self.fused_bag = self.fused_bag or _FusedBag(self.out / "fused")
+        _record(self.trace, states, tick, configured)
+        if states[0].all_masked:  # withheld, as the node does: the model's output from nothing
+            self.withheld += 1
+        else:
+            self.fused_bag.write_state(states[0])
+        if len(self.trace.stamps) % self.diag_every == 0:
+            self.fused_bag.write_diagnostics(tick.stamp_ns, diagnostics(
+                tick.health, states[0], self.backend_info, None, self.trace.latency_ms[-1],
+                1.0 / self.opts.fusion_rate_hz, configured))
+
+    def close(self) -> None:
+        if self.fused_bag is not None:
+            self.fused_bag.close()
+
+
+def finish_replay(out: Path, bags, rec: Recording, sync: SensorSync, writer: ReplayWriter, opts: ReplayOptions,
+                  taus: np.ndarray, backend_info: dict, frame_id: str, timing: dict, extra: dict) -> dict:
+    """After the fusions: BagError where nothing came of the recording, else summary.json, timing.json
+    (`timing`: wall_s, processing_s, and what else the run reports) and the plots; -> the summary."""
+    trace = writer.trace
     if rec.messages == 0:
         reason = (f"read stopped: {rec.fault}" if rec.fault
                   else f"no readable camera, lidar or IMU message (skipped: {rec.topics.skipped})")
@@ -378,15 +482,15 @@ def _replay(reader, bags, pipeline: FusionPipeline, out: Path, opts: ReplayOptio
         raise BagError(f"no fused state from {', '.join(map(str, bags))}: "
                        + "; ".join(rec.notes(sync)[:4] or ["no sensor frame was fresh at any fusion"]) + hint)
     summary = _summary(bags, rec, trace, taus, sync, opts)
-    summary["backend"] = pipeline.backend_info()
-    summary["frame_id"] = pipeline.frame_id  # of the fused states written
-    summary["withheld_all_masked"] = withheld  # fusion ticks with every sensor masked: no state written
-    if maps is not None:
-        summary["attention_maps"] = maps.summary()
+    summary["backend"] = backend_info
+    summary["frame_id"] = frame_id  # of the fused states written
+    summary["withheld_all_masked"] = writer.withheld  # fusion ticks with every sensor masked: no state written
+    summary |= extra
     (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    recorded_s = _span_s(trace.stamps)
+    recorded_s, wall_s = _span_s(trace.stamps), timing.pop("wall_s")
     timing = {"wall_s": wall_s, "recorded_s": recorded_s, "speed_x_real_time": recorded_s / wall_s if wall_s else None,
-              "fusion_ms_mean": 1e3 * processing_s / max(len(trace.stamps), 1), "batch": opts.batch}
+              "fusion_ms_mean": 1e3 * timing.pop("processing_s") / max(len(trace.stamps), 1), "batch": opts.batch,
+              **timing}
     (out / "timing.json").write_text(json.dumps(timing, indent=2) + "\n")
     from .plots import replay_plots
 
@@ -505,13 +609,13 @@ def _span_s(stamps: list[int]) -> float:
 
 def _record(trace: _Trace, states: list[FusedState], tick: Tick, configured: tuple[str, ...]) -> None:
     s = states[0]
-    trace.stamps.append(tick.snap.stamp_ns)
+    trace.stamps.append(tick.stamp_ns)
     trace.masked.append(np.array([not tick.fresh[Modality[m.upper()]] for m in configured]))
     trace.attention.append(np.stack([st.modality_attention for st in states]))
     trace.trust.append(np.stack([trust_values(st) for st in states]))
     trace.present.append(s.present)
     trace.ages.append(s.ages_s)
-    trace.latency_ms.append(float("nan") if tick.newest_ns is None else (tick.snap.stamp_ns - tick.newest_ns) / 1e6)
+    trace.latency_ms.append(float("nan") if tick.newest_ns is None else (tick.stamp_ns - tick.newest_ns) / 1e6)
 
 
 def _summary(bags, rec: Recording, trace: _Trace, taus, sync, opts) -> dict:

@@ -9,6 +9,9 @@ future and values beyond physical limits are dropped and counted.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -84,13 +87,18 @@ class SensorHealth:
     dropped: int = 0  # malformed, NaN, out of order: counted by whoever dropped it
     resets: int = 0  # times its buffers were cleared because its time went back
     last_stamp_ns: int | None = None
-    # mean stamp interval: over the intervals since the start or reset, exponential with a memory of
-    # RATE_MEMORY once there are more (a jittery first interval is soon averaged out); averaging dt, not 1/dt:
-    # one near-duplicate stamp cannot blow it up
-    mean_dt_s: float = 0.0
-    intervals: int = 0
+    # the stamps of the newest RATE_MEMORY intervals since the start or reset: the period is their mean
+    # (a jittery first interval is soon averaged out; averaging dt, not 1/dt, one near-duplicate stamp
+    # cannot blow it up). A window, not an exponential average, so that it depends on recent stamps only:
+    # a replay of a later part of a recording (replay_windows) measures the same period as one of the whole
+    recent_stamps: deque[int] = field(default_factory=lambda: deque(maxlen=RATE_MEMORY + 1))
     drop_reasons: dict[str, int] = field(default_factory=dict)
     last_drop: str | None = None  # the reason for the newest drop, with what was wrong where known
+
+    @property
+    def mean_dt_s(self) -> float:
+        s = self.recent_stamps
+        return (s[-1] - s[0]) / (len(s) - 1) / NS_PER_S if len(s) > 1 else 0.0
 
     @property
     def rate_hz(self) -> float:
@@ -102,22 +110,27 @@ class SensorHealth:
 
 class _History:
     """A stream of three-axis pairs (IMU accel and gyro, odometry velocity and turn rate) in preallocated
-    arrays; appends are O(1) amortised by shifting half the buffer when full."""
+    arrays, samples lo..n. It keeps what a window can still ask for: the samples within keep_ns of the
+    newest (older ones are forgotten as new ones come), at most `capacity` (then the newest half).
+    Appends are O(1) amortised: the kept samples move to the front when the buffer is full."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, keep_ns: int):
         self.stamps = np.zeros(capacity, np.int64)
         self.first = np.zeros((capacity, 3))
         self.second = np.zeros((capacity, 3))
         self.orient = np.full((capacity, 4), np.nan)  # the IMU's, where known
-        self.n = 0
+        self.lo = self.n = 0
+        self.keep_ns = keep_ns
         self.frame_id = ""
 
     def append(self, stamp_ns: int, frame_id: str, first, second, orientation=None) -> None:
+        while self.lo < self.n and self.stamps[self.lo] < stamp_ns - self.keep_ns:
+            self.lo += 1
         if self.n == len(self.stamps):
-            keep = len(self.stamps) // 2
+            start = max(self.lo, self.n - len(self.stamps) // 2)
             for a in (self.stamps, self.first, self.second, self.orient):
-                a[:keep] = a[self.n - keep:self.n]
-            self.n = keep
+                a[:self.n - start] = a[start:self.n]
+            self.lo, self.n = 0, self.n - start
         i = self.n
         self.stamps[i], self.first[i], self.second[i] = stamp_ns, first, second
         self.orient[i] = np.nan if orientation is None else orientation
@@ -126,13 +139,19 @@ class _History:
 
     def window(self, start_ns: int, end_ns: int) -> tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
         """-> frame id, stamps, first, second and orientation (None unless every sample knew it) in (start, end]."""
-        lo, hi = np.searchsorted(self.stamps[: self.n], [start_ns, end_ns], side="right")
+        lo, hi = self.lo + np.searchsorted(self.stamps[self.lo:self.n], [start_ns, end_ns], side="right")
         orient = self.orient[lo:hi].copy()
         return (self.frame_id, self.stamps[lo:hi].copy(), self.first[lo:hi].copy(), self.second[lo:hi].copy(),
                 None if np.isnan(orient).any() or hi == lo else orient)
 
     def clear(self) -> None:
-        self.n = 0
+        self.lo = self.n = 0
+
+    def digest(self, h) -> None:
+        """Add the kept samples to the hash `h` (SensorSync.state_digest)."""
+        h.update(self.frame_id.encode())
+        for a in (self.stamps, self.first, self.second, self.orient):
+            h.update(a[self.lo:self.n].tobytes())
 
 
 class SensorSync:
@@ -145,7 +164,12 @@ class SensorSync:
         # per sensor, the newest frame a snapshot handed out and the one handed out before it: what changed
         # since the frame fused before is the model's evidence of motion and of a frozen sensor
         self._fused: dict[Modality, tuple] = {Modality.CAMERA: (None, None), Modality.LIDAR: (None, None)}
-        self._history = {Modality.IMU: _History(self.cfg.imu_capacity), Modality.ODOMETRY: _History(self.cfg.imu_capacity)}
+        # A window is asked for only while its sensor is fresh, so up to future_tolerance_s before the
+        # sensor's newest sample and window_s back from there: older samples are never read again.
+        keep_s = {Modality.IMU: self.cfg.imu_window_s, Modality.ODOMETRY: self.cfg.odometry_window_s}
+        tolerance_ns = int(self.cfg.future_tolerance_s * NS_PER_S)
+        self._history = {m: _History(self.cfg.imu_capacity, int(w * NS_PER_S) + tolerance_ns + 1)
+                         for m, w in keep_s.items()}
         self._behind = dict.fromkeys(Modality, 0)  # frames in a row stamped far behind the sensor's newest
 
     def add(self, frame: CameraFrame | LidarFrame | ImuSample | OdometrySample, now_ns: int | None = None) -> str | None:
@@ -182,10 +206,7 @@ class SensorSync:
             self._reset(modality, frame.stamp_ns)
         elif h.last_stamp_ns is not None and frame.stamp_ns <= h.last_stamp_ns:
             return self.drop(modality, "duplicate_stamp" if frame.stamp_ns == h.last_stamp_ns else "out_of_order")
-        if h.last_stamp_ns is not None:
-            h.intervals += 1
-            dt = (frame.stamp_ns - h.last_stamp_ns) / NS_PER_S
-            h.mean_dt_s += (dt - h.mean_dt_s) / min(h.intervals, RATE_MEMORY)
+        h.recent_stamps.append(frame.stamp_ns)
         h.received += 1
         h.last_stamp_ns = frame.stamp_ns
         if modality is Modality.CAMERA:
@@ -240,7 +261,8 @@ class SensorSync:
         if modality in self._fused:
             self._fused[modality] = (None, None)
         h = self.health[modality]
-        h.last_stamp_ns, h.mean_dt_s, h.intervals = None, 0.0, 0
+        h.last_stamp_ns = None
+        h.recent_stamps.clear()
         h.resets += 1
         near_ns = self.cfg.reset_on_jump_back_s * NS_PER_S
         if not any(o.last_stamp_ns is not None and abs(o.last_stamp_ns - stamp_ns) <= near_ns
@@ -305,6 +327,29 @@ class SensorSync:
         """(S,) per sensor read (cfg.sensors): its newest data's age at now_ns (nan: never seen)."""
         return np.array([self.health[m].age_s(now_ns) for m in self.cfg.sensors], np.float32)
 
+    def state_digest(self) -> str:
+        """A digest of everything that decides what the sync does with the frames still to come: the
+        newest stamps, the periods' windows, the frames held and the histories' kept samples (not the
+        counters, which only count). Two syncs with the same digest take, drop and hand out the same
+        from here on: replay_windows checks with it that a window's warm-up reached the state a replay of
+        the whole recording has at the window's start."""
+        h = hashlib.blake2b(digest_size=16)
+        for m in Modality:
+            health = self.health[m]
+            h.update(repr((health.last_stamp_ns, tuple(health.recent_stamps), self._behind[m])).encode())
+        for frame in (self._camera, self._lidar, *self._fused[Modality.CAMERA], *self._fused[Modality.LIDAR]):
+            _digest_frame(h, frame)
+        for history in self._history.values():
+            history.digest(h)
+        return h.hexdigest()
+
+    def clear_counts(self) -> None:
+        """Start the counts (received, dropped, resets, drop reasons) from zero; the state is kept."""
+        self.resets = 0
+        for h in self.health.values():
+            h.received = h.dropped = h.resets = 0
+            h.drop_reasons, h.last_drop = {}, None
+
     def summary(self, now_ns: int) -> dict[str, dict]:
         """Per-sensor health as plain data (diagnostics, reports)."""
         return {name: {"received": h.received, "dropped": h.dropped, "resets": h.resets,
@@ -312,6 +357,16 @@ class SensorSync:
                        "late": h.age_s(now_ns) > self.late_after_s(m),
                        "drop_reasons": dict(h.drop_reasons), "last_drop": h.last_drop}
                 for name, m, h in ((MODALITIES[m], m, self.health[m]) for m in self.cfg.sensors)}
+
+
+def _digest_frame(h, frame) -> None:
+    if frame is None:
+        h.update(b"none")
+        return
+    for f in dataclasses.fields(frame):
+        value = getattr(frame, f.name)
+        h.update(value.tobytes() + repr((value.dtype, value.shape)).encode() if isinstance(value, np.ndarray)
+                 else repr(value).encode())
 
 
 MODALITY_OF = {CameraFrame: Modality.CAMERA, LidarFrame: Modality.LIDAR, ImuSample: Modality.IMU,

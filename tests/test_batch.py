@@ -53,11 +53,6 @@ def test_parallel_replay_is_byte_identical_and_a_bad_recording_stops_nothing(rea
             assert (single / name).read_bytes() == (parallel / name).read_bytes(), f"{rec.stem}: {name} differs"
 
 
-def test_jobs_without_each_is_refused(real_data, tmp_path, capsys):
-    assert main(["replay", str(real_data / "lidar_camera_frame"), "-o", str(tmp_path), "--jobs", "2"]) == 2
-    assert "add --each" in capsys.readouterr().err
-
-
 def test_training_shards_made_in_parallel_equal_those_made_in_turn(real_data, tmp_path):
     import numpy as np
 

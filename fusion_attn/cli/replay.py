@@ -39,8 +39,10 @@ def add_parser(verbs):
                         help="each path is its own recording, not parts of one: folders of recordings, glob patterns "
                              "and list files (.txt: a path per line) expand; OUTPUT/<name>/ per recording and "
                              "OUTPUT/index.json")
-    replay.add_argument("--jobs", type=int, default=1, help="with --each: recordings replayed at once (a process "
-                                                            "each, one thread unless --threads)")
+    replay.add_argument("--jobs", type=int, default=1,
+                        help="processes at once, one thread each unless --threads: with --each, recordings replayed at "
+                             "once; without, one recording replayed in that many time windows, with the outputs of "
+                             "one replay of the whole")
     replay.add_argument("--ray", metavar="ADDRESS", help="with --each: replay on Ray instead, a task per recording: "
                                                          "'auto' (the cluster on this machine, else a new local one) "
                                                          "or a cluster address (docs/SCALE_OUT.md)")
@@ -54,9 +56,11 @@ def add_parser(verbs):
 def run(args) -> int:
     if args.each:
         return _run_each(args)
-    if args.jobs != 1 or args.ray:
-        raise FusionAttnError("--jobs and --ray replay several recordings: add --each (without it the bags are "
-                              "parts of one recording, merged by time)")
+    if args.ray:
+        raise FusionAttnError("--ray replays several recordings: add --each (without it the bags are parts of one "
+                              "recording, merged by time)")
+    if args.jobs > 1 and args.threads is None:
+        args.threads = 1  # a core per window
     from ..replay import replay, written_outputs
 
     at = _instants(args.attention_at) if args.attention_at else ()
@@ -66,12 +70,16 @@ def run(args) -> int:
         from ..pipeline import load_model
 
         model, _ = load_model(param(params, "checkpoint") or None)
-    summary = replay(args.bags, pipeline, args.output, opts, sync_cfg, attention_model=model)
+    summary = replay(args.bags, pipeline, args.output, opts, sync_cfg, attention_model=model, jobs=args.jobs,
+                     params=params)
     t = summary["timing"]
     print(f"replayed {summary['messages']} messages -> {summary['fusions']} fused states in frame "
           f"{summary['frame_id']} at "
           f"{summary['fused_rate_hz']:.2f} Hz; {t['recorded_s']:.1f} s recorded in {t['wall_s']:.1f} s "
           f"({t['speed_x_real_time']:.1f}x real time)")
+    if w := t.get("windows"):
+        print(f"  replayed whole, not in windows: {w['replayed_whole']}" if "replayed_whole" in w else
+              f"  in {w['windows']} windows on {w['jobs']} processes ({w['redone']} redone from the window before)")
     print("  topics: " + ", ".join(f"{m} {t}" for m, t in summary["topics"].items()))
     for topic, why in summary["skipped_topics"].items():
         print(f"  skipped {topic}: {why}")
