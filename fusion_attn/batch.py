@@ -114,10 +114,13 @@ def single_threaded() -> None:
     cv2.setNumThreads(1)
 
 
-def run_jobs(fn: Callable, jobs_args: Sequence[tuple], jobs: int = 1, ray: str | None = None) -> Iterator[JobResult]:
+def run_jobs(fn: Callable, jobs_args: Sequence[tuple], jobs: int = 1, ray: str | None = None,
+             first_here: bool = False) -> Iterator[JobResult]:
     """fn(*args) for each args; -> their JobResults in the given order, each as soon as it and all
     before it are done. jobs 1 and no ray: one after the other in this process. ray: "auto" (the
-    cluster `ray start` joined this machine to, else a local one) or a cluster address."""
+    cluster `ray start` joined this machine to, else a local one) or a cluster address. first_here:
+    the first job runs in this process while jobs - 1 processes start and run the others (this process
+    has what the job needs loaded already: it does not wait for them to start)."""
     if ray is not None:
         yield from _run_on_ray(fn, jobs_args, ray)
     elif jobs <= 1:
@@ -126,10 +129,13 @@ def run_jobs(fn: Callable, jobs_args: Sequence[tuple], jobs: int = 1, ray: str |
     else:
         import multiprocessing
 
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+        here = 1 if first_here else 0
+        with ProcessPoolExecutor(max_workers=jobs - here, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=single_threaded) as pool:
-            futures = [pool.submit(_run_one, fn, args) for args in jobs_args]
-            for future, args in zip(futures, jobs_args):
+            futures = [pool.submit(_run_one, fn, args) for args in jobs_args[here:]]
+            if here:
+                yield _run_one(fn, jobs_args[0])
+            for future, args in zip(futures, jobs_args[here:]):
                 try:
                     yield future.result()
                 except Exception as exc:  # noqa: BLE001 - the job's process died (killed, out of memory)

@@ -99,8 +99,9 @@ def replay_windows(reader, bags, pipeline: FusionPipeline, params: dict, out: Pa
     progress = _progress(_window_ms(reader, opts), opts.progress)  # moved on as each window is written
     counts = {m: SensorHealth() for m in Modality}
     resets, processing_s, redone, previous = 0, 0.0, 0, None
+    _PIPELINES.setdefault(_params_key(params), pipeline)  # the first window runs here, on this pipeline
     try:
-        for job in run_jobs(_replay_window, job_args, jobs=jobs):
+        for job in run_jobs(_replay_window, job_args, jobs=jobs, first_here=True):
             window = job.args[5]
             if not job.ok:
                 raise FusionAttnError(f"window {window.index + 1} of {len(windows)} failed: {job.error}")
@@ -184,10 +185,14 @@ _PIPELINES: dict[str, FusionPipeline] = {}
 
 def _pipeline(params: dict) -> FusionPipeline:
     """The process's pipeline for `params`, built once (a process may take several windows)."""
-    key = json.dumps(params, sort_keys=True, default=str)
+    key = _params_key(params)
     if key not in _PIPELINES:
         _PIPELINES[key] = FusionPipeline.from_params(params)
     return _PIPELINES[key]
+
+
+def _params_key(params: dict) -> str:
+    return json.dumps(params, sort_keys=True, default=str)
 
 
 def _warm_up_s(reader, rec: Recording, cfg: SyncConfig) -> float:

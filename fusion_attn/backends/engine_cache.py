@@ -25,8 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import onnx
-
 from ..config import cache_dir as config_cache_dir
 from ..errors import ConfigError
 from ..params import PARAM_DEFAULTS
@@ -174,6 +172,8 @@ _ONNX_TYPES = {1: "float", 10: "half", 9: "bool", 6: "int32", 7: "int64", 3: "in
 
 def onnx_io(onnx_path: str | Path) -> dict[str, TensorIO]:
     """The I/O of an ONNX graph, as an engine built from it must have it (symbolic dims -> -1)."""
+    import onnx  # here, not at the top: two seconds of every start that builds no engine
+
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     initializers = {t.name for t in graph.initializer}
     io = {}

@@ -12,7 +12,6 @@ from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 
 from ..frames import CAMERA_ENCODINGS
@@ -45,6 +44,8 @@ def export_onnx(model: FusionModel, path: str | Path, opset: int = OPSET) -> Pat
     exporter, because converting the opset-18 graph down fails on the Reduce ops (axes moved from
     attribute to input in 18).
     """
+    import onnx  # here, not at the top: a start on a cached export needs none of its 2 s of imports
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # a CPU copy in eval mode: the example inputs are CPU tensors, the caller's model may be on a GPU (a
@@ -76,6 +77,8 @@ def export_step_onnx(model: FusionModel, image_shape: tuple[int, int, int], enco
     """Export the whole step (step.FusionStep: sensor arrays -> tokens -> fused state) for one camera
     resolution and encoding, as one graph for one TensorRT engine. Dynamic: the batch, the point counts
     (`points`, `points_prev`) and the IMU samples (`imu_t`, `imu_values`); opset 18 and later only."""
+    import onnx  # here, not at the top: a start on a cached export needs none of its 2 s of imports
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(model).cpu().eval()
@@ -115,6 +118,8 @@ def tensorrt_supported_ops() -> set[str]:
 
 def unsupported_ops(onnx_path: str | Path) -> list[str]:
     """Op types in the graph (any domain but the default counts as unsupported) not on the allow-list."""
+    import onnx  # here, not at the top: a start on a cached export needs none of its 2 s of imports
+
     graph = onnx.load(str(onnx_path)).graph
     allowed = tensorrt_supported_ops()
     used = {(n.domain or "ai.onnx", n.op_type) for n in graph.node}
