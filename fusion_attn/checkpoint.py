@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from .config import FusionConfig
 from .errors import CheckpointError, ConfigError
+from .files import written_aside
 from .model import FusionModel
 
 FORMAT = "fusion_attn/1"
@@ -27,7 +28,8 @@ def save_checkpoint(model: FusionModel, path: str | Path, info: dict | None = No
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "config": model.cfg.to_json(), "info": json.dumps(info or {}, sort_keys=True)}
-    save_file(tensors, str(path), metadata=meta)
+    with written_aside(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from .config import FusionConfig
 from .config import cache_dir as config_cache_dir
 from .contract import fusion_terms
 from .errors import BackendUnavailable, CheckpointError, ConfigError
+from .files import written_aside
 from .frames import MODALITIES, CameraFrame, FusedState, LidarFrame
 from .model import FusionModel
 from .params import TAU_NAMES, param
@@ -106,9 +106,8 @@ def _cached_export(path: Path, export) -> Path:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not path.is_file():
                 log.info("exporting ONNX graph to %s", path)
-                tmp = path.with_suffix(f".tmp{os.getpid()}")
-                export(tmp)
-                tmp.replace(path)  # atomic: a reader without the lock never sees half a file
+                with written_aside(path) as tmp:  # a reader without the lock never sees half a file
+                    export(tmp)
     except OSError as exc:
         raise CheckpointError(f"cannot write the ONNX cache {path} ({exc}); set FUSION_ATTN_CACHE to a "
                               "writable folder") from exc

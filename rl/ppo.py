@@ -42,6 +42,7 @@ from safetensors.torch import save_file
 from fusion_attn.checkpoint import read_safetensors
 from fusion_attn.contract import CONTRACT_KEY, PolicyContract
 from fusion_attn.errors import CheckpointError, ConfigError
+from fusion_attn.files import written_aside
 
 from .agent import ActorCritic, reset_memory
 from .config import PPOConfig
@@ -370,7 +371,8 @@ def aux_info_size(env: gym.Env, cfg: PPOConfig) -> int:
 
 def save_agent(agent: ActorCritic, path: Path, meta: dict) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in agent.state_dict().items()}
-    save_file(tensors, str(path), metadata={"format": FORMAT, "meta": json.dumps(meta, sort_keys=True)})
+    with written_aside(path) as tmp:  # a Ctrl-C mid-save leaves the last whole checkpoint
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, "meta": json.dumps(meta, sort_keys=True)})
 
 
 def load_agent(path: str | Path) -> tuple[ActorCritic, dict]:
@@ -560,10 +562,10 @@ def train(cfg: PPOConfig, out: str | Path, resume: bool = False, overwrite: bool
         bar.set_postfix({k: f"{row[k]:.2f}" for k in ("episode_return", "episode_success") if k in row})
         recent = {k: v[-50:] for k, v in recent.items()}
         save_agent(agent, out / "agent.safetensors", {**meta, "global_step": global_step})
-        torch.save({"agent": agent.state_dict(), **({"aux_head": aux_head.state_dict()} if aux_head is not None else {}),
-                    "optimizer": optimizer.state_dict(), "iteration": iteration + 1,
-                    "global_step": global_step, "torch_rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg)},
-                   state_path)
+        with written_aside(state_path) as tmp:
+            torch.save({"agent": agent.state_dict(), **({"aux_head": aux_head.state_dict()} if aux_head is not None else {}),
+                        "optimizer": optimizer.state_dict(), "iteration": iteration + 1, "global_step": global_step,
+                        "torch_rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg)}, tmp)
         if time.perf_counter() - t_plot > 60 or iteration + 1 == iterations:  # a plot a minute at most: cheap
             plot_curve(rows, out / "curve.png", cfg.env_id)
             t_plot = time.perf_counter()

@@ -38,6 +38,24 @@ def test_truncated_file(saved, tmp_path):
         load_checkpoint(bad)
 
 
+def test_a_save_that_fails_part_way_leaves_the_earlier_checkpoint_whole(saved, tmp_path, monkeypatch):
+    """Saved beside and renamed over (files.written_aside): a crash or Ctrl-C mid-write loses nothing."""
+    import fusion_attn.checkpoint as checkpoint
+
+    model, path = saved
+    before = path.read_bytes()
+
+    def half_then_fail(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save_file", half_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(model, path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [path.name]
+    load_checkpoint(path)
+
+
 def test_pickle_file_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "pwned"
 

@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 
 from ..config import cache_dir as config_cache_dir
 from ..errors import ConfigError
+from ..files import written_aside
 from ..params import PARAM_DEFAULTS
 
 log = logging.getLogger(__name__)
@@ -269,20 +269,16 @@ class EngineCache:
         meta = {"format": SIDECAR_FORMAT, "key": key.to_dict(), "engine": engine_path.name,
                 "engine_sha256": hashlib.sha256(engine).hexdigest(),
                 "io": {n: dataclasses.asdict(t) for n, t in io.items()}, **details}
-        _atomic_write(engine_path, engine)
-        _atomic_write(sidecar, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+        with written_aside(engine_path) as tmp:
+            tmp.write_bytes(engine)
+        with written_aside(sidecar) as tmp:
+            tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         return engine_path
 
     def discard(self, key: EngineKey, reason: str) -> None:
         log.warning("discarding cached TensorRT engine %s: %s", self.paths(key)[0], reason)
         for path in self.paths(key):
             path.unlink(missing_ok=True)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 def layer_precisions(engine_information: str) -> dict[str, int]:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from ..errors import FusionAttnError
+from ..files import written_aside
 from .common import model_args
 
 
@@ -40,9 +40,8 @@ def run(args) -> int:
     path = args.output
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.resolve() != Path(cached).resolve():
-        partial = path.with_name(path.name + ".partial")
-        shutil.copyfile(cached, partial)
-        os.replace(partial, path)
+        with written_aside(path) as tmp:
+            shutil.copyfile(cached, tmp)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB) from {source}")
     print(f"  parity torch vs onnxruntime, batch 3: max abs diff {diff:.2e}")
     print(f"  TensorRT ONNX parser allow-list: {'all ops supported' if not bad else 'UNSUPPORTED: ' + ', '.join(bad)}")

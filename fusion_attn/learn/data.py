@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 
 from ..config import FusionConfig
 from ..errors import ConfigError, FusionAttnError
+from ..files import written_aside
 from ..frames import NS_PER_S
 from ..tokenize import (
     IMU_AXES,
@@ -239,9 +239,8 @@ class Shard:
                 return {k: z[k] for k in z.files}
         arrays = self.make()
         cache.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-        np.savez_compressed(tmp, **arrays)
-        tmp.replace(path)
+        with written_aside(path, ".npz") as tmp:
+            np.savez_compressed(tmp, **arrays)
         return arrays
 
 

@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import shutil
 import subprocess
 import time
@@ -25,6 +24,7 @@ from torch import nn
 from ..checkpoint import read_checkpoint, save_checkpoint
 from ..config import CameraTokens, FusionConfig, ModelConfig, cache_dir
 from ..errors import CheckpointError, ConfigError
+from ..files import written_aside
 from ..frames import Modality
 from ..model import FusionModel
 from .augment import FaultPlan, corrupt, gather, random_tau
@@ -195,9 +195,8 @@ def save_state(path: Path, step: int, tc: TrainConfig, cfg: FusionConfig, model:
              "fusion_config": cfg.to_json(), "model": model.state_dict(), "heads": heads.state_dict(),
              "optimizer": opt.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
              **{name: reader.state_dict() for name, reader in (readers or {}).items()}}
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(state, tmp)
-    tmp.replace(path)  # a crash while saving never leaves half a state behind
+    with written_aside(path) as tmp:  # a crash while saving never leaves half a state behind
+        torch.save(state, tmp)
 
 
 def read_state(path: Path) -> tuple[dict, TrainConfig, FusionConfig]:

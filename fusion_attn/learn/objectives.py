@@ -23,6 +23,7 @@ from torch import nn
 from ..checkpoint import read_safetensors
 from ..config import FusionConfig
 from ..errors import CheckpointError, ConfigError
+from ..files import written_aside
 from ..frames import Modality
 from ..model import MLP, FusionModel, SensorEmbedding
 from ..tokenize import IMU_AXES, LIDAR_INDEX, LOG_INTENSITY_SCALE, imu_samples
@@ -382,7 +383,8 @@ def save_heads(heads: Heads, path: str | Path, info: dict | None = None) -> Path
     in_dim = heads.trunk[1].in_features
     meta = {"format": HEADS_FORMAT, "sizes": json.dumps(heads.sizes), "in_dim": str(in_dim),
             "hidden": str(heads.trunk[1].out_features), "info": json.dumps(info or {}, sort_keys=True)}
-    save_file(tensors, str(path), metadata=meta)
+    with written_aside(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return Path(path)
 
 
