@@ -36,7 +36,7 @@ def save_checkpoint(model: FusionModel, path: str | Path, info: dict | None = No
 def read_safetensors(path: str | Path, expect_format: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """-> (metadata, tensors) of a safetensors file whose metadata "format" is `expect_format`; the
     one place this project opens safetensors files (model, heads, RL agent). CheckpointError on a
-    missing, truncated, corrupt or foreign file."""
+    missing, truncated, corrupt or foreign file, or one holding NaN or inf (a training that diverged)."""
     path = Path(path)
     if not path.is_file():
         what = "is a folder, not a checkpoint file" if path.is_dir() else "not found"
@@ -49,6 +49,8 @@ def read_safetensors(path: str | Path, expect_format: str) -> tuple[dict[str, st
         raise CheckpointError(f"{path} is not a readable safetensors checkpoint (corrupt or truncated?): {exc}") from exc
     if meta.get("format") != expect_format:
         raise CheckpointError(f"{path} is not a {expect_format} checkpoint (metadata format={meta.get('format')!r})")
+    if bad := [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]:
+        raise CheckpointError(f"{path}: {', '.join(bad[:3])} hold NaN or inf: not trained weights")
     return meta, tensors
 
 
@@ -77,8 +79,6 @@ def load_checkpoint(path: str | Path, expect: FusionConfig | None = None) -> Fus
         if tensor.shape != own[name].shape:
             raise CheckpointError(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, "
                                   f"the model expects {tuple(own[name].shape)}")
-        if not torch.isfinite(tensor).all():
-            raise CheckpointError(f"{path}: tensor {name} holds NaN or inf")
     model.load_state_dict(tensors)
     return model.eval()
 
