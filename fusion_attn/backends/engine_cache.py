@@ -172,7 +172,7 @@ _ONNX_TYPES = {1: "float", 10: "half", 9: "bool", 6: "int32", 7: "int64", 3: "in
 
 def onnx_io(onnx_path: str | Path) -> dict[str, TensorIO]:
     """The I/O of an ONNX graph, as an engine built from it must have it (symbolic dims -> -1)."""
-    import onnx  # here, not at the top: two seconds of every start that builds no engine
+    import onnx  # here, not at the top: 1.8 s of every start that builds no engine (benchmarks/process_start.py)
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     initializers = {t.name for t in graph.initializer}

@@ -44,7 +44,7 @@ def export_onnx(model: FusionModel, path: str | Path, opset: int = OPSET) -> Pat
     exporter, because converting the opset-18 graph down fails on the Reduce ops (axes moved from
     attribute to input in 18).
     """
-    import onnx  # here, not at the top: a start on a cached export needs none of its 2 s of imports
+    import onnx  # here, not at the top: a start on a cached export needs none of its 1.8 s of imports
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,7 +77,7 @@ def export_step_onnx(model: FusionModel, image_shape: tuple[int, int, int], enco
     """Export the whole step (step.FusionStep: sensor arrays -> tokens -> fused state) for one camera
     resolution and encoding, as one graph for one TensorRT engine. Dynamic: the batch, the point counts
     (`points`, `points_prev`) and the IMU samples (`imu_t`, `imu_values`); opset 18 and later only."""
-    import onnx  # here, not at the top: a start on a cached export needs none of its 2 s of imports
+    import onnx  # here, not at the top: a start on a cached export needs none of its 1.8 s of imports
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -118,7 +118,7 @@ def tensorrt_supported_ops() -> set[str]:
 
 def unsupported_ops(onnx_path: str | Path) -> list[str]:
     """Op types in the graph (any domain but the default counts as unsupported) not on the allow-list."""
-    import onnx  # here, not at the top: a start on a cached export needs none of its 2 s of imports
+    import onnx  # here, not at the top: a start on a cached export needs none of its 1.8 s of imports
 
     graph = onnx.load(str(onnx_path)).graph
     allowed = tensorrt_supported_ops()
