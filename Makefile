@@ -24,7 +24,7 @@ run: $(STAMP)
 
 # --prefetch-graphs: the ONNX graphs many tests share are exported beside the run (tests/graphs.py)
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q --prefetch-graphs
+	$(VENV)/bin/python -m pytest -q --prefetch-graphs -n 2 --dist loadfile --no-loadscope-reorder
 
 # The packaged default model (fusion_attn/data/fusion_default*.safetensors), reproduced: simulated
 # episodes plus the real recordings beside the checkout; ~20 min on one CPU core (docs/TRAINING.md).

@@ -60,7 +60,7 @@ setup(
     ],
     extras_require={
         "ros-wheels": ROS_WHEELS,
-        "test": ["pytest", "hypothesis", "psutil"],
+        "test": ["pytest", "pytest-xdist", "hypothesis", "psutil"],
         # The simulator (fusion_attn/sim), tested with MuJoCo 4.0 (older 3.x releases call mj_multiRay without
         # its `normal` argument); headless rendering needs the system's EGL (Mesa) library.
         "sim": ["mujoco>=4.0", "gymnasium>=1.0"],

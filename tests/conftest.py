@@ -1,15 +1,78 @@
-"""Shared fixtures. Real recordings live in ../shared/data/real beside the checkout."""
+"""Shared fixtures. Real recordings live in ../shared/data/real beside the checkout.
 
+`make test` runs the suite on two pytest-xdist workers: each test file runs whole in one worker (its
+module fixtures are made once), the longest files first; the workers share one ONNX cache, each talks
+DDS on domains of its own (ros_domain), and a test marked `alone` runs while the other worker waits."""
+
+import fcntl
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ... under pytest -n; "" without
+ROS_DOMAINS_PER_PROCESS = 8
+
+
+def ros_domain(slot: int) -> str:
+    """ROS_DOMAIN_ID for a test's DDS traffic, slot 0-7 of this test process: two tests in one process use
+    different slots, the workers of one run different blocks, and another run on this machine (its
+    controller's pid) most likely others. Domains 1-224: Fast DDS's ports allow up to 232."""
+    assert 0 <= slot < ROS_DOMAINS_PER_PROCESS
+    run = os.getppid() if XDIST_WORKER else os.getpid()
+    worker = int(XDIST_WORKER[2:]) if XDIST_WORKER else 0
+    return str(1 + (run + worker) % 28 * ROS_DOMAINS_PER_PROCESS + slot)
+
+
+# the files that take longest (--durations), handed to the workers first so that none of them starts last
+LONGEST_FILES = ("test_rl", "test_train", "test_replay", "test_node_dds", "test_export", "test_workers")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "alone: under pytest -n, no other worker runs a test meanwhile (a node's "
+                                       "rate or its draining of a flood, timed on shared cores)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under `pytest -n N --dist loadfile --no-loadscope-reorder`, the longest files go first."""
+    if XDIST_WORKER:
+        rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+        items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: a file's own order is kept
+
+
+def _run_lock() -> Path:
+    return Path(tempfile.gettempdir()) / f"fusion_attn-tests-{os.environ['PYTEST_XDIST_TESTRUNUID']}"
+
+
+def pytest_sessionfinish(session):
+    if XDIST_WORKER:  # each worker as it ends: one still running makes them again, alone by then
+        for suffix in (".turnstile", ".lock"):
+            Path(f"{_run_lock()}{suffix}").unlink(missing_ok=True)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Under pytest -n: a test marked `alone` (setup to teardown) waits until no other worker runs one, and
+    the others wait for it. A readers-writer lock over two files of the run: a test waiting to run alone
+    holds the turnstile, so that the others cannot start one after another ahead of it."""
+    if not XDIST_WORKER:
+        return (yield)
+    run = _run_lock()
+    alone = item.get_closest_marker("alone") is not None
+    with open(f"{run}.turnstile", "a") as turnstile, open(f"{run}.lock", "a") as lock:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        if not alone:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        if alone:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        return (yield)  # closing the files releases the lock
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -17,7 +80,10 @@ def shared_cache(tmp_path_factory) -> Path:
     """One cache (ONNX exports, training shards) for the whole run and the nodes it starts: each graph is
     exported once, and the user's ~/.cache is left alone. A $FUSION_ATTN_CACHE already set is kept."""
     if "FUSION_ATTN_CACHE" not in os.environ:
-        os.environ["FUSION_ATTN_CACHE"] = str(tmp_path_factory.getbasetemp() / "cache")
+        run_temp = tmp_path_factory.getbasetemp()
+        if XDIST_WORKER:  # each worker's temp is a folder of the run's: one cache for them all
+            run_temp = run_temp.parent
+        os.environ["FUSION_ATTN_CACHE"] = str(run_temp / "cache")
     return Path(os.environ["FUSION_ATTN_CACHE"])
 
 
@@ -30,8 +96,8 @@ def pytest_addoption(parser):
 def prefetched_graphs(shared_cache, request):
     """With --prefetch-graphs, tests/graphs.py exports into the run's cache beside the tests from the
     start; stopped at the end if still busy (a test never depends on it: it waits for or makes a graph)."""
-    if not request.config.getoption("--prefetch-graphs"):
-        yield
+    if not request.config.getoption("--prefetch-graphs") or XDIST_WORKER not in ("", "gw0"):
+        yield  # one prefetch for the run: the other workers wait for a graph it is exporting
         return
     shared_cache.mkdir(parents=True, exist_ok=True)
     with open(shared_cache / "prefetch.log", "w") as log:
@@ -42,6 +108,16 @@ def prefetched_graphs(shared_cache, request):
     yield
     proc.terminate()
     proc.wait()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cores_shared_by_workers():
+    """Each of N workers' torch runs on its share of the cores: N processes each running as many threads as
+    there are cores would make every one of them slower than one at a time."""
+    if XDIST_WORKER:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import stop_node, wait_until
+from conftest import ros_domain, stop_node, wait_until
 
 rclpy = pytest.importorskip("rclpy", reason="rclpy (ROS 2) is not installed")
 from diagnostic_msgs.msg import DiagnosticArray
@@ -36,6 +36,8 @@ from fusion_attn.play import play
 
 CAMERA, IMU = "/cam0/image_raw", "/imu0"
 HEADS = 4
+
+pytestmark = pytest.mark.alone  # a node fusing at its rate and draining floods: not beside another test
 
 
 class RosProbe:
@@ -74,7 +76,7 @@ class RosProbe:
 
 @pytest.fixture(scope="module")
 def ros(tmp_path_factory):
-    os.environ["ROS_DOMAIN_ID"] = str(100 + os.getpid() % 100)  # keep parallel runs apart
+    os.environ["ROS_DOMAIN_ID"] = ros_domain(0)
     rclpy.init()
     tester = RosProbe()
     yield tester
@@ -437,7 +439,7 @@ def test_node_with_a_corrupt_checkpoint_says_so_and_exits(tmp_path):
     bad.write_bytes(b"\x00" * 64)
     run = subprocess.run([sys.executable, "-m", "fusion_attn.node", "--ros-args", "-r", "__node:=broken_fusion",
                           "-p", f"checkpoint:={bad}"], capture_output=True, text=True, timeout=60, check=False,
-                         env=dict(os.environ, ROS_DOMAIN_ID=str(120 + os.getpid() % 50)))
+                         env=dict(os.environ, ROS_DOMAIN_ID=ros_domain(1)))
     assert run.returncode == 1
     assert "configure failed" in run.stderr and "bad.safetensors is not a readable safetensors checkpoint" in run.stderr
 

@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import stop_node, stop_nodes, wait_until
+from conftest import ros_domain, stop_node, stop_nodes, wait_until
 
 rclpy = pytest.importorskip("rclpy", reason="rclpy (ROS 2) is not installed")
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
@@ -38,7 +38,7 @@ def policy(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ros():
-    domain = str(200 + os.getpid() % 30)
+    domain = ros_domain(2)
     os.environ["ROS_DOMAIN_ID"] = domain
     rclpy.init()
     node = rclpy.create_node("policy_tester")

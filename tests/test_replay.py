@@ -13,6 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import ros_domain
 from rosbags.highlevel import AnyReader
 from rosbags.rosbag2 import StoragePlugin, Writer
 
@@ -283,7 +284,7 @@ def _restamped(raw: bytes, msgtype: str, stamp_ns: int) -> bytes:
 
 def test_play_delivers_the_recorded_count_over_dds(real_data):
     pytest.importorskip("rclpy", reason="rclpy (ROS 2) is not installed")
-    env = dict(os.environ, ROS_DOMAIN_ID=str(50 + os.getpid() % 50))
+    env = dict(os.environ, ROS_DOMAIN_ID=ros_domain(3))
     listener = subprocess.Popen([sys.executable, "-c", LISTENER], env=env, stdout=subprocess.PIPE, text=True)
     time.sleep(3.0)  # the listener is up and discovered
     # a loaded machine can take longer than play's default 2 s to discover the listener: wait for it
@@ -344,7 +345,7 @@ def test_play_loops_until_stopped_and_stops_cleanly(real_data, sig):
     import signal
 
     pytest.importorskip("rclpy", reason="rclpy (ROS 2) is not installed")
-    env = dict(os.environ, ROS_DOMAIN_ID=str(50 + os.getpid() % 50 + 1))
+    env = dict(os.environ, ROS_DOMAIN_ID=ros_domain(4))
     player = subprocess.Popen([sys.executable, "-m", "fusion_attn.cli", "play", str(real_data / "euroc_v1_01_cam_imu"),
                                "--loop", "--rate", "4"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(10.0)  # start-up (~2 s), the 2 s wait for subscribers, then passes of 0.5 s at 4x

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import stop_nodes, wait_until
+from conftest import ros_domain, stop_nodes, wait_until
 
 rclpy = pytest.importorskip("rclpy", reason="rclpy (ROS 2) is not installed")
 from geometry_msgs.msg import PoseStamped, Twist
@@ -24,7 +24,7 @@ from fusion_attn.outputs import parse_fused_state_rows
 
 @pytest.fixture(scope="module")
 def graph(tmp_path_factory):
-    domain = str(160 + os.getpid() % 40)
+    domain = ros_domain(5)
     env = dict(os.environ, ROS_DOMAIN_ID=domain, PYTHONUNBUFFERED="1")
     os.environ["ROS_DOMAIN_ID"] = domain
     logs = tmp_path_factory.mktemp("logs")

@@ -2,18 +2,18 @@
 node that does not stop fails its test with its threads' stacks.
 Each case runs in its own process: it shuts its ROS context down."""
 
+import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
-from conftest import stop_node, wait_until
+from conftest import ros_domain, stop_node, wait_until
 
 SCRIPT = textwrap.dedent("""
     import os, rclpy
     from std_msgs.msg import Empty
     from fusion_attn.spin import spin
-    os.environ["ROS_DOMAIN_ID"] = str(150 + os.getpid() % 50)
     rclpy.init()
     node = rclpy.create_node("spin_probe")
     pub = node.create_publisher(Empty, "spin_probe", 1)
@@ -32,7 +32,8 @@ SCRIPT = textwrap.dedent("""
 
 def _run(shutdown: bool) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", SCRIPT.format(shutdown=shutdown)], check=False, capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=60,
+                          env=dict(os.environ, ROS_DOMAIN_ID=ros_domain(7)))
 
 
 def test_a_callback_cut_short_by_shutdown_is_a_clean_exit():

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ros_domain
 from graphs import random_model
 
 from fusion_attn.backends.engine_cache import (
@@ -397,7 +398,7 @@ def test_build_engine_without_tensorrt_names_the_problem(capsys):
 
 @pytest.mark.skipif(HAS_TENSORRT and HAS_CUDA, reason="TensorRT and a GPU are present: the build would succeed")
 def test_node_build_only_exits_non_zero_without_an_engine():
-    env = dict(os.environ, ROS_DOMAIN_ID=str(170 + os.getpid() % 50))
+    env = dict(os.environ, ROS_DOMAIN_ID=ros_domain(6))
     run = subprocess.run([sys.executable, "-m", "fusion_attn.node", "--ros-args", "-p", "backend:=tensorrt",
                           "-p", "build_only:=true"], env=env, capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 1, run.stderr
