@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ from conftest import ros_domain
 from rosbags.highlevel import AnyReader
 from rosbags.rosbag2 import StoragePlugin, Writer
 
-from fusion_attn.bag import find_topics, open_reader, read_messages
+from fusion_attn.bag import _mcap_chunk_start, find_topics, open_reader, read_messages
 from fusion_attn.cli import main
 from fusion_attn.errors import BagError, ConfigError
 from fusion_attn.frames import NS_PER_S
@@ -179,6 +180,24 @@ def test_truncated_bag_is_processed_up_to_the_fault(real_data, tmp_path, bag, cu
     assert summary["messages"] < full
     attention, _ = _read_output(tmp_path / "out")  # the written bag is closed and valid up to the fault
     assert len(attention) == summary["fusions"]
+
+
+def _mcap_record(opcode: int, content: bytes) -> bytes:
+    return bytes([opcode]) + struct.pack("<Q", len(content)) + content
+
+
+def test_an_mcap_chunk_cut_short_gives_its_own_whole_messages_and_nothing_after_it():
+    """bag._mcap_chunk_start, what a streamed MCAP read keeps of the chunk it failed in: the chunk's whole
+    messages only, never the records after the chunk (read as if they were its own before 4d02226)."""
+    def message(stamp: int) -> bytes:  # channel, sequence, log and publish time, data
+        return _mcap_record(0x05, struct.pack("<HIQQ", 1, stamp, stamp, stamp) + b"cdr")
+
+    records = message(1) + message(2)
+    chunk = _mcap_record(0x06, struct.pack("<QQQI", 1, 2, len(records), 0) + struct.pack("<I", 0)  # no compression
+                         + struct.pack("<Q", len(records)) + records)
+    assert [m.log_time for m in _mcap_chunk_start(chunk + message(3))] == [1, 2]
+    assert [m.log_time for m in _mcap_chunk_start(chunk[:-2])] == [1]  # the file ends in its second message
+    assert _mcap_chunk_start(chunk[:30]) == [] and _mcap_chunk_start(message(3)) == []
 
 
 @pytest.mark.parametrize("flags,problem", [
