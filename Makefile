@@ -22,7 +22,8 @@ OUT    ?= replay_out
 run: $(STAMP)
 	$(VENV)/bin/fusion-attn replay $(BAG) -o $(OUT) --backend onnxruntime
 
-# --prefetch-graphs: the ONNX graphs many tests share are exported beside the run (tests/graphs.py)
+# --prefetch-graphs: the ONNX graphs many tests share are exported beside the run (tests/graphs.py);
+# -n 2 --dist loadfile: two workers, a test file whole in one (tests/conftest.py)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q --prefetch-graphs -n 2 --dist loadfile --no-loadscope-reorder
 
