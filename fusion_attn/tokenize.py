@@ -138,14 +138,21 @@ def tokenize_lidar(frame: LidarFrame, cfg: LidarTokens) -> tuple[np.ndarray, np.
         return out, mask
     x, y, z = pts[:, 0], pts[:, 1], pts[:, 2]
     per_m = cfg.grid / (2.0 * cfg.range_m)
-    ix = np.floor((x + cfg.range_m) * per_m).astype(np.int32)
-    iy = np.floor((y + cfg.range_m) * per_m).astype(np.int32)
-    # In place, one pass each: this is the per-point part of the node's costliest stage. Read as
-    # unsigned, a negative index is huge, so one comparison tests 0 <= i < grid.
-    keep = ix.view(np.uint32) < cfg.grid
-    keep &= iy.view(np.uint32) < cfg.grid
+    # In place, one pass each: this is the per-point part of the node's costliest stage. The range is
+    # tested on the floats, where a NaN compares False (cast to an integer, a NaN is INT_MIN on x86 but
+    # 0 on ARM); inside it the cast truncates, which is the floor there.
+    fx = x + cfg.range_m
+    fx *= per_m
+    fy = y + cfg.range_m
+    fy *= per_m
+    keep = fx >= 0
+    keep &= fx < cfg.grid
+    keep &= fy >= 0
+    keep &= fy < cfg.grid
     keep &= z >= cfg.z_min_m
     keep &= z <= cfg.z_max_m
+    with np.errstate(invalid="ignore"):  # NaN, infinite or huge: any integer, the point is dumped
+        ix, iy = fx.astype(np.int32), fy.astype(np.int32)
     # Out-of-range points go to one extra "dump" cell instead of being copied out: boolean
     # indexing of a 120k cloud costs more than the whole rest of this function.
     dump = cfg.grid * cfg.grid

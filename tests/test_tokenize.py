@@ -1,6 +1,7 @@
 """Tokenizers: static shapes whatever the input, masks, ages, and the numbers inside the tokens."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -56,6 +57,18 @@ def test_lidar_is_range_limited():
     far = np.array([[80.0, 0.0, 0.0, 1.0], [0.0, -60.0, 0.0, 1.0], [3.0, 3.0, 9.0, 1.0]], np.float32)  # out of grid / too high
     points, mask = tokenize_lidar(LidarFrame(0, "l", far), CFG.lidar)
     assert not mask.any() and not points.any()
+
+
+def test_lidar_non_finite_and_huge_coordinates_are_dropped_by_a_float_test():
+    """A NaN x beside finite y and z is no point of cell 0 (a NaN cast to int32 is 0 on ARM: the range is
+    tested on the floats), nor is an infinite or a 1e9 coordinate, and none of them warns."""
+    cfg = CFG.lidar
+    bad = np.array([[np.nan, 1, 0, 5], [1, np.nan, 0, 5], [np.inf, 1, 0, 5], [1, -np.inf, 0, 5], [1e9, 1, 0, 5],
+                    [-1e9, 1, 0, 5], [-cfg.range_m, 1, 0, 5]], np.float32)  # the last: on the edge, kept
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        points, mask = tokenize_lidar(LidarFrame(0, "l", bad), cfg)
+    assert mask.sum() == 1 and points[mask][0, LIDAR_INDEX["x"]] == pytest.approx(-1.0)
 
 
 def test_lidar_budget_takes_the_most_populated_pillars_deterministically():
