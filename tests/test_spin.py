@@ -11,7 +11,7 @@ import pytest
 from conftest import ros_domain, stop_node, wait_until
 
 SCRIPT = textwrap.dedent("""
-    import os, rclpy
+    import rclpy
     from std_msgs.msg import Empty
     from fusion_attn.spin import spin
     rclpy.init()
