@@ -8,6 +8,7 @@ from real sensors.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -106,9 +107,10 @@ def _wait_for_subscribers(pubs, wait_s: float, stop: StopRequest) -> None:
 
 def _play_once(node, reader, topics, pubs, clock_pub, rate, restamp, keep, stop) -> int:
     published = 0
-    wall_start = time.monotonic()
-    # one constant shift maps the recording's clock onto now, keeping every relative offset
-    shift = node.get_clock().now().nanoseconds - reader.start_time
+    _warm_up(reader, topics)
+    # the schedule starts at the first message, once it is ready to go: started before, the bag's opening
+    # and each type's first decode (tens of ms) would send the first messages late, stamped in the past
+    wall_start = shift = None
     for conn, log_time, decoded, error in read_decoded(reader, topics):
         offset_s = (log_time - reader.start_time) / NS_PER_S
         if decoded is None:
@@ -116,10 +118,13 @@ def _play_once(node, reader, topics, pubs, clock_pub, rate, restamp, keep, stop)
             continue
         if keep is not None and not keep(conn.topic, offset_s):
             continue
-        delay = wall_start + offset_s / rate - time.monotonic()
-        if stop.sleep(delay):
-            break
         msg = to_rclpy(decoded)  # through the standard ROS 2 types: a ROS 1 bag's own ones differ (Header.seq)
+        if wall_start is None:  # as if playing had begun at the recording's start, offset_s / rate ago
+            wall_start = time.monotonic() - offset_s / rate
+            # one constant shift maps the recording's clock onto now, keeping every relative offset
+            shift = node.get_clock().now().nanoseconds - round(offset_s / rate * NS_PER_S) - reader.start_time
+        if stop.sleep(wall_start + offset_s / rate - time.monotonic()):
+            break
         if restamp:
             msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_to_ns(msg.header.stamp) + shift, NS_PER_S)
         if clock_pub is not None:
@@ -129,3 +134,16 @@ def _play_once(node, reader, topics, pubs, clock_pub, rate, restamp, keep, stop)
         pubs[conn.topic].publish(msg)
         published += 1
     return published
+
+
+def _warm_up(reader, topics) -> None:
+    """Decode and convert the first message of each played topic, unpublished: a type's first decode and
+    conversion set up its code (15-20 ms each on a 2-core VM), which must not delay that topic's first
+    message."""
+    for conn in reader.connections:
+        if conn.topic in topics.sensors.values():
+            messages = reader.messages(connections=[conn])
+            # a bad first message, or a bag that breaks off, is reported when playing reaches it
+            with contextlib.suppress(Exception), contextlib.closing(messages):
+                if (first := next(messages, None)) is not None:
+                    to_rclpy(reader.deserialize(first[2], conn.msgtype))

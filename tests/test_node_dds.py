@@ -125,7 +125,9 @@ def test_fuses_a_real_recording_at_its_rate(ros, fusion_node, real_data):
         assert attention[0].min() > 0.0
         np.testing.assert_allclose(attention.sum(0), 1.0, atol=1e-5)
     # the 200 Hz IMU is fused nearly always; a late burst on a loaded 2-core machine may mask it briefly
-    assert sum(a[2].min() > 0 for a in during) >= 0.9 * len(during)
+    with_imu = sum(a[2].min() > 0 for a in during)
+    print(f"IMU fused in {with_imu} of {len(during)} camera fusions")
+    assert with_imu >= 0.9 * len(during)
     assert ros.wait_for(lambda: ros.status("lidar")[1] == "no data received", timeout=3)
     level, _, lidar = ros.status("lidar")
     assert level == 2 and lidar["received"] == "0" and lidar["masked"] == "true"

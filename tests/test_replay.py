@@ -7,6 +7,7 @@ import re
 import struct
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import ros_domain
+from conftest import ros_domain, wait_until
 from rosbags.highlevel import AnyReader
 from rosbags.rosbag2 import StoragePlugin, Writer
 
@@ -315,6 +316,48 @@ def test_play_delivers_the_recorded_count_over_dds(real_data):
     counts = json.loads(listener.communicate(timeout=30)[0].strip().splitlines()[-1])
     assert counts["/cam0/image_raw"] == 40 and counts["/imu0"] == 401, counts
     assert counts["/clock"] == 441 and counts["clock_max"] > 1_400_000_000 * 10**9  # the recorded time (2014)
+
+
+
+def test_play_starts_its_schedule_when_the_first_message_is_ready(real_data):
+    """A slow start (here `keep` holding the first message 0.5 s, as opening a bag or a type's first decode
+    does for tens of ms) does not send the first messages late, stamped in the past, where a live node
+    masks them as stale: the recording's start maps onto the moment its first message goes out."""
+    rclpy = pytest.importorskip("rclpy", reason="rclpy (ROS 2) is not installed")
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import Image, Imu
+
+    from fusion_attn.frames import stamp_to_ns
+    from fusion_attn.play import play
+
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=int(ros_domain(3)))
+    try:
+        node = rclpy.create_node("play_schedule", context=context)
+        stamps = {"/cam0/image_raw": [], "/imu0": []}
+        qos = QoSProfile(depth=500, reliability=ReliabilityPolicy.RELIABLE)
+        for topic, msg_type in (("/cam0/image_raw", Image), ("/imu0", Imu)):
+            node.create_subscription(msg_type, topic, lambda m, t=topic: stamps[t].append(stamp_to_ns(m.header.stamp)), qos)
+        executor = SingleThreadedExecutor(context=context)
+        executor.add_node(node)
+        spinner = threading.Thread(target=executor.spin, daemon=True)
+        spinner.start()
+        ready = []
+
+        def keep(_topic, _offset_s):
+            if not ready:  # the first message, decoded: a slow moment before it can go out
+                time.sleep(0.5)
+                ready.append(node.get_clock().now().nanoseconds)
+            return True
+
+        assert play(node, [real_data / "euroc_v1_01_cam_imu"], keep=keep, wait_s=30.0) == 441
+        assert wait_until(lambda: sum(map(len, stamps.values())) == 441, timeout=10)
+        # the recording's stamps equal its log times: its first message, at its start, is stamped as it goes out
+        assert min(min(stamps["/cam0/image_raw"]), min(stamps["/imu0"])) >= ready[0]
+        executor.shutdown()
+    finally:
+        rclpy.shutdown(context=context)
 
 
 LISTENER = """
