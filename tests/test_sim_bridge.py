@@ -21,6 +21,10 @@ from sensor_msgs.msg import Image, Imu, PointCloud2
 
 from fusion_attn.outputs import parse_fused_state_rows
 
+# the bridge simulates and renders in real time and the node keeps up with its 200 Hz IMU: with both cores
+# busy elsewhere the node's IMU queue fell 100-175 ms behind the clock (max age 50 ms) and it masked the IMU
+pytestmark = pytest.mark.alone
+
 
 @pytest.fixture(scope="module")
 def graph(tmp_path_factory):
