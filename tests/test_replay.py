@@ -318,7 +318,6 @@ def test_play_delivers_the_recorded_count_over_dds(real_data):
     assert counts["/clock"] == 441 and counts["clock_max"] > 1_400_000_000 * 10**9  # the recorded time (2014)
 
 
-
 def test_play_starts_its_schedule_when_the_first_message_is_ready(real_data):
     """A slow start (here `keep` holding the first message 0.5 s, as opening a bag or a type's first decode
     does for tens of ms) does not send the first messages late, stamped in the past, where a live node
@@ -341,8 +340,7 @@ def test_play_starts_its_schedule_when_the_first_message_is_ready(real_data):
             node.create_subscription(msg_type, topic, lambda m, t=topic: stamps[t].append(stamp_to_ns(m.header.stamp)), qos)
         executor = SingleThreadedExecutor(context=context)
         executor.add_node(node)
-        spinner = threading.Thread(target=executor.spin, daemon=True)
-        spinner.start()
+        threading.Thread(target=executor.spin, daemon=True).start()
         ready = []
 
         def keep(_topic, _offset_s):
