@@ -109,7 +109,8 @@ def _play_once(node, reader, topics, pubs, clock_pub, rate, restamp, keep, stop)
     published = 0
     _warm_up(reader, topics)
     # the schedule starts at the first message, once it is ready to go: started before, the bag's opening
-    # and each type's first decode (tens of ms) would send the first messages late, stamped in the past
+    # and each type's first decode would send the first messages late, stamped in the past
+    # (tests/test_node_dds.py's rate test: the node masked the IMU in its first fusions)
     wall_start = shift = None
     for conn, log_time, decoded, error in read_decoded(reader, topics):
         offset_s = (log_time - reader.start_time) / NS_PER_S
@@ -138,8 +139,7 @@ def _play_once(node, reader, topics, pubs, clock_pub, rate, restamp, keep, stop)
 
 def _warm_up(reader, topics) -> None:
     """Decode and convert the first message of each played topic, unpublished: a type's first decode and
-    conversion set up its code (15-20 ms each on a 2-core VM), which must not delay that topic's first
-    message."""
+    conversion set up its code, which must not delay that topic's first message."""
     for conn in reader.connections:
         if conn.topic in topics.sensors.values():
             messages = reader.messages(connections=[conn])

@@ -22,7 +22,7 @@ from sensor_msgs.msg import Image, Imu, PointCloud2
 from fusion_attn.outputs import parse_fused_state_rows
 
 # the bridge simulates and renders in real time and the node keeps up with its 200 Hz IMU: with both cores
-# busy elsewhere the node's IMU queue fell 100-175 ms behind the clock (max age 50 ms) and it masked the IMU
+# busy elsewhere the node fell behind the IMU (its max age 50 ms) and masked it in most of the last 10 states
 pytestmark = pytest.mark.alone
 
 
@@ -94,6 +94,10 @@ def test_fusion_node_fuses_the_simulated_sensors_in_closed_loop(graph):
         rows = np.frombuffer(bytes(m.data), np.float32).reshape(m.height, m.width)
         attention.append(parse_fused_state_rows(rows, heads=4)["attention"])
     present = [bool(np.all(a.sum(1) > 0)) for a in attention]  # camera, lidar and IMU all attended
+    every = [parse_fused_state_rows(np.frombuffer(bytes(m.data), np.float32).reshape(m.height, m.width), heads=4)
+             ["attention"] for m in seen["fused"]]
+    print(f"all three sensors attended in {sum(present)} of the last 10 fused states; the IMU masked in "
+          f"{sum(not a[2].sum() > 0 for a in every)} of all {len(every)}")
     assert sum(present) >= 8, attention
     stamps = [m.header.stamp.sec * 10**9 + m.header.stamp.nanosec for m in seen["fused"][-10:]]
     assert max(stamps) <= seen["clock"][-1]  # stamped on the simulated clock
