@@ -13,15 +13,19 @@ Shapes: H heads, M fusion tokens, N = N_c + N_l + N_i sensor tokens, P points pe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-import torch
 
 from .config import FusionConfig, LidarTokens
 from .frames import MODALITIES, CameraFrame
-from .model import FusionModel
 from .tokenize import LIDAR_INDEX, denormalise_pixels
+
+if TYPE_CHECKING:  # torch loads where a model runs: node and replay import this module on the torch-free default
+    import torch
+
+    from .model import FusionModel
 
 MASKS = {"camera": "camera_mask", "lidar": "lidar_mask"}  # the sensors with a place to draw their tokens
 CAMERA_SCALE = 4  # panel pixels per tokenizer pixel: 96x128 -> 384x512
@@ -49,6 +53,8 @@ def attend(model: FusionModel, inputs: dict[str, np.ndarray]) -> Attention:
 
 
 def _run(model: FusionModel, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    import torch
+
     x = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
     tau = x.pop("tau")
     with torch.no_grad():

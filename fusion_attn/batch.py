@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -104,13 +105,14 @@ def _run_one(fn: Callable, args: tuple) -> JobResult:
 
 def single_threaded() -> None:
     """One thread for torch, OpenCV and the BLAS libraries in this process: a job's, or an env worker's
-    (rl.workers), so N of them use N cores."""
+    (rl.workers), so N of them use N cores. torch, if not loaded yet, takes OMP_NUM_THREADS when it is:
+    a process on ONNX Runtime alone (a replay window) never loads it."""
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
     import cv2
-    import torch
 
-    torch.set_num_threads(1)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
     cv2.setNumThreads(1)
 
 

@@ -23,12 +23,6 @@ from torch import nn
 from .config import CameraTokens, FusionConfig, LidarTokens, ModelConfig
 from .tokenize import LIDAR_INDEX, imu_samples
 
-# The exported graph's revision: part of the ONNX cache's file name (pipeline.onnx_for), so a cached
-# export of the same weights is rebuilt when the code that traces it changes. Bump it with any change
-# to the graph, even one that keeps every output (as 2 did: broadcast Where -> Add of a log mask; 3: the
-# step graph's rank scan in blocks).
-GRAPH_REVISION = 3
-
 
 def log_mask(mask: torch.Tensor) -> torch.Tensor:
     """0 where mask is True, -inf where False. Added to a larger tensor it masks exactly as masked_fill

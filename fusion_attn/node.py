@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import rclpy
-import torch
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import Vector3Stamped
 from nav_msgs.msg import Odometry
@@ -38,13 +38,15 @@ from .messages import (
     sensor_values_msg,
     to_rclpy,
 )
-from .model import FusionModel
 from .outputs import ERROR, OK, WARN, Status, diagnostics, trust_values
 from .params import PARAMETERS, TAU_NAMES, Param
 from .pipeline import FusionPipeline, load_model, weights_digest
 from .spin import accept_whole_numbers, spin
 from .sync import SensorSync, SyncConfig
 from .tokenize import SensorSnapshot, Tokenizer
+
+if TYPE_CHECKING:
+    from .model import FusionModel
 
 MESSAGE_TYPES = {("camera", "image"): Image, ("camera", "compressed"): CompressedImage,
                  ("lidar", "pointcloud2"): PointCloud2, ("lidar", "laserscan"): LaserScan, ("imu", "imu"): Imu,
@@ -125,6 +127,8 @@ class FusionNode(LifecycleNode):
     def _attention_renderer(self) -> tuple[FusionModel, Tokenizer]:
         """For attention_image: the pipeline's weights as a CPU torch model (the backends output no token
         weights) and a tokenizer of its own (the pipeline's caches the newest frames for the fusion)."""
+        import torch  # loaded by load_model; the node on ONNX Runtime never imports it otherwise
+
         model, _ = load_model(self.p("checkpoint") or None)
         # torch's default, a thread per core, makes each picture fight everything else for the cores: on 2
         # busy ones its model call took 0.2-1 s instead of 10-20 ms (the torch backend sets the same)

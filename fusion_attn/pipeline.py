@@ -2,6 +2,11 @@
 
     pipeline = FusionPipeline.create(checkpoint=None, backend="onnxruntime")
     state = pipeline.fuse(sync.snapshot(now_ns))
+
+On the embedded default (ONNX Runtime) with the weights' graph in the export cache, nothing here
+imports torch: the checkpoint is read as numpy arrays, its digest names the cached graph, and ONNX
+Runtime runs it (a node starts 3.6 s sooner in 200 MB less: docs/BENCHMARKS.md). Every other
+backend, and a graph not yet exported, builds the torch model.
 """
 
 from __future__ import annotations
@@ -10,25 +15,27 @@ import fcntl
 import hashlib
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from .backends import BACKENDS, FALLBACKS, Backend
+from .backends import BACKENDS, FALLBACKS, GRAPH_REVISION, OPSET, Backend
 from .backends.engine_cache import TensorRTOptions
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, read_checkpoint
 from .config import FusionConfig
 from .config import cache_dir as config_cache_dir
 from .contract import fusion_terms
 from .errors import BackendUnavailable, CheckpointError, ConfigError
 from .files import written_aside
 from .frames import MODALITIES, CameraFrame, FusedState, LidarFrame
-from .model import FusionModel
 from .params import TAU_NAMES, param
-from .step import step_frames, step_key
 from .sync import SyncConfig
 from .tokenize import SensorSnapshot, Tokenizer
+
+if TYPE_CHECKING:
+    from .model import FusionModel
 
 log = logging.getLogger(__name__)
 
@@ -51,42 +58,73 @@ def validate_tau(tau, sensors: int = 3) -> np.ndarray:
     return tau[: 1 + sensors]
 
 
+def _checkpoint_path(checkpoint: str | Path | None) -> str | Path | None:
+    """The checkpoint to load: the one given, else the packaged default, else None (untrained weights)."""
+    if checkpoint is None and DEFAULT_CHECKPOINT.is_file():
+        return DEFAULT_CHECKPOINT
+    return checkpoint
+
+
 def load_model(checkpoint: str | Path | None = None) -> tuple[FusionModel, str]:
     """-> (model, description). None: the packaged default model, else seed-0 initial weights."""
-    if checkpoint is None and DEFAULT_CHECKPOINT.is_file():
-        checkpoint = DEFAULT_CHECKPOINT
-    if checkpoint is not None:
+    import torch
+
+    from .model import FusionModel
+
+    if (checkpoint := _checkpoint_path(checkpoint)) is not None:
         return load_checkpoint(checkpoint), str(checkpoint)
     log.warning("no checkpoint given and no packaged default: using UNTRAINED seed-0 weights")
     torch.manual_seed(0)
     return FusionModel(FusionConfig()).eval(), "untrained (seed 0)"
 
 
-def weights_digest(model: FusionModel) -> str:
-    h = hashlib.sha256(model.cfg.to_json().encode())
-    for name, tensor in sorted(model.state_dict().items()):
+def arrays_digest(cfg: FusionConfig, arrays: Mapping[str, np.ndarray]) -> str:
+    """A digest of a model's config and weights (its state dict as numpy arrays): the ONNX cache's and
+    the policy contract's key."""
+    h = hashlib.sha256(cfg.to_json().encode())
+    for name, array in sorted(arrays.items()):
         h.update(name.encode())
-        h.update(tensor.detach().cpu().numpy().tobytes())
+        h.update(array.tobytes())
     return h.hexdigest()[:16]
+
+
+def weights_digest(model: FusionModel) -> str:
+    return arrays_digest(model.cfg, {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()})
+
+
+def _graph_path(digest: str, opset: int, cache_dir: str | Path | None = None) -> Path:
+    return Path(cache_dir or config_cache_dir()) / f"fusion-{digest}-g{GRAPH_REVISION}-opset{opset}.onnx"
 
 
 def onnx_for(model: FusionModel, cache_dir: str | Path | None = None, opset: int | None = None) -> Path:
     """The model's ONNX graph, exported once and cached under a digest of its weights and config, the
     graph's revision and the opset."""
-    from .backends.export import OPSET, export_onnx
-    from .model import GRAPH_REVISION
+    from .backends.export import export_onnx
 
     opset = opset or OPSET
-    name = f"fusion-{weights_digest(model)}-g{GRAPH_REVISION}-opset{opset}.onnx"
-    return _cached_export(Path(cache_dir or config_cache_dir()) / name, lambda path: export_onnx(model, path, opset))
+    return _cached_export(_graph_path(weights_digest(model), opset, cache_dir), lambda path: export_onnx(model, path, opset))
+
+
+def _cached_graph(checkpoint: str | Path | None) -> tuple[FusionConfig, str, str, Path] | None:
+    """(config, weights digest, description, cached ONNX graph) of a checkpoint, read without torch; None
+    where the cache has no graph of it yet, or the checkpoint is not one numpy reads (then loading it
+    the torch way exports the graph, or names what is wrong with the file)."""
+    if (checkpoint := _checkpoint_path(checkpoint)) is None:
+        return None
+    try:
+        cfg, arrays, _ = read_checkpoint(checkpoint, framework="np")
+    except CheckpointError:
+        return None
+    digest = arrays_digest(cfg, arrays)
+    graph = _graph_path(digest, OPSET)
+    return (cfg, digest, str(checkpoint), graph) if graph.is_file() else None
 
 
 def step_onnx_for(model: FusionModel, image_shape: tuple[int, ...], encoding: str,
                   cache_dir: str | Path | None = None) -> Path:
     """The whole step's ONNX graph (sensor arrays in: export.export_step_onnx) for one camera resolution
     and encoding, cached as onnx_for caches the model's."""
-    from .backends.export import OPSET, export_step_onnx
-    from .model import GRAPH_REVISION
+    from .backends.export import export_step_onnx
 
     camera = "x".join(map(str, image_shape)) + f"-{encoding}"
     name = f"step-{weights_digest(model)}-g{GRAPH_REVISION}-{camera}-opset{OPSET}.onnx"
@@ -164,6 +202,13 @@ class FusionPipeline:
         CPU) or "fail" (raise BackendUnavailable)."""
         if fallback not in FALLBACKS:
             raise ConfigError(f"backend fallback {fallback!r}: choose one of {list(FALLBACKS)}")
+        if backend == "onnxruntime" and (cached := _cached_graph(checkpoint)) is not None:
+            from .backends.onnxruntime_backend import OnnxRuntimeBackend
+
+            cfg, digest, source, graph = cached
+            pipeline = cls(cfg, OnnxRuntimeBackend(graph, threads=threads), tau, frame_id)
+            pipeline.model_source, pipeline.weights_digest = source, digest
+            return pipeline
         model, source = load_model(checkpoint)
         try:
             engine = create_backend(backend, model, threads, device, tensorrt=tensorrt, compile_graphs=compile_graphs)
@@ -237,6 +282,8 @@ class FusionPipeline:
         states: list[list[FusedState] | None] = [None] * len(snaps)
         by_tokens = list(range(len(snaps)))
         if self._takes_arrays:
+            from .step import step_key  # step.py imports torch, which a whole-step backend has loaded already
+
             groups: dict[tuple, list[int]] = {}
             for i, snap in enumerate(snaps):
                 groups.setdefault(step_key(snap, self.cfg), []).append(i)
@@ -275,6 +322,8 @@ class FusionPipeline:
     def _fuse_arrays(self, snaps: list[SensorSnapshot], taus: np.ndarray) -> list[list[FusedState]] | None:
         """A GPU backend's whole step: the frames' arrays in (snapshots of one step_key), tokenized and
         fused on the device. None where the backend refuses them."""
+        from .step import step_frames
+
         t0 = time.perf_counter()
         out = self.backend.run_step([snap for snap in snaps for _ in taus], np.tile(taus, (len(snaps), 1)), self.cfg)
         if out is None:

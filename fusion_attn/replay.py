@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -36,12 +37,14 @@ from .config import FusionConfig
 from .errors import BagError, ConfigError
 from .frames import MODALITIES, NS_PER_S, FusedState, Modality
 from .messages import TYPES, cdr, diagnostics_msg, fused_state_msg
-from .model import FusionModel
 from .outputs import TRUST_THRESHOLD, diagnostics, trust_values
 from .params import PARAM_DEFAULTS, TAU_NAMES
 from .pipeline import FusionPipeline, validate_tau, weights_digest
 from .sync import SensorSync, SyncConfig
 from .tokenize import SensorSnapshot, Tokenizer
+
+if TYPE_CHECKING:
+    from .model import FusionModel
 
 NS_PER_MS = 1_000_000
 

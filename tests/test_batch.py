@@ -2,6 +2,9 @@
 recordings, outputs byte-identical to one replay each, and a bad recording that stops nothing else."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,3 +85,16 @@ def test_replay_on_ray_writes_what_local_jobs_write(local_ray, real_data, tmp_pa
     for name in ("fused/fused.mcap", "summary.json"):
         assert (tmp_path / "ray" / rec.name / name).read_bytes() == (tmp_path / "local" / rec.name / name).read_bytes()
     assert json.loads((tmp_path / "ray" / "index.json").read_text())["ray"] == "auto"
+
+
+@pytest.mark.parametrize("torch_first", [False, True])
+def test_single_threaded_gives_torch_one_thread_whether_loaded_before_or_after(torch_first):
+    """A job's process (batch.single_threaded) on ONNX Runtime alone never loads torch; where it loads
+    torch before or after, torch still runs on one thread."""
+    code = ("import sys; from fusion_attn.batch import single_threaded; single_threaded(); "
+            "print('torch' in sys.modules); import torch; print(torch.get_num_threads())")
+    run = subprocess.run([sys.executable, "-c", ("import torch; " if torch_first else "") + code], check=False,
+                         capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == [str(torch_first), "1"]

@@ -4,6 +4,7 @@ import json
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -41,7 +42,7 @@ def test_truncated_file(saved, tmp_path):
 
 def test_a_save_that_fails_part_way_leaves_the_earlier_checkpoint_whole(saved, tmp_path, monkeypatch):
     """Saved beside and renamed over (files.written_aside): a crash or Ctrl-C mid-write loses nothing."""
-    from fusion_attn import checkpoint
+    import safetensors.torch
 
     model, path = saved
     before = path.read_bytes()
@@ -50,7 +51,7 @@ def test_a_save_that_fails_part_way_leaves_the_earlier_checkpoint_whole(saved, t
         Path(filename).write_bytes(b"half a checkpoint")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoint, "save_file", half_then_fail)
+    monkeypatch.setattr(safetensors.torch, "save_file", half_then_fail)  # checkpoint imports it when it saves
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(model, path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [path.name]
@@ -149,3 +150,19 @@ def test_checkpoint_from_before_the_trust_output_names_what_it_lacks(saved, tmp_
     save_file(tensors, str(tmp_path / "old.safetensors"), metadata=meta)
     with pytest.raises(CheckpointError, match=r"missing \[.*'embed\.camera_change\.weight'.*'trust\.logit\.fc1\.bias'"):
         load_checkpoint(tmp_path / "old.safetensors")
+
+
+def test_read_as_numpy_arrays_matches_torch_and_refuses_nan(saved, tmp_path):
+    """framework="np" (the torch-free read of the ONNX Runtime default): the same config and values, and the
+    same refusal of NaN weights."""
+    model, path = saved
+    cfg, arrays, info = read_checkpoint(path, framework="np")
+    assert cfg == model.cfg and info == {"steps": 3}
+    assert arrays.keys() == model.state_dict().keys()
+    for name, tensor in model.state_dict().items():
+        np.testing.assert_array_equal(arrays[name], tensor.numpy(), err_msg=name)
+    tensors = {k: v.clone() for k, v in model.state_dict().items()}
+    tensors["queries"][0, 0] = float("inf")
+    save_file(tensors, str(tmp_path / "inf.safetensors"), metadata={"format": "fusion_attn/1", "config": model.cfg.to_json()})
+    with pytest.raises(CheckpointError, match="queries hold NaN or inf"):
+        read_checkpoint(tmp_path / "inf.safetensors", framework="np")

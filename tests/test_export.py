@@ -9,12 +9,8 @@ import torch
 from graphs import OPTIONS, random_model
 from sweeps import room_sweep, scan_inputs
 
-from fusion_attn.backends.export import (
-    TENSORRT8_OPSET,
-    example_inputs,
-    tensorrt_supported_ops,
-    unsupported_ops,
-)
+from fusion_attn.backends import TENSORRT8_OPSET
+from fusion_attn.backends.export import example_inputs, tensorrt_supported_ops, unsupported_ops
 from fusion_attn.backends.onnxruntime_backend import OnnxRuntimeBackend
 from fusion_attn.backends.torch_backend import TorchBackend
 from fusion_attn.config import FusionConfig
@@ -245,3 +241,55 @@ def test_a_graph_another_process_is_exporting_is_waited_for_not_exported_again(t
     out, err = waiting.communicate(timeout=60)
     assert waiting.returncode == 0 and out.strip() == "done", err
     assert "exporting ONNX graph" not in err  # it took the written graph
+
+
+# --- the embedded default needs no torch once the weights' graph is cached ---------------------------------
+
+
+def test_onnxruntime_on_a_cached_graph_runs_without_importing_torch(tmp_path, monkeypatch):
+    """pipeline._cached_graph: a process that builds the ONNX Runtime pipeline of a checkpoint whose graph
+    is cached reads the weights as numpy arrays and never imports torch, even with the node and replay
+    modules loaded; it names the same weights (digest) and fuses to the bit as a pipeline built the torch way."""
+    import json
+    import subprocess
+    import sys
+
+    from fusion_attn.checkpoint import save_checkpoint
+    from fusion_attn.pipeline import FusionPipeline, weights_digest
+
+    monkeypatch.setenv("FUSION_ATTN_CACHE", str(tmp_path / "cache"))
+    model = _small_model().eval()
+    checkpoint = save_checkpoint(model, tmp_path / "m.safetensors")
+    built = FusionPipeline.create(checkpoint, backend="onnxruntime", threads=1)  # the torch way: exports the graph
+    x = example_inputs(model, batch=2, seed=3)
+    np.savez(tmp_path / "inputs.npz", **x)
+    script = (
+        "import json, sys; import numpy as np; import fusion_attn.node, fusion_attn.replay, fusion_attn.cli.replay; "
+        "from fusion_attn.pipeline import FusionPipeline; "
+        f"p = FusionPipeline.create({str(checkpoint)!r}, backend='onnxruntime', threads=1); "
+        f"np.savez({str(tmp_path / 'outputs.npz')!r}, **p.backend.run(dict(np.load({str(tmp_path / 'inputs.npz')!r})))); "
+        "print(json.dumps({'torch': 'torch' in sys.modules, 'digest': p.weights_digest, 'source': p.model_source}))")
+    run = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    assert seen == {"torch": False, "digest": weights_digest(model), "source": str(checkpoint)}
+    assert built.weights_digest == seen["digest"]
+    out, expected = np.load(tmp_path / "outputs.npz"), built.backend.run(x)
+    for name in OUTPUT_NAMES:
+        np.testing.assert_array_equal(out[name], expected[name], err_msg=name)
+
+
+def test_a_checkpoint_numpy_cannot_take_is_loaded_the_torch_way_which_names_the_fault(tmp_path, monkeypatch):
+    """A cached graph is only a shortcut: weights that read wrong as numpy arrays (here NaN, whose digest no
+    graph has) go through load_checkpoint, whose error names the fault as it always did."""
+    from safetensors.torch import save_file
+
+    from fusion_attn.pipeline import FusionPipeline
+
+    monkeypatch.setenv("FUSION_ATTN_CACHE", str(tmp_path / "cache"))
+    model = _small_model().eval()
+    tensors = {k: v.clone() for k, v in model.state_dict().items()}
+    tensors["queries"][0, 0] = float("nan")
+    save_file(tensors, str(tmp_path / "nan.safetensors"), metadata={"format": "fusion_attn/1", "config": model.cfg.to_json()})
+    with pytest.raises(CheckpointError, match="queries hold NaN or inf"):
+        FusionPipeline.create(tmp_path / "nan.safetensors", backend="onnxruntime")

@@ -18,6 +18,7 @@ import torch
 from conftest import ros_domain
 from graphs import random_model
 
+from fusion_attn.backends import TENSORRT8_OPSET
 from fusion_attn.backends.engine_cache import (
     EngineCache,
     EngineKey,
@@ -31,7 +32,7 @@ from fusion_attn.backends.engine_cache import (
     step_camera,
     trtexec_command,
 )
-from fusion_attn.backends.export import TENSORRT8_OPSET, example_inputs, export_onnx
+from fusion_attn.backends.export import example_inputs, export_onnx
 from fusion_attn.cli import main
 from fusion_attn.cli.build_engine import calibration_batches
 from fusion_attn.config import FusionConfig, load_params

@@ -18,9 +18,8 @@ from ..frames import CAMERA_ENCODINGS
 from ..model import FusionModel
 from ..step import STEP_INPUTS, STEP_OUTPUTS, FusionStep, step_inputs
 from ..tokenize import OUTPUT_NAMES, SensorSnapshot, input_spec
+from . import OPSET
 
-OPSET = 18  # what torch.export-based export emits natively; TensorRT 10.x parses it
-TENSORRT8_OPSET = 17  # TensorRT 8.6 (JetPack 5) parses up to opset 17
 MAX_BATCH = 64
 # Nodes of the step graph's tokenizers: cell indices and point offsets need FP32 (an FP16 engine keeps them so)
 TOKENIZER_NODE_PREFIX = "tokenize/"

@@ -26,6 +26,7 @@ import torch
 
 from ..errors import BackendUnavailable
 from ..step import camera_key, step_inputs, step_ranges
+from . import OPSET, TENSORRT8_OPSET
 from .engine_cache import (
     EngineCache,
     EngineKey,
@@ -39,7 +40,7 @@ from .engine_cache import (
     profile_shapes,
     step_camera,
 )
-from .export import OPSET, TENSORRT8_OPSET, TOKENIZER_NODE_PREFIX
+from .export import TOKENIZER_NODE_PREFIX
 
 log = logging.getLogger(__name__)
 

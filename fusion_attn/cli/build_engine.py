@@ -35,8 +35,8 @@ def add_parser(verbs):
 
 
 def run(args) -> int:
+    from ..backends import OPSET, TENSORRT8_OPSET
     from ..backends.engine_cache import TensorRTOptions, file_sha256, trtexec_command
-    from ..backends.export import OPSET, TENSORRT8_OPSET
     from ..config import load_params
     from ..errors import BackendUnavailable
     from ..pipeline import load_model, onnx_for
