@@ -22,7 +22,7 @@ from sensor_msgs.msg import Image, Imu, PointCloud2
 from fusion_attn.outputs import parse_fused_state_rows
 
 # the bridge simulates and renders in real time and the node keeps up with its 200 Hz IMU: with both cores
-# busy elsewhere the node fell behind the IMU (its max age 50 ms) and masked it in most of the last 10 states
+# busy elsewhere the node fell behind the IMU (its max age 50 ms) and masked it in most states fused then
 pytestmark = pytest.mark.alone
 
 
@@ -88,16 +88,17 @@ def test_bridge_publishes_sensors_and_clock_and_moves_on_cmd_vel(graph):
 
 def test_fusion_node_fuses_the_simulated_sensors_in_closed_loop(graph):
     _, seen, logs = graph
-    assert wait_until(lambda: len(seen["fused"]) > 20, 60), (logs / "node.log").read_text()
-    attention = []
-    for m in seen["fused"][-10:]:
-        rows = np.frombuffer(bytes(m.data), np.float32).reshape(m.height, m.width)
-        attention.append(parse_fused_state_rows(rows, heads=4)["attention"])
-    present = [bool(np.all(a.sum(1) > 0)) for a in attention]  # camera, lidar and IMU all attended
-    every = [parse_fused_state_rows(np.frombuffer(bytes(m.data), np.float32).reshape(m.height, m.width), heads=4)
-             ["attention"] for m in seen["fused"]]
-    print(f"all three sensors attended in {sum(present)} of the last 10 fused states; the IMU masked in "
-          f"{sum(not a[2].sum() > 0 for a in every)} of all {len(every)}")
-    assert sum(present) >= 8, attention
-    stamps = [m.header.stamp.sec * 10**9 + m.header.stamp.nanosec for m in seen["fused"][-10:]]
+    # judged: states fused while this test runs alone. The bridge and node (the fixture's) keep running
+    # between the module's tests, when the other worker may run; half a second of states is skipped so
+    # that a queue that fell behind then has drained, and the node's first 20 (its start) are not judged
+    first = max(len(seen["fused"]) + 5, 20)
+    assert wait_until(lambda: len(seen["fused"]) >= first + 10, 60), (logs / "node.log").read_text()
+    attention = [parse_fused_state_rows(np.frombuffer(bytes(m.data), np.float32).reshape(m.height, m.width), heads=4)
+                 ["attention"] for m in seen["fused"]]
+    judged = attention[first:first + 10]
+    present = [bool(np.all(a.sum(1) > 0)) for a in judged]  # camera, lidar and IMU all attended
+    print(f"all three sensors attended in {sum(present)} of the 10 fused states judged; the IMU masked in "
+          f"{sum(not a[2].sum() > 0 for a in attention)} of all {len(attention)}")
+    assert sum(present) >= 8, judged
+    stamps = [m.header.stamp.sec * 10**9 + m.header.stamp.nanosec for m in seen["fused"][first:first + 10]]
     assert max(stamps) <= seen["clock"][-1]  # stamped on the simulated clock
