@@ -19,6 +19,7 @@ from typing import Protocol
 import numpy as np
 
 BACKENDS = ("onnxruntime", "torch", "torch-cudagraph", "tensorrt")
+FALLBACKS = ("onnxruntime", "fail")  # what to do when the configured backend is unavailable
 OPSET = 18  # what torch.export-based export emits natively; TensorRT 10.x parses it
 TENSORRT8_OPSET = 17  # TensorRT 8.6 (JetPack 5) parses up to opset 17
 # The exported graph's revision: part of the ONNX cache's file name (pipeline.onnx_for), so a cached
@@ -26,7 +27,6 @@ TENSORRT8_OPSET = 17  # TensorRT 8.6 (JetPack 5) parses up to opset 17
 # with any change to the graph, even one that keeps every output (as 2 did: broadcast Where -> Add of a
 # log mask; 3: the step graph's rank scan in blocks). Here, not in model.py: naming a cached graph needs no torch.
 GRAPH_REVISION = 3
-FALLBACKS = ("onnxruntime", "fail")  # what to do when the configured backend is unavailable
 
 
 class Backend(Protocol):
