@@ -246,21 +246,22 @@ def test_a_graph_another_process_is_exporting_is_waited_for_not_exported_again(t
 # --- the embedded default needs no torch once the weights' graph is cached ---------------------------------
 
 
-def test_onnxruntime_on_a_cached_graph_runs_without_importing_torch(tmp_path, monkeypatch):
+def test_onnxruntime_on_a_cached_graph_runs_without_importing_torch(onnx_cache, tmp_path, monkeypatch):
     """pipeline._cached_graph: a process that builds the ONNX Runtime pipeline of a checkpoint whose graph
     is cached reads the weights as numpy arrays and never imports torch, even with the node and replay
-    modules loaded; it names the same weights (digest) and fuses to the bit as a pipeline built the torch way."""
+    modules loaded; it names the weights as weights_digest does from the torch model, and fuses to the
+    bit as ONNX Runtime on that model's own export (onnx_for)."""
     import json
     import subprocess
     import sys
 
     from fusion_attn.checkpoint import save_checkpoint
-    from fusion_attn.pipeline import FusionPipeline, weights_digest
+    from fusion_attn.pipeline import weights_digest
 
-    monkeypatch.setenv("FUSION_ATTN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FUSION_ATTN_CACHE", str(onnx_cache))  # the tests above exported this model's graph there
     model = _small_model().eval()
     checkpoint = save_checkpoint(model, tmp_path / "m.safetensors")
-    built = FusionPipeline.create(checkpoint, backend="onnxruntime", threads=1)  # the torch way: exports the graph
+    own_graph = OnnxRuntimeBackend(onnx_for(model), threads=1)  # exported here if the tests above did not
     x = example_inputs(model, batch=2, seed=3)
     np.savez(tmp_path / "inputs.npz", **x)
     script = (
@@ -273,8 +274,7 @@ def test_onnxruntime_on_a_cached_graph_runs_without_importing_torch(tmp_path, mo
     assert run.returncode == 0, run.stderr
     seen = json.loads(run.stdout.strip().splitlines()[-1])
     assert seen == {"torch": False, "digest": weights_digest(model), "source": str(checkpoint)}
-    assert built.weights_digest == seen["digest"]
-    out, expected = np.load(tmp_path / "outputs.npz"), built.backend.run(x)
+    out, expected = np.load(tmp_path / "outputs.npz"), own_graph.run(x)
     for name in OUTPUT_NAMES:
         np.testing.assert_array_equal(out[name], expected[name], err_msg=name)
 
