@@ -280,16 +280,21 @@ def test_onnxruntime_on_a_cached_graph_runs_without_importing_torch(onnx_cache, 
 
 
 def test_a_checkpoint_numpy_cannot_take_is_loaded_the_torch_way_which_names_the_fault(tmp_path, monkeypatch):
-    """A cached graph is only a shortcut: weights that read wrong as numpy arrays (here NaN, whose digest no
-    graph has) go through load_checkpoint, whose error names the fault as it always did."""
+    """A cached graph is only a shortcut: NaN weights are refused even where the cache holds a file named
+    for their digest (not a graph: the shortcut taken would fail on it with another error), and the error
+    is load_checkpoint's, naming the fault as it always did."""
     from safetensors.torch import save_file
 
-    from fusion_attn.pipeline import FusionPipeline
+    from fusion_attn.backends import OPSET
+    from fusion_attn.pipeline import FusionPipeline, _graph_path, arrays_digest
 
     monkeypatch.setenv("FUSION_ATTN_CACHE", str(tmp_path / "cache"))
     model = _small_model().eval()
     tensors = {k: v.clone() for k, v in model.state_dict().items()}
     tensors["queries"][0, 0] = float("nan")
     save_file(tensors, str(tmp_path / "nan.safetensors"), metadata={"format": "fusion_attn/1", "config": model.cfg.to_json()})
+    named = _graph_path(arrays_digest(model.cfg, {k: v.numpy() for k, v in tensors.items()}), OPSET)
+    named.parent.mkdir(parents=True)
+    named.write_bytes(b"not a graph")
     with pytest.raises(CheckpointError, match="queries hold NaN or inf"):
         FusionPipeline.create(tmp_path / "nan.safetensors", backend="onnxruntime")

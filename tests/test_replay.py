@@ -320,7 +320,7 @@ def test_play_delivers_the_recorded_count_over_dds(real_data):
 
 def test_play_starts_its_schedule_when_the_first_message_is_ready(real_data):
     """A slow start (here `keep` holding the first message 0.5 s, as opening a bag or a type's first decode
-    does for tens of ms) does not send the first messages late, stamped in the past, where a live node
+    does for a moment) does not send the first messages late, stamped in the past, where a live node
     masks them as stale: the recording's start maps onto the moment its first message goes out."""
     rclpy = pytest.importorskip("rclpy", reason="rclpy (ROS 2) is not installed")
     from rclpy.executors import SingleThreadedExecutor
