@@ -14,7 +14,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 	robustness-data4x-clip-3k robustness-data4x-clip-pixel robustness-data4x-clip-stem \
 	robustness-data4x-clip-stem-camgoal robustness-stem-camgoal robustness-stem-lidgoal robustness-stem-lidgoal-col \
 	robustness-stem-lidgoal-relabel robustness-stem-lidgoal-col-bear \
-	robustness-stem-lidgoal-col2-bear robustness-view128 robustness-odometry
+	robustness-stem-lidgoal-col2-bear robustness-view128 robustness-odometry robustness-imu2
 
 # The main job on the embedded default: CPU, ONNX Runtime, no robot, the packaged default model:
 # replay a recording as the node would fuse it; fused-state bag, summary and plots in $(OUT).
@@ -449,6 +449,24 @@ robustness-odometry-fs: $(STAMP) runs/odometry_fs-s0/train_state.pt runs/odometr
 	$(VENV)/bin/fusion-attn eval-robustness odometry_fs=runs/odometry_fs-s0 'odometry_fs#1=runs/odometry_fs-s1' \
 		'odometry_fs#2=runs/odometry_fs-s2' --beside docs/results/odometry/robustness.json \
 		-o docs/results/odometry_fs --episodes 12 --jobs 2 --reuse --bag $(EVAL_BAGS)
+
+# a second IMU (--second-imu: the simulated rig's second IMU at the first's site, of its make with its own bias
+# and noise; sensor_msgs/Imu on a topic of its own on a robot), the design the IMU-failed floor names
+# (benchmarks/imu_redundancy.py): the packaged default's recipe with its stale path fitted on, the recipe on
+# three seeds and concat on three, trained the same way on the same data (docs/RESULTS.md)
+runs/imu2-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/imu2-s$* --seed $* --second-imu --trust-floor 0.01 --floor-at-run-time --eval-every 2000
+runs/concat_imu2-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/concat_imu2-s$* --seed $* --second-imu --fusion concat --fixed-tau --eval-every 2000
+runs/imu2_stalefit/train_state.pt: runs/imu2-s0/train_state.pt
+	$(TRAIN) -o runs/imu2_stalefit --second-imu --trust-floor 0.01 --floor-at-run-time --stale-evidence \
+		--init-from runs/imu2-s0/model.safetensors --train-only trust.stale --steps 600 --lr 0.02
+robustness-imu2: $(STAMP) runs/imu2_stalefit/train_state.pt runs/imu2-s0/train_state.pt runs/imu2-s1/train_state.pt \
+		runs/imu2-s2/train_state.pt runs/concat_imu2-s0/train_state.pt runs/concat_imu2-s1/train_state.pt \
+		runs/concat_imu2-s2/train_state.pt
+	$(VENV)/bin/fusion-attn eval-robustness imu2_stalefit=runs/imu2_stalefit imu2=runs/imu2-s0 'imu2#1=runs/imu2-s1' \
+		'imu2#2=runs/imu2-s2' concat=runs/concat_imu2-s0 'concat#1=runs/concat_imu2-s1' 'concat#2=runs/concat_imu2-s2' \
+		-o docs/results/imu2 --episodes 12 --jobs 2 --reuse --bag $(EVAL_BAGS)
 
 # a candidate, not packaged (docs/RESULTS.md, "2026-12-02: a robot standing still"): the trust head (nothing
 # else) refitted on data in which the robot also stands still, the memory task's arena included

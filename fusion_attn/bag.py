@@ -31,7 +31,7 @@ from rosbags.typesys.store import Typestore
 
 from .adapters import SUPPORTED_TYPES, modality_of, to_frame
 from .errors import BagError, ConfigError, MalformedMessageError
-from .frames import MODALITIES, CameraFrame, ImuSample, LidarFrame, Modality
+from .frames import MODALITIES, CameraFrame, ImuSample, LidarFrame, Modality, kind_of
 from .messages import TYPES
 
 log = logging.getLogger(__name__)
@@ -457,7 +457,8 @@ def topic_flag(modality: Modality) -> str:
 
 def find_topics(reader: AnyReader, overrides: dict[Modality, str] | None = None,
                 leave_out: Mapping[Modality, str] | None = None) -> BagTopics:
-    """One topic per modality: the override if given, else the busiest topic of a sensor type.
+    """One topic per modality: the override if given, else the busiest topic of a sensor type. A second
+    IMU (Modality.IMU2) takes the busiest IMU topic the IMU did not.
 
     Every other topic is in `skipped` with the reason; a sensor topic not chosen also names the option
     that chooses it. leave_out: modalities not fused -> why (configured as none by the node's *_type, not
@@ -481,13 +482,21 @@ def find_topics(reader: AnyReader, overrides: dict[Modality, str] | None = None,
     overrides = overrides or {}
     for modality, topic in overrides.items():
         _check_override(modality, topic, msgtypes, topics.skipped)
-    for modality, names in candidates.items():
+    for modality in Modality:
+        names = [t for t in candidates.get(kind_of(modality), []) if t not in topics.sensors.values()]
         name, flag = MODALITIES[modality], topic_flag(modality)
         if modality in (leave_out or {}):
-            topics.skipped.update((t, leave_out[modality]) for t in names)
+            topics.skipped.update((t, leave_out[modality]) for t in names if t not in topics.skipped)
             continue
-        chosen = overrides.get(modality) or max(names, key=counts.__getitem__)  # the first of equally busy ones
+        chosen = overrides.get(modality)
+        if chosen in topics.sensors.values():
+            taken = next(MODALITIES[m] for m, t in topics.sensors.items() if t == chosen)
+            raise ConfigError(f"{flag} {chosen}: that is the {taken} topic; two sensors cannot read one topic")
+        if chosen is None and not names:
+            continue
+        chosen = chosen or max(names, key=counts.__getitem__)  # the first of equally busy ones
         topics.sensors[modality] = chosen
+        topics.skipped.pop(chosen, None)  # a second IMU's: named another IMU topic by the first
         tied = modality not in overrides and sum(counts[t] == counts[chosen] for t in names) > 1
         why = (f"{flag} chose {chosen}" if modality in overrides
                else f"{chosen} is as busy ({counts[chosen]} messages) and listed first" if tied
@@ -504,8 +513,8 @@ def _check_override(modality: Modality, topic: str, msgtypes: dict[str, str], sk
     flag = topic_flag(modality)
     if topic not in msgtypes:
         raise ConfigError(f"{flag}: topic {topic} is not in the bag (topics: {sorted(msgtypes)})")
-    if modality_of(msgtypes[topic]) is not modality:
-        takes = " or ".join(t for t in SUPPORTED_TYPES if modality_of(t) is modality)
+    if modality_of(msgtypes[topic]) is not kind_of(modality):
+        takes = " or ".join(t for t in SUPPORTED_TYPES if modality_of(t) is kind_of(modality))
         raise ConfigError(f"{flag} {topic}: its messages are {msgtypes[topic]}; the {MODALITIES[modality]} input "
                           f"takes {takes}")
     if topic in skipped:  # a sensor type, but the bag holds no definition to decode it with

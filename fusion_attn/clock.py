@@ -51,8 +51,10 @@ class FusionClock:
         self.phase_ns = phase_ns
         self.events = [] if events is None else events  # what was dropped or reset, and why, in order
 
-    def add(self, frame: CameraFrame | LidarFrame | ImuSample | OdometrySample, source: str = "") -> Iterator[SensorSnapshot]:
-        """Feed one frame: yields the snapshots due, timer ticks before its stamp, then (trigger) its own.
+    def add(self, frame: CameraFrame | LidarFrame | ImuSample | OdometrySample, source: str = "",
+            modality: Modality | None = None) -> Iterator[SensorSnapshot]:
+        """Feed one frame of `modality` (None: its type's, as SensorSync.add): yields the snapshots due,
+        timer ticks before its stamp, then (trigger) its own.
 
         A generator, so that whoever handles a tick sees the sync as it was at that tick (its health,
         its newest stamp); the frame is taken once the ticks before it are consumed: iterate to the end.
@@ -65,13 +67,14 @@ class FusionClock:
                 self.next_tick = t - (t - self.next_tick) % self.period_ns
             yield from self._ticks_before(t)
         resets = self.sync.resets
-        rejected = self.sync.add(frame)
+        modality = MODALITY_OF[type(frame)] if modality is None else modality
+        rejected = self.sync.add(frame, modality=modality)
         if rejected:
             self.events.append(f"{source}: dropped ({rejected}) at stamp {t}")
         elif self.sync.resets != resets:
             self.events.append(f"{source}: time jumped back: buffers reset")
             self.next_tick = None
-        if self.trigger is not None and not rejected and MODALITY_OF[type(frame)] is self.trigger:
+        if self.trigger is not None and not rejected and modality is self.trigger:
             yield self.sync.snapshot(t)
         if self.next_tick is None:
             self.next_tick = t + self.period_ns if self.phase_ns is None else self._tick_after(t)
@@ -88,8 +91,11 @@ class FusionClock:
             yield from self._ticks_before(now_ns + 1)
 
     def step(self, frames, now_ns: int) -> list[SensorSnapshot]:
-        """A simulator step: its frames in arrival order, then the time to its end -> every snapshot fused."""
-        return [snap for frame in frames for snap in self.add(frame)] + list(self.advance(now_ns))
+        """A simulator step: its frames in arrival order, then the time to its end -> every snapshot fused.
+        A simulator's FrameList names each frame's sensor (a second IMU's samples); other frames go by type."""
+        modalities = getattr(frames, "modalities", (None,) * len(frames))
+        return [snap for frame, m in zip(frames, modalities) for snap in self.add(frame, modality=m)] + list(
+            self.advance(now_ns))
 
     def drain(self) -> Iterator[SensorSnapshot]:
         """After the last frame: the ticks a live timer would still make while some sensor is fresh

@@ -154,6 +154,10 @@ class ModelConfig:
     # a fourth sensor, wheel odometry (FusionConfig.odometry's tokens): its twist reads speed and yaw
     # rate where the IMU fails (docs/RESULTS.md: no other sensor reads the rates at the fusion instant)
     odometry: bool = field(default=False, metadata=ADDED_LATER)
+    # a second IMU (Modality.IMU2, its own topic), tokenized as the first by the same layers with its own
+    # sensor embedding, trust and τ: a reader of the rates as precise as the first, so that the fusion keeps
+    # them when one IMU fails (docs/RESULTS.md: benchmarks/imu_redundancy.py)
+    second_imu: bool = field(default=False, metadata=ADDED_LATER)
 
 
 @dataclass(frozen=True)
@@ -167,7 +171,9 @@ class FusionConfig:
     @property
     def sensors(self) -> tuple[Modality, ...]:
         """The sensors the model reads, in token order: every per-sensor input and output follows it."""
-        return (Modality.CAMERA, Modality.LIDAR, Modality.IMU) + ((Modality.ODOMETRY,) if self.model.odometry else ())
+        m = self.model
+        return ((Modality.CAMERA, Modality.LIDAR, Modality.IMU) + ((Modality.ODOMETRY,) if m.odometry else ())
+                + ((Modality.IMU2,) if m.second_imu else ()))
 
     @property
     def sensor_names(self) -> tuple[str, ...]:

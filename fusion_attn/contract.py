@@ -20,21 +20,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import ConfigError
-from .frames import MODALITIES
 
 CONTRACT_KEY = "fusion_attn.contract"  # in agent metadata and ONNX metadata_props
-TAU_KEYS = tuple(f"tau.{k}" for k in ("global", *MODALITIES))
-MAX_AGE_KEYS = tuple(f"max_age_s.{m}" for m in MODALITIES)
 
 
-def fusion_terms(weights_digest: str, tau, fusion_rate_hz: float, max_age_s, stale_after_periods: float,
-                 trigger: str = "timer") -> dict[str, str]:
+def fusion_terms(weights_digest: str, sensors: tuple[str, ...], tau, fusion_rate_hz: float, max_age_s,
+                 stale_after_periods: float, trigger: str = "timer") -> dict[str, str]:
     """A fusion's side of the contract as name -> text (diagnostic values; names as the node's parameters).
+    sensors: the model's (FusionConfig.sensor_names), which τ after the global one and max_age_s follow.
     trigger: when it fuses (timer, or on each message of a sensor): fused states at other instants."""
     terms = {"weights_digest": weights_digest, "fusion_rate_hz": repr(float(fusion_rate_hz)),
              "stale_after_periods": repr(float(stale_after_periods)), "trigger": trigger}
-    terms.update({k: repr(float(v)) for k, v in zip(TAU_KEYS, tau)})
-    terms.update({k: repr(float(v)) for k, v in zip(MAX_AGE_KEYS, max_age_s)})
+    terms.update({f"tau.{k}": repr(float(v)) for k, v in zip(("global", *sensors), tau, strict=True)})
+    terms.update({f"max_age_s.{k}": repr(float(v)) for k, v in zip(sensors, max_age_s, strict=True)})
     return terms
 
 

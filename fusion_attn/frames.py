@@ -22,9 +22,15 @@ class Modality(IntEnum):
     LIDAR = 1
     IMU = 2
     ODOMETRY = 3  # wheel odometry's twist; a model reads it only when built to (FusionConfig.sensors)
+    IMU2 = 4  # a second IMU (ImuSample frames, told apart by their topic); read only when built to, as odometry
 
 
 MODALITIES: tuple[str, ...] = tuple(m.name.lower() for m in Modality)
+
+
+def kind_of(modality: Modality) -> Modality:
+    """The modality whose messages and frames this one takes: a second IMU's are an IMU's."""
+    return Modality.IMU if modality is Modality.IMU2 else modality
 
 # Encodings a CameraFrame may carry after adaptation (colour is always converted to rgb8), and the
 # dtype of its image in each.
@@ -137,11 +143,7 @@ class FusedState:
     # (S,) float32 the model's trust in each sensor's content, in [0, 1]: near 1 healthy, near 0 failed
     # (black, frozen, noisy, occluded); exactly 0 for an absent one. None: a model without a trust output
     trust: np.ndarray | None = None
-
-    @property
-    def sensors(self) -> tuple[str, ...]:
-        """The sensors its per-sensor arrays follow: the model's (FusionConfig.sensors), the first of MODALITIES."""
-        return MODALITIES[: len(self.present)]
+    sensors: tuple[str, ...] = MODALITIES[:3]  # the sensors its per-sensor arrays follow: the model's (FusionConfig.sensor_names)
 
     @property
     def modality_attention(self) -> np.ndarray:

@@ -6,7 +6,7 @@ where the `launch` package is not installed.
     robot    fusion_node + policy_node (rl/policy_node.py): the fused state drives cmd_vel
 
 Launch arguments (both ways): namespace, log_level, autostart, params_file, checkpoint, backend, tau,
-camera_topic, lidar_topic, imu_topic, odometry_topic, use_sim_time, fused_state_topic; robot also policy,
+camera_topic, lidar_topic, imu_topic, odometry_topic, imu2_topic, use_sim_time, fused_state_topic; robot also policy,
 policy_params_file. An empty node-parameter argument leaves the parameter file's value alone.
 
 fusion_node is a lifecycle node. As ROS 2 launch files do, the launch system drives its lifecycle, not
@@ -40,6 +40,7 @@ ARGUMENTS = {
     "lidar_topic": ("lidar_topic", "", "lidar topic"),
     "imu_topic": ("imu_topic", "", "IMU topic"),
     "odometry_topic": ("odometry_topic", "", "wheel odometry topic (read by a model built with odometry)"),
+    "imu2_topic": ("imu2_topic", "", "second IMU topic (read by a model built with one)"),
     "use_sim_time": ("use_sim_time", "", "true: follow /clock (fusion-attn play --clock)"),
 }
 FLOAT_PARAMETERS = {"tau.global"}

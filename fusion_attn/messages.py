@@ -65,8 +65,8 @@ def fused_state_msg(state: FusedState, stamp_ns: int | None = None):
 
 def sensor_values_msg(stamp_ns: int, frame_id: str, values):
     """One value per sensor as geometry_msgs/Vector3Stamped, x, y, z = camera, lidar, imu: fixed fields
-    that Foxglove, PlotJuggler and rqt_plot plot as they are (attention, trust). Three fields: a fourth
-    sensor's (odometry) value is in the fused state's sensor rows and the diagnostics."""
+    that Foxglove, PlotJuggler and rqt_plot plot as they are (attention, trust). Three fields: a fourth or
+    fifth sensor's (odometry, a second IMU) value is in the fused state's sensor rows and the diagnostics."""
     return _T["geometry_msgs/msg/Vector3Stamped"](header(stamp_ns, frame_id),
                                                   _T["geometry_msgs/msg/Vector3"](*map(float, values)))
 

@@ -285,10 +285,13 @@ class SensorEmbedding(nn.Module):
         self.interval = nn.Linear(2 * cfg.model.age_frequencies, d, bias=False)  # time to the previous frame
         self.age_frequencies = cfg.model.age_frequencies
         self.norm = nn.LayerNorm(d)
-        self.counts = (cfg.camera.tokens, cfg.lidar.tokens + cfg.model.lidar_motion_token, cfg.imu.tokens,
-                       *([cfg.odometry.tokens] if cfg.model.odometry else []))  # per sensor, cfg.sensors' order
-        ids = [m for m, n in zip(cfg.sensors, self.counts) for _ in range(n)]
-        self.register_buffer("modality_id", torch.tensor([int(m) for m in ids]), persistent=False)
+        # the six-axis streams after the IMU: their token blocks and evidence follow cfg.sensors' order
+        self.rates = ("imu",) + (("odometry",) if cfg.model.odometry else ()) + (("imu2",) if cfg.model.second_imu else ())
+        self.counts = (cfg.camera.tokens, cfg.lidar.tokens + cfg.model.lidar_motion_token,
+                       *(cfg.odometry.tokens if n == "odometry" else cfg.imu.tokens for n in self.rates))  # per sensor
+        # each token's sensor, by its place in cfg.sensors (a second IMU is the fourth sensor of a model without odometry)
+        ids = [s for s, n in enumerate(self.counts) for _ in range(n)]
+        self.register_buffer("modality_id", torch.tensor(ids), persistent=False)
 
     def pillars(self, points, point_mask):
         """(B, N_l, P, F), (B, N_l, P) -> pillar tokens (B, N_l, D), pillar mask (B, N_l)."""
@@ -340,13 +343,13 @@ class SensorEmbedding(nn.Module):
             else:
                 since_prev = since_prev + self.lidar_motion(scan)
         lidar = lidar + torch.where(has_prev[:, None, None], since_prev.unsqueeze(1), self.no_previous[1])
-        imu = self.imu(x["imu_chunks"])  # (B, N_i, D)
-        odometry = [] if self.odometry is None else [self.odometry(x["odometry_chunks"])]  # (B, N_o, D)
-        rates = ["imu"] + (["odometry"] if odometry else [])
-        tokens = torch.cat([cam, lidar, *motion, imu, *odometry], dim=1) + self.modality[self.modality_id]  # (B, N, D)
-        age = torch.cat([x["camera_age"], x["lidar_age"], *motion_age, *(x[f"{n}_age"] for n in rates)], dim=1)  # (B, N)
+        # (B, N_i, D) each: the IMU's chunks, the odometry's, a second IMU's through the first's layers (one make
+        # of sensor, read alike; its sensor embedding tells them apart)
+        streams = [(self.odometry if n == "odometry" else self.imu)(x[f"{n}_chunks"]) for n in self.rates]
+        tokens = torch.cat([cam, lidar, *motion, *streams], dim=1) + self.modality[self.modality_id]  # (B, N, D)
+        age = torch.cat([x["camera_age"], x["lidar_age"], *motion_age, *(x[f"{n}_age"] for n in self.rates)], dim=1)  # (B, N)
         tokens = self.norm(tokens + self.age(fourier(age)))
-        mask = torch.cat([cam_mask, lidar_mask, *motion_mask, *(x[f"{n}_mask"] for n in rates)], dim=1)  # (B, N)
+        mask = torch.cat([cam_mask, lidar_mask, *motion_mask, *(x[f"{n}_mask"] for n in self.rates)], dim=1)  # (B, N)
         return tokens, mask, self._evidence(x, change, cam_prev, sweep_change, has_prev), scan
 
     def _evidence(self, x, cam_change, cam_prev, sweep_change, lidar_has_prev) -> torch.Tensor:
@@ -377,9 +380,8 @@ class SensorEmbedding(nn.Module):
         delta = sweep_change.abs().mean(-1)
         lidar = torch.stack([torch.log(delta + eps) * lidar_has_prev, occupied,
                              torch.log(pmask.any(-1).float().sum(1) + 1.0), lidar_has_prev.float()], dim=1)
-        rates = [_rate_evidence(x["imu_chunks"], x["imu_mask"], self.cfg.imu)]
-        if self.odometry is not None:
-            rates.append(_rate_evidence(x["odometry_chunks"], x["odometry_mask"], self.cfg.odometry))
+        rates = [_rate_evidence(x[f"{n}_chunks"], x[f"{n}_mask"], self.cfg.odometry if n == "odometry" else self.cfg.imu)
+                 for n in self.rates]
         return torch.stack([camera, lidar, *rates], dim=1).reshape(B, len(self.cfg.sensors), EVIDENCE)
 
 
@@ -547,14 +549,17 @@ class FusionModel(nn.Module):
 
     def forward(self, camera_patches, camera_mask, camera_age, camera_prev_patches, camera_prev_mask, camera_prev_age,
                 lidar_points, lidar_mask, lidar_age, lidar_prev_points, lidar_prev_mask, lidar_prev_age,
-                imu_chunks, imu_mask, imu_age, tau, odometry_chunks=None, odometry_mask=None, odometry_age=None):
-        # the odometry's inputs come after τ, and only for a model that reads it (tokenize.input_spec)
+                imu_chunks, imu_mask, imu_age, tau, odometry_chunks=None, odometry_mask=None, odometry_age=None,
+                imu2_chunks=None, imu2_mask=None, imu2_age=None):
+        # the odometry's and a second IMU's inputs come after τ, only for a model that reads them (tokenize.input_spec;
+        # the exporter names them, so a model with a second IMU and no odometry takes imu2_* by name)
         x = {"camera_patches": camera_patches, "camera_mask": camera_mask, "camera_age": camera_age,
              "camera_prev_patches": camera_prev_patches, "camera_prev_mask": camera_prev_mask,
              "camera_prev_age": camera_prev_age, "lidar_points": lidar_points, "lidar_mask": lidar_mask,
              "lidar_age": lidar_age, "lidar_prev_points": lidar_prev_points, "lidar_prev_mask": lidar_prev_mask,
              "lidar_prev_age": lidar_prev_age, "imu_chunks": imu_chunks, "imu_mask": imu_mask, "imu_age": imu_age,
-             "odometry_chunks": odometry_chunks, "odometry_mask": odometry_mask, "odometry_age": odometry_age}
+             "odometry_chunks": odometry_chunks, "odometry_mask": odometry_mask, "odometry_age": odometry_age,
+             "imu2_chunks": imu2_chunks, "imu2_mask": imu2_mask, "imu2_age": imu2_age}
         out = self.run(x, tau)
         return out["fused"], out["latents"], out["attention"], out["all_masked"], out["trust"]
 

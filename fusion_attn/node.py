@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 MESSAGE_TYPES = {("camera", "image"): Image, ("camera", "compressed"): CompressedImage,
                  ("lidar", "pointcloud2"): PointCloud2, ("lidar", "laserscan"): LaserScan, ("imu", "imu"): Imu,
-                 ("odometry", "odometry"): Odometry}
+                 ("odometry", "odometry"): Odometry, ("imu2", "imu"): Imu}
 # ROS 2's standard per-topic QoS parameters, qos_overrides.<topic>.<publisher|subscription>.<policy> for
 # history, depth and reliability: rclpy declares them (read-only) as it creates each publisher and subscription
 QOS_OVERRIDES = QoSOverridingOptions.with_default_policies()
@@ -202,7 +202,7 @@ class FusionNode(LifecycleNode):
         health = self.sync.health[modality]
         resets = health.resets
         # the clock reads 0 under sim time before the first /clock: no time to judge stamps by yet
-        rejected = self.sync.add(frame, self.get_clock().now().nanoseconds or None)
+        rejected = self.sync.add(frame, self.get_clock().now().nanoseconds or None, modality)
         if rejected:
             self._sensor_log[modality].warning(f"dropped {MODALITIES[modality]} message: {rejected}",
                                                throttle_duration_sec=5.0)
@@ -235,7 +235,7 @@ class FusionNode(LifecycleNode):
             self.get_logger().error(f"fusion failed ({self._fuse_errors} so far): {exc}", throttle_duration_sec=5.0)
             return
         self._last_state = state
-        self._masked[: len(state.present)] += ~state.present  # the model's sensors: the first of Modality
+        self._masked[list(self.pipeline.cfg.sensors)] += ~state.present  # per Modality
         if state.all_masked:  # the model's defined output from nothing: not a state to act on (diagnostics ERROR)
             self._withheld += 1
             return
@@ -249,7 +249,8 @@ class FusionNode(LifecycleNode):
         self._stamp_ns = stamp_ns
         self._published = (stamp_ns, snap)
         self.fused_pub.publish(to_rclpy(fused_state_msg(state, stamp_ns)))
-        # x, y, z: camera, lidar, IMU; an odometry model's fourth value is in fused_state's rows and /diagnostics
+        # x, y, z: camera, lidar, IMU; a fourth or fifth sensor's (odometry, a second IMU) is in fused_state's rows
+        # and /diagnostics
         self.attention_pub.publish(to_rclpy(sensor_values_msg(stamp_ns, state.frame_id, state.modality_attention[:3])))
         self.trust_pub.publish(to_rclpy(sensor_values_msg(stamp_ns, state.frame_id, trust_values(state)[:3])))
         self._latency_ms = (self.get_clock().now().nanoseconds - newest) / 1e6
@@ -351,7 +352,10 @@ class FusionNode(LifecycleNode):
             if (name, kind) not in MESSAGE_TYPES:
                 choices = [k for m, k in MESSAGE_TYPES if m == name] + ["none"]
                 raise ConfigError(f"{name}_type {kind!r} is not one of {choices}")
-            sensors[name] = (self.p(f"{name}_topic"), MESSAGE_TYPES[(name, kind)])
+            topic = self.p(f"{name}_topic")
+            if same := [other for other, (t, _) in sensors.items() if self.resolve_topic_name(t) == self.resolve_topic_name(topic)]:
+                raise ConfigError(f"{name}_topic {topic} is also {same[0]}_topic: two sensors cannot read one topic")
+            sensors[name] = (topic, MESSAGE_TYPES[(name, kind)])
         if not sensors:
             raise ConfigError("every sensor is configured as none")
         if self.p("trigger") not in ("timer", *sensors):

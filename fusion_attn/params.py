@@ -57,6 +57,8 @@ PARAMETERS = (
     Param("odometry_type", "odometry", "wheel odometry: odometry (nav_msgs/Odometry) | none; read only by a model "
           "built with it"),
     Param("odometry_topic", "odom", "wheel odometry topic (or remap it)"),
+    Param("imu2_type", "imu", "a second IMU: imu | none; read only by a model built with it"),
+    Param("imu2_topic", "imu2/data", "second IMU topic (or remap it)"),
     Param("qos_reliability", "best_effort", "subscription reliability: best_effort (sensor data) | reliable"),
     Param("qos_depth", 50, "subscription queue depth (per topic)", (1, 1000)),
     Param("tau.global", 1.0, "softmax temperature, all tokens (> 0; lower = sharper)", (1e-3, 1e3), runtime=True),
@@ -64,10 +66,12 @@ PARAMETERS = (
     Param("tau.lidar", 1.0, "temperature of lidar tokens, times tau.global", (1e-3, 1e3), runtime=True),
     Param("tau.imu", 1.0, "temperature of IMU tokens, times tau.global", (1e-3, 1e3), runtime=True),
     Param("tau.odometry", 1.0, "temperature of wheel odometry tokens, times tau.global", (1e-3, 1e3), runtime=True),
+    Param("tau.imu2", 1.0, "temperature of the second IMU's tokens, times tau.global", (1e-3, 1e3), runtime=True),
     Param("max_age_s.camera", 0.2, "camera older than this at fusion time is masked", (1e-3, 60.0)),
     Param("max_age_s.lidar", 0.3, "lidar older than this at fusion time is masked", (1e-3, 60.0)),
     Param("max_age_s.imu", 0.05, "IMU older than this at fusion time is masked", (1e-3, 60.0)),
     Param("max_age_s.odometry", 0.2, "wheel odometry older than this at fusion time is masked", (1e-3, 60.0)),
+    Param("max_age_s.imu2", 0.05, "the second IMU older than this at fusion time is masked", (1e-3, 60.0)),
     Param("stale_after_periods", 1.5, "also late (WARN) and masked after this many of the sensor's periods of "
           "silence, or jitter_margin_s after its next message was due if longer (0: never)", (0.0, 100.0)),
     Param("jitter_margin_s", 0.025, "how far a sensor's next message may be overdue before it is late and masked, "
@@ -90,7 +94,7 @@ PARAMETERS = (
     Param("autostart", True, "configure and activate on start (no lifecycle manager needed)"),
 )
 PARAM_DEFAULTS: Mapping[str, Any] = MappingProxyType({p.name: p.default for p in PARAMETERS})
-TAU_NAMES = tuple(p.name for p in PARAMETERS if p.runtime)  # global, camera, lidar, imu, odometry
+TAU_NAMES = tuple(p.name for p in PARAMETERS if p.runtime)  # global, camera, lidar, imu, odometry, imu2
 
 
 def param(params: Mapping[str, Any], name: str) -> Any:

@@ -29,7 +29,7 @@ from .config import cache_dir as config_cache_dir
 from .contract import fusion_terms
 from .errors import BackendUnavailable, CheckpointError, ConfigError
 from .files import written_aside
-from .frames import MODALITIES, CameraFrame, FusedState, LidarFrame
+from .frames import MODALITIES, CameraFrame, FusedState, LidarFrame, Modality
 from .params import TAU_NAMES, param
 from .sync import SyncConfig
 from .tokenize import SensorSnapshot, Tokenizer
@@ -45,17 +45,19 @@ DEFAULT_CHECKPOINT = Path(__file__).parent / "data" / "fusion_default.safetensor
 ALL_ONES_TAU = (1.0,) * (1 + len(MODALITIES))  # every sensor's τ as the node holds them; a model reads its own
 
 
-def validate_tau(tau, sensors: int = 3) -> np.ndarray:
-    """(global, then one per sensor) -> float32 (1 + sensors,); every value finite and > 0, or ConfigError.
-    The node's parameters hold a τ for every sensor the package knows (MODALITIES); a model's sensors are
-    the first `sensors` of them (FusionConfig.sensors), so it reads their τ and ignores the rest."""
+def validate_tau(tau, sensors: tuple[Modality, ...] = FusionConfig().sensors) -> np.ndarray:
+    """(global, then one per sensor) -> float32 (1 + S,) for a model's S sensors (FusionConfig.sensors);
+    every value finite and > 0, or ConfigError. The node's parameters hold a τ for every sensor the
+    package knows (global, then MODALITIES' order): from those the model's are picked, the rest ignored."""
     tau = np.asarray(tau, np.float32).reshape(-1)
-    if tau.shape[0] not in (1 + sensors, 1 + len(MODALITIES)):
-        names = ", ".join(("global", *MODALITIES[:sensors]))
-        raise ConfigError(f"tau needs {1 + sensors} values ({names}), got {tau.shape[0]}")
+    if tau.shape[0] == 1 + len(MODALITIES) != 1 + len(sensors):
+        tau = tau[[0, *(1 + int(m) for m in sensors)]]
+    if tau.shape[0] != 1 + len(sensors):
+        names = ", ".join(("global", *(MODALITIES[m] for m in sensors)))
+        raise ConfigError(f"tau needs {1 + len(sensors)} values ({names}), got {tau.shape[0]}")
     if not np.all(np.isfinite(tau)) or np.any(tau <= 0):
         raise ConfigError(f"tau must be finite and > 0, got {tau.tolist()}")
-    return tau[: 1 + sensors]
+    return tau
 
 
 def _checkpoint_path(checkpoint: str | Path | None) -> str | Path | None:
@@ -190,7 +192,7 @@ class FusionPipeline:
         self.model_source, self.backend_fallback = "", None
         self.weights_digest = ""  # of the model's weights and config (create() sets it): the policy contract's key
         self.tokenizer = Tokenizer(cfg)
-        self.tau = validate_tau(tau, len(cfg.sensors))
+        self.tau = validate_tau(tau, cfg.sensors)
         self.frame_id = frame_id
 
     @classmethod
@@ -244,12 +246,13 @@ class FusionPipeline:
 
     def fusion_terms(self, sync: SyncConfig, fusion_rate_hz: float, trigger: str = "timer") -> dict[str, str]:
         """This fusion's side of a policy contract (contract.fusion_terms): weights, τ now, sync settings, trigger."""
-        max_age_s = sync.max_age_s[: len(self.cfg.sensors)]  # the model's sensors: a policy's contract names these
-        return fusion_terms(self.weights_digest, self.tau, fusion_rate_hz, max_age_s, sync.stale_after_periods, trigger)
+        max_age_s = [sync.max_age_s[m] for m in self.cfg.sensors]  # the model's sensors: a policy's contract names these
+        return fusion_terms(self.weights_digest, self.cfg.sensor_names, self.tau, fusion_rate_hz, max_age_s,
+                            sync.stale_after_periods, trigger)
 
     def set_tau(self, tau) -> None:
         """Takes effect at the next fuse(); τ is a model input, nothing is re-exported."""
-        self.tau = validate_tau(tau, len(self.cfg.sensors))
+        self.tau = validate_tau(tau, self.cfg.sensors)
 
     def prepare(self, frame: CameraFrame | LidarFrame) -> None:
         """Tokenize a camera or lidar frame as it arrives, off the next fusion's critical path, where
@@ -262,8 +265,9 @@ class FusionPipeline:
 
     @property
     def _takes_arrays(self) -> bool:
-        # the whole-step graph has no odometry tokenizer yet: a model that reads odometry takes host tokens
-        return getattr(self.backend, "whole_step", False) and not self.cfg.model.odometry
+        # the whole-step graph has no odometry or second-IMU tokenizer yet: a model that reads them takes host tokens
+        m = self.cfg.model
+        return getattr(self.backend, "whole_step", False) and not (m.odometry or m.second_imu)
 
     def fuse(self, snap: SensorSnapshot) -> FusedState:
         return self.fuse_many([snap], self.tau[None])[0][0]
@@ -276,7 +280,7 @@ class FusionPipeline:
         one-at-a-time's to the bit on torch-cudagraph (each row runs the one-row kernels), elsewhere to
         float rounding: kernels may sum in another order for another batch shape (docs/BENCHMARKS.md).
         Timings are each snapshot's share of its call."""
-        taus = np.stack([validate_tau(t, len(self.cfg.sensors)) for t in taus])
+        taus = np.stack([validate_tau(t, self.cfg.sensors) for t in taus])
         # snapshots per backend call: all, or as many as a TensorRT engine's batch profile takes
         per_call = max(1, getattr(self.backend, "max_batch", len(snaps) * len(taus)) // len(taus))
         states: list[list[FusedState] | None] = [None] * len(snaps)
@@ -342,7 +346,7 @@ class FusionPipeline:
         return [FusedState(stamp_ns=snap.stamp_ns, frame_id=self.frame_id, pooled=out["fused"][row + k],
                            latents=out["latents"][row + k], attention=out["attention"][row + k], present=present,
                            ages_s=ages, tau=tau.copy(), all_masked=bool(out["all_masked"][row + k]),
-                           timings_ms=dict(timings), trust=out["trust"][row + k])
+                           timings_ms=dict(timings), trust=out["trust"][row + k], sensors=self.cfg.sensor_names)
                 for k, tau in enumerate(taus)]
 
 

@@ -10,10 +10,10 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .frames import MODALITIES, NS_PER_S
+from .frames import NS_PER_S
 from .outputs import TRUST_THRESHOLD
 
-COLOURS = {"camera": "tab:blue", "lidar": "tab:orange", "imu": "tab:green", "odometry": "tab:purple"}
+COLOURS = {"camera": "tab:blue", "lidar": "tab:orange", "imu": "tab:green", "odometry": "tab:purple", "imu2": "tab:olive"}
 PNG = {"metadata": {"Software": None}, "dpi": 110}  # no version string: same data, same file
 
 
@@ -22,7 +22,7 @@ def replay_plots(out: Path, trace, configured: tuple[str, ...], taus: np.ndarray
         return
     t = (np.array(trace.stamps) - trace.stamps[0]) / NS_PER_S
     attention = np.array(trace.attention)[:, 0]  # (n, S) at the first τ
-    sensors = MODALITIES[: attention.shape[1]]  # the model's (FusedState.sensors)
+    sensors = trace.sensors
 
     fig, ax = plt.subplots(figsize=(9, 3.5))
     ax.stackplot(t, attention.T, labels=sensors, colors=[COLOURS[m] for m in sensors], alpha=0.85)

@@ -72,9 +72,10 @@ class ReplayOptions:
 class _Trace:
     """Per fusion, deterministic: what the summary and the plots are made of."""
 
+    sensors: tuple[str, ...] = MODALITIES[:3]  # the model's (FusedState.sensors): the per-sensor arrays follow them
     stamps: list[int] = field(default_factory=list)
-    attention: list[np.ndarray] = field(default_factory=list)  # (K taus, 3) mean over heads
-    trust: list[np.ndarray] = field(default_factory=list)  # (K taus, 3); NaN from a model without trust output
+    attention: list[np.ndarray] = field(default_factory=list)  # (K taus, S) mean over heads
+    trust: list[np.ndarray] = field(default_factory=list)  # (K taus, S); NaN from a model without trust output
     present: list[np.ndarray] = field(default_factory=list)
     ages: list[np.ndarray] = field(default_factory=list)
     latency_ms: list[float] = field(default_factory=list)  # fusion time - newest sensor stamp
@@ -307,7 +308,7 @@ class RecordedFeed:
             frame = msg.frame if self.opts.clock == "header" else dataclasses.replace(msg.frame, stamp_ns=msg.log_time_ns)
             rec.rates[msg.modality].add(frame.stamp_ns)
             dropped = sync.health[msg.modality].dropped
-            yield from self.clock.add(frame, msg.topic)
+            yield from self.clock.add(frame, msg.topic, msg.modality)
             if sync.health[msg.modality].dropped != dropped:
                 rec.events.pop()  # the clock's one note on a refused frame, its last: `notes` sums drops per sensor
 
@@ -381,7 +382,7 @@ def replay(bags: Sequence[str | Path], pipeline: FusionPipeline, out_dir: str | 
     if maps_asked and (attention_model is None or weights_digest(attention_model) != pipeline.weights_digest):
         raise ConfigError("attention maps need the torch model that the pipeline runs (attention_model)")
     for tau in opts.taus:
-        validate_tau(tau, len(pipeline.cfg.sensors))
+        validate_tau(tau, pipeline.cfg.sensors)
     taus = np.array(opts.taus, np.float32)
     wall_start = time.perf_counter()
     with open_reader(bags) as reader:  # every check before the output folder is touched
@@ -612,6 +613,7 @@ def _span_s(stamps: list[int]) -> float:
 
 def _record(trace: _Trace, states: list[FusedState], tick: Tick, configured: tuple[str, ...]) -> None:
     s = states[0]
+    trace.sensors = s.sensors
     trace.stamps.append(tick.stamp_ns)
     trace.masked.append(np.array([not tick.fresh[Modality[m.upper()]] for m in configured]))
     trace.attention.append(np.stack([st.modality_attention for st in states]))

@@ -198,12 +198,13 @@ def _params_key(params: dict) -> str:
 def _warm_up_s(reader, rec: Recording, cfg: SyncConfig) -> float:
     """Recorded time before a window that brings its sync to the whole replay's state there: per sensor,
     its period's window (RATE_MEMORY + 1 frames at its mean rate over the recording), its max age, and
-    for the IMU and odometry the history a window reads; the longest of them and a quarter more for jitter.
+    for the IMUs and odometry the history a window reads; the longest of them and a quarter more for jitter.
     Too short costs time, not correctness: the window is then redone."""
     span_s = max(reader.end_time - reader.start_time, 1) / NS_PER_S
     counts = {c.topic: c.msgcount for c in reader.connections}
     history_s = {Modality.IMU: cfg.imu_window_s + cfg.future_tolerance_s,
-                 Modality.ODOMETRY: cfg.odometry_window_s + cfg.future_tolerance_s}
+                 Modality.ODOMETRY: cfg.odometry_window_s + cfg.future_tolerance_s,
+                 Modality.IMU2: cfg.imu_window_s + cfg.future_tolerance_s}
     need = [max((RATE_MEMORY + 1) * span_s / max(counts.get(topic, 0), 1), cfg.max_age_s[m], history_s.get(m, 0.0))
             for m, topic in rec.topics.sensors.items()]
     return max(WARM_UP_MIN_S, 1.25 * max(need, default=0.0) + 0.2)

@@ -255,9 +255,9 @@ class FusionStep(nn.Module):
 
     def __init__(self, model: FusionModel, image_shape: tuple[int, int, int], encoding: str):
         super().__init__()
-        if model.cfg.model.odometry:
-            raise ConfigError("the whole-step graph has no odometry tokenizer: a model that reads wheel odometry "
-                              "runs on the host tokenizers' tokens (FusionPipeline does so on every backend)")
+        if model.cfg.model.odometry or model.cfg.model.second_imu:
+            raise ConfigError("the whole-step graph has no odometry or second-IMU tokenizer: a model that reads "
+                              "either runs on the host tokenizers' tokens (FusionPipeline does so on every backend)")
         self.cfg, self.model = model.cfg, model
         self.camera = CameraTokenizer(model.cfg.camera, image_shape[0], image_shape[1], encoding)
         self.imu = ImuTokenizer(model.cfg.imu)

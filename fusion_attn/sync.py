@@ -1,5 +1,8 @@
 """Sensor sync: the latest frame per sensor with its age, IMU and odometry histories, and per-sensor health.
 
+Frames are routed to a sensor by their type (MODALITY_OF), except where the front-end names the sensor:
+a second IMU's ImuSamples come from a topic of their own (Modality.IMU2).
+
 It never waits for all sensors: `snapshot(t)` hands over whatever is fresh at fusion time t and
 masks (leaves out) a sensor whose newest data is older than its max age. Frames are fed in arrival
 order; a sensor whose time goes back by more than `reset_on_jump_back_s` (a bag looping, a clock
@@ -166,15 +169,17 @@ class SensorSync:
         self._fused: dict[Modality, tuple] = {Modality.CAMERA: (None, None), Modality.LIDAR: (None, None)}
         # A window is asked for only while its sensor is fresh, so up to future_tolerance_s before the
         # sensor's newest sample and window_s back from there: older samples are never read again.
-        keep_s = {Modality.IMU: self.cfg.imu_window_s, Modality.ODOMETRY: self.cfg.odometry_window_s}
+        keep_s = {Modality.IMU: self.cfg.imu_window_s, Modality.ODOMETRY: self.cfg.odometry_window_s,
+                  Modality.IMU2: self.cfg.imu_window_s}
         tolerance_ns = int(self.cfg.future_tolerance_s * NS_PER_S)
         self._history = {m: _History(self.cfg.imu_capacity, int(w * NS_PER_S) + tolerance_ns + 1)
                          for m, w in keep_s.items()}
         self._behind = dict.fromkeys(Modality, 0)  # frames in a row stamped far behind the sensor's newest
 
-    def add(self, frame: CameraFrame | LidarFrame | ImuSample | OdometrySample, now_ns: int | None = None) -> str | None:
-        """Take a frame; -> None when taken (or ignored: a sensor the model does not read), else why it was
-        dropped (which is counted).
+    def add(self, frame: CameraFrame | LidarFrame | ImuSample | OdometrySample, now_ns: int | None = None,
+            modality: Modality | None = None) -> str | None:
+        """Take a frame of `modality` (None: its type's, MODALITY_OF); -> None when taken (or ignored: a sensor
+        the model does not read), else why it was dropped (which is counted).
 
         now_ns: the receiver's clock at arrival (the live node's; replay has none, its data's time is its
         clock). A frame stamped more than future_tolerance_s after it is dropped as "future", one with a
@@ -186,7 +191,7 @@ class SensorSync:
         with it (recent by now_ns, or no now_ns), or once jump_back_confirm frames in a row stayed back (an
         old recording looping under a live clock); until then it is dropped as out_of_order.
         """
-        modality = MODALITY_OF[type(frame)]
+        modality = MODALITY_OF[type(frame)] if modality is None else modality
         if modality not in self.cfg.sensors:
             return None
         h = self.health[modality]
@@ -213,7 +218,7 @@ class SensorSync:
             self._camera = frame
         elif modality is Modality.LIDAR:
             self._lidar = frame
-        elif modality is Modality.IMU:
+        elif isinstance(frame, ImuSample):
             self._history[modality].append(frame.stamp_ns, frame.frame_id, frame.accel, frame.gyro, frame.orientation)
         else:
             self._history[modality].append(frame.stamp_ns, frame.frame_id, frame.linear, frame.angular)
@@ -301,12 +306,13 @@ class SensorSync:
         lidar = self._lidar if self.fresh(Modality.LIDAR, now_ns) else None
         imu = self._window(Modality.IMU, now_ns, self.cfg.imu_window_s)
         odometry = self._window(Modality.ODOMETRY, now_ns, self.cfg.odometry_window_s)
+        imu2 = self._window(Modality.IMU2, now_ns, self.cfg.imu_window_s)
         return SensorSnapshot(now_ns, camera, lidar, imu and ImuWindow(*imu),
                               self._fused_before(Modality.CAMERA, camera), self._fused_before(Modality.LIDAR, lidar),
-                              odometry and OdometryWindow(*odometry[:4]))
+                              odometry and OdometryWindow(*odometry[:4]), imu2 and ImuWindow(*imu2))
 
     def _window(self, modality: Modality, now_ns: int, window_s: float):
-        """The IMU's or odometry's last window_s seconds up to now_ns (`_History.window`), None if not fresh."""
+        """An IMU's or the odometry's last window_s seconds up to now_ns (`_History.window`), None if not fresh."""
         if not self.fresh(modality, now_ns):
             return None
         end = min(now_ns, self.health[modality].last_stamp_ns)

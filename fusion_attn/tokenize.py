@@ -71,6 +71,8 @@ def input_spec(cfg: FusionConfig) -> dict[str, tuple[tuple[int, ...], type]]:
     c, li, i, o = cfg.camera, cfg.lidar, cfg.imu, cfg.odometry
     odometry = {"odometry_chunks": ((o.tokens, o.features), np.float32), "odometry_mask": ((o.tokens,), np.bool_),
                 "odometry_age": ((o.tokens,), np.float32)} if cfg.model.odometry else {}
+    imu2 = {"imu2_chunks": ((i.tokens, i.features), np.float32), "imu2_mask": ((i.tokens,), np.bool_),
+            "imu2_age": ((i.tokens,), np.float32)} if cfg.model.second_imu else {}
     return {
         "camera_patches": ((c.tokens, c.features), np.float32),
         "camera_mask": ((c.tokens,), np.bool_),
@@ -88,8 +90,9 @@ def input_spec(cfg: FusionConfig) -> dict[str, tuple[tuple[int, ...], type]]:
         "imu_chunks": ((i.tokens, i.features), np.float32),
         "imu_mask": ((i.tokens,), np.bool_),
         "imu_age": ((i.tokens,), np.float32),
-        "tau": ((1 + len(cfg.sensors),), np.float32),  # global, then per sensor (camera, lidar, imu[, odometry])
+        "tau": ((1 + len(cfg.sensors),), np.float32),  # global, then per sensor (camera, lidar, imu[, odometry][, imu2])
         **odometry,  # after τ: a model without odometry keeps the inputs, in order, it always had
+        **imu2,  # a second IMU's, tokenized as the first's
     }
 
 
@@ -257,6 +260,7 @@ class SensorSnapshot:
     camera_prev: CameraFrame | None = None  # the frame fused before `camera` (None: none, or not consecutive)
     lidar_prev: LidarFrame | None = None
     odometry: OdometryWindow | None = None
+    imu2: ImuWindow | None = None  # a second IMU's window (Modality.IMU2)
 
 
 class FrameTokens:
@@ -319,10 +323,10 @@ class Tokenizer:
                 if tokens is not None:
                     x[f"{prefix}_{content}"], x[f"{prefix}_mask"] = tokens
                     x[f"{prefix}_age"][:] = (snap.stamp_ns - f.stamp_ns) / NS_PER_S
-        if snap.imu is not None and len(snap.imu):
-            x["imu_chunks"], x["imu_mask"], before_newest = tokenize_imu(snap.imu, self.cfg.imu)
-            x["imu_age"][:] = (snap.stamp_ns - int(snap.imu.stamps_ns[-1])) / NS_PER_S + before_newest
-        if "odometry_chunks" in x and snap.odometry is not None and len(snap.odometry):
-            x["odometry_chunks"], x["odometry_mask"], before_newest = tokenize_odometry(snap.odometry, self.cfg.odometry)
-            x["odometry_age"][:] = (snap.stamp_ns - int(snap.odometry.stamps_ns[-1])) / NS_PER_S + before_newest
+        streams = (("imu", snap.imu, tokenize_imu, self.cfg.imu), ("odometry", snap.odometry, tokenize_odometry, self.cfg.odometry),
+                   ("imu2", snap.imu2, tokenize_imu, self.cfg.imu))
+        for name, window, tokenize, cfg in streams:
+            if f"{name}_chunks" in x and window is not None and len(window):
+                x[f"{name}_chunks"], x[f"{name}_mask"], before_newest = tokenize(window, cfg)
+                x[f"{name}_age"][:] = (snap.stamp_ns - int(window.stamps_ns[-1])) / NS_PER_S + before_newest
         return x

@@ -65,11 +65,12 @@ class ActionRepeat(gym.Wrapper):
         for _ in range(self.n):
             obs, reward, terminated, truncated, info = self.env.step(action)
             total += float(reward)
-            frames.extend(info.get("frames", ()))
+            if "frames" in info:
+                frames.append(info["frames"])
             if terminated or truncated:
                 break
-        if "frames" in info:
-            info = {**info, "frames": frames}
+        if frames:  # FrameLists: each frame with the sensor it came from
+            info = {**info, "frames": sum(frames[1:], frames[0])}
         return obs, total, terminated, truncated, info
 
 

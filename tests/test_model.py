@@ -74,25 +74,26 @@ def test_masked_softmax_all_masked_row_is_zero_not_nan():
 
 FUSIONS = ["sensor", "token"]
 MASKS = {Modality.CAMERA: "camera_mask", Modality.LIDAR: "lidar_mask", Modality.IMU: "imu_mask",
-         Modality.ODOMETRY: "odometry_mask"}
+         Modality.ODOMETRY: "odometry_mask", Modality.IMU2: "imu2_mask"}
 
 
 @pytest.mark.parametrize("fusion", FUSIONS)
 @pytest.mark.parametrize("modality", list(Modality))
 def test_masked_modality_gets_zero_attention_and_zero_trust(modality, fusion):
-    model = _model(fusion=fusion, odometry=modality is Modality.ODOMETRY)  # odometry: a model of four sensors
-    S = len(model.cfg.sensors)
+    # odometry, a second IMU: a model of four sensors (camera, lidar, IMU and it: the second IMU is the fourth)
+    model = _model(fusion=fusion, odometry=modality is Modality.ODOMETRY, second_imu=modality is Modality.IMU2)
+    S, i = len(model.cfg.sensors), model.cfg.sensors.index(modality)
     x = _inputs(model)
     x[MASKS[modality]] = torch.zeros_like(x[MASKS[modality]])
     with torch.no_grad():
         fused, latents, attention, all_masked, trust = model(**x)
-    assert torch.all(attention[0, modality] == 0.0)
+    assert torch.all(attention[0, i] == 0.0)
     assert torch.allclose(attention[0].sum(0), torch.ones(4), atol=1e-6)  # per head, over modalities
     assert not all_masked[0]
     assert torch.isfinite(fused).all() and torch.isfinite(latents).all()
     assert attention.shape == (1, S, 4)
-    assert trust.shape == (1, S) and trust[0, modality] == 0.0  # exactly: an absent sensor is not judged
-    others = [m for m in model.cfg.sensors if m != modality]
+    assert trust.shape == (1, S) and trust[0, i] == 0.0  # exactly: an absent sensor is not judged
+    others = [j for j in range(S) if j != i]
     assert torch.all((trust[0, others] > 0) & (trust[0, others] < 1))
 
 

@@ -711,19 +711,27 @@ def test_the_attention_image_is_off_by_default(ros, fusion_node):
     assert ros.node.get_publishers_info_by_topic("/fused_state/attention_image") == []
 
 
-def test_a_model_that_reads_odometry_subscribes_to_it_and_fuses_a_real_robots(ros, real_data, tmp_path):
-    """A checkpoint built with wheel odometry (seed-0 weights: the wiring, not what they learned): the node
-    subscribes to its nav_msgs/Odometry topic, and the fused state, its layout and the diagnostics carry a
-    fourth sensor. The Clearpath Husky's recording (IMU 30 Hz, odometry 10 Hz) is played over DDS."""
+def test_a_model_that_reads_odometry_and_a_second_imu_subscribes_to_them_and_fuses_a_real_robots(ros, real_data, tmp_path):
+    """A checkpoint built with wheel odometry and a second IMU (seed-0 weights: the wiring, not what they
+    learned): the node subscribes to its nav_msgs/Odometry topic and both IMU topics, and the fused state,
+    its layout and the diagnostics carry a fourth and a fifth sensor. The Clearpath Husky's recording (IMU
+    30 Hz, odometry 10 Hz) is played over DDS; this test relays its IMU to the second IMU's topic, a
+    publisher of its own, as a second IMU's driver would be."""
     torch.manual_seed(0)
-    checkpoint = save_checkpoint(FusionModel(FusionConfig(model=ModelConfig(odometry=True))).eval(),
+    checkpoint = save_checkpoint(FusionModel(FusionConfig(model=ModelConfig(odometry=True, second_imu=True))).eval(),
                                  tmp_path / "odometry.safetensors")
     params = yaml.safe_load(Path("config/fusion.yaml").read_text())
     params["/**"]["ros__parameters"].update(checkpoint=str(checkpoint), camera_type="none", lidar_type="none",
                                             imu_topic="/imu/data", odometry_topic="/husky_velocity_controller/odom",
-                                            max_age_s={"imu": 0.1}, diagnostics_period_s=0.2)
+                                            imu2_topic="/imu2/data", max_age_s={"imu": 0.1, "imu2": 0.2},
+                                            diagnostics_period_s=0.2,
+                                            # the relay below shares a process (and its GIL) with the player: it
+                                            # delivers in bursts, which the default margin would mask as late
+                                            jitter_margin_s=0.15)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     fused, layouts = [], []
+    relay = ros.node.create_publisher(Imu, "/imu2/data", qos_profile_sensor_data)
+    ros.node.create_subscription(Imu, "/imu/data", relay.publish, qos_profile_sensor_data)
     ros.node.create_subscription(Image, "/odo/fused_state", fused.append, 50)
     ros.node.create_subscription(String, "/odo/fused_state/layout", layouts.append,
                                  QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
@@ -742,19 +750,25 @@ def test_a_model_that_reads_odometry_subscribes_to_it_and_fuses_a_real_robots(ro
                                 env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             assert ros.wait_for(lambda: layouts, timeout=90), (tmp_path / "node.log").read_text()
+            # play waits for the node to hear its topics; the relay's, it does not know of
+            assert ros.wait_for(lambda: relay.get_subscription_count() > 0, timeout=30)
             played = play(ros.node, [real_data / "husky_imu_odom_gps.bag"], keep=lambda _topic, s: s < 6.0,
                           wait_s=30.0)
             ros.wait_for(lambda: False, timeout=0.5)
         finally:
             assert stop_node(proc, tmp_path / "node.log") == 0, (tmp_path / "node.log").read_text()
     layout = json.loads(layouts[-1].data)
-    assert layout["sensor_order"] == ["camera", "lidar", "imu", "odometry"] and layout["height"] == 1 + 8 + 4
+    assert layout["sensor_order"] == ["camera", "lidar", "imu", "odometry", "imu2"] and layout["height"] == 1 + 8 + 5
     assert played > 150 and len(fused) >= 40, (played, len(fused))
     attention = [parse_fused_state_rows(np.frombuffer(bytes(m.data), np.float32).reshape(m.height, m.width),
-                                        HEADS, sensors=4)["attention"] for m in fused]
+                                        HEADS, sensors=5)["attention"] for m in fused]
     with_odometry = [a for a in attention if a[3].sum() > 0]
     assert len(with_odometry) >= 0.8 * len(attention)  # 10 Hz odometry, fresh within its 0.2 s max age
+    relayed = [a[4].sum() > 0 for a in attention]
+    assert sum(relayed) >= 0.8 * len(attention), relayed  # the second IMU, 30 Hz as relayed
     assert all(np.all(a[:2] == 0.0) for a in attention)  # no camera or lidar configured
     _, odometry = status("odometry")
     assert int(odometry["received"]) >= 50 and float(odometry["rate_hz"]) == pytest.approx(10.0, abs=1.0)
-    assert "trust_odometry" in status("fusion")[1]
+    imu, imu2 = status("imu")[1], status("imu2")[1]
+    assert int(imu2["received"]) >= 100 and float(imu2["rate_hz"]) == pytest.approx(float(imu["rate_hz"]), rel=0.2)
+    assert {"trust_odometry", "trust_imu2", "masked_fusions_imu2"} <= set(status("fusion")[1])

@@ -80,8 +80,10 @@ def test_odometry_tokens_come_after_tau_and_carry_the_twist():
 
 
 def test_tau_takes_one_value_per_sensor_of_the_model():
-    assert validate_tau([1, 2, 3, 4, 5], sensors=4).tolist() == [1, 2, 3, 4, 5]
-    assert validate_tau([1, 2, 3, 4, 5], sensors=3).tolist() == [1, 2, 3, 4]  # the node's τ.odometry, unread
+    assert validate_tau([1, 2, 3, 4, 5], sensors=CFG.sensors).tolist() == [1, 2, 3, 4, 5]
+    assert validate_tau([1, 2, 3, 4], sensors=FusionConfig().sensors).tolist() == [1, 2, 3, 4]
+    # the node's τ, one per sensor the package knows: a model reads its own (not the odometry's, nor a second IMU's)
+    assert validate_tau([1, 2, 3, 4, 5, 6], sensors=FusionConfig().sensors).tolist() == [1, 2, 3, 4]
     assert random_tau(8, 1.0, torch.Generator().manual_seed(0), sensors=4).shape == (8, 5)
 
 

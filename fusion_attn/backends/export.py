@@ -50,19 +50,22 @@ def export_onnx(model: FusionModel, path: str | Path, opset: int = OPSET) -> Pat
     # a CPU copy in eval mode: the example inputs are CPU tensors, the caller's model may be on a GPU (a
     # torch backend's), and exporting must not change it (training flag, device)
     model = copy.deepcopy(model).cpu().eval()
-    args = tuple(torch.from_numpy(v) for v in example_inputs(model, batch=2).values())
-    names = list(input_spec(model.cfg))
+    # by name after τ: a model with a second IMU and no odometry has no odometry_* inputs to place
+    example = {n: torch.from_numpy(v) for n, v in example_inputs(model, batch=2).items()}
+    names = list(example)
+    first = names.index("tau") + 1
+    args, kwargs = tuple(example[n] for n in names[:first]), {n: example[n] for n in names[first:]}
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if opset >= 18:
             batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-            program = torch.onnx.export(model, args, input_names=names, output_names=list(OUTPUT_NAMES),
+            program = torch.onnx.export(model, args, kwargs=kwargs, input_names=names, output_names=list(OUTPUT_NAMES),
                                         opset_version=opset, dynamo=True, external_data=False, verbose=False,
                                         dynamic_shapes={n: {0: batch} for n in names})
             program.save(str(path))
         else:
-            torch.onnx.export(model, args, str(path), input_names=names, output_names=list(OUTPUT_NAMES),
+            torch.onnx.export(model, args, str(path), kwargs=kwargs, input_names=names, output_names=list(OUTPUT_NAMES),
                               opset_version=opset, dynamo=False,
                               dynamic_axes={n: {0: "batch"} for n in (*names, *OUTPUT_NAMES)})
             # this exporter leaves the output shapes symbolic; infer them, so the graph states its I/O

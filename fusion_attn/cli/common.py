@@ -19,7 +19,7 @@ def model_args(p: argparse.ArgumentParser, backend: bool = True, tau: bool = Tru
         p.add_argument("--threads", type=int)
     if tau:
         p.add_argument("--tau", type=float, nargs="+", metavar="TAU",
-                       help="global, camera, lidar, imu (and odometry, for a model that reads it)")
+                       help="global, camera, lidar, imu (and odometry, imu2, for a model that reads them)")
 
 
 def fusion_setup(args, tau=None):
@@ -32,10 +32,13 @@ def fusion_setup(args, tau=None):
     params = load_params(args.params) if getattr(args, "params", None) else {}
     flags = {"checkpoint": args.checkpoint, "backend": args.backend, "threads": args.threads}
     params.update({k: v for k, v in flags.items() if v})
-    if tau and len(tau) > len(TAU_NAMES):
-        raise ConfigError(f"--tau takes at most {len(TAU_NAMES)} values ({', '.join(TAU_NAMES)}), got {len(tau)}")
-    params.update(zip(TAU_NAMES, tau or ()))
     pipeline = FusionPipeline.from_params(params)
+    if tau:  # the model's τ, in its order
+        names = ("tau.global", *(f"tau.{n}" for n in pipeline.cfg.sensor_names))
+        if len(tau) > len(names):
+            raise ConfigError(f"--tau takes at most {len(names)} values ({', '.join(names)}), got {len(tau)}")
+        params.update(zip(names, tau))
+        pipeline.set_tau([param(params, n) for n in TAU_NAMES])
     return pipeline, SyncConfig.for_model(pipeline.cfg, params), params
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..adapters import SUPPORTED_TYPES, modality_of
 from ..bag import topic_flag
 from ..errors import FusionAttnError
-from ..frames import MODALITIES, Modality
+from ..frames import MODALITIES, Modality, kind_of
 from ..params import PARAM_DEFAULTS, param
 from .common import fusion_setup, model_args, replay_options
 
@@ -29,7 +29,7 @@ def add_parser(verbs):
     replay.add_argument("--end", type=float, help="seconds after the start of the recording")
     topic_args(replay)
     replay.add_argument("--tau", help="τ: one value (global), or a sweep 0.1,0.5,1,2; an entry may be "
-                                      "global:camera:lidar:imu (and :odometry for a model that reads it)")
+                                      "global:camera:lidar:imu (and :odometry, :imu2 for a model that reads them)")
     replay.add_argument("--attention-at", metavar="T1,T2,...",
                         help="write attention_<t>.png, where the fusion looks, at these seconds after the start of "
                              "the recording (docs/ATTENTION_MAPS.md)")
@@ -161,15 +161,17 @@ def _setup(args, **overrides):
 
 
 def topic_args(p: argparse.ArgumentParser) -> None:
-    """--camera-topic, --lidar-topic, --imu-topic, --odometry-topic: replay's and fuse's choice of topics (see bag.find_topics)."""
+    """--camera-topic, --lidar-topic, --imu-topic, --odometry-topic, --imu2-topic: replay's and fuse's choice of
+    topics (see bag.find_topics)."""
     for m in Modality:
-        types = " or ".join(t for t in SUPPORTED_TYPES if modality_of(t) is m)
-        p.add_argument(topic_flag(m), metavar="TOPIC", help=f"the {MODALITIES[m]} topic (default: the busiest {types})")
+        types = " or ".join(t for t in SUPPORTED_TYPES if modality_of(t) is kind_of(m))
+        default = f"the busiest {types}" + (" the IMU does not read" if m is Modality.IMU2 else "")
+        p.add_argument(topic_flag(m), metavar="TOPIC", help=f"the {MODALITIES[m]} topic (default: {default})")
 
 
 def _tau_entry(entry: str, base) -> tuple[float, ...]:
     """One --tau entry: a global τ (the others from `base`), or one per τ of the model, global:camera:lidar:imu
-    (:odometry)."""
+    (:odometry)(:imu2)."""
     try:
         values = [float(v) for v in entry.split(":")]
     except ValueError:

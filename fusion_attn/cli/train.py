@@ -84,9 +84,11 @@ def add_parser(verbs):
                             "patch sees what stands above and below it (default 0: none)")
     train.add_argument("--odometry", action="store_const", const=True,
                        help="wheel odometry (nav_msgs/Odometry's twist) as a fourth sensor after the IMU")
+    train.add_argument("--second-imu", action="store_const", const=True,
+                       help="a second IMU (its own topic, imu2) as the last sensor; the simulated rig gets one")
     train.add_argument("--fault-weights", type=float, nargs="+", metavar="W",
                        help="which sensor a training sample's fault hits, in proportion: camera, lidar, IMU[, "
-                            "odometry] (default 1 each; --fault-share of samples get one); e.g. 1 1 2 for twice the IMU faults")
+                            "odometry][, imu2] (default 1 each; --fault-share of samples get one); e.g. 1 1 2 for twice the IMU faults")
     train.add_argument("--fault-share", type=float, dest="corrupt_prob", metavar="P",
                        help="share of training samples with one faulted sensor (default 0.6)")
     train.add_argument("--objective-weights", nargs="+", metavar="NAME=WEIGHT",
@@ -159,7 +161,7 @@ def run(args) -> int:
     from ..learn.loop import TrainConfig, train
 
     fields = ("seed", "steps", "batch", "lr", "clip_grad_norm", "sim_episodes", "val_episodes", "sim_seconds", "sim_tasks", "stop_share", "mirror", "sim_camera_view", "trigger", "bags", "fusion",
-              "tau_random_prob", "sensor_fusion", "trust_floor", "floor_in_training", "camera_shifts", "lidar_motion", "lidar_motion_token", "lidar_motion_direct", "imu_direct", "stale_evidence", "camera_size", "camera_patch", "camera_stem", "camera_stem_cells", "camera_column_blocks", "odometry", "fault_weights", "corrupt_prob", "objective_weights", "trust_weight", "avoid_weight", "consistency_weight", "camera_goal_weight", "camera_goal_head", "lidar_goal_weight", "lidar_goal_bearing", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature", "init_from", "train_only")
+              "tau_random_prob", "sensor_fusion", "trust_floor", "floor_in_training", "camera_shifts", "lidar_motion", "lidar_motion_token", "lidar_motion_direct", "imu_direct", "stale_evidence", "camera_size", "camera_patch", "camera_stem", "camera_stem_cells", "camera_column_blocks", "odometry", "second_imu", "fault_weights", "corrupt_prob", "objective_weights", "trust_weight", "avoid_weight", "consistency_weight", "camera_goal_weight", "camera_goal_head", "lidar_goal_weight", "lidar_goal_bearing", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature", "init_from", "train_only")
     given = {k: getattr(args, k) for k in fields if hasattr(args, k)}
     if "bags" in given:
         given["bags"] = tuple(str(b) for b in given["bags"])
@@ -196,8 +198,9 @@ def run(args) -> int:
     weights = " ".join(map(str, tc.fault_weights))
     if not all(math.isfinite(w) and w >= 0 for w in tc.fault_weights) or sum(tc.fault_weights) <= 0:
         raise ConfigError(f"--fault-weights {weights}: non-negative, not all zero")
-    if len(tc.fault_weights) not in (3, 3 + tc.odometry):
-        raise ConfigError(f"--fault-weights {weights}: one per sensor, camera lidar IMU" + " [odometry]" * tc.odometry)
+    sensors = ["camera", "lidar", "IMU"] + ["odometry"] * tc.odometry + ["imu2"] * tc.second_imu
+    if len(tc.fault_weights) not in (3, len(sensors)):
+        raise ConfigError(f"--fault-weights {weights}: one per sensor, {' '.join(sensors)}")
     if tc.fusion != "attention" and (unused := [flag for flag, key in ATTENTION_ONLY.items() if key in given]):
         raise ConfigError(f"--fusion {tc.fusion} has no trust, sensor weights or fusion tokens: {', '.join(unused)} "
                           f"would do nothing")

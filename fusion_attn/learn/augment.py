@@ -34,6 +34,7 @@ DELAY_LAG = 1  # samples back (0.1 s at 10 Hz): beyond this the node's max ages 
 NOISE_MIN = 0.25  # the weakest noise drawn in training, as a share of the full strength
 BLOCKED_SECTOR = 2 * math.pi / 3  # a partially blocked lidar loses a 120° sector
 FRAMED = ("camera", "lidar")  # the sensors whose previous frame the model sees too
+STREAMS = ("imu", "odometry", "imu2")  # the six-axis streams, in FusionConfig.sensors' order: chunks of samples
 # IMU (and odometry) sample axes of the second kind: the gyro's (odometry's turn rates), which a partial fault zeroes
 SECOND_KIND = torch.tensor([axis.startswith("gyro") for axis in IMU_AXES])
 
@@ -95,20 +96,19 @@ def gather(data: dict[str, torch.Tensor], idx: torch.Tensor, src: torch.Tensor |
     and lidar's previous frames come from prev_src (B, 2) (-1: none; default: each source's own previous
     frame), `interval` (B, 2) seconds before the current frame (default: as recorded). previous=False:
     the current frames only (what the training targets need)."""
-    odometry = "odometry_chunks" in data  # a dataset tokenized for a model that reads odometry
-    src = idx[:, None].expand(-1, 3 + odometry) if src is None else src
-    c, li, i = src[:, 0], src[:, 1], src[:, 2]
+    streams = [n for n in STREAMS if f"{n}_chunks" in data]  # those the dataset was tokenized for (the model's)
+    src = idx[:, None].expand(-1, 2 + len(streams)) if src is None else src
+    c, li = src[:, 0], src[:, 1]
     current = {
         "camera_patches": decode_camera(data["camera_u8"][c], data["camera_mask"][c]),
         "camera_mask": data["camera_mask"][c], "camera_age": data["camera_age"][idx],
         "lidar_points": data["lidar_points"][li].float(), "lidar_mask": data["lidar_mask"][li],
         "lidar_age": data["lidar_age"][idx],
-        "imu_chunks": data["imu_chunks"][i], "imu_mask": data["imu_mask"][i], "imu_age": data["imu_age"][idx],
     }
-    if odometry:
-        o = src[:, 3]
-        current |= {"odometry_chunks": data["odometry_chunks"][o], "odometry_mask": data["odometry_mask"][o],
-                    "odometry_age": data["odometry_age"][idx]}
+    for k, name in enumerate(streams, start=2):
+        s = src[:, k]
+        current |= {f"{name}_chunks": data[f"{name}_chunks"][s], f"{name}_mask": data[f"{name}_mask"][s],
+                    f"{name}_age": data[f"{name}_age"][idx]}
     if not previous:
         return current
     if prev_src is None:
@@ -156,15 +156,15 @@ def corrupt(data: dict[str, torch.Tensor], idx: torch.Tensor, plan: FaultPlan, c
 
     Wheel odometry (a model that reads it) fails as the IMU does, its speed and turn rate for accel and
     gyro: zero (a robot that seems to stand), noise up to 0.3 m/s and 0.3 rad/s, its twist frozen, late,
-    or (partial) the turn rate reading zero.
+    or (partial) the turn rate reading zero. A second IMU fails as the first.
     """
     B = len(idx)
     sensor, fault = plan.sensor, plan.fault
     hit = [(sensor == m) for m in range(len(cfg.sensors))]
     is_freeze, is_delay = fault == FAULTS.index("freeze"), fault == FAULTS.index("delay")
     older = torch.maximum(idx - plan.lag, data["seq_start"][idx])
-    # a frozen IMU or odometry keeps its live window's timing: only its values are held
-    lagged = (is_freeze | is_delay, is_freeze | is_delay, is_delay, is_delay)
+    # a frozen six-axis stream (IMU, odometry) keeps its live window's timing: only its values are held
+    lagged = [is_freeze | is_delay if name in FRAMED else is_delay for name in cfg.sensor_names]
     src = torch.stack([torch.where(hit[m] & lagged[m], older, idx) for m in range(len(hit))], dim=1)
     # previous frames: a delayed sensor's is its source's own; a frozen one's is its content again,
     # as far before as the clean sample's previous frame was
@@ -229,13 +229,13 @@ def corrupt(data: dict[str, torch.Tensor], idx: torch.Tensor, plan: FaultPlan, c
             blocked = r[:, None, None] & (angle < BLOCKED_SECTOR)
             x[mask_key] = x[mask_key] & ~blocked
             x[key] = x[key] * x[mask_key][..., None]
-    # IMU and odometry: the resampled samples change; each chunk's sample spacing and count stay
+    # IMUs and odometry: the resampled samples change; each chunk's sample spacing and count stay
     imu, odometry = cfg.imu, cfg.odometry
-    chunked = [("imu", imu, (3.0 / imu.accel_scale, 0.3 / imu.gyro_scale))]
-    if cfg.model.odometry:
-        chunked.append(("odometry", odometry, (0.3 / odometry.speed_scale, 0.3 / odometry.angular_scale)))
-    for name, tokens, (first_noise, second_noise) in chunked:
-        m = cfg.sensor_names.index(name)
+    imu_noise = (imu, (3.0 / imu.accel_scale, 0.3 / imu.gyro_scale))
+    noise_of = {"imu": imu_noise, "imu2": imu_noise,
+                "odometry": (odometry, (0.3 / odometry.speed_scale, 0.3 / odometry.angular_scale))}
+    for name in (n for n in cfg.sensor_names if n in STREAMS):
+        m, (tokens, (first_noise, second_noise)) = cfg.sensor_names.index(name), noise_of[name]
         values = imu_samples(x[f"{name}_chunks"], tokens)  # (B, chunks, S, 6): three axes of each of two kinds
         values = torch.where(rows_of("zero", m)[:, None, None, None], 0.0, values)
         held = imu_samples(data[f"{name}_chunks"][older], tokens)[:, -1:, -1:]  # the reading it got stuck at, held

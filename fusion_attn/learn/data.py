@@ -50,7 +50,8 @@ SPLIT_SEEDS = {"train": 0, "val": 100_000, "test": 200_000}
 SEED_STRIDE = 1_000_000
 
 INPUT_KEYS = ("camera_patches", "camera_mask", "camera_age", "lidar_points", "lidar_mask", "lidar_age",
-              "imu_chunks", "imu_mask", "imu_age", "odometry_chunks", "odometry_mask", "odometry_age")  # odometry: if read
+              "imu_chunks", "imu_mask", "imu_age", "odometry_chunks", "odometry_mask", "odometry_age",
+              "imu2_chunks", "imu2_mask", "imu2_age")  # odometry, a second IMU: where the model reads them
 TRUTH_KEYS = ("velocity", "obstacles", "goal")
 
 
@@ -199,7 +200,7 @@ def mirror_sequence(seq: dict[str, np.ndarray], cfg: FusionConfig) -> dict[str, 
         points[..., LIDAR_INDEX[feature]] *= -1
     out["lidar_points"] = points
     sign = np.array([-1.0 if axis in MIRRORED_IMU_AXES else 1.0 for axis in IMU_AXES], np.float32)
-    for name, tokens in (("imu", cfg.imu), ("odometry", cfg.odometry)):
+    for name, tokens in (("imu", cfg.imu), ("odometry", cfg.odometry), ("imu2", cfg.imu)):
         if f"{name}_chunks" in seq:
             out[f"{name}_chunks"] = seq[f"{name}_chunks"].copy()
             put_imu_samples(out[f"{name}_chunks"], imu_samples(seq[f"{name}_chunks"], tokens) * sign, tokens)
@@ -217,7 +218,8 @@ def shard_key(cfg: FusionConfig, fusion_hz: float, kind: str, trigger: str = "ti
     differ only in the model share their data), the fusion rate and trigger, and what the sequence is."""
     tokens = {k: v for k, v in cfg.to_dict().items() if k != "model"}
     on = {} if trigger == "timer" else {"trigger": trigger}  # the timer's keys predate the trigger
-    return {"version": DATA_VERSION, "tokens": tokens, "hz": fusion_hz, **on, "kind": kind, **source}
+    imu2 = {"imu2": True} if cfg.model.second_imu else {}  # its tokens, and a rig with a second IMU
+    return {"version": DATA_VERSION, "tokens": tokens, "hz": fusion_hz, **on, **imu2, "kind": kind, **source}
 
 
 @dataclass(frozen=True)

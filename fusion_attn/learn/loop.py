@@ -79,7 +79,7 @@ class TrainConfig:
     bags: tuple[str, ...] = ()  # unlabelled recordings: self-supervised objectives only
     bag_fraction: float = 0.2  # share of each batch drawn from the bags (when there are any)
     corrupt_prob: float = 0.6  # chance that a sample gets one faulted sensor
-    fault_weights: tuple[float, ...] = (1.0, 1.0, 1.0)  # which one: camera, lidar, IMU[, odometry: 1 unless given] in proportion
+    fault_weights: tuple[float, ...] = (1.0, 1.0, 1.0)  # which one: camera, lidar, IMU[, odometry][, imu2: 1 unless given] in proportion
     tau_random_prob: float = 0.5  # chance that a sample gets a random τ instead of all ones (0: fixed τ = 1)
     fusion: str = "attention"  # or the baselines without attention: concat, mean (see PooledFusion)
     # the attention model's fusion across sensors: "sensor" (trust-weighted at τ) or "token" (one softmax
@@ -117,6 +117,7 @@ class TrainConfig:
     camera_stem_cells: int = 4  # config.ModelConfig.camera_stem_cells
     camera_column_blocks: int = 0  # config.ModelConfig.camera_column_blocks
     odometry: bool = False  # config.ModelConfig.odometry: wheel odometry as a fourth sensor
+    second_imu: bool = False  # config.ModelConfig.second_imu: a second IMU (the simulated rig gets one)
     # start from a trained checkpoint's weights and heads (None: from seed-initialised ones), and train only
     # the parameters whose names start with one of train_only (empty: all of them)
     init_from: str | None = None
@@ -126,7 +127,8 @@ class TrainConfig:
         """The simulated sensors its episodes are rendered with."""
         from fusion_attn.sim.sensors import SensorConfig
 
-        return SensorConfig(camera_size=(self.sim_camera_view, self.sim_camera_view))
+        second = {"imu2_hz": SensorConfig.imu_hz} if self.second_imu else {}  # one make of IMU, at one rate
+        return SensorConfig(camera_size=(self.sim_camera_view, self.sim_camera_view), **second)
 
     def fusion_config(self) -> FusionConfig:
         """The config of the model this run trains."""
@@ -141,7 +143,7 @@ class TrainConfig:
                                               stale_evidence=self.stale_evidence, camera_stem=self.camera_stem,
                                               camera_stem_cells=self.camera_stem_cells,
                                               camera_column_blocks=self.camera_column_blocks,
-                                              odometry=self.odometry))
+                                              odometry=self.odometry, second_imu=self.second_imu))
 
     @classmethod
     def from_dict(cls, saved: dict) -> TrainConfig:
@@ -349,7 +351,7 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
         torch.set_rng_state(state["torch_rng"])
         step = int(state["step"])
     weights = _sampler_weights(train_set, tc)
-    # per sensor of the model; one it does not list (odometry, newer than the option) weighs 1
+    # per sensor of the model; one it does not list (odometry, a second IMU: newer than the option) weighs 1
     fault_weights = tuple(tc.fault_weights[:len(cfg.sensors)]) + (1.0,) * (len(cfg.sensors) - len(tc.fault_weights))
 
     def validate() -> dict[str, dict[str, float]]:

@@ -85,7 +85,8 @@ def group_of(name: str) -> str:
 QUANTITIES = (("speed_mae_mps", "speed", "m/s", 3), ("yaw_rate_mae_radps", "yaw rate", "rad/s", 3),
               ("obstacle_mae_m", "obstacle distance", "m", 3), ("goal_distance_mae_m", "goal distance", "m", 3),
               ("goal_bearing_mae_deg", "goal bearing", "°", 1))
-OBSERVERS = {"speed_mae_mps": ("camera", "lidar", "imu", "odometry"), "yaw_rate_mae_radps": ("camera", "lidar", "imu", "odometry"),
+OBSERVERS = {"speed_mae_mps": ("camera", "lidar", "imu", "odometry", "imu2"),
+             "yaw_rate_mae_radps": ("camera", "lidar", "imu", "odometry", "imu2"),
              "obstacle_mae_m": ("camera", "lidar"), "goal_distance_mae_m": ("camera", "lidar"),
              "goal_bearing_mae_deg": ("camera", "lidar")}
 # observability classes: a quantity whose observers the simulator lets a sample miss is also measured
@@ -106,7 +107,7 @@ def class_key(quantity: str, cls: str) -> str:
 QUANTITY_KEYS = (*(q for q, *_ in QUANTITIES), *(class_key(q, c) for q in CLASSED for c, _ in CLASSES))
 TARGET_FAULTS = ("drop", "zero", "noise", "freeze")  # the "any single sensor failed"
 MAX_RISE, CONCAT_RATIO, MAX_WEIGHT, AUROC_HARD, AUROC_SOFT = 0.25, 2.0, 0.10, 0.95, 0.90
-ALL_SENSORS = FusionConfig(model=ModelConfig(odometry=True))  # its conditions: every sensor's faults, in order
+ALL_SENSORS = FusionConfig(model=ModelConfig(odometry=True, second_imu=True))  # its conditions: every sensor's faults, in order
 
 
 def summarise(report: dict, key: str = "head_error") -> dict:

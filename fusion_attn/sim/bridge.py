@@ -43,8 +43,8 @@ class SimBridge(Node):
         self.env = gym.make(self.get_parameter("env_id").value)
         self.seed = self.get_parameter("seed").value
         qos = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)  # best-effort subscribers match too
-        self.pubs = {cls: self.create_publisher(rclpy_class(msgtype), topic.lstrip("/"), qos)
-                     for cls, (topic, msgtype, _) in TOPICS.items()}
+        self.pubs = {m: self.create_publisher(rclpy_class(msgtype), topic.lstrip("/"), qos)
+                     for m, (topic, msgtype, _) in TOPICS.items()}
         self.truth_pub = self.create_publisher(rclpy_class("geometry_msgs/msg/PoseStamped"), "ground_truth/pose", 10)
         self.clock_pub = self.create_publisher(Clock, "/clock", 10)
         self.task_pub = self.create_publisher(Float32MultiArray, "task_obs", 10)
@@ -84,9 +84,9 @@ class SimBridge(Node):
 
     def _publish(self, obs, info) -> None:
         self.sim_ns = self.offset_ns + info["time_ns"]
-        for frame in info["frames"]:
-            _, _, to_msg = TOPICS[type(frame)]
-            self.pubs[type(frame)].publish(to_rclpy(to_msg(replace(frame, stamp_ns=frame.stamp_ns + self.offset_ns))))
+        for frame, modality in zip(info["frames"], info["frames"].modalities):
+            _, _, to_msg = TOPICS[modality]
+            self.pubs[modality].publish(to_rclpy(to_msg(replace(frame, stamp_ns=frame.stamp_ns + self.offset_ns))))
         self.task_pub.publish(Float32MultiArray(data=[float(v) for v in obs["task"]]))
         self.truth_pub.publish(to_rclpy(ground_truth_msg(self.sim_ns, info["pose"])))
         # the clock last: a node whose timer the clock drives finds this instant's data there already, not

@@ -17,6 +17,8 @@ uniformly from ranges, in seconds of episode time) and how strongly (`magnitude`
     imu_noise_burst   extra white noise                                    std [m/s^2]
     odometry_dropout  no twist                                             -
     odometry_freeze   every twist repeats the one before the fault         -
+    imu2_dropout      the second IMU sends no sample                       -
+    imu2_freeze       its samples repeat the reading before the fault      -
     {sensor}_delay    frames are delivered late; stamps stay capture time  delay [s]
 
 IMU faults hit the gyro with GYRO_PER_ACCEL rad/s per m/s^2 of magnitude. A frame is affected when
@@ -74,6 +76,9 @@ class FaultConfig:
     odometry_dropout: FaultSpec = field(default_factory=FaultSpec)
     odometry_freeze: FaultSpec = field(default_factory=FaultSpec)
     odometry_delay: FaultSpec = field(default_factory=FaultSpec)
+    imu2_dropout: FaultSpec = field(default_factory=FaultSpec)
+    imu2_freeze: FaultSpec = field(default_factory=FaultSpec)
+    imu2_delay: FaultSpec = field(default_factory=FaultSpec)
 
     def updated(self, overrides: FaultConfig | dict[str, FaultSpec] | None) -> FaultConfig:
         """This config with some faults replaced (a whole FaultConfig, or {name: FaultSpec})."""
@@ -108,11 +113,11 @@ class FaultInjector:
         self._sensors, self._rng = sensors, rng
         self.schedule: dict[str, FaultWindow] = {}
         names = [f.name for f in dataclasses.fields(cfg)]
-        odometry = [n for n in names if n.startswith("odometry_")]
-        for name in [n for n in names if n not in odometry]:
+        later = [n for n in names if n.startswith(("odometry_", "imu2_"))]  # the sensors added later, in order
+        for name in [n for n in names if n not in later]:
             self._draw(name, getattr(cfg, name), rng)
         jump = rng.normal(0.0, 1.0, 6)
-        for name in odometry:
+        for name in later:
             self._draw(name, getattr(cfg, name), rng)
         m = self.schedule["imu_bias_jump"].magnitude if "imu_bias_jump" in self.schedule else 0.0
         self._accel_jump, self._gyro_jump = m * jump[:3], m * GYRO_PER_ACCEL * jump[3:]
@@ -122,9 +127,9 @@ class FaultInjector:
         # what it holds while frozen
         self._last_sweep: LidarFrame | None = None
         self._held_sweep: LidarFrame | None = None
-        # per sensor re-sending its readings (imu, odometry): the last one it sent, and the one a freeze holds
-        self._last_reading: dict[str, ImuSample | OdometrySample | None] = {"imu": None, "odometry": None}
-        self._held_reading: dict[str, ImuSample | OdometrySample | None] = {"imu": None, "odometry": None}
+        # per sensor re-sending its readings (imu, odometry, imu2): the last one it sent, and the one a freeze holds
+        self._last_reading: dict[str, ImuSample | OdometrySample | None] = dict.fromkeys(("imu", "odometry", "imu2"))
+        self._held_reading: dict[str, ImuSample | OdometrySample | None] = dict.fromkeys(("imu", "odometry", "imu2"))
 
     def _draw(self, name: str, spec: FaultSpec, rng: np.random.Generator) -> None:
         happens = rng.random() < spec.prob
@@ -207,6 +212,11 @@ class FaultInjector:
         if self.magnitude("odometry_dropout", sample.stamp_ns) is not None:
             return None
         return self._frozen("odometry", sample, ("linear", "angular"))
+
+    def imu2(self, sample: ImuSample) -> ImuSample | None:
+        if self.magnitude("imu2_dropout", sample.stamp_ns) is not None:
+            return None
+        return self._frozen("imu2", sample, ("accel", "gyro"))
 
     def _frozen(self, sensor: str, sample, values: tuple[str, str]):
         """While <sensor>_freeze is on: the sample with the values of the one sent before the fault began

@@ -2,7 +2,7 @@
 
 Topics: /camera/image_raw (sensor_msgs/Image rgb8), /lidar/points (PointCloud2), /imu/data (Imu),
 /odom (nav_msgs/Odometry: the simulated wheel odometry's twist, as a base controller publishes it; its
-pose is left at the origin), and the ground truth at each control step: /ground_truth/pose
+pose is left at the origin), /imu2/data (Imu, a second IMU, when the rig has one), and the ground truth at each control step: /ground_truth/pose
 (geometry_msgs/PoseStamped of base_link in odom, the world frame) and /tf (odom -> base_link). The truth
 is no sensor type, so replay never takes it for the odometry. Episodes follow each other on one clock: episode k starts
 one second after episode k-1 ended, so a recording never goes back in time.
@@ -21,7 +21,7 @@ from rosbags.rosbag2 import StoragePlugin, Writer
 
 import fusion_attn.sim  # noqa: F401 - registers the ids (and picks the headless GL backend)
 from fusion_attn.errors import ConfigError
-from fusion_attn.frames import NS_PER_S, CameraFrame, ImuSample, LidarFrame, OdometrySample
+from fusion_attn.frames import NS_PER_S, Modality, OdometrySample
 from fusion_attn.messages import TYPES, cdr, header, image_msg, imu_msg, pointcloud2_msg
 
 _T = TYPES.types
@@ -56,12 +56,15 @@ def _record(env, out: Path, episodes: int, seconds: float | None, seed: int) -> 
     counts: dict[str, int] = {}
     offset_ns = 0
     with Writer(out, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
-        conns = {topic: writer.add_connection(topic, msgtype, typestore=TYPES) for topic, msgtype, _ in TOPICS.values()}
+        conns = {topic: writer.add_connection(topic, msgtype, typestore=TYPES)
+                 for m, (topic, msgtype, _) in TOPICS.items() if m is not Modality.IMU2}
         conns["/ground_truth/pose"] = writer.add_connection("/ground_truth/pose", "geometry_msgs/msg/PoseStamped",
                                                             typestore=TYPES)
         conns["/tf"] = writer.add_connection("/tf", "tf2_msgs/msg/TFMessage", typestore=TYPES)
 
         def write(topic: str, stamp_ns: int, msg) -> None:
+            if topic not in conns:  # a second IMU's, at its first sample: a rig without one records no topic for it
+                conns[topic] = writer.add_connection(topic, msg.__msgtype__, typestore=TYPES)
             writer.write(conns[topic], stamp_ns, cdr(msg))
             counts[topic] = counts.get(topic, 0) + 1
 
@@ -70,15 +73,15 @@ def _record(env, out: Path, episodes: int, seconds: float | None, seed: int) -> 
             if "frames" not in info:
                 raise ConfigError(f"{env.spec.id if env.spec else env}: not a FusionAttn env (its info has no "
                                   "sensor frames to record)")
-            for frame in info["frames"]:
-                _write_frame(write, frame, offset_ns)
+            for frame, modality in zip(info["frames"], info["frames"].modalities):
+                _write_frame(write, frame, modality, offset_ns)
             end_ns = int(seconds * NS_PER_S) if seconds else None
             done = False
             while not done:
                 _, _, terminated, truncated, info = env.step(env.action_space.sample())
                 done = terminated or truncated or (end_ns is not None and info["time_ns"] >= end_ns)
-                for frame in info["frames"]:
-                    _write_frame(write, frame, offset_ns)
+                for frame, modality in zip(info["frames"], info["frames"].modalities):
+                    _write_frame(write, frame, modality, offset_ns)
                 t = info["time_ns"]
                 write("/ground_truth/pose", offset_ns + t, ground_truth_msg(offset_ns + t, info["pose"]))
                 write("/tf", offset_ns + t, tf_msg(offset_ns + t, info["pose"]))
@@ -86,8 +89,8 @@ def _record(env, out: Path, episodes: int, seconds: float | None, seed: int) -> 
     return counts
 
 
-def _write_frame(write, frame, offset_ns: int) -> None:
-    topic, _, to_msg = TOPICS[type(frame)]
+def _write_frame(write, frame, modality: Modality, offset_ns: int) -> None:
+    topic, _, to_msg = TOPICS[modality]
     stamp = frame.stamp_ns + offset_ns
     write(topic, stamp, to_msg(dataclasses.replace(frame, stamp_ns=stamp)))
 
@@ -122,7 +125,8 @@ def _yaw_quaternion(yaw: float):
 
 
 # each simulated sensor's topic, message type and message (the sim bridge publishes the same)
-TOPICS = {CameraFrame: ("/camera/image_raw", "sensor_msgs/msg/Image", image_msg),
-          LidarFrame: ("/lidar/points", "sensor_msgs/msg/PointCloud2", pointcloud2_msg),
-          ImuSample: ("/imu/data", "sensor_msgs/msg/Imu", imu_msg),
-          OdometrySample: ("/odom", "nav_msgs/msg/Odometry", odometry_msg)}
+TOPICS = {Modality.CAMERA: ("/camera/image_raw", "sensor_msgs/msg/Image", image_msg),
+          Modality.LIDAR: ("/lidar/points", "sensor_msgs/msg/PointCloud2", pointcloud2_msg),
+          Modality.IMU: ("/imu/data", "sensor_msgs/msg/Imu", imu_msg),
+          Modality.ODOMETRY: ("/odom", "nav_msgs/msg/Odometry", odometry_msg),
+          Modality.IMU2: ("/imu2/data", "sensor_msgs/msg/Imu", imu_msg)}

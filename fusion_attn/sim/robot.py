@@ -40,7 +40,8 @@ import mujoco
 import numpy as np
 from gymnasium import spaces
 
-from fusion_attn.frames import NS_PER_S, CameraFrame, ImuSample, LidarFrame, OdometrySample
+from fusion_attn.frames import NS_PER_S, CameraFrame, ImuSample, LidarFrame, Modality, OdometrySample
+from fusion_attn.sync import MODALITY_OF
 
 from .faults import FaultConfig, FaultInjector
 from .scene import HIDDEN_POS, Layout, build_mjcf
@@ -68,14 +69,20 @@ Frame = CameraFrame | LidarFrame | ImuSample | OdometrySample
 
 
 class FrameList(Sequence):
-    """The frames delivered in one step, in arrival order. Compares by content (frames hold arrays,
+    """The frames delivered in one step, in arrival order, and the sensor each came from (`modalities`:
+    by its type, but a second IMU's samples are Modality.IMU2). Compares by content (frames hold arrays,
     so a plain list of them cannot be compared, which Gymnasium's env checker does with infos)."""
 
-    __slots__ = ("_frames",)
+    __slots__ = ("_frames", "modalities")
     __hash__ = None
 
-    def __init__(self, frames: Iterable[Frame] = ()):
+    def __init__(self, frames: Iterable[Frame] = (), modalities: Iterable[Modality] | None = None):
         self._frames = tuple(frames)
+        self.modalities = (tuple(MODALITY_OF[type(f)] for f in self._frames) if modalities is None
+                           else tuple(modalities))
+
+    def __add__(self, other: FrameList) -> FrameList:
+        return FrameList(self._frames + other._frames, self.modalities + other.modalities)
 
     def __getitem__(self, i):
         return self._frames[i]
@@ -84,7 +91,8 @@ class FrameList(Sequence):
         return len(self._frames)
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, FrameList) and len(self) == len(other) and all(map(_same_frame, self, other))
+        return (isinstance(other, FrameList) and len(self) == len(other) and self.modalities == other.modalities
+                and all(map(_same_frame, self, other)))
 
     def __repr__(self) -> str:
         return f"FrameList({', '.join(f'{type(f).__name__}({f.stamp_ns})' for f in self._frames)})"
@@ -124,7 +132,7 @@ class RobotEnv(gym.Env):
                              f"({self.dt_ns} ns)")
         self.substeps = control_ns // self.dt_ns
         rates = {"camera": self.sensors.camera_hz, "lidar": self.sensors.lidar_hz, "imu": self.sensors.imu_hz,
-                 "odometry": self.sensors.odometry_hz}
+                 "odometry": self.sensors.odometry_hz, "imu2": self.sensors.imu2_hz}
         for name, hz in rates.items():
             if hz > physics_hz:
                 raise ValueError(f"{name} rate {hz} Hz exceeds the physics rate {physics_hz} Hz")
@@ -195,7 +203,8 @@ class RobotEnv(gym.Env):
                          "lidar": Lidar(self.model, s, rng) if self._enabled["lidar"] else None,
                          "imu": Imu(self.model, s, rng) if self._enabled["imu"] else None,
                          # a stream of its own: the other sensors' draws stay what they were before it existed
-                         "odometry": Odometry(s, rng.spawn(1)[0]) if self._enabled["odometry"] else None}
+                         "odometry": Odometry(s, rng.spawn(1)[0]) if self._enabled["odometry"] else None,
+                         "imu2": Imu(self.model, s, rng.spawn(1)[0], "imu2") if self._enabled["imu2"] else None}
         self._to_hide = [(int(self.model.body(g.name).mocapid[0]), round(g.hide_at_s * NS_PER_S))
                          for g in layout.geoms if g.hide_at_s is not None]
 
@@ -239,15 +248,18 @@ class RobotEnv(gym.Env):
     def _capture(self, name: str, t_ns: int) -> None:
         frame = getattr(self.injector, name)(self._devices[name].capture(self.data, t_ns))
         if frame is not None:
-            heapq.heappush(self._pending, (t_ns + self.injector.delay_ns(name, t_ns), self._seq, frame))
+            heapq.heappush(self._pending, (t_ns + self.injector.delay_ns(name, t_ns), self._seq, frame,
+                                           Modality[name.upper()]))
             self._seq += 1
 
     def _deliver(self, now_ns: int) -> FrameList:
         """Frames whose arrival time has come, in arrival order; the observation follows them."""
-        frames = []
+        frames, modalities = [], []
         while self._pending and self._pending[0][0] <= now_ns:
-            frames.append(heapq.heappop(self._pending)[2])
-        imu = [f for f in frames if isinstance(f, ImuSample)]
+            _, _, frame, modality = heapq.heappop(self._pending)
+            frames.append(frame)
+            modalities.append(modality)
+        imu = [f for f, m in zip(frames, modalities) if m is Modality.IMU]  # the observation's: the first IMU
         for f in frames:
             if isinstance(f, CameraFrame):
                 self._image = f.image
@@ -261,7 +273,7 @@ class RobotEnv(gym.Env):
             self._imu = np.concatenate([self._imu[len(new):], new])
         for f in frames:
             self._newest_ns[f.frame_id] = max(self._newest_ns.get(f.frame_id, 0), f.stamp_ns)
-        return FrameList(frames)
+        return FrameList(frames, modalities)
 
     def ground_truth(self, sectors: int = 16, rays_per_sector: int = 4) -> dict[str, np.ndarray]:
         """The true state now, never through the sensors or their faults (training labels, evaluation):

@@ -2,7 +2,8 @@
 
 `capture(data, stamp_ns)` reads an MjData whose derived quantities (poses, sensordata) describe the
 instant stamp_ns. Frames follow REP-103 in the sensor's own frame (x forward, y left, z up; metres,
-m/s^2, rad/s). Frame ids: "camera", "lidar", "imu", and "base_link" for the odometry's twist.
+m/s^2, rad/s). Frame ids: "camera", "lidar", "imu" (a second IMU's "imu2"), and "base_link" for the
+odometry's twist.
 
 Geom groups: 0 is everything the robot can hit; non-colliding markers are VISUAL_GROUP (the camera
 sees them, lidar rays pass through: floor patches) or LIDAR_MARKER_GROUP (camera and lidar see them:
@@ -58,6 +59,9 @@ class SensorConfig:
     odometry_turn_noise: float = 0.015  # [rad/s]
     odometry_speed_scale: float = 0.01  # std of the per-episode scale error
     odometry_turn_scale: float = 0.03
+    # a second IMU at the first one's site, of the same make (rate, noise, bias spread) with its own bias
+    # and noise draws, as two IMU boards on one robot (0: none; benchmarks/imu_redundancy.py)
+    imu2_hz: float = 0.0
 
     def __post_init__(self) -> None:
         if self.camera_views < 1 or self.camera_views == 2:
@@ -289,10 +293,8 @@ class Imu:
     Orientation is the body's exact world orientation (an ideal AHRS), x, y, z, w.
     """
 
-    frame_id = "imu"
-
-    def __init__(self, model: mujoco.MjModel, cfg: SensorConfig, rng: np.random.Generator):
-        self._rng = rng
+    def __init__(self, model: mujoco.MjModel, cfg: SensorConfig, rng: np.random.Generator, frame_id: str = "imu"):
+        self._rng, self.frame_id = rng, frame_id
         accel, gyro = (int(model.sensor(name).adr[0]) for name in ("accel", "gyro"))
         self._index = np.r_[accel:accel + 3, gyro:gyro + 3]  # where they are in sensordata
         self._body = int(model.site_bodyid[mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_SITE, "imu")])

@@ -1,0 +1,199 @@
+"""A second IMU (Modality.IMU2): ImuSamples told apart by their topic, from the simulated rig through the
+sync, tokens, model, ONNX Runtime, faults and a recorded bag's replay (the node's: test_node_dds)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fusion_attn.bag import find_topics, open_reader
+from fusion_attn.checkpoint import save_checkpoint
+from fusion_attn.cli import main
+from fusion_attn.config import FusionConfig, ModelConfig
+from fusion_attn.errors import ConfigError
+from fusion_attn.frames import NS_PER_S, ImuSample, Modality
+from fusion_attn.learn.augment import FAULTS, FaultPlan, corrupt, gather
+from fusion_attn.learn.data import Dataset, mirror_sequence, sim_episode
+from fusion_attn.model import FusionModel
+from fusion_attn.pipeline import FusionPipeline, validate_tau
+from fusion_attn.sim.sensors import SensorConfig
+from fusion_attn.sync import SensorSync, SyncConfig
+from fusion_attn.tokenize import Tokenizer, imu_samples, input_spec, output_spec, tokenize_imu
+
+CFG = FusionConfig(model=ModelConfig(second_imu=True))  # camera, lidar, IMU, second IMU: not a prefix of Modality
+RIG = SensorConfig(imu2_hz=SensorConfig.imu_hz)
+MS = NS_PER_S // 1000
+GYRO_Z = 5  # tokenize.IMU_AXES
+
+
+def _sample(stamp_ns: int, yaw_rate: float) -> ImuSample:
+    return ImuSample(stamp_ns, "imu", np.array([0.0, 0.0, 9.81]), np.array([0.0, 0.0, yaw_rate]))
+
+
+def test_the_sync_takes_a_second_imus_samples_by_the_sensor_named():
+    sync = SensorSync(SyncConfig.for_model(CFG))
+    for k in range(1, 61):  # 200 Hz for 0.3 s, the two IMUs reading different turns
+        assert sync.add(_sample(k * 5 * MS, 0.1)) is None  # by type: the IMU
+        assert sync.add(_sample(k * 5 * MS + MS, 0.3), modality=Modality.IMU2) is None
+    snap = sync.snapshot(300 * MS)
+    assert len(snap.imu) == len(snap.imu2) == 50  # imu.window_s 0.25 s each
+    assert np.all(snap.imu.gyro[:, 2] == 0.1) and np.all(snap.imu2.gyro[:, 2] == 0.3)
+    assert sync.summary(300 * MS)["imu2"]["received"] == 60
+    assert sync.add(_sample(305 * MS, 100.0), modality=Modality.IMU2) == "out_of_limits"  # the IMU's limits
+    assert sync.snapshot(400 * MS).imu2 is None  # silent past max_age_s.imu2: masked
+    # a model without one ignores it, counting nothing
+    default = SensorSync(SyncConfig.for_model(FusionConfig()))
+    assert default.add(_sample(5 * MS, 0.1), modality=Modality.IMU2) is None
+    assert default.health[Modality.IMU2].received == 0 and "imu2" not in default.summary(5 * MS)
+
+
+def test_its_tokens_come_after_tau_and_are_the_first_imus_tokenizer():
+    names = list(input_spec(CFG))
+    assert names[: names.index("tau") + 1] == list(input_spec(FusionConfig()))
+    assert names[names.index("tau") + 1:] == ["imu2_chunks", "imu2_mask", "imu2_age"]
+    both = FusionConfig(model=ModelConfig(odometry=True, second_imu=True))
+    assert list(input_spec(both))[-6:] == ["odometry_chunks", "odometry_mask", "odometry_age", "imu2_chunks",
+                                          "imu2_mask", "imu2_age"]
+    assert input_spec(CFG)["tau"][0] == (5,) and output_spec(CFG)["trust"][0] == (4,)
+    # the node's τ, one per sensor the package knows: this model's are global, camera, lidar, IMU, second IMU
+    assert validate_tau([1, 2, 3, 4, 5, 6], CFG.sensors).tolist() == [1, 2, 3, 4, 6]
+    sync = SensorSync(SyncConfig.for_model(CFG))
+    for k in range(1, 61):
+        sync.add(_sample(k * 5 * MS, 0.3), modality=Modality.IMU2)
+    snap = sync.snapshot(302 * MS)
+    x = Tokenizer(CFG)(snap, np.ones(5, np.float32))
+    assert x["imu2_mask"].all() and not x["imu_mask"].any()
+    chunks, _, before_newest = tokenize_imu(snap.imu2, CFG.imu)
+    np.testing.assert_array_equal(x["imu2_chunks"], chunks)
+    np.testing.assert_allclose(x["imu2_age"], 0.002 + before_newest, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def episode():
+    """A simulated episode of a rig with two IMUs, tokenized for a model that reads both."""
+    seq = sim_episode("control", 11, 4.0, 10.0, CFG, sensors=RIG)
+    return seq, Dataset.join([(seq, 0)]).tensors()
+
+
+def test_the_simulated_rig_carries_two_imus_with_their_own_errors(episode):
+    seq, _ = episode
+    assert seq["imu2_mask"].all(1).mean() > 0.9
+    first, second = (imu_samples(seq[f"{n}_chunks"], CFG.imu)[..., GYRO_Z] * CFG.imu.gyro_scale for n in ("imu", "imu2"))
+    truth = seq["velocity"][:, 1]
+    for gyro in (first, second):  # each reads the turn, the newest chunk within its noise and 50 Hz step
+        assert np.abs(gyro[:, -1].mean(-1) - truth).mean() < 0.05
+    assert np.abs(first - second).mean() > 1e-3  # their own bias and noise: not one IMU twice
+    mirrored = mirror_sequence(seq, CFG)
+    np.testing.assert_allclose(imu_samples(mirrored["imu2_chunks"], CFG.imu)[..., GYRO_Z],
+                               -imu_samples(seq["imu2_chunks"], CFG.imu)[..., GYRO_Z])
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_second_imus_faults_edit_only_its_tokens(episode, fault):
+    _, t = episode
+    idx = torch.arange(30, 35)
+    clean = gather(t, idx)
+    plan = FaultPlan.fixed(len(idx), CFG.sensors.index(Modality.IMU2), fault)
+    x = corrupt(t, idx, plan, CFG, 10.0, torch.Generator().manual_seed(0))
+    assert plan.content_faulted(4)[:, 3].all() == (fault in ("zero", "noise", "freeze", "partial"))
+    for key in clean:
+        if not key.startswith("imu2_"):
+            assert torch.equal(x[key], clean[key]), key
+    values, before = imu_samples(x["imu2_chunks"], CFG.imu), imu_samples(clean["imu2_chunks"], CFG.imu)
+    if fault == "drop":
+        assert not x["imu2_mask"].any()
+    elif fault == "zero":
+        assert (values == 0).all()
+    elif fault == "partial":  # the gyro reads zero, the accelerometer works
+        assert (values[..., 3:] == 0).all() and torch.equal(values[..., :3], before[..., :3])
+    elif fault == "freeze":
+        assert (values == values[:, :1, :1]).all()
+    elif fault == "delay":
+        assert (x["imu2_age"] > clean["imu2_age"]).all()
+    else:
+        assert not torch.equal(values, before)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    return save_checkpoint(FusionModel(CFG).eval(), tmp_path_factory.mktemp("imu2") / "imu2.safetensors")
+
+
+def test_a_model_with_a_second_imu_exports_by_name_and_runs_in_onnxruntime(checkpoint):
+    """Its inputs after τ are the second IMU's, where a model with odometry has the odometry's: the graph takes
+    them by name, so ONNX Runtime fuses what torch does."""
+    x = {k: np.zeros((1, *shape), dtype) for k, (shape, dtype) in input_spec(CFG).items()}
+    x["tau"][:] = 1.0
+    x["imu_mask"][:] = x["imu2_mask"][:] = True
+    x["imu2_chunks"][:] = 0.1
+    ort = FusionPipeline.create(str(checkpoint), backend="onnxruntime", threads=1).backend.run(x)
+    ref = FusionPipeline.create(str(checkpoint), backend="torch", threads=1).backend.run(x)
+    assert ort["attention"].shape == (1, 4, CFG.model.heads) and ort["trust"].shape == (1, 4)
+    for name in ("fused", "attention", "trust"):
+        np.testing.assert_allclose(ort[name], ref[name], atol=1e-4)
+    assert ort["attention"][0, 3].sum() > 0  # the second IMU is attended
+
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory):
+    """Two seconds of the simulated rig with two IMUs, recorded as `sim-record` does."""
+    from fusion_attn.sim.faults import FaultConfig
+    from fusion_attn.sim.record import _record
+    from fusion_attn.sim.robot import RobotEnv
+
+    out = tmp_path_factory.mktemp("imu2_bag") / "two_imus"
+    env = RobotEnv("control", sensors=RIG, faults=FaultConfig())
+    try:
+        counts = _record(env, out, episodes=1, seconds=2.0, seed=5)
+    finally:
+        env.close()
+    assert counts["/imu2/data"] == counts["/imu/data"] > 350  # 200 Hz each
+    return out
+
+
+def test_a_recording_with_two_imus_gives_each_its_topic(recording):
+    with open_reader([recording]) as reader:
+        topics = find_topics(reader)
+        assert topics.sensors[Modality.IMU] == "/imu/data" and topics.sensors[Modality.IMU2] == "/imu2/data"
+        swapped = find_topics(reader, {Modality.IMU: "/imu2/data"})
+        assert swapped.sensors[Modality.IMU2] == "/imu/data"
+        with pytest.raises(ConfigError, match="--imu2-topic /imu/data: that is the imu topic"):
+            find_topics(reader, {Modality.IMU2: "/imu/data"})
+        one = find_topics(reader, leave_out={Modality.IMU2: "the model does not read imu2"})
+        assert Modality.IMU2 not in one.sensors and "choose this one with --imu-topic" in one.skipped["/imu2/data"]
+
+
+def test_a_model_with_a_second_imu_replays_a_recording_of_two(recording, checkpoint, tmp_path):
+    assert main(["replay", str(recording), "-o", str(tmp_path / "out"), "--checkpoint", str(checkpoint),
+                 "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["topics"]["imu2"] == "/imu2/data" and summary["topics"]["imu"] == "/imu/data"
+    assert summary["present_fraction"]["imu2"] > 0.9 and summary["attention_mean"]["imu2"] > 0
+    assert set(summary["trust_mean"]) == {"camera", "lidar", "imu", "imu2"}
+
+
+
+def test_fuse_takes_the_models_tau_in_its_order(recording, checkpoint, capsys):
+    """fuse's --tau values are the model's: the fifth is the second IMU's (the node's fifth, tau.odometry, is not)."""
+    assert main(["fuse", "--bag", str(recording), "--checkpoint", str(checkpoint), "--json",
+                 "--tau", "1", "1", "1", "1", "0.5"]) == 0
+    state = json.loads(capsys.readouterr().out)
+    assert state["tau"] == [1.0, 1.0, 1.0, 1.0, 0.5] and state["modalities"]["imu2"]["present"]
+    assert main(["fuse", "--bag", str(recording), "--checkpoint", str(checkpoint), "--tau", "1", "1", "1", "1", "1", "1"]) != 0
+    assert "--tau takes at most 5 values (tau.global, tau.camera, tau.lidar, tau.imu, tau.imu2), got 6" in capsys.readouterr().err
+
+
+def test_training_with_a_second_imu_gives_its_rig_one_and_validates_its_faults(tmp_path):
+    """`train --second-imu`: the simulated rig gets the second IMU, the model reads it, and validation faults
+    it as every other sensor (a run of a few steps: the wiring, not what it learns)."""
+    out = tmp_path / "run"
+    assert main(["train", "-o", str(out), "--second-imu", "--steps", "4", "--batch", "8", "--sim-episodes", "1",
+                 "--val-episodes", "1", "--sim-seconds", "2", "--eval-every", "100", "--cache", str(tmp_path / "cache"),
+                 "--no-progress"]) == 0
+    model = FusionPipeline.create(str(out / "model.safetensors"), backend="torch", threads=1)
+    assert model.cfg.sensor_names == ("camera", "lidar", "imu", "imu2")
+    val = json.loads((out / "metrics.json").read_text())["val"]
+    assert {f"imu2_{f}" for f in FAULTS} <= set(val) and val["imu2_drop"]["trust_faulted"] == 0.0
+    assert val["clean"]["trust_imu2"] > 0  # present in the clean samples: the rig had it
