@@ -30,6 +30,7 @@ from .frames import (
     Modality,
     OdometrySample,
     OdometryWindow,
+    kind_of,
 )
 from .params import PARAM_DEFAULTS, param
 from .tokenize import SensorSnapshot
@@ -191,7 +192,10 @@ class SensorSync:
         with it (recent by now_ns, or no now_ns), or once jump_back_confirm frames in a row stayed back (an
         old recording looping under a live clock); until then it is dropped as out_of_order.
         """
-        modality = MODALITY_OF[type(frame)] if modality is None else modality
+        if modality is None:
+            modality = MODALITY_OF[type(frame)]
+        elif kind_of(modality) is not MODALITY_OF[type(frame)]:  # a front-end's mistake, not the data's
+            raise TypeError(f"a {type(frame).__name__} is no {MODALITIES[modality]} frame")
         if modality not in self.cfg.sensors:
             return None
         h = self.health[modality]

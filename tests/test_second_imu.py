@@ -42,6 +42,8 @@ def test_the_sync_takes_a_second_imus_samples_by_the_sensor_named():
     assert sync.summary(300 * MS)["imu2"]["received"] == 60
     assert sync.add(_sample(305 * MS, 100.0), modality=Modality.IMU2) == "out_of_limits"  # the IMU's limits
     assert sync.snapshot(400 * MS).imu2 is None  # silent past max_age_s.imu2: masked
+    with pytest.raises(TypeError, match="a ImuSample is no lidar frame"):  # a front-end's mistake
+        sync.add(_sample(310 * MS, 0.1), modality=Modality.LIDAR)
     # a model without one ignores it, counting nothing
     default = SensorSync(SyncConfig.for_model(FusionConfig()))
     assert default.add(_sample(5 * MS, 0.1), modality=Modality.IMU2) is None
@@ -197,3 +199,21 @@ def test_training_with_a_second_imu_gives_its_rig_one_and_validates_its_faults(t
     val = json.loads((out / "metrics.json").read_text())["val"]
     assert {f"imu2_{f}" for f in FAULTS} <= set(val) and val["imu2_drop"]["trust_faulted"] == 0.0
     assert val["clean"]["trust_imu2"] > 0  # present in the clean samples: the rig had it
+
+
+def test_the_simulators_fused_observation_needs_a_rig_with_the_second_imu(checkpoint):
+    from fusion_attn.sim.faults import FaultConfig
+    from fusion_attn.sim.robot import RobotEnv
+    from fusion_attn.sim.wrappers import FusedObservation
+
+    pipeline = FusionPipeline.create(str(checkpoint), backend="onnxruntime", threads=1)
+    with pytest.raises(ConfigError, match="reads a second IMU and the simulated rig has none"):
+        FusedObservation(RobotEnv("control", faults=FaultConfig()), pipeline)
+    env = FusedObservation(RobotEnv("control", sensors=RIG, faults=FaultConfig()), pipeline)
+    try:
+        env.reset(seed=1)
+        for _ in range(10):  # 0.2 s: the fusion clock's 20 Hz ticks
+            info = env.step(np.zeros(2, np.float32))[4]
+        assert info["fused"].sensors == ("camera", "lidar", "imu", "imu2") and info["fused"].present.all()
+    finally:
+        env.close()

@@ -9,6 +9,8 @@ from gymnasium import spaces
 
 from ..clock import FusionClock, trigger_modality
 from ..contract import ObservationLayout, PolicyContract, observation_vector
+from ..errors import ConfigError
+from ..frames import Modality
 from ..params import PARAM_DEFAULTS
 from ..pipeline import FusionPipeline
 from ..sync import SensorSync, SyncConfig
@@ -33,6 +35,10 @@ class FusedObservation(gym.Wrapper):
                  trigger: str = "timer"):
         super().__init__(env)
         self.pipeline = pipeline or FusionPipeline.create(None, backend="onnxruntime", threads=1)
+        rig = getattr(env.unwrapped, "sensors", None)
+        if Modality.IMU2 in self.pipeline.cfg.sensors and rig is not None and not rig.imu2_hz:
+            raise ConfigError("the fusion model reads a second IMU and the simulated rig has none: make the env with "
+                              "sensors=SensorConfig(imu2_hz=...)")
         self.sync_config = sync_config or SyncConfig.for_model(self.pipeline.cfg)
         self.fusion_rate_hz, self.trigger = fusion_rate_hz, trigger
         self._trigger = trigger_modality(trigger)  # a ConfigError now, not at the first reset
