@@ -290,6 +290,7 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
+    commit = git_commit()  # the code the run starts with: a commit made while it trains is not its
     dev = pick_device(device)
     out = _run_folder(Path(out), resume, overwrite)
     torch.set_num_threads(threads)
@@ -428,7 +429,7 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
     model.cfg = cfg
     writer.close()
     metrics = {
-        "command": command, "seed": tc.seed, "git_commit": git_commit(), "torch": torch.__version__,
+        "command": command, "seed": tc.seed, "git_commit": commit, "torch": torch.__version__,
         "device": str(dev), "threads": threads, "steps": step, "resumed_from": int(state["step"]) if state else 0,
         "train_config": dataclasses.asdict(tc),
         "data": {"train_samples": len(train_set), "train_bag_samples": int((train_set.source == 1).sum()),
