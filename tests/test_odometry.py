@@ -134,33 +134,37 @@ def test_odometry_faults_edit_only_the_odometry(episode, fault):
 
 
 def test_a_model_with_odometry_exports_to_onnx_and_runs_in_onnxruntime(tmp_path):
+    """With a second IMU too, after the odometry: the model test_node_dds runs (seed 0), whose graph is exported once."""
+    cfg = FusionConfig(model=ModelConfig(odometry=True, second_imu=True))
     torch.manual_seed(0)
-    model = FusionModel(CFG).eval()
-    path = save_checkpoint(model, tmp_path / "odometry.safetensors")
-    x = {k: np.zeros((1, *shape), dtype) for k, (shape, dtype) in input_spec(CFG).items()}
+    path = save_checkpoint(FusionModel(cfg).eval(), tmp_path / "odometry.safetensors")
+    x = {k: np.zeros((1, *shape), dtype) for k, (shape, dtype) in input_spec(cfg).items()}
     x["tau"][:] = 1.0
-    x["odometry_mask"][:] = True
+    x["odometry_mask"][:] = x["imu_mask"][:] = x["imu2_mask"][:] = True
     x["odometry_chunks"][:] = 0.1
-    x["imu_mask"][:] = True
     ort = FusionPipeline.create(str(path), backend="onnxruntime", threads=1).backend.run(x)
     ref = FusionPipeline.create(str(path), backend="torch", threads=1).backend.run(x)
-    assert ort["attention"].shape == (1, 4, CFG.model.heads) and ort["trust"].shape == (1, 4)
+    assert ort["attention"].shape == (1, 5, cfg.model.heads) and ort["trust"].shape == (1, 5)
     np.testing.assert_allclose(ort["fused"], ref["fused"], atol=1e-4)
-    assert ort["attention"][0, 3].sum() > 0  # the odometry is attended
+    assert ort["attention"][0, 3].sum() > 0 and ort["attention"][0, 4].sum() > 0  # odometry and second IMU attended
 
 
 def test_a_real_robots_odometry_replays_through_a_model_that_reads_it(real_data, tmp_path):
+    """The model of the ONNX test above (odometry and a second IMU): the Husky has one IMU, so the second is
+    absent in every fusion, as a failed one would be."""
     bag = real_data / "husky_imu_odom_gps.bag"
     with open_reader([bag]) as reader:
         assert find_topics(reader).sensors[Modality.ODOMETRY] == "/husky_velocity_controller/odom"
     torch.manual_seed(0)
-    checkpoint = save_checkpoint(FusionModel(CFG).eval(), tmp_path / "odometry.safetensors")
+    model = FusionModel(FusionConfig(model=ModelConfig(odometry=True, second_imu=True))).eval()
+    checkpoint = save_checkpoint(model, tmp_path / "odometry.safetensors")
     assert main(["replay", str(bag), "-o", str(tmp_path / "out"), "--checkpoint", str(checkpoint), "--end", "30",
                  "--no-progress"]) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["topics"] == {"imu": "/imu/data", "odometry": "/husky_velocity_controller/odom"}
     assert summary["present_fraction"]["odometry"] > 0.9 and summary["attention_mean"]["odometry"] > 0
-    assert set(summary["trust_mean"]) == {"camera", "lidar", "imu", "odometry"}
+    assert summary["present_fraction"]["imu2"] == 0.0 and summary["attention_mean"]["imu2"] == 0.0
+    assert set(summary["trust_mean"]) == {"camera", "lidar", "imu", "odometry", "imu2"}
     # the packaged model reads no odometry: the topic is skipped, saying why
     assert main(["replay", str(bag), "-o", str(tmp_path / "default"), "--end", "5", "--no-progress"]) == 0
     skipped = json.loads((tmp_path / "default" / "summary.json").read_text())["skipped_topics"]
