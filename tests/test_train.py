@@ -944,8 +944,9 @@ def _expected_commit() -> str:
     return commit + ("+uncommitted" if dirty else "")
 
 
-@pytest.mark.parametrize("fusion", [{}, {"sensor_fusion": "token", "avoid_weight": 1.0}, {"camera_goal_weight": 1.0}],
-                         ids=["sensor", "token", "camera_goal"])
+# the second: the token fusion with both optional training states, its avoidance objective and the camera goal head
+@pytest.mark.parametrize("fusion", [{}, {"sensor_fusion": "token", "avoid_weight": 1.0, "camera_goal_weight": 1.0}],
+                         ids=["sensor", "token_camera_goal"])
 def test_resume_gives_the_uninterrupted_result(tmp_path, cache, fusion):
     tc = dataclasses.replace(TINY, **fusion)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
