@@ -10,7 +10,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -164,6 +166,36 @@ def stop_nodes(*nodes: tuple[subprocess.Popen, Path], timeout: float = 30.0) -> 
                                  f"log, with each thread's stack at that moment:\n{log.read_text(errors='replace')[-8000:]}"
                                  for proc, log in hung))
     return [proc.returncode for proc, _ in nodes]
+
+
+class Spinner:
+    """Runs an executor's callbacks in a daemon thread until it shuts down. spin_once in a loop, not spin():
+    an exception in one turn (a callback's, or rclpy's own while the test's thread makes or destroys
+    entities) is kept in `errors` and spinning goes on. Under spin() it would end the thread with no word,
+    and every later wait of the module time out: CI, 2026-12-05, six DDS tests in a row after the third."""
+
+    def __init__(self, executor):
+        self.executor, self.errors = executor, []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        from rclpy.executors import ExternalShutdownException, ShutdownException
+
+        while self.executor.context.ok():
+            try:
+                self.executor.spin_once(timeout_sec=0.1)
+            except (ExternalShutdownException, ShutdownException):
+                return
+            except Exception:  # noqa: BLE001 -- kept, reported by report(); the thread goes on
+                self.errors.append(traceback.format_exc())
+
+    def report(self) -> str:
+        """For a wait that timed out: is the thread alive, what it raised, and where it is now."""
+        frame = sys._current_frames().get(self.thread.ident)
+        where = "".join(traceback.format_stack(frame)) if frame is not None else "(not running)\n"
+        return (f"spinner alive: {self.thread.is_alive()}; {len(self.errors)} errors\n" + "".join(self.errors[-3:])
+                + "its stack:\n" + where)
 
 
 def wait_until(predicate, timeout: float) -> bool:

@@ -4,12 +4,11 @@
 import os
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
 import torch
-from conftest import ros_domain, stop_node, stop_nodes, wait_until
+from conftest import Spinner, ros_domain, stop_node, stop_nodes, wait_until
 
 rclpy = pytest.importorskip("rclpy", reason="rclpy (ROS 2) is not installed")
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
@@ -48,7 +47,7 @@ def ros():
         (s.level, s.message) for s in m.status if s.name == "fusion_attn: policy"), 10)
     executor = SingleThreadedExecutor()
     executor.add_node(node)
-    threading.Thread(target=executor.spin, daemon=True).start()
+    Spinner(executor)
     env = dict(os.environ, ROS_DOMAIN_ID=domain, PYTHONUNBUFFERED="1")
     yield node, seen, env
     executor.shutdown()

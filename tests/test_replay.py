@@ -7,7 +7,6 @@ import re
 import struct
 import subprocess
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import ros_domain, wait_until
+from conftest import Spinner, ros_domain, wait_until
 from rosbags.highlevel import AnyReader
 from rosbags.rosbag2 import StoragePlugin, Writer
 
@@ -340,7 +339,7 @@ def test_play_starts_its_schedule_when_the_first_message_is_ready(real_data):
             node.create_subscription(msg_type, topic, lambda m, t=topic: stamps[t].append(stamp_to_ns(m.header.stamp)), qos)
         executor = SingleThreadedExecutor(context=context)
         executor.add_node(node)
-        threading.Thread(target=executor.spin, daemon=True).start()
+        Spinner(executor)
         ready = []
 
         def keep(_topic, _offset_s):

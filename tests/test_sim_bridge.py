@@ -4,12 +4,11 @@ fusion_node (use_sim_time) fuses its camera, lidar and IMU in a closed loop."""
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
 import pytest
-from conftest import ros_domain, stop_nodes, wait_until
+from conftest import Spinner, ros_domain, stop_nodes, wait_until
 
 rclpy = pytest.importorskip("rclpy", reason="rclpy (ROS 2) is not installed")
 from geometry_msgs.msg import PoseStamped, Twist
@@ -52,7 +51,7 @@ def graph(tmp_path_factory):
     node.create_subscription(Image, "fused_state", lambda m: seen["fused"].append(m), 10)
     executor = SingleThreadedExecutor()
     executor.add_node(node)
-    threading.Thread(target=executor.spin, daemon=True).start()
+    Spinner(executor)
     yield node, seen, logs
     try:
         stop_nodes((procs[0], logs / "bridge.log"), (procs[1], logs / "node.log"))  # the launcher: 10 s for its nodes
