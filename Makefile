@@ -23,9 +23,10 @@ run: $(STAMP)
 	$(VENV)/bin/fusion-attn replay $(BAG) -o $(OUT) --backend onnxruntime
 
 # --prefetch-graphs: the ONNX graphs many tests share are exported beside the run (tests/graphs.py);
-# -n 2 --dist loadfile: two workers, a test file whole in one (tests/conftest.py)
+# -n 2 --dist loadfile: two workers, a test file whole in one (tests/conftest.py); --durations: the
+# slowest, for CI's 20 minutes
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q --prefetch-graphs -n 2 --dist loadfile --no-loadscope-reorder
+	$(VENV)/bin/python -m pytest -q --prefetch-graphs -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 
 # The packaged default model (fusion_attn/data/fusion_default*.safetensors), reproduced: simulated
 # episodes plus the real recordings beside the checkout; ~20 min on one CPU core (docs/TRAINING.md).
@@ -488,7 +489,9 @@ venv: $(STAMP)
 $(STAMP): setup.py setup.cfg pyproject.toml requirements-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	touch $(VENV)/COLCON_IGNORE
-	$(VENV)/bin/python -m pip install -r requirements-cpu.txt -e '.[ros-wheels,test,sim,train,rl,ray]'
+	# --no-compile: Python compiles a module when first imported; compiling all 16,000 files of the
+	# venv here took 84 s of CPU (torch, ray, sympy: mostly never imported)
+	$(VENV)/bin/python -m pip install --no-compile -r requirements-cpu.txt -e '.[ros-wheels,test,sim,train,rl,ray]'
 	touch $@
 
 $(DEV_STAMP): requirements-dev.txt $(STAMP)
