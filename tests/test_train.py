@@ -1086,8 +1086,9 @@ def test_eval_robustness_compares_runs(tmp_path, cache, runs):
 
 
 def test_eval_robustness_reuses_the_sweep_of_an_unchanged_run(tmp_path, cache, runs, monkeypatch):
-    """--reuse: a run whose training state the previous report measured (same episodes and τ) keeps its
-    sweep, under any name; another τ sweep, or a retrained run, is measured again."""
+    """--reuse: a run whose training state the previous report measured (same episodes and τ), or a
+    stopped evaluation finished, keeps its sweep, under any name; another τ sweep, or a retrained run, is
+    measured again."""
     out = tmp_path / "out"
     first = run_evaluation({"attention": runs["attention"]}, out, [1.0], 1, cache, [])
     assert first["runs"]["attention"]["reused"] is False
@@ -1101,6 +1102,27 @@ def test_eval_robustness_reuses_the_sweep_of_an_unchanged_run(tmp_path, cache, r
     with pytest.raises(AssertionError, match="run again"):
         run_evaluation({"attention": runs["attention"]}, out, [0.5], 1, cache, [], reuse=True)
     monkeypatch.undo()
+    # an evaluation stopped part way (Ctrl-C in the second run's sweep) keeps the sweep it finished, and
+    # run again with --reuse it measures only the other run
+    stopped, measure = tmp_path / "stopped", robustness.sweep
+
+    def stopped_at(name):
+        def sweep(run, *args):
+            if run.name == name:
+                raise KeyboardInterrupt
+            return measure(run, *args)
+        return sweep
+
+    both = {"attention": runs["attention"], "concat": runs["concat"]}
+    monkeypatch.setattr(robustness, "sweep", stopped_at("concat"))
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluation(both, stopped, [1.0], 1, cache, [])
+    assert [p.stem for p in (stopped / "sweeps").iterdir()] == [robustness.state_digest(runs["attention"])]
+    monkeypatch.setattr(robustness, "sweep", stopped_at("attention"))
+    resumed = run_evaluation(both, stopped, [1.0], 1, cache, [], reuse=True)
+    monkeypatch.undo()
+    assert {n: r["reused"] for n, r in resumed["runs"].items()} == {"attention": True, "concat": False}
+    assert resumed["sim"]["attention"] == first["sim"]["attention"] and not (stopped / "sweeps").exists()
     # a test set sampled on another trigger is other samples: nothing is reused from it
     assert first["trigger"] == "timer" and robustness.reusable_sweeps(first, 1, [1.0], "lidar") == {}
     # ... and one rendered by another camera rig (--sim-camera-view) is other images

@@ -22,7 +22,8 @@ def add_parser(verbs):
     robust.add_argument("--threads", type=int, default=1, help="torch threads per process")
     robust.add_argument("--jobs", type=int, default=1, help="runs evaluated at once, each in a process of its own")
     robust.add_argument("--reuse", action="store_true", help="keep the sweeps OUT/robustness.json holds for runs whose "
-                                                              "training state is unchanged (same episodes and τ)")
+                                                              "training state is unchanged (same episodes and τ), and "
+                                                              "those a stopped evaluation finished (OUT/sweeps/)")
     robust.add_argument("--beside", type=Path, metavar="REPORT", help="an earlier robustness.json whose runs join "
                                                                      "these as measured there (same episodes, τ and "
                                                                      "trigger): baselines without their folders")

@@ -20,7 +20,8 @@ import functools
 import hashlib
 import json
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
+import shutil
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -475,6 +476,20 @@ def reusable_sweeps(previous: dict, episodes: int, taus: list[float], trigger: s
     return {info["state"]: previous["sim"][name] for name, info in previous.get("runs", {}).items() if "state" in info}
 
 
+def finished_sweeps(folder: Path, header: dict) -> dict[str, dict]:
+    """{state digest: sweep} that an evaluation stopped before its report (Ctrl-C, a crash) finished on the
+    same held-out samples and τ sweep (`header`); an unreadable file is measured again."""
+    found = {}
+    for path in sorted(folder.glob("*.json")):
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(saved, dict) and saved.get("header") == header:
+            found[path.stem] = saved["sweep"]
+    return found
+
+
 def read_report(path: Path) -> dict:
     """An earlier evaluation's robustness.json, or a ConfigError that names what is wrong with it."""
     try:
@@ -519,19 +534,28 @@ def run_evaluation(run_dirs: dict[str, Path], out: Path, taus: list[float], epis
               "trigger": data_tc.trigger, "camera_view": data_tc.sim_camera_view}
     if earlier is not None:
         check_joinable(earlier, header, run_dirs, str(beside))
-    previous = out / "robustness.json"
+    previous, finished = out / "robustness.json", out / "sweeps"
     known = reusable_sweeps(read_report(previous), episodes, taus, data_tc.trigger, data_tc.sim_camera_view) if reuse and previous.exists() else {}
+    known |= finished_sweeps(finished, header) if reuse else {}
     sim = {r.name: known[digests[r.name]] for r in runs if digests[r.name] in known}
     reused = set(sim)
     todo = [r for r in runs if r.name not in reused]
+
+    def keep(name: str, result: dict) -> None:  # each sweep as it finishes: a stopped evaluation resumes
+        finished.mkdir(parents=True, exist_ok=True)
+        (finished / f"{digests[name]}.json").write_text(json.dumps({"header": header, "sweep": result}, default=float))
+        sim[name] = result
+
     if jobs > 1:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {r.name: pool.submit(_sweep_job, r.name, Path(run_dirs[r.name]), data_tc, cache, episodes, taus,
-                                           threads) for r in todo}
-            sim |= {name: f.result() for name, f in futures.items()}
+            futures = {pool.submit(_sweep_job, r.name, Path(run_dirs[r.name]), data_tc, cache, episodes, taus,
+                                   threads): r.name for r in todo}
+            for f in as_completed(futures):
+                keep(futures[f], f.result())
     else:
         test_set = functools.cache(lambda cfg: held_out_set(data_tc, cfg, cache, episodes))  # loaded once per config
-        sim |= {r.name: sweep(r, test_set(r.cfg), taus, hz) for r in todo}
+        for r in todo:
+            keep(r.name, sweep(r, test_set(r.cfg), taus, hz))
     report = {**header,
               "runs": {r.name: {"folder": str(run_dirs[r.name]), "fusion": r.tc.fusion, "sensor_fusion": r.tc.sensor_fusion,
                                 "seed": r.tc.seed, "tau_random_prob": r.tc.tau_random_prob,
@@ -558,4 +582,5 @@ def run_evaluation(run_dirs: dict[str, Path], out: Path, taus: list[float], epis
     (out / "robustness.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
     (out / "robustness.md").write_text(tables(report))
     report["plots"] = [str(p) for p in plots(report["sim"], report["summary"], out)]
+    shutil.rmtree(finished, ignore_errors=True)  # robustness.json holds them all now
     return report
