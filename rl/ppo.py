@@ -186,22 +186,28 @@ def env_modules(cfg: PPOConfig) -> tuple[str, ...]:
 def make_env(cfg: PPOConfig, training: bool = False, index: int = 0) -> gym.Env:
     """One env as the agent sees it. FusionAttn envs: ActionRepeat (only these: cfg.action_repeat is 1
     elsewhere), then the fused state (on the fusion model cfg.fusion_checkpoint, default the packaged
-    one); cfg.fault_rate of the training episodes get a sensor fault (env `index` seeds which). Other
+    one; a fusion that reads a second IMU gets a robot with one); cfg.fault_rate of the training episodes get a sensor fault (env `index` seeds which). Other
     envs: observations of any common kind encoded as one vector (FlatObservation). Training scales
     rewards by a running std of the discounted return: value and policy share a trunk, and large value
     errors would otherwise dominate the clipped gradient (episode statistics stay raw)."""
     for module in ("fusion_attn.sim",) if cfg.fusion_env else cfg.imports:  # fusion_attn.sim registers its ids
         importlib.import_module(module)
+    kwargs = cfg.env_kwargs
+    if cfg.fusion_env:
+        from fusion_attn.frames import Modality
+        from fusion_attn.pipeline import FusionPipeline
+        from fusion_attn.sim.sensors import SensorConfig
+        from fusion_attn.sim.wrappers import FusedObservation
+
+        pipeline = FusionPipeline.create(cfg.fusion_checkpoint or None, backend="onnxruntime", threads=1)
+        if Modality.IMU2 in pipeline.cfg.sensors:  # the simulated robot carries the second IMU the fusion reads
+            kwargs = {"sensors": SensorConfig(imu2_hz=SensorConfig.imu_hz)} | kwargs
     try:
-        env = gym.make(cfg.env_id, **cfg.env_kwargs)
+        env = gym.make(cfg.env_id, **kwargs)
     except gym.error.Error as exc:
         raise ConfigError(f"{cfg.env_id}: {exc}. A third-party env registers its ids when its module is imported: "
                           "pass --import MODULE, or give the id as MODULE:EnvId") from exc
     if cfg.fusion_env:
-        from fusion_attn.pipeline import FusionPipeline
-        from fusion_attn.sim.wrappers import FusedObservation
-
-        pipeline = FusionPipeline.create(cfg.fusion_checkpoint or None, backend="onnxruntime", threads=1)
         env = FusedObservation(ActionRepeat(env, cfg.action_repeat), pipeline, with_attention=True, with_task=True,
                                trigger=cfg.fusion_trigger)
         if training and cfg.fault_rate > 0:  # the rate at step 0; train() sets it per update

@@ -201,7 +201,7 @@ def test_training_with_a_second_imu_gives_its_rig_one_and_validates_its_faults(t
     assert val["clean"]["trust_imu2"] > 0  # present in the clean samples: the rig had it
 
 
-def test_the_simulators_fused_observation_needs_a_rig_with_the_second_imu(checkpoint):
+def test_the_simulators_fused_observation_needs_a_rig_with_the_second_imu_which_the_rl_env_gives(checkpoint):
     from fusion_attn.sim.faults import FaultConfig
     from fusion_attn.sim.robot import RobotEnv
     from fusion_attn.sim.wrappers import FusedObservation
@@ -215,5 +215,14 @@ def test_the_simulators_fused_observation_needs_a_rig_with_the_second_imu(checkp
         for _ in range(10):  # 0.2 s: the fusion clock's 20 Hz ticks
             info = env.step(np.zeros(2, np.float32))[4]
         assert info["fused"].sensors == ("camera", "lidar", "imu", "imu2") and info["fused"].present.all()
+    finally:
+        env.close()
+    # the RL agents' env on such a fusion: its robot carries the second IMU
+    from rl.config import PPOConfig
+    from rl.ppo import make_env
+
+    env = make_env(PPOConfig(env_id="FusionAttn/Control-v0", fusion_checkpoint=str(checkpoint)))
+    try:
+        assert env.unwrapped.sensors.imu2_hz == SensorConfig.imu_hz
     finally:
         env.close()
