@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from .config import FusionConfig, LidarTokens
-from .frames import MODALITIES, CameraFrame
+from .frames import CameraFrame
 from .tokenize import LIDAR_INDEX, denormalise_pixels
 
 if TYPE_CHECKING:  # torch loads where a model runs: node and replay import this module on the torch-free default
@@ -151,8 +151,8 @@ def picture(inputs: dict[str, np.ndarray], att: Attention, cfg: FusionConfig, im
     bev, bev_notes = _bev_panel(inputs, att, cfg)
     top = np.concatenate([cam, bev], axis=1)
     strip = np.full((CAPTION_H, top.shape[1], 3), BACKGROUND, np.uint8)
-    weights = "  ".join(f"{m} {w:.2f}" for m, w in zip(MODALITIES, att.sensor_weights))
-    trust = "  ".join(f"{m} {t:.2f}" for m, t in zip(MODALITIES, att.trust))
+    weights = "  ".join(f"{m} {w:.2f}" for m, w in zip(cfg.sensor_names, att.sensor_weights))
+    trust = "  ".join(f"{m} {t:.2f}" for m, t in zip(cfg.sensor_names, att.trust))
     for i, line in enumerate([caption, *cam_notes, f"sensor weight  {weights}", f"trust  {trust}"]):
         _text(strip, line, (8, 18 + 18 * i))
     _colour_bar(strip, x=cam.shape[1] + 22, y=8)

@@ -483,7 +483,9 @@ def find_topics(reader: AnyReader, overrides: dict[Modality, str] | None = None,
     for modality, topic in overrides.items():
         _check_override(modality, topic, msgtypes, topics.skipped)
     for modality in Modality:
-        names = [t for t in candidates.get(kind_of(modality), []) if t not in topics.sensors.values()]
+        # a topic another sensor is given (or took) is not this one's to choose
+        names = [t for t in candidates.get(kind_of(modality), [])
+                 if t not in topics.sensors.values() and t not in overrides.values()]
         name, flag = MODALITIES[modality], topic_flag(modality)
         if modality in (leave_out or {}):
             topics.skipped.update((t, leave_out[modality]) for t in names if t not in topics.skipped)

@@ -314,7 +314,7 @@ class FusionNode(LifecycleNode):
                 self.pipeline.set_tau([changed.get(n, self.p(n)) for n in TAU_NAMES])
             except ConfigError as exc:
                 return SetParametersResult(successful=False, reason=str(exc))
-            unread = [n for n in changed if n in TAU_NAMES[1 + len(self.pipeline.cfg.sensors):]]
+            unread = [n for n in changed if n in TAU_NAMES[1:] and n[len("tau."):] not in self.pipeline.cfg.sensor_names]
             self.get_logger().info(f"tau set to {self.pipeline.tau.tolist()}"
                                    + (f" ({', '.join(unread)}: this model does not read that sensor)" * bool(unread)))
         if "diagnostics_period_s" in changed:  # settable while unconfigured (see fixed); its timer runs already

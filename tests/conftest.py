@@ -188,13 +188,14 @@ class Spinner:
             except (ExternalShutdownException, ShutdownException):
                 return
             except Exception:  # noqa: BLE001 -- kept, reported by report(); the thread goes on
-                self.errors.append(traceback.format_exc())
+                self.errors = [*self.errors[-9:], traceback.format_exc()]
+                time.sleep(0.1)  # an error of every turn does not spin a core
 
     def report(self) -> str:
         """For a wait that timed out: is the thread alive, what it raised, and where it is now."""
         frame = sys._current_frames().get(self.thread.ident)
         where = "".join(traceback.format_stack(frame)) if frame is not None else "(not running)\n"
-        return (f"spinner alive: {self.thread.is_alive()}; {len(self.errors)} errors\n" + "".join(self.errors[-3:])
+        return (f"spinner alive: {self.thread.is_alive()}; {len(self.errors)} errors kept (the last 10)\n" + "".join(self.errors[-3:])
                 + "its stack:\n" + where)
 
 

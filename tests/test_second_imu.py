@@ -159,10 +159,11 @@ def test_a_recording_with_two_imus_gives_each_its_topic(recording):
     with open_reader([recording]) as reader:
         topics = find_topics(reader)
         assert topics.sensors[Modality.IMU] == "/imu/data" and topics.sensors[Modality.IMU2] == "/imu2/data"
-        swapped = find_topics(reader, {Modality.IMU: "/imu2/data"})
-        assert swapped.sensors[Modality.IMU2] == "/imu/data"
+        for named in ({Modality.IMU: "/imu2/data"}, {Modality.IMU2: "/imu/data"}):  # either named, the other takes the rest
+            swapped = find_topics(reader, named)
+            assert (swapped.sensors[Modality.IMU], swapped.sensors[Modality.IMU2]) == ("/imu2/data", "/imu/data")
         with pytest.raises(ConfigError, match="--imu2-topic /imu/data: that is the imu topic"):
-            find_topics(reader, {Modality.IMU2: "/imu/data"})
+            find_topics(reader, {Modality.IMU: "/imu/data", Modality.IMU2: "/imu/data"})
         one = find_topics(reader, leave_out={Modality.IMU2: "the model does not read imu2"})
         assert Modality.IMU2 not in one.sensors and "choose this one with --imu-topic" in one.skipped["/imu2/data"]
 
@@ -199,6 +200,13 @@ def test_training_with_a_second_imu_gives_its_rig_one_and_validates_its_faults(t
     val = json.loads((out / "metrics.json").read_text())["val"]
     assert {f"imu2_{f}" for f in FAULTS} <= set(val) and val["imu2_drop"]["trust_faulted"] == 0.0
     assert val["clean"]["trust_imu2"] > 0  # present in the clean samples: the rig had it
+    # held-out episodes follow the model evaluated, not the data settings they were given (eval-robustness
+    # takes its first run's, which may have no second IMU)
+    from fusion_attn.learn.data import episode_shards
+    from fusion_attn.learn.loop import TrainConfig
+
+    for cfg, imu2_hz in ((CFG, SensorConfig.imu_hz), (FusionConfig(), 0.0)):
+        assert {s.make.args[-1].imu2_hz for s in episode_shards(TrainConfig(), cfg, "test", 2)} == {imu2_hz}
 
 
 def test_the_simulators_fused_observation_needs_a_rig_with_the_second_imu_which_the_rl_env_gives(checkpoint):

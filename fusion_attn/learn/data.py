@@ -14,6 +14,7 @@ Episode seeds keep the splits apart: training, validation and the held-out test 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -256,12 +257,13 @@ def episode_shards(tc: TrainConfig, cfg: FusionConfig, split: str, count: int) -
     first = SPLIT_SEEDS[split] + (tc.seed * SEED_STRIDE if split != "test" else 0)
     # the rig is the world's, not the data's: the test episodes are rendered with the run's too
     view = {"camera_view": tc.sim_camera_view} if tc.sim_camera_view != type(tc)().sim_camera_view else {}
+    # ... with a second IMU where the model reads one (an evaluation's first run may have none)
+    rig = dataclasses.replace(tc, second_imu=cfg.model.second_imu).rig()
     for k in range(count):
         task, seed = tasks[k % len(tasks)], first + k
         stops = {"stop_share": stop_share} if stop_share else {}  # the keys of episodes without stops predate it
         key = shard_key(cfg, tc.fusion_hz, f"sim-{task}", tc.trigger, seed=seed, seconds=tc.sim_seconds, **stops, **view)
-        make = functools.partial(sim_episode, task, seed, tc.sim_seconds, tc.fusion_hz, cfg, tc.trigger, stop_share,
-                                 tc.rig())
+        make = functools.partial(sim_episode, task, seed, tc.sim_seconds, tc.fusion_hz, cfg, tc.trigger, stop_share, rig)
         shards.append(Shard(key, make))
     return shards
 

@@ -550,8 +550,14 @@ def run_evaluation(run_dirs: dict[str, Path], out: Path, taus: list[float], epis
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = {pool.submit(_sweep_job, r.name, Path(run_dirs[r.name]), data_tc, cache, episodes, taus,
                                    threads): r.name for r in todo}
+            failed = []
             for f in as_completed(futures):
-                keep(futures[f], f.result())
+                if f.exception() is None:
+                    keep(futures[f], f.result())
+                else:  # raised once the others have finished and been kept
+                    failed.append(f.exception())
+            if failed:
+                raise failed[0]
     else:
         test_set = functools.cache(lambda cfg: held_out_set(data_tc, cfg, cache, episodes))  # loaded once per config
         for r in todo:
