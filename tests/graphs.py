@@ -27,4 +27,6 @@ if __name__ == "__main__":
     onnx_for(packaged)  # replay, the nodes, the pipeline and RL tests
     onnx_for(random_model(0))  # test_export's plain graph, test_tensorrt's "a"
     onnx_for(random_model(0, **OPTIONS))
+    onnx_for(random_model(0, odometry=True, second_imu=True))  # test_odometry's, test_node_dds' fifth-sensor node
+    onnx_for(random_model(0, second_imu=True))  # test_second_imu's
     step_onnx_for(packaged, *STEP_CAMERA)
