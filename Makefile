@@ -490,7 +490,8 @@ $(STAMP): setup.py setup.cfg pyproject.toml requirements-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	touch $(VENV)/COLCON_IGNORE
 	# --no-compile: Python compiles a module when first imported; compiling all 16,000 files of the
-	# venv here took 84 s of CPU (torch, ray, sympy: mostly never imported)
+	# venv (torch, ray, sympy: mostly never imported) here made the install about twice as long (.ci/run
+	# on a clean clone, 2026-12-05: 101 s without, about 197 s with)
 	$(VENV)/bin/python -m pip install --no-compile -r requirements-cpu.txt -e '.[ros-wheels,test,sim,train,rl,ray]'
 	touch $@
 

@@ -186,8 +186,8 @@ def env_modules(cfg: PPOConfig) -> tuple[str, ...]:
 def make_env(cfg: PPOConfig, training: bool = False, index: int = 0) -> gym.Env:
     """One env as the agent sees it. FusionAttn envs: ActionRepeat (only these: cfg.action_repeat is 1
     elsewhere), then the fused state (on the fusion model cfg.fusion_checkpoint, default the packaged
-    one; a fusion that reads a second IMU gets a robot with one); cfg.fault_rate of the training episodes get a sensor fault (env `index` seeds which). Other
-    envs: observations of any common kind encoded as one vector (FlatObservation). Training scales
+    one; a fusion that reads a second IMU gets a robot with one); cfg.fault_rate of the training
+    episodes get a sensor fault (env `index` seeds which). Other envs: observations of any common kind encoded as one vector (FlatObservation). Training scales
     rewards by a running std of the discounted return: value and policy share a trunk, and large value
     errors would otherwise dominate the clipped gradient (episode statistics stay raw)."""
     for module in ("fusion_attn.sim",) if cfg.fusion_env else cfg.imports:  # fusion_attn.sim registers its ids
@@ -201,7 +201,7 @@ def make_env(cfg: PPOConfig, training: bool = False, index: int = 0) -> gym.Env:
 
         pipeline = FusionPipeline.create(cfg.fusion_checkpoint or None, backend="onnxruntime", threads=1)
         if Modality.IMU2 in pipeline.cfg.sensors:  # the simulated robot carries the second IMU the fusion reads
-            kwargs = {"sensors": SensorConfig(imu2_hz=SensorConfig.imu_hz)} | kwargs
+            kwargs = {"sensors": SensorConfig().with_second_imu()} | kwargs
     try:
         env = gym.make(cfg.env_id, **kwargs)
     except gym.error.Error as exc:

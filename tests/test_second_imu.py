@@ -22,7 +22,7 @@ from fusion_attn.sync import SensorSync, SyncConfig
 from fusion_attn.tokenize import Tokenizer, imu_samples, input_spec, output_spec, tokenize_imu
 
 CFG = FusionConfig(model=ModelConfig(second_imu=True))  # camera, lidar, IMU, second IMU: not a prefix of Modality
-RIG = SensorConfig(imu2_hz=SensorConfig.imu_hz)
+RIG = SensorConfig().with_second_imu()
 MS = NS_PER_S // 1000
 GYRO_Z = 5  # tokenize.IMU_AXES
 

@@ -127,8 +127,8 @@ class TrainConfig:
         """The simulated sensors its episodes are rendered with."""
         from fusion_attn.sim.sensors import SensorConfig
 
-        second = {"imu2_hz": SensorConfig.imu_hz} if self.second_imu else {}  # one make of IMU, at one rate
-        return SensorConfig(camera_size=(self.sim_camera_view, self.sim_camera_view), **second)
+        rig = SensorConfig(camera_size=(self.sim_camera_view, self.sim_camera_view))
+        return rig.with_second_imu() if self.second_imu else rig
 
     def fusion_config(self) -> FusionConfig:
         """The config of the model this run trains."""

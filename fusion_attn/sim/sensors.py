@@ -16,7 +16,7 @@ import functools
 import math
 import os
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mujoco
 import numpy as np
@@ -62,6 +62,11 @@ class SensorConfig:
     # a second IMU at the first one's site, of the same make (rate, noise, bias spread) with its own bias
     # and noise draws, as two IMU boards on one robot (0: none; benchmarks/imu_redundancy.py)
     imu2_hz: float = 0.0
+
+    def with_second_imu(self) -> SensorConfig:
+        """This rig with a second IMU of its IMU's make, at its rate (what a model reading one is trained and
+        run with)."""
+        return replace(self, imu2_hz=self.imu_hz)
 
     def __post_init__(self) -> None:
         if self.camera_views < 1 or self.camera_views == 2:
