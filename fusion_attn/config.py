@@ -158,6 +158,13 @@ class ModelConfig:
     # sensor embedding, trust and τ: a reader of the rates as precise as the first, so that the fusion keeps
     # them when one IMU fails (docs/RESULTS.md: benchmarks/imu_redundancy.py)
     second_imu: bool = field(default=False, metadata=ADDED_LATER)
+    # each six-axis stream's (IMU, odometry, second IMU) own linear read of speed and yaw rate from its window,
+    # trained against the truth where that stream is sound; the reads are averaged at the streams' sensor
+    # weights (renormalised over them: a failed IMU's weight goes to the other) and added, projected, to the
+    # fused tokens after their normalisation, so the rates reach the heads at the gyros' precision, which the
+    # chunk MLP, the attention and the latent blocks lose (docs/RESULTS.md: imu_direct adds the window before
+    # them and keeps only part of it)
+    rate_readout: bool = field(default=False, metadata=ADDED_LATER)
 
 
 @dataclass(frozen=True)
@@ -178,6 +185,10 @@ class FusionConfig:
     @property
     def sensor_names(self) -> tuple[str, ...]:
         return tuple(MODALITIES[m] for m in self.sensors)
+
+    def chunk_tokens(self, stream: str) -> ChunkTokens:
+        """The tokens of a six-axis stream by name: the odometry's, or the IMU's (a second IMU is of its make)."""
+        return self.odometry if stream == "odometry" else self.imu
 
     def __post_init__(self):
         c, m, li = self.camera, self.model, self.lidar

@@ -288,7 +288,7 @@ class SensorEmbedding(nn.Module):
         # the six-axis streams after the IMU: their token blocks and evidence follow cfg.sensors' order
         self.rates = ("imu",) + (("odometry",) if cfg.model.odometry else ()) + (("imu2",) if cfg.model.second_imu else ())
         self.counts = (cfg.camera.tokens, cfg.lidar.tokens + cfg.model.lidar_motion_token,
-                       *(cfg.odometry.tokens if n == "odometry" else cfg.imu.tokens for n in self.rates))  # per sensor
+                       *(cfg.chunk_tokens(n).tokens for n in self.rates))  # per sensor
         # each token's sensor, by its place in cfg.sensors (a second IMU is the fourth sensor of a model without odometry)
         ids = [s for s, n in enumerate(self.counts) for _ in range(n)]
         self.register_buffer("modality_id", torch.tensor(ids), persistent=False)
@@ -380,8 +380,7 @@ class SensorEmbedding(nn.Module):
         delta = sweep_change.abs().mean(-1)
         lidar = torch.stack([torch.log(delta + eps) * lidar_has_prev, occupied,
                              torch.log(pmask.any(-1).float().sum(1) + 1.0), lidar_has_prev.float()], dim=1)
-        rates = [_rate_evidence(x[f"{n}_chunks"], x[f"{n}_mask"], self.cfg.odometry if n == "odometry" else self.cfg.imu)
-                 for n in self.rates]
+        rates = [_rate_evidence(x[f"{n}_chunks"], x[f"{n}_mask"], self.cfg.chunk_tokens(n)) for n in self.rates]
         return torch.stack([camera, lidar, *rates], dim=1).reshape(B, len(self.cfg.sensors), EVIDENCE)
 
 
@@ -535,6 +534,13 @@ class FusionModel(nn.Module):
         self.motion_direct = nn.Linear(SCAN_MATCH_FEATURES, m.dim, bias=False) if m.lidar_motion_direct else None
         self.imu_direct = nn.Linear(cfg.imu.tokens * cfg.imu.features, m.dim, bias=False) if m.imu_direct else None
         self.out_norm = nn.LayerNorm(m.dim)
+        if m.rate_readout:  # (speed, yaw rate) per six-axis stream, in the sensors' order
+            windows = {n: cfg.chunk_tokens(n) for n in self.embed.rates}
+            self.rate_readout = nn.ModuleDict({n: nn.Linear(w.tokens * w.features, 2) for n, w in windows.items()})
+            self.rate_embed = nn.Linear(2, m.dim, bias=False)
+            self.rate_sensors = [cfg.sensor_names.index(n) for n in self.embed.rates]
+        else:
+            self.rate_readout = None
         # one-hot modality membership of each token, to sum attention per modality with a matmul
         self.register_buffer("membership", F.one_hot(self.embed.modality_id, len(cfg.sensors)).float(), persistent=False)
         ends = torch.cumsum(torch.tensor(self.embed.counts), 0).tolist()
@@ -593,8 +599,18 @@ class FusionModel(nn.Module):
         for block in self.blocks:
             latents = block(latents)
         latents = self.out_norm(latents)  # (B, M, D)
+        rates = {}
+        if self.rate_readout is not None:
+            reads = torch.stack([self.rate_readout[n]((x[f"{n}_chunks"] * x[f"{n}_mask"].unsqueeze(-1)).flatten(1))
+                                 for n in self.embed.rates], 1)  # (B, R, 2): each stream's speed, yaw rate
+            share = torch.stack([sensor_weights[:, s] for s in self.rate_sensors], 1)  # (B, R); 0 for an absent stream
+            total = share.sum(1, keepdim=True)
+            share = share / torch.where(total > 0, total, 1.0)  # no stream present: nothing added, and a finite gradient
+            latents = latents + self.rate_embed((share.unsqueeze(-1) * reads).sum(1)).unsqueeze(1)
+            rates = {"rate_reads": reads}
         return {"fused": latents.mean(dim=1), "latents": latents, "attention": attention,
                 "all_masked": ~mask.any(dim=1), "trust": log_trust.exp(), "trust_logits": trust_logits,
                 "sensor_weights": sensor_weights, "token_weights": weights, "camera_tokens": tokens[:, self.spans[0]],
                 "lidar_tokens": tokens[:, self.spans[1]],
-                **({"stale_logits": stale_logits, "stale_valid": stale_valid} if stale_logits is not None else {})}
+                **({"stale_logits": stale_logits, "stale_valid": stale_valid} if stale_logits is not None else {}),
+                **rates}

@@ -164,7 +164,7 @@ def test_per_modality_tau_moves_attention(fusion):
                                      {"camera_stem": 4, "camera_stem_cells": 16}, {"camera_column_blocks": 2},
                                      {"lidar_motion": True}, {"lidar_motion": True, "lidar_motion_token": True},
                                      {"lidar_motion": True, "lidar_motion_direct": True}, {"imu_direct": True},
-                                     {"odometry": True}])
+                                     {"odometry": True}, {"odometry": True, "rate_readout": True}])
 def test_gradients_are_finite_for_every_variant(options, fusion):
     model = _model(fusion=fusion, **options).train()
     x = _inputs(model, batch=3)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from fusion_attn.backends.export import example_inputs
 from fusion_attn.bag import find_topics, open_reader
 from fusion_attn.checkpoint import save_checkpoint
 from fusion_attn.cli import main
@@ -234,3 +235,63 @@ def test_the_simulators_fused_observation_needs_a_rig_with_the_second_imu_which_
         assert env.unwrapped.sensors.imu2_hz == SensorConfig.imu_hz
     finally:
         env.close()
+
+
+# --- the rate readout (ModelConfig.rate_readout) ------------------------------------------------
+
+
+def _read_into_fused(model, x):
+    """The (speed, yaw rate) the rate readout added to the fused state: its projection solved back."""
+    tau = x.pop("tau")
+    with torch.no_grad():
+        out = model.run(x, tau)
+        weight = model.rate_embed.weight.clone()
+        model.rate_embed.weight.zero_()
+        without = model.run(x, tau)["fused"]
+        model.rate_embed.weight.copy_(weight)
+    return torch.linalg.lstsq(weight, (out["fused"] - without).T).solution.T, out
+
+
+def test_the_rate_readout_averages_the_imus_reads_at_their_sensor_weights_and_drops_an_absent_one():
+    torch.manual_seed(0)
+    model = FusionModel(FusionConfig(model=ModelConfig(second_imu=True, rate_readout=True))).eval()
+    assert list(model.rate_readout) == ["imu", "imu2"] and model.rate_sensors == [2, 3]
+    with torch.no_grad():  # each IMU reads a constant: the first (0.5 m/s, 1 rad/s), the second (0.5, 3)
+        for name, yaw in (("imu", 1.0), ("imu2", 3.0)):
+            model.rate_readout[name].weight.zero_()
+            model.rate_readout[name].bias.copy_(torch.tensor([0.5, yaw]))
+    x = {k: torch.from_numpy(v) for k, v in example_inputs(model, 3, 0).items()}
+    x["imu2_mask"][1] = False  # no second IMU
+    x["imu_mask"][2] = False  # no first IMU
+    read, out = _read_into_fused(model, x)
+    w = out["sensor_weights"][0, 2:]
+    expected = torch.tensor([[0.5, float((w[0] + 3 * w[1]) / w.sum())], [0.5, 1.0], [0.5, 3.0]])
+    torch.testing.assert_close(read, expected, atol=1e-4, rtol=0)
+    assert out["rate_reads"].shape == (3, 2, 2)
+    # no IMU at all: nothing added
+    x = {k: torch.from_numpy(v) for k, v in example_inputs(model, 1, 0).items()}
+    x["imu_mask"][:] = x["imu2_mask"][:] = False
+    torch.testing.assert_close(_read_into_fused(model, x)[0], torch.zeros(1, 2), atol=1e-5, rtol=0)
+
+
+def test_each_read_is_trained_where_its_imu_is_present_and_unfaulted():
+    from fusion_attn.learn.objectives import build_heads, rate_readout_loss, rate_sound
+
+    heads = build_heads(CFG)
+    heads.std_velocity.fill_(0.5)
+    B = 4
+    plan = FaultPlan(sensor=torch.tensor([-1, 2, 3, -1]), fault=torch.zeros(B, dtype=torch.long),
+                     lag=torch.zeros(B, dtype=torch.long), strength=torch.ones(B), where=torch.zeros(B))
+    x = {"imu_mask": torch.ones(B, 8, dtype=torch.bool), "imu2_mask": torch.ones(B, 8, dtype=torch.bool)}
+    x["imu2_mask"][3] = False
+    sound = rate_sound(x, plan, CFG)
+    assert sound.tolist() == [[True, True], [False, True], [True, False], [True, False]]
+    truth = torch.tensor([[1.0, 0.2]] * B)
+    reads = truth.unsqueeze(1).repeat(1, 2, 1)
+    labelled = torch.tensor([True, True, True, False])
+    assert rate_readout_loss(reads, (truth, labelled), sound, heads) == 0
+    reads[1, 0] = reads[2, 1] = 100.0  # wrong where the stream is faulted: not its fault
+    reads[3] = 100.0  # and on a sample without a label
+    assert rate_readout_loss(reads, (truth, labelled), sound, heads) == 0
+    reads[0, 1, 1] = 1.2  # a sound read off by 1 rad/s: (1 / 0.5)² over two values, over 4 sound reads
+    assert float(rate_readout_loss(reads, (truth, labelled), sound, heads)) == pytest.approx(4 / 2 / 4)

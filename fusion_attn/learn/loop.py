@@ -47,6 +47,8 @@ from .objectives import (
     losses,
     post_pillars,
     predict,
+    rate_readout_loss,
+    rate_sound,
     save_heads,
     stale_loss,
     trust_loss,
@@ -118,6 +120,7 @@ class TrainConfig:
     camera_column_blocks: int = 0  # config.ModelConfig.camera_column_blocks
     odometry: bool = False  # config.ModelConfig.odometry: wheel odometry as a fourth sensor
     second_imu: bool = False  # config.ModelConfig.second_imu: a second IMU (the simulated rig gets one)
+    rate_readout: bool = False  # config.ModelConfig.rate_readout, each read trained where its stream is sound
     # start from a trained checkpoint's weights and heads (None: from seed-initialised ones), and train only
     # the parameters whose names start with one of train_only (empty: all of them)
     init_from: str | None = None
@@ -143,7 +146,8 @@ class TrainConfig:
                                               stale_evidence=self.stale_evidence, camera_stem=self.camera_stem,
                                               camera_stem_cells=self.camera_stem_cells,
                                               camera_column_blocks=self.camera_column_blocks,
-                                              odometry=self.odometry, second_imu=self.second_imu))
+                                              odometry=self.odometry, second_imu=self.second_imu,
+                                              rate_readout=self.rate_readout))
 
     @classmethod
     def from_dict(cls, saved: dict) -> TrainConfig:
@@ -382,6 +386,9 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
             parts["trust"] = tc.trust_weight * trust_loss(fusion["trust_logits"], plan)
             if "stale_logits" in fusion:
                 parts["stale"] = tc.trust_weight * stale_loss(fusion["stale_logits"], fusion["stale_valid"], plan)
+        if "rate_reads" in fusion:
+            parts["rate_readout"] = rate_readout_loss(fusion["rate_reads"], tgt["velocity"], rate_sound(x, plan, cfg).to(dev),
+                                                      heads)
         if fusion and tc.avoid_weight > 0:
             parts["avoid"] = tc.avoid_weight * fault_attention(fusion["attention"], plan)
         if fusion and tc.consistency_weight > 0:

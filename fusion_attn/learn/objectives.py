@@ -27,7 +27,7 @@ from ..files import written_aside
 from ..frames import Modality
 from ..model import MLP, FusionModel, SensorEmbedding
 from ..tokenize import IMU_AXES, LIDAR_INDEX, LOG_INTENSITY_SCALE, imu_samples
-from .augment import FAULTS, FaultPlan, gather
+from .augment import FAULTS, STREAMS, FaultPlan, gather
 from .data import SECTORS
 
 NEXT_CHUNKS = 3  # the newest chunks of the next sample's IMU window lie after the current one
@@ -188,6 +188,23 @@ def stale_loss(stale_logits: torch.Tensor, valid: torch.Tensor, plan: FaultPlan)
     target = ((plan.sensor == Modality.CAMERA) & stale).float().to(stale_logits.device)
     loss = F.binary_cross_entropy_with_logits(stale_logits, target, reduction="none")
     return (loss * valid).sum() / valid.sum().clamp_min(1)
+
+
+def rate_sound(x: dict[str, torch.Tensor], plan: FaultPlan, cfg: FusionConfig) -> torch.Tensor:
+    """(B, R): where each six-axis stream of the model (in FusionConfig.sensors' order) is present and unfaulted."""
+    names = cfg.sensor_names
+    return torch.stack([x[f"{n}_mask"].any(1) & (plan.sensor != names.index(n)) for n in names if n in STREAMS], 1)
+
+
+def rate_readout_loss(reads: torch.Tensor, velocity: tuple[torch.Tensor, torch.Tensor], sound: torch.Tensor,
+                      heads: Heads) -> torch.Tensor:
+    """Mean squared error of each six-axis stream's own (speed, yaw rate) read (B, R, 2; ModelConfig.rate_readout)
+    against the truth (value (B, 2), labelled (B,)), in the velocity head's standardised units, where the
+    stream is sound (`rate_sound`): each read learns to stand alone, so the sensor weights can pick among them."""
+    value, labelled = velocity
+    err = (heads.normalise("velocity", reads) - heads.normalise("velocity", value).unsqueeze(1)).pow(2).mean(-1)
+    used = (sound & labelled.unsqueeze(1)).float()
+    return (err * used).sum() / used.sum().clamp_min(1)
 
 
 def fault_attention(attention: torch.Tensor, plan: FaultPlan) -> torch.Tensor:
