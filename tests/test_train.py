@@ -37,7 +37,14 @@ from fusion_attn.learn.data import (
     random_drive,
     sim_episode,
 )
-from fusion_attn.learn.evaluation import RunningMeans, physical_errors, sectors_in_view, sim_camera_hfov_deg
+from fusion_attn.learn.evaluation import (
+    RunningMeans,
+    evaluate,
+    evaluate_taus,
+    physical_errors,
+    sectors_in_view,
+    sim_camera_hfov_deg,
+)
 from fusion_attn.learn.loop import STATE_FILE, TrainConfig, train
 from fusion_attn.learn.objectives import (
     OBJECTIVES,
@@ -1083,6 +1090,15 @@ def test_eval_robustness_compares_runs(tmp_path, cache, runs):
     rises = tables.split("### Each quantity's rise over clean")[1].split("| lidar drop |")[1].splitlines()[1]
     assert rises.startswith("|  | concat |") and f"{100 * rise:+.0f}%" in rises
     assert "### Targets (`attention` against `concat`)" in tables and "### Trust (`attention`)" in tables
+
+
+def test_a_tau_sweep_fuses_each_faulted_batch_at_every_tau_as_one_tau_at_a_time_would(runs, data):
+    run = load_run("attention", runs["attention"])
+    options = {"batch": 16, "lipschitz": True, "count_changed": True}
+    swept = evaluate_taus(run.model, run.heads, data, run.cfg, TINY.fusion_hz, [0.25, 1.0], **options)
+    for tau in (0.25, 1.0):
+        assert swept[tau] == evaluate(run.model, run.heads, data, run.cfg, TINY.fusion_hz, tau, **options)
+    assert swept[0.25]["lidar_noise"]["lipschitz"] != swept[1.0]["lidar_noise"]["lipschitz"]
 
 
 def test_eval_robustness_reuses_the_sweep_of_an_unchanged_run(tmp_path, cache, runs, monkeypatch):

@@ -16,9 +16,9 @@ from torch import nn
 from ..config import FusionConfig
 from ..model import FusionModel, softmax_lipschitz
 from ..outputs import TRUST_THRESHOLD
-from .augment import FAULTS, FaultPlan, corrupt
+from .augment import FAULTS, FaultPlan, corrupt, gather
 from .data import SECTORS, Dataset
-from .objectives import Heads, losses, post_pillars, predict
+from .objectives import Heads, fused_feature, losses, post_pillars, targets
 
 SUPERVISED = ("velocity", "obstacles", "goal")
 SELF_SUPERVISED = ("camera", "lidar", "imu", "imu_next")
@@ -32,11 +32,17 @@ def conditions(cfg: FusionConfig | None = None) -> list[tuple[str, int, str]]:
     return [("clean", -1, "drop")] + [(f"{name}_{f}", m, f) for m, name in enumerate(names) for f in FAULTS]
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, heads: Heads, data: Dataset, cfg: FusionConfig, fusion_hz: float, tau: float = 1.0,
-             seed: int = 7, device: torch.device | str = "cpu", batch: int = 256,
-             lipschitz: bool = False, count_changed: bool = False) -> dict[str, dict[str, float]]:
-    """condition -> metrics at global τ (modality τ = 1) on `data`:
+             **options) -> dict[str, dict[str, float]]:
+    """condition -> metrics at one global τ: `evaluate_taus` at [tau]."""
+    return evaluate_taus(model, heads, data, cfg, fusion_hz, [tau], **options)[tau]
+
+
+@torch.no_grad()
+def evaluate_taus(model: nn.Module, heads: Heads, data: Dataset, cfg: FusionConfig, fusion_hz: float,
+                  taus: list[float], seed: int = 7, device: torch.device | str = "cpu", batch: int = 256,
+                  lipschitz: bool = False, count_changed: bool = False) -> dict[float, dict[str, dict[str, float]]]:
+    """τ -> condition -> metrics at that global τ (modality τ = 1) on `data`:
 
         loss_<objective>    mean standardised squared error of each head
         ssl_loss            their mean over the self-supervised objectives
@@ -54,7 +60,8 @@ def evaluate(model: nn.Module, heads: Heads, data: Dataset, cfg: FusionConfig, f
         lipschitz           the softmax Lipschitz diagnostic where the fusion's τ acts (if asked): at the
                             sensor level for the "sensor" fusion, over tokens for the "token" one
 
-    Every condition draws the same noise (`seed`), so runs and τ are compared on equal terms."""
+    Every condition draws the same noise (`seed`), so runs and τ are compared on equal terms: each batch's
+    faulted inputs and targets are made once and fused at every τ."""
     modes = model.training, heads.training
     model.eval()
     heads.eval()
@@ -62,61 +69,67 @@ def evaluate(model: nn.Module, heads: Heads, data: Dataset, cfg: FusionConfig, f
     labelled = bool(data.arrays["labelled"].any())
     attends = isinstance(model, FusionModel)
     two_observers = lidar_reaches_post(t["lidar_points"], t["lidar_mask"])  # per sample, from its clean sweep
-    report, clean_trust = {}, None
+    reports, clean_trust = {tau: {} for tau in taus}, {}
     for name, sensor, fault in conditions(cfg):
         gen = torch.Generator().manual_seed(seed)
-        running = RunningMeans()
-        lipschitz_value, trusts, affected = None, [], []
+        running = {tau: RunningMeans() for tau in taus}
+        lipschitz_values, trusts, affected = {}, {tau: [] for tau in taus}, []
         for start in range(0, len(data), batch):
             idx = torch.arange(start, min(start + batch, len(data)))
             x = corrupt(t, idx, FaultPlan.fixed(len(idx), sensor, fault), cfg, fusion_hz, gen)
-            taus = torch.ones(len(idx), 1 + len(cfg.sensors), device=device)
-            taus[:, 0] = tau
-            pred, tgt, fusion = predict(model, heads, t, idx, x, taus, cfg)
-            loss = losses(heads, pred, tgt)
-            m = {f"loss_{k}": v for k, v in loss.items()}
-            m["ssl_loss"] = sum(loss[k] for k in SELF_SUPERVISED) / len(SELF_SUPERVISED)
-            if labelled:
-                m["head_error"] = sum(loss[k] for k in SUPERVISED) / len(SUPERVISED)
-                m.update(physical_errors(heads, pred, tgt, two_observers[idx].to(tgt["goal"][1].device)))
-            if fusion:
-                trust = fusion["trust"].cpu()
-                trust = torch.where(fusion["trust_logits"].isfinite().cpu(), trust, torch.nan)  # nan: absent
-                trusts.append(trust)
-                if sensor >= 0 and count_changed:
-                    clean = corrupt(t, idx, FaultPlan.fixed(len(idx), -1, "drop"), cfg, fusion_hz, torch.Generator())
-                    affected.append(changed_inputs(x, clean, cfg.sensor_names[sensor]))
-                for i, mod in enumerate(cfg.sensor_names):
-                    m[f"attention_{mod}"] = fusion["attention"][:, i].mean()
-                    m[f"trust_{mod}"] = trust[:, i][trust[:, i].isfinite()]
-                    m[f"untrusted_{mod}"] = (trust[:, i][trust[:, i].isfinite()] < TRUST_THRESHOLD).float()
-                if lipschitz and start == 0:
-                    lipschitz_value = fusion_lipschitz(model, fusion, tau)
-            running.add(m, len(idx))
-        metrics = running.means()
-        if trusts:
-            trust = torch.cat(trusts)
-            if sensor < 0:
-                clean_trust = trust
-            else:
-                faulted = trust[:, sensor].nan_to_num(0.0)  # an absent sensor is trusted not at all
-                metrics["trust_faulted"] = float(faulted.mean())
-                metrics["untrusted_faulted"] = float((faulted < TRUST_THRESHOLD).float().mean())
-                if affected:
-                    hit = torch.cat(affected)
-                    metrics["affected"] = float(hit.float().mean())
-                    if hit.any():
-                        metrics["untrusted_affected"] = float((faulted[hit] < TRUST_THRESHOLD).float().mean())
-                if clean_trust is not None:
-                    metrics["trust_auroc"] = auroc(clean_trust[:, sensor], faulted)
-        if sensor >= 0 and attends:
-            metrics["attention_faulted"] = metrics[f"attention_{cfg.sensor_names[sensor]}"]
-        if lipschitz_value is not None:
-            metrics["lipschitz"] = lipschitz_value
-        report[name] = metrics
+            tgt = {k: (value.to(device), valid.to(device))
+                   for k, (value, valid) in targets(t, idx, gather(t, idx, previous=False), cfg).items()}
+            if attends and sensor >= 0 and count_changed:
+                clean = corrupt(t, idx, FaultPlan.fixed(len(idx), -1, "drop"), cfg, fusion_hz, torch.Generator())
+                affected.append(changed_inputs(x, clean, cfg.sensor_names[sensor]))
+            x = {k: v.to(device) for k, v in x.items()}
+            for tau in taus:
+                taus_in = torch.ones(len(idx), 1 + len(cfg.sensors), device=device)
+                taus_in[:, 0] = tau
+                feature, fusion = fused_feature(model, x, taus_in)
+                pred = heads(feature)
+                loss = losses(heads, pred, tgt)
+                m = {f"loss_{k}": v for k, v in loss.items()}
+                m["ssl_loss"] = sum(loss[k] for k in SELF_SUPERVISED) / len(SELF_SUPERVISED)
+                if labelled:
+                    m["head_error"] = sum(loss[k] for k in SUPERVISED) / len(SUPERVISED)
+                    m.update(physical_errors(heads, pred, tgt, two_observers[idx].to(tgt["goal"][1].device)))
+                if fusion:
+                    trust = fusion["trust"].cpu()
+                    trust = torch.where(fusion["trust_logits"].isfinite().cpu(), trust, torch.nan)  # nan: absent
+                    trusts[tau].append(trust)
+                    for i, mod in enumerate(cfg.sensor_names):
+                        m[f"attention_{mod}"] = fusion["attention"][:, i].mean()
+                        m[f"trust_{mod}"] = trust[:, i][trust[:, i].isfinite()]
+                        m[f"untrusted_{mod}"] = (trust[:, i][trust[:, i].isfinite()] < TRUST_THRESHOLD).float()
+                    if lipschitz and start == 0:
+                        lipschitz_values[tau] = fusion_lipschitz(model, fusion, tau)
+                running[tau].add(m, len(idx))
+        for tau in taus:
+            metrics = running[tau].means()
+            if trusts[tau]:
+                trust = torch.cat(trusts[tau])
+                if sensor < 0:
+                    clean_trust[tau] = trust
+                else:
+                    faulted = trust[:, sensor].nan_to_num(0.0)  # an absent sensor is trusted not at all
+                    metrics["trust_faulted"] = float(faulted.mean())
+                    metrics["untrusted_faulted"] = float((faulted < TRUST_THRESHOLD).float().mean())
+                    if affected:
+                        hit = torch.cat(affected)
+                        metrics["affected"] = float(hit.float().mean())
+                        if hit.any():
+                            metrics["untrusted_affected"] = float((faulted[hit] < TRUST_THRESHOLD).float().mean())
+                    if tau in clean_trust:
+                        metrics["trust_auroc"] = auroc(clean_trust[tau][:, sensor], faulted)
+            if sensor >= 0 and attends:
+                metrics["attention_faulted"] = metrics[f"attention_{cfg.sensor_names[sensor]}"]
+            if tau in lipschitz_values:
+                metrics["lipschitz"] = lipschitz_values[tau]
+            reports[tau][name] = metrics
     model.train(modes[0])
     heads.train(modes[1])
-    return report
+    return reports
 
 
 def changed_inputs(x: dict[str, torch.Tensor], clean: dict[str, torch.Tensor], sensor: str) -> torch.Tensor:

@@ -34,7 +34,7 @@ from ..frames import MODALITIES
 from ..model import FusionModel
 from .augment import FAULTS
 from .data import SEED_STRIDE, SPLIT_SEEDS, Dataset, bag_set, held_out_set
-from .evaluation import conditions, evaluate
+from .evaluation import conditions, evaluate, evaluate_taus
 from .loop import STATE_FILE, TrainConfig, read_state
 from .objectives import Heads, build_heads, build_model
 
@@ -72,8 +72,8 @@ def sweep(run: TrainedRun, data: Dataset, taus: list[float], fusion_hz: float) -
     """{tau: {condition: metrics}} of one run on `data` (sampled at fusion_hz); a run without attention
     is measured at τ = 1 only (one trained at τ = 1 is swept: what τ does to it at run time)."""
     taus = taus if run.has_attention else [1.0]
-    return {str(tau): evaluate(run.model, run.heads, data, run.cfg, fusion_hz, tau, lipschitz=True)
-            for tau in taus}
+    reports = evaluate_taus(run.model, run.heads, data, run.cfg, fusion_hz, taus, lipschitz=True)
+    return {str(tau): reports[tau] for tau in taus}
 
 
 def group_of(name: str) -> str:
