@@ -93,6 +93,10 @@ class OdometryTokens(ChunkTokens):
     nominal_dt_s: float = 0.02  # scales the dt feature (50 Hz -> 1.0)
 
 
+# the six-axis streams (three axes of each of two kinds: the IMUs' accel and gyro, the odometry's velocity and
+# turn rate), in the order a model reads them after the lidar (FusionConfig.sensors); each is chunked as ChunkTokens
+STREAMS = ("imu", "odometry", "imu2")
+
 # field metadata of a setting added after models were shipped (see FusionConfig.to_dict)
 ADDED_LATER = {"added_later": True}
 
@@ -185,6 +189,11 @@ class FusionConfig:
     @property
     def sensor_names(self) -> tuple[str, ...]:
         return tuple(MODALITIES[m] for m in self.sensors)
+
+    @property
+    def streams(self) -> tuple[str, ...]:
+        """The six-axis streams the model reads (STREAMS), in its sensors' order."""
+        return tuple(n for n in self.sensor_names if n in STREAMS)
 
     def chunk_tokens(self, stream: str) -> ChunkTokens:
         """The tokens of a six-axis stream by name: the odometry's, or the IMU's (a second IMU is of its make)."""

@@ -285,10 +285,8 @@ class SensorEmbedding(nn.Module):
         self.interval = nn.Linear(2 * cfg.model.age_frequencies, d, bias=False)  # time to the previous frame
         self.age_frequencies = cfg.model.age_frequencies
         self.norm = nn.LayerNorm(d)
-        # the six-axis streams after the IMU: their token blocks and evidence follow cfg.sensors' order
-        self.rates = ("imu",) + (("odometry",) if cfg.model.odometry else ()) + (("imu2",) if cfg.model.second_imu else ())
         self.counts = (cfg.camera.tokens, cfg.lidar.tokens + cfg.model.lidar_motion_token,
-                       *(cfg.chunk_tokens(n).tokens for n in self.rates))  # per sensor
+                       *(cfg.chunk_tokens(n).tokens for n in cfg.streams))  # per sensor
         # each token's sensor, by its place in cfg.sensors (a second IMU is the fourth sensor of a model without odometry)
         ids = [s for s, n in enumerate(self.counts) for _ in range(n)]
         self.register_buffer("modality_id", torch.tensor(ids), persistent=False)
@@ -345,11 +343,11 @@ class SensorEmbedding(nn.Module):
         lidar = lidar + torch.where(has_prev[:, None, None], since_prev.unsqueeze(1), self.no_previous[1])
         # (B, N_i, D) each: the IMU's chunks, the odometry's, a second IMU's through the first's layers (one make
         # of sensor, read alike; its sensor embedding tells them apart)
-        streams = [(self.odometry if n == "odometry" else self.imu)(x[f"{n}_chunks"]) for n in self.rates]
+        streams = [(self.odometry if n == "odometry" else self.imu)(x[f"{n}_chunks"]) for n in self.cfg.streams]
         tokens = torch.cat([cam, lidar, *motion, *streams], dim=1) + self.modality[self.modality_id]  # (B, N, D)
-        age = torch.cat([x["camera_age"], x["lidar_age"], *motion_age, *(x[f"{n}_age"] for n in self.rates)], dim=1)  # (B, N)
+        age = torch.cat([x["camera_age"], x["lidar_age"], *motion_age, *(x[f"{n}_age"] for n in self.cfg.streams)], dim=1)  # (B, N)
         tokens = self.norm(tokens + self.age(fourier(age)))
-        mask = torch.cat([cam_mask, lidar_mask, *motion_mask, *(x[f"{n}_mask"] for n in self.rates)], dim=1)  # (B, N)
+        mask = torch.cat([cam_mask, lidar_mask, *motion_mask, *(x[f"{n}_mask"] for n in self.cfg.streams)], dim=1)  # (B, N)
         return tokens, mask, self._evidence(x, change, cam_prev, sweep_change, has_prev), scan
 
     def _evidence(self, x, cam_change, cam_prev, sweep_change, lidar_has_prev) -> torch.Tensor:
@@ -380,7 +378,7 @@ class SensorEmbedding(nn.Module):
         delta = sweep_change.abs().mean(-1)
         lidar = torch.stack([torch.log(delta + eps) * lidar_has_prev, occupied,
                              torch.log(pmask.any(-1).float().sum(1) + 1.0), lidar_has_prev.float()], dim=1)
-        rates = [_rate_evidence(x[f"{n}_chunks"], x[f"{n}_mask"], self.cfg.chunk_tokens(n)) for n in self.rates]
+        rates = [_rate_evidence(x[f"{n}_chunks"], x[f"{n}_mask"], self.cfg.chunk_tokens(n)) for n in self.cfg.streams]
         return torch.stack([camera, lidar, *rates], dim=1).reshape(B, len(self.cfg.sensors), EVIDENCE)
 
 
@@ -535,10 +533,10 @@ class FusionModel(nn.Module):
         self.imu_direct = nn.Linear(cfg.imu.tokens * cfg.imu.features, m.dim, bias=False) if m.imu_direct else None
         self.out_norm = nn.LayerNorm(m.dim)
         if m.rate_readout:  # (speed, yaw rate) per six-axis stream, in the sensors' order
-            windows = {n: cfg.chunk_tokens(n) for n in self.embed.rates}
+            windows = {n: cfg.chunk_tokens(n) for n in cfg.streams}
             self.rate_readout = nn.ModuleDict({n: nn.Linear(w.tokens * w.features, 2) for n, w in windows.items()})
             self.rate_embed = nn.Linear(2, m.dim, bias=False)
-            self.rate_sensors = [cfg.sensor_names.index(n) for n in self.embed.rates]
+            self.rate_sensors = [cfg.sensor_names.index(n) for n in cfg.streams]
         else:
             self.rate_readout = None
         # one-hot modality membership of each token, to sum attention per modality with a matmul
@@ -602,7 +600,7 @@ class FusionModel(nn.Module):
         rates = {}
         if self.rate_readout is not None:
             reads = torch.stack([self.rate_readout[n]((x[f"{n}_chunks"] * x[f"{n}_mask"].unsqueeze(-1)).flatten(1))
-                                 for n in self.embed.rates], 1)  # (B, R, 2): each stream's speed, yaw rate
+                                 for n in self.cfg.streams], 1)  # (B, R, 2): each stream's speed, yaw rate
             share = torch.stack([sensor_weights[:, s] for s in self.rate_sensors], 1)  # (B, R); 0 for an absent stream
             total = share.sum(1, keepdim=True)
             share = share / torch.where(total > 0, total, 1.0)  # no stream present: nothing added, and a finite gradient

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..config import FusionConfig
+from ..config import STREAMS, FusionConfig
 from ..frames import CameraFrame
 from ..tokenize import (
     IMU_AXES,
@@ -34,7 +34,6 @@ DELAY_LAG = 1  # samples back (0.1 s at 10 Hz): beyond this the node's max ages 
 NOISE_MIN = 0.25  # the weakest noise drawn in training, as a share of the full strength
 BLOCKED_SECTOR = 2 * math.pi / 3  # a partially blocked lidar loses a 120° sector
 FRAMED = ("camera", "lidar")  # the sensors whose previous frame the model sees too
-STREAMS = ("imu", "odometry", "imu2")  # the six-axis streams, in FusionConfig.sensors' order: chunks of samples
 # IMU (and odometry) sample axes of the second kind: the gyro's (odometry's turn rates), which a partial fault zeroes
 SECOND_KIND = torch.tensor([axis.startswith("gyro") for axis in IMU_AXES])
 
@@ -234,7 +233,7 @@ def corrupt(data: dict[str, torch.Tensor], idx: torch.Tensor, plan: FaultPlan, c
     imu_noise = (imu, (3.0 / imu.accel_scale, 0.3 / imu.gyro_scale))
     noise_of = {"imu": imu_noise, "imu2": imu_noise,
                 "odometry": (odometry, (0.3 / odometry.speed_scale, 0.3 / odometry.angular_scale))}
-    for name in (n for n in cfg.sensor_names if n in STREAMS):
+    for name in cfg.streams:
         m, (tokens, (first_noise, second_noise)) = cfg.sensor_names.index(name), noise_of[name]
         values = imu_samples(x[f"{name}_chunks"], tokens)  # (B, chunks, S, 6): three axes of each of two kinds
         values = torch.where(rows_of("zero", m)[:, None, None, None], 0.0, values)

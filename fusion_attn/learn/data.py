@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..config import FusionConfig
+from ..config import STREAMS, FusionConfig
 from ..errors import ConfigError, FusionAttnError
 from ..files import written_aside
 from ..frames import NS_PER_S
@@ -201,10 +201,10 @@ def mirror_sequence(seq: dict[str, np.ndarray], cfg: FusionConfig) -> dict[str, 
         points[..., LIDAR_INDEX[feature]] *= -1
     out["lidar_points"] = points
     sign = np.array([-1.0 if axis in MIRRORED_IMU_AXES else 1.0 for axis in IMU_AXES], np.float32)
-    for name, tokens in (("imu", cfg.imu), ("odometry", cfg.odometry), ("imu2", cfg.imu)):
-        if f"{name}_chunks" in seq:
-            out[f"{name}_chunks"] = seq[f"{name}_chunks"].copy()
-            put_imu_samples(out[f"{name}_chunks"], imu_samples(seq[f"{name}_chunks"], tokens) * sign, tokens)
+    for name in (n for n in STREAMS if f"{n}_chunks" in seq):
+        tokens = cfg.chunk_tokens(name)
+        out[f"{name}_chunks"] = seq[f"{name}_chunks"].copy()
+        put_imu_samples(out[f"{name}_chunks"], imu_samples(seq[f"{name}_chunks"], tokens) * sign, tokens)
     out["velocity"] = seq["velocity"] * np.array([1.0, -1.0], np.float32)
     out["obstacles"] = seq["obstacles"][:, -np.arange(SECTORS) % SECTORS]
     out["goal"] = seq["goal"] * np.array([1.0, -1.0], np.float32)

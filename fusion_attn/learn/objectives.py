@@ -27,7 +27,7 @@ from ..files import written_aside
 from ..frames import Modality
 from ..model import MLP, FusionModel, SensorEmbedding
 from ..tokenize import IMU_AXES, LIDAR_INDEX, LOG_INTENSITY_SCALE, imu_samples
-from .augment import FAULTS, STREAMS, FaultPlan, gather
+from .augment import FAULTS, FaultPlan, gather
 from .data import SECTORS
 
 NEXT_CHUNKS = 3  # the newest chunks of the next sample's IMU window lie after the current one
@@ -192,8 +192,7 @@ def stale_loss(stale_logits: torch.Tensor, valid: torch.Tensor, plan: FaultPlan)
 
 def rate_sound(x: dict[str, torch.Tensor], plan: FaultPlan, cfg: FusionConfig) -> torch.Tensor:
     """(B, R): where each six-axis stream of the model (in FusionConfig.sensors' order) is present and unfaulted."""
-    names = cfg.sensor_names
-    return torch.stack([x[f"{n}_mask"].any(1) & (plan.sensor != names.index(n)) for n in names if n in STREAMS], 1)
+    return torch.stack([x[f"{n}_mask"].any(1) & (plan.sensor != cfg.sensor_names.index(n)) for n in cfg.streams], 1)
 
 
 def rate_readout_loss(reads: torch.Tensor, velocity: tuple[torch.Tensor, torch.Tensor], sound: torch.Tensor,
