@@ -295,3 +295,22 @@ def test_each_read_is_trained_where_its_imu_is_present_and_unfaulted():
     assert rate_readout_loss(reads, (truth, labelled), sound, heads) == 0
     reads[0, 1, 1] = 1.2  # a sound read off by 1 rad/s: (1 / 0.5)² over two values, over 4 sound reads
     assert float(rate_readout_loss(reads, (truth, labelled), sound, heads)) == pytest.approx(4 / 2 / 4)
+
+
+def test_each_read_starts_as_its_streams_newest_turn_rate_and_the_odometrys_speed():
+    """What a trained read refines: the newest sample's gyro (odometry: turn rate and speed), unscaled."""
+    torch.manual_seed(0)
+    model = FusionModel(FusionConfig(model=ModelConfig(odometry=True, second_imu=True, rate_readout=True))).eval()
+    sync = SensorSync(SyncConfig.for_model(model.cfg))
+    for k in range(1, 61):  # the IMUs turning at 0.4 and 0.6 rad/s, 0.5 rad/s faster for the last 10 ms
+        sync.add(_sample(k * 5 * MS, 0.4 + 0.5 * (k >= 58)))
+        sync.add(_sample(k * 5 * MS, 0.6 + 0.5 * (k >= 58)), modality=Modality.IMU2)
+    x = Tokenizer(model.cfg)(sync.snapshot(301 * MS), np.ones(1 + len(model.cfg.sensors), np.float32))
+    chunks = {n: torch.from_numpy(x[f"{n}_chunks"])[None] for n in ("imu", "imu2")}
+    with torch.no_grad():
+        torch.testing.assert_close(model.rate_readout["imu"](chunks["imu"].flatten(1)), torch.tensor([[0.0, 0.9]]))
+        torch.testing.assert_close(model.rate_readout["imu2"](chunks["imu2"].flatten(1)), torch.tensor([[0.0, 1.1]]))
+        odometry = torch.zeros(1, model.cfg.odometry.tokens, model.cfg.odometry.features)
+        newest = imu_samples(odometry, model.cfg.odometry)[0, -1, -1]
+        newest[0], newest[5] = 1.2 / model.cfg.odometry.speed_scale, -0.3 / model.cfg.odometry.angular_scale
+        torch.testing.assert_close(model.rate_readout["odometry"](odometry.flatten(1)), torch.tensor([[1.2, -0.3]]))
