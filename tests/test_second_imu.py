@@ -314,3 +314,20 @@ def test_each_read_starts_as_its_streams_newest_turn_rate_and_the_odometrys_spee
         newest = imu_samples(odometry, model.cfg.odometry)[0, -1, -1]
         newest[0], newest[5] = 1.2 / model.cfg.odometry.speed_scale, -0.3 / model.cfg.odometry.angular_scale
         torch.testing.assert_close(model.rate_readout["odometry"](odometry.flatten(1)), torch.tensor([[1.2, -0.3]]))
+
+
+def test_the_reads_learn_from_their_own_objective_only():
+    """The fused state carries the reads, but its losses do not train them: they stay the sensors' own estimates."""
+    from fusion_attn.learn.objectives import build_heads, rate_readout_loss
+
+    torch.manual_seed(0)
+    model = FusionModel(FusionConfig(model=ModelConfig(second_imu=True, rate_readout=True))).train()
+    x = {k: torch.from_numpy(v) for k, v in example_inputs(model, 2, 0).items()}
+    out = model.run(x, x.pop("tau"))
+    out["fused"].square().sum().backward(retain_graph=True)
+    assert model.rate_embed.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.rate_readout.parameters())
+    sound = torch.ones(2, 2, dtype=torch.bool)
+    rate_readout_loss(out["rate_reads"], (torch.ones(2, 2), torch.ones(2, dtype=torch.bool)), sound,
+                      build_heads(model.cfg)).backward()
+    assert all(p.grad.abs().sum() > 0 for p in model.rate_readout.parameters())
