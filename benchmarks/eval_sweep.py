@@ -3,12 +3,13 @@
 2026-12-05) and all τ per batch (`evaluate_taus`, what `sweep` runs), alternating round by round.
 Checks that the two reports are equal and prints each way's median time and their ratio.
 
-    MUJOCO_GL=egl python benchmarks/eval_sweep.py runs/imu2_rate-s0 [--rounds 2] [--out benchmarks/results/eval_sweep.json]
+    MUJOCO_GL=egl python benchmarks/eval_sweep.py runs/imu2_rate-s0 [--rounds 2] [--episodes N] [--out benchmarks/results/eval_sweep.json]
 
 The samples are the run's own validation episodes (rendered into the cache when training did not).
 """
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -29,6 +30,7 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("run", type=Path, help="a `fusion-attn train` run folder")
 parser.add_argument("--tau", default="0.1,0.3,1,3,10", help="the sweep (eval-robustness's default)")
 parser.add_argument("--rounds", type=int, default=2)
+parser.add_argument("--episodes", type=int, help="the run's first N validation episodes only (default: all)")
 parser.add_argument("--out", type=Path)
 args = parser.parse_args()
 
@@ -36,6 +38,8 @@ torch.set_num_threads(1)  # as each of eval-robustness's sweep jobs runs
 taus = [float(t) for t in args.tau.split(",")]
 run = load_run(args.run.name, args.run)
 _, tc, cfg = read_state(args.run / "train_state.pt")
+if args.episodes:
+    tc = dataclasses.replace(tc, val_episodes=args.episodes)
 _, val = build_datasets(tc, cfg, cache_dir("train"), progress=False)
 
 
