@@ -16,9 +16,9 @@ from torch import nn
 from ..config import FusionConfig
 from ..model import FusionModel, softmax_lipschitz
 from ..outputs import TRUST_THRESHOLD
-from .augment import FAULTS, FaultPlan, corrupt, gather
+from .augment import FAULTS, FaultPlan, corrupt
 from .data import SECTORS, Dataset
-from .objectives import Heads, fused_feature, losses, post_pillars, targets
+from .objectives import Heads, clean_targets, fused_feature, losses, post_pillars
 
 SUPERVISED = ("velocity", "obstacles", "goal")
 SELF_SUPERVISED = ("camera", "lidar", "imu", "imu_next")
@@ -77,8 +77,7 @@ def evaluate_taus(model: nn.Module, heads: Heads, data: Dataset, cfg: FusionConf
         for start in range(0, len(data), batch):
             idx = torch.arange(start, min(start + batch, len(data)))
             x = corrupt(t, idx, FaultPlan.fixed(len(idx), sensor, fault), cfg, fusion_hz, gen)
-            tgt = {k: (value.to(device), valid.to(device))
-                   for k, (value, valid) in targets(t, idx, gather(t, idx, previous=False), cfg).items()}
+            tgt = clean_targets(t, idx, cfg, device)
             if attends and sensor >= 0 and count_changed:
                 clean = corrupt(t, idx, FaultPlan.fixed(len(idx), -1, "drop"), cfg, fusion_hz, torch.Generator())
                 affected.append(changed_inputs(x, clean, cfg.sensor_names[sensor]))

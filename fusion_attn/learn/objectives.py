@@ -147,13 +147,19 @@ def fused_feature(model: nn.Module, x: dict[str, torch.Tensor], tau: torch.Tenso
     return out["latents"].flatten(1), out
 
 
+def clean_targets(data: dict[str, torch.Tensor], idx: torch.Tensor, cfg: FusionConfig,
+                  device: torch.device | str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """`targets` of samples idx from their clean inputs, on `device`."""
+    tgt = targets(data, idx, gather(data, idx, previous=False), cfg)
+    return {k: (value.to(device), valid.to(device)) for k, (value, valid) in tgt.items()}
+
+
 def predict(model: nn.Module, heads: Heads, data: dict[str, torch.Tensor], idx: torch.Tensor,
             x: dict[str, torch.Tensor], tau: torch.Tensor, cfg: FusionConfig):
     """One pass on the (faulted) inputs x of samples idx, on tau's device: -> (predictions, the clean
     samples' targets, the fusion's outputs: attention, trust, sensor weights; {} for a baseline)."""
     device = tau.device
-    tgt = targets(data, idx, gather(data, idx, previous=False), cfg)
-    tgt = {k: (value.to(device), valid.to(device)) for k, (value, valid) in tgt.items()}
+    tgt = clean_targets(data, idx, cfg, device)
     feature, fusion = fused_feature(model, {k: v.to(device) for k, v in x.items()}, tau)
     return heads(feature), tgt, fusion
 
