@@ -6,7 +6,8 @@ them (issue #15), on the run's own validation samples, clean:
 
 Per run: each six-axis stream's own read (ModelConfig.rate_readout) and the mean of the reads against the
 truth, the heads' yaw rate, and the newest gyro sample of each stream read as it is (its token unscaled: what
-the read starts from). Then the two things that mix the fused rate with the latents it is added onto:
+the read starts from). Where the rate is added onto the latents (not `--rate-output`), the two things that mix
+it with them:
   spread          the per-sample spread (std) of the flattened latents, which the heads' first LayerNorm divides
                   each sample by, with the rate's embedding and without it (its weight zeroed), and the error a
                   yaw rate would get from that rescale alone: |yaw| * |1 - mean spread / spread|
@@ -53,11 +54,7 @@ def measure(folder: Path) -> dict:
     model = run.model
     with torch.no_grad():
         out = model.run(x, tau)
-        head = run.heads.denormalise("velocity", run.heads(out["latents"].flatten(1))["velocity"])
-        embed = model.rate_embed.weight.clone()
-        model.rate_embed.weight.zero_()
-        plain = model.run(x, tau)["latents"].flatten(1)
-        model.rate_embed.weight.copy_(embed)
+        head = run.heads.denormalise("velocity", run.heads(out["latents"].flatten(1), out.get("rate"))["velocity"])
 
     def yaw_error(yaw: torch.Tensor) -> float:
         return round(float((yaw - truth[:, 1]).abs()[labelled].mean()), 4)
@@ -69,6 +66,13 @@ def measure(folder: Path) -> dict:
         scale = cfg.odometry.angular_scale if name == "odometry" else cfg.imu.gyro_scale
         result[f"{name}_read_yaw_radps"] = yaw_error(out["rate_reads"][:, i, 1])
         result[f"{name}_newest_sample_yaw_radps"] = yaw_error(gyro * scale)
+    if model.rate_embed is None:  # a --rate-output run: the rate is not in the latents
+        return result
+    with torch.no_grad():
+        embed = model.rate_embed.weight.clone()
+        model.rate_embed.weight.zero_()
+        plain = model.run(x, tau)["latents"].flatten(1)
+        model.rate_embed.weight.copy_(embed)
     flat = out["latents"].flatten(1)
     spread, plain_spread = flat.std(1, unbiased=False), plain.std(1, unbiased=False)
     rescale = (truth[:, 1].abs() * (1 - spread.mean() / spread).abs())[labelled].mean()

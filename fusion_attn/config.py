@@ -169,6 +169,10 @@ class ModelConfig:
     # blocks (docs/RESULTS.md: the reads err 0.009 rad/s, the fused yaw rate 0.046, and one IMU's failure costs it
     # +4 to +8 %)
     rate_readout: bool = field(default=False, metadata=ADDED_LATER)
+    # with rate_readout: the averaged reads are the model's own output `rate` (B, 2), which the velocity head
+    # refines, instead of being added onto the fused tokens, where the heads' normalisation and the tokens'
+    # other content blur them (docs/RESULTS.md: read back from the tokens they err 5x the reads)
+    rate_output: bool = field(default=False, metadata=ADDED_LATER)
 
 
 @dataclass(frozen=True)
@@ -233,6 +237,8 @@ class FusionConfig:
         for name in ("lidar_motion_token", "lidar_motion_direct"):
             if getattr(m, name) and not m.lidar_motion:
                 raise ConfigError(f"model.{name} needs model.lidar_motion (the scan match it carries)")
+        if m.rate_output and not m.rate_readout:
+            raise ConfigError("model.rate_output needs model.rate_readout (the reads it outputs)")
         if not 1 <= li.grid <= 255:  # a count per cell per sweep: grid² stays small
             raise ConfigError(f"lidar.grid {li.grid} must be in [1, 255]")
         o = self.odometry

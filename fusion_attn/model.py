@@ -553,7 +553,7 @@ class FusionModel(nn.Module):
         self.out_norm = nn.LayerNorm(m.dim)
         if m.rate_readout:  # (speed, yaw rate) per six-axis stream, in the sensors' order
             self.rate_readout = nn.ModuleDict({n: newest_rate_read(cfg.chunk_tokens(n)) for n in cfg.streams})
-            self.rate_embed = nn.Linear(2, m.dim, bias=False)
+            self.rate_embed = None if m.rate_output else nn.Linear(2, m.dim, bias=False)
             self.rate_sensors = [cfg.sensor_names.index(n) for n in cfg.streams]
         else:
             self.rate_readout = None
@@ -588,7 +588,8 @@ class FusionModel(nn.Module):
     def run(self, x: dict[str, torch.Tensor], tau: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named inputs -> the outputs of `forward` by name, plus what training and evaluation look at:
         trust_logits (B, S), sensor_weights (B, S), the cross-attention's token weights (B, H, M, N), the
-        camera's tokens (B, N_c, D) and the lidar's (B, N_l, D)."""
+        camera's tokens (B, N_c, D) and the lidar's (B, N_l, D); with model.rate_readout the six-axis streams' own
+        reads rate_reads (B, R, 2), and with model.rate_output their average at the sensor weights, rate (B, 2)."""
         tokens, mask, evidence, scan = self.embed(x)  # (B, N, D), (B, N), (B, S, E), (B, SCAN_MATCH_FEATURES) | None
         trust_logits, present, stale_logits, stale_valid = self.trust(tokens, mask, self.membership, evidence)  # (B, S)
         log_trust = F.logsigmoid(trust_logits)  # -inf for an absent sensor
@@ -625,8 +626,12 @@ class FusionModel(nn.Module):
             # the reads train on their own objective only: the heads' losses, through the fused state, would make
             # them features for every head (measured: trained so, the IMUs' reads erred 0.045-0.050 rad/s on
             # validation, from a start at their newest gyro sample's 0.015)
-            latents = latents + self.rate_embed((share.unsqueeze(-1) * reads.detach()).sum(1)).unsqueeze(1)
-            rates = {"rate_reads": reads}
+            rate = (share.unsqueeze(-1) * reads.detach()).sum(1)  # (B, 2)
+            if self.rate_embed is None:
+                rates = {"rate_reads": reads, "rate": rate}
+            else:
+                latents = latents + self.rate_embed(rate).unsqueeze(1)
+                rates = {"rate_reads": reads}
         return {"fused": latents.mean(dim=1), "latents": latents, "attention": attention,
                 "all_masked": ~mask.any(dim=1), "trust": log_trust.exp(), "trust_logits": trust_logits,
                 "sensor_weights": sensor_weights, "token_weights": weights, "camera_tokens": tokens[:, self.spans[0]],

@@ -331,3 +331,37 @@ def test_the_reads_learn_from_their_own_objective_only():
     rate_readout_loss(out["rate_reads"], (torch.ones(2, 2), torch.ones(2, dtype=torch.bool)), sound,
                       build_heads(model.cfg)).backward()
     assert all(p.grad.abs().sum() > 0 for p in model.rate_readout.parameters())
+
+
+def test_as_its_own_output_the_fused_rate_is_what_the_velocity_head_refines_and_stays_out_of_the_fused_state():
+    from fusion_attn.learn.objectives import build_heads
+
+    with pytest.raises(ConfigError, match="rate_output needs model.rate_readout"):
+        FusionConfig(model=ModelConfig(second_imu=True, rate_output=True))
+    torch.manual_seed(0)
+    model = FusionModel(FusionConfig(model=ModelConfig(second_imu=True, rate_readout=True, rate_output=True))).eval()
+    assert model.rate_embed is None
+    x = {k: torch.from_numpy(v) for k, v in example_inputs(model, 2, 0).items()}
+    x["imu2_mask"][1] = False  # no second IMU: the first's read alone
+    tau = x.pop("tau")
+    with torch.no_grad():
+        for name, yaw in (("imu", 1.0), ("imu2", 3.0)):
+            model.rate_readout[name].weight.zero_()
+            model.rate_readout[name].bias.copy_(torch.tensor([0.5, yaw]))
+        out = model.run(x, tau)
+        w = out["sensor_weights"][0, 2:]
+        expected = torch.tensor([[0.5, float((w[0] + 3 * w[1]) / w.sum())], [0.5, 1.0]])
+        torch.testing.assert_close(out["rate"], expected, atol=1e-5, rtol=0)
+        model.rate_readout["imu"].bias.fill_(9.0)  # other reads: the same fused state
+        torch.testing.assert_close(model.run(x, tau)["fused"], out["fused"])
+    model.train()
+    out = model.run(x, tau)
+    heads = build_heads(model.cfg)
+    heads.mean_velocity.fill_(0.2)
+    heads.std_velocity.fill_(0.5)
+    feature = out["latents"].flatten(1)
+    refined = heads(feature, out["rate"])["velocity"]
+    torch.testing.assert_close(refined - heads(feature)["velocity"], (out["rate"] - 0.2) / 0.5)
+    refined.square().sum().backward()  # the velocity head's loss trains the correction, not the reads
+    assert all(p.grad is None for p in model.rate_readout.parameters())
+    assert heads.out["velocity"].weight.grad.abs().sum() > 0

@@ -70,6 +70,9 @@ def add_parser(verbs):
     train.add_argument("--rate-readout", action="store_const", const=True,
                        help="each IMU's (and the odometry's) own linear read of speed and yaw rate, averaged at their "
                             "sensor weights and added to the fused state (model.rate_readout)")
+    train.add_argument("--rate-output", action="store_const", const=True,
+                       help="with --rate-readout: the averaged reads as the model's own output, which the velocity "
+                            "head refines, not added to the fused state (model.rate_output)")
     train.add_argument("--stale-evidence", action="store_const", const=True,
                        help="a second trust path for the camera that sees only how much its image changed, "
                             "trained to tell frozen or black content (model.SensorTrust)")
@@ -149,7 +152,7 @@ def add_parser(verbs):
 ATTENTION_ONLY = {"--sensor-fusion": "sensor_fusion", "--trust-floor": "trust_floor",
                   "--floor-at-run-time": "floor_in_training", "--stale-evidence": "stale_evidence",
                   "--lidar-motion-direct": "lidar_motion_direct", "--imu-direct": "imu_direct",
-                  "--rate-readout": "rate_readout",
+                  "--rate-readout": "rate_readout", "--rate-output": "rate_output",
                   "--latent-blocks": "latent_blocks",
                   "--qk-norm": "qk_norm", "--learned-head-temperature": "learned_head_temperature",
                   "--trust-weight": "trust_weight", "--avoid-weight": "avoid_weight",
@@ -165,7 +168,7 @@ def run(args) -> int:
     from ..learn.loop import TrainConfig, train
 
     fields = ("seed", "steps", "batch", "lr", "clip_grad_norm", "sim_episodes", "val_episodes", "sim_seconds", "sim_tasks", "stop_share", "mirror", "sim_camera_view", "trigger", "bags", "fusion",
-              "tau_random_prob", "sensor_fusion", "trust_floor", "floor_in_training", "camera_shifts", "lidar_motion", "lidar_motion_token", "lidar_motion_direct", "imu_direct", "stale_evidence", "camera_size", "camera_patch", "camera_stem", "camera_stem_cells", "camera_column_blocks", "odometry", "second_imu", "rate_readout", "fault_weights", "corrupt_prob", "objective_weights", "trust_weight", "avoid_weight", "consistency_weight", "camera_goal_weight", "camera_goal_head", "lidar_goal_weight", "lidar_goal_bearing", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature", "init_from", "train_only")
+              "tau_random_prob", "sensor_fusion", "trust_floor", "floor_in_training", "camera_shifts", "lidar_motion", "lidar_motion_token", "lidar_motion_direct", "imu_direct", "stale_evidence", "camera_size", "camera_patch", "camera_stem", "camera_stem_cells", "camera_column_blocks", "odometry", "second_imu", "rate_readout", "rate_output", "fault_weights", "corrupt_prob", "objective_weights", "trust_weight", "avoid_weight", "consistency_weight", "camera_goal_weight", "camera_goal_head", "lidar_goal_weight", "lidar_goal_bearing", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature", "init_from", "train_only")
     given = {k: getattr(args, k) for k in fields if hasattr(args, k)}
     if "bags" in given:
         given["bags"] = tuple(str(b) for b in given["bags"])

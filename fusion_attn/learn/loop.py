@@ -121,6 +121,7 @@ class TrainConfig:
     odometry: bool = False  # config.ModelConfig.odometry: wheel odometry as a fourth sensor
     second_imu: bool = False  # config.ModelConfig.second_imu: a second IMU (the simulated rig gets one)
     rate_readout: bool = False  # config.ModelConfig.rate_readout, each read trained where its stream is sound
+    rate_output: bool = False  # config.ModelConfig.rate_output: the fused reads as an output the velocity head refines
     # start from a trained checkpoint's weights and heads (None: from seed-initialised ones), and train only
     # the parameters whose names start with one of train_only (empty: all of them)
     init_from: str | None = None
@@ -147,7 +148,7 @@ class TrainConfig:
                                               camera_stem_cells=self.camera_stem_cells,
                                               camera_column_blocks=self.camera_column_blocks,
                                               odometry=self.odometry, second_imu=self.second_imu,
-                                              rate_readout=self.rate_readout))
+                                              rate_readout=self.rate_readout, rate_output=self.rate_output))
 
     @classmethod
     def from_dict(cls, saved: dict) -> TrainConfig:

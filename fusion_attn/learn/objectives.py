@@ -94,9 +94,13 @@ class Heads(nn.Module):
             self.register_buffer(f"mean_{k}", torch.zeros(n))
             self.register_buffer(f"std_{k}", torch.ones(n))
 
-    def forward(self, feature: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, feature: torch.Tensor, rate: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """rate: the fusion's own (speed, yaw rate) (B, 2; FusionModel's `rate`), which the velocity head refines."""
         h = self.trunk(feature)
-        return {k: layer(h) for k, layer in self.out.items()}
+        out = {k: layer(h) for k, layer in self.out.items()}
+        if rate is not None:
+            out["velocity"] = out["velocity"] + self.normalise("velocity", rate)
+        return out
 
     def normalise(self, name: str, value: torch.Tensor) -> torch.Tensor:
         return (value - getattr(self, f"mean_{name}")) / getattr(self, f"std_{name}")
@@ -161,7 +165,7 @@ def predict(model: nn.Module, heads: Heads, data: dict[str, torch.Tensor], idx: 
     device = tau.device
     tgt = clean_targets(data, idx, cfg, device)
     feature, fusion = fused_feature(model, {k: v.to(device) for k, v in x.items()}, tau)
-    return heads(feature), tgt, fusion
+    return heads(feature, fusion.get("rate")), tgt, fusion
 
 
 # --- losses --------------------------------------------------------------------------------------
