@@ -5,9 +5,9 @@ them (issue #15), on the run's own validation samples, clean:
         [--out benchmarks/results/rate_reads.json]
 
 Per run: each six-axis stream's own read (ModelConfig.rate_readout) and the mean of the reads against the
-truth, the heads' yaw rate, and the newest gyro sample of each stream read as it is (its token unscaled: what
-the read starts from). Where the rate is added onto the latents (not `--rate-output`), the two things that mix
-it with them:
+truth, the heads' yaw rate, the speed as the reads and the heads tell it, and the newest gyro sample of each
+stream read as it is (its token unscaled: what the read starts from). Where the rate is added onto the
+latents (not `--rate-output`), the two things that mix it with them:
   spread          the per-sample spread (std) of the flattened latents, which the heads' first LayerNorm divides
                   each sample by, with the rate's embedding and without it (its weight zeroed), and the error a
                   yaw rate would get from that rescale alone: |yaw| * |1 - mean spread / spread|
@@ -56,16 +56,18 @@ def measure(folder: Path) -> dict:
         out = model.run(x, tau)
         head = run.heads.denormalise("velocity", run.heads(out["latents"].flatten(1), out.get("rate"))["velocity"])
 
-    def yaw_error(yaw: torch.Tensor) -> float:
-        return round(float((yaw - truth[:, 1]).abs()[labelled].mean()), 4)
+    def error(value: torch.Tensor, k: int = 1) -> float:  # k: 0 speed, 1 yaw rate
+        return round(float((value - truth[:, k]).abs()[labelled].mean()), 4)
 
     result = {"samples": int(labelled.sum()), "mean_abs_yaw_radps": round(float(truth[labelled, 1].abs().mean()), 4),
-              "heads_yaw_radps": yaw_error(head[:, 1]), "reads_mean_yaw_radps": yaw_error(out["rate_reads"].mean(1)[:, 1])}
+              "heads_yaw_radps": error(head[:, 1]), "reads_mean_yaw_radps": error(out["rate_reads"].mean(1)[:, 1]),
+              "mean_abs_speed_mps": round(float(truth[labelled, 0].abs().mean()), 4), "heads_speed_mps": error(head[:, 0], 0)}
     for i, name in enumerate(cfg.streams):
+        result[f"{name}_read_speed_mps"] = error(out["rate_reads"][:, i, 0], 0)
         gyro = imu_samples(t[f"{name}_chunks"], cfg.chunk_tokens(name))[:, -1, -1, IMU_AXES.index("gyro_z")]
         scale = cfg.odometry.angular_scale if name == "odometry" else cfg.imu.gyro_scale
-        result[f"{name}_read_yaw_radps"] = yaw_error(out["rate_reads"][:, i, 1])
-        result[f"{name}_newest_sample_yaw_radps"] = yaw_error(gyro * scale)
+        result[f"{name}_read_yaw_radps"] = error(out["rate_reads"][:, i, 1])
+        result[f"{name}_newest_sample_yaw_radps"] = error(gyro * scale)
     if model.rate_embed is None:  # a --rate-output run: the rate is not in the latents
         return result
     with torch.no_grad():

@@ -164,10 +164,9 @@ class ModelConfig:
     second_imu: bool = field(default=False, metadata=ADDED_LATER)
     # each six-axis stream's (IMU, odometry, second IMU) own linear read of speed and yaw rate from its window,
     # trained against the truth where that stream is sound and by nothing else; the reads are averaged at the
-    # streams' sensor weights (renormalised over them: a failed IMU's weight goes to the other) and added,
-    # projected, to the fused tokens after their normalisation, past the chunk MLP, the attention and the latent
-    # blocks (docs/RESULTS.md: the reads err 0.009 rad/s, the fused yaw rate 0.046, and one IMU's failure costs it
-    # +4 to +8 %)
+    # streams' trust at τ (their own softmax, without the trust floor: a failed IMU's share goes to the other)
+    # and added, projected, to the fused tokens after their normalisation, past the chunk MLP, the attention and
+    # the latent blocks (docs/RESULTS.md: the reads err 0.009 rad/s, the fused yaw rate 0.046)
     rate_readout: bool = field(default=False, metadata=ADDED_LATER)
     # with rate_readout: the averaged reads are the model's own output `rate` (B, 2), which the velocity head
     # refines, instead of being added onto the fused tokens, where the heads' normalisation and the tokens'

@@ -252,7 +252,7 @@ def _read_into_fused(model, x):
     return torch.linalg.lstsq(weight, (out["fused"] - without).T).solution.T, out
 
 
-def test_the_rate_readout_averages_the_imus_reads_at_their_sensor_weights_and_drops_an_absent_one():
+def test_the_rate_readout_averages_the_imus_reads_at_their_trust_and_tau_and_drops_an_absent_one():
     torch.manual_seed(0)
     model = FusionModel(FusionConfig(model=ModelConfig(second_imu=True, rate_readout=True))).eval()
     assert list(model.rate_readout) == ["imu", "imu2"] and model.rate_sensors == [2, 3]
@@ -263,8 +263,9 @@ def test_the_rate_readout_averages_the_imus_reads_at_their_sensor_weights_and_dr
     x = {k: torch.from_numpy(v) for k, v in example_inputs(model, 3, 0).items()}
     x["imu2_mask"][1] = False  # no second IMU
     x["imu_mask"][2] = False  # no first IMU
+    x["tau"][0, 4] = 0.5  # the second IMU's τ (after global, camera, lidar, IMU): its share ∝ trust^(1 / 0.5)
     read, out = _read_into_fused(model, x)
-    w = out["sensor_weights"][0, 2:]
+    w = out["trust"][0, 2:] ** torch.tensor([1.0, 2.0])  # no trust floor (the token fusion keeps its own)
     expected = torch.tensor([[0.5, float((w[0] + 3 * w[1]) / w.sum())], [0.5, 1.0], [0.5, 3.0]])
     torch.testing.assert_close(read, expected, atol=1e-4, rtol=0)
     assert out["rate_reads"].shape == (3, 2, 2)
@@ -333,8 +334,8 @@ def test_the_reads_learn_from_their_own_objective_only():
     assert all(p.grad.abs().sum() > 0 for p in model.rate_readout.parameters())
 
 
-def test_as_its_own_output_the_fused_rate_is_what_the_velocity_head_refines_and_stays_out_of_the_fused_state():
-    from fusion_attn.learn.objectives import build_heads
+def test_as_its_own_output_the_fused_rate_is_what_the_velocity_head_refines_and_stays_out_of_the_fused_state(tmp_path):
+    from fusion_attn.learn.objectives import build_heads, load_heads, save_heads
 
     with pytest.raises(ConfigError, match="rate_output needs model.rate_readout"):
         FusionConfig(model=ModelConfig(second_imu=True, rate_output=True))
@@ -349,7 +350,7 @@ def test_as_its_own_output_the_fused_rate_is_what_the_velocity_head_refines_and_
             model.rate_readout[name].weight.zero_()
             model.rate_readout[name].bias.copy_(torch.tensor([0.5, yaw]))
         out = model.run(x, tau)
-        w = out["sensor_weights"][0, 2:]
+        w = out["trust"][0, 2:]
         expected = torch.tensor([[0.5, float((w[0] + 3 * w[1]) / w.sum())], [0.5, 1.0]])
         torch.testing.assert_close(out["rate"], expected, atol=1e-5, rtol=0)
         model.rate_readout["imu"].bias.fill_(9.0)  # other reads: the same fused state
@@ -360,8 +361,12 @@ def test_as_its_own_output_the_fused_rate_is_what_the_velocity_head_refines_and_
     heads.mean_velocity.fill_(0.2)
     heads.std_velocity.fill_(0.5)
     feature = out["latents"].flatten(1)
+    with torch.no_grad():
+        heads.rate_gain.copy_(torch.tensor([0.0, 1.0]))  # the speed read left out, the yaw rate taken whole
     refined = heads(feature, out["rate"])["velocity"]
-    torch.testing.assert_close(refined - heads(feature)["velocity"], (out["rate"] - 0.2) / 0.5)
-    refined.square().sum().backward()  # the velocity head's loss trains the correction, not the reads
+    torch.testing.assert_close(refined - heads(feature)["velocity"], (out["rate"] - 0.2) / 0.5 * torch.tensor([0.0, 1.0]))
+    refined.square().sum().backward()  # the velocity head's loss trains the correction and the gain, not the reads
     assert all(p.grad is None for p in model.rate_readout.parameters())
-    assert heads.out["velocity"].weight.grad.abs().sum() > 0
+    assert heads.out["velocity"].weight.grad.abs().sum() > 0 and heads.rate_gain.grad.abs().sum() > 0
+    path = save_heads(heads, tmp_path / "model.heads.safetensors")  # the gain travels with the heads
+    torch.testing.assert_close(load_heads(path).rate_gain, heads.rate_gain)

@@ -85,11 +85,14 @@ class Heads(nn.Module):
     Targets are standardised with the training set's mean and std (kept as buffers), so each
     objective's loss is a mean squared error in units of its own spread and they weigh alike."""
 
-    def __init__(self, in_dim: int, sizes: dict[str, int], hidden: int = 256):
+    def __init__(self, in_dim: int, sizes: dict[str, int], hidden: int = 256, rate: bool = False):
         super().__init__()
         self.sizes = dict(sizes)
         self.trunk = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.GELU())
         self.out = nn.ModuleDict({k: nn.Linear(hidden, n) for k, n in sizes.items()})
+        # with a fused rate (FusionModel's `rate`): how much of each of its values the velocity head takes, learned,
+        # since the IMUs read the yaw rate to 0.009 rad/s but the speed hardly at all (0.31 m/s, docs/RESULTS.md)
+        self.rate_gain = nn.Parameter(torch.ones(sizes["velocity"])) if rate else None
         for k, n in sizes.items():
             self.register_buffer(f"mean_{k}", torch.zeros(n))
             self.register_buffer(f"std_{k}", torch.ones(n))
@@ -99,7 +102,8 @@ class Heads(nn.Module):
         h = self.trunk(feature)
         out = {k: layer(h) for k, layer in self.out.items()}
         if rate is not None:
-            out["velocity"] = out["velocity"] + self.normalise("velocity", rate)
+            gain = 1.0 if self.rate_gain is None else self.rate_gain  # heads trained without one took the rate whole
+            out["velocity"] = out["velocity"] + gain * self.normalise("velocity", rate)
         return out
 
     def normalise(self, name: str, value: torch.Tensor) -> torch.Tensor:
@@ -140,7 +144,7 @@ def build_model(cfg: FusionConfig, fusion: str) -> nn.Module:
 
 
 def build_heads(cfg: FusionConfig) -> Heads:
-    return Heads(cfg.model.fusion_tokens * cfg.model.dim, target_sizes(cfg))
+    return Heads(cfg.model.fusion_tokens * cfg.model.dim, target_sizes(cfg), rate=cfg.model.rate_output)
 
 
 def fused_feature(model: nn.Module, x: dict[str, torch.Tensor], tau: torch.Tensor):
@@ -418,7 +422,7 @@ def load_heads(path: str | Path) -> Heads:
     """The heads saved beside a model (`heads_path`); CheckpointError on anything wrong."""
     meta, tensors = read_safetensors(path, HEADS_FORMAT)
     try:
-        heads = Heads(int(meta["in_dim"]), json.loads(meta["sizes"]), int(meta["hidden"]))
+        heads = Heads(int(meta["in_dim"]), json.loads(meta["sizes"]), int(meta["hidden"]), "rate_gain" in tensors)
         heads.load_state_dict(tensors)
     except (ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{path} is not a readable heads file: {exc}") from exc
