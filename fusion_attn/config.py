@@ -236,6 +236,8 @@ class FusionConfig:
         for name in ("lidar_motion_token", "lidar_motion_direct"):
             if getattr(m, name) and not m.lidar_motion:
                 raise ConfigError(f"model.{name} needs model.lidar_motion (the scan match it carries)")
+        if m.rate_readout and m.fusion != "sensor":  # the reads are averaged at the trust the token fusion ignores
+            raise ConfigError("model.rate_readout needs model.fusion 'sensor'")
         if m.rate_output and not m.rate_readout:
             raise ConfigError("model.rate_output needs model.rate_readout (the reads it outputs)")
         if not 1 <= li.grid <= 255:  # a count per cell per sweep: grid² stays small

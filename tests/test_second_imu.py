@@ -317,6 +317,21 @@ def test_each_read_starts_as_its_streams_newest_turn_rate_and_the_odometrys_spee
         torch.testing.assert_close(model.rate_readout["odometry"](odometry.flatten(1)), torch.tensor([[1.2, -0.3]]))
 
 
+def test_a_rate_readout_model_exports_and_onnxruntime_fuses_its_rate_as_torch_does(tmp_path):
+    """The reads, their share at each stream's τ and the rate's embedding are in the graph."""
+    cfg = FusionConfig(model=ModelConfig(second_imu=True, rate_readout=True))
+    torch.manual_seed(0)
+    path = save_checkpoint(FusionModel(cfg).eval(), tmp_path / "rate.safetensors")
+    x = {k: np.zeros((1, *shape), dtype) for k, (shape, dtype) in input_spec(cfg).items()}
+    x["tau"][:] = 1.0
+    x["tau"][0, 4] = 0.5  # the second IMU's
+    x["imu_mask"][:] = x["imu2_mask"][:] = True
+    x["imu_chunks"][:], x["imu2_chunks"][:] = 0.1, 0.3
+    ort = FusionPipeline.create(str(path), backend="onnxruntime", threads=1).backend.run(x)
+    ref = FusionPipeline.create(str(path), backend="torch", threads=1).backend.run(x)
+    np.testing.assert_allclose(ort["fused"], ref["fused"], atol=1e-4)
+
+
 def test_the_reads_learn_from_their_own_objective_only():
     """The fused state carries the reads, but its losses do not train them: they stay the sensors' own estimates."""
     from fusion_attn.learn.objectives import build_heads, rate_readout_loss
@@ -339,6 +354,8 @@ def test_as_its_own_output_the_fused_rate_is_what_the_velocity_head_refines_and_
 
     with pytest.raises(ConfigError, match="rate_output needs model.rate_readout"):
         FusionConfig(model=ModelConfig(second_imu=True, rate_output=True))
+    with pytest.raises(ConfigError, match="rate_readout needs model.fusion 'sensor'"):
+        FusionConfig(model=ModelConfig(second_imu=True, rate_readout=True, fusion="token"))
     torch.manual_seed(0)
     model = FusionModel(FusionConfig(model=ModelConfig(second_imu=True, rate_readout=True, rate_output=True))).eval()
     assert model.rate_embed is None

@@ -69,7 +69,7 @@ def add_parser(verbs):
                             "sensor weight")
     train.add_argument("--rate-readout", action="store_const", const=True,
                        help="each IMU's (and the odometry's) own linear read of speed and yaw rate, averaged at their "
-                            "sensor weights and added to the fused state (model.rate_readout)")
+                            "trust at τ and added to the fused state (model.rate_readout; the sensor fusion only)")
     train.add_argument("--rate-output", action="store_const", const=True,
                        help="with --rate-readout: the averaged reads as the model's own output, which the velocity "
                             "head refines, not added to the fused state (model.rate_output)")
