@@ -10,7 +10,7 @@ from fusion_attn.model import FusionModel
 
 # test_export's second graph at the default opset: the model options the plain graph lacks
 OPTIONS = {"qk_norm": True, "learned_head_temperature": True, "lidar_motion": True, "lidar_motion_direct": True,
-           "imu_direct": True, "stale_evidence": True, "camera_stem": 8, "camera_column_blocks": 1}
+           "imu_direct": True, "stale_evidence": True, "camera_stem": 8, "camera_column_blocks": 1, "rate_readout": True}
 STEP_CAMERA = ((48, 64, 3), "rgb8")  # test_step's one-graph export, which test_tensorrt builds engines from
 
 

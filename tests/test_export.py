@@ -23,10 +23,10 @@ from fusion_attn.tokenize import OUTPUT_NAMES, input_spec
 # every model option in one of three graphs, and both exporters: the default opset's (torch.export's
 # tracing, 15-40 s a graph here) and TensorRT 8.6's opset 17 (TorchScript's, a few seconds)
 @pytest.fixture(scope="module", params=[({}, None), (OPTIONS, None),
-                                        ({"fusion": "token", "lidar_motion": True, "lidar_motion_token": True, "rate_readout": True},
+                                        ({"fusion": "token", "lidar_motion": True, "lidar_motion_token": True},
                                          TENSORRT8_OPSET)],
-                ids=["plain", "qknorm+headtau+lidar_motion+direct+imu_direct+stale+stem",
-                     "token+lidar_motion_token+rate_readout@opset17"])
+                ids=["plain", "qknorm+headtau+lidar_motion+direct+imu_direct+stale+stem+rate_readout",
+                     "token+lidar_motion_token@opset17"])
 def exported(request):
     """A model and its graph, exported through the run's cache (conftest; tests/graphs.py exports the first
     two beside the run, and test_tensorrt's graph of the plain model is this one)."""
