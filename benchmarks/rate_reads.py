@@ -5,8 +5,9 @@ them (issue #15), on the run's own validation samples, clean:
         [--out benchmarks/results/rate_reads.json]
 
 Per run: each six-axis stream's own read (ModelConfig.rate_readout) and the mean of the reads against the
-truth, the heads' yaw rate, the speed as the reads and the heads tell it, and the newest gyro sample of each
-stream read as it is (its token unscaled: what the read starts from). Where the rate is added onto the
+truth, the heads' yaw rate, the speed as the reads and the heads tell it, the gain the heads learned for
+each value of the rate (`--rate-output`), and the newest gyro sample of each stream read as it is (its token
+unscaled: what the read starts from). Where the rate is added onto the
 latents (not `--rate-output`), the two things that mix it with them:
   spread          the per-sample spread (std) of the flattened latents, which the heads' first LayerNorm divides
                   each sample by, with the rate's embedding and without it (its weight zeroed), and the error a
@@ -62,6 +63,8 @@ def measure(folder: Path) -> dict:
     result = {"samples": int(labelled.sum()), "mean_abs_yaw_radps": round(float(truth[labelled, 1].abs().mean()), 4),
               "heads_yaw_radps": error(head[:, 1]), "reads_mean_yaw_radps": error(out["rate_reads"].mean(1)[:, 1]),
               "mean_abs_speed_mps": round(float(truth[labelled, 0].abs().mean()), 4), "heads_speed_mps": error(head[:, 0], 0)}
+    if run.heads.rate_gain is not None:  # a --rate-output run: how much of each value of the rate its head took
+        result["heads_rate_gain"] = [round(float(g), 4) for g in run.heads.rate_gain]
     for i, name in enumerate(cfg.streams):
         result[f"{name}_read_speed_mps"] = error(out["rate_reads"][:, i, 0], 0)
         gyro = imu_samples(t[f"{name}_chunks"], cfg.chunk_tokens(name))[:, -1, -1, IMU_AXES.index("gyro_z")]
