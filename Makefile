@@ -15,7 +15,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 	robustness-data4x-clip-stem-camgoal robustness-stem-camgoal robustness-stem-lidgoal robustness-stem-lidgoal-col \
 	robustness-stem-lidgoal-relabel robustness-stem-lidgoal-col-bear \
 	robustness-stem-lidgoal-col2-bear robustness-view128 robustness-odometry robustness-imu2 robustness-imu2-rate \
-	robustness-imu2-rateout
+	robustness-imu2-ego
 
 # The main job on the embedded default: CPU, ONNX Runtime, no robot, the packaged default model:
 # replay a recording as the node would fuse it; fused-state bag, summary and plots in $(OUT).
@@ -482,16 +482,17 @@ robustness-imu2-rate: $(STAMP) runs/imu2_rate-s0/train_state.pt runs/imu2_rate-s
 		'imu2_rate#2=runs/imu2_rate-s2' --beside docs/results/imu2/robustness.json \
 		-o docs/results/imu2_rate --episodes 12 --jobs 2 --reuse --bag $(EVAL_BAGS)
 
-# ... with the averaged reads as the model's own output, which the velocity head refines, not added onto the
-# fused tokens (--rate-output): the heads there erred 5x the reads (docs/RESULTS.md, benchmarks/rate_reads.py)
-runs/imu2_rateout-s%/train_state.pt: | $(STAMP)
-	$(TRAIN) -o runs/imu2_rateout-s$* --seed $* --second-imu --rate-readout --rate-output --trust-floor 0.01 \
+# ... with the fused speed and yaw rate as the model's own output, ego_rate: the averaged reads times a learned
+# gain plus a correction from the fused tokens (--rate-output), not added onto them, where the heads erred 5x
+# the reads (docs/RESULTS.md, benchmarks/rate_reads.py); the velocity objective is its prediction
+runs/imu2_ego-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/imu2_ego-s$* --seed $* --second-imu --rate-readout --rate-output --trust-floor 0.01 \
 		--floor-at-run-time --eval-every 2000
-robustness-imu2-rateout: $(STAMP) runs/imu2_rateout-s0/train_state.pt runs/imu2_rateout-s1/train_state.pt \
-		runs/imu2_rateout-s2/train_state.pt
-	$(VENV)/bin/fusion-attn eval-robustness imu2_rateout=runs/imu2_rateout-s0 'imu2_rateout#1=runs/imu2_rateout-s1' \
-		'imu2_rateout#2=runs/imu2_rateout-s2' --beside docs/results/imu2/robustness.json \
-		-o docs/results/imu2_rateout --episodes 12 --jobs 2 --reuse --bag $(EVAL_BAGS)
+robustness-imu2-ego: $(STAMP) runs/imu2_ego-s0/train_state.pt runs/imu2_ego-s1/train_state.pt \
+		runs/imu2_ego-s2/train_state.pt
+	$(VENV)/bin/fusion-attn eval-robustness imu2_ego=runs/imu2_ego-s0 'imu2_ego#1=runs/imu2_ego-s1' \
+		'imu2_ego#2=runs/imu2_ego-s2' --beside docs/results/imu2/robustness.json \
+		-o docs/results/imu2_ego --episodes 12 --jobs 2 --reuse --bag $(EVAL_BAGS)
 
 # a candidate, not packaged (docs/RESULTS.md, "2026-12-02: a robot standing still"): the trust head (nothing
 # else) refitted on data in which the robot also stands still, the memory task's arena included

@@ -5,8 +5,8 @@ them (issue #15), on the run's own validation samples, clean:
         [--out benchmarks/results/rate_reads.json]
 
 Per run: each six-axis stream's own read (ModelConfig.rate_readout) and the mean of the reads against the
-truth, the heads' yaw rate, the speed as the reads and the heads tell it, the gain the heads learned for
-each value of the rate (`--rate-output`), and the newest gyro sample of each stream read as it is (its token
+truth, the heads' yaw rate (a `--rate-output` model's own ego_rate), the speed as the reads and the heads
+tell it, the gain the model's EgoRate learned for each value of the reads' average (`--rate-output`), and the newest gyro sample of each stream read as it is (its token
 unscaled: what the read starts from). Where the rate is added onto the
 latents (not `--rate-output`), the two things that mix it with them:
   spread          the per-sample spread (std) of the flattened latents, which the heads' first LayerNorm divides
@@ -55,7 +55,7 @@ def measure(folder: Path) -> dict:
     model = run.model
     with torch.no_grad():
         out = model.run(x, tau)
-        head = run.heads.denormalise("velocity", run.heads(out["latents"].flatten(1), out.get("rate"))["velocity"])
+        head = run.heads.denormalise("velocity", run.heads(out["latents"].flatten(1), out.get("ego_rate"))["velocity"])
 
     def error(value: torch.Tensor, k: int = 1) -> float:  # k: 0 speed, 1 yaw rate
         return round(float((value - truth[:, k]).abs()[labelled].mean()), 4)
@@ -63,8 +63,8 @@ def measure(folder: Path) -> dict:
     result = {"samples": int(labelled.sum()), "mean_abs_yaw_radps": round(float(truth[labelled, 1].abs().mean()), 4),
               "heads_yaw_radps": error(head[:, 1]), "reads_mean_yaw_radps": error(out["rate_reads"].mean(1)[:, 1]),
               "mean_abs_speed_mps": round(float(truth[labelled, 0].abs().mean()), 4), "heads_speed_mps": error(head[:, 0], 0)}
-    if run.heads.rate_gain is not None:  # a --rate-output run: how much of each value of the rate its head took
-        result["heads_rate_gain"] = [round(float(g), 4) for g in run.heads.rate_gain]
+    if model.ego_rate is not None:  # a --rate-output run: how much of each value of the reads' average it takes
+        result["ego_rate_gain"] = [round(float(g), 4) for g in model.ego_rate.gain]
     for i, name in enumerate(cfg.streams):
         result[f"{name}_read_speed_mps"] = error(out["rate_reads"][:, i, 0], 0)
         gyro = imu_samples(t[f"{name}_chunks"], cfg.chunk_tokens(name))[:, -1, -1, IMU_AXES.index("gyro_z")]

@@ -39,26 +39,33 @@ def fusion_terms(weights_digest: str, sensors: tuple[str, ...], tau, fusion_rate
 @dataclass(frozen=True)
 class ObservationLayout:
     """The policy's observation: the fused state vector (fused_dim), then with `attention` the attention
-    mass each of the fusion's sensors received (camera, lidar, IMU[, odometry]), then the task's own input
+    mass each of the fusion's sensors received (camera, lidar, IMU[, odometry][, imu2]), then with
+    `ego_rate` the fusion's speed and yaw rate (from a model with that output), then the task's own input
     (task_dim)."""
 
     fused_dim: int
     attention: bool
     task_dim: int
     sensors: int = 3  # the fusion's (FusionConfig.sensors); contracts from before odometry lack it: 3
+    ego_rate: bool = False  # contracts from before the ego_rate output lack it
 
     @property
     def size(self) -> int:
-        return self.fused_dim + self.sensors * self.attention + self.task_dim
+        return self.fused_dim + self.sensors * self.attention + 2 * self.ego_rate + self.task_dim
 
 
 def observation_vector(layout: ObservationLayout, fused: np.ndarray, modality_attention: np.ndarray,
-                       task: np.ndarray | None) -> np.ndarray:
+                       task: np.ndarray | None, ego_rate: np.ndarray | None = None) -> np.ndarray:
     """(layout.size,) float32 from a fused state's vector (fused_dim,), its attention per sensor (S,)
-    (mean over heads) and the task input (task_dim,); ConfigError on a width that does not fit."""
+    (mean over heads), the task input (task_dim,) and the fused ego_rate (2,); ConfigError on a width that
+    does not fit or a missing part."""
     parts = [np.asarray(fused, np.float32).reshape(-1)]
     if layout.attention:
         parts.append(np.asarray(modality_attention, np.float32).reshape(-1))
+    if layout.ego_rate:
+        if ego_rate is None:
+            raise ConfigError("the policy reads the fusion's ego_rate (speed, yaw rate); this fusion has none")
+        parts.append(np.asarray(ego_rate, np.float32).reshape(-1))
     if layout.task_dim:
         if task is None:
             raise ConfigError(f"the policy needs a task input of {layout.task_dim} values, got none")
@@ -66,7 +73,8 @@ def observation_vector(layout: ObservationLayout, fused: np.ndarray, modality_at
     vector = np.concatenate(parts)
     if parts[0].size != layout.fused_dim or vector.size != layout.size:
         raise ConfigError(f"observation of {vector.size} values ({parts[0].size} fused), the policy's layout has "
-                          f"{layout.size} ({layout.fused_dim} fused, attention {layout.attention}, task {layout.task_dim})")
+                          f"{layout.size} ({layout.fused_dim} fused, attention {layout.attention}, "
+                          f"ego_rate {layout.ego_rate}, task {layout.task_dim})")
     return vector
 
 

@@ -144,6 +144,9 @@ class FusedState:
     # (black, frozen, noisy, occluded); exactly 0 for an absent one. None: a model without a trust output
     trust: np.ndarray | None = None
     sensors: tuple[str, ...] = MODALITIES[:3]  # the sensors its per-sensor arrays follow: the model's (FusionConfig.sensor_names)
+    # (2,) float32 the fusion's own ego-motion: speed [m/s] and yaw rate [rad/s] (ModelConfig.rate_output);
+    # None: a model without that output
+    ego_rate: np.ndarray | None = None
 
     @property
     def modality_attention(self) -> np.ndarray:

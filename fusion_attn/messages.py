@@ -71,9 +71,10 @@ def sensor_values_msg(stamp_ns: int, frame_id: str, values):
                                                   _T["geometry_msgs/msg/Vector3"](*map(float, values)))
 
 
-def fused_state_layout_msg(dim: int, fusion_tokens: int, heads: int, sensors: tuple[str, ...] = MODALITIES[:3]):
+def fused_state_layout_msg(dim: int, fusion_tokens: int, heads: int, sensors: tuple[str, ...] = MODALITIES[:3],
+                           ego_rate: bool = False):
     """std_msgs/String: outputs.fused_state_layout as JSON."""
-    return _T["std_msgs/msg/String"](json.dumps(fused_state_layout(dim, fusion_tokens, heads, sensors)))
+    return _T["std_msgs/msg/String"](json.dumps(fused_state_layout(dim, fusion_tokens, heads, sensors, ego_rate)))
 
 
 def diagnostics_msg(stamp_ns: int, statuses: list[Status], hardware_id: str):

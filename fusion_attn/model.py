@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CameraTokens, ChunkTokens, FusionConfig, LidarTokens, ModelConfig, OdometryTokens
-from .tokenize import IMU_AXES, LIDAR_INDEX, ODOMETRY_AXES, imu_samples
+from .tokenize import IMU_AXES, LIDAR_INDEX, ODOMETRY_AXES, imu_samples, output_names
 
 
 def log_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -523,9 +523,35 @@ def newest_rate_read(window: ChunkTokens) -> nn.Linear:
     return read
 
 
+class EgoRate(nn.Module):
+    """The fused ego-motion (B, 2): speed [m/s] and yaw rate [rad/s] (ModelConfig.rate_output). The six-axis
+    streams' averaged reads, each value's departure from the training set's mean times a learned gain (the
+    IMUs read the yaw rate to 0.009 rad/s but the speed hardly: 0.31 m/s, docs/RESULTS.md), plus a
+    correction read from the fused tokens in units of the training set's spread; trained by the velocity
+    objective, whose prediction it is, so a robot gets the estimate that was evaluated."""
+
+    def __init__(self, m: ModelConfig, hidden: int = 256):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(2))
+        self.correction = nn.Sequential(nn.LayerNorm(m.fusion_tokens * m.dim), nn.Linear(m.fusion_tokens * m.dim, hidden),
+                                        nn.GELU(), nn.Linear(hidden, 2))
+        # the velocity target's mean and std (`standardise`): about them the gain scales the reads' spread alone
+        # (measured: about 0, seeds whose gain had to move the mean too kept the speed read whole, 0.23-0.26 m/s)
+        self.register_buffer("mean", torch.zeros(2))
+        self.register_buffer("std", torch.ones(2))
+
+    def standardise(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.mean.copy_(mean)
+        self.std.copy_(std)
+
+    def forward(self, rate: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        return self.mean + self.gain * (rate - self.mean) + self.std * self.correction(latents.flatten(1))  # (B, 2)
+
+
 class FusionModel(nn.Module):
     """Named sensor inputs (see tokenize.input_spec) -> fused (B, D), latents (B, M, D), attention
-    (B, S, H) mass per sensor and head, all_masked (B,), trust (B, S); S sensors, FusionConfig.sensors.
+    (B, S, H) mass per sensor and head, all_masked (B,), trust (B, S); S sensors, FusionConfig.sensors;
+    with model.rate_output also ego_rate (B, 2), speed and yaw rate (tokenize.output_names).
 
     Two levels (ModelConfig.fusion "sensor", the default): inside each sensor the fusion tokens attend
     over its tokens (a softmax per sensor); across sensors, each sensor's share is the softmax over
@@ -554,6 +580,7 @@ class FusionModel(nn.Module):
         if m.rate_readout:  # (speed, yaw rate) per six-axis stream, in the sensors' order
             self.rate_readout = nn.ModuleDict({n: newest_rate_read(cfg.chunk_tokens(n)) for n in cfg.streams})
             self.rate_embed = None if m.rate_output else nn.Linear(2, m.dim, bias=False)
+            self.ego_rate = EgoRate(m) if m.rate_output else None
             self.rate_sensors = [cfg.sensor_names.index(n) for n in cfg.streams]
         else:
             self.rate_readout = None
@@ -583,13 +610,13 @@ class FusionModel(nn.Module):
              "odometry_chunks": odometry_chunks, "odometry_mask": odometry_mask, "odometry_age": odometry_age,
              "imu2_chunks": imu2_chunks, "imu2_mask": imu2_mask, "imu2_age": imu2_age}
         out = self.run(x, tau)
-        return out["fused"], out["latents"], out["attention"], out["all_masked"], out["trust"]
+        return tuple(out[name] for name in output_names(self.cfg))
 
     def run(self, x: dict[str, torch.Tensor], tau: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named inputs -> the outputs of `forward` by name, plus what training and evaluation look at:
         trust_logits (B, S), sensor_weights (B, S), the cross-attention's token weights (B, H, M, N), the
         camera's tokens (B, N_c, D) and the lidar's (B, N_l, D); with model.rate_readout the six-axis streams' own
-        reads rate_reads (B, R, 2), and with model.rate_output their average at the sensor weights, rate (B, 2)."""
+        reads rate_reads (B, R, 2), and with model.rate_output the fused ego_rate (B, 2; EgoRate), an output of `forward`."""
         tokens, mask, evidence, scan = self.embed(x)  # (B, N, D), (B, N), (B, S, E), (B, SCAN_MATCH_FEATURES) | None
         trust_logits, present, stale_logits, stale_valid = self.trust(tokens, mask, self.membership, evidence)  # (B, S)
         log_trust = F.logsigmoid(trust_logits)  # -inf for an absent sensor
@@ -631,7 +658,7 @@ class FusionModel(nn.Module):
             # validation, from a start at their newest gyro sample's 0.015)
             rate = (share.unsqueeze(-1) * reads.detach()).sum(1)  # (B, 2)
             if self.rate_embed is None:
-                rates = {"rate_reads": reads, "rate": rate}
+                rates = {"rate_reads": reads, "ego_rate": self.ego_rate(rate, latents)}
             else:
                 latents = latents + self.rate_embed(rate).unsqueeze(1)
                 rates = {"rate_reads": reads}

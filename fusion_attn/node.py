@@ -160,7 +160,8 @@ class FusionNode(LifecycleNode):
                                                   self._publish_attention_image))
         result = super().on_activate(state)
         m = self.pipeline.cfg.model
-        self.layout_pub.publish(to_rclpy(fused_state_layout_msg(m.dim, m.fusion_tokens, m.heads, self.pipeline.cfg.sensor_names)))  # once active
+        self.layout_pub.publish(to_rclpy(fused_state_layout_msg(m.dim, m.fusion_tokens, m.heads, self.pipeline.cfg.sensor_names,
+                                                                 m.rate_output)))  # once active
         return result
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:

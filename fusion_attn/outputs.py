@@ -10,9 +10,11 @@ little-endian, header = (the fusion's time on the data's clock, frame_id). Stand
 
     row 0             the fused state vector (D)
     rows 1 .. M       the M fusion tokens (latents)
-    rows M+1 .. M+S   one row each for the model's sensors, camera, lidar, imu[, odometry]: its attention
-                      mass (sensor weight) per head in columns 0 .. H-1, the model's trust in it in column H
-                      (NaN from a model without a trust output), the rest 0
+    rows M+1 .. M+S   one row each for the model's sensors, camera, lidar, imu[, odometry][, imu2]: its
+                      attention mass (sensor weight) per head in columns 0 .. H-1, the model's trust in it in
+                      column H (NaN from a model without a trust output), the rest 0
+    row M+S+1         only from a model with an ego_rate output (ModelConfig.rate_output): the fusion's speed
+                      [m/s] in column 0 and yaw rate [rad/s] in column 1, the rest 0
 """
 
 from __future__ import annotations
@@ -44,32 +46,44 @@ def untrusted(state: FusedState) -> list[tuple[str, float]]:
 
 
 def fused_state_rows(state: FusedState) -> np.ndarray:
-    """(1 + M + S, D) float32 matrix of the wire layout above."""
+    """(1 + M + S [+ 1], D) float32 matrix of the wire layout above."""
     m, d = state.latents.shape
     sensors, heads = state.attention.shape
-    rows = np.zeros((1 + m + sensors, d), np.float32)
+    rows = np.zeros((1 + m + sensors + (state.ego_rate is not None), d), np.float32)
     rows[0] = state.pooled
     rows[1 : 1 + m] = state.latents
-    rows[1 + m :, :heads] = state.attention
-    rows[1 + m :, heads] = trust_values(state)
+    rows[1 + m : 1 + m + sensors, :heads] = state.attention
+    rows[1 + m : 1 + m + sensors, heads] = trust_values(state)
+    if state.ego_rate is not None:
+        rows[-1, :2] = state.ego_rate
     return rows
 
 
-def fused_state_layout(dim: int, fusion_tokens: int, heads: int, sensors: tuple[str, ...] = MODALITIES[:3]) -> dict:
+def fused_state_layout(dim: int, fusion_tokens: int, heads: int, sensors: tuple[str, ...] = MODALITIES[:3],
+                       ego_rate: bool = False) -> dict:
     """The wire layout above as data (the node publishes it as JSON on the latched `fused_state/layout`):
     every dimension, and [start, stop) row and column ranges, so a consumer needs no project code."""
     m, s = fusion_tokens, len(sensors)
-    return {"encoding": "32FC1", "width": dim, "height": 1 + m + s, "fusion_tokens": m, "heads": heads,
-            "sensor_order": list(sensors),
-            "rows": {"fused": [0, 1], "latents": [1, 1 + m], "sensors": [1 + m, 1 + m + s]},
-            "sensor_columns": {"attention": [0, heads], "trust": [heads, heads + 1]}}
+    layout = {"encoding": "32FC1", "width": dim, "height": 1 + m + s + ego_rate, "fusion_tokens": m, "heads": heads,
+              "sensor_order": list(sensors),
+              "rows": {"fused": [0, 1], "latents": [1, 1 + m], "sensors": [1 + m, 1 + m + s]},
+              "sensor_columns": {"attention": [0, heads], "trust": [heads, heads + 1]}}
+    if ego_rate:
+        layout["rows"]["ego_rate"] = [1 + m + s, 2 + m + s]
+        layout["ego_rate_columns"] = {"speed_mps": [0, 1], "yaw_rate_radps": [1, 2]}
+    return layout
 
 
-def parse_fused_state_rows(rows: np.ndarray, heads: int, sensors: int = 3) -> dict[str, np.ndarray]:
+def parse_fused_state_rows(rows: np.ndarray, heads: int, sensors: int = 3, ego_rate: bool = False) -> dict[str, np.ndarray]:
     """The inverse, for consumers: -> {"fused": (D,), "latents": (M, D), "attention": (S, heads),
-    "trust": (S,)} (trust NaN from a model without a trust output); S `sensors` (the layout's sensor_order)."""
-    return {"fused": rows[0], "latents": rows[1:-sensors], "attention": rows[-sensors:, :heads],
-            "trust": rows[-sensors:, heads]}
+    "trust": (S,)[, "ego_rate": (2,)]} (trust NaN from a model without a trust output); S `sensors` (the
+    layout's sensor_order), ego_rate: the layout has that row."""
+    end = len(rows) - ego_rate
+    parts = {"fused": rows[0], "latents": rows[1:end - sensors], "attention": rows[end - sensors:end, :heads],
+             "trust": rows[end - sensors:end, heads]}
+    if ego_rate:
+        parts["ego_rate"] = rows[-1, :2]
+    return parts
 
 
 @dataclass(frozen=True)

@@ -346,7 +346,8 @@ class FusionPipeline:
         return [FusedState(stamp_ns=snap.stamp_ns, frame_id=self.frame_id, pooled=out["fused"][row + k],
                            latents=out["latents"][row + k], attention=out["attention"][row + k], present=present,
                            ages_s=ages, tau=tau.copy(), all_masked=bool(out["all_masked"][row + k]),
-                           timings_ms=dict(timings), trust=out["trust"][row + k], sensors=self.cfg.sensor_names)
+                           timings_ms=dict(timings), trust=out["trust"][row + k], sensors=self.cfg.sensor_names,
+                           ego_rate=out["ego_rate"][row + k] if "ego_rate" in out else None)
                 for k, tau in enumerate(taus)]
 
 

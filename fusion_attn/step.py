@@ -37,8 +37,8 @@ from .tokenize import (
     IMAGENET_STD,
     LIDAR_INDEX,
     LOG_INTENSITY_SCALE,
-    OUTPUT_NAMES,
     SensorSnapshot,
+    output_names,
 )
 
 # Default padding sizes: a cloud or IMU window takes the smallest bucket that holds it (one graph each).
@@ -249,7 +249,7 @@ class ImuTokenizer(nn.Module):
 # -- the step ----------------------------------------------------------------------------------------
 
 class FusionStep(nn.Module):
-    """Adapted sensor arrays -> the fusion model's outputs and which sensors had data (STEP_OUTPUTS),
+    """Adapted sensor arrays -> the fusion model's outputs and which sensors had data (step_output_names),
     for one camera resolution and encoding. A frame that is absent is marked so in `frame_present` (its arrays are then
     ignored, as tokenize.Tokenizer leaves them out); the IMU is absent when its count is 0."""
 
@@ -279,12 +279,12 @@ class FusionStep(nn.Module):
     def fuse(self, camera, camera_prev, lidar, lidar_mask, lidar_prev, lidar_prev_mask,
              imu_t, imu_values, imu_count, frame_present, frame_age, tau):
         """Each frame's tokens (CameraTokenizer, lidar_tokens: a frame tokenized once serves as the
-        next step's previous frame), the IMU window and the rest of forward's inputs -> STEP_OUTPUTS."""
+        next step's previous frame), the IMU window and the rest of forward's inputs -> step_output_names."""
         x = self.tokens(camera, camera_prev, lidar, lidar_mask, lidar_prev, lidar_prev_mask,
                         imu_t, imu_values, imu_count, frame_present, frame_age)
         out = self.model.run(x, tau)
         present = torch.stack([x["camera_mask"].any(1), x["lidar_mask"].flatten(1).any(1), x["imu_mask"].any(1)], 1)
-        return out["fused"], out["latents"], out["attention"], out["all_masked"], out["trust"], present
+        return *(out[name] for name in output_names(self.cfg)), present
 
     def tokens(self, camera, camera_prev, lidar, lidar_mask, lidar_prev, lidar_prev_mask,
                imu_t, imu_values, imu_count, frame_present, frame_age) -> dict[str, torch.Tensor]:
@@ -310,7 +310,12 @@ class FusionStep(nn.Module):
         return x
 
 
-STEP_OUTPUTS = (*OUTPUT_NAMES, "present")  # present (B, 3): a sensor had at least one valid token
+def step_output_names(cfg: FusionConfig) -> tuple[str, ...]:
+    """FusionStep's outputs: the model's (tokenize.output_names), then present (B, 3): a sensor had at least
+    one valid token."""
+    return (*output_names(cfg), "present")
+
+
 STEP_INPUTS = ("image", "image_prev", "points", "point_count", "points_prev", "point_count_prev",
                "imu_t", "imu_values", "imu_count", "frame_present", "frame_age", "tau")
 

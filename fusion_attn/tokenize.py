@@ -97,13 +97,18 @@ def input_spec(cfg: FusionConfig) -> dict[str, tuple[tuple[int, ...], type]]:
 
 
 def output_spec(cfg: FusionConfig) -> dict[str, tuple[tuple[int, ...], type]]:
-    """Name -> (shape without the batch dimension, dtype) of every model output (see model.FusionModel)."""
+    """Name -> (shape without the batch dimension, dtype) of every model output (see model.FusionModel):
+    ego_rate (speed [m/s], yaw rate [rad/s]) only from a model with model.rate_output."""
     m, n = cfg.model, len(cfg.sensors)
-    return {"fused": ((m.dim,), np.float32), "latents": ((m.fusion_tokens, m.dim), np.float32),
+    spec = {"fused": ((m.dim,), np.float32), "latents": ((m.fusion_tokens, m.dim), np.float32),
             "attention": ((n, m.heads), np.float32), "all_masked": ((), np.bool_), "trust": ((n,), np.float32)}
+    if m.rate_output:
+        spec["ego_rate"] = ((2,), np.float32)
+    return spec
 
 
-OUTPUT_NAMES = tuple(output_spec(FusionConfig()))  # the same for every config
+def output_names(cfg: FusionConfig) -> tuple[str, ...]:
+    return tuple(output_spec(cfg))
 
 
 def tokenize_camera(frame: CameraFrame, cfg: CameraTokens) -> tuple[np.ndarray, np.ndarray]:

@@ -42,15 +42,16 @@ def fused_parts(msg: Image, contract: PolicyContract) -> dict[str, np.ndarray]:
     if msg.encoding != "32FC1" or msg.width != layout.fused_dim:
         raise ValueError(f"{msg.encoding} {msg.height}x{msg.width}, expected 32FC1 rows of {layout.fused_dim}")
     rows = np.frombuffer(bytes(msg.data), np.float32).reshape(msg.height, msg.width)
-    parts = parse_fused_state_rows(rows, contract.fusion_heads, layout.sensors)
-    if not (np.all(np.isfinite(parts["fused"])) and np.all(np.isfinite(parts["attention"]))):
+    parts = parse_fused_state_rows(rows, contract.fusion_heads, layout.sensors, layout.ego_rate)
+    if not all(np.all(np.isfinite(parts[k])) for k in ("fused", "attention", "ego_rate") if k in parts):
         raise ValueError("NaN/inf in it")
     return parts
 
 
 def observation(parts: dict[str, np.ndarray], task: np.ndarray | None, contract: PolicyContract) -> np.ndarray:
     """The policy's input from a fused state's parts and the task input, as the simulator built it in training."""
-    return observation_vector(contract.observation, parts["fused"], parts["attention"].mean(axis=1), task)
+    return observation_vector(contract.observation, parts["fused"], parts["attention"].mean(axis=1), task,
+                              parts.get("ego_rate"))
 
 
 class PolicyNode(Node):

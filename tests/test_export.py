@@ -17,7 +17,7 @@ from fusion_attn.config import FusionConfig
 from fusion_attn.errors import CheckpointError
 from fusion_attn.model import FusionModel, lidar_scan_match
 from fusion_attn.pipeline import onnx_for
-from fusion_attn.tokenize import OUTPUT_NAMES, input_spec
+from fusion_attn.tokenize import input_spec, output_names
 
 
 # every model option in one of three graphs, and both exporters: the default opset's (torch.export's
@@ -43,7 +43,7 @@ def test_graph_inputs_outputs_and_only_batch_dynamic(exported):
     model, path = exported
     graph = onnx.load(str(path)).graph
     assert [i.name for i in graph.input] == list(input_spec(model.cfg))
-    assert [o.name for o in graph.output] == list(OUTPUT_NAMES)
+    assert [o.name for o in graph.output] == list(output_names(model.cfg))
     assert onnx.load(str(path)).opset_import[0].version >= 17
     for value, (shape, _) in zip(graph.input, input_spec(model.cfg).values()):
         dims = value.type.tensor_type.shape.dim
@@ -277,7 +277,7 @@ def test_onnxruntime_on_a_cached_graph_runs_without_importing_torch(onnx_cache, 
     seen = json.loads(run.stdout.strip().splitlines()[-1])
     assert seen == {"torch": False, "digest": weights_digest(model), "source": str(checkpoint)}
     out, expected = np.load(tmp_path / "outputs.npz"), own_graph.run(x)
-    for name in OUTPUT_NAMES:
+    for name in output_names(model.cfg):
         np.testing.assert_array_equal(out[name], expected[name], err_msg=name)
 
 

@@ -1,5 +1,6 @@
 """The fused-state wire layout and the diagnostics, on constructed fused states: trust included."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -131,6 +132,24 @@ def test_the_layout_message_states_every_dimension_and_where_each_part_is():
     assert np.array_equal(rows[slice(*layout["rows"]["latents"])], s.latents)
     assert np.array_equal(sensors[:, slice(*columns["attention"])], s.attention)
     assert np.array_equal(sensors[:, slice(*columns["trust"])][:, 0], s.trust)
+
+
+
+def test_a_models_ego_rate_rides_in_a_last_row_its_layout_names():
+    """From a model with an ego_rate output (ModelConfig.rate_output): one more row, speed and yaw rate in
+    its first two columns; the layout locates it, the parser returns it, the other parts stay where they were."""
+    s = dataclasses.replace(state(), ego_rate=np.array([0.42, -0.17], np.float32))
+    msg = TYPES.deserialize_cdr(cdr(fused_state_msg(s)), "sensor_msgs/msg/Image")
+    rows = msg.data.view("<f4").reshape(msg.height, msg.width)
+    layout = json.loads(fused_state_layout_msg(D, M, H, ego_rate=True).data)
+    assert layout["height"] == msg.height == 1 + M + 3 + 1
+    ego = rows[slice(*layout["rows"]["ego_rate"])][0]
+    assert ego[slice(*layout["ego_rate_columns"]["speed_mps"])] == np.float32(0.42)
+    assert ego[slice(*layout["ego_rate_columns"]["yaw_rate_radps"])] == np.float32(-0.17) and not ego[2:].any()
+    parts = parse_fused_state_rows(rows, H, ego_rate=True)
+    assert np.array_equal(parts["ego_rate"], s.ego_rate) and np.array_equal(parts["latents"], s.latents)
+    assert np.array_equal(parts["attention"], s.attention) and np.array_equal(parts["trust"], s.trust)
+    assert "ego_rate" not in json.loads(fused_state_layout_msg(D, M, H).data)["rows"]
 
 
 SENSORS = ("camera", "lidar", "imu")

@@ -167,3 +167,36 @@ def test_closed_loop_episode_completes(ros, policy, tmp_path):
         assert all(p.poll() is None for p in procs), logs["robot"].read_text()[-2000:]
     finally:
         stop_nodes(*((p, logs[name]) for p, name in zip(procs, logs)))
+
+
+def test_a_policy_reads_the_fusions_ego_rate_from_its_row_when_its_layout_says_so():
+    """A policy trained on a fusion with the ego_rate output reads speed and yaw rate from the message's last
+    row, after the attention; one trained without it reads the same message's sensor rows as before."""
+    from fusion_attn.contract import ObservationLayout, PolicyContract
+    from fusion_attn.frames import FusedState
+    from fusion_attn.messages import fused_state_msg, to_rclpy
+    from rl.policy_node import fused_parts, observation
+
+    rng = np.random.default_rng(0)
+    attention = rng.dirichlet(np.ones(4), 4).T.astype(np.float32)  # (S, H)
+    state = FusedState(stamp_ns=1, frame_id="base_link", pooled=rng.standard_normal(64).astype(np.float32),
+                       latents=rng.standard_normal((8, 64)).astype(np.float32), attention=attention,
+                       present=np.ones(4, bool), ages_s=np.zeros(4, np.float32), tau=np.ones(5, np.float32),
+                       trust=np.ones(4, np.float32), sensors=("camera", "lidar", "imu", "imu2"),
+                       ego_rate=np.array([0.4, -0.2], np.float32))
+    msg = to_rclpy(fused_state_msg(state))
+    assert isinstance(msg, Image)
+    for ego in (True, False):
+        contract = PolicyContract({}, 4, ObservationLayout(64, True, 0, 4, ego), None, 0.1)
+        obs = observation(fused_parts(msg, contract) if ego else _without_ego_row(msg, contract), None, contract)
+        want = [state.pooled, state.modality_attention, *([state.ego_rate] if ego else [])]
+        np.testing.assert_array_equal(obs, np.concatenate(want))
+
+
+def _without_ego_row(msg, contract):
+    """The same state from a fusion without the ego_rate output: its message has no last row."""
+    from rl.policy_node import fused_parts
+
+    msg.height -= 1
+    msg.data = bytes(msg.data)[: msg.height * msg.step]
+    return fused_parts(msg, contract)

@@ -317,11 +317,13 @@ def test_each_read_starts_as_its_streams_newest_turn_rate_and_the_odometrys_spee
         torch.testing.assert_close(model.rate_readout["odometry"](odometry.flatten(1)), torch.tensor([[1.2, -0.3]]))
 
 
-def test_a_rate_readout_model_exports_and_onnxruntime_fuses_its_rate_as_torch_does(tmp_path):
-    """The reads, their share at each stream's τ and the rate's embedding are in the graph."""
-    cfg = FusionConfig(model=ModelConfig(second_imu=True, rate_readout=True))
+@pytest.mark.parametrize("ego_rate", [False, True], ids=["into_fused", "ego_rate_output"])
+def test_a_rate_readout_model_exports_and_onnxruntime_fuses_its_rate_as_torch_does(tmp_path, ego_rate):
+    """The reads, their share at each stream's τ and the rate's embedding, or the ego_rate output, are in the graph."""
+    cfg = FusionConfig(model=ModelConfig(second_imu=True, rate_readout=True, rate_output=ego_rate))
     torch.manual_seed(0)
-    path = save_checkpoint(FusionModel(cfg).eval(), tmp_path / "rate.safetensors")
+    model = FusionModel(cfg).eval()
+    path = save_checkpoint(model, tmp_path / "rate.safetensors")
     x = {k: np.zeros((1, *shape), dtype) for k, (shape, dtype) in input_spec(cfg).items()}
     x["tau"][:] = 1.0
     x["tau"][0, 4] = 0.5  # the second IMU's
@@ -329,7 +331,9 @@ def test_a_rate_readout_model_exports_and_onnxruntime_fuses_its_rate_as_torch_do
     x["imu_chunks"][:], x["imu2_chunks"][:] = 0.1, 0.3
     ort = FusionPipeline.create(str(path), backend="onnxruntime", threads=1).backend.run(x)
     ref = FusionPipeline.create(str(path), backend="torch", threads=1).backend.run(x)
-    np.testing.assert_allclose(ort["fused"], ref["fused"], atol=1e-4)
+    assert set(ort) == set(ref) == set(output_spec(cfg)) and ("ego_rate" in ort) == ego_rate
+    for name in ("fused", "ego_rate") if ego_rate else ("fused",):
+        np.testing.assert_allclose(ort[name], ref[name], atol=1e-4, err_msg=name)
 
 
 def test_the_reads_learn_from_their_own_objective_only():
@@ -349,8 +353,8 @@ def test_the_reads_learn_from_their_own_objective_only():
     assert all(p.grad.abs().sum() > 0 for p in model.rate_readout.parameters())
 
 
-def test_as_its_own_output_the_fused_rate_is_what_the_velocity_head_refines_and_stays_out_of_the_fused_state(tmp_path):
-    from fusion_attn.learn.objectives import build_heads, load_heads, save_heads
+def test_the_ego_rate_output_is_the_velocity_objectives_prediction_and_stays_out_of_the_fused_state(tmp_path):
+    from fusion_attn.learn.objectives import build_heads, load_heads, losses, save_heads
 
     with pytest.raises(ConfigError, match="rate_output needs model.rate_readout"):
         FusionConfig(model=ModelConfig(second_imu=True, rate_output=True))
@@ -366,24 +370,100 @@ def test_as_its_own_output_the_fused_rate_is_what_the_velocity_head_refines_and_
         for name, yaw in (("imu", 1.0), ("imu2", 3.0)):
             model.rate_readout[name].weight.zero_()
             model.rate_readout[name].bias.copy_(torch.tensor([0.5, yaw]))
+        correction = model.ego_rate.correction[-1].bias.clone()
+        model.ego_rate.correction[-1].weight.zero_()  # a constant correction, in units of the target's std
+        model.ego_rate.standardise(torch.tensor([0.2, 0.0]), torch.tensor([0.5, 2.0]))
         out = model.run(x, tau)
         w = out["trust"][0, 2:]
-        expected = torch.tensor([[0.5, float((w[0] + 3 * w[1]) / w.sum())], [0.5, 1.0]])
-        torch.testing.assert_close(out["rate"], expected, atol=1e-5, rtol=0)
+        average = torch.tensor([[0.5, float((w[0] + 3 * w[1]) / w.sum())], [0.5, 1.0]])
+        offset = correction * torch.tensor([0.5, 2.0])
+        torch.testing.assert_close(out["ego_rate"], average + offset, atol=1e-5, rtol=0)  # gain 1: the average whole
+        model.ego_rate.gain.copy_(torch.tensor([0.5, 1.0]))  # half the speed read's departure from the mean
+        torch.testing.assert_close(model.run(x, tau)["ego_rate"], average + offset - torch.tensor([0.15, 0.0]),
+                                   atol=1e-5, rtol=0)
         model.rate_readout["imu"].bias.fill_(9.0)  # other reads: the same fused state
         torch.testing.assert_close(model.run(x, tau)["fused"], out["fused"])
+        torch.nn.init.normal_(model.ego_rate.correction[-1].weight, std=0.05)  # the correction reads the tokens again
     model.train()
     out = model.run(x, tau)
     heads = build_heads(model.cfg)
+    assert "velocity" not in heads.out  # no head of its own: the model's output is the prediction
     heads.mean_velocity.fill_(0.2)
     heads.std_velocity.fill_(0.5)
     feature = out["latents"].flatten(1)
-    with torch.no_grad():
-        heads.rate_gain.copy_(torch.tensor([0.0, 1.0]))  # the speed read left out, the yaw rate taken whole
-    refined = heads(feature, out["rate"])["velocity"]
-    torch.testing.assert_close(refined - heads(feature)["velocity"], (out["rate"] - 0.2) / 0.5 * torch.tensor([0.0, 1.0]))
-    refined.square().sum().backward()  # the velocity head's loss trains the correction and the gain, not the reads
+    pred = heads(feature, out["ego_rate"])
+    torch.testing.assert_close(pred["velocity"], (out["ego_rate"] - 0.2) / 0.5)
+    with pytest.raises(ConfigError, match="ego_rate output; none was given"):
+        heads(feature)
+    truth = (torch.tensor([[0.3, 0.1], [0.2, -0.4]]), torch.ones(2, dtype=torch.bool))
+    losses(heads, pred, {"velocity": truth})["velocity"].backward()  # trains the gain and the correction, not the reads
     assert all(p.grad is None for p in model.rate_readout.parameters())
-    assert heads.out["velocity"].weight.grad.abs().sum() > 0 and heads.rate_gain.grad.abs().sum() > 0
-    path = save_heads(heads, tmp_path / "model.heads.safetensors")  # the gain travels with the heads
-    torch.testing.assert_close(load_heads(path).rate_gain, heads.rate_gain)
+    assert model.ego_rate.gain.grad.abs().sum() > 0 and model.ego_rate.correction[-1].weight.grad.abs().sum() > 0
+    assert model.queries.grad.abs().sum() > 0  # through the correction, the fusion learns to carry what it reads
+    path = save_heads(heads, tmp_path / "model.heads.safetensors")
+    assert load_heads(path).ego_rate and "velocity" not in load_heads(path).out
+
+
+@pytest.fixture(scope="module")
+def ego_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = FusionModel(FusionConfig(model=ModelConfig(second_imu=True, rate_readout=True, rate_output=True))).eval()
+    return save_checkpoint(model, tmp_path_factory.mktemp("ego") / "ego.safetensors")
+
+
+def test_the_ego_rate_reaches_fuse_and_replays_fused_bag(recording, ego_checkpoint, tmp_path, capsys):
+    assert main(["fuse", "--bag", str(recording), "--checkpoint", str(ego_checkpoint), "--json"]) == 0
+    ego = json.loads(capsys.readouterr().out)["ego_rate"]
+    assert set(ego) == {"speed_mps", "yaw_rate_radps"} and all(np.isfinite(v) for v in ego.values())
+    assert main(["fuse", "--bag", str(recording), "--checkpoint", str(ego_checkpoint)]) == 0
+    assert f"speed {ego['speed_mps']:.3f} m/s  yaw rate {ego['yaw_rate_radps']:.3f} rad/s" in capsys.readouterr().out
+    assert main(["replay", str(recording), "-o", str(tmp_path / "out"), "--checkpoint", str(ego_checkpoint),
+                 "--no-progress"]) == 0
+    from fusion_attn.messages import TYPES
+    from fusion_attn.outputs import parse_fused_state_rows
+
+    with open_reader([tmp_path / "out" / "fused"]) as reader:
+        msgs = [TYPES.deserialize_cdr(raw, "sensor_msgs/msg/Image") for conn, _, raw in reader.messages()
+                if conn.topic == "/fused_state"]
+    assert msgs and all(m.height == 1 + CFG.model.fusion_tokens + 4 + 1 for m in msgs)
+    rates = np.array([parse_fused_state_rows(m.data.view("<f4").reshape(m.height, m.width), CFG.model.heads, 4,
+                                             ego_rate=True)["ego_rate"] for m in msgs])
+    assert np.isfinite(rates).all() and len(np.unique(rates[:, 1])) > 1  # it follows the recording
+
+
+def test_the_simulators_observation_and_contract_carry_the_ego_rate(ego_checkpoint):
+    from fusion_attn.contract import PolicyContract
+    from fusion_attn.sim.faults import FaultConfig
+    from fusion_attn.sim.robot import RobotEnv
+    from fusion_attn.sim.wrappers import FusedObservation
+
+    pipeline = FusionPipeline.create(str(ego_checkpoint), backend="onnxruntime", threads=1)
+    env = FusedObservation(RobotEnv("control", sensors=RIG, faults=FaultConfig()), pipeline, with_attention=True)
+    try:
+        env.reset(seed=1)
+        for _ in range(10):
+            obs, *_, info = env.step(np.zeros(2, np.float32))
+        assert env.layout.ego_rate and obs.shape == (CFG.model.dim + 4 + 2,)
+        np.testing.assert_array_equal(obs[-2:], info["fused"].ego_rate)
+        contract = PolicyContract.from_dict(json.loads(json.dumps(env.contract(None, 0.1).to_dict())))
+        assert contract.observation == env.layout
+    finally:
+        env.close()
+    old = env.contract(None, 0.1).to_dict()
+    del old["observation"]["ego_rate"]  # a contract written before the output existed
+    assert not PolicyContract.from_dict(old).observation.ego_rate
+
+
+def test_training_puts_the_ego_rate_in_the_velocity_targets_units(tmp_path):
+    """The output's mean and spread are the training set's velocity's, as the heads' are (a run of a few steps)."""
+    from fusion_attn.checkpoint import load_checkpoint
+    from fusion_attn.learn.objectives import heads_path, load_heads
+
+    out = tmp_path / "run"
+    assert main(["train", "-o", str(out), "--second-imu", "--rate-readout", "--rate-output", "--steps", "2", "--batch", "8",
+                 "--sim-episodes", "1", "--val-episodes", "1", "--sim-seconds", "2", "--eval-every", "100",
+                 "--cache", str(tmp_path / "cache"), "--no-progress"]) == 0
+    model, heads = load_checkpoint(out / "model.safetensors"), load_heads(heads_path(out / "model.safetensors"))
+    torch.testing.assert_close(model.ego_rate.mean, heads.mean_velocity)
+    torch.testing.assert_close(model.ego_rate.std, heads.std_velocity)
+    assert heads.std_velocity.min() > 0 and heads.mean_velocity.abs().sum() > 0  # fitted, not the 0 and 1 they start at

@@ -19,13 +19,13 @@ from fusion_attn.pipeline import FusionPipeline, create_backend, load_model, ste
 from fusion_attn.replay import Recording, ReplayOptions, fused_difference, recorded_snapshots, replay
 from fusion_attn.step import (
     STEP_INPUTS,
-    STEP_OUTPUTS,
     Buckets,
     FusionStep,
     camera_key,
     resize_matrix,
     step_inputs,
     step_key,
+    step_output_names,
 )
 from fusion_attn.sync import SensorSync, SyncConfig
 from fusion_attn.tokenize import IMAGENET_STD, SensorSnapshot, Tokenizer
@@ -246,7 +246,7 @@ def test_one_graph_export_runs_in_onnx_runtime_as_in_torch(model):
     got = OnnxRuntimeBackend(path, threads=1).run(x)
     with torch.no_grad():
         want = FusionStep(model, (48, 64, 3), "rgb8").eval()(**{k: torch.from_numpy(x[k]) for k in STEP_INPUTS})
-    for name, w in zip(STEP_OUTPUTS, want):
+    for name, w in zip(step_output_names(model.cfg), want):
         np.testing.assert_allclose(got[name], w.numpy(), atol=1e-4, err_msg=name)
     assert got["present"].tolist() == [[True, True, True], [False, False, False]]
 

@@ -27,8 +27,16 @@ from ..config import FusionConfig
 from ..errors import BackendUnavailable
 from ..frames import CameraFrame, LidarFrame
 from ..model import FusionModel
-from ..step import STEP_OUTPUTS, Buckets, CameraTokenizer, FusionStep, lidar_tokens, pack_imu, step_frames
-from ..tokenize import OUTPUT_NAMES, FrameTokens, SensorSnapshot
+from ..step import (
+    Buckets,
+    CameraTokenizer,
+    FusionStep,
+    lidar_tokens,
+    pack_imu,
+    step_frames,
+    step_output_names,
+)
+from ..tokenize import FrameTokens, SensorSnapshot, output_names
 
 FRAME_INPUTS = {"camera": ("camera", "camera_prev"),  # _Fuse's inputs for a frame's tokens, newest and previous
                 "lidar": ("lidar", "lidar_mask", "lidar_prev", "lidar_prev_mask")}
@@ -174,13 +182,13 @@ class CudaGraphBackend:
 
     @torch.no_grad()
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Tokens in (tokenize.input_spec, batched) -> OUTPUT_NAMES."""
+        """Tokens in (tokenize.input_spec, batched) -> tokenize.output_names."""
         key = ("model", tuple((k, v.shape, v.dtype.str) for k, v in inputs.items()))
         graph = self._graph(key, lambda: self.model, lambda: {k: torch.from_numpy(np.ascontiguousarray(v))
                                                                for k, v in inputs.items()})
         graph.upload(0, {name: lambda host, value=value: np.copyto(host, value) for name, value in inputs.items()})
         graph()
-        return dict(zip(OUTPUT_NAMES, graph.download()))
+        return dict(zip(output_names(self.model.cfg), graph.download()))
 
     @torch.no_grad()
     def _tokenize(self, frame: CameraFrame | LidarFrame) -> tuple[torch.Tensor, ...]:
@@ -201,14 +209,14 @@ class CudaGraphBackend:
         return tuple(t.clone() for t in graph())  # the graph's outputs are overwritten by its next replay
 
     def run_step(self, snaps: list[SensorSnapshot], taus: np.ndarray, cfg: FusionConfig) -> dict[str, np.ndarray]:
-        """Snapshots of one IMU bucket and their τ rows -> STEP_OUTPUTS: each new frame tokenized, then
+        """Snapshots of one IMU bucket and their τ rows -> step_output_names: each new frame tokenized, then
         every row fused, on the GPU; in graphs of a power of two of rows (a few graphs for any batch)."""
         outs, start = [], 0
         while start < len(snaps):
             rows = 1 << ((len(snaps) - start).bit_length() - 1)
             outs.append(self._fuse_rows(snaps[start:start + rows], taus[start:start + rows], cfg))
             start += rows
-        return {name: np.concatenate([out[name] for out in outs]) for name in STEP_OUTPUTS}
+        return {name: np.concatenate([out[name] for out in outs]) for name in step_output_names(cfg)}
 
     @torch.no_grad()
     def _fuse_rows(self, snaps: list[SensorSnapshot], taus: np.ndarray, cfg: FusionConfig) -> dict[str, np.ndarray]:
@@ -234,4 +242,4 @@ class CudaGraphBackend:
                         graph.inputs[row][name].copy_(t, non_blocking=True)
             graph.upload(row, {"packed": lambda host, s=snap, p=present, a=age, t=tau: _pack_row(host[0], s, p, a, t)})
         graph()
-        return dict(zip(STEP_OUTPUTS, graph.download()))
+        return dict(zip(step_output_names(cfg), graph.download()))

@@ -16,8 +16,8 @@ import torch
 
 from ..frames import CAMERA_ENCODINGS
 from ..model import FusionModel
-from ..step import STEP_INPUTS, STEP_OUTPUTS, FusionStep, step_inputs
-from ..tokenize import OUTPUT_NAMES, SensorSnapshot, input_spec
+from ..step import STEP_INPUTS, FusionStep, step_inputs, step_output_names
+from ..tokenize import SensorSnapshot, input_spec, output_names
 from . import OPSET
 
 MAX_BATCH = 64
@@ -37,7 +37,7 @@ def example_inputs(model: FusionModel, batch: int = 1, seed: int = 0) -> dict[st
 
 
 def export_onnx(model: FusionModel, path: str | Path, opset: int = OPSET) -> Path:
-    """Export with named inputs/outputs (see tokenize.input_spec / OUTPUT_NAMES), weights embedded.
+    """Export with named inputs/outputs (see tokenize.input_spec / output_names), weights embedded.
 
     Opset 18 and later: the torch.export-based exporter. Opset 17 (for TensorRT 8.6): the TorchScript
     exporter, because converting the opset-18 graph down fails on the Reduce ops (axes moved from
@@ -52,7 +52,7 @@ def export_onnx(model: FusionModel, path: str | Path, opset: int = OPSET) -> Pat
     model = copy.deepcopy(model).cpu().eval()
     # by name after τ: a model with a second IMU and no odometry has no odometry_* inputs to place
     example = {n: torch.from_numpy(v) for n, v in example_inputs(model, batch=2).items()}
-    names = list(example)
+    names, outputs = list(example), list(output_names(model.cfg))
     first = names.index("tau") + 1
     args, kwargs = tuple(example[n] for n in names[:first]), {n: example[n] for n in names[first:]}
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -60,14 +60,14 @@ def export_onnx(model: FusionModel, path: str | Path, opset: int = OPSET) -> Pat
         warnings.simplefilter("ignore")
         if opset >= 18:
             batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-            program = torch.onnx.export(model, args, kwargs=kwargs, input_names=names, output_names=list(OUTPUT_NAMES),
+            program = torch.onnx.export(model, args, kwargs=kwargs, input_names=names, output_names=outputs,
                                         opset_version=opset, dynamo=True, external_data=False, verbose=False,
                                         dynamic_shapes={n: {0: batch} for n in names})
             program.save(str(path))
         else:
-            torch.onnx.export(model, args, str(path), kwargs=kwargs, input_names=names, output_names=list(OUTPUT_NAMES),
+            torch.onnx.export(model, args, str(path), kwargs=kwargs, input_names=names, output_names=outputs,
                               opset_version=opset, dynamo=False,
-                              dynamic_axes={n: {0: "batch"} for n in (*names, *OUTPUT_NAMES)})
+                              dynamic_axes={n: {0: "batch"} for n in (*names, *outputs)})
             # this exporter leaves the output shapes symbolic; infer them, so the graph states its I/O
             onnx.save(onnx.shape_inference.infer_shapes(onnx.load(str(path)), strict_mode=True), str(path))
     onnx.checker.check_model(str(path), full_check=True)
@@ -97,7 +97,7 @@ def export_step_onnx(model: FusionModel, image_shape: tuple[int, int, int], enco
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(step, tuple(torch.from_numpy(example[n]) for n in STEP_INPUTS),
-                                    input_names=list(STEP_INPUTS), output_names=list(STEP_OUTPUTS),
+                                    input_names=list(STEP_INPUTS), output_names=list(step_output_names(model.cfg)),
                                     opset_version=opset, dynamo=True, external_data=False, verbose=False,
                                     dynamic_shapes=dynamic)
     program.save(str(path))

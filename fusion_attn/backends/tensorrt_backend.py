@@ -450,7 +450,7 @@ class TensorRTStepBackend:
         return engines[0].engine_path if engines else None
 
     def run_step(self, snaps, taus: np.ndarray, cfg) -> dict[str, np.ndarray] | None:
-        """Snapshots of one step.step_key and their τ rows -> STEP_OUTPUTS; None: fuse them from tokens
+        """Snapshots of one step.step_key and their τ rows -> step.step_output_names; None: fuse them from tokens
         (run) instead."""
         if not self.whole_step:
             return None

@@ -11,8 +11,8 @@ import torch
 
 from ..config import FusionConfig
 from ..model import FusionModel
-from ..step import STEP_OUTPUTS, FusionStep, camera_key, step_inputs
-from ..tokenize import OUTPUT_NAMES, SensorSnapshot
+from ..step import FusionStep, camera_key, step_inputs, step_output_names
+from ..tokenize import SensorSnapshot, output_names
 
 
 class TorchBackend:
@@ -32,11 +32,11 @@ class TorchBackend:
     @torch.inference_mode()
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         args = {k: torch.from_numpy(v).to(self.device) for k, v in inputs.items()}
-        return {name: out.cpu().numpy() for name, out in zip(OUTPUT_NAMES, self.model(**args))}
+        return {name: out.cpu().numpy() for name, out in zip(output_names(self.model.cfg), self.model(**args))}
 
     @torch.inference_mode()
     def run_step(self, snaps: list[SensorSnapshot], taus: np.ndarray, cfg: FusionConfig) -> dict[str, np.ndarray]:
-        """Snapshots of one step.step_key and their τ rows -> STEP_OUTPUTS, tokenized and fused on this
+        """Snapshots of one step.step_key and their τ rows -> step_output_names, tokenized and fused on this
         backend's device."""
         inputs = step_inputs(snaps, taus, cfg)
         encoding = camera_key(snaps[0], cfg)[1]
@@ -44,4 +44,4 @@ class TorchBackend:
         if key not in self.steps:
             self.steps[key] = FusionStep(self.model, key[0], encoding).to(self.device).eval()
         args = {k: torch.from_numpy(v).to(self.device) for k, v in inputs.items()}
-        return {name: out.cpu().numpy() for name, out in zip(STEP_OUTPUTS, self.steps[key](**args))}
+        return {name: out.cpu().numpy() for name, out in zip(step_output_names(cfg), self.steps[key](**args))}

@@ -128,6 +128,7 @@ def _state_dict(state: FusedState, pipeline) -> dict:
                               "trust": None if state.trust is None else round(float(state.trust[i]), 6)}
                        for i, name in enumerate(state.sensors)},
         "fused": _rounded(state.pooled), "timings_ms": state.timings_ms,
+        "ego_rate": None if state.ego_rate is None else dict(zip(("speed_mps", "yaw_rate_radps"), _rounded(state.ego_rate))),
     }
 
 
@@ -157,6 +158,8 @@ def _summary(state: FusedState, pipeline, notes: list[str], fused_at_s: float | 
         lines.append("  ALL SENSORS MASKED: the fused state is the model's empty-input output")
     if low := untrusted(state):
         lines.append(f"  NOT TRUSTED (trust < {TRUST_THRESHOLD:g}): " + ", ".join(f"{m} {t:.3f}" for m, t in low))
+    if state.ego_rate is not None:
+        lines.append(f"  ego    speed {state.ego_rate[0]:.3f} m/s  yaw rate {state.ego_rate[1]:.3f} rad/s")
     v = state.pooled
     lines.append(f"  fused  dim {v.size}  norm {np.linalg.norm(v):.3f}  first 6 {np.array2string(v[:6], precision=3)}")
     lines.append("  time   " + "  ".join(f"{k} {t:.2f} ms" for k, t in state.timings_ms.items()))

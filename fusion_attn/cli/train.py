@@ -71,8 +71,9 @@ def add_parser(verbs):
                        help="each IMU's (and the odometry's) own linear read of speed and yaw rate, averaged at their "
                             "trust at τ and added to the fused state (model.rate_readout; the sensor fusion only)")
     train.add_argument("--rate-output", action="store_const", const=True,
-                       help="with --rate-readout: the averaged reads as the model's own output, which the velocity "
-                            "head refines, not added to the fused state (model.rate_output)")
+                       help="with --rate-readout: the fused speed and yaw rate as the model's own output ego_rate "
+                            "(the averaged reads, a learned gain, a correction from the fused tokens), which the "
+                            "velocity objective trains, not added to the fused state (model.rate_output)")
     train.add_argument("--stale-evidence", action="store_const", const=True,
                        help="a second trust path for the camera that sees only how much its image changed, "
                             "trained to tell frozen or black content (model.SensorTrust)")

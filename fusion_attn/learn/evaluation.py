@@ -86,7 +86,7 @@ def evaluate_taus(model: nn.Module, heads: Heads, data: Dataset, cfg: FusionConf
                 taus_in = torch.ones(len(idx), 1 + len(cfg.sensors), device=device)
                 taus_in[:, 0] = tau
                 feature, fusion = fused_feature(model, x, taus_in)
-                pred = heads(feature, fusion.get("rate"))
+                pred = heads(feature, fusion.get("ego_rate"))
                 loss = losses(heads, pred, tgt)
                 m = {f"loss_{k}": v for k, v in loss.items()}
                 m["ssl_loss"] = sum(loss[k] for k in SELF_SUPERVISED) / len(SELF_SUPERVISED)

@@ -121,7 +121,7 @@ class TrainConfig:
     odometry: bool = False  # config.ModelConfig.odometry: wheel odometry as a fourth sensor
     second_imu: bool = False  # config.ModelConfig.second_imu: a second IMU (the simulated rig gets one)
     rate_readout: bool = False  # config.ModelConfig.rate_readout, each read trained where its stream is sound
-    rate_output: bool = False  # config.ModelConfig.rate_output: the fused reads as an output the velocity head refines
+    rate_output: bool = False  # config.ModelConfig.rate_output: the fused speed and yaw rate as an output, ego_rate
     # start from a trained checkpoint's weights and heads (None: from seed-initialised ones), and train only
     # the parameters whose names start with one of train_only (empty: all of them)
     init_from: str | None = None
@@ -316,6 +316,8 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
     base = _start_from(tc, cfg, model, heads) if tc.init_from else None
     if base is None:
         fit_normalisation(heads, data, cfg, len(train_set))
+        if getattr(model, "ego_rate", None) is not None:  # the model's own velocity, in the target's units
+            model.ego_rate.standardise(heads.mean_velocity, heads.std_velocity)
     camera_goal, camera_goal_of = None, None
     if tc.camera_goal_weight > 0:
         if not isinstance(model, FusionModel):

@@ -85,25 +85,25 @@ class Heads(nn.Module):
     Targets are standardised with the training set's mean and std (kept as buffers), so each
     objective's loss is a mean squared error in units of its own spread and they weigh alike."""
 
-    def __init__(self, in_dim: int, sizes: dict[str, int], hidden: int = 256, rate: bool = False):
+    def __init__(self, in_dim: int, sizes: dict[str, int], hidden: int = 256, ego_rate: bool = False):
         super().__init__()
         self.sizes = dict(sizes)
         self.trunk = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.GELU())
-        self.out = nn.ModuleDict({k: nn.Linear(hidden, n) for k, n in sizes.items()})
-        # with a fused rate (FusionModel's `rate`): how much of each of its values the velocity head takes, learned,
-        # since the IMUs read the yaw rate to 0.009 rad/s but the speed hardly at all (0.31 m/s, docs/RESULTS.md)
-        self.rate_gain = nn.Parameter(torch.ones(sizes["velocity"])) if rate else None
+        # ego_rate: the model outputs the velocity itself (model.EgoRate), which these heads only normalise
+        self.ego_rate = ego_rate
+        self.out = nn.ModuleDict({k: nn.Linear(hidden, n) for k, n in sizes.items() if not (ego_rate and k == "velocity")})
         for k, n in sizes.items():
             self.register_buffer(f"mean_{k}", torch.zeros(n))
             self.register_buffer(f"std_{k}", torch.ones(n))
 
-    def forward(self, feature: torch.Tensor, rate: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """rate: the fusion's own (speed, yaw rate) (B, 2; FusionModel's `rate`), which the velocity head refines."""
+    def forward(self, feature: torch.Tensor, ego_rate: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """ego_rate: the fusion's own (speed, yaw rate) (B, 2; FusionModel's output), for heads built to take it."""
         h = self.trunk(feature)
         out = {k: layer(h) for k, layer in self.out.items()}
-        if rate is not None:
-            gain = 1.0 if self.rate_gain is None else self.rate_gain  # heads trained without one took the rate whole
-            out["velocity"] = out["velocity"] + gain * self.normalise("velocity", rate)
+        if self.ego_rate:
+            if ego_rate is None:
+                raise ConfigError("these heads take the velocity from the model's ego_rate output; none was given")
+            out["velocity"] = self.normalise("velocity", ego_rate)
         return out
 
     def normalise(self, name: str, value: torch.Tensor) -> torch.Tensor:
@@ -144,7 +144,7 @@ def build_model(cfg: FusionConfig, fusion: str) -> nn.Module:
 
 
 def build_heads(cfg: FusionConfig) -> Heads:
-    return Heads(cfg.model.fusion_tokens * cfg.model.dim, target_sizes(cfg), rate=cfg.model.rate_output)
+    return Heads(cfg.model.fusion_tokens * cfg.model.dim, target_sizes(cfg), ego_rate=cfg.model.rate_output)
 
 
 def fused_feature(model: nn.Module, x: dict[str, torch.Tensor], tau: torch.Tensor):
@@ -169,7 +169,7 @@ def predict(model: nn.Module, heads: Heads, data: dict[str, torch.Tensor], idx: 
     device = tau.device
     tgt = clean_targets(data, idx, cfg, device)
     feature, fusion = fused_feature(model, {k: v.to(device) for k, v in x.items()}, tau)
-    return heads(feature, fusion.get("rate")), tgt, fusion
+    return heads(feature, fusion.get("ego_rate")), tgt, fusion
 
 
 # --- losses --------------------------------------------------------------------------------------
@@ -412,7 +412,8 @@ def save_heads(heads: Heads, path: str | Path, info: dict | None = None) -> Path
     tensors = {k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}
     in_dim = heads.trunk[1].in_features
     meta = {"format": HEADS_FORMAT, "sizes": json.dumps(heads.sizes), "in_dim": str(in_dim),
-            "hidden": str(heads.trunk[1].out_features), "info": json.dumps(info or {}, sort_keys=True)}
+            "hidden": str(heads.trunk[1].out_features), "ego_rate": str(heads.ego_rate).lower(),
+            "info": json.dumps(info or {}, sort_keys=True)}
     with written_aside(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return Path(path)
@@ -422,7 +423,7 @@ def load_heads(path: str | Path) -> Heads:
     """The heads saved beside a model (`heads_path`); CheckpointError on anything wrong."""
     meta, tensors = read_safetensors(path, HEADS_FORMAT)
     try:
-        heads = Heads(int(meta["in_dim"]), json.loads(meta["sizes"]), int(meta["hidden"]), "rate_gain" in tensors)
+        heads = Heads(int(meta["in_dim"]), json.loads(meta["sizes"]), int(meta["hidden"]), meta.get("ego_rate") == "true")
         heads.load_state_dict(tensors)
     except (ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{path} is not a readable heads file: {exc}") from exc

@@ -43,7 +43,8 @@ class FusedObservation(gym.Wrapper):
         self.fusion_rate_hz, self.trigger = fusion_rate_hz, trigger
         self._trigger = trigger_modality(trigger)  # a ConfigError now, not at the first reset
         task_dim = env.observation_space["task"].shape[0] if with_task else 0
-        self.layout = ObservationLayout(self.pipeline.cfg.model.dim, with_attention, task_dim, len(self.pipeline.cfg.sensors))
+        cfg = self.pipeline.cfg
+        self.layout = ObservationLayout(cfg.model.dim, with_attention, task_dim, len(cfg.sensors), cfg.model.rate_output)
         self.observation_space = spaces.Box(-np.inf, np.inf, (self.layout.size,), np.float32)
         self.clock = self.state = None
 
@@ -73,4 +74,4 @@ class FusedObservation(gym.Wrapper):
             self.state = self.pipeline.fuse(ticks[-1])
         info["fused"] = self.state
         return observation_vector(self.layout, self.state.pooled, self.state.modality_attention,
-                                  obs["task"] if self.layout.task_dim else None)
+                                  obs["task"] if self.layout.task_dim else None, self.state.ego_rate)
