@@ -713,14 +713,15 @@ def test_the_attention_image_is_off_by_default(ros, fusion_node):
 
 
 def test_a_model_that_reads_odometry_and_a_second_imu_subscribes_to_them_and_fuses_a_real_robots(ros, real_data, tmp_path):
-    """A checkpoint built with wheel odometry and a second IMU (seed-0 weights: the wiring, not what they
-    learned): the node subscribes to its nav_msgs/Odometry topic and both IMU topics, and the fused state,
-    its layout and the diagnostics carry a fourth and a fifth sensor. The Clearpath Husky's recording (IMU
+    """A checkpoint built with wheel odometry, a second IMU and the ego_rate output (seed-0 weights: the wiring,
+    not what they learned): the node subscribes to its nav_msgs/Odometry topic and both IMU topics, and the
+    fused state, its layout and the diagnostics carry a fourth and a fifth sensor, the fused state and its
+    layout the fusion's speed and yaw rate. The Clearpath Husky's recording (IMU
     30 Hz, odometry 10 Hz) is played over DDS; this test relays its IMU to the second IMU's topic, a
     publisher of its own, as a second IMU's driver would be."""
     torch.manual_seed(0)
-    checkpoint = save_checkpoint(FusionModel(FusionConfig(model=ModelConfig(odometry=True, second_imu=True))).eval(),
-                                 tmp_path / "odometry.safetensors")
+    cfg = FusionConfig(model=ModelConfig(odometry=True, second_imu=True, rate_readout=True, rate_output=True))
+    checkpoint = save_checkpoint(FusionModel(cfg).eval(), tmp_path / "odometry.safetensors")
     params = yaml.safe_load(Path("config/fusion.yaml").read_text())
     params["/**"]["ros__parameters"].update(checkpoint=str(checkpoint), camera_type="none", lidar_type="none",
                                             imu_topic="/imu/data", odometry_topic="/husky_velocity_controller/odom",
@@ -759,10 +760,14 @@ def test_a_model_that_reads_odometry_and_a_second_imu_subscribes_to_them_and_fus
         finally:
             assert stop_node(proc, tmp_path / "node.log") == 0, (tmp_path / "node.log").read_text()
     layout = json.loads(layouts[-1].data)
-    assert layout["sensor_order"] == ["camera", "lidar", "imu", "odometry", "imu2"] and layout["height"] == 1 + 8 + 5
+    assert layout["sensor_order"] == ["camera", "lidar", "imu", "odometry", "imu2"] and layout["height"] == 1 + 8 + 5 + 1
+    assert layout["rows"]["ego_rate"] == [14, 15]
     assert played > 150 and len(fused) >= 40, (played, len(fused))
-    attention = [parse_fused_state_rows(np.frombuffer(bytes(m.data), np.float32).reshape(m.height, m.width),
-                                        HEADS, sensors=5)["attention"] for m in fused]
+    parts = [parse_fused_state_rows(np.frombuffer(bytes(m.data), np.float32).reshape(m.height, m.width),
+                                    HEADS, sensors=5, ego_rate=True) for m in fused]
+    attention = [p["attention"] for p in parts]
+    ego = np.array([p["ego_rate"] for p in parts])
+    assert np.isfinite(ego).all() and len(np.unique(ego[:, 1])) > 1  # it follows the recording
     with_odometry = [a for a in attention if a[3].sum() > 0]
     assert len(with_odometry) >= 0.8 * len(attention)  # 10 Hz odometry, fresh within its 0.2 s max age
     relayed = [a[4].sum() > 0 for a in attention]
