@@ -535,8 +535,8 @@ class EgoRate(nn.Module):
         self.gain = nn.Parameter(torch.ones(2))
         self.correction = nn.Sequential(nn.LayerNorm(m.fusion_tokens * m.dim), nn.Linear(m.fusion_tokens * m.dim, hidden),
                                         nn.GELU(), nn.Linear(hidden, 2))
-        # the velocity target's mean and std (`standardise`): about them the gain scales the reads' spread alone
-        # (measured: about 0, seeds whose gain had to move the mean too kept the speed read whole, 0.23-0.26 m/s)
+        # the velocity target's mean and std (`standardise`): about the mean the gain scales the reads' spread
+        # alone (about 0 it moves their mean too, and in a first trial two seeds of three kept the poor speed read)
         self.register_buffer("mean", torch.zeros(2))
         self.register_buffer("std", torch.ones(2))
 
