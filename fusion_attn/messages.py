@@ -71,6 +71,15 @@ def sensor_values_msg(stamp_ns: int, frame_id: str, values):
                                                   _T["geometry_msgs/msg/Vector3"](*map(float, values)))
 
 
+def ego_twist_msg(stamp_ns: int, frame_id: str, ego_rate) -> object:
+    """The fusion's own speed and yaw rate (FusedState.ego_rate) as geometry_msgs/TwistStamped in the robot's
+    frame: linear.x [m/s], angular.z [rad/s], the rest 0 (not estimated)."""
+    vec = _T["geometry_msgs/msg/Vector3"]
+    speed, yaw_rate = map(float, ego_rate)
+    return _T["geometry_msgs/msg/TwistStamped"](header(stamp_ns, frame_id),
+                                                _T["geometry_msgs/msg/Twist"](vec(speed, 0.0, 0.0), vec(0.0, 0.0, yaw_rate)))
+
+
 def fused_state_layout_msg(dim: int, fusion_tokens: int, heads: int, sensors: tuple[str, ...] = MODALITIES[:3],
                            ego_rate: bool = False):
     """std_msgs/String: outputs.fused_state_layout as JSON."""

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
-from geometry_msgs.msg import Vector3Stamped
+from geometry_msgs.msg import TwistStamped, Vector3Stamped
 from nav_msgs.msg import Odometry
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.event_handler import SubscriptionEventCallbacks
@@ -32,6 +32,7 @@ from .errors import ConfigError, FusionAttnError, MalformedMessageError
 from .frames import MODALITIES, NS_PER_S, CameraFrame, FusedState, Modality
 from .messages import (
     diagnostics_msg,
+    ego_twist_msg,
     fused_state_layout_msg,
     fused_state_msg,
     image_msg,
@@ -109,6 +110,9 @@ class FusionNode(LifecycleNode):
         self.attention_pub, self.trust_pub = (
             self.create_lifecycle_publisher(Vector3Stamped, f"{fused}/{name}", 10, qos_overriding_options=QOS_OVERRIDES)
             for name in ("attention", "trust"))
+        # the fusion's own speed and yaw rate, from a model with the ego_rate output (also fused_state's last row)
+        self.twist_pub = self.create_lifecycle_publisher(
+            TwistStamped, f"{fused}/twist", 10, qos_overriding_options=QOS_OVERRIDES) if self.pipeline.cfg.model.rate_output else None
         self.layout_pub = self.create_lifecycle_publisher(
             String, f"{fused}/layout", QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
         self.attention_image_pub = None if self._attention_image is None else self.create_lifecycle_publisher(
@@ -171,7 +175,7 @@ class FusionNode(LifecycleNode):
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._release_io()
-        pubs = (self.fused_pub, self.attention_pub, self.trust_pub, self.layout_pub, self.attention_image_pub)
+        pubs = (self.fused_pub, self.attention_pub, self.trust_pub, self.twist_pub, self.layout_pub, self.attention_image_pub)
         for pub in pubs:
             if pub is not None:
                 self.destroy_lifecycle_publisher(pub)
@@ -254,6 +258,8 @@ class FusionNode(LifecycleNode):
         # and /diagnostics
         self.attention_pub.publish(to_rclpy(sensor_values_msg(stamp_ns, state.frame_id, state.modality_attention[:3])))
         self.trust_pub.publish(to_rclpy(sensor_values_msg(stamp_ns, state.frame_id, trust_values(state)[:3])))
+        if self.twist_pub is not None:
+            self.twist_pub.publish(to_rclpy(ego_twist_msg(stamp_ns, state.frame_id, state.ego_rate)))
         self._latency_ms = (self.get_clock().now().nanoseconds - newest) / 1e6
         self._processing_ms = (time.perf_counter() - start) * 1e3
 

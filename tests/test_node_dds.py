@@ -17,6 +17,7 @@ from conftest import Spinner, ros_domain, stop_node, wait_until
 
 rclpy = pytest.importorskip("rclpy", reason="rclpy (ROS 2) is not installed")
 from diagnostic_msgs.msg import DiagnosticArray
+from geometry_msgs.msg import TwistStamped
 from rcl_interfaces.srv import SetParameters
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.parameter import Parameter
@@ -731,10 +732,11 @@ def test_a_model_that_reads_odometry_and_a_second_imu_subscribes_to_them_and_fus
                                             # delivers in bursts, which the default margin would mask as late
                                             jitter_margin_s=0.15)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    fused, layouts = [], []
+    fused, layouts, twists = [], [], []
     relay = ros.node.create_publisher(Imu, "/imu2/data", qos_profile_sensor_data)
     ros.node.create_subscription(Imu, "/imu/data", relay.publish, qos_profile_sensor_data)
     ros.node.create_subscription(Image, "/odo/fused_state", fused.append, 50)
+    ros.node.create_subscription(TwistStamped, "/odo/fused_state/twist", twists.append, 50)
     ros.node.create_subscription(String, "/odo/fused_state/layout", layouts.append,
                                  QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
 
@@ -768,6 +770,12 @@ def test_a_model_that_reads_odometry_and_a_second_imu_subscribes_to_them_and_fus
     attention = [p["attention"] for p in parts]
     ego = np.array([p["ego_rate"] for p in parts])
     assert np.isfinite(ego).all() and len(np.unique(ego[:, 1])) > 1  # it follows the recording
+    # and as a TwistStamped beside it, at the same stamps: speed as linear.x, yaw rate as angular.z
+    by_stamp = {stamp_to_ns(m.header.stamp): e for m, e in zip(fused, ego)}
+    twist = {stamp_to_ns(t.header.stamp): (t.twist.linear.x, t.twist.angular.z) for t in twists}
+    assert len(set(twist) & set(by_stamp)) >= 0.9 * len(by_stamp)
+    for stamp in set(twist) & set(by_stamp):
+        np.testing.assert_allclose(twist[stamp], by_stamp[stamp], rtol=1e-6)
     with_odometry = [a for a in attention if a[3].sum() > 0]
     assert len(with_odometry) >= 0.8 * len(attention)  # 10 Hz odometry, fresh within its 0.2 s max age
     relayed = [a[4].sum() > 0 for a in attention]
