@@ -482,8 +482,8 @@ robustness-imu2-rate: $(STAMP) runs/imu2_rate-s0/train_state.pt runs/imu2_rate-s
 		'imu2_rate#2=runs/imu2_rate-s2' --beside docs/results/imu2/robustness.json \
 		-o docs/results/imu2_rate --episodes 12 --jobs 2 --reuse --bag $(EVAL_BAGS)
 
-# ... with the fused speed and yaw rate as the model's own output, ego_rate: the averaged reads times a learned
-# gain plus a correction from the fused tokens (--rate-output), not added onto them, where the heads erred 5x
+# ... with the fused speed and yaw rate as the model's own output, ego_rate: the averaged reads about the
+# training mean times a learned gain, plus a correction from the fused tokens (--rate-output), not added onto them, where the heads erred 5x
 # the reads (docs/RESULTS.md, benchmarks/rate_reads.py); the velocity objective is its prediction
 runs/imu2_ego-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/imu2_ego-s$* --seed $* --second-imu --rate-readout --rate-output --trust-floor 0.01 \

@@ -5,9 +5,9 @@ them (issue #15), on the run's own validation samples, clean:
         [--out benchmarks/results/rate_reads.json]
 
 Per run: each six-axis stream's own read (ModelConfig.rate_readout) and the mean of the reads against the
-truth, the heads' yaw rate (a `--rate-output` model's own ego_rate), the speed as the reads and the heads
-tell it, the gain the model's EgoRate learned for each value of the reads' average (`--rate-output`), and the newest gyro sample of each stream read as it is (its token
-unscaled: what the read starts from). Where the rate is added onto the
+truth; the heads' yaw rate and speed (`heads_*`: for a `--rate-output` model its own ego_rate, the heads'
+velocity prediction), and the gain its EgoRate learned for each value; the newest gyro sample of each
+stream read as it is (its token unscaled: what the read starts from). Where the rate is added onto the
 latents (not `--rate-output`), the two things that mix it with them:
   spread          the per-sample spread (std) of the flattened latents, which the heads' first LayerNorm divides
                   each sample by, with the rate's embedding and without it (its weight zeroed), and the error a

@@ -169,9 +169,10 @@ class ModelConfig:
     # the latent blocks (docs/RESULTS.md: the reads err 0.009 rad/s, the fused yaw rate 0.046)
     rate_readout: bool = field(default=False, metadata=ADDED_LATER)
     # with rate_readout: the fused speed and yaw rate are the model's own output ego_rate (B, 2; model.EgoRate:
-    # the averaged reads times a learned gain plus a correction from the fused tokens), which the velocity
-    # objective trains, instead of the reads being added onto the fused tokens, where the heads' normalisation
-    # and the tokens' other content blur them (docs/RESULTS.md: read back from the tokens they err 5x the reads)
+    # the averaged reads about the training mean times a learned gain, plus a correction from the fused
+    # tokens), which the velocity objective trains, instead of the reads being added onto the fused tokens,
+    # where the heads' normalisation and the tokens' other content blur them (docs/RESULTS.md: read back from
+    # the tokens they err 5x the reads)
     rate_output: bool = field(default=False, metadata=ADDED_LATER)
 
 
