@@ -1,7 +1,8 @@
 """Recordings in: rosbag2 (sqlite3, MCAP) and ROS 1 bags through `rosbags`, as adapted frames.
 
-Sensor topics are found by message type, the busiest of each; every other topic is reported with why
-it is left out (a sensor topic also with the option that chooses it). A topic whose messages cannot be
+Sensor topics are found by message type, the busiest of each (a lidar: the one with the most points,
+since a radar's cloud of a few targets often comes faster); every other topic is reported with why it is
+left out (a sensor topic also with the option that chooses it). A topic whose messages cannot be
 decoded (no message definition stored, an unknown vendor type) is reported and skipped; a malformed
 message is counted and skipped; a bag that cannot be opened or is truncated raises BagError naming the
 file. A single bag whose index is missing or damaged is read record by record instead, a ROS 1 bag's
@@ -457,8 +458,9 @@ def topic_flag(modality: Modality) -> str:
 
 def find_topics(reader: AnyReader, overrides: dict[Modality, str] | None = None,
                 leave_out: Mapping[Modality, str] | None = None) -> BagTopics:
-    """One topic per modality: the override if given, else the busiest topic of a sensor type. A second
-    IMU (Modality.IMU2) takes the busiest IMU topic the IMU did not.
+    """One topic per modality: the override if given, else the busiest topic of a sensor type, a lidar's
+    busiest by points (messages x points in its first sweeps: a radar's cloud of a few targets is no
+    lidar, however often it comes). A second IMU (Modality.IMU2) takes the busiest IMU topic the IMU did not.
 
     Every other topic is in `skipped` with the reason; a sensor topic not chosen also names the option
     that chooses it. leave_out: modalities not fused -> why (configured as none by the node's *_type, not
@@ -496,18 +498,39 @@ def find_topics(reader: AnyReader, overrides: dict[Modality, str] | None = None,
             raise ConfigError(f"{flag} {chosen}: that is the {taken} topic; two sensors cannot read one topic")
         if chosen is None and not names:
             continue
-        chosen = chosen or max(names, key=counts.__getitem__)  # the first of equally busy ones
+        busy = {t: f"{counts[t]} messages" for t in names}
+        load = dict(counts)
+        if kind_of(modality) is Modality.LIDAR and chosen is None and len(names) > 1:
+            for t in names:
+                points = _points_per_sweep(reader, t)
+                load[t] = counts[t] * points
+                busy[t] = f"{load[t]:,} points: {counts[t]} messages of {points:,}"
+        chosen = chosen or max(names, key=load.__getitem__)  # the first of equally busy ones
         topics.sensors[modality] = chosen
         topics.skipped.pop(chosen, None)  # a second IMU's: named another IMU topic by the first
-        tied = modality not in overrides and sum(counts[t] == counts[chosen] for t in names) > 1
+        tied = modality not in overrides and sum(load[t] == load[chosen] for t in names) > 1
         why = (f"{flag} chose {chosen}" if modality in overrides
-               else f"{chosen} is as busy ({counts[chosen]} messages) and listed first" if tied
-               else f"{chosen} is busier ({counts[chosen]} messages)")
-        topics.skipped.update((t, f"another {name} topic ({counts[t]} messages): {why}; choose this one with {flag} {t}")
+               else f"{chosen} is as busy ({busy[chosen]}) and listed first" if tied
+               else f"{chosen} is busier ({busy[chosen]})")
+        topics.skipped.update((t, f"another {name} topic ({busy[t]}): {why}; choose this one with {flag} {t}")
                               for t in names if t != chosen)
     for t, reason in topics.skipped.items():
         log.info("skipping topic %s: %s", t, reason)
     return topics
+
+
+def _points_per_sweep(reader: AnyReader, topic: str, sweeps: int = 3) -> int:
+    """The most points among the topic's first few sweeps as the adapter reads them (a lidar spinning up
+    may send an empty one first); 0 where none of them reads. The read is through the index, so it is cheap."""
+    conns = [c for c in reader.connections if c.topic == topic]
+    most = 0
+    with contextlib.suppress(BagError):  # a bag that breaks off is reported where it is read in full
+        for k, (conn, _, raw) in enumerate(reader.messages(connections=conns)):
+            with contextlib.suppress(Exception):  # a message that does not decode or adapt counts as no sweep
+                most = max(most, len(to_frame(reader.deserialize(raw, conn.msgtype))))
+            if k + 1 == sweeps:
+                break
+    return most
 
 
 def _check_override(modality: Modality, topic: str, msgtypes: dict[str, str], skipped: dict[str, str]) -> None:

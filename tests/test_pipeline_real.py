@@ -85,6 +85,17 @@ def test_sick_laserscan_or_pointcloud_only(real_data, pipelines, topic):
     assert sync.health[Modality.LIDAR].received == 89
 
 
+def test_the_lidar_is_the_cloud_with_the_most_points_not_the_busiest(real_data):
+    # the radar's raw targets (8 points) come 139 times, the scanner's sweeps (541 points) 89 times
+    with open_reader([real_data / "sick_lms1xx_scan_cloud_radar.bag"]) as reader:
+        topics = find_topics(reader)
+    assert topics.sensors == {Modality.LIDAR: "/cloud"}
+    assert topics.skipped["/cloud_radar_rawtarget"] == (
+        "another lidar topic (1,112 points: 139 messages of 8): /cloud is busier (48,149 points: 89 messages "
+        "of 541); choose this one with --lidar-topic /cloud_radar_rawtarget")
+    assert "89 messages of 462" in topics.skipped["/sick_lms_1xx/scan"]  # the beams within its range limits
+
+
 def test_husky_imu_only_ros1_bag(real_data, pipelines):
     with open_reader([real_data / "husky_imu_odom_gps.bag"]) as reader:
         topics = find_topics(reader, leave_out={Modality.ODOMETRY: "the model does not read odometry"})

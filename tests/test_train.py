@@ -19,7 +19,7 @@ import fusion_attn.sim  # noqa: F401 - headless GL before mujoco loads
 from fusion_attn.checkpoint import load_checkpoint, read_checkpoint
 from fusion_attn.cli import main
 from fusion_attn.config import FusionConfig, ModelConfig
-from fusion_attn.errors import CheckpointError, ConfigError
+from fusion_attn.errors import BagError, CheckpointError, ConfigError
 from fusion_attn.frames import CameraFrame, Modality
 from fusion_attn.learn import robustness
 from fusion_attn.learn.augment import DELAY_LAG, FAULTS, FREEZE_LAG, FaultPlan, corrupt, gather
@@ -28,6 +28,7 @@ from fusion_attn.learn.data import (
     Dataset,
     bag_sequence,
     bag_set,
+    bag_shard,
     build_datasets,
     decode_camera,
     encode_sample,
@@ -1257,6 +1258,18 @@ def test_eval_robustness_reuses_the_training_shard_of_a_recording(tmp_path, real
     os.utime(mcap, ns=(mcap.stat().st_atime_ns, mcap.stat().st_mtime_ns + 10**9))
     run_evaluation(attention_only, tmp_path / "out", [1.0], 1, cache, [bag])
     assert len(set(cache.glob("bag-*.npz")) - before - trained) == 1
+
+
+def test_a_recordings_shard_is_keyed_by_the_topics_it_reads(real_data, tmp_path):
+    """A change in which topic feeds a sensor (the lidar chosen by points since 2026-12-05, not the busy
+    radar) makes a new shard; a bag that does not open keeps its error for when the shard is made."""
+    assert bag_shard(real_data / "sick_lms1xx_scan_cloud_radar.bag", 10.0, CFG).key["topics"] == {"lidar": "/cloud"}
+    broken = tmp_path / "broken.bag"
+    broken.write_bytes(b"#ROSBAG V2.0\n" + bytes(100))
+    shard = bag_shard(broken, 10.0, CFG)
+    assert shard.key["topics"] is None
+    with pytest.raises(BagError, match="broken.bag"):
+        shard.make()
 
 
 def test_real_recordings_count_only_the_fusions_a_corruption_changed(tmp_path, real_data, cache, runs):

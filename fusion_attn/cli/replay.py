@@ -165,7 +165,8 @@ def topic_args(p: argparse.ArgumentParser) -> None:
     topics (see bag.find_topics)."""
     for m in Modality:
         types = " or ".join(t for t in SUPPORTED_TYPES if modality_of(t) is kind_of(m))
-        default = f"the busiest {types}" + (" the IMU does not read" if m is Modality.IMU2 else "")
+        default = (f"the {types} topic with the most points" if kind_of(m) is Modality.LIDAR
+                   else f"the busiest {types}" + (" the IMU does not read" if m is Modality.IMU2 else ""))
         p.add_argument(topic_flag(m), metavar="TOPIC", help=f"the {MODALITIES[m]} topic (default: {default})")
 
 

@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ..bag import find_topics, open_reader
 from ..config import STREAMS, FusionConfig
-from ..errors import ConfigError, FusionAttnError
+from ..errors import BagError, ConfigError, FusionAttnError
 from ..files import written_aside
-from ..frames import NS_PER_S
+from ..frames import MODALITIES, NS_PER_S
 from ..tokenize import (
     IMU_AXES,
     LIDAR_INDEX,
@@ -270,12 +271,22 @@ def episode_shards(tc: TrainConfig, cfg: FusionConfig, split: str, count: int) -
 
 def bag_shard(bag: str | Path, fusion_hz: float, cfg: FusionConfig, trigger: str = "timer") -> Shard:
     """A recording (file or folder); its key holds each file's size and modification time, so a
-    recording changed at the same path is tokenized anew."""
+    recording changed at the same path is tokenized anew, and the topic each sensor is read from."""
     p = Path(bag)
     files = sorted(p.rglob("*")) if p.is_dir() else [p]
     stat = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
-    key = shard_key(cfg, fusion_hz, "bag", trigger, path=str(p.resolve()), files=stat)
+    key = shard_key(cfg, fusion_hz, "bag", trigger, path=str(p.resolve()), files=stat, topics=_sensor_topics(p))
     return Shard(key, functools.partial(bag_sequence, [p], fusion_hz, cfg, trigger))
+
+
+def _sensor_topics(bag: Path) -> dict[str, str] | None:
+    """The topic each sensor of a recording is read from; None where it does not open (making its shard
+    then raises the BagError, beside the shards that could be made)."""
+    try:
+        with open_reader([bag]) as reader:
+            return {MODALITIES[m]: t for m, t in find_topics(reader).sensors.items()}
+    except BagError:
+        return None
 
 
 # --- datasets ------------------------------------------------------------------------------------
