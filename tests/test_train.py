@@ -453,6 +453,23 @@ def test_a_frozen_sensor_repeats_one_frame_as_current_and_previous(data):
     _unchanged(clean, x, "imu")
 
 
+def test_a_first_frame_comes_without_its_previous_one_unless_frozen(data):
+    t, idx = data.tensors(), torch.tensor((5, 25, 45))
+    clean = gather(t, idx)
+    for fault, sensor in (("noise", Modality.IMU), ("freeze", Modality.CAMERA)):
+        plan = FaultPlan.fixed(len(idx), int(sensor), fault)
+        plan.first_frame = torch.tensor([[True, False], [False, True], [True, True]])
+        x = corrupt(t, idx, plan, CFG, TINY.fusion_hz, torch.Generator().manual_seed(0))
+        for k, name in enumerate(("camera", "lidar")):
+            first = plan.first_frame[:, k] & (not (sensor == k and fault == "freeze"))
+            mask = x[f"{name}_prev_mask"].flatten(1)
+            assert not mask[first].any() and (x[f"{name}_prev_age"][first] == 0).all()
+            torch.testing.assert_close(mask[~first], clean[f"{name}_prev_mask"].flatten(1)[~first])
+            assert torch.equal(x[f"{name}_mask"], clean[f"{name}_mask"])  # the frame itself is there
+    # a frozen camera keeps the previous frame it repeats: without one it could not be told from a clean first frame
+    assert x["camera_prev_mask"].any(1).all()
+
+
 def test_a_frozen_imu_keeps_its_live_window_timing(data):
     # a driver re-sending its last reading with fresh stamps, at its rate: the window's chunks, their sample
     # spacing and count are the live sample's; only the reading is stuck (at an episode's start, the older

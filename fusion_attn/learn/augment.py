@@ -42,19 +42,24 @@ SECOND_KIND = torch.tensor([axis.startswith("gyro") for axis in IMU_AXES])
 class FaultPlan:
     """Per sample: the faulted sensor (-1: none, else Modality), the fault (index into FAULTS), how many
     samples back a frozen or delayed sensor's content is, the noise strength in [0, 1] and where a
-    partial fault sits in [0, 1) (which image half; where the blocked lidar sector starts)."""
+    partial fault sits in [0, 1) (which image half; where the blocked lidar sector starts); and, when
+    drawn, whose camera and lidar frames come without their previous one (a recording's first frame, or
+    the first after a gap longer than the sync bridges)."""
 
     sensor: torch.Tensor  # (B,) long
     fault: torch.Tensor  # (B,) long
     lag: torch.Tensor  # (B,) long
     strength: torch.Tensor  # (B,) float
     where: torch.Tensor  # (B,) float
+    first_frame: torch.Tensor | None = None  # (B, 2) bool: camera, lidar
 
     @classmethod
     def draw(cls, batch: int, prob: float, gen: torch.Generator,
-             sensor_weights: tuple[float, ...] = (1.0, 1.0, 1.0)) -> FaultPlan:
+             sensor_weights: tuple[float, ...] = (1.0, 1.0, 1.0), first_frame_share: float = 0.0) -> FaultPlan:
         """A faulted sensor with chance `prob` per sample, each of the model's sensors (FusionConfig.sensors:
-        camera, lidar, IMU[, odometry]) in proportion to its entry of sensor_weights."""
+        camera, lidar, IMU[, odometry]) in proportion to its entry of sensor_weights; camera and lidar
+        each as a first frame with chance first_frame_share (drawn last, and only then: the streams of
+        runs without it stay theirs)."""
         faulted = torch.rand(batch, generator=gen) < prob
         if not sum(sensor_weights) > 0:
             raise ValueError(f"fault sensor weights {sensor_weights}: at least one above 0")
@@ -68,7 +73,9 @@ class FaultPlan:
         lag = torch.randint(FREEZE_LAG[0], FREEZE_LAG[1] + 1, (batch,), generator=gen)
         lag = torch.where(fault == FAULTS.index("delay"), DELAY_LAG, lag)
         strength = NOISE_MIN + (1.0 - NOISE_MIN) * torch.rand(batch, generator=gen)
-        return cls(sensor, fault, lag, strength, torch.rand(batch, generator=gen))
+        where = torch.rand(batch, generator=gen)
+        first = torch.rand(batch, 2, generator=gen) < first_frame_share if first_frame_share > 0 else None
+        return cls(sensor, fault, lag, strength, where, first)
 
     @classmethod
     def fixed(cls, batch: int, sensor: int, fault: str, lag: int | None = None, strength: float = 1.0,
@@ -171,6 +178,8 @@ def corrupt(data: dict[str, torch.Tensor], idx: torch.Tensor, plan: FaultPlan, c
     own_prev = torch.stack([data["camera_prev"][src[:, 0]], data["lidar_prev"][src[:, 1]]], dim=1)
     frozen = torch.stack([hit[0] & is_freeze, hit[1] & is_freeze], dim=1)
     prev_src = torch.where(frozen & (clean_prev >= 0), src[:, :2], torch.where(frozen, -1, own_prev))
+    if plan.first_frame is not None:  # nothing to compare with; not a frozen one, which would then look clean
+        prev_src = torch.where(plan.first_frame & ~frozen, -1, prev_src)
     clean_interval = torch.stack([(data[f"{n}_frame_s"][idx] - data[f"{n}_frame_s"][clean_prev[:, k].clamp_min(0)]).float()
                                   for k, n in enumerate(("camera", "lidar"))], dim=1)
     x = gather(data, idx, src, prev_src)

@@ -81,6 +81,9 @@ class TrainConfig:
     bags: tuple[str, ...] = ()  # unlabelled recordings: self-supervised objectives only
     bag_fraction: float = 0.2  # share of each batch drawn from the bags (when there are any)
     corrupt_prob: float = 0.6  # chance that a sample gets one faulted sensor
+    # chance that a sample's camera (and, drawn apart, its lidar) comes without its previous frame, as at a
+    # recording's start or after a gap: the trust then learns to judge a frame by its content alone
+    first_frame_share: float = 0.0
     fault_weights: tuple[float, ...] = (1.0, 1.0, 1.0)  # which one: camera, lidar, IMU[, odometry][, imu2: 1 unless given] in proportion
     tau_random_prob: float = 0.5  # chance that a sample gets a random τ instead of all ones (0: fixed τ = 1)
     fusion: str = "attention"  # or the baselines without attention: concat, mean (see PooledFusion)
@@ -380,7 +383,7 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
         for group in opt.param_groups:
             group["lr"] = lr_at(step, tc)
         idx = torch.multinomial(weights, tc.batch, replacement=True, generator=gen)
-        plan = FaultPlan.draw(tc.batch, tc.corrupt_prob, gen, fault_weights)
+        plan = FaultPlan.draw(tc.batch, tc.corrupt_prob, gen, fault_weights, tc.first_frame_share)
         x = corrupt(data, idx, plan, cfg, tc.fusion_hz, gen)
         tau = random_tau(tc.batch, tc.tau_random_prob, gen, len(cfg.sensors))
         pred, tgt, fusion = predict(model, heads, data, idx, x, tau.to(dev), cfg)
