@@ -521,15 +521,18 @@ def find_topics(reader: AnyReader, overrides: dict[Modality, str] | None = None,
 
 def _points_per_sweep(reader: AnyReader, topic: str, sweeps: int = 3) -> int:
     """The most points among the topic's first few sweeps as the adapter reads them (a lidar spinning up
-    may send an empty one first); 0 where none of them reads. The read is through the index, so it is cheap."""
+    may send an empty one first); 0 where none of them reads. Cheap through an index; a bag read record
+    by record is read up to them."""
     conns = [c for c in reader.connections if c.topic == topic]
+    notes = list(reader.notes)  # what this look had to work around is the full read's to report
     most = 0
-    with contextlib.suppress(BagError):  # a bag that breaks off is reported where it is read in full
+    with contextlib.suppress(Exception):  # a bag that breaks off is reported where it is read in full
         for k, (conn, _, raw) in enumerate(reader.messages(connections=conns)):
             with contextlib.suppress(Exception):  # a message that does not decode or adapt counts as no sweep
                 most = max(most, len(to_frame(reader.deserialize(raw, conn.msgtype))))
             if k + 1 == sweeps:
                 break
+    reader.notes[:] = notes
     return most
 
 

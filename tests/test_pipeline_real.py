@@ -96,6 +96,16 @@ def test_the_lidar_is_the_cloud_with_the_most_points_not_the_busiest(real_data):
     assert "89 messages of 462" in topics.skipped["/sick_lms_1xx/scan"]  # the beams within its range limits
 
 
+def test_the_lidar_is_chosen_by_points_in_a_bag_read_record_by_record(real_data, tmp_path):
+    src = real_data / "sick_lms1xx_scan_cloud_radar.bag"
+    cut = tmp_path / "cut.bag"
+    cut.write_bytes(src.read_bytes()[: int(src.stat().st_size * 0.6)])  # its index, at the end, lost
+    with open_reader([cut]) as reader:
+        notes = list(reader.notes)
+        assert find_topics(reader).sensors == {Modality.LIDAR: "/cloud"}
+        assert reader.notes == notes  # the look at the first sweeps leaves the reading's notes to the reading
+
+
 def test_husky_imu_only_ros1_bag(real_data, pipelines):
     with open_reader([real_data / "husky_imu_odom_gps.bag"]) as reader:
         topics = find_topics(reader, leave_out={Modality.ODOMETRY: "the model does not read odometry"})
