@@ -9,7 +9,7 @@ STAMP     := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
 .PHONY: run test colcon-check venv clean default-model robustness robustness-arrival robustness-default robustness-stalecam \
-	robustness-stalefit robustness-stillfit robustness-data4x robustness-stem \
+	robustness-stalefit robustness-first robustness-stillfit robustness-data4x robustness-stem \
 	robustness-camgoal robustness-mirror robustness-data8x robustness-data4x-clip \
 	robustness-data4x-clip-3k robustness-data4x-clip-pixel robustness-data4x-clip-stem \
 	robustness-data4x-clip-stem-camgoal robustness-stem-camgoal robustness-stem-lidgoal robustness-stem-lidgoal-col \
@@ -412,6 +412,21 @@ robustness-stalecam: $(STAMP) runs/default_stalecam-s0/train_state.pt runs/defau
 robustness-stalefit: $(STAMP) runs/default_stalefit/train_state.pt
 	$(VENV)/bin/fusion-attn eval-robustness stalefit=runs/default_stalefit --beside docs/results/default/robustness.json \
 		-o docs/results/default_stalefit --episodes 12 --jobs 2 --bag $(EVAL_BAGS)
+
+# the default's recipe with first frames (--first-frame-share 0.1: a tenth of the samples show the camera, and apart
+# from it the lidar, without their previous frame, as at a recording's start), its stale path fitted on the same way,
+# beside the default's recipe at the same commit (runs/default_stalefit: the SICK recording's scanner in both)
+runs/default_first-s%/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/default_first-s$* --seed $* --trust-floor 0.01 --floor-at-run-time --first-frame-share 0.1
+.PRECIOUS: runs/default_first-s%/train_state.pt  # the base a stale path is fitted onto is a run to keep
+runs/default_first_stalefit-s%/train_state.pt: runs/default_first-s%/train_state.pt
+	$(TRAIN) -o runs/default_first_stalefit-s$* --trust-floor 0.01 --floor-at-run-time --stale-evidence \
+		--init-from runs/default_first-s$*/model.safetensors --train-only trust.stale --steps 600 --lr 0.02 \
+		--first-frame-share 0.1
+robustness-first: $(STAMP) runs/default_first_stalefit-s0/train_state.pt runs/default_stalefit/train_state.pt
+	$(VENV)/bin/fusion-attn eval-robustness first=runs/default_first_stalefit-s0 scanner=runs/default_stalefit \
+		--beside docs/results/default_stalefit/robustness.json -o docs/results/default_first --episodes 12 --jobs 2 \
+		--bag $(EVAL_BAGS)
 
 # wheel odometry as a fourth sensor (--odometry: the simulator's 50 Hz twist, nav_msgs/Odometry on a robot):
 # the packaged default's recipe, and concat trained the same way on the same data; the targets judge the first
