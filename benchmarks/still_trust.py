@@ -30,7 +30,7 @@ import numpy as np
 import fusion_attn.sim  # noqa: F401 - picks the headless GL backend before mujoco loads
 from fusion_attn.bench import machine
 from fusion_attn.clock import FusionClock
-from fusion_attn.frames import MODALITIES, NS_PER_S
+from fusion_attn.frames import NS_PER_S
 from fusion_attn.learn.data import random_drive
 from fusion_attn.outputs import TRUST_THRESHOLD
 from fusion_attn.pipeline import FusionPipeline
@@ -81,6 +81,7 @@ report = {"date": datetime.date.today().isoformat(), "machine": machine(), "thre
           "settings": {k: v for k, v in vars(args).items() if k not in ("checkpoints", "out")}, "models": {}}
 for checkpoint in args.checkpoints:
     pipeline = FusionPipeline.create(checkpoint, backend="onnxruntime", threads=1)
+    names = pipeline.cfg.sensor_names  # the model's sensors, in the order of its trust
     rows = []
     for t, task in enumerate(TASKS):
         for k in range(args.episodes):
@@ -89,12 +90,12 @@ for checkpoint in args.checkpoints:
             standing = [tr for s, tr in fused if SETTLE_S <= s < args.still_s]
             driving = [tr for s, tr in fused if s >= args.still_s]
             row = {"task": task, "seed": seed, "frozen": None}
-            row.update({f"{m}_below_standing": below(standing, i) for i, m in enumerate(MODALITIES)})
-            row.update({f"{m}_below_driving": below(driving, i) for i, m in enumerate(MODALITIES)})
+            row.update({f"{m}_below_standing": below(standing, i) for i, m in enumerate(names)})
+            row.update({f"{m}_below_driving": below(driving, i) for i, m in enumerate(names)})
             row.update({f"{m}_trust_standing": round(float(np.nanmean([tr[i] for tr in standing])), 4)
-                        for i, m in enumerate(MODALITIES)})
+                        for i, m in enumerate(names)})
             rows.append(row)
-            for i, sensor in enumerate(MODALITIES):
+            for i, sensor in enumerate(names):
                 fused = episode(pipeline, task, seed, sensor)
                 stuck = [(s, tr) for s, tr in fused if args.freeze_at_s <= s < args.still_s]
                 caught = [s for s, tr in stuck if not tr[i] >= TRUST_THRESHOLD]  # NaN (absent) counts as caught
@@ -109,7 +110,7 @@ for checkpoint in args.checkpoints:
                    "latency_s_max": max((r["latency_s"] for r in rows if r["frozen"] == m and r["latency_s"] is not None),
                                         default=None),
                    "frozen_caught": sum(r["latency_s"] is not None for r in rows if r["frozen"] == m),
-                   "frozen_episodes": sum(r["frozen"] == m for r in rows)} for m in MODALITIES}
+                   "frozen_episodes": sum(r["frozen"] == m for r in rows)} for m in names}
     report["models"][pipeline.model_source] = {"episodes": rows, "summary": summary}
 
 args.out.parent.mkdir(parents=True, exist_ok=True)
