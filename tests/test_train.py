@@ -131,6 +131,18 @@ def test_triggered_data_fuses_at_each_sweep_and_keys_its_own_shards():
         sim_episode("control", 3, 1.0, 10.0, CFG, trigger="radar")
 
 
+def test_a_timer_phase_shows_the_frames_younger_in_training_episodes_only():
+    timer = sim_episode("control", 3, 3.0, 10.0, CFG)
+    later = sim_episode("control", 3, 3.0, 10.0, CFG, phase=0.4)  # two 50 Hz control steps
+    np.testing.assert_allclose(timer["camera_age"][:, 0], 0.1, atol=1e-6)
+    np.testing.assert_allclose(later["camera_age"][:, 0], 0.04, atol=1e-6)
+    np.testing.assert_allclose(later["lidar_age"][:, 0], 0.04, atol=1e-6)
+    np.testing.assert_array_equal(later["stamp_ns"][:5] - timer["stamp_ns"][:5], 40_000_000)
+    tc = dataclasses.replace(TINY, random_phase=True)
+    assert [s.key.get("phase") for s in episode_shards(tc, CFG, "train", 6)] == [None, 0.2, 0.4, 0.6, 0.8, None]
+    assert all("phase" not in s.key for s in episode_shards(tc, CFG, "val", 6))
+
+
 def test_stops_and_extra_tasks_shape_training_episodes_only():
     from fusion_attn.sim.faults import FaultConfig
     from fusion_attn.sim.robot import RobotEnv

@@ -102,6 +102,10 @@ def add_parser(verbs):
                        help="share of training samples whose camera, and apart from it whose lidar, come without "
                             "their previous frame, as at a recording's start or after a gap (default 0): the trust "
                             "learns to judge a first frame by its content")
+    train.add_argument("--random-phase", action="store_true",
+                       help="the training episodes' fusion timer at phases in turn (fifths of a period), not with "
+                            "the sensors' frames: camera and lidar are seen at the ages between, as a node at 20 Hz "
+                            "sees them (validation and held-out episodes keep phase 0)")
     train.add_argument("--objective-weights", nargs="+", metavar="NAME=WEIGHT",
                        help="weights of head objectives (default 1 each): camera, lidar, imu, imu_next, velocity, "
                             "obstacles, goal; e.g. goal=4")
@@ -173,7 +177,7 @@ def run(args) -> int:
     from ..learn.loop import TrainConfig, train
 
     fields = ("seed", "steps", "batch", "lr", "clip_grad_norm", "sim_episodes", "val_episodes", "sim_seconds", "sim_tasks", "stop_share", "mirror", "sim_camera_view", "trigger", "bags", "fusion",
-              "tau_random_prob", "sensor_fusion", "trust_floor", "floor_in_training", "camera_shifts", "lidar_motion", "lidar_motion_token", "lidar_motion_direct", "imu_direct", "stale_evidence", "camera_size", "camera_patch", "camera_stem", "camera_stem_cells", "camera_column_blocks", "odometry", "second_imu", "rate_readout", "rate_output", "fault_weights", "corrupt_prob", "first_frame_share", "objective_weights", "trust_weight", "avoid_weight", "consistency_weight", "camera_goal_weight", "camera_goal_head", "lidar_goal_weight", "lidar_goal_bearing", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature", "init_from", "train_only")
+              "tau_random_prob", "sensor_fusion", "trust_floor", "floor_in_training", "camera_shifts", "lidar_motion", "lidar_motion_token", "lidar_motion_direct", "imu_direct", "stale_evidence", "camera_size", "camera_patch", "camera_stem", "camera_stem_cells", "camera_column_blocks", "odometry", "second_imu", "rate_readout", "rate_output", "fault_weights", "corrupt_prob", "first_frame_share", "random_phase", "objective_weights", "trust_weight", "avoid_weight", "consistency_weight", "camera_goal_weight", "camera_goal_head", "lidar_goal_weight", "lidar_goal_bearing", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature", "init_from", "train_only")
     given = {k: getattr(args, k) for k in fields if hasattr(args, k)}
     if "bags" in given:
         given["bags"] = tuple(str(b) for b in given["bags"])

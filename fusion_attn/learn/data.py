@@ -80,7 +80,8 @@ def decode_camera(u8: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def sim_episode(task: str, seed: int, seconds: float, fusion_hz: float, cfg: FusionConfig,
-                trigger: str = "timer", stop_share: float = 0.0, sensors=None, drive=None) -> dict[str, np.ndarray]:
+                trigger: str = "timer", stop_share: float = 0.0, sensors=None, drive=None,
+                phase: float = 0.0) -> dict[str, np.ndarray]:
     """One clean simulated episode, tokenized as the node would see it, with ground truth per sample:
     the true state at the end of the 50 Hz control step in which the sample was fused (a timer tick's
     own time; a trigger frame's arrival, at most one step after its stamp).
@@ -89,6 +90,9 @@ def sim_episode(task: str, seed: int, seconds: float, fusion_hz: float, cfg: Fus
     turning, driving and stopping near obstacles rather than 50 Hz jitter; `stop_share` of its commands
     are a stop (`random_drive`). `sensors`: the simulated sensors' `SensorConfig` (None: the default).
     `task`: a task's name or a `Task`; `drive`: another policy, called as random_drive is (None: it).
+    `phase`: the timer's first tick that share of a period later (rounded down to a control step), so
+    that its samples fall between the sensors' frames rather than with them (0: each camera and lidar
+    frame is 0.1 s old at 10 Hz; a node at 20 Hz, or other sensor rates, see the ages between).
     """
     import fusion_attn.sim  # noqa: F401 - picks the headless GL backend before mujoco loads
     from fusion_attn.sim.faults import FaultConfig
@@ -97,11 +101,12 @@ def sim_episode(task: str, seed: int, seconds: float, fusion_hz: float, cfg: Fus
     from ..clock import FusionClock, trigger_modality
     from ..sync import SensorSync, SyncConfig
 
-    # the node's fusion timer on simulated time, first tick one period in; at 10 Hz every tick ends a
-    # 50 Hz control step, so the ground truth taken at the step's end is the tick's
-    clock = FusionClock(SensorSync(SyncConfig.for_model(cfg)), fusion_hz, trigger_modality(trigger),
-                        start_ns=round(NS_PER_S / fusion_hz))
     env = RobotEnv(task, sensors=sensors, faults=FaultConfig())
+    # the node's fusion timer on simulated time, first tick one period (and the phase) in, on a control
+    # step's end: at 10 Hz every tick ends a 50 Hz step, so the ground truth taken at its end is the tick's
+    step_ns, period_ns = env.substeps * env.dt_ns, round(NS_PER_S / fusion_hz)
+    clock = FusionClock(SensorSync(SyncConfig.for_model(cfg)), fusion_hz, trigger_modality(trigger),
+                        start_ns=period_ns + int(phase * period_ns) // step_ns * step_ns)
     rng = np.random.default_rng(seed)
     tokenizer, ones = Tokenizer(cfg), np.ones(1 + len(cfg.sensors), np.float32)  # τ: not stored
     samples, truth, stamps = [], [], []
@@ -260,11 +265,16 @@ def episode_shards(tc: TrainConfig, cfg: FusionConfig, split: str, count: int) -
     view = {"camera_view": tc.sim_camera_view} if tc.sim_camera_view != type(tc)().sim_camera_view else {}
     # ... with a second IMU where the model reads one (an evaluation's first run may have none)
     rig = dataclasses.replace(tc, second_imu=cfg.model.second_imu).rig()
+    # training episodes at timer phases in turn (--random-phase): fifths of a period, at 10 Hz the control steps
+    phases = 5 if tc.random_phase and split == "train" and tc.trigger == "timer" else 1
     for k in range(count):
         task, seed = tasks[k % len(tasks)], first + k
         stops = {"stop_share": stop_share} if stop_share else {}  # the keys of episodes without stops predate it
-        key = shard_key(cfg, tc.fusion_hz, f"sim-{task}", tc.trigger, seed=seed, seconds=tc.sim_seconds, **stops, **view)
-        make = functools.partial(sim_episode, task, seed, tc.sim_seconds, tc.fusion_hz, cfg, tc.trigger, stop_share, rig)
+        phase = {"phase": seed % phases / phases} if seed % phases else {}  # phase 0's keys predate it
+        key = shard_key(cfg, tc.fusion_hz, f"sim-{task}", tc.trigger, seed=seed, seconds=tc.sim_seconds, **stops, **view,
+                        **phase)
+        make = functools.partial(sim_episode, task, seed, tc.sim_seconds, tc.fusion_hz, cfg, tc.trigger, stop_share, rig,
+                                 **phase)
         shards.append(Shard(key, make))
     return shards
 
