@@ -423,8 +423,8 @@ runs/default_first_stalefit-s%/train_state.pt: runs/default_first-s%/train_state
 	$(TRAIN) -o runs/default_first_stalefit-s$* --trust-floor 0.01 --floor-at-run-time --stale-evidence \
 		--init-from runs/default_first-s$*/model.safetensors --train-only trust.stale --steps 600 --lr 0.02 \
 		--first-frame-share 0.1
-# ... and with the training episodes' timer at phases in turn (--random-phase), so camera and lidar are seen at
-# the ages a 20 Hz node sees (benchmarks/freeze_detection.py: the first-frame runs distrusted a clean IMU there)
+# ... and with the training episodes' timer at phases spread over a period (--random-phase), so the sensors are
+# seen at the ages a 20 Hz node sees (benchmarks/freeze_detection.py: the first-frame runs distrusted a clean IMU there)
 runs/default_phase-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/default_phase-s$* --seed $* --trust-floor 0.01 --floor-at-run-time --random-phase
 runs/default_phase_first-s%/train_state.pt: | $(STAMP)

@@ -55,6 +55,7 @@ INPUT_KEYS = ("camera_patches", "camera_mask", "camera_age", "lidar_points", "li
               "imu_chunks", "imu_mask", "imu_age", "odometry_chunks", "odometry_mask", "odometry_age",
               "imu2_chunks", "imu2_mask", "imu2_age")  # odometry, a second IMU: where the model reads them
 TRUTH_KEYS = ("velocity", "obstacles", "goal")
+GOLDEN = (5**0.5 - 1) / 2  # seed k's timer phase is k * GOLDEN mod 1: any run of seeds spreads over the period
 
 
 # --- the sample codec ----------------------------------------------------------------------------
@@ -90,9 +91,10 @@ def sim_episode(task: str, seed: int, seconds: float, fusion_hz: float, cfg: Fus
     turning, driving and stopping near obstacles rather than 50 Hz jitter; `stop_share` of its commands
     are a stop (`random_drive`). `sensors`: the simulated sensors' `SensorConfig` (None: the default).
     `task`: a task's name or a `Task`; `drive`: another policy, called as random_drive is (None: it).
-    `phase`: the timer's first tick that share of a period later (rounded down to a control step), so
-    that its samples fall between the sensors' frames rather than with them (0: each camera and lidar
-    frame is 0.1 s old at 10 Hz; a node at 20 Hz, or other sensor rates, see the ages between).
+    `phase`: the timer's first tick that share of a period later, so that its samples fall between the
+    sensors' frames and samples rather than with them (0: each camera and lidar frame is 0.1 s old at
+    10 Hz and the IMU's newest sample is at the tick; a node at 20 Hz, or other sensor rates, see the
+    ages between). A tick inside a control step gets the truth at its end, at most one step later.
     """
     import fusion_attn.sim  # noqa: F401 - picks the headless GL backend before mujoco loads
     from fusion_attn.sim.faults import FaultConfig
@@ -102,11 +104,11 @@ def sim_episode(task: str, seed: int, seconds: float, fusion_hz: float, cfg: Fus
     from ..sync import SensorSync, SyncConfig
 
     env = RobotEnv(task, sensors=sensors, faults=FaultConfig())
-    # the node's fusion timer on simulated time, first tick one period (and the phase) in, on a control
-    # step's end: at 10 Hz every tick ends a 50 Hz step, so the ground truth taken at its end is the tick's
-    step_ns, period_ns = env.substeps * env.dt_ns, round(NS_PER_S / fusion_hz)
+    # the node's fusion timer on simulated time, first tick one period (and the phase) in; at 10 Hz and
+    # phase 0 every tick ends a 50 Hz control step, so the ground truth taken at its end is the tick's
+    period_ns = round(NS_PER_S / fusion_hz)
     clock = FusionClock(SensorSync(SyncConfig.for_model(cfg)), fusion_hz, trigger_modality(trigger),
-                        start_ns=period_ns + int(phase * period_ns) // step_ns * step_ns)
+                        start_ns=period_ns + round(phase * period_ns))
     rng = np.random.default_rng(seed)
     tokenizer, ones = Tokenizer(cfg), np.ones(1 + len(cfg.sensors), np.float32)  # τ: not stored
     samples, truth, stamps = [], [], []
@@ -265,12 +267,12 @@ def episode_shards(tc: TrainConfig, cfg: FusionConfig, split: str, count: int) -
     view = {"camera_view": tc.sim_camera_view} if tc.sim_camera_view != type(tc)().sim_camera_view else {}
     # ... with a second IMU where the model reads one (an evaluation's first run may have none)
     rig = dataclasses.replace(tc, second_imu=cfg.model.second_imu).rig()
-    # training episodes at timer phases in turn (--random-phase): fifths of a period, at 10 Hz the control steps
-    phases = 5 if tc.random_phase and split == "train" and tc.trigger == "timer" else 1
+    # training episodes at timer phases spread over a period (--random-phase): the golden ratio's multiples
+    spread = tc.random_phase and split == "train" and tc.trigger == "timer"
     for k in range(count):
         task, seed = tasks[k % len(tasks)], first + k
         stops = {"stop_share": stop_share} if stop_share else {}  # the keys of episodes without stops predate it
-        phase = {"phase": seed % phases / phases} if seed % phases else {}  # phase 0's keys predate it
+        phase = {"phase": round(seed * GOLDEN % 1.0, 6)} if spread else {}  # phase 0's keys predate it
         key = shard_key(cfg, tc.fusion_hz, f"sim-{task}", tc.trigger, seed=seed, seconds=tc.sim_seconds, **stops, **view,
                         **phase)
         make = functools.partial(sim_episode, task, seed, tc.sim_seconds, tc.fusion_hz, cfg, tc.trigger, stop_share, rig,
