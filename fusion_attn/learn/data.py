@@ -272,7 +272,7 @@ def episode_shards(tc: TrainConfig, cfg: FusionConfig, split: str, count: int) -
     for k in range(count):
         task, seed = tasks[k % len(tasks)], first + k
         stops = {"stop_share": stop_share} if stop_share else {}  # the keys of episodes without stops predate it
-        phase = {"phase": round(seed * GOLDEN % 1.0, 6)} if spread else {}  # phase 0's keys predate it
+        phase = {"phase": p} if spread and (p := round(seed * GOLDEN % 1.0, 6)) else {}  # phase 0's keys predate it
         key = shard_key(cfg, tc.fusion_hz, f"sim-{task}", tc.trigger, seed=seed, seconds=tc.sim_seconds, **stops, **view,
                         **phase)
         make = functools.partial(sim_episode, task, seed, tc.sim_seconds, tc.fusion_hz, cfg, tc.trigger, stop_share, rig,
