@@ -13,6 +13,7 @@ the freeze, the share of fusions in which any sensor is below it counts the fals
 """
 
 import argparse
+import dataclasses
 import datetime
 import json
 from pathlib import Path
@@ -40,7 +41,7 @@ args = parser.parse_args()
 
 pipeline = FusionPipeline.create(args.checkpoint, backend="onnxruntime", threads=1)
 names = pipeline.cfg.sensor_names  # the model's sensors; those the simulator can freeze are measured
-frozen = [n for n in names if f"{n}_freeze" in FaultConfig.__dataclass_fields__]
+frozen = [n for n in names if f"{n}_freeze" in {f.name for f in dataclasses.fields(FaultConfig)}]
 rows = []
 for sensor in frozen:
     m = names.index(sensor)
