@@ -3,6 +3,7 @@ failing or dead worker named in a clear error."""
 
 import dataclasses
 import functools
+import time
 
 import numpy as np
 import pytest
@@ -153,6 +154,20 @@ def test_ray_workers_give_the_local_rollouts_and_training(local_ray, tmp_path, t
     assert '"workers_replaced": 0' in rows[-1] and '"steps_discarded": 0' in rows[-1]
 
 
+def _kill(ray, actor) -> None:
+    """ray.kill, then wait until the actor is dead: the kill is asynchronous, and a call served before it
+    lands would find the worker alive."""
+    ray.kill(actor, no_restart=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.pid.remote(), timeout=5)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the killed actor still answers after 30 s")
+
+
 def test_a_killed_ray_worker_is_replaced_and_its_rollout_run_again(local_ray, caplog):
     from rl.workers import RayVectorEnv
 
@@ -162,7 +177,7 @@ def test_a_killed_ray_worker_is_replaced_and_its_rollout_run_again(local_ray, ca
         policy = _policy(envs)
         envs.rollout(policy, 6, CUE.gamma, 0, 0)  # episodes are 4 steps: the envs stop mid-episode
         old = ray.get(envs.actors[1].pid.remote())
-        ray.kill(envs.actors[1], no_restart=True)
+        _kill(ray, envs.actors[1])
         with caplog.at_level("WARNING", logger="rl.workers"):
             parts = envs.rollout(policy, 8, CUE.gamma, 0, 1)
         assert envs.replaced == 1 and "env worker 1 (envs 2..3) died: replaced" in caplog.text
@@ -183,7 +198,7 @@ def test_a_killed_ray_worker_stepped_by_hand_is_replaced_and_the_step_flagged(lo
     envs = RayVectorEnv(functools.partial(make_env, CUE, True), workers=2, envs_per_worker=2)
     try:
         envs.reset(seed=0)
-        ray.kill(envs.actors[1], no_restart=True)
+        _kill(ray, envs.actors[1])
         with caplog.at_level("WARNING", logger="rl.workers"), pytest.raises(WorkerReplaced) as replaced:
             envs.step(np.zeros(4, np.int64))
         assert replaced.value.worker == 1 and replaced.value.starts[2:].all() and envs.replaced == 1
