@@ -34,6 +34,7 @@ from fusion_attn.learn.data import (
     encode_sample,
     episode_shards,
     goal_at_frames,
+    interpolate_goal,
     mirror_sequence,
     random_drive,
     sim_episode,
@@ -140,6 +141,14 @@ def test_a_timer_phase_shows_the_frames_younger_in_training_episodes_only():
     n = len(later["imu_age"])
     assert not np.allclose(later["imu_age"], timer["imu_age"][:n])  # its samples too fall otherwise about the tick
     np.testing.assert_array_equal(later["stamp_ns"][:5] - timer["stamp_ns"][:5], 45_000_000)
+    # the same drive (it does not depend on the timer): the truth at 0.145 s + k/10 is halfway between the
+    # state at the ends of the control steps around it, which the phases 0.4 and 0.5 fuse at
+    step_ends = [sim_episode("control", 3, 3.0, 10.0, CFG, phase=p) for p in (0.4, 0.5)]
+    n = min(len(e["labelled"]) for e in (later, *step_ends))
+    for k in ("velocity", "obstacles"):
+        halfway = (step_ends[0][k][:n] + step_ends[1][k][:n]) / 2
+        np.testing.assert_allclose(later[k][:n], halfway, atol=1e-5)
+        assert np.abs(step_ends[1][k][:n] - halfway).max() > 1e-3  # the step's end would differ
     tc = dataclasses.replace(TINY, random_phase=True)
     phases = [s.key.get("phase", 0.0) for s in episode_shards(tc, CFG, "train", 48)]
     assert phases[0] == 0.0 and np.histogram(phases, bins=5, range=(0, 1))[0].min() >= 8  # spread over the period
@@ -577,6 +586,8 @@ def test_goal_at_frames_interpolates_between_the_samples_around_each_stamp():
     assert np.isnan(at[[0, 3, 5]]).all()  # the first frame precedes every label
     np.testing.assert_allclose(at[[1, 2, 4], 0], 2.0 * np.cos(0.05), rtol=1e-6)  # halfway along the chord
     np.testing.assert_allclose(at[[1, 2, 4], 1], [0.45, 0.35, 0.15], atol=1e-5)
+    np.testing.assert_allclose(interpolate_goal(np.array([1.0, 3.0]), np.array([1.0, -3.0]), 0.5),
+                               [math.cos(math.pi - 3.0), math.pi], rtol=1e-6)  # the short way through +-pi
     part["goal"][2] = np.nan  # a goal missing: the frame it would bracket (sample 2's, at 0.15 s) gets none
     at = goal_at_frames(part, "camera")
     assert np.isnan(at[2]).all() and np.isfinite(at[[1, 4]]).all()

@@ -44,7 +44,7 @@ from ..tokenize import (
 if TYPE_CHECKING:
     from .loop import TrainConfig
 
-DATA_VERSION = "2"  # bump when what a shard holds changes: old cache entries are then ignored
+DATA_VERSION = "3"  # bump when what a shard holds changes: old cache entries are then ignored
 SECTORS = 16  # obstacle sectors (0 centred straight ahead): the ground truth's and the lidar target's
 # each split's first episode seed: training's and validation's + the run's seed * SEED_STRIDE, the test set's
 # the same for every run (reports before 2026-12-03 took it + the first run's seed * SEED_STRIDE too)
@@ -84,8 +84,8 @@ def sim_episode(task: str, seed: int, seconds: float, fusion_hz: float, cfg: Fus
                 trigger: str = "timer", stop_share: float = 0.0, sensors=None, drive=None,
                 phase: float = 0.0) -> dict[str, np.ndarray]:
     """One clean simulated episode, tokenized as the node would see it, with ground truth per sample:
-    the true state at the end of the 50 Hz control step in which the sample was fused (a timer tick's
-    own time; a trigger frame's arrival, at most one step after its stamp).
+    the true state at the sample's instant (a timer tick, a trigger frame's stamp), interpolated
+    between the ends of the 50 Hz control steps around it (`truth_at`).
 
     The robot drives a smooth random policy (each command held 0.4-1.6 s), so the data covers
     turning, driving and stopping near obstacles rather than 50 Hz jitter; `stop_share` of its commands
@@ -94,7 +94,7 @@ def sim_episode(task: str, seed: int, seconds: float, fusion_hz: float, cfg: Fus
     `phase`: the timer's first tick that share of a period later, so that its samples fall between the
     sensors' frames and samples rather than with them (0: each camera and lidar frame is 0.1 s old at
     10 Hz and the IMU's newest sample is at the tick; a node at 20 Hz, or other sensor rates, see the
-    ages between). A tick inside a control step gets the truth at its end, at most one step later.
+    ages between).
     """
     import fusion_attn.sim  # noqa: F401 - picks the headless GL backend before mujoco loads
     from fusion_attn.sim.faults import FaultConfig
@@ -104,20 +104,22 @@ def sim_episode(task: str, seed: int, seconds: float, fusion_hz: float, cfg: Fus
     from ..sync import SensorSync, SyncConfig
 
     env = RobotEnv(task, sensors=sensors, faults=FaultConfig())
-    # the node's fusion timer on simulated time, first tick one period (and the phase) in; at 10 Hz and
-    # phase 0 every tick ends a 50 Hz control step, so the ground truth taken at its end is the tick's
+    # the node's fusion timer on simulated time, first tick one period (and the phase) in
     period_ns = round(NS_PER_S / fusion_hz)
     clock = FusionClock(SensorSync(SyncConfig.for_model(cfg)), fusion_hz, trigger_modality(trigger),
                         start_ns=period_ns + round(phase * period_ns))
     rng = np.random.default_rng(seed)
     tokenizer, ones = Tokenizer(cfg), np.ones(1 + len(cfg.sensors), np.float32)  # τ: not stored
     samples, truth, stamps = [], [], []
+    before = None  # (time_ns, truth) at the end of the previous control step
     try:
         for info in (drive or random_drive)(env, rng, seed, seconds, stop_share):
+            now = (info["time_ns"], env.ground_truth(SECTORS))
             for snap in clock.step(info["frames"], info["time_ns"]):
                 samples.append(encode_sample(tokenizer(snap, ones)))
-                truth.append(env.ground_truth(SECTORS))
+                truth.append(truth_at(snap.stamp_ns, before, now))
                 stamps.append(snap.stamp_ns)
+            before = now
     finally:
         env.close()
     out = _stack(samples)
@@ -125,6 +127,30 @@ def sim_episode(task: str, seed: int, seconds: float, fusion_hz: float, cfg: Fus
     out["labelled"] = np.ones(len(samples), np.bool_)
     out["stamp_ns"] = np.array(stamps, np.int64)
     return out
+
+
+def truth_at(t_ns: int, before: tuple[int, dict] | None, after: tuple[int, dict]) -> dict[str, np.ndarray]:
+    """The ground truth at t_ns from the (time_ns, truth) of the control-step ends around it: linear in
+    time, the goal in the robot's plane (`interpolate_goal`). A sample inside a step otherwise gets its
+    end's state, up to 20 ms after the data it fuses, while the drive turns at up to 10 rad/s^2."""
+    t1, late = after
+    if before is None or t_ns >= t1:
+        return late
+    t0, early = before
+    w = min(max((t_ns - t0) / (t1 - t0), 0.0), 1.0)
+    return {"velocity": early["velocity"] + w * (late["velocity"] - early["velocity"]),
+            "obstacles": early["obstacles"] + w * (late["obstacles"] - early["obstacles"]),
+            "goal": interpolate_goal(early["goal"], late["goal"], w)}
+
+
+def interpolate_goal(a: np.ndarray, b: np.ndarray, w: np.ndarray | float) -> np.ndarray:
+    """(..., 2) goals (distance, bearing) -> the goal w of the way from a to b, interpolated as a point in
+    the robot's plane, so that a bearing passing +-pi goes the short way (nan where either is nan)."""
+    def xy(g):
+        return g[..., :1] * np.stack([np.cos(g[..., 1]), np.sin(g[..., 1])], -1)
+
+    at = xy(a) + np.asarray(w)[..., None] * (xy(b) - xy(a))
+    return np.stack([np.hypot(at[..., 0], at[..., 1]), np.arctan2(at[..., 1], at[..., 0])], -1)
 
 
 def random_drive(env, rng: np.random.Generator, seed: int, seconds: float, stop_share: float = 0.0,
@@ -336,12 +362,10 @@ def goal_at_frames(part: dict[str, np.ndarray], name: str) -> np.ndarray:
     if len(known) < 2:
         return out
     t = part["stamp_ns"][known] / NS_PER_S
-    xy = goal[known, :1] * np.stack([np.cos(goal[known, 1]), np.sin(goal[known, 1])], -1)  # (K, 2) in the robot's frame
     j = np.clip(np.searchsorted(t, frame_s, side="right") - 1, 0, len(t) - 2)
     w = (frame_s - t[j]) / (t[j + 1] - t[j])
     ok = present & (w >= 0.0) & (w <= 1.0) & (known[j + 1] == known[j] + 1)
-    at = xy[j] + w[:, None] * (xy[j + 1] - xy[j])
-    out[ok] = np.stack([np.hypot(at[:, 0], at[:, 1]), np.arctan2(at[:, 1], at[:, 0])], -1)[ok]
+    out[ok] = interpolate_goal(goal[known[j]], goal[known[j + 1]], w)[ok]
     return out
 
 
