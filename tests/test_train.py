@@ -149,10 +149,16 @@ def test_a_timer_phase_shows_the_frames_younger_in_training_episodes_only():
         halfway = (step_ends[0][k][:n] + step_ends[1][k][:n]) / 2
         np.testing.assert_allclose(later[k][:n], halfway, atol=1e-5)
         assert np.abs(step_ends[1][k][:n] - halfway).max() > 1e-3  # the step's end would differ
+    # walking: the timer one tick in the episode's 30 fast, so every sample's frames are of an age of their own
+    walked = sim_episode("control", 3, 3.0, 10.0, CFG, walk=True)
+    ages = walked["camera_age"][:, 0]
+    assert len(ages) == 30 and (np.diff(ages) < 0).all() and ages.max() - ages.min() > 0.09
     tc = dataclasses.replace(TINY, random_phase=True)
-    phases = [s.key.get("phase", 0.0) for s in episode_shards(tc, CFG, "train", 48)]
+    train_keys = [s.key for s in episode_shards(tc, CFG, "train", 48)]
+    phases = [k.get("phase", 0.0) for k in train_keys]
     assert phases[0] == 0.0 and np.histogram(phases, bins=5, range=(0, 1))[0].min() >= 8  # spread over the period
-    assert all("phase" not in s.key for s in episode_shards(tc, CFG, "val", 6))
+    assert all(k["walk"] for k in train_keys)
+    assert all("phase" not in s.key and "walk" not in s.key for s in episode_shards(tc, CFG, "val", 6))
 
 
 def test_stops_and_extra_tasks_shape_training_episodes_only():

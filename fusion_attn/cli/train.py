@@ -103,9 +103,9 @@ def add_parser(verbs):
                             "their previous frame, as at a recording's start or after a gap (default 0): the trust "
                             "learns to judge a first frame by its content")
     train.add_argument("--random-phase", action="store_true",
-                       help="the training episodes' fusion timer at phases spread over a period, not with the "
-                            "sensors' frames and samples: they are seen at the ages between, as a node at 20 Hz "
-                            "sees them (validation and held-out episodes keep phase 0)")
+                       help="the training episodes' fusion timer at phases spread over a period, each walking once "
+                            "through it, not with the sensors' frames and samples: they are seen at any age, as a "
+                            "node sees them (validation and held-out episodes keep phase 0)")
     train.add_argument("--objective-weights", nargs="+", metavar="NAME=WEIGHT",
                        help="weights of head objectives (default 1 each): camera, lidar, imu, imu_next, velocity, "
                             "obstacles, goal; e.g. goal=4")

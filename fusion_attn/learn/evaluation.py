@@ -41,8 +41,9 @@ def evaluate(model: nn.Module, heads: Heads, data: Dataset, cfg: FusionConfig, f
 @torch.no_grad()
 def evaluate_taus(model: nn.Module, heads: Heads, data: Dataset, cfg: FusionConfig, fusion_hz: float,
                   taus: list[float], seed: int = 7, device: torch.device | str = "cpu", batch: int = 256,
-                  lipschitz: bool = False, count_changed: bool = False) -> dict[float, dict[str, dict[str, float]]]:
-    """τ -> condition -> metrics at that global τ (modality τ = 1) on `data`:
+                  lipschitz: bool = False, count_changed: bool = False,
+                  clean_only: bool = False) -> dict[float, dict[str, dict[str, float]]]:
+    """τ -> condition -> metrics at that global τ (modality τ = 1) on `data` (clean_only: the clean one):
 
         loss_<objective>    mean standardised squared error of each head
         ssl_loss            their mean over the self-supervised objectives
@@ -70,7 +71,7 @@ def evaluate_taus(model: nn.Module, heads: Heads, data: Dataset, cfg: FusionConf
     attends = isinstance(model, FusionModel)
     two_observers = lidar_reaches_post(t["lidar_points"], t["lidar_mask"])  # per sample, from its clean sweep
     reports, clean_trust = {tau: {} for tau in taus}, {}
-    for name, sensor, fault in conditions(cfg):
+    for name, sensor, fault in conditions(cfg)[:1] if clean_only else conditions(cfg):
         gen = torch.Generator().manual_seed(seed)
         running = {tau: RunningMeans() for tau in taus}
         lipschitz_values, trusts, affected = {}, {tau: [] for tau in taus}, []

@@ -84,8 +84,9 @@ class TrainConfig:
     # chance that a sample's camera (and, drawn apart, its lidar) comes without its previous frame, as at a
     # recording's start or after a gap: the trust then learns to judge a frame by its content alone
     first_frame_share: float = 0.0
-    # training episodes' fusion timer at phases spread over a period rather than with the sensors' frames and
-    # samples, so camera, lidar and IMU are seen at any age, as a 20 Hz node sees them (learn.data.sim_episode)
+    # training episodes' fusion timer at phases spread over a period, each walking once through it, rather than with
+    # the sensors' frames and samples: camera, lidar and IMU are seen at any age, as a node sees them
+    # (learn.data.sim_episode)
     random_phase: bool = False
     fault_weights: tuple[float, ...] = (1.0, 1.0, 1.0)  # which one: camera, lidar, IMU[, odometry][, imu2: 1 unless given] in proportion
     tau_random_prob: float = 0.5  # chance that a sample gets a random τ instead of all ones (0: fixed τ = 1)
