@@ -9,7 +9,7 @@ STAMP     := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
 .PHONY: run test colcon-check venv clean default-model robustness robustness-arrival robustness-default robustness-stalecam \
-	robustness-stalefit robustness-first robustness-stillfit robustness-data4x robustness-stem \
+	robustness-stalefit robustness-first robustness-phase robustness-stillfit robustness-data4x robustness-stem \
 	robustness-camgoal robustness-mirror robustness-data8x robustness-data4x-clip \
 	robustness-data4x-clip-3k robustness-data4x-clip-pixel robustness-data4x-clip-stem \
 	robustness-data4x-clip-stem-camgoal robustness-stem-camgoal robustness-stem-lidgoal robustness-stem-lidgoal-col \
@@ -423,13 +423,23 @@ runs/default_first_stalefit-s%/train_state.pt: runs/default_first-s%/train_state
 	$(TRAIN) -o runs/default_first_stalefit-s$* --trust-floor 0.01 --floor-at-run-time --stale-evidence \
 		--init-from runs/default_first-s$*/model.safetensors --train-only trust.stale --steps 600 --lr 0.02 \
 		--first-frame-share 0.1
-# ... and with the training episodes' timer at phases spread over a period (--random-phase), so the sensors are
-# seen at the ages a 20 Hz node sees (benchmarks/freeze_detection.py: the first-frame runs distrusted a clean IMU there)
+# ... and with the training episodes' timer at phases spread over a period, each walking once through it
+# (--random-phase), so the sensors are seen at any age, as a node sees them (benchmarks/freeze_detection.py: the
+# first-frame runs distrusted a clean IMU at 20 Hz; benchmarks/phase_error.py), its stale path fitted on the same way
 runs/default_phase-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/default_phase-s$* --seed $* --trust-floor 0.01 --floor-at-run-time --random-phase
+.PRECIOUS: runs/default_phase-s%/train_state.pt
+runs/default_phase_stalefit-s%/train_state.pt: runs/default_phase-s%/train_state.pt
+	$(TRAIN) -o runs/default_phase_stalefit-s$* --trust-floor 0.01 --floor-at-run-time --stale-evidence \
+		--init-from runs/default_phase-s$*/model.safetensors --train-only trust.stale --steps 600 --lr 0.02 \
+		--random-phase
 runs/default_phase_first-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/default_phase_first-s$* --seed $* --trust-floor 0.01 --floor-at-run-time --random-phase \
 		--first-frame-share 0.1
+robustness-phase: $(STAMP) runs/default_phase_stalefit-s0/train_state.pt
+	$(VENV)/bin/fusion-attn eval-robustness phase=runs/default_phase_stalefit-s0 \
+		--beside docs/results/default_first/robustness.json -o docs/results/default_phase --episodes 12 --jobs 2 \
+		--bag $(EVAL_BAGS)
 robustness-first: $(STAMP) runs/default_first_stalefit-s0/train_state.pt runs/default_stalefit/train_state.pt
 	$(VENV)/bin/fusion-attn eval-robustness first=runs/default_first_stalefit-s0 scanner=runs/default_stalefit \
 		--beside docs/results/default_stalefit/robustness.json -o docs/results/default_first --episodes 12 --jobs 2 \

@@ -9,6 +9,9 @@ measures trained runs, clean, on eval-robustness's held-out episodes fused three
     10 Hz, spread      episode k's timer k x 0.618 of a period late (the frames 0 to 0.1 s old)
     20 Hz, phase 0     the node's default rate: ticks on and between the frames, in turn
 
+and at spread phases, the share of fusions whose clean lidar is below the trust threshold as fused and
+with the sweep's age (and its previous sweep's) moved to phase 0's 0.1 s, nothing else changed.
+
     MUJOCO_GL=egl python benchmarks/phase_error.py runs/default runs/default_phase-s0 \\
         [--weights fusion_attn/data/fusion_default.safetensors] [--out benchmarks/results/phase_error.json]
 
@@ -22,14 +25,18 @@ import platform
 import time
 from pathlib import Path
 
+import torch
+
 import fusion_attn.sim  # noqa: F401 - picks the headless GL backend before mujoco loads
 from fusion_attn.checkpoint import load_checkpoint
 from fusion_attn.config import cache_dir
+from fusion_attn.learn.augment import FaultPlan, corrupt
 from fusion_attn.learn.data import Dataset, episode_shards
 from fusion_attn.learn.evaluation import evaluate_taus
 from fusion_attn.learn.loop import TrainConfig
-from fusion_attn.learn.objectives import heads_path, load_heads
+from fusion_attn.learn.objectives import fused_feature, heads_path, load_heads
 from fusion_attn.learn.robustness import load_run
+from fusion_attn.outputs import TRUST_THRESHOLD
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("runs", nargs="+", type=Path, help="training run folders (train_state.pt)")
@@ -49,6 +56,24 @@ if args.weights:
     first = runs[0]
     runs.append(dataclasses.replace(first, name=str(args.weights), model=load_checkpoint(args.weights, expect=first.cfg),
                                     heads=load_heads(heads_path(args.weights))))
+
+
+@torch.no_grad()
+def lidar_untrusted(run, data: Dataset, hz: float, age_s: float | None = None) -> float:
+    """The share of fusions with a lidar sweep whose lidar trust is below the threshold, clean; age_s: with
+    the sweep's age set to it, and its previous sweep's age moved by as much."""
+    t, below = data.tensors(), []
+    for idx in torch.arange(len(data)).split(256):
+        x = corrupt(t, idx, FaultPlan.fixed(len(idx), -1, "drop"), run.cfg, hz, torch.Generator())
+        present = x["lidar_mask"].flatten(1).any(1)
+        if age_s is not None:
+            moved = torch.where(x["lidar_age"] > 0, age_s - x["lidar_age"], 0.0)
+            x["lidar_age"], x["lidar_prev_age"] = x["lidar_age"] + moved, x["lidar_prev_age"] + moved
+        _, fusion = fused_feature(run.model, x, torch.ones(len(idx), 1 + len(run.cfg.sensors)))
+        below.append(fusion["trust"][present, run.cfg.sensor_names.index("lidar")] < TRUST_THRESHOLD)
+    return float(torch.cat(below).float().mean())
+
+
 cache = cache_dir("train")
 results = {}
 for run in runs:
@@ -59,15 +84,23 @@ for run in runs:
         m = evaluate_taus(run.model, run.heads, data, run.cfg, hz, [1.0], clean_only=True)[1.0]["clean"]
         results[run.name][label] = {"samples": len(data), **{k: float(m[k]) for k in COLUMNS},
                                     **{f"untrusted_{n}": float(m[f"untrusted_{n}"]) for n in run.cfg.sensor_names}}
+        if spread:
+            results[run.name]["lidar_untrusted_spread"] = {"as fused": lidar_untrusted(run, data, hz),
+                                                           "sweep age 0.1 s": lidar_untrusted(run, data, hz, 0.1)}
 
 names = runs[0].cfg.sensor_names
 print("| run | fused | samples | " + " | ".join(COLUMNS.values()) + " | " +
       " | ".join(f"{n} untrusted" for n in names) + " |")
 print("|---" * (3 + len(COLUMNS) + len(names)) + "|")
 for name, sets in results.items():
-    for label, m in sets.items():
+    for label in SETS:
+        m = sets[label]
         print(f"| {name} | {label} | {m['samples']} | " + " | ".join(f"{m[k]:.3f}" for k in COLUMNS) + " | " +
               " | ".join(f"{m.get(f'untrusted_{n}', float('nan')):.1%}" for n in names) + " |")
+print("\n| run | lidar untrusted at spread phases, as fused | with the sweep's age set to 0.1 s |\n|---|---|---|")
+for name, sets in results.items():
+    probe = sets["lidar_untrusted_spread"]
+    print(f"| {name} | {probe['as fused']:.1%} | {probe['sweep age 0.1 s']:.1%} |")
 if args.out:
     args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": platform.node(),
                                     "episodes": args.episodes, "results": results}, indent=1) + "\n")
