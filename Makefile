@@ -436,6 +436,11 @@ runs/default_phase_stalefit-s%/train_state.pt: runs/default_phase-s%/train_state
 runs/default_phase_first-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/default_phase_first-s$* --seed $* --trust-floor 0.01 --floor-at-run-time --random-phase \
 		--first-frame-share 0.1
+# the packaged default fine-tuned on the walking timer's episodes: its fused state stays near the one the RL agents
+# found the memory task's cue on (docs/RESULTS.md, "thirty-sixth session")
+runs/default_walkfit/train_state.pt: | $(STAMP)
+	$(TRAIN) -o runs/default_walkfit --trust-floor 0.01 --floor-at-run-time --stale-evidence --random-phase \
+		--init-from fusion_attn/data/fusion_default.safetensors --steps 800 --lr 5e-4
 robustness-phase: $(STAMP) runs/default_phase_stalefit-s0/train_state.pt
 	$(VENV)/bin/fusion-attn eval-robustness phase=runs/default_phase_stalefit-s0 \
 		--beside docs/results/default_first/robustness.json -o docs/results/default_phase --episodes 12 --jobs 2 \
