@@ -132,7 +132,7 @@ def test_triggered_data_fuses_at_each_sweep_and_keys_its_own_shards():
         sim_episode("control", 3, 1.0, 10.0, CFG, trigger="radar")
 
 
-def test_a_timer_phase_shows_the_frames_younger_in_training_episodes_only():
+def test_a_timer_phase_or_walk_shows_other_ages_in_training_episodes_only_with_the_truth_at_each_tick():
     timer = sim_episode("control", 3, 3.0, 10.0, CFG)
     later = sim_episode("control", 3, 3.0, 10.0, CFG, phase=0.45)  # inside a 50 Hz control step
     np.testing.assert_allclose(timer["camera_age"][:, 0], 0.1, atol=1e-6)
