@@ -9,7 +9,7 @@ STAMP     := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
 .PHONY: run test colcon-check venv clean default-model robustness robustness-arrival robustness-default robustness-stalecam \
-	robustness-stalefit robustness-first robustness-phase robustness-stillfit robustness-data4x robustness-stem \
+	robustness-stalefit robustness-first robustness-phase robustness-walkfit robustness-stillfit robustness-data4x robustness-stem \
 	robustness-camgoal robustness-mirror robustness-data8x robustness-data4x-clip \
 	robustness-data4x-clip-3k robustness-data4x-clip-pixel robustness-data4x-clip-stem \
 	robustness-data4x-clip-stem-camgoal robustness-stem-camgoal robustness-stem-lidgoal robustness-stem-lidgoal-col \
@@ -441,6 +441,10 @@ runs/default_phase_first-s%/train_state.pt: | $(STAMP)
 runs/default_walkfit/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/default_walkfit --trust-floor 0.01 --floor-at-run-time --stale-evidence --random-phase \
 		--init-from fusion_attn/data/fusion_default.safetensors --steps 800 --lr 5e-4
+robustness-walkfit: $(STAMP) runs/default_walkfit/train_state.pt
+	$(VENV)/bin/fusion-attn eval-robustness walkfit=runs/default_walkfit \
+		--beside docs/results/default_phase/robustness.json -o docs/results/default_walkfit --episodes 12 --jobs 2 \
+		--bag $(EVAL_BAGS)
 robustness-phase: $(STAMP) runs/default_phase_stalefit-s0/train_state.pt
 	$(VENV)/bin/fusion-attn eval-robustness phase=runs/default_phase_stalefit-s0 \
 		--beside docs/results/default_first/robustness.json -o docs/results/default_phase --episodes 12 --jobs 2 \
