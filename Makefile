@@ -30,7 +30,7 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q --prefetch-graphs -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 
 # The packaged default model (fusion_attn/data/fusion_default*.safetensors), reproduced: simulated
-# episodes plus the real recordings beside the checkout; ~20 min on one CPU core (docs/TRAINING.md).
+# episodes plus the real recordings beside the checkout; ~25 min on one CPU core (docs/TRAINING.md).
 REAL   ?= ../shared/data/real
 REAL_BAGS := $(REAL)/euroc_v1_01_cam_imu $(REAL)/husky_imu_odom_gps.bag $(REAL)/sick_lms1xx_scan_cloud_radar.bag \
 	$(REAL)/lidar_camera_frame
@@ -40,18 +40,22 @@ EVAL_BAGS := $(REAL)/euroc_v1_01_cam_imu $(REAL)/lidar_camera_frame $(REAL)/sick
 # The trust floor acts at run time only (--floor-at-run-time): a high τ can average a doubted sensor back
 # in, while the weights are trained as without a floor (docs/RESULTS.md: trained with one, RL agents
 # rarely learned the memory task on the fusion). Then the camera's stale path (--stale-evidence, a veto on
-# a camera whose image stopped changing) is fitted onto those weights and nothing else is trained: the
-# fused state stays the base model's wherever the path does not veto, so the RL results measured on the
-# base hold (docs/RESULTS.md, "2026-12-01 (seventh)").
-default-model: runs/default_stalefit/train_state.pt
+# a camera whose image stopped changing) is fitted onto those weights and nothing else is trained
+# (docs/RESULTS.md, "2026-12-01 (seventh)"). Last, every weight is fine-tuned on episodes fused by a
+# walking timer (--random-phase): a robot's timer keeps no step with its sensors, and a model trained in
+# step with them errs far more between the frames (docs/RESULTS.md, "thirty-sixth session").
+default-model: runs/default_walkfit/train_state.pt
 	mkdir -p fusion_attn/data
-	cp runs/default_stalefit/model.safetensors fusion_attn/data/fusion_default.safetensors
-	cp runs/default_stalefit/model.heads.safetensors fusion_attn/data/fusion_default.heads.safetensors
+	cp runs/default_walkfit/model.safetensors fusion_attn/data/fusion_default.safetensors
+	cp runs/default_walkfit/model.heads.safetensors fusion_attn/data/fusion_default.heads.safetensors
 runs/default/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/default --trust-floor 0.01 --floor-at-run-time
 runs/default_stalefit/train_state.pt: runs/default/train_state.pt
 	$(TRAIN) -o runs/default_stalefit --trust-floor 0.01 --floor-at-run-time --stale-evidence \
 		--init-from runs/default/model.safetensors --train-only trust.stale --steps 600 --lr 0.02
+runs/default_walkfit/train_state.pt: runs/default_stalefit/train_state.pt
+	$(TRAIN) -o runs/default_walkfit --trust-floor 0.01 --floor-at-run-time --stale-evidence --random-phase \
+		--init-from runs/default_stalefit/model.safetensors --steps 800 --lr 5e-4
 
 # docs/RESULTS.md: baselines trained the same way on the same data as runs/default (run
 # default-model first; `make -j2 robustness` trains two at a time), the default design and concat
@@ -408,7 +412,7 @@ robustness-stalecam: $(STAMP) runs/default_stalecam-s0/train_state.pt runs/defau
 	$(VENV)/bin/fusion-attn eval-robustness stalecam=runs/default_stalecam-s0 'stalecam#1=runs/default_stalecam-s1' \
 		'stalecam#2=runs/default_stalecam-s2' --beside docs/results/default/robustness.json -o docs/results/stalecam \
 		--episodes 12 --jobs 2 --bag $(EVAL_BAGS)
-# the packaged default (runs/default_stalefit, one seed: the path fitted onto runs/default) beside the above
+# the packaged default until 2026-12-06 (runs/default_stalefit, one seed: the path fitted onto runs/default) beside the above
 robustness-stalefit: $(STAMP) runs/default_stalefit/train_state.pt
 	$(VENV)/bin/fusion-attn eval-robustness stalefit=runs/default_stalefit --beside docs/results/default/robustness.json \
 		-o docs/results/default_stalefit --episodes 12 --jobs 2 --bag $(EVAL_BAGS)
@@ -436,11 +440,7 @@ runs/default_phase_stalefit-s%/train_state.pt: runs/default_phase-s%/train_state
 runs/default_phase_first-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/default_phase_first-s$* --seed $* --trust-floor 0.01 --floor-at-run-time --random-phase \
 		--first-frame-share 0.1
-# the packaged default fine-tuned on the walking timer's episodes: its fused state stays near the one the RL agents
-# found the memory task's cue on (docs/RESULTS.md, "thirty-sixth session")
-runs/default_walkfit/train_state.pt: | $(STAMP)
-	$(TRAIN) -o runs/default_walkfit --trust-floor 0.01 --floor-at-run-time --stale-evidence --random-phase \
-		--init-from fusion_attn/data/fusion_default.safetensors --steps 800 --lr 5e-4
+# the packaged default since 2026-12-06 (runs/default_walkfit: default-model above) beside the phase run's report
 robustness-walkfit: $(STAMP) runs/default_walkfit/train_state.pt
 	$(VENV)/bin/fusion-attn eval-robustness walkfit=runs/default_walkfit \
 		--beside docs/results/default_phase/robustness.json -o docs/results/default_walkfit --episodes 12 --jobs 2 \
