@@ -500,6 +500,28 @@ def test_a_first_frame_comes_without_its_previous_one_unless_frozen(data):
     assert x["camera_prev_mask"].any(1).all()
 
 
+def test_a_lone_sensor_keeps_its_frame_and_every_other_one_is_gone(data):
+    t, idx = data.tensors(), torch.tensor((5, 25, 45, 55))
+    clean = gather(t, idx)
+    plan = FaultPlan.fixed(len(idx), int(Modality.LIDAR), "drop")
+    plan.alone = torch.tensor([int(Modality.CAMERA), int(Modality.LIDAR), int(Modality.IMU), -1])
+    x = corrupt(t, idx, plan, CFG, TINY.fusion_hz, torch.Generator().manual_seed(0))
+    present = {name: x[f"{name}_mask"].flatten(1).any(1) for name in ("camera", "lidar", "imu")}
+    assert present["camera"].tolist() == [True, True, False, True]
+    assert present["imu"].tolist() == [False, True, True, True]
+    assert not present["lidar"].any()  # dropped by the fault in every row
+    # the lone camera's frame and previous frame as they were; a gone camera's previous frame gone with it
+    assert torch.equal(x["camera_patches"][0], clean["camera_patches"][0])
+    assert torch.equal(x["camera_prev_mask"][0], clean["camera_prev_mask"][0])
+    assert not x["camera_prev_mask"][2].any()
+    # row 1 would keep the lidar its fault dropped, so nothing at all: the row keeps the others (above)
+    # drawn: each sample alone with the share asked for, and not at all without it (the earlier streams)
+    gen = torch.Generator().manual_seed(1)
+    assert FaultPlan.draw(4000, 0.6, gen).alone is None
+    alone = FaultPlan.draw(4000, 0.6, gen, lone_share=0.25).alone
+    assert 0.22 < (alone >= 0).float().mean() < 0.28 and set(alone[alone >= 0].tolist()) == {0, 1, 2}
+
+
 def test_a_frozen_imu_keeps_its_live_window_timing(data):
     # a driver re-sending its last reading with fresh stamps, at its rate: the window's chunks, their sample
     # spacing and count are the live sample's; only the reading is stuck (at an episode's start, the older

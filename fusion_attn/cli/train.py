@@ -102,6 +102,9 @@ def add_parser(verbs):
                        help="share of training samples whose camera, and apart from it whose lidar, come without "
                             "their previous frame, as at a recording's start or after a gap (default 0): the trust "
                             "learns to judge a first frame by its content")
+    train.add_argument("--lone-sensor-share", type=float, metavar="P",
+                       help="share of training samples that keep one sensor alone, every other one dropped (default "
+                            "0): the trust learns to judge a sensor with no other present to compare with")
     train.add_argument("--random-phase", action="store_true",
                        help="the training episodes' fusion timer at phases spread over a period, each walking once "
                             "through it, not with the sensors' frames and samples: they are seen at any age, as a "
@@ -177,7 +180,7 @@ def run(args) -> int:
     from ..learn.loop import TrainConfig, train
 
     fields = ("seed", "steps", "batch", "lr", "clip_grad_norm", "sim_episodes", "val_episodes", "sim_seconds", "sim_tasks", "stop_share", "mirror", "sim_camera_view", "trigger", "bags", "fusion",
-              "tau_random_prob", "sensor_fusion", "trust_floor", "floor_in_training", "camera_shifts", "lidar_motion", "lidar_motion_token", "lidar_motion_direct", "imu_direct", "stale_evidence", "camera_size", "camera_patch", "camera_stem", "camera_stem_cells", "camera_column_blocks", "odometry", "second_imu", "rate_readout", "rate_output", "fault_weights", "corrupt_prob", "first_frame_share", "random_phase", "objective_weights", "trust_weight", "avoid_weight", "consistency_weight", "camera_goal_weight", "camera_goal_head", "lidar_goal_weight", "lidar_goal_bearing", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature", "init_from", "train_only")
+              "tau_random_prob", "sensor_fusion", "trust_floor", "floor_in_training", "camera_shifts", "lidar_motion", "lidar_motion_token", "lidar_motion_direct", "imu_direct", "stale_evidence", "camera_size", "camera_patch", "camera_stem", "camera_stem_cells", "camera_column_blocks", "odometry", "second_imu", "rate_readout", "rate_output", "fault_weights", "corrupt_prob", "first_frame_share", "lone_sensor_share", "random_phase", "objective_weights", "trust_weight", "avoid_weight", "consistency_weight", "camera_goal_weight", "camera_goal_head", "lidar_goal_weight", "lidar_goal_bearing", "eval_every", "latent_blocks", "qk_norm", "learned_head_temperature", "init_from", "train_only")
     given = {k: getattr(args, k) for k in fields if hasattr(args, k)}
     if "bags" in given:
         given["bags"] = tuple(str(b) for b in given["bags"])
@@ -209,7 +212,8 @@ def run(args) -> int:
         raise ConfigError(f"--trust-floor {tc.trust_floor}: a share of the weight, from 0 up to 1")
     if (args.stop_after is not None and args.stop_after < 1) or args.jobs < 1:
         raise ConfigError("--stop-after and --jobs must be >= 1")
-    for flag, share in (("--fault-share", tc.corrupt_prob), ("--first-frame-share", tc.first_frame_share)):
+    for flag, share in (("--fault-share", tc.corrupt_prob), ("--first-frame-share", tc.first_frame_share),
+                        ("--lone-sensor-share", tc.lone_sensor_share)):
         if not 0.0 <= share <= 1.0:
             raise ConfigError(f"{flag} {share}: a share, between 0 and 1")
     weights = " ".join(map(str, tc.fault_weights))

@@ -44,7 +44,8 @@ class FaultPlan:
     samples back a frozen or delayed sensor's content is, the noise strength in [0, 1] and where a
     partial fault sits in [0, 1) (which image half; where the blocked lidar sector starts); and, when
     drawn, whose camera and lidar frames come without their previous one (a recording's first frame, or
-    the first after a gap longer than the sync bridges)."""
+    the first after a gap longer than the sync bridges) and which samples keep one sensor alone (every
+    other one sends nothing: a two-sensor rig with one failed, or two failures at once)."""
 
     sensor: torch.Tensor  # (B,) long
     fault: torch.Tensor  # (B,) long
@@ -52,14 +53,17 @@ class FaultPlan:
     strength: torch.Tensor  # (B,) float
     where: torch.Tensor  # (B,) float
     first_frame: torch.Tensor | None = None  # (B, 2) bool: camera, lidar
+    alone: torch.Tensor | None = None  # (B,) long: the one sensor left (Modality), -1 where all stay
 
     @classmethod
     def draw(cls, batch: int, prob: float, gen: torch.Generator,
-             sensor_weights: tuple[float, ...] = (1.0, 1.0, 1.0), first_frame_share: float = 0.0) -> FaultPlan:
+             sensor_weights: tuple[float, ...] = (1.0, 1.0, 1.0), first_frame_share: float = 0.0,
+             lone_share: float = 0.0) -> FaultPlan:
         """A faulted sensor with chance `prob` per sample, each of the model's sensors (FusionConfig.sensors:
         camera, lidar, IMU[, odometry]) in proportion to its entry of sensor_weights; camera and lidar
-        each as a first frame with chance first_frame_share (drawn last, and only then: the streams of
-        runs without it stay theirs)."""
+        each as a first frame with chance first_frame_share; with chance lone_share one sensor left
+        alone, each alike (the last two drawn last, and only when asked: the streams of runs without
+        them stay theirs)."""
         faulted = torch.rand(batch, generator=gen) < prob
         if not sum(sensor_weights) > 0:
             raise ValueError(f"fault sensor weights {sensor_weights}: at least one above 0")
@@ -75,7 +79,11 @@ class FaultPlan:
         strength = NOISE_MIN + (1.0 - NOISE_MIN) * torch.rand(batch, generator=gen)
         where = torch.rand(batch, generator=gen)
         first = torch.rand(batch, 2, generator=gen) < first_frame_share if first_frame_share > 0 else None
-        return cls(sensor, fault, lag, strength, where, first)
+        alone = None
+        if lone_share > 0:
+            lone = torch.rand(batch, generator=gen) < lone_share
+            alone = torch.where(lone, torch.randint(0, len(sensor_weights), (batch,), generator=gen), -1)
+        return cls(sensor, fault, lag, strength, where, first, alone)
 
     @classmethod
     def fixed(cls, batch: int, sensor: int, fault: str, lag: int | None = None, strength: float = 1.0,
@@ -255,8 +263,13 @@ def corrupt(data: dict[str, torch.Tensor], idx: torch.Tensor, plan: FaultPlan, c
             values = values + torch.randn(values.shape, generator=gen) * scale * (s * r)[:, None, None, None]
         put_imu_samples(x[f"{name}_chunks"], values * x[f"{name}_mask"][..., None, None], tokens)  # in gather's copy
     # drop (and a zeroed lidar): masked, its previous frame too
-    for m, name in enumerate(cfg.sensor_names):
-        r = rows_of("drop", m) | (rows_of("zero", m) & (name == "lidar"))
+    gone = [rows_of("drop", m) | (rows_of("zero", m) & (name == "lidar")) for m, name in enumerate(cfg.sensor_names)]
+    if plan.alone is not None:  # every other sensor gone too, where the one left has any tokens after its fault
+        gone_all = torch.stack(gone, dim=1)  # (B, S)
+        left = torch.stack([x[f"{name}_mask"].flatten(1).any(1) for name in cfg.sensor_names], dim=1) & ~gone_all
+        lone = (plan.alone >= 0) & left.gather(1, plan.alone.clamp_min(0)[:, None])[:, 0]
+        gone = [g | (lone & (plan.alone != m)) for m, g in enumerate(gone)]
+    for name, r in zip(cfg.sensor_names, gone):
         for key in (f"{name}_mask", f"{name}_prev_mask") if name in FRAMED else (f"{name}_mask",):
             x[key] = x[key] & ~(r.view(-1, *[1] * (x[key].dim() - 1)))
     return x

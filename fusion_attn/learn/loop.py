@@ -84,6 +84,9 @@ class TrainConfig:
     # chance that a sample's camera (and, drawn apart, its lidar) comes without its previous frame, as at a
     # recording's start or after a gap: the trust then learns to judge a frame by its content alone
     first_frame_share: float = 0.0
+    # chance that a sample keeps one sensor alone, every other one dropped: the trust of a sensor with no other to
+    # compare with (a camera + lidar rig whose lidar failed) is learned, not left to inputs it never saw
+    lone_sensor_share: float = 0.0
     # training episodes' fusion timer at phases spread over a period, each walking once through it, rather than with
     # the sensors' frames and samples: camera, lidar and IMU are seen at any age, as a node sees them
     # (learn.data.sim_episode)
@@ -387,7 +390,7 @@ def train(tc: TrainConfig, out: str | Path, resume: bool = False, device: str = 
         for group in opt.param_groups:
             group["lr"] = lr_at(step, tc)
         idx = torch.multinomial(weights, tc.batch, replacement=True, generator=gen)
-        plan = FaultPlan.draw(tc.batch, tc.corrupt_prob, gen, fault_weights, tc.first_frame_share)
+        plan = FaultPlan.draw(tc.batch, tc.corrupt_prob, gen, fault_weights, tc.first_frame_share, tc.lone_sensor_share)
         x = corrupt(data, idx, plan, cfg, tc.fusion_hz, gen)
         tau = random_tau(tc.batch, tc.tau_random_prob, gen, len(cfg.sensors))
         pred, tgt, fusion = predict(model, heads, data, idx, x, tau.to(dev), cfg)
