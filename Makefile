@@ -440,6 +440,20 @@ runs/default_phase_stalefit-s%/train_state.pt: runs/default_phase-s%/train_state
 runs/default_phase_first-s%/train_state.pt: | $(STAMP)
 	$(TRAIN) -o runs/default_phase_first-s$* --seed $* --trust-floor 0.01 --floor-at-run-time --random-phase \
 		--first-frame-share 0.1
+# the default shipped before 2026-12-06 (stalefit), as committed, and the walking-timer fine-tune on it with a
+# share of samples that keep one sensor alone (and first frames besides): candidates, not packaged (docs/RESULTS.md,
+# "thirty-seventh session"; benchmarks/lone_trust.py)
+runs/stalefit_shipped/model.safetensors:
+	mkdir -p runs/stalefit_shipped
+	git show e575634:fusion_attn/data/fusion_default.safetensors > $@
+	git show e575634:fusion_attn/data/fusion_default.heads.safetensors > runs/stalefit_shipped/model.heads.safetensors
+runs/default_lonefit/train_state.pt: runs/stalefit_shipped/model.safetensors | $(STAMP)
+	$(TRAIN) -o runs/default_lonefit --trust-floor 0.01 --floor-at-run-time --stale-evidence --random-phase \
+		--lone-sensor-share 0.1 --init-from runs/stalefit_shipped/model.safetensors --steps 800 --lr 5e-4
+runs/default_lonefirst/train_state.pt: runs/stalefit_shipped/model.safetensors | $(STAMP)
+	$(TRAIN) -o runs/default_lonefirst --trust-floor 0.01 --floor-at-run-time --stale-evidence --random-phase \
+		--lone-sensor-share 0.1 --first-frame-share 0.1 --init-from runs/stalefit_shipped/model.safetensors \
+		--steps 800 --lr 5e-4
 # the packaged default since 2026-12-06 (runs/default_walkfit: default-model above) beside the phase run's report
 robustness-walkfit: $(STAMP) runs/default_walkfit/train_state.pt
 	$(VENV)/bin/fusion-attn eval-robustness walkfit=runs/default_walkfit \
