@@ -78,7 +78,7 @@ class TrainConfig:
     sim_camera_view: int = 64
     fusion_hz: float = 10.0  # samples per second of episode or recording (the node fuses at 20 Hz)
     trigger: str = "timer"  # or camera | lidar | imu: a sample at each message of that sensor (the node's `trigger`)
-    bags: tuple[str, ...] = ()  # unlabelled recordings: self-supervised objectives only
+    bags: tuple[str, ...] = ()  # unlabelled recordings: self-supervised and trust objectives only
     bag_fraction: float = 0.2  # share of each batch drawn from the bags (when there are any)
     corrupt_prob: float = 0.6  # chance that a sample gets one faulted sensor
     # chance that a sample's camera (and, drawn apart, its lidar) comes without its previous frame, as at a
