@@ -22,13 +22,12 @@ from pathlib import Path
 import torch
 
 import fusion_attn.sim  # noqa: F401 - picks the headless GL backend before mujoco loads
-from fusion_attn.checkpoint import load_checkpoint
 from fusion_attn.config import cache_dir
 from fusion_attn.learn.augment import FaultPlan, corrupt
 from fusion_attn.learn.data import Dataset, episode_shards
 from fusion_attn.learn.loop import TrainConfig
-from fusion_attn.learn.objectives import fused_feature, heads_path, load_heads
-from fusion_attn.learn.robustness import load_run
+from fusion_attn.learn.objectives import fused_feature
+from fusion_attn.learn.robustness import load_run, with_checkpoint
 from fusion_attn.outputs import TRUST_THRESHOLD
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -44,9 +43,7 @@ HZ = 10.0
 
 runs = [load_run(str(r), r) for r in args.runs]
 if args.weights:
-    first = runs[0]
-    runs.append(dataclasses.replace(first, name=str(args.weights), model=load_checkpoint(args.weights, expect=first.cfg),
-                                    heads=load_heads(heads_path(args.weights))))
+    runs.append(with_checkpoint(runs[0], args.weights))
 
 
 @torch.no_grad()

@@ -11,20 +11,18 @@ Prints a markdown table per recording; --out writes the figures as JSON.
 """
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fusion_attn.checkpoint import load_checkpoint
 from fusion_attn.config import cache_dir
 from fusion_attn.learn.augment import FaultPlan, corrupt
 from fusion_attn.learn.data import bag_set, held_out_set
 from fusion_attn.learn.evaluation import changed_inputs
-from fusion_attn.learn.objectives import heads_path, load_heads, predict
-from fusion_attn.learn.robustness import load_run
+from fusion_attn.learn.objectives import predict
+from fusion_attn.learn.robustness import load_run, with_checkpoint
 from fusion_attn.outputs import TRUST_THRESHOLD
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -68,9 +66,7 @@ def runs():
     for folder in args.runs:
         yield load_run(folder.name, folder)
     if args.weights:
-        run = load_run(args.weights.name, args.runs[0])
-        yield dataclasses.replace(run, model=load_checkpoint(args.weights, expect=run.cfg),
-                                  heads=load_heads(heads_path(args.weights)))
+        yield with_checkpoint(load_run(args.weights.name, args.runs[0]), args.weights, args.weights.name)
 
 
 report, cache = {}, cache_dir("train")  # the tokenized datasets eval-robustness and training use

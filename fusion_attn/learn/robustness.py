@@ -22,7 +22,7 @@ import json
 import multiprocessing
 import shutil
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,7 @@ from .augment import FAULTS
 from .data import SEED_STRIDE, SPLIT_SEEDS, Dataset, bag_set, held_out_set
 from .evaluation import conditions, evaluate, evaluate_taus
 from .loop import STATE_FILE, TrainConfig, read_state
-from .objectives import Heads, build_heads, build_model
+from .objectives import Heads, build_heads, build_model, heads_path, load_heads
 
 
 @dataclass
@@ -66,6 +66,15 @@ def load_run(name: str, folder: str | Path) -> TrainedRun:
         msg = f"{path}: its weights do not fit its own config: {type(exc).__name__}: {exc}"
         raise CheckpointError(msg) from exc
     return TrainedRun(name, tc, cfg, model.eval(), heads.eval())
+
+
+def with_checkpoint(run: TrainedRun, checkpoint: str | Path, name: str | None = None) -> TrainedRun:
+    """A checkpoint (its heads beside it) as a run of its own, in `run`'s training config: e.g. the packaged
+    default, whose training folder is not kept. Named by its path unless `name` is given."""
+    from ..checkpoint import load_checkpoint
+
+    return replace(run, name=name or str(checkpoint), model=load_checkpoint(checkpoint, expect=run.cfg),
+                   heads=load_heads(heads_path(checkpoint)))
 
 
 def sweep(run: TrainedRun, data: Dataset, taus: list[float], fusion_hz: float) -> dict[str, dict]:
