@@ -3,8 +3,9 @@
 A sensor's trust compares it with the other present sensors too. Where none is left (a camera + lidar rig
 whose lidar failed, or two failures at once) that comparison has nothing in it. This measures trained runs
 on eval-robustness's held-out episodes (10 Hz, phase 0), each sensor in turn left alone: the share of
-fusions whose lone sensor is below the trust threshold, clean (false alarms) and with a fault of its own
-(zero, noise, freeze: detections).
+fusions whose lone sensor is below the trust threshold, clean (false alarms), clean as a first frame (no
+previous frame to compare with, as at a recording's start) and with a fault of its own (zero, noise, freeze:
+detections).
 
     MUJOCO_GL=egl python benchmarks/lone_trust.py runs/default_walkfit runs/default_lonefit \\
         [--weights fusion_attn/data/fusion_default.safetensors] [--out benchmarks/results/lone_trust.json]
@@ -38,7 +39,7 @@ parser.add_argument("--episodes", type=int, default=12, help="held-out episodes 
 parser.add_argument("--out", type=Path, help="write the figures as JSON")
 args = parser.parse_args()
 
-CONDITIONS = ("clean", "zero", "noise", "freeze")
+CONDITIONS = ("clean", "first frame", "zero", "noise", "freeze")
 HZ = 10.0
 
 runs = [load_run(str(r), r) for r in args.runs]
@@ -47,13 +48,15 @@ if args.weights:
 
 
 @torch.no_grad()
-def below_threshold(run, data: Dataset, sensor: int, fault: str) -> tuple[float, int]:
-    """(share of fusions with `sensor` alone whose trust is below the threshold, how many fusions): clean, or
-    with the fault on that sensor; fusions where it has no tokens are left out."""
+def below_threshold(run, data: Dataset, sensor: int, condition: str) -> tuple[float | None, int]:
+    """(share of fusions with `sensor` alone whose trust is below the threshold, how many fusions): clean (as a
+    first frame), or with the fault on that sensor; fusions where it has no tokens are left out."""
     t, below = data.tensors(), []
     for idx in torch.arange(len(data)).split(256):
-        plan = FaultPlan.fixed(len(idx), -1 if fault == "clean" else sensor, "drop" if fault == "clean" else fault)
+        clean = condition in ("clean", "first frame")
+        plan = FaultPlan.fixed(len(idx), -1 if clean else sensor, "drop" if clean else condition)
         plan.alone = torch.full((len(idx),), sensor)
+        plan.first_frame = torch.full((len(idx), 2), condition == "first frame")
         x = corrupt(t, idx, plan, run.cfg, HZ, torch.Generator().manual_seed(0))
         _, fusion = fused_feature(run.model, x, torch.ones(len(idx), 1 + len(run.cfg.sensors)))
         alone = fusion["trust_logits"].isfinite().sum(1) == 1
@@ -67,7 +70,7 @@ results = {}
 for run in runs:
     tc = dataclasses.replace(TrainConfig(), fusion_hz=HZ, sim_camera_view=run.tc.sim_camera_view)  # the run's rig
     data = Dataset.join([(s.load(cache), 0) for s in episode_shards(tc, run.cfg, "test", args.episodes)])
-    results[run.name] = {name: {fault: below_threshold(run, data, m, fault) for fault in CONDITIONS}
+    results[run.name] = {name: {c: below_threshold(run, data, m, c) for c in CONDITIONS}
                          for m, name in enumerate(run.cfg.sensor_names)}
 
 print("| run | sensor alone | fusions | " + " | ".join(f"below threshold, {c}" for c in CONDITIONS) + " |")

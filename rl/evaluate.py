@@ -4,7 +4,8 @@ strip of an episode, and where its memory attention went while it acted.
     fusion-attn rl evaluate runs/mem/agent.safetensors --episodes 50 [--faults] -o runs/mem/eval
 
 Outputs: eval.json (per-episode results and summary; a success rate only where the env reports
-success, as an episode's last info["is_success"]), strip.png (the camera every second of the first
+success, as an episode's last info["is_success"]; on the memory task, the zone each episode's robot
+entered by the zone cued: `reached_by_cue`), strip.png (the camera every second of the first
 episode, FusionAttn envs), attention.png (GTrXL agents: the last layer's attention over the memory
 slots at every step of the first episode, with its entropy), attention.csv. Sensor faults
 (--faults) exist in the FusionAttn envs only.
@@ -13,6 +14,7 @@ slots at every step of the first episode, with its entropy), attention.csv. Sens
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -54,6 +56,8 @@ def run_episode(agent: ActorCritic, env, seed: int, faults: dict | None, record:
     out = {"seed": seed, "return": total, "steps": steps}
     if "is_success" in info:
         out["success"] = bool(info["is_success"])
+    if "cue" in info:  # the memory task: which zone was cued, and which one the robot entered (None: neither)
+        out["cue"], out["reached"] = info["cue"], info.get("reached")
     if record:
         out["attention"], out["images"] = np.array(attention), images
     return out
@@ -90,6 +94,9 @@ def evaluate(agent_path: str | Path, episodes: int = 20, faults: bool = False, o
         if faults:  # which fault costs what
             summary["success_by_fault"] = {f: float(np.mean([r.get("success", False) for r in results if r["fault"] == f]))
                                            for f in EVAL_FAULTS if any(r["fault"] == f for r in results)}
+    if cued := [r for r in results if "cue" in r]:  # a policy at chance that always drives to one zone shows here
+        summary["reached_by_cue"] = {cue: dict(Counter(str(r["reached"]) for r in cued if r["cue"] == cue))
+                                     for cue in sorted({r["cue"] for r in cued})}
     summary.update(return_mean=float(np.mean([r["return"] for r in results])),
                    steps_mean=float(np.mean([r["steps"] for r in results])), trained_steps=meta.get("global_step"))
     if out is not None:

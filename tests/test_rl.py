@@ -299,6 +299,12 @@ def test_evaluate_with_faults_gives_the_success_per_fault(tmp_path, monkeypatch)
     assert summary["success_by_fault"] == {f: float(f == "lidar_dropout") for f in EVAL_FAULTS}
     assert summary["success_rate"] == pytest.approx(1 / len(EVAL_FAULTS))
     assert "success_by_fault" not in evaluate(run / "agent.safetensors", 1)
+    # the memory task: the zone each robot entered, by the zone cued (None where it entered neither)
+    from fusion_attn.sim.scene import TASK_COLOURS
+
+    reached = summary["reached_by_cue"]
+    assert set(reached) <= set(TASK_COLOURS) and sum(sum(c.values()) for c in reached.values()) == 2 * len(EVAL_FAULTS)
+    assert all(set(c) <= {*TASK_COLOURS, "None"} for c in reached.values())
 
 
 def test_attention_entropy_bounds():
